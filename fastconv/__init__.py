@@ -1,0 +1,21 @@
+"""fastconv: convolution and pooling kernels for PyTorch.
+
+Every op runs on fastconv's own kernels (Numba on the CPU, CUDA C through CuPy on the GPU) and is a
+registered ``torch.ops.fastconv.*`` custom op with autograd, so it trains, compiles and counts FLOPs
+like torch's own.
+
+    import fastconv
+    y = fastconv.functional.conv2d(x, w, padding=1)      # torch.nn.functional's signature, + algo=
+    layer = fastconv.nn.Conv2d(64, 64, 3, padding=1)      # drop-in for torch.nn.Conv2d
+    fastconv.convert(model)                               # swap the layers of an existing model
+"""
+from . import config  # noqa: F401  (first: chooses Numba's threading layer)
+from . import ops  # noqa: F401  (registers torch.ops.fastconv.*)
+from .cpu import register as _cpu_register  # noqa: F401  (registers the Numba algorithms)
+from . import functional, nn
+from .registry import algorithms
+from .backends import backend
+from .nn import convert
+
+__version__ = "0.1.0"
+__all__ = ["functional", "nn", "convert", "algorithms", "backend", "__version__"]

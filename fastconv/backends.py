@@ -1,0 +1,64 @@
+"""Which implementation runs a CPU tensor: the Numba kernels, or the CUDA kernels on the CPU harness.
+
+CUDA tensors always run the CUDA kernels (``target == "cuda"``). CPU tensors run the Numba kernels
+(``"numba"``) unless the backend is switched to ``"cuda-emu"``, which sends them through the same
+``kernels/*.cu`` code compiled for the CPU execution harness (``fastconv.emu``), so the whole
+correctness suite can check the CUDA kernels on a machine without a GPU.
+
+Switch it with the environment variable ``FASTCONV_BACKEND=cuda-emu`` (read at each call) or, for a
+block of code, ``with fastconv.backend("cuda-emu"): ...``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator
+
+import torch
+
+#: Backends that can run CPU tensors.
+CPU_BACKENDS = ("numba", "cuda-emu")
+#: Every execution target an algorithm can declare.
+TARGETS = ("numba", "cuda", "cuda-emu")
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_backend", default=None)
+
+
+def _check(name: str, where: str) -> str:
+    if name not in CPU_BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(CPU_BACKENDS)}")
+    return name
+
+
+def current() -> str:
+    """The backend that CPU tensors use now: the innermost ``backend(...)`` block, else
+    ``$FASTCONV_BACKEND``, else ``"numba"``."""
+    name = _override.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FASTCONV_BACKEND", "").strip()
+    return _check(env, "FASTCONV_BACKEND") if env else "numba"
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[str]:
+    """Context manager: run fastconv ops on CPU tensors through backend ``name`` inside the block.
+
+    >>> with fastconv.backend("cuda-emu"):
+    ...     y = fastconv.functional.conv2d(x, w)   # the CUDA kernels, run on the CPU harness
+    """
+    token = _override.set(_check(name, "fastconv.backend"))
+    try:
+        yield name
+    finally:
+        _override.reset(token)
+
+
+def target_for(tensor: torch.Tensor) -> str:
+    """Execution target for an op whose inputs live where ``tensor`` lives."""
+    if tensor.device.type == "cuda":
+        return "cuda"
+    if tensor.device.type == "cpu":
+        return current()
+    raise RuntimeError(f"fastconv: device {tensor.device} is not supported (expected cpu or cuda)")

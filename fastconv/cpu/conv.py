@@ -1,0 +1,803 @@
+"""Numba CPU kernels for N-d convolution: forward, input gradient and weight gradient.
+
+Two algorithms behind one semantics (torch's cross-correlation):
+
+* ``direct_*``  -- loop nests with the output row as the innermost, vectorised loop, register
+  blocking over 4 output (or, for the input gradient, input) channels and 3 kernel taps per pass.
+* ``im2col_*`` -- column buffer (bounded by :data:`COL_BUFFER_BYTES`) plus BLAS GEMM through numpy.
+
+Every kernel works on 5-D arrays ``(N, C, D, H, W)``: 1-D and 2-D convolutions pass size-1 leading
+spatial dims. Arguments ``stride``, ``padding`` (padding *before* each dim) and ``dilation`` are
+3-tuples of ints; the output (or input / kernel) spatial size is always given explicitly, so the
+padding *after* a dim is implied (torch's ``padding='same'`` with an even kernel is asymmetric).
+
+Layout trick shared by all kernels: along W the input row is zero-padded and split by stride
+phase (``row[ph * Wq + m] = x[m * stride + ph - pad]``). Each kernel tap ``kw`` is then a
+unit-stride slice starting at ``(a % s) * Wq + a // s`` with ``a = kw * dilation``, so every inner
+loop is a contiguous, bounds-check-free, vectorisable loop whatever the stride, padding or dilation.
+The input gradient is the same row-correlation applied to the zero-padded output gradient, one
+segment per stride phase, then un-phased.
+"""
+from __future__ import annotations
+
+from fastconv import config
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "direct_forward", "direct_grad_input", "direct_grad_weight",
+    "im2col_forward", "im2col_grad_input", "im2col_grad_weight",
+    "COL_BUFFER_BYTES",
+]
+
+#: Upper bound, in bytes, on the im2col column buffer of one chunk (batch x output rows).
+COL_BUFFER_BYTES = 8 << 20
+
+#: Output (or input) channels accumulated per pass by the direct kernels (register blocking).
+_BLOCK = 4
+
+_JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers (plain Python / numpy, tiny)
+# --------------------------------------------------------------------------------------------
+
+def _pairs_forward(n_out, n_in, k, s, p, d):
+    """For each output index ``o``: the (tap, input index) pairs that are in range.
+
+    Returns ``start`` (n_out + 1), ``taps``, ``src`` as int64 arrays (CSR layout).
+    """
+    start = np.zeros(n_out + 1, np.int64)
+    taps, src = [], []
+    for o in range(n_out):
+        for t in range(k):
+            i = o * s - p + t * d
+            if 0 <= i < n_in:
+                taps.append(t)
+                src.append(i)
+        start[o + 1] = len(taps)
+    return start, np.array(taps, np.int64), np.array(src, np.int64)
+
+
+def _pairs_backward(n_in, n_out, k, s, p, d):
+    """For each input index ``i``: the (tap, output index) pairs whose window covers it."""
+    start = np.zeros(n_in + 1, np.int64)
+    taps, src = [], []
+    for i in range(n_in):
+        for t in range(k):
+            q = i + p - t * d
+            if q >= 0 and q % s == 0 and q // s < n_out:
+                taps.append(t)
+                src.append(q // s)
+        start[i + 1] = len(taps)
+    return start, np.array(taps, np.int64), np.array(src, np.int64)
+
+
+def _row_layout(kw_size, sw, pw, dw, ow):
+    """Phase-split padded row layout: phase length ``Wq`` and each tap's start offset."""
+    wq = max(1, ((kw_size - 1) * dw) // sw + ow)
+    a = np.arange(kw_size, dtype=np.int64) * dw
+    offs = (a % sw) * wq + a // sw
+    return wq, offs
+
+
+def _c(a):
+    return np.ascontiguousarray(a)
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def _phase_pad(x, pad, s, wq, out):
+    """``out[n, c, d, h, ph * wq + m] = x[n, c, d, h, m * s + ph - pad]`` (0 outside)."""
+    N, C, D, H, W = x.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for d in range(D):
+            for h in range(H):
+                xr = x[n, c, d, h]
+                orow = out[n, c, d, h]
+                if s == 1:
+                    lo = min(pad, wq)
+                    for m in range(lo):
+                        orow[m] = 0
+                    cnt = max(0, min(W, wq - pad))
+                    dst = orow[pad:pad + cnt]
+                    for m in range(cnt):
+                        dst[m] = xr[m]
+                    for m in range(pad + cnt, wq):
+                        orow[m] = 0
+                else:
+                    for ph in range(s):
+                        base = ph * wq
+                        for m in range(wq):
+                            j = m * s + ph - pad
+                            if j >= 0 and j < W:
+                                orow[base + m] = xr[j]
+                            else:
+                                orow[base + m] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _unphase(src, perm, out):
+    """``out[..., i] = src[..., perm[i]]`` (0 where ``perm[i] < 0``)."""
+    N, C, D, H, W = out.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        for d in range(D):
+            for h in range(H):
+                sr = src[n, c, d, h]
+                orow = out[n, c, d, h]
+                for i in range(W):
+                    p = perm[i]
+                    if p >= 0:
+                        orow[i] = sr[p]
+                    else:
+                        orow[i] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _rowconv(src, wt, bias, groups, dstart, dtap, dsrc, hstart, htap, hsrc,
+             seg_dst, seg_len, seg_t0, tap_kw, tap_off, perm, lacc, out):
+    """Row correlation used by the direct forward and input-gradient kernels.
+
+    ``out[n, co, a, b, i] = bias[co] + sum_{cs, (kd, sa) in D-pairs(a), (kh, sb) in H-pairs(b),
+    taps t of a segment} wt[co, cs, kd, kh, kw_t] * src[n, g*Cs + cs, sa, sb, off_t + m]``
+    accumulated in a row buffer at ``seg_dst + m`` and read out through ``perm``.
+    Parallel over (batch, group, block of 4 destination channels).
+    """
+    N, Cd, Dd, Hd, Wd = out.shape
+    Cs = wt.shape[1]
+    Cdg = Cd // groups
+    nblk = (Cdg + 3) // 4
+    nseg = seg_len.shape[0]
+    ntask = N * groups * nblk
+    for task in prange(ntask):
+        n = task // (groups * nblk)
+        rem = task - n * (groups * nblk)
+        g = rem // nblk
+        b = rem - g * nblk
+        c0 = g * Cdg + b * 4
+        nr = min(4, Cdg - b * 4)
+        acc = np.empty((4, lacc), dtype=out.dtype)
+        for a in range(Dd):
+            for bb in range(Hd):
+                acc[:, :] = 0
+                for cs in range(Cs):
+                    csrc = g * Cs + cs
+                    for pd_ in range(dstart[a], dstart[a + 1]):
+                        kd = dtap[pd_]
+                        sd_ = dsrc[pd_]
+                        for ph_ in range(hstart[bb], hstart[bb + 1]):
+                            kh = htap[ph_]
+                            srow = src[n, csrc, sd_, hsrc[ph_]]
+                            for sg in range(nseg):
+                                d0 = seg_dst[sg]
+                                L = seg_len[sg]
+                                t = seg_t0[sg]
+                                t1 = seg_t0[sg + 1]
+                                if nr == 4:
+                                    a0 = acc[0, d0:d0 + L]
+                                    a1 = acc[1, d0:d0 + L]
+                                    a2 = acc[2, d0:d0 + L]
+                                    a3 = acc[3, d0:d0 + L]
+                                    w0 = wt[c0, cs, kd, kh]
+                                    w1 = wt[c0 + 1, cs, kd, kh]
+                                    w2 = wt[c0 + 2, cs, kd, kh]
+                                    w3 = wt[c0 + 3, cs, kd, kh]
+                                    while t + 3 <= t1:
+                                        ka = tap_kw[t]
+                                        kb = tap_kw[t + 1]
+                                        kc = tap_kw[t + 2]
+                                        oa = tap_off[t]
+                                        ob = tap_off[t + 1]
+                                        oc = tap_off[t + 2]
+                                        xa_ = srow[oa:oa + L]
+                                        xb_ = srow[ob:ob + L]
+                                        xc_ = srow[oc:oc + L]
+                                        w0a = w0[ka]
+                                        w0b = w0[kb]
+                                        w0c = w0[kc]
+                                        w1a = w1[ka]
+                                        w1b = w1[kb]
+                                        w1c = w1[kc]
+                                        w2a = w2[ka]
+                                        w2b = w2[kb]
+                                        w2c = w2[kc]
+                                        w3a = w3[ka]
+                                        w3b = w3[kb]
+                                        w3c = w3[kc]
+                                        for m in range(L):
+                                            xa = xa_[m]
+                                            xb = xb_[m]
+                                            xc = xc_[m]
+                                            a0[m] += w0a * xa + w0b * xb + w0c * xc
+                                            a1[m] += w1a * xa + w1b * xb + w1c * xc
+                                            a2[m] += w2a * xa + w2b * xb + w2c * xc
+                                            a3[m] += w3a * xa + w3b * xb + w3c * xc
+                                        t += 3
+                                    if t1 - t == 2:
+                                        ka = tap_kw[t]
+                                        kb = tap_kw[t + 1]
+                                        oa = tap_off[t]
+                                        ob = tap_off[t + 1]
+                                        xa_ = srow[oa:oa + L]
+                                        xb_ = srow[ob:ob + L]
+                                        w0a = w0[ka]
+                                        w0b = w0[kb]
+                                        w1a = w1[ka]
+                                        w1b = w1[kb]
+                                        w2a = w2[ka]
+                                        w2b = w2[kb]
+                                        w3a = w3[ka]
+                                        w3b = w3[kb]
+                                        for m in range(L):
+                                            xa = xa_[m]
+                                            xb = xb_[m]
+                                            a0[m] += w0a * xa + w0b * xb
+                                            a1[m] += w1a * xa + w1b * xb
+                                            a2[m] += w2a * xa + w2b * xb
+                                            a3[m] += w3a * xa + w3b * xb
+                                    elif t1 - t == 1:
+                                        ka = tap_kw[t]
+                                        oa = tap_off[t]
+                                        xa_ = srow[oa:oa + L]
+                                        w0a = w0[ka]
+                                        w1a = w1[ka]
+                                        w2a = w2[ka]
+                                        w3a = w3[ka]
+                                        for m in range(L):
+                                            xa = xa_[m]
+                                            a0[m] += w0a * xa
+                                            a1[m] += w1a * xa
+                                            a2[m] += w2a * xa
+                                            a3[m] += w3a * xa
+                                else:
+                                    for j in range(nr):
+                                        aj = acc[j, d0:d0 + L]
+                                        wj = wt[c0 + j, cs, kd, kh]
+                                        tt = t
+                                        while tt + 3 <= t1:
+                                            oa = tap_off[tt]
+                                            ob = tap_off[tt + 1]
+                                            oc = tap_off[tt + 2]
+                                            xa_ = srow[oa:oa + L]
+                                            xb_ = srow[ob:ob + L]
+                                            xc_ = srow[oc:oc + L]
+                                            wa = wj[tap_kw[tt]]
+                                            wb = wj[tap_kw[tt + 1]]
+                                            wc = wj[tap_kw[tt + 2]]
+                                            for m in range(L):
+                                                aj[m] += wa * xa_[m] + wb * xb_[m] + wc * xc_[m]
+                                            tt += 3
+                                        while tt < t1:
+                                            oa = tap_off[tt]
+                                            xa_ = srow[oa:oa + L]
+                                            wa = wj[tap_kw[tt]]
+                                            for m in range(L):
+                                                aj[m] += wa * xa_[m]
+                                            tt += 1
+                for j in range(nr):
+                    bv = bias[c0 + j]
+                    orow = out[n, c0 + j, a, bb]
+                    aj = acc[j]
+                    for i in range(Wd):
+                        p = perm[i]
+                        if p >= 0:
+                            orow[i] = aj[p] + bv
+                        else:
+                            orow[i] = bv
+
+
+@njit(parallel=True, **_JIT)
+def _gw_direct(go, xq, groups, dstart, dtap, dsrc, hstart, htap, hsrc, tap_off, gw):
+    """Weight gradient: ``gw[k, c, kd, kh, kw] = sum_{n, od, oh, ow} go[n, k, od, oh, ow] *
+    xq[n, g*Cg + c, id, ih, off_kw + ow]``. Parallel over (group, block of 4 k, c); each task
+    reduces over the whole batch (no races, deterministic)."""
+    K, Cg, KD, KH, KW = gw.shape
+    N, _, OD, OH, OW = go.shape
+    Kg = K // groups
+    nblk = (Kg + 3) // 4
+    ntask = groups * nblk * Cg
+    for task in prange(ntask):
+        g = task // (nblk * Cg)
+        rem = task - g * (nblk * Cg)
+        b = rem // Cg
+        c = rem - b * Cg
+        k0 = g * Kg + b * 4
+        nr = min(4, Kg - b * 4)
+        cx = g * Cg + c
+        acc = np.zeros((4, KD, KH, KW), dtype=gw.dtype)
+        for n in range(N):
+            for od in range(OD):
+                for pd_ in range(dstart[od], dstart[od + 1]):
+                    kd = dtap[pd_]
+                    id_ = dsrc[pd_]
+                    for oh in range(OH):
+                        if nr == 4:
+                            g0 = go[n, k0, od, oh]
+                            g1 = go[n, k0 + 1, od, oh]
+                            g2 = go[n, k0 + 2, od, oh]
+                            g3 = go[n, k0 + 3, od, oh]
+                        for ph_ in range(hstart[oh], hstart[oh + 1]):
+                            kh = htap[ph_]
+                            xr = xq[n, cx, id_, hsrc[ph_]]
+                            if nr == 4:
+                                kw = 0
+                                while kw + 3 <= KW:
+                                    oa = tap_off[kw]
+                                    ob = tap_off[kw + 1]
+                                    oc = tap_off[kw + 2]
+                                    xa_ = xr[oa:oa + OW]
+                                    xb_ = xr[ob:ob + OW]
+                                    xc_ = xr[oc:oc + OW]
+                                    s0a = s0b = s0c = s1a = s1b = s1c = g0[0] * 0
+                                    s2a = s2b = s2c = s3a = s3b = s3c = g0[0] * 0
+                                    for m in range(OW):
+                                        xa = xa_[m]
+                                        xb = xb_[m]
+                                        xc = xc_[m]
+                                        v0 = g0[m]
+                                        v1 = g1[m]
+                                        v2 = g2[m]
+                                        v3 = g3[m]
+                                        s0a += v0 * xa
+                                        s0b += v0 * xb
+                                        s0c += v0 * xc
+                                        s1a += v1 * xa
+                                        s1b += v1 * xb
+                                        s1c += v1 * xc
+                                        s2a += v2 * xa
+                                        s2b += v2 * xb
+                                        s2c += v2 * xc
+                                        s3a += v3 * xa
+                                        s3b += v3 * xb
+                                        s3c += v3 * xc
+                                    acc[0, kd, kh, kw] += s0a
+                                    acc[0, kd, kh, kw + 1] += s0b
+                                    acc[0, kd, kh, kw + 2] += s0c
+                                    acc[1, kd, kh, kw] += s1a
+                                    acc[1, kd, kh, kw + 1] += s1b
+                                    acc[1, kd, kh, kw + 2] += s1c
+                                    acc[2, kd, kh, kw] += s2a
+                                    acc[2, kd, kh, kw + 1] += s2b
+                                    acc[2, kd, kh, kw + 2] += s2c
+                                    acc[3, kd, kh, kw] += s3a
+                                    acc[3, kd, kh, kw + 1] += s3b
+                                    acc[3, kd, kh, kw + 2] += s3c
+                                    kw += 3
+                                while kw < KW:
+                                    oa = tap_off[kw]
+                                    xa_ = xr[oa:oa + OW]
+                                    s0a = s1a = s2a = s3a = g0[0] * 0
+                                    for m in range(OW):
+                                        xa = xa_[m]
+                                        s0a += g0[m] * xa
+                                        s1a += g1[m] * xa
+                                        s2a += g2[m] * xa
+                                        s3a += g3[m] * xa
+                                    acc[0, kd, kh, kw] += s0a
+                                    acc[1, kd, kh, kw] += s1a
+                                    acc[2, kd, kh, kw] += s2a
+                                    acc[3, kd, kh, kw] += s3a
+                                    kw += 1
+                            else:
+                                for j in range(nr):
+                                    gj = go[n, k0 + j, od, oh]
+                                    kw = 0
+                                    while kw + 3 <= KW:
+                                        oa = tap_off[kw]
+                                        ob = tap_off[kw + 1]
+                                        oc = tap_off[kw + 2]
+                                        xa_ = xr[oa:oa + OW]
+                                        xb_ = xr[ob:ob + OW]
+                                        xc_ = xr[oc:oc + OW]
+                                        sa = sb = sc = gj[0] * 0
+                                        for m in range(OW):
+                                            v = gj[m]
+                                            sa += v * xa_[m]
+                                            sb += v * xb_[m]
+                                            sc += v * xc_[m]
+                                        acc[j, kd, kh, kw] += sa
+                                        acc[j, kd, kh, kw + 1] += sb
+                                        acc[j, kd, kh, kw + 2] += sc
+                                        kw += 3
+                                    while kw < KW:
+                                        oa = tap_off[kw]
+                                        xa_ = xr[oa:oa + OW]
+                                        sa = gj[0] * 0
+                                        for m in range(OW):
+                                            sa += gj[m] * xa_[m]
+                                        acc[j, kd, kh, kw] += sa
+                                        kw += 1
+        for j in range(nr):
+            gw[k0 + j, c] = acc[j]
+
+
+@njit(parallel=True, **_JIT)
+def _im2col(xq, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, col):
+    """Columns of images ``n0 .. n0+nb`` and output rows ``r0 .. r1`` (rows = (od, oh) flattened).
+
+    ``col[((c*KD + kd)*KH + kh)*KW + kw, i*Q + (r - r0)*OW + ow]``, ``Q = (r1 - r0) * OW``.
+    """
+    OD, OH, OW = osz
+    KD, KH, KW = ksz
+    D = xq.shape[2]
+    H = xq.shape[3]
+    Q = (r1 - r0) * OW
+    nb = col.shape[1] // Q
+    for row in prange(col.shape[0]):
+        kw = row % KW
+        t = row // KW
+        kh = t % KH
+        t = t // KH
+        kd = t % KD
+        c = t // KD
+        off = tap_off[kw]
+        crow = col[row]
+        for i in range(nb):
+            for r in range(r0, r1):
+                od = r // OH
+                oh = r - od * OH
+                id_ = od * stride[0] - padding[0] + kd * dilation[0]
+                ih = oh * stride[1] - padding[1] + kh * dilation[1]
+                base = i * Q + (r - r0) * OW
+                dst = crow[base:base + OW]
+                if id_ >= 0 and id_ < D and ih >= 0 and ih < H:
+                    src = xq[n0 + i, c0 + c, id_, ih, off:off + OW]
+                    for m in range(OW):
+                        dst[m] = src[m]
+                else:
+                    for m in range(OW):
+                        dst[m] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _col2im(col, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, gxq):
+    """Scatter-add columns back into the phase-split padded input-gradient buffer.
+    Parallel over input channels (each task owns its channel: no races)."""
+    OD, OH, OW = osz
+    KD, KH, KW = ksz
+    D = gxq.shape[2]
+    H = gxq.shape[3]
+    Q = (r1 - r0) * OW
+    nb = col.shape[1] // Q
+    Cg = col.shape[0] // (KD * KH * KW)
+    for c in prange(Cg):
+        for i in range(nb):
+            for r in range(r0, r1):
+                od = r // OH
+                oh = r - od * OH
+                base = i * Q + (r - r0) * OW
+                for kd in range(KD):
+                    id_ = od * stride[0] - padding[0] + kd * dilation[0]
+                    if id_ < 0 or id_ >= D:
+                        continue
+                    for kh in range(KH):
+                        ih = oh * stride[1] - padding[1] + kh * dilation[1]
+                        if ih < 0 or ih >= H:
+                            continue
+                        grow = gxq[n0 + i, c0 + c, id_, ih]
+                        for kw in range(KW):
+                            row = ((c * KD + kd) * KH + kh) * KW + kw
+                            off = tap_off[kw]
+                            dst = grow[off:off + OW]
+                            src = col[row, base:base + OW]
+                            for m in range(OW):
+                                dst[m] += src[m]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared preparation
+# --------------------------------------------------------------------------------------------
+
+def _phase_split(x, kw_size, sw, pw, dw, ow):
+    """Zero-padded, stride-phase-split copy of ``x`` along W, plus each tap's row offset."""
+    wq, offs = _row_layout(kw_size, sw, pw, dw, ow)
+    N, C, D, H, _ = x.shape
+    xq = np.empty((N, C, D, H, sw * wq), x.dtype)
+    _phase_pad(x, pw, sw, wq, xq)
+    return xq, wq, offs
+
+
+def _unphase_perm(W, sw, pw, wq):
+    """Index of input column ``iw`` in a phase-split row (-1 when no tap reaches it)."""
+    j = np.arange(W, dtype=np.int64) + pw
+    m = j // sw
+    return np.where(m < wq, (j % sw) * wq + m, -1).astype(np.int64)
+
+
+def _is_pointwise(ksz, stride, padding, in_sp, out_sp):
+    return (tuple(ksz) == (1, 1, 1) and tuple(stride) == (1, 1, 1)
+            and tuple(padding) == (0, 0, 0) and tuple(in_sp) == tuple(out_sp))
+
+
+def _chunks(N, R, OW, ck, itemsize):
+    """Yield (n0, nb, r0, r1) chunks whose column buffer (ck x nb*(r1-r0)*OW) fits the cap."""
+    cap = max(1, COL_BUFFER_BYTES // itemsize)
+    per_row = max(1, ck * OW)
+    if per_row * R <= cap:
+        nb = max(1, min(N, cap // (per_row * R)))
+        for n0 in range(0, N, nb):
+            yield n0, min(nb, N - n0), 0, R
+    else:
+        rows = max(1, cap // per_row)
+        for n0 in range(N):
+            for r0 in range(0, R, rows):
+                yield n0, 1, r0, min(R, r0 + rows)
+
+
+def _tup(v):
+    return tuple(int(a) for a in v)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: direct
+# --------------------------------------------------------------------------------------------
+
+def direct_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
+    """Direct convolution forward.
+
+    x: (N, C, D, H, W); w: (K, C // groups, KD, KH, KW); bias: (K,) or None.
+    Returns y: (N, K, *out_spatial), same dtype as x.
+    """
+    config.sync_threads()
+    x = _c(x)
+    w = _c(w)
+    stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
+    N, C, D, H, W = x.shape
+    K, Cg, KD, KH, KW = w.shape
+    OD, OH, OW = out_spatial
+    y = np.empty((N, K) + out_spatial, x.dtype)
+    if y.size == 0:
+        return y
+    b = np.zeros(K, x.dtype) if bias is None else _c(np.asarray(bias, x.dtype))
+    xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
+    dt = _pairs_forward(OD, D, KD, stride[0], padding[0], dilation[0])
+    ht = _pairs_forward(OH, H, KH, stride[1], padding[1], dilation[1])
+    _rowconv(xq, w, b, int(groups), *dt, *ht,
+             np.zeros(1, np.int64), np.full(1, OW, np.int64), np.array([0, KW], np.int64),
+             np.arange(KW, dtype=np.int64), offs, np.arange(OW, dtype=np.int64), OW, y)
+    return y
+
+
+def direct_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
+    """Direct convolution input gradient.
+
+    grad_out: (N, K, OD, OH, OW); w: (K, C // groups, KD, KH, KW).
+    Returns grad_x: (N, C, *in_spatial); zeros where no output window reaches.
+    """
+    config.sync_threads()
+    go = _c(grad_out)
+    w = _c(w)
+    stride, padding, dilation, in_spatial = map(_tup, (stride, padding, dilation, in_spatial))
+    N, K, OD, OH, OW = go.shape
+    _, Cg, KD, KH, KW = w.shape
+    G = int(groups)
+    Kg = K // G
+    C = Cg * G
+    D, H, W = in_spatial
+    gx = np.empty((N, C) + in_spatial, go.dtype)
+    if gx.size == 0:
+        return gx
+    if go.size == 0:
+        gx[...] = 0
+        return gx
+    sw, pw, dw = stride[2], padding[2], dilation[2]
+    # weights seen from the input side: wt[g*Cg + c, k] = w[g*Kg + k, c]
+    wt = _c(w.reshape(G, Kg, Cg, KD, KH, KW).transpose(0, 2, 1, 3, 4, 5).reshape(C, Kg, KD, KH, KW))
+    lp = ((KW - 1) * dw) // sw
+    mq = max(1, -(-(pw + W) // sw))
+    lsrc = lp + max(mq, OW)
+    gop = np.empty((N, K, OD, OH, lsrc), go.dtype)
+    _phase_pad(go, lp, 1, lsrc, gop)
+    a = np.arange(KW, dtype=np.int64) * dw
+    seg_dst, seg_len, seg_t0, tap_kw, tap_off = [], [], [0], [], []
+    for ph in range(sw):
+        for kw in range(KW):
+            if a[kw] % sw == ph:
+                tap_kw.append(kw)
+                tap_off.append(lp - a[kw] // sw)
+        seg_dst.append(ph * mq)
+        seg_len.append(mq)
+        seg_t0.append(len(tap_kw))
+    j = np.arange(W, dtype=np.int64) + pw
+    perm = (j % sw) * mq + j // sw
+    dt = _pairs_backward(D, OD, KD, stride[0], padding[0], dilation[0])
+    ht = _pairs_backward(H, OH, KH, stride[1], padding[1], dilation[1])
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    _rowconv(gop, wt, np.zeros(C, go.dtype), G, *dt, *ht,
+             i64(seg_dst), i64(seg_len), i64(seg_t0), i64(tap_kw), i64(tap_off),
+             perm, sw * mq, gx)
+    return gx
+
+
+def direct_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
+    """Direct convolution weight gradient.
+
+    grad_out: (N, K, OD, OH, OW); x: (N, C, D, H, W).
+    Returns grad_w: (K, C // groups, *kernel_spatial).
+    """
+    config.sync_threads()
+    go = _c(grad_out)
+    x = _c(x)
+    stride, padding, dilation, kernel_spatial = map(
+        _tup, (stride, padding, dilation, kernel_spatial))
+    N, K, OD, OH, OW = go.shape
+    _, C, D, H, W = x.shape
+    G = int(groups)
+    KD, KH, KW = kernel_spatial
+    gw = np.zeros((K, C // G) + kernel_spatial, go.dtype)
+    if go.size == 0 or gw.size == 0 or x.size == 0:
+        return gw
+    xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
+    dt = _pairs_forward(OD, D, KD, stride[0], padding[0], dilation[0])
+    ht = _pairs_forward(OH, H, KH, stride[1], padding[1], dilation[1])
+    _gw_direct(go, xq, G, *dt, *ht, offs, gw)
+    return gw
+
+
+# --------------------------------------------------------------------------------------------
+# Public API: im2col + GEMM
+# --------------------------------------------------------------------------------------------
+
+def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
+    """im2col + GEMM forward. Same arguments and result as :func:`direct_forward`."""
+    config.sync_threads()
+    x = _c(x)
+    w = _c(w)
+    stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
+    N, C, D, H, W = x.shape
+    K, Cg, KD, KH, KW = w.shape
+    G = int(groups)
+    Kg = K // G
+    OD, OH, OW = out_spatial
+    y = np.empty((N, K) + out_spatial, x.dtype)
+    if y.size == 0:
+        return y
+    R = OD * OH
+    P = R * OW
+    ck = Cg * KD * KH * KW
+    w2 = w.reshape(K, ck)
+    y3 = y.reshape(N, K, P)
+    if _is_pointwise((KD, KH, KW), stride, padding, (D, H, W), out_spatial):
+        x3 = x.reshape(N, C, P)
+        if G == 1:
+            np.matmul(w2, x3, out=y3)
+        else:
+            for g in range(G):
+                y3[:, g * Kg:(g + 1) * Kg] = np.matmul(w2[g * Kg:(g + 1) * Kg],
+                                                       x3[:, g * Cg:(g + 1) * Cg])
+    else:
+        xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
+        chunks = list(_chunks(N, R, OW, ck, x.itemsize))
+        qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
+        colbuf = np.empty(ck * qmax, x.dtype)
+        tmpbuf = np.empty(Kg * qmax, x.dtype)
+        ksz = (KD, KH, KW)
+        for g in range(G):
+            wg = w2[g * Kg:(g + 1) * Kg]
+            for n0, nb, r0, r1 in chunks:
+                Q = (r1 - r0) * OW
+                col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
+                _im2col(xq, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
+                        offs, col)
+                if nb == 1 and r0 == 0 and r1 == R:
+                    np.matmul(wg, col, out=y3[n0, g * Kg:(g + 1) * Kg])
+                else:
+                    tmp = tmpbuf[:Kg * nb * Q].reshape(Kg, nb * Q)
+                    np.matmul(wg, col, out=tmp)
+                    y3[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0 * OW:r1 * OW] = \
+                        tmp.reshape(Kg, nb, Q).transpose(1, 0, 2)
+    if bias is not None:
+        y3 += np.asarray(bias, x.dtype).reshape(1, K, 1)
+    return y
+
+
+def _go_chunk(go3, n0, nb, k0, k1, r0, r1, OW):
+    """Output-gradient chunk as a contiguous (Kg, nb*Q) matrix."""
+    v = go3[n0:n0 + nb, k0:k1, r0 * OW:r1 * OW]
+    if nb == 1:
+        return _c(v[0])
+    return _c(v.transpose(1, 0, 2)).reshape(k1 - k0, -1)
+
+
+def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
+    """GEMM to columns + col2im input gradient. Same arguments/result as :func:`direct_grad_input`."""
+    config.sync_threads()
+    go = _c(grad_out)
+    w = _c(w)
+    stride, padding, dilation, in_spatial = map(_tup, (stride, padding, dilation, in_spatial))
+    N, K, OD, OH, OW = go.shape
+    _, Cg, KD, KH, KW = w.shape
+    G = int(groups)
+    Kg = K // G
+    C = Cg * G
+    D, H, W = in_spatial
+    out_spatial = (OD, OH, OW)
+    gx = np.empty((N, C) + in_spatial, go.dtype)
+    if gx.size == 0:
+        return gx
+    if go.size == 0:
+        gx[...] = 0
+        return gx
+    R = OD * OH
+    P = R * OW
+    ck = Cg * KD * KH * KW
+    w2 = w.reshape(K, ck)
+    go3 = go.reshape(N, K, P)
+    if _is_pointwise((KD, KH, KW), stride, padding, in_spatial, out_spatial):
+        gx3 = gx.reshape(N, C, P)
+        for g in range(G):
+            gx3[:, g * Cg:(g + 1) * Cg] = np.matmul(w2[g * Kg:(g + 1) * Kg].T,
+                                                    go3[:, g * Kg:(g + 1) * Kg])
+        return gx
+    sw, pw, dw = stride[2], padding[2], dilation[2]
+    wq, offs = _row_layout(KW, sw, pw, dw, OW)
+    gxq = np.zeros((N, C, D, H, sw * wq), go.dtype)
+    chunks = list(_chunks(N, R, OW, ck, go.itemsize))
+    qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
+    colbuf = np.empty(ck * qmax, go.dtype)
+    ksz = (KD, KH, KW)
+    for g in range(G):
+        wgT = w2[g * Kg:(g + 1) * Kg].T
+        for n0, nb, r0, r1 in chunks:
+            Q = (r1 - r0) * OW
+            col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
+            np.matmul(wgT, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW), out=col)
+            _col2im(col, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
+                    offs, gxq)
+    _unphase(gxq, _unphase_perm(W, sw, pw, wq), gx)
+    return gx
+
+
+def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
+    """Columns + GEMM weight gradient. Same arguments/result as :func:`direct_grad_weight`."""
+    config.sync_threads()
+    go = _c(grad_out)
+    x = _c(x)
+    stride, padding, dilation, kernel_spatial = map(
+        _tup, (stride, padding, dilation, kernel_spatial))
+    N, K, OD, OH, OW = go.shape
+    _, C, D, H, W = x.shape
+    G = int(groups)
+    Kg = K // G
+    Cg = C // G
+    KD, KH, KW = kernel_spatial
+    out_spatial = (OD, OH, OW)
+    gw = np.zeros((K, Cg) + kernel_spatial, go.dtype)
+    if go.size == 0 or gw.size == 0 or x.size == 0:
+        return gw
+    R = OD * OH
+    P = R * OW
+    ck = Cg * KD * KH * KW
+    gw2 = gw.reshape(K, ck)
+    go3 = go.reshape(N, K, P)
+    if _is_pointwise(kernel_spatial, stride, padding, (D, H, W), out_spatial):
+        x3 = x.reshape(N, C, P)
+        for g in range(G):
+            part = np.matmul(go3[:, g * Kg:(g + 1) * Kg], x3[:, g * Cg:(g + 1) * Cg].transpose(0, 2, 1))
+            gw2[g * Kg:(g + 1) * Kg] = part.sum(axis=0)
+        return gw
+    xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
+    chunks = list(_chunks(N, R, OW, ck, x.itemsize))
+    qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
+    colbuf = np.empty(ck * qmax, x.dtype)
+    tmp = np.empty((Kg, ck), x.dtype)
+    ksz = (KD, KH, KW)
+    for g in range(G):
+        acc = gw2[g * Kg:(g + 1) * Kg]
+        for n0, nb, r0, r1 in chunks:
+            Q = (r1 - r0) * OW
+            col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
+            _im2col(xq, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
+                    offs, col)
+            np.matmul(_go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW), col.T, out=tmp)
+            acc += tmp
+    return gw

@@ -1,0 +1,65 @@
+"""Registers the Numba CPU convolution algorithms (``fastconv.cpu.conv``) with the algorithm registry.
+
+The Numba kernels take and return numpy arrays; this module is the thin torch <-> numpy seam
+(``Tensor.numpy()`` and ``torch.from_numpy`` share memory, so no copies are made).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import registry
+from ..registry import ConvAlgorithm, ConvGeometry
+from . import conv as kernels
+
+
+def _wrap(prefix: str):
+    fwd = getattr(kernels, f"{prefix}_forward")
+    gin = getattr(kernels, f"{prefix}_grad_input")
+    gwt = getattr(kernels, f"{prefix}_grad_weight")
+
+    def forward(x, w, bias, g: ConvGeometry):
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(fwd(x.detach().numpy(), w.detach().numpy(), b, g.stride, g.padding,
+                                    g.dilation, g.groups, g.out_spatial))
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return torch.from_numpy(gin(grad_out.detach().numpy(), w.detach().numpy(), g.stride, g.padding,
+                                    g.dilation, g.groups, g.in_spatial))
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return torch.from_numpy(gwt(grad_out.detach().numpy(), x.detach().numpy(), g.stride, g.padding,
+                                    g.dilation, g.groups, g.kernel))
+
+    return forward, grad_input, grad_weight
+
+
+def _im2col_workspace(g: ConvGeometry) -> int:
+    if g.is_pointwise:
+        return 0
+    rows = (g.in_channels // g.groups) * math.prod(g.kernel)
+    per_image = rows * math.prod(g.out_spatial) * g.dtype.itemsize
+    return min(per_image * max(g.batch, 1), getattr(kernels, "IM2COL_WORKSPACE_BYTES", per_image))
+
+
+registry.register(ConvAlgorithm(
+    "direct", frozenset({"numba"}),
+    "loop nest: output row innermost (vectorised), output channels register-blocked, parallel over "
+    "batch x channel blocks; no workspace",
+    *_wrap("direct")))
+
+registry.register(ConvAlgorithm(
+    "im2col", frozenset({"numba"}),
+    "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col)",
+    *_wrap("im2col"), workspace_bytes=_im2col_workspace))
+
+
+def _heuristic(g: ConvGeometry, pass_: str) -> str:
+    """Pick a CPU algorithm without measuring (the autotuner measures instead when enabled)."""
+    if g.groups > 1 and (g.in_channels // g.groups) * math.prod(g.kernel) < 64:
+        return "direct"  # small per-group reductions (depthwise): GEMMs too thin for BLAS to pay off
+    return "im2col"
+
+
+registry.register_heuristic("numba", _heuristic)

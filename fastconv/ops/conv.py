@@ -1,0 +1,215 @@
+"""Registered convolution ops: ``fastconv::conv{1,2,3}d`` and their gradient ops.
+
+For each spatial rank d in 1, 2, 3 this module registers three ``torch.library.custom_op`` ops:
+
+``fastconv::conv{d}d(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)``
+    input (N, C, *S), weight (K, C/groups, *R), bias (K,) or None -> (N, K, *O)
+``fastconv::conv{d}d_grad_input(grad_output, weight, input_size, stride, ..., algo)``
+    grad_output (N, K, *O) -> (N, C, *input_size)
+``fastconv::conv{d}d_grad_weight(grad_output, input, weight_size, stride, ..., algo)``
+    grad_output (N, K, *O), input (N, C, *S) -> (K, C/groups, *weight_size)
+
+All arguments arrive normalised by :mod:`fastconv.functional` (lists of d ints; ``padding`` before and
+``padding_end`` after each spatial dim). Each op has a fake (shape) implementation, a FLOP formula, and
+autograd whose backward is made of the other two ops, so double backward works too: the three ops are
+the bilinear forms of one convolution and each one's derivatives are the other two.
+
+The transposed convolutions (:mod:`fastconv.ops.transposed`) reuse these ops: a transposed conv's
+forward is ``conv_grad_input``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from .. import backends, registry
+
+DIMS = (1, 2, 3)
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------------------------------
+def _triple(values: Sequence[int], fill: int) -> tuple[int, int, int]:
+    """Left-fill a list of 1-3 spatial values to 3 (a 2-D conv is a 3-D conv of depth 1)."""
+    values = tuple(int(v) for v in values)
+    return (fill,) * (3 - len(values)) + values
+
+
+def conv_output_size(in_size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                     dilation: int) -> int:
+    """Output length of a convolution along one dim (torch's formula)."""
+    return (in_size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def make_geometry(ndim: int, batch: int, in_channels: int, out_channels: int, groups: int,
+                  in_spatial: Sequence[int], kernel: Sequence[int], out_spatial: Optional[Sequence[int]],
+                  stride, padding, padding_end, dilation, dtype: torch.dtype, target: str
+                  ) -> registry.ConvGeometry:
+    """Build the normalised :class:`~fastconv.registry.ConvGeometry` (out_spatial computed if None)."""
+    if out_spatial is None:
+        out_spatial = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
+                       in zip(in_spatial, kernel, stride, padding, padding_end, dilation)]
+    return registry.ConvGeometry(
+        ndim=ndim, batch=batch, in_channels=in_channels, out_channels=out_channels, groups=groups,
+        in_spatial=_triple(in_spatial, 1), kernel=_triple(kernel, 1), out_spatial=_triple(out_spatial, 1),
+        stride=_triple(stride, 1), padding=_triple(padding, 0), padding_end=_triple(padding_end, 0),
+        dilation=_triple(dilation, 1), dtype=dtype, target=target)
+
+
+def _as_5d(t: Tensor) -> Tensor:
+    """(N, C, *S) with 1-3 spatial dims -> contiguous (N, C, D, H, W)."""
+    t = t.contiguous()
+    return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
+
+
+def _check_supported(op: str, *tensors: Optional[Tensor]) -> None:
+    # The functional layer gives the friendly message; this guards direct torch.ops calls.
+    for t in tensors:
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise RuntimeError(f"{op}: dtype {t.dtype} is not supported (expected torch.float32 or torch.float64)")
+
+
+# --------------------------------------------------------------------------------------------------
+# op factory
+# --------------------------------------------------------------------------------------------------
+def _register(ndim: int):
+    name = f"conv{ndim}d"
+    spatial = slice(2, 2 + ndim)
+
+    @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+             padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
+        _check_supported(name, input, weight, bias)
+        geom = make_geometry(ndim, input.shape[0], input.shape[1], weight.shape[0], groups,
+                             input.shape[spatial], weight.shape[spatial], None, stride, padding, padding_end,
+                             dilation, input.dtype, backends.target_for(input))
+        alg = registry.choose(algo, geom, "forward", name)
+        out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
+        return out.reshape((geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
+
+    @conv.register_fake
+    def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
+        out = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d in
+               zip(input.shape[spatial], weight.shape[spatial], stride, padding, padding_end, dilation)]
+        return input.new_empty((input.shape[0], weight.shape[0], *out))
+
+    @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
+    def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
+                   padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
+                   algo: str) -> Tensor:
+        _check_supported(f"{name}_grad_input", grad_output, weight)
+        geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
+                             input_size, weight.shape[spatial], grad_output.shape[spatial], stride, padding,
+                             padding_end, dilation, grad_output.dtype, backends.target_for(grad_output))
+        alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
+        out = alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom)
+        return out.reshape((geom.batch, geom.in_channels) + tuple(input_size))
+
+    @grad_input.register_fake
+    def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
+        return grad_output.new_empty((grad_output.shape[0], weight.shape[1] * groups, *input_size))
+
+    @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
+    def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
+                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
+                    algo: str) -> Tensor:
+        _check_supported(f"{name}_grad_weight", grad_output, input)
+        geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
+                             input.shape[spatial], weight_size, grad_output.shape[spatial], stride, padding,
+                             padding_end, dilation, input.dtype, backends.target_for(input))
+        alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
+        out = alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom)
+        return out.reshape((geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
+
+    @grad_weight.register_fake
+    def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
+        return grad_output.new_empty((grad_output.shape[1], input.shape[1] // groups, *weight_size))
+
+    # ---- autograd: each op's derivatives are the other two ops ---------------------------------
+    def conv_setup(ctx, inputs, output):
+        input, weight, bias, stride, padding, padding_end, dilation, groups, algo = inputs
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Save only what the requested gradients need: a frozen weight means no input is kept.
+        ctx.save_for_backward(input if need_weight else None, weight if need_input else None)
+        ctx.geometry = (stride, padding, padding_end, dilation, groups, algo)
+        ctx.input_size = list(input.shape[spatial])
+        ctx.weight_size = list(weight.shape[spatial])
+        ctx.has_bias = bias is not None
+
+    def conv_backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        g = ctx.geometry
+        gi = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gi = grad_input_op(grad, weight, ctx.input_size, *g)
+        if ctx.needs_input_grad[1]:
+            gw = grad_weight_op(grad, input, ctx.weight_size, *g)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum(dim=[0, *range(2, grad.dim())])
+        return gi, gw, gb, None, None, None, None, None, None
+
+    def grad_input_setup(ctx, inputs, output):
+        grad_output, weight, input_size, *g = inputs
+        ctx.save_for_backward(grad_output if ctx.needs_input_grad[1] else None,
+                              weight if ctx.needs_input_grad[0] else None)
+        ctx.geometry = tuple(g)
+        ctx.weight_size = list(weight.shape[spatial])
+
+    def grad_input_backward(ctx, gg):
+        # grad_input(gy, w) = d<gy, conv(x, w)>/dx, so d/d(gy) = conv(gg, w), d/dw = grad_weight(gy, gg)
+        grad_output, weight = ctx.saved_tensors
+        stride, padding, padding_end, dilation, groups, algo = ctx.geometry
+        d_gy = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_gy = conv_op(gg, weight, None, stride, padding, padding_end, dilation, groups, algo)
+        if ctx.needs_input_grad[1]:
+            d_w = grad_weight_op(grad_output, gg, ctx.weight_size, *ctx.geometry)
+        return d_gy, d_w, None, None, None, None, None, None, None
+
+    def grad_weight_setup(ctx, inputs, output):
+        grad_output, input, weight_size, *g = inputs
+        ctx.save_for_backward(grad_output if ctx.needs_input_grad[1] else None,
+                              input if ctx.needs_input_grad[0] else None)
+        ctx.geometry = tuple(g)
+        ctx.input_size = list(input.shape[spatial])
+
+    def grad_weight_backward(ctx, gg):
+        # grad_weight(gy, x) = d<gy, conv(x, w)>/dw, so d/d(gy) = conv(x, gg), d/dx = grad_input(gy, gg)
+        grad_output, input = ctx.saved_tensors
+        stride, padding, padding_end, dilation, groups, algo = ctx.geometry
+        d_gy = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_gy = conv_op(input, gg, None, stride, padding, padding_end, dilation, groups, algo)
+        if ctx.needs_input_grad[1]:
+            d_x = grad_input_op(grad_output, gg, ctx.input_size, *ctx.geometry)
+        return d_gy, d_x, None, None, None, None, None, None, None
+
+    conv_op, grad_input_op, grad_weight_op = conv, grad_input, grad_weight
+    conv.register_autograd(conv_backward, setup_context=conv_setup)
+    grad_input.register_autograd(grad_input_backward, setup_context=grad_input_setup)
+    grad_weight.register_autograd(grad_weight_backward, setup_context=grad_weight_setup)
+
+    # ---- FLOP formulas (FlopCounterMode counts unregistered custom ops as zero) -------------------
+    # FLOPs = 2 x MACs, bias adds not counted, as torch's own conv formula.
+    @register_flop_formula(getattr(torch.ops.fastconv, name))
+    def _(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
+
+    @register_flop_formula(getattr(torch.ops.fastconv, f"{name}_grad_input"))
+    def _(grad_output_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(grad_output_shape) * math.prod(weight_shape[1:])
+
+    @register_flop_formula(getattr(torch.ops.fastconv, f"{name}_grad_weight"))
+    def _(grad_output_shape, input_shape, weight_size, *args, out_shape=None, **kwargs) -> int:
+        return 2 * math.prod(grad_output_shape) * math.prod(out_shape[1:])
+
+    return conv, grad_input, grad_weight
+
+
+OPS = {ndim: _register(ndim) for ndim in DIMS}

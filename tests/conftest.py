@@ -1,0 +1,52 @@
+"""Shared test helpers: the tolerance table and a comparison that reports the worst element."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tolerances per dtype (and algorithm where one needs its own). float64 is the reference dtype: every
+# op is checked against torch's CPU op in float64.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+}
+ALGORITHM_TOLERANCES = {
+    # Winograd F(4x4,3x3) loses more precision in float32 (DESIGN.md §4: about 3e-5 worse).
+    ("winograd4", torch.float32): dict(rtol=5e-4, atol=5e-4),
+}
+
+
+def tolerance(dtype: torch.dtype, algo: str = "auto") -> dict:
+    return ALGORITHM_TOLERANCES.get((algo, dtype), TOLERANCES[dtype])
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, algo: str = "auto", what: str = "") -> None:
+    """Shape, dtype and values equal within the table's tolerance; on failure name the worst element."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    tol = tolerance(expected.dtype, algo)
+    if actual.numel() == 0:
+        return
+    actual, expected = actual.detach(), expected.detach()
+    err = (actual - expected).abs()
+    bound = tol["atol"] + tol["rtol"] * expected.abs()
+    bad = err > bound
+    nan_mismatch = actual.isnan() != expected.isnan()
+    if bad.any() or nan_mismatch.any():
+        score = torch.where(nan_mismatch, torch.inf, (err - bound).nan_to_num(nan=0.0))
+        idx = tuple(int(i) for i in torch.unravel_index(score.argmax(), score.shape))
+        raise AssertionError(
+            f"{what}: {int(bad.sum() + nan_mismatch.sum())} of {actual.numel()} elements differ; worst at {idx}: "
+            f"got {actual[idx].item()!r}, expected {expected[idx].item()!r} (tolerance {tol})")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def emu_available() -> bool:
+    return os.environ.get("FASTCONV_BACKEND") == "cuda-emu"

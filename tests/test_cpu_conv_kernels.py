@@ -1,0 +1,205 @@
+"""Numba CPU convolution kernels (fastconv.cpu.conv) against torch, forward and both gradients.
+
+Reference: torch autograd through ``F.pad`` (asymmetric / cropping padding) + ``F.conv1d/2d/3d``
+with padding 0, in float64. Every kernel is called on 5-D arrays exactly as the op layer does.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastconv.cpu import conv as cc
+
+ALGOS = ("direct", "im2col")
+TOL = {np.float64: 1e-10, np.float32: 2e-4}  # max abs error relative to max(1, max |ref|)
+
+
+def _kernels(algo):
+    return (getattr(cc, f"{algo}_forward"), getattr(cc, f"{algo}_grad_input"),
+            getattr(cc, f"{algo}_grad_weight"))
+
+
+def _assert_close(got, ref, tol, what):
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    assert got.dtype == ref.dtype, f"{what}: dtype {got.dtype} != {ref.dtype}"
+    assert got.flags.c_contiguous, f"{what}: result not C-contiguous"
+    if ref.size == 0:
+        return
+    err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    scale = max(1.0, float(np.abs(ref).max()))
+    worst = np.unravel_index(int(np.argmax(err)), err.shape)
+    assert err[worst] <= tol * scale, (
+        f"{what}: max abs error {err[worst]:.3e} at {worst} (got {got[worst]!r}, "
+        f"ref {ref[worst]!r}), tolerance {tol * scale:.3e}")
+
+
+def _reference(x, w, b, stride, pad_before, pad_after, dilation, groups):
+    """torch forward and gradients; x is (N, C, *sp) with 1-3 spatial dims."""
+    nd = x.dim() - 2
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    pads = []
+    for i in reversed(range(nd)):
+        pads += [pad_before[i], pad_after[i]]
+    y = conv(F.pad(x, pads), w, b, stride, 0, dilation, groups)
+    go = torch.randn_like(y)
+    if y.numel():
+        gx, gw = torch.autograd.grad(y, (x, w), go)
+    else:
+        gx, gw = torch.zeros_like(x), torch.zeros_like(w)
+    return y.detach(), go, gx, gw
+
+
+def _to5(a, nd):
+    """(N, C, *sp) numpy -> (N, C, D, H, W) with size-1 leading spatial dims."""
+    return np.ascontiguousarray(a.reshape(a.shape[:2] + (1,) * (3 - nd) + a.shape[2:]))
+
+
+def _pad3(v, nd, fill):
+    return (fill,) * (3 - nd) + tuple(v)
+
+
+def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
+           dtype=np.float64, bias=True, seed=0):
+    nd = len(sp)
+    g = torch.Generator().manual_seed(seed)
+    tdt = torch.float64
+    x = torch.randn((N, C) + tuple(sp), generator=g, dtype=tdt)
+    w = torch.randn((K, C // groups) + tuple(ksz), generator=g, dtype=tdt)
+    b = torch.randn(K, generator=g, dtype=tdt) if bias else None
+    torch.manual_seed(seed)
+    y, go, gx, gw = _reference(x, w, b, stride, pad_before, pad_after, dilation, groups)
+    cast = lambda t: _to5(t.numpy().astype(dtype), nd)  # noqa: E731
+    x5, w5, go5 = cast(x), cast(w), cast(go)
+    b5 = None if b is None else b.numpy().astype(dtype)
+    st, pb, dl = _pad3(stride, nd, 1), _pad3(pad_before, nd, 0), _pad3(dilation, nd, 1)
+    out_sp = _pad3(y.shape[2:], nd, 1)
+    in_sp = _pad3(sp, nd, 1)
+    k_sp = _pad3(ksz, nd, 1)
+    fwd, gin, gwt = _kernels(algo)
+    tol = TOL[dtype]
+    what = f"{algo} {dtype.__name__} N={N} C={C} K={K} sp={sp} k={ksz} s={stride} " \
+           f"p={pad_before}/{pad_after} d={dilation} g={groups}"
+    _assert_close(fwd(x5, w5, b5, st, pb, dl, groups, out_sp), cast(y), tol, "forward " + what)
+    _assert_close(gin(go5, w5, st, pb, dl, groups, in_sp), cast(gx), tol, "grad_input " + what)
+    _assert_close(gwt(go5, x5, st, pb, dl, groups, k_sp), cast(gw), tol, "grad_weight " + what)
+
+
+# ---- the 2-D matrix ------------------------------------------------------------------------
+
+_SP = (7, 9)
+_KERNELS = [(1, 1), (2, 2), (3, 3), (3, 5), _SP]
+_PADS = {  # name -> (before, after); "asym" = torch's 'same' with an even kernel, "crop" leaves
+    "0": ((0, 0), (0, 0)),  # the last input columns untouched by any window
+    "1": ((1, 1), (1, 1)),
+    "asym": ((0, 1), (1, 0)),
+    "crop": ((1, 0), (-1, -2)),
+}
+_GROUPS = {"g1": (4, 6, 1), "g2": (4, 6, 2), "dw": (4, 4, 4), "dw_mult2": (4, 8, 4)}
+
+
+def _out_size(n, k, s, pb, pa, d):
+    return (n + pb + pa - d * (k - 1) - 1) // s + 1
+
+
+def _matrix():
+    for ksz, s, pname, d, gname in itertools.product(
+            _KERNELS, (1, 2, 3), _PADS, (1, 2), _GROUPS):
+        pb, pa = _PADS[pname]
+        if any(_out_size(n, k, s, b, a, d) < 1 for n, k, b, a in zip(_SP, ksz, pb, pa)):
+            continue
+        yield pytest.param(ksz, s, pname, d, gname,
+                           id=f"k{ksz[0]}x{ksz[1]}-s{s}-p{pname}-d{d}-{gname}")
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("ksz,s,pname,d,gname", list(_matrix()))
+def test_conv2d_matrix_float64(algo, ksz, s, pname, d, gname):
+    C, K, groups = _GROUPS[gname]
+    pb, pa = _PADS[pname]
+    _check(algo, 2, C, K, _SP, ksz, (s, s), pb, pa, (d, d), groups)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("ksz,stride,pad,dil,groups", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), 1),
+    ((3, 5), (2, 1), (2, 0), (1, 2), 2),
+    ((1, 1), (1, 1), (0, 0), (1, 1), 1),
+    ((5, 5), (3, 3), (2, 2), (1, 1), 4),
+])
+def test_conv2d_float32(algo, ksz, stride, pad, dil, groups):
+    _check(algo, 2, 8, 12, (11, 13), ksz, stride, pad, pad, dil, groups, dtype=np.float32)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ksz,pad", [((3, 3), (1, 1)), ((1, 1), (0, 0))])
+def test_batch_zero(algo, dtype, ksz, pad):
+    _check(algo, 0, 4, 6, (5, 6), ksz, (1, 1), pad, pad, (1, 1), 1, dtype=dtype)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_no_bias_and_mixed_geometry(algo):
+    _check(algo, 3, 6, 9, (10, 8), (2, 3), (2, 1), (1, 0), (0, 2), (2, 1), 3, bias=False)
+
+
+# ---- 1-D and 3-D ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("k,s,pb,pa,d,g", [
+    (3, 1, 1, 1, 1, 1), (4, 2, 1, 2, 1, 2), (5, 3, 0, 0, 2, 6), (1, 1, 0, 0, 1, 1), (2, 1, 0, 1, 1, 1),
+])
+def test_conv1d(algo, k, s, pb, pa, d, g):
+    _check(algo, 2, 6, 6 if g == 6 else 10, (17,), (k,), (s,), (pb,), (pa,), (d,), g)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("ksz,s,pb,pa,d,g", [
+    ((3, 3, 3), (1, 1, 1), (1, 1, 1), (1, 1, 1), (1, 1, 1), 1),
+    ((2, 3, 1), (2, 1, 3), (1, 0, 0), (0, 1, 0), (1, 2, 1), 2),
+    ((1, 1, 1), (1, 1, 1), (0, 0, 0), (0, 0, 0), (1, 1, 1), 1),
+    ((3, 2, 3), (1, 2, 2), (0, 1, 1), (1, 0, 1), (2, 1, 1), 4),
+])
+def test_conv3d(algo, ksz, s, pb, pa, d, g):
+    _check(algo, 2, 4, 8, (5, 6, 7), ksz, s, pb, pa, d, g)
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv3d_float32(algo):
+    _check(algo, 2, 4, 8, (5, 6, 7), (3, 3, 3), (1, 2, 1), (1, 1, 1), (1, 1, 1), (1, 1, 2), 2,
+           dtype=np.float32)
+
+
+# ---- im2col chunking (column buffer cap) ----------------------------------------------------
+
+@pytest.mark.parametrize("cap", [1, 4096, 20000])
+def test_im2col_chunking(monkeypatch, cap):
+    """A tiny cap forces row chunks of one image; a medium cap groups several images per GEMM."""
+    monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    _check("im2col", 5, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
+    _check("im2col", 5, 4, 6, (5, 6, 7), (3, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
+
+
+def test_im2col_chunk_bounds():
+    """The column buffer of the largest advertised layer stays under the cap."""
+    ck, R, OW, N = 64 * 9, 224, 224, 8
+    for n0, nb, r0, r1 in cc._chunks(N, R, OW, ck, 4):
+        assert ck * nb * (r1 - r0) * OW * 4 <= max(cc.COL_BUFFER_BYTES, ck * OW * 4)
+
+
+def test_grad_input_zero_outside_coverage():
+    """Transposed-conv style: in_spatial larger than the conv covers -> exact zeros there."""
+    rng = np.random.default_rng(0)
+    go = rng.standard_normal((1, 3, 1, 3, 3))
+    w = rng.standard_normal((3, 2, 1, 3, 3))
+    for algo in ALGOS:
+        gx = getattr(cc, f"{algo}_grad_input")(go, w, (1, 2, 2), (0, 0, 0), (1, 1, 1), 1,
+                                               (1, 9, 10))
+        assert gx.shape == (1, 2, 1, 9, 10)
+        assert np.all(gx[..., 7:, :] == 0) and np.all(gx[..., :, 7:] == 0)
+        assert np.abs(gx[..., :7, :7]).sum() > 0

@@ -1,0 +1,450 @@
+"""Numba pooling kernels (fastconv/cpu/pool.py) against torch.nn.functional, numpy in / numpy out.
+
+Reference: torch's own CPU ops in float64 (values, indices and autograd gradients). Max/min pooling and
+index results must be exact; sums and averages agree to 1e-12.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastconv.cpu import pool
+
+RTOL = ATOL = 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _to5d(a, nd):
+    """(N, C, *spatial[nd]) -> (N, C, D, H, W) view."""
+    n, c = a.shape[:2]
+    return a.reshape((n, c) + (1,) * (3 - nd) + a.shape[2:])
+
+
+def _from5d(a, nd):
+    return a.reshape(a.shape[:2] + a.shape[5 - nd:])
+
+
+def _geom(v, nd, fill):
+    """nd-tuple for torch -> 3-tuple for the kernels, leading dims filled."""
+    v = (v,) * nd if isinstance(v, int) else tuple(v)
+    return (fill,) * (3 - nd) + v
+
+
+def _assert_close(actual, expected, rtol=RTOL, atol=ATOL):
+    expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
+
+
+def _assert_exact(actual, expected):
+    expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    np.testing.assert_array_equal(actual, expected)
+
+
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+_ADA_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+_ADA_MAX = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
+_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
+
+_SPATIAL = {1: (11,), 2: (9, 10), 3: (5, 6, 7)}
+
+
+def _input(nd, n=2, c=3, spatial=None, dtype=np.float64, seed=0, ints=False):
+    shape = (n, c) + (spatial or _SPATIAL[nd])
+    r = _rng(seed)
+    if ints:  # small integers: many ties
+        return r.integers(-2, 3, size=shape).astype(dtype)
+    return r.standard_normal(shape).astype(dtype)
+
+
+def _run_max(x, nd, k, s, p, d, ceil_mode, fn=pool.max_pool_forward, torch_fn=None):
+    """Compare values, indices and the backward of one max-pool case against torch."""
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    torch_fn = torch_fn or _MAX_POOL[nd]
+    yt, it = torch_fn(xt, k, s, p, d, ceil_mode=ceil_mode, return_indices=True)
+    out = yt.shape[2:]
+    y5, i5 = fn(_to5d(x, nd), _geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0), _geom(d, nd, 1),
+                _geom(tuple(out), nd, 1), True)
+    _assert_exact(_from5d(y5, nd), yt)
+    _assert_exact(_from5d(i5, nd), it)
+    # value-only path gives the same values
+    y5b, none = fn(_to5d(x, nd), _geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0), _geom(d, nd, 1),
+                   _geom(tuple(out), nd, 1), False)
+    assert none is None
+    _assert_exact(y5b, y5)
+    return xt, yt, y5, i5
+
+
+# ----------------------------------------------------------------------------------------------------
+# max pool
+# ----------------------------------------------------------------------------------------------------
+
+_MAX_CASES = [
+    # k, s, p, d, ceil_mode
+    (2, 2, 0, 1, False),
+    (3, 2, 1, 1, False),
+    (3, 2, 1, 1, True),
+    (3, 1, 1, 1, False),
+    (2, 3, 1, 1, True),
+    (3, 2, 1, 2, False),
+    (3, 3, 1, 2, True),
+    (1, 1, 0, 1, False),
+    (4, 3, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("case", _MAX_CASES)
+def test_max_pool_matches_torch(nd, case):
+    k, s, p, d, ceil_mode = case
+    x = _input(nd)
+    xt, yt, y5, i5 = _run_max(x, nd, k, s, p, d, ceil_mode)
+    g = _rng(1).standard_normal(yt.shape)
+    (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+    gx = pool.max_pool_backward(_to5d(g, nd), i5, _to5d(x, nd).shape[2:])
+    _assert_close(_from5d(gx, nd), gt)
+
+
+def test_max_pool_anisotropic_2d_and_3d():
+    x = _input(2, spatial=(13, 8))
+    _run_max(x, 2, (3, 2), (2, 1), (1, 0), (1, 2), True)
+    x = _input(3, spatial=(6, 9, 7))
+    _run_max(x, 3, (2, 3, 2), (1, 2, 3), (1, 0, 1), (2, 1, 1), False)
+    _run_max(x, 3, (2, 3, 2), (1, 2, 3), (1, 0, 1), (2, 1, 1), True)
+
+
+def test_max_pool_kernel_equals_input():
+    x = _input(2, spatial=(5, 7))
+    _run_max(x, 2, (5, 7), 1, 0, 1, False)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_max_pool_ties_give_first_index(nd):
+    x = _input(nd, ints=True, seed=3)
+    for k, s, p, d, ceil_mode in _MAX_CASES[:5]:
+        _run_max(x, nd, k, s, p, d, ceil_mode)
+    # all-equal input: every index is the window's first in-bounds element
+    _run_max(np.ones_like(x), nd, 3, 2, 1, 1, True)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_max_pool_nan_matches_torch(nd):
+    x = _input(nd, seed=5)
+    m = _rng(6).random(x.shape) < 0.15
+    x[m] = np.nan
+    x.reshape(-1)[:4] = np.nan  # a window with several NaNs: torch reports the last one
+    for k, s, p, d, ceil_mode in _MAX_CASES:
+        _run_max(x, nd, k, s, p, d, ceil_mode)
+    y5, i5 = pool.max_pool_forward(_to5d(x, nd), _geom(3, nd, 1), _geom(2, nd, 1), _geom(1, nd, 0),
+                                   _geom(1, nd, 1), _geom(2, nd, 1), True)
+    assert np.isnan(y5).any()
+
+
+def test_max_pool_all_minus_inf_index_is_first_in_window():
+    x = np.full((1, 2, 7, 6), -np.inf)
+    x[0, 1, 3, 3] = np.nan
+    _run_max(x, 2, 3, 2, 1, 1, True)
+    _run_max(x, 2, 3, 2, 1, 2, False)
+
+
+def test_max_pool_float32_exact():
+    x = _input(2, dtype=np.float32, seed=7)
+    _run_max(x, 2, 3, 2, 1, 1, False)
+    x = _input(3, dtype=np.float32, seed=7)
+    _run_max(x, 3, 2, 2, 1, 1, True)
+
+
+def test_max_pool_empty_window_guard():
+    # Output size beyond torch's rule: the last window lies wholly in the right padding.
+    x = _input(2, spatial=(4, 4))
+    yt = F.max_pool2d(torch.from_numpy(x), 2, 2, 1)  # 3x3
+    y5, i5 = pool.max_pool_forward(_to5d(x, 2), (1, 2, 2), (1, 2, 2), (0, 1, 1), (1, 1, 1), (1, 3, 4), True)
+    _assert_exact(y5[..., :3], _to5d(yt.numpy(), 2))
+    assert np.all(y5[..., 3] == -np.inf) and np.all(i5[..., 3] == pool.EMPTY_WINDOW_INDEX)
+    y5m, i5m = pool.min_pool_forward(_to5d(x, 2), (1, 2, 2), (1, 2, 2), (0, 1, 1), (1, 1, 1), (1, 3, 4), True)
+    assert np.all(y5m[..., 3] == np.inf) and np.all(i5m[..., 3] == -1)
+    g = np.ones_like(y5)
+    gx = pool.max_pool_backward(g, i5, (1, 4, 4))  # the -1 entries are skipped
+    assert gx.sum() == 2 * 3 * 3 * 3
+
+
+def test_max_pool_backward_rejects_bad_index():
+    g = np.ones((1, 1, 1, 1, 2))
+    ind = np.array([0, 7], dtype=np.int64).reshape(g.shape)
+    with pytest.raises(RuntimeError, match="outside"):
+        pool.max_pool_backward(g, ind, (1, 1, 4))
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_min_pool_is_negated_max_pool_of_negated_input(nd):
+    for seed, ints, nan in [(0, False, False), (1, True, False), (2, False, True)]:
+        x = _input(nd, seed=seed, ints=ints)
+        if nan:
+            x[_rng(9).random(x.shape) < 0.2] = np.nan
+        for k, s, p, d, ceil_mode in _MAX_CASES:
+            xt = torch.from_numpy(-x)
+            yt, it = _MAX_POOL[nd](xt, k, s, p, d, ceil_mode=ceil_mode, return_indices=True)
+            args = (_geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0), _geom(d, nd, 1),
+                    _geom(tuple(yt.shape[2:]), nd, 1))
+            y5, i5 = pool.min_pool_forward(_to5d(x, nd), *args, True)
+            ym, im = pool.max_pool_forward(_to5d(-x, nd), *args, True)
+            _assert_exact(y5, -ym)
+            _assert_exact(_from5d(y5, nd), -yt.numpy())
+            _assert_exact(_from5d(i5, nd), it)
+            _assert_exact(pool.min_pool_forward(_to5d(x, nd), *args, False)[0], y5)
+
+
+@pytest.mark.parametrize("fn", [pool.max_pool_forward, pool.min_pool_forward])
+def test_max_pool_zero_planes(fn):
+    for shape in [(0, 3, 1, 6, 6), (2, 0, 1, 6, 6)]:
+        x = np.zeros(shape)
+        y, i = fn(x, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), (1, 3, 3), True)
+        assert y.shape == shape[:2] + (1, 3, 3) and i.shape == y.shape and i.dtype == np.int64
+        gx = pool.max_pool_backward(np.zeros(y.shape), i, (1, 6, 6))
+        assert gx.shape == shape
+
+
+def test_max_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="5-D"):
+        pool.max_pool_forward(np.zeros((1, 1, 4, 4)), (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1),
+                              (1, 2, 2), False)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        pool.max_pool_forward(np.zeros((1, 1, 1, 4, 4), np.int32), (1, 2, 2), (1, 2, 2), (0, 0, 0),
+                              (1, 1, 1), (1, 2, 2), False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# output size rule
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_output_size_matches_torch_including_dropped_last_window():
+    for n_in, k, s, p, d, ceil_mode in itertools.product([4, 5, 6, 7, 11], [1, 2, 3], [1, 2, 3], [0, 1],
+                                                         [1, 2], [False, True]):
+        if p > k // 2 or (k - 1) * d + 1 > n_in + 2 * p:
+            continue
+        x = torch.zeros(1, 1, n_in)
+        expected = F.max_pool1d(x, k, s, p, d, ceil_mode=ceil_mode).shape[-1]
+        assert pool.output_size(n_in, k, s, p, d, ceil_mode) == expected
+        expected = F.avg_pool1d(x, k, s, p, ceil_mode=ceil_mode).shape[-1]
+        assert pool.output_size(n_in, k, s, p, 1, ceil_mode) == expected
+    # in 5, k 2, s 2, p 1, ceil: the 4th window would start in the right padding -> dropped
+    assert pool.output_size(5, 2, 2, 1, 1, True) == 3 == F.avg_pool1d(torch.zeros(1, 1, 5), 2, 2, 1,
+                                                                      ceil_mode=True).shape[-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# avg pool
+# ----------------------------------------------------------------------------------------------------
+
+_AVG_CASES = [
+    # k, s, p, ceil_mode
+    (2, 2, 0, False),
+    (3, 2, 1, False),
+    (3, 2, 1, True),
+    (2, 2, 1, True),  # last window would start in the right padding: dropped by torch
+    (3, 1, 1, False),
+    (4, 3, 2, True),
+    (2, 3, 1, True),
+    (1, 1, 0, False),
+]
+
+
+def _run_avg(x, nd, k, s, p, ceil_mode, cip, div, rtol=RTOL, atol=ATOL):
+    xt = torch.from_numpy(x.copy()).requires_grad_(True)
+    kw = dict(ceil_mode=ceil_mode, count_include_pad=cip)
+    if nd > 1:
+        kw["divisor_override"] = div
+    yt = _AVG_POOL[nd](xt, k, s, p, **kw)
+    geo = (_geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0))
+    y5 = pool.avg_pool_forward(_to5d(x, nd), *geo, _geom(tuple(yt.shape[2:]), nd, 1), ceil_mode, cip, div)
+    _assert_close(_from5d(y5, nd), yt, rtol, atol)
+    g = _rng(2).standard_normal(yt.shape).astype(x.dtype)
+    (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+    gx = pool.avg_pool_backward(_to5d(g, nd), *geo, _to5d(x, nd).shape[2:], ceil_mode, cip, div)
+    _assert_close(_from5d(gx, nd), gt, rtol, atol)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("case", _AVG_CASES)
+@pytest.mark.parametrize("cip", [True, False])
+def test_avg_pool_matches_torch(nd, case, cip):
+    k, s, p, ceil_mode = case
+    x = _input(nd, seed=11)
+    _run_avg(x, nd, k, s, p, ceil_mode, cip, None)
+
+
+@pytest.mark.parametrize("nd", [2, 3])
+@pytest.mark.parametrize("div", [1, 3, 7])
+def test_avg_pool_divisor_override(nd, div):
+    x = _input(nd, seed=12)
+    for k, s, p, ceil_mode in _AVG_CASES[:4]:
+        _run_avg(x, nd, k, s, p, ceil_mode, True, div)
+        _run_avg(x, nd, k, s, p, ceil_mode, False, div)
+
+
+def test_avg_pool_divisor_override_zero_means_none():
+    x = _input(2, seed=13)
+    geo = ((1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 5, 5))
+    _assert_exact(pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, 0),
+                  pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, None))
+
+
+def test_avg_pool_anisotropic():
+    x = _input(2, spatial=(13, 8), seed=14)
+    _run_avg(x, 2, (3, 2), (2, 1), (1, 0), True, False, None)
+    x = _input(3, spatial=(6, 9, 7), seed=14)
+    _run_avg(x, 3, (2, 3, 2), (1, 2, 3), (1, 0, 1), True, True, None)
+    _run_avg(x, 3, (2, 3, 2), (1, 2, 3), (1, 0, 1), False, False, 5)
+
+
+def test_avg_pool_float32():
+    x = _input(2, dtype=np.float32, seed=15)
+    _run_avg(x, 2, 3, 2, 1, True, False, None, rtol=1e-6, atol=1e-6)
+
+
+def test_avg_pool_nan_propagates():
+    x = _input(2, seed=16)
+    x[0, 0, 4, 4] = np.nan
+    _run_avg(x, 2, 3, 2, 1, False, True, None)
+
+
+def test_avg_pool_empty_window_guard_gives_zero():
+    x = _input(2, spatial=(4, 4), seed=17)
+    y5 = pool.avg_pool_forward(_to5d(x, 2), (1, 2, 2), (1, 2, 2), (0, 1, 1), (1, 3, 4), False, False, None)
+    assert np.all(y5[..., 3] == 0)
+
+
+def test_avg_pool_zero_planes():
+    x = np.zeros((0, 4, 1, 6, 6), np.float32)
+    y = pool.avg_pool_forward(x, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 3, 3), False, True, None)
+    assert y.shape == (0, 4, 1, 3, 3) and y.dtype == np.float32
+    gx = pool.avg_pool_backward(y, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 6, 6), False, True, None)
+    assert gx.shape == x.shape
+
+
+# ----------------------------------------------------------------------------------------------------
+# adaptive pools
+# ----------------------------------------------------------------------------------------------------
+
+_ADA_CASES = {
+    1: [((11,), (1,)), ((11,), (4,)), ((11,), (11,)), ((5,), (8,)), ((12,), (3,))],
+    2: [((9, 10), (1, 1)), ((9, 10), (4, 3)), ((7, 7), (7, 7)), ((5, 4), (8, 6)), ((12, 13), (5, 1))],
+    3: [((5, 6, 7), (1, 1, 1)), ((5, 6, 7), (2, 3, 4)), ((4, 3, 5), (6, 4, 2)), ((3, 4, 5), (3, 4, 5))],
+}
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_adaptive_avg_pool_matches_torch(nd):
+    for spatial, out in _ADA_CASES[nd]:
+        x = _input(nd, spatial=spatial, seed=21)
+        xt = torch.from_numpy(x.copy()).requires_grad_(True)
+        yt = _ADA_AVG[nd](xt, out)
+        y5 = pool.adaptive_avg_pool_forward(_to5d(x, nd), _geom(out, nd, 1))
+        _assert_close(_from5d(y5, nd), yt)
+        g = _rng(3).standard_normal(yt.shape)
+        (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+        gx = pool.adaptive_avg_pool_backward(_to5d(g, nd), _geom(spatial, nd, 1))
+        _assert_close(_from5d(gx, nd), gt)
+
+
+def test_adaptive_avg_pool_float32_global():
+    x = _input(2, n=3, c=5, spatial=(7, 7), dtype=np.float32, seed=22)
+    yt = F.adaptive_avg_pool2d(torch.from_numpy(x), 1)
+    y5 = pool.adaptive_avg_pool_forward(_to5d(x, 2), (1, 1, 1))
+    assert y5.dtype == np.float32
+    _assert_close(_from5d(y5, 2), yt, 1e-6, 1e-6)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_adaptive_max_pool_matches_torch(nd):
+    for seed, (spatial, out) in enumerate(_ADA_CASES[nd]):
+        for kind in ["normal", "ints", "nan"]:
+            x = _input(nd, spatial=spatial, seed=seed, ints=kind == "ints")
+            if kind == "nan":
+                x[_rng(seed).random(x.shape) < 0.2] = np.nan
+            xt = torch.from_numpy(x.copy()).requires_grad_(True)
+            yt, it = _ADA_MAX[nd](xt, out, return_indices=True)
+            y5, i5 = pool.adaptive_max_pool_forward(_to5d(x, nd), _geom(out, nd, 1))
+            _assert_exact(_from5d(y5, nd), yt)
+            _assert_exact(_from5d(i5, nd), it)
+            g = _rng(4).standard_normal(yt.shape)
+            (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
+            gx = pool.max_pool_backward(_to5d(g, nd), i5, _geom(spatial, nd, 1))
+            _assert_close(_from5d(gx, nd), gt)
+
+
+def test_adaptive_zero_planes_and_bad_input():
+    y = pool.adaptive_avg_pool_forward(np.zeros((0, 3, 1, 5, 5)), (1, 2, 2))
+    assert y.shape == (0, 3, 1, 2, 2)
+    y, i = pool.adaptive_max_pool_forward(np.zeros((2, 0, 1, 5, 5)), (1, 2, 2))
+    assert y.shape == i.shape == (2, 0, 1, 2, 2)
+    assert pool.adaptive_avg_pool_backward(np.zeros((0, 3, 1, 2, 2)), (1, 5, 5)).shape == (0, 3, 1, 5, 5)
+    with pytest.raises(ValueError, match="zero dimension"):
+        pool.adaptive_avg_pool_forward(np.zeros((1, 1, 1, 0, 5)), (1, 1, 1))
+    with pytest.raises(ValueError, match="zero dimension"):
+        pool.adaptive_max_pool_forward(np.zeros((1, 1, 1, 0, 5)), (1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# max_unpool
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+@pytest.mark.parametrize("case", [(2, 2, 0), (3, 2, 1), (3, 1, 1)])
+def test_max_unpool_matches_torch(nd, case):
+    k, s, p = case
+    x = _input(nd, seed=31)
+    yp, ip = _MAX_POOL[nd](torch.from_numpy(x), k, s, p, return_indices=True)
+    v = torch.from_numpy(_rng(32).standard_normal(yp.shape)).requires_grad_(True)
+    ut = _UNPOOL[nd](v, ip, k, s, p, output_size=x.shape[2:])
+    u5 = pool.max_unpool_forward(_to5d(v.detach().numpy(), nd), _to5d(ip.numpy(), nd), _geom(x.shape[2:], nd, 1))
+    _assert_exact(_from5d(u5, nd), ut)
+    g = _rng(33).standard_normal(ut.shape)
+    (gt,) = torch.autograd.grad(ut, v, torch.from_numpy(g))
+    gv = pool.max_unpool_backward(_to5d(g, nd), _to5d(ip.numpy(), nd))
+    _assert_exact(_from5d(gv, nd), gt)
+
+
+def test_max_unpool_duplicate_indices_last_wins_like_torch():
+    v = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]], dtype=torch.float64)
+    idx = torch.tensor([[[[5, 1, 5, 0]]]])
+    ut = F.max_unpool2d(v, idx, (2, 1), output_size=(2, 4))
+    u5 = pool.max_unpool_forward(_to5d(v.numpy(), 2), _to5d(idx.numpy(), 2), (1, 2, 4))
+    _assert_exact(_from5d(u5, 2), ut)
+    assert u5.reshape(-1)[5] == 3.0
+
+
+def test_max_unpool_rejects_invalid_index():
+    v = np.ones((1, 2, 1, 1, 3))
+    idx = np.array([0, 1, 2, 0, 8, 1], dtype=np.int64).reshape(v.shape)
+    with pytest.raises(RuntimeError, match="invalid max index: 8"):
+        pool.max_unpool_forward(v, idx, (1, 2, 4))
+    with pytest.raises(RuntimeError, match="invalid max index: 8"):
+        pool.max_unpool_backward(np.ones((1, 2, 1, 2, 4)), idx)
+    with pytest.raises(RuntimeError, match="invalid max index: -1"):
+        pool.max_unpool_forward(v, -np.ones_like(idx), (1, 2, 4))
+
+
+def test_max_unpool_zero_planes():
+    u = pool.max_unpool_forward(np.zeros((0, 2, 1, 3, 3)), np.zeros((0, 2, 1, 3, 3), np.int64), (1, 6, 6))
+    assert u.shape == (0, 2, 1, 6, 6)
+    g = pool.max_unpool_backward(u, np.zeros((0, 2, 1, 3, 3), np.int64))
+    assert g.shape == (0, 2, 1, 3, 3)
