@@ -63,3 +63,5 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
 
 
 registry.register_heuristic("numba", _heuristic)
+
+# Further CPU algorithms register themselves on import (one line each, below).

@@ -339,12 +339,7 @@ def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
                                    f"command: {shlex.join(cmd)}")
             dep_files = [f for f in _parse_depfile(Path(tmp) / "unit.d")
                          if Path(f).resolve().parent not in (HERE, Path(tmp).resolve())]
-            # Each build gets its own file name, so a stale .so that is still loaded is never overwritten.
-            so = cdir / f"{key}-{os.getpid()}-{os.urandom(4).hex()}.so"
-            os.replace(out, so)
-            final = cdir / f"{key}.so"
-            os.replace(so, final)
-            so = final
+            os.replace(out, so)     # atomic: a concurrent process sees the old or the new file
             deps.write_text(json.dumps({f: _file_hash(f) for f in dep_files}))
         lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
     _loaded[key] = lib
@@ -369,3 +364,335 @@ def _deps_fresh(deps: Path) -> bool:
         return all(_file_hash(f) == h for f, h in json.loads(deps.read_text()).items())
     except (OSError, ValueError):
         return False
+
+
+# ------------------------------------------------------------------------------ guarded memory ---
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_PROT_NONE, _PROT_READ, _PROT_RW = 0, 1, 3
+_MAP_PRIVATE_ANON = 0x02 | 0x20
+
+
+class _Buffer:
+    """One device allocation: [guard page][garbage | data | garbage][guard page], the data's
+    16-byte-aligned start as close to the rear guard as alignment allows."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        padded = (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+        self.body = max(PAGE, (padded + PAGE - 1) // PAGE * PAGE)
+        self.size = self.body + 2 * PAGE
+        base = _libc.mmap(None, self.size, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
+        if base in (None, ctypes.c_void_p(-1).value):
+            raise MemoryError(f"mmap of {self.size} bytes failed")
+        self.base = base
+        self.lo = base + PAGE                     # first byte after the front guard
+        self.hi = self.lo + self.body             # the rear guard
+        self.ptr = self.hi - padded               # the device pointer
+        ctypes.memset(self.lo, 0xFF, self.body)
+        _libc.mprotect(base, PAGE, _PROT_NONE)
+        _libc.mprotect(self.hi, PAGE, _PROT_NONE)
+        self.readonly = False
+
+    def protect_readonly(self):
+        _libc.mprotect(self.lo, self.body, _PROT_READ)
+        self.readonly = True
+
+    def slack_intact(self) -> bool:
+        """The garbage around the data is untouched (no stray write that missed the guard pages)."""
+        before = ctypes.string_at(self.lo, self.ptr - self.lo)
+        after = ctypes.string_at(self.ptr + self.nbytes, self.hi - self.ptr - self.nbytes)
+        return before.count(0xFF) == len(before) and after.count(0xFF) == len(after)
+
+    def free(self):
+        if self.base:
+            _libc.munmap(self.base, self.size)
+            self.base = 0
+
+
+def _as_array(a, i: int):
+    """numpy view of an array argument (torch CPU tensors through .numpy(), sharing memory)."""
+    if isinstance(a, np.ndarray):
+        arr = a
+    elif type(a).__module__.startswith("torch") and hasattr(a, "is_contiguous"):
+        if a.device.type != "cpu":
+            raise TypeError(f"argument {i}: fastconv.emu runs on the CPU; got a tensor on {a.device}")
+        if not a.is_contiguous():
+            raise ValueError(f"argument {i}: tensor is not contiguous (a raw kernel sees only the data pointer)")
+        t = a.detach()
+        try:
+            arr = t.numpy()
+        except TypeError:       # bfloat16 & co: the bytes are what the kernel sees
+            import torch
+            arr = t.view({2: torch.int16, 1: torch.int8}[t.element_size()]).numpy()
+    else:
+        return None
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"argument {i}: array is not C-contiguous (a raw kernel sees only the data pointer)")
+    return arr
+
+
+_KIND = {1: "i", 2: "u", 3: "f", 4: "b"}
+
+
+def _describe(code: int) -> str:
+    size, cls = code & 0xFF, code >> 8 & 0xF
+    base = {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool"}.get(cls, f"<{size}-byte type>")
+    if code & 0x1000:
+        return ("const " if code & 0x2000 else "") + (base if cls or size else "void") + "*"
+    return base
+
+
+# ------------------------------------------------------------------------------------ kernels ---
+class _Result(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_int), ("signo", ctypes.c_int), ("is_write", ctypes.c_int),
+                ("pad", ctypes.c_int), ("addr", ctypes.c_ulonglong), ("msg", ctypes.c_char * 1024)]
+
+
+class Function:
+    """A kernel of a :class:`RawModule`; call it like CuPy's ``Function``."""
+
+    def __init__(self, module: "RawModule", name: str, lib, index: int, params: list[str], bound):
+        self.module, self.name, self.params = module, name, params
+        self._launch = getattr(lib, f"emu_launch_{index}")
+        self._launch.argtypes = [ctypes.POINTER(ctypes.c_longlong), ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(_Result)]
+        self._launch.restype = ctypes.c_int
+        sig = getattr(lib, f"emu_signature_{index}")
+        sig.argtypes, sig.restype = [ctypes.POINTER(ctypes.c_int), ctypes.c_int], ctypes.c_int
+        codes = (ctypes.c_int * 256)()
+        n = sig(codes, 256)
+        self.codes = list(codes[:n])
+        if len(self.params) != n:
+            self.params = [f"arg{i}" for i in range(n)]
+        self.launch_bound = bound
+        self.max_threads_per_block = min(MAX_THREADS, bound) if bound else MAX_THREADS
+        self.max_dynamic_shared_size_bytes = MAX_SHARED_DEFAULT   # settable, as on CuPy's Function
+
+    def __repr__(self):
+        return f"<fastconv.emu.Function {self.name}({', '.join(map(_describe, self.codes))})>"
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        grid, block = _dims(grid, "grid"), _dims(block, "block")
+        if enable_cooperative_groups:
+            raise LaunchError("cooperative launches are not supported by fastconv.emu")
+        if not isinstance(args, (tuple, list)):
+            raise TypeError(f"args must be a tuple, not {type(args).__name__}")
+        if len(args) != len(self.codes):
+            raise TypeError(f"kernel {self.name} takes {len(self.codes)} arguments, got {len(args)}")
+        shared_mem = int(shared_mem)
+        if self.max_dynamic_shared_size_bytes > MAX_SHARED_OPTIN:
+            raise LaunchError(f"max_dynamic_shared_size_bytes above {MAX_SHARED_OPTIN} (sm_75's limit)")
+        if not 0 <= shared_mem <= self.max_dynamic_shared_size_bytes:
+            raise LaunchError(f"kernel {self.name}: shared_mem={shared_mem} bytes exceeds the "
+                              f"{self.max_dynamic_shared_size_bytes} bytes allowed (max_dynamic_shared_size_bytes)")
+        nthreads = block[0] * block[1] * block[2]
+        if nthreads > self.max_threads_per_block:
+            raise LaunchError(f"kernel {self.name}: block {block} has {nthreads} threads, more than the "
+                              f"{self.max_threads_per_block} allowed"
+                              + (" by __launch_bounds__" if self.launch_bound else " per block"))
+        with _lock:
+            return self._call(grid, block, args, shared_mem)
+
+    def _call(self, grid, block, args, shared_mem):
+        n = len(args)
+        slots = (ctypes.c_void_p * max(n, 1))()
+        keep = []                       # ctypes storage that must outlive the call
+        arrays = []                     # (index, array, const)
+        for i, (a, code) in enumerate(zip(args, self.codes)):
+            if code & 0x1000:
+                if a is None:
+                    v = ctypes.c_void_p(0)
+                else:
+                    arr = _as_array(a, i)
+                    if arr is None:
+                        raise TypeError(f"argument {i} ({self.params[i]}) of {self.name} is {_describe(code)}; "
+                                        f"pass a numpy array or CPU tensor, not {type(a).__name__}")
+                    self._check_pointee(i, arr, code)
+                    arrays.append((i, arr, bool(code & 0x2000)))
+                    v = None
+            else:
+                v = self._scalar(i, a, code)
+            keep.append(v)
+        groups = _group(arrays)
+        try:
+            for g in groups:
+                g.buf = _Buffer(g.hi - g.lo)
+                for i, arr, _ in g.members:
+                    off = arr.__array_interface__["data"][0] - g.lo
+                    ctypes.memmove(g.buf.ptr + off, arr.ctypes.data, arr.nbytes)
+                    keep[i] = ctypes.c_void_p(g.buf.ptr + off)
+                if all(c for _, _, c in g.members):
+                    g.buf.protect_readonly()
+            for i, v in enumerate(keep):
+                slots[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
+            cfg = (ctypes.c_longlong * 8)(*grid, *block, shared_mem, _seed)
+            res = _Result()
+            rc = self._launch(cfg, slots, ctypes.byref(res))
+            if rc:
+                raise self._error(res, groups)
+            for g in groups:
+                if not g.buf.slack_intact():
+                    raise OutOfBoundsError(f"kernel {self.name}: out-of-bounds write next to argument "
+                                           f"{self._argname(g.members[0][0])} (bytes beyond its ends changed)")
+                for i, arr, const in g.members:
+                    if const:
+                        continue
+                    off = arr.__array_interface__["data"][0] - g.lo
+                    if arr.flags.writeable:
+                        ctypes.memmove(arr.ctypes.data, g.buf.ptr + off, arr.nbytes)
+                    elif ctypes.string_at(g.buf.ptr + off, arr.nbytes) != arr.tobytes():
+                        raise ValueError(f"kernel {self.name} wrote to argument {self._argname(i)}, a read-only array")
+        finally:
+            for g in groups:
+                if getattr(g, "buf", None):
+                    g.buf.free()
+
+    def _argname(self, i):
+        return f"#{i} '{self.params[i]}'"
+
+    def _check_pointee(self, i, arr, code):
+        size, cls = code & 0xFF, code >> 8 & 0xF
+        if not cls:             # void* or a struct pointee: any array
+            return
+        kind = arr.dtype.kind
+        ok = arr.dtype.itemsize == size and (
+            (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu"))
+        if not ok:
+            raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)} but the array "
+                            f"has dtype {arr.dtype}")
+
+    def _scalar(self, i, a, code):
+        if isinstance(a, (bool, int, float, complex)) or not isinstance(a, np.generic):
+            hint = ("; CuPy would pass a Python float as a double and an int as int64"
+                    if isinstance(a, (int, float)) else "")
+            raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)}: pass "
+                            f"numpy.{_np_name(code)}(...), not {type(a).__name__}{hint}")
+        size, cls = code & 0xFF, code >> 8 & 0xF
+        if cls == 0 or a.dtype.itemsize != size or _KIND.get(cls) != a.dtype.kind:
+            raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)}, got numpy.{a.dtype}")
+        return ctypes.create_string_buffer(a.tobytes(), max(size, 8))
+
+    def _error(self, res, groups):
+        msg = res.msg.decode(errors="replace")
+        where = f"kernel {self.name}: "
+        if res.code == 1:
+            return LaunchError(where + msg)
+        if res.code == 3:
+            return BarrierError(where + msg)
+        if res.code == 2:
+            addr, what = res.addr, {1: "write", 0: "read"}.get(res.is_write, "access")
+            for g in groups:
+                b = g.buf
+                for i, arr, _ in g.members:
+                    start = b.ptr + arr.__array_interface__["data"][0] - g.lo
+                    end = start + arr.nbytes
+                    desc = f"argument {self._argname(i)} ({arr.dtype}, {arr.nbytes} bytes)"
+                    if b.hi <= addr < b.hi + PAGE:
+                        return OutOfBoundsError(f"{where}out-of-bounds {what} {addr - end} bytes past the end of {desc}; {msg}")
+                    if b.base <= addr < b.lo:
+                        return OutOfBoundsError(f"{where}out-of-bounds {what} {start - addr} bytes before the start of {desc}; {msg}")
+                    if start <= addr < end and b.readonly:
+                        return OutOfBoundsError(f"{where}{what} to {desc}, a const parameter; {msg}")
+            if "shared memory" in msg:
+                return OutOfBoundsError(f"{where}{msg}")
+            return OutOfBoundsError(f"{where}invalid memory {what} (not next to any argument); {msg}")
+        return KernelTrap(where + msg)
+
+
+def _np_name(code):
+    size, cls = code & 0xFF, code >> 8 & 0xF
+    return {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool_"}.get(cls, "<type>")
+
+
+class _Group:
+    def __init__(self, lo, hi, members):
+        self.lo, self.hi, self.members = lo, hi, members
+
+
+def _group(arrays):
+    """Arguments that overlap in memory share one buffer, as they would share one allocation."""
+    spans = sorted(((a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes, i, a, c)
+                    for i, a, c in arrays), key=lambda t: t[:2])
+    groups = []
+    for lo, hi, i, a, c in spans:
+        if groups and lo < groups[-1].hi or (groups and lo == groups[-1].lo == groups[-1].hi == hi):
+            g = groups[-1]
+            g.hi = max(g.hi, hi)
+            g.members.append((i, a, c))
+        else:
+            groups.append(_Group(lo, hi, [(i, a, c)]))
+    return groups
+
+
+def _dims(d, what):
+    if not isinstance(d, tuple) or not 1 <= len(d) <= 3:
+        raise TypeError(f"{what} must be a tuple of 1 to 3 ints, got {d!r}")
+    out = []
+    for v in d:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{what} must be a tuple of ints, got {d!r}")
+        if v < 1:
+            raise LaunchError(f"{what} dimensions must be >= 1, got {d!r}")
+        out.append(int(v))
+    return tuple(out) + (1,) * (3 - len(out))
+
+
+class RawModule:
+    """Mimics ``cupy.RawModule(code=..., options=..., name_expressions=...)``; compiles lazily."""
+
+    def __init__(self, code: str | None = None, *, path=None, options=(), backend="nvrtc",
+                 translate_cucomplex=False, enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if code is None:
+            raise ValueError("fastconv.emu.RawModule needs code= (CUDA C++ source)")
+        if path is not None or jitify or enable_cooperative_groups:
+            raise ValueError("fastconv.emu.RawModule supports code=, options= and name_expressions= only")
+        self.code, self.options = code, tuple(options)
+        self.name_expressions = tuple(name_expressions or ())
+        _gxx_options(self.options)          # refuse bad options now, like NVRTC would
+        self._lib = None
+        self._functions: dict = {}
+
+    def _load(self):
+        if self._lib is None:
+            self.kernels = find_kernels(self.code)
+            entries = [(k, v["bound"]) for k, v in self.kernels.items()]
+            entries += [(e, None) for e in self.name_expressions]
+            self._entries = {name: i for i, (name, _) in enumerate(entries)}
+            self._lib = _build(self.code, self.options, entries, "kernel.cu")
+        return self._lib
+
+    def compile(self, log_stream=None):
+        self._load()
+
+    def get_function(self, name: str) -> Function:
+        lib = self._load()
+        if name not in self._functions:
+            if name not in self._entries:
+                raise KeyError(f"no extern \"C\" __global__ function named {name!r} in the module "
+                               f"(found: {', '.join(self._entries) or 'none'})")
+            info = self.kernels.get(name, {"bound": None, "params": []})
+            bound = None
+            if info["bound"]:
+                getter = getattr(lib, f"emu_bound_{self._entries[name]}")
+                getter.restype = ctypes.c_longlong
+                bound = int(getter()) or None
+            self._functions[name] = Function(self, name, lib, self._entries[name], info["params"], bound)
+        return self._functions[name]
+
+
+class RawKernel:
+    """Mimics ``cupy.RawKernel(code, name, options=...)``."""
+
+    def __init__(self, code: str, name: str, options=(), **kwargs):
+        self._module = RawModule(code=code, options=options, **kwargs)
+        self.name = name
+
+    @property
+    def kernel(self) -> Function:
+        return self._module.get_function(self.name)
+
+    def __call__(self, grid, block, args, **kwargs):
+        return self.kernel(grid, block, args, **kwargs)

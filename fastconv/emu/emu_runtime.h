@@ -324,8 +324,8 @@ inline int launch_impl(void* fn, void (*invoke)(void*, void**), long long bound,
                      res->addr, tstr(me().tid), g_blockIdx.x, g_blockIdx.y, g_blockIdx.z);
     char* a = (char*)res->addr;
     if (a >= dyn_map + dyn_pages * page && a < dyn_map + (dyn_pages + 1) * page)
-      snprintf(res->msg + n, sizeof res->msg - n, ": out-of-bounds access %zd bytes past the end of dynamic shared memory (%lld bytes)",
-               (ptrdiff_t)(a - (char*)g_dyn_smem - smem), smem);
+      snprintf(res->msg + n, sizeof res->msg - n, ": out-of-bounds access %lld bytes past the end of dynamic shared memory (%lld bytes)",
+               (long long)(a - (char*)g_dyn_smem - smem), smem);
     for (char* s : g_stacks)
       if (a >= s - page && a < s) snprintf(res->msg + n, sizeof res->msg - n, ": fiber stack overflow (stacks are %zu KiB)", kStack / 1024);
   }
@@ -371,5 +371,6 @@ template <class... A> int signature(void (*)(A...), int* out, int cap) {
 #define EMU_API extern "C" __attribute__((visibility("default")))
 #define EMU_KERNEL(idx, fn, bound)                                                                          \
   EMU_API int emu_launch_##idx(const long long* c, void** a, ::emu::Result* r) { return ::emu::launch(fn, bound, c, a, r); } \
-  EMU_API int emu_signature_##idx(int* out, int cap) { return ::emu::signature(fn, out, cap); }
+  EMU_API int emu_signature_##idx(int* out, int cap) { return ::emu::signature(fn, out, cap); } \
+  EMU_API long long emu_bound_##idx() { return bound; }
 EMU_API int emu_result_size() { return (int)sizeof(::emu::Result); }
