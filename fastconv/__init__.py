@@ -12,8 +12,10 @@ like torch's own.
 from . import config  # noqa: F401  (first: chooses Numba's threading layer)
 from . import ops  # noqa: F401  (registers torch.ops.fastconv.*)
 from .cpu import register as _cpu_register  # noqa: F401  (registers the Numba algorithms)
+from .cpu import register_pool as _cpu_register_pool  # noqa: F401  (the Numba pooling kernels)
 from . import functional, nn
 from .registry import algorithms
+from .autotune import autotune_cache, clear_autotune_cache  # also binds fastconv.autotune
 from .backends import backend
 from .nn import convert
 

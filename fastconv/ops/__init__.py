@@ -1,2 +1,5 @@
 """The registered ``torch.ops.fastconv.*`` custom ops; importing this package registers them."""
 from . import conv  # noqa: F401
+from . import pool  # noqa: F401
+from . import transposed  # noqa: F401
+from . import separable  # noqa: F401

@@ -1,0 +1,55 @@
+"""Installs the Numba pooling kernels (``fastconv.cpu.pool``) as the ``"numba"`` pooling target.
+
+The kernels take and return numpy arrays; ``Tensor.numpy()`` and ``torch.from_numpy`` share memory,
+so this seam copies nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import pool as pool_ops
+from . import pool as kernels
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+class NumbaPoolKernels:
+    """:class:`fastconv.ops.pool.PoolKernels` on the CPU through Numba."""
+
+    def max_pool(self, x, kernel, stride, padding, dilation, out_spatial, minimum):
+        run = kernels.min_pool_forward if minimum else kernels.max_pool_forward
+        y, idx = run(_np(x), kernel, stride, padding, dilation, out_spatial, True)
+        return torch.from_numpy(y), torch.from_numpy(idx)
+
+    def max_pool_backward(self, grad_out, indices, in_spatial):
+        return torch.from_numpy(kernels.max_pool_backward(_np(grad_out), _np(indices), in_spatial))
+
+    def adaptive_max_pool(self, x, out_spatial):
+        y, idx = kernels.adaptive_max_pool_forward(_np(x), out_spatial)
+        return torch.from_numpy(y), torch.from_numpy(idx)
+
+    def max_unpool(self, x, indices, out_spatial):
+        return torch.from_numpy(kernels.max_unpool_forward(_np(x), _np(indices), out_spatial))
+
+    def max_unpool_backward(self, grad_out, indices):
+        return torch.from_numpy(kernels.max_unpool_backward(_np(grad_out), _np(indices)))
+
+    def avg_pool(self, x, kernel, stride, padding, out_spatial, ceil_mode, count_include_pad, divisor_override):
+        return torch.from_numpy(kernels.avg_pool_forward(_np(x), kernel, stride, padding, out_spatial, ceil_mode,
+                                                         count_include_pad, divisor_override))
+
+    def avg_pool_backward(self, grad_out, kernel, stride, padding, in_spatial, ceil_mode, count_include_pad,
+                          divisor_override):
+        return torch.from_numpy(kernels.avg_pool_backward(_np(grad_out), kernel, stride, padding, in_spatial,
+                                                          ceil_mode, count_include_pad, divisor_override))
+
+    def adaptive_avg_pool(self, x, out_spatial):
+        return torch.from_numpy(kernels.adaptive_avg_pool_forward(_np(x), out_spatial))
+
+    def adaptive_avg_pool_backward(self, grad_out, in_spatial):
+        return torch.from_numpy(kernels.adaptive_avg_pool_backward(_np(grad_out), in_spatial))
+
+
+pool_ops.register_kernels("numba", NumbaPoolKernels())

@@ -1,0 +1,333 @@
+"""Registered pooling ops (``torch.ops.fastconv.*``), one op per family for 1-, 2- and 3-D.
+
+The spatial rank of a call is ``len(kernel_size)`` (or of ``output_size``); inputs are batched
+``(N, C, *S)`` (the functional layer adds and removes the batch dim). Ops and their derivatives:
+
+=========================  ===================================  ====================================
+op                         computes                             derivative
+=========================  ===================================  ====================================
+``max_pool``               max (or min) + argmax indices        ``max_pool_backward`` (scatter-add)
+``adaptive_max_pool``      adaptive max + indices               ``max_pool_backward``
+``max_pool_backward``      scatter-add grad at indices          ``max_unpool_backward`` (gather)
+``max_unpool``             scatter (assign) at indices          ``max_unpool_backward``
+``max_unpool_backward``    gather at indices                    ``max_pool_backward``
+``avg_pool``               windowed mean                        ``avg_pool_backward``
+``avg_pool_backward``      its adjoint                          ``avg_pool``
+``adaptive_avg_pool``      adaptive mean                        ``adaptive_avg_pool_backward``
+``adaptive_avg_pool_backward``  its adjoint                     ``adaptive_avg_pool``
+=========================  ===================================  ====================================
+
+Every linear op's derivative is its adjoint, which is another op here, so double backward works.
+Kernels come from a per-target table (:data:`KERNELS`): ``"numba"`` is registered by
+:mod:`fastconv.cpu.register_pool`; the CUDA backends register theirs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .. import backends
+
+Triple = tuple[int, int, int]
+
+
+class PoolKernels(Protocol):
+    """What a target provides. Tensors are contiguous 5-D (N, C, D, H, W); geometry args 3-tuples."""
+
+    def max_pool(self, x: Tensor, kernel: Triple, stride: Triple, padding: Triple, dilation: Triple,
+                 out_spatial: Triple, minimum: bool) -> tuple[Tensor, Tensor]: ...
+    def max_pool_backward(self, grad_out: Tensor, indices: Tensor, in_spatial: Triple) -> Tensor: ...
+    def adaptive_max_pool(self, x: Tensor, out_spatial: Triple) -> tuple[Tensor, Tensor]: ...
+    def max_unpool(self, x: Tensor, indices: Tensor, out_spatial: Triple) -> Tensor: ...
+    def max_unpool_backward(self, grad_out: Tensor, indices: Tensor) -> Tensor: ...
+    def avg_pool(self, x: Tensor, kernel: Triple, stride: Triple, padding: Triple, out_spatial: Triple,
+                 ceil_mode: bool, count_include_pad: bool, divisor_override: int) -> Tensor: ...
+    def avg_pool_backward(self, grad_out: Tensor, kernel: Triple, stride: Triple, padding: Triple,
+                          in_spatial: Triple, ceil_mode: bool, count_include_pad: bool,
+                          divisor_override: int) -> Tensor: ...
+    def adaptive_avg_pool(self, x: Tensor, out_spatial: Triple) -> Tensor: ...
+    def adaptive_avg_pool_backward(self, grad_out: Tensor, in_spatial: Triple) -> Tensor: ...
+
+
+#: target name -> kernels. Filled by the backends on import.
+KERNELS: dict[str, PoolKernels] = {}
+
+
+def register_kernels(target: str, kernels: PoolKernels) -> None:
+    """Install the pooling kernels of ``target`` ("numba", "cuda", "cuda-emu")."""
+    KERNELS[target] = kernels
+
+
+def _kernels(t: Tensor, op: str) -> PoolKernels:
+    target = backends.target_for(t)
+    try:
+        return KERNELS[target]
+    except KeyError:
+        raise RuntimeError(f"{op}: no pooling kernels are registered for target {target!r} "
+                           f"(registered: {', '.join(sorted(KERNELS)) or 'none'})") from None
+
+
+def _t3(values, fill: int) -> Triple:
+    values = tuple(int(v) for v in values)
+    return (fill,) * (3 - len(values)) + values
+
+
+def _as_5d(t: Tensor) -> Tensor:
+    t = t.contiguous()
+    return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
+
+
+def pool_output_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int,
+                     ceil_mode: bool) -> int:
+    """torch's pooling output length; with ceil_mode a window starting in the right padding is dropped."""
+    numerator = in_size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
+    out = numerator // stride + 1
+    if ceil_mode and (out - 1) * stride >= in_size + padding:
+        out -= 1
+    return out
+
+
+def _pool_out(shape, kernel_size, stride, padding, dilation, ceil_mode) -> list[int]:
+    return [pool_output_size(i, k, s, p, d, ceil_mode)
+            for i, k, s, p, d in zip(shape, kernel_size, stride, padding, dilation)]
+
+
+def _spatial(t: Tensor) -> list[int]:
+    return list(t.shape[2:])
+
+
+def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
+    return t5.reshape(tuple(lead) + tuple(spatial))
+
+
+# ------------------------------------------------------------------------------------------------
+# max / min pooling with indices, and the scatter/gather ops around them
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastconv::max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
+             ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
+    """Max (``minimum=False``) or min pooling; returns (values, int64 flat indices into each plane)."""
+    out = _pool_out(_spatial(input), kernel_size, stride, padding, dilation, ceil_mode)
+    y, idx = _kernels(input, "max_pool").max_pool(
+        _as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1), minimum)
+    return _unflatten(y, input.shape[:2], out), _unflatten(idx, input.shape[:2], out)
+
+
+@max_pool.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
+    out = _pool_out(_spatial(input), kernel_size, stride, padding, dilation, ceil_mode)
+    shape = (*input.shape[:2], *out)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("fastconv::max_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
+    """Scatter-add ``grad_output`` (N, C, *O) into zeros (N, C, *input_size) at ``indices``."""
+    g = _kernels(grad_output, "max_pool_backward").max_pool_backward(
+        _as_5d(grad_output), _as_5d(indices), _t3(input_size, 1))
+    return _unflatten(g, grad_output.shape[:2], input_size)
+
+
+@max_pool_backward.register_fake
+def _(grad_output, indices, input_size):
+    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+
+
+@torch.library.custom_op("fastconv::max_unpool", mutates_args=(), device_types=("cpu", "cuda"))
+def max_unpool(input: Tensor, indices: Tensor, output_size: list[int]) -> Tensor:
+    """Scatter ``input`` (N, C, *S) into zeros (N, C, *output_size) at ``indices`` (later ones win)."""
+    y = _kernels(input, "max_unpool").max_unpool(_as_5d(input), _as_5d(indices), _t3(output_size, 1))
+    return _unflatten(y, input.shape[:2], output_size)
+
+
+@max_unpool.register_fake
+def _(input, indices, output_size):
+    return input.new_empty((*input.shape[:2], *output_size))
+
+
+@torch.library.custom_op("fastconv::max_unpool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def max_unpool_backward(grad_output: Tensor, indices: Tensor) -> Tensor:
+    """Gather ``grad_output`` (N, C, *O) at ``indices`` (N, C, *S) -> (N, C, *S)."""
+    g = _kernels(grad_output, "max_unpool_backward").max_unpool_backward(_as_5d(grad_output), _as_5d(indices))
+    return _unflatten(g, indices.shape[:2], indices.shape[2:])
+
+
+@max_unpool_backward.register_fake
+def _(grad_output, indices):
+    return grad_output.new_empty(indices.shape)
+
+
+@torch.library.custom_op("fastconv::adaptive_max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+def adaptive_max_pool(input: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
+    """Adaptive max pooling to ``output_size``; returns (values, indices) like ``max_pool``."""
+    y, idx = _kernels(input, "adaptive_max_pool").adaptive_max_pool(_as_5d(input), _t3(output_size, 1))
+    return _unflatten(y, input.shape[:2], output_size), _unflatten(idx, input.shape[:2], output_size)
+
+
+@adaptive_max_pool.register_fake
+def _(input, output_size):
+    shape = (*input.shape[:2], *output_size)
+    return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
+
+
+def _indices_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.input_size = _spatial(inputs[0])
+
+
+def _indices_backward(ctx, grad, _grad_indices):
+    (indices,) = ctx.saved_tensors
+    g = max_pool_backward(grad, indices, ctx.input_size) if ctx.needs_input_grad[0] else None
+    return (g,) + (None,) * 6
+
+
+def _adaptive_max_backward(ctx, grad, _grad_indices):
+    (indices,) = ctx.saved_tensors
+    return max_pool_backward(grad, indices, ctx.input_size) if ctx.needs_input_grad[0] else None, None
+
+
+def _save_indices(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.output_size = list(inputs[2]) if len(inputs) > 2 else None
+
+
+def _scatter_backward(ctx, gg):  # d/d grad_output of a scatter-add is a gather
+    (indices,) = ctx.saved_tensors
+    return max_unpool_backward(gg, indices), None, None
+
+
+def _unpool_backward(ctx, gg):
+    (indices,) = ctx.saved_tensors
+    return max_unpool_backward(gg, indices), None, None
+
+
+def _gather_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+    ctx.source_size = _spatial(inputs[0])
+
+
+def _gather_backward(ctx, gg):  # d/d source of a gather is a scatter-add
+    (indices,) = ctx.saved_tensors
+    return max_pool_backward(gg, indices, ctx.source_size), None
+
+
+max_pool.register_autograd(_indices_backward, setup_context=_indices_setup)
+adaptive_max_pool.register_autograd(_adaptive_max_backward, setup_context=_indices_setup)
+max_pool_backward.register_autograd(_scatter_backward, setup_context=_save_indices)
+max_unpool.register_autograd(_unpool_backward, setup_context=_save_indices)
+max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# average pooling
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastconv::avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
+             count_include_pad: bool, divisor_override: int) -> Tensor:
+    """Average pooling, torch's divisor rule; ``divisor_override == 0`` means none."""
+    ones = [1] * len(kernel_size)
+    out = _pool_out(_spatial(input), kernel_size, stride, padding, ones, ceil_mode)
+    y = _kernels(input, "avg_pool").avg_pool(_as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0),
+                                             _t3(out, 1), ceil_mode, count_include_pad, divisor_override)
+    return _unflatten(y, input.shape[:2], out)
+
+
+@avg_pool.register_fake
+def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    out = _pool_out(_spatial(input), kernel_size, stride, padding, [1] * len(kernel_size), ceil_mode)
+    return input.new_empty((*input.shape[:2], *out))
+
+
+@torch.library.custom_op("fastconv::avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
+                      padding: list[int], ceil_mode: bool, count_include_pad: bool,
+                      divisor_override: int) -> Tensor:
+    """The adjoint of ``avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
+    g = _kernels(grad_output, "avg_pool_backward").avg_pool_backward(
+        _as_5d(grad_output), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
+        ceil_mode, count_include_pad, divisor_override)
+    return _unflatten(g, grad_output.shape[:2], input_size)
+
+
+@avg_pool_backward.register_fake
+def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+
+
+def _avg_setup(ctx, inputs, output):
+    ctx.input_size = _spatial(inputs[0])
+    ctx.args = tuple(inputs[1:])
+
+
+def _avg_backward(ctx, grad):
+    g = avg_pool_backward(grad, ctx.input_size, *ctx.args) if ctx.needs_input_grad[0] else None
+    return (g,) + (None,) * 6
+
+
+def _avg_bw_setup(ctx, inputs, output):
+    ctx.args = tuple(inputs[2:])
+
+
+def _avg_bw_backward(ctx, gg):
+    return avg_pool(gg, *ctx.args), None, None, None, None, None, None, None
+
+
+avg_pool.register_autograd(_avg_backward, setup_context=_avg_setup)
+avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setup)
+
+
+@torch.library.custom_op("fastconv::adaptive_avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
+    """Adaptive average pooling (N, C, *S) -> (N, C, *output_size)."""
+    y = _kernels(input, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), _t3(output_size, 1))
+    return _unflatten(y, input.shape[:2], output_size)
+
+
+@adaptive_avg_pool.register_fake
+def _(input, output_size):
+    return input.new_empty((*input.shape[:2], *output_size))
+
+
+@torch.library.custom_op("fastconv::adaptive_avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Tensor:
+    """The adjoint of ``adaptive_avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
+    g = _kernels(grad_output, "adaptive_avg_pool_backward").adaptive_avg_pool_backward(
+        _as_5d(grad_output), _t3(input_size, 1))
+    return _unflatten(g, grad_output.shape[:2], input_size)
+
+
+@adaptive_avg_pool_backward.register_fake
+def _(grad_output, input_size):
+    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+
+
+def _adaptive_avg_setup(ctx, inputs, output):
+    ctx.input_size = _spatial(inputs[0])
+
+
+def _adaptive_avg_backward(ctx, grad):
+    return adaptive_avg_pool_backward(grad, ctx.input_size) if ctx.needs_input_grad[0] else None, None
+
+
+def _adaptive_avg_bw_setup(ctx, inputs, output):
+    ctx.output_size = _spatial(inputs[0])
+
+
+def _adaptive_avg_bw_backward(ctx, gg):
+    return adaptive_avg_pool(gg, ctx.output_size), None
+
+
+adaptive_avg_pool.register_autograd(_adaptive_avg_backward, setup_context=_adaptive_avg_setup)
+adaptive_avg_pool_backward.register_autograd(_adaptive_avg_bw_backward, setup_context=_adaptive_avg_bw_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# No FLOP formulas: pooling does no multiplications, and FlopCounterMode counts torch's pooling as 0
+# too. fastconv.flops counts pooling comparisons/adds separately (one per window element).
+# ------------------------------------------------------------------------------------------------
+def window_ops(output_numel: int, kernel_size) -> int:
+    """Comparisons (max/min) or additions (avg) a pooling layer performs: one per window element."""
+    return output_numel * math.prod(kernel_size)
