@@ -37,6 +37,7 @@ import mmap
 import os
 import re
 import shlex
+import signal
 import subprocess
 import tempfile
 import threading
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 HERE = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "emu_runtime.h", "emu.ld")
+HEADERS = ("cuda_emu.h", "emu_runtime.h", "emu.ld")   # their text is part of every cache key
 PAGE = mmap.PAGESIZE
 MAX_THREADS = 1024
 MAX_SHARED_DEFAULT = 48 * 1024      # dynamic shared memory without opting in
@@ -161,6 +162,7 @@ def _blank(src: str) -> str:
 
 
 _ATTR = re.compile(r"__align__\s*\([^()]*\)|alignas\s*\([^()]*\)|__attribute__\s*\(\([^()]*(\([^()]*\))?[^()]*\)\)")
+_STATIC_SHARED = re.compile(r"\bstatic\s+(?=__shared__\b)")
 _EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\s+([^;{}\[\]]*?)\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 _LB = r"__launch_bounds__\s*\(((?:[^()]|\((?:[^()]|\([^()]*\))*\))*)\)\s*"
 _KERNEL = re.compile(r"\b__global__\s+(?:" + _LB + r")?void\s+(?:" + _LB + r")?([A-Za-z_]\w*)\s*\(")
@@ -168,7 +170,13 @@ _KERNEL = re.compile(r"\b__global__\s+(?:" + _LB + r")?void\s+(?:" + _LB + r")?(
 
 def preprocess(src: str) -> str:
     """Rewrite ``extern __shared__ T name[];`` so ``name`` denotes this launch's dynamic shared
-    buffer (C++ cannot size a declaration at launch time). Line numbers are preserved."""
+    buffer (C++ cannot size a declaration at launch time). Line numbers are preserved.
+
+    In a function it becomes a reference to the buffer. At file or namespace scope it becomes an
+    ``emu::DynShared<T>`` object (the buffer moves between launches): indexing, ``+`` and casts
+    work, ``reinterpret_cast<U*>(name)`` does not compile (write ``(U*)name`` or declare it in
+    the kernel)."""
+    src = _STATIC_SHARED.sub("", src)   # `static __shared__`: __shared__ already says static
     blank = _blank(src)
     out, last = [], 0
     for m in _EXTERN_SHARED.finditer(blank):
@@ -178,17 +186,29 @@ def preprocess(src: str) -> str:
             raise CompileError(f"cannot parse the type of `extern __shared__ ... {name}[]`")
         view = f"(*reinterpret_cast<{ctype} (*)[]>(::emu::g_dyn_smem))"
         nl = src.count("\n", m.start(), m.end())
-        depth = blank.count("{", 0, m.start()) - blank.count("}", 0, m.start())
-        if depth > 0:   # inside a function: a reference, scoped like the declaration
+        if _in_function(blank, m.start()):   # a reference, scoped like the declaration
             rep = f"{ctype} (&{name})[] = {view};" + "\n" * nl
-        else:           # file scope: the name is global for the rest of the file, so is a macro
-            line = src.count("\n", 0, m.end()) + 1
-            rep = f"\n#define {name} {view}\n#line {line}\n"
+        else:   # file or namespace scope: an object that finds the buffer at each use
+            rep = f"constexpr ::emu::DynShared<{ctype}> {name}{{}};" + "\n" * nl
         out.append(src[last:m.start()])
         out.append(rep)
         last = m.end()
     out.append(src[last:])
     return "".join(out)
+
+
+def _in_function(blank: str, pos: int) -> bool:
+    """Whether pos lies inside a brace block other than a namespace or `extern "C"` block."""
+    depth = 0
+    for i in range(pos - 1, -1, -1):
+        c = blank[i]
+        if c == "}":
+            depth += 1
+        elif c == "{":
+            if depth == 0:
+                return not re.search(r'(\bnamespace\b[\w\s:]*|\bextern\s+"\s*")\s*$', blank[max(0, i - 200):i])
+            depth -= 1
+    return False
 
 
 def _balanced(text: str, open_pos: int) -> int:
@@ -313,7 +333,8 @@ def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
     unit = _generated_unit(src, entries, name)
     gxx = os.environ.get("FASTCONV_EMU_CXX", "g++")
     base = ["-std=c++17", _opt_level(), "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off",
-            "-fno-strict-aliasing", "-I" + str(HERE), "-Wl,-T," + str(HERE / "emu.ld")]
+            "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
+            "-fstack-clash-protection", "-I" + str(HERE), "-I" + str(HERE / "include"), "-Wl,-T," + str(HERE / "emu.ld")]
     h = hashlib.sha256()
     for part in [unit, gxx, *base, *flags] + [(HERE / f).read_text() for f in HEADERS]:
         h.update(part.encode())
@@ -323,11 +344,11 @@ def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
         return _loaded[key]
     cdir = cache_dir()
     cdir.mkdir(parents=True, exist_ok=True)
-    so = cdir / f"{key}.so"
-    deps = cdir / f"{key}.deps.json"
-    if so.exists() and deps.exists() and _deps_fresh(deps):
-        lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
-    else:
+    # <key>.json names the library and the included files it was built from (with their hashes).
+    # A rebuild gets a new file name: dlopen would hand back an already-loaded library of the same name.
+    meta = cdir / f"{key}.json"
+    so = _fresh_build(meta)
+    if so is None:
         with tempfile.TemporaryDirectory(dir=cdir, prefix="build-") as tmp:
             cpp = Path(tmp) / "unit.cpp"
             cpp.write_text(unit)
@@ -337,13 +358,35 @@ def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
             if p.returncode != 0:
                 raise CompileError(f"g++ failed to compile {name} for fastconv.emu:\n{p.stderr.strip()}\n"
                                    f"command: {shlex.join(cmd)}")
-            dep_files = [f for f in _parse_depfile(Path(tmp) / "unit.d")
-                         if Path(f).resolve().parent not in (HERE, Path(tmp).resolve())]
-            os.replace(out, so)     # atomic: a concurrent process sees the old or the new file
-            deps.write_text(json.dumps({f: _file_hash(f) for f in dep_files}))
-        lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
+            deps = {f: _file_hash(f) for f in _parse_depfile(Path(tmp) / "unit.d")
+                    if not Path(f).resolve().is_relative_to(HERE) and Path(f).resolve().parent != Path(tmp).resolve()}
+            so = cdir / f"{key}-{os.urandom(4).hex()}.so"
+            os.replace(out, so)
+            old = _read_json(meta).get("so")
+            tmp_meta = Path(tmp) / "meta.json"
+            tmp_meta.write_text(json.dumps({"so": so.name, "deps": deps}))
+            os.replace(tmp_meta, meta)      # atomic: a concurrent process sees the old or the new build
+            if old and old != so.name:
+                (cdir / old).unlink(missing_ok=True)    # safe even if some process has it loaded
+    lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
     _loaded[key] = lib
     return lib
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fresh_build(meta: Path):
+    """The cached library for this key if it exists and its included files are unchanged."""
+    m = _read_json(meta)
+    so = meta.parent / m.get("so", "-")
+    if so.is_file() and all(_file_hash(f) == h for f, h in m.get("deps", {}).items()):
+        return so
+    return None
 
 
 def _parse_depfile(path: Path) -> list[str]:
@@ -357,13 +400,6 @@ def _file_hash(f: str) -> str:
         return hashlib.sha256(Path(f).read_bytes()).hexdigest()
     except OSError:
         return ""
-
-
-def _deps_fresh(deps: Path) -> bool:
-    try:
-        return all(_file_hash(f) == h for f, h in json.loads(deps.read_text()).items())
-    except (OSError, ValueError):
-        return False
 
 
 # ------------------------------------------------------------------------------ guarded memory ---
@@ -565,7 +601,7 @@ class Function:
                             f"has dtype {arr.dtype}")
 
     def _scalar(self, i, a, code):
-        if isinstance(a, (bool, int, float, complex)) or not isinstance(a, np.generic):
+        if not isinstance(a, np.generic):   # (numpy.float64 subclasses float: test this first)
             hint = ("; CuPy would pass a Python float as a double and an int as int64"
                     if isinstance(a, (int, float)) else "")
             raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)}: pass "
@@ -582,6 +618,8 @@ class Function:
             return LaunchError(where + msg)
         if res.code == 3:
             return BarrierError(where + msg)
+        if res.code == 2 and (res.signo not in (signal.SIGSEGV, signal.SIGBUS) or "stack overflow" in msg):
+            return KernelTrap(where + msg)
         if res.code == 2:
             addr, what = res.addr, {1: "write", 0: "read"}.get(res.is_write, "access")
             for g in groups:
@@ -589,13 +627,13 @@ class Function:
                 for i, arr, _ in g.members:
                     start = b.ptr + arr.__array_interface__["data"][0] - g.lo
                     end = start + arr.nbytes
-                    desc = f"argument {self._argname(i)} ({arr.dtype}, {arr.nbytes} bytes)"
-                    if b.hi <= addr < b.hi + PAGE:
-                        return OutOfBoundsError(f"{where}out-of-bounds {what} {addr - end} bytes past the end of {desc}; {msg}")
-                    if b.base <= addr < b.lo:
-                        return OutOfBoundsError(f"{where}out-of-bounds {what} {start - addr} bytes before the start of {desc}; {msg}")
+                    desc = f"argument {self._argname(i)} ({arr.dtype}{list(arr.shape)}, {arr.nbytes} bytes)"
+                    off = addr - start
+                    at = f"at byte offset {off} (element {off // max(arr.itemsize, 1)})"
+                    if b.hi <= addr < b.hi + PAGE or b.base <= addr < b.lo:
+                        return OutOfBoundsError(f"{where}out-of-bounds {what} of {desc} {at}; {msg}")
                     if start <= addr < end and b.readonly:
-                        return OutOfBoundsError(f"{where}{what} to {desc}, a const parameter; {msg}")
+                        return OutOfBoundsError(f"{where}{what} to {desc} {at}, a const parameter; {msg}")
             if "shared memory" in msg:
                 return OutOfBoundsError(f"{where}{msg}")
             return OutOfBoundsError(f"{where}invalid memory {what} (not next to any argument); {msg}")

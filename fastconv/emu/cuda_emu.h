@@ -81,6 +81,18 @@ inline uint3 g_threadIdx, g_blockIdx;
 inline dim3 g_blockDim, g_gridDim;
 inline unsigned char* g_dyn_smem;  // this launch's `extern __shared__` buffer (ends at a guard page)
 
+// `extern __shared__ T name[];` at file or namespace scope becomes a DynShared<T> (see
+// fastconv.emu.preprocess): it finds this launch's buffer at every use.
+template <class T> struct DynShared {
+  T* get() const { return reinterpret_cast<T*>(g_dyn_smem); }
+  T& operator[](long long i) const { return get()[i]; }
+  operator T*() const { return get(); }
+  template <class U, class = std::enable_if_t<!std::is_same_v<U, T>>> explicit operator U*() const {
+    return reinterpret_cast<U*>(g_dyn_smem);
+  }
+  T* operator+(long long i) const { return get() + i; }
+};
+
 // Implemented in emu_runtime.h.
 enum WarpOp : int { W_SYNC, W_IDX, W_DOWN, W_UP, W_XOR, W_BALLOT, W_ANY, W_ALL };
 int block_barrier(int pred, const char* file, int line);  // returns the count of nonzero preds
