@@ -119,8 +119,10 @@ def _matrix():
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("ksz,s,pname,d,gname", list(_matrix()))
-def test_conv2d_matrix_float64(algo, ksz, s, pname, d, gname):
+def test_conv2d_matrix_float64(algo, ksz, s, pname, d, gname, monkeypatch):
     C, K, groups = _GROUPS[gname]
+    if algo == "im2col" and s == 2:  # also cover the untransposed GEMM orientation
+        monkeypatch.setattr(cc, "GEMM_TRANSPOSED_MAX_K", 0)
     pb, pa = _PADS[pname]
     _check(algo, 2, C, K, _SP, ksz, (s, s), pb, pa, (d, d), groups)
 
@@ -177,10 +179,13 @@ def test_conv3d_float32(algo):
 
 # ---- im2col chunking (column buffer cap) ----------------------------------------------------
 
-@pytest.mark.parametrize("cap", [1, 4096, 20000])
-def test_im2col_chunking(monkeypatch, cap):
-    """A tiny cap forces row chunks of one image; a medium cap groups several images per GEMM."""
+@pytest.mark.parametrize("transposed_max_k", [0, 1 << 30])
+@pytest.mark.parametrize("cap", [1, 4096, 20000, 1 << 30])
+def test_im2col_chunking(monkeypatch, cap, transposed_max_k):
+    """A tiny cap forces row chunks of one image; a medium cap groups several images per GEMM;
+    both GEMM orientations of the forward are exercised."""
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    monkeypatch.setattr(cc, "GEMM_TRANSPOSED_MAX_K", transposed_max_k)
     _check("im2col", 5, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 5, 4, 6, (5, 6, 7), (3, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
 

@@ -32,7 +32,12 @@ __all__ = [
 ]
 
 #: Upper bound, in bytes, on the im2col column buffer of one chunk (batch x output rows).
-COL_BUFFER_BYTES = 8 << 20
+COL_BUFFER_BYTES = 32 << 20
+
+#: im2col forward: with at most this many output channels per group the GEMM is computed as
+#: ``col.T @ w.T`` (tall-skinny result, transposed on store); OpenBLAS is several times slower
+#: on the short-and-wide ``w @ col`` orientation when M is this small (measured: Inception 5x5).
+GEMM_TRANSPOSED_MAX_K = 32
 
 #: Output (or input) channels accumulated per pass by the direct kernels (register blocking).
 _BLOCK = 4
@@ -688,7 +693,12 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
                 col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
                 _im2col(xq, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
                         offs, col)
-                if nb == 1 and r0 == 0 and r1 == R:
+                if Kg <= GEMM_TRANSPOSED_MAX_K:
+                    tmp = tmpbuf[:Kg * nb * Q].reshape(nb * Q, Kg)
+                    np.matmul(col.T, wg.T, out=tmp)
+                    y3[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0 * OW:r1 * OW] = \
+                        tmp.reshape(nb, Q, Kg).transpose(0, 2, 1)
+                elif nb == 1 and r0 == 0 and r1 == R:
                     np.matmul(wg, col, out=y3[n0, g * Kg:(g + 1) * Kg])
                 else:
                     tmp = tmpbuf[:Kg * nb * Q].reshape(Kg, nb * Q)
@@ -789,7 +799,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     chunks = list(_chunks(N, R, OW, ck, x.itemsize))
     qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
     colbuf = np.empty(ck * qmax, x.dtype)
-    tmp = np.empty((Kg, ck), x.dtype)
+    tmp = np.empty((ck, Kg), x.dtype)  # gw^T chunk: col @ go^T is the faster GEMM orientation
     ksz = (KD, KH, KW)
     for g in range(G):
         acc = gw2[g * Kg:(g + 1) * Kg]
@@ -798,6 +808,6 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
             _im2col(xq, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
                     offs, col)
-            np.matmul(_go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW), col.T, out=tmp)
-            acc += tmp
+            np.matmul(col, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW).T, out=tmp)
+            acc += tmp.T
     return gw
