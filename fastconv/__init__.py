@@ -13,6 +13,7 @@ from . import config  # noqa: F401  (first: chooses Numba's threading layer)
 from . import ops  # noqa: F401  (registers torch.ops.fastconv.*)
 from .cpu import register as _cpu_register  # noqa: F401  (registers the Numba algorithms)
 from .cpu import register_pool as _cpu_register_pool  # noqa: F401  (the Numba pooling kernels)
+from .cuda import register as _cuda_register  # noqa: F401  (CUDA kernels; CuPy imported lazily)
 from . import functional, nn
 from .registry import algorithms
 from .autotune import autotune_cache, clear_autotune_cache  # also binds fastconv.autotune

@@ -159,6 +159,11 @@ def choose(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> ConvA
     Raises ValueError naming the algorithms that would work and why the others do not.
     """
     if algo == "auto":
+        from . import autotune  # late: autotune imports this module
+
+        tuned = autotune.lookup(geom, pass_)  # None when tuning is off, too small, or nested
+        if tuned is not None:
+            return tuned
         chooser = _HEURISTICS.get(geom.target)
         if chooser is None:
             raise RuntimeError(f"{op}: no algorithm is registered for target {geom.target!r}")

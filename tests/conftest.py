@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
-import torch
+# Tests must not read or write the user's autotune cache (~/.cache/fastconv): a per-run folder.
+os.environ.setdefault("FASTCONV_CACHE_DIR", tempfile.mkdtemp(prefix="fastconv-test-cache-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tolerances per dtype (and algorithm where one needs its own). float64 is the reference dtype: every
 # op is checked against torch's CPU op in float64.

@@ -1,0 +1,86 @@
+"""``fastconv bench``: the layer suite (:mod:`fastconv.benchmark`), fastconv's algorithms vs torch, per pass.
+
+Prints one table per layer and pass as it finishes (a tqdm bar on stderr shows progress), then a
+summary; writes ``fastconv-bench.json`` and ``fastconv-bench.png`` into ``--out``. Exit status 0,
+1 when a result failed its check against torch, 2 for a bad argument (unknown layer, algorithm, pass,
+dtype).
+
+    fastconv bench --quick                       # about a minute: small layers, 3 rounds
+    fastconv bench --layers resnet,inception --pass forward --algo auto,im2col
+    fastconv bench --list
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+QUICK_REPS = 3
+DEFAULT_REPS = 5
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the quick subset of layers (unless --layers), {QUICK_REPS} rounds (unless --reps)")
+    parser.add_argument("--layers", help="comma-separated layer names or substrings of name/architecture "
+                                         "(see --list); slow layers run only when named")
+    parser.add_argument("--algo", help="comma-separated algorithms besides torch (default: every one that "
+                                       "accepts the layer, plus auto)")
+    parser.add_argument("--pass", dest="passes", help="comma-separated: forward, grad_input, grad_weight "
+                                                      "(or all, fwd, bwd); default all")
+    parser.add_argument("--reps", type=int, help=f"timed rounds per case (default {DEFAULT_REPS}; "
+                                                 "fewer for very slow layers, never below 3)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default) or float64")
+    parser.add_argument("--threads", type=int, help="torch (and so Numba) threads; default: torch's")
+    parser.add_argument("--out", type=Path, help="results folder (default bench/results in the source "
+                                                 "checkout, else ./fastconv-bench-results)")
+    parser.add_argument("--no-first-call", action="store_true",
+                        help="skip timing import + first call in a fresh process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--list", action="store_true", help="list the suite's layers and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastconv import benchmark
+
+    def fail(message: str) -> int:
+        print(f"fastconv bench: error: {message}", file=sys.stderr)
+        return 2
+
+    if args.list:
+        for layer in benchmark.SUITE:
+            tags = ", ".join(t for t, on in (("quick", layer.quick), ("slow", layer.slow)) if on)
+            print(f"{layer.name:<18}{layer.arch:<17}{layer.macs / 1e6:>9.1f} M MACs  {layer.describe()}"
+                  + (f"  [{tags}]" if tags else ""))
+        return 0
+    try:
+        dtype = benchmark.parse_dtype(args.dtype)
+        layers = benchmark.select_layers(args.layers, quick=args.quick)
+        passes = benchmark.parse_passes(args.passes)
+        algos = benchmark.parse_algos(args.algo)
+    except ValueError as e:
+        return fail(str(e))
+    if args.reps is not None and args.reps < 1:
+        return fail(f"--reps must be at least 1, got {args.reps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            return fail(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)  # fastconv.config.sync_threads keeps Numba in step
+    reps = args.reps or (QUICK_REPS if args.quick else DEFAULT_REPS)
+    gemm_label = "%SGEMM" if dtype == torch.float32 else "%DGEMM"
+
+    from tqdm import tqdm
+
+    def show(layer, pass_, rows):
+        tqdm.write(benchmark.format_case(layer, pass_, rows, gemm_label) + "\n", file=sys.stdout)
+
+    result = benchmark.run_suite(layers, passes, algos, dtype=dtype, reps=reps, progress=not args.no_progress,
+                                 on_case=show, with_first_call=not args.no_first_call)
+    result["arguments"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out = args.out if args.out is not None else benchmark.default_out_dir()
+    json_path, png_path = benchmark.write_results(result, out)
+    print(benchmark.format_summary(result))
+    print(f"wrote {json_path} and {png_path}")
+    return 1 if result["summary"]["failures"] else 0

@@ -1,0 +1,98 @@
+"""``fastconv bench``: runs a tiny layer end to end, writes its JSON and PNG, rejects unknown names.
+
+No timing is asserted (timings belong to the benchmark itself); the tests check structure, the
+correctness check against torch, and the error paths.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastconv import benchmark, cli
+
+ROW_FIELDS = {"layer", "arch", "op", "pass", "algo", "dtype", "macs", "ms", "times_ms", "reps", "gflops",
+              "pct_gemm", "ratio", "error", "tolerance", "ok", "first_call_ms"}
+
+
+def test_quick_run_writes_json_and_png(tmp_path, capsys):
+    code = cli.main(["bench", "--quick", "--layers", "lenet5_conv1", "--algo", "direct,im2col,auto",
+                     "--reps", "1", "--out", str(tmp_path), "--no-progress", "--no-first-call"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lenet5_conv1 [LeNet-5] forward" in out and "grad_weight" in out and "geomean" in out
+    data = json.loads((tmp_path / "fastconv-bench.json").read_text())
+    png = (tmp_path / "fastconv-bench.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+    assert {"environment", "layers", "rows", "summary", "first_call", "arguments"} <= set(data)
+    assert data["environment"]["gemm_gflops"] > 0
+    assert [l["name"] for l in data["layers"]] == ["lenet5_conv1"]
+    rows = data["rows"]
+    assert {(r["pass"], r["algo"]) for r in rows} == {(p, a) for p in ("forward", "grad_input", "grad_weight")
+                                                      for a in ("torch", "direct", "im2col", "auto")}
+    for r in rows:
+        assert ROW_FIELDS <= set(r), ROW_FIELDS - set(r)
+        assert r["ok"] is True and 0 <= r["error"] <= r["tolerance"]
+        assert r["ms"] > 0 and r["macs"] == 64 * 6 * 28 * 28 * 25
+        assert r["gflops"] == pytest.approx(2 * r["macs"] / (r["ms"] * 1e-3) / 1e9)
+    torch_rows = [r for r in rows if r["algo"] == "torch"]
+    assert all(r["ratio"] == 1.0 for r in torch_rows)
+    assert all(r["auto_choice"] in benchmark.select_layers("lenet5_conv1")[0].algorithms(benchmark.parse_dtype("float32"))
+               for r in rows if r["algo"] == "auto")
+    summary = data["summary"]
+    assert set(summary["auto_vs_torch_geomean"]) == {"forward", "grad_input", "grad_weight"}
+    assert summary["worst_layer"]["forward"]["layer"] == "lenet5_conv1"
+    assert summary["fwd_bwd_auto_vs_torch_geomean"] > 0 and summary["failures"] == []
+    assert data["first_call"] is None  # --no-first-call
+
+
+@pytest.mark.slow
+def test_first_call_is_timed_in_a_fresh_process():
+    fc = benchmark.first_call()
+    assert "failure" not in fc, fc
+    assert fc["import_fastconv_s"] > 0 and fc["first_conv2d_s"] > 0 and fc["second_conv2d_ms"] > 0
+
+
+def test_wrong_result_is_reported_not_timed(monkeypatch):
+    layer = benchmark.select_layers("lenet5_conv2")[0]
+    real = layer.passes["forward"]
+    broken = benchmark.PassImpl(real.inputs, lambda t, algo: real.fastconv(t, algo) * 1.01, real.torch)
+    monkeypatch.setitem(layer.passes, "forward", broken)
+    rows = benchmark.run_case(layer, "forward", ["torch", "direct"], benchmark.parse_dtype("float32"), 1, 100.0)
+    bad = rows[1]
+    assert bad["ok"] is False and "exceeds tolerance" in bad["failure"] and "ms" not in bad
+    assert rows[0]["ok"] is True and "ms" in rows[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "no_such_layer"], "unknown layer 'no_such_layer'"),
+    (["--algo", "fft9"], "unknown algorithm 'fft9'"),
+    (["--pass", "sideways"], "unknown pass 'sideways'"),
+    (["--dtype", "float16"], "unsupported dtype 'float16'"),
+    (["--reps", "0"], "--reps must be at least 1"),
+])
+def test_bad_arguments_are_refused(tmp_path, capsys, args, message):
+    assert cli.main(["bench", "--out", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "fastconv-bench.json").exists()
+
+
+def test_layer_selection():
+    assert [l.name for l in benchmark.select_layers("resnet50_3x3")] == ["resnet50_3x3"]
+    assert {l.name for l in benchmark.select_layers("lenet5")} == {"lenet5_conv1", "lenet5_conv2"}
+    quick = benchmark.select_layers(None, quick=True)
+    full = benchmark.select_layers(None)
+    assert quick and set(l.name for l in quick) < set(l.name for l in full)
+    assert "c3d_conv3d" not in {l.name for l in full} | {l.name for l in quick}
+    assert [l.name for l in benchmark.select_layers("c3d")] == ["c3d_conv3d"]
+    assert benchmark.parse_passes("bwd") == ["grad_input", "grad_weight"]
+
+
+def test_suite_layers_have_issue_shapes():
+    by_name = {l.name: l for l in benchmark.SUITE}
+    assert by_name["resnet50_3x3"].shapes["output"] == (8, 64, 56, 56)
+    assert by_name["alexnet_conv1"].shapes["output"] == (8, 96, 55, 55)
+    assert by_name["audio_conv1d"].shapes["output"] == (16, 128, 1981)
+    # DESIGN.md §10's anchor: 28x28x192 -> 28x28x32 with 5x5 is 120,422,400 MACs per image.
+    assert by_name["inception_5x5"].macs == 8 * 120_422_400
