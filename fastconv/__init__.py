@@ -15,10 +15,11 @@ from .cpu import register as _cpu_register  # noqa: F401  (registers the Numba a
 from .cpu import register_pool as _cpu_register_pool  # noqa: F401  (the Numba pooling kernels)
 from .cuda import register as _cuda_register  # noqa: F401  (CUDA kernels; CuPy imported lazily)
 from . import functional, nn
+from . import flops, models
 from .registry import algorithms
 from .autotune import autotune_cache, clear_autotune_cache  # also binds fastconv.autotune
 from .backends import backend
 from .nn import convert
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "convert", "algorithms", "backend", "__version__"]
+__all__ = ["functional", "nn", "flops", "models", "convert", "algorithms", "backend", "__version__"]

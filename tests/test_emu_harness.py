@@ -151,6 +151,15 @@ def test_oversize_blocks_are_refused():
         fn(1, 8, (y, np.float32(2), np.int32(8)))       # CuPy wants tuples too
 
 
+def test_two_argument_launch_bounds_limit_by_their_first_argument():
+    fn = emu.RawModule(code=_src("features.cu")).get_function("bounded_two_args")
+    out = np.zeros(64, np.float32)
+    fn((1,), (64,), (out,))
+    assert (out == np.arange(64)).all()
+    with pytest.raises(emu.LaunchError, match="__launch_bounds__"):
+        fn((1,), (65,), (np.zeros(65, np.float32),))
+
+
 def test_divergent_barrier_is_reported():
     fn = emu.RawModule(code=_src("planted.cu")).get_function("divergent_barrier")
     with pytest.raises(emu.BarrierError, match=r"divergent __syncthreads: reached by 16 of 32"):

@@ -321,7 +321,8 @@ def _opt_level() -> str:
 def _generated_unit(src: str, entries: list[tuple[str, str]], name: str) -> str:
     lines = ['#include "cuda_emu.h"', f'#line 1 "{name}"', preprocess(src), "", '#include "emu_runtime.h"']
     for i, (expr, bound) in enumerate(entries):
-        lines.append(f"EMU_KERNEL({i}, ({expr}), (long long)({bound or 0}))")
+        # __launch_bounds__(maxThreads, minBlocks): only the first argument limits a launch.
+        lines.append(f"EMU_KERNEL({i}, ({expr}), emu_launch_bound({bound or 0}))")
     return "\n".join(lines) + "\n"
 
 

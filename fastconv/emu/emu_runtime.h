@@ -387,6 +387,10 @@ template <class... A> int signature(void (*)(A...), int* out, int cap) {
 }  // namespace emu
 
 #define EMU_API extern "C" __attribute__((visibility("default")))
+// The thread limit of __launch_bounds__(maxThreadsPerBlock[, minBlocksPerMultiprocessor[, ...]]).
+template <typename... Rest>
+constexpr long long emu_launch_bound(long long max_threads, Rest...) { return max_threads; }
+
 #define EMU_KERNEL(idx, fn, bound)                                                                          \
   EMU_API int emu_launch_##idx(const long long* c, void** a, ::emu::Result* r) { return ::emu::launch(fn, bound, c, a, r); } \
   EMU_API int emu_signature_##idx(int* out, int cap) { return ::emu::signature(fn, out, cap); } \

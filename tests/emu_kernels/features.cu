@@ -86,3 +86,8 @@ extern "C" __global__ void intrinsics(const float* __restrict__ x, float* __rest
   out[6] = (float)min(3, max(-2, (int)x[5]));          // x[5] = 9  -> 3
   out[7] = fminf(x[4], 1.0f) + (float)fc::ns_scope_dyn[0];  // -> 8
 }
+
+// Two-argument __launch_bounds__: the harness must read the first (max threads), not the comma expression.
+extern "C" __global__ void __launch_bounds__(64, 4) bounded_two_args(float* out) {
+    out[threadIdx.x] = (float)threadIdx.x;
+}

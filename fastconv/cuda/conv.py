@@ -1,0 +1,226 @@
+"""Host side of ``kernels/conv.cu``: the CUDA convolution algorithms (grid maths, argument order).
+
+Every function takes contiguous 5-D tensors and a :class:`~fastconv.registry.ConvGeometry` and
+returns a fresh contiguous 5-D tensor allocated by torch on the input's device; the kernel writes
+it. The same code runs CUDA tensors (target ``"cuda"``) and CPU tensors on the harness
+(``"cuda-emu"``).
+
+Kernel argument order (kernels/common.cuh ``CONV_PARAMS``): N, C, D, H, W, K, KD, KH, KW, OD, OH,
+OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ..registry import ConvAlgorithm, ConvGeometry
+from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, plane_grid, suffix
+
+TARGETS = frozenset({"cuda", "cuda-emu"})
+IG_TILE_M = IG_TILE_N = 64   #: implicit-GEMM block tile (IG_BM, IG_BN in kernels/conv.cu)
+IG_K_STEP = 8                #: IG_BK
+#: Split-K for the implicit-GEMM weight gradient: aim for about this many blocks in all ...
+IGEMM_TARGET_BLOCKS = 512
+#: ... but give each split at least this many reduction elements (tests lower it to force splits).
+IGEMM_MIN_SPLIT_LEN = 1024
+
+
+def _geom_args(g: ConvGeometry) -> tuple:
+    return tuple(i32(v) for v in (g.batch, g.in_channels, *g.in_spatial, g.out_channels, *g.kernel,
+                                  *g.out_spatial, *g.stride, *g.padding, *g.dilation, g.groups))
+
+
+def _taps(g: ConvGeometry) -> int:
+    return math.prod(g.kernel)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def _common_refusal(g: ConvGeometry) -> Optional[str]:
+    if g.dtype not in (torch.float32, torch.float64):
+        return f"supports float32 and float64, not {str(g.dtype).replace('torch.', '')}"
+    if max(math.prod(g.in_spatial), math.prod(g.out_spatial)) > INT32_MAX:
+        return "a spatial plane of 2**31 elements or more (the kernels index within a plane in 32 bits)"
+    if g.batch * max(g.in_channels, g.out_channels) > INT32_MAX:
+        return "N * channels >= 2**31 planes"
+    if g.out_channels * (g.in_channels // g.groups) * _taps(g) > INT32_MAX:
+        return "a weight of 2**31 elements or more"
+    return None
+
+
+def _direct_refusal(g: ConvGeometry) -> Optional[str]:
+    return _common_refusal(g)
+
+
+def _igemm_refusal(g: ConvGeometry) -> Optional[str]:
+    reason = _common_refusal(g)
+    if reason:
+        return reason
+    if g.groups > MAX_GRID_YZ:
+        return f"groups={g.groups} exceeds the grid's z limit {MAX_GRID_YZ} (use cuda-direct or cuda-depthwise)"
+    cg, kg = g.in_channels // g.groups, g.out_channels // g.groups
+    if max(-(-kg // IG_TILE_N), -(-(cg * _taps(g)) // IG_TILE_N), -(-cg // IG_TILE_N)) > MAX_GRID_YZ:
+        return "a GEMM dimension of more than 65535 tiles"
+    if -(-(g.batch * max(math.prod(g.in_spatial), math.prod(g.out_spatial))) // IG_TILE_M) > MAX_GRID_X:
+        return "more GEMM rows than the grid can hold"
+    return None
+
+
+def _depthwise_refusal(g: ConvGeometry) -> Optional[str]:
+    if g.groups != g.in_channels or g.out_channels % g.in_channels:
+        return (f"needs groups == in_channels and out_channels a multiple of in_channels (depthwise); got "
+                f"groups={g.groups}, in_channels={g.in_channels}, out_channels={g.out_channels}")
+    return _common_refusal(g)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _bias_args(bias, w):
+    # A kernel pointer cannot be None on every path (CuPy): pass the weight, flagged unused.
+    return (bias.contiguous(), i32(1)) if bias is not None else (w, i32(0))
+
+
+def _forward_plane(prefix: str):
+    def forward(x, w, bias, g: ConvGeometry):
+        L = Launcher(x)
+        y = L.empty((g.batch, g.out_channels, *g.out_spatial), g.dtype)
+        if y.numel() == 0:
+            return y
+        b, has_bias = _bias_args(bias, w)
+        L.launch("conv", f"{prefix}_forward{suffix(g.dtype)}", plane_grid(g.batch * g.out_channels,
+                                                                         math.prod(g.out_spatial)),
+                 (BLOCK,), (x, w, b, y, has_bias, *_geom_args(g)))
+        return y
+    return forward
+
+
+def _grad_input_plane(prefix: str):
+    def grad_input(gy, w, g: ConvGeometry):
+        L = Launcher(gy)
+        gx = L.empty((g.batch, g.in_channels, *g.in_spatial), g.dtype)
+        if gx.numel() == 0:
+            return gx
+        if gy.numel() == 0:
+            return gx.zero_()
+        L.launch("conv", f"{prefix}_grad_input{suffix(g.dtype)}",
+                 plane_grid(g.batch * g.in_channels, math.prod(g.in_spatial)), (BLOCK,), (gy, w, gx, *_geom_args(g)))
+        return gx
+    return grad_input
+
+
+def _weight_shape(g: ConvGeometry):
+    return (g.out_channels, g.in_channels // g.groups, *g.kernel)
+
+
+def direct_grad_weight(gy, x, g: ConvGeometry):
+    """One block per weight element, fixed-order reduction (deterministic)."""
+    L = Launcher(x)
+    gw = L.empty(_weight_shape(g), g.dtype)
+    if gw.numel() == 0:
+        return gw
+    if gy.numel() == 0 or x.numel() == 0:
+        return gw.zero_()
+    L.launch("conv", f"conv_direct_grad_weight{suffix(g.dtype)}", (min(gw.numel(), MAX_GRID_X),), (BLOCK,),
+             (gy, x, gw, *_geom_args(g)))
+    return gw
+
+
+# ------------------------------------------------------------------------------------- implicit GEMM
+def igemm_forward(x, w, bias, g: ConvGeometry):
+    L = Launcher(x)
+    y = L.empty((g.batch, g.out_channels, *g.out_spatial), g.dtype)
+    if y.numel() == 0:
+        return y
+    b, has_bias = _bias_args(bias, w)
+    kg = g.out_channels // g.groups
+    grid = (-(-(g.batch * math.prod(g.out_spatial)) // IG_TILE_M), -(-kg // IG_TILE_N), g.groups)
+    L.launch("conv", f"igemm_forward{suffix(g.dtype)}", grid, (BLOCK,), (x, w, b, y, has_bias, *_geom_args(g)))
+    return y
+
+
+def igemm_grad_input(gy, w, g: ConvGeometry):
+    L = Launcher(gy)
+    gx = L.empty((g.batch, g.in_channels, *g.in_spatial), g.dtype)
+    if gx.numel() == 0:
+        return gx
+    if gy.numel() == 0:
+        return gx.zero_()
+    cg = g.in_channels // g.groups
+    grid = (-(-(g.batch * math.prod(g.in_spatial)) // IG_TILE_M), -(-cg // IG_TILE_N), g.groups)
+    L.launch("conv", f"igemm_grad_input{suffix(g.dtype)}", grid, (BLOCK,), (gy, w, gx, *_geom_args(g)))
+    return gx
+
+
+def igemm_splits(g: ConvGeometry) -> tuple[int, int]:
+    """(splits, chunk) of the weight gradient's reduction over N*OD*OH*OW."""
+    reduce = g.batch * math.prod(g.out_spatial)
+    kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
+    blocks = -(-kg // IG_TILE_M) * -(-cols // IG_TILE_N) * g.groups
+    splits = max(1, min(-(-IGEMM_TARGET_BLOCKS // blocks), reduce // max(IGEMM_MIN_SPLIT_LEN, 1),
+                        MAX_GRID_YZ // g.groups))
+    chunk = -(-reduce // splits)
+    chunk = -(-chunk // IG_K_STEP) * IG_K_STEP
+    return max(1, -(-reduce // chunk)) if reduce else 1, max(chunk, IG_K_STEP)
+
+
+def igemm_grad_weight(gy, x, g: ConvGeometry):
+    """Split-K GEMM: S partial sums, then a fixed-order reduction (deterministic, no atomics)."""
+    L = Launcher(x)
+    shape = _weight_shape(g)
+    gw = L.empty(shape, g.dtype)
+    if gw.numel() == 0:
+        return gw
+    if gy.numel() == 0 or x.numel() == 0:
+        return gw.zero_()
+    splits, chunk = igemm_splits(g)
+    partial = gw if splits == 1 else L.empty((splits, *shape), g.dtype)
+    kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
+    grid = (-(-kg // IG_TILE_M), -(-cols // IG_TILE_N), g.groups * splits)
+    sfx = suffix(g.dtype)
+    L.launch("conv", f"igemm_grad_weight{sfx}", grid, (BLOCK,), (gy, x, partial, i32(splits), i64(chunk),
+                                                                 *_geom_args(g)))
+    if splits > 1:
+        L.launch("conv", f"conv_reduce_splits{sfx}", flat_grid(gw.numel()), (BLOCK,),
+                 (partial, gw, i32(splits), i64(gw.numel())))
+    return gw
+
+
+# ---------------------------------------------------------------------------------------- heuristic
+def heuristic(g: ConvGeometry, pass_: str) -> str:
+    """Pick a CUDA algorithm without measuring."""
+    if g.is_depthwise and _depthwise_refusal(g) is None:
+        return "cuda-depthwise"
+    cg, kg = g.in_channels // g.groups, g.out_channels // g.groups
+    if _igemm_refusal(g) is not None:
+        return "cuda-direct"
+    # A GEMM with a thin side wastes most of its 64x64 tile: the direct kernels do less work.
+    if pass_ == "forward" and (kg < 8 or cg * _taps(g) < 8):
+        return "cuda-direct"
+    if pass_ == "grad_input" and (cg < 8 or kg * _taps(g) < 8):
+        return "cuda-direct"
+    if pass_ == "grad_weight" and kg * cg * _taps(g) < 64:
+        return "cuda-direct"
+    return "implicit-gemm"
+
+
+ALGORITHMS = [
+    ConvAlgorithm(
+        "cuda-direct", TARGETS,
+        "CUDA: one thread per output (forward) / input element (input gradient as a gather), coalesced along W; "
+        "weight gradient one block per weight element with a fixed-order reduction (deterministic)",
+        _forward_plane("conv_direct"), _grad_input_plane("conv_direct"), direct_grad_weight,
+        refuse=_direct_refusal),
+    ConvAlgorithm(
+        "implicit-gemm", TARGETS,
+        "CUDA: implicit GEMM, 64x64 block tiles built from the tensors on the fly (no im2col), K-step 8, 4x4 "
+        "register tiles, double-buffered shared memory; input gradient as the GEMM of the transposed conv; "
+        "weight gradient split-K with a deterministic second-pass reduction",
+        igemm_forward, igemm_grad_input, igemm_grad_weight, refuse=_igemm_refusal,
+        workspace_bytes=lambda g: 0),
+    ConvAlgorithm(
+        "cuda-depthwise", TARGETS,
+        "CUDA: depthwise (groups == in_channels, any multiplier): one thread per output / input element without "
+        "a channel loop; weight gradient as cuda-direct's block reduction",
+        _forward_plane("conv_depthwise"), _grad_input_plane("conv_depthwise"), direct_grad_weight,
+        refuse=_depthwise_refusal),
+]

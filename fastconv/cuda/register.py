@@ -1,0 +1,14 @@
+"""Registers the CUDA kernels: conv algorithms and heuristic for "cuda" and "cuda-emu", and the
+pooling kernels for both targets. Imports no CuPy (that waits for the first CUDA tensor)."""
+from __future__ import annotations
+
+from .. import registry
+from ..ops import pool as pool_ops
+from . import conv, pool
+
+for _algorithm in conv.ALGORITHMS:
+    registry.register(_algorithm)
+
+for _target in conv.TARGETS:
+    registry.register_heuristic(_target, conv.heuristic)
+    pool_ops.register_kernels(_target, pool.CudaPoolKernels())

@@ -1,0 +1,93 @@
+// common.cuh -- helpers shared by fastconv's CUDA kernels (plain CUDA C++, no torch headers).
+//
+// Every kernel file is compiled three ways from the same text: NVRTC at run time (through CuPy),
+// nvcc in the CMake build (warnings as errors, ptxas register/spill report), and g++ against the
+// CPU execution harness (fastconv/emu) for the tests. So: no host code, no libraries, only the
+// device API the harness provides, and `extern "C"` entry points spelled out literally (the
+// harness finds kernels by reading the source; a macro that generated the names would hide them).
+//
+// Conventions
+// * Tensors are contiguous 5-D (N, C, D, H, W); weights (K, C/groups, KD, KH, KW).
+// * Scalars arrive as int32 (sizes, geometry) or int64 (element counts that can pass 2**31).
+//   Every flat index is computed in 64-bit (`i64`): a tensor may hold more than 2**31 elements.
+// * One entry point per dtype: `<name>_f32` and `<name>_f64` call one template.
+#pragma once
+
+typedef long long i64;
+
+#define FC_BLOCK 256  // threads per block of the elementwise kernels
+
+// __launch_bounds__ arguments. With the block size alone, ptxas (CUDA 13) aims at full occupancy
+// and caps these kernels at 32-48 registers, spilling; minBlocksPerSM = 1 lets it use what the
+// kernel needs (all stay under the 128-register budget, tools/check_ptxas.py).
+#define FC_BOUNDS(threads) threads, 1
+
+// The geometry of one convolution, normalised to 3 spatial dims (a 2-D conv has D = KD = OD = 1).
+// `pd/ph/pw` is the padding before each dim; the padding after it is implied by the output size.
+struct ConvGeom {
+  int N, C, D, H, W;
+  int K, KD, KH, KW;
+  int OD, OH, OW;
+  int sd, sh, sw;
+  int pd, ph, pw;
+  int dd, dh, dw;
+  int groups;
+};
+
+// Kernel parameter list and the matching struct construction, so every conv entry point takes the
+// same 22 int32 scalars in the same order (fastconv/cuda/conv.py builds them in this order).
+#define CONV_PARAMS                                                                              \
+  int N, int C, int D, int H, int W, int K, int KD, int KH, int KW, int OD, int OH, int OW,      \
+      int sd, int sh, int sw, int pd, int ph, int pw, int dd, int dh, int dw, int groups
+#define CONV_GEOM \
+  ConvGeom { N, C, D, H, W, K, KD, KH, KW, OD, OH, OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups }
+
+// Pooling geometry over P = N*C independent planes (19 int32 scalars, fastconv/cuda/pool.py).
+#define POOL_PARAMS                                                                              \
+  int P, int D, int H, int W, int OD, int OH, int OW, int kd, int kh, int kw, int sd, int sh,    \
+      int sw, int pd, int ph, int pw, int dd, int dh, int dw
+
+__device__ __forceinline__ i64 fc_thread_start() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ i64 fc_thread_step() { return (i64)gridDim.x * blockDim.x; }
+
+// +infinity without <math_constants.h> (NVRTC from the pip wheel has no CUDA include dir).
+template <typename T> __device__ __forceinline__ T fc_inf();
+template <> __device__ __forceinline__ float fc_inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double fc_inf<double>() {
+  return __longlong_as_double(0x7ff0000000000000LL);
+}
+
+// NaN test that survives any math flags (v != v).
+template <typename T> __device__ __forceinline__ bool fc_isnan(T v) { return v != v; }
+
+// Flat index of a contiguous (N, C, D, H, W) tensor -> coordinates. One 64-bit division for the
+// (n, c) part; the spatial part uses 32-bit arithmetic, which is safe because fastconv refuses
+// planes (D*H*W) of 2**31 elements or more (the registry says so before any launch).
+__device__ __forceinline__ void fc_unflatten(i64 idx, int C, int D, int H, int W, i64& n, int& c, int& d,
+                                             int& h, int& w) {
+  const int plane = D * H * W;
+  const i64 nc = idx / plane;
+  int s = (int)(idx - nc * plane);
+  w = s % W; s /= W;
+  h = s % H;
+  d = s / H;
+  c = (int)(nc % C);
+  n = nc / C;
+}
+
+// The elementwise kernels' launch shape: grid.x (x blockDim.x threads) covers the D*H*W positions
+// of one plane, grid.y strides over the N*C planes. The coordinates then need only 32-bit
+// divisions (a 64-bit division is a subroutine call on the GPU, and registers live across it
+// are spilled), while every element offset is formed in 64 bits: plane * (i64)nc + s.
+// Needs N*C < 2**31 and D*H*W < 2**31 (refused otherwise by the host code).
+#define FC_PLANE_LOOP(NC, PLANE, nc, s)                                                         \
+  for (int nc = blockIdx.y; nc < (NC); nc += gridDim.y)                                       \
+    for (i64 s##_wide = (i64)blockIdx.x * blockDim.x + threadIdx.x; s##_wide < (PLANE);      \
+         s##_wide += (i64)gridDim.x * blockDim.x)                                             \
+      if (const int s = (int)s##_wide; true)
+
+__device__ __forceinline__ void fc_unflatten3(int s, int H, int W, int& d, int& h, int& w) {
+  w = s % W; s /= W;
+  h = s % H;
+  d = s / H;
+}

@@ -1,0 +1,391 @@
+// pool.cu -- pooling kernels: max/min with indices, their scatter/gather companions, average,
+// adaptive average and adaptive max, max_unpool, each forward and backward, on (N, C, D, H, W).
+//
+// Semantics are torch's CPU kernels exactly (see fastconv/cpu/pool.py): the window is visited in
+// (d, h, w) order; max pooling takes `v > best || isnan(v)` from best = -inf with the first
+// in-bounds element as the initial index, so ties keep the first element and the last NaN of a
+// window wins; min pooling is -max_pool(-x) (values and indices); avg pooling uses torch's divisor
+// rule and adds in torch's order; indices are int64 offsets into one input plane.
+//
+// Launch: FC_PLANE_LOOP, grid (ceil(plane / 256), min(N*C, 65535)), 256 threads, except
+// max_pool_backward_planes (one thread per plane: grid ceil(N*C / 256)).
+// The backward passes of the windowed ops are gathers (each input element sums the outputs that
+// read it, in torch's order): deterministic and atomic-free. The scatter-add of max_pool_backward
+// has two forms: one thread per plane in output order (deterministic, torch's summation order)
+// and one thread per output with atomicAdd (faster with few planes; the order of the additions
+// into one input element is then unspecified). max_unpool resolves duplicate indices with an
+// integer atomicMax on the writer's position (later writers win, as in torch): deterministic.
+// Invalid indices set *err (checked by the host) and are skipped.
+#include "common.cuh"
+
+__device__ __forceinline__ int fc_first_valid(int start, int dil) {  // torch: while (s < 0) s += dil
+  return start < 0 ? start + ((-start + dil - 1) / dil) * dil : start;
+}
+__device__ __forceinline__ int fc_adaptive_start(int i, int in, int out) { return (int)(((i64)i * in) / out); }
+__device__ __forceinline__ int fc_adaptive_end(int i, int in, int out) {
+  return (int)((((i64)i + 1) * in + out - 1) / out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// max / min pooling
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void max_pool_forward(const T* __restrict__ x, T* __restrict__ y, i64* __restrict__ ind,
+                                                 int minimum, POOL_PARAMS) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  const T inf = fc_inf<T>();
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    int od, oh, ow;
+    fc_unflatten3(s, OH, OW, od, oh, ow);
+    const int ds = od * sd - pd, hs = oh * sh - ph, ws = ow * sw - pw;
+    const int d0 = fc_first_valid(ds, dd), h0 = fc_first_valid(hs, dh), w0 = fc_first_valid(ws, dw);
+    const int d1 = min(ds + (kd - 1) * dd + 1, D), h1 = min(hs + (kh - 1) * dh + 1, H);
+    const int w1 = min(ws + (kw - 1) * dw + 1, W);
+    const T* xp = x + (i64)p * in_plane;
+    T best = minimum ? inf : -inf;
+    int bi = (d0 < d1 && h0 < h1 && w0 < w1) ? (d0 * H + h0) * W + w0 : -1;  // -1: empty window
+    for (int id = d0; id < d1; id += dd)
+      for (int ih = h0; ih < h1; ih += dh)
+        for (int iw = w0; iw < w1; iw += dw) {
+          const int i = (id * H + ih) * W + iw;
+          const T v = xp[i];
+          if ((minimum ? v < best : v > best) || fc_isnan(v)) {
+            best = v;
+            bi = i;
+          }
+        }
+    const i64 o = (i64)p * out_plane + s;
+    y[o] = best;
+    ind[o] = bi;
+  }
+}
+
+// Scatter-add, one thread per plane, outputs in order: deterministic, torch's summation order.
+// gx must be zero. grid = (ceil(P / 256)).
+template <typename T>
+__device__ __forceinline__ void max_pool_backward_planes(const T* __restrict__ gy, const i64* __restrict__ ind,
+                                                         T* __restrict__ gx, int* __restrict__ err, int P,
+                                                         int in_plane, int out_plane) {
+  for (i64 p = fc_thread_start(); p < P; p += fc_thread_step()) {
+    const T* g = gy + p * out_plane;
+    const i64* id = ind + p * out_plane;
+    T* dst = gx + p * in_plane;
+    for (int o = 0; o < out_plane; ++o) {
+      const i64 i = id[o];
+      if (i == -1) continue;  // empty-window guard
+      if (i < 0 || i >= in_plane) { *err = 1; continue; }
+      dst[i] += g[o];
+    }
+  }
+}
+
+// Scatter-add, one thread per output element, atomicAdd. gx must be zero.
+template <typename T>
+__device__ __forceinline__ void max_pool_backward_atomic(const T* __restrict__ gy, const i64* __restrict__ ind,
+                                                         T* __restrict__ gx, int* __restrict__ err, int P,
+                                                         int in_plane, int out_plane) {
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    const i64 o = (i64)p * out_plane + s;
+    const i64 i = ind[o];
+    if (i == -1) continue;
+    if (i < 0 || i >= in_plane) { *err = 1; continue; }
+    atomicAdd(gx + (i64)p * in_plane + i, gy[o]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// max_unpool: owner[p][i] = 1 + the last input position of plane p whose index is i (int64
+// atomicMax, deterministic); then y = x[owner - 1] or 0. owner must be zero.
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void max_unpool_owner(const i64* __restrict__ ind, i64* __restrict__ owner,
+                                                 int* __restrict__ err, int P, int in_plane, int out_plane) {
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    const i64 i = ind[(i64)p * in_plane + s];
+    if (i < 0 || i >= out_plane) { *err = 1; continue; }
+    atomicMax(owner + (i64)p * out_plane + i, (i64)s + 1);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void max_unpool_gather(const T* __restrict__ x, const i64* __restrict__ owner,
+                                                  T* __restrict__ y, int P, int in_plane, int out_plane) {
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    const i64 o = owner[(i64)p * out_plane + s];
+    y[(i64)p * out_plane + s] = o ? x[(i64)p * in_plane + o - 1] : T(0);
+  }
+}
+
+// Gradient of max_unpool (and the derivative of the max-pool scatter): gx[p][s] = gy[p][ind[p][s]].
+template <typename T>
+__device__ __forceinline__ void max_unpool_backward(const T* __restrict__ gy, const i64* __restrict__ ind,
+                                                    T* __restrict__ gx, int* __restrict__ err, int P,
+                                                    int in_plane, int out_plane) {
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    const i64 o = (i64)p * in_plane + s;
+    const i64 i = ind[o];
+    if (i < 0 || i >= out_plane) {
+      *err = 1;
+      gx[o] = T(0);
+      continue;
+    }
+    gx[o] = gy[(i64)p * out_plane + i];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// average pooling (dilation 1; dd/dh/dw are ignored)
+// ---------------------------------------------------------------------------------------------
+struct AvgWindow {
+  int start, end, pool;  // clipped start, clipped end, size within input + padding
+};
+__device__ __forceinline__ AvgWindow fc_avg_window(int o, int k, int s, int p, int size) {
+  int start = o * s - p;
+  int end = min(start + k, size + p);
+  const int pool = end - start;
+  start = max(start, 0);
+  end = min(end, size);
+  return AvgWindow{start, end, pool};
+}
+__device__ __forceinline__ int fc_avg_divisor(const AvgWindow& a, const AvgWindow& b, const AvgWindow& c,
+                                              int count_include_pad, int divisor_override) {
+  if (divisor_override) return divisor_override;
+  if (count_include_pad) return a.pool * b.pool * c.pool;
+  return (a.end - a.start) * (b.end - b.start) * (c.end - c.start);
+}
+
+template <typename T>
+__device__ __forceinline__ void avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int count_include_pad,
+                                                 int divisor_override, POOL_PARAMS) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    int od, oh, ow;
+    fc_unflatten3(s, OH, OW, od, oh, ow);
+    const AvgWindow a = fc_avg_window(od, kd, sd, pd, D), b = fc_avg_window(oh, kh, sh, ph, H);
+    const AvgWindow c = fc_avg_window(ow, kw, sw, pw, W);
+    T out = T(0);
+    if (a.start < a.end && b.start < b.end && c.start < c.end) {
+      const T* xp = x + (i64)p * in_plane;
+      T acc = T(0);
+      for (int id = a.start; id < a.end; ++id)
+        for (int ih = b.start; ih < b.end; ++ih)
+          for (int iw = c.start; iw < c.end; ++iw) acc += xp[(id * H + ih) * W + iw];
+      out = acc / (T)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
+    }
+    y[(i64)p * out_plane + s] = out;
+  }
+}
+
+// The adjoint as a gather: input element i sums gy[o] / divisor(o) over the outputs o whose window
+// holds it, in (od, oh, ow) order (torch adds in that order too).
+__device__ __forceinline__ void fc_avg_out_range(int i, int k, int s, int p, int out, int& lo, int& hi) {
+  // o * s - p <= i < o * s - p + k
+  const int t = i + p - k + 1;
+  lo = t <= 0 ? 0 : (t + s - 1) / s;
+  hi = min((i + p) / s + 1, out);  // i + p >= 0 always
+}
+
+template <typename T>
+__device__ __forceinline__ void avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int count_include_pad,
+                                                  int divisor_override, POOL_PARAMS) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    int id, ih, iw;
+    fc_unflatten3(s, H, W, id, ih, iw);
+    int d_lo, d_hi, h_lo, h_hi, w_lo, w_hi;
+    fc_avg_out_range(id, kd, sd, pd, OD, d_lo, d_hi);
+    fc_avg_out_range(ih, kh, sh, ph, OH, h_lo, h_hi);
+    fc_avg_out_range(iw, kw, sw, pw, OW, w_lo, w_hi);
+    const T* g = gy + (i64)p * out_plane;
+    T acc = T(0);
+    for (int od = d_lo; od < d_hi; ++od) {
+      const AvgWindow a = fc_avg_window(od, kd, sd, pd, D);
+      for (int oh = h_lo; oh < h_hi; ++oh) {
+        const AvgWindow b = fc_avg_window(oh, kh, sh, ph, H);
+        for (int ow = w_lo; ow < w_hi; ++ow) {
+          const AvgWindow c = fc_avg_window(ow, kw, sw, pw, W);
+          acc += g[(od * OH + oh) * OW + ow] / (T)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
+        }
+      }
+    }
+    gx[(i64)p * in_plane + s] = acc;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// adaptive pooling: window [floor(o * In / Out), ceil((o + 1) * In / Out))
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ void adaptive_avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int P, int D,
+                                                          int H, int W, int OD, int OH, int OW) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    int od, oh, ow;
+    fc_unflatten3(s, OH, OW, od, oh, ow);
+    const int d0 = fc_adaptive_start(od, D, OD), d1 = fc_adaptive_end(od, D, OD);
+    const int h0 = fc_adaptive_start(oh, H, OH), h1 = fc_adaptive_end(oh, H, OH);
+    const int w0 = fc_adaptive_start(ow, W, OW), w1 = fc_adaptive_end(ow, W, OW);
+    const T* xp = x + (i64)p * in_plane;
+    T acc = T(0);
+    for (int id = d0; id < d1; ++id)
+      for (int ih = h0; ih < h1; ++ih)
+        for (int iw = w0; iw < w1; ++iw) acc += xp[(id * H + ih) * W + iw];
+    y[(i64)p * out_plane + s] = acc / (T)(d1 - d0) / (T)(h1 - h0) / (T)(w1 - w0);
+  }
+}
+
+// Outputs o whose adaptive window holds input i: [floor(i * Out / In), ceil((i + 1) * Out / In)).
+__device__ __forceinline__ void fc_adaptive_out_range(int i, int in, int out, int& lo, int& hi) {
+  lo = (int)(((i64)i * out) / in);
+  hi = min((int)((((i64)i + 1) * out + in - 1) / in), out);
+}
+
+template <typename T>
+__device__ __forceinline__ void adaptive_avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int P, int D,
+                                                           int H, int W, int OD, int OH, int OW) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    int id, ih, iw;
+    fc_unflatten3(s, H, W, id, ih, iw);
+    int d_lo, d_hi, h_lo, h_hi, w_lo, w_hi;
+    fc_adaptive_out_range(id, D, OD, d_lo, d_hi);
+    fc_adaptive_out_range(ih, H, OH, h_lo, h_hi);
+    fc_adaptive_out_range(iw, W, OW, w_lo, w_hi);
+    const T* g = gy + (i64)p * out_plane;
+    T acc = T(0);
+    for (int od = d_lo; od < d_hi; ++od) {
+      const int nd = fc_adaptive_end(od, D, OD) - fc_adaptive_start(od, D, OD);
+      if (id < fc_adaptive_start(od, D, OD) || id >= fc_adaptive_end(od, D, OD)) continue;
+      for (int oh = h_lo; oh < h_hi; ++oh) {
+        const int nh = fc_adaptive_end(oh, H, OH) - fc_adaptive_start(oh, H, OH);
+        if (ih < fc_adaptive_start(oh, H, OH) || ih >= fc_adaptive_end(oh, H, OH)) continue;
+        for (int ow = w_lo; ow < w_hi; ++ow) {
+          const int nw = fc_adaptive_end(ow, W, OW) - fc_adaptive_start(ow, W, OW);
+          if (iw < fc_adaptive_start(ow, W, OW) || iw >= fc_adaptive_end(ow, W, OW)) continue;
+          acc += g[(od * OH + oh) * OW + ow] / (T)nd / (T)nh / (T)nw;
+        }
+      }
+    }
+    gx[(i64)p * in_plane + s] = acc;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void adaptive_max_pool_forward(const T* __restrict__ x, T* __restrict__ y,
+                                                          i64* __restrict__ ind, int P, int D, int H, int W, int OD,
+                                                          int OH, int OW) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, out_plane, p, s) {
+    int od, oh, ow;
+    fc_unflatten3(s, OH, OW, od, oh, ow);
+    const int d0 = fc_adaptive_start(od, D, OD), d1 = fc_adaptive_end(od, D, OD);
+    const int h0 = fc_adaptive_start(oh, H, OH), h1 = fc_adaptive_end(oh, H, OH);
+    const int w0 = fc_adaptive_start(ow, W, OW), w1 = fc_adaptive_end(ow, W, OW);
+    const T* xp = x + (i64)p * in_plane;
+    T best = -fc_inf<T>();
+    int bi = (d0 * H + h0) * W + w0;
+    for (int id = d0; id < d1; ++id)
+      for (int ih = h0; ih < h1; ++ih)
+        for (int iw = w0; iw < w1; ++iw) {
+          const int i = (id * H + ih) * W + iw;
+          const T v = xp[i];
+          if (v > best || fc_isnan(v)) {
+            best = v;
+            bi = i;
+          }
+        }
+    y[(i64)p * out_plane + s] = best;
+    ind[(i64)p * out_plane + s] = bi;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// entry points
+// ---------------------------------------------------------------------------------------------
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_forward_f32(const float* x, float* y, i64* ind, int minimum, POOL_PARAMS) {
+  max_pool_forward<float>(x, y, ind, minimum, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_forward_f64(const double* x, double* y, i64* ind, int minimum, POOL_PARAMS) {
+  max_pool_forward<double>(x, y, ind, minimum, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_backward_planes_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
+  max_pool_backward_planes<float>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_backward_planes_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
+  max_pool_backward_planes<double>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_backward_atomic_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
+  max_pool_backward_atomic<float>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_backward_atomic_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
+  max_pool_backward_atomic<double>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_unpool_owner_i64(const i64* ind, i64* owner, int* err, int P, int in_plane, int out_plane) {
+  max_unpool_owner(ind, owner, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_unpool_gather_f32(const float* x, const i64* owner, float* y, int P, int in_plane, int out_plane) {
+  max_unpool_gather<float>(x, owner, y, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_unpool_gather_f64(const double* x, const i64* owner, double* y, int P, int in_plane, int out_plane) {
+  max_unpool_gather<double>(x, owner, y, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_unpool_backward_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
+  max_unpool_backward<float>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_unpool_backward_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
+  max_unpool_backward<double>(gy, ind, gx, err, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+avg_pool_forward_f32(const float* x, float* y, int count_include_pad, int divisor_override, POOL_PARAMS) {
+  avg_pool_forward<float>(x, y, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
+                          pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+avg_pool_forward_f64(const double* x, double* y, int count_include_pad, int divisor_override, POOL_PARAMS) {
+  avg_pool_forward<double>(x, y, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
+                           pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+avg_pool_backward_f32(const float* gy, float* gx, int count_include_pad, int divisor_override, POOL_PARAMS) {
+  avg_pool_backward<float>(gy, gx, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
+                           pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+avg_pool_backward_f64(const double* gy, double* gx, int count_include_pad, int divisor_override, POOL_PARAMS) {
+  avg_pool_backward<double>(gy, gx, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh,
+                            sw, pd, ph, pw, dd, dh, dw);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_avg_pool_forward_f32(const float* x, float* y, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_avg_pool_forward<float>(x, y, P, D, H, W, OD, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_avg_pool_forward_f64(const double* x, double* y, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_avg_pool_forward<double>(x, y, P, D, H, W, OD, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_avg_pool_backward_f32(const float* gy, float* gx, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_avg_pool_backward<float>(gy, gx, P, D, H, W, OD, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_avg_pool_backward_f64(const double* gy, double* gx, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_avg_pool_backward<double>(gy, gx, P, D, H, W, OD, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_max_pool_forward_f32(const float* x, float* y, i64* ind, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_max_pool_forward<float>(x, y, ind, P, D, H, W, OD, OH, OW);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+adaptive_max_pool_forward_f64(const double* x, double* y, i64* ind, int P, int D, int H, int W, int OD, int OH, int OW) {
+  adaptive_max_pool_forward<double>(x, y, ind, P, D, H, W, OD, OH, OW);
+}
