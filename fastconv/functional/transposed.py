@@ -1,0 +1,139 @@
+"""``conv_transpose1d``, ``conv_transpose2d``, ``conv_transpose3d``: torch.nn.functional's signatures and
+semantics (note torch's argument order: ``groups`` before ``dilation``), plus ``algo=``."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from ..ops import transposed as transposed_ops
+from ._checks import IntOrSeq, batched, check_groups, check_same, check_tensor, int_tuple
+
+
+class ConvTransposeArgs:
+    """Validated, normalised arguments of one N-d transposed convolution call (tuples of ``ndim`` ints)."""
+
+    def __init__(self, op: str, ndim: int, input, weight, bias, stride, padding, output_padding, groups,
+                 dilation, algo):
+        self.op, self.ndim = op, ndim
+        check_tensor(op, "input", input)
+        check_tensor(op, "weight", weight)
+        check_tensor(op, "bias", bias, optional=True)
+        check_same(op, "input", input, weight=weight, bias=bias)
+        if weight.dim() != ndim + 2:
+            raise RuntimeError(
+                f"{op}: expected weight to be {ndim + 2}-D (in_channels, out_channels/groups, "
+                f"{'x'.join('k' * ndim)}), got {weight.dim()}-D weight of size {list(weight.shape)}")
+        self.input, self.unbatched = batched(op, "input", input, ndim)
+        self.weight, self.bias = weight, bias
+        self.groups = check_groups(op, groups)
+        self.stride = int_tuple(op, "stride", stride, ndim, minimum=1)
+        if isinstance(padding, str):
+            # torch's conv_transpose*d accepts no padding strings either (TypeError there too): 'same'
+            # has no single meaning when the output is larger than the input.
+            raise TypeError(f"{op}: padding must be an int or a tuple of {ndim} ints, got the string {padding!r}; "
+                            f"transposed convolutions do not accept 'same' or 'valid' (use output_padding or "
+                            f"the module's output_size to fix the output size)")
+        self.padding = int_tuple(op, "padding", padding, ndim, minimum=0)
+        self.output_padding = int_tuple(op, "output_padding", output_padding, ndim, minimum=0)
+        self.dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
+        self._check_channels()
+        self._check_output_padding()
+        self._check_output_size()
+        if not isinstance(algo, str) or algo not in transposed_ops.algo_names():
+            raise ValueError(f"{op}: unknown algo {algo!r}; expected one of "
+                             f"{', '.join(transposed_ops.algo_names())}")
+        self.algo = algo
+
+    def _check_channels(self) -> None:
+        op, x, w, g = self.op, self.input, self.weight, self.groups
+        in_channels, out_per_group = w.shape[0], w.shape[1]
+        if in_channels % g != 0:
+            raise RuntimeError(f"{op}: groups={g} must divide in_channels, but weight has {in_channels} input "
+                               f"channels (weight.shape[0] % groups == {in_channels % g})")
+        if x.shape[1] != in_channels:
+            raise RuntimeError(
+                f"{op}: weight has {in_channels} input channels (weight.shape[0]; the layout is (in_channels, "
+                f"out_channels/groups, *kernel)) but input has {x.shape[1]} channels "
+                f"(expected input.shape[1] == weight.shape[0] == {in_channels})")
+        out_channels = out_per_group * g
+        if self.bias is not None and tuple(self.bias.shape) != (out_channels,):
+            raise RuntimeError(f"{op}: expected bias of shape ({out_channels},) to match weight.shape[1] * groups "
+                               f"= {out_per_group} * {g}, got {list(self.bias.shape)}")
+
+    def _check_output_padding(self) -> None:
+        # torch's rule: each output_padding must be smaller than the stride OR the dilation of its dim
+        # (it selects one of the stride-many output sizes that map back onto the same input size).
+        for i, (op_, s, d) in enumerate(zip(self.output_padding, self.stride, self.dilation)):
+            if op_ >= s and op_ >= d:
+                raise RuntimeError(
+                    f"{self.op}: output padding must be smaller than either stride or dilation, but got "
+                    f"output_padding={self.output_padding}, stride={self.stride}, dilation={self.dilation} "
+                    f"(spatial dim {i}: {op_} >= {s} and {op_} >= {d})")
+
+    def _check_output_size(self) -> None:
+        out = self.output_spatial()
+        if any(o <= 0 for o in out):
+            raise RuntimeError(
+                f"{self.op}: computed output size {tuple(out)} is too small: each must be positive. "
+                f"Output size = (input - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1 "
+                f"with input {tuple(self.input.shape[2:])}, kernel {tuple(self.weight.shape[2:])}, "
+                f"stride {self.stride}, padding {self.padding}, dilation {self.dilation}, "
+                f"output_padding {self.output_padding}; reduce the padding")
+
+    def output_spatial(self) -> list[int]:
+        return [transposed_ops.transposed_output_size(i, k, s, p, op_, d) for i, k, s, p, op_, d in
+                zip(self.input.shape[2:], self.weight.shape[2:], self.stride, self.padding, self.output_padding,
+                    self.dilation)]
+
+    def lists(self) -> tuple[list[int], list[int], list[int], list[int]]:
+        return list(self.stride), list(self.padding), list(self.output_padding), list(self.dilation)
+
+
+def _conv_transpose(ndim: int, input, weight, bias, stride, padding, output_padding, groups, dilation,
+                    algo) -> Tensor:
+    op = f"conv_transpose{ndim}d"
+    a = ConvTransposeArgs(op, ndim, input, weight, bias, stride, padding, output_padding, groups, dilation, algo)
+    out = transposed_ops.OPS[ndim](a.input, a.weight, a.bias, *a.lists(), a.groups, a.algo)
+    return out.squeeze(0) if a.unbatched else out
+
+
+def conv_transpose1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,
+                     padding: IntOrSeq = 0, output_padding: IntOrSeq = 0, groups: int = 1,
+                     dilation: IntOrSeq = 1, *, algo: str = "auto") -> Tensor:
+    """1-D transposed convolution, as :func:`torch.nn.functional.conv_transpose1d`.
+
+    input (N, C_in, L) or (C_in, L); weight (C_in, C_out/groups, k); bias (C_out,)
+    -> (N, C_out, L_out) or (C_out, L_out), with
+    L_out = (L - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1.
+    ``output_padding`` must be smaller than ``stride`` or ``dilation``. ``algo`` picks the algorithm
+    (see :func:`fastconv.algorithms`, plus ``"patch_gemm"`` for kernel == stride); ``"auto"`` chooses.
+    """
+    return _conv_transpose(1, input, weight, bias, stride, padding, output_padding, groups, dilation, algo)
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,
+                     padding: IntOrSeq = 0, output_padding: IntOrSeq = 0, groups: int = 1,
+                     dilation: IntOrSeq = 1, *, algo: str = "auto") -> Tensor:
+    """2-D transposed convolution ("deconvolution"), as :func:`torch.nn.functional.conv_transpose2d`.
+
+    input (N, C_in, H, W) or (C_in, H, W); weight (C_in, C_out/groups, kH, kW); bias (C_out,)
+    -> (N, C_out, H_out, W_out) or (C_out, H_out, W_out), with
+    H_out = (H - 1)*stride[0] - 2*padding[0] + dilation[0]*(kH - 1) + output_padding[0] + 1 (W alike).
+    It is the input gradient of ``conv2d`` with the same weight, stride, padding, dilation and groups.
+    ``output_padding`` must be smaller than ``stride`` or ``dilation``. ``algo`` picks the algorithm
+    (see :func:`fastconv.algorithms`, plus ``"patch_gemm"`` for kernel == stride); ``"auto"`` chooses.
+    """
+    return _conv_transpose(2, input, weight, bias, stride, padding, output_padding, groups, dilation, algo)
+
+
+def conv_transpose3d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,
+                     padding: IntOrSeq = 0, output_padding: IntOrSeq = 0, groups: int = 1,
+                     dilation: IntOrSeq = 1, *, algo: str = "auto") -> Tensor:
+    """3-D transposed convolution, as :func:`torch.nn.functional.conv_transpose3d`.
+
+    input (N, C_in, D, H, W) or (C_in, D, H, W); weight (C_in, C_out/groups, kD, kH, kW); bias (C_out,)
+    -> (N, C_out, D_out, H_out, W_out) or unbatched, each size by the formula of
+    :func:`conv_transpose2d`.
+    """
+    return _conv_transpose(3, input, weight, bias, stride, padding, output_padding, groups, dilation, algo)
