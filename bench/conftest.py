@@ -27,13 +27,6 @@ def selected_layers(config) -> list:
     return layers
 
 
-def pytest_collect_file(file_path, parent):
-    """Collect ``bench_*.py`` too: pytest's default pattern is ``test_*.py``."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
-        return pytest.Module.from_parent(parent, path=file_path)
-    return None
-
-
 def pytest_generate_tests(metafunc):
     """Parametrize ``case`` as layer x pass x algorithm (torch, each accepting algorithm, auto)."""
     if "case" not in metafunc.fixturenames:
