@@ -5,6 +5,7 @@ index results must be exact; sums and averages agree to 1e-12.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -40,6 +41,18 @@ def _geom(v, nd, fill):
     """nd-tuple for torch -> 3-tuple for the kernels, leading dims filled."""
     v = (v,) * nd if isinstance(v, int) else tuple(v)
     return (fill,) * (3 - nd) + v
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """torch's max_unpool splits a plane over threads: with duplicate indices only one thread is
+    deterministic (sequential, last element wins), which is fastconv's rule."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _assert_close(actual, expected, rtol=RTOL, atol=ATOL):
@@ -218,6 +231,47 @@ def test_max_pool_zero_planes(fn):
         assert y.shape == shape[:2] + (1, 3, 3) and i.shape == y.shape and i.dtype == np.int64
         gx = pool.max_pool_backward(np.zeros(y.shape), i, (1, 6, 6))
         assert gx.shape == shape
+
+
+
+def test_max_pool_random_geometries_match_torch():
+    # Tap chunks of 1-3 (kernel widths 1..7), strides 1..4 (phase split), dilations 1..3, odd rows.
+    r = _rng(40)
+    for trial in range(40):
+        k = tuple(int(v) for v in r.integers(1, 8, size=2))
+        s = tuple(int(v) for v in r.integers(1, 5, size=2))
+        d = tuple(int(v) for v in r.integers(1, 4, size=2))
+        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
+        spatial = tuple(int((kk - 1) * dd + 1 + r.integers(0, 12)) for kk, dd in zip(k, d))
+        x = _input(2, n=1, c=2, spatial=spatial, seed=trial, ints=trial % 3 == 0)
+        if trial % 4 == 1:
+            x[r.random(x.shape) < 0.1] = np.nan
+        _run_max(x, 2, k, s, p, d, bool(trial % 2))
+        _run_max(x, 2, k, s, p, d, bool(trial % 2), fn=pool.min_pool_forward,
+                 torch_fn=lambda xt, *a, **kw: tuple(v if i else -v for i, v in
+                                                   enumerate(F.max_pool2d(-xt, *a, **kw))))
+
+
+@pytest.mark.parametrize("want_min", [False, True])
+def test_max_pool_fast_kernel_equals_generic_kernel(want_min):
+    # The generic kernel (int64 indices) serves planes of 2**31+ elements; keep it equal to the fast one.
+    r = _rng(41)
+    for trial in range(25):
+        k = tuple(int(v) for v in r.integers(1, 6, size=3))
+        s = tuple(int(v) for v in r.integers(1, 4, size=3))
+        d = tuple(int(v) for v in r.integers(1, 3, size=3))
+        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
+        spatial = tuple(int((kk - 1) * dd + 1 + r.integers(0, 6)) for kk, dd in zip(k, d))
+        out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 2))
+                    for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+        x = _input(3, n=1, c=2, spatial=spatial, seed=trial, ints=trial % 2 == 0)
+        x[r.random(x.shape) < 0.05] = np.nan
+        y_fast, i_fast = pool._pool_extreme("t", x, k, s, p, d, out, True, want_min)
+        y_gen = np.empty_like(y_fast).reshape((2,) + out)
+        i_gen = np.empty(y_gen.shape, np.int64)
+        pool._max_pool_kernel_generic(x.reshape((2,) + spatial), y_gen, i_gen, *k, *s, *p, *d, want_min, True)
+        _assert_exact(y_fast.reshape(y_gen.shape), y_gen)
+        _assert_exact(i_fast.reshape(i_gen.shape), i_gen)
 
 
 def test_max_pool_rejects_bad_arguments():
@@ -414,8 +468,10 @@ def test_max_unpool_matches_torch(nd, case):
     x = _input(nd, seed=31)
     yp, ip = _MAX_POOL[nd](torch.from_numpy(x), k, s, p, return_indices=True)
     v = torch.from_numpy(_rng(32).standard_normal(yp.shape)).requires_grad_(True)
-    ut = _UNPOOL[nd](v, ip, k, s, p, output_size=x.shape[2:])
-    u5 = pool.max_unpool_forward(_to5d(v.detach().numpy(), nd), _to5d(ip.numpy(), nd), _geom(x.shape[2:], nd, 1))
+    with _one_torch_thread():  # overlapping windows repeat indices: see the duplicate-index test
+        ut = _UNPOOL[nd](v, ip, k, s, p, output_size=x.shape[2:])
+    u5 = pool.max_unpool_forward(_to5d(v.detach().numpy(), nd), _to5d(ip.numpy(), nd),
+                                 _geom(x.shape[2:], nd, 1))
     _assert_exact(_from5d(u5, nd), ut)
     g = _rng(33).standard_normal(ut.shape)
     (gt,) = torch.autograd.grad(ut, v, torch.from_numpy(g))
@@ -423,10 +479,13 @@ def test_max_unpool_matches_torch(nd, case):
     _assert_exact(_from5d(gv, nd), gt)
 
 
-def test_max_unpool_duplicate_indices_last_wins_like_torch():
+def test_max_unpool_duplicate_indices_last_wins_like_sequential_torch():
+    # torch splits the elements of a plane over threads, so with duplicate indices its result depends
+    # on timing; on one thread it is sequential and the last element wins. fastconv always does that.
     v = torch.tensor([[[[1.0, 2.0, 3.0, 4.0]]]], dtype=torch.float64)
     idx = torch.tensor([[[[5, 1, 5, 0]]]])
-    ut = F.max_unpool2d(v, idx, (2, 1), output_size=(2, 4))
+    with _one_torch_thread():
+        ut = F.max_unpool2d(v, idx, (2, 1), output_size=(2, 4))
     u5 = pool.max_unpool_forward(_to5d(v.numpy(), 2), _to5d(idx.numpy(), 2), (1, 2, 4))
     _assert_exact(_from5d(u5, 2), ut)
     assert u5.reshape(-1)[5] == 3.0
