@@ -65,3 +65,5 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
 registry.register_heuristic("numba", _heuristic)
 
 # Further CPU algorithms register themselves on import (one line each, below).
+from . import depthwise as _depthwise  # noqa: E402,F401  (registers algo="depthwise")
+from . import winograd as _winograd  # noqa: E402,F401  (registers winograd2/winograd4)

@@ -1,0 +1,638 @@
+"""Numba CPU kernels for depthwise convolution (``groups == in_channels``), registered as ``algo="depthwise"``.
+
+A depthwise convolution has one input channel per group and ``m`` output channels per input channel
+(channel multiplier, ``K = m * C``): output channel ``k`` reads input channel ``k // m`` only. The work
+per output element is just ``KD*KH*KW`` multiply-adds, so the pass is memory-bound and the generic
+grouped loop (4-channel register blocks of a 1-channel reduction, short rows) wastes most of the
+machine. These kernels are written for that shape instead:
+
+* **One plane per task.** ``prange`` runs over ``(n, c)`` input planes (forward, input gradient) or over
+  ``c`` (weight gradient, which then reduces over the batch inside the task: no races, deterministic).
+  The ``m`` output channels of an input channel share the task, so the input plane is read once.
+* **Padded, phase-split plane in cache.** The task copies its input plane once into a thread-local
+  buffer, zero-padded and split by stride phase in H and W
+  (``B[ph_h, ph_w, qh, qw] = x[qh*sh + ph_h - pad_h, qw*sw + ph_w - pad_w]``). Every kernel tap
+  ``(kh, kw)`` is then one constant offset into that buffer, whatever stride, padding or dilation.
+* **Flat rows.** Output rows are computed with the buffer's row pitch ``Wq = OW + ((KW-1)*dw)//sw``,
+  so one output plane is a single contiguous loop of ``OH * Wq`` elements,
+  ``O[i] = sum_t w_t * B[off_t + i]``, instead of ``OH`` loops of ``OW`` elements: long loops vectorise
+  fully (a 14- or 28-wide row would mostly run in the scalar remainder of a 16-lane loop). The
+  ``Lw = Wq - OW`` extra columns per row are computed and dropped (7% for 3x3 on 28x28).
+* **Input gradient as a gather.** The input gradient is computed per stride phase of the input, as a
+  correlation of the zero-padded output gradient with the taps of that phase (no scatter, no atomics),
+  then un-phased into place.
+* **Weight gradient as long dot products.** ``gw[k, tap] = sum_i G[i] * B[off_tap + i]`` with the output
+  gradient ``G`` laid out at the same pitch ``Wq`` and zero in the dropped columns. Where the
+  input plane holds Inf/NaN, ``0 * Inf`` in a dropped column would poison the sum, so such planes take
+  an exact row-by-row loop instead (the flat loop would otherwise differ from torch).
+
+All arrays are 5-D ``(N, C, D, H, W)`` (1-D and 2-D convolutions pass size-1 leading dims), weights
+``(K, 1, KD, KH, KW)``; ``stride``, ``padding`` (before each dim) and ``dilation`` are 3-tuples; the
+output (or input) spatial size is passed explicitly, so the padding after each dim is implied.
+
+Measured (bench/bench_depthwise.py, N=8, 3x3 pad 1, float32, one thread): 3.5-4x faster than torch on
+stride-1 planes of 28x28 and larger, where torch takes its slow native depthwise path; slower than
+torch where torch uses oneDNN (14x14 planes, stride 2), because copying a plane into the padded,
+phase-split buffer costs about as much as the convolution itself there.
+"""
+from __future__ import annotations
+
+from fastconv import config
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
+           "separable_forward_fused", "FUSED_BLOCK_BYTES"]
+
+#: Bytes of depthwise output the fused separable path keeps per block (about half of one core's L2
+#: here: 1 MiB L2 per core, and the GEMM also streams its output block through L2).
+FUSED_BLOCK_BYTES = 512 << 10
+
+_JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Geometry helpers (plain Python, tiny)
+# --------------------------------------------------------------------------------------------------
+
+def _tup(v):
+    return tuple(int(a) for a in v)
+
+
+def _flat(a):
+    """C-contiguous 1-D view (or copy) of ``a``: the kernels index flat arrays."""
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def _chunks(ntask):
+    """Number of task chunks for a prange: a few per thread, so uneven chunks still balance."""
+    return max(1, min(ntask, 4 * config.sync_threads()))
+
+
+def _pairs(n_dst, n_src, k, s, p, d, backward):
+    """For each destination index: its (tap, source index) pairs, CSR layout (start, tap, src).
+
+    Forward: output ``o`` reads input ``o*s - p + t*d``. Backward: input ``i`` is read by output
+    ``(i + p - t*d) / s`` when that divides exactly and lies in range.
+    """
+    start = np.zeros(n_dst + 1, np.int64)
+    taps, src = [], []
+    for o in range(n_dst):
+        for t in range(k):
+            if backward:
+                q = o + p - t * d
+                ok = q >= 0 and q % s == 0 and q // s < n_src
+                q //= s
+            else:
+                q = o * s - p + t * d
+                ok = 0 <= q < n_src
+            if ok:
+                taps.append(t)
+                src.append(q)
+        start[o + 1] = len(taps)
+    return start, np.array(taps, np.int64), np.array(src, np.int64)
+
+
+class _PlaneLayout:
+    """The padded, phase-split plane buffer of one input channel (see the module docstring).
+
+    ``Hq x Wq`` per (phase_h, phase_w) sub-plane; ``offsets[kh*KW + kw]`` is tap (kh, kw)'s start.
+    """
+
+    def __init__(self, kernel, out_hw, stride, dilation):
+        (KH, KW), (OH, OW), (sh, sw), (dh, dw) = kernel, out_hw, stride, dilation
+        self.Lh, self.Lw = ((KH - 1) * dh) // sh, ((KW - 1) * dw) // sw
+        self.Hq, self.Wq = OH + self.Lh, OW + self.Lw
+        self.sub = self.Hq * self.Wq
+        self.plane = sh * sw * self.sub
+        offs = np.empty(KH * KW, np.int64)
+        for kh in range(KH):
+            for kw in range(KW):
+                ah, aw = kh * dh, kw * dw
+                offs[kh * KW + kw] = ((ah % sh) * sw + aw % sw) * self.sub + (ah // sh) * self.Wq + aw // sw
+        self.offsets = offs
+
+
+# --------------------------------------------------------------------------------------------------
+# Numba kernels. Arrays arrive flattened (1-D) with explicit index arithmetic: a slice or row view in
+# an inner loop costs a reference-count update on the shared parent array, which measured as a large
+# share of the time on small (14x14) planes. Tasks are processed in chunks so each thread allocates its
+# plane buffers once, not once per plane.
+# --------------------------------------------------------------------------------------------------
+
+@njit(**_JIT)
+def _fill_plane(x, xbase, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, track):
+    """Copy the input plane starting at ``x[xbase]`` (D, H, W) into ``buf`` padded and phase-split.
+
+    With ``track``, returns ``sum(0 * x)`` over the plane: NaN when it holds Inf/NaN, so the weight
+    gradient can switch such planes to its exact path (a separate contiguous pass that vectorises; in
+    the strided copy loop the serial sum was the bottleneck).
+    Works on 2-D views (one per sub-plane); only the contiguous stride-1 row copy takes row views, which
+    lets it vectorise (measured: per-row views cost more than they save for the strided copy).
+    """
+    plane = sh * sw * sub
+    probe = zero
+    if track:
+        xs = x[xbase:xbase + D * H * W]
+        for i in range(D * H * W):
+            probe += xs[i] * 0
+    for d in range(D):
+        xp = x[xbase + d * H * W:xbase + (d + 1) * H * W].reshape((H, W))
+        for a in range(sh):
+            # rows qh with 0 <= qh*sh + a - ph < H
+            hlo = min(Hq, max(0, -((a - ph) // sh)))
+            hhi = max(hlo, min(Hq, (H + ph - a + sh - 1) // sh))
+            for b in range(sw):
+                bp = buf[d * plane + (a * sw + b) * sub:d * plane + (a * sw + b + 1) * sub].reshape((Hq, Wq))
+                qlo = min(Wq, max(0, -((b - pw) // sw)))
+                qhi = max(qlo, min(Wq, (W + pw - b + sw - 1) // sw))
+                shift = b - pw
+                for qh in range(Hq):
+                    if qh < hlo or qh >= hhi:
+                        for q in range(Wq):
+                            bp[qh, q] = zero
+                        continue
+                    ih = qh * sh + a - ph
+                    for q in range(qlo):
+                        bp[qh, q] = zero
+                    if sw == 1:
+                        # contiguous: row views let the copy vectorise
+                        dst = bp[qh, qlo:qhi]
+                        src = xp[ih, qlo + shift:qhi + shift]
+                        for q in range(qhi - qlo):
+                            dst[q] = src[q]
+                    else:
+                        for q in range(qlo, qhi):
+                            bp[qh, q] = xp[ih, q * sw + shift]
+                    for q in range(qhi, Wq):
+                        bp[qh, q] = zero
+    return probe
+
+
+@njit(**_JIT)
+def _taps(src, offs, wts, T, out, L, zero):
+    """``out[i] = sum_{t < T} wts[t] * src[offs[t] + i]`` for ``i < L``.
+
+    Nine taps (3x3, the common case) in one pass: 9 loads + 1 store per vector, against 12 loads and
+    3 stores for three passes of three taps. Other counts go three taps per pass."""
+    if T == 9:
+        o0, o1, o2, o3, o4 = offs[0], offs[1], offs[2], offs[3], offs[4]
+        o5, o6, o7, o8 = offs[5], offs[6], offs[7], offs[8]
+        w0, w1, w2, w3, w4, w5, w6, w7, w8 = wts[0], wts[1], wts[2], wts[3], wts[4], wts[5], wts[6], wts[7], wts[8]
+        x0, x1, x2 = src[o0:o0 + L], src[o1:o1 + L], src[o2:o2 + L]
+        x3, x4, x5 = src[o3:o3 + L], src[o4:o4 + L], src[o5:o5 + L]
+        x6, x7, x8 = src[o6:o6 + L], src[o7:o7 + L], src[o8:o8 + L]
+        for i in range(L):
+            out[i] = (w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i] + w4 * x4[i] + w5 * x5[i]
+                      + w6 * x6[i] + w7 * x7[i] + w8 * x8[i])
+        return
+    for i in range(L):
+        out[i] = zero
+    t = 0
+    while t + 3 <= T:
+        oa, ob, oc = offs[t], offs[t + 1], offs[t + 2]
+        wa, wb, wc = wts[t], wts[t + 1], wts[t + 2]
+        xa, xb, xc = src[oa:oa + L], src[ob:ob + L], src[oc:oc + L]
+        for i in range(L):
+            out[i] += wa * xa[i] + wb * xb[i] + wc * xc[i]
+        t += 3
+    if T - t == 2:
+        oa, ob = offs[t], offs[t + 1]
+        wa, wb = wts[t], wts[t + 1]
+        xa, xb = src[oa:oa + L], src[ob:ob + L]
+        for i in range(L):
+            out[i] += wa * xa[i] + wb * xb[i]
+    elif T - t == 1:
+        oa = offs[t]
+        wa = wts[t]
+        xa = src[oa:oa + L]
+        for i in range(L):
+            out[i] += wa * xa[i]
+
+
+@njit(parallel=True, **_JIT)
+def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub, toff,
+             dstart, dtap, dsrc, y, OD, OH, OW, y_chan0, y_nstride, nchunks):
+    """Depthwise forward. x (N, C, D, H, W) flat; w (C*m, KD, KH*KW) flat; bias (C*m,).
+
+    Output channel ``k`` of image ``n`` goes to plane ``n * y_nstride + y_chan0 + k`` of ``y``
+    (planes of OD*OH*OW, flat): the plain forward has ``y_nstride = C*m``; the fused separable path
+    passes a per-block buffer.
+    """
+    plane = sh * sw * sub
+    L = OH * Wq
+    ntask = N * C
+    zero = np.zeros(1, y.dtype)[0]
+    for chunk in prange(nchunks):
+        # + Wq slack: the dropped columns of the last row read up to Lw < Wq past the sub-plane.
+        buf = np.zeros(D * plane + Wq, y.dtype)
+        obuf = np.empty(L, y.dtype)
+        offs = np.empty(KD * KHW, np.int64)
+        wts = np.empty(KD * KHW, y.dtype)
+        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+            n = task // C
+            c = task - n * C
+            _fill_plane(x, task * D * H * W, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, False)
+            for j in range(m):
+                k = c * m + j
+                bv = bias[k]
+                for od in range(OD):
+                    T = 0
+                    for p in range(dstart[od], dstart[od + 1]):
+                        kd = dtap[p]
+                        base = dsrc[p] * plane
+                        for t in range(KHW):
+                            offs[T] = base + toff[t]
+                            wts[T] = w[(k * KD + kd) * KHW + t]
+                            T += 1
+                    _taps(buf, offs, wts, T, obuf, L, zero)
+                    ybase = ((n * y_nstride + y_chan0 + k) * OD + od) * OH * OW
+                    for oh in range(OH):
+                        yrow = y[ybase + oh * OW:ybase + (oh + 1) * OW]
+                        orow = obuf[oh * Wq:oh * Wq + OW]
+                        for ow in range(OW):
+                            yrow[ow] = orow[ow] + bv
+
+
+@njit(parallel=True, **_JIT)
+def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h, q0w, Qh, Wg,
+                dstart, dtap, dsrc, tkhw, toff, pstart, gx, C, D, H, W, nchunks):
+    """Depthwise input gradient, gathered per stride phase. go (N, C*m, OD, OH, OW) -> gx (N, C, D, H, W),
+    all flat; w (C*m, KD, KH*KW) flat.
+
+    For input phase ``P = (ph_h, ph_w)`` the padded input position ``(qh*sh + ph_h, qw*sw + ph_w)`` gets
+    ``sum w[k, kd, kh, kw] * go[k, od, qh - a_h, qw - a_w]`` over the taps with ``kh*dh % sh == ph_h``
+    (``a_h = (kh*dh - ph_h) // sh``, same in W). ``G`` is ``go`` zero-padded by (Lh, Lw) before and
+    shifted by (q0h, q0w), so each tap is one offset; phase ``P``'s taps are ``pstart[P]:pstart[P+1]``
+    of (tkhw, toff).
+    """
+    Gr = Qh + Lh
+    Gs = Gr * Wg
+    Sn = Qh * Wg
+    nph = sh * sw
+    ntask = N * C
+    zero = np.zeros(1, gx.dtype)[0]
+    for chunk in prange(nchunks):
+        G = np.zeros(m * OD * Gs + Lw + 1, gx.dtype)
+        S = np.empty(Sn, gx.dtype)
+        ntap = m * KD * KHW
+        offs = np.empty(ntap, np.int64)
+        wts = np.empty(ntap, gx.dtype)
+        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+            n = task // C
+            c = task - n * C
+            for j in range(m):
+                for od in range(OD):
+                    gsrc = ((n * K + c * m + j) * OD + od) * OH * OW
+                    base = (j * OD + od) * Gs
+                    for g in range(Gr):
+                        r0 = base + g * Wg
+                        oh = g + q0h - Lh
+                        if oh < 0 or oh >= OH:
+                            for gc in range(Wg):
+                                G[r0 + gc] = zero
+                            continue
+                        srow = gsrc + oh * OW
+                        # columns gc map to ow = gc + q0w - Lw; zero outside [0, OW)
+                        lo = min(Wg, max(0, Lw - q0w))
+                        hi = max(lo, min(Wg, OW + Lw - q0w))
+                        for gc in range(lo):
+                            G[r0 + gc] = zero
+                        shift = srow + q0w - Lw
+                        gdst = G[r0 + lo:r0 + hi]
+                        gsrc_ = go[shift + lo:shift + hi]
+                        for gc in range(hi - lo):
+                            gdst[gc] = gsrc_[gc]
+                        for gc in range(hi, Wg):
+                            G[r0 + gc] = zero
+            for id_ in range(D):
+                for P in range(nph):
+                    T = 0
+                    for j in range(m):
+                        k = c * m + j
+                        for p in range(dstart[id_], dstart[id_ + 1]):
+                            kd = dtap[p]
+                            base = (j * OD + dsrc[p]) * Gs
+                            for t in range(pstart[P], pstart[P + 1]):
+                                offs[T] = base + toff[t]
+                                wts[T] = w[(k * KD + kd) * KHW + tkhw[t]]
+                                T += 1
+                    _taps(G, offs, wts, T, S, Sn, zero)
+                    a = P // sw
+                    b = P - a * sw
+                    # un-phase: input (ih, iw) of this phase is S[(ih+ph)//sh - q0h, (iw+pw)//sw - q0w]
+                    ih0 = (a - ph) % sh
+                    iw0 = (b - pw) % sw
+                    gbase = ((n * C + c) * D + id_) * H * W
+                    for ih in range(ih0, H, sh):
+                        srow = ((ih + ph) // sh - q0h) * Wg
+                        grow = gbase + ih * W
+                        if sw == 1:
+                            s0 = srow + pw - q0w
+                            gdst = gx[grow:grow + W]
+                            ssrc = S[s0:s0 + W]
+                            for iw in range(W):
+                                gdst[iw] = ssrc[iw]
+                        elif W > iw0:
+                            cnt = (W - iw0 + sw - 1) // sw
+                            s0 = srow + (iw0 + pw) // sw - q0w
+                            gdst = gx[grow + iw0:grow + W:sw]
+                            ssrc = S[s0:s0 + cnt]
+                            for t in range(cnt):
+                                gdst[t] = ssrc[t]
+
+
+@njit(parallel=True, **_JIT)
+def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq, sub, toff,
+                 dstart, dtap, dsrc, gw, KD, KHW):
+    """Depthwise weight gradient. go (N, C*m, OD, OH, OW), x (N, C, D, H, W) flat -> gw (C*m, KD, KH*KW).
+
+    Parallel over input channels; each task owns the ``m`` weights of its channel and reduces over
+    the whole batch itself (no races, the same result for any thread count).
+    """
+    plane = sh * sw * sub
+    L = OH * Wq
+    zero = np.zeros(1, gw.dtype)[0]
+    for c in prange(C):
+        buf = np.zeros(D * plane + Wq, gw.dtype)
+        G = np.zeros(L, gw.dtype)  # the dropped columns (ow >= OW) stay zero
+        acc = np.zeros((m, KD, KHW), gw.dtype)
+        for n in range(N):
+            probe = _fill_plane(x, (n * C + c) * D * H * W, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, True)
+            exact = probe != 0 or np.isnan(probe)
+            for j in range(m):
+                k = c * m + j
+                for od in range(OD):
+                    gsrc = ((n * K + k) * OD + od) * OH * OW
+                    if exact:
+                        for p in range(dstart[od], dstart[od + 1]):
+                            kd = dtap[p]
+                            base = dsrc[p] * plane
+                            for t in range(KHW):
+                                s = zero
+                                for oh in range(OH):
+                                    xo = base + toff[t] + oh * Wq
+                                    xr = buf[xo:xo + OW]
+                                    gr = go[gsrc + oh * OW:gsrc + (oh + 1) * OW]
+                                    for ow in range(OW):
+                                        s += gr[ow] * xr[ow]
+                                acc[j, kd, t] += s
+                        continue
+                    for oh in range(OH):
+                        gdst = G[oh * Wq:oh * Wq + OW]
+                        gr = go[gsrc + oh * OW:gsrc + (oh + 1) * OW]
+                        for ow in range(OW):
+                            gdst[ow] = gr[ow]
+                    for p in range(dstart[od], dstart[od + 1]):
+                        kd = dtap[p]
+                        base = dsrc[p] * plane
+                        t = 0
+                        while t + 3 <= KHW:
+                            oa, ob, oc = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                            sa = sb = sc = zero
+                            xa, xb, xc = buf[oa:oa + L], buf[ob:ob + L], buf[oc:oc + L]
+                            for i in range(L):
+                                g = G[i]
+                                sa += g * xa[i]
+                                sb += g * xb[i]
+                                sc += g * xc[i]
+                            acc[j, kd, t] += sa
+                            acc[j, kd, t + 1] += sb
+                            acc[j, kd, t + 2] += sc
+                            t += 3
+                        while t < KHW:
+                            oa = base + toff[t]
+                            sa = zero
+                            xa = buf[oa:oa + L]
+                            for i in range(L):
+                                sa += G[i] * xa[i]
+                            acc[j, kd, t] += sa
+                            t += 1
+        for j in range(m):
+            for kd in range(KD):
+                for t in range(KHW):
+                    gw[((c * m + j) * KD + kd) * KHW + t] = acc[j, kd, t]
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API (numpy in, numpy out; same conventions as fastconv.cpu.conv)
+# --------------------------------------------------------------------------------------------------
+
+def _check_depthwise(C, K, wshape1):
+    if wshape1 != 1 or K % C != 0:
+        raise ValueError(f"depthwise kernels need weight (m*C, 1, ...) for C={C} input channels, "
+                         f"got {K} output channels with {wshape1} input channels per group")
+
+
+def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y, chan0=0, nstride=None):
+    """Depthwise forward written into ``y`` (rows, OD, OH, OW): output channel ``k`` of image ``n``
+    goes to row ``n * nstride + chan0 + k`` (``nstride`` defaults to ``K``). Used by the fused
+    depthwise-separable path to write one image's intermediate into a cache-sized block."""
+    config.sync_threads()
+    stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
+    N, C, D, H, W = x.shape
+    K, Cg, KD, KH, KW = w.shape
+    _check_depthwise(C, K, Cg)
+    OD, OH, OW = out_spatial
+    if N == 0 or K == 0 or OD * OH * OW == 0:
+        return y
+    lay = _PlaneLayout((KH, KW), (OH, OW), stride[1:], dilation[1:])
+    b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    dt = _pairs(OD, D, KD, stride[0], padding[0], dilation[0], False)
+    if not y.flags.c_contiguous:
+        raise ValueError("depthwise_forward_into: y must be C-contiguous")
+    _forward(_flat(x), N, C, D, H, W, _flat(w), KD, KH * KW, b, K // C, stride[1], stride[2],
+             padding[1], padding[2], lay.Hq, lay.Wq, lay.sub, lay.offsets, *dt, y.reshape(-1), OD, OH, OW,
+             int(chan0), int(K if nstride is None else nstride), _chunks(N * C))
+    return y
+
+
+def depthwise_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
+    """Depthwise convolution forward.
+
+    x: (N, C, D, H, W); w: (m*C, 1, KD, KH, KW); bias: (m*C,) or None; ``groups`` must equal C.
+    Returns y: (N, m*C, *out_spatial), same dtype as x.
+    """
+    N, C = x.shape[:2]
+    K = w.shape[0]
+    if int(groups) != C:
+        raise ValueError(f"depthwise kernels need groups == in_channels, got groups={groups} with {C} channels")
+    y = np.empty((N, K) + _tup(out_spatial), x.dtype)
+    depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial,
+                           y.reshape((N * K,) + _tup(out_spatial)))
+    return y
+
+
+def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
+    """Depthwise convolution input gradient.
+
+    grad_out: (N, m*C, OD, OH, OW); w: (m*C, 1, KD, KH, KW); ``groups`` = C.
+    Returns grad_x: (N, C, *in_spatial); zeros where no output window reaches.
+    """
+    config.sync_threads()
+    go = np.ascontiguousarray(grad_out)
+    w = np.ascontiguousarray(w)
+    stride, padding, dilation, in_spatial = map(_tup, (stride, padding, dilation, in_spatial))
+    N, K, OD, OH, OW = go.shape
+    C = int(groups)
+    _check_depthwise(C, K, w.shape[1])
+    KD, KH, KW = w.shape[2:]
+    D, H, W = in_spatial
+    gx = np.empty((N, C) + in_spatial, go.dtype)
+    if gx.size == 0:
+        return gx
+    if go.size == 0:
+        gx[...] = 0
+        return gx
+    (sd, sh, sw), (pd, ph, pw), (dd, dh, dw) = stride, padding, dilation
+    Lh, Lw = ((KH - 1) * dh) // sh, ((KW - 1) * dw) // sw
+    q0h, q0w = ph // sh, pw // sw
+    Qh = (H - 1 + ph) // sh + 1 - q0h
+    Qw = (W - 1 + pw) // sw + 1 - q0w
+    Wg = Qw + Lw
+    # taps grouped by input phase (ph_h, ph_w); offset into the padded output-gradient plane
+    tkhw, toff, pstart = [], [], [0]
+    for a in range(sh):
+        for b in range(sw):
+            for kh in range(KH):
+                if (kh * dh) % sh != a:
+                    continue
+                for kw in range(KW):
+                    if (kw * dw) % sw != b:
+                        continue
+                    tkhw.append(kh * KW + kw)
+                    toff.append((Lh - (kh * dh - a) // sh) * Wg + Lw - (kw * dw - b) // sw)
+            pstart.append(len(toff))
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    dt = _pairs(D, OD, KD, sd, pd, dd, True)
+    _grad_input(_flat(go), N, K, OD, OH, OW, _flat(w), KD, KH * KW, K // C, sh, sw, ph, pw, Lh, Lw, q0h, q0w,
+                Qh, Wg, *dt, i64(tkhw), i64(toff), i64(pstart), gx.reshape(-1), C, D, H, W, _chunks(N * C))
+    return gx
+
+
+def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
+    """Depthwise convolution weight gradient.
+
+    grad_out: (N, m*C, OD, OH, OW); x: (N, C, D, H, W); ``groups`` = C.
+    Returns grad_w: (m*C, 1, *kernel_spatial).
+    """
+    config.sync_threads()
+    go = np.ascontiguousarray(grad_out)
+    x = np.ascontiguousarray(x)
+    stride, padding, dilation, kernel_spatial = map(_tup, (stride, padding, dilation, kernel_spatial))
+    N, K, OD, OH, OW = go.shape
+    C = x.shape[1]
+    if int(groups) != C or K % max(C, 1) != 0:
+        raise ValueError(f"depthwise kernels need groups == in_channels and out_channels % in_channels == 0, "
+                         f"got groups={groups}, {C} input and {K} output channels")
+    KD, KH, KW = kernel_spatial
+    gw = np.zeros((K, 1) + kernel_spatial, go.dtype)
+    if go.size == 0 or gw.size == 0 or x.size == 0:
+        return gw
+    lay = _PlaneLayout((KH, KW), (OH, OW), stride[1:], dilation[1:])
+    dt = _pairs(OD, x.shape[2], KD, stride[0], padding[0], dilation[0], False)
+    _grad_weight(_flat(go), N, K, OD, OH, OW, _flat(x), C, x.shape[2], x.shape[3], x.shape[4], K // C,
+                 stride[1], stride[2], padding[1], padding[2], lay.Hq, lay.Wq, lay.sub, lay.offsets, *dt,
+                 gw.reshape(-1), KD, KH * KW)
+    return gw
+
+
+def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_spatial):
+    """Depthwise-separable forward (depthwise ``wd``, then 1x1 pointwise ``wp``) without materialising
+    the whole intermediate tensor.
+
+    x: (N, C, D, H, W); wd: (M, 1, KD, KH, KW) with M = m*C; bd: (M,) or None; wp: (K, M); bp: (K,) or None.
+    Returns y: (N, K, *out_spatial).
+
+    Images are processed in blocks whose depthwise output (``nb x M x OD*OH*OW``) stays within
+    :data:`FUSED_BLOCK_BYTES` (about half of one core's L2): the depthwise kernel writes the block,
+    the GEMM ``wp @ z`` (torch.mm) reads it back from cache and the pointwise bias is added while the
+    output block is still in cache. The unfused path instead writes the whole intermediate to memory
+    and reads it back.
+    """
+    config.sync_threads()
+    stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
+    x = np.ascontiguousarray(x)
+    wd = np.ascontiguousarray(wd)
+    wp = np.ascontiguousarray(wp)
+    N, C, D, H, W = x.shape
+    M, _, KD, KH, KW = wd.shape
+    K = wp.shape[0]
+    P = out_spatial[0] * out_spatial[1] * out_spatial[2]
+    y = np.empty((N, K) + out_spatial, x.dtype)
+    if y.size == 0:
+        return y
+    y3 = y.reshape(N, K, P)
+    if M == 0:
+        y3[...] = 0 if bp is None else np.asarray(bp, x.dtype).reshape(1, K, 1)
+        return y
+    lay = _PlaneLayout((KH, KW), out_spatial[1:], stride[1:], dilation[1:])
+    b = np.zeros(M, x.dtype) if bd is None else np.ascontiguousarray(bd, x.dtype)
+    bpc = None if bp is None else np.asarray(bp, x.dtype).reshape(K, 1)
+    dt = _pairs(out_spatial[0], D, KD, stride[0], padding[0], dilation[0], False)
+    nb = int(max(1, min(N, FUSED_BLOCK_BYTES // max(1, M * P * x.itemsize))))
+    z = np.empty((nb * M,) + out_spatial, x.dtype)
+    z3 = z.reshape(nb, M, P)
+    # The GEMM goes through torch (same memory, no copies): numpy's OpenBLAS keeps its own thread pool,
+    # which ignores torch.set_num_threads and, on this 2-core machine, oversubscribed it (measured:
+    # medians 5x the minimum under load); torch's GEMM follows the one thread knob.
+    import torch
+
+    wp_t, z_t, y_t = torch.from_numpy(wp), torch.from_numpy(z3), torch.from_numpy(y3)
+    bp_t = None if bpc is None else torch.from_numpy(np.ascontiguousarray(bpc))
+    zflat = z.reshape(-1)
+    wflat = _flat(wd)
+    for n0 in range(0, N, nb):
+        cnt = min(nb, N - n0)
+        _forward(_flat(x[n0:n0 + cnt]), cnt, C, D, H, W, wflat, KD, KH * KW, b, M // C, stride[1], stride[2],
+                 padding[1], padding[2], lay.Hq, lay.Wq, lay.sub, lay.offsets, *dt, zflat, *out_spatial, 0, M,
+                 _chunks(cnt * C))
+        for i in range(cnt):
+            out = y_t[n0 + i]
+            torch.mm(wp_t, z_t[i], out=out)
+            if bp_t is not None:
+                out.add_(bp_t)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------------------------------
+
+def _refuse(g) -> "str | None":
+    if g.groups != g.in_channels:
+        return (f"needs groups == in_channels (depthwise); got groups={g.groups} with "
+                f"{g.in_channels} input channels")
+    if g.out_channels % g.in_channels != 0:
+        return (f"needs out_channels to be a multiple of in_channels (channel multiplier); got "
+                f"{g.out_channels} output channels for {g.in_channels} input channels")
+    return None
+
+
+def _register():
+    import torch
+
+    from .. import registry
+
+    def forward(x, w, bias, g):
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(depthwise_forward(x.detach().numpy(), w.detach().numpy(), b, g.stride,
+                                                  g.padding, g.dilation, g.groups, g.out_spatial))
+
+    def grad_input(grad_out, w, g):
+        return torch.from_numpy(depthwise_grad_input(grad_out.detach().numpy(), w.detach().numpy(), g.stride,
+                                                     g.padding, g.dilation, g.groups, g.in_spatial))
+
+    def grad_weight(grad_out, x, g):
+        return torch.from_numpy(depthwise_grad_weight(grad_out.detach().numpy(), x.detach().numpy(), g.stride,
+                                                      g.padding, g.dilation, g.groups, g.kernel))
+
+    registry.register(registry.ConvAlgorithm(
+        "depthwise", frozenset({"numba"}),
+        "depthwise only (groups == in_channels, any multiplier): one padded, phase-split plane per task "
+        "in cache, whole-plane vectorised tap loops; input gradient gathered per stride phase",
+        forward, grad_input, grad_weight, refuse=_refuse))
+
+
+_register()

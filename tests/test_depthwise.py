@@ -1,0 +1,142 @@
+"""algo="depthwise" (fastconv/cpu/depthwise.py) against torch in float64: forward, gradients, gradcheck,
+opcheck, refusal of non-depthwise geometries, non-finite inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastconv
+import fastconv.functional as F
+from fastconv import backends
+from conftest import assert_close
+
+pytestmark = pytest.mark.skipif(backends.current() != "numba", reason="algo='depthwise' runs on the numba backend")
+
+ALGO = "depthwise"
+
+# name: (ndim, N, C, multiplier, spatial, kernel, conv kwargs)
+CASES = {
+    "3x3_pad1": (2, 2, 4, 1, (8, 7), (3, 3), dict(padding=1)),
+    "3x3_stride2_pad1": (2, 2, 3, 1, (9, 8), (3, 3), dict(stride=2, padding=1)),
+    "multiplier2_stride2": (2, 2, 3, 2, (9, 10), (3, 3), dict(stride=2, padding=1)),
+    "multiplier3_mixed": (2, 1, 2, 3, (12, 13), (4, 3), dict(stride=(3, 2), padding=(0, 1), dilation=(2, 3))),
+    "same_even_kernel": (2, 2, 3, 1, (7, 6), (4, 2), dict(padding="same")),
+    "same_even_dilated_mult2": (2, 1, 2, 2, (8, 9), (2, 4), dict(padding="same", dilation=(3, 2))),
+    "dilation2": (2, 2, 3, 1, (11, 10), (3, 3), dict(padding=2, dilation=2)),
+    "valid_5x5": (2, 2, 4, 1, (9, 9), (5, 5), dict(padding="valid")),
+    "padding_exceeds_kernel": (2, 1, 2, 1, (5, 6), (3, 3), dict(padding=(4, 3))),
+    "asymmetric_stride3": (2, 1, 2, 1, (10, 5), (3, 1), dict(stride=(3, 1), padding=(2, 0))),
+    "kernel_equals_input": (2, 2, 3, 2, (5, 4), (5, 4), dict()),
+    "1x1_stride2": (2, 2, 4, 1, (7, 7), (1, 1), dict(stride=2)),
+    "wide_rows": (2, 1, 3, 1, (5, 70), (3, 3), dict(padding=1)),
+    "conv1d_stride2": (1, 2, 3, 1, (17,), (3,), dict(stride=2, padding=1)),
+    "conv1d_same_even_mult2": (1, 2, 3, 2, (11,), (4,), dict(padding="same", dilation=2)),
+    "conv3d_pad1": (3, 2, 2, 1, (4, 5, 6), (3, 3, 3), dict(padding=1)),
+    "conv3d_mixed_mult2": (3, 1, 2, 2, (5, 6, 7), (3, 3, 2), dict(stride=(1, 2, 2), padding=(1, 1, 0),
+                                                                  dilation=(2, 1, 1))),
+    "batch0": (2, 0, 3, 2, (6, 6), (3, 3), dict(padding=1)),
+}
+
+
+def _make(case, dtype=torch.float64, requires_grad=True):
+    ndim, n, c, m, size, kernel, kw = CASES[case]
+    x = torch.randn(n, c, *size, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(c * m, 1, *kernel, dtype=dtype, requires_grad=requires_grad)
+    b = torch.randn(c * m, dtype=dtype, requires_grad=requires_grad)
+    return ndim, x, w, b, dict(kw, groups=c)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_depthwise_forward_and_gradients_match_torch(case):
+    ndim, x, w, b, kw = _make(case)
+    ours, theirs = getattr(F, f"conv{ndim}d"), getattr(TF, f"conv{ndim}d")
+    y = ours(x, w, b, algo=ALGO, **kw)
+    ref = theirs(x, w, b, **kw)
+    assert_close(y, ref, what="forward")
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), got, want):
+        assert_close(a, e, what=name)
+
+
+@pytest.mark.parametrize("case", ["3x3_stride2_pad1", "multiplier3_mixed", "same_even_dilated_mult2",
+                                  "conv1d_same_even_mult2", "conv3d_mixed_mult2"])
+def test_depthwise_gradcheck_and_gradgradcheck(case):
+    ndim, x, w, b, kw = _make(case)
+    fn = lambda x, w, b: getattr(F, f"conv{ndim}d")(x, w, b, algo=ALGO, **kw)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("case", ["3x3_pad1", "multiplier2_stride2", "same_even_kernel", "conv1d_stride2",
+                                  "conv3d_pad1"])
+def test_opcheck_conv_ops_with_depthwise_algo(case):
+    ndim, x, w, b, kw = _make(case)
+    a = F.conv.ConvArgs(f"conv{ndim}d", ndim, x, w, b, kw.get("stride", 1), kw.get("padding", 0),
+                        kw.get("dilation", 1), kw["groups"], ALGO)
+    geometry = [*a.lists(), a.groups, ALGO]
+    y = getattr(TF, f"conv{ndim}d")(x, w, b, **kw).detach()
+    gy = torch.randn_like(y)
+    ops = torch.ops.fastconv
+    torch.library.opcheck(getattr(ops, f"conv{ndim}d").default, (x, w, b, *geometry))
+    torch.library.opcheck(getattr(ops, f"conv{ndim}d_grad_input").default,
+                          (gy.requires_grad_(), w, list(x.shape[2:]), *geometry))
+    torch.library.opcheck(getattr(ops, f"conv{ndim}d_grad_weight").default,
+                          (gy, x, list(w.shape[2:]), *geometry))
+
+
+@pytest.mark.parametrize("groups, channels, out_channels, message", [
+    (1, 64, 8, r"needs groups == in_channels \(depthwise\); got groups=1 with 64 input channels"),
+    (2, 4, 4, r"needs groups == in_channels \(depthwise\); got groups=2 with 4 input channels"),
+])
+def test_non_depthwise_geometry_is_refused_with_reason(groups, channels, out_channels, message):
+    x = torch.randn(1, channels, 6, 6)
+    w = torch.randn(out_channels, channels // groups, 3, 3)
+    with pytest.raises(ValueError, match=r"algo='depthwise' cannot run this convolution \(" + message):
+        F.conv2d(x, w, groups=groups, algo=ALGO)
+    # the refusal also lists what can run it, so the user knows the fix
+    with pytest.raises(ValueError, match=r"Algorithms that can: auto"):
+        F.conv2d(x, w, groups=groups, algo=ALGO)
+
+
+def test_algorithm_is_listed():
+    rows = {row["name"]: row for row in fastconv.algorithms()}
+    assert "numba" in rows["depthwise"]["targets"]
+
+
+def test_float32_matches_float64_reference():
+    _, x, w, b, kw = _make("multiplier2_stride2", requires_grad=False)
+    y = F.conv2d(x.float(), w.float(), b.float(), algo=ALGO, **kw)
+    assert y.dtype == torch.float32
+    assert_close(y, TF.conv2d(x, w, b, **kw).float())
+
+
+def test_non_finite_input_matches_torch():
+    """NaN/Inf propagate as in torch: forward, and the weight gradient's exact path for planes with
+    non-finite values (the whole-plane loop would multiply 0 * Inf in its dropped columns)."""
+    x = torch.randn(2, 3, 9, 10, dtype=torch.float64)
+    x[0, 1, 4, 4] = float("nan")
+    # stride 2, no padding, 10 wide: column 9 is read by no window; Inf there must not reach any gradient
+    x[1, 2, 3, 9] = float("inf")
+    x[1, 0, 0, 0] = float("inf")
+    w = torch.randn(6, 1, 3, 3, dtype=torch.float64)
+    kw = dict(stride=(1, 2), groups=3)
+    assert_close(F.conv2d(x, w, algo=ALGO, **kw), TF.conv2d(x, w, **kw), what="forward")
+    gy = torch.randn_like(TF.conv2d(x, w, **kw))
+    want = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 2], [0, 0], [1, 1], False, [0, 0], 3,
+                                               [False, True, False])[1]
+    got = torch.ops.fastconv.conv2d_grad_weight(gy, x, [3, 3], [1, 2], [0, 0], [0, 0], [1, 1], 3, ALGO)
+    assert want[4:].isfinite().all() and not want[0].isfinite().all()  # the case exercises both paths
+    assert_close(got, want, what="grad_weight")
+
+
+def test_kernel_api_rejects_non_depthwise_weights():
+    from fastconv.cpu import depthwise
+
+    x = np.zeros((1, 4, 1, 5, 5), np.float32)
+    with pytest.raises(ValueError, match=r"need weight \(m\*C, 1, \.\.\.\) for C=4 input channels"):
+        depthwise.depthwise_forward(x, np.zeros((4, 2, 1, 3, 3), np.float32), None, (1, 1, 1), (0, 0, 0),
+                                    (1, 1, 1), 4, (1, 3, 3))
