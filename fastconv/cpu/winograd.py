@@ -1,0 +1,636 @@
+"""Winograd F(2x2,3x3) and F(4x4,3x3) convolutions on the CPU (Numba transforms + BLAS GEMMs).
+
+Registers the algorithms ``"winograd2"`` and ``"winograd4"`` (target ``"numba"``) for 2-D convolutions
+with a 3x3 kernel, stride 1 and dilation 1: any padding (negative, asymmetric, ``'same'``), any groups.
+
+How a forward pass runs (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"), with
+``m`` the output tile (2 or 4) and ``a = m + 2`` the input tile:
+
+1. filter transform, once per call: ``U[xi, nu] = (G g G^T)[xi, nu]``, stored ``(a*a, K, C/groups)``;
+2. the output is cut into ``m x m`` tiles, each reading an ``a x a`` input patch (patches overlap by 2).
+   Tiles are taken in chunks of whole tile rows, sized by :data:`WORKSPACE_BYTES`, so the transformed
+   tiles of a chunk stay in the L2/L3 caches. Per chunk:
+
+   * input transform ``V[xi, nu] = (B^T d B)[xi, nu]``, stored ``(a*a, C, tiles)``;
+   * ``a*a`` independent GEMMs ``M[xi, nu] = U[xi, nu] @ V[xi, nu]``: ``(K x C) @ (C x tiles)`` per group,
+     through numpy's BLAS (one ``np.matmul`` over the stack of positions and groups);
+   * output transform ``Y = A^T M A``, cropped to the output size, plus the bias.
+
+The input gradient of a stride-1 3x3 convolution is itself a stride-1 3x3 convolution of the output
+gradient with the filters flipped and transposed (K <-> C), padded ``2 - p`` before: the same forward
+runs it. Padding beyond 2 makes that padding negative, which the tile gather handles (it reads with
+bounds, so a negative padding simply crops).
+
+The weight gradient is Winograd too: along one dim, ``gw[i] = sum_o go[o] d[o + i]`` over an output tile
+of ``m`` positions is the minimal filtering problem F(3, m) with the same ``a = m + 2`` points, whose
+input transform is the same ``B^T``. So ``x`` goes through the forward input transform, each ``m x m``
+tile of the output gradient through ``G_m (.) G_m^T`` (``G_m`` is ``a x m``), the GEMMs reduce over the
+tiles: ``Mw[xi, nu] += GO[xi, nu] @ V[xi, nu]^T`` ``(K x tiles) @ (tiles x C)``, and a final
+``A_3^T Mw A_3`` gives the 3x3 result.
+
+The transform matrices come from the Toom-Cook construction over interpolation points (see
+:func:`transform_matrices` and :data:`POINTS`): F(2x2) uses ``0, 1, -1, inf``, F(4x4)
+``0, 1, -1, 1/2, -2, inf``, the set with the lowest float32 error among those we measured.
+
+Every transform is a Numba loop whose innermost loop runs over a contiguous row of tiles (phase-split
+input rows make the overlapping patches unit-stride), so it vectorises; zero coefficients are skipped.
+"""
+from __future__ import annotations
+
+from fastconv import config
+
+import ctypes
+import math
+import threading
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+__all__ = [
+    "transform_matrices", "winograd_forward", "winograd_grad_input", "winograd_grad_weight",
+    "POINTS", "TILE_SIZES", "WORKSPACE_BYTES", "refuse_reason", "mult_ratio", "workspace_bytes",
+]
+
+#: Output tile size -> the finite interpolation points (``inf`` is always added last). F(4x4) uses
+#: ``0, 1, -1, 1/2, -2``: measured on a 64-channel layer in float32, its worst error is about half that of
+#: Lavin & Gray's ``0, +-1, +-2`` (2.8e-6 vs 5.8e-6 of the output scale; ``0, +-1, +-1/2`` gave 6.3e-6)
+#: for 4 more nonzeros in B^T (26 vs 22), as Barabasz et al. (2020) found.
+POINTS = {2: (0, 1, -1), 4: (0, 1, -1, Fraction(1, 2), -2)}
+TILE_SIZES = tuple(POINTS)
+
+#: Upper bound, in bytes, on the transformed tiles of one chunk (input + output transforms, all
+#: channels). Sized to sit in the L2 of the two cores plus a share of L3 (2 x 2 MiB + 32 MiB here), so
+#: the GEMMs read what the transform just wrote from cache.
+WORKSPACE_BYTES = 4 << 20
+
+#: Fewest tiles (GEMM columns) a chunk gets even when that exceeds :data:`WORKSPACE_BYTES` (wide
+#: layers, 256 channels and more): measured, (256 x 256) @ (256 x 45) GEMMs made F(4x4) on VGG conv3
+#: barely faster than torch, and 190+ columns about 1.5x faster.
+MIN_GEMM_TILES = 192
+
+_JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Transform matrices (Toom-Cook, exact rational arithmetic)
+# --------------------------------------------------------------------------------------------
+
+def _evaluation(points, n, cols):
+    """Rows: each finite point p -> [p^0 .. p^(cols-1)]; the point at infinity -> [0 .. 0, 1].
+
+    Applied to the ``cols`` coefficients of a polynomial it gives its values at the ``n`` points
+    (the last one being the leading coefficient).
+    """
+    rows = [[Fraction(p) ** j for j in range(cols)] for p in points]
+    rows.append([Fraction(0)] * (cols - 1) + [Fraction(1)])
+    assert len(rows) == n
+    return rows
+
+
+def _inverse(mat):
+    """Exact inverse of a small square matrix of Fractions (Gauss-Jordan)."""
+    n = len(mat)
+    aug = [list(row) + [Fraction(int(i == j)) for j in range(n)] for i, row in enumerate(mat)]
+    for col in range(n):
+        piv = next(r for r in range(col, n) if aug[r][col] != 0)
+        aug[col], aug[piv] = aug[piv], aug[col]
+        inv = 1 / aug[col][col]
+        aug[col] = [v * inv for v in aug[col]]
+        for r in range(n):
+            if r != col and aug[r][col] != 0:
+                f = aug[r][col]
+                aug[r] = [v - f * u for v, u in zip(aug[r], aug[col])]
+    return [row[n:] for row in aug]
+
+
+@lru_cache(maxsize=None)
+def transform_matrices(m: int, points: tuple = None) -> dict:
+    """Winograd matrices for F(m x m, 3x3) and its weight-gradient twin F(3x3, m x m), float64.
+
+    Built from the evaluation matrices ``E_k`` (``a x k``: a polynomial with k coefficients evaluated at
+    the ``a = m + 2`` points, the last one ``inf``) and ``V = E_a``. The correlation ``y = g (*) d`` is
+    the transpose of polynomial multiplication, so ``y = E_m^T [(E_3 g) . (V^-T d)]``. Each row of
+    ``V^-T`` is scaled to coprime integers (``D``) and the filter side divided by the same factor, as in
+    Lavin & Gray, so the input transform is exact in floating point.
+
+    Returns a dict of numpy float64 arrays:
+    ``AT`` (m x a), ``G`` (a x 3), ``BT`` (a x a) for the forward, and ``AT3`` (3 x a), ``Gm`` (a x m)
+    for the weight gradient (which shares ``BT``).
+    """
+    points = tuple(POINTS[m] if points is None else points)
+    a = m + 2
+    if len(points) != a - 1 or len(set(points)) != len(points):
+        raise ValueError(f"F({m},3) needs {a - 1} distinct finite points, got {points}")
+    vinv = _inverse(_evaluation(points, a, a))
+    bt = [list(col) for col in zip(*vinv)]  # V^-T
+    scale = []
+    for row in bt:
+        den = math.lcm(*(v.denominator for v in row))
+        num = math.gcd(*(int(v * den) for v in row))
+        s = Fraction(den, num)
+        # keep the first nonzero entry positive: a sign convention only
+        first = next(v for v in row if v != 0)
+        s = s if first * s > 0 else -s
+        scale.append(s)
+    bt = [[v * s for v in row] for row, s in zip(bt, scale)]
+
+    def filt(k):
+        return [[v / s for v in row] for row, s in zip(_evaluation(points, a, k), scale)]
+
+    def transpose(rows):
+        return [list(c) for c in zip(*rows)]
+
+    as_np = lambda rows: np.array([[float(v) for v in row] for row in rows], np.float64)  # noqa: E731
+    return {
+        "AT": as_np(transpose(_evaluation(points, a, m))), "G": as_np(filt(3)), "BT": as_np(bt),
+        "AT3": as_np(transpose(_evaluation(points, a, 3))), "Gm": as_np(filt(m)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+@njit(parallel=True, **_JIT)
+def _tile_transform(src, L, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
+    """Gather overlapping tiles of ``src`` and transform them on both sides with ``L``.
+
+    ``out[xi*a + nu, c, (r - r0)*Q + tw] = sum_ij L[xi, i] L[nu, j] src[n, c, th*m + i - pad_h, tw*m + j - pad_w]``
+    for the tile rows ``r = n*TH + th`` in ``[r0, r1)`` and ``tw < TW``; reads outside ``src`` are zeros
+    (so any padding, negative included, works). Each tile row owns ``Q >= TW + (s - 1) // m`` slots; the
+    slots past ``TW`` are set to zero.
+
+    Why the spare slots: with the input row split by phase (column ``q*m + ph`` at ``ph*Q + q``), tap
+    ``j`` of every tile of the chunk is the same unit-stride run shifted by ``j // m``, so both passes
+    below are single contiguous loops over the whole chunk (``(r1 - r0) * Q`` long) and vectorise; a
+    loop per tile row would be only TW (4 to 56) long and mostly scalar remainder.
+
+    Parameters
+    ----------
+    src : (N, C, H, W) array
+    L : (a, s) array -- ``B^T`` (s = a, overlapping patches) or ``G_m`` (s = m, disjoint tiles)
+    m : tile step; pad_h, pad_w : padding before each dim (may be negative)
+    out : (a*a, C, (r1 - r0)*Q) array, written
+    """
+    N, C, H, W = src.shape
+    a = L.shape[0]
+    s = L.shape[1]
+    R = r1 - r0
+    RQ = R * Q
+    ext = RQ + (s - 1) // m  # the last row's spare slots read this far
+    for c in prange(C):
+        # P[i, ph, rr*Q + q] = src[n, c, th*m + i - pad_h, q*m + ph - pad_w] (0 outside)
+        P = np.zeros((s, m, ext), src.dtype)
+        S = np.empty((a, m, ext), src.dtype)
+        for rr in range(R):
+            r = r0 + rr
+            n = r // TH
+            th = r - n * TH
+            for i in range(s):
+                h = th * m + i - pad_h
+                if h < 0 or h >= H:
+                    continue  # padding row: stays zero
+                row = src[n, c, h]
+                for ph in range(m):
+                    base = ph - pad_w
+                    qlo = min(Q, max(0, -(base // m)))
+                    qhi = min(Q, max(qlo, (W - 1 - base) // m + 1))
+                    dst = P[i, ph, rr * Q:(rr + 1) * Q]
+                    for q in range(qlo, qhi):
+                        dst[q] = row[q * m + base]
+        # column pass (along H) over the whole chunk: S[xi] = sum_i L[xi, i] P[i]
+        for xi in range(a):
+            Sx = S[xi]
+            Sx[:] = 0
+            for i in range(s):
+                coef = L[xi, i]
+                if coef != 0:
+                    Pi = P[i]
+                    for ph in range(m):
+                        d = Sx[ph]
+                        e = Pi[ph]
+                        for t in range(ext):
+                            d[t] += coef * e[t]
+        # row pass (along W): tap j of tile t is S[xi, j % m, t + j // m]
+        for xi in range(a):
+            for nu in range(a):
+                dst = out[xi * a + nu, c]
+                dst[:] = 0
+                for j in range(s):
+                    coef = L[nu, j]
+                    if coef != 0:
+                        seg = S[xi, j % m, j // m:j // m + RQ]
+                        for t in range(RQ):
+                            dst[t] += coef * seg[t]
+                if Q > TW:
+                    for rr in range(R):
+                        dst[rr * Q + TW:(rr + 1) * Q] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _output_transform(M, AT, bias, m, OH, OW, TH, TW, Q, r0, r1, y):
+    """``y[n, k, th*m + p, tw*m + q] = bias[k] + sum AT[p, xi] AT[q, nu] M[xi*a + nu, k, (r - r0)*Q + tw]``.
+
+    Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
+    tiles are cropped to ``OH x OW`` (partial edge tiles).
+
+    Parameters
+    ----------
+    M : (a*a, K, (r1 - r0)*Q) array; AT : (m, a) array; bias : (K,) array (zeros when there is none)
+    y : (N, K, OH, OW) array, written
+    """
+    K = M.shape[1]
+    a = AT.shape[1]
+    R = r1 - r0
+    RQ = R * Q
+    for k in prange(K):
+        Z = np.empty((m, a, RQ), M.dtype)
+        O = np.empty(RQ, M.dtype)
+        Z[:] = 0
+        for xi in range(a):
+            for p in range(m):
+                coef = AT[p, xi]
+                if coef != 0:
+                    for nu in range(a):
+                        src = M[xi * a + nu, k]
+                        Zp = Z[p, nu]
+                        for t in range(RQ):
+                            Zp[t] += coef * src[t]
+        for p in range(m):
+            for q in range(m):
+                b = bias[k]
+                for t in range(RQ):
+                    O[t] = b
+                for nu in range(a):
+                    coef = AT[q, nu]
+                    if coef != 0:
+                        Zp = Z[p, nu]
+                        for t in range(RQ):
+                            O[t] += coef * Zp[t]
+                ntw = min(TW, (OW - q + m - 1) // m)  # tiles whose column q is inside the output
+                for rr in range(R):
+                    r = r0 + rr
+                    n = r // TH
+                    oh = (r - n * TH) * m + p
+                    if oh < OH:
+                        yrow = y[n, k, oh]
+                        seg = O[rr * Q:rr * Q + ntw]
+                        for tw in range(ntw):
+                            yrow[tw * m + q] = seg[tw]
+
+
+@njit(parallel=True, **_JIT)
+def _gemm_forward(U, V, M):
+    """``M[i] = U[i] @ V[i]`` for every (position, group) ``i``, one single-threaded BLAS GEMM per task.
+
+    U : (P, Kg, Cg); V : (P, Cg, T); M : (P, Kg, T), all C-contiguous (P = a*a*groups).
+    """
+    for i in prange(U.shape[0]):
+        np.dot(U[i], V[i], M[i])
+
+
+@njit(parallel=True, **_JIT)
+def _gemm_weight(GO, V, acc):
+    """``acc[i] += GO[i] @ V[i]^T`` for every (position, group) ``i``: the tile reduction of the weight gradient.
+
+    GO : (P, Kg, T); V : (P, Cg, T); acc : (P, Kg, Cg).
+    """
+    for i in prange(GO.shape[0]):
+        acc[i] += np.dot(GO[i], V[i].T)
+
+
+@njit(parallel=True, **_JIT)
+def _filter_transform(wt, G, U):
+    """``U[xi*a + nu, k, c] = sum_ij G[xi, i] G[nu, j] w[k, c, i, j]`` with ``wt = w`` as (K, 3, 3, C).
+
+    The channel axis is innermost in ``wt`` and ``U`` so every loop here runs over contiguous channels.
+    """
+    K = wt.shape[0]
+    C = wt.shape[3]
+    a = G.shape[0]
+    for k in prange(K):
+        tmp = np.zeros((a, 3, C), U.dtype)
+        for xi in range(a):
+            for i in range(3):
+                coef = G[xi, i]
+                if coef != 0:
+                    for j in range(3):
+                        src = wt[k, i, j]
+                        dst = tmp[xi, j]
+                        for c in range(C):
+                            dst[c] += coef * src[c]
+        for xi in range(a):
+            for nu in range(a):
+                dst = U[xi * a + nu, k]
+                for c in range(C):
+                    dst[c] = 0
+                for j in range(3):
+                    coef = G[nu, j]
+                    if coef != 0:
+                        src = tmp[xi, j]
+                        for c in range(C):
+                            dst[c] += coef * src[c]
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers (numpy in / numpy out)
+# --------------------------------------------------------------------------------------------
+
+def _matrices(m, dtype):
+    mats = transform_matrices(m)
+    return {k: np.ascontiguousarray(v, dtype) for k, v in mats.items()}
+
+
+#: How the a*a GEMMs of a chunk run: "prange" -- Numba tasks over the positions, each one
+#: single-threaded BLAS call through ``np.dot``; "blas" -- one ``np.matmul`` over the stack, parallel
+#: inside BLAS. Measured (2 shared cores, see the report in bench/bench_winograd.py): "blas" is often 10x
+#: slower, because OpenBLAS's spinning worker threads and Numba's TBB workers take the cores from each
+#: other between the transforms and the GEMMs; "prange" with one BLAS thread per task has no such fight.
+GEMM_MODE = "prange"
+
+
+class _SingleThreadedBlas:
+    """Context: the BLAS behind Numba's ``np.dot`` (scipy's OpenBLAS) runs one thread per call inside it.
+
+    Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; its OpenBLAS (a different copy from numpy's)
+    would otherwise start its own threads inside every prange task. Only that library's setting is
+    touched, it is restored when the last concurrent user leaves, and where the library is not an
+    OpenBLAS we can find, this does nothing (``available`` is False).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = None
+        self._get = self._set = None
+        try:
+            import scipy.linalg.cython_blas as cython_blas
+            lib = ctypes.CDLL(cython_blas.__file__)  # dlsym on it searches its dependencies too
+            for prefix in ("scipy_", ""):
+                if hasattr(lib, f"{prefix}openblas_set_num_threads"):
+                    self._get = getattr(lib, f"{prefix}openblas_get_num_threads")
+                    self._get.restype = ctypes.c_int
+                    self._set = getattr(lib, f"{prefix}openblas_set_num_threads")
+                    self._set.argtypes = [ctypes.c_int]
+                    break
+        except (ImportError, OSError, AttributeError):
+            pass
+
+    @property
+    def available(self) -> bool:
+        return self._set is not None
+
+    def __enter__(self):
+        if self._set is not None:
+            with self._lock:
+                if self._users == 0:
+                    self._saved = self._get()
+                    self._set(1)
+                self._users += 1
+        return self
+
+    def __exit__(self, *exc):
+        if self._set is not None:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._set(self._saved)
+        return False
+
+
+_BLAS_ONE_THREAD = _SingleThreadedBlas()
+
+
+def _gemm(U, V, M):
+    """``M[i] = U[i] @ V[i]`` over the stack (see :data:`GEMM_MODE`)."""
+    if GEMM_MODE == "prange":
+        with _BLAS_ONE_THREAD:
+            _gemm_forward(U, V, M)
+    else:
+        np.matmul(U, V, out=M)
+
+
+def _gemm_accumulate(GO, V, acc):
+    """``acc[i] += GO[i] @ V[i]^T`` over the stack (see :data:`GEMM_MODE`)."""
+    if GEMM_MODE == "prange":
+        with _BLAS_ONE_THREAD:
+            _gemm_weight(GO, V, acc)
+    else:
+        acc += np.matmul(GO, V.transpose(0, 2, 1))
+
+
+def _rows_per_chunk(per_row_bytes, total_rows, slots_per_row):
+    """Tile rows per chunk: as many as :data:`WORKSPACE_BYTES` holds, but at least enough for
+    :data:`MIN_GEMM_TILES` tiles, since a GEMM with fewer columns runs far below BLAS's peak."""
+    fit = WORKSPACE_BYTES // max(1, per_row_bytes)
+    wide = -(-MIN_GEMM_TILES // max(1, slots_per_row))
+    return max(1, min(total_rows, max(fit, wide)))
+
+
+def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
+    """Stride-1, dilation-1 3x3 correlation by Winograd F(m x m, 3x3).
+
+    x: (N, C, H, W); w: (K, C // groups, 3, 3); bias: (K,) or None; ``pad_h``/``pad_w`` the padding
+    before (any sign); the padding after is implied by ``OH``/``OW``. Returns (N, K, OH, OW).
+    """
+    N, C, H, W = x.shape
+    K, Cg = w.shape[0], w.shape[1]
+    G = int(groups)
+    Kg = K // G
+    dt = x.dtype
+    y = np.empty((N, K, OH, OW), dt)
+    if y.size == 0:
+        return y
+    b = np.zeros(K, dt) if bias is None else np.ascontiguousarray(bias, dt)
+    a = m + 2
+    mats = _matrices(m, dt)
+    U = np.empty((a * a, K, Cg), dt)
+    _filter_transform(np.ascontiguousarray(w.transpose(0, 2, 3, 1)), mats["G"], U)
+    TH, TW = -(-OH // m), -(-OW // m)
+    Q = TW + 1  # one spare slot per tile row (see _tile_transform)
+    rows = N * TH
+    rpc = _rows_per_chunk(a * a * (C + K) * Q * dt.itemsize, rows, Q)
+    vbuf = np.empty(a * a * C * Q * rpc, dt)
+    mbuf = np.empty(a * a * K * Q * rpc, dt)
+    for r0 in range(0, rows, rpc):
+        r1 = min(rows, r0 + rpc)
+        T = (r1 - r0) * Q
+        V = vbuf[:a * a * C * T].reshape(a * a, C, T)
+        M = mbuf[:a * a * K * T].reshape(a * a, K, T)
+        _tile_transform(x, mats["BT"], m, pad_h, pad_w, TH, TW, Q, r0, r1, V)
+        _gemm(U.reshape(a * a * G, Kg, Cg), V.reshape(a * a * G, Cg, T), M.reshape(a * a * G, Kg, T))
+        _output_transform(M, mats["AT"], b, m, OH, OW, TH, TW, Q, r0, r1, y)
+    return y
+
+
+def _check_2d(x5, kernel):
+    if x5.shape[2] != 1 or tuple(kernel[-3:]) != (1, 3, 3):
+        raise ValueError(f"winograd: needs a 2-D 3x3 convolution, got input depth {x5.shape[2]} "
+                         f"and kernel {'x'.join(map(str, kernel))}")
+
+
+def winograd_forward(x, w, bias, padding, groups, out_spatial, m):
+    """Forward of a stride-1 3x3 convolution by Winograd F(m x m, 3x3).
+
+    x: (N, C, 1, H, W); w: (K, C // groups, 1, 3, 3); bias: (K,) or None; ``padding`` the 3 paddings
+    before each dim; ``out_spatial`` (1, OH, OW). Returns y: (N, K, 1, OH, OW), x's dtype.
+    """
+    config.sync_threads()
+    _check_2d(x, w.shape[2:])
+    _, OH, OW = (int(v) for v in out_spatial)
+    y = _conv3x3(np.ascontiguousarray(x[:, :, 0]), np.ascontiguousarray(w[:, :, 0]), bias,
+                 int(padding[1]), int(padding[2]), OH, OW, groups, m)
+    return y[:, :, None]
+
+
+def _flip_transpose(w, groups):
+    """(K, C/G, 3, 3) -> (C, K/G, 3, 3): the filters of the input-gradient convolution."""
+    K, Cg = w.shape[:2]
+    G = int(groups)
+    wg = w.reshape(G, K // G, Cg, 3, 3)[:, :, :, ::-1, ::-1]
+    return np.ascontiguousarray(wg.transpose(0, 2, 1, 3, 4)).reshape(G * Cg, K // G, 3, 3)
+
+
+def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
+    """Input gradient as the stride-1 3x3 convolution of ``grad_out`` with flipped, transposed filters.
+
+    grad_out: (N, K, 1, OH, OW); w: (K, C // groups, 1, 3, 3); ``in_spatial`` (1, H, W).
+    The gradient convolution's padding before is ``2 - p`` (negative when p > 2: a crop).
+    Returns (N, C, 1, H, W).
+    """
+    config.sync_threads()
+    _check_2d(grad_out, w.shape[2:])
+    _, H, W = (int(v) for v in in_spatial)
+    wf = _flip_transpose(np.ascontiguousarray(w[:, :, 0]), groups)
+    gx = _conv3x3(np.ascontiguousarray(grad_out[:, :, 0]), wf, None, 2 - int(padding[1]),
+                  2 - int(padding[2]), H, W, groups, m)
+    return gx[:, :, None]
+
+
+def winograd_grad_weight(grad_out, x, padding, groups, m):
+    """Weight gradient by Winograd F(3x3, m x m), reusing the forward input transform.
+
+    grad_out: (N, K, 1, OH, OW); x: (N, C, 1, H, W). Returns (K, C // groups, 1, 3, 3).
+    """
+    config.sync_threads()
+    _check_2d(x, (1, 3, 3))
+    go = np.ascontiguousarray(grad_out[:, :, 0])
+    xx = np.ascontiguousarray(x[:, :, 0])
+    N, K, OH, OW = go.shape
+    C = xx.shape[1]
+    G = int(groups)
+    Kg, Cg = K // G, C // G
+    dt = xx.dtype
+    a = m + 2
+    gw = np.zeros((K, Cg, 3, 3), dt)
+    if go.size == 0 or gw.size == 0 or xx.size == 0:
+        return gw[:, :, None]
+    mats = _matrices(m, dt)
+    TH, TW = -(-OH // m), -(-OW // m)
+    Q = TW + 1  # the slot layout of the input transform; the spare slots are zeros in both
+    rows = N * TH
+    rpc = _rows_per_chunk(a * a * (C + K) * Q * dt.itemsize, rows, Q)
+    vbuf = np.empty(a * a * C * Q * rpc, dt)
+    gbuf = np.empty(a * a * K * Q * rpc, dt)
+    acc = np.zeros((a * a * G, Kg, Cg), dt)
+    for r0 in range(0, rows, rpc):
+        r1 = min(rows, r0 + rpc)
+        T = (r1 - r0) * Q
+        V = vbuf[:a * a * C * T].reshape(a * a, C, T)
+        GO = gbuf[:a * a * K * T].reshape(a * a, K, T)
+        _tile_transform(xx, mats["BT"], m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
+        _tile_transform(go, mats["Gm"], m, 0, 0, TH, TW, Q, r0, r1, GO)
+        _gemm_accumulate(GO.reshape(a * a * G, Kg, T), V.reshape(a * a * G, Cg, T), acc)
+    # A_3^T Mw A_3 for every (k, c): the forward's output transform with 3 x 3 "tiles", one per input
+    # channel (as tile rows of width 1), vectorised over the channels; it writes (Cg, K, 3, 3).
+    out = np.empty((Cg, K, 3, 3), dt)
+    _output_transform(acc.reshape(a * a, K, Cg), mats["AT3"], np.zeros(K, dt), 3, 3, 3, 1, 1, 1, 0, Cg, out)
+    gw[:] = out.transpose(1, 0, 2, 3)
+    return gw[:, :, None]
+
+
+# --------------------------------------------------------------------------------------------
+# Registry hooks
+# --------------------------------------------------------------------------------------------
+
+def refuse_reason(g) -> str | None:
+    """Why Winograd cannot run geometry ``g`` (a ``ConvGeometry``), or None."""
+    if g.kernel[0] != 1 or g.in_spatial[0] != 1 or g.out_spatial[0] != 1 or g.padding[0] != 0:
+        return (f"needs a 2-D convolution, got a {g.ndim}-D one with input "
+                f"{'x'.join(map(str, g.in_spatial[3 - g.ndim:]))} and kernel "
+                f"{'x'.join(map(str, g.kernel[3 - g.ndim:]))}")
+    if g.kernel[1:] != (3, 3):
+        return f"needs a 3x3 kernel, got {g.kernel[1]}x{g.kernel[2]}"
+    if g.stride[1:] != (1, 1):
+        return f"needs stride 1, got {g.stride[1:]}"
+    if g.dilation[1:] != (1, 1):
+        return f"needs dilation 1, got {g.dilation[1:]}"
+    return None
+
+
+def mult_ratio(g, m: int) -> float:
+    """Multiplications of the element-wise (GEMM) stage relative to a direct convolution.
+
+    Direct: ``9`` per output per input channel. Winograd: ``a*a`` per ``m x m`` tile, i.e. ``(a/m)^2``
+    (16/4 = 4 for F(2x2), 36/16 = 2.25 for F(4x4): 1/2.25 and 1/4 of direct), counted over whole tiles, so
+    partial edge tiles raise it. The transforms are not counted: they are additions and multiplications
+    by small constants, per tile ``O(a^3)`` for each input channel (input transform) and each output
+    channel (output transform) plus ``O(a^2 * 3)`` per filter, amortised over K, C and the batch.
+    """
+    a = m + 2
+    OH, OW = g.out_spatial[1], g.out_spatial[2]
+    if OH * OW == 0:
+        return (a / m) ** 2 / 9
+    tiles = -(-OH // m) * -(-OW // m)
+    return tiles * a * a / (OH * OW * 9)
+
+
+def workspace_bytes(g, m: int) -> int:
+    """Extra bytes of the largest pass: transformed filters plus one chunk of transformed tiles."""
+    a = m + 2
+    item = g.dtype.itemsize
+    C, K, G = g.in_channels, g.out_channels, g.groups
+    filters = a * a * K * (C // G) * item
+    worst = 0
+    # forward tiles over the output, the input gradient tiles over the input
+    for OH, OW in ((g.out_spatial[1], g.out_spatial[2]), (g.in_spatial[1], g.in_spatial[2])):
+        TH, TW = -(-OH // m), -(-OW // m)
+        rows = max(1, g.batch * TH)
+        per_row = a * a * (C + K) * (TW + 1) * item
+        worst = max(worst, _rows_per_chunk(per_row, rows, TW + 1) * per_row)
+    return filters + worst + a * a * K * (C // G) * item  # the weight gradient's accumulator pair
+
+
+def _make_algorithm(m: int):
+    """A registry ``ConvAlgorithm`` running F(m x m, 3x3) on the Numba target (torch <-> numpy seam)."""
+    import torch
+
+    from .. import registry
+
+    def forward(x, w, bias, g):
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(winograd_forward(x.detach().numpy(), w.detach().numpy(), b, g.padding,
+                                                 g.groups, g.out_spatial, m))
+
+    def grad_input(grad_out, w, g):
+        return torch.from_numpy(winograd_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
+                                                    g.padding, g.groups, g.in_spatial, m))
+
+    def grad_weight(grad_out, x, g):
+        return torch.from_numpy(winograd_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
+                                                     g.padding, g.groups, m))
+
+    a = m + 2
+    return registry.register(registry.ConvAlgorithm(
+        f"winograd{m}", frozenset({"numba"}),
+        f"Winograd F({m}x{m},3x3) for 3x3 stride-1 2-D convs: {(a / m) ** 2:g} instead of 9 multiplies per "
+        f"output ({9 * m * m / (a * a):g}x fewer), chunked tile transforms + BLAS GEMMs; input gradient as "
+        f"the flipped conv, weight gradient by F(3x3,{m}x{m})",
+        forward, grad_input, grad_weight, refuse=refuse_reason,
+        mult_ratio=lambda g: mult_ratio(g, m), workspace_bytes=lambda g: workspace_bytes(g, m)))
+
+
+WINOGRAD2 = _make_algorithm(2)
+WINOGRAD4 = _make_algorithm(4)
