@@ -219,3 +219,21 @@ def test_algorithms_lists_what_each_supports():
     for r in rows:
         assert r["summary"] and r["targets"]
     assert registry.names()[0] == "auto"
+
+
+@pytest.mark.parametrize("op", ["conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+                                "depthwise_separable_conv2d"])
+def test_outputs_accept_in_place_ops_under_autograd(op):
+    """nn.ReLU(inplace=True) follows convs in every torchvision model: op outputs must not be views."""
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    args = {"conv2d": (torch.randn(3, 2, 3, 3, dtype=torch.float64),),
+            "conv_transpose2d": (torch.randn(2, 3, 3, 3, dtype=torch.float64),),
+            "max_pool2d": (2,), "avg_pool2d": (2,), "adaptive_avg_pool2d": (1,),
+            "depthwise_separable_conv2d": (torch.randn(2, 1, 3, 3, dtype=torch.float64),
+                                           torch.randn(3, 2, 1, 1, dtype=torch.float64))}[op]
+    y = getattr(F, op)(x, *args)
+    expected = getattr(TF, op)(x, *args) if op != "depthwise_separable_conv2d" else None
+    torch.relu_(y)
+    y.sum().backward()
+    if expected is not None:
+        assert_close(y, expected.relu())

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
+from ._output import fresh
 
 DIMS = (1, 2, 3)
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -91,7 +92,7 @@ def _register(ndim: int):
                              dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "forward", name)
         out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
-        return out.reshape((geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
+        return fresh(out, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
 
     @conv.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
@@ -109,7 +110,7 @@ def _register(ndim: int):
                              padding_end, dilation, grad_output.dtype, backends.target_for(grad_output))
         alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
         out = alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom)
-        return out.reshape((geom.batch, geom.in_channels) + tuple(input_size))
+        return fresh(out, (geom.batch, geom.in_channels) + tuple(input_size))
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
@@ -125,7 +126,7 @@ def _register(ndim: int):
                              padding_end, dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
         out = alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom)
-        return out.reshape((geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
+        return fresh(out, (geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):

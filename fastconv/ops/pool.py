@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from ._output import fresh
 
 Triple = tuple[int, int, int]
 
@@ -100,7 +101,7 @@ def _spatial(t: Tensor) -> list[int]:
 
 
 def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
-    return t5.reshape(tuple(lead) + tuple(spatial))
+    return fresh(t5, tuple(lead) + tuple(spatial))
 
 
 # ------------------------------------------------------------------------------------------------

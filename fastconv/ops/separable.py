@@ -33,6 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from . import conv as conv_ops
+from ._output import fresh
 
 OP = "depthwise_separable_conv2d"
 ALGOS = ("auto", "fused", "unfused")
@@ -99,7 +100,7 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
             as_np(depthwise_weight).reshape(M, 1, 1, *depthwise_weight.shape[2:]),
             as_np(depthwise_bias), as_np(pointwise_weight).reshape(K, M), as_np(pointwise_bias),
             (1, *stride), (0, *padding), (1, *dilation), (1, *out_hw))
-        return torch.from_numpy(y).reshape(input.shape[0], K, *out_hw)
+        return fresh(torch.from_numpy(y), (input.shape[0], K, *out_hw))
     z = torch.ops.fastconv.conv2d(input, depthwise_weight, depthwise_bias, stride, padding, padding_end,
                                   dilation, C, depthwise_algo(target))
     return torch.ops.fastconv.conv2d(z, pointwise_weight, pointwise_bias, *_POINTWISE, 1, "auto")

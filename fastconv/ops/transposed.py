@@ -35,6 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
 from . import conv as conv_ops
+from ._output import fresh
 from .conv import DIMS, _as_5d, _check_supported, make_geometry
 
 #: Algorithm names only the transposed ops accept (not in the shared conv registry, because they
@@ -123,7 +124,7 @@ def _register(ndim: int):
 
             out = transposed_gemm.forward(x5, w5, bias, geom)
             # The scatter added the bias already.
-            return out.reshape((geom.batch, geom.in_channels, *out_spatial))
+            return fresh(out, (geom.batch, geom.in_channels, *out_spatial))
         try:
             alg = registry.choose(algo, geom, "grad_input", name)
         except ValueError as e:
@@ -132,7 +133,7 @@ def _register(ndim: int):
                              f"its in_channels are this op's out_channels and its input is this op's "
                              f"output)") from None
         out = alg.grad_input(x5, w5, geom)
-        out = out.reshape((geom.batch, geom.in_channels, *out_spatial))
+        out = fresh(out, (geom.batch, geom.in_channels, *out_spatial))
         if bias is not None:
             # In place on a freshly allocated result: no second output-sized buffer.
             out.add_(bias.reshape((1, -1) + (1,) * ndim))
