@@ -22,4 +22,5 @@ from .backends import backend
 from .nn import convert
 
 __version__ = "0.1.0"
-__all__ = ["functional", "nn", "flops", "models", "convert", "algorithms", "backend", "__version__"]
+__all__ = ["functional", "nn", "flops", "models", "convert", "algorithms", "backend", "autotune_cache",
+           "clear_autotune_cache", "__version__"]
