@@ -160,6 +160,106 @@ def conv_layer(name: str, arch: str, batch: int, in_channels: int, out_channels:
                  kwargs, geom.macs, passes, algorithms, slow=slow, quick=quick)
 
 
+def _randn(shape, dtype, gen):
+    return torch.randn(shape, dtype=dtype, generator=gen)
+
+
+def conv_transpose_layer(name: str, arch: str, batch: int, in_channels: int, out_channels: int,
+                         spatial: Sequence[int], kernel: int, *, stride: int = 1, padding: int = 0,
+                         slow: bool = False, quick: bool = False) -> Layer:
+    """A conv_transpose2d entry: input (batch, in, *spatial), weight (in, out, k, k), no bias.
+
+    Passes: ``forward`` (``fastconv::conv_transpose2d``; auto may pick the kernel == stride GEMM),
+    ``grad_input`` (a forward conv of the output gradient: ``fastconv::conv2d``) and ``grad_weight``
+    (``fastconv::conv2d_grad_weight`` with the roles of input and output gradient swapped); torch:
+    ``aten.convolution(transposed=True)`` and its backward.
+    """
+    k, s, p = [kernel] * 2, [stride] * 2, [padding] * 2
+    x_shape = (batch, in_channels, *spatial)
+    w_shape = (in_channels, out_channels, *k)
+    y_shape = (batch, out_channels, *[(i - 1) * stride - 2 * padding + kernel for i in spatial])
+    ones, zeros = [1, 1], [0, 0]
+    aten_bw = torch.ops.aten.convolution_backward.default
+    # The adjoint convolution (output -> input) is what the registry's algorithms see.
+    adjoint = _conv_geometry(2, y_shape, w_shape, s, p, ones, 1, torch.float32)
+
+    passes = {
+        "forward": PassImpl(
+            lambda dtype, gen: (_randn(x_shape, dtype, gen), _randn(w_shape, dtype, gen)),
+            lambda t, algo: torch.ops.fastconv.conv_transpose2d(t[0], t[1], None, s, p, zeros, ones, 1, algo),
+            lambda t: torch.ops.aten.convolution.default(t[0], t[1], None, s, p, ones, True, zeros, 1)),
+        "grad_input": PassImpl(
+            lambda dtype, gen: (_randn(y_shape, dtype, gen), _randn(w_shape, dtype, gen),
+                                torch.empty(x_shape, dtype=dtype)),
+            lambda t, algo: torch.ops.fastconv.conv2d(t[0], t[1], None, s, p, p, ones, 1, algo),
+            lambda t: aten_bw(t[0], t[2], t[1], None, s, p, ones, True, zeros, 1, [True, False, False])[0]),
+        "grad_weight": PassImpl(
+            lambda dtype, gen: (_randn(y_shape, dtype, gen), _randn(x_shape, dtype, gen),
+                                torch.empty(w_shape, dtype=dtype)),
+            lambda t, algo: torch.ops.fastconv.conv2d_grad_weight(t[1], t[0], k, s, p, p, ones, 1, algo),
+            lambda t: aten_bw(t[0], t[1], t[2], None, s, p, ones, True, zeros, 1, [False, True, False])[1]),
+    }
+
+    def algorithms(dtype):
+        g = _conv_geometry(2, y_shape, w_shape, s, p, ones, 1, dtype)
+        return [alg.name for alg in registry.candidates(g)]
+
+    return Layer(name, arch, "conv_transpose2d", {"input": x_shape, "weight": w_shape, "output": y_shape},
+                 {"stride": stride, "padding": padding}, adjoint.macs, passes, algorithms, slow=slow,
+                 quick=quick)
+
+
+def pool_layer(name: str, arch: str, kind: str, shape: Sequence[int], *, kernel: int = 2,
+               stride: Optional[int] = None, padding: int = 0, output_size: int = 1, quick: bool = False) -> Layer:
+    """A pooling entry (``kind`` max, avg or adaptive_avg, 2-D): forward and grad_input passes.
+
+    Pooling has one algorithm per target (``auto``). ``macs`` counts window elements (comparisons or
+    additions), so the GFLOP/s column reads as G window-ops/s x 2.
+    """
+    from .ops import pool as pool_ops
+
+    stride = kernel if stride is None else stride
+    k, s, p, d = [kernel] * 2, [stride] * 2, [padding] * 2, [1, 1]
+    if kind == "adaptive_avg":
+        out = [output_size] * 2
+    else:
+        out = [pool_ops.pool_output_size(i, kernel, stride, padding, 1, False) for i in shape[2:]]
+    y_shape = (*shape[:2], *out)
+    window = math.prod(k) if kind != "adaptive_avg" else math.prod(math.ceil(i / o) for i, o in zip(shape[2:], out))
+    ops = torch.ops.fastconv
+
+    def with_indices(dtype, gen):
+        x = _randn(shape, dtype, gen)
+        return _randn(y_shape, dtype, gen), torch.ops.aten.max_pool2d_with_indices(x, k, s, p, d, False)[1], x
+
+    if kind == "max":
+        forward = PassImpl(lambda dtype, gen: (_randn(shape, dtype, gen),),
+                           lambda t, algo: ops.max_pool(t[0], k, s, p, d, False, False)[0],
+                           lambda t: torch.ops.aten.max_pool2d_with_indices(t[0], k, s, p, d, False)[0])
+        backward = PassImpl(with_indices, lambda t, algo: ops.max_pool_backward(t[0], t[1], list(shape[2:])),
+                            lambda t: torch.ops.aten.max_pool2d_with_indices_backward(t[0], t[2], k, s, p, d,
+                                                                                        False, t[1]))
+    elif kind == "avg":
+        forward = PassImpl(lambda dtype, gen: (_randn(shape, dtype, gen),),
+                           lambda t, algo: ops.avg_pool(t[0], k, s, p, False, True, 0),
+                           lambda t: torch.ops.aten.avg_pool2d(t[0], k, s, p, False, True, None))
+        backward = PassImpl(lambda dtype, gen: (_randn(y_shape, dtype, gen), torch.empty(shape, dtype=dtype)),
+                            lambda t, algo: ops.avg_pool_backward(t[0], list(shape[2:]), k, s, p, False, True, 0),
+                            lambda t: torch.ops.aten.avg_pool2d_backward(t[0], t[1], k, s, p, False, True, None))
+    else:
+        forward = PassImpl(lambda dtype, gen: (_randn(shape, dtype, gen),),
+                           lambda t, algo: ops.adaptive_avg_pool(t[0], out),
+                           lambda t: torch.ops.aten._adaptive_avg_pool2d(t[0], out))
+        backward = PassImpl(lambda dtype, gen: (_randn(y_shape, dtype, gen), torch.empty(shape, dtype=dtype)),
+                            lambda t, algo: ops.adaptive_avg_pool_backward(t[0], list(shape[2:])),
+                            lambda t: torch.ops.aten._adaptive_avg_pool2d_backward(t[0], t[1]))
+    kwargs = {"output_size": output_size} if kind == "adaptive_avg" else {"kernel": kernel, "stride": stride,
+                                                                          "padding": padding}
+    return Layer(name, arch, f"{kind}_pool2d", {"input": tuple(shape), "output": y_shape}, kwargs,
+                 math.prod(y_shape) * window, {"forward": forward, "grad_input": backward}, lambda dtype: [],
+                 quick=quick)
+
+
 #: The layer suite: the core issue's layers plus small, depthwise, 1-D and 3-D cases.
 SUITE: list[Layer] = [
     conv_layer("lenet5_conv1", "LeNet-5", 64, 1, 6, (32, 32), (5, 5), quick=True),
@@ -175,6 +275,13 @@ SUITE: list[Layer] = [
                quick=True),
     conv_layer("audio_conv1d", "audio front end", 16, 1, 128, (8000,), (80,), stride=4, quick=True),
     conv_layer("c3d_conv3d", "C3D", 2, 64, 64, (16, 56, 56), (3, 3, 3), padding=1, slow=True),
+    conv_transpose_layer("unet_upconv", "U-Net", 4, 512, 256, (28, 28), 2, stride=2),
+    conv_transpose_layer("dcgan_g2", "DCGAN", 64, 512, 256, (4, 4), 4, stride=2, padding=1),
+    conv_transpose_layer("dcgan_g4", "DCGAN", 64, 128, 64, (16, 16), 4, stride=2, padding=1, quick=True),
+    pool_layer("resnet_maxpool", "ResNet-50", "max", (8, 64, 112, 112), kernel=3, stride=2, padding=1,
+               quick=True),
+    pool_layer("densenet_avgpool", "DenseNet", "avg", (8, 256, 56, 56), kernel=2),
+    pool_layer("resnet_global_avg", "ResNet-50", "adaptive_avg", (8, 2048, 7, 7), output_size=1),
 ]
 
 
@@ -279,8 +386,8 @@ def _timed(impl: PassImpl, algo: str, inputs: tuple) -> float:
 
 def _auto_choice(layer: Layer, pass_: str, dtype: torch.dtype) -> Optional[str]:
     """Which algorithm ``"auto"`` runs for this layer and pass now (after its first call tuned it)."""
-    if not layer.op.startswith("conv"):
-        return None
+    if not layer.op.startswith("conv") or "transpose" in layer.op:
+        return None  # pooling has one kernel; a transposed forward may take patch_gemm outside the registry
     shapes = layer.shapes
     ndim = len(shapes["input"]) - 2
     kw = layer.kwargs
@@ -299,7 +406,8 @@ def run_case(layer: Layer, pass_: str, algos: Sequence[str], dtype: torch.dtype,
     impl = layer.passes[pass_]
     inputs = impl.inputs(dtype, torch.Generator().manual_seed(seed))
     # Reference: torch's own op in float64 on the same numbers.
-    inputs64 = tuple(t.to(torch.float64) if isinstance(t, torch.Tensor) else t for t in inputs)
+    inputs64 = tuple(t.to(torch.float64) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+                     for t in inputs)
     reference = _call(impl, "torch", inputs64)
     rows: dict[str, dict] = {}
     warm: dict[str, float] = {}
