@@ -140,3 +140,65 @@ def test_kernel_api_rejects_non_depthwise_weights():
     with pytest.raises(ValueError, match=r"need weight \(m\*C, 1, \.\.\.\) for C=4 input channels"):
         depthwise.depthwise_forward(x, np.zeros((4, 2, 1, 3, 3), np.float32), None, (1, 1, 1), (0, 0, 0),
                                     (1, 1, 1), 4, (1, 3, 3))
+
+
+# The fast 2-D path (fastconv.cpu.depthwise._fast2d_layout): per-tap-column shifted copies at output row
+# pitch, the "flat" whole-plane fill (W == stride*OW) with its zeroed wrap-around columns, the direct
+# phase-slot reads, the row-picking forward for a stride in H, the stride-1 input gradient run as a
+# forward with the flipped kernel, and the in-place weight gradient.
+FAST_CASES = {
+    "flat_s1_14": (2, 3, 1, (14, 14), (3, 3), dict(padding=1)),
+    "flat_s2_even": (2, 3, 1, (14, 12), (3, 3), dict(stride=2, padding=1)),
+    "rows_s2_odd": (2, 3, 1, (13, 11), (3, 3), dict(stride=2, padding=1)),
+    "flat_s2_unused_rows": (1, 2, 1, (11, 10), (3, 3), dict(stride=(3, 2), padding=(0, 1))),
+    "flat_s1_5x5_mult2": (2, 2, 2, (9, 9), (5, 5), dict(padding=2)),
+    "flat_s1_dilated": (2, 2, 1, (10, 9), (3, 3), dict(padding=2, dilation=2)),
+    "s1_valid_mult1": (2, 3, 1, (9, 10), (3, 3), dict()),
+    "s1_1x3_pad_w_only": (2, 2, 1, (6, 7), (1, 3), dict(padding=(0, 1))),
+    "s3_flat": (1, 2, 1, (12, 12), (3, 3), dict(stride=3, padding=1)),
+}
+
+
+@pytest.mark.parametrize("case", list(FAST_CASES))
+def test_fast_2d_path_matches_torch(case):
+    n, c, m, size, kernel, kw = FAST_CASES[case]
+    x = torch.randn(n, c, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c * m, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c * m, dtype=torch.float64, requires_grad=True)
+    y = F.conv2d(x, w, b, algo=ALGO, groups=c, **kw)
+    ref = TF.conv2d(x, w, b, groups=c, **kw)
+    assert_close(y, ref, what="forward")
+    g = torch.randn_like(ref)
+    for name, a, e in zip(("grad_input", "grad_weight"), torch.autograd.grad(y, (x, w), g),
+                          torch.autograd.grad(ref, (x, w), g)):
+        assert_close(a, e, what=name)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_fast_2d_path_non_finite_at_row_ends(stride):
+    """Inf/NaN in the first and last input columns: the flat fill wraps those columns into the
+    neighbouring rows' padding positions, which must be zeroed (else Inf leaks into the other border)."""
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    x[0, 0, 5, 11] = float("inf")
+    x[0, 1, 3, 0] = float("-inf")
+    x[1, 2, 7, 0] = float("nan")
+    w = torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    kw = dict(stride=stride, padding=1, groups=3)
+    ref = TF.conv2d(x, w, **kw)
+    assert_close(F.conv2d(x, w, algo=ALGO, **kw), ref, what="forward")
+    gy = torch.randn_like(ref)
+    gy[0, 1, 2, -1] = float("inf")
+    want = torch.ops.aten.convolution_backward(gy, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 3,
+                                               [True, True, False])
+    got_gx = torch.ops.fastconv.conv2d_grad_input(gy, w, [12, 12], [stride] * 2, [1, 1], [0, 0], [1, 1], 3, ALGO)
+    got_gw = torch.ops.fastconv.conv2d_grad_weight(gy, x, [3, 3], [stride] * 2, [1, 1], [0, 0], [1, 1], 3, ALGO)
+    assert_close(got_gx, want[0], what="grad_input")
+    assert_close(got_gw, want[1], what="grad_weight")
+
+
+def test_fast_2d_path_float32_mobilenet_shape():
+    x = torch.randn(2, 8, 28, 28)
+    w = torch.randn(8, 1, 3, 3)
+    for stride in (1, 2):
+        y = F.conv2d(x, w, stride=stride, padding=1, groups=8, algo=ALGO)
+        assert_close(y, TF.conv2d(x.double(), w.double(), stride=stride, padding=1, groups=8).float())

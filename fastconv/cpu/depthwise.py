@@ -26,14 +26,31 @@ machine. These kernels are written for that shape instead:
   input plane holds Inf/NaN, ``0 * Inf`` in a dropped column would poison the sum, so such planes take
   an exact row-by-row loop instead (the flat loop would otherwise differ from torch).
 
+**Fast 2-D path** (``D == OD == KD == 1``, any stride, padding, dilation; see ``_fast2d_layout``). The
+padded plane above has a row pitch wider than the output, so its extra columns are computed, dropped
+and copied out row by row, and the per-row copies into it cost about as much as the convolution on
+small planes. The 2-D path instead keeps one copy of the plane per tap column ``kw``, shifted by that
+column's offset (deinterleaved for a stride in W), at row pitch exactly ``OW`` and zero where the tap
+reads padding, so every output plane is one flat, exact loop written or read in place:
+
+* forward: for ``W == sw*OW`` (MobileNet layers) the copies are whole-plane loops (a contiguous copy,
+  or one deinterleaving pass for stride 2) plus a few zeroed wrap-around columns, and a tap column
+  that never reads padding reads the phase copy directly; a stride in H is handled by computing
+  every row and keeping each ``sh``-th (twice the arithmetic for stride 2, cheaper than row copies);
+* input gradient (multiplier 1): the same forward, on the output gradient with the flipped kernel;
+  for a stride, on the output gradient scattered into a zero plane (``sh*sw`` times the arithmetic);
+* weight gradient: dot products of the output gradient, read in place, with the tap copies; for a
+  stride in H the gradient is spread to every ``sh``-th row of a zero plane, except on planes holding
+  Inf/NaN, which take exact row-by-row sums (``0 * Inf`` would poison the flat ones).
+
 All arrays are 5-D ``(N, C, D, H, W)`` (1-D and 2-D convolutions pass size-1 leading dims), weights
 ``(K, 1, KD, KH, KW)``; ``stride``, ``padding`` (before each dim) and ``dilation`` are 3-tuples; the
 output (or input) spatial size is passed explicitly, so the padding after each dim is implied.
 
-Measured (bench/bench_depthwise.py, N=8, 3x3 pad 1, float32, one thread): 3.5-4x faster than torch on
-stride-1 planes of 28x28 and larger, where torch takes its slow native depthwise path; slower than
-torch where torch uses oneDNN (14x14 planes, stride 2), because copying a plane into the padded,
-phase-split buffer costs about as much as the convolution itself there.
+Measured (N=8, 3x3 pad 1, float32, one thread, shared and loaded machine, medians interleaved with
+torch): the 2-D path is 1.2-2.7x faster than the padded-plane path on 14x14 planes and stride 2, and
+about level with torch (oneDNN) there; still 1.2-1.4x slower than torch on 14x14 stride 2 (512 ch)
+and for the 14x14 weight gradient, where the per-plane fixed costs dominate.
 """
 from __future__ import annotations
 
@@ -209,6 +226,291 @@ def _taps(src, offs, wts, T, out, L, zero):
         xa = src[oa:oa + L]
         for i in range(L):
             out[i] += wa * xa[i]
+
+
+
+@njit(**_JIT)
+def _fill_flat(x, xb, H, W, sw, ph, pw, dw, KW, Hq, OW, kstride, M, B):
+    """The ``flat`` fill (no H split, ``W == sw*OW``; see :func:`_fast2d_layout`). The plane is first
+    split into its ``sw`` column phases, each one contiguous (stride 1) or deinterleaving (stride 2)
+    loop over the whole plane into slot ``KW + b``, where row ``qh`` holds input row ``qh - ph`` and
+    the rows around stay zero. A tap column whose shifted read stays inside the input rows reads that
+    slot directly; the others get a shifted contiguous copy in slot ``kw`` with the columns that
+    wrapped into the neighbouring row zeroed."""
+    qn = min(H * OW, (Hq - ph) * OW + M)
+    if sw == 2:
+        src = x[xb:xb + 2 * qn]
+        p0 = (KW * kstride) + M + ph * OW
+        p1 = p0 + kstride
+        d0 = B[p0:p0 + qn]
+        d1 = B[p1:p1 + qn]
+        for q in range(qn):
+            d0[q] = src[2 * q]
+            d1[q] = src[2 * q + 1]
+    else:
+        for b in range(sw):
+            pb = (KW + b) * kstride + M + ph * OW
+            dst = B[pb:pb + qn]
+            src = x[xb + b:xb + b + sw * (qn - 1) + 1]
+            if sw == 1:
+                for q in range(qn):
+                    dst[q] = src[q]
+            else:
+                for q in range(qn):
+                    dst[q] = src[sw * q]
+    L = Hq * OW
+    for kw in range(KW):
+        s = kw * dw - pw
+        zlo = (-s + sw - 1) // sw if s < 0 else 0
+        zhi = min(OW, (W - s + sw - 1) // sw) if W - s > 0 else 0
+        if zlo == 0 and zhi == OW:
+            continue
+        bph = s % sw
+        e = (s - bph) // sw
+        base = M + kw * kstride
+        src = B[(KW + bph) * kstride + M + e:(KW + bph) * kstride + M + e + L]
+        dst = B[base:base + L]
+        for i in range(L):
+            dst[i] = src[i]
+        for qh in range(Hq):
+            r = base + qh * OW
+            for ow in range(zlo):
+                B[r + ow] = 0
+            for ow in range(zhi, OW):
+                B[r + ow] = 0
+
+
+@njit(**_JIT)
+def _fill_kw(x, xb, H, W, sh, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B):
+    """Fill the fast 2-D path's plane buffers (see :func:`_fast2d_layout`) from the (H, W) plane at
+    ``x[xb]``: for each tap column ``kw``, ``B[M + kw*kstride + (a*Hq + qh)*OW + ow]`` =
+    ``x[qh*sh + a - ph, ow*sw + kw*dw - pw]``, zero outside the input. Positions outside the input
+    are never written by the row fill, so they keep the zeros of the fresh buffer; the ``flat`` fill
+    (stride 1, ``OW == W``) instead copies the whole plane contiguously, shifted, and then zeroes the
+    ``|s|`` columns per row that wrapped around from the neighbouring row."""
+    if flat:
+        _fill_flat(x, xb, H, W, sw, ph, pw, dw, KW, Hq, OW, kstride, M, B)
+        return
+    for kw in range(KW):
+        base = M + kw * kstride
+        s = kw * dw - pw
+        lo = (-s + sw - 1) // sw if s < 0 else 0
+        hi = min(OW, (W - 1 - s) // sw + 1) if W - 1 - s >= 0 else 0
+        if hi <= lo:
+            continue
+        cnt = hi - lo
+        for a in range(sh):
+            for qh in range(Hq):
+                ih = qh * sh + a - ph
+                if ih < 0 or ih >= H:
+                    continue
+                r = base + (a * Hq + qh) * OW + lo
+                dst = B[r:r + cnt]
+                s1 = xb + ih * W + lo * sw + s
+                src = x[s1:s1 + (cnt - 1) * sw + 1]
+                if sw == 1:
+                    for q in range(cnt):
+                        dst[q] = src[q]
+                elif sw == 2:
+                    for q in range(cnt):
+                        dst[q] = src[2 * q]
+                else:
+                    for q in range(cnt):
+                        dst[q] = src[sw * q]
+
+
+@njit(parallel=True, **_JIT)
+def _forward2d(x, N, C, H, W, w, KH, KW, bias, m, sh, sw, ph, pw, dw, Hq, kstride, M, blen, flat, offs, shb,
+               y, OH, OW, y_chan0, y_nstride, nchunks):
+    """Depthwise 2-D forward at output row pitch ``OW`` (see :func:`_fast2d_layout`): one flat,
+    exact, vectorised loop over the whole output plane, written straight into ``y``. With a stride
+    in H (``shb == 1 < sh``), the loop computes every padded-input row and the output keeps each
+    ``sh``-th (one contiguous row copy per output row): twice the arithmetic for stride 2, which is
+    cheaper than the per-row copies a phase-split buffer costs."""
+    P = OH * OW
+    T = KH * KW
+    Lz = ((OH - 1) * sh + 1) * OW if shb < sh else 1
+    ntask = N * C
+    zero = np.zeros(1, y.dtype)[0]
+    for chunk in prange(nchunks):
+        B = np.zeros(blen, y.dtype)
+        Z = np.empty(Lz, y.dtype)
+        wts = np.empty(T, y.dtype)
+        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+            n = task // C
+            c = task - n * C
+            _fill_kw(x, task * H * W, H, W, shb, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B)
+            for j in range(m):
+                k = c * m + j
+                for t in range(T):
+                    wts[t] = w[k * T + t]
+                bv = bias[k]
+                ybase = (n * y_nstride + y_chan0 + k) * P
+                yv = y[ybase:ybase + P]
+                if shb == sh:
+                    _taps(B, offs, wts, T, yv, P, zero)
+                    for i in range(P):
+                        yv[i] += bv
+                else:
+                    _taps(B, offs, wts, T, Z, Lz, zero)
+                    for oh in range(OH):
+                        yr = yv[oh * OW:(oh + 1) * OW]
+                        zr = Z[oh * sh * OW:(oh * sh + 1) * OW]
+                        for ow in range(OW):
+                            yr[ow] = zr[ow] + bv
+
+
+@njit(**_JIT)
+def _dots(G, B, offs, T, L, acc, a0, zero):
+    """``acc[a0 + t] += sum_{i < L} G[i] * B[offs[t] + i]``, three taps per pass over ``G``."""
+    t = 0
+    while t + 3 <= T:
+        oa, ob, oc = offs[t], offs[t + 1], offs[t + 2]
+        sa = sb = sc = zero
+        xa, xb, xc = B[oa:oa + L], B[ob:ob + L], B[oc:oc + L]
+        for i in range(L):
+            g = G[i]
+            sa += g * xa[i]
+            sb += g * xb[i]
+            sc += g * xc[i]
+        acc[a0 + t] += sa
+        acc[a0 + t + 1] += sb
+        acc[a0 + t + 2] += sc
+        t += 3
+    while t < T:
+        oa = offs[t]
+        sa = zero
+        xa = B[oa:oa + L]
+        for i in range(L):
+            sa += G[i] * xa[i]
+        acc[a0 + t] += sa
+        t += 1
+
+
+@njit(parallel=True, **_JIT)
+def _grad_weight2d(go, N, K, OH, OW, x, C, H, W, KH, KW, m, sh, sw, ph, pw, dw, Hq, kstride, M, blen, flat,
+                   offs, shb, gw):
+    """Depthwise 2-D weight gradient on the fast path's buffers: ``gw[k, t] = sum_n sum_i
+    go[n, k, i] * B[offs[t] + i]``, the output gradient read in place (same pitch ``OW``). Parallel
+    over input channels, each reducing over the batch itself (deterministic for any thread count).
+    Exact: the buffer holds zeros only where the input is padding, so no ``0 * Inf`` terms appear,
+    except with a stride in H (``shb < sh``), where the gradient is spread over every ``sh``-th row of
+    ``Gz`` and planes holding Inf/NaN take exact row-by-row sums instead."""
+    P = OH * OW
+    T = KH * KW
+    zero = np.zeros(1, gw.dtype)[0]
+    L = ((OH - 1) * sh + 1) * OW if shb < sh else P
+    for c in prange(C):
+        B = np.zeros(blen, gw.dtype)
+        Gz = np.zeros(L, gw.dtype)  # shb < sh: the output gradient at every sh-th row, zero rows between
+        acc = np.zeros(m * T, gw.dtype)
+        for n in range(N):
+            xb = (n * C + c) * H * W
+            _fill_kw(x, xb, H, W, shb, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B)
+            finite = True
+            if shb < sh:
+                probe = zero
+                xs = x[xb:xb + H * W]
+                for i in range(H * W):
+                    probe += xs[i] * 0
+                finite = probe == 0
+            for j in range(m):
+                k = c * m + j
+                G = go[(n * K + k) * P:(n * K + k + 1) * P]
+                if shb < sh and not finite:
+                    # the zero rows of Gz would meet Inf/NaN input rows (0 * Inf): exact row-by-row sums
+                    for t in range(T):
+                        sa = zero
+                        for oh in range(OH):
+                            xo = offs[t] + oh * sh * OW
+                            xr = B[xo:xo + OW]
+                            gr = G[oh * OW:(oh + 1) * OW]
+                            for ow in range(OW):
+                                sa += gr[ow] * xr[ow]
+                        acc[j * T + t] += sa
+                elif shb < sh:
+                    for oh in range(OH):
+                        gd = Gz[oh * sh * OW:(oh * sh + 1) * OW]
+                        gs = G[oh * OW:(oh + 1) * OW]
+                        for ow in range(OW):
+                            gd[ow] = gs[ow]
+                    _dots(Gz, B, offs, T, L, acc, j * T, zero)
+                else:
+                    _dots(G, B, offs, T, L, acc, j * T, zero)
+        for i in range(m * T):
+            gw[c * m * T + i] = acc[i]
+
+
+@njit(parallel=True, **_JIT)
+def _grad_input2d_up(go, N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, ph, pw, dw, Hq, kstride, M, blen, flat,
+                     offs, shb, gx, nchunks):
+    """Strided depthwise 2-D input gradient (multiplier 1) as a stride-1 forward: each output-gradient
+    plane is scattered into a thread-local plane ``U`` (``Hu x W``, zero between the strided
+    positions, which are never written), which is then correlated with the flipped kernel ``wf``
+    (padding ``ph, pw``) by the fast forward's flat fill and tap loop, straight into ``gx``. The tap
+    loop does ``sh*sw`` times the useful arithmetic, which measured cheaper than the phase-gathered
+    path's per-row copies."""
+    P = H * W
+    T = KH * KW
+    ntask = N * C
+    zero = np.zeros(1, gx.dtype)[0]
+    for chunk in prange(nchunks):
+        B = np.zeros(blen, gx.dtype)
+        U = np.zeros(Hu * W, gx.dtype)
+        wts = np.empty(T, gx.dtype)
+        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+            c = task % C
+            g = go[task * OH * OW:(task + 1) * OH * OW]
+            for oh in range(OH):
+                ur = U[oh * sh * W:oh * sh * W + (OW - 1) * sw + 1]
+                gr = g[oh * OW:(oh + 1) * OW]
+                for ow in range(OW):
+                    ur[ow * sw] = gr[ow]
+            _fill_kw(U, 0, Hu, W, 1, 1, ph, pw, dw, KW, Hq, W, kstride, M, flat, B)
+            for t in range(T):
+                wts[t] = wf[c * T + t]
+            _taps(B, offs, wts, T, gx[task * P:(task + 1) * P], P, zero)
+
+
+def _fast2d_layout(in_hw, out_hw, kernel, stride, padding, dilation, split_h=True):
+    """Geometry of the fast 2-D path (``D == OD == KD == 1``), or None where it does not apply.
+
+    Instead of one padded plane read with a row pitch wider than the output (whose extra columns
+    must be computed, dropped and copied out row by row), the buffer holds one copy of the plane per
+    tap column ``kw``, already shifted by that column's offset (and deinterleaved for a stride in W)
+    at row pitch exactly ``OW``, zero where the tap falls in the padding: output ``i = oh*OW + ow``
+    reads tap ``(kh, kw)`` at ``offs[t] + i``. The whole output plane is then one flat, exact loop,
+    written (or, for the weight gradient, read) in place. With ``split_h`` the copies are also split
+    by stride phase in H; without it (the forward) each padded input row is kept once and the
+    forward computes all rows and keeps every ``sh``-th. ``flat``: no H split and ``W == sw*OW``:
+    each copy is one contiguous (or stride-``sw``) loop over the whole plane, then the few wrapped
+    columns are zeroed. The copies cost ``KW`` planes of stores, in cache.
+    Returns (Hq, kstride, M, blen, flat, offs, shb): ``shb`` is the H stride the buffer is split by.
+    """
+    (H, W), (OH, OW), (KH, KW), (sh, sw), (ph, pw), (dh, dw) = in_hw, out_hw, kernel, stride, padding, dilation
+    if OH * OW == 0 or min(ph, pw) < 0:
+        return None
+    shb = sh if split_h else 1
+    if shb == sh:
+        Hq = OH + ((KH - 1) * dh) // sh
+    else:
+        Hq = (OH - 1) * sh + 1 + (KH - 1) * dh
+    smax = max(abs(kw * dw - pw) for kw in range(KW))
+    flat = shb == 1 and W == sw * OW and smax < W
+    M = smax + 1
+    kstride = shb * Hq * OW + 2 * M + W
+    blen = (KW + (sw if flat else 0)) * kstride
+    offs = np.empty(KH * KW, np.int64)
+    for kw in range(KW):
+        s = kw * dw - pw
+        base = M + kw * kstride
+        if flat and 0 <= s and (W - 1 - s) // sw + 1 >= OW:
+            # every output column reads inside the input: read the phase slot directly
+            base = (KW + s % sw) * kstride + M + s // sw
+        for kh in range(KH):
+            ah = kh * dh
+            offs[kh * KW + kw] = base + ((ah % shb) * Hq + ah // shb) * OW
+    return Hq, kstride, M, blen, flat, offs, shb
 
 
 @njit(parallel=True, **_JIT)
@@ -437,11 +739,19 @@ def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y
     OD, OH, OW = out_spatial
     if N == 0 or K == 0 or OD * OH * OW == 0:
         return y
-    lay = _PlaneLayout((KH, KW), (OH, OW), stride[1:], dilation[1:])
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
-    dt = _pairs(OD, D, KD, stride[0], padding[0], dilation[0], False)
     if not y.flags.c_contiguous:
         raise ValueError("depthwise_forward_into: y must be C-contiguous")
+    fast = None
+    if D == 1 and OD == 1 and KD == 1:
+        fast = _fast2d_layout((H, W), (OH, OW), (KH, KW), stride[1:], padding[1:], dilation[1:], False)
+    if fast is not None:
+        _forward2d(_flat(x), N, C, H, W, _flat(w), KH, KW, b, K // C, stride[1], stride[2], padding[1],
+                   padding[2], dilation[2], *fast, y.reshape(-1), OH, OW, int(chan0),
+                   int(K if nstride is None else nstride), _chunks(N * C))
+        return y
+    lay = _PlaneLayout((KH, KW), (OH, OW), stride[1:], dilation[1:])
+    dt = _pairs(OD, D, KD, stride[0], padding[0], dilation[0], False)
     _forward(_flat(x), N, C, D, H, W, _flat(w), KD, KH * KW, b, K // C, stride[1], stride[2],
              padding[1], padding[2], lay.Hq, lay.Wq, lay.sub, lay.offsets, *dt, y.reshape(-1), OD, OH, OW,
              int(chan0), int(K if nstride is None else nstride), _chunks(N * C))
@@ -486,6 +796,25 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
         gx[...] = 0
         return gx
     (sd, sh, sw), (pd, ph, pw), (dd, dh, dw) = stride, padding, dilation
+    if D == 1 and OD == 1 and KD == 1 and sh == 1 and sw == 1 and K == C:
+        # stride 1, multiplier 1: the input gradient is the forward correlation of the output gradient
+        # with the flipped kernel, padded by (KH-1)*dh - ph before: the fast forward path runs it.
+        pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
+        fast = _fast2d_layout((OH, OW), (H, W), (KH, KW), (1, 1), pad, (dh, dw), False)
+        if fast is not None:
+            wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
+            _forward2d(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, 1, pad[0], pad[1],
+                       dw, *fast, gx.reshape(-1), H, W, 0, C, _chunks(N * C))
+            return gx
+    Hu = (OH - 1) * sh + 1
+    if D == 1 and OD == 1 and KD == 1 and K == C and (sh > 1 or sw > 1) and (OW - 1) * sw < W:
+        pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
+        fast = _fast2d_layout((Hu, W), (H, W), (KH, KW), (1, 1), pad, (dh, dw), False)
+        if fast is not None and fast[4]:
+            wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
+            _grad_input2d_up(go.reshape(-1), N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, pad[0], pad[1], dw,
+                             *fast, gx.reshape(-1), _chunks(N * C))
+            return gx
     Lh, Lw = ((KH - 1) * dh) // sh, ((KW - 1) * dw) // sw
     q0h, q0w = ph // sh, pw // sw
     Qh = (H - 1 + ph) // sh + 1 - q0h
@@ -530,6 +859,15 @@ def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel
     gw = np.zeros((K, 1) + kernel_spatial, go.dtype)
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
+    D, H, W = x.shape[2:]
+    # Large stride-1 planes (112x112) measured faster on the padded-plane path below (1.25x): its one
+    # padded copy and the output gradient fit in L2 better than the KW shifted copies; equal at 56x56.
+    if D == 1 and OD == 1 and KD == 1 and (stride[1] > 1 or OH * OW <= 64 * 64):
+        fast = _fast2d_layout((H, W), (OH, OW), (KH, KW), stride[1:], padding[1:], dilation[1:], False)
+        if fast is not None:
+            _grad_weight2d(_flat(go), N, K, OH, OW, _flat(x), C, H, W, KH, KW, K // C, stride[1], stride[2],
+                           padding[1], padding[2], dilation[2], *fast, gw.reshape(-1))
+            return gw
     lay = _PlaneLayout((KH, KW), (OH, OW), stride[1:], dilation[1:])
     dt = _pairs(OD, x.shape[2], KD, stride[0], padding[0], dilation[0], False)
     _grad_weight(_flat(go), N, K, OD, OH, OW, _flat(x), C, x.shape[2], x.shape[3], x.shape[4], K // C,
@@ -630,8 +968,9 @@ def _register():
 
     registry.register(registry.ConvAlgorithm(
         "depthwise", frozenset({"numba"}),
-        "depthwise only (groups == in_channels, any multiplier): one padded, phase-split plane per task "
-        "in cache, whole-plane vectorised tap loops; input gradient gathered per stride phase",
+        "depthwise only (groups == in_channels, any multiplier): 2-D planes as per-tap-column shifted "
+        "copies at output pitch, one flat exact loop per plane; other shapes one padded, phase-split plane "
+        "per task; input gradient as a flipped-kernel forward or gathered per stride phase",
         forward, grad_input, grad_weight, refuse=_refuse))
 
 
