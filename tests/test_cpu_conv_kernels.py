@@ -208,3 +208,64 @@ def test_grad_input_zero_outside_coverage():
         assert gx.shape == (1, 2, 1, 9, 10)
         assert np.all(gx[..., 7:, :] == 0) and np.all(gx[..., :, 7:] == 0)
         assert np.abs(gx[..., :7, :7]).sum() > 0
+
+
+# ---- stride-1 wide-row im2col paths and the one-GEMM 1x1 weight gradient --------------------
+
+@pytest.mark.parametrize("transposed_max_k", [0, 1 << 30])
+@pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
+@pytest.mark.parametrize("flip", [0.0, 1e9])
+def test_im2col_stride1_wide_paths(monkeypatch, flip, cap, transposed_max_k):
+    """Stride-1 1-D/2-D convs: forward over whole padded rows; input gradient either as a forward
+    conv with flipped weights (``flip``) or as GEMM + contiguous col2im; chunked and not, both
+    GEMM orientations, groups, dilation, asymmetric and cropping padding."""
+    monkeypatch.setattr(cc, "FLIP_MAX_OVERCOMPUTE", flip)
+    monkeypatch.setattr(cc, "WIDE_MAX_OVERCOMPUTE", 1e9)
+    monkeypatch.setattr(cc, "WIDE_MAX_EXTRA_MACS", 1e9)
+    monkeypatch.setattr(cc, "FLIP_MAX_KG", 1 << 30)
+    monkeypatch.setattr(cc, "FLIP_MIN_CG", 0)
+    monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    monkeypatch.setattr(cc, "GEMM_TRANSPOSED_MAX_K", transposed_max_k)
+    calls = {"fwd": 0, "gin": 0}
+    fwd_wide, gin_wide = cc._forward_wide, cc._grad_input_wide
+
+    def spy_fwd(*a):
+        calls["fwd"] += 1
+        return fwd_wide(*a)
+
+    def spy_gin(*a):
+        calls["gin"] += 1
+        return gin_wide(*a)
+
+    monkeypatch.setattr(cc, "_forward_wide", spy_fwd)
+    monkeypatch.setattr(cc, "_grad_input_wide", spy_gin)
+    _check("im2col", 5, 4, 6, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 2)
+    _check("im2col", 3, 4, 6, (9, 10), (3, 2), (1, 1), (2, 0), (-1, 1), (2, 1), 1)
+    _check("im2col", 3, 6, 4, (17,), (5,), (1,), (2,), (3,), (2,), 1)
+    _check("im2col", 2, 3, 5, (8, 7), (5, 5), (1, 1), (0, 0), (0, 0), (1, 1), 1, dtype=np.float32)
+    if flip:
+        assert calls == {"fwd": 8, "gin": 0}
+    else:
+        assert calls == {"fwd": 4, "gin": 4}
+
+
+def test_im2col_grad_input_zero_outside_coverage_stride1():
+    """Stride 1, in_spatial larger than the conv covers: exact zeros there on both wide paths."""
+    rng = np.random.default_rng(0)
+    go = rng.standard_normal((2, 3, 1, 3, 4))
+    w = rng.standard_normal((3, 2, 1, 3, 3))
+    for flip in (0.0, 1e9):
+        old = cc.FLIP_MAX_OVERCOMPUTE, cc.FLIP_MIN_CG
+        cc.FLIP_MAX_OVERCOMPUTE, cc.FLIP_MIN_CG = flip, 0
+        try:
+            gx = cc.im2col_grad_input(go, w, (1, 1, 1), (0, 0, 0), (1, 1, 1), 1, (1, 8, 9))
+            ref = cc.direct_grad_input(go, w, (1, 1, 1), (0, 0, 0), (1, 1, 1), 1, (1, 8, 9))
+        finally:
+            cc.FLIP_MAX_OVERCOMPUTE, cc.FLIP_MIN_CG = old
+        assert np.all(gx[..., 5:, :] == 0) and np.all(gx[..., :, 6:] == 0)
+        np.testing.assert_allclose(gx, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("N,groups", [(1, 1), (3, 1), (3, 2)])
+def test_im2col_pointwise_grad_weight_one_gemm(N, groups):
+    _check("im2col", N, 4, 6, (5, 7), (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), groups)

@@ -17,6 +17,12 @@ unit-stride slice starting at ``(a % s) * Wq + a // s`` with ``a = kw * dilation
 loop is a contiguous, bounds-check-free, vectorisable loop whatever the stride, padding or dilation.
 The input gradient is the same row-correlation applied to the zero-padded output gradient, one
 segment per stride phase, then un-phased.
+
+Stride-1 1-D/2-D im2col instead pads the image in H and W and flattens (H, W): every column row of
+an image is then one contiguous slice, at the price of computing (and dropping) the padded columns
+of each output row (``_im2col_wide``, used where that is cheaper). A stride-1 input gradient with
+few output channels per group is computed as a forward conv of the output gradient with flipped,
+transposed weights; a 1x1 weight gradient is one GEMM over the whole batch.
 """
 from __future__ import annotations
 
@@ -464,6 +470,119 @@ def _im2col(xq, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, co
 
 
 @njit(parallel=True, **_JIT)
+def _pad_wide(x, ph, pw, wq, out):
+    """``out[n, c, r * wq + m] = x[n, c, 0, r - ph, m - pw]`` (0 outside, and in the tail).
+
+    The zero-padded image flattened over (H, W) with row length ``wq``: for a stride-1 conv each
+    im2col column row of one image is then one contiguous slice (see :func:`_im2col_wide`)."""
+    N, C, _, H, W = x.shape
+    L = out.shape[2]
+    Hp = L // wq
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        orow = out[n, c]
+        for r in range(Hp):
+            ih = r - ph
+            dst = orow[r * wq:(r + 1) * wq]
+            if ih < 0 or ih >= H:
+                for m in range(wq):
+                    dst[m] = 0
+            else:
+                xr = x[n, c, 0, ih]
+                lo = min(pw, wq)
+                for m in range(lo):
+                    dst[m] = 0
+                cnt = max(0, min(W, wq - pw))
+                seg = dst[pw:pw + cnt]
+                for m in range(cnt):
+                    seg[m] = xr[m]
+                for m in range(pw + cnt, wq):
+                    dst[m] = 0
+        for m in range(Hp * wq, L):
+            orow[m] = 0
+
+
+@njit(parallel=True, **_JIT)
+def _im2col_wide(xp, n0, c0, q0, Q, KH, KW, sh, sw, col):
+    """``col[(c*KH + kh)*KW + kw, i*Q + q] = xp[n0 + i, c0 + c, q0 + kh*sh + kw*sw + q]``.
+
+    Stride-1 columns over whole padded rows (``Q`` = output rows x ``wq``; the columns past the
+    output width are computed by the GEMM and dropped): one contiguous copy per (row, image),
+    parallel over column rows."""
+    KK = KH * KW
+    nb = col.shape[1] // Q
+    for row in prange(col.shape[0]):
+        c = row // KK
+        t = row - c * KK
+        kh = t // KW
+        kw = t - kh * KW
+        off = q0 + kh * sh + kw * sw
+        crow = col[row]
+        for i in range(nb):
+            src = xp[n0 + i, c0 + c, off:off + Q]
+            dst = crow[i * Q:(i + 1) * Q]
+            for m in range(Q):
+                dst[m] = src[m]
+
+
+@njit(parallel=True, **_JIT)
+def _batch_inner(a, out):
+    """``out[c, n * P + p] = a[n, c, p]``: moves the batch inside each channel row (one GEMM
+    over the whole batch then needs no per-image calls). Parallel over channels."""
+    N, C, P = a.shape
+    for c in prange(C):
+        orow = out[c]
+        for n in range(N):
+            src = a[n, c]
+            dst = orow[n * P:(n + 1) * P]
+            for m in range(P):
+                dst[m] = src[m]
+
+
+@njit(parallel=True, **_JIT)
+def _col2im_wide(col, n0, c0, q0, Q, KH, KW, sh, sw, gxp):
+    """Inverse of :func:`_im2col_wide`: ``gxp[n0 + i, c0 + c, q0 + kh*sh + kw*sw + q] +=
+    col[(c*KH + kh)*KW + kw, i*Q + q]``. Contiguous adds; parallel over channels (no races)."""
+    KK = KH * KW
+    nb = col.shape[1] // Q
+    for c in prange(col.shape[0] // KK):
+        for i in range(nb):
+            grow = gxp[n0 + i, c0 + c]
+            for t in range(KK):
+                kh = t // KW
+                kw = t - kh * KW
+                off = q0 + kh * sh + kw * sw
+                dst = grow[off:off + Q]
+                src = col[c * KK + t, i * Q:(i + 1) * Q]
+                for m in range(Q):
+                    dst[m] += src[m]
+
+
+@njit(parallel=True, **_JIT)
+def _unpad_wide(gxp, ph, pw, wq, Hp, out):
+    """``out[n, c, 0, ih, iw] = gxp[n, c, (ih + ph) * wq + iw + pw]`` (0 beyond the buffer)."""
+    N, C, _, H, W = out.shape
+    for t in prange(N * C):
+        n = t // C
+        c = t - n * C
+        grow = gxp[n, c]
+        for ih in range(H):
+            orow = out[n, c, 0, ih]
+            r = ih + ph
+            if r >= Hp:
+                for iw in range(W):
+                    orow[iw] = 0
+            else:
+                cnt = max(0, min(W, wq - pw))
+                src = grow[r * wq + pw:r * wq + pw + cnt]
+                for iw in range(cnt):
+                    orow[iw] = src[iw]
+                for iw in range(cnt, W):
+                    orow[iw] = 0
+
+
+@njit(parallel=True, **_JIT)
 def _col2im(col, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, gxq):
     """Scatter-add columns back into the phase-split padded input-gradient buffer.
     Parallel over input channels (each task owns its channel: no races)."""
@@ -540,6 +659,112 @@ def _chunks(N, R, OW, ck, itemsize):
 
 def _tup(v):
     return tuple(int(a) for a in v)
+
+
+#: Stride-1 im2col over whole padded rows (:func:`_im2col_wide`): the padded row (``wq``) may be at
+#: most this many times the output row (the extra columns are computed by the GEMM and dropped) ...
+WIDE_MAX_OVERCOMPUTE = 2.0
+#: ... and ``(wq - OW) * Kg`` at most this: per output row the wide layout saves a fixed copy
+#: overhead per column row and costs ``(wq - OW) * Kg`` extra multiply-adds per column row
+#: (measured, 1 thread: LeNet-5 conv2 (64) forward 1.45x and LeNet-5 conv1 (24) 1.15x faster;
+#: Inception 5x5 and ResNet-50 3x3 (128) 4-5% slower).
+WIDE_MAX_EXTRA_MACS = 96
+
+
+#: Stride-1 input gradient as a forward conv of the zero-padded output gradient: used while that
+#: conv's multiply-adds (over the padded rows) are at most this many times the real ones. Small
+#: images with large kernels (LeNet-5 5x5 on 10x10: 2.5x) keep the GEMM + col2im path.
+FLIP_MAX_OVERCOMPUTE = 1.5
+#: ... and only with fewer than this many output channels per group (the GEMM + col2im path's
+#: reduction dimension; Inception 5x5 with 32: 2.2x faster flipped; ResNet 3x3 with 256: 12% slower)
+FLIP_MAX_KG = 64
+#: ... and at least this many input channels per group (the flipped conv's output channels; with
+#: LeNet-5 conv1's single input channel its GEMM degenerates to a matrix-vector product)
+FLIP_MIN_CG = 16
+
+
+def _wide_ok(ksz, stride, padding, dilation, in_sp, out_sp, kg):
+    """Geometry the wide-row stride-1 im2col handles (1-D/2-D, stride 1, padding before >= 0)
+    and is worth it for (``kg``: the GEMM dimension each column element is used for)."""
+    KD, KH, KW = ksz
+    if tuple(stride) != (1, 1, 1) or KD != 1 or in_sp[0] != 1 or out_sp[0] != 1 or padding[0] != 0:
+        return False
+    if padding[1] < 0 or padding[2] < 0 or out_sp[2] < 1:
+        return False
+    extra = (KW - 1) * dilation[2]
+    return (out_sp[2] + extra <= WIDE_MAX_OVERCOMPUTE * out_sp[2]
+            and extra * kg <= WIDE_MAX_EXTRA_MACS)
+
+
+def _forward_wide(x, w, G, padding, dilation, out_spatial, y):
+    """Stride-1 (1-D/2-D) forward into ``y`` (N, K, 1, OH, OW) without bias: columns are
+    contiguous slices of the zero-padded, (H, W)-flattened input; one GEMM per chunk of images."""
+    N, C, _, H, W = x.shape
+    K, Cg, _, KH, KW = w.shape
+    Kg = K // G
+    _, OH, OW = out_spatial
+    dh, dw = dilation[1], dilation[2]
+    wq = OW + (KW - 1) * dw
+    Hp = OH + (KH - 1) * dh
+    xp = np.empty((N, C, Hp * wq + (KW - 1) * dw), x.dtype)
+    _pad_wide(x, padding[1], padding[2], wq, xp)
+    ck = Cg * KH * KW
+    w2 = w.reshape(K, ck)
+    y4 = y.reshape(N, K, OH, OW)
+    chunks = list(_chunks(N, OH, wq, ck, x.itemsize))
+    qmax = max(nb * (r1 - r0) * wq for _, nb, r0, r1 in chunks)
+    colbuf = np.empty(ck * qmax, x.dtype)
+    tmpbuf = np.empty(Kg * qmax, x.dtype)
+    for g in range(G):
+        wg = w2[g * Kg:(g + 1) * Kg]
+        for n0, nb, r0, r1 in chunks:
+            nr = r1 - r0
+            Q = nr * wq
+            col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
+            _im2col_wide(xp, n0, g * Cg, r0 * wq, Q, KH, KW, dh * wq, dw, col)
+            if Kg <= GEMM_TRANSPOSED_MAX_K:
+                tmp = tmpbuf[:Kg * nb * Q].reshape(nb * Q, Kg)
+                np.matmul(col.T, wg.T, out=tmp)
+                y4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1] = \
+                    tmp.reshape(nb, nr, wq, Kg)[:, :, :OW].transpose(0, 3, 1, 2)
+            else:
+                tmp = tmpbuf[:Kg * nb * Q].reshape(Kg, nb * Q)
+                np.matmul(wg, col, out=tmp)
+                y4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1] = \
+                    tmp.reshape(Kg, nb, nr, wq)[..., :OW].transpose(1, 0, 2, 3)
+    return y
+
+
+def _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx):
+    """Stride-1 (1-D/2-D) input gradient: one GEMM per chunk into whole-padded-row columns (the
+    output gradient is zero-extended to the padded row length), contiguous col2im adds."""
+    N, K, _, OH, OW = go.shape
+    _, Cg, _, KH, KW = w.shape
+    Kg = K // G
+    dh, dw = dilation[1], dilation[2]
+    wq = OW + (KW - 1) * dw
+    Hp = OH + (KH - 1) * dh
+    gxp = np.zeros((N, Cg * G, Hp * wq + (KW - 1) * dw), go.dtype)
+    ck = Cg * KH * KW
+    w2 = w.reshape(K, ck)
+    go4 = go.reshape(N, K, OH, OW)
+    chunks = list(_chunks(N, OH, wq, ck, go.itemsize))
+    qmax = max(nb * (r1 - r0) * wq for _, nb, r0, r1 in chunks)
+    colbuf = np.empty(ck * qmax, go.dtype)
+    gobuf = np.empty(Kg * qmax, go.dtype)
+    for g in range(G):
+        wgT = w2[g * Kg:(g + 1) * Kg].T
+        for n0, nb, r0, r1 in chunks:
+            nr = r1 - r0
+            Q = nr * wq
+            gq = gobuf[:Kg * nb * Q].reshape(Kg, nb, nr, wq)
+            gq[..., OW:] = 0
+            gq[..., :OW] = go4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1].transpose(1, 0, 2, 3)
+            col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
+            np.matmul(wgT, gq.reshape(Kg, nb * Q), out=col)
+            _col2im_wide(col, n0, g * Cg, r0 * wq, Q, KH, KW, dh * wq, dw, gxp)
+    _unpad_wide(gxp, padding[1], padding[2], wq, Hp, gx)
+    return gx
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,6 +904,8 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             for g in range(G):
                 y3[:, g * Kg:(g + 1) * Kg] = np.matmul(w2[g * Kg:(g + 1) * Kg],
                                                        x3[:, g * Cg:(g + 1) * Cg])
+    elif _wide_ok((KD, KH, KW), stride, padding, dilation, (D, H, W), out_spatial, Kg):
+        _forward_wide(x, w, G, padding, dilation, out_spatial, y)
     else:
         xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
         chunks = list(_chunks(N, R, OW, ck, x.itemsize))
@@ -748,6 +975,19 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
             gx3[:, g * Cg:(g + 1) * Cg] = np.matmul(w2[g * Kg:(g + 1) * Kg].T,
                                                     go3[:, g * Kg:(g + 1) * Kg])
         return gx
+    # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
+    # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
+    tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
+    # (worth it when the GEMM + col2im path is thin: few output channels per group to reduce over,
+    # a tall column matrix to scatter; its own GEMM needs enough input channels per group)
+    flip_macs = H * (W + (KW - 1) * dilation[2])  # per (image, channel pair, tap), vs OH * OW
+    if (Kg < FLIP_MAX_KG and Cg >= FLIP_MIN_CG and _wide_ok((KD, KH, KW), stride, tpad, dilation, out_spatial, in_spatial, 0)
+            and flip_macs <= FLIP_MAX_OVERCOMPUTE * OH * OW):
+        wt = w.reshape(G, Kg, Cg, KH, KW).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+        wt = _c(wt).reshape(C, Kg, 1, KH, KW)
+        return _forward_wide(go, wt, G, tpad, dilation, in_spatial, gx)
+    if _wide_ok((KD, KH, KW), stride, padding, dilation, in_spatial, out_spatial, Kg):
+        return _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx)
     sw, pw, dw = stride[2], padding[2], dilation[2]
     wq, offs = _row_layout(KW, sw, pw, dw, OW)
     gxq = np.zeros((N, C, D, H, sw * wq), go.dtype)
@@ -791,9 +1031,15 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     go3 = go.reshape(N, K, P)
     if _is_pointwise(kernel_spatial, stride, padding, (D, H, W), out_spatial):
         x3 = x.reshape(N, C, P)
+        if N == 1:
+            gox, xx = go3[0], x3[0]
+        else:  # one GEMM over the whole batch: (K, N*P) x (N*P, C), batch moved inside each row
+            gox = np.empty((K, N * P), go.dtype)
+            xx = np.empty((C, N * P), x.dtype)
+            _batch_inner(go3, gox)
+            _batch_inner(x3, xx)
         for g in range(G):
-            part = np.matmul(go3[:, g * Kg:(g + 1) * Kg], x3[:, g * Cg:(g + 1) * Cg].transpose(0, 2, 1))
-            gw2[g * Kg:(g + 1) * Kg] = part.sum(axis=0)
+            np.matmul(gox[g * Kg:(g + 1) * Kg], xx[g * Cg:(g + 1) * Cg].T, out=gw2[g * Kg:(g + 1) * Kg])
         return gw
     xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
     chunks = list(_chunks(N, R, OW, ck, x.itemsize))
