@@ -6,17 +6,26 @@ chosen before the first parallel kernel runs.
 Why TBB: torch and Numba each bring an OpenMP runtime. With Numba's default (GNU OpenMP) layer a
 forked child (a ``DataLoader`` worker) dies on its first parallel kernel, and the ``workqueue``
 layer aborts when two Python threads call parallel kernels at once. TBB is both fork-safe and
-thread-safe. If TBB is not importable we fall back to Numba's default choice and say so in
-``fastconv.info()``.
+thread-safe.
+
+Why we load TBB ourselves: the ``tbb`` wheel puts ``libtbb.so.12`` in ``<prefix>/lib``, a folder the
+dynamic loader does not search. Numba's ``tbbpool`` extension then fails to load in every virtual
+environment, ``pip install --user`` and non-editable install (it works only where the interpreter's
+own run path happens to cover that folder), and Numba answers with a misleading "pip install tbb".
+So we find the library the ``tbb`` distribution installed and load it with ``RTLD_GLOBAL`` before Numba
+needs it. If that fails we fall back to Numba's ``workqueue`` layer, which is fork-safe but not
+thread-safe, and serialise parallel launches from several Python threads with a lock
+(:func:`parallel_launch`); the fallback is announced once in a warning and in ``fastconv info``.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import glob
 import os
-
-# Must be set before numba is imported anywhere in the process to take effect reliably.
-os.environ.setdefault("NUMBA_THREADING_LAYER", "tbb")
-
-import numba  # noqa: E402
+import sys
+import threading
+import warnings
 
 #: Flags for ``@njit(fastmath=...)``. Only reassociation and FMA contraction: the full
 #: ``fastmath=True`` assumes no NaN/Inf, which would break max-pooling's NaN propagation.
@@ -25,12 +34,103 @@ FASTMATH = frozenset({"reassoc", "contract"})
 #: Numba's on-disk cache (``cache=True``) lives beside the modules unless NUMBA_CACHE_DIR is set.
 CACHE = True
 
+_TBB_SONAME = "libtbb.so.12"
+
+
+def _tbb_candidates() -> list[str]:
+    """Where pip may have put ``libtbb.so.12``, most specific first.
+
+    The ``tbb`` distribution's own file list is authoritative (venv, ``--user``, system site-packages
+    alike); the interpreter prefixes are a fallback for installs whose metadata lacks a RECORD.
+    """
+    found: list[str] = []
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("tbb")
+        for entry in dist.files or ():
+            if os.path.basename(str(entry)) == _TBB_SONAME:
+                found.append(os.path.realpath(str(dist.locate_file(entry))))
+    except Exception:  # no tbb distribution, or unreadable metadata: try the prefixes below
+        pass
+    import site
+
+    prefixes = [sys.prefix, sys.base_prefix, getattr(site, "USER_BASE", None) or ""]
+    for prefix in prefixes:
+        if prefix:
+            found.extend(sorted(glob.glob(os.path.join(prefix, "lib", _TBB_SONAME))))
+    return list(dict.fromkeys(p for p in found if os.path.exists(p)))
+
+
+def _load_tbb() -> tuple[str | None, str]:
+    """Load TBB into the process so Numba's ``tbbpool`` can link against it.
+
+    Returns ``(path or None, reason)``. Loading the system's copy by soname is tried first, because a
+    TBB already reachable by the loader is the one any other library in the process will use.
+    """
+    try:
+        ctypes.CDLL(_TBB_SONAME, mode=ctypes.RTLD_GLOBAL)
+        return _TBB_SONAME, "found by the dynamic loader"
+    except OSError:
+        pass
+    errors = []
+    for path in _tbb_candidates():
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            return path, "loaded from the tbb package"
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    if errors:
+        return None, "; ".join(errors)
+    return None, "no libtbb.so.12 in the tbb package, the interpreter prefix or the user base"
+
+
+def _choose_threading_layer() -> dict:
+    requested = os.environ.get("NUMBA_THREADING_LAYER")
+    if requested and requested != "tbb":
+        # The user chose a layer deliberately: respect it, and serialise launches unless it is
+        # known to be thread-safe.
+        return {"layer": requested, "tbb_path": None, "reason": "NUMBA_THREADING_LAYER set by the user",
+                "needs_lock": requested not in ("tbb", "safe")}
+    path, reason = _load_tbb()
+    if path is not None:
+        os.environ["NUMBA_THREADING_LAYER"] = "tbb"
+        return {"layer": "tbb", "tbb_path": path, "reason": reason, "needs_lock": False}
+    os.environ["NUMBA_THREADING_LAYER"] = "workqueue"
+    warnings.warn(
+        "fastconv: Intel TBB could not be loaded (" + reason + "); Numba's parallel kernels run on the "
+        "'workqueue' threading layer instead: fork-safe, and launches from several Python threads take "
+        "turns. Run 'fastconv info' for details.", RuntimeWarning, stacklevel=3)
+    return {"layer": "workqueue", "tbb_path": None, "reason": reason, "needs_lock": True}
+
+
+#: What was decided about Numba's threading at import; read by ``fastconv info``.
+THREADING = _choose_threading_layer()
+
+_launch_lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def parallel_launch():
+    """Context for one parallel Numba kernel call: syncs thread counts, serialises when the layer needs it.
+
+    Only the fallback ``workqueue`` layer needs the lock (it aborts when two Python threads launch
+    at once); under TBB this costs one attribute read.
+    """
+    sync_threads()
+    if THREADING["needs_lock"]:
+        with _launch_lock:
+            yield
+    else:
+        yield
+
 
 def sync_threads() -> int:
     """Make Numba use as many threads as torch (``torch.set_num_threads`` is the single knob).
 
     Returns the thread count in force. Called before every parallel kernel launch; cheap.
     """
+    import numba
     import torch
 
     wanted = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
