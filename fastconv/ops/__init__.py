@@ -3,3 +3,7 @@ from . import conv  # noqa: F401
 from . import pool  # noqa: F401
 from . import transposed  # noqa: F401
 from . import separable  # noqa: F401
+
+from ._first_call import skip_eager_dynamo_import as _skip_eager_dynamo_import
+
+_skip_eager_dynamo_import()
