@@ -1,32 +1,13 @@
-"""The ``fastconv`` command: ``fastconv bench | flops | train | info``.
+"""The ``fastconv`` command, for code that imports it from the package (``python -m fastconv``, tests).
 
-Each subcommand lives in its own module under :mod:`fastconv.commands` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; they are imported only when used, so
-``fastconv info`` stays fast.
+The implementation is the top-level module :mod:`fastconv_cli`, which the console script runs without
+importing this package (so ``fastconv --help`` does not import torch).
 """
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
-COMMANDS = {
-    "bench": "run the layer benchmark suite: fastconv algorithms vs torch, per pass",
-    "flops": "count MACs/FLOPs/parameters of a zoo model, or compare textbook designs",
-    "train": "train LeNet-5 built from fastconv layers on scikit-learn's digits",
-    "info": "versions, threading layer, algorithms, backends",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastconv", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in COMMANDS.items():
-        module = importlib.import_module(f"fastconv.commands.{name}")
-        module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
-    args = parser.parse_args(argv)
-    return int(importlib.import_module(f"fastconv.commands.{args.command}").run(args) or 0)
-
+from fastconv_cli import COMMANDS, main  # noqa: F401
 
 if __name__ == "__main__":
     sys.exit(main())

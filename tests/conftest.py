@@ -10,6 +10,23 @@ os.environ.setdefault("FASTCONV_CACHE_DIR", tempfile.mkdtemp(prefix="fastconv-te
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def pytest_report_header(config):
+    import fastconv
+
+    return f"fastconv {fastconv.__version__} from {os.path.dirname(fastconv.__file__)}"
+
+
+if os.environ.get("FASTCONV_EXPECT_INSTALLED"):
+    # CI tests the wheel a user installs, not the source tree: a file the wheel lacks must fail here.
+    import fastconv as _installed
+
+    _here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.abspath(_installed.__file__).startswith(os.path.join(_here, "fastconv")):
+        raise pytest.UsageError(f"FASTCONV_EXPECT_INSTALLED is set but fastconv was imported from the source "
+                                f"tree ({_installed.__file__}); run the console script 'pytest', not "
+                                f"'python -m pytest', so that the installed package is tested")
+
 # Tolerances per dtype (and algorithm where one needs its own). float64 is the reference dtype: every
 # op is checked against torch's CPU op in float64.
 TOLERANCES = {

@@ -115,7 +115,15 @@ def train_lenet_digits(epochs: int = 20, seed: int = 0, batch_size: int = 32, lr
 
 
 def run(args: argparse.Namespace) -> int:
+    import importlib.util
+    import sys
+
     import torch
+
+    if importlib.util.find_spec("sklearn") is None:
+        print("fastconv train: error: the digits data set comes from scikit-learn, which is not installed; "
+              "pip install 'fastconv[train]'", file=sys.stderr)
+        return 2
 
     torch.set_num_threads(args.threads)  # fastconv keeps Numba's thread count in step with torch's
     result = train_lenet_digits(args.epochs, args.seed, args.batch_size, args.lr, progress=not args.no_progress)
