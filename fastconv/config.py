@@ -137,3 +137,24 @@ def sync_threads() -> int:
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
     return wanted
+
+
+def announce_first_compile(kernel_dir: str) -> bool:
+    """Say once, on stderr, that the CPU kernels are about to be compiled, when Numba's cache is cold.
+
+    A cold cache costs seconds per kernel family on the first call of each (a minute for the whole
+    benchmark); without a word the first run looks hung. The cache counts as warm when any index file
+    (``*.nbi``) of a module in ``kernel_dir`` exists where Numba keeps it. Returns whether it spoke.
+    """
+    root = os.environ.get("NUMBA_CACHE_DIR")
+    stems = [f[:-3] for f in os.listdir(kernel_dir) if f.endswith(".py") and not f.startswith("__")]
+    if root:
+        pattern = os.path.join(root, "**", "*.nbi")
+        found = any(os.path.basename(p).split(".")[0] in stems for p in glob.iglob(pattern, recursive=True))
+    else:
+        found = bool(glob.glob(os.path.join(kernel_dir, "__pycache__", "*.nbi")))
+    if found:
+        return False
+    print("fastconv: compiling the CPU kernels for this machine as they are first used (a few seconds per "
+          "kernel family); this happens only once, later runs load them from Numba's cache.", file=sys.stderr)
+    return True

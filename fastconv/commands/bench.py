@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-first-call", action="store_true",
                         help="skip timing import + first call in a fresh process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--baseline", choices=("process", "inprocess"), default="process",
+                        help="where torch is timed: a clean worker process that never imports fastconv or "
+                             "Numba (default: what a user who chose torch sees), or this process")
     parser.add_argument("--list", action="store_true", help="list the suite's layers and exit")
 
 
@@ -73,14 +76,20 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    tables = []
+
     def show(layer, pass_, rows):
-        tqdm.write(benchmark.format_case(layer, pass_, rows, gemm_label) + "\n", file=sys.stdout)
+        tables.append(benchmark.format_case(layer, pass_, rows, gemm_label))
+        tqdm.write(tables[-1] + "\n", file=sys.stdout)
 
     result = benchmark.run_suite(layers, passes, algos, dtype=dtype, reps=reps, progress=not args.no_progress,
-                                 on_case=show, with_first_call=not args.no_first_call)
+                                 on_case=show, with_first_call=not args.no_first_call, baseline=args.baseline)
     result["arguments"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out = args.out if args.out is not None else benchmark.default_out_dir()
-    json_path, png_path = benchmark.write_results(result, out)
+    files = benchmark.write_results(result, out, text="\n\n".join(tables))
     print(benchmark.format_summary(result))
-    print(f"wrote {json_path} and {png_path}")
+    if files["kept"]:
+        print(f"kept the previous results as {', '.join(p.name for p in files['kept'])}")
+    png = files["png"]
+    print(f"wrote {files['json']}, {files['txt']}" + (f" and {png}" if isinstance(png, Path) else f"; PNG {png}"))
     return 1 if result["summary"]["failures"] else 0

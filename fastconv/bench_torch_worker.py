@@ -1,0 +1,79 @@
+"""The torch baseline of ``fastconv bench``, timed in a process that never imports fastconv or Numba.
+
+Why a process of its own: on these machines torch's convolution is slower and bimodal in a process
+where Numba's TBB threads and numpy's OpenBLAS threads live (LeNet conv1: 0.34 ms clean, about 16 ms
+in some Numba processes), so a baseline timed beside fastconv flatters fastconv. A user who picked
+torch has none of those pools; this worker is that user.
+
+Run as a script by file path (``python bench_torch_worker.py``), never as ``-m fastconv...``: importing
+anything under the package would import fastconv. It loads :mod:`fastconv.bench_suite` by path too.
+Protocol: one JSON request per stdin line, one JSON answer per stdout line.
+
+    {"cmd": "setup", "threads": 2}                       -> {"ok": true, "torch": "2.13.0", ...}
+    {"cmd": "time", "layer": L, "pass": P, "dtype": "float32", "seed": 0, "n": 3}
+                                                         -> {"ms": [t1, t2, t3]}
+    {"cmd": "clean"}                                     -> {"numba": false, "fastconv": false}
+    {"cmd": "quit"}
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+
+def _load_suite():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_suite.py")
+    spec = importlib.util.spec_from_file_location("_fastconv_bench_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> int:
+    import torch
+
+    suite = _load_suite()
+    layers = {layer.name: layer for layer in suite.SUITE}
+    cached_key, cached_inputs = None, None
+    for line in sys.stdin:
+        request = json.loads(line)
+        cmd = request.get("cmd")
+        try:
+            if cmd == "quit":
+                break
+            if cmd == "setup":
+                torch.set_num_threads(int(request["threads"]))
+                answer = {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "pid": os.getpid()}
+            elif cmd == "clean":
+                answer = {name: name in sys.modules for name in ("numba", "fastconv", "llvmlite")}
+            elif cmd == "time":
+                layer = layers[request["layer"]]
+                impl = layer.passes[request["pass"]]
+                key = (request["layer"], request["pass"], request["dtype"], request.get("seed", 0))
+                if key != cached_key:
+                    dtype = getattr(torch, request["dtype"])
+                    cached_inputs = impl.inputs(dtype, torch.Generator().manual_seed(request.get("seed", 0)))
+                    cached_key = key
+                times = []
+                with torch.no_grad():
+                    for _ in range(int(request.get("n", 1))):
+                        start = time.perf_counter()
+                        impl.torch(cached_inputs)
+                        times.append((time.perf_counter() - start) * 1e3)
+                answer = {"ms": times}
+            else:
+                answer = {"error": f"unknown command {cmd!r}"}
+        except Exception as error:  # noqa: BLE001 - the parent reports it in the table
+            answer = {"error": f"{type(error).__name__}: {error}"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
