@@ -96,3 +96,41 @@ def test_suite_layers_have_issue_shapes():
     assert by_name["audio_conv1d"].shapes["output"] == (16, 128, 1981)
     # DESIGN.md §10's anchor: 28x28x192 -> 28x28x32 with 5x5 is 120,422,400 MACs per image.
     assert by_name["inception_5x5"].macs == 8 * 120_422_400
+
+
+def test_torch_baseline_worker_never_imports_fastconv_or_numba():
+    # The baseline must be what a user who chose torch sees: a process without fastconv's thread pools.
+    layer = benchmark.select_layers("lenet5_conv1")[0]
+    with benchmark.TorchBaseline(threads=1) as worker:
+        times = worker.time(layer.name, "forward", benchmark.parse_dtype("float32"), n=2)
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert worker.is_clean()
+    rows = benchmark.run_case(layer, "forward", ["torch", "direct"], benchmark.parse_dtype("float32"), 1, 100.0,
+                              baseline=benchmark.TorchBaseline(threads=1))
+    torch_row = rows[0]
+    assert torch_row["baseline"] == "separate process" and torch_row["inprocess_ms"] > 0
+    assert torch_row["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(rows[1]["ms"] / torch_row["ms"])
+
+
+def test_results_are_kept_not_overwritten_and_png_is_optional(tmp_path, monkeypatch):
+    result = {"environment": {"gemm_dtype": "float32", "gemm_gflops": 1.0, "torch_threads": 1,
+                              "numba_threads": 1},
+              "rows": [], "summary": benchmark.summarize([]), "first_call": None}
+    first = benchmark.write_results(result, tmp_path, text="table one")
+    assert first["kept"] == [] and "table one" in first["txt"].read_text()
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    second = benchmark.write_results(result, tmp_path, text="table two")
+    assert {p.suffix for p in second["kept"]} == {".json", ".txt", ".png"}
+    assert all(p.exists() and p.name.startswith("fastconv-bench-") for p in second["kept"])
+    assert "table two" in second["txt"].read_text() and second["json"].exists()
+    assert isinstance(second["png"], str) and "pip install matplotlib" in second["png"]
+    assert not (tmp_path / "fastconv-bench.png").exists()
