@@ -90,3 +90,29 @@ def test_converted_model_trains_like_torch():
             opt.step()
     for a, b in zip(ours.parameters(), ref.parameters()):
         assert_close(a, b)
+
+
+class _ConstructionOnlyConv3d(nn.Conv3d):
+    """Like torchvision's Conv3DSimple: an nn.Conv3d with its own constructor, torch's forward."""
+
+    def __init__(self, in_planes, out_planes, stride=1):
+        super().__init__(in_planes, out_planes, kernel_size=(3, 3, 3), stride=stride, padding=1, bias=False)
+
+
+class _OwnForwardConv2d(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_convert_handles_subclasses_of_torch_layers():
+    torch.manual_seed(0)
+    net = nn.Sequential(_ConstructionOnlyConv3d(2, 4), nn.ReLU(), nn.Flatten(2), nn.Unflatten(2, (4, 16)),
+                        _OwnForwardConv2d(4, 4, 3)).double()
+    x = torch.randn(1, 2, 4, 4, 4, dtype=torch.float64)
+    expected = net(x)
+    with pytest.warns(UserWarning, match=r"left 1 layer\(s\).*4: _OwnForwardConv2d subclasses "
+                                         r"torch.nn.modules.conv.Conv2d and overrides forward"):
+        fastconv.convert(net)
+    assert isinstance(net[0], fastconv.nn.Conv3d)  # construction-only subclass: converted
+    assert type(net[4]) is _OwnForwardConv2d  # its own forward: left alone, and said so
+    assert_close(net(x), expected)

@@ -6,7 +6,8 @@ parameters and buffers (same tensors, so optimisers and tied weights keep workin
 """
 from __future__ import annotations
 
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,19 +29,51 @@ def replaces(torch_cls: type):
     return decorate
 
 
+#: Methods whose override in a subclass changes what the layer computes: such a subclass is left alone.
+_COMPUTING_METHODS = ("forward", "_conv_forward", "_output_padding")
+
+
+def _builder_for(cls: type) -> tuple[Optional[Callable[[nn.Module], nn.Module]], Optional[str]]:
+    """The conversion of ``cls``, or ``(None, why not)``.
+
+    A subclass of a torch layer (torchvision's ``Conv3DSimple`` is an ``nn.Conv3d`` with its own
+    ``__init__``) converts like its base when it changes only how the layer is constructed; one that
+    overrides a computing method keeps its own forward.
+    """
+    if cls in _CONVERSIONS:
+        return _CONVERSIONS[cls], None
+    if any(issubclass(cls, f) for f in _FASTCONV_CLASSES):
+        return None, None  # already fastconv
+    for i, base in enumerate(cls.__mro__):
+        if base in _CONVERSIONS:
+            overrides = [m for c in cls.__mro__[:i] for m in _COMPUTING_METHODS if m in vars(c)]
+            if overrides:
+                return None, (f"{cls.__name__} subclasses {base.__module__}.{base.__name__} and overrides "
+                              f"{', '.join(sorted(set(overrides)))}")
+            return _CONVERSIONS[base], None
+    return None, None
+
+
 def convert(model: nn.Module, *, algo: str | None = None) -> nn.Module:
     """Replace, in place, every torch layer fastconv implements with its fastconv module.
 
     Weights and buffers are carried over (the same Parameter objects), training/eval mode is kept.
-    Already-fastconv layers are kept (only their ``algo`` is set, when given). ``algo`` sets the algorithm of the new conv layers.
-    Returns ``model`` (or the converted layer when ``model`` itself is a convertible layer).
+    Subclasses of torch's layers that only change construction are converted too; a subclass that
+    overrides ``forward`` is left as it is, and one warning names every layer left and why.
+    Already-fastconv layers are kept (only their ``algo`` is set, when given). ``algo`` sets the
+    algorithm of the new conv layers. Returns ``model`` (or the converted layer when ``model`` itself
+    is a convertible layer).
 
     >>> net = torchvision.models.resnet18(); fastconv.convert(net)   # now runs fastconv kernels
     """
-    def swap(module: nn.Module) -> nn.Module:
-        build = _CONVERSIONS.get(type(module))  # exact type: fastconv subclasses are not re-converted
+    left: list[str] = []
+
+    def swap(module: nn.Module, path: str) -> nn.Module:
+        build, why_not = _builder_for(type(module))
         if build is None:
-            if algo is not None and type(module) in _FASTCONV_CLASSES:
+            if why_not:
+                left.append(f"{path or '(the model)'}: {why_not}")
+            if algo is not None and any(isinstance(module, f) for f in _FASTCONV_CLASSES):
                 module.algo = algo
             return module
         new = build(module)
@@ -49,16 +82,22 @@ def convert(model: nn.Module, *, algo: str | None = None) -> nn.Module:
         new.train(module.training)
         return new
 
-    root = swap(model)
-    if root is not model:
-        return root
-    for name, child in list(model.named_children()):
-        new = swap(child)
-        if new is not child:
-            setattr(model, name, new)
-        else:
-            convert(child, algo=algo)
-    return model
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in list(module.named_children()):
+            path = f"{prefix}.{name}" if prefix else name
+            new = swap(child, path)
+            if new is not child:
+                setattr(module, name, new)
+            else:
+                walk(child, path)
+
+    root = swap(model, "")
+    if root is model:
+        walk(model, "")
+    if left:
+        warnings.warn(f"fastconv.convert left {len(left)} layer(s) on torch's kernels: " + "; ".join(left),
+                      UserWarning, stacklevel=2)
+    return root
 
 
 def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
