@@ -12,6 +12,7 @@ import torch
 from .. import registry
 from ..registry import ConvAlgorithm, ConvGeometry
 from . import conv as kernels
+from . import fft
 
 
 def _wrap(prefix: str):
@@ -53,6 +54,59 @@ registry.register(ConvAlgorithm(
     "im2col", frozenset({"numba"}),
     "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col)",
     *_wrap("im2col"), workspace_bytes=_im2col_workspace))
+
+
+def _fft_algorithm() -> ConvAlgorithm:
+    """``fft``: the three passes as products of spectra (:mod:`fastconv.cpu.fft`), exact fallback to direct."""
+    exact_forward, exact_grad_input, exact_grad_weight = _wrap("direct")
+
+    def forward(x, w, bias, g: ConvGeometry):
+        return fft.forward(x.detach(), w.detach(), None if bias is None else bias.detach(), g.stride, g.padding,
+                           g.padding_end, g.dilation, g.groups, g.out_spatial)
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return fft.grad_input(grad_out.detach(), w.detach(), g.stride, g.padding, g.padding_end, g.dilation,
+                              g.groups, g.in_spatial)
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return fft.grad_weight(grad_out.detach(), x.detach(), g.stride, g.padding, g.padding_end, g.dilation,
+                               g.groups, g.kernel)
+
+    def workspace(g: ConvGeometry) -> int:
+        return fft.spectra_bytes(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel, g.stride,
+                                 g.dilation, g.out_spatial, g.dtype.itemsize)
+
+    def refuse(g: ConvGeometry):
+        taps = math.prod(g.kernel)
+        if taps < FFT_MIN_TAPS:
+            return (f"kernel of {taps} taps (< {FFT_MIN_TAPS}): direct, im2col and Winograd need fewer "
+                    f"operations than the transforms")
+        if workspace(g) > FFT_MAX_WORKSPACE_BYTES:
+            return (f"its spectra would take {workspace(g) / 2**20:.0f} MiB "
+                    f"(> {FFT_MAX_WORKSPACE_BYTES // 2**20} MiB)")
+        return None
+
+    def mult_ratio(g: ConvGeometry) -> float:
+        executed = fft.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel,
+                                                g.stride, g.dilation, g.out_spatial)
+        return executed / max(g.macs, 1)
+
+    return ConvAlgorithm(
+        "fft", frozenset({"numba"}),
+        "FFT (torch's pocketfft/MKL): stride and dilation as polyphase channels, channel sums as batched "
+        "complex GEMMs per frequency; non-finite or huge operands computed exactly by direct",
+        fft.with_exact_fallback(forward, exact_forward, (0, 1, 2)),
+        fft.with_exact_fallback(grad_input, exact_grad_input, (0, 1)),
+        fft.with_exact_fallback(grad_weight, exact_grad_weight, (0, 1)),
+        refuse=refuse, mult_ratio=mult_ratio, workspace_bytes=workspace)
+
+
+#: The FFT pays only for large kernels (AlexNet 11x11, 7x7 stems and depthwise, 80-tap audio).
+FFT_MIN_TAPS = 16
+#: Spectra beyond this are refused rather than risk the memory of a whole training step.
+FFT_MAX_WORKSPACE_BYTES = 1 << 30
+
+registry.register(_fft_algorithm())
 
 
 def _heuristic(g: ConvGeometry, pass_: str) -> str:
