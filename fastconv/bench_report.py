@@ -183,7 +183,13 @@ def _keep_previous(out: Path, stem: str) -> list[Path]:
 
 
 def write_results(result: dict, out: Path, stem: str = "fastconv-bench", text: str = "") -> dict:
-    """Write ``<stem>.json``, ``<stem>.txt`` (the terminal tables) and ``<stem>.png`` into ``out``.
+    """The layer suite's files: ``text`` (the terminal tables) and the summary go to ``<stem>.txt``."""
+    text = text + ("\n" if text and not text.endswith("\n") else "") + format_summary(result)
+    return write_files(result, out, stem, text, plot)
+
+
+def write_files(result: dict, out: Path, stem: str, text: str, plotter) -> dict:
+    """Write ``<stem>.json``, ``<stem>.txt`` and ``<stem>.png`` (by ``plotter(result, path)``) into ``out``.
 
     An earlier run's files are renamed with their time, never overwritten. Without matplotlib the PNG
     is skipped and ``"png"`` says how to get it. Returns ``{"json", "txt", "png", "kept"}``.
@@ -193,12 +199,11 @@ def write_results(result: dict, out: Path, stem: str = "fastconv-bench", text: s
     json_path = out / f"{stem}.json"
     json_path.write_text(json.dumps(_json_clean(result), indent=1), encoding="utf-8")
     txt_path = out / f"{stem}.txt"
-    txt_path.write_text(text + ("\n" if text and not text.endswith("\n") else "") + format_summary(result) + "\n",
-                        encoding="utf-8")
+    txt_path.write_text(text + "\n", encoding="utf-8")
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         png = "skipped: matplotlib is not installed (pip install matplotlib, or fastconv[bench])"
     else:
-        png = plot(result, out / f"{stem}.png")
+        png = plotter(result, out / f"{stem}.png")
     return {"json": json_path, "txt": txt_path, "png": png, "kept": kept}

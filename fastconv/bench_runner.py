@@ -76,6 +76,19 @@ class TorchBaseline:
         return self._ask({"cmd": "time", "layer": layer, "pass": pass_, "seed": seed, "n": n,
                           "dtype": str(dtype).replace("torch.", "")})["ms"]
 
+    def load_model(self, model, example: torch.Tensor, path: Path) -> str:
+        """Export ``model`` (torch layers only, in its current train/eval mode) for ``example``'s shape,
+        have the worker load it; returns its key. The worker never sees the model's Python classes."""
+        program = torch.export.export(model, (example,))
+        torch.export.save(program, str(path))
+        key = path.stem
+        self._ask({"cmd": "load_model", "key": key, "path": str(path), "input_shape": list(example.shape)})
+        return key
+
+    def time_model(self, key: str, mode: str, n: int = 1) -> list[float]:
+        """n timed steps of a loaded model: inference forward, or training forward + backward."""
+        return self._ask({"cmd": "time_model", "key": key, "mode": mode, "n": n})["ms"]
+
     def is_clean(self) -> bool:
         """True when the worker has imported neither fastconv nor Numba (checked, not assumed)."""
         return not any(self._ask({"cmd": "clean"}).values())

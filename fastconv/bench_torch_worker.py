@@ -12,6 +12,8 @@ Protocol: one JSON request per stdin line, one JSON answer per stdout line.
     {"cmd": "setup", "threads": 2}                       -> {"ok": true, "torch": "2.13.0", ...}
     {"cmd": "time", "layer": L, "pass": P, "dtype": "float32", "seed": 0, "n": 3}
                                                          -> {"ms": [t1, t2, t3]}
+    {"cmd": "load_model", "key": K, "path": P, "input_shape": [...]}  -> {"ok": true}  (a torch.export file)
+    {"cmd": "time_model", "key": K, "mode": "infer1"|"infer8"|"train8", "n": 1}  -> {"ms": [...]}
     {"cmd": "clean"}                                     -> {"numba": false, "fastconv": false}
     {"cmd": "quit"}
 """
@@ -39,6 +41,7 @@ def main() -> int:
     suite = _load_suite()
     layers = {layer.name: layer for layer in suite.SUITE}
     cached_key, cached_inputs = None, None
+    models = {}
     for line in sys.stdin:
         request = json.loads(line)
         cmd = request.get("cmd")
@@ -49,6 +52,27 @@ def main() -> int:
                 torch.set_num_threads(int(request["threads"]))
                 answer = {"ok": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "pid": os.getpid()}
+            elif cmd == "load_model":
+                module = torch.export.load(request["path"]).module()
+                example = torch.randn(request["input_shape"], generator=torch.Generator().manual_seed(0))
+                models[request["key"]] = (module, example)
+                answer = {"ok": True}
+            elif cmd == "time_model":
+                module, example = models[request["key"]]
+                times = []
+                for _ in range(int(request.get("n", 1))):
+                    start = time.perf_counter()
+                    if request["mode"].startswith("train"):
+                        for p in module.parameters():
+                            p.grad = None
+                        out = module(example)
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        out.float().sum().backward()
+                    else:
+                        with torch.no_grad():
+                            module(example)
+                    times.append((time.perf_counter() - start) * 1e3)
+                answer = {"ms": times}
             elif cmd == "clean":
                 answer = {name: name in sys.modules for name in ("numba", "fastconv", "llvmlite")}
             elif cmd == "time":

@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", choices=("process", "inprocess"), default="process",
                         help="where torch is timed: a clean worker process that never imports fastconv or "
                              "Numba (default: what a user who chose torch sees), or this process")
-    parser.add_argument("--list", action="store_true", help="list the suite's layers and exit")
+    parser.add_argument("--list", action="store_true", help="list the suite's layers (or models) and exit")
+    parser.add_argument("--models", nargs="?", const="all", metavar="NAMES",
+                        help="whole models instead of layers: zoo networks and, when torchvision is installed, "
+                             "its classification models, converted with fastconv.convert, inference at batch 1 "
+                             "and 8 and a training step at batch 8 (comma-separated names; default all)")
+    parser.add_argument("--size", type=int, help="input resolution of the ImageNet models (--models; default 224)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastconv bench: error: {message}", file=sys.stderr)
         return 2
 
+    if args.models is not None:
+        return _run_models(args, fail)
     if args.list:
         for layer in benchmark.SUITE:
             tags = ", ".join(t for t, on in (("quick", layer.quick), ("slow", layer.slow)) if on)
@@ -92,4 +99,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"kept the previous results as {', '.join(p.name for p in files['kept'])}")
     png = files["png"]
     print(f"wrote {files['json']}, {files['txt']}" + (f" and {png}" if isinstance(png, Path) else f"; PNG {png}"))
+    return 1 if result["summary"]["failures"] else 0
+
+
+def _run_models(args: argparse.Namespace, fail) -> int:
+    """``fastconv bench --models``: the whole-model suite (:mod:`fastconv.bench_models`)."""
+    import torch
+
+    from fastconv import bench_models, bench_report
+
+    try:
+        cases = bench_models.select_models(args.models)
+    except ValueError as e:
+        return fail(str(e))
+    if args.list:
+        for case in cases:
+            print(f"{case.name:<26}{case.source:<13}input (N, {', '.join(map(str, case.input_shape))})")
+        return 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    reps = args.reps or (QUICK_REPS if args.quick else DEFAULT_REPS)
+    modes = ("infer1",) if args.quick else bench_models.MODES
+    tables = []
+
+    def show(case, rows):
+        tables.append(bench_models.format_model(case, rows))
+        print(tables[-1] + "\n", flush=True)
+
+    result = bench_models.run_models(cases, modes, reps=reps, size=args.size, baseline=args.baseline,
+                                     on_model=show)
+    result["arguments"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    out = args.out if args.out is not None else bench_report.default_out_dir()
+    summary = bench_models.format_models_summary(result)
+    files = bench_report.write_files(result, out, "fastconv-bench-models", "\n\n".join(tables) + "\n\n" + summary,
+                                     bench_models.plot_models)
+    print(summary)
+    print(f"wrote {files['json']}, {files['txt']}"
+          + (f" and {files['png']}" if isinstance(files["png"], Path) else f"; PNG {files['png']}"))
     return 1 if result["summary"]["failures"] else 0

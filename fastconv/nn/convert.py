@@ -15,6 +15,8 @@ from torch import nn
 #: torch layer class -> function building the fastconv equivalent from an instance.
 _CONVERSIONS: dict[type, Callable[[nn.Module], nn.Module]] = {}
 _FASTCONV_CLASSES: set[type] = set()
+#: fastconv module class -> the torch layer class it replaces (for :func:`to_torch`).
+_TORCH_CLASS_OF: dict[type, type] = {}
 
 
 def replaces(torch_cls: type):
@@ -25,6 +27,7 @@ def replaces(torch_cls: type):
     def decorate(cls):
         _CONVERSIONS[torch_cls] = cls.from_torch
         _FASTCONV_CLASSES.add(cls)
+        _TORCH_CLASS_OF[cls] = torch_cls
         return cls
     return decorate
 
@@ -107,3 +110,32 @@ def _copy_state(dst: nn.Module, src: nn.Module) -> nn.Module:
     for name, b in src.named_buffers(recurse=False):
         dst.register_buffer(name, b)
     return dst
+
+
+def to_torch(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`convert`, in place: every fastconv layer back to the torch layer it replaced.
+
+    Parameters and buffers are the same objects. Used to time or export the torch twin of a model built
+    from fastconv layers (``fastconv bench --models``); fastconv layers with no torch counterpart
+    (``MinPool2d``, ``DepthwiseSeparableConv2d``) are left as they are. Returns ``model`` (or the new
+    layer when ``model`` itself is a fastconv layer).
+    """
+    def back(module: nn.Module) -> nn.Module:
+        torch_cls = _TORCH_CLASS_OF.get(type(module))
+        if torch_cls is None:
+            return module
+        twin = torch_cls.__new__(torch_cls)
+        twin.__dict__.update(module.__dict__)  # same parameters, buffers, hooks and settings
+        twin.__dict__.pop("algo", None)
+        return twin
+
+    root = back(model)
+    if root is not model:
+        return root
+    for name, child in list(model.named_children()):
+        new = back(child)
+        if new is not child:
+            setattr(model, name, new)
+        else:
+            to_torch(child)
+    return model
