@@ -123,3 +123,20 @@ def test_workqueue_fallback_serialises_threads():
     proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_blas_pools_follow_torch_threads():
+    # numpy's and scipy's OpenBLAS pools do not follow torch.set_num_threads on their own; with four
+    # pools on two cores the im2col GEMMs were seen to run 50x slower. fastconv keeps them in step.
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, max(1, min(2, numba.config.NUMBA_NUM_THREADS))):
+            torch.set_num_threads(n)
+            F.conv2d(torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3), algo="im2col")
+            blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+            if not blas:
+                pytest.skip("no BLAS library visible to threadpoolctl in this process")
+            assert {p["num_threads"] for p in blas} == {n}, blas
+    finally:
+        torch.set_num_threads(before)
