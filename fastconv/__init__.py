@@ -19,8 +19,8 @@ from . import flops, models
 from .registry import algorithms
 from .autotune import autotune_cache, clear_autotune_cache  # also binds fastconv.autotune
 from .backends import backend
-from .nn import convert
+from .nn import convert, optimize
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "flops", "models", "convert", "algorithms", "backend", "autotune_cache",
-           "clear_autotune_cache", "__version__"]
+           "clear_autotune_cache", "optimize", "__version__"]
