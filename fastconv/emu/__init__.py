@@ -31,15 +31,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import json
 import mmap
 import os
 import re
-import shlex
 import signal
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -48,7 +43,8 @@ import numpy as np
 __all__ = [
     "RawModule", "RawKernel", "Function", "memoize", "clear_memo", "set_seed", "get_seed",
     "cache_dir", "EmuError", "CompileError", "LaunchError", "OutOfBoundsError", "BarrierError",
-    "KernelTrap", "preprocess", "find_kernels",
+    "KernelTrap", "AsyncCopyError", "preprocess", "find_kernels", "parse_arch", "default_arch",
+    "MAX_SHARED_OPTIN", "DEFAULT_ARCH",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -56,36 +52,21 @@ HEADERS = ("cuda_emu.h", "emu_runtime.h", "emu.ld")   # their text is part of ev
 PAGE = mmap.PAGESIZE
 MAX_THREADS = 1024
 MAX_SHARED_DEFAULT = 48 * 1024      # dynamic shared memory without opting in
-MAX_SHARED_OPTIN = 64 * 1024        # sm_75's opt-in limit, the lowest arch fastconv targets
+#: Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) by arch.
+MAX_SHARED_OPTIN = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+#: The arch a module is compiled for when its options name none and $FASTCONV_EMU_ARCH is unset:
+#: sm_80, the first with mma.sync on tf32/bf16 and cp.async.
+DEFAULT_ARCH = 80
 _ALIGN = 16                         # array starts are 16-byte aligned (float4 loads), like cudaMalloc's 256
 
 
-class EmuError(RuntimeError):
-    """A kernel launch failed in the harness."""
-
-
-class CompileError(EmuError):
-    """g++ rejected the kernel source (the message holds its diagnostics)."""
-
-
-class LaunchError(EmuError, ValueError):
-    """The launch configuration is invalid (block too large, bad grid, too much shared memory)."""
-
-
-class OutOfBoundsError(EmuError):
-    """The kernel touched memory outside an argument's buffer (or wrote to a const one)."""
-
-
-class BarrierError(EmuError):
-    """A __syncthreads() or warp intrinsic was not reached by all the threads it waits for."""
-
-
-class KernelTrap(EmuError):
-    """The kernel called __trap() (or faulted in some other way the harness cannot attribute)."""
+from .cache import _loaded, cache_dir, digest, load_or_build
+from .errors import (AsyncCopyError, BarrierError, CompileError, EmuError, KernelTrap, LaunchError,
+                     OutOfBoundsError)
 
 
 # ---------------------------------------------------------------------------------- settings ---
-_seed = int(os.environ.get("FASTCONV_EMU_SEED", "0"))
+_seed = None                    # None: read $FASTCONV_EMU_SEED at the first launch
 _lock = threading.Lock()        # the runtime has process-global state: one launch at a time
 
 
@@ -96,12 +77,40 @@ def set_seed(seed: int) -> None:
 
 
 def get_seed() -> int:
+    """The seed of the next launch: set_seed's, else $FASTCONV_EMU_SEED (an integer), else 0."""
+    global _seed
+    if _seed is None:
+        raw = os.environ.get("FASTCONV_EMU_SEED", "").strip() or "0"
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise ValueError(f"FASTCONV_EMU_SEED must be an integer (the seed of fastconv.emu's thread order), "
+                             f"got {raw!r}") from None
+        _seed = value & (2**63 - 1)
     return _seed
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("FASTCONV_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastconv", "emu")
-    return Path(d)
+def parse_arch(value) -> int:
+    """75, 80, 86, 87, 89 or 90 from ``sm_80``, ``compute_90a``, ``80`` or ``800``."""
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)a?", str(value).strip())
+    arch = int(m.group(1)) if m else -1
+    if arch >= 100 and arch % 10 == 0 and arch // 10 in MAX_SHARED_OPTIN:
+        arch //= 10         # a __CUDA_ARCH__ value
+    if arch not in MAX_SHARED_OPTIN:
+        raise ValueError(f"fastconv.emu: unsupported GPU architecture {value!r}; expected one of "
+                         f"{', '.join('sm_%d' % a for a in MAX_SHARED_OPTIN)}")
+    return arch
+
+
+def default_arch() -> int:
+    """$FASTCONV_EMU_ARCH (``sm_90``, ``90``...) or :data:`DEFAULT_ARCH`."""
+    raw = os.environ.get("FASTCONV_EMU_ARCH", "").strip()
+    if not raw:
+        return DEFAULT_ARCH
+    try:
+        return parse_arch(raw)
+    except ValueError as e:
+        raise ValueError(f"FASTCONV_EMU_ARCH: {e}") from None
 
 
 def memoize(for_each_device: bool = False):
@@ -285,22 +294,30 @@ _IGNORED = re.compile(
     r"|-ewp|--extensible-whole-program|-dlto|--dlto|-extra-device-vectorization|--extra-device-vectorization)$")
 
 
-def _gxx_options(options) -> list[str]:
-    """Translate NVRTC options: keep -D/-U/-I, ignore GPU-only ones, refuse anything else."""
-    out, opts, i = [], list(options), 0
+def _gxx_options(options) -> tuple[list[str], int]:
+    """Translate NVRTC options: keep -D/-U/-I, take the arch from -arch (it sets ``__CUDA_ARCH__``
+    and the shared-memory limit), ignore other GPU-only ones, refuse anything else.
+    Returns (g++ flags, arch)."""
+    out, opts, i, arch = [], list(options), 0, None
     while i < len(opts):
         o = str(opts[i])
         if o in ("-D", "-U", "-I", "--define-macro", "--undefine-macro", "--include-path", "-arch", "--gpu-architecture"):
             if i + 1 >= len(opts):
                 raise ValueError(f"option {o} needs a value")
             if o in ("-arch", "--gpu-architecture"):
+                arch = parse_arch(opts[i + 1])
                 i += 2
                 continue
             flag = {"--define-macro": "-D", "--undefine-macro": "-U", "--include-path": "-I"}.get(o, o)
             out.append(flag + str(opts[i + 1]))
             i += 2
             continue
-        if re.match(r"^-[DUI].+", o):
+        m = re.match(r"^(?:-arch|--gpu-architecture)=(.*)$", o)
+        if m:
+            arch = parse_arch(m.group(1))
+        elif re.match(r"^-[DUI].+", o):
+            if re.match(r"^-[DU]\s*(__CUDA_ARCH__|FASTCONV_EMU_ARCH)\b", o):
+                raise ValueError(f"fastconv.emu: set the architecture with -arch=sm_XX, not {o!r}")
             out.append(o)
         elif re.match(r"^--(define-macro|undefine-macro|include-path)=", o):
             k, v = o.split("=", 1)
@@ -308,7 +325,8 @@ def _gxx_options(options) -> list[str]:
         elif not _IGNORED.match(o):
             raise ValueError(f"fastconv.emu: unsupported compile option {o!r}")
         i += 1
-    return out
+    arch = arch or default_arch()
+    return [f"-DFASTCONV_EMU_ARCH={arch * 10}", *out], arch
 
 
 def _opt_level() -> str:
@@ -326,81 +344,20 @@ def _generated_unit(src: str, entries: list[tuple[str, str]], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_loaded: dict = {}      # cache key -> ctypes.CDLL
+def _harness_files() -> list[Path]:
+    """Every file of the harness (headers, stand-in includes, linker script): part of every key."""
+    return sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in (".h", ".ld"))
 
 
-def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
-    flags = _gxx_options(options)
+def _build(src: str, options, entries, name: str):
+    flags, _ = _gxx_options(options)
     unit = _generated_unit(src, entries, name)
     gxx = os.environ.get("FASTCONV_EMU_CXX", "g++")
     base = ["-std=c++17", _opt_level(), "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off",
             "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
             "-fstack-clash-protection", "-I" + str(HERE), "-I" + str(HERE / "include"), "-Wl,-T," + str(HERE / "emu.ld")]
-    h = hashlib.sha256()
-    for part in [unit, gxx, *base, *flags] + [(HERE / f).read_text() for f in HEADERS]:
-        h.update(part.encode())
-        h.update(b"\0")
-    key = h.hexdigest()[:32]
-    if key in _loaded:
-        return _loaded[key]
-    cdir = cache_dir()
-    cdir.mkdir(parents=True, exist_ok=True)
-    # <key>.json names the library and the included files it was built from (with their hashes).
-    # A rebuild gets a new file name: dlopen would hand back an already-loaded library of the same name.
-    meta = cdir / f"{key}.json"
-    so = _fresh_build(meta)
-    if so is None:
-        with tempfile.TemporaryDirectory(dir=cdir, prefix="build-") as tmp:
-            cpp = Path(tmp) / "unit.cpp"
-            cpp.write_text(unit)
-            out = Path(tmp) / "out.so"
-            cmd = [gxx, *base, *flags, "-MMD", "-MF", str(Path(tmp) / "unit.d"), str(cpp), "-o", str(out)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise CompileError(f"g++ failed to compile {name} for fastconv.emu:\n{p.stderr.strip()}\n"
-                                   f"command: {shlex.join(cmd)}")
-            deps = {f: _file_hash(f) for f in _parse_depfile(Path(tmp) / "unit.d")
-                    if not Path(f).resolve().is_relative_to(HERE) and Path(f).resolve().parent != Path(tmp).resolve()}
-            so = cdir / f"{key}-{os.urandom(4).hex()}.so"
-            os.replace(out, so)
-            old = _read_json(meta).get("so")
-            tmp_meta = Path(tmp) / "meta.json"
-            tmp_meta.write_text(json.dumps({"so": so.name, "deps": deps}))
-            os.replace(tmp_meta, meta)      # atomic: a concurrent process sees the old or the new build
-            if old and old != so.name:
-                (cdir / old).unlink(missing_ok=True)    # safe even if some process has it loaded
-    lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
-    _loaded[key] = lib
-    return lib
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _fresh_build(meta: Path):
-    """The cached library for this key if it exists and its included files are unchanged."""
-    m = _read_json(meta)
-    so = meta.parent / m.get("so", "-")
-    if so.is_file() and all(_file_hash(f) == h for f, h in m.get("deps", {}).items()):
-        return so
-    return None
-
-
-def _parse_depfile(path: Path) -> list[str]:
-    text = path.read_text().replace("\\\n", " ")
-    _, _, rest = text.partition(":")
-    return [f.replace("\\ ", " ") for f in re.findall(r"(?:\\ |\S)+", rest)]
-
-
-def _file_hash(f: str) -> str:
-    try:
-        return hashlib.sha256(Path(f).read_bytes()).hexdigest()
-    except OSError:
-        return ""
+    key = digest([unit, gxx, *base, *flags] + [p.read_bytes() for p in _harness_files()])
+    return load_or_build(key, unit, [gxx, *base, *flags], name, HERE)
 
 
 # ------------------------------------------------------------------------------ guarded memory ---
@@ -520,8 +477,11 @@ class Function:
         if len(args) != len(self.codes):
             raise TypeError(f"kernel {self.name} takes {len(self.codes)} arguments, got {len(args)}")
         shared_mem = int(shared_mem)
-        if self.max_dynamic_shared_size_bytes > MAX_SHARED_OPTIN:
-            raise LaunchError(f"max_dynamic_shared_size_bytes above {MAX_SHARED_OPTIN} (sm_75's limit)")
+        limit = MAX_SHARED_OPTIN[self.module.arch]
+        if self.max_dynamic_shared_size_bytes > limit:
+            raise LaunchError(f"kernel {self.name}: max_dynamic_shared_size_bytes="
+                              f"{self.max_dynamic_shared_size_bytes} is above sm_{self.module.arch}'s opt-in limit "
+                              f"of {limit} bytes ({limit // 1024} KiB)")
         if not 0 <= shared_mem <= self.max_dynamic_shared_size_bytes:
             raise LaunchError(f"kernel {self.name}: shared_mem={shared_mem} bytes exceeds the "
                               f"{self.max_dynamic_shared_size_bytes} bytes allowed (max_dynamic_shared_size_bytes)")
@@ -565,7 +525,7 @@ class Function:
                     g.buf.protect_readonly()
             for i, v in enumerate(keep):
                 slots[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
-            cfg = (ctypes.c_longlong * 8)(*grid, *block, shared_mem, _seed)
+            cfg = (ctypes.c_longlong * 8)(*grid, *block, shared_mem, get_seed())
             res = _Result()
             rc = self._launch(cfg, slots, ctypes.byref(res))
             if rc:
@@ -619,6 +579,8 @@ class Function:
             return LaunchError(where + msg)
         if res.code == 3:
             return BarrierError(where + msg)
+        if res.code == 5:
+            return AsyncCopyError(where + msg)
         if res.code == 2 and (res.signo not in (signal.SIGSEGV, signal.SIGBUS) or "stack overflow" in msg):
             return KernelTrap(where + msg)
         if res.code == 2:
@@ -690,7 +652,7 @@ class RawModule:
             raise ValueError("fastconv.emu.RawModule supports code=, options= and name_expressions= only")
         self.code, self.options = code, tuple(options)
         self.name_expressions = tuple(name_expressions or ())
-        _gxx_options(self.options)          # refuse bad options now, like NVRTC would
+        self.arch = _gxx_options(self.options)[1]     # refuse bad options now, like NVRTC would
         self._lib = None
         self._functions: dict = {}
 
