@@ -434,7 +434,8 @@ _KIND = {1: "i", 2: "u", 3: "f", 4: "b"}
 
 def _describe(code: int) -> str:
     size, cls = code & 0xFF, code >> 8 & 0xF
-    base = {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool"}.get(cls, f"<{size}-byte type>")
+    base = {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool",
+            5: "bfloat16"}.get(cls, f"<{size}-byte type>")
     if code & 0x1000:
         return ("const " if code & 0x2000 else "") + (base if cls or size else "void") + "*"
     return base
@@ -556,7 +557,9 @@ class Function:
             return
         kind = arr.dtype.kind
         ok = arr.dtype.itemsize == size and (
-            (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu"))
+            (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu")
+            # bfloat16: a torch bfloat16 tensor (seen as int16), raw 16-bit words, or ml_dtypes' bfloat16
+            or (cls == 5 and (kind in "iuV" or arr.dtype.name == "bfloat16")))
         if not ok:
             raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)} but the array "
                             f"has dtype {arr.dtype}")

@@ -431,11 +431,13 @@ void call(void (*f)(A...), void** a, std::index_sequence<I...>) { f(*static_cast
 template <class... A> void invoke(void* f, void** a) { call((void (*)(A...))f, a, std::index_sequence_for<A...>{}); }
 
 // Parameter type code for the Python side: bits 0-7 size, 8-11 class (0 other, 1 signed int,
-// 2 unsigned int, 3 float, 4 bool), bit 12 pointer (then the fields describe the pointee), bit 13 const pointee.
+// 2 unsigned int, 3 float, 4 bool, 5 bfloat16), bit 12 pointer (then the fields describe the pointee), bit 13 const pointee.
 template <class T> constexpr int value_code() {
   using U = std::remove_cv_t<T>;
   if constexpr (std::is_void_v<U>) return 0;
   else if constexpr (std::is_same_v<U, bool>) return 4 << 8 | 1;
+  else if constexpr (std::is_same_v<U, ::__half>) return 3 << 8 | 2;           // float16 arrays
+  else if constexpr (std::is_same_v<U, ::__nv_bfloat16>) return 5 << 8 | 2;    // bfloat16 (bits) arrays
   else if constexpr (std::is_floating_point_v<U>) return 3 << 8 | (int)sizeof(U);
   else if constexpr (std::is_integral_v<U>) return (std::is_signed_v<U> ? 1 : 2) << 8 | (int)sizeof(U);
   else return sizeof(U) < 256 ? (int)sizeof(U) : 0;
