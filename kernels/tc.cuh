@@ -22,7 +22,6 @@
 
 #if defined(FASTCONV_CUDA_EMU)
 // ------------------------------------------------------------------ the CPU harness ------------
-#include "emu_half.h"   // the harness's float -> f16/bf16 rounding (fastconv/emu/)
 #if __CUDA_ARCH__ < 800
 #define FC_TC_NEEDS_SM80(what) ::emu::trap(what " needs sm_80 or newer (compile with -arch=sm_80)", f, l)
 #else

@@ -9,36 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-namespace emu {
-inline uint16_t float_to_half_bits(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  uint16_t s = (uint16_t)(u >> 16 & 0x8000u);
-  uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return 0x7fffu;                 // NaN
-  if (a >= 0x477ff000u) return s | 0x7c00u;            // >= 65520 rounds to Inf
-  if (a < 0x38800000u) {                               // below 2^-14: subnormal, quantum 2^-24
-    float q = std::fabs(f) * 0x1p24f;                  // exact scaling
-    return s | (uint16_t)std::nearbyint(q);            // ties to even; 0x400 is the smallest normal
-  }
-  uint32_t r = ((a >> 23) - 112) << 10 | (a >> 13 & 0x3ffu), rem = a & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // a carry moves into the exponent
-  return s | (uint16_t)r;
-}
-inline float half_bits_to_float(uint16_t h) {
-  uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = h >> 10 & 0x1fu, m = h & 0x3ffu, u;
-  if (e == 0x1f) u = s | 0x7f800000u | m << 13;
-  else if (e) u = s | (e + 112) << 23 | m << 13;
-  else { float v = (float)m * 0x1p-24f; std::memcpy(&u, &v, 4); u |= s; }
-  float f; std::memcpy(&f, &u, 4); return f;
-}
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u; std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
-  u += 0x7fffu + (u >> 16 & 1u);
-  return (uint16_t)(u >> 16);
-}
-inline float bf16_bits_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
-}  // namespace emu
+// The bit-level conversions (emu::float_to_half_bits & co) are in cuda_emu.h.
 
 struct __half_raw { unsigned short x; };
 struct __nv_bfloat16_raw { unsigned short x; };

@@ -12,6 +12,9 @@
 //   WRONG_LAYOUT  A fragment words 1 and 2 exchanged (rows 8-15 and columns 4-7 / 8-15 swap)
 //   EARLY_READ    cp.async.wait_group STAGES-1: the stage about to be read may still be in flight
 //   NO_BARRIER    no __syncthreads between the copies landing and the ldmatrix of the tile
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
 #include "tc.cuh"
 
 #ifndef STAGES
