@@ -444,6 +444,12 @@ def _tf32_rna(x):
     return np.where(np.isnan(np.asarray(x, np.float32)), np.uint32(0x7FFFFFFF), out).astype(np.uint32)
 
 
+def _f16(x):
+    """numpy's float32 -> float16 (round to nearest even); overflow to Inf is intended here."""
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16)
+
+
 def _mma_model(A, B, C):
     """The harness's documented accumulation: exact products, summed in k order in float64 on
     top of C, one rounding to float32."""
@@ -514,7 +520,7 @@ def test_cvt_rounding_of_tf32_half_and_bfloat16():
     assert list(out[:3, 0]) == [0x3F802000, 0x3F804000, 0xBF802000]
     h, bf = (out[:, 1] & 0xFFFF).astype(np.uint16), (out[:, 1] >> 16).astype(np.uint16)
     fin = ~np.isnan(x)
-    np.testing.assert_array_equal(h[fin], x[fin].astype(np.float16).view(np.uint16))       # numpy: nearest even
+    np.testing.assert_array_equal(h[fin], _f16(x[fin]).view(np.uint16))       # numpy: nearest even
     want_bf = torch.from_numpy(x[fin]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bf[fin], want_bf)
     assert h[~fin].tolist() == [0x7FFF] and bf[~fin].tolist() == [0x7FFF]    # the GPU's canonical NaN
@@ -541,8 +547,8 @@ def test_half_types_convert_and_compute_like_cuda():
     h, bf, back = np.zeros(x.size, np.uint16), np.zeros(x.size, np.uint16), np.zeros(2 * x.size, np.float32)
     mod.get_function("half_roundtrip")((1,), (128,), (x, h, bf, back, np.int32(x.size)))
     fin = ~np.isnan(x)
-    np.testing.assert_array_equal(h[fin], x[fin].astype(np.float16).view(np.uint16))
-    np.testing.assert_array_equal(back[0::2][fin], x[fin].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(h[fin], _f16(x[fin]).view(np.uint16))
+    np.testing.assert_array_equal(back[0::2][fin], _f16(x[fin]).astype(np.float32))
     np.testing.assert_array_equal(back[1::2][fin], torch.from_numpy(x[fin]).bfloat16().float().numpy())
     xs = np.random.default_rng(7).standard_normal(64).astype(np.float16)
     ws = np.random.default_rng(8).standard_normal(64).astype(np.float16)
@@ -708,3 +714,26 @@ def test_probe_matches_the_gpu_bit_for_bit():
     both("probe_cvt", (8,), (128,), [x, np.zeros((x.size, 2), np.uint32), np.int32(x.size)], [1])
     M = np.random.default_rng(11).integers(0, 2**16, (4, 8, 8)).astype(np.uint16)
     both("probe_ldmatrix", (1,), (32,), [M, np.zeros((6, 32, 4), np.uint32)], [1])
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_tc_cuh_without_cuda_headers(arch):
+    """kernels/tc.cuh needs no CUDA header, so NVRTC (as CuPy runs it) compiles it with only -I."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:  # noqa: BLE001 - any failure to load libnvrtc means: skip
+        pytest.skip(f"NVRTC is not available: {e}")
+    prog = nvrtc.createProgram(_src("tc_probe.cu"), "tc_probe.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["--std=c++17", f"-I{KERNEL_DIR}", f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as e:
+            pytest.fail(f"NVRTC rejected tc_probe.cu: {e}\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        for instr in ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16",
+                      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cvt.rna.tf32.f32", "cvt.rn.bf16x2.f32"):
+            assert instr in ptx, instr
+    finally:
+        nvrtc.destroyProgram(prog)

@@ -7,14 +7,27 @@ the GPU and this harness::
     fn = mod.get_function("matmul")
     fn((gx, gy), (16, 16), (a, b, c, np.int32(n)), shared_mem=nbytes)
 
-The kernel source is compiled by g++ together with ``cuda_emu.h`` (the device API) and
-``emu_runtime.h`` (fiber scheduler), plus one generated launch wrapper per kernel, into a shared
-library cached under ``$FASTCONV_EMU_CACHE`` (default ``~/.cache/fastconv/emu``).
+The kernel source is compiled by g++ together with ``cuda_emu.h`` (the device API), ``emu_runtime.h``
+(fiber scheduler) and ``emu_tc.h`` (tensor cores, ldmatrix, cp.async), plus one generated launch
+wrapper per kernel, into a shared library cached under ``$FASTCONV_EMU_CACHE`` (default
+``~/.cache/fastconv/emu``; see :mod:`fastconv.emu.cache` for why concurrent builders are safe).
+
+Architecture: ``-arch=sm_XX`` in the options (else ``$FASTCONV_EMU_ARCH``, else sm_80) sets
+``__CUDA_ARCH__`` and the opt-in dynamic shared-memory limit (:data:`MAX_SHARED_OPTIN`: 163 KiB on
+sm_80, 227 KiB on sm_90). Tensor cores and async copies are reached through ``kernels/tc.cuh``
+(inline PTX on a GPU): ``mma.sync`` m16n8k8 tf32 and m16n8k16 f16/bf16 with float32 accumulation
+and ``ldmatrix`` x1/x2/x4 (``.trans``) are warp-collective, with the PTX ISA fragment layouts;
+``cp.async`` copies are deferred to ``cp.async.wait_group`` and their destination reads as NaN
+until then. ``<cuda_fp16.h>``/``<cuda_bf16.h>`` give ``__half``/``__nv_bfloat16`` (round to nearest
+even). The numerics and the one assumption that needs a GPU are written down in ``emu_tc.h`` and
+``tests/emu_kernels/tc_probe.cu``.
 
 Strictness, i.e. what a GPU would show and the harness reports:
 
-* threads of a block run as fibers in a seeded shuffled order between barriers (``set_seed``),
-  blocks in a shuffled order too, so a missing ``__syncthreads()`` gives wrong results;
+* threads of a block run as fibers in a seeded shuffled order between barriers (``set_seed``, or
+  ``$FASTCONV_EMU_SEED``), blocks in a shuffled order too, so a missing ``__syncthreads()`` gives
+  wrong results; a warp op (shuffle, ballot, mma, ldmatrix) releases its own warp as soon as its
+  lanes arrive, so it is no block barrier and hides no missing ``__syncthreads()``;
 * shared memory (static and dynamic) is filled with 0xFF bytes (NaN as float) before each block;
 * every array argument is copied into its own mapping whose end touches a PROT_NONE page (another
   page guards the front); an out-of-bounds access raises :class:`OutOfBoundsError` naming the
@@ -23,7 +36,8 @@ Strictness, i.e. what a GPU would show and the harness reports:
   arrays passed to ``const T*`` parameters are mapped read-only;
 * launch geometry is checked (1024 threads, ``__launch_bounds__``, 48 KiB dynamic shared memory);
 * a ``__syncthreads()`` or warp intrinsic not reached by all the threads it waits for raises
-  :class:`BarrierError` instead of hanging;
+  :class:`BarrierError` instead of hanging; ``cp.async``/``ldmatrix`` outside shared memory or
+  misaligned, and ``mma.sync`` by part of a warp, raise :class:`AsyncCopyError`;
 * scalars must be numpy scalars of exactly the parameter's type: a Python ``float`` would reach a
   GPU kernel as a double, so Python numbers are refused with :class:`TypeError`.
 """

@@ -19,7 +19,6 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 #include <unistd.h>
-#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -285,19 +284,14 @@ inline void run_block(std::vector<int>& order, const ucontext_t& tmpl) {
       if (g_L.res->code || !release_block()) return;
       continue;
     }
-    // Half the rounds interleave all threads; the other half run warp by warp (lanes shuffled
-    // inside), as warps drifting apart do on a GPU. Either way a warp op releases its warp as soon
-    // as its own lanes arrive and those lanes run on at once, ahead of threads that have not yet
-    // run this round: a warp op is no block barrier (it must not hide a missing __syncthreads).
+    // A fresh shuffle of all runnable threads each round. A warp op releases its warp as soon as
+    // its own lanes arrive and those lanes run on at once, ahead of threads that have not yet run
+    // this round (warps drift apart as on a GPU): a warp op is no block barrier, so it cannot hide a
+    // missing __syncthreads. (For a race "warp W writes, warp op, warp R reads" the read comes
+    // first when R's last lane runs before W's last one: probability 1/2 per block for any order
+    // that treats warps alike, which many blocks and seeds amplify. Running warps one by one was
+    // measured no better for that race and worse for races without a warp op between.)
     shuffle(order);
-    if (rnd() & 1) {
-      std::vector<int> warps;
-      for (int w = 0; w * 32 < g_L.n; ++w) warps.push_back(w);
-      shuffle(warps);
-      std::vector<int> rank(g_L.n);
-      for (size_t k = 0; k < warps.size(); ++k) for (int l = 0; l < 32 && warps[k] * 32 + l < g_L.n; ++l) rank[warps[k] * 32 + l] = (int)k;
-      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return rank[a] > rank[b]; });
-    }
     while (!order.empty()) {  // a stack: released lanes are pushed on top and run next
       int i = order.back();
       order.pop_back();
