@@ -737,3 +737,16 @@ def test_nvrtc_compiles_tc_cuh_without_cuda_headers(arch):
             assert instr in ptx, instr
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("src_bytes", [16, 8, 0])
+def test_cp_async_groups_zero_fill_and_poison_until_the_wait(src_bytes):
+    fn = emu.RawModule(code=_src("tc_planted.cu"), options=(f"-I{KERNEL_DIR}", "-arch=sm_80")).get_function("cp_async_groups")
+    src = np.arange(1, 193, dtype=np.float32)
+    out = np.zeros((32, 8), np.float32)
+    fn((1,), (32,), (src, out, np.int32(src_bytes)))
+    group0 = src[:128].reshape(32, 4).copy()
+    group0[:, src_bytes // 4:] = 0                      # bytes past src-size are zeros
+    np.testing.assert_array_equal(out[:, :4], group0)
+    assert np.isnan(out[:, 4:6]).all()                  # still in flight after wait_group 1
+    np.testing.assert_array_equal(out[:, 6:], src[128:].reshape(32, 2))

@@ -39,3 +39,22 @@ extern "C" __global__ void mma_mixed_kinds(float* __restrict__ out) {
   else mma_m16n8k16_bf16(d, a, b, c);
   out[threadIdx.x] = d[0];
 }
+
+// cp.async group accounting (not a misuse): group 0 = a zero-filling 16-byte copy of src_bytes,
+// group 1 = an 8-byte copy. After wait_group 1 only group 0 is guaranteed complete; the harness
+// keeps group 1 poisoned (NaN) until wait_group 0. out[t] = {4 floats after wait 1: group 0,
+// 2 floats after wait 1: group 1, 2 floats after wait 0: group 1}.
+extern "C" __global__ void cp_async_groups(const float* __restrict__ src, float* __restrict__ out, int src_bytes) {
+  __shared__ __align__(16) float s0[32 * 4];
+  __shared__ __align__(16) float s1[32 * 2];
+  const int t = threadIdx.x;
+  cp_async_16_zfill(&s0[4 * t], src + 4 * t, src_bytes);
+  cp_async_commit();
+  cp_async_8(&s1[2 * t], src + 128 + 2 * t);
+  cp_async_commit();
+  cp_async_wait<1>();
+  for (int i = 0; i < 4; ++i) out[8 * t + i] = s0[4 * t + i];
+  for (int i = 0; i < 2; ++i) out[8 * t + 4 + i] = s1[2 * t + i];
+  cp_async_wait<0>();
+  for (int i = 0; i < 2; ++i) out[8 * t + 6 + i] = s1[2 * t + i];
+}
