@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import mmap
 import os
 import re
 import signal
@@ -62,8 +61,6 @@ __all__ = [
 ]
 
 HERE = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "emu_runtime.h", "emu.ld")   # their text is part of every cache key
-PAGE = mmap.PAGESIZE
 MAX_THREADS = 1024
 MAX_SHARED_DEFAULT = 48 * 1024      # dynamic shared memory without opting in
 #: Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) by arch.
@@ -71,10 +68,11 @@ MAX_SHARED_OPTIN = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024
 #: The arch a module is compiled for when its options name none and $FASTCONV_EMU_ARCH is unset:
 #: sm_80, the first with mma.sync on tf32/bf16 and cp.async.
 DEFAULT_ARCH = 80
-_ALIGN = 16                         # array starts are 16-byte aligned (float4 loads), like cudaMalloc's 256
 
 
-from .cache import _loaded, cache_dir, digest, load_or_build
+from .cache import _loaded, cache_dir, digest, load_or_build  # noqa: F401 - _loaded: tests clear it
+from .memory import PAGE, _as_array, _Buffer, _group
+from .source import find_kernels, preprocess
 from .errors import (AsyncCopyError, BarrierError, CompileError, EmuError, KernelTrap, LaunchError,
                      OutOfBoundsError)
 
@@ -152,153 +150,6 @@ def clear_memo() -> None:
         c.clear()
 
 
-# ------------------------------------------------------------------------ source processing ---
-def _blank(src: str) -> str:
-    """The source with comments and string/char literal bodies replaced by spaces (same length,
-    newlines kept), so regexes can search it and positions still index the original."""
-    out = list(src)
-    i, n = 0, len(src)
-    while i < n:
-        c = src[i]
-        if src.startswith("//", i):
-            j = src.find("\n", i)
-            j = n if j < 0 else j
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-        elif c in "\"'":
-            j = i + 1
-            while j < n and src[j] != c and src[j] != "\n":
-                j += 2 if src[j] == "\\" else 1
-            for k in range(i + 1, min(j, n)):
-                out[k] = " "
-            i = j + 1
-            continue
-        else:
-            i += 1
-            continue
-        for k in range(i, j):
-            if out[k] != "\n":
-                out[k] = " "
-        i = j
-    return "".join(out)
-
-
-_ATTR = re.compile(r"__align__\s*\([^()]*\)|alignas\s*\([^()]*\)|__attribute__\s*\(\([^()]*(\([^()]*\))?[^()]*\)\)")
-_STATIC_SHARED = re.compile(r"\bstatic\s+(?=__shared__\b)")
-_EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\s+([^;{}\[\]]*?)\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
-_LB = r"__launch_bounds__\s*\(((?:[^()]|\((?:[^()]|\([^()]*\))*\))*)\)\s*"
-_KERNEL = re.compile(r"\b__global__\s+(?:" + _LB + r")?void\s+(?:" + _LB + r")?([A-Za-z_]\w*)\s*\(")
-
-
-def preprocess(src: str) -> str:
-    """Rewrite ``extern __shared__ T name[];`` so ``name`` denotes this launch's dynamic shared
-    buffer (C++ cannot size a declaration at launch time). Line numbers are preserved.
-
-    In a function it becomes a reference to the buffer. At file or namespace scope it becomes an
-    ``emu::DynShared<T>`` object (the buffer moves between launches): indexing, ``+`` and casts
-    work, ``reinterpret_cast<U*>(name)`` does not compile (write ``(U*)name`` or declare it in
-    the kernel)."""
-    src = _STATIC_SHARED.sub("", src)   # `static __shared__`: __shared__ already says static
-    blank = _blank(src)
-    out, last = [], 0
-    for m in _EXTERN_SHARED.finditer(blank):
-        ctype = _ATTR.sub(" ", src[m.start(1):m.end(1)]).strip()
-        name = m.group(2)
-        if not ctype:
-            raise CompileError(f"cannot parse the type of `extern __shared__ ... {name}[]`")
-        view = f"(*reinterpret_cast<{ctype} (*)[]>(::emu::g_dyn_smem))"
-        nl = src.count("\n", m.start(), m.end())
-        if _in_function(blank, m.start()):   # a reference, scoped like the declaration
-            rep = f"{ctype} (&{name})[] = {view};" + "\n" * nl
-        else:   # file or namespace scope: an object that finds the buffer at each use
-            rep = f"constexpr ::emu::DynShared<{ctype}> {name}{{}};" + "\n" * nl
-        out.append(src[last:m.start()])
-        out.append(rep)
-        last = m.end()
-    out.append(src[last:])
-    return "".join(out)
-
-
-def _in_function(blank: str, pos: int) -> bool:
-    """Whether pos lies inside a brace block other than a namespace or `extern "C"` block."""
-    depth = 0
-    for i in range(pos - 1, -1, -1):
-        c = blank[i]
-        if c == "}":
-            depth += 1
-        elif c == "{":
-            if depth == 0:
-                return not re.search(r'(\bnamespace\b[\w\s:]*|\bextern\s+"\s*")\s*$', blank[max(0, i - 200):i])
-            depth -= 1
-    return False
-
-
-def _balanced(text: str, open_pos: int) -> int:
-    """Index just past the parenthesis matching the one at open_pos."""
-    depth = 0
-    for i in range(open_pos, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    raise CompileError("unbalanced parentheses in a kernel declaration")
-
-
-def _split_top(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in s:
-        if ch in "(<[":
-            depth += 1
-        elif ch in ")>]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        parts.append("".join(cur))
-    return parts
-
-
-def find_kernels(src: str) -> dict:
-    """``{name: {"bound": str|None, "params": [names]}}`` for the ``extern "C"`` (non-template)
-    ``__global__`` functions of the source: the names ``get_function`` can find, as with NVRTC."""
-    blank = _blank(src)
-    # Brace blocks opened by `extern "C" {`.
-    extern_blocks, stack = [], []
-    for m in re.finditer(r"[{}]", blank):
-        if m.group() == "{":
-            stack.append((m.start(), bool(re.search(r'extern\s+"C"\s*$', src[max(0, m.start() - 40):m.start()]))))
-        elif stack:
-            start, is_c = stack.pop()
-            if is_c:
-                extern_blocks.append((start, m.start()))
-    kernels = {}
-    for m in _KERNEL.finditer(blank):
-        name = m.group(3)
-        head = max(blank.rfind(";", 0, m.start()), blank.rfind("}", 0, m.start()), blank.rfind("{", 0, m.start()))
-        before = src[head + 1:m.start()]
-        if re.search(r"\btemplate\b", before):
-            continue
-        is_c = bool(re.search(r'extern\s+"C"', before)) or any(a < m.start() < b for a, b in extern_blocks)
-        if not is_c:
-            continue
-        close = _balanced(blank, m.end() - 1)
-        params = []
-        for p in _split_top(blank[m.end():close - 1]):
-            ids = re.findall(r"[A-Za-z_]\w*", re.sub(r"\[[^\]]*\]", "", p))
-            params.append(ids[-1] if ids and p.strip() not in ("void",) else "?")
-        bound = m.group(1) or m.group(2)
-        info = kernels.setdefault(name, {"bound": None, "params": params})
-        if bound:
-            info["bound"] = src[m.start(1 if m.group(1) else 2):m.end(1 if m.group(1) else 2)]
-    return kernels
-
-
 # ------------------------------------------------------------------------------ compilation ---
 _IGNORED = re.compile(
     r"^(--?std=c\+\+\d+|-arch(=.*)?|--gpu-architecture(=.*)?|-lineinfo|--generate-line-info|-G|--device-debug"
@@ -372,75 +223,6 @@ def _build(src: str, options, entries, name: str):
             "-fstack-clash-protection", "-I" + str(HERE), "-I" + str(HERE / "include"), "-Wl,-T," + str(HERE / "emu.ld")]
     key = digest([unit, gxx, *base, *flags] + [p.read_bytes() for p in _harness_files()])
     return load_or_build(key, unit, [gxx, *base, *flags], name, HERE)
-
-
-# ------------------------------------------------------------------------------ guarded memory ---
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_PROT_NONE, _PROT_READ, _PROT_RW = 0, 1, 3
-_MAP_PRIVATE_ANON = 0x02 | 0x20
-
-
-class _Buffer:
-    """One device allocation: [guard page][garbage | data | garbage][guard page], the data's
-    16-byte-aligned start as close to the rear guard as alignment allows."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        padded = (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        self.body = max(PAGE, (padded + PAGE - 1) // PAGE * PAGE)
-        self.size = self.body + 2 * PAGE
-        base = _libc.mmap(None, self.size, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemoryError(f"mmap of {self.size} bytes failed")
-        self.base = base
-        self.lo = base + PAGE                     # first byte after the front guard
-        self.hi = self.lo + self.body             # the rear guard
-        self.ptr = self.hi - padded               # the device pointer
-        ctypes.memset(self.lo, 0xFF, self.body)
-        _libc.mprotect(base, PAGE, _PROT_NONE)
-        _libc.mprotect(self.hi, PAGE, _PROT_NONE)
-        self.readonly = False
-
-    def protect_readonly(self):
-        _libc.mprotect(self.lo, self.body, _PROT_READ)
-        self.readonly = True
-
-    def slack_intact(self) -> bool:
-        """The garbage around the data is untouched (no stray write that missed the guard pages)."""
-        before = ctypes.string_at(self.lo, self.ptr - self.lo)
-        after = ctypes.string_at(self.ptr + self.nbytes, self.hi - self.ptr - self.nbytes)
-        return before.count(0xFF) == len(before) and after.count(0xFF) == len(after)
-
-    def free(self):
-        if self.base:
-            _libc.munmap(self.base, self.size)
-            self.base = 0
-
-
-def _as_array(a, i: int):
-    """numpy view of an array argument (torch CPU tensors through .numpy(), sharing memory)."""
-    if isinstance(a, np.ndarray):
-        arr = a
-    elif type(a).__module__.startswith("torch") and hasattr(a, "is_contiguous"):
-        if a.device.type != "cpu":
-            raise TypeError(f"argument {i}: fastconv.emu runs on the CPU; got a tensor on {a.device}")
-        if not a.is_contiguous():
-            raise ValueError(f"argument {i}: tensor is not contiguous (a raw kernel sees only the data pointer)")
-        t = a.detach()
-        try:
-            arr = t.numpy()
-        except TypeError:       # bfloat16 & co: the bytes are what the kernel sees
-            import torch
-            arr = t.view({2: torch.int16, 1: torch.int8}[t.element_size()]).numpy()
-    else:
-        return None
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"argument {i}: array is not C-contiguous (a raw kernel sees only the data pointer)")
-    return arr
 
 
 _KIND = {1: "i", 2: "u", 3: "f", 4: "b"}
@@ -623,26 +405,6 @@ class Function:
 def _np_name(code):
     size, cls = code & 0xFF, code >> 8 & 0xF
     return {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool_"}.get(cls, "<type>")
-
-
-class _Group:
-    def __init__(self, lo, hi, members):
-        self.lo, self.hi, self.members = lo, hi, members
-
-
-def _group(arrays):
-    """Arguments that overlap in memory share one buffer, as they would share one allocation."""
-    spans = sorted(((a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes, i, a, c)
-                    for i, a, c in arrays), key=lambda t: t[:2])
-    groups = []
-    for lo, hi, i, a, c in spans:
-        if groups and lo < groups[-1].hi or (groups and lo == groups[-1].lo == groups[-1].hi == hi):
-            g = groups[-1]
-            g.hi = max(g.hi, hi)
-            g.members.append((i, a, c))
-        else:
-            groups.append(_Group(lo, hi, [(i, a, c)]))
-    return groups
 
 
 def _dims(d, what):
