@@ -313,7 +313,8 @@ fn = emu.RawModule(code=src, options=("-DTILE=8",)).get_function("matmul")
 a = np.arange(64, dtype=np.float32).reshape(8, 8); c = np.zeros((8, 8), np.float32)
 fn((1, 1), (8, 8), (a, a, c, np.int32(8), np.int32(8), np.int32(8)))
 assert np.array_equal(c, a @ a), "wrong product"
-print("ok")
+from fastconv.emu import cache
+print("ok", cache.compiles)
 """
 
 
@@ -330,7 +331,8 @@ def test_four_processes_building_into_a_fresh_cache_all_succeed(tmp_path):
              for _ in range(4)]
     results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
     for out, err, rc in results:
-        assert rc == 0 and out.strip() == "ok", err
+        assert rc == 0 and out.split()[0] == "ok", err
+    assert sum(int(out.split()[1]) for out, _, _ in results) == 1    # the others waited on the lock
     libs = list(cache.glob("*.so"))
     assert len(libs) == 1, libs          # one content-addressed library, built once, never deleted
     assert not list(cache.glob("build-*")), "temporary build folders left behind"
@@ -416,6 +418,12 @@ def test_shared_memory_limit_per_arch():
         emu.RawModule(code=_ARCH, options=("-arch=sm_61",))
 
 
+def test_bad_arch_variable_is_named(monkeypatch):
+    monkeypatch.setenv("FASTCONV_EMU_ARCH", "volta")
+    with pytest.raises(ValueError, match="FASTCONV_EMU_ARCH: .*unsupported GPU architecture 'volta'"):
+        emu.RawModule(code=_ARCH)
+
+
 # -------------------------------------------------------- warp ops are no block barrier (fix) ---
 @pytest.mark.parametrize("with_warp_op", [0, 1])
 def test_race_is_caught_with_and_without_a_warp_op_between_the_accesses(with_warp_op):
@@ -470,6 +478,31 @@ def _probe_inputs(seed):
     B = (rng.standard_normal((8, 8)) * 3).astype(np.float32)
     C = rng.standard_normal((16, 8)).astype(np.float32)
     return A, B, C
+
+
+def _designed_tf32_inputs(seed):
+    """A = integers plus 0.75 of a TF32 ulp (bits only below TF32's 10 mantissa bits), B and C
+    integers: truncating A gives the integers, cvt.rna rounds up by one ulp, and either way every
+    product and sum is exact in float32, so the result shows the operand rule and nothing else
+    (no accumulation-order or rounding question). Returns A, B, C, A truncated, A rounded."""
+    rng = np.random.default_rng(seed)
+    mag = rng.integers(1, 8, (16, 8)).astype(np.float32)
+    sign = np.where(rng.integers(0, 2, (16, 8)) == 1, np.float32(1), np.float32(-1))
+    ulp = np.float32(2.0) ** (np.floor(np.log2(mag)) - 10).astype(np.float32)
+    A = (sign * (mag + np.float32(0.75) * ulp)).astype(np.float32)
+    B = rng.integers(-7, 8, (8, 8)).astype(np.float32)
+    C = rng.integers(-50, 51, (16, 8)).astype(np.float32)
+    return A, B, C, sign * mag, sign * (mag + ulp)
+
+
+@pytest.mark.parametrize("convert", [1, 0])
+def test_mma_tf32_operand_rule_on_designed_inputs(convert):
+    A, B, C, a_trunc, a_rna = _designed_tf32_inputs(12)
+    np.testing.assert_array_equal(_tf32_rna(A).view(np.float32), a_rna)
+    D = np.zeros((16, 8), np.float32)
+    _probe().get_function("probe_mma_tf32")((1,), (32,), (A.view(np.uint32), B.view(np.uint32), C, D, np.int32(convert)))
+    want = (a_rna if convert else a_trunc).astype(np.float64) @ B.astype(np.float64) + C
+    np.testing.assert_array_equal(D, want.astype(np.float32))
 
 
 @pytest.mark.parametrize("convert", [1, 0])
@@ -699,7 +732,9 @@ def test_probe_matches_the_gpu_bit_for_bit():
             np.testing.assert_array_equal(cp.asnumpy(gpu_args[i]).view(np.uint8), emu_args[i].view(np.uint8),
                                           err_msg=f"{name}: output #{i} differs between the GPU and the harness")
 
-    A, B, C = _probe_inputs(1)
+    # Inputs whose exact results are float32 values under either operand rule: a difference can only
+    # come from the rule itself (the assumption), the layouts or the conversion, not from rounding.
+    A, B, C, _, _ = _designed_tf32_inputs(12)
     for convert in (1, 0):
         both("probe_mma_tf32", (1,), (32,), [A.view(np.uint32), B.view(np.uint32), C, np.zeros((16, 8), np.float32),
                                              np.int32(convert)], [3])

@@ -34,6 +34,7 @@ from pathlib import Path
 from .errors import CompileError
 
 _loaded: dict = {}      # real path of a library -> ctypes.CDLL (dlopen would give the same handle)
+compiles = 0            # compiler runs in this process (tests check that concurrent builders share one)
 
 
 def cache_dir() -> Path:
@@ -132,6 +133,8 @@ def load_or_build(key: str, unit: str, cmd: list[str], name: str, harness_dir: P
 
 
 def _compile(cdir: Path, key: str, unit: str, cmd: list[str], name: str, harness_dir: Path) -> Path:
+    global compiles
+    compiles += 1
     with tempfile.TemporaryDirectory(dir=cdir, prefix="build-") as tmp:
         tmp = Path(tmp)
         cpp, out, dep = tmp / "unit.cpp", tmp / "out.so", tmp / "unit.d"
