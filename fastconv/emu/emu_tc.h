@@ -14,9 +14,11 @@
 //   * products of tf32/f16/bf16 operands are exact; the k products and C are summed in double and
 //     rounded once to float32 (round to nearest even). Hardware sums with float32-or-better precision
 //     in an unspecified order; results may differ from it in the last bit or two.
-//   * a .tf32 operand register holding a full float32 is read with its low 13 mantissa bits ignored
-//     (truncation), which is what the ISA's "the operand is interpreted as .tf32" means for the bits
-//     that are not part of the format. A NaN whose payload lies only in those bits stays NaN.
+//   * a .tf32 operand register holding a full float32 (not passed through cvt.rna.tf32.f32) is read
+//     with its low 13 mantissa bits ignored, i.e. truncated toward zero. The ISA only says the
+//     operand holds .tf32 data; truncation is the commonly documented behaviour of the hardware and
+//     THE ASSUMPTION that needs a GPU to confirm (tc_probe.cu, test_probe_matches_the_gpu_bit_for_bit).
+//     A NaN whose payload lies only in those bits is kept a NaN (not turned into Inf).
 //   * cvt.rna.tf32.f32 (tf32_round): round to nearest, ties away from zero, low 13 bits cleared;
 //     NaN -> 0x7fffffff; overflow rounds to Inf.
 #pragma once
