@@ -6,7 +6,9 @@
 //     warp-collective implementation, which gathers the fragments of all 32 lanes in the PTX ISA
 //     layout (see fastconv/emu/emu_tc.h), and defers cp.async copies to the wait, poisoning the
 //     destination until then.
-// Needs no other header, so NVRTC compiles it without include paths. Fragments are 32-bit words:
+// Needs no other header, so NVRTC compiles it with no CUDA include path (NVRTC alone cannot find
+// <cuda_fp16.h>): kernels can keep f16/bf16 data as unsigned short and convert with
+// f16_bits_from_float & co (round to nearest even, NaN -> 0x7fff). Fragments are 32-bit words:
 // a .tf32 element per word, or two .f16/.bf16 elements per word (the lower-numbered in the low half).
 //
 // Fragment layouts (g = lane / 4, t = lane % 4):
@@ -30,6 +32,10 @@
 #define FC_TC_LOC const char* f = __builtin_FILE(), int l = __builtin_LINE()
 
 __device__ __forceinline__ unsigned tf32_from_float(float x) { return ::emu::tf32_round(x); }
+__device__ __forceinline__ unsigned short f16_bits_from_float(float x) { return ::emu::float_to_half_bits(x); }
+__device__ __forceinline__ float float_from_f16_bits(unsigned short h) { return ::emu::half_bits_to_float(h); }
+__device__ __forceinline__ unsigned short bf16_bits_from_float(float x) { return ::emu::float_to_bf16_bits(x); }
+__device__ __forceinline__ float float_from_bf16_bits(unsigned short h) { return ::emu::bf16_bits_to_float(h); }
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   return (unsigned)::emu::float_to_half_bits(lo) | (unsigned)::emu::float_to_half_bits(hi) << 16;
 }
@@ -97,6 +103,28 @@ __device__ __forceinline__ unsigned tf32_from_float(float x) {
   FC_TC_SM80(asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x)));
   return r;
 }
+__device__ __forceinline__ unsigned short f16_bits_from_float(float x) {
+  unsigned short r;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float float_from_f16_bits(unsigned short h) {
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+  return r;
+}
+__device__ __forceinline__ unsigned short bf16_bits_from_float(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  unsigned u = __float_as_uint(x);   // the same rounding by hand (no cvt.rn.bf16.f32 before sm_80)
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return (unsigned short)((u + 0x7fffu + (u >> 16 & 1u)) >> 16);
+#else
+  unsigned short r;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+  return r;
+#endif
+}
+__device__ __forceinline__ float float_from_bf16_bits(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
 __device__ __forceinline__ unsigned pack_half2(float lo, float hi) {
   unsigned r = 0;   // cvt.rn.f16x2.f32 d, a, b puts a in the upper half
   FC_TC_SM80(asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)));

@@ -547,16 +547,19 @@ def test_cvt_rounding_of_tf32_half_and_bfloat16():
     x = np.concatenate([tie_tf32, np.array([1.0, -2.5, 65504, 65519.99, 65520, 1e-8, 6e-8, 3e-5, -0.0, np.inf, -np.inf,
                                             np.nan, 3.4e38, 1 + 2**-8, 1 + 3 * 2**-9, 2**-133], np.float32),
                         np.random.default_rng(4).standard_normal(200).astype(np.float32) * 100])
-    out = np.zeros((x.size, 2), np.uint32)
+    out = np.zeros((x.size, 5), np.uint32)
     _probe().get_function("probe_cvt")((2,), (128,), (x, out, np.int32(x.size)))
     np.testing.assert_array_equal(out[:, 0], _tf32_rna(x))
     assert list(out[:3, 0]) == [0x3F802000, 0x3F804000, 0xBF802000]
+    np.testing.assert_array_equal(out[:, 1], out[:, 2])          # pair and scalar conversions agree
     h, bf = (out[:, 1] & 0xFFFF).astype(np.uint16), (out[:, 1] >> 16).astype(np.uint16)
     fin = ~np.isnan(x)
     np.testing.assert_array_equal(h[fin], _f16(x[fin]).view(np.uint16))       # numpy: nearest even
     want_bf = torch.from_numpy(x[fin]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(bf[fin], want_bf)
     assert h[~fin].tolist() == [0x7FFF] and bf[~fin].tolist() == [0x7FFF]    # the GPU's canonical NaN
+    np.testing.assert_array_equal(out[fin, 3].view(np.float32), _f16(x[fin]).astype(np.float32))
+    np.testing.assert_array_equal(out[fin, 4].view(np.float32), torch.from_numpy(x[fin]).bfloat16().float().numpy())
 
 
 def test_ldmatrix_variants_follow_the_ptx_layout():
@@ -746,7 +749,7 @@ def test_probe_matches_the_gpu_bit_for_bit():
                                               np.int32(bf)], [3])
     x = np.random.default_rng(10).standard_normal(1000).astype(np.float32) * 1e3
     x[:4] = [np.nan, np.inf, 65520, 3.4e38]
-    both("probe_cvt", (8,), (128,), [x, np.zeros((x.size, 2), np.uint32), np.int32(x.size)], [1])
+    both("probe_cvt", (8,), (128,), [x, np.zeros((x.size, 5), np.uint32), np.int32(x.size)], [1])
     M = np.random.default_rng(11).integers(0, 2**16, (4, 8, 8)).astype(np.uint16)
     both("probe_ldmatrix", (1,), (32,), [M, np.zeros((6, 32, 4), np.uint32)], [1])
 

@@ -354,6 +354,8 @@ class Function:
         kind = arr.dtype.kind
         ok = arr.dtype.itemsize == size and (
             (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu")
+            # 16-bit floats kept as raw bits (unsigned short*, as kernels/tc.cuh suggests for NVRTC)
+            or (cls in (1, 2) and size == 2 and kind == "f")
             # bfloat16: a torch bfloat16 tensor (seen as int16), raw 16-bit words, or ml_dtypes' bfloat16
             or (cls == 5 and (kind in "iuV" or arr.dtype.name == "bfloat16")))
         if not ok:

@@ -57,12 +57,18 @@ extern "C" __global__ void probe_mma_16bit(const unsigned short* A, const unsign
   for (int i = 0; i < 4; ++i) D[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = d[i];
 }
 
-// out[i] = (tf32 bits, f16 bits | bf16 bits << 16) of x[i]; one thread per element.
+// out[5i..5i+4] for x[i]: tf32 bits; f16 | bf16 << 16 bits through the pair conversions; the same
+// through the scalar ones; the f16 value back in float (bits); the bf16 value back in float (bits).
 extern "C" __global__ void probe_cvt(const float* x, unsigned* out, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  out[2 * i] = tf32_from_float(x[i]);
-  out[2 * i + 1] = (pack_half2(x[i], 0.0f) & 0xffffu) | (pack_bf16x2(x[i], 0.0f) & 0xffffu) << 16;
+  unsigned* o = out + 5 * i;
+  o[0] = tf32_from_float(x[i]);
+  o[1] = (pack_half2(x[i], 0.0f) & 0xffffu) | (pack_bf16x2(0.0f, x[i]) & 0xffff0000u);
+  const unsigned short h = f16_bits_from_float(x[i]), b = bf16_bits_from_float(x[i]);
+  o[2] = (unsigned)h | (unsigned)b << 16;
+  o[3] = __float_as_uint(float_from_f16_bits(h));
+  o[4] = __float_as_uint(float_from_bf16_bits(b));
 }
 
 // ldmatrix: M holds four 8x8 matrices of 16-bit words (row-major, one after the other); they are
