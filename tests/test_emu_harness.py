@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -326,7 +327,7 @@ def _child_env(cache, **extra):
 
 def test_four_processes_building_into_a_fresh_cache_all_succeed(tmp_path):
     cache = tmp_path / "fresh"
-    procs = [subprocess.Popen([os.sys.executable, "-c", _BUILD_AND_RUN, str(KERNELS / "matmul.cu")],
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN, str(KERNELS / "matmul.cu")],
                               env=_child_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
@@ -377,7 +378,7 @@ def test_bad_seed_variable_is_named(monkeypatch):
     monkeypatch.setattr(emu, "_seed", None)
     assert emu.get_seed() == 16
     # Importing the harness with a bad value is fine; the first launch says what is wrong.
-    p = subprocess.run([os.sys.executable, "-c", "import fastconv.emu as e; e.get_seed()"], capture_output=True,
+    p = subprocess.run([sys.executable, "-c", "import fastconv.emu as e; e.get_seed()"], capture_output=True,
                        text=True, env=dict(_child_env(emu.cache_dir()), FASTCONV_EMU_SEED="abc"))
     assert p.returncode != 0 and "FASTCONV_EMU_SEED" in p.stderr and "Traceback" in p.stderr
 
