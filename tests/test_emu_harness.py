@@ -5,9 +5,11 @@ with a barrier deleted) must be caught the way a GPU would show them.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from fastconv import emu
 
 KERNELS = Path(__file__).parent / "emu_kernels"
+KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"     # tc.cuh
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the harness needs g++")
 
 
@@ -217,8 +220,10 @@ def test_file_scope_dynamic_shared_and_aliased_arguments(features):
     features.get_function("add_into")((1,), (8,), (a, a, np.int32(5)))      # the same array twice
     np.testing.assert_array_equal(a, 2 * np.arange(5))
     b = np.arange(10, dtype=np.float32)
-    features.get_function("add_into")((1,), (8,), (b[:5], b[3:8], np.int32(5)))  # overlapping views
-    np.testing.assert_array_equal(b, [0, 1, 2, 3, 5, 7, 9, 11, 8, 9])
+    # Overlapping views share one buffer. n=2: the threads read b[0:2] and write b[3:5]; with more
+    # threads a thread would read what another writes (a race; a GPU warp's lockstep hides it).
+    features.get_function("add_into")((1,), (8,), (b[:5], b[3:8], np.int32(2)))
+    np.testing.assert_array_equal(b, [0, 1, 2, 3, 5, 5, 6, 7, 8, 9])
 
 
 def test_intrinsics_static_shared_and_namespace_scope_dynamic_shared(features):
@@ -294,6 +299,493 @@ def test_memoize():
 def test_kernels_compile_with_nvcc(tmp_path):
     """The harness must not accept code real CUDA rejects: every test kernel also builds with nvcc."""
     files = sorted(str(p) for p in KERNELS.glob("*.cu"))
-    p = subprocess.run(["nvcc", "-arch=sm_75", "-c", *files, "-odir", str(tmp_path)], capture_output=True, text=True)
+    p = subprocess.run(["nvcc", "-arch=sm_75", f"-I{KERNEL_DIR}", "-c", *files, "-odir", str(tmp_path)],
+                       capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert len(list(tmp_path.glob("*.o"))) == len(files)
+
+
+# ------------------------------------------------------------- build cache (issue 10 item 4) ---
+_BUILD_AND_RUN = """
+import sys, numpy as np
+from fastconv import emu
+src = open(sys.argv[1]).read()
+fn = emu.RawModule(code=src, options=("-DTILE=8",)).get_function("matmul")
+a = np.arange(64, dtype=np.float32).reshape(8, 8); c = np.zeros((8, 8), np.float32)
+fn((1, 1), (8, 8), (a, a, c, np.int32(8), np.int32(8), np.int32(8)))
+assert np.array_equal(c, a @ a), "wrong product"
+from fastconv.emu import cache
+print("ok", cache.compiles)
+"""
+
+
+def _child_env(cache, **extra):
+    env = dict(os.environ, FASTCONV_EMU_CACHE=str(cache), PYTHONPATH=str(Path(__file__).resolve().parent.parent), **extra)
+    env.pop("FASTCONV_EMU_SEED", None)
+    return env
+
+
+def test_four_processes_building_into_a_fresh_cache_all_succeed(tmp_path):
+    cache = tmp_path / "fresh"
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_RUN, str(KERNELS / "matmul.cu")],
+                              env=_child_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [p.communicate(timeout=600) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0 and out.split()[0] == "ok", err
+    assert sum(int(out.split()[1]) for out, _, _ in results) == 1    # the others waited on the lock
+    libs = list(cache.glob("*.so"))
+    assert len(libs) == 1, libs          # one content-addressed library, built once, never deleted
+    assert not list(cache.glob("build-*")), "temporary build folders left behind"
+
+
+def _cached_entry():
+    metas = sorted(emu.cache_dir().glob("*.json"), key=lambda p: p.stat().st_mtime)
+    return metas[-1]
+
+
+def test_cache_entries_pointing_outside_the_folder_are_refused_and_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTCONV_EMU_CACHE", str(tmp_path / "cache"))
+    code = 'extern "C" __global__ void put(int* y) { y[threadIdx.x] = 7; }\n'
+    y = np.zeros(4, np.int32)
+    emu.RawModule(code=code).get_function("put")((1,), (4,), (y,))
+    meta = _cached_entry()
+    good = json.loads(meta.read_text())
+    evil = tmp_path / "evil.so"
+    evil.write_bytes(b"not a shared library: loading this would raise OSError")
+    for so in (str(evil), "../evil.so"):
+        meta.write_text(json.dumps({**good, "so": so}))
+        emu._loaded.clear()
+        y[:] = 0
+        emu.RawModule(code=code).get_function("put")((1,), (4,), (y,))
+        assert (y == 7).all()
+        assert json.loads(meta.read_text())["so"] == good["so"]      # rebuilt, entry repaired
+    lib = emu.cache_dir() / good["so"]
+    lib.unlink()
+    lib.symlink_to(evil)                  # a symlink out of the folder: refused too
+    emu._loaded.clear()
+    emu.RawModule(code=code).get_function("put")((1,), (4,), (y,))
+    assert not lib.is_symlink() and lib.is_file()
+    assert all(os.path.realpath(p).startswith(os.path.realpath(emu.cache_dir())) for p in emu._loaded)
+
+
+def test_bad_seed_variable_is_named(monkeypatch):
+    monkeypatch.setattr(emu, "_seed", None)
+    monkeypatch.setenv("FASTCONV_EMU_SEED", "abc")
+    with pytest.raises(ValueError, match="FASTCONV_EMU_SEED must be an integer.*'abc'"):
+        emu.get_seed()
+    monkeypatch.setenv("FASTCONV_EMU_SEED", "0x10")
+    monkeypatch.setattr(emu, "_seed", None)
+    assert emu.get_seed() == 16
+    # Importing the harness with a bad value is fine; the first launch says what is wrong.
+    p = subprocess.run([sys.executable, "-c", "import fastconv.emu as e; e.get_seed()"], capture_output=True,
+                       text=True, env=dict(_child_env(emu.cache_dir()), FASTCONV_EMU_SEED="abc"))
+    assert p.returncode != 0 and "FASTCONV_EMU_SEED" in p.stderr and "Traceback" in p.stderr
+
+
+# --------------------------------------------------------------- arch and shared-memory limits ---
+_ARCH = 'extern "C" __global__ void arch(int* y) { extern __shared__ int s[]; y[0] = __CUDA_ARCH__; s[0] = 1; }\n'
+
+
+@pytest.mark.parametrize("options, env, want", [
+    ((), None, 800), (("-arch=sm_90",), None, 900), (("--gpu-architecture=compute_75",), None, 750),
+    ((), "sm_90", 900), (("-arch", "sm_80"), "90", 800),
+])
+def test_cuda_arch_follows_the_arch_option_or_the_environment(monkeypatch, options, env, want):
+    if env:
+        monkeypatch.setenv("FASTCONV_EMU_ARCH", env)
+    y = np.zeros(1, np.int32)
+    emu.RawModule(code=_ARCH, options=options).get_function("arch")((1,), (1,), (y,), shared_mem=4)
+    assert y[0] == want
+
+
+def test_shared_memory_limit_per_arch():
+    y = np.zeros(1, np.int32)
+    f80 = emu.RawModule(code=_ARCH, options=("-arch=sm_80",)).get_function("arch")
+    f90 = emu.RawModule(code=_ARCH, options=("-arch=sm_90",)).get_function("arch")
+    with pytest.raises(emu.LaunchError, match="max_dynamic_shared_size_bytes"):
+        f80((1,), (1,), (y,), shared_mem=64 * 1024)          # above 48 KiB needs the opt-in, as on a GPU
+    f80.max_dynamic_shared_size_bytes = 163 * 1024
+    f80((1,), (1,), (y,), shared_mem=163 * 1024)
+    f80.max_dynamic_shared_size_bytes = 200 * 1024
+    with pytest.raises(emu.LaunchError, match="sm_80's opt-in limit of 166912 bytes"):
+        f80((1,), (1,), (y,), shared_mem=200 * 1024)
+    f90.max_dynamic_shared_size_bytes = 227 * 1024
+    f90((1,), (1,), (y,), shared_mem=227 * 1024)
+    f90.max_dynamic_shared_size_bytes = 228 * 1024
+    with pytest.raises(emu.LaunchError, match="sm_90's opt-in limit of 232448 bytes"):
+        f90((1,), (1,), (y,), shared_mem=227 * 1024)
+    with pytest.raises(ValueError, match="unsupported GPU architecture 'sm_61'"):
+        emu.RawModule(code=_ARCH, options=("-arch=sm_61",))
+
+
+def test_bad_arch_variable_is_named(monkeypatch):
+    monkeypatch.setenv("FASTCONV_EMU_ARCH", "volta")
+    with pytest.raises(ValueError, match="FASTCONV_EMU_ARCH: .*unsupported GPU architecture 'volta'"):
+        emu.RawModule(code=_ARCH)
+
+
+# -------------------------------------------------------- warp ops are no block barrier (fix) ---
+@pytest.mark.parametrize("with_warp_op", [0, 1])
+def test_race_is_caught_with_and_without_a_warp_op_between_the_accesses(with_warp_op):
+    """Issue 13: warps used to be released only when the whole block was blocked, so a shuffle
+    between two racing accesses hid the missing __syncthreads (0/20 seeds caught)."""
+    fn = emu.RawModule(code=_src("planted.cu")).get_function("race_across_warp_op")
+    blocks = 8
+    want = np.arange(blocks * 32, dtype=np.float32)
+    caught = 0
+    for seed in range(20):
+        emu.set_seed(seed)
+        out = np.zeros(blocks * 32, np.float32)
+        fn((blocks,), (64,), (out, np.int32(with_warp_op)))
+        caught += not np.array_equal(out, want)
+    emu.set_seed(0)
+    assert caught >= 18, f"race caught on {caught}/20 seeds"
+
+
+# ------------------------------------------------ tensor cores, ldmatrix, cp.async (issue 13) ---
+def _tf32_rna(x):
+    """cvt.rna.tf32.f32 as bits: round to nearest, ties away from zero; NaN canonical."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    out = ((u + 0x1000) & ~np.uint64(0x1FFF)).astype(np.uint32)
+    finite = (u & 0x7F800000) != 0x7F800000
+    out = np.where(finite, out, u.astype(np.uint32))
+    return np.where(np.isnan(np.asarray(x, np.float32)), np.uint32(0x7FFFFFFF), out).astype(np.uint32)
+
+
+def _f16(x):
+    """numpy's float32 -> float16 (round to nearest even); overflow to Inf is intended here."""
+    with np.errstate(over="ignore"):
+        return x.astype(np.float16)
+
+
+def _mma_model(A, B, C):
+    """The harness's documented accumulation: exact products, summed in k order in float64 on
+    top of C, one rounding to float32."""
+    acc = C.astype(np.float64).copy()
+    for k in range(A.shape[1]):
+        acc += A[:, k, None].astype(np.float64) * B[None, k, :].astype(np.float64)
+    return acc.astype(np.float32)
+
+
+def _probe(*defines):
+    return emu.RawModule(code=_src("tc_probe.cu"), options=(f"-I{KERNEL_DIR}", "-arch=sm_80", *defines))
+
+
+def _probe_inputs(seed):
+    rng = np.random.default_rng(seed)
+    # Values with bits in the low 13 mantissa bits, so truncation and rounding differ.
+    A = (rng.standard_normal((16, 8)) * 3).astype(np.float32)
+    B = (rng.standard_normal((8, 8)) * 3).astype(np.float32)
+    C = rng.standard_normal((16, 8)).astype(np.float32)
+    return A, B, C
+
+
+def _designed_tf32_inputs(seed):
+    """A = integers plus 0.75 of a TF32 ulp (bits only below TF32's 10 mantissa bits), B and C
+    integers: truncating A gives the integers, cvt.rna rounds up by one ulp, and either way every
+    product and sum is exact in float32, so the result shows the operand rule and nothing else
+    (no accumulation-order or rounding question). Returns A, B, C, A truncated, A rounded."""
+    rng = np.random.default_rng(seed)
+    mag = rng.integers(1, 8, (16, 8)).astype(np.float32)
+    sign = np.where(rng.integers(0, 2, (16, 8)) == 1, np.float32(1), np.float32(-1))
+    ulp = np.float32(2.0) ** (np.floor(np.log2(mag)) - 10).astype(np.float32)
+    A = (sign * (mag + np.float32(0.75) * ulp)).astype(np.float32)
+    B = rng.integers(-7, 8, (8, 8)).astype(np.float32)
+    C = rng.integers(-50, 51, (16, 8)).astype(np.float32)
+    return A, B, C, sign * mag, sign * (mag + ulp)
+
+
+@pytest.mark.parametrize("convert", [1, 0])
+def test_mma_tf32_operand_rule_on_designed_inputs(convert):
+    A, B, C, a_trunc, a_rna = _designed_tf32_inputs(12)
+    np.testing.assert_array_equal(_tf32_rna(A).view(np.float32), a_rna)
+    D = np.zeros((16, 8), np.float32)
+    _probe().get_function("probe_mma_tf32")((1,), (32,), (A.view(np.uint32), B.view(np.uint32), C, D, np.int32(convert)))
+    want = (a_rna if convert else a_trunc).astype(np.float64) @ B.astype(np.float64) + C
+    np.testing.assert_array_equal(D, want.astype(np.float32))
+
+
+@pytest.mark.parametrize("convert", [1, 0])
+def test_mma_tf32_matches_the_documented_rounding(convert):
+    A, B, C = _probe_inputs(1)
+    D = np.zeros((16, 8), np.float32)
+    _probe().get_function("probe_mma_tf32")((1,), (32,), (A.view(np.uint32), B.view(np.uint32), C, D, np.int32(convert)))
+    if convert:   # cvt.rna.tf32.f32 first
+        a, b = _tf32_rna(A).view(np.float32), _tf32_rna(B).view(np.float32)
+    else:         # raw float32 registers: the low 13 bits are ignored (the assumption tc_probe.cu checks)
+        a = (A.view(np.uint32) & ~np.uint32(0x1FFF)).view(np.float32)
+        b = (B.view(np.uint32) & ~np.uint32(0x1FFF)).view(np.float32)
+    np.testing.assert_array_equal(D, _mma_model(a, b, C))
+    assert not np.array_equal(D, _mma_model(A, B, C))      # the rounding is really applied
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_mma_m16n8k16_matches_the_model(dtype):
+    g = torch.Generator().manual_seed(2)
+    tdt = torch.float16 if dtype == "f16" else torch.bfloat16
+    A, B = torch.randn(16, 16, generator=g).to(tdt), torch.randn(16, 8, generator=g).to(tdt)
+    C = torch.randn(16, 8, generator=g).numpy()
+    D = np.zeros((16, 8), np.float32)
+    _probe().get_function("probe_mma_16bit")((1,), (32,), (A.view(torch.int16).numpy().view(np.uint16),
+                                                           B.view(torch.int16).numpy().view(np.uint16), C, D,
+                                                           np.int32(dtype == "bf16")))
+    np.testing.assert_array_equal(D, _mma_model(A.float().numpy(), B.float().numpy(), C))
+    torch.testing.assert_close(torch.from_numpy(D), (A.double() @ B.double() + torch.from_numpy(C).double()).float(),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_wrong_fragment_layout_fails():
+    A, B, C = _probe_inputs(3)
+    D = np.zeros((16, 8), np.float32)
+    _probe("-DWRONG_LAYOUT").get_function("probe_mma_tf32")((1,), (32,), (A.view(np.uint32), B.view(np.uint32), C, D, np.int32(1)))
+    ref = _mma_model(_tf32_rna(A).view(np.float32), _tf32_rna(B).view(np.float32), C)
+    assert np.abs(D - ref).max() > 1.0
+
+
+def test_cvt_rounding_of_tf32_half_and_bfloat16():
+    tie_tf32 = np.array([0x3F801000, 0x3F803000, 0xBF801000], np.uint32).view(np.float32)   # ties: away from zero
+    x = np.concatenate([tie_tf32, np.array([1.0, -2.5, 65504, 65519.99, 65520, 1e-8, 6e-8, 3e-5, -0.0, np.inf, -np.inf,
+                                            np.nan, 3.4e38, 1 + 2**-8, 1 + 3 * 2**-9, 2**-133], np.float32),
+                        np.random.default_rng(4).standard_normal(200).astype(np.float32) * 100])
+    out = np.zeros((x.size, 5), np.uint32)
+    _probe().get_function("probe_cvt")((2,), (128,), (x, out, np.int32(x.size)))
+    np.testing.assert_array_equal(out[:, 0], _tf32_rna(x))
+    assert list(out[:3, 0]) == [0x3F802000, 0x3F804000, 0xBF802000]
+    np.testing.assert_array_equal(out[:, 1], out[:, 2])          # pair and scalar conversions agree
+    h, bf = (out[:, 1] & 0xFFFF).astype(np.uint16), (out[:, 1] >> 16).astype(np.uint16)
+    fin = ~np.isnan(x)
+    np.testing.assert_array_equal(h[fin], _f16(x[fin]).view(np.uint16))       # numpy: nearest even
+    want_bf = torch.from_numpy(x[fin]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(bf[fin], want_bf)
+    assert h[~fin].tolist() == [0x7FFF] and bf[~fin].tolist() == [0x7FFF]    # the GPU's canonical NaN
+    np.testing.assert_array_equal(out[fin, 3].view(np.float32), _f16(x[fin]).astype(np.float32))
+    np.testing.assert_array_equal(out[fin, 4].view(np.float32), torch.from_numpy(x[fin]).bfloat16().float().numpy())
+
+
+def test_ldmatrix_variants_follow_the_ptx_layout():
+    M = np.random.default_rng(5).integers(0, 2**16, (4, 8, 8)).astype(np.uint16)
+    out = np.zeros((6, 32, 4), np.uint32)
+    _probe().get_function("probe_ldmatrix")((1,), (32,), (M, out))
+    lane = np.arange(32)
+    row, col = lane // 4, 2 * (lane % 4)
+    for v, (num, trans) in enumerate([(1, 0), (2, 0), (4, 0), (1, 1), (2, 1), (4, 1)]):
+        for m in range(num):
+            lo = M[m, col, row] if trans else M[m, row, col]
+            hi = M[m, col + 1, row] if trans else M[m, row, col + 1]
+            np.testing.assert_array_equal(out[v, :, m], lo.astype(np.uint32) | hi.astype(np.uint32) << 16,
+                                          err_msg=f"x{num}{'.trans' if trans else ''} matrix {m}")
+
+
+def test_half_types_convert_and_compute_like_cuda():
+    mod = emu.RawModule(code=_src("half.cu"))
+    x = np.concatenate([np.array([1.0, 1 + 2**-11, 1 + 3 * 2**-11, 70000, -1e-7, np.nan], np.float32),
+                        np.random.default_rng(6).standard_normal(100).astype(np.float32)])
+    h, bf, back = np.zeros(x.size, np.uint16), np.zeros(x.size, np.uint16), np.zeros(2 * x.size, np.float32)
+    mod.get_function("half_roundtrip")((1,), (128,), (x, h, bf, back, np.int32(x.size)))
+    fin = ~np.isnan(x)
+    np.testing.assert_array_equal(h[fin], _f16(x[fin]).view(np.uint16))
+    np.testing.assert_array_equal(back[0::2][fin], _f16(x[fin]).astype(np.float32))
+    np.testing.assert_array_equal(back[1::2][fin], torch.from_numpy(x[fin]).bfloat16().float().numpy())
+    xs = np.random.default_rng(7).standard_normal(64).astype(np.float16)
+    ws = np.random.default_rng(8).standard_normal(64).astype(np.float16)
+    y, pairs = np.zeros(64, np.float16), np.zeros(128, np.float32)
+    mod.get_function("half_math")((1,), (64,), (xs, ws, y, pairs, np.int32(64)))
+    want = (xs.astype(np.float32) * ws.astype(np.float32)).astype(np.float16)          # exact product, one rounding
+    np.testing.assert_array_equal(y, (want.astype(np.float32) + xs.astype(np.float32)).astype(np.float16))
+    np.testing.assert_array_equal(pairs[0::2], xs.astype(np.float32))
+    assert (pairs[1::2] == 2).all()
+    with pytest.raises(TypeError, match="float16"):
+        mod.get_function("half_math")((1,), (64,), (xs.astype(np.float32), ws, y, pairs, np.int32(64)))
+
+
+# A tensor-core GEMM: cp.async pipeline, ldmatrix, mma.sync; and its planted bugs.
+def _gemm(dtype, *defines):
+    return emu.RawModule(code=_src("tc_gemm.cu"),
+                         options=(f"-I{KERNEL_DIR}", "-arch=sm_80", *defines)).get_function(f"gemm_{dtype}")
+
+
+def _gemm_inputs(dtype, m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    tdt = {"f16": torch.float16, "bf16": torch.bfloat16, "tf32": torch.float32}[dtype]
+    return torch.randn(m, k, generator=g).to(tdt), torch.randn(k, n, generator=g).to(tdt)
+
+
+def _run_gemm(fn, a, b):
+    m, k = a.shape
+    n = b.shape[1]
+    c = torch.full((m, n), -7.0)
+    fn(((n + 31) // 32, (m + 31) // 32), (128,), (a, b, c, np.int32(m), np.int32(n), np.int32(k)))
+    return c
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16", "tf32"])
+def test_tensor_core_gemm_matches_torch_with_the_right_rounding(dtype):
+    m, n, k = 48, 40, 80 if dtype != "tf32" else 72       # ragged M and N tiles, more k-tiles than stages
+    a, b = _gemm_inputs(dtype, m, n, k, 0)
+    c = _run_gemm(_gemm(dtype), a, b)
+    if dtype == "tf32":
+        ar = torch.from_numpy(_tf32_rna(a.numpy()).view(np.float32))
+        br = torch.from_numpy(_tf32_rna(b.numpy()).view(np.float32))
+        torch.testing.assert_close(c, (ar.double() @ br.double()).float(), rtol=1e-5, atol=1e-5)
+        assert (c - (a.double() @ b.double()).float()).abs().max() > 1e-4     # TF32 really rounds
+    else:
+        torch.testing.assert_close(c, (a.double() @ b.double()).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_with_a_wrong_fragment_layout_fails():
+    a, b = _gemm_inputs("f16", 32, 32, 32, 1)
+    c = _run_gemm(_gemm("f16", "-DWRONG_LAYOUT"), a, b)
+    assert (c - (a.double() @ b.double()).float()).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("dtype", ["f16", "tf32"])
+def test_read_before_wait_group_is_caught(dtype):
+    a, b = _gemm_inputs(dtype, 32, 32, 64, 2)
+    fn = _gemm(dtype, "-DEARLY_READ")
+    for seed in range(3):                  # the poison does not depend on the thread order
+        emu.set_seed(seed)
+        assert torch.isnan(_run_gemm(fn, a, b)).any(), f"seed {seed}"
+    emu.set_seed(0)
+
+
+def test_missing_barrier_around_the_ldmatrix_tile_is_caught_on_most_seeds():
+    a, b = _gemm_inputs("f16", 32, 32, 64, 3)
+    ref = (a.double() @ b.double()).float()
+    fn = _gemm("f16", "-DNO_BARRIER")
+    caught = 0
+    for seed in range(10):
+        emu.set_seed(seed)
+        c = _run_gemm(fn, a, b)
+        caught += not torch.allclose(c, ref, rtol=1e-5, atol=1e-5)
+    emu.set_seed(0)
+    assert caught >= 8, f"caught on {caught}/10 seeds"
+
+
+@pytest.mark.parametrize("name, block, pattern", [
+    ("cp_async_to_global", 8, "cp.async destination .* is not in shared memory"),
+    ("cp_async_misaligned", 32, "cp.async source .* is not aligned to the copy size \\(16 bytes\\)"),
+    ("ldmatrix_from_global", 32, "ldmatrix row address .* is not in shared memory"),
+    ("mma_half_warp", 16, "mma.sync needs all 32 lanes of a warp"),
+    ("mma_mixed_kinds", 32, "lanes of one warp issue different mma.sync variants"),
+])
+def test_misused_async_copies_and_tensor_core_ops_are_refused(name, block, pattern):
+    fn = emu.RawModule(code=_src("tc_planted.cu"), options=(f"-I{KERNEL_DIR}", "-arch=sm_80")).get_function(name)
+    buf = np.zeros(32 * 4 + 8, np.float32)
+    args = {"cp_async_to_global": (buf, buf[: 32 * 4].copy()), "cp_async_misaligned": (buf, buf.copy()),
+            "ldmatrix_from_global": (np.zeros(64, np.uint16), np.zeros(32, np.uint32))}.get(name, (buf,))
+    with pytest.raises(emu.AsyncCopyError, match=pattern):
+        fn((1,), (block,), args)
+
+
+def test_tensor_core_ops_need_sm80():
+    fn = emu.RawModule(code=_src("tc_probe.cu"), options=(f"-I{KERNEL_DIR}", "-arch=sm_75")).get_function("probe_mma_16bit")
+    z16, z = np.zeros(256, np.uint16), np.zeros(128, np.float32)
+    with pytest.raises(emu.KernelTrap, match="needs sm_80 or newer"):
+        fn((1,), (32,), (z16, z16, z, z.copy(), np.int32(0)))
+
+
+# ------------------------------------------------- real CUDA: nvcc for sm_80/sm_90, and a GPU ---
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_kernels_compile_to_mma_ldmatrix_cp_async(arch, tmp_path):
+    ptx = tmp_path / "gemm.ptx"
+    p = subprocess.run(["nvcc", f"-arch={arch}", f"-I{KERNEL_DIR}", "--ptx", str(KERNELS / "tc_gemm.cu"), "-o", str(ptx)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    text = ptx.read_text()
+    for instr in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16",
+                  "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16",
+                  "cp.async.cg.shared.global", "cp.async.wait_group 1", "cvt.rna.tf32.f32"):
+        assert instr in text, instr
+    p = subprocess.run(["nvcc", f"-arch={arch}", f"-I{KERNEL_DIR}", "-Xptxas", "-v", "-Werror", "all-warnings", "-cubin",
+                        str(KERNELS / "tc_gemm.cu"), str(KERNELS / "tc_probe.cu"), "-odir", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "spill" in p.stderr and " 0 bytes spill stores" in p.stderr
+    assert not [line for line in p.stderr.splitlines() if "bytes spill" in line and not line.strip().startswith("0 bytes")]
+
+
+def _gpu():
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        major = cupy.cuda.Device(0).compute_capability
+        return cupy if int(major) >= 80 else None
+    except Exception:  # noqa: BLE001 - no CuPy, no driver, no device: skip
+        return None
+
+
+def test_probe_matches_the_gpu_bit_for_bit():
+    """Run tc_probe.cu on the GPU and the harness and compare every bit (the TF32 truncation
+    assumption, the conversions, the layouts, the accumulation on exactly representable sums)."""
+    cp = _gpu()
+    if cp is None:
+        pytest.skip("needs CuPy and an sm_80+ GPU (none here); run this test the first time one is available")
+    src = _src("tc_probe.cu")
+    gpu_mod = cp.RawModule(code=src, options=("--std=c++17", f"-I{KERNEL_DIR}"))
+    emu_mod = _probe()
+
+    def both(name, grid, block, args, outs):
+        emu_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+        emu_mod.get_function(name)(grid, block, tuple(emu_args))
+        gpu_args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
+        gpu_mod.get_function(name)(grid, block, tuple(gpu_args))
+        for i in outs:
+            np.testing.assert_array_equal(cp.asnumpy(gpu_args[i]).view(np.uint8), emu_args[i].view(np.uint8),
+                                          err_msg=f"{name}: output #{i} differs between the GPU and the harness")
+
+    # Inputs whose exact results are float32 values under either operand rule: a difference can only
+    # come from the rule itself (the assumption), the layouts or the conversion, not from rounding.
+    A, B, C, _, _ = _designed_tf32_inputs(12)
+    for convert in (1, 0):
+        both("probe_mma_tf32", (1,), (32,), [A.view(np.uint32), B.view(np.uint32), C, np.zeros((16, 8), np.float32),
+                                             np.int32(convert)], [3])
+    ints = np.random.default_rng(9).integers(-4, 5, (16, 16)).astype(np.float16)
+    for bf in (0, 1):
+        a16 = ints if not bf else torch.from_numpy(ints.astype(np.float32)).bfloat16().view(torch.int16).numpy()
+        b16 = a16[:, :8].copy()
+        both("probe_mma_16bit", (1,), (32,), [a16.view(np.uint16), b16.view(np.uint16), C.round(), np.zeros((16, 8), np.float32),
+                                              np.int32(bf)], [3])
+    x = np.random.default_rng(10).standard_normal(1000).astype(np.float32) * 1e3
+    x[:4] = [np.nan, np.inf, 65520, 3.4e38]
+    both("probe_cvt", (8,), (128,), [x, np.zeros((x.size, 5), np.uint32), np.int32(x.size)], [1])
+    M = np.random.default_rng(11).integers(0, 2**16, (4, 8, 8)).astype(np.uint16)
+    both("probe_ldmatrix", (1,), (32,), [M, np.zeros((6, 32, 4), np.uint32)], [1])
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_tc_cuh_without_cuda_headers(arch):
+    """kernels/tc.cuh needs no CUDA header, so NVRTC (as CuPy runs it) compiles it with only -I."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+        nvrtc.getVersion()
+    except Exception as e:  # noqa: BLE001 - any failure to load libnvrtc means: skip
+        pytest.skip(f"NVRTC is not available: {e}")
+    prog = nvrtc.createProgram(_src("tc_probe.cu"), "tc_probe.cu", [], [])
+    try:
+        try:
+            nvrtc.compileProgram(prog, ["--std=c++17", f"-I{KERNEL_DIR}", f"--gpu-architecture={arch}"])
+        except nvrtc.NVRTCError as e:
+            pytest.fail(f"NVRTC rejected tc_probe.cu: {e}\n{nvrtc.getProgramLog(prog)}")
+        ptx = nvrtc.getPTX(prog)
+        ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+        for instr in ("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16",
+                      "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cvt.rna.tf32.f32", "cvt.rn.bf16x2.f32"):
+            assert instr in ptx, instr
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("src_bytes", [16, 8, 0])
+def test_cp_async_groups_zero_fill_and_poison_until_the_wait(src_bytes):
+    fn = emu.RawModule(code=_src("tc_planted.cu"), options=(f"-I{KERNEL_DIR}", "-arch=sm_80")).get_function("cp_async_groups")
+    src = np.arange(1, 193, dtype=np.float32)
+    out = np.zeros((32, 8), np.float32)
+    fn((1,), (32,), (src, out, np.int32(src_bytes)))
+    group0 = src[:128].reshape(32, 4).copy()
+    group0[:, src_bytes // 4:] = 0                      # bytes past src-size are zeros
+    np.testing.assert_array_equal(out[:, :4], group0)
+    assert np.isnan(out[:, 4:6]).all()                  # still in flight after wait_group 1
+    np.testing.assert_array_equal(out[:, 6:], src[128:].reshape(32, 2))

@@ -7,14 +7,27 @@ the GPU and this harness::
     fn = mod.get_function("matmul")
     fn((gx, gy), (16, 16), (a, b, c, np.int32(n)), shared_mem=nbytes)
 
-The kernel source is compiled by g++ together with ``cuda_emu.h`` (the device API) and
-``emu_runtime.h`` (fiber scheduler), plus one generated launch wrapper per kernel, into a shared
-library cached under ``$FASTCONV_EMU_CACHE`` (default ``~/.cache/fastconv/emu``).
+The kernel source is compiled by g++ together with ``cuda_emu.h`` (the device API), ``emu_runtime.h``
+(fiber scheduler) and ``emu_tc.h`` (tensor cores, ldmatrix, cp.async), plus one generated launch
+wrapper per kernel, into a shared library cached under ``$FASTCONV_EMU_CACHE`` (default
+``~/.cache/fastconv/emu``; see :mod:`fastconv.emu.cache` for why concurrent builders are safe).
+
+Architecture: ``-arch=sm_XX`` in the options (else ``$FASTCONV_EMU_ARCH``, else sm_80) sets
+``__CUDA_ARCH__`` and the opt-in dynamic shared-memory limit (:data:`MAX_SHARED_OPTIN`: 163 KiB on
+sm_80, 227 KiB on sm_90). Tensor cores and async copies are reached through ``kernels/tc.cuh``
+(inline PTX on a GPU): ``mma.sync`` m16n8k8 tf32 and m16n8k16 f16/bf16 with float32 accumulation
+and ``ldmatrix`` x1/x2/x4 (``.trans``) are warp-collective, with the PTX ISA fragment layouts;
+``cp.async`` copies are deferred to ``cp.async.wait_group`` and their destination reads as NaN
+until then. ``<cuda_fp16.h>``/``<cuda_bf16.h>`` give ``__half``/``__nv_bfloat16`` (round to nearest
+even). The numerics and the one assumption that needs a GPU are written down in ``emu_tc.h`` and
+``tests/emu_kernels/tc_probe.cu``.
 
 Strictness, i.e. what a GPU would show and the harness reports:
 
-* threads of a block run as fibers in a seeded shuffled order between barriers (``set_seed``),
-  blocks in a shuffled order too, so a missing ``__syncthreads()`` gives wrong results;
+* threads of a block run as fibers in a seeded shuffled order between barriers (``set_seed``, or
+  ``$FASTCONV_EMU_SEED``), blocks in a shuffled order too, so a missing ``__syncthreads()`` gives
+  wrong results; a warp op (shuffle, ballot, mma, ldmatrix) releases its own warp as soon as its
+  lanes arrive, so it is no block barrier and hides no missing ``__syncthreads()``;
 * shared memory (static and dynamic) is filled with 0xFF bytes (NaN as float) before each block;
 * every array argument is copied into its own mapping whose end touches a PROT_NONE page (another
   page guards the front); an out-of-bounds access raises :class:`OutOfBoundsError` naming the
@@ -23,7 +36,8 @@ Strictness, i.e. what a GPU would show and the harness reports:
   arrays passed to ``const T*`` parameters are mapped read-only;
 * launch geometry is checked (1024 threads, ``__launch_bounds__``, 48 KiB dynamic shared memory);
 * a ``__syncthreads()`` or warp intrinsic not reached by all the threads it waits for raises
-  :class:`BarrierError` instead of hanging;
+  :class:`BarrierError` instead of hanging; ``cp.async``/``ldmatrix`` outside shared memory or
+  misaligned, and ``mma.sync`` by part of a warp, raise :class:`AsyncCopyError`;
 * scalars must be numpy scalars of exactly the parameter's type: a Python ``float`` would reach a
   GPU kernel as a double, so Python numbers are refused with :class:`TypeError`.
 """
@@ -31,15 +45,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import json
-import mmap
 import os
 import re
-import shlex
 import signal
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -48,44 +56,29 @@ import numpy as np
 __all__ = [
     "RawModule", "RawKernel", "Function", "memoize", "clear_memo", "set_seed", "get_seed",
     "cache_dir", "EmuError", "CompileError", "LaunchError", "OutOfBoundsError", "BarrierError",
-    "KernelTrap", "preprocess", "find_kernels",
+    "KernelTrap", "AsyncCopyError", "preprocess", "find_kernels", "parse_arch", "default_arch",
+    "MAX_SHARED_OPTIN", "DEFAULT_ARCH",
 ]
 
 HERE = Path(__file__).resolve().parent
-HEADERS = ("cuda_emu.h", "emu_runtime.h", "emu.ld")   # their text is part of every cache key
-PAGE = mmap.PAGESIZE
 MAX_THREADS = 1024
 MAX_SHARED_DEFAULT = 48 * 1024      # dynamic shared memory without opting in
-MAX_SHARED_OPTIN = 64 * 1024        # sm_75's opt-in limit, the lowest arch fastconv targets
-_ALIGN = 16                         # array starts are 16-byte aligned (float4 loads), like cudaMalloc's 256
+#: Opt-in dynamic shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) by arch.
+MAX_SHARED_OPTIN = {75: 64 * 1024, 80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+#: The arch a module is compiled for when its options name none and $FASTCONV_EMU_ARCH is unset:
+#: sm_80, the first with mma.sync on tf32/bf16 and cp.async.
+DEFAULT_ARCH = 80
 
 
-class EmuError(RuntimeError):
-    """A kernel launch failed in the harness."""
-
-
-class CompileError(EmuError):
-    """g++ rejected the kernel source (the message holds its diagnostics)."""
-
-
-class LaunchError(EmuError, ValueError):
-    """The launch configuration is invalid (block too large, bad grid, too much shared memory)."""
-
-
-class OutOfBoundsError(EmuError):
-    """The kernel touched memory outside an argument's buffer (or wrote to a const one)."""
-
-
-class BarrierError(EmuError):
-    """A __syncthreads() or warp intrinsic was not reached by all the threads it waits for."""
-
-
-class KernelTrap(EmuError):
-    """The kernel called __trap() (or faulted in some other way the harness cannot attribute)."""
+from .cache import _loaded, cache_dir, digest, load_or_build  # noqa: F401 - _loaded: tests clear it
+from .memory import PAGE, _as_array, _Buffer, _group
+from .source import find_kernels, preprocess
+from .errors import (AsyncCopyError, BarrierError, CompileError, EmuError, KernelTrap, LaunchError,
+                     OutOfBoundsError)
 
 
 # ---------------------------------------------------------------------------------- settings ---
-_seed = int(os.environ.get("FASTCONV_EMU_SEED", "0"))
+_seed = None                    # None: read $FASTCONV_EMU_SEED at the first launch
 _lock = threading.Lock()        # the runtime has process-global state: one launch at a time
 
 
@@ -96,12 +89,40 @@ def set_seed(seed: int) -> None:
 
 
 def get_seed() -> int:
+    """The seed of the next launch: set_seed's, else $FASTCONV_EMU_SEED (an integer), else 0."""
+    global _seed
+    if _seed is None:
+        raw = os.environ.get("FASTCONV_EMU_SEED", "").strip() or "0"
+        try:
+            value = int(raw, 0)
+        except ValueError:
+            raise ValueError(f"FASTCONV_EMU_SEED must be an integer (the seed of fastconv.emu's thread order), "
+                             f"got {raw!r}") from None
+        _seed = value & (2**63 - 1)
     return _seed
 
 
-def cache_dir() -> Path:
-    d = os.environ.get("FASTCONV_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastconv", "emu")
-    return Path(d)
+def parse_arch(value) -> int:
+    """75, 80, 86, 87, 89 or 90 from ``sm_80``, ``compute_90a``, ``80`` or ``800``."""
+    m = re.fullmatch(r"(?:sm_|compute_)?(\d+)a?", str(value).strip())
+    arch = int(m.group(1)) if m else -1
+    if arch >= 100 and arch % 10 == 0 and arch // 10 in MAX_SHARED_OPTIN:
+        arch //= 10         # a __CUDA_ARCH__ value
+    if arch not in MAX_SHARED_OPTIN:
+        raise ValueError(f"fastconv.emu: unsupported GPU architecture {value!r}; expected one of "
+                         f"{', '.join('sm_%d' % a for a in MAX_SHARED_OPTIN)}")
+    return arch
+
+
+def default_arch() -> int:
+    """$FASTCONV_EMU_ARCH (``sm_90``, ``90``...) or :data:`DEFAULT_ARCH`."""
+    raw = os.environ.get("FASTCONV_EMU_ARCH", "").strip()
+    if not raw:
+        return DEFAULT_ARCH
+    try:
+        return parse_arch(raw)
+    except ValueError as e:
+        raise ValueError(f"FASTCONV_EMU_ARCH: {e}") from None
 
 
 def memoize(for_each_device: bool = False):
@@ -129,153 +150,6 @@ def clear_memo() -> None:
         c.clear()
 
 
-# ------------------------------------------------------------------------ source processing ---
-def _blank(src: str) -> str:
-    """The source with comments and string/char literal bodies replaced by spaces (same length,
-    newlines kept), so regexes can search it and positions still index the original."""
-    out = list(src)
-    i, n = 0, len(src)
-    while i < n:
-        c = src[i]
-        if src.startswith("//", i):
-            j = src.find("\n", i)
-            j = n if j < 0 else j
-        elif src.startswith("/*", i):
-            j = src.find("*/", i + 2)
-            j = n if j < 0 else j + 2
-        elif c in "\"'":
-            j = i + 1
-            while j < n and src[j] != c and src[j] != "\n":
-                j += 2 if src[j] == "\\" else 1
-            for k in range(i + 1, min(j, n)):
-                out[k] = " "
-            i = j + 1
-            continue
-        else:
-            i += 1
-            continue
-        for k in range(i, j):
-            if out[k] != "\n":
-                out[k] = " "
-        i = j
-    return "".join(out)
-
-
-_ATTR = re.compile(r"__align__\s*\([^()]*\)|alignas\s*\([^()]*\)|__attribute__\s*\(\([^()]*(\([^()]*\))?[^()]*\)\)")
-_STATIC_SHARED = re.compile(r"\bstatic\s+(?=__shared__\b)")
-_EXTERN_SHARED = re.compile(r"\bextern\s+__shared__\s+([^;{}\[\]]*?)\b([A-Za-z_]\w*)\s*\[\s*\]\s*;")
-_LB = r"__launch_bounds__\s*\(((?:[^()]|\((?:[^()]|\([^()]*\))*\))*)\)\s*"
-_KERNEL = re.compile(r"\b__global__\s+(?:" + _LB + r")?void\s+(?:" + _LB + r")?([A-Za-z_]\w*)\s*\(")
-
-
-def preprocess(src: str) -> str:
-    """Rewrite ``extern __shared__ T name[];`` so ``name`` denotes this launch's dynamic shared
-    buffer (C++ cannot size a declaration at launch time). Line numbers are preserved.
-
-    In a function it becomes a reference to the buffer. At file or namespace scope it becomes an
-    ``emu::DynShared<T>`` object (the buffer moves between launches): indexing, ``+`` and casts
-    work, ``reinterpret_cast<U*>(name)`` does not compile (write ``(U*)name`` or declare it in
-    the kernel)."""
-    src = _STATIC_SHARED.sub("", src)   # `static __shared__`: __shared__ already says static
-    blank = _blank(src)
-    out, last = [], 0
-    for m in _EXTERN_SHARED.finditer(blank):
-        ctype = _ATTR.sub(" ", src[m.start(1):m.end(1)]).strip()
-        name = m.group(2)
-        if not ctype:
-            raise CompileError(f"cannot parse the type of `extern __shared__ ... {name}[]`")
-        view = f"(*reinterpret_cast<{ctype} (*)[]>(::emu::g_dyn_smem))"
-        nl = src.count("\n", m.start(), m.end())
-        if _in_function(blank, m.start()):   # a reference, scoped like the declaration
-            rep = f"{ctype} (&{name})[] = {view};" + "\n" * nl
-        else:   # file or namespace scope: an object that finds the buffer at each use
-            rep = f"constexpr ::emu::DynShared<{ctype}> {name}{{}};" + "\n" * nl
-        out.append(src[last:m.start()])
-        out.append(rep)
-        last = m.end()
-    out.append(src[last:])
-    return "".join(out)
-
-
-def _in_function(blank: str, pos: int) -> bool:
-    """Whether pos lies inside a brace block other than a namespace or `extern "C"` block."""
-    depth = 0
-    for i in range(pos - 1, -1, -1):
-        c = blank[i]
-        if c == "}":
-            depth += 1
-        elif c == "{":
-            if depth == 0:
-                return not re.search(r'(\bnamespace\b[\w\s:]*|\bextern\s+"\s*")\s*$', blank[max(0, i - 200):i])
-            depth -= 1
-    return False
-
-
-def _balanced(text: str, open_pos: int) -> int:
-    """Index just past the parenthesis matching the one at open_pos."""
-    depth = 0
-    for i in range(open_pos, len(text)):
-        if text[i] == "(":
-            depth += 1
-        elif text[i] == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-    raise CompileError("unbalanced parentheses in a kernel declaration")
-
-
-def _split_top(s: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in s:
-        if ch in "(<[":
-            depth += 1
-        elif ch in ")>]":
-            depth -= 1
-        if ch == "," and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if "".join(cur).strip():
-        parts.append("".join(cur))
-    return parts
-
-
-def find_kernels(src: str) -> dict:
-    """``{name: {"bound": str|None, "params": [names]}}`` for the ``extern "C"`` (non-template)
-    ``__global__`` functions of the source: the names ``get_function`` can find, as with NVRTC."""
-    blank = _blank(src)
-    # Brace blocks opened by `extern "C" {`.
-    extern_blocks, stack = [], []
-    for m in re.finditer(r"[{}]", blank):
-        if m.group() == "{":
-            stack.append((m.start(), bool(re.search(r'extern\s+"C"\s*$', src[max(0, m.start() - 40):m.start()]))))
-        elif stack:
-            start, is_c = stack.pop()
-            if is_c:
-                extern_blocks.append((start, m.start()))
-    kernels = {}
-    for m in _KERNEL.finditer(blank):
-        name = m.group(3)
-        head = max(blank.rfind(";", 0, m.start()), blank.rfind("}", 0, m.start()), blank.rfind("{", 0, m.start()))
-        before = src[head + 1:m.start()]
-        if re.search(r"\btemplate\b", before):
-            continue
-        is_c = bool(re.search(r'extern\s+"C"', before)) or any(a < m.start() < b for a, b in extern_blocks)
-        if not is_c:
-            continue
-        close = _balanced(blank, m.end() - 1)
-        params = []
-        for p in _split_top(blank[m.end():close - 1]):
-            ids = re.findall(r"[A-Za-z_]\w*", re.sub(r"\[[^\]]*\]", "", p))
-            params.append(ids[-1] if ids and p.strip() not in ("void",) else "?")
-        bound = m.group(1) or m.group(2)
-        info = kernels.setdefault(name, {"bound": None, "params": params})
-        if bound:
-            info["bound"] = src[m.start(1 if m.group(1) else 2):m.end(1 if m.group(1) else 2)]
-    return kernels
-
-
 # ------------------------------------------------------------------------------ compilation ---
 _IGNORED = re.compile(
     r"^(--?std=c\+\+\d+|-arch(=.*)?|--gpu-architecture(=.*)?|-lineinfo|--generate-line-info|-G|--device-debug"
@@ -285,22 +159,30 @@ _IGNORED = re.compile(
     r"|-ewp|--extensible-whole-program|-dlto|--dlto|-extra-device-vectorization|--extra-device-vectorization)$")
 
 
-def _gxx_options(options) -> list[str]:
-    """Translate NVRTC options: keep -D/-U/-I, ignore GPU-only ones, refuse anything else."""
-    out, opts, i = [], list(options), 0
+def _gxx_options(options) -> tuple[list[str], int]:
+    """Translate NVRTC options: keep -D/-U/-I, take the arch from -arch (it sets ``__CUDA_ARCH__``
+    and the shared-memory limit), ignore other GPU-only ones, refuse anything else.
+    Returns (g++ flags, arch)."""
+    out, opts, i, arch = [], list(options), 0, None
     while i < len(opts):
         o = str(opts[i])
         if o in ("-D", "-U", "-I", "--define-macro", "--undefine-macro", "--include-path", "-arch", "--gpu-architecture"):
             if i + 1 >= len(opts):
                 raise ValueError(f"option {o} needs a value")
             if o in ("-arch", "--gpu-architecture"):
+                arch = parse_arch(opts[i + 1])
                 i += 2
                 continue
             flag = {"--define-macro": "-D", "--undefine-macro": "-U", "--include-path": "-I"}.get(o, o)
             out.append(flag + str(opts[i + 1]))
             i += 2
             continue
-        if re.match(r"^-[DUI].+", o):
+        m = re.match(r"^(?:-arch|--gpu-architecture)=(.*)$", o)
+        if m:
+            arch = parse_arch(m.group(1))
+        elif re.match(r"^-[DUI].+", o):
+            if re.match(r"^-[DU]\s*(__CUDA_ARCH__|FASTCONV_EMU_ARCH)\b", o):
+                raise ValueError(f"fastconv.emu: set the architecture with -arch=sm_XX, not {o!r}")
             out.append(o)
         elif re.match(r"^--(define-macro|undefine-macro|include-path)=", o):
             k, v = o.split("=", 1)
@@ -308,7 +190,8 @@ def _gxx_options(options) -> list[str]:
         elif not _IGNORED.match(o):
             raise ValueError(f"fastconv.emu: unsupported compile option {o!r}")
         i += 1
-    return out
+    arch = arch or default_arch()
+    return [f"-DFASTCONV_EMU_ARCH={arch * 10}", *out], arch
 
 
 def _opt_level() -> str:
@@ -326,150 +209,20 @@ def _generated_unit(src: str, entries: list[tuple[str, str]], name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-_loaded: dict = {}      # cache key -> ctypes.CDLL
+def _harness_files() -> list[Path]:
+    """Every file of the harness (headers, stand-in includes, linker script): part of every key."""
+    return sorted(p for p in HERE.rglob("*") if p.is_file() and p.suffix in (".h", ".ld"))
 
 
-def _build(src: str, options, entries, name: str) -> ctypes.CDLL:
-    flags = _gxx_options(options)
+def _build(src: str, options, entries, name: str):
+    flags, _ = _gxx_options(options)
     unit = _generated_unit(src, entries, name)
     gxx = os.environ.get("FASTCONV_EMU_CXX", "g++")
     base = ["-std=c++17", _opt_level(), "-fPIC", "-shared", "-fvisibility=hidden", "-ffp-contract=off",
             "-fno-strict-aliasing", "-U_FORTIFY_SOURCE",
             "-fstack-clash-protection", "-I" + str(HERE), "-I" + str(HERE / "include"), "-Wl,-T," + str(HERE / "emu.ld")]
-    h = hashlib.sha256()
-    for part in [unit, gxx, *base, *flags] + [(HERE / f).read_text() for f in HEADERS]:
-        h.update(part.encode())
-        h.update(b"\0")
-    key = h.hexdigest()[:32]
-    if key in _loaded:
-        return _loaded[key]
-    cdir = cache_dir()
-    cdir.mkdir(parents=True, exist_ok=True)
-    # <key>.json names the library and the included files it was built from (with their hashes).
-    # A rebuild gets a new file name: dlopen would hand back an already-loaded library of the same name.
-    meta = cdir / f"{key}.json"
-    so = _fresh_build(meta)
-    if so is None:
-        with tempfile.TemporaryDirectory(dir=cdir, prefix="build-") as tmp:
-            cpp = Path(tmp) / "unit.cpp"
-            cpp.write_text(unit)
-            out = Path(tmp) / "out.so"
-            cmd = [gxx, *base, *flags, "-MMD", "-MF", str(Path(tmp) / "unit.d"), str(cpp), "-o", str(out)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise CompileError(f"g++ failed to compile {name} for fastconv.emu:\n{p.stderr.strip()}\n"
-                                   f"command: {shlex.join(cmd)}")
-            deps = {f: _file_hash(f) for f in _parse_depfile(Path(tmp) / "unit.d")
-                    if not Path(f).resolve().is_relative_to(HERE) and Path(f).resolve().parent != Path(tmp).resolve()}
-            so = cdir / f"{key}-{os.urandom(4).hex()}.so"
-            os.replace(out, so)
-            old = _read_json(meta).get("so")
-            tmp_meta = Path(tmp) / "meta.json"
-            tmp_meta.write_text(json.dumps({"so": so.name, "deps": deps}))
-            os.replace(tmp_meta, meta)      # atomic: a concurrent process sees the old or the new build
-            if old and old != so.name:
-                (cdir / old).unlink(missing_ok=True)    # safe even if some process has it loaded
-    lib = ctypes.CDLL(str(so), mode=os.RTLD_LOCAL)
-    _loaded[key] = lib
-    return lib
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _fresh_build(meta: Path):
-    """The cached library for this key if it exists and its included files are unchanged."""
-    m = _read_json(meta)
-    so = meta.parent / m.get("so", "-")
-    if so.is_file() and all(_file_hash(f) == h for f, h in m.get("deps", {}).items()):
-        return so
-    return None
-
-
-def _parse_depfile(path: Path) -> list[str]:
-    text = path.read_text().replace("\\\n", " ")
-    _, _, rest = text.partition(":")
-    return [f.replace("\\ ", " ") for f in re.findall(r"(?:\\ |\S)+", rest)]
-
-
-def _file_hash(f: str) -> str:
-    try:
-        return hashlib.sha256(Path(f).read_bytes()).hexdigest()
-    except OSError:
-        return ""
-
-
-# ------------------------------------------------------------------------------ guarded memory ---
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_PROT_NONE, _PROT_READ, _PROT_RW = 0, 1, 3
-_MAP_PRIVATE_ANON = 0x02 | 0x20
-
-
-class _Buffer:
-    """One device allocation: [guard page][garbage | data | garbage][guard page], the data's
-    16-byte-aligned start as close to the rear guard as alignment allows."""
-
-    def __init__(self, nbytes: int):
-        self.nbytes = nbytes
-        padded = (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
-        self.body = max(PAGE, (padded + PAGE - 1) // PAGE * PAGE)
-        self.size = self.body + 2 * PAGE
-        base = _libc.mmap(None, self.size, _PROT_RW, _MAP_PRIVATE_ANON, -1, 0)
-        if base in (None, ctypes.c_void_p(-1).value):
-            raise MemoryError(f"mmap of {self.size} bytes failed")
-        self.base = base
-        self.lo = base + PAGE                     # first byte after the front guard
-        self.hi = self.lo + self.body             # the rear guard
-        self.ptr = self.hi - padded               # the device pointer
-        ctypes.memset(self.lo, 0xFF, self.body)
-        _libc.mprotect(base, PAGE, _PROT_NONE)
-        _libc.mprotect(self.hi, PAGE, _PROT_NONE)
-        self.readonly = False
-
-    def protect_readonly(self):
-        _libc.mprotect(self.lo, self.body, _PROT_READ)
-        self.readonly = True
-
-    def slack_intact(self) -> bool:
-        """The garbage around the data is untouched (no stray write that missed the guard pages)."""
-        before = ctypes.string_at(self.lo, self.ptr - self.lo)
-        after = ctypes.string_at(self.ptr + self.nbytes, self.hi - self.ptr - self.nbytes)
-        return before.count(0xFF) == len(before) and after.count(0xFF) == len(after)
-
-    def free(self):
-        if self.base:
-            _libc.munmap(self.base, self.size)
-            self.base = 0
-
-
-def _as_array(a, i: int):
-    """numpy view of an array argument (torch CPU tensors through .numpy(), sharing memory)."""
-    if isinstance(a, np.ndarray):
-        arr = a
-    elif type(a).__module__.startswith("torch") and hasattr(a, "is_contiguous"):
-        if a.device.type != "cpu":
-            raise TypeError(f"argument {i}: fastconv.emu runs on the CPU; got a tensor on {a.device}")
-        if not a.is_contiguous():
-            raise ValueError(f"argument {i}: tensor is not contiguous (a raw kernel sees only the data pointer)")
-        t = a.detach()
-        try:
-            arr = t.numpy()
-        except TypeError:       # bfloat16 & co: the bytes are what the kernel sees
-            import torch
-            arr = t.view({2: torch.int16, 1: torch.int8}[t.element_size()]).numpy()
-    else:
-        return None
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"argument {i}: array is not C-contiguous (a raw kernel sees only the data pointer)")
-    return arr
+    key = digest([unit, gxx, *base, *flags] + [p.read_bytes() for p in _harness_files()])
+    return load_or_build(key, unit, [gxx, *base, *flags], name, HERE)
 
 
 _KIND = {1: "i", 2: "u", 3: "f", 4: "b"}
@@ -477,7 +230,8 @@ _KIND = {1: "i", 2: "u", 3: "f", 4: "b"}
 
 def _describe(code: int) -> str:
     size, cls = code & 0xFF, code >> 8 & 0xF
-    base = {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool"}.get(cls, f"<{size}-byte type>")
+    base = {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool",
+            5: "bfloat16"}.get(cls, f"<{size}-byte type>")
     if code & 0x1000:
         return ("const " if code & 0x2000 else "") + (base if cls or size else "void") + "*"
     return base
@@ -520,8 +274,11 @@ class Function:
         if len(args) != len(self.codes):
             raise TypeError(f"kernel {self.name} takes {len(self.codes)} arguments, got {len(args)}")
         shared_mem = int(shared_mem)
-        if self.max_dynamic_shared_size_bytes > MAX_SHARED_OPTIN:
-            raise LaunchError(f"max_dynamic_shared_size_bytes above {MAX_SHARED_OPTIN} (sm_75's limit)")
+        limit = MAX_SHARED_OPTIN[self.module.arch]
+        if self.max_dynamic_shared_size_bytes > limit:
+            raise LaunchError(f"kernel {self.name}: max_dynamic_shared_size_bytes="
+                              f"{self.max_dynamic_shared_size_bytes} is above sm_{self.module.arch}'s opt-in limit "
+                              f"of {limit} bytes ({limit // 1024} KiB)")
         if not 0 <= shared_mem <= self.max_dynamic_shared_size_bytes:
             raise LaunchError(f"kernel {self.name}: shared_mem={shared_mem} bytes exceeds the "
                               f"{self.max_dynamic_shared_size_bytes} bytes allowed (max_dynamic_shared_size_bytes)")
@@ -565,7 +322,7 @@ class Function:
                     g.buf.protect_readonly()
             for i, v in enumerate(keep):
                 slots[i] = ctypes.cast(ctypes.pointer(v), ctypes.c_void_p)
-            cfg = (ctypes.c_longlong * 8)(*grid, *block, shared_mem, _seed)
+            cfg = (ctypes.c_longlong * 8)(*grid, *block, shared_mem, get_seed())
             res = _Result()
             rc = self._launch(cfg, slots, ctypes.byref(res))
             if rc:
@@ -596,7 +353,11 @@ class Function:
             return
         kind = arr.dtype.kind
         ok = arr.dtype.itemsize == size and (
-            (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu"))
+            (cls == 3 and kind == "f") or (cls in (1, 2) and kind in "iu") or (cls == 4 and kind in "bu")
+            # 16-bit floats kept as raw bits (unsigned short*, as kernels/tc.cuh suggests for NVRTC)
+            or (cls in (1, 2) and size == 2 and kind == "f")
+            # bfloat16: a torch bfloat16 tensor (seen as int16), raw 16-bit words, or ml_dtypes' bfloat16
+            or (cls == 5 and (kind in "iuV" or arr.dtype.name == "bfloat16")))
         if not ok:
             raise TypeError(f"argument {self._argname(i)} of {self.name} is {_describe(code)} but the array "
                             f"has dtype {arr.dtype}")
@@ -619,6 +380,8 @@ class Function:
             return LaunchError(where + msg)
         if res.code == 3:
             return BarrierError(where + msg)
+        if res.code == 5:
+            return AsyncCopyError(where + msg)
         if res.code == 2 and (res.signo not in (signal.SIGSEGV, signal.SIGBUS) or "stack overflow" in msg):
             return KernelTrap(where + msg)
         if res.code == 2:
@@ -646,26 +409,6 @@ def _np_name(code):
     return {1: f"int{8 * size}", 2: f"uint{8 * size}", 3: f"float{8 * size}", 4: "bool_"}.get(cls, "<type>")
 
 
-class _Group:
-    def __init__(self, lo, hi, members):
-        self.lo, self.hi, self.members = lo, hi, members
-
-
-def _group(arrays):
-    """Arguments that overlap in memory share one buffer, as they would share one allocation."""
-    spans = sorted(((a.__array_interface__["data"][0], a.__array_interface__["data"][0] + a.nbytes, i, a, c)
-                    for i, a, c in arrays), key=lambda t: t[:2])
-    groups = []
-    for lo, hi, i, a, c in spans:
-        if groups and lo < groups[-1].hi or (groups and lo == groups[-1].lo == groups[-1].hi == hi):
-            g = groups[-1]
-            g.hi = max(g.hi, hi)
-            g.members.append((i, a, c))
-        else:
-            groups.append(_Group(lo, hi, [(i, a, c)]))
-    return groups
-
-
 def _dims(d, what):
     if not isinstance(d, tuple) or not 1 <= len(d) <= 3:
         raise TypeError(f"{what} must be a tuple of 1 to 3 ints, got {d!r}")
@@ -690,7 +433,7 @@ class RawModule:
             raise ValueError("fastconv.emu.RawModule supports code=, options= and name_expressions= only")
         self.code, self.options = code, tuple(options)
         self.name_expressions = tuple(name_expressions or ())
-        _gxx_options(self.options)          # refuse bad options now, like NVRTC would
+        self.arch = _gxx_options(self.options)[1]     # refuse bad options now, like NVRTC would
         self._lib = None
         self._functions: dict = {}
 

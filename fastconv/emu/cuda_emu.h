@@ -26,12 +26,17 @@
 #include <cstring>
 #include <type_traits>
 
-// What the kernel source may test for. __CUDA_ARCH__ is the lowest arch fastconv targets, so
-// arch-gated fast paths (inline PTX, cp.async) fall back to their portable code.
+// What the kernel source may test for. __CUDA_ARCH__ comes from the module's -arch option (or
+// $FASTCONV_EMU_ARCH; fastconv.emu passes FASTCONV_EMU_ARCH). Inline PTX does not exist here: code
+// that needs tensor cores or cp.async goes through kernels/tc.cuh, which calls the harness's
+// warp-collective implementations below when FASTCONV_CUDA_EMU is defined.
 #define FASTCONV_CUDA_EMU 1
 #define __CUDACC__ 1
 #define __CUDACC_RTC__ 1
-#define __CUDA_ARCH__ 750
+#ifndef FASTCONV_EMU_ARCH
+#define FASTCONV_EMU_ARCH 800
+#endif
+#define __CUDA_ARCH__ FASTCONV_EMU_ARCH
 
 // ---- qualifiers -------------------------------------------------------------------------------
 #define __global__
@@ -49,6 +54,11 @@
 // runtime fill all of it with 0xFF before each block; "used" keeps GCC from treating the static
 // as private to the function, so it is reloaded after every barrier call.
 #define __shared__ static __attribute__((section("emu_shared"), used))
+
+// The 16-bit float types are defined by the stand-in <cuda_fp16.h>/<cuda_bf16.h> (include/);
+// declared here so the launch wrappers can recognise them as kernel parameter types.
+struct __half;
+struct __nv_bfloat16;
 
 // ---- vector types and launch geometry -----------------------------------------------------------
 struct uint3 { unsigned x, y, z; };
@@ -94,10 +104,27 @@ template <class T> struct DynShared {
 };
 
 // Implemented in emu_runtime.h.
-enum WarpOp : int { W_SYNC, W_IDX, W_DOWN, W_UP, W_XOR, W_BALLOT, W_ANY, W_ALL };
+enum WarpOp : int { W_SYNC, W_IDX, W_DOWN, W_UP, W_XOR, W_BALLOT, W_ANY, W_ALL, W_MMA, W_LDSM };
 int block_barrier(int pred, const char* file, int line);  // returns the count of nonzero preds
 uint64_t warp_op(WarpOp op, unsigned mask, uint64_t val, int arg, int width, const char* file, int line);
 [[noreturn]] void trap(const char* what, const char* file, int line);
+
+// ---- tensor cores and async copies (emu_tc.h): warp-collective, PTX ISA fragment layouts --------
+// Reached through kernels/tc.cuh, whose GPU branch is the inline PTX of the same instruction.
+enum MmaKind : int { MMA_M16N8K8_TF32 = 1, MMA_M16N8K16_F16 = 2, MMA_M16N8K16_BF16 = 3 };
+struct MmaArgs { float* d; const uint32_t* a; const uint32_t* b; const float* c; };
+struct LdsmArgs { uint32_t* r; const void* addr; };
+// mma.sync.aligned.<kind>.row.col.f32.<t>.<t>.f32 d, a, b, c: every lane of the warp must call it.
+void mma_sync(MmaKind kind, float* d, const uint32_t* a, const uint32_t* b, const float* c, const char* file, int line);
+// ldmatrix.sync.aligned.m8n8.x<num>[.trans].shared.b16 {r...}, [addr].
+void ldmatrix(int num, bool trans, uint32_t* r, const void* smem_row, const char* file, int line);
+// cp.async.{ca,cg}.shared.global [dst], [src], cp_size, src_size: bytes past src_size are zeros.
+// The destination reads as NaN (0xFF bytes) until the issuing thread's cp.async.wait_group
+// completes the copy: reading it earlier is the bug a GPU would show only sometimes.
+void cp_async(void* dst, const void* src, int cp_size, int src_size, const char* file, int line);
+void cp_async_commit();
+void cp_async_wait(int n, const char* file, int line);  // all but the n most recent committed groups
+uint32_t tf32_round(float x);                     // cvt.rna.tf32.f32
 
 template <class T> inline uint64_t to_bits(T v) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= 8, "warp shuffle of a type wider than 8 bytes");
@@ -220,3 +247,35 @@ inline unsigned max(unsigned a, int b) { return max(a, (unsigned)b); }
 #define CUDART_NAN_F __builtin_nanf("")
 #define CUDART_INF __builtin_huge_val()
 #endif
+
+// ---- float <-> f16 / bf16 bits (cvt.rn: round to nearest even; NaN -> canonical 0x7fff) -------------
+namespace emu {
+inline uint16_t float_to_half_bits(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  uint16_t s = (uint16_t)(u >> 16 & 0x8000u);
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return 0x7fffu;                 // NaN
+  if (a >= 0x477ff000u) return s | 0x7c00u;            // >= 65520 rounds to Inf
+  if (a < 0x38800000u) {                               // below 2^-14: subnormal, quantum 2^-24
+    float q = std::fabs(f) * 0x1p24f;                  // exact scaling
+    return s | (uint16_t)std::nearbyint(q);            // ties to even; 0x400 is the smallest normal
+  }
+  uint32_t r = ((a >> 23) - 112) << 10 | (a >> 13 & 0x3ffu), rem = a & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // a carry moves into the exponent
+  return s | (uint16_t)r;
+}
+inline float half_bits_to_float(uint16_t h) {
+  uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = h >> 10 & 0x1fu, m = h & 0x3ffu, u;
+  if (e == 0x1f) u = s | 0x7f800000u | m << 13;
+  else if (e) u = s | (e + 112) << 23 | m << 13;
+  else { float v = (float)m * 0x1p-24f; std::memcpy(&u, &v, 4); u |= s; }
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+inline uint16_t float_to_bf16_bits(float f) {
+  uint32_t u; std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  u += 0x7fffu + (u >> 16 & 1u);
+  return (uint16_t)(u >> 16);
+}
+inline float bf16_bits_to_float(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+}  // namespace emu

@@ -28,7 +28,7 @@ extern "C" char __emu_shared_end[] __attribute__((visibility("hidden")));
 namespace emu {
 
 enum : int { RUN, AT_BAR, AT_WARP, DONE };
-enum : int { OK = 0, E_CONFIG = 1, E_FAULT = 2, E_SYNC = 3, E_TRAP = 4 };
+enum : int { OK = 0, E_CONFIG = 1, E_FAULT = 2, E_SYNC = 3, E_TRAP = 4, E_ASYNC = 5 };
 constexpr size_t kStack = 64 * 1024;
 constexpr int kMaxThreads = 1024;
 
@@ -48,8 +48,12 @@ struct Fiber {
   uint3 tid;
   int state;
   const char* file; int line;   // where it waits
-  int op; unsigned mask; int arg, width;  // warp op
+  int op; unsigned mask; int arg, width;  // warp op (arg: the variant for W_MMA/W_LDSM)
   uint64_t val, res;            // posted value / result
+  void* ptr;                    // W_MMA / W_LDSM: the lane's MmaArgs / LdsmArgs
+  struct Copy { unsigned char* dst; unsigned char data[16]; int size; int group; };
+  std::vector<Copy> copies;     // cp.async copies not yet completed by a wait_group
+  int open_group;               // id of the cp.async group that the next commit closes
 };
 
 struct Launch {
@@ -65,6 +69,7 @@ struct Launch {
   sigjmp_buf jump;
 };
 inline Launch g_L;
+inline size_t g_dyn_bytes;  // size of this launch's dynamic shared memory (16-byte rounded)
 inline std::vector<char*> g_stacks;  // kept between launches; each has a PROT_NONE page below it
 inline thread_local bool t_in_launch = false;
 inline struct sigaction g_old_act[32];
@@ -124,6 +129,17 @@ uint64_t warp_op(WarpOp op, unsigned mask, uint64_t val, int arg, int width, con
   set_error(E_TRAP, "%s:%d: %s in %s, blockIdx=(%u,%u,%u)", file, line, what, tstr(me().tid), g_blockIdx.x, g_blockIdx.y, g_blockIdx.z);
   die_in_fiber();
 }
+// A warp-collective operation (mma.sync, ldmatrix): all 32 lanes post their arguments and wait;
+// the last one to arrive triggers the computation (emu_tc.h) for the whole warp.
+inline void warp_collective(WarpOp op, int variant, void* args, const char* file, int line) {
+  Fiber& f = me();
+  f.state = AT_WARP; f.op = op; f.mask = ~0u; f.val = 0; f.arg = variant; f.width = 32; f.ptr = args;
+  f.file = file; f.line = line;
+  wait(AT_WARP);
+}
+}  // namespace emu
+#include "emu_tc.h"
+namespace emu {
 
 // ---- scheduler ---------------------------------------------------------------------------------
 inline void fiber_main() {  // never returns: a finished fiber jumps back to the scheduler
@@ -132,51 +148,78 @@ inline void fiber_main() {  // never returns: a finished fiber jumps back to the
   _longjmp(g_L.sched_jb, 1);
 }
 
-// Complete the warp ops whose lanes have all arrived; returns whether any completed.
+// Try to complete the warp op that fiber i waits at: it completes when every existing lane named
+// in its mask waits at the same kind of warp op with the same mask (and, for mma/ldmatrix, the same
+// variant). On completion the lanes become runnable and are appended to `released`.
+// Returns false after an error (a lane of the group exited, or lanes disagree on a collective).
+inline bool try_release_warp(int i, std::vector<int>* released) {
+  Fiber& f = g_L.fib[i];
+  int base = i & ~31, nlanes = g_L.n - base < 32 ? g_L.n - base : 32;
+  unsigned exist = nlanes == 32 ? ~0u : (1u << nlanes) - 1, group = f.mask & exist;
+  const uint3& b = g_blockIdx;
+  bool collective = f.op == W_MMA || f.op == W_LDSM;
+  if (collective && nlanes < 32) {
+    set_error(E_ASYNC, "%s:%d: %s needs all 32 lanes of a warp, but this warp of block (%u,%u,%u) has %d threads (%s)",
+              f.file, f.line, f.op == W_MMA ? "mma.sync" : "ldmatrix", b.x, b.y, b.z, nlanes, tstr(f.tid));
+    return false;
+  }
+  for (int l = 0; l < nlanes; ++l) {
+    if (!(group >> l & 1u)) continue;
+    Fiber& g = g_L.fib[base + l];
+    if (g.state == DONE) {
+      set_error(E_SYNC, "%s:%d: warp intrinsic (mask 0x%08x) names lane %d, which has exited (%s, blockIdx=(%u,%u,%u))",
+                f.file, f.line, f.mask, l, tstr(f.tid), b.x, b.y, b.z);
+      return false;
+    }
+    if (g.state != AT_WARP || g.mask != f.mask || g.op != f.op) return true;  // not all there yet
+    if (collective && g.arg != f.arg) {
+      set_error(E_ASYNC, "%s:%d and %s:%d: lanes of one warp issue different %s variants (%s, blockIdx=(%u,%u,%u))",
+                f.file, f.line, g.file, g.line, f.op == W_MMA ? "mma.sync" : "ldmatrix", tstr(f.tid), b.x, b.y, b.z);
+      return false;
+    }
+  }
+  if (collective) {
+    void* args[32];
+    for (int l = 0; l < 32; ++l) args[l] = g_L.fib[base + l].ptr;
+    if (f.op == W_MMA) mma_collective((MmaKind)f.arg, args);
+    else ldmatrix_collective(f.arg, args);
+  }
+  unsigned ballot = 0;
+  for (int l = 0; l < nlanes; ++l)
+    if ((group >> l & 1u) && g_L.fib[base + l].val) ballot |= 1u << l;
+  for (int l = 0; l < nlanes; ++l) {
+    if (!(group >> l & 1u)) continue;
+    Fiber& g = g_L.fib[base + l];
+    int w = g.width, seg = l & ~(w - 1), src = l;
+    switch (g.op) {
+      case W_IDX: src = seg + ((unsigned)g.arg % w); break;
+      case W_DOWN: src = (l - seg) + g.arg < w ? l + g.arg : l; break;
+      case W_UP: src = (l - seg) >= g.arg ? l - g.arg : l; break;
+      case W_XOR: src = l ^ g.arg; if (src >= seg + w) src = l; break;
+      default: break;
+    }
+    switch (g.op) {
+      case W_BALLOT: g.res = ballot; break;
+      case W_ANY: g.res = ballot != 0; break;
+      case W_ALL: g.res = ballot == group; break;
+      case W_SYNC: case W_MMA: case W_LDSM: g.res = 0; break;
+      default:  // reading a lane outside the group is undefined on the GPU: give garbage
+        g.res = (src >= 0 && src < 32 && (group >> src & 1u)) ? g_L.fib[base + src].val : ~0ull;
+    }
+    g.state = RUN;
+    if (released) released->push_back(base + l);
+  }
+  return true;
+}
+
+// At the end of a round (nothing runnable): complete any warp op still complete (none should be,
+// as each completes when its last lane arrives) and report those that never can.
 inline bool release_warps() {
   bool any = false;
   for (int i = 0; i < g_L.n; ++i) {
-    Fiber& f = g_L.fib[i];
-    if (f.state != AT_WARP) continue;
-    int base = i & ~31, nlanes = g_L.n - base < 32 ? g_L.n - base : 32;
-    unsigned exist = nlanes == 32 ? ~0u : (1u << nlanes) - 1, group = f.mask & exist;
-    bool ready = true;
-    for (int l = 0; l < nlanes && ready; ++l) {
-      if (!(group >> l & 1u)) continue;
-      Fiber& g = g_L.fib[base + l];
-      if (g.state == DONE) {
-        set_error(E_SYNC, "%s:%d: warp intrinsic (mask 0x%08x) names lane %d, which has exited (%s, blockIdx=(%u,%u,%u))",
-                  f.file, f.line, f.mask, l, tstr(f.tid), g_blockIdx.x, g_blockIdx.y, g_blockIdx.z);
-        return false;
-      }
-      ready = g.state == AT_WARP && g.mask == f.mask && g.op == f.op;
-    }
-    if (!ready) continue;
-    unsigned ballot = 0;
-    for (int l = 0; l < nlanes; ++l)
-      if ((group >> l & 1u) && g_L.fib[base + l].val) ballot |= 1u << l;
-    for (int l = 0; l < nlanes; ++l) {
-      if (!(group >> l & 1u)) continue;
-      Fiber& g = g_L.fib[base + l];
-      int w = g.width, seg = l & ~(w - 1), src = l;
-      switch (g.op) {
-        case W_IDX: src = seg + ((unsigned)g.arg % w); break;
-        case W_DOWN: src = (l - seg) + g.arg < w ? l + g.arg : l; break;
-        case W_UP: src = (l - seg) >= g.arg ? l - g.arg : l; break;
-        case W_XOR: src = l ^ g.arg; if (src >= seg + w) src = l; break;
-        default: break;
-      }
-      switch (g.op) {
-        case W_BALLOT: g.res = ballot; break;
-        case W_ANY: g.res = ballot != 0; break;
-        case W_ALL: g.res = ballot == group; break;
-        case W_SYNC: g.res = 0; break;
-        default:  // reading a lane outside the group is undefined on the GPU: give garbage
-          g.res = (src >= 0 && src < 32 && (group >> src & 1u)) ? g_L.fib[base + src].val : ~0ull;
-      }
-      g.state = RUN;
-    }
-    any = true;
+    if (g_L.fib[i].state != AT_WARP) continue;
+    if (!try_release_warp(i, nullptr)) return false;
+    any |= g_L.fib[i].state == RUN;
   }
   return any;
 }
@@ -225,12 +268,14 @@ inline void run_block(std::vector<int>& order, const ucontext_t& tmpl) {
     unsigned bx = g_blockDim.x, by = g_blockDim.y;
     f.tid = uint3{i % bx, (i / bx) % by, i / (bx * by)};
     f.state = RUN; f.file = ""; f.line = 0; f.started = false;
+    f.copies.clear(); f.open_group = 0; f.ptr = nullptr;
     f.ctx = tmpl;  // a copy of one getcontext (each getcontext is a syscall)
     f.ctx.uc_stack.ss_sp = g_stacks[i];
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_main, 0);
   }
+  std::vector<int> released;
   for (;;) {
     order.clear();
     for (int i = 0; i < g_L.n; ++i) if (g_L.fib[i].state == RUN) order.push_back(i);
@@ -239,17 +284,33 @@ inline void run_block(std::vector<int>& order, const ucontext_t& tmpl) {
       if (g_L.res->code || !release_block()) return;
       continue;
     }
+    // A fresh shuffle of all runnable threads each round. A warp op releases its warp as soon as
+    // its own lanes arrive and those lanes run on at once, ahead of threads that have not yet run
+    // this round (warps drift apart as on a GPU): a warp op is no block barrier, so it cannot hide a
+    // missing __syncthreads. (For a race "warp W writes, warp op, warp R reads" the read comes
+    // first when R's last lane runs before W's last one: probability 1/2 per block for any order
+    // that treats warps alike, which many blocks and seeds amplify. Running warps one by one was
+    // measured no better for that race and worse for races without a warp op between.)
     shuffle(order);
-    for (int i : order) {
-      g_L.cur = i;
-      g_threadIdx = g_L.fib[i].tid;
+    while (!order.empty()) {  // a stack: released lanes are pushed on top and run next
+      int i = order.back();
+      order.pop_back();
       Fiber& f = g_L.fib[i];
+      if (f.state != RUN) continue;
+      g_L.cur = i;
+      g_threadIdx = f.tid;
       if (!_setjmp(g_L.sched_jb)) {
         if (f.started) _longjmp(f.jb, 1);
         f.started = true;
         swapcontext(&g_L.sched, &f.ctx);
       }
       if (g_L.res->code) return;
+      if (f.state == AT_WARP) {
+        released.clear();
+        if (!try_release_warp(i, &released)) return;
+        shuffle(released);
+        order.insert(order.end(), released.begin(), released.end());
+      }
     }
   }
 }
@@ -303,6 +364,7 @@ inline int launch_impl(void* fn, void (*invoke)(void*, void**), long long bound,
   if (dyn_map == MAP_FAILED) { set_error(E_CONFIG, "out of memory for shared memory"); return res->code; }
   mprotect(dyn_map + dyn_pages * page, page, PROT_NONE);
   g_dyn_smem = (unsigned char*)dyn_map + dyn_pages * page - dyn;
+  g_dyn_bytes = dyn;
 
   g_L.fib.assign(nthreads, Fiber{});
   g_L.n = (int)nthreads; g_L.fn = fn; g_L.invoke = invoke; g_L.args = args;
@@ -352,6 +414,7 @@ inline int launch_impl(void* fn, void (*invoke)(void*, void**), long long bound,
   sigaltstack(&old_alt, nullptr);
   munmap(dyn_map, (dyn_pages + 1) * page);
   g_dyn_smem = nullptr;
+  g_dyn_bytes = 0;
   g_L.fib.clear();
   return res->code;
 }
@@ -362,11 +425,13 @@ void call(void (*f)(A...), void** a, std::index_sequence<I...>) { f(*static_cast
 template <class... A> void invoke(void* f, void** a) { call((void (*)(A...))f, a, std::index_sequence_for<A...>{}); }
 
 // Parameter type code for the Python side: bits 0-7 size, 8-11 class (0 other, 1 signed int,
-// 2 unsigned int, 3 float, 4 bool), bit 12 pointer (then the fields describe the pointee), bit 13 const pointee.
+// 2 unsigned int, 3 float, 4 bool, 5 bfloat16), bit 12 pointer (then the fields describe the pointee), bit 13 const pointee.
 template <class T> constexpr int value_code() {
   using U = std::remove_cv_t<T>;
   if constexpr (std::is_void_v<U>) return 0;
   else if constexpr (std::is_same_v<U, bool>) return 4 << 8 | 1;
+  else if constexpr (std::is_same_v<U, ::__half>) return 3 << 8 | 2;           // float16 arrays
+  else if constexpr (std::is_same_v<U, ::__nv_bfloat16>) return 5 << 8 | 2;    // bfloat16 (bits) arrays
   else if constexpr (std::is_floating_point_v<U>) return 3 << 8 | (int)sizeof(U);
   else if constexpr (std::is_integral_v<U>) return (std::is_signed_v<U> ? 1 : 2) << 8 | (int)sizeof(U);
   else return sizeof(U) < 256 ? (int)sizeof(U) : 0;

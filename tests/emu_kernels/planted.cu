@@ -40,3 +40,15 @@ extern "C" __global__ void dyn_shared_overrun(float* __restrict__ y, int n) {
   __syncthreads();
   y[threadIdx.x] = buf[threadIdx.x] * n;
 }
+
+// Planted: warp 1 writes shared memory, warp 0 reads it with no __syncthreads in between; with
+// with_warp_op a shuffle (a warp-level barrier only) sits between the write and the read. The
+// harness must catch the race either way: a warp op releases only its own warp.
+extern "C" __global__ void race_across_warp_op(float* __restrict__ out, int with_warp_op) {
+  __shared__ float s[32];
+  const int t = threadIdx.x;   // 64 threads
+  float v = (float)(blockIdx.x * 32 + (t % 32));
+  if (t >= 32) s[t - 32] = v;
+  if (with_warp_op) v = __shfl_sync(0xffffffffu, v, t % 32);
+  if (t < 32) out[blockIdx.x * 32 + t] = s[t];   // missing __syncthreads() before this read
+}

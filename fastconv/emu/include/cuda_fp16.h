@@ -1,2 +1,3 @@
-// fastconv.emu cannot run code that needs <cuda_fp16.h>.
-#error "<cuda_fp16.h> is not supported by fastconv.emu (the CPU harness for CUDA kernels)"
+// fastconv.emu stand-in for <cuda_fp16.h>: __half, __nv_bfloat16, their pairs and conversions (emu_half.h).
+#pragma once
+#include "emu_half.h"
