@@ -15,11 +15,10 @@ own run path happens to cover that folder), and Numba answers with a misleading 
 So we find the library the ``tbb`` distribution installed and load it with ``RTLD_GLOBAL`` before Numba
 needs it. If that fails we fall back to Numba's ``workqueue`` layer, which is fork-safe but not
 thread-safe, and serialise parallel launches from several Python threads with a lock
-(:func:`parallel_launch`); the fallback is announced once in a warning and in ``fastconv info``.
+(:func:`parallel_entry`); the fallback is announced once in a warning and in ``fastconv info``.
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import glob
 import os
@@ -110,19 +109,23 @@ THREADING = _choose_threading_layer()
 _launch_lock = threading.RLock()
 
 
-@contextlib.contextmanager
-def parallel_launch():
-    """Context for one parallel Numba kernel call: syncs thread counts, serialises when the layer needs it.
+def parallel_entry(fn):
+    """Decorator for a kernel entry point that launches parallel Numba kernels.
 
-    Only the fallback ``workqueue`` layer needs the lock (it aborts when two Python threads launch
-    at once); under TBB this costs one attribute read.
+    Under TBB it returns ``fn`` itself (no cost). On the fallback ``workqueue`` layer, which aborts the
+    process when two Python threads launch parallel kernels at once, calls take turns on one lock.
     """
-    sync_threads()
-    if THREADING["needs_lock"]:
+    if not THREADING["needs_lock"]:
+        return fn
+
+    import functools
+
+    @functools.wraps(fn)
+    def serialised(*args, **kwargs):
         with _launch_lock:
-            yield
-    else:
-        yield
+            return fn(*args, **kwargs)
+
+    return serialised
 
 
 _blas_threads: int | None = None

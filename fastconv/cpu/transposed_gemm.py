@@ -52,6 +52,7 @@ def _scatter_patches(z, bias, fill, out):
                                 row[iw * KW + e] = src[iw] + bc
 
 
+@config.parallel_entry
 def forward(x: torch.Tensor, w: torch.Tensor, bias, geom: ConvGeometry) -> torch.Tensor:
     """Transposed conv forward for kernel == stride, padding 0, dilation 1.
 
