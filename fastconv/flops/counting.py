@@ -282,7 +282,8 @@ def _pool(ns: str, name: str, a: dict, out) -> Row:
     out_t = grad if is_grad else y
     if "unpool" in kind:
         # a scatter of the inputs into zeros: no comparisons, no adds
-        return Row("", "", kind, "", tuple(src.shape), tuple(y.shape), algorithm=_pool_algorithm(ns))
+        return Row("", "", kind, "", tuple(src.shape), tuple(y.shape), algorithm=_pool_algorithm(ns),
+                   reason=_pool_reason(ns))
     out_spatial = tuple(out_t.shape[-nd:])
     if isinstance(x, torch.Tensor):
         in_spatial = tuple(x.shape[-nd:])
@@ -300,7 +301,11 @@ def _pool(ns: str, name: str, a: dict, out) -> Row:
     # backward: max/min scatter each output gradient to its argmax (one add); avg spreads it over its window
     ops = out_elems if is_grad and ("max" in kind or "min" in kind) else windows
     return Row("", "", kind + ("_backward" if is_grad else ""), "", tuple(src.shape), tuple(y.shape),
-               pool_ops=ops, algorithm=_pool_algorithm(ns))
+               pool_ops=ops, algorithm=_pool_algorithm(ns), reason=_pool_reason(ns))
+
+
+def _pool_reason(ns: str) -> str:
+    return "fastconv pooling op (one kernel per target)" if ns == "fastconv" else ""
 
 
 def _pool_algorithm(ns: str) -> str:
