@@ -216,7 +216,9 @@ def test_agrees_with_flop_counter_mode_forward_and_backward():
     assert rep.flops == _flop_counter_total(lambda: model(x), backward=True)
     assert rep.flops == 2 * rep.macs
     assert rep.params == sum(p.numel() for p in model.parameters())
-    assert sum(r.params for r in rep.rows) == rep.params  # BatchNorm gets its own (zero-MAC) row
+    # every parameter sits in its module's row of the tree (BatchNorm's too, which runs no counted op)
+    assert sum(n.self_.params for n in rep.modules()) == rep.params
+    assert rep.module("1").self_.params == 16
 
 
 def test_attribution_to_innermost_module_forward_and_backward():

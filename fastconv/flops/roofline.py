@@ -253,16 +253,23 @@ def format_measure(layers: list, machine: Machine, note: str, width: int = 100) 
         return "  ".join(c.ljust(w) if i in (0, 3, 8) else c.rjust(w)
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out = [f"machine: SGEMM {machine.sgemm_gflops:.0f} GFLOP/s, copy {machine.bandwidth_gbs:.1f} GB/s, ridge "
-           f"{machine.ridge:.1f} FLOP/B, {machine.threads} threads (measured now; quick, indicative)",
-           line(head), "-" * min(width, len(line(head))), *map(line, body), ""]
+    import textwrap
+
+    def wrap(text):
+        return textwrap.wrap(text, width, subsequent_indent="    ")
+
+    out = wrap(f"machine: SGEMM {machine.sgemm_gflops:.0f} GFLOP/s, copy {machine.bandwidth_gbs:.1f} GB/s, "
+               f"ridge {machine.ridge:.1f} FLOP/B, {machine.threads} threads (measured now; quick, indicative)")
+    out += [line(head), "-" * min(width, len(line(head))), *map(line, body), ""]
     out.append("algorithm choices (why; workspace):")
     for t in layers:
-        out.append(f"  {t.layer}: {t.algorithm} -- {t.reason or 'torch op'}; workspace {human(t.workspace_bytes, 'B')}")
-    out.append("MACs nominal (padding taps included); executed = multiplications the algorithm performs; GFLOP/s "
-               "= 2 x MACs / time (pool ops / time for pools); FLOP/B over input + weights + output bytes.")
+        out += wrap(f"  {t.layer}: {t.algorithm} -- {t.reason or 'torch op'}; "
+                    f"workspace {human(t.workspace_bytes, 'B')}")
+    out += wrap("MACs nominal (padding taps included); executed = multiplications the algorithm performs; "
+                "GFLOP/s = 2 x MACs / time (pool ops / time for pools); FLOP/B over input + weights + output "
+                "bytes.")
     if note:
-        out.append(note + ".")
+        out += wrap(note + ".")
     return "\n".join(out)
 
 
