@@ -269,8 +269,10 @@ def test_algorithm_columns_come_from_the_registry():
                              torch.float32, "numba")
         alg = fastconv.registry.choose(name, geom, "forward")
         assert row.algorithm == name
-        assert row.algorithm_mults == round(alg.mult_ratio(geom) * row.macs)
+        # the multiplications it executes (fastconv.flops.executed; direct skips the padding rows' taps)
+        assert row.algorithm_mults == flops.executed_multiplications(name, geom)
         assert row.workspace_bytes == alg.workspace_bytes(geom)
+    assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
     # im2col's workspace is the column matrix: (C*k*k) rows x (N*OH*OW) columns of float32, per the registry
     (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
     assert 0 < row.workspace_bytes <= 16 * 9 * 2 * 12 * 12 * 4

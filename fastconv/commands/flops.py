@@ -10,7 +10,7 @@
     MACs, executed multiplications, algorithm and why, GFLOP/s, arithmetic intensity and roofline bound.
 ``fastconv flops MODEL --what-if bottleneck|separable [--layer NAME ...] [--reduce R] [--time]``
     MACs, parameters (and, with ``--layer`` or ``--time``, measured time) of replacing 2-D convs by a 1x1
-    bottleneck (``C -> R -> K``, R = K/2 by default) or a depthwise-separable block.
+    bottleneck (``C -> R -> K``, R = min(C, K)/2 by default) or a depthwise-separable block.
 ``fastconv flops --compare inception-bottleneck``
     28x28x192 -> 5x5 conv to 32 channels, directly and after a 1x1 reduction to 16 channels (GoogLeNet's
     bottleneck): MACs, parameters and the measured median forward time of each through fastconv, side by side.
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--what-if", dest="what_if", choices=("bottleneck", "separable"),
                         help="MACs/params/time of replacing 2-D convs by a 1x1 bottleneck or a separable block")
     parser.add_argument("--layer", action="append", help="module name for --what-if (repeatable)")
-    parser.add_argument("--reduce", type=int, help="bottleneck channels for --what-if bottleneck (default K/2)")
+    parser.add_argument("--reduce", type=int, help="bottleneck channels for --what-if bottleneck (default min(C, K)/2)")
     parser.add_argument("--time", action="store_true", help="--what-if: time every layer (default: --layer only)")
     parser.add_argument("--compare", choices=COMPARISONS, help="time a design against its alternative")
     parser.add_argument("--repeats", type=int, default=None,
@@ -243,25 +243,35 @@ def _what_if(args, shape, title) -> int:
         print(json.dumps([vars(i) for i in items], indent=1, default=list))
         return 0
     print(f"{title}  what-if: {args.what_if}")
-    head = f"{'layer':<24} {'kernel':>6} {'MACs':>13} {'new MACs':>13} {'ratio':>6} {'params':>8} {'new':>8}"
+    rest = 6 + 5 + 13 + 13 + 7 + 7 + 7 + (16 if timed else 0)
+    lw = max([5] + [len(i.layer) for i in items])
+    lw = min(lw, max(12, 100 - rest))
+    head = f"{'layer':<{lw}} {'k':>5} {'MACs':>13} {'new MACs':>13} {'ratio':>7} {'params':>7} {'new':>7}"
     if timed:
-        head += f" {'ms':>8} {'new ms':>8}"
+        head += f" {'ms':>7} {'new ms':>7}"
     print(head)
     print("-" * len(head))
     for i in items:
-        line = (f"{i.layer[:24]:<24} {'x'.join(map(str, i.kernel)):>6} {i.macs:>13,} {i.new_macs:>13,} "
-                f"{i.mac_ratio:>5.2f}x {human(i.params):>8} {human(i.new_params):>8}")
+        name = i.layer if len(i.layer) <= lw else i.layer[:lw - 1] + "~"
+        line = (f"{name:<{lw}} {'x'.join(map(str, i.kernel)):>5} {i.macs:>13,} {i.new_macs:>13,} "
+                f"{i.mac_ratio:>6.2f}x {human(i.params):>7} {human(i.new_params):>7}")
         if timed:
-            line += f" {1e3 * i.seconds:>8.3f} {1e3 * i.new_seconds:>8.3f}"
+            line += f" {1e3 * i.seconds:>7.2f} {1e3 * i.new_seconds:>7.2f}"
         print(line)
     total, new = sum(i.macs for i in items), sum(i.new_macs for i in items)
-    print(f"total over {len(items)} layers: {total:,} -> {new:,} MACs ({total / new if new else 0:.2f}x fewer)")
+    change = (f"{total / new:.2f}x fewer" if new <= total else f"{new / total:.2f}x more") if new else "-"
+    print(f"total over {len(items)} layers: {total:,} -> {new:,} MACs ({change}); ratio = MACs / new MACs")
+    import textwrap
+
+    notes = []
     if items:
-        print("parts of the first: " + ", ".join(f"{k} {v:,}" for k, v in items[0].parts.items())
-              + f" ({items[0].detail})")
-    print("MACs = multiply-accumulates (bias adds not included); params include biases"
-          + ("; times: median forward through fastconv (algo=auto), random weights" if timed else
-             "; add --layer NAME or --time to measure"))
+        notes.append("parts of the first: " + ", ".join(f"{k} {v:,}" for k, v in items[0].parts.items())
+                     + f" ({items[0].detail})")
+    notes.append("MACs = multiply-accumulates (bias adds not included); params include biases"
+                 + ("; ms: median forward through fastconv (algo=auto), random weights" if timed else
+                    "; add --layer NAME or --time to measure"))
+    for n in notes:
+        print("\n".join(textwrap.wrap(n, 100, subsequent_indent="  ")))
     return 0
 
 

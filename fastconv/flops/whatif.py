@@ -5,7 +5,7 @@ For a conv ``C -> K`` with a ``k x k`` kernel producing ``OH x OW`` (stride, pad
 ``bottleneck`` (GoogLeNet's Inception reduction)
     1x1 conv ``C -> r`` at the input resolution, then the ``k x k`` conv ``r -> K``:
     ``N*H*W*r*C + N*OH*OW*K*r*k*k`` MACs, ``r*C + r + K*r*k*k + K`` parameters (with biases). ``r`` defaults
-    to ``K // 2`` (the seed layer: 192 -> 16 -> 32, 120,422,400 -> 12,443,648 MACs).
+    to ``min(C, K) // 2`` (the seed layer: 192 -> 16 -> 32, 120,422,400 -> 12,443,648 MACs).
 ``separable`` (MobileNet)
     ``k x k`` depthwise conv on ``C`` channels, then 1x1 ``C -> K``: ``N*OH*OW*C*k*k + N*OH*OW*K*C`` MACs.
 
@@ -78,7 +78,7 @@ def _replacement(kind: str, g: dict, reduce: Optional[int]):
     pos_in, pos_out = N * g["H"] * g["W"], N * g["OH"] * g["OW"]
     b = g["bias"]
     if kind == "bottleneck":
-        r = reduce or max(1, K // 2)
+        r = reduce or max(1, min(C, K) // 2)
         parts = {f"1x1 {C}->{r}": pos_in * r * C, f"{kh}x{kw} {r}->{K}": pos_out * K * r * kh * kw}
         params = r * C + (r if b else 0) + K * r * kh * kw + (K if b else 0)
         module = nn.Sequential(fnn.Conv2d(C, r, 1, bias=b),
