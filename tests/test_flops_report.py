@@ -204,3 +204,17 @@ def test_cli_ops_table_names_algorithm_and_reason(capsys):
     assert main(["flops", "lenet5", "--ops"]) == 0
     out = capsys.readouterr().out
     assert "algorithm" in out and "why" in out and "features.0" in out
+
+
+def test_backward_attribution_in_parallel_branches():
+    """Inception's four branches end in one cat: in backward all of them are 'running' for torch's
+    ModuleTracker; the autograd-node tags attribute each gradient op to its own branch."""
+    with torch.device("meta"):
+        block = models.Inception(192, 64, 96, 128, 16, 32, 32, five_by_five=True)
+    x = torch.zeros(1, 192, 28, 28, device="meta", requires_grad=True)
+    rep = flops.count(block, x, backward=True)
+    convs = [n for n in rep.modules() if n.type == "Conv2d"]
+    assert len(convs) == 6
+    for n in convs:
+        assert n.self_.forward_macs > 0
+        assert n.self_.backward_macs == 2 * n.self_.forward_macs, n.name  # grad_input + grad_weight

@@ -380,20 +380,76 @@ def _param_key(t: torch.Tensor) -> tuple:
 
 
 class _Where:
-    """The innermost module running, from :class:`torch.utils.module_tracker.ModuleTracker`'s ``parents``
-    (fully qualified names prefixed by the root's class name, plus ``"Global"``)."""
+    """Which module an op belongs to.
+
+    Forward: the innermost module running, from :class:`torch.utils.module_tracker.ModuleTracker`'s
+    ``parents`` (fully qualified names prefixed by the root's class name, plus ``"Global"``); the deepest
+    name wins (a Sequential and its last child are both running).
+
+    Backward: the tracker's ``parents`` are a set, and in a branching block (Inception's four branches end in
+    one ``cat``) every branch is "running" at once, so it cannot tell whose gradient op runs. Instead each
+    module's forward post hook tags the autograd nodes it created (walking back from its outputs to its
+    inputs' nodes; inner modules tag first, so the innermost wins), and a backward op is attributed through
+    ``torch._C._current_autograd_node()``; the tracker is the fallback for untagged nodes.
+    """
+
+    KEY = "fastconv.flops.module"
 
     def __init__(self, tracker: ModuleTracker, model: Optional[nn.Module]):
         self.tracker = tracker
         self.prefix = type(model).__name__ if model is not None else None
         self.types = {name: type(m).__name__ for name, m in model.named_modules()} if model is not None else {}
+        self.names = {id(m): name for name, m in model.named_modules()} if model is not None else {}
+        self.input_nodes: dict[int, list] = {}
+        self.hooks: list = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.hooks = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    @staticmethod
+    def _nodes(obj) -> list:
+        return [t.grad_fn for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+    def _pre(self, module, args):
+        if id(module) in self.names:
+            self.input_nodes.setdefault(id(module), []).append(self._nodes(args))
+
+    def _post(self, module, args, output):
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        stack = self.input_nodes.get(id(module))
+        stops = stack.pop() if stack else []
+        stop_ids = {id(n) for n in stops}
+        seen: set = set()
+        todo = self._nodes(output)
+        keep = []  # autograd wraps C++ nodes anew on each access: hold them so ids stay unique here
+        while todo:
+            node = todo.pop()
+            keep.append(node)
+            if node is None or id(node) in seen or id(node) in stop_ids or node in stops:
+                continue
+            seen.add(id(node))
+            node.metadata.setdefault(self.KEY, name)
+            todo.extend(n for n, _ in node.next_functions if n is not None)
 
     def name(self) -> Optional[str]:
+        if torch._C._current_graph_task_id() != -1:
+            node = torch._C._current_autograd_node()
+            tag = node.metadata.get(self.KEY) if node is not None else None
+            if tag is not None:
+                return tag
         parents = [p for p in self.tracker.parents if p != "Global"]
         if not parents:
             return None
-        # deepest wins (a Sequential and its last child share an output tensor); ties broken by name
-        # for determinism (siblings can be active together in backward)
         fqn = max(parents, key=lambda p: (p.count("."), p))
         if self.prefix is not None:
             if fqn == self.prefix:
@@ -562,7 +618,7 @@ def count(model: Callable, *inputs: Any, backward: bool = False, **kwargs: Any):
     where = _Where(tracker, module)
     saved = _Saved(where, param_storages)
     try:
-        with tracker, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+        with tracker, where, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
                 _Counter(where, known) as counter:
             out = model(*inputs, **kwargs)
             outputs = {name: [_shape_of(o) for o in outs] for name, outs in calls.items()}
