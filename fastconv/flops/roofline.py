@@ -19,7 +19,6 @@ and place it on this machine's roofline.
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -286,15 +285,22 @@ def plot_roofline(layers: list, machine: Machine, path: str) -> Optional[str]:
     lo, hi = min(xs + [machine.ridge]) / 4, max(xs + [machine.ridge]) * 4
     grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     ax.plot(grid, [min(machine.sgemm_gflops, i * machine.bandwidth_gbs) for i in grid], "k-", label="roofline")
-    for t in layers:
+    for i, t in enumerate(layers):
         if t.intensity > 0 and t.gflops > 0:
-            ax.scatter(t.intensity, t.gflops, marker="o" if t.macs else "s")
+            color = f"C{i % 10}"
+            ax.scatter(t.intensity, t.gflops, marker="o" if t.macs else "s", color=color,
+                       label="fastconv (auto)" if i == 0 else None)
             ax.annotate(t.layer, (t.intensity, t.gflops), fontsize=7)
+            if t.torch_seconds:  # torch on the same layer: hollow marker at the same intensity
+                work = 2 * t.macs if t.macs else t.pool_ops
+                ax.scatter(t.intensity, work / t.torch_seconds / 1e9, marker="o" if t.macs else "s",
+                           facecolors="none", edgecolors=color, label="torch" if i == 0 else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / byte)")
     ax.set_ylabel("achieved GFLOP/s")
-    ax.set_title(f"roofline: SGEMM {machine.sgemm_gflops:.0f} GFLOP/s, {machine.bandwidth_gbs:.0f} GB/s")
+    ax.set_title(f"roofline: SGEMM {machine.sgemm_gflops:.0f} GFLOP/s, copy {machine.bandwidth_gbs:.1f} GB/s "
+                 f"(filled: fastconv auto, hollow: torch; squares: pooling)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
