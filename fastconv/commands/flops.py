@@ -164,13 +164,13 @@ def _print_comparison(kind: str, rows: list[dict], batch: int, repeats: int) -> 
     base = rows[0]
     print(f"{kind}: batch {batch}, float32, median of {repeats} forward passes through fastconv, "
           f"{torch.get_num_threads()} threads")
-    head = f"{'layer':<32} {'output':<14} {'params':>10} {'MACs':>14} {'MAC ratio':>10} {'time ms':>9} {'time ratio':>10}"
+    head = f"{'layer':<28} {'output':<12} {'params':>8} {'MACs':>13} {'MAC ratio':>9} {'time ms':>9} {'time ratio':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         shape = "x".join(map(str, r["output_shape"]))
-        print(f"{r['label']:<32} {shape:<14} {r['params']:>10,} {r['macs']:>14,} "
-              f"{base['macs'] / r['macs']:>9.2f}x {1e3 * r['seconds']:>9.2f} {base['seconds'] / r['seconds']:>9.2f}x")
+        print(f"{r['label']:<28} {shape:<12} {r['params']:>8,} {r['macs']:>13,} "
+              f"{base['macs'] / r['macs']:>8.2f}x {1e3 * r['seconds']:>9.2f} {base['seconds'] / r['seconds']:>9.2f}x")
     print("MACs = multiply-accumulates (bias adds not included); ratios are baseline / row (higher = cheaper).")
 
 
