@@ -7,6 +7,8 @@ block 14x14x512 -> 512, 3x3: 462,422,016 MACs standard, 52,283,392 depthwise-sep
 from __future__ import annotations
 
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -128,3 +130,26 @@ def test_measure_layers_fields_and_roofline(tmp_path):
 def test_measure_refuses_meta():
     with pytest.raises(ValueError, match="real CPU tensors"):
         flops.measure(_seed_model(), torch.zeros(1, 192, 28, 28, device="meta"))
+
+
+def test_cli_measure_json_and_png(tmp_path, capsys):
+    from fastconv.cli import main
+
+    png = tmp_path / "lenet.png"
+    assert main(["flops", "lenet5", "--measure", "--repeats", "1", "--format", "json", "--png", str(png)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(captured.out)
+    assert [t["layer"] for t in data["layers"]] == ["features.0", "features.2", "features.3", "features.5",
+                                                     "features.6"]
+    assert data["layers"][0]["macs"] == 28 * 28 * 6 * 25 and data["machine"]["sgemm_gflops"] > 0
+    assert png.exists() or "pip install matplotlib" in captured.err
+
+
+def test_cli_what_if_json(capsys):
+    from fastconv.cli import main
+
+    assert main(["flops", "lenet5", "--what-if", "bottleneck", "--format", "json"]) == 0
+    items = json.loads(capsys.readouterr().out)
+    c3 = next(i for i in items if i["layer"] == "features.3")
+    # C3 6 -> 16, 5x5 at 10x10 from 14x14; r = min(6, 16) // 2 = 3
+    assert c3["macs"] == 240_000 and c3["new_macs"] == 14 * 14 * 3 * 6 + 10 * 10 * 16 * 3 * 25

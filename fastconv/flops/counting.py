@@ -595,6 +595,8 @@ def count(model: Callable, *inputs: Any, backward: bool = False, **kwargs: Any):
         training-mode BatchNorm updates its statistics; with ``backward=True`` the parameters' ``.grad`` are
         left as computed). Meta tensors work: shapes only, no memory, no arithmetic, and the autotuner is never
         run (algorithms are those ``auto`` would pick on the CPU: its recorded choice, else the heuristic).
+        With real tensors, every activation stays alive until ``count`` returns (storages are told apart by
+        identity), so its peak memory is the ``activation_bytes`` total: count on meta for big models.
 
     >>> rep = fastconv.flops.count(nn.Conv2d(192, 32, 5, padding=2), torch.zeros(1, 192, 28, 28))
     >>> rep.macs
