@@ -6,7 +6,6 @@ block 14x14x512 -> 512, 3x3: 462,422,016 MACs standard, 52,283,392 depthwise-sep
 """
 from __future__ import annotations
 
-
 import json
 
 import pytest
