@@ -216,7 +216,9 @@ def test_agrees_with_flop_counter_mode_forward_and_backward():
     assert rep.flops == _flop_counter_total(lambda: model(x), backward=True)
     assert rep.flops == 2 * rep.macs
     assert rep.params == sum(p.numel() for p in model.parameters())
-    assert sum(r.params for r in rep.rows) == rep.params  # BatchNorm gets its own (zero-MAC) row
+    # every parameter sits in its module's row of the tree (BatchNorm's too, which runs no counted op)
+    assert sum(n.self_.params for n in rep.modules()) == rep.params
+    assert rep.module("1").self_.params == 16
 
 
 def test_attribution_to_innermost_module_forward_and_backward():
@@ -267,8 +269,10 @@ def test_algorithm_columns_come_from_the_registry():
                              torch.float32, "numba")
         alg = fastconv.registry.choose(name, geom, "forward")
         assert row.algorithm == name
-        assert row.algorithm_mults == round(alg.mult_ratio(geom) * row.macs)
+        # the multiplications it executes (fastconv.flops.executed; direct skips the padding rows' taps)
+        assert row.algorithm_mults == flops.executed_multiplications(name, geom)
         assert row.workspace_bytes == alg.workspace_bytes(geom)
+    assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
     # im2col's workspace is the column matrix: (C*k*k) rows x (N*OH*OW) columns of float32, per the registry
     (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
     assert 0 < row.workspace_bytes <= 16 * 9 * 2 * 12 * 12 * 4

@@ -1,4 +1,4 @@
-"""Count the work of a model: MACs, FLOPs, bias adds, pooling operations and parameters, per layer.
+"""Count the work of a model: MACs, FLOPs, bias adds, pooling operations, parameters and activation memory.
 
 Units (DESIGN.md §10), stated once and used everywhere:
 
@@ -17,33 +17,36 @@ Units (DESIGN.md §10), stated once and used everywhere:
   Adaptive pools count their exact, variable windows; a global average (``aten.mean``) counts one add per
   input element. In the backward pass max/min pooling counts one add per output element (the gradient is
   scattered to the argmax) and average pooling its window elements again. Unpooling is a scatter: 0.
+* **activation bytes** -- bytes of the new tensors the forward pass produces (a view or an in-place result
+  shares its input's storage and adds nothing); **saved bytes** -- bytes autograd keeps for the backward pass
+  of a training step (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded, each storage once.
 
 :func:`count` runs the model once under a :class:`~torch.utils._python_dispatch.TorchDispatchMode`, so it
 sees every aten op and every ``fastconv::`` op however it was reached -- a fastconv module, a torch module,
 ``torch.nn.functional.conv2d``, ``fastconv.functional.conv2d`` -- and attributes each op to the innermost
-module running (forward pre/post hooks; in the backward pass gradient hooks on the module's outputs and
-inputs, as ``torch.utils.module_tracker`` does).
+module running, as told by torch's :class:`torch.utils.module_tracker.ModuleTracker` (forward and backward).
 
-For fastconv ops each row also names the algorithm the registry picks for that pass and geometry, the
-multiplications that algorithm actually performs (``mult_ratio(geom) x MACs``: Winograd does fewer) and its
-workspace in bytes. Torch-native ops show algorithm ``"torch"``.
+For fastconv ops each row also names the algorithm ``algo`` picks for that pass and geometry and why
+(:func:`decide`: the autotuner's recorded choice, else the registry's heuristic; counting never measures), the
+multiplications that algorithm really executes (:mod:`fastconv.flops.executed`) and its workspace in bytes.
+Torch-native ops show algorithm ``"torch"``.
 """
 from __future__ import annotations
 
 import math
-import weakref
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.graph import register_multi_grad_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.module_tracker import ModuleTracker
 
-from . import registry
+from .. import registry
+from . import executed
 
-__all__ = ["count", "Report", "Row", "conv_macs", "conv_transpose_macs", "conv_geometry"]
+__all__ = ["count", "Row", "conv_macs", "conv_transpose_macs", "conv_geometry", "decide"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,9 +65,6 @@ def conv_transpose_macs(batch: int, in_channels: int, out_channels: int, in_spat
     return batch * in_channels * math.prod(in_spatial) * (out_channels // groups) * math.prod(kernel)
 
 
-# --------------------------------------------------------------------------------------------------
-# report
-# --------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
     """One counted op call. ``macs``/``flops``/``bias_adds``/``pool_ops`` in the module docstring's units."""
@@ -80,102 +80,53 @@ class Row:
     flops: int = 0
     bias_adds: int = 0
     pool_ops: int = 0
-    algorithm: str = ""       #: fastconv algorithm chosen by the registry, "torch" for aten ops
-    algorithm_mults: int = 0  #: multiplications the chosen algorithm performs
+    algorithm: str = ""       #: fastconv algorithm chosen for this pass and geometry, "torch" for aten ops
+    algorithm_mults: int = 0  #: multiplications the chosen algorithm executes (fastconv.flops.executed)
     workspace_bytes: int = 0
+    reason: str = ""          #: why that algorithm (requested, autotuned, heuristic, ...)
 
     def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["pass"] = d.pop("pass_")
+        d["input_shape"], d["output_shape"] = list(self.input_shape), list(self.output_shape)
+        return d
 
 
-@dataclass
-class Report:
-    """Totals and per-op rows of :func:`count`. ``str(report)`` is a table with units and a totals line."""
+# --------------------------------------------------------------------------------------------------
+# which algorithm, and why (never measures)
+# --------------------------------------------------------------------------------------------------
+def decide(algo: str, geom: registry.ConvGeometry, pass_: str, op: str = "conv"):
+    """``(ConvAlgorithm, reason)`` that ``algo`` resolves to for ``geom`` and ``pass_``, without measuring.
 
-    rows: list[Row] = field(default_factory=list)
-    params: int = 0
+    A named algorithm is :func:`fastconv.registry.choose`'s answer. For ``"auto"``: the autotuner's recorded
+    choice for this geometry, pass and thread count when it has one (what the op itself used), else the
+    registry's heuristic, asked with tuning switched off -- so counting on the meta device never runs the
+    autotuner (which would time real tensors of every layer's size).
+    """
+    from .. import autotune
 
-    def _sum(self, attr: str, pass_: Optional[str] = None) -> int:
-        return sum(getattr(r, attr) for r in self.rows if pass_ is None or r.pass_ == pass_)
-
-    @property
-    def macs(self) -> int:
-        """Multiply-accumulates, forward plus (when counted) backward."""
-        return self._sum("macs")
-
-    @property
-    def flops(self) -> int:
-        """``2 x macs`` (bias adds and pool ops not included)."""
-        return 2 * self.macs
-
-    @property
-    def bias_adds(self) -> int:
-        return self._sum("bias_adds")
-
-    @property
-    def pool_ops(self) -> int:
-        return self._sum("pool_ops")
-
-    @property
-    def algorithm_mults(self) -> int:
-        return self._sum("algorithm_mults")
-
-    @property
-    def forward_macs(self) -> int:
-        return self._sum("macs", "forward")
-
-    @property
-    def backward_macs(self) -> int:
-        return self._sum("macs", "backward")
-
-    def by_module(self) -> dict[str, int]:
-        """MACs per module name (forward and backward together)."""
-        out: dict[str, int] = {}
-        for r in self.rows:
-            out[r.name] = out.get(r.name, 0) + r.macs
-        return out
-
-    def __str__(self) -> str:
-        head = ("name", "type", "pass", "input", "output", "params", "MACs", "bias adds", "pool ops",
-                "algorithm", "alg. mults", "workspace B")
-        body = [(r.name or "(root)", r.type, r.pass_[:3], _shape(r.input_shape), _shape(r.output_shape),
-                 _n(r.params), _n(r.macs), _n(r.bias_adds), _n(r.pool_ops), r.algorithm,
-                 _n(r.algorithm_mults), _n(r.workspace_bytes)) for r in self.rows]
-        total = ("total", "", "", "", "", _n(self.params), _n(self.macs), _n(self.bias_adds), _n(self.pool_ops),
-                 "", _n(self.algorithm_mults), "")
-        widths = [max(len(str(row[i])) for row in [head, total, *body]) for i in range(len(head))]
-        right = {5, 6, 7, 8, 10, 11}
-
-        def line(row):
-            return "  ".join(str(v).rjust(w) if i in right else str(v).ljust(w)
-                             for i, (v, w) in enumerate(zip(row, widths))).rstrip()
-
-        rule = "-" * len(line(head))
-        summary = (f"params {self.params:,}   MACs {self.macs:,} ({_si(self.macs)}MAC)   "
-                   f"FLOPs {self.flops:,} ({_si(self.flops)}FLOP)")
-        if self.backward_macs:
-            summary += f"   [forward {self.forward_macs:,} + backward {self.backward_macs:,} MACs]"
-        summary += f"   bias adds {self.bias_adds:,}   pool ops {self.pool_ops:,}"
-        units = ("units: MACs = multiply-accumulates; FLOPs = 2 x MACs; bias adds (one per output element of a "
-                 "biased conv/linear) and pool ops (one comparison or add per pooling-window element) are "
-                 "counted separately and not in MACs/FLOPs; alg. mults = multiplications the chosen algorithm "
-                 "performs.")
-        return "\n".join([line(head), rule, *map(line, body), rule, line(total), summary, units])
-
-
-def _n(v: int) -> str:
-    return f"{v:,}" if v else "-"
-
-
-def _shape(s: tuple) -> str:
-    return "x".join(map(str, s)) if s else "-"
-
-
-def _si(v: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(v) >= scale:
-            return f"{v / scale:.2f} {unit}"
-    return f"{v} "
+    if algo != "auto":
+        return registry.choose(algo, geom, pass_, op), f"requested algo={algo!r}"
+    candidates = tuple(a.name for a in registry.candidates(geom))
+    choice = autotune.autotune_cache().get((geom.key(), pass_, torch.get_num_threads()))
+    if choice is not None and tuple(choice.candidates) == candidates and choice.algo in candidates:
+        times = sorted(choice.times_ms.items(), key=lambda kv: kv[1])
+        shown = ", ".join(f"{n} {t:.3g} ms" for n, t in times[:3])
+        return registry.choose(choice.algo, geom, pass_, op), f"autotuned here: {shown}"
+    tuning = autotune.enabled()
+    with autotune.enabled(False):
+        alg = registry.choose("auto", geom, pass_, op)
+    if len(candidates) == 1:
+        reason = "the only algorithm that runs it"
+    elif not tuning:
+        reason = "heuristic (autotuning off)"
+    elif geom.target in autotune.UNTUNED_TARGETS:
+        reason = f"heuristic (no tuning on {geom.target})"
+    elif geom.macs < autotune.MIN_MACS:
+        reason = f"heuristic (< {autotune.MIN_MACS / 1e6:g}M MACs: not tuned)"
+    else:
+        reason = "heuristic (not tuned yet here)"
+    return alg, reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,14 +152,14 @@ def _first_tensor(out) -> Optional[torch.Tensor]:
 
 def _target_for(t: torch.Tensor) -> str:
     """The kernel target of a tensor; meta tensors (shape-only runs) count as the CPU's target."""
-    from .backends import target_for
+    from ..backends import target_for
 
     return target_for(torch.empty(0) if t.device.type == "meta" else t)
 
 
 def conv_geometry(op_name: str, a: dict, out: torch.Tensor) -> tuple[str, registry.ConvGeometry]:
     """The pass and :class:`~fastconv.registry.ConvGeometry` of a bound ``fastconv::conv*`` op call."""
-    from .ops.conv import make_geometry
+    from ..ops.conv import make_geometry
 
     ndim = int(op_name[4])
     geo = (a["stride"], a["padding"], a["padding_end"], a["dilation"])
@@ -240,13 +191,14 @@ def _fastconv_conv(name: str, a: dict, out: torch.Tensor, backward: bool) -> Row
     else:
         op, inputs = f"conv{ndim}d", a["input"]
         weights = [a["weight"]] + ([a["bias"]] if a["bias"] is not None else [])
-    alg = registry.choose(a["algo"], geom, pass_, op)
+    alg, reason = decide(a["algo"], geom, pass_, op)
     macs = geom.macs  # the same for the three passes of one convolution
     bias_adds = out.numel() if pass_ == "forward" and a.get("bias") is not None else 0
     row = Row("", "", op, "", tuple(inputs.shape), tuple(out.shape), macs=macs, bias_adds=bias_adds,
-              algorithm=alg.name, algorithm_mults=round(alg.mult_ratio(geom) * macs),
-              workspace_bytes=int(alg.workspace_bytes(geom)))
+              algorithm=alg.name, algorithm_mults=executed.executed_multiplications(alg.name, geom, pass_, alg),
+              workspace_bytes=executed.workspace_bytes(alg.name, geom, alg), reason=reason)
     row._weights = weights  # type: ignore[attr-defined]
+    row._geometry = (geom, pass_)  # type: ignore[attr-defined]
     return row
 
 
@@ -330,7 +282,8 @@ def _pool(ns: str, name: str, a: dict, out) -> Row:
     out_t = grad if is_grad else y
     if "unpool" in kind:
         # a scatter of the inputs into zeros: no comparisons, no adds
-        return Row("", "", kind, "", tuple(src.shape), tuple(y.shape), algorithm=_pool_algorithm(ns))
+        return Row("", "", kind, "", tuple(src.shape), tuple(y.shape), algorithm=_pool_algorithm(ns),
+                   reason=_pool_reason(ns))
     out_spatial = tuple(out_t.shape[-nd:])
     if isinstance(x, torch.Tensor):
         in_spatial = tuple(x.shape[-nd:])
@@ -348,7 +301,11 @@ def _pool(ns: str, name: str, a: dict, out) -> Row:
     # backward: max/min scatter each output gradient to its argmax (one add); avg spreads it over its window
     ops = out_elems if is_grad and ("max" in kind or "min" in kind) else windows
     return Row("", "", kind + ("_backward" if is_grad else ""), "", tuple(src.shape), tuple(y.shape),
-               pool_ops=ops, algorithm=_pool_algorithm(ns))
+               pool_ops=ops, algorithm=_pool_algorithm(ns), reason=_pool_reason(ns))
+
+
+def _pool_reason(ns: str) -> str:
+    return "fastconv pooling op (one kernel per target)" if ns == "fastconv" else ""
 
 
 def _pool_algorithm(ns: str) -> str:
@@ -356,8 +313,8 @@ def _pool_algorithm(ns: str) -> str:
 
 
 def _fastconv_conv_transpose(name: str, a: dict, out: torch.Tensor) -> Row:
-    from .ops.conv import make_geometry
-    from .ops import transposed
+    from ..ops.conv import make_geometry
+    from ..ops import transposed
 
     ndim = int(name[len("conv_transpose")])
     x, w, groups = a["input"], a["weight"], a["groups"]
@@ -369,22 +326,27 @@ def _fastconv_conv_transpose(name: str, a: dict, out: torch.Tensor) -> Row:
     algo = a["algo"]
     refusal = transposed.patch_gemm_refusal(w.shape[2:], a["stride"], a["padding"], a["dilation"], geom.target)
     if algo == "patch_gemm" or (algo == "auto" and refusal is None):
-        alg_name, mults, workspace = "patch_gemm", macs, 0
+        alg_name = "patch_gemm"
+        reason = ("requested algo='patch_gemm'" if algo == "patch_gemm" else
+                  "auto: kernel == stride, no padding: non-overlapping windows, one GEMM + scatter")
+        mults = executed.executed_multiplications("patch_gemm", geom)
+        workspace = executed.workspace_bytes("patch_gemm", geom)
     else:
-        alg = registry.choose(algo, geom, "grad_input", name)
-        alg_name, mults = alg.name, round(alg.mult_ratio(geom) * macs)
-        workspace = int(alg.workspace_bytes(geom))
+        alg, reason = decide(algo, geom, "grad_input", name)
+        alg_name = alg.name
+        mults = executed.executed_multiplications(alg.name, geom, "grad_input", alg)
+        workspace = executed.workspace_bytes(alg.name, geom, alg)
     bias = a["bias"]
     row = Row("", "", name, "", tuple(x.shape), tuple(out.shape), macs=macs,
               bias_adds=out.numel() if bias is not None else 0, algorithm=alg_name, algorithm_mults=mults,
-              workspace_bytes=workspace)
+              workspace_bytes=workspace, reason=reason)
     row._weights = [w] + ([bias] if bias is not None else [])  # type: ignore[attr-defined]
     return row
 
 
 def _fastconv_separable(a: dict, out: torch.Tensor) -> Row:
     """``fastconv::depthwise_separable_conv2d``: depthwise (groups = C) then 1x1 pointwise, one op."""
-    from .ops import separable
+    from ..ops import separable
 
     x, dw, pw = a["input"], a["depthwise_weight"], a["pointwise_weight"]
     n, k = out.shape[:2]
@@ -397,42 +359,151 @@ def _fastconv_separable(a: dict, out: torch.Tensor) -> Row:
         + (out.numel() if a["pointwise_bias"] is not None else 0)
     algo = separable.choose_algo(a["algo"], _target_for(x))
     row = Row("", "", "depthwise_separable_conv2d", "", tuple(x.shape), tuple(out.shape), macs=macs,
-              bias_adds=bias_adds, algorithm=algo, algorithm_mults=macs)
+              bias_adds=bias_adds, algorithm=algo, algorithm_mults=macs,
+              reason="auto: fused on the CPU target" if a["algo"] == "auto" else f"requested algo={a['algo']!r}")
     row._weights = [t for t in (dw, pw, a["depthwise_bias"], a["pointwise_bias"])  # type: ignore[attr-defined]
                     if t is not None]
     return row
 
 
+def _storage_key(t: torch.Tensor) -> Optional[int]:
+    """Identity of a tensor's storage (views share it). Works on meta tensors, whose data_ptr is always 0,
+    which made every equal-sized meta parameter look like the same one."""
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError):  # sparse, nested, exotic subclasses
+        return None
+
+
 def _param_key(t: torch.Tensor) -> tuple:
-    # Views (a Linear weight's transpose) share storage and offset with the parameter.
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+    return (_storage_key(t), t.storage_offset(), t.numel())
+
+
+class _Where:
+    """Which module an op belongs to.
+
+    Forward: the innermost module running, from :class:`torch.utils.module_tracker.ModuleTracker`'s
+    ``parents`` (fully qualified names prefixed by the root's class name, plus ``"Global"``); the deepest
+    name wins (a Sequential and its last child are both running).
+
+    Backward: the tracker's ``parents`` are a set, and in a branching block (Inception's four branches end in
+    one ``cat``) every branch is "running" at once, so it cannot tell whose gradient op runs. Instead each
+    module's forward post hook tags the autograd nodes it created (walking back from its outputs to its
+    inputs' nodes; inner modules tag first, so the innermost wins), and a backward op is attributed through
+    ``torch._C._current_autograd_node()``; the tracker is the fallback for untagged nodes.
+    """
+
+    KEY = "fastconv.flops.module"
+
+    def __init__(self, tracker: ModuleTracker, model: Optional[nn.Module]):
+        self.tracker = tracker
+        self.prefix = type(model).__name__ if model is not None else None
+        self.types = {name: type(m).__name__ for name, m in model.named_modules()} if model is not None else {}
+        self.names = {id(m): name for name, m in model.named_modules()} if model is not None else {}
+        self.input_nodes: dict[int, list] = {}
+        self.hooks: list = []
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.hooks = [register_module_forward_pre_hook(self._pre), register_module_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+    @staticmethod
+    def _nodes(obj) -> list:
+        return [t.grad_fn for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+
+    def _pre(self, module, args):
+        if id(module) in self.names:
+            self.input_nodes.setdefault(id(module), []).append(self._nodes(args))
+
+    def _post(self, module, args, output):
+        name = self.names.get(id(module))
+        if name is None:
+            return
+        stack = self.input_nodes.get(id(module))
+        stops = stack.pop() if stack else []
+        stop_ids = {id(n) for n in stops}
+        seen: set = set()
+        todo = self._nodes(output)
+        keep = []  # autograd wraps C++ nodes anew on each access: hold them so ids stay unique here
+        while todo:
+            node = todo.pop()
+            keep.append(node)
+            if node is None or id(node) in seen or id(node) in stop_ids or node in stops:
+                continue
+            seen.add(id(node))
+            node.metadata.setdefault(self.KEY, name)
+            todo.extend(n for n, _ in node.next_functions if n is not None)
+
+    def name(self) -> Optional[str]:
+        if torch._C._current_graph_task_id() != -1:
+            node = torch._C._current_autograd_node()
+            tag = node.metadata.get(self.KEY) if node is not None else None
+            if tag is not None:
+                return tag
+        parents = [p for p in self.tracker.parents if p != "Global"]
+        if not parents:
+            return None
+        fqn = max(parents, key=lambda p: (p.count("."), p))
+        if self.prefix is not None:
+            if fqn == self.prefix:
+                return ""
+            if fqn.startswith(self.prefix + "."):
+                return fqn[len(self.prefix) + 1:]
+        return fqn
 
 
 class _Counter(TorchDispatchMode):
-    """Sees every op below autograd; turns the counted ones into rows for the innermost module."""
+    """Sees every op below autograd; turns the counted ones into rows for the innermost module and tallies
+    the bytes of new activations per module."""
 
-    def __init__(self, tracker: "_ModuleTracker"):
+    def __init__(self, where: _Where, known_storages: set):
         super().__init__()
-        self.tracker = tracker
+        self.where = where
         self.rows: list[Row] = []
         self.seen_params: set = set()
+        self.storages = known_storages        # storages not produced by the model (inputs, parameters)
+        self.activation_bytes: dict[str, int] = {}
+        self._keep: list = []                 # keep counted storages alive: their ids must not be reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        backward = torch._C._current_graph_task_id() != -1
+        where = self.where.name()
         try:
             row = self._row(func, args, kwargs, out)
         except Exception as exc:  # a wrong or missing count must not pass silently: name the op
             raise RuntimeError(f"fastconv.flops: could not count {func}: {exc}") from exc
+        if not backward:
+            self._new_activations(out, "(functional)" if where is None else where)
         if row is not None:
-            backward = torch._C._current_graph_task_id() != -1
             row.pass_ = "backward" if backward else "forward"
-            module = self.tracker.innermost(backward)
-            row.name, row.type = (module[0], module[1]) if module else ("(functional)", row.op)
+            if where is None:
+                row.name, row.type = "(functional)", row.op
+            else:
+                row.name, row.type = where, self.where.types.get(where, where.rsplit(".", 1)[-1])
             # Parameters are what the forward multiplies by; backward ops only meet activations and grads.
             row.params = 0 if backward else self._new_params(getattr(row, "_weights", []))
             self.rows.append(row)
         return out
+
+    def _new_activations(self, out, where: str) -> None:
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key = _storage_key(t)
+            if key is None or key in self.storages:
+                continue
+            self.storages.add(key)
+            self._keep.append(t.untyped_storage())
+            self.activation_bytes[where] = self.activation_bytes.get(where, 0) + t.untyped_storage().nbytes()
 
     def _new_params(self, tensors) -> int:
         n = 0
@@ -474,88 +545,36 @@ class _Counter(TorchDispatchMode):
         return None
 
 
-# --------------------------------------------------------------------------------------------------
-# module attribution
-# --------------------------------------------------------------------------------------------------
-class _ModuleTracker:
-    """Which modules are running, forward (pre/post hooks) and backward (gradient hooks).
+class _Saved:
+    """``saved_tensors_hooks`` that tally, per innermost module, the bytes autograd keeps for backward."""
 
-    Backward entry of a module is marked when the gradients of its outputs are ready, its exit when the
-    gradients of its inputs are; the innermost active module is the deepest one (a Sequential and its last
-    child share an output tensor, so entry order alone cannot tell them apart).
-    """
+    def __init__(self, where: _Where, params: set):
+        self.where = where
+        self.params = params
+        self.seen: set = set()
+        self.bytes: dict[str, int] = {}
+        self._keep: list = []
 
-    def __init__(self, model: Optional[nn.Module]):
-        self.names: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
-        self.forward_stack: list[nn.Module] = []
-        self.backward_active: list[nn.Module] = []
-        self.handles: list = []
-        self.grad_handles: list = []
-        self.model = model
-
-    def __enter__(self):
-        if self.model is not None:
-            for name, m in self.model.named_modules():
-                self.names.setdefault(m, name)
-                self.handles.append(m.register_forward_pre_hook(self._pre))
-                self.handles.append(m.register_forward_hook(self._post))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles + self.grad_handles:
-            h.remove()
-        self.handles.clear()
-        self.grad_handles.clear()
-
-    def _depth(self, m: nn.Module) -> int:
-        name = self.names.get(m, "")
-        return 0 if name == "" else name.count(".") + 1
-
-    def innermost(self, backward: bool) -> Optional[tuple[str, str]]:
-        active = self.backward_active if backward else self.forward_stack
-        if not active:
-            return None
-        # deepest wins; among equals the latest entered
-        best = max(reversed(range(len(active))), key=lambda i: (self._depth(active[i]), i))
-        m = active[best]
-        return self.names.get(m, ""), type(m).__name__
+    def pack(self, t: torch.Tensor):
+        key = _storage_key(t)
+        if key is not None and key not in self.params and key not in self.seen:
+            self.seen.add(key)
+            self._keep.append(t.untyped_storage())
+            where = self.where.name()
+            where = "(functional)" if where is None else where
+            self.bytes[where] = self.bytes.get(where, 0) + t.untyped_storage().nbytes()
+        return t
 
     @staticmethod
-    def _grad_tensors(obj) -> list[torch.Tensor]:
-        flat, _ = tree_flatten(obj)
-        return [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
-
-    def _pre(self, module, inputs):
-        self.forward_stack.append(module)
-        tensors = self._grad_tensors(inputs)
-        if tensors:
-            self.grad_handles.append(register_multi_grad_hook(tensors, lambda *_: self._leave_bw(module)))
-
-    def _post(self, module, inputs, output):
-        if self.forward_stack and self.forward_stack[-1] is module:
-            self.forward_stack.pop()
-        tensors = self._grad_tensors(output)
-        if tensors:
-            self.grad_handles.append(register_multi_grad_hook(tensors, lambda *_: self._enter_bw(module)))
-
-    def _enter_bw(self, module):
-        if not self.backward_active:
-            # forget everything when this backward ends (a module whose inputs need no grad never leaves)
-            torch.autograd.Variable._execution_engine.queue_callback(self.backward_active.clear)
-        self.backward_active.append(module)
-
-    def _leave_bw(self, module):
-        for i in range(len(self.backward_active) - 1, -1, -1):
-            if self.backward_active[i] is module:
-                del self.backward_active[i]
-                break
+    def unpack(t):
+        return t
 
 
 # --------------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------------
-def count(model: Callable, *inputs: Any, backward: bool = False, **kwargs: Any) -> Report:
-    """Run ``model(*inputs, **kwargs)`` once and count its work.
+def count(model: Callable, *inputs: Any, backward: bool = False, **kwargs: Any):
+    """Run ``model(*inputs, **kwargs)`` once and count its work, per module and per op.
 
     Parameters
     ----------
@@ -568,37 +587,60 @@ def count(model: Callable, *inputs: Any, backward: bool = False, **kwargs: Any) 
 
     Returns
     -------
-    Report
-        ``.macs``, ``.flops`` (= 2 x MACs), ``.bias_adds``, ``.pool_ops``, ``.params`` and ``.rows`` (one per
-        counted op call). ``.params`` is ``sum(p.numel() for p in model.parameters())`` for a module, else the
-        weights and biases the counted ops used. The model runs once as it is (a training-mode BatchNorm
-        updates its statistics; with ``backward=True`` the parameters' ``.grad`` are left as computed). Meta
-        tensors work (shapes only, no memory or arithmetic; algorithms are those the CPU would pick).
+    fastconv.flops.Report
+        ``.macs``, ``.flops`` (= 2 x MACs), ``.bias_adds``, ``.pool_ops``, ``.params`` (trainable and
+        ``.frozen_params``), ``.activation_bytes``, ``.saved_bytes``; ``.root`` the module tree (per-module own
+        counts and subtotals, ``.modules(depth)``), ``.rows`` one per counted op call; ``str(report)`` the tree
+        table, ``report.as_dict()`` / ``to_json()`` / ``to_csv()``. The model runs once as it is (a
+        training-mode BatchNorm updates its statistics; with ``backward=True`` the parameters' ``.grad`` are
+        left as computed). Meta tensors work: shapes only, no memory, no arithmetic, and the autotuner is never
+        run (algorithms are those ``auto`` would pick on the CPU: its recorded choice, else the heuristic).
+        With real tensors, every activation stays alive until ``count`` returns (storages are told apart by
+        identity), so its peak memory is the ``activation_bytes`` total: count on meta for big models.
 
     >>> rep = fastconv.flops.count(nn.Conv2d(192, 32, 5, padding=2), torch.zeros(1, 192, 28, 28))
     >>> rep.macs
     120422400
     """
+    from .report import build_report
+
     module = model if isinstance(model, nn.Module) else None
-    with _ModuleTracker(module) as tracker, _Counter(tracker) as counter:
-        out = model(*inputs, **kwargs)
-        if backward:
-            flat = [t for t in tree_flatten(out)[0]
-                    if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
-            if not flat:
-                raise ValueError("fastconv.flops.count(backward=True): the model's outputs do not require grad")
-            torch.autograd.backward([t.sum() for t in flat])
-    rows = counter.rows
+    params = list(module.parameters()) if module is not None else []
+    param_storages = {_storage_key(p) for p in params}
+    known = set(param_storages) | {_storage_key(t) for t in tree_flatten((inputs, kwargs))[0]
+                                   if isinstance(t, torch.Tensor)}
+    calls: dict[str, list] = {}
+    hooks = []
     if module is not None:
-        # Layers whose ops are not counted (BatchNorm, ...) still get a row so the params add up.
         for name, m in module.named_modules():
-            own = sum(p.numel() for p in m.parameters(recurse=False) if _param_key(p) not in counter.seen_params)
-            if own:
-                rows.append(Row(name, type(m).__name__, "-", "forward", (), (), params=own))
-        params = sum(p.numel() for p in module.parameters())
-    else:
-        params = sum(r.params for r in rows)
+            def record(mod, args, output, name=name):
+                calls.setdefault(name, []).append(output)
+            hooks.append(m.register_forward_hook(record))
+    tracker = ModuleTracker()
+    where = _Where(tracker, module)
+    saved = _Saved(where, param_storages)
+    try:
+        with tracker, where, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack), \
+                _Counter(where, known) as counter:
+            out = model(*inputs, **kwargs)
+            outputs = {name: [_shape_of(o) for o in outs] for name, outs in calls.items()}
+            calls.clear()  # drop the references: the outputs may be large
+            if backward:
+                flat = [t for t in tree_flatten(out)[0]
+                        if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()]
+                if not flat:
+                    raise ValueError("fastconv.flops.count(backward=True): the model's outputs do not require grad")
+                torch.autograd.backward([t.sum() for t in flat])
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = counter.rows
     for r in rows:
         r.flops = 2 * r.macs
         r.__dict__.pop("_weights", None)
-    return Report(rows=rows, params=params)
+    return build_report(module, rows, outputs, counter.activation_bytes, saved.bytes)
+
+
+def _shape_of(o) -> tuple:
+    t = next((t for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor)), None)
+    return tuple(t.shape) if t is not None else ()
