@@ -74,8 +74,9 @@ def _cuda() -> str:
     import torch
 
     have_cupy = importlib.util.find_spec("cupy") is not None
-    have_nvrtc = importlib.util.find_spec("nvidia.cuda_nvrtc") is not None or \
-        importlib.util.find_spec("nvidia") is not None
+    # find_spec of a submodule raises when its parent package is missing: look for the parent first.
+    have_nvrtc = importlib.util.find_spec("nvidia") is not None and \
+        importlib.util.find_spec("nvidia.cuda_nvrtc") is not None
     gpu = torch.cuda.is_available()
     hint = "" if have_cupy else " (pip install 'fastconv[cuda]' for the CUDA kernels)"
     return (f"torch sees a GPU: {gpu}; CuPy: {'yes' if have_cupy else 'no'}; "
