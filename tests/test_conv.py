@@ -63,8 +63,9 @@ def _refusal(algo, x, weight, kw):
 @pytest.mark.parametrize("case", list(CASES_2D), ids=list(CASES_2D))
 def test_conv2d_forward_and_gradients_match_torch(case, algo):
     x, weight, b, kw = _make(CASES_2D[case])
-    if _refusal(algo, x, weight, kw):
-        return  # refusal path asserted in _refusal
+    reason = _refusal(algo, x, weight, kw)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])  # the refusal's wording is asserted in _refusal
     y = F.conv2d(x, weight, b, algo=algo, **kw)
     ref = TF.conv2d(x, weight, b, **kw)
     assert_close(y, ref, algo=algo, what="forward")
@@ -80,8 +81,9 @@ def test_conv2d_forward_and_gradients_match_torch(case, algo):
                                   "depthwise_multiplier2", "pointwise_1x1"])
 def test_conv2d_gradcheck_and_gradgradcheck(case, algo):
     x, weight, b, kw = _make(CASES_2D[case])
-    if _refusal(algo, x, weight, kw):
-        return
+    reason = _refusal(algo, x, weight, kw)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     fn = lambda x, w, b: F.conv2d(x, w, b, algo=algo, **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, weight, b), fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, (x, weight, b), fast_mode=True)
@@ -91,8 +93,9 @@ def test_conv2d_gradcheck_and_gradgradcheck(case, algo):
 @pytest.mark.parametrize("case", ["stride2_pad1", "same_even_kernel", "depthwise"])
 def test_opcheck_conv2d_ops(case, algo):
     x, weight, b, kw = _make(CASES_2D[case])
-    if _refusal(algo, x, weight, kw):
-        return
+    reason = _refusal(algo, x, weight, kw)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     a = F.conv.ConvArgs("conv2d", 2, x, weight, b, kw.get("stride", 1), kw.get("padding", 0),
                         kw.get("dilation", 1), kw.get("groups", 1), algo)
     geometry = [*a.lists(), a.groups, algo]
@@ -155,8 +158,9 @@ def test_non_contiguous_and_channels_last_inputs(layout):
 @pytest.mark.parametrize("algo", ALGOS)
 def test_float32_matches_float64_reference(algo):
     x, w, b, kw = _make((2, 16, 12, 12, 8, (3, 3), dict(padding=1)), dtype=torch.float64, requires_grad=False)
-    if _refusal(algo, x.float(), w.float(), kw):
-        return
+    reason = _refusal(algo, x.float(), w.float(), kw)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     y = F.conv2d(x.float(), w.float(), b.float(), algo=algo, **kw)
     assert y.dtype == torch.float32
     assert_close(y, TF.conv2d(x, w, b, **kw).float(), algo=algo)

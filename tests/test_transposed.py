@@ -66,14 +66,14 @@ def _is_patch(case) -> bool:
     return (tuple(kernel) == stride and kw.get("padding", 0) == 0 and kw.get("dilation", 1) == 1)
 
 
-def _refused(algo, case) -> bool:
+def _refused(algo, case):
     """Whether ``algo`` refuses this geometry; a refusal must be a ValueError that says why.
 
     patch_gemm must refuse exactly the non kernel == stride cases; registry algorithms (Winograd,
     depthwise, ...) refuse what their ``refuse`` rule says, reported for the adjoint convolution.
     """
     if algo == "auto":
-        return False
+        return None
     ndim, x, w, b, kw = _make(case, requires_grad=False)
     try:
         ours_fn[ndim](x, w, b, algo=algo, **kw)
@@ -85,27 +85,28 @@ def _refused(algo, case) -> bool:
         else:
             assert "cannot run this convolution" in str(e) and "Algorithms that can" in str(e), str(e)
             assert "adjoint convolution" in str(e), str(e)
-        return True
+        return str(e)
     assert algo != "patch_gemm" or _is_patch(case), "patch_gemm must refuse overlapping windows"
-    return False
+    return None
 
 
-def _accepts(algo, fn, *args, **kwargs) -> bool:
-    """Whether ``algo`` runs this call (a registry algorithm may refuse a geometry, by name)."""
+def _refusal(algo, fn, *args, **kwargs):
+    """The reason ``algo`` refuses this call (a registry algorithm may refuse a geometry, by name), or None."""
     try:
         fn(*args, algo=algo, **kwargs)
     except ValueError as e:
         assert "cannot run this" in str(e), str(e)
-        return False
-    return True
+        return str(e)
+    return None
 
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_and_gradients_match_torch(name, algo):
     case = CASES[name]
-    if _refused(algo, case):
-        return
+    reason = _refused(algo, case)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     ndim, x, w, b, kw = _make(case)
     y = ours_fn[ndim](x, w, b, algo=algo, **kw)
     ref = torch_fn[ndim](x, w, b, **kw)
@@ -129,8 +130,9 @@ def test_every_algorithm_runs_part_of_the_matrix(algo):
                                   "2d_patch_3x2_outpad", "1d_patch_k3_s3", "3d_stride2_pad1"])
 def test_gradcheck_and_gradgradcheck(name, algo):
     case = CASES[name]
-    if _refused(algo, case):
-        return
+    reason = _refused(algo, case)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     ndim, x, w, b, kw = _make(case)
     fn = lambda x, w, b: ours_fn[ndim](x, w, b, algo=algo, **kw)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
@@ -143,8 +145,9 @@ def test_gradcheck_and_gradgradcheck(name, algo):
 @pytest.mark.parametrize("name", ["1d_stride2_pad1", "2d_groups2", "2d_patch_2x2_s2", "3d_patch_groups2"])
 def test_opcheck(name, algo):
     case = CASES[name]
-    if _refused(algo, case):
-        return
+    reason = _refused(algo, case)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     ndim, x, w, b, kw = _make(case)
     a = F.transposed.ConvTransposeArgs(f"conv_transpose{ndim}d", ndim, x, w, b, kw.get("stride", 1),
                                        kw.get("padding", 0), kw.get("output_padding", 0), kw.get("groups", 1),
@@ -162,7 +165,7 @@ def test_seed_example_exact_values():
                              [12, 6, 2, 1, 10, 5], [5, 10, 4, 8, 2, 4], [10, 5, 8, 4, 4, 2]])
     for dtype in (torch.float64, torch.float32):
         for algo in ALGOS:
-            if not _accepts(algo, F.conv_transpose2d, x.to(dtype)[None, None], w.to(dtype)[None, None], stride=2):
+            if _refusal(algo, F.conv_transpose2d, x.to(dtype)[None, None], w.to(dtype)[None, None], stride=2):
                 continue
             got = F.conv_transpose2d(x.to(dtype)[None, None], w.to(dtype)[None, None], stride=2, algo=algo)
             assert got.dtype == dtype
@@ -185,8 +188,9 @@ def test_batch_size_zero_forward_and_backward(algo):
     x = torch.randn(0, 3, 4, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 5, 2, 2, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, dtype=torch.float64, requires_grad=True)
-    if not _accepts(algo, F.conv_transpose2d, x.detach(), w.detach(), stride=2):
-        return
+    reason = _refusal(algo, F.conv_transpose2d, x.detach(), w.detach(), stride=2)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     y = F.conv_transpose2d(x, w, b, stride=2, algo=algo)
     assert y.shape == TF.conv_transpose2d(x, w, b, stride=2).shape == (0, 5, 8, 8)
     y.sum().backward()
@@ -207,8 +211,8 @@ def test_non_contiguous_inputs(layout):
         x, w = x[:, :, ::2, 1:], w[:, :, :, :]
     assert not x.is_contiguous()
     for algo in ALGOS:
-        if not _accepts(algo, F.conv_transpose2d, x, w, stride=2, padding=1):
-            continue
+        if _refusal(algo, F.conv_transpose2d, x, w, stride=2, padding=1):
+            continue  # every accepted algorithm is compared; refusals are asserted by the matrix test
         assert_close(F.conv_transpose2d(x, w, stride=2, padding=1, algo=algo),
                      TF.conv_transpose2d(x, w, stride=2, padding=1), what=f"{layout} {algo}")
     wp = torch.randn(6, 4, 2, 2, dtype=torch.float64).transpose(2, 3)
@@ -220,12 +224,13 @@ def test_non_contiguous_inputs(layout):
                                         (dict(stride=2), 2)], ids=["dcgan", "unet"])
 def test_float32_matches_float64_reference(algo, kw, kernel):
     if algo == "patch_gemm" and kernel != kw["stride"]:
-        return  # refusal covered by the matrix test
+        pytest.skip("patch_gemm needs kernel == stride (its refusal is asserted by the matrix test)")
     x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
     w = torch.randn(32, 16, kernel, kernel, dtype=torch.float64) / 8
     b = torch.randn(16, dtype=torch.float64)
-    if not _accepts(algo, F.conv_transpose2d, x.float(), w.float(), **kw):
-        return
+    reason = _refusal(algo, F.conv_transpose2d, x.float(), w.float(), **kw)
+    if reason:
+        pytest.skip(reason.split(". Algorithms that can")[0])
     y = F.conv_transpose2d(x.float(), w.float(), b.float(), algo=algo, **kw)
     assert y.dtype == torch.float32
     assert_close(y, TF.conv_transpose2d(x, w, b, **kw).float(), algo=algo)
