@@ -10,7 +10,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import backends
 from ..ops import pool as pool_ops
 from ..ops import validation
 from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple
@@ -48,9 +47,9 @@ def _finish(t: Tensor, unbatched: bool) -> Tensor:
 
 
 def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    # Integer inputs too on the CPU, as torch's max_pool (forward only: integers carry no gradient).
-    allowed = validation.max_pool_dtypes(backends.target_for(input)) if isinstance(input, Tensor) else ()
-    x, unbatched = _input(op, input, ndim, allowed=allowed)
+    # Integer inputs too, as torch's max_pool (forward only: integers carry no gradient); the op refuses them
+    # on targets without integer kernels (it knows the target; torch.compile cannot trace that look-up here).
+    x, unbatched = _input(op, input, ndim, allowed=validation.SUPPORTED_DTYPES + validation.INTEGER_POOL_DTYPES)
     kernel, stride, padding, dilation = _window(op, ndim, kernel_size, stride, padding, dilation)
     out = [pool_ops.pool_output_size(i, k, s, p, d, bool(ceil_mode))
            for i, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]

@@ -74,29 +74,32 @@ def _register(ndim: int):
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
-        r = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
-        if r.empty_dtype is not None:
-            return input.new_zeros(r.shape, dtype=r.empty_dtype)
-        geom = make_geometry(ndim, input.shape[0], input.shape[1], weight.shape[0], groups,
-                             input.shape[spatial], weight.shape[spatial], r.spatial, stride, padding, padding_end,
-                             dilation, input.dtype, backends.target_for(input))
+        shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
+                                                        padding_end, dilation, groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
+        xs = input.shape
+        geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], weight.shape[spatial], out_sp,
+                             stride, padding, padding_end, dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "forward", name)
         out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
         return fresh(out, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
 
     @conv.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
-        r = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
-        return input.new_empty(r.shape, dtype=r.empty_dtype or input.dtype)
+        shape, empty_dtype, _ = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end,
+                                                   dilation, groups)
+        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
     def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                    algo: str) -> Tensor:
-        r = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight, input_size, stride,
-                                          padding, padding_end, dilation, groups)
-        if r.empty_dtype is not None:
-            return grad_output.new_zeros(r.shape, dtype=r.empty_dtype)
+        shape, empty_dtype, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight,
+                                                              input_size, stride, padding, padding_end, dilation,
+                                                              groups)
+        if empty_dtype is not None:
+            return grad_output.new_zeros(shape, dtype=empty_dtype)
         geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              input_size, weight.shape[spatial], grad_output.shape[spatial], stride, padding,
                              padding_end, dilation, grad_output.dtype, backends.target_for(grad_output))
@@ -106,18 +109,19 @@ def _register(ndim: int):
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
-        r = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight, input_size, stride,
-                                          padding, padding_end, dilation, groups)
-        return grad_output.new_empty(r.shape)
+        shape, _, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight, input_size,
+                                                    stride, padding, padding_end, dilation, groups)
+        return grad_output.new_empty(shape)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
     def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
                     padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                     algo: str) -> Tensor:
-        r = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input, weight_size, stride,
-                                           padding, padding_end, dilation, groups)
-        if r.empty_dtype is not None:
-            return input.new_zeros(r.shape, dtype=r.empty_dtype)
+        shape, empty_dtype, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input,
+                                                               weight_size, stride, padding, padding_end, dilation,
+                                                               groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
         geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
                              input.shape[spatial], weight_size, grad_output.shape[spatial], stride, padding,
                              padding_end, dilation, input.dtype, backends.target_for(input))
@@ -127,9 +131,9 @@ def _register(ndim: int):
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
-        r = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input, weight_size, stride,
-                                           padding, padding_end, dilation, groups)
-        return input.new_empty(r.shape)
+        shape, _, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input, weight_size,
+                                                     stride, padding, padding_end, dilation, groups)
+        return input.new_empty(shape)
 
     # ---- autograd: each op's derivatives are the other two ops ---------------------------------
     def conv_setup(ctx, inputs, output):

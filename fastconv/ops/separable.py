@@ -81,12 +81,13 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
                                depthwise_bias: Optional[Tensor], pointwise_bias: Optional[Tensor],
                                stride: list[int], padding: list[int], padding_end: list[int],
                                dilation: list[int], algo: str) -> Tensor:
-    r = validation.separable_op(OP, input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                                stride, padding, padding_end, dilation)
-    if r.empty_dtype is not None:
-        return input.new_zeros(r.shape, dtype=r.empty_dtype)
+    shape, empty_dtype, out_sp = validation.separable_op(OP, input, depthwise_weight, pointwise_weight,
+                                                         depthwise_bias, pointwise_bias, stride, padding,
+                                                         padding_end, dilation)
+    if empty_dtype is not None:
+        return input.new_zeros(shape, dtype=empty_dtype)
     target = backends.target_for(input)
-    out_hw = r.spatial
+    out_hw = out_sp
     chosen = choose_algo(algo, target)
     C = input.shape[1]
     if chosen == "fused":
@@ -108,9 +109,9 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
 @depthwise_separable_conv2d.register_fake
 def _(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding,
       padding_end, dilation, algo):
-    r = validation.separable_op(OP, input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias,
-                                stride, padding, padding_end, dilation)
-    return input.new_empty(r.shape, dtype=r.empty_dtype or input.dtype)
+    shape, empty_dtype, _ = validation.separable_op(OP, input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                                    pointwise_bias, stride, padding, padding_end, dilation)
+    return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
 
 def _setup(ctx, inputs, output):

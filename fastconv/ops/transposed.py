@@ -97,11 +97,11 @@ def _register(ndim: int):
     def conv_transpose(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                        padding: list[int], output_padding: list[int], dilation: list[int], groups: int,
                        algo: str) -> Tensor:
-        r = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding, output_padding,
-                                         dilation, groups)
-        if r.empty_dtype is not None:
-            return input.new_zeros(r.shape, dtype=r.empty_dtype)
-        out_spatial = r.spatial
+        shape, empty_dtype, out_sp = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding,
+                                                                  output_padding, dilation, groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
+        out_spatial = out_sp
         target = backends.target_for(input)
         # The adjoint convolution: input (N, C_out, *O) -> output (N, C_in, *I), weight (C_in, C_out/g, *k).
         geom = make_geometry(ndim, input.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
@@ -136,9 +136,9 @@ def _register(ndim: int):
 
     @conv_transpose.register_fake
     def _(input, weight, bias, stride, padding, output_padding, dilation, groups, algo):
-        r = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding, output_padding,
-                                         dilation, groups)
-        return input.new_empty(r.shape, dtype=r.empty_dtype or input.dtype)
+        shape, empty_dtype, _ = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding,
+                                                             output_padding, dilation, groups)
+        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, output_padding, dilation, groups, algo = inputs

@@ -260,14 +260,11 @@ def _empty_dtype(op: str, input: Tensor) -> None:
         check_dtype(op, "input", input)
 
 
-class Result:
-    """What a validator hands the op: the output shape, and for a zero-size case the dtype of the result
-    the op returns without running a kernel (``empty_dtype``; None when a kernel runs)."""
-
-    __slots__ = ("shape", "empty_dtype", "spatial")
-
-    def __init__(self, shape, empty_dtype=None, spatial=None):
-        self.shape, self.empty_dtype, self.spatial = shape, empty_dtype, spatial
+def Result(shape, empty_dtype=None, spatial=None) -> tuple:
+    """What a validator hands the op, a plain tuple ``(shape, empty_dtype, spatial)`` (a class instance
+    costs more than the whole fast check): the output shape; for a zero-size case the dtype of the result
+    the op returns without running a kernel (None when a kernel runs); the output's spatial sizes."""
+    return shape, empty_dtype, spatial
 
 
 def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups) -> Result:
@@ -277,7 +274,55 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
     (N, 0, *O) in ``promote_types(input, weight)`` (torch's empty-path quirk: its channel dim is 0, not K);
     a zero spatial size with N, C > 0 is refused. On those empty paths torch compares only the bias dtype
     with the input's (so a float32 input with a float64 weight and batch 0 is accepted), and so does this.
+
+    Every op call runs this, so it is written as one fast pass over plain tuples that only falls into
+    :func:`_conv_op_error` (which finds and words the first problem) when something is wrong.
     """
+    if not (isinstance(input, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
+    xs, ws = tuple(input.shape), tuple(weight.shape)
+    n = ndim + 2
+    if (len(xs) != n or len(ws) != n or len(stride) != ndim or len(padding) != ndim or len(padding_end) != ndim
+            or len(dilation) != ndim or min(stride + dilation) < 1 or min(padding + padding_end) < 0
+            or not isinstance(groups, (int, torch.SymInt)) or isinstance(groups, bool) or groups < 1):
+        _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
+    K = ws[0]
+    if K < 1 or K % groups or xs[1] != ws[1] * groups or (bias is not None and bias.shape != (K,)):
+        _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
+    out = []
+    for i in range(ndim):
+        k, d = ws[2 + i], dilation[i]
+        eff = d * (k - 1) + 1
+        size = xs[2 + i] + padding[i] + padding_end[i]
+        if k < 1 or size < eff:
+            _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
+        out.append((size - eff) // stride[i] + 1)
+    dev = input.get_device()
+    if weight.get_device() != dev or (bias is not None and bias.get_device() != dev):
+        check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
+    dt = input.dtype
+    N, C = xs[0], xs[1]
+    if N == 0 or C == 0:
+        _empty_dtype(op, input)
+        if bias is not None and bias.dtype != dt:
+            raise RuntimeError(f"{_name(op)}: input has dtype {dt} but bias has dtype {bias.dtype}; "
+                               f"they must be the same")
+        if C == 0:
+            return (N, 0, *out), torch.promote_types(dt, weight.dtype), out
+        return (N, K, *out), dt, out
+    if dt not in SUPPORTED_DTYPES or weight.dtype != dt or (bias is not None and bias.dtype != dt):
+        check_dtype(op, "input", input)
+        check_same(op, "input", input, weight=weight, bias=bias)
+    if 0 in xs:
+        _zero_spatial(op, "input", xs)
+    shape = (N, K, *out)
+    if N * K * math.prod(out) > MAX_OUTPUT_BYTES // 8:
+        check_output_bytes(op, shape, dt)
+    return shape, None, out
+
+
+def _conv_op_error(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups):
+    """Raise the error :func:`conv_op`'s fast pass detected, checking in aten's order and wording it."""
     check_type(op, "input", input)
     check_type(op, "weight", weight)
     check_type(op, "bias", bias, optional=True)
@@ -293,26 +338,8 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
             f"{_name(op)}: weight has {in_per_group} input channels per group but input has {xs[1]} channels "
             f"with groups={groups} (expected input.shape[1] == weight.shape[1] * groups == {in_per_group * groups})")
     _bias(op, bias, ws[0], "weight.shape[0]")
-    spatial = xs[2:]
-    _conv_fits(op, spatial, ws[2:], dilation, padding, padding_end)
-    out = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
-           in zip(spatial, ws[2:], stride, padding, padding_end, dilation)]
-    check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
-    if xs[0] == 0 or xs[1] == 0:
-        _empty_dtype(op, input)
-        if bias is not None and bias.dtype != input.dtype:
-            raise RuntimeError(f"{_name(op)}: input has dtype {input.dtype} but bias has dtype {bias.dtype}; "
-                               f"they must be the same")
-        if xs[1] == 0:
-            return Result((xs[0], 0, *out), torch.promote_types(input.dtype, weight.dtype), out)
-        return Result((xs[0], ws[0], *out), input.dtype, out)
-    if 0 in spatial:
-        _zero_spatial(op, "input", xs)
-    check_dtype(op, "input", input)
-    check_same(op, "input", input, weight=weight, bias=bias)
-    shape = (xs[0], ws[0], *out)
-    check_output_bytes(op, shape, input.dtype)
-    return Result(shape, None, out)
+    _conv_fits(op, xs[2:], ws[2:], dilation, padding, padding_end)
+    raise AssertionError(f"{_name(op)}: validation found no error in a call its fast pass refused")  # unreachable
 
 
 def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stride, padding, padding_end,
