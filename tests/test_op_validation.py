@@ -1,0 +1,645 @@
+"""The registered ops validate their own arguments: ``torch.ops.fastconv.*`` called directly with bad arguments.
+
+Before the ops validated, such calls aborted the process (negative padding: ``double free or corruption``),
+crashed it (SIGSEGV on a channel mismatch) or returned wrong results (a made-up ``input_size``, a bias of the
+wrong length). So every abuse case runs in a child process: a signal, an abort or an unexpected exit fails
+the test, and the child reports, per case, the exception torch raised for the same call (each case first
+asserts that torch rejects it too) and the one fastconv raised. Cases are batched into a few children to keep
+the run short. A hypothesis fuzz of the ops' arguments runs in a child as well.
+
+Run this file as a script (``python tests/test_op_validation.py child <group>``) to run a group in-process.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+ops = torch.ops.fastconv
+aten = torch.ops.aten
+D = torch.float64
+
+x4 = torch.randn(2, 4, 8, 8, dtype=D)
+w4 = torch.randn(6, 4, 3, 3, dtype=D)
+b6 = torch.randn(6, dtype=D)
+gy = torch.randn(2, 6, 6, 6, dtype=D)                  # the conv2d output of x4, w4 (no padding)
+wt = torch.randn(4, 3, 3, 3, dtype=D)                  # transposed conv weight (C_in, C_out, k, k)
+pool_x = torch.randn(2, 3, 8, 8, dtype=D)
+pooled, pool_idx = TF.max_pool2d(pool_x, 2, return_indices=True)
+dw4, pw4 = torch.randn(4, 1, 3, 3, dtype=D), torch.randn(6, 4, 1, 1, dtype=D)
+
+
+def conv2d(x=x4, w=w4, b=None, stride=(1, 1), padding=(0, 0), padding_end=None, dilation=(1, 1), groups=1,
+           algo="auto"):
+    pe = padding if padding_end is None else padding_end
+    return ops.conv2d(x, w, b, list(stride), list(padding), list(pe), list(dilation), groups, algo)
+
+
+def aconv(x=x4, w=w4, b=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, transposed=False,
+          output_padding=(0, 0)):
+    return aten.convolution(x, w, b, list(stride), list(padding), list(dilation), transposed, list(output_padding),
+                            groups)
+
+
+def convT(x=x4, w=wt, b=None, stride=(1, 1), padding=(0, 0), output_padding=(0, 0), dilation=(1, 1), groups=1):
+    return ops.conv_transpose2d(x, w, b, list(stride), list(padding), list(output_padding), list(dilation), groups,
+                                "auto")
+
+
+def conv_bwd(gy, x, w, mask, stride=(1, 1), padding=(0, 0), groups=1):
+    return aten.convolution_backward(gy, x, w, None, list(stride), list(padding), [1, 1], False, [0, 0], groups,
+                                     mask)
+
+
+# name: (group, torch's call that must raise too (None: torch accepts it, see the comment), fastconv's call,
+#        message regex). fastconv's exception must be an instance of torch's exception type.
+CASES = {
+    # ---- conv2d: the cases of issue 10 ------------------------------------------------------------
+    "conv_negative_padding": ("conv", lambda: aconv(padding=(-1, -1)), lambda: conv2d(padding=(-1, -1)),
+                              r"fastconv.conv2d: negative padding is not supported"),
+    "conv_negative_padding_end": ("conv", lambda: aconv(padding=(-1, -1)),
+                                  lambda: conv2d(padding=(0, 0), padding_end=(0, -2)),
+                                  r"negative padding_end is not supported"),
+    "conv_channel_mismatch": ("conv", lambda: aconv(w=torch.randn(6, 3, 3, 3, dtype=D)),
+                              lambda: conv2d(w=torch.randn(6, 3, 3, 3, dtype=D)),
+                              r"weight has 3 input channels per group but input has 4 channels with groups=1"),
+    "conv_channel_mismatch_large": ("conv", lambda: aconv(torch.randn(2, 64, 64, 64), torch.randn(64, 16, 3, 3)),
+                                    lambda: conv2d(torch.randn(2, 64, 64, 64), torch.randn(64, 16, 3, 3)),
+                                    r"weight has 16 input channels per group but input has 64"),
+    "conv_bias_wrong_length_direct": ("conv", lambda: aconv(b=torch.randn(5, dtype=D)),
+                                      lambda: conv2d(b=torch.randn(5, dtype=D), algo="direct"),
+                                      r"expected bias of shape \(6,\) to match weight.shape\[0\], got \[5\]"),
+    "conv_bias_2d": ("conv", lambda: aconv(b=torch.randn(6, 1, dtype=D)), lambda: conv2d(b=torch.randn(6, 1, dtype=D)),
+                     r"expected bias of shape \(6,\)"),
+    "conv_stride_zero": ("conv", lambda: aconv(stride=(0, 1)), lambda: conv2d(stride=(0, 1)),
+                         r"non-positive stride is not supported"),
+    "conv_dilation_zero": ("conv", lambda: aconv(dilation=(1, 0)), lambda: conv2d(dilation=(1, 0)),
+                           r"non-positive dilation is not supported"),
+    "conv_groups_zero": ("conv", lambda: aconv(groups=0), lambda: conv2d(groups=0),
+                         r"non-positive groups is not supported"),
+    "conv_groups_inconsistent": ("conv", lambda: aconv(groups=2), lambda: conv2d(groups=2),
+                                 r"weight has 4 input channels per group but input has 4 channels with groups=2"),
+    "conv_groups_not_dividing_out": ("conv", lambda: aconv(w=torch.randn(5, 2, 3, 3, dtype=D), groups=2),
+                                     lambda: conv2d(w=torch.randn(5, 2, 3, 3, dtype=D), groups=2),
+                                     r"groups=2 must divide out_channels"),
+    "conv_kernel_larger_than_input": ("conv", lambda: aconv(x=x4[:, :, :2, :2]), lambda: conv2d(x=x4[:, :, :2, :2]),
+                                      r"kernel size can't be greater than the padded input size"),
+    "conv_stride_wrong_length": ("conv", lambda: aconv(stride=(1, 1, 1)), lambda: conv2d(stride=(1, 1, 1)),
+                                 r"expected stride to be a list of 2 ints"),
+    "conv_padding_wrong_length": ("conv", lambda: aconv(padding=(1,) * 3), lambda: conv2d(padding=(1,) * 3),
+                                  r"expected padding to be a list of 2 ints"),
+    "conv_input_3d": ("conv", lambda: aconv(x=x4[0]), lambda: conv2d(x=x4[0]), r"expected input to be 4-D"),
+    "conv_weight_3d": ("conv", lambda: aconv(w=w4[0]), lambda: conv2d(w=w4[0]), r"expected weight to be 4-D"),
+    "conv_weight_zero_out_channels": ("conv", lambda: aconv(w=w4[:0]), lambda: conv2d(w=w4[:0]),
+                                      r"expected weight to be at least 1 at dimension 0"),
+    "conv_kernel_zero": ("conv", lambda: aconv(w=w4[:, :, :0]), lambda: conv2d(w=w4[:, :, :0]),
+                         r"kernel size should be greater than zero"),
+    "conv_zero_spatial_with_padding": ("conv", lambda: aconv(x=x4[:, :, :0], padding=(2, 2)),
+                                       lambda: conv2d(x=x4[:, :, :0], padding=(2, 2)),
+                                       r"only zero batch or zero channel inputs are supported"),
+    "conv_dtype_mismatch": ("conv", lambda: aconv(w=w4.float()), lambda: conv2d(w=w4.float()),
+                            r"input has dtype torch.float64 but weight has dtype torch.float32"),
+    # aten.convolution casts a bias of another dtype; torch's functional conv2d refuses it, and so does fastconv.
+    "conv_bias_dtype_mismatch": ("conv", lambda: TF.conv2d(x4, w4, b6.float()), lambda: conv2d(b=b6.float()),
+                                 r"but bias has dtype torch.float32"),
+    "conv_padding_overflow": ("conv", lambda: aconv(padding=(2 ** 62, 0)), lambda: conv2d(padding=(2 ** 62, 0)),
+                              r"would need .* bytes"),
+    # torch computes integer and half convolutions on the CPU; fastconv refuses them by name.
+    "conv_integer": ("conv", None, lambda: conv2d(x4.long(), w4.long()), r"input has dtype torch.int64"),
+    "conv_half": ("conv", None, lambda: conv2d(x4.half(), w4.half()), r"which fastconv does not support"),
+    "conv_not_a_tensor": ("conv", lambda: aconv(w=[[1.0]]), lambda: conv2d(w=[[1.0]]),
+                          r"Expected a value of type 'Tensor' for argument 'weight'"),
+    # ---- the gradient ops ---------------------------------------------------------------------------
+    "grad_input_made_up_input_size": (
+        "conv", lambda: conv_bwd(gy, torch.zeros(2, 4, 20, 20, dtype=D), w4, [True, False, False]),
+        lambda: ops.conv2d_grad_input(gy, w4, [20, 20], [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto"),
+        r"conv2d_grad_input: expected grad_output of spatial size \(18, 18\)"),
+    "grad_input_channel_mismatch": (
+        "conv", lambda: conv_bwd(gy[:, :5], x4, w4, [True, False, False]),
+        lambda: ops.conv2d_grad_input(gy[:, :5], w4, [8, 8], [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto"),
+        r"grad_output has 5 channels but weight has 6 output channels"),
+    "grad_input_negative_padding": (
+        "conv", lambda: conv_bwd(gy, x4, w4, [True, False, False], padding=(-1, 0)),
+        lambda: ops.conv2d_grad_input(gy, w4, [8, 8], [1, 1], [-1, 0], [0, 0], [1, 1], 1, "auto"),
+        r"negative padding is not supported"),
+    "grad_input_groups_zero": (
+        "conv", lambda: conv_bwd(gy, x4, w4, [True, False, False], groups=0),
+        lambda: ops.conv2d_grad_input(gy, w4, [8, 8], [1, 1], [0, 0], [0, 0], [1, 1], 0, "auto"),
+        r"non-positive groups"),
+    "grad_weight_made_up_weight_size": (
+        "conv", lambda: conv_bwd(gy, x4, torch.zeros(6, 4, 5, 5, dtype=D), [False, True, False]),
+        lambda: ops.conv2d_grad_weight(gy, x4, [5, 5], [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto"),
+        r"conv2d_grad_weight: expected grad_output of spatial size \(4, 4\)"),
+    # aten.convolution_backward does not compare the two batch sizes (it returns a result); no torch call
+    # refuses this, fastconv does (its kernels would read past the shorter tensor).
+    "grad_weight_batch_mismatch": (
+        "conv", None,
+        lambda: ops.conv2d_grad_weight(gy[:1], x4, [3, 3], [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto"),
+        r"grad_output has batch size 1 but input has 2"),
+    "grad_weight_stride_zero": (
+        "conv", lambda: conv_bwd(gy, x4, w4, [False, True, False], stride=(0, 0)),
+        lambda: ops.conv2d_grad_weight(gy, x4, [3, 3], [0, 0], [0, 0], [0, 0], [1, 1], 1, "auto"),
+        r"non-positive stride"),
+    # ---- transposed and separable ---------------------------------------------------------------------
+    "transposed_negative_padding": ("transposed", lambda: aconv(w=wt, transposed=True, padding=(-1, -1)),
+                                    lambda: convT(padding=(-1, -1)), r"negative padding is not supported"),
+    "transposed_channel_mismatch": ("transposed", lambda: aconv(w=wt[:3], transposed=True),
+                                    lambda: convT(w=wt[:3]), r"weight has 3 input channels"),
+    "transposed_output_padding": ("transposed",
+                                  lambda: aconv(w=wt, transposed=True, stride=(2, 2), output_padding=(2, 2)),
+                                  lambda: convT(stride=(2, 2), output_padding=(2, 2)),
+                                  r"output padding must be smaller than either stride or dilation"),
+    "transposed_bias_wrong_length": ("transposed", lambda: aconv(w=wt, b=b6, transposed=True),
+                                     lambda: convT(b=b6), r"expected bias of shape \(3,\)"),
+    "transposed_output_too_small": ("transposed", lambda: aconv(x4[:, :, :1, :1], wt, transposed=True, padding=(3, 3)),
+                                    lambda: convT(x4[:, :, :1, :1], padding=(3, 3)),
+                                    r"computed output size \(-3, -3\) is too small"),
+    "transposed_groups_zero": ("transposed", lambda: aconv(w=wt, transposed=True, groups=0),
+                               lambda: convT(groups=0), r"non-positive groups"),
+    "transposed_empty_weight": ("transposed", lambda: aconv(w=wt[:, :0], transposed=True),
+                                lambda: convT(w=wt[:, :0]), r"expected a non-empty weight"),
+    "transposed_zero_spatial": ("transposed", lambda: aconv(x4[:, :, :0], wt, transposed=True),
+                                lambda: convT(x4[:, :, :0]), r"only zero batch or zero channel inputs"),
+    "separable_pointwise_mismatch": (
+        "transposed", lambda: TF.conv2d(TF.conv2d(x4, dw4, groups=4), torch.randn(6, 8, 1, 1, dtype=D)),
+        lambda: ops.depthwise_separable_conv2d(x4, dw4, torch.randn(6, 8, 1, 1, dtype=D), None, None, [1, 1],
+                                               [0, 0], [0, 0], [1, 1], "auto"),
+        r"pointwise_weight has 8 input channels but depthwise_weight has 4"),
+    "separable_negative_padding": (
+        "transposed", lambda: aconv(x4, dw4, padding=(-1, -1), groups=4),
+        lambda: ops.depthwise_separable_conv2d(x4, dw4, pw4, None, None, [1, 1], [-1, -1], [-1, -1], [1, 1], "auto"),
+        r"negative padding is not supported"),
+    "separable_bias_wrong_length": (
+        "transposed", lambda: aconv(x4, dw4, torch.randn(3, dtype=D), groups=4),
+        lambda: ops.depthwise_separable_conv2d(x4, dw4, pw4, torch.randn(3, dtype=D), None, [1, 1], [0, 0], [0, 0],
+                                               [1, 1], "auto"),
+        r"expected depthwise_bias of shape \(4,\)"),
+    # ---- pooling ----------------------------------------------------------------------------------------
+    "max_pool_padding_over_half": ("pool", lambda: TF.max_pool2d(pool_x, 3, 1, 2),
+                                   lambda: ops.max_pool(pool_x, [3, 3], [1, 1], [2, 2], [1, 1], False, False),
+                                   r"fastconv.max_pool: pad should be at most half of kernel size"),
+    "max_pool_negative_kernel": ("pool", lambda: TF.max_pool2d(pool_x, -1),
+                                 lambda: ops.max_pool(pool_x, [-1, -1], [1, 1], [0, 0], [1, 1], False, False),
+                                 r"non-positive kernel_size is not supported"),
+    "max_pool_stride_zero": ("pool", lambda: TF.max_pool2d(pool_x, 2, 0),
+                             lambda: ops.max_pool(pool_x, [2, 2], [0, 0], [0, 0], [1, 1], False, False),
+                             r"non-positive stride"),
+    "max_pool_negative_padding": ("pool", lambda: TF.max_pool2d(pool_x, 3, 1, -1),
+                                  lambda: ops.max_pool(pool_x, [3, 3], [1, 1], [-1, -1], [1, 1], False, False),
+                                  r"negative padding"),
+    "max_pool_list_lengths": ("pool", lambda: aten.max_pool2d_with_indices(pool_x, [2, 2], [2, 2, 2]),
+                              lambda: ops.max_pool(pool_x, [2, 2], [2, 2, 2], [0, 0], [1, 1], False, False),
+                              r"expected stride to be a list of 2 ints"),
+    "max_pool_input_rank": ("pool", lambda: TF.max_pool2d(pool_x[0, 0], 2),
+                            lambda: ops.max_pool(pool_x[0, 0], [2, 2], [2, 2], [0, 0], [1, 1], False, False),
+                            r"expected input to be 4-D"),
+    "max_pool_zero_channels": ("pool", lambda: TF.max_pool2d(pool_x[:, :0], 2),
+                               lambda: ops.max_pool(pool_x[:, :0], [2, 2], [2, 2], [0, 0], [1, 1], False, False),
+                               r"expected input with non-zero size"),
+    "max_pool_output_too_small": ("pool", lambda: TF.max_pool2d(pool_x[:, :, :2, :2], 3),
+                                  lambda: ops.max_pool(pool_x[:, :, :2, :2], [3, 3], [3, 3], [0, 0], [1, 1], False,
+                                                       False),
+                                  r"output size is too small"),
+    "max_pool_bool": ("pool", lambda: TF.max_pool2d(pool_x > 0, 2),
+                      lambda: ops.max_pool(pool_x > 0, [2, 2], [2, 2], [0, 0], [1, 1], False, False),
+                      r"input has dtype torch.bool, which is not implemented"),
+    "avg_pool_stride_zero": ("pool", lambda: TF.avg_pool2d(pool_x, 2, 0),
+                             lambda: ops.avg_pool(pool_x, [2, 2], [0, 0], [0, 0], False, True, 0),
+                             r"non-positive stride"),
+    "avg_pool_padding_over_half": ("pool", lambda: TF.avg_pool2d(pool_x, 2, 1, 2),
+                                   lambda: ops.avg_pool(pool_x, [2, 2], [1, 1], [2, 2], False, True, 0),
+                                   r"pad should be at most half of kernel size"),
+    "avg_pool_backward_wrong_grad_shape": (
+        "pool", lambda: aten.avg_pool2d_backward(torch.randn(2, 3, 3, 3, dtype=D), pool_x, [2, 2], [2, 2], [0, 0],
+                                                 False, True, None),
+        lambda: ops.avg_pool_backward(torch.randn(2, 3, 3, 3, dtype=D), [8, 8], [2, 2], [2, 2], [0, 0], False, True,
+                                      0),
+        r"expected grad_output of spatial size \(4, 4\)"),
+    "max_pool_backward_indices_shape": (
+        "pool", lambda: aten.max_pool2d_with_indices_backward(pooled, pool_x, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                              pool_idx[:, :, :2]),
+        lambda: ops.max_pool_backward(pooled, pool_idx[:, :, :2], [8, 8]),
+        r"expected indices to have the same shape as grad_output"),
+    "max_pool_backward_indices_dtype": (
+        "pool", lambda: aten.max_pool2d_with_indices_backward(pooled, pool_x, [2, 2], [2, 2], [0, 0], [1, 1], False,
+                                                              pool_idx.int()),
+        lambda: ops.max_pool_backward(pooled, pool_idx.int(), [8, 8]), r"expected indices of dtype torch.int64"),
+    "max_unpool_indices_dtype": ("pool", lambda: TF.max_unpool2d(pooled, pool_idx.int(), 2),
+                                 lambda: ops.max_unpool(pooled, pool_idx.int(), [8, 8]),
+                                 r"expected indices of dtype torch.int64"),
+    "max_unpool_indices_shape": ("pool", lambda: TF.max_unpool2d(pooled, pool_idx[:, :, :1], 2),
+                                 lambda: ops.max_unpool(pooled, pool_idx[:, :, :1], [8, 8]),
+                                 r"expected indices to have the same shape as input"),
+    "max_unpool_negative_output_size": ("pool", lambda: aten.max_unpool2d(pooled, pool_idx, [-1, 8]),
+                                        lambda: ops.max_unpool(pooled, pool_idx, [-1, 8]),
+                                        r"negative output_size is not supported"),
+    "max_unpool_index_out_of_range": ("pool", lambda: aten.max_unpool2d(pooled, pool_idx, [2, 2]),
+                                      lambda: ops.max_unpool(pooled, pool_idx, [2, 2]), r"invalid max index"),
+    "adaptive_negative_output": ("pool", lambda: aten.adaptive_max_pool2d(pool_x, [-1, 2]),
+                                 lambda: ops.adaptive_max_pool(pool_x, [-1, 2]),
+                                 r"negative output_size is not supported"),
+    "adaptive_output_rank": ("pool", lambda: aten._adaptive_avg_pool2d(pool_x, [2, 2, 2]),
+                             lambda: ops.adaptive_avg_pool(pool_x, [2, 2, 2]), r"expected input to be 5-D"),
+    "adaptive_avg_backward_rank": (
+        "pool", lambda: aten._adaptive_avg_pool2d_backward(torch.randn(2, 3, 2, 2, dtype=D), pool_x[..., None]),
+        lambda: ops.adaptive_avg_pool_backward(torch.randn(2, 3, 2, 2, dtype=D), [8, 8, 1]),
+        r"expected grad_output to be 5-D"),
+    # The gather this op is accepts int32 indices in torch; fastconv's kernels take int64 only.
+    "max_unpool_backward_indices_dtype": (
+        "pool", None,
+        lambda: ops.max_unpool_backward(pool_x, pool_idx.int()), r"expected indices of dtype torch.int64"),
+}
+
+GROUPS = sorted({case[0] for case in CASES.values()})
+#: Refused before or after the op's validation: by the kernel (an index outside the plane is only known from
+#: the data), or by the dispatcher's schema check (a list where a Tensor belongs).
+NOT_VALIDATION_MESSAGES = {"max_unpool_index_out_of_range", "conv_not_a_tensor"}
+
+
+# ------------------------------------------------------------------------------------------------
+# the child process
+# ------------------------------------------------------------------------------------------------
+def _child(group: str) -> None:
+    """Run one group's cases; print one JSON line per case. Progress goes to stderr first, so a crash
+    shows which case killed the process."""
+    import fastconv  # noqa: F401  (registers the ops)
+
+    for name, (g, torch_call, our_call, _) in CASES.items():
+        if g != group:
+            continue
+        print(f"START {name}", file=sys.stderr, flush=True)
+        torch_error = None
+        if torch_call is not None:
+            try:
+                torch_call()
+            except Exception as e:  # noqa: BLE001  (any exception: the case's premise is that torch refuses)
+                torch_error = e
+        ours = None
+        try:
+            result = our_call()
+        except Exception as e:  # noqa: BLE001
+            ours = e
+        record = dict(name=name, torch=type(torch_error).__name__ if torch_error is not None else None,
+                      ours=type(ours).__name__ if ours is not None else None,
+                      message=str(ours) if ours is not None else None,
+                      same_type=ours is not None and torch_error is not None and isinstance(ours, type(torch_error)),
+                      returned=None if ours is not None else repr(getattr(result, "shape", result)))
+        print(json.dumps(record), flush=True)
+
+
+def _run_child(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+_RESULTS: dict[str, dict] = {}
+
+
+def _group_results(group: str) -> dict:
+    if group not in _RESULTS:
+        proc = _run_child("child", group)
+        records = {}
+        for line in proc.stdout.splitlines():
+            if line.startswith("{"):
+                rec = json.loads(line)
+                records[rec["name"]] = rec
+        _RESULTS[group] = dict(returncode=proc.returncode, stderr=proc.stderr[-3000:], records=records)
+    return _RESULTS[group]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_direct_op_call_with_bad_arguments_is_refused(name):
+    group, torch_call, _, message = CASES[name]
+    res = _group_results(group)
+    rec = res["records"].get(name)
+    assert rec is not None, (f"the child process for group {group!r} died before reporting {name!r} "
+                             f"(exit status {res['returncode']}; a negative status is a signal):\n{res['stderr']}")
+    assert rec["ours"] is not None, f"{name}: fastconv returned {rec['returned']} instead of raising"
+    if torch_call is not None:
+        assert rec["torch"] is not None, f"{name}: torch accepts this call, so the case tests nothing torch refuses"
+        assert rec["same_type"], f"{name}: torch raised {rec['torch']}, fastconv raised {rec['ours']}: {rec['message']}"
+    else:
+        assert rec["ours"] in ("RuntimeError", "NotImplementedError", "TypeError", "ValueError"), rec
+    if name not in NOT_VALIDATION_MESSAGES:
+        assert rec["message"].startswith("fastconv."), rec["message"]
+    import re
+
+    assert re.search(message, rec["message"]), f"{name}: message {rec['message']!r} does not match {message!r}"
+
+
+def test_every_child_exits_cleanly():
+    for group in GROUPS:
+        res = _group_results(group)
+        assert res["returncode"] == 0, f"group {group}: exit status {res['returncode']}\n{res['stderr']}"
+
+
+def test_every_registered_op_has_an_abuse_case():
+    """A new op must come with at least one direct-call case here (its name in one of the calls)."""
+    import inspect
+
+    import fastconv  # noqa: F401
+
+    names = [n for n in dir(ops) if not n.startswith("_") and n != "name"]
+    sources = "\n".join(inspect.getsource(case[2]) for case in CASES.values())
+    covered = {n for n in names if f"ops.{n}(" in sources or (n == "conv2d" and "conv2d(" in sources)
+               or (n == "conv_transpose2d" and "convT(" in sources)}
+    # conv1d/conv3d and their gradient ops share conv2d's validator (validation.conv_op & co., ndim given);
+    # the fuzz below calls them directly.
+    shared = {"conv1d", "conv3d", "conv1d_grad_input", "conv3d_grad_input", "conv1d_grad_weight",
+              "conv3d_grad_weight", "conv_transpose1d", "conv_transpose3d"}
+    missing = set(names) - covered - shared
+    assert not missing, f"registered ops without a direct-call abuse case: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# zero sizes and mixed dtypes: the same result as torch (in-process: nothing here runs a kernel)
+# ------------------------------------------------------------------------------------------------
+import fastconv  # noqa: E402
+import fastconv.functional as F  # noqa: E402
+
+ZERO_CASES = {
+    # name: (torch function, fastconv function, args, kwargs)
+    "conv2d_batch0": (TF.conv2d, F.conv2d, (torch.randn(0, 2, 5, 5, dtype=D), torch.randn(3, 2, 3, 3, dtype=D),
+                                            torch.randn(3, dtype=D)), {}),
+    "conv2d_batch0_padding": (TF.conv2d, F.conv2d, (torch.randn(0, 2, 5, 5, dtype=D), torch.randn(3, 2, 3, 3, dtype=D)),
+                              dict(padding=2, stride=2)),
+    "conv2d_batch0_zero_spatial": (TF.conv2d, F.conv2d, (torch.randn(0, 2, 0, 5, dtype=D),
+                                                         torch.randn(3, 2, 1, 1, dtype=D)), dict(padding=1)),
+    "conv2d_zero_channels": (TF.conv2d, F.conv2d, (torch.randn(2, 0, 5, 5, dtype=D), torch.randn(5, 0, 3, 3, dtype=D),
+                                                   torch.randn(5, dtype=D)), {}),
+    "conv2d_zero_channels_zero_spatial": (TF.conv2d, F.conv2d, (torch.randn(2, 0, 0, 5, dtype=D),
+                                                                torch.randn(5, 0, 1, 1, dtype=D)), dict(padding=1)),
+    "conv1d_zero_channels": (TF.conv1d, F.conv1d, (torch.randn(2, 0, 5, dtype=D), torch.randn(5, 0, 3, dtype=D)), {}),
+    "conv3d_zero_channels_unbatched": (TF.conv3d, F.conv3d, (torch.randn(0, 4, 4, 4, dtype=D),
+                                                             torch.randn(5, 0, 3, 3, 3, dtype=D)), {}),
+    "conv2d_zero_channels_mixed_dtype": (TF.conv2d, F.conv2d, (torch.randn(2, 0, 5, 5),
+                                                               torch.randn(5, 0, 3, 3, dtype=D)), {}),
+    "conv1d_batch0_mixed_dtype": (TF.conv1d, F.conv1d, (torch.randn(0, 2, 5), torch.randn(3, 2, 3, dtype=D)), {}),
+    "conv2d_batch0_mixed_dtype": (TF.conv2d, F.conv2d, (torch.randn(0, 2, 5, 5), torch.randn(3, 2, 3, 3, dtype=D),
+                                                        torch.randn(3)), {}),
+    "conv2d_batch0_float64_input": (TF.conv2d, F.conv2d, (torch.randn(0, 2, 5, 5, dtype=D), torch.randn(3, 2, 3, 3)),
+                                    {}),
+    "conv3d_batch0_mixed_dtype": (TF.conv3d, F.conv3d, (torch.randn(0, 2, 5, 5, 5),
+                                                        torch.randn(3, 2, 3, 3, 3, dtype=D)), {}),
+    "conv_transpose2d_batch0_mixed": (TF.conv_transpose2d, F.conv_transpose2d,
+                                      (torch.randn(0, 2, 5, 5), torch.randn(2, 3, 3, 3, dtype=D),
+                                       torch.randn(3, dtype=D)), dict(stride=2)),
+    "conv_transpose2d_batch0_zero_spatial": (TF.conv_transpose2d, F.conv_transpose2d,
+                                             (torch.randn(0, 2, 0, 5, dtype=D), torch.randn(2, 3, 3, 3, dtype=D)), {}),
+    "max_pool2d_batch0_padding": (TF.max_pool2d, F.max_pool2d, (torch.randn(0, 2, 4, 4, dtype=D), 3, 1, 1), {}),
+    "avg_pool2d_batch0": (TF.avg_pool2d, F.avg_pool2d, (torch.randn(0, 2, 4, 4, dtype=D), 2), {}),
+    "max_pool3d_batch0": (TF.max_pool3d, F.max_pool3d, (torch.randn(0, 2, 4, 4, 4, dtype=D), 2), {}),
+    "adaptive_avg_zero_channels": (TF.adaptive_avg_pool2d, F.adaptive_avg_pool2d, (torch.randn(2, 0, 4, 4, dtype=D), 2),
+                                   {}),
+    "adaptive_avg_output_zero": (TF.adaptive_avg_pool2d, F.adaptive_avg_pool2d, (torch.randn(2, 3, 4, 4, dtype=D), 0),
+                                 {}),
+    "adaptive_max_output_zero": (TF.adaptive_max_pool2d, F.adaptive_max_pool2d, (torch.randn(2, 3, 4, 4, dtype=D), 0),
+                                 {}),
+    "adaptive_max_unbatched_zero_channels": (TF.adaptive_max_pool2d, F.adaptive_max_pool2d,
+                                             (torch.randn(0, 4, 4, dtype=D), 2), dict(return_indices=True)),
+    "adaptive_avg_unbatched_zero_channels": (TF.adaptive_avg_pool2d, F.adaptive_avg_pool2d,
+                                             (torch.randn(0, 4, 4, dtype=D), 2), {}),
+    "max_unpool2d_batch0": (TF.max_unpool2d, F.max_unpool2d, (torch.randn(0, 2, 2, 2, dtype=D),
+                                                              torch.zeros(0, 2, 2, 2, dtype=torch.long), 2), {}),
+    "lp_pool2d_batch0": (TF.lp_pool2d, F.lp_pool2d, (torch.randn(0, 2, 4, 4, dtype=D), 2, 2), {}),
+    # torch refuses these (a zero spatial size with a non-zero batch and channel count): fastconv too.
+    "conv2d_zero_spatial_padding": (TF.conv2d, F.conv2d, (torch.randn(2, 2, 0, 5, dtype=D),
+                                                          torch.randn(3, 2, 1, 1, dtype=D)), dict(padding=1)),
+    "conv2d_zero_out_channels": (TF.conv2d, F.conv2d, (torch.randn(2, 2, 5, 5, dtype=D),
+                                                       torch.randn(0, 2, 3, 3, dtype=D)), {}),
+    "conv_transpose2d_zero_channels": (TF.conv_transpose2d, F.conv_transpose2d,
+                                       (torch.randn(2, 0, 5, 5, dtype=D), torch.randn(0, 3, 3, 3, dtype=D)), {}),
+    "max_pool2d_zero_channels": (TF.max_pool2d, F.max_pool2d, (torch.randn(2, 0, 4, 4, dtype=D), 2), {}),
+    "max_pool2d_zero_spatial": (TF.max_pool2d, F.max_pool2d, (torch.randn(2, 2, 0, 4, dtype=D), 1), {}),
+    "avg_pool2d_zero_channels_unbatched": (TF.avg_pool2d, F.avg_pool2d, (torch.randn(0, 4, 4, dtype=D), 2), {}),
+    "adaptive_max_zero_channels": (TF.adaptive_max_pool2d, F.adaptive_max_pool2d,
+                                   (torch.randn(2, 0, 4, 4, dtype=D), 2), {}),
+    "adaptive_avg_zero_spatial": (TF.adaptive_avg_pool2d, F.adaptive_avg_pool2d,
+                                  (torch.randn(2, 3, 0, 4, dtype=D), 2), {}),
+    "max_unpool2d_zero_channels": (TF.max_unpool2d, F.max_unpool2d, (torch.randn(2, 0, 2, 2, dtype=D),
+                                                                     torch.zeros(2, 0, 2, 2, dtype=torch.long), 2), {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ZERO_CASES))
+def test_zero_sizes_and_mixed_dtypes_match_torch(name):
+    """Same shape and dtype as torch (zeros, where torch's result is non-empty), or an error of torch's type."""
+    ref_fn, our_fn, args, kwargs = ZERO_CASES[name]
+    try:
+        ref = ref_fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        with pytest.raises(type(e)):
+            our_fn(*args, **kwargs)
+        return
+    ours = our_fn(*args, **kwargs)
+    refs, outs = (ref, ours) if isinstance(ref, tuple) else ((ref,), (ours,))
+    assert len(outs) == len(refs)
+    for r, o in zip(refs, outs):
+        assert o.shape == r.shape and o.dtype == r.dtype, f"{name}: got {o.shape} {o.dtype}, torch {r.shape} {r.dtype}"
+        assert torch.equal(o, r)
+
+
+def test_zero_channel_conv_backward_matches_torch():
+    x = torch.randn(2, 0, 5, 5, dtype=D, requires_grad=True)
+    w = torch.randn(5, 0, 3, 3, dtype=D, requires_grad=True)
+    b = torch.randn(5, dtype=D, requires_grad=True)
+    F.conv2d(x, w, b).sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
+    assert torch.equal(b.grad, torch.zeros(5, dtype=D))
+
+
+def test_batch0_mixed_dtype_backward_matches_torch():
+    for fn, tfn, wshape in ((F.conv2d, TF.conv2d, (3, 2, 3, 3)), (F.conv_transpose2d, TF.conv_transpose2d, (2, 3, 3, 3))):
+        grads = []
+        for f in (fn, tfn):
+            x = torch.randn(0, 2, 5, 5, requires_grad=True)
+            w = torch.randn(*wshape, dtype=D, requires_grad=True)
+            f(x, w).sum().backward()
+            grads.append((x.grad, w.grad))
+        for ours, ref in zip(grads[0], grads[1]):
+            assert ours.dtype == ref.dtype and ours.shape == ref.shape and torch.equal(ours, ref)
+
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+@pytest.mark.parametrize("dtype", INTEGER_DTYPES, ids=str)
+def test_integer_max_pooling_matches_torch(dtype):
+    """torch's max_pool accepts integer tensors (values and int64 indices): fastconv's CPU path too."""
+    info = torch.iinfo(dtype)
+    g = torch.Generator().manual_seed(0)
+    x2 = torch.randint(info.min, info.max, (2, 3, 9, 11), generator=g, dtype=torch.int64).to(dtype)
+    x2[0, 0, :3, :3] = info.min   # a window of the dtype's lowest value: the first index wins, as in torch
+    x2[1, 1, 2:5, 2:5] = 7        # ties
+    cases = [(TF.max_pool2d, F.max_pool2d, x2, dict(kernel_size=3, stride=2, padding=1)),
+             (TF.max_pool2d, F.max_pool2d, x2, dict(kernel_size=2, dilation=2, ceil_mode=True)),
+             (TF.max_pool1d, F.max_pool1d, x2[0], dict(kernel_size=3, stride=1, padding=1)),
+             (TF.max_pool3d, F.max_pool3d, x2.reshape(1, 2, 3, 9, 11), dict(kernel_size=2, stride=(1, 2, 2)))]
+    for tfn, fn, x, kw in cases:
+        ref_y, ref_i = tfn(x, return_indices=True, **kw)
+        y, i = fn(x, return_indices=True, **kw)
+        assert y.dtype == dtype and torch.equal(y, ref_y), (tfn.__name__, kw)
+        assert torch.equal(i, ref_i), (tfn.__name__, kw)
+        assert torch.equal(fn(x, **kw), ref_y)
+
+
+@pytest.mark.parametrize("dtype", (torch.uint8, torch.int64), ids=str)
+def test_integer_min_pooling_is_exact(dtype):
+    """torch has no min pooling; fastconv's is exact on integers (no negation: uint8 would wrap)."""
+    x = torch.randint(0, 200, (2, 3, 8, 8), dtype=torch.int64).to(dtype)
+    y, i = F.min_pool2d(x, 3, 2, 1, return_indices=True)
+    ref_y, ref_i = TF.max_pool2d(-(x.to(torch.int64)), 3, 2, 1, return_indices=True)
+    assert y.dtype == dtype and torch.equal(y.to(torch.int64), -ref_y) and torch.equal(i, ref_i)
+
+
+# ------------------------------------------------------------------------------------------------
+# property-based fuzz of the registered ops' arguments (in a child: a crash fails the test)
+# ------------------------------------------------------------------------------------------------
+FUZZ_EXAMPLES = 200
+ALLOWED_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+def _fuzz() -> None:
+    import resource
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    import fastconv  # noqa: F401
+
+    # A bug that allocates a huge output must fail as an error here, not push the machine into swap.
+    resource.setrlimit(resource.RLIMIT_AS, (16 * 2 ** 30, resource.RLIM_INFINITY))
+    torch.set_num_threads(1)
+    ints = st.one_of(st.integers(-2, 5), st.sampled_from([0, 1, 2 ** 31, 2 ** 62, 2 ** 63 - 1]))
+    outcomes = {"ok": 0, "refused": 0}
+
+    def int_list(draw, n):
+        length = draw(st.sampled_from([n, n, n, n, 0, 1, n + 1]))
+        return [draw(ints) for _ in range(length)]
+
+    def tensor(draw, rank, *, small=5, dtype=None):
+        dims = [draw(st.integers(0, 2)) if i < 2 else draw(st.integers(0, small)) for i in range(rank)]
+        dtype = dtype or draw(st.sampled_from([D, D, D, torch.float32, torch.int64, torch.float16]))
+        return torch.randn(*dims, dtype=torch.float64).mul(4).to(dtype)
+
+    @st.composite
+    def calls(draw):
+        op = draw(st.sampled_from(["conv1d", "conv2d", "conv3d", "conv2d_grad_input", "conv2d_grad_weight",
+                                   "conv_transpose1d", "conv_transpose2d", "depthwise_separable_conv2d",
+                                   "max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool", "max_unpool",
+                                   "max_pool_backward", "max_unpool_backward", "avg_pool_backward",
+                                   "adaptive_avg_pool_backward"]))
+        nd = 2 if op.startswith(("conv2d", "depthwise")) else int(op[-2]) if op[-2].isdigit() else \
+            draw(st.integers(1, 3))
+        rank = draw(st.sampled_from([nd + 2] * 6 + [nd + 1, nd + 3]))
+        x = tensor(draw, rank)
+        same = draw(st.booleans())
+        other = tensor(draw, rank if draw(st.booleans()) else nd + 2, small=3, dtype=x.dtype if same else None)
+        lists = [int_list(draw, nd) for _ in range(5)]
+        g = draw(st.sampled_from([1, 1, 1, 2, 0, -1]))
+        bias = draw(st.sampled_from([None, "right", "wrong"]))
+        idx = torch.randint(-1, 40, tuple(x.shape), dtype=draw(st.sampled_from([torch.int64, torch.int64,
+                                                                                  torch.int32])))
+        return op, nd, x, other, lists, g, bias, idx
+
+    def run(op, nd, x, other, lists, g, bias, idx):
+        s, p, pe, d, o = lists
+        K = other.shape[0] if other.dim() else 0
+        b = None if bias is None else torch.randn(K if bias == "right" else K + 1, dtype=x.dtype)
+        f = getattr(torch.ops.fastconv, op)
+        if op in ("conv1d", "conv2d", "conv3d"):
+            return f(x, other, b, s, p, pe, d, g, "auto")
+        if op.endswith("grad_input"):
+            return f(x, other, o, s, p, pe, d, g, "auto")
+        if op.endswith("grad_weight"):
+            return f(x, other, o, s, p, pe, d, g, "auto")
+        if op.startswith("conv_transpose"):
+            return f(x, other, b, s, p, o, d, g, "auto")
+        if op == "depthwise_separable_conv2d":
+            pw = torch.randn(3, other.shape[0] if other.dim() else 1, 1, 1, dtype=x.dtype)
+            return f(x, other, pw, None, b, s, p, pe, d, "auto")
+        if op == "max_pool":
+            return f(x, o, s, p, d, bool(g % 2), g < 0)
+        if op == "avg_pool":
+            return f(x, o, s, p, bool(g % 2), bool(g), g)
+        if op in ("adaptive_avg_pool", "adaptive_max_pool"):
+            return f(x, o)
+        if op == "max_unpool":
+            return f(x, idx, o)
+        if op == "max_pool_backward":
+            return f(x, idx, o)
+        if op == "max_unpool_backward":
+            return f(other, idx)
+        if op == "avg_pool_backward":
+            return f(x, o, s, p, d, bool(g % 2), True, 0)
+        return f(x, o)  # adaptive_avg_pool_backward
+
+    def reference(op, nd, x, other, lists, g):
+        """torch's result for a conv call fastconv accepted."""
+        s, p, pe, d, o = lists
+        if True:
+            if op.startswith("conv_transpose"):
+                return aten.convolution(x, other, None, s, p, d, True, o, g)
+            # fastconv's padding before (p) and after (pe) each dim: torch pads explicitly.
+            pads = [v for pair in zip(reversed(p), reversed(pe)) for v in pair]
+            return aten.convolution(TF.pad(x, pads), other, None, s, [0] * nd, d, False, [0] * nd, g)
+        return None
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(calls())
+    def check(call):
+        op, nd, x, other, lists, g, bias, idx = call
+        print(f"CALL {op} x{list(x.shape)} {x.dtype} other{list(other.shape)} {other.dtype} {lists} g={g} "
+              f"bias={bias}", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
+        try:
+            out = run(*call)
+        except ALLOWED_ERRORS as e:
+            outcomes["refused"] += 1
+            assert not isinstance(e, AssertionError)
+            return
+        outcomes["ok"] += 1
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for t in outs:
+            assert isinstance(t, torch.Tensor)
+            assert t.numel() < 2 ** 28, f"{op}: returned a tensor of {t.numel()} elements"
+        if op in ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d") and x.dtype == D \
+                and bias is None:
+            ref = reference(op, nd, x, other, lists, g)
+            assert ref.shape == out.shape, f"{op}: shape {out.shape}, torch {ref.shape}"
+            if out.numel():
+                assert torch.allclose(out, ref, rtol=1e-9, atol=1e-9), f"{op}: values differ from torch"
+
+    check()
+    print(json.dumps(outcomes), flush=True)
+
+
+def test_fuzz_registered_op_arguments_never_crash():
+    """Random ints (negative, zero, huge), shapes (zeros too), list lengths and dtypes for every op: the
+    child never dies, every refusal is a RuntimeError/ValueError/TypeError/IndexError, and every accepted
+    conv call matches torch (float64)."""
+    pytest.importorskip("hypothesis")
+    proc = _run_child("fuzz", timeout=300)
+    tail = proc.stderr[-4000:]
+    assert proc.returncode == 0, f"fuzz child exited with status {proc.returncode}:\n{tail}"
+    outcomes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert outcomes["ok"] + outcomes["refused"] >= FUZZ_EXAMPLES // 2, outcomes
+    assert outcomes["ok"] > 0 and outcomes["refused"] > 0, outcomes
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        _child(sys.argv[2])
+    elif sys.argv[1:2] == ["fuzz"]:
+        _fuzz()
+    else:
+        sys.exit(f"usage: {sys.argv[0]} child <group> | fuzz")
