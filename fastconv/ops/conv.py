@@ -72,6 +72,7 @@ def _register(ndim: int):
     spatial = slice(2, 2 + ndim)
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(name)
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
         shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
@@ -92,6 +93,7 @@ def _register(ndim: int):
         return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_input")
     def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                    algo: str) -> Tensor:
@@ -114,6 +116,7 @@ def _register(ndim: int):
         return grad_output.new_empty(shape)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_weight")
     def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
                     padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                     algo: str) -> Tensor:

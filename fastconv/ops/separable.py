@@ -77,6 +77,7 @@ def choose_algo(algo: str, target: str) -> str:
 
 
 @torch.library.custom_op(f"fastconv::{OP}", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors(OP)
 def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor,
                                depthwise_bias: Optional[Tensor], pointwise_bias: Optional[Tensor],
                                stride: list[int], padding: list[int], padding_end: list[int],

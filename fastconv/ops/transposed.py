@@ -94,6 +94,7 @@ def _register(ndim: int):
     conv_fwd, conv_grad_input, conv_grad_weight = conv_ops.OPS[ndim]
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(name)
     def conv_transpose(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                        padding: list[int], output_padding: list[int], dilation: list[int], groups: int,
                        algo: str) -> Tensor:

@@ -19,6 +19,7 @@ Rules:
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -38,6 +39,20 @@ INTEGER_POOL_TARGETS = ("numba",)
 MAX_OUTPUT_BYTES = 2 ** 48
 
 IntOrSeq = Union[int, Sequence[int]]
+
+
+def allocation_errors(op: str):
+    """Decorator for an op's implementation: an allocation the machine cannot satisfy raises RuntimeError, as
+    torch's allocator does ("can't allocate memory"), not numpy's MemoryError, which no caller expects."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def impl(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except MemoryError as e:
+                raise RuntimeError(f"{_name(op)}: out of memory: {e}") from e
+        return impl
+    return wrap
 
 
 def _name(op: str) -> str:
