@@ -190,8 +190,8 @@ def test_fast_2d_path_non_finite_at_row_ends(stride):
     gy[0, 1, 2, -1] = float("inf")
     want = torch.ops.aten.convolution_backward(gy, x, w, None, [stride] * 2, [1, 1], [1, 1], False, [0, 0], 3,
                                                [True, True, False])
-    got_gx = torch.ops.fastconv.conv2d_grad_input(gy, w, [12, 12], [stride] * 2, [1, 1], [0, 0], [1, 1], 3, ALGO)
-    got_gw = torch.ops.fastconv.conv2d_grad_weight(gy, x, [3, 3], [stride] * 2, [1, 1], [0, 0], [1, 1], 3, ALGO)
+    got_gx = torch.ops.fastconv.conv2d_grad_input(gy, w, [12, 12], [stride] * 2, [1, 1], [1, 1], [1, 1], 3, ALGO)
+    got_gw = torch.ops.fastconv.conv2d_grad_weight(gy, x, [3, 3], [stride] * 2, [1, 1], [1, 1], [1, 1], 3, ALGO)
     assert_close(got_gx, want[0], what="grad_input")
     assert_close(got_gw, want[1], what="grad_weight")
 

@@ -22,7 +22,10 @@ BAD = {
     "wrong_dims": ("max_pool2d", (torch.randn(8, 8), 2), {}, True, r"expected input to be 3-D \(unbatched\) or 4-D"),
     "zero_size_spatial": ("avg_pool2d", (torch.randn(1, 3, 0, 4), 1), {}, True, r"non-zero size"),
     "kernel_wrong_length": ("max_pool2d", (x, (2, 2, 2)), {}, True, r"kernel_size to be a single int or a tuple of 2"),
-    "integer_input": ("max_pool2d", (x.long(), 2), {}, False, r"input has dtype torch.int64"),
+    # Integer max pooling is supported (test_pool.py); bool is refused by torch and fastconv alike, and
+    # integer average pooling (torch: int64 only) is refused by fastconv.
+    "bool_input": ("max_pool2d", (x > 0, 2), {}, True, r"input has dtype torch.bool, which is not implemented"),
+    "integer_avg_input": ("avg_pool2d", (x.long(), 2), {}, False, r"input has dtype torch.int64"),
     "divisor_zero": ("avg_pool2d", (x, 2), dict(divisor_override=0), True, r"divisor must be not zero"),
     "adaptive_negative": ("adaptive_avg_pool2d", (x, (-1, 2)), {}, True, r"non-negative ints or None"),
     "adaptive_bad_length": ("adaptive_max_pool2d", (x, (1, 2, 3)), {}, True, r"output_size must be an int or a tuple of 2"),

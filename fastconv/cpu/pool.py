@@ -426,11 +426,57 @@ def _max_pool_backward_kernel(g, ind, gx, bad):
                 bad[p] = True
 
 
-def _check_geometry(name, x, *tuples):
+#: Integer dtypes max/min pooling accepts (torch's max_pool does; forward only, no NaN rule needed).
+_INTEGER_DTYPES = (np.uint8, np.int8, np.int16, np.int32, np.int64)
+
+
+@njit(parallel=True, **_JIT)
+def _extreme_pool_int_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, init, want_min, want_idx):
+    """Max (or min) pooling of an integer ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW), indices into ``ind``.
+
+    torch's integer rule: the window's first in-bounds element starts the running max (so ties and a
+    window full of the dtype's lowest value give the first index), then strictly larger values replace it.
+    A plain loop nest: integer pooling is for masks and label maps, not the hot path.
+    """
+    P, D, H, W = x.shape
+    OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    HW = H * W
+    for p in prange(P):
+        for od in range(OD):
+            d0 = od * sd - pd
+            for oh in range(OH):
+                h0 = oh * sh - ph
+                for ow in range(OW):
+                    w0 = ow * sw - pw
+                    m = init
+                    mi = -1
+                    for i in range(kd):
+                        idd = d0 + i * dd
+                        if idd < 0 or idd >= D:
+                            continue
+                        for j in range(kh):
+                            ih = h0 + j * dh
+                            if ih < 0 or ih >= H:
+                                continue
+                            for k in range(kw):
+                                iw = w0 + k * dw
+                                if iw < 0 or iw >= W:
+                                    continue
+                                v = x[p, idd, ih, iw]
+                                if mi < 0 or ((v < m) if want_min else (v > m)):
+                                    m = v
+                                    mi = idd * HW + ih * W + iw
+                    y[p, od, oh, ow] = m
+                    if want_idx:
+                        ind[p, od, oh, ow] = mi
+
+
+def _check_geometry(name, x, *tuples, integers=False):
     if x.ndim != 5:
         raise ValueError(f"{name}: expected a 5-D array (N, C, D, H, W), got {x.ndim}-D shape {x.shape}")
-    if x.dtype not in (np.float32, np.float64):
-        raise TypeError(f"{name}: expected float32 or float64, got {x.dtype}")
+    if x.dtype not in (np.float32, np.float64) and not (integers and x.dtype in _INTEGER_DTYPES):
+        allowed = "float32, float64 or an integer dtype" if integers else "float32 or float64"
+        raise TypeError(f"{name}: expected {allowed}, got {x.dtype}")
     for t in tuples:
         if len(t) != 3:
             raise ValueError(f"{name}: geometry arguments must be 3-tuples (d, h, w), got {t!r}")
@@ -445,7 +491,7 @@ def _planes(x):
 
 def _pool_extreme(name, x, kernel, stride, padding, dilation, out_spatial, return_indices, want_min):
     config.sync_threads()
-    _check_geometry(name, x, kernel, stride, padding, dilation, out_spatial)
+    _check_geometry(name, x, kernel, stride, padding, dilation, out_spatial, integers=True)
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
     y = np.empty((n * c, od, oh, ow), dtype=x.dtype)
@@ -457,7 +503,11 @@ def _pool_extreme(name, x, kernel, stride, padding, dilation, out_spatial, retur
         dd, dh, dw = (int(v) for v in dilation)
         xp = _planes(x)
         geo = (kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw)
-        if x.shape[2] * x.shape[3] * x.shape[4] >= _INT32_PLANE_LIMIT:
+        if x.dtype.kind in "iu":
+            info = np.iinfo(x.dtype)
+            init = x.dtype.type(info.max if want_min else info.min)
+            _extreme_pool_int_kernel(xp, y, ind, *geo, init, bool(want_min), bool(return_indices))
+        elif x.shape[2] * x.shape[3] * x.shape[4] >= _INT32_PLANE_LIMIT:
             _max_pool_kernel_generic(xp, y, ind, *geo, bool(want_min), bool(return_indices))
         else:
             _max_pool_kernel(xp, y, ind, *geo, bool(want_min), bool(return_indices))
@@ -470,7 +520,7 @@ def max_pool_forward(x, kernel, stride, padding, dilation, out_spatial, return_i
 
     Parameters
     ----------
-    x : ndarray (N, C, D, H, W), float32 or float64
+    x : ndarray (N, C, D, H, W), float32 or float64, or an integer dtype (uint8, int8-int64)
     kernel, stride, padding, dilation : 3-tuples of int (``padding`` = implicit -inf before and after)
     out_spatial : 3-tuple (OD, OH, OW), computed by the caller (ceil_mode applied there)
     return_indices : bool

@@ -8,48 +8,34 @@ from torch import Tensor
 
 from .. import registry
 from ..ops import conv as conv_ops
-from ._checks import IntOrSeq, batched, check_groups, check_same, check_tensor, int_tuple
+from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
 
 Padding = Union[str, IntOrSeq]
 
 
 class ConvArgs:
-    """Validated, normalised arguments of one N-d convolution call (all tuples have ``ndim`` ints)."""
+    """Normalised arguments of one N-d convolution call (all tuples have ``ndim`` ints).
+
+    Only what the registered op cannot see is checked here (Python types, unbatched input, padding
+    strings, ``algo``); shapes, dtypes and devices are checked by the op itself
+    (:func:`fastconv.ops.validation.conv_op`), once, before any kernel runs.
+    """
 
     def __init__(self, op: str, ndim: int, input, weight, bias, stride, padding, dilation, groups, algo):
         self.op, self.ndim = op, ndim
-        check_tensor(op, "input", input)
-        check_tensor(op, "weight", weight)
-        check_tensor(op, "bias", bias, optional=True)
-        check_same(op, "input", input, weight=weight, bias=bias)
-        if weight.dim() != ndim + 2:
-            raise RuntimeError(f"{op}: expected weight to be {ndim + 2}-D (out_channels, in_channels/groups, "
-                               f"{'x'.join('k' * ndim)}), got {weight.dim()}-D weight of size {list(weight.shape)}")
+        check_type(op, "input", input)
+        check_type(op, "weight", weight)
+        check_type(op, "bias", bias, optional=True)
+        check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
         self.input, self.unbatched = batched(op, "input", input, ndim)
         self.weight, self.bias = weight, bias
         self.groups = check_groups(op, groups)
         self.stride = int_tuple(op, "stride", stride, ndim, minimum=1)
         self.dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
-        self._check_channels()
         self.padding, self.padding_end = self._padding(padding)
-        self._check_fits()
         if not isinstance(algo, str) or algo not in registry.names():
             raise ValueError(f"{op}: unknown algo {algo!r}; expected one of {', '.join(registry.names())}")
         self.algo = algo
-
-    def _check_channels(self) -> None:
-        op, x, w, g = self.op, self.input, self.weight, self.groups
-        out_channels, in_per_group = w.shape[0], w.shape[1]
-        if out_channels % g != 0:
-            raise RuntimeError(f"{op}: groups={g} must divide out_channels, but weight has {out_channels} "
-                               f"output channels (weight.shape[0] % groups == {out_channels % g})")
-        if x.shape[1] != in_per_group * g:
-            raise RuntimeError(
-                f"{op}: weight has {in_per_group} input channels per group but input has {x.shape[1]} channels "
-                f"with groups={g} (expected input.shape[1] == weight.shape[1] * groups == {in_per_group * g})")
-        if self.bias is not None and tuple(self.bias.shape) != (out_channels,):
-            raise RuntimeError(f"{op}: expected bias of shape ({out_channels},) to match weight.shape[0], "
-                               f"got {list(self.bias.shape)}")
 
     def _padding(self, padding) -> tuple[tuple[int, ...], tuple[int, ...]]:
         op, ndim = self.op, self.ndim
@@ -69,15 +55,6 @@ class ConvArgs:
                                f"an int or a tuple of {ndim} ints")
         pad = int_tuple(op, "padding", padding, ndim, minimum=0)
         return pad, pad
-
-    def _check_fits(self) -> None:
-        for i, (size, k, d, pb, pe) in enumerate(zip(self.input.shape[2:], self.weight.shape[2:], self.dilation,
-                                                     self.padding, self.padding_end)):
-            if size + pb + pe < d * (k - 1) + 1:
-                raise RuntimeError(
-                    f"{self.op}: kernel size can't be greater than the padded input size: spatial dim {i} of "
-                    f"input is {size} (+{pb + pe} padding) but the effective kernel is {d * (k - 1) + 1} "
-                    f"(kernel {k}, dilation {d})")
 
     def lists(self) -> tuple[list[int], list[int], list[int], list[int]]:
         return list(self.stride), list(self.padding), list(self.padding_end), list(self.dilation)

@@ -11,17 +11,19 @@ import torch
 from torch import Tensor
 
 from ..ops import pool as pool_ops
-from ._checks import IntOrSeq, batched, check_tensor, int_tuple
+from ..ops import validation
+from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple
 
 OptSize = Union[None, int, Sequence[Optional[int]]]
 
 
-def _input(op: str, input, ndim: int) -> tuple[Tensor, bool]:
-    check_tensor(op, "input", input)
+def _input(op: str, input, ndim: int, *, allowed=validation.SUPPORTED_DTYPES,
+           allow_zero_channels: bool = False) -> tuple[Tensor, bool]:
+    """(N, C, *S) or unbatched (C, *S) -> batched; dtype and zero sizes as the op will check them."""
+    check_type(op, "input", input)
     x, unbatched = batched(op, "input", input, ndim)
-    if any(s == 0 for s in x.shape[1:]):
-        raise RuntimeError(f"{op}: expected input with non-zero size in every dim but the batch dim, "
-                           f"got input of size {list(input.shape)}")
+    # The op checks these too; here the message names the functional op and the caller's shape.
+    validation.pool_input_op(op, x, ndim, allowed=allowed, allow_zero_channels=allow_zero_channels)
     return x, unbatched
 
 
@@ -32,17 +34,12 @@ def _window(op: str, ndim: int, kernel_size, stride, padding, dilation=1):
     stride = int_tuple(op, "stride", stride, ndim, minimum=1)
     padding = int_tuple(op, "padding", padding, ndim, minimum=0)
     dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
-    for p, k in zip(padding, kernel):
-        if p > k // 2:
-            raise RuntimeError(f"{op}: pad should be at most half of kernel size, but got padding={padding} "
-                               f"and kernel_size={kernel}")
+    check_pool_padding(op, padding, kernel)
     return kernel, stride, padding, dilation
 
 
 def _check_output(op: str, x: Tensor, out: Sequence[int]) -> None:
-    if any(o < 1 for o in out):
-        raise RuntimeError(f"{op}: output size is too small: input spatial size {tuple(x.shape[2:])} gives "
-                           f"output size {tuple(out)}; use a smaller kernel/stride or more padding")
+    check_pool_output(op, x.shape[2:], out)
 
 
 def _finish(t: Tensor, unbatched: bool) -> Tensor:
@@ -50,7 +47,9 @@ def _finish(t: Tensor, unbatched: bool) -> Tensor:
 
 
 def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
-    x, unbatched = _input(op, input, ndim)
+    # Integer inputs too, as torch's max_pool (forward only: integers carry no gradient); the op refuses them
+    # on targets without integer kernels (it knows the target; torch.compile cannot trace that look-up here).
+    x, unbatched = _input(op, input, ndim, allowed=validation.SUPPORTED_DTYPES + validation.INTEGER_POOL_DTYPES)
     kernel, stride, padding, dilation = _window(op, ndim, kernel_size, stride, padding, dilation)
     out = [pool_ops.pool_output_size(i, k, s, p, d, bool(ceil_mode))
            for i, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
@@ -142,8 +141,20 @@ def _adaptive_size(op: str, ndim: int, x: Tensor, output_size: OptSize) -> list[
 
 
 def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
-    x, unbatched = _input(op, input, ndim)
+    check_type(op, "input", input)
+    if input.dim() == ndim + 1 and input.shape[0] == 0 and 0 not in input.shape[1:]:
+        # torch reads an unbatched input with no channels as a batch of none: an empty result, for
+        # adaptive max pooling too (which refuses C == 0 in a batched input).
+        x, unbatched = input.unsqueeze(1), False
+        empty = True
+    else:
+        x, unbatched = _input(op, input, ndim, allow_zero_channels=kind == "avg")
+        empty = False
     out = _adaptive_size(op, ndim, x, output_size)
+    if empty:
+        shape = (0, *out)
+        y = input.new_zeros(shape)
+        return (y, input.new_zeros(shape, dtype=torch.int64)) if return_indices else y
     if kind == "avg":
         return _finish(pool_ops.adaptive_avg_pool(x, out), unbatched)
     y, idx = pool_ops.adaptive_max_pool(x, out)
@@ -202,17 +213,9 @@ def unpool_output_size(op: str, x: Tensor, kernel, stride, padding, output_size)
 
 def _max_unpool(op, ndim, input, indices, kernel_size, stride, padding, output_size):
     x, unbatched = _input(op, input, ndim)
-    if not isinstance(indices, Tensor):
-        raise TypeError(f"{op}: indices must be a torch.Tensor, got {type(indices).__name__}")
-    if indices.dtype != torch.int64:
-        raise RuntimeError(f"{op}: expected indices of dtype torch.int64 (as returned by max_pool with "
-                           f"return_indices=True), got {indices.dtype}")
-    idx = indices.unsqueeze(0) if unbatched else indices
-    if idx.shape != x.shape:
-        raise RuntimeError(f"{op}: expected indices to have the same shape as input, got input "
-                           f"{list(input.shape)} and indices {list(indices.shape)}")
-    if idx.device != x.device:
-        raise RuntimeError(f"{op}: input is on {x.device} but indices are on {idx.device}")
+    check_type(op, "indices", indices)
+    idx = indices.unsqueeze(0) if unbatched and indices.dim() == ndim + 1 else indices
+    # dtype, device and shape of the indices: checked by the op (fastconv.ops.validation.max_unpool_op)
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
     out = unpool_output_size(op, x, kernel, stride, padding, output_size)
     return _finish(pool_ops.max_unpool(x, idx, out), unbatched)

@@ -7,23 +7,24 @@ from typing import Optional
 from torch import Tensor
 
 from ..ops import transposed as transposed_ops
-from ._checks import IntOrSeq, batched, check_groups, check_same, check_tensor, int_tuple
+from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
 
 
 class ConvTransposeArgs:
-    """Validated, normalised arguments of one N-d transposed convolution call (tuples of ``ndim`` ints)."""
+    """Normalised arguments of one N-d transposed convolution call (tuples of ``ndim`` ints).
+
+    Only what the registered op cannot see is checked here (Python types, unbatched input, padding
+    strings, ``algo``); shapes, dtypes, devices, output_padding and the output size are checked by the op
+    (:func:`fastconv.ops.validation.conv_transpose_op`), once, before any kernel runs.
+    """
 
     def __init__(self, op: str, ndim: int, input, weight, bias, stride, padding, output_padding, groups,
                  dilation, algo):
         self.op, self.ndim = op, ndim
-        check_tensor(op, "input", input)
-        check_tensor(op, "weight", weight)
-        check_tensor(op, "bias", bias, optional=True)
-        check_same(op, "input", input, weight=weight, bias=bias)
-        if weight.dim() != ndim + 2:
-            raise RuntimeError(
-                f"{op}: expected weight to be {ndim + 2}-D (in_channels, out_channels/groups, "
-                f"{'x'.join('k' * ndim)}), got {weight.dim()}-D weight of size {list(weight.shape)}")
+        check_type(op, "input", input)
+        check_type(op, "weight", weight)
+        check_type(op, "bias", bias, optional=True)
+        check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
         self.input, self.unbatched = batched(op, "input", input, ndim)
         self.weight, self.bias = weight, bias
         self.groups = check_groups(op, groups)
@@ -37,49 +38,10 @@ class ConvTransposeArgs:
         self.padding = int_tuple(op, "padding", padding, ndim, minimum=0)
         self.output_padding = int_tuple(op, "output_padding", output_padding, ndim, minimum=0)
         self.dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
-        self._check_channels()
-        self._check_output_padding()
-        self._check_output_size()
         if not isinstance(algo, str) or algo not in transposed_ops.algo_names():
             raise ValueError(f"{op}: unknown algo {algo!r}; expected one of "
                              f"{', '.join(transposed_ops.algo_names())}")
         self.algo = algo
-
-    def _check_channels(self) -> None:
-        op, x, w, g = self.op, self.input, self.weight, self.groups
-        in_channels, out_per_group = w.shape[0], w.shape[1]
-        if in_channels % g != 0:
-            raise RuntimeError(f"{op}: groups={g} must divide in_channels, but weight has {in_channels} input "
-                               f"channels (weight.shape[0] % groups == {in_channels % g})")
-        if x.shape[1] != in_channels:
-            raise RuntimeError(
-                f"{op}: weight has {in_channels} input channels (weight.shape[0]; the layout is (in_channels, "
-                f"out_channels/groups, *kernel)) but input has {x.shape[1]} channels "
-                f"(expected input.shape[1] == weight.shape[0] == {in_channels})")
-        out_channels = out_per_group * g
-        if self.bias is not None and tuple(self.bias.shape) != (out_channels,):
-            raise RuntimeError(f"{op}: expected bias of shape ({out_channels},) to match weight.shape[1] * groups "
-                               f"= {out_per_group} * {g}, got {list(self.bias.shape)}")
-
-    def _check_output_padding(self) -> None:
-        # torch's rule: each output_padding must be smaller than the stride OR the dilation of its dim
-        # (it selects one of the stride-many output sizes that map back onto the same input size).
-        for i, (op_, s, d) in enumerate(zip(self.output_padding, self.stride, self.dilation)):
-            if op_ >= s and op_ >= d:
-                raise RuntimeError(
-                    f"{self.op}: output padding must be smaller than either stride or dilation, but got "
-                    f"output_padding={self.output_padding}, stride={self.stride}, dilation={self.dilation} "
-                    f"(spatial dim {i}: {op_} >= {s} and {op_} >= {d})")
-
-    def _check_output_size(self) -> None:
-        out = self.output_spatial()
-        if any(o <= 0 for o in out):
-            raise RuntimeError(
-                f"{self.op}: computed output size {tuple(out)} is too small: each must be positive. "
-                f"Output size = (input - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1 "
-                f"with input {tuple(self.input.shape[2:])}, kernel {tuple(self.weight.shape[2:])}, "
-                f"stride {self.stride}, padding {self.padding}, dilation {self.dilation}, "
-                f"output_padding {self.output_padding}; reduce the padding")
 
     def output_spatial(self) -> list[int]:
         return [transposed_ops.transposed_output_size(i, k, s, p, op_, d) for i, k, s, p, op_, d in

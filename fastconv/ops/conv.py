@@ -27,10 +27,11 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
+from . import validation
 from ._output import fresh
+from .validation import SUPPORTED_DTYPES, conv_output_size  # noqa: F401  (re-exported: one definition each)
 
 DIMS = (1, 2, 3)
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -40,12 +41,6 @@ def _triple(values: Sequence[int], fill: int) -> tuple[int, int, int]:
     """Left-fill a list of 1-3 spatial values to 3 (a 2-D conv is a 3-D conv of depth 1)."""
     values = tuple(int(v) for v in values)
     return (fill,) * (3 - len(values)) + values
-
-
-def conv_output_size(in_size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
-                     dilation: int) -> int:
-    """Output length of a convolution along one dim (torch's formula)."""
-    return (in_size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def make_geometry(ndim: int, batch: int, in_channels: int, out_channels: int, groups: int,
@@ -69,13 +64,6 @@ def _as_5d(t: Tensor) -> Tensor:
     return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
 
 
-def _check_supported(op: str, *tensors: Optional[Tensor]) -> None:
-    # The functional layer gives the friendly message; this guards direct torch.ops calls.
-    for t in tensors:
-        if t is not None and t.dtype not in SUPPORTED_DTYPES:
-            raise RuntimeError(f"{op}: dtype {t.dtype} is not supported (expected torch.float32 or torch.float64)")
-
-
 # --------------------------------------------------------------------------------------------------
 # op factory
 # --------------------------------------------------------------------------------------------------
@@ -84,27 +72,36 @@ def _register(ndim: int):
     spatial = slice(2, 2 + ndim)
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(name)
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
-        _check_supported(name, input, weight, bias)
-        geom = make_geometry(ndim, input.shape[0], input.shape[1], weight.shape[0], groups,
-                             input.shape[spatial], weight.shape[spatial], None, stride, padding, padding_end,
-                             dilation, input.dtype, backends.target_for(input))
+        shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
+                                                        padding_end, dilation, groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
+        xs = input.shape
+        geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], weight.shape[spatial], out_sp,
+                             stride, padding, padding_end, dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "forward", name)
         out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
         return fresh(out, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
 
     @conv.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
-        out = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d in
-               zip(input.shape[spatial], weight.shape[spatial], stride, padding, padding_end, dilation)]
-        return input.new_empty((input.shape[0], weight.shape[0], *out))
+        shape, empty_dtype, _ = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end,
+                                                   dilation, groups)
+        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_input")
     def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                    algo: str) -> Tensor:
-        _check_supported(f"{name}_grad_input", grad_output, weight)
+        shape, empty_dtype, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight,
+                                                              input_size, stride, padding, padding_end, dilation,
+                                                              groups)
+        if empty_dtype is not None:
+            return grad_output.new_zeros(shape, dtype=empty_dtype)
         geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              input_size, weight.shape[spatial], grad_output.shape[spatial], stride, padding,
                              padding_end, dilation, grad_output.dtype, backends.target_for(grad_output))
@@ -114,13 +111,20 @@ def _register(ndim: int):
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
-        return grad_output.new_empty((grad_output.shape[0], weight.shape[1] * groups, *input_size))
+        shape, _, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight, input_size,
+                                                    stride, padding, padding_end, dilation, groups)
+        return grad_output.new_empty(shape)
 
     @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_weight")
     def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
                     padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                     algo: str) -> Tensor:
-        _check_supported(f"{name}_grad_weight", grad_output, input)
+        shape, empty_dtype, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input,
+                                                               weight_size, stride, padding, padding_end, dilation,
+                                                               groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
         geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
                              input.shape[spatial], weight_size, grad_output.shape[spatial], stride, padding,
                              padding_end, dilation, input.dtype, backends.target_for(input))
@@ -130,7 +134,9 @@ def _register(ndim: int):
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
-        return grad_output.new_empty((grad_output.shape[1], input.shape[1] // groups, *weight_size))
+        shape, _, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input, weight_size,
+                                                     stride, padding, padding_end, dilation, groups)
+        return input.new_empty(shape)
 
     # ---- autograd: each op's derivatives are the other two ops ---------------------------------
     def conv_setup(ctx, inputs, output):
@@ -142,8 +148,17 @@ def _register(ndim: int):
         ctx.input_size = list(input.shape[spatial])
         ctx.weight_size = list(weight.shape[spatial])
         ctx.has_bias = bias is not None
+        # aten's zero-channel result is (N, 0, *O) whatever K is: no op below can take that gradient, and
+        # every gradient is zero anyway (nothing was summed).
+        ctx.zero_channels = input.shape[1] == 0
+        if ctx.zero_channels:
+            ctx.meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (input, weight, bias)]
 
     def conv_backward(ctx, grad):
+        if ctx.zero_channels:
+            zeros = [None if m is None or not need else torch.zeros(m[0], dtype=m[1], device=m[2])
+                     for m, need in zip(ctx.meta, ctx.needs_input_grad[:3])]
+            return (*zeros, None, None, None, None, None, None)
         input, weight = ctx.saved_tensors
         g = ctx.geometry
         gi = gw = gb = None

@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from .. import backends
+from . import validation
 from ._output import fresh
+from .validation import pool_output_size  # noqa: F401  (re-exported: one definition)
 
 Triple = tuple[int, int, int]
 
@@ -81,21 +83,6 @@ def _as_5d(t: Tensor) -> Tensor:
     return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
 
 
-def pool_output_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int,
-                     ceil_mode: bool) -> int:
-    """torch's pooling output length; with ceil_mode a window starting in the right padding is dropped."""
-    numerator = in_size + 2 * padding - dilation * (kernel - 1) - 1 + (stride - 1 if ceil_mode else 0)
-    out = numerator // stride + 1
-    if ceil_mode and (out - 1) * stride >= in_size + padding:
-        out -= 1
-    return out
-
-
-def _pool_out(shape, kernel_size, stride, padding, dilation, ceil_mode) -> list[int]:
-    return [pool_output_size(i, k, s, p, d, ceil_mode)
-            for i, k, s, p, d in zip(shape, kernel_size, stride, padding, dilation)]
-
-
 def _spatial(t: Tensor) -> list[int]:
     return list(t.shape[2:])
 
@@ -108,10 +95,18 @@ def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
 # max / min pooling with indices, and the scatter/gather ops around them
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("max_pool")
 def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
              ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
-    """Max (``minimum=False``) or min pooling; returns (values, int64 flat indices into each plane)."""
-    out = _pool_out(_spatial(input), kernel_size, stride, padding, dilation, ceil_mode)
+    """Max (``minimum=False``) or min pooling; returns (values, int64 flat indices into each plane).
+
+    Float32/float64 on every target; also integer dtypes on the CPU (as torch's max_pool), forward only.
+    """
+    shape, empty_dtype, out_sp = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation,
+                                                        ceil_mode, backends.target_for(input))
+    if empty_dtype is not None:
+        return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
+    out = out_sp
     y, idx = _kernels(input, "max_pool").max_pool(
         _as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1), minimum)
     return _unflatten(y, input.shape[:2], out), _unflatten(idx, input.shape[:2], out)
@@ -119,14 +114,18 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
 
 @max_pool.register_fake
 def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
-    out = _pool_out(_spatial(input), kernel_size, stride, padding, dilation, ceil_mode)
-    shape = (*input.shape[:2], *out)
+    shape = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation, ceil_mode,
+                                   backends.target_for(input))[0]
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
 
 
 @torch.library.custom_op("fastconv::max_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("max_pool_backward")
 def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
     """Scatter-add ``grad_output`` (N, C, *O) into zeros (N, C, *input_size) at ``indices``."""
+    shape, empty_dtype, _ = validation.max_pool_backward_op("max_pool_backward", grad_output, indices, input_size)
+    if empty_dtype is not None:
+        return grad_output.new_zeros(shape)
     g = _kernels(grad_output, "max_pool_backward").max_pool_backward(
         _as_5d(grad_output), _as_5d(indices), _t3(input_size, 1))
     return _unflatten(g, grad_output.shape[:2], input_size)
@@ -134,43 +133,58 @@ def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int
 
 @max_pool_backward.register_fake
 def _(grad_output, indices, input_size):
-    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+    return grad_output.new_empty(validation.max_pool_backward_op("max_pool_backward", grad_output, indices,
+                                                                 input_size)[0])
 
 
 @torch.library.custom_op("fastconv::max_unpool", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("max_unpool")
 def max_unpool(input: Tensor, indices: Tensor, output_size: list[int]) -> Tensor:
     """Scatter ``input`` (N, C, *S) into zeros (N, C, *output_size) at ``indices`` (later ones win)."""
+    shape, empty_dtype, _ = validation.max_unpool_op("max_unpool", input, indices, output_size)
+    if empty_dtype is not None:
+        return input.new_zeros(shape)
     y = _kernels(input, "max_unpool").max_unpool(_as_5d(input), _as_5d(indices), _t3(output_size, 1))
     return _unflatten(y, input.shape[:2], output_size)
 
 
 @max_unpool.register_fake
 def _(input, indices, output_size):
-    return input.new_empty((*input.shape[:2], *output_size))
+    return input.new_empty(validation.max_unpool_op("max_unpool", input, indices, output_size)[0])
 
 
 @torch.library.custom_op("fastconv::max_unpool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("max_unpool_backward")
 def max_unpool_backward(grad_output: Tensor, indices: Tensor) -> Tensor:
     """Gather ``grad_output`` (N, C, *O) at ``indices`` (N, C, *S) -> (N, C, *S)."""
+    shape, empty_dtype, _ = validation.max_unpool_backward_op("max_unpool_backward", grad_output, indices)
+    if empty_dtype is not None:
+        return grad_output.new_zeros(shape)
     g = _kernels(grad_output, "max_unpool_backward").max_unpool_backward(_as_5d(grad_output), _as_5d(indices))
     return _unflatten(g, indices.shape[:2], indices.shape[2:])
 
 
 @max_unpool_backward.register_fake
 def _(grad_output, indices):
-    return grad_output.new_empty(indices.shape)
+    return grad_output.new_empty(validation.max_unpool_backward_op("max_unpool_backward", grad_output,
+                                                                   indices)[0])
 
 
 @torch.library.custom_op("fastconv::adaptive_max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("adaptive_max_pool")
 def adaptive_max_pool(input: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
     """Adaptive max pooling to ``output_size``; returns (values, indices) like ``max_pool``."""
+    shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_max_pool", input, output_size,
+                                                        allow_zero_channels=False)
+    if empty_dtype is not None:
+        return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
     y, idx = _kernels(input, "adaptive_max_pool").adaptive_max_pool(_as_5d(input), _t3(output_size, 1))
     return _unflatten(y, input.shape[:2], output_size), _unflatten(idx, input.shape[:2], output_size)
 
 
 @adaptive_max_pool.register_fake
 def _(input, output_size):
-    shape = (*input.shape[:2], *output_size)
+    shape = validation.adaptive_pool_op("adaptive_max_pool", input, output_size, allow_zero_channels=False)[0]
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
 
 
@@ -226,11 +240,15 @@ max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_se
 # average pooling
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("avg_pool")
 def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
              count_include_pad: bool, divisor_override: int) -> Tensor:
     """Average pooling, torch's divisor rule; ``divisor_override == 0`` means none."""
-    ones = [1] * len(kernel_size)
-    out = _pool_out(_spatial(input), kernel_size, stride, padding, ones, ceil_mode)
+    shape, empty_dtype, out_sp = validation.avg_pool_op("avg_pool", input, kernel_size, stride, padding, ceil_mode,
+                                                        divisor_override)
+    if empty_dtype is not None:
+        return input.new_zeros(shape)
+    out = out_sp
     y = _kernels(input, "avg_pool").avg_pool(_as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0),
                                              _t3(out, 1), ceil_mode, count_include_pad, divisor_override)
     return _unflatten(y, input.shape[:2], out)
@@ -238,15 +256,20 @@ def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
 
 @avg_pool.register_fake
 def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    out = _pool_out(_spatial(input), kernel_size, stride, padding, [1] * len(kernel_size), ceil_mode)
-    return input.new_empty((*input.shape[:2], *out))
+    return input.new_empty(validation.avg_pool_op("avg_pool", input, kernel_size, stride, padding, ceil_mode,
+                                                  divisor_override)[0])
 
 
 @torch.library.custom_op("fastconv::avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("avg_pool_backward")
 def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                       padding: list[int], ceil_mode: bool, count_include_pad: bool,
                       divisor_override: int) -> Tensor:
     """The adjoint of ``avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
+    shape, empty_dtype, _ = validation.avg_pool_backward_op("avg_pool_backward", grad_output, input_size,
+                                                            kernel_size, stride, padding, ceil_mode)
+    if empty_dtype is not None:
+        return grad_output.new_zeros(shape)
     g = _kernels(grad_output, "avg_pool_backward").avg_pool_backward(
         _as_5d(grad_output), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
         ceil_mode, count_include_pad, divisor_override)
@@ -255,7 +278,8 @@ def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: l
 
 @avg_pool_backward.register_fake
 def _(grad_output, input_size, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
-    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+    return grad_output.new_empty(validation.avg_pool_backward_op(
+        "avg_pool_backward", grad_output, input_size, kernel_size, stride, padding, ceil_mode)[0])
 
 
 def _avg_setup(ctx, inputs, output):
@@ -281,20 +305,31 @@ avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setu
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("adaptive_avg_pool")
 def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
-    """Adaptive average pooling (N, C, *S) -> (N, C, *output_size)."""
+    """Adaptive average pooling (N, C, *S) -> (N, C, *output_size); C == 0 gives an empty result, as torch."""
+    shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
+                                                        allow_zero_channels=True)
+    if empty_dtype is not None:
+        return input.new_zeros(shape)
     y = _kernels(input, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), _t3(output_size, 1))
     return _unflatten(y, input.shape[:2], output_size)
 
 
 @adaptive_avg_pool.register_fake
 def _(input, output_size):
-    return input.new_empty((*input.shape[:2], *output_size))
+    return input.new_empty(validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
+                                                       allow_zero_channels=True)[0])
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors("adaptive_avg_pool_backward")
 def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Tensor:
     """The adjoint of ``adaptive_avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
+    shape, empty_dtype, _ = validation.adaptive_avg_pool_backward_op("adaptive_avg_pool_backward", grad_output,
+                                                                     input_size)
+    if empty_dtype is not None:
+        return grad_output.new_zeros(shape)
     g = _kernels(grad_output, "adaptive_avg_pool_backward").adaptive_avg_pool_backward(
         _as_5d(grad_output), _t3(input_size, 1))
     return _unflatten(g, grad_output.shape[:2], input_size)
@@ -302,7 +337,8 @@ def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Te
 
 @adaptive_avg_pool_backward.register_fake
 def _(grad_output, input_size):
-    return grad_output.new_empty((*grad_output.shape[:2], *input_size))
+    return grad_output.new_empty(validation.adaptive_avg_pool_backward_op("adaptive_avg_pool_backward",
+                                                                          grad_output, input_size)[0])
 
 
 def _adaptive_avg_setup(ctx, inputs, output):

@@ -32,7 +32,8 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
-from . import conv as conv_ops
+from . import conv as conv_ops  # noqa: F401  (registers the conv ops the unfused path calls)
+from . import validation
 from ._output import fresh
 
 OP = "depthwise_separable_conv2d"
@@ -75,19 +76,19 @@ def choose_algo(algo: str, target: str) -> str:
     return algo
 
 
-def _out_hw(input, depthwise_weight, stride, padding, padding_end, dilation):
-    return [conv_ops.conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d in
-            zip(input.shape[2:], depthwise_weight.shape[2:], stride, padding, padding_end, dilation)]
-
-
 @torch.library.custom_op(f"fastconv::{OP}", mutates_args=(), device_types=("cpu", "cuda"))
+@validation.allocation_errors(OP)
 def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor,
                                depthwise_bias: Optional[Tensor], pointwise_bias: Optional[Tensor],
                                stride: list[int], padding: list[int], padding_end: list[int],
                                dilation: list[int], algo: str) -> Tensor:
-    conv_ops._check_supported(OP, input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias)
+    shape, empty_dtype, out_sp = validation.separable_op(OP, input, depthwise_weight, pointwise_weight,
+                                                         depthwise_bias, pointwise_bias, stride, padding,
+                                                         padding_end, dilation)
+    if empty_dtype is not None:
+        return input.new_zeros(shape, dtype=empty_dtype)
     target = backends.target_for(input)
-    out_hw = _out_hw(input, depthwise_weight, stride, padding, padding_end, dilation)
+    out_hw = out_sp
     chosen = choose_algo(algo, target)
     C = input.shape[1]
     if chosen == "fused":
@@ -109,8 +110,9 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
 @depthwise_separable_conv2d.register_fake
 def _(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, stride, padding,
       padding_end, dilation, algo):
-    out_hw = _out_hw(input, depthwise_weight, stride, padding, padding_end, dilation)
-    return input.new_empty((input.shape[0], pointwise_weight.shape[0], *out_hw))
+    shape, empty_dtype, _ = validation.separable_op(OP, input, depthwise_weight, pointwise_weight, depthwise_bias,
+                                                    pointwise_bias, stride, padding, padding_end, dilation)
+    return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
 
 def _setup(ctx, inputs, output):

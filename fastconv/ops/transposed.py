@@ -35,18 +35,14 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
 from . import conv as conv_ops
+from . import validation
 from ._output import fresh
-from .conv import DIMS, _as_5d, _check_supported, make_geometry
+from .conv import DIMS, _as_5d, make_geometry
+from .validation import transposed_output_size  # noqa: F401  (re-exported: one definition)
 
 #: Algorithm names only the transposed ops accept (not in the shared conv registry, because they
 #: implement no convolution pass of their own: see :mod:`fastconv.cpu.transposed_gemm`).
 TRANSPOSED_ONLY_ALGOS = ("patch_gemm",)
-
-
-def transposed_output_size(in_size: int, kernel: int, stride: int, padding: int, output_padding: int,
-                           dilation: int) -> int:
-    """Output length of a transposed convolution along one dim (torch's formula)."""
-    return (in_size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
 
 
 def algo_names() -> list[str]:
@@ -97,16 +93,16 @@ def _register(ndim: int):
     spatial = slice(2, 2 + ndim)
     conv_fwd, conv_grad_input, conv_grad_weight = conv_ops.OPS[ndim]
 
-    def out_size(input: Tensor, weight: Tensor, stride, padding, output_padding, dilation) -> list[int]:
-        return [transposed_output_size(i, k, s, p, op, d) for i, k, s, p, op, d in
-                zip(input.shape[spatial], weight.shape[spatial], stride, padding, output_padding, dilation)]
-
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(name)
     def conv_transpose(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                        padding: list[int], output_padding: list[int], dilation: list[int], groups: int,
                        algo: str) -> Tensor:
-        _check_supported(name, input, weight, bias)
-        out_spatial = out_size(input, weight, stride, padding, output_padding, dilation)
+        shape, empty_dtype, out_sp = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding,
+                                                                  output_padding, dilation, groups)
+        if empty_dtype is not None:
+            return input.new_zeros(shape, dtype=empty_dtype)
+        out_spatial = out_sp
         target = backends.target_for(input)
         # The adjoint convolution: input (N, C_out, *O) -> output (N, C_in, *I), weight (C_in, C_out/g, *k).
         geom = make_geometry(ndim, input.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
@@ -141,8 +137,9 @@ def _register(ndim: int):
 
     @conv_transpose.register_fake
     def _(input, weight, bias, stride, padding, output_padding, dilation, groups, algo):
-        out = out_size(input, weight, stride, padding, output_padding, dilation)
-        return input.new_empty((input.shape[0], weight.shape[1] * groups, *out))
+        shape, empty_dtype, _ = validation.conv_transpose_op(name, ndim, input, weight, bias, stride, padding,
+                                                             output_padding, dilation, groups)
+        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, stride, padding, output_padding, dilation, groups, algo = inputs
@@ -153,8 +150,17 @@ def _register(ndim: int):
         ctx.geometry = (list(stride), list(padding), padding_end, list(dilation), groups, _conv_algo(algo))
         ctx.weight_size = list(weight.shape[spatial])
         ctx.has_bias = bias is not None
+        # Batch 0: every gradient is zero; the adjoint ops may not even take these shapes (an empty input
+        # plane gives an output shorter than the kernel) or dtypes (torch's empty path mixes them).
+        ctx.empty = input.shape[0] == 0
+        if ctx.empty:
+            ctx.meta = [(t.shape, t.dtype, t.device) if t is not None else None for t in (input, weight, bias)]
 
     def backward(ctx, grad):
+        if ctx.empty:
+            zeros = [None if m is None or not need else torch.zeros(m[0], dtype=m[1], device=m[2])
+                     for m, need in zip(ctx.meta, ctx.needs_input_grad[:3])]
+            return (*zeros, None, None, None, None, None, None)
         input, weight = ctx.saved_tensors
         gi = gw = gb = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
