@@ -15,7 +15,7 @@ matter: the result is NaN if any pair is NaN or both infinities occur, else the 
 kind, padding counting none because the masks are zero there) plus one pass over the operands with
 their non-finite elements zeroed for the outputs no special pair reaches. It costs a few extra passes,
 paid only by calls whose operands hold a non-finite value; finite calls pay one read of each operand
-(:func:`max_abs`, a parallel integer max over the bit patterns, about 0.1 ms per 4 MB here).
+(:func:`max_abs`, an integer max over the bit patterns, about 0.3 ms per 6 MB here).
 """
 from __future__ import annotations
 
@@ -32,23 +32,30 @@ _UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64, np.dt
 _ABS_MASK = {np.uint16: 0x7FFF, np.uint32: 0x7FFFFFFF, np.uint64: 0x7FFFFFFFFFFFFFFF}
 
 
-@njit(parallel=True, cache=config.CACHE, nogil=True)
+@njit(cache=config.CACHE, nogil=True)
 def _max_bits(u, mask):
     """Largest ``u[i] & mask`` (the bit pattern of ``|x[i]|``): integer max vectorises, and for IEEE
     floats it orders like ``|x|``, with Inf above every finite value and every NaN above Inf."""
+    m = u[0] & mask
+    for i in range(u.size):
+        m = max(m, u[i] & mask)  # the max() form vectorises (an if-assignment did not)
+    return m
+
+
+@njit(parallel=True, cache=config.CACHE, nogil=True)
+def _max_bits_parallel(u, mask):
+    """:func:`_max_bits` in tasks of at least 4M elements."""
     n = u.size
-    nt = max(1, min(64, n // 32768))
+    nt = max(1, min(64, n // (1 << 22)))
     part = np.zeros(nt, u.dtype)
     for t in prange(nt):
-        lo = n * t // nt
-        hi = n * (t + 1) // nt
-        m = part[t]
-        for i in range(lo, hi):
-            v = u[i] & mask
-            if v > m:
-                m = v
-        part[t] = m
+        part[t] = _max_bits(u[n * t // nt:n * (t + 1) // nt], mask)
     return part.max()
+
+
+#: Below this many elements :func:`max_abs` reads serially: starting the parallel tasks cost more than
+#: the second core saves (measured here: 1.6M float32 in 0.33 ms serial, 0.8 ms as a prange).
+PARALLEL_MIN = 1 << 24
 
 
 def max_abs(a: np.ndarray) -> float:
@@ -60,7 +67,7 @@ def max_abs(a: np.ndarray) -> float:
         a = np.asarray(a, np.float64)
         return float(np.max(np.abs(a)))
     flat = np.ascontiguousarray(a).reshape(-1).view(ut)
-    bits = _max_bits(flat, ut(_ABS_MASK[ut]))
+    bits = (_max_bits_parallel if flat.size >= PARALLEL_MIN else _max_bits)(flat, ut(_ABS_MASK[ut]))
     return float(np.array([bits], ut).view(a.dtype)[0])
 
 
