@@ -519,3 +519,119 @@ def test_cache_view_is_read_only():
     view = fastconv.autotune_cache()
     with pytest.raises(TypeError):
         view[_key()] = None
+
+
+def test_tuning_leaves_global_random_states_untouched(measured):
+    import numpy as np
+
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    x, w = _data(requires_grad=True)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    y = F.conv2d(x, w, padding=1)  # tunes forward on an empty cache
+    y.backward(torch.ones_like(y))  # and both gradients
+    assert len(measured) == 3 * len(_candidates()), "the cache was not empty: nothing was tuned"
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+
+
+def test_repetitions_fill_the_budget_and_take_the_median(monkeypatch):
+    # a candidate with one slow run among fast ones: the median ignores it, and it is not dropped
+    clock = {"t": 0.0}
+    durations = iter([0.0] + [0.001] * 2 + [0.5] + [0.001] * 100)  # warm-up, then runs (seconds)
+
+    def fake_run(*args):
+        clock["t"] += next(durations)
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    alg = registry.candidates(_geometry())[0]
+    fake = type("Alg", (), {"forward": staticmethod(fake_run), "name": alg.name})()
+    monkeypatch.setattr(autotune, "BUDGET_S", 0.6)
+    ms = autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=0.9)
+    assert ms == pytest.approx(1.0)
+    # more than MIN_REPS runs were taken while the budget lasted, despite the slow third run
+    assert clock["t"] > 0.5
+
+
+def test_hopeless_candidate_is_dropped_after_min_reps_only(monkeypatch):
+    runs = []
+    clock = {"t": 0.0}
+
+    def slow(*args):
+        runs.append(1)
+        clock["t"] += 0.01
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    fake = type("Alg", (), {"forward": staticmethod(slow), "name": "slow"})()
+    autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0)
+    assert len(runs) == 1 + autotune.MIN_REPS  # warm-up + MIN_REPS, then abandoned
+
+
+def test_stored_choice_that_turns_out_slow_is_measured_again_once(monkeypatch, measured):
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(names)
+    key = _key()
+    expected = fastconv.autotune_cache()[key].times_ms[fastconv.autotune_cache()[key].algo]
+    slow_ms = autotune.SLOW_FACTOR * expected + autotune.SLOW_MIN_MS + 10
+    # the first observed call of a process is never held against the choice
+    for _ in range(1 + autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "a choice observed slow was not measured again"
+    for _ in range(5 * autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "re-measured more than once in one process"
+
+
+def test_observed_calls_reach_the_watch(measured):
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    F.conv2d(x, w, padding=1)
+    F.conv2d(x, w, padding=1)
+    assert autotune._watch[_key()].calls >= 2
+
+
+def test_normal_calls_do_not_trigger_retuning(measured):
+    names = _candidates()
+    x, w = _data()
+    for _ in range(10):
+        F.conv2d(x, w, padding=1)
+    watch = autotune._watch[_key()]
+    for _ in range(10):
+        autotune._observe(_key(), watch.expected_ms)  # as fast as measured
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(names)
+
+
+def test_deterministic_mode_uses_the_heuristic_and_ignores_stored_choices(monkeypatch, measured):
+    names = _candidates()
+    monkeypatch.setattr(autotune, "_time_candidate",
+                        lambda alg, geom, pass_, inputs, best: 1.0 if alg.name != _heuristic_pick() else 2.0)
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    assert fastconv.autotune_cache()[_key()].algo != _heuristic_pick()
+    for switch in ("api", "env", "torch"):
+        with monkeypatch.context() as m:
+            if switch == "api":
+                fastconv.set_deterministic(True)
+            elif switch == "env":
+                m.setenv("FASTCONV_DETERMINISTIC", "1")
+            else:
+                m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+            try:
+                assert autotune.deterministic(), switch
+                assert registry.choose("auto", _geometry(), "forward").name == _heuristic_pick()
+            finally:
+                fastconv.set_deterministic(None)
+        assert not autotune.deterministic()
+    assert registry.choose("auto", _geometry(), "forward").name != _heuristic_pick()
+    fastconv.set_deterministic(False)
+    try:
+        monkeypatch.setenv("FASTCONV_DETERMINISTIC", "1")
+        assert not autotune.deterministic(), "set_deterministic(False) beats the environment"
+    finally:
+        fastconv.set_deterministic(None)
