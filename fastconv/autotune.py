@@ -267,14 +267,25 @@ def max_entries() -> int:
     return max(1, value)
 
 
+_path_memo: tuple = (None, None)
+
+
 def cache_path() -> Path:
-    """The cache file in use now (the environment is read at each call)."""
-    root = os.environ.get("FASTCONV_CACHE_DIR")
+    """The cache file in use now (the environment is read at each call; the path is rebuilt only when
+    it changed, since every tuned call asks)."""
+    global _path_memo
+    env = os.environ
+    probe = (env.get("FASTCONV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    if _path_memo[0] == probe:
+        return _path_memo[1]
+    root, xdg, _ = probe
     if root:
-        return Path(root) / FILE_NAME
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "fastconv" / FILE_NAME
+        path = Path(root) / FILE_NAME
+    else:
+        base = Path(xdg) if xdg else Path.home() / ".cache"
+        path = base / "fastconv" / FILE_NAME
+    _path_memo = (probe, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -515,6 +526,7 @@ def _load(conn: sqlite3.Connection) -> dict[CacheKey, Choice]:
 
 def _forget() -> None:
     global _memory_path, _full
+    _fast.clear()
     _memory.clear()
     _touched.clear()
     _watch.clear()
@@ -712,6 +724,9 @@ class _Watch:
 
 _watch: dict[CacheKey, _Watch] = {}
 _proxies: dict[CacheKey, registry.ConvAlgorithm] = {}
+#: (geometry, pass, threads) -> (result of lookup, cache key, registry generation, cache path): the
+#: per-call fast path, so a tuned call costs a dict lookup instead of listing the candidates again.
+_fast: dict = {}
 
 
 def _observe(key: CacheKey, ms: float) -> None:
@@ -761,44 +776,60 @@ def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlg
     if (not enabled() or geom.target in UNTUNED_TARGETS or geom.macs < MIN_MACS
             or getattr(_local, "tuning", False) or deterministic()):
         return None
+    path = cache_path()
+    threads = torch.get_num_threads()
+    memo = (geom, pass_, threads)
+    hit = _fast.get(memo)
+    if hit is not None and hit[2] == registry.generation() and hit[3] is path and path is _memory_path:
+        watch = _watch.get(hit[1])
+        if watch is None or not watch.stale:
+            return hit[0]
+    with _lock:
+        result, key = _lookup_slow(geom, pass_, threads)
+        if key is not None:  # None: inside a trace, nothing decided
+            _fast[memo] = (result, key, registry.generation(), _memory_path)
+        return result
+
+
+def _lookup_slow(geom, pass_, threads) -> tuple:
+    """:func:`lookup` without its memo: (algorithm or None, cache key). Holds ``_lock``."""
+    _follow_path()
+    key = cache_key(geom, pass_, threads)
     algs = registry.candidates(geom)
     if len(algs) < 2:
-        return algs[0] if algs else None  # nothing to compare: measuring would only cost time
+        return (algs[0] if algs else None), key  # nothing to compare: measuring would only cost time
     names = tuple(a.name for a in algs)
-    key = cache_key(geom, pass_)
-    with _lock:
-        _follow_path()
-        choice = _memory.get(key)
-        watch = _watch.get(key)
-        if choice is not None and watch is not None and watch.stale:
-            choice = None  # observed way slower than measured: measure again (once per process)
-        elif not _usable(choice, names):
-            choice = _read_one(key)  # another process may have measured it meanwhile
-        if not _usable(choice, names):
-            if _tracing():
-                return None
-            _local.tuning = True
-            try:
-                with torch.no_grad():
-                    choice = _measure(geom, pass_, algs)
-            finally:
-                _local.tuning = False
-            if choice is None:
-                _memory.pop(key, None)
-                return None  # every candidate failed: nothing stored, the heuristic chooses
-            _memory[key] = choice
-            if watch is not None and watch.stale:
-                watch.stale, watch.retuned, watch.slow = False, True, 0
-            try:
-                _write(key, choice)
-            except (OSError, TypeError, ValueError) as e:
-                _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
-        else:
-            _memory[key] = choice
-            if key not in _touched:
-                _touch(key)
-        alg = next(a for a in algs if a.name == choice.algo)
-        return _watched(alg, key, choice)
+    choice = _memory.get(key)
+    watch = _watch.get(key)
+    if choice is not None and watch is not None and watch.stale:
+        choice = None  # observed way slower than measured: measure again (once per process)
+    elif not _usable(choice, names):
+        choice = _read_one(key)  # another process may have measured it meanwhile
+    if not _usable(choice, names):
+        if _tracing():
+            return None, None  # not memoised: the same call outside the trace tunes
+        _local.tuning = True
+        try:
+            with torch.no_grad():
+                choice = _measure(geom, pass_, algs)
+        finally:
+            _local.tuning = False
+        if choice is None:
+            _memory.pop(key, None)
+            return None, key  # every candidate failed: nothing stored, the heuristic chooses
+        _memory[key] = choice
+        if watch is not None and watch.stale:
+            watch.stale, watch.retuned, watch.slow = False, True, 0
+        try:
+            _write(key, choice)
+        except (OSError, TypeError, ValueError) as e:
+            _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+    else:
+        _memory[key] = choice
+        if key not in _touched:
+            _touch(key)
+    alg = next(a for a in algs if a.name == choice.algo)
+    return _watched(alg, key, choice), key
 
 
 def _usable(choice: Optional[Choice], names: tuple) -> bool:

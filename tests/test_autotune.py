@@ -6,6 +6,7 @@ The cache file is an SQLite database (``autotune.sqlite``); tests read and damag
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -479,7 +480,10 @@ def isolated_cache_path():
 
 @pytest.mark.parametrize("bad", [RuntimeError("kernel exploded"), float("inf"), float("nan")])
 def test_when_every_candidate_fails_nothing_is_stored(monkeypatch, isolated_cache, bad):
+    tried = []
+
     def fails(alg, geom, pass_, inputs, best):
+        tried.append(alg.name)
         if isinstance(bad, Exception):
             raise bad
         return bad
@@ -492,6 +496,24 @@ def test_when_every_candidate_fails_nothing_is_stored(monkeypatch, isolated_cach
     assert len(fastconv.autotune_cache()) == 0
     assert not isolated_cache.exists() or _rows(isolated_cache) == []
     assert registry.choose("auto", _geometry(), "forward").name == _heuristic_pick()
+    F.conv2d(x, w, padding=1)
+    assert len(tried) == len(_candidates()), "the failed tuning was repeated in the same process"
+
+
+def test_registering_an_algorithm_invalidates_memoised_choices(monkeypatch, measured):
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    base = registry._REGISTRY[(names[0], "numba")]
+    extra = dataclasses.replace(base, name="zz-extra")
+    monkeypatch.setitem(registry._REGISTRY, ("zz-extra", "numba"), extra)
+    registry.register(extra)  # a new candidate: the stored choice was made without it
+    try:
+        F.conv2d(x, w, padding=1)
+        assert len(measured) == 2 * len(names) + 1
+        assert fastconv.autotune_cache()[_key()].candidates == tuple(names) + ("zz-extra",)
+    finally:
+        registry._REGISTRY.pop(("zz-extra", "numba"), None)
 
 
 def test_fake_and_meta_tensors_never_tune(measured):
