@@ -53,7 +53,8 @@ Cache file
     file holds at most ``$FASTCONV_AUTOTUNE_MAX_ENTRIES`` entries (default :data:`MAX_ENTRIES`); the
     least recently used go first. A file that is not a regular file (a FIFO, a folder), unreadable,
     or not an SQLite database is renamed to ``<name>.corrupt-<timestamp>`` with one warning, and a
-    fresh one is started; if none can be written, choices are kept in memory only.
+    fresh one is started; if none can be written (or the file is read-only, which is left alone),
+    choices are kept in memory only.
 
 Where tuning never happens (the heuristic chooses, nothing is cached)
     inside a ``torch.compile`` trace or under any Python dispatch mode, on the ``"cuda-emu"`` target
@@ -381,6 +382,12 @@ def _is_busy(e: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _is_readonly(e: sqlite3.Error) -> bool:
+    """A file we may read but not write (a shared, read-only cache): not damaged, never set aside."""
+    text = str(e).lower()
+    return "readonly" in text or "read-only" in text
+
+
 class _Store:
     """The connection to the cache file of one path, opened lazily, reopened after a fork."""
 
@@ -407,9 +414,9 @@ class _Store:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     return _connect(path)
                 except sqlite3.DatabaseError as e:
-                    if _is_busy(e):
-                        _warn_once(f"fastconv autotune: cache file {path} is busy ({e}); keeping choices "
-                                   f"in memory for now")
+                    if _is_busy(e) or _is_readonly(e):
+                        _warn_once(f"fastconv autotune: cannot use cache file {path} ({e}); keeping choices "
+                                   f"in memory")
                         return None
                     why = f"{type(e).__name__}: {e}"
                 except OSError as e:
@@ -430,15 +437,16 @@ class _Store:
                 self.conn.close()
         self.conn = None  # a connection inherited through fork is dropped, never used
 
-    def run(self, path: Path, action):
-        """``action(conn)`` in a transaction; a damaged file is set aside and the action retried once.
-        Returns the action's result, or None when there is no usable file."""
+    def run(self, path: Path, action, write: bool = True):
+        """``action(conn)`` in a transaction (``write``: taking the write lock at once, so concurrent
+        writers queue instead of failing an upgrade); a damaged file is set aside and the action retried
+        once. Returns the action's result, or None when there is no usable file."""
         for attempt in range(2):
             conn = self.get(path)
             if conn is None:
                 return None
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     result = action(conn)
                     conn.execute("COMMIT")
@@ -448,8 +456,8 @@ class _Store:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.DatabaseError as e:
-                if _is_busy(e):
-                    _warn_once(f"fastconv autotune: cache file {path} stayed busy ({e}); this choice is kept "
+                if _is_busy(e) or _is_readonly(e):
+                    _warn_once(f"fastconv autotune: cannot use cache file {path} ({e}); this choice is kept "
                                f"in memory only")
                     return None
                 self.close()
@@ -550,7 +558,7 @@ def _ensure_loaded() -> None:
     path = _follow_path()
     if _full:
         return
-    for k, c in (_store.run(path, _load) or {}).items():
+    for k, c in (_store.run(path, _load, write=False) or {}).items():
         _memory.setdefault(k, c)
     _full = True
 
@@ -562,7 +570,7 @@ def _read_one(key: CacheKey) -> Optional[Choice]:
                            "AND threads = ?", (_fingerprint_id(), _key_text(key), key[1], key[2])).fetchone()
         return None if row is None else _choice_from_row(*row)
 
-    return _store.run(cache_path(), action)
+    return _store.run(cache_path(), action, write=False)
 
 
 def _write(key: CacheKey, choice: Choice) -> None:
