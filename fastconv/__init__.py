@@ -17,10 +17,10 @@ from .cuda import register as _cuda_register  # noqa: F401  (CUDA kernels; CuPy 
 from . import functional, nn
 from . import flops, models
 from .registry import algorithms
-from .autotune import autotune_cache, clear_autotune_cache  # also binds fastconv.autotune
+from .autotune import autotune_cache, clear_autotune_cache, set_deterministic  # also binds fastconv.autotune
 from .backends import backend
 from .nn import convert, optimize
 
 __version__ = "0.1.0"
 __all__ = ["functional", "nn", "flops", "models", "convert", "algorithms", "backend", "autotune_cache",
-           "clear_autotune_cache", "optimize", "__version__"]
+           "clear_autotune_cache", "optimize", "set_deterministic", "__version__"]

@@ -1,62 +1,81 @@
 """Autotuning for ``algo="auto"``: measure the candidate algorithms once per geometry and pass, keep the winner.
 
 :func:`fastconv.registry.choose` asks :func:`lookup` first when ``algo == "auto"``; when it returns
-``None`` the per-target heuristic decides. On the first call for a geometry key
-(:meth:`~fastconv.registry.ConvGeometry.key`), pass (``"forward"``, ``"grad_input"``,
-``"grad_weight"``) and thread count, every algorithm in :func:`fastconv.registry.candidates` runs on
-synthetic tensors of that geometry (random data of its dtype): one warm-up, then a few timed
-repetitions, median. The fastest is cached in memory and on disk, so later calls and later processes
-measure nothing.
+``None`` the per-target heuristic decides. On the first call for a cache key (:func:`cache_key`: the
+geometry with its batch rounded up to a power of two, the pass, the thread count) every algorithm in
+:func:`fastconv.registry.candidates` runs on synthetic tensors of that geometry, drawn from a private
+generator (the global torch and numpy random states are never touched, so a first, tuning run gives
+the same dropout masks as later ones): one warm-up, then repetitions for a time budget, median. The
+fastest median is cached in memory and on disk, so later calls and later processes measure nothing.
 
 Why tuning is on by default, and only above :data:`MIN_MACS`
     ``torch.backends.cudnn.benchmark`` is off by default because measuring delays the first call of
-    every new shape. Here the choice matters more: on a 2-core AVX-512 machine the two CPU algorithms
-    differ by 2-6x on ordinary layers, in both directions (im2col wins 1x1 convolutions, the direct
-    kernels win many 3x3 ones), and no size rule predicts it reliably across machines. So ``"auto"``
-    measures, but only where measuring can pay off: a convolution of at least :data:`MIN_MACS`
-    multiply-accumulates (2 MFLOP, a fraction of a millisecond for a good kernel). Below it even a
-    wrong pick costs little, while tuning costs loading (or, with a cold Numba cache, compiling) every
-    candidate's kernels, so the heuristic chooses. The threshold is low on purpose: on LeNet-5's
-    conv1 (7.5 M MACs) the heuristic's im2col was measured 15x slower than the direct kernel. The cost is
-    bounded: nothing is measured when only one algorithm can run the geometry, repetitions shrink to
-    fit :data:`BUDGET_S` per candidate, a candidate already 3x slower than the best is not repeated,
-    and the result persists on disk, so the delay is paid once per machine, not once per process.
+    every new shape. Here the choice matters more: on a 2-core AVX-512 machine the CPU algorithms
+    differ by 2-6x on ordinary layers, in both directions, and no size rule predicts it reliably
+    across machines. So ``"auto"`` measures, but only where measuring can pay off: a convolution of
+    at least :data:`MIN_MACS` multiply-accumulates. Below it even a wrong pick costs little.
+
+Robust measurements
+    Each candidate gets one warm-up and then at least :data:`MIN_REPS` timed runs, more while its
+    :data:`BUDGET_S` lasts (at most :data:`MAX_REPS`); the median counts. A candidate is abandoned
+    early only when the median of its first :data:`MIN_REPS` runs is :data:`HOPELESS` times the best
+    median so far (one slow run under load no longer decides). A candidate that raises, or whose time
+    is not finite, is out; when every candidate fails nothing is stored and the heuristic chooses.
+    The chosen algorithm keeps being watched: the real calls are timed (two clock reads), and when
+    :data:`SLOW_STREAK` calls in a row take more than :data:`SLOW_FACTOR` times the stored median,
+    the key is measured again, once per process (a choice made under load, or a machine that
+    changed, heals itself instead of being kept forever).
+
+Keys
+    The batch size enters the key rounded up to a power of two: the best algorithm changes little
+    between batch 5 and 8, and one entry per batch size made the file grow with every new batch (the
+    last short batch of an epoch, varying inference batches).
 
 Switches
     ``FASTCONV_AUTOTUNE=0`` (also ``off``/``false``/``no``) in the environment, read at each call, or
     :func:`enabled` in code (``enabled(False)`` sets it; ``with enabled(False): ...`` sets it for a
-    block and restores it after; ``enabled()`` tells the state). Code beats the environment.
+    block). Code beats the environment.
+
+Determinism
+    Under ``torch.use_deterministic_algorithms(True)``, ``fastconv.set_deterministic(True)`` or
+    ``FASTCONV_DETERMINISTIC=1``, ``"auto"`` never measures and ignores stored choices: the
+    heuristic, a function of the geometry alone, picks, so every process with the same inputs and
+    thread count runs the same kernels and gets the same bits (the CPU kernels reduce in a fixed
+    order for a given thread count; see :func:`deterministic`).
 
 Cache file
-    JSON at ``$FASTCONV_CACHE_DIR/autotune.json``, else ``$XDG_CACHE_HOME/fastconv/autotune.json``,
-    else ``~/.cache/fastconv/autotune.json``. Entries sit under a fingerprint of the machine (CPU
-    model, core count, architecture) and the software (fastconv, torch, numba, numpy versions): a file
-    copied from another machine, or left by another version, is ignored rather than trusted. Each
-    entry also records the candidates it chose among, so registering a new algorithm re-tunes.
-    Writes go to a temporary file renamed over the old one (atomic on POSIX), merging what other
-    processes wrote meanwhile; an unreadable or corrupt file is ignored with one warning and replaced
-    on the next write.
+    SQLite at ``$FASTCONV_CACHE_DIR/autotune.sqlite``, else ``$XDG_CACHE_HOME/fastconv/autotune.sqlite``,
+    else ``~/.cache/fastconv/autotune.sqlite``; WAL journal and a busy timeout, so several processes
+    tuning at once lose nothing, and a new entry is one small transaction (no whole-file rewrite).
+    Entries sit under a fingerprint of the machine and the software versions: a file copied from
+    another machine or left by another version is not trusted. An entry naming an algorithm that is
+    unknown or refuses the geometry, or made among other candidates, is ignored (re-measured). The
+    file holds at most ``$FASTCONV_AUTOTUNE_MAX_ENTRIES`` entries (default :data:`MAX_ENTRIES`); the
+    least recently used go first. A file that is not a regular file (a FIFO, a folder), unreadable,
+    or not an SQLite database is renamed to ``<name>.corrupt-<timestamp>`` with one warning, and a
+    fresh one is started; if none can be written (or the file is read-only, which is left alone),
+    choices are kept in memory only.
 
 Where tuning never happens (the heuristic chooses, nothing is cached)
-    inside a ``torch.compile`` trace or under any Python dispatch mode (fake/meta tensors go through
-    the ops' fake implementations, which never call :func:`~fastconv.registry.choose`; this is a
-    second guard), on the ``"cuda-emu"`` target (the CPU harness's speed says nothing about a GPU),
-    and re-entrantly: the tuner calls algorithms' functions directly, never through ``choose``, and a
-    call to ``choose`` made while tuning (by an algorithm that delegates) gets the heuristic.
+    inside a ``torch.compile`` trace or under any Python dispatch mode, on the ``"cuda-emu"`` target
+    (the CPU harness's speed says nothing about a GPU), in deterministic mode, and re-entrantly (a
+    call to ``choose`` made while tuning gets the heuristic).
 
 Public: ``fastconv.autotune_cache()`` (read-only mapping), ``fastconv.clear_autotune_cache(disk=True)``,
-:func:`enabled`.
+``fastconv.set_deterministic``, :func:`enabled`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
 import os
 import platform
+import sqlite3
+import stat
 import statistics
-import tempfile
 import threading
 import time
 import types
@@ -71,26 +90,40 @@ from . import registry
 
 #: Convolutions with fewer multiply-accumulates than this use the heuristic (see the module docstring).
 MIN_MACS = 1_000_000
-#: Timed repetitions per candidate at most (after one warm-up).
-MAX_REPS = 5
-#: Seconds of timed repetitions per candidate we are willing to spend; big geometries get fewer reps.
-BUDGET_S = 0.5
-#: A candidate whose first timed run is this many times slower than the best so far is not repeated.
+#: Timed repetitions per candidate: at least MIN_REPS (after one warm-up), more while BUDGET_S lasts.
+MIN_REPS = 3
+MAX_REPS = 30
+#: Seconds of timed repetitions per candidate beyond MIN_REPS.
+BUDGET_S = 0.25
+#: A candidate whose median over MIN_REPS runs is this many times the best median so far is abandoned.
 HOPELESS = 3.0
-#: Version of the cache file's layout.
-FILE_FORMAT = 1
+#: Re-validation: this many calls in a row slower than SLOW_FACTOR x the stored median (and slower by
+#: at least SLOW_MIN_MS, so timer noise on tiny calls never counts) re-measure the key, once per process.
+SLOW_FACTOR = 3.0
+SLOW_STREAK = 3
+SLOW_MIN_MS = 1.0
+#: Most entries the cache file holds (all fingerprints together); ``$FASTCONV_AUTOTUNE_MAX_ENTRIES``.
+MAX_ENTRIES = 4096
+#: Seconds a writer waits for another process's transaction before giving up on this write.
+BUSY_TIMEOUT_S = 10.0
+#: Version of the cache file's layout (the table name carries it).
+FILE_FORMAT = 2
+FILE_NAME = "autotune.sqlite"
 #: Targets whose timings are meaningless for choosing (the CUDA kernels run on the CPU harness).
 UNTUNED_TARGETS = frozenset({"cuda-emu"})
+_TABLE = f"choices_v{FILE_FORMAT}"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 
-CacheKey = tuple  # (ConvGeometry.key(), pass_, threads)
+CacheKey = tuple  # (geometry key with the batch bucketed, pass_, threads)
 
 
 @dataclass(frozen=True)
 class Choice:
-    """The autotuner's decision for one geometry, pass and thread count.
+    """The autotuner's decision for one cache key.
 
-    ``algo`` is the winner; ``times_ms`` the median time of each candidate measured (``inf`` for one
-    that raised); ``candidates`` the algorithm names that could run the geometry when it was measured.
+    ``algo`` is the winner; ``times_ms`` the median time of each candidate measured (``inf`` in memory
+    for one that failed; failures are never written to disk); ``candidates`` the algorithm names that
+    could run the geometry when it was measured.
     """
 
     algo: str
@@ -99,9 +132,11 @@ class Choice:
 
 
 # --------------------------------------------------------------------------------------------------
-# on/off switch
+# switches: on/off and deterministic mode
 # --------------------------------------------------------------------------------------------------
 _override: Optional[bool] = None
+_deterministic: Optional[bool] = None
+_FALSE = ("0", "off", "false", "no", "")
 
 
 def _env_enabled() -> bool:
@@ -137,8 +172,38 @@ class enabled:
         return bool(_override)
 
 
+def set_deterministic(flag: Optional[bool]) -> None:
+    """Make ``algo="auto"`` reproducible (``True``), or not (``False``); ``None`` returns to the default.
+
+    Deterministic: ``"auto"`` never measures and ignores stored choices; the heuristic picks from the
+    geometry alone, so any process with the same inputs and thread count gets the same output bits.
+    The default follows ``$FASTCONV_DETERMINISTIC`` (``1``/``true``/``on``) and
+    ``torch.use_deterministic_algorithms(True)``. Explicit algorithms (``algo="im2col"``...) are
+    deterministic either way.
+
+    >>> fastconv.set_deterministic(True)
+    """
+    global _deterministic
+    _deterministic = None if flag is None else bool(flag)
+
+
+def deterministic() -> bool:
+    """True when ``"auto"`` must not depend on timing (see :func:`set_deterministic`).
+
+    Every CPU kernel reduces in an order fixed by the geometry and the thread count: the Numba
+    ``prange`` loops each own their outputs (no shared accumulators, no atomics), the Winograd weight
+    gradient sums its tiles chunk by chunk in a fixed order, and the BLAS GEMMs (OpenBLAS) split their
+    work by the thread count only. So fixing the algorithm fixes the bits for a given thread count.
+    """
+    if _deterministic is not None:
+        return _deterministic
+    if os.environ.get("FASTCONV_DETERMINISTIC", "").strip().lower() not in _FALSE:
+        return True
+    return torch.are_deterministic_algorithms_enabled()
+
+
 # --------------------------------------------------------------------------------------------------
-# fingerprint and file location
+# fingerprint, keys and file location
 # --------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
     try:
@@ -177,23 +242,56 @@ def _fingerprint_id() -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def batch_bucket(batch: int) -> int:
+    """The batch size as it enters a cache key: rounded up to a power of two (0 stays 0)."""
+    return 0 if batch <= 0 else 1 << (int(batch) - 1).bit_length()
+
+
+def cache_key(geom: registry.ConvGeometry, pass_: str, threads: Optional[int] = None) -> CacheKey:
+    """``(geometry key with the batch bucketed, pass, thread count)``: the key of :func:`autotune_cache`."""
+    gk = geom.key()
+    gk = (gk[0], batch_bucket(gk[1])) + gk[2:]
+    return (gk, pass_, torch.get_num_threads() if threads is None else int(threads))
+
+
+def max_entries() -> int:
+    """The cap on the file's entries now (``$FASTCONV_AUTOTUNE_MAX_ENTRIES``, else :data:`MAX_ENTRIES`)."""
+    raw = os.environ.get("FASTCONV_AUTOTUNE_MAX_ENTRIES", "").strip()
+    if not raw:
+        return MAX_ENTRIES
+    try:
+        value = int(raw)
+    except ValueError:
+        _warn_once(f"fastconv autotune: FASTCONV_AUTOTUNE_MAX_ENTRIES={raw!r} is not an integer; "
+                   f"using {MAX_ENTRIES}")
+        return MAX_ENTRIES
+    return max(1, value)
+
+
+_path_memo: tuple = (None, None)
+
+
 def cache_path() -> Path:
-    """The cache file in use now (the environment is read at each call)."""
-    root = os.environ.get("FASTCONV_CACHE_DIR")
+    """The cache file in use now (the environment is read at each call; the path is rebuilt only when
+    it changed, since every tuned call asks)."""
+    global _path_memo
+    env = os.environ
+    probe = (env.get("FASTCONV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    if _path_memo[0] == probe:
+        return _path_memo[1]
+    root, xdg, _ = probe
     if root:
-        return Path(root) / "autotune.json"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "fastconv" / "autotune.json"
+        path = Path(root) / FILE_NAME
+    else:
+        base = Path(xdg) if xdg else Path.home() / ".cache"
+        path = base / "fastconv" / FILE_NAME
+    _path_memo = (probe, path)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
-# the cache: memory, backed by the file
+# the file: an SQLite database, set aside when it is not one
 # --------------------------------------------------------------------------------------------------
-_memory: dict[CacheKey, Choice] = {}
-_loaded_from: Optional[Path] = None  # the file whose entries _memory holds (None: not read yet)
-_lock = threading.Lock()  # one tuning at a time: concurrent measurements would disturb each other
-_local = threading.local()  # .tuning: this thread is inside the tuner (recursion guard)
 _warned: set = set()
 
 
@@ -203,95 +301,319 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _set_aside(path: Path, why: str) -> None:
+    """Rename a broken cache file (and its WAL side files) out of the way, with one warning."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        return  # another process set it aside first
+    except OSError as e:
+        _warn_once(f"fastconv autotune: cache file {path} is unusable ({why}) and cannot be moved ({e}); "
+                   f"keeping choices in memory only")
+        raise
+    for side in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.rename(f"{path}{side}", f"{target}{side}")
+    _warn_once(f"fastconv autotune: cache file {path} is unusable ({why}); moved it to {target.name} "
+               f"and starting a new one")
+
+
+def _check_file(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be the cache database, or None (missing, empty, or an SQLite file).
+
+    Never blocks: the type is checked before opening (a FIFO would block ``open``), and the header is
+    read through a non-blocking descriptor whose type is checked again (a swap in between)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot stat it: {e}"
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "not a regular file"
+        head = os.read(fd, len(_SQLITE_MAGIC))
+    except OSError as e:
+        return f"cannot read it: {e.strerror or e}"
+    finally:
+        os.close(fd)
+    if head and head != _SQLITE_MAGIC[:len(head)]:
+        return "not an SQLite database"
+    return None
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    # a row with invalid UTF-8 must read as a damaged entry (ignored), not fail the whole query
+    conn.text_factory = lambda b: b.decode("utf-8", "replace")
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        conn.execute("PRAGMA journal_mode = WAL")  # readers never block the writer, nor it them
+        # No fsync: it is a cache. With fsyncs (synchronous=NORMAL) one write in ~250 paid 10-20 ms for
+        # the WAL checkpoint; a file torn by a power cut is set aside and measured again like any other
+        # damaged file. Transactions still keep concurrent writers from losing each other's entries.
+        conn.execute("PRAGMA synchronous = OFF")
+        conn.execute("PRAGMA wal_autocheckpoint = 100")  # small checkpoints: ~0.4 MB copied, not 4 MB
+        conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {_TABLE} (fp TEXT NOT NULL, key TEXT NOT NULL, pass TEXT NOT NULL, "
+            "threads INTEGER NOT NULL, algo TEXT NOT NULL, times TEXT NOT NULL, candidates TEXT NOT NULL, "
+            "used REAL NOT NULL, PRIMARY KEY (fp, key, pass, threads))")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {_TABLE}_used ON {_TABLE} (used)")
+        conn.execute("CREATE TABLE IF NOT EXISTS fingerprints (fp TEXT PRIMARY KEY, info TEXT NOT NULL)")
+        conn.execute(f"SELECT count(*) FROM {_TABLE}").fetchone()  # a damaged file fails here
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    text = str(e).lower()
+    return "locked" in text or "busy" in text
+
+
+def _is_readonly(e: sqlite3.Error) -> bool:
+    """A file we may read but not write (a shared, read-only cache): not damaged, never set aside."""
+    text = str(e).lower()
+    return "readonly" in text or "read-only" in text
+
+
+class _Store:
+    """The connection to the cache file of one path, opened lazily, reopened after a fork."""
+
+    def __init__(self):
+        self.path: Optional[Path] = None
+        self.pid = None
+        self.conn: Optional[sqlite3.Connection] = None
+        self.broken = False  # no usable file: memory only (until the path changes)
+
+    def get(self, path: Path) -> Optional[sqlite3.Connection]:
+        if self.path != path or self.pid != os.getpid():
+            self.close()
+            self.path, self.pid, self.broken = path, os.getpid(), False
+        if self.conn is None and not self.broken:
+            self.conn = self._open(path)
+            self.broken = self.conn is None
+        return self.conn
+
+    def _open(self, path: Path) -> Optional[sqlite3.Connection]:
+        for attempt in range(2):
+            why = _check_file(path)
+            if why is None:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    return _connect(path)
+                except sqlite3.DatabaseError as e:
+                    if _is_busy(e) or _is_readonly(e):
+                        _warn_once(f"fastconv autotune: cannot use cache file {path} ({e}); keeping choices "
+                                   f"in memory")
+                        return None
+                    why = f"{type(e).__name__}: {e}"
+                except OSError as e:
+                    _warn_once(f"fastconv autotune: cannot create {path} ({e}); keeping choices in memory")
+                    return None
+            if attempt == 1:
+                break
+            try:
+                _set_aside(path, why)
+            except OSError:
+                return None
+        _warn_once(f"fastconv autotune: cannot use {path} ({why}); keeping choices in memory")
+        return None
+
+    def close(self) -> None:
+        if self.conn is not None and self.pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+        self.conn = None  # a connection inherited through fork is dropped, never used
+
+    def run(self, path: Path, action, write: bool = True):
+        """``action(conn)`` in a transaction (``write``: taking the write lock at once, so concurrent
+        writers queue instead of failing an upgrade); a damaged file is set aside and the action retried
+        once. Returns the action's result, or None when there is no usable file."""
+        for attempt in range(2):
+            conn = self.get(path)
+            if conn is None:
+                return None
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    result = action(conn)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.DatabaseError as e:
+                if _is_busy(e) or _is_readonly(e):
+                    _warn_once(f"fastconv autotune: cannot use cache file {path} ({e}); this choice is kept "
+                               f"in memory only")
+                    return None
+                self.close()
+                if attempt == 1:
+                    self.broken = True
+                    _warn_once(f"fastconv autotune: cannot use {path} ({e}); keeping choices in memory")
+                    return None
+                try:
+                    _set_aside(path, f"{type(e).__name__}: {e}")
+                except OSError:
+                    self.broken = True
+                    return None
+        return None
+
+
+_store = _Store()
+
+
+# --------------------------------------------------------------------------------------------------
+# the cache: memory, backed by the file
+# --------------------------------------------------------------------------------------------------
+_memory: dict[CacheKey, Choice] = {}
+_memory_path: Optional[Path] = None  # the file whose entries _memory holds (None: none yet)
+_full = False  # _memory holds every entry of that file (read for autotune_cache(); lookups read one)
+_touched: set = set()  # keys whose last use this process already recorded in the file (LRU)
+_lock = threading.RLock()  # one tuning at a time: concurrent measurements would disturb each other
+_local = threading.local()  # .tuning: this thread is inside the tuner (recursion guard)
+
+
 def _tuplify(value):
     """JSON arrays back to the tuples of a geometry key."""
-    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
+    if not isinstance(value, list):
+        return value
+    return tuple(_tuplify(v) if isinstance(v, list) else v for v in value)
 
 
-def _read_file(path: Path) -> dict:
-    """The whole file as a dict of sections, ``{}`` when missing or unreadable."""
+def _key_text(key: CacheKey) -> str:
+    return json.dumps(key[0], separators=(",", ":"))
+
+
+def _choice_from_row(algo, times, candidates) -> Optional[Choice]:
+    """A stored row as a Choice, None when any field is damaged (the row is then ignored)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        _warn_once(f"fastconv autotune: cannot read {path} ({e}); ignoring it")
-        return {}
-    try:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FILE_FORMAT \
-                or not isinstance(data.get("sections"), dict):
-            raise ValueError("unexpected layout")
-        return data["sections"]
-    except ValueError as e:
-        _warn_once(f"fastconv autotune: ignoring corrupt cache file {path} ({e}); it will be rewritten")
-        return {}
+        t = json.loads(times)
+        c = json.loads(candidates)
+        if not isinstance(algo, str) or not isinstance(t, dict) or not isinstance(c, list):
+            return None
+        times_ms = {str(k): float(v) for k, v in t.items()}
+        if not all(math.isfinite(v) and v >= 0 for v in times_ms.values()):
+            return None
+        return Choice(algo, times_ms, tuple(str(n) for n in c))
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
-def _entries_from(section) -> dict[CacheKey, Choice]:
+def _load(conn: sqlite3.Connection) -> dict[CacheKey, Choice]:
     out = {}
-    if not isinstance(section, dict) or not isinstance(section.get("entries"), list):
-        return out
-    for e in section["entries"]:
+    rows = conn.execute(f"SELECT key, pass, threads, algo, times, candidates FROM {_TABLE} WHERE fp = ?",
+                        (_fingerprint_id(),)).fetchall()
+    for key, pass_, threads, algo, times, candidates in rows:
         try:
-            key = (_tuplify(e["key"]), str(e["pass"]), int(e["threads"]))
-            out[key] = Choice(str(e["algo"]),
-                              {str(k): math.inf if v is None else float(v) for k, v in e.get("times_ms", {}).items()},
-                              tuple(str(c) for c in e.get("candidates", ())))
-        except (KeyError, TypeError, ValueError):
+            gk = _tuplify(json.loads(key))
+            if not isinstance(gk, tuple):
+                continue
+            hash(gk)
+            k = (gk, str(pass_), int(threads))
+        except (ValueError, TypeError, RecursionError):
             continue  # one damaged entry does not spoil the rest
+        choice = _choice_from_row(algo, times, candidates)
+        if choice is not None:
+            out[k] = choice
     return out
 
 
-def _entry_json(key: CacheKey, choice: Choice) -> dict:
-    geom_key, pass_, threads = key
-    return {"key": list(geom_key), "pass": pass_, "threads": threads, "algo": choice.algo,
-            "times_ms": {k: (v if math.isfinite(v) else None) for k, v in choice.times_ms.items()},
-            "candidates": list(choice.candidates)}
+def _forget() -> None:
+    global _memory_path, _full
+    _fast.clear()
+    _memory.clear()
+    _touched.clear()
+    _watch.clear()
+    _proxies.clear()
+    _memory_path, _full = None, False
+
+
+def _follow_path() -> Path:
+    """The cache file now; memory is dropped when the environment moved it."""
+    global _memory_path
+    path = cache_path()
+    if path != _memory_path:
+        _forget()
+        _memory_path = path
+    return path
 
 
 def _ensure_loaded() -> None:
-    global _loaded_from
-    path = cache_path()
-    if _loaded_from == path:
+    """Read every entry of the file into memory (for :func:`autotune_cache`; lookups read one key)."""
+    global _full
+    path = _follow_path()
+    if _full:
         return
-    _memory.clear()
-    _memory.update(_entries_from(_read_file(path).get(_fingerprint_id())))
-    _loaded_from = path
+    for k, c in (_store.run(path, _load, write=False) or {}).items():
+        _memory.setdefault(k, c)
+    _full = True
 
 
-def _write(update: Optional[tuple[CacheKey, Choice]]) -> None:
-    """Merge ``update`` into this fingerprint's section of the file (``None``: drop the section)."""
-    path = cache_path()
-    sections = _read_file(path)
+def _read_one(key: CacheKey) -> Optional[Choice]:
+    """The file's entry for ``key`` (another process may have measured it since we loaded)."""
+    def action(conn):
+        row = conn.execute(f"SELECT algo, times, candidates FROM {_TABLE} WHERE fp = ? AND key = ? AND pass = ? "
+                           "AND threads = ?", (_fingerprint_id(), _key_text(key), key[1], key[2])).fetchone()
+        return None if row is None else _choice_from_row(*row)
+
+    return _store.run(cache_path(), action, write=False)
+
+
+def _write(key: CacheKey, choice: Choice) -> None:
+    """Insert or replace one entry (failed measurements left out), evicting the least recently used
+    entries beyond :func:`max_entries`. One small transaction: its cost does not grow with the file."""
+    times = {k: v for k, v in choice.times_ms.items() if math.isfinite(v)}
     fid = _fingerprint_id()
-    if update is None:
-        sections.pop(fid, None)
-        if not sections:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-            return
-    else:
-        entries = _entries_from(sections.get(fid))
-        entries[update[0]] = update[1]
-        sections[fid] = {"fingerprint": fingerprint(),
-                         "entries": [_entry_json(k, c) for k, c in entries.items()]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".autotune-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"format": FILE_FORMAT, "sections": sections}, f, allow_nan=False)
-        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    cap = max_entries()
+
+    def action(conn):
+        conn.execute("INSERT OR IGNORE INTO fingerprints (fp, info) VALUES (?, ?)",
+                     (fid, json.dumps(fingerprint(), sort_keys=True)))
+        conn.execute(f"INSERT OR REPLACE INTO {_TABLE} (fp, key, pass, threads, algo, times, candidates, used) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (fid, _key_text(key), key[1], key[2], choice.algo, json.dumps(times),
+                      json.dumps(list(choice.candidates)), time.time()))
+        (count,) = conn.execute(f"SELECT count(*) FROM {_TABLE}").fetchone()
+        if count > cap:
+            conn.execute(f"DELETE FROM {_TABLE} WHERE rowid IN (SELECT rowid FROM {_TABLE} ORDER BY used "
+                         "LIMIT ?)", (count - cap,))
+        return True
+
+    _store.run(cache_path(), action)
+    _touched.add(key)
+
+
+def _touch(key: CacheKey) -> None:
+    """Record that ``key`` was used (once per process and key): what the LRU eviction orders by."""
+    _touched.add(key)
+
+    def action(conn):
+        conn.execute(f"UPDATE {_TABLE} SET used = ? WHERE fp = ? AND key = ? AND pass = ? AND threads = ?",
+                     (time.time(), _fingerprint_id(), _key_text(key), key[1], key[2]))
+
+    _store.run(cache_path(), action)
 
 
 def autotune_cache() -> Mapping[CacheKey, Choice]:
     """The autotuner's choices for this machine, read-only: ``(geometry key, pass, threads) -> Choice``.
 
-    Includes what earlier processes stored in the cache file (:func:`cache_path`).
+    The geometry key is :meth:`~fastconv.registry.ConvGeometry.key` with the batch rounded up to a
+    power of two (:func:`cache_key`). Includes what earlier processes stored in the cache file
+    (:func:`cache_path`).
 
     >>> for (geom_key, pass_, threads), choice in fastconv.autotune_cache().items():
     ...     print(pass_, choice.algo, choice.times_ms)
@@ -306,24 +628,29 @@ def clear_autotune_cache(disk: bool = True) -> None:
 
     With ``disk=False`` the file is kept, so the next lookup reads the choices back from it.
     """
-    global _loaded_from
     with _lock:
-        _memory.clear()
-        _loaded_from = None
+        _forget()
         if disk:
-            try:
-                _write(None)
-            except OSError as e:
-                _warn_once(f"fastconv autotune: cannot clear {cache_path()} ({e})")
+            fid = _fingerprint_id()
+
+            def action(conn):
+                conn.execute(f"DELETE FROM {_TABLE} WHERE fp = ?", (fid,))
+                conn.execute("DELETE FROM fingerprints WHERE fp = ?", (fid,))
+
+            _store.run(cache_path(), action)
 
 
 # --------------------------------------------------------------------------------------------------
 # measuring
 # --------------------------------------------------------------------------------------------------
 def _synthetic_inputs(geom: registry.ConvGeometry, pass_: str) -> tuple:
-    """Random tensors of the geometry's shapes for one pass (the arguments after ``alg.<pass>``)."""
+    """Random tensors of the geometry's shapes for one pass (the arguments after ``alg.<pass>``).
+
+    Drawn from a private, fixed-seed generator: tuning must not move torch's global random state."""
     device = "cuda" if geom.target == "cuda" else "cpu"
-    opts = dict(dtype=geom.dtype, device=device)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0x5EED)
+    opts = dict(dtype=geom.dtype, device=device, generator=gen)
     x = (geom.batch, geom.in_channels) + geom.in_spatial
     w = (geom.out_channels, geom.in_channels // geom.groups) + geom.kernel
     y = (geom.batch, geom.out_channels) + geom.out_spatial
@@ -341,33 +668,43 @@ def _sync(geom: registry.ConvGeometry) -> None:
 
 def _time_candidate(alg: registry.ConvAlgorithm, geom: registry.ConvGeometry, pass_: str, inputs: tuple,
                     best_ms: float) -> float:
-    """Median milliseconds of ``alg``'s ``pass_`` on ``inputs``: one warm-up, then bounded repetitions."""
+    """Median milliseconds of ``alg``'s ``pass_`` on ``inputs``: one warm-up, then at least
+    :data:`MIN_REPS` runs and more while :data:`BUDGET_S` lasts; abandoned after MIN_REPS runs when
+    their median is :data:`HOPELESS` times ``best_ms``."""
     fn = getattr(alg, pass_)
     fn(*inputs)  # warm-up: compiles or loads the kernels, touches the buffers
     _sync(geom)
     times: list[float] = []
+    deadline = time.perf_counter() + BUDGET_S
     while len(times) < MAX_REPS:
         start = time.perf_counter()
         fn(*inputs)
         _sync(geom)
-        times.append((time.perf_counter() - start) * 1e3)
-        if times[0] > HOPELESS * best_ms or sum(times) > BUDGET_S * 1e3:
-            break  # already lost, or repeating costs more than the choice is worth measuring
+        end = time.perf_counter()
+        times.append((end - start) * 1e3)
+        if len(times) >= MIN_REPS and (end > deadline or statistics.median(times) > HOPELESS * best_ms):
+            break
     return statistics.median(times)
 
 
-def _measure(geom: registry.ConvGeometry, pass_: str, algs: list) -> Choice:
-    """Time every candidate; the winner is the smallest median (failures count as infinitely slow)."""
+def _measure(geom: registry.ConvGeometry, pass_: str, algs: list) -> Optional[Choice]:
+    """Time every candidate; the winner is the smallest median. None when every candidate failed."""
     inputs = _synthetic_inputs(geom, pass_)
     times: dict[str, float] = {}
     for alg in algs:
+        best = min((t for t in times.values() if math.isfinite(t)), default=math.inf)
         try:
-            times[alg.name] = _time_candidate(alg, geom, pass_, inputs, min(times.values(), default=math.inf))
+            t = float(_time_candidate(alg, geom, pass_, inputs, best))
+            if not (math.isfinite(t) and t >= 0):
+                raise ValueError(f"measured a time of {t} ms")
         except Exception as e:  # noqa: BLE001 - a candidate that fails here must not fail the user's call
             _warn_once(f"fastconv autotune: {alg.name} failed on {pass_} of {geom.key()} ({e!r}); skipping it")
-            times[alg.name] = math.inf
-    best = min(times, key=times.get)
-    return Choice(best, times, tuple(a.name for a in algs))
+            t = math.inf
+        times[alg.name] = t
+    finite = {n: t for n, t in times.items() if math.isfinite(t)}
+    if not finite:
+        return None
+    return Choice(min(finite, key=finite.get), times, tuple(a.name for a in algs))
 
 
 def _tracing() -> bool:
@@ -381,34 +718,129 @@ def _tracing() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
+# --------------------------------------------------------------------------------------------------
+# watching the chosen algorithm: re-validation of a stored choice that turns out slow
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Watch:
+    expected_ms: float
+    calls: int = 0
+    slow: int = 0
+    stale: bool = False  # measure again at the next lookup
+    retuned: bool = False  # this process already measured it again once
+
+
+_watch: dict[CacheKey, _Watch] = {}
+_proxies: dict[CacheKey, registry.ConvAlgorithm] = {}
+#: (geometry, pass, threads) -> (result of lookup, cache key, registry generation, cache path): the
+#: per-call fast path, so a tuned call costs a dict lookup instead of listing the candidates again.
+_fast: dict = {}
+
+
+def _observe(key: CacheKey, ms: float) -> None:
+    w = _watch.get(key)
+    if w is None or w.retuned:
+        return
+    w.calls += 1
+    if w.calls == 1:
+        return  # the first call of a process pays for loading kernels and first-touch memory
+    if ms > SLOW_FACTOR * w.expected_ms and ms - w.expected_ms > SLOW_MIN_MS:
+        w.slow += 1
+        if w.slow >= SLOW_STREAK:
+            w.stale = True
+    else:
+        w.slow = 0
+
+
+def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> registry.ConvAlgorithm:
+    """``alg`` with its ``key[1]`` pass timed on every call (two clock reads) for :func:`_observe`."""
+    expected = choice.times_ms.get(choice.algo, math.inf)
+    if not math.isfinite(expected) or alg.targets == frozenset({"cuda"}):
+        return alg  # nothing to compare with; GPU calls are asynchronous, their wall time says nothing
+    _watch[key] = w = _watch.get(key) or _Watch(expected)
+    w.expected_ms = expected
+    proxy = _proxies.get(key)
+    if proxy is not None and proxy.name == alg.name and getattr(proxy, "_fastconv_base", None) is alg:
+        return proxy
+    fn = getattr(alg, key[1])
+
+    def timed(*args):
+        start = time.perf_counter()
+        out = fn(*args)
+        _observe(key, (time.perf_counter() - start) * 1e3)
+        return out
+
+    proxy = dataclasses.replace(alg, **{key[1]: timed})
+    object.__setattr__(proxy, "_fastconv_base", alg)
+    _proxies[key] = proxy
+    return proxy
+
+
 def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlgorithm]:
     """The tuned algorithm for ``geom`` and ``pass_``, measuring on a miss; None: let the heuristic choose.
 
     Called by :func:`fastconv.registry.choose` for ``algo="auto"``.
     """
     if (not enabled() or geom.target in UNTUNED_TARGETS or geom.macs < MIN_MACS
-            or getattr(_local, "tuning", False)):
+            or getattr(_local, "tuning", False) or deterministic()):
         return None
+    path = cache_path()
+    threads = torch.get_num_threads()
+    memo = (geom, pass_, threads)
+    hit = _fast.get(memo)
+    if hit is not None and hit[2] == registry.generation() and hit[3] is path and path is _memory_path:
+        watch = _watch.get(hit[1])
+        if watch is None or not watch.stale:
+            return hit[0]
+    with _lock:
+        result, key = _lookup_slow(geom, pass_, threads)
+        if key is not None:  # None: inside a trace, nothing decided
+            _fast[memo] = (result, key, registry.generation(), _memory_path)
+        return result
+
+
+def _lookup_slow(geom, pass_, threads) -> tuple:
+    """:func:`lookup` without its memo: (algorithm or None, cache key). Holds ``_lock``."""
+    _follow_path()
+    key = cache_key(geom, pass_, threads)
     algs = registry.candidates(geom)
     if len(algs) < 2:
-        return algs[0] if algs else None  # nothing to compare: measuring would only cost time
+        return (algs[0] if algs else None), key  # nothing to compare: measuring would only cost time
     names = tuple(a.name for a in algs)
-    key = (geom.key(), pass_, torch.get_num_threads())
-    with _lock:
-        _ensure_loaded()
-        choice = _memory.get(key)
-        if choice is None or choice.candidates != names:
-            if _tracing():
-                return None
-            _local.tuning = True
-            try:
-                with torch.no_grad():
-                    choice = _measure(geom, pass_, algs)
-            finally:
-                _local.tuning = False
-            _memory[key] = choice
-            try:
-                _write((key, choice))
-            except (OSError, TypeError, ValueError) as e:
-                _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
-    return next(a for a in algs if a.name == choice.algo)
+    choice = _memory.get(key)
+    watch = _watch.get(key)
+    if choice is not None and watch is not None and watch.stale:
+        choice = None  # observed way slower than measured: measure again (once per process)
+    elif not _usable(choice, names):
+        choice = _read_one(key)  # another process may have measured it meanwhile
+    if not _usable(choice, names):
+        if _tracing():
+            return None, None  # not memoised: the same call outside the trace tunes
+        _local.tuning = True
+        try:
+            with torch.no_grad():
+                choice = _measure(geom, pass_, algs)
+        finally:
+            _local.tuning = False
+        if choice is None:
+            _memory.pop(key, None)
+            return None, key  # every candidate failed: nothing stored, the heuristic chooses
+        _memory[key] = choice
+        if watch is not None and watch.stale:
+            watch.stale, watch.retuned, watch.slow = False, True, 0
+        try:
+            _write(key, choice)
+        except (OSError, TypeError, ValueError) as e:
+            _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+    else:
+        _memory[key] = choice
+        if key not in _touched:
+            _touch(key)
+    alg = next(a for a in algs if a.name == choice.algo)
+    return _watched(alg, key, choice), key
+
+
+def _usable(choice: Optional[Choice], names: tuple) -> bool:
+    """A stored choice applies when it was made among today's candidates and names one of them (an
+    unknown algorithm, or one that now refuses the geometry, is ignored and measured again)."""
+    return choice is not None and choice.candidates == names and choice.algo in names

@@ -109,10 +109,19 @@ _REGISTRY: dict[tuple[str, str], ConvAlgorithm] = {}
 _HEURISTICS: dict[str, Callable[[ConvGeometry, str], str]] = {}
 
 
+_GENERATION = [0]  # bumped by every registration: memoised choices made before it are stale
+
+
+def generation() -> int:
+    """A counter that changes whenever an algorithm is registered (for memoised choices)."""
+    return _GENERATION[0]
+
+
 def register(algorithm: ConvAlgorithm) -> ConvAlgorithm:
     """Add ``algorithm`` for each of its targets (a later registration of the same name replaces it)."""
     for target in algorithm.targets:
         _REGISTRY[(algorithm.name, target)] = algorithm
+    _GENERATION[0] += 1
     return algorithm
 
 

@@ -2,11 +2,14 @@
 
 Every test gets its own cache folder (``FASTCONV_CACHE_DIR``) and lowers ``MIN_MACS`` to 0 so that
 small, fast geometries are tuned. Measurements are counted by wrapping ``autotune._time_candidate``.
+The cache file is an SQLite database (``autotune.sqlite``); tests read and damage it directly.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -38,7 +41,25 @@ def _geometry():
 
 
 def _key(pass_="forward"):
-    return (_geometry().key(), pass_, torch.get_num_threads())
+    return autotune.cache_key(_geometry(), pass_)
+
+
+def _rows(path, where=""):
+    """The cache file's entries as dicts (read with a connection of our own)."""
+    conn = sqlite3.connect(str(path))
+    try:
+        conn.row_factory = sqlite3.Row
+        return [dict(r) for r in conn.execute(f"SELECT * FROM {autotune._TABLE} {where}")]
+    finally:
+        conn.close()
+
+
+def _sql(path, statement, args=()):
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        conn.execute(statement, args)
+    finally:
+        conn.close()
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +70,11 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(autotune, "MIN_MACS", 0)
     monkeypatch.setattr(autotune, "_override", None)
     monkeypatch.setattr(autotune, "_warned", set())
+    monkeypatch.delenv("FASTCONV_AUTOTUNE_MAX_ENTRIES", raising=False)
+    monkeypatch.delenv("FASTCONV_DETERMINISTIC", raising=False)
+    monkeypatch.setattr(autotune, "_deterministic", None)
     autotune.clear_autotune_cache(disk=False)
-    yield tmp_path / "autotune.json"
+    yield tmp_path / autotune.FILE_NAME
     autotune.clear_autotune_cache(disk=False)
 
 
@@ -127,10 +151,8 @@ def test_disk_round_trip_after_clearing_memory(isolated_cache, measured):
     x, w = _data()
     F.conv2d(x, w, padding=1)
     algo = fastconv.autotune_cache()[_key()].algo
-    data = json.loads(isolated_cache.read_text())
-    (section,) = data["sections"].values()
-    assert section["fingerprint"] == autotune.fingerprint()
-    assert [e["algo"] for e in section["entries"]] == [algo]
+    (row,) = _rows(isolated_cache)
+    assert row["fp"] == autotune._fingerprint_id() and row["algo"] == algo
 
     fastconv.clear_autotune_cache(disk=False)
     assert isolated_cache.exists()
@@ -173,18 +195,17 @@ def test_cache_from_another_machine_or_version_is_ignored(isolated_cache, measur
     F.conv2d(x, w, padding=1)
     assert len(measured) == 2 * len(names)
     # Both machines' entries are kept side by side.
-    assert len(json.loads(isolated_cache.read_text())["sections"]) == 2
+    assert len({r["fp"] for r in _rows(isolated_cache)}) == 2
 
 
 def test_foreign_entry_in_file_is_not_trusted(isolated_cache, measured):
     names = _candidates()
-    entry = {"key": json.loads(json.dumps(_geometry().key())), "pass": "forward",
-             "threads": torch.get_num_threads(), "algo": names[0], "times_ms": {}, "candidates": names}
-    foreign = {"fingerprint": dict(autotune.fingerprint(), cpu="some other CPU"), "entries": [entry]}
-    isolated_cache.write_text(json.dumps({"format": 1, "sections": {"0123456789abcdef": foreign}}))
     x, w = _data()
     F.conv2d(x, w, padding=1)
-    assert len(measured) == len(names)
+    _sql(isolated_cache, f"UPDATE {autotune._TABLE} SET fp = 'some-other-cpu'")
+    fastconv.clear_autotune_cache(disk=False)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names)
 
 
 def test_entry_for_other_candidates_is_retuned(isolated_cache, measured):
@@ -192,26 +213,170 @@ def test_entry_for_other_candidates_is_retuned(isolated_cache, measured):
     names = _candidates()
     x, w = _data()
     F.conv2d(x, w, padding=1)
-    data = json.loads(isolated_cache.read_text())
-    for section in data["sections"].values():
-        for e in section["entries"]:
-            e["candidates"] = e["candidates"][:1]
-    isolated_cache.write_text(json.dumps(data))
+    _sql(isolated_cache, f"UPDATE {autotune._TABLE} SET candidates = ?", (json.dumps(names[:1]),))
     fastconv.clear_autotune_cache(disk=False)
     F.conv2d(x, w, padding=1)
     assert len(measured) == 2 * len(names)
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", '{"format": 99, "sections": {}}', ""])
-def test_corrupt_file_is_tolerated_and_replaced(isolated_cache, measured, content):
-    isolated_cache.write_text(content)
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00garbage", b"[" * 100000 + b"]" * 100000,
+                                     b"SQLite format 3\x00" + b"\x00" * 200, b"x"])
+def test_corrupt_file_is_set_aside_with_one_warning(isolated_cache, measured, content):
+    isolated_cache.parent.mkdir(parents=True, exist_ok=True)
+    isolated_cache.write_bytes(content)
     x, w = _data()
-    with pytest.warns(RuntimeWarning, match="corrupt cache file"):
+    with pytest.warns(RuntimeWarning, match="unusable") as record:
         y = F.conv2d(x, w, padding=1)
+        F.conv2d(x, w, padding=1)
+        fastconv.clear_autotune_cache(disk=False)
+        fastconv.autotune_cache()
+    assert len([r for r in record if "unusable" in str(r.message)]) == 1
     assert_close(y, TF.conv2d(x, w, padding=1), what="forward")
     assert len(measured) == len(_candidates())
-    data = json.loads(isolated_cache.read_text())  # rewritten whole
-    assert data["format"] == autotune.FILE_FORMAT and len(data["sections"]) == 1
+    (aside,) = list(isolated_cache.parent.glob(f"{autotune.FILE_NAME}.corrupt-*"))
+    assert aside.read_bytes() == content
+    assert len(_rows(isolated_cache)) == 1  # a fresh file holds the new choice
+    fastconv.clear_autotune_cache()  # and clearing works on it
+
+
+def test_damaged_rows_are_ignored(isolated_cache, measured):
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    deep = "[" * 50000 + "]" * 50000
+    for column, value in (("times", deep), ("candidates", b"\xff not json"), ("key", deep),
+                          ("times", '{"direct": "NaN"}')):
+        fastconv.clear_autotune_cache()
+        F.conv2d(x, w, padding=1)
+        _sql(isolated_cache, f"UPDATE {autotune._TABLE} SET {column} = CAST(? AS TEXT)", (value,))
+        fastconv.clear_autotune_cache(disk=False)
+        F.conv2d(x, w, padding=1)  # the damaged entry is measured again, nothing raises
+        assert fastconv.autotune_cache()[_key()].algo in names
+    assert len(measured) == 9 * len(names)  # the first call, then twice per damage
+
+
+@pytest.mark.parametrize("algo", ["no-such-algorithm", "depthwise"])
+def test_entry_naming_an_unusable_algorithm_is_ignored(isolated_cache, measured, algo):
+    # depthwise is registered but refuses this dense geometry
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    _sql(isolated_cache, f"UPDATE {autotune._TABLE} SET algo = ?", (algo,))
+    fastconv.clear_autotune_cache(disk=False)
+    y = F.conv2d(x, w, padding=1)
+    assert_close(y, TF.conv2d(x, w, padding=1), what="forward")
+    assert len(measured) == 2 * len(names)
+    assert fastconv.autotune_cache()[_key()].algo in names
+    # iterating over the cache sees every entry (a bad entry once ended such loops silently)
+    assert list(fastconv.autotune_cache()) == [_key()]
+
+
+def _run_child(script: str, timeout=120, **env):
+    full_env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-c", script], env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+_CHILD_CONV = (
+    "import warnings, torch, fastconv\n"
+    "from fastconv import autotune\n"
+    "autotune.MIN_MACS = 0\n"
+    f"x = torch.randn{X_SHAPE!r}.double(); w = torch.randn({K}, {X_SHAPE[1]}, 3, 3).double()\n"
+    "with warnings.catch_warnings(record=True) as rec:\n"
+    "    warnings.simplefilter('always')\n"
+    "    fastconv.functional.conv2d(x, w, padding=1)\n"
+    "    fastconv.clear_autotune_cache(disk=False)\n"
+    "    fastconv.functional.conv2d(x, w, padding=1)\n"
+    "    fastconv.clear_autotune_cache()\n"
+    "print(sum('unusable' in str(r.message) for r in rec))\n"
+)
+
+
+def test_fifo_in_place_of_the_file_does_not_hang(isolated_cache):
+    isolated_cache.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(isolated_cache)
+    proc = _run_child(_CHILD_CONV, FASTCONV_CACHE_DIR=str(isolated_cache.parent))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[-1] == "1", "expected exactly one warning"
+    assert isolated_cache.is_file() and not isolated_cache.is_fifo()
+    assert len(list(isolated_cache.parent.glob(f"{autotune.FILE_NAME}.corrupt-*"))) == 1
+
+
+def test_folder_in_place_of_the_file_is_set_aside(isolated_cache, measured):
+    isolated_cache.mkdir(parents=True)
+    x, w = _data()
+    with pytest.warns(RuntimeWarning, match="not a regular file"):
+        F.conv2d(x, w, padding=1)
+    assert isolated_cache.is_file() and len(_rows(isolated_cache)) == 1
+
+
+def test_unreadable_file_is_set_aside(isolated_cache, measured):
+    if os.geteuid() == 0:
+        pytest.skip("running as root: file permissions do not stop reads")
+    isolated_cache.parent.mkdir(parents=True, exist_ok=True)
+    isolated_cache.write_bytes(b"")
+    isolated_cache.chmod(0)
+    x, w = _data()
+    with pytest.warns(RuntimeWarning, match="unusable"):
+        F.conv2d(x, w, padding=1)
+    assert len(_rows(isolated_cache)) == 1
+
+
+def test_unwritable_folder_keeps_choices_in_memory(tmp_path, monkeypatch, measured):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(blocker / "sub"))  # a folder below a file: cannot exist
+    fastconv.clear_autotune_cache(disk=False)
+    x, w = _data()
+    with pytest.warns(RuntimeWarning, match="in memory"):
+        F.conv2d(x, w, padding=1)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(_candidates()) and len(fastconv.autotune_cache()) == 1
+
+
+def test_concurrent_writers_lose_nothing(isolated_cache):
+    """Four processes write 25 entries each at the same time: all 100 are in the file."""
+    script = (
+        "import sys, torch, fastconv\n"
+        "from fastconv import autotune\n"
+        "me = int(sys.argv[1])\n"
+        "for i in range(25):\n"
+        "    key = ((2, 1, me, i, 1, (1, 8, 8), (1, 3, 3), (1, 8, 8)), 'forward', 1)\n"
+        "    autotune._write(key, autotune.Choice('direct', {'direct': 1.0, 'im2col': 2.0}, ('direct', 'im2col')))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               FASTCONV_CACHE_DIR=str(isolated_cache.parent))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    rows = _rows(isolated_cache)
+    assert len(rows) == 100
+    assert len(fastconv.autotune_cache()) == 100
+
+
+def test_size_is_capped_least_recently_used_first(isolated_cache, monkeypatch):
+    monkeypatch.setenv("FASTCONV_AUTOTUNE_MAX_ENTRIES", "5")
+    keys = [((2, 1, 4, i, 1, (1, 8, 8), (1, 3, 3), (1, 8, 8)), "forward", 1) for i in range(8)]
+    choice = autotune.Choice("direct", {"direct": 1.0}, ("direct", "im2col"))
+    for k in keys[:5]:
+        autotune._write(k, choice)
+    autotune._touch(keys[0])  # used again: it must outlive keys 1..3
+    for k in keys[5:]:
+        autotune._write(k, choice)
+    stored = {json.loads(r["key"])[3] for r in _rows(isolated_cache)}
+    assert stored == {0, 4, 5, 6, 7}
+
+
+def test_batch_sizes_share_a_bucketed_entry(measured):
+    names = _candidates()
+    w = torch.randn(K, X_SHAPE[1], 3, 3, dtype=torch.float64)
+    for batch in (5, 7, 8):  # all round up to 8
+        x = torch.randn((batch,) + X_SHAPE[1:], dtype=torch.float64)
+        assert_close(F.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1), what=f"batch {batch}")
+    assert len(measured) == len(names) and len(fastconv.autotune_cache()) == 1
+    assert [autotune.batch_bucket(b) for b in (0, 1, 2, 3, 5, 8, 9)] == [0, 1, 2, 4, 8, 8, 16]
 
 
 def test_clear_forgets_memory_and_disk(isolated_cache, measured):
@@ -220,7 +385,7 @@ def test_clear_forgets_memory_and_disk(isolated_cache, measured):
     F.conv2d(x, w, padding=1)
     assert isolated_cache.exists() and len(fastconv.autotune_cache()) == 1
     fastconv.clear_autotune_cache()
-    assert not isolated_cache.exists()
+    assert _rows(isolated_cache) == []
     assert len(fastconv.autotune_cache()) == 0
     F.conv2d(x, w, padding=1)
     assert len(measured) == 2 * len(names)
@@ -304,6 +469,51 @@ def test_failing_candidate_is_skipped(monkeypatch):
     assert_close(y, TF.conv2d(x, w, padding=1), what="forward")
     choice = fastconv.autotune_cache()[_key()]
     assert choice.algo != names[0] and choice.times_ms[names[0]] == float("inf")
+    # the failure is not written: the file holds only finite times
+    (row,) = _rows(isolated_cache_path())
+    assert names[0] not in json.loads(row["times"])
+
+
+def isolated_cache_path():
+    return autotune.cache_path()
+
+
+@pytest.mark.parametrize("bad", [RuntimeError("kernel exploded"), float("inf"), float("nan")])
+def test_when_every_candidate_fails_nothing_is_stored(monkeypatch, isolated_cache, bad):
+    tried = []
+
+    def fails(alg, geom, pass_, inputs, best):
+        tried.append(alg.name)
+        if isinstance(bad, Exception):
+            raise bad
+        return bad
+
+    monkeypatch.setattr(autotune, "_time_candidate", fails)
+    x, w = _data()
+    with pytest.warns(RuntimeWarning, match="failed"):
+        y = F.conv2d(x, w, padding=1)
+    assert_close(y, TF.conv2d(x, w, padding=1), what="forward")
+    assert len(fastconv.autotune_cache()) == 0
+    assert not isolated_cache.exists() or _rows(isolated_cache) == []
+    assert registry.choose("auto", _geometry(), "forward").name == _heuristic_pick()
+    F.conv2d(x, w, padding=1)
+    assert len(tried) == len(_candidates()), "the failed tuning was repeated in the same process"
+
+
+def test_registering_an_algorithm_invalidates_memoised_choices(monkeypatch, measured):
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    base = registry._REGISTRY[(names[0], "numba")]
+    extra = dataclasses.replace(base, name="zz-extra")
+    monkeypatch.setitem(registry._REGISTRY, ("zz-extra", "numba"), extra)
+    registry.register(extra)  # a new candidate: the stored choice was made without it
+    try:
+        F.conv2d(x, w, padding=1)
+        assert len(measured) == 2 * len(names) + 1
+        assert fastconv.autotune_cache()[_key()].candidates == tuple(names) + ("zz-extra",)
+    finally:
+        registry._REGISTRY.pop(("zz-extra", "numba"), None)
 
 
 def test_fake_and_meta_tensors_never_tune(measured):
@@ -331,3 +541,119 @@ def test_cache_view_is_read_only():
     view = fastconv.autotune_cache()
     with pytest.raises(TypeError):
         view[_key()] = None
+
+
+def test_tuning_leaves_global_random_states_untouched(measured):
+    import numpy as np
+
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    x, w = _data(requires_grad=True)
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    y = F.conv2d(x, w, padding=1)  # tunes forward on an empty cache
+    y.backward(torch.ones_like(y))  # and both gradients
+    assert len(measured) == 3 * len(_candidates()), "the cache was not empty: nothing was tuned"
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1]) and after[2:] == numpy_state[2:]
+
+
+def test_repetitions_fill_the_budget_and_take_the_median(monkeypatch):
+    # a candidate with one slow run among fast ones: the median ignores it, and it is not dropped
+    clock = {"t": 0.0}
+    durations = iter([0.0] + [0.001] * 2 + [0.5] + [0.001] * 100)  # warm-up, then runs (seconds)
+
+    def fake_run(*args):
+        clock["t"] += next(durations)
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    alg = registry.candidates(_geometry())[0]
+    fake = type("Alg", (), {"forward": staticmethod(fake_run), "name": alg.name})()
+    monkeypatch.setattr(autotune, "BUDGET_S", 0.6)
+    ms = autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=0.9)
+    assert ms == pytest.approx(1.0)
+    # more than MIN_REPS runs were taken while the budget lasted, despite the slow third run
+    assert clock["t"] > 0.5
+
+
+def test_hopeless_candidate_is_dropped_after_min_reps_only(monkeypatch):
+    runs = []
+    clock = {"t": 0.0}
+
+    def slow(*args):
+        runs.append(1)
+        clock["t"] += 0.01
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    fake = type("Alg", (), {"forward": staticmethod(slow), "name": "slow"})()
+    autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0)
+    assert len(runs) == 1 + autotune.MIN_REPS  # warm-up + MIN_REPS, then abandoned
+
+
+def test_stored_choice_that_turns_out_slow_is_measured_again_once(monkeypatch, measured):
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(names)
+    key = _key()
+    expected = fastconv.autotune_cache()[key].times_ms[fastconv.autotune_cache()[key].algo]
+    slow_ms = autotune.SLOW_FACTOR * expected + autotune.SLOW_MIN_MS + 10
+    # the first observed call of a process is never held against the choice
+    for _ in range(1 + autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "a choice observed slow was not measured again"
+    for _ in range(5 * autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "re-measured more than once in one process"
+
+
+def test_observed_calls_reach_the_watch(measured):
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    F.conv2d(x, w, padding=1)
+    F.conv2d(x, w, padding=1)
+    assert autotune._watch[_key()].calls >= 2
+
+
+def test_normal_calls_do_not_trigger_retuning(measured):
+    names = _candidates()
+    x, w = _data()
+    for _ in range(10):
+        F.conv2d(x, w, padding=1)
+    watch = autotune._watch[_key()]
+    for _ in range(10):
+        autotune._observe(_key(), watch.expected_ms)  # as fast as measured
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(names)
+
+
+def test_deterministic_mode_uses_the_heuristic_and_ignores_stored_choices(monkeypatch, measured):
+    names = _candidates()
+    monkeypatch.setattr(autotune, "_time_candidate",
+                        lambda alg, geom, pass_, inputs, best: 1.0 if alg.name != _heuristic_pick() else 2.0)
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    assert fastconv.autotune_cache()[_key()].algo != _heuristic_pick()
+    for switch in ("api", "env", "torch"):
+        with monkeypatch.context() as m:
+            if switch == "api":
+                fastconv.set_deterministic(True)
+            elif switch == "env":
+                m.setenv("FASTCONV_DETERMINISTIC", "1")
+            else:
+                m.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+            try:
+                assert autotune.deterministic(), switch
+                assert registry.choose("auto", _geometry(), "forward").name == _heuristic_pick()
+            finally:
+                fastconv.set_deterministic(None)
+        assert not autotune.deterministic()
+    assert registry.choose("auto", _geometry(), "forward").name != _heuristic_pick()
+    fastconv.set_deterministic(False)
+    try:
+        monkeypatch.setenv("FASTCONV_DETERMINISTIC", "1")
+        assert not autotune.deterministic(), "set_deterministic(False) beats the environment"
+    finally:
+        fastconv.set_deterministic(None)

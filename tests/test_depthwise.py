@@ -193,7 +193,14 @@ def test_fast_2d_path_non_finite_at_row_ends(stride):
     got_gx = torch.ops.fastconv.conv2d_grad_input(gy, w, [12, 12], [stride] * 2, [1, 1], [1, 1], [1, 1], 3, ALGO)
     got_gw = torch.ops.fastconv.conv2d_grad_weight(gy, x, [3, 3], [stride] * 2, [1, 1], [1, 1], [1, 1], 3, ALGO)
     assert_close(got_gx, want[0], what="grad_input")
-    assert_close(got_gw, want[1], what="grad_weight")
+    # torch's float64 path multiplies padding zeros by the Inf in gy (0 * Inf = NaN) where no term of
+    # the sum is NaN; its float32 path (oneDNN) and fastconv sum only the terms that exist (see
+    # tests/test_nonfinite.py): those entries are compared with torch's float32 result.
+    want32 = torch.ops.aten.convolution_backward(gy.float(), x.float(), w.float(), None, [stride] * 2, [1, 1],
+                                                 [1, 1], False, [0, 0], 3, [False, True, False])[1]
+    spurious = want[1].isnan() & ~want32.isnan()
+    assert_close(got_gw[~spurious], want[1][~spurious], what="grad_weight")
+    assert_close(got_gw[spurious].float(), want32[spurious], what="grad_weight (padding x Inf)")
 
 
 def test_fast_2d_path_float32_mobilenet_shape():

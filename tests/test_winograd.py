@@ -286,3 +286,41 @@ def test_blas_thread_setting_is_restored():
             assert winograd._BLAS_ONE_THREAD._get() == 1
         assert winograd._BLAS_ONE_THREAD._get() == 1
     assert winograd._BLAS_ONE_THREAD._get() == before
+
+
+# --------------------------------------------------------------------------------------------------
+# non-finite and large operands: delegated to the exact direct kernel, ordinary ones are not
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [2, 4])
+def test_ordinary_operands_run_winograd_and_extreme_ones_the_direct_kernel(m, monkeypatch):
+    import numpy as np
+
+    from fastconv.cpu import winograd
+
+    calls = []
+    for name in ("direct_forward", "direct_grad_input", "direct_grad_weight"):
+        real = getattr(winograd._exact, name)
+        monkeypatch.setattr(winograd._exact, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 1, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((8, 8, 1, 3, 3)).astype(np.float32)
+    go = rng.standard_normal((2, 8, 1, 10, 10)).astype(np.float32)
+    pad = (0, 1, 1)
+
+    def run(x, w, go):
+        return (winograd.winograd_forward(x, w, None, pad, 1, (1, 10, 10), m),
+                winograd.winograd_grad_input(go, w, pad, 1, (1, 10, 10), m),
+                winograd.winograd_grad_weight(go, x, pad, 1, m))
+
+    run(x, w, go)
+    assert calls == [], "finite, ordinary operands must run Winograd itself"
+    big = x * np.float32(3e37)  # beyond both variants' safe range, exact results still finite
+    out = run(big, w * np.float32(1e-3), go * np.float32(1e-3))
+    assert calls == ["direct_forward", "direct_grad_weight"]
+    assert all(np.isfinite(o).all() for o in out), "exact results of this size are finite in float32"
+    calls.clear()
+    x2 = x.copy()
+    x2[0, 0, 0, 4, 4] = np.inf
+    run(x2, w, go)
+    assert calls == ["direct_forward", "direct_grad_weight"]

@@ -1057,3 +1057,17 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             np.matmul(col, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW).T, out=tmp)
             acc += tmp.T
     return gw
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite operands: exact IEEE results (padding never multiplies a NaN/Inf into an output that
+# does not depend on it; see fastconv.cpu.nonfinite). Finite calls pay one read of each operand.
+# --------------------------------------------------------------------------------------------
+from . import nonfinite as _nonfinite  # noqa: E402
+
+direct_forward = _nonfinite.exact(direct_forward, bias=True)
+direct_grad_input = _nonfinite.exact(direct_grad_input)
+direct_grad_weight = _nonfinite.exact(direct_grad_weight)
+im2col_forward = _nonfinite.exact(im2col_forward, bias=True)
+im2col_grad_input = _nonfinite.exact(im2col_grad_input)
+im2col_grad_weight = _nonfinite.exact(im2col_grad_weight)

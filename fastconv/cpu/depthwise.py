@@ -934,6 +934,15 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
     return y
 
 
+# Non-finite operands: exact IEEE results (the kernels read padding as stored zeros, and 0 * NaN would
+# put NaN where no term is NaN; see fastconv.cpu.nonfinite). Finite calls pay one read of each operand.
+from . import nonfinite as _nonfinite  # noqa: E402
+
+depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True)
+depthwise_grad_input = _nonfinite.exact(depthwise_grad_input)
+depthwise_grad_weight = _nonfinite.exact(depthwise_grad_weight)
+
+
 # --------------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------------

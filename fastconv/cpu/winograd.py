@@ -48,6 +48,9 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
+from . import nonfinite as _exact_nf
+
 __all__ = [
     "transform_matrices", "winograd_forward", "winograd_grad_input", "winograd_grad_weight",
     "POINTS", "TILE_SIZES", "WORKSPACE_BYTES", "refuse_reason", "mult_ratio", "workspace_bytes",
@@ -465,6 +468,38 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
     return y
 
 
+@lru_cache(maxsize=None)
+def _growth(m: int, pass_: str) -> float:
+    """Bound on how much larger than ``max|a| * max|b|`` any intermediate of a pass can get, per term of
+    its reduction: the transforms' largest row sums (L1), squared for the two sides of each 2-D transform.
+
+    forward / input gradient: ``|V| <= l1(B^T)^2 max|x|``, ``|U| <= l1(G)^2 max|w|``, the GEMM sums
+    ``reduction`` products, the output transform multiplies by at most ``l1(A^T)^2``. The weight
+    gradient uses ``G_m`` on the output gradient and ``A_3^T`` at the end.
+    """
+    mats = transform_matrices(m)
+    l1 = {k: float(np.abs(v).sum(axis=1).max()) for k, v in mats.items()}
+    if pass_ == "grad_weight":
+        return (l1["BT"] * l1["Gm"] * l1["AT3"]) ** 2
+    return (l1["BT"] * l1["G"] * l1["AT"]) ** 2
+
+
+def _safe(m, pass_, reduction, a, b, bias=None) -> bool:
+    """True when Winograd can run this call: every operand finite and small enough that no transform
+    or GEMM intermediate can overflow (:func:`_growth`). Otherwise the caller runs the exact direct
+    kernel instead: Winograd's transforms mix every element of a tile into all its outputs, so one
+    Inf or NaN spoils the whole tile (NaN where torch gives +-Inf), and its intermediates overflow
+    for inputs whose exact result is still finite (from |x| about 3e36 in float32 for F(4x4))."""
+    ma = _exact_nf.max_abs(a)
+    mb = _exact_nf.max_abs(b)
+    if not (np.isfinite(ma) and np.isfinite(mb)):
+        return False
+    if bias is not None and not np.isfinite(_exact_nf.max_abs(np.asarray(bias))):
+        return False
+    limit = float(np.finfo(a.dtype).max) / 4  # margin for the rounding of the bound itself
+    return _growth(m, pass_) * max(1, int(reduction)) * ma * mb <= limit
+
+
 def _check_2d(x5, kernel):
     if x5.shape[2] != 1 or tuple(kernel[-3:]) != (1, 3, 3):
         raise ValueError(f"winograd: needs a 2-D 3x3 convolution, got input depth {x5.shape[2]} "
@@ -480,6 +515,9 @@ def winograd_forward(x, w, bias, padding, groups, out_spatial, m):
     config.sync_threads()
     _check_2d(x, w.shape[2:])
     _, OH, OW = (int(v) for v in out_spatial)
+    Cg = w.shape[1]
+    if not _safe(m, "forward", Cg, x, w, bias):
+        return _exact.direct_forward(x, w, bias, (1, 1, 1), padding, (1, 1, 1), groups, out_spatial)
     y = _conv3x3(np.ascontiguousarray(x[:, :, 0]), np.ascontiguousarray(w[:, :, 0]), bias,
                  int(padding[1]), int(padding[2]), OH, OW, groups, m)
     return y[:, :, None]
@@ -503,6 +541,8 @@ def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
     config.sync_threads()
     _check_2d(grad_out, w.shape[2:])
     _, H, W = (int(v) for v in in_spatial)
+    if not _safe(m, "grad_input", w.shape[0] // int(groups), grad_out, w):
+        return _exact.direct_grad_input(grad_out, w, (1, 1, 1), padding, (1, 1, 1), groups, in_spatial)
     wf = _flip_transpose(np.ascontiguousarray(w[:, :, 0]), groups)
     gx = _conv3x3(np.ascontiguousarray(grad_out[:, :, 0]), wf, None, 2 - int(padding[1]),
                   2 - int(padding[2]), H, W, groups, m)
@@ -516,6 +556,9 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
     """
     config.sync_threads()
     _check_2d(x, (1, 3, 3))
+    tiles = grad_out.shape[0] * -(-grad_out.shape[3] // m) * (-(-grad_out.shape[4] // m) + 1)
+    if not _safe(m, "grad_weight", tiles, grad_out, x):
+        return _exact.direct_grad_weight(grad_out, x, (1, 1, 1), padding, (1, 1, 1), groups, (1, 3, 3))
     go = np.ascontiguousarray(grad_out[:, :, 0])
     xx = np.ascontiguousarray(x[:, :, 0])
     N, K, OH, OW = go.shape

@@ -1,0 +1,165 @@
+"""Exact IEEE behaviour of the convolution passes on non-finite operands (NaN, +-Inf).
+
+Every convolution pass is a bilinear form ``out[o] = sum over the existing pairs (i, j) of a[i] * b[j]``
+(forward: input x weight; input gradient: output gradient x weight; weight gradient: output gradient
+x input). Padding adds no pair: torch's float32 kernels (oneDNN) skip it, so a NaN weight tap only
+reaches the outputs whose window really covers an input element with it. The fast kernels instead
+read padding as stored zeros (phase-split rows, im2col columns, Winograd tiles) and multiply them, so
+``0 * NaN`` or ``0 * Inf`` would put NaN where no term is NaN, and Winograd's transforms mix every
+element of a tile into every output of it (one Inf becomes NaN over the whole tile).
+
+What an exact summation gives when some factor is not finite: every pair with a non-finite factor is
+itself ``+Inf``, ``-Inf`` or NaN (``Inf * 0`` and anything with NaN), and then the finite pairs do not
+matter: the result is NaN if any pair is NaN or both infinities occur, else the infinity that occurs.
+:func:`exact` computes exactly that, with the same pass applied to 0/1 masks (which count pairs of each
+kind, padding counting none because the masks are zero there) plus one pass over the operands with
+their non-finite elements zeroed for the outputs no special pair reaches. It costs a few extra passes,
+paid only by calls whose operands hold a non-finite value; finite calls pay one read of each operand
+(:func:`max_abs`, an integer max over the bit patterns, about 0.3 ms per 6 MB here).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from numba import njit, prange
+
+from fastconv import config
+
+__all__ = ["max_abs", "all_finite", "exact"]
+
+_UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64, np.dtype(np.float16): np.uint16}
+_ABS_MASK = {np.uint16: 0x7FFF, np.uint32: 0x7FFFFFFF, np.uint64: 0x7FFFFFFFFFFFFFFF}
+
+
+@njit(cache=config.CACHE, nogil=True)
+def _max_bits(u, mask):
+    """Largest ``u[i] & mask`` (the bit pattern of ``|x[i]|``): integer max vectorises, and for IEEE
+    floats it orders like ``|x|``, with Inf above every finite value and every NaN above Inf."""
+    m = u[0] & mask
+    for i in range(u.size):
+        m = max(m, u[i] & mask)  # the max() form vectorises (an if-assignment did not)
+    return m
+
+
+@njit(parallel=True, cache=config.CACHE, nogil=True)
+def _max_bits_parallel(u, mask):
+    """:func:`_max_bits` in tasks of at least 4M elements."""
+    n = u.size
+    nt = max(1, min(64, n // (1 << 22)))
+    part = np.zeros(nt, u.dtype)
+    for t in prange(nt):
+        part[t] = _max_bits(u[n * t // nt:n * (t + 1) // nt], mask)
+    return part.max()
+
+
+#: Below this many elements :func:`max_abs` reads serially: starting the parallel tasks cost more than
+#: the second core saves (measured here: 1.6M float32 in 0.33 ms serial, 0.8 ms as a prange).
+PARALLEL_MIN = 1 << 24
+
+
+def max_abs(a: np.ndarray) -> float:
+    """``max |a|``: NaN when ``a`` holds a NaN, Inf when it holds an infinity (and no NaN), 0 when empty."""
+    if a.size == 0:
+        return 0.0
+    ut = _UINT.get(a.dtype)
+    if ut is None:  # not a float array we know: the slow, allocating way
+        a = np.asarray(a, np.float64)
+        return float(np.max(np.abs(a)))
+    flat = np.ascontiguousarray(a).reshape(-1).view(ut)
+    bits = (_max_bits_parallel if flat.size >= PARALLEL_MIN else _max_bits)(flat, ut(_ABS_MASK[ut]))
+    return float(np.array([bits], ut).view(a.dtype)[0])
+
+
+def all_finite(*arrays) -> bool:
+    """True when every element of every array (``None`` skipped) is finite."""
+    return all(a is None or np.isfinite(max_abs(a)) for a in arrays)
+
+
+def _classes(a):
+    """0/1 masks of ``a``'s kinds of elements (None where a kind is absent) and ``a`` with its
+    non-finite elements zeroed."""
+    dt = a.dtype
+    fin = np.isfinite(a)
+    nan = np.isnan(a)
+    pinf = np.isposinf(a)
+    minf = np.isneginf(a)
+
+    def m(mask):
+        return mask.astype(dt) if mask.any() else None
+
+    return {
+        "nan": m(nan), "notnan": m(~nan), "pinf": m(pinf), "minf": m(minf), "inf": m(pinf | minf),
+        "fpos": m(fin & (a > 0)), "fneg": m(fin & (a < 0)), "zero": m(a == 0),
+        "pos": m(a > 0), "neg": m(a < 0), "ones": np.ones(a.shape, dt),
+    }, np.where(fin, a, 0).astype(dt)
+
+
+def _add(total, part):
+    if part is None:
+        return total
+    return part if total is None else total + part
+
+
+def exact(fn=None, *, bias: bool = False):
+    """Decorate a pass ``fn(a, b, *rest)`` (``rest[0]`` the bias when ``bias=True``) so that calls with a
+    non-finite operand give the exact IEEE result (see the module docstring); finite calls run ``fn``
+    unchanged after one read of each operand. ``fn`` must be exact on finite operands (no special
+    values created from padding), which every fast kernel is."""
+    if fn is None:
+        return functools.partial(exact, bias=bias)
+
+    @functools.wraps(fn)
+    def wrapper(a, b, *rest):
+        bvec = rest[0] if bias and rest else None
+        if all_finite(a, b, None if bvec is None else np.asarray(bvec)):
+            return fn(a, b, *rest)
+        a = np.asarray(a)
+        b = np.asarray(b)
+        A, a0 = _classes(a)
+        B, b0 = _classes(b)
+        tail = rest
+        if bias and rest:
+            bv = None if bvec is None else np.asarray(bvec, a.dtype)
+            tail = ((None if bv is None else np.where(np.isfinite(bv), bv, 0).astype(a.dtype)),) + rest[1:]
+        out = fn(a0, b0, *tail)
+        mask_tail = ((None,) + rest[1:]) if bias and rest else rest
+
+        def pairs(ka, kb):
+            ma, mb = A[ka], B[kb]
+            if ma is None or mb is None:
+                return None
+            return fn(ma, mb, *mask_tail)
+
+        pos = neg = nan = None
+        for ka, kb in (("pinf", "pos"), ("minf", "neg"), ("fpos", "pinf"), ("fneg", "minf")):
+            pos = _add(pos, pairs(ka, kb))
+        for ka, kb in (("pinf", "neg"), ("minf", "pos"), ("fpos", "minf"), ("fneg", "pinf")):
+            neg = _add(neg, pairs(ka, kb))
+        for ka, kb in (("nan", "ones"), ("notnan", "nan"), ("inf", "zero"), ("zero", "inf")):
+            nan = _add(nan, pairs(ka, kb))
+        if bias and bvec is not None:
+            bv = np.asarray(bvec, a.dtype)
+            shape = (1, -1) + (1,) * (out.ndim - 2)
+            for name, mask in (("pos", np.isposinf(bv)), ("neg", np.isneginf(bv)), ("nan", np.isnan(bv))):
+                if mask.any():
+                    part = np.broadcast_to(mask.astype(a.dtype).reshape(shape), out.shape)
+                    if name == "pos":
+                        pos = _add(pos, part)
+                    elif name == "neg":
+                        neg = _add(neg, part)
+                    else:
+                        nan = _add(nan, part)
+        # the counts are small integers, exact in any of the passes; > 0.5 guards against a kernel
+        # that computes them with rounding (Winograd would, but it delegates non-finite calls)
+        if pos is not None:
+            out[pos > 0.5] = np.inf
+        if neg is not None:
+            out[neg > 0.5] = -np.inf
+        if pos is not None and neg is not None:
+            out[(pos > 0.5) & (neg > 0.5)] = np.nan
+        if nan is not None:
+            out[nan > 0.5] = np.nan
+        return out
+
+    return wrapper
