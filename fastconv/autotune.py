@@ -381,6 +381,12 @@ def _tracing() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
+def _capturing(geom: registry.ConvGeometry) -> bool:
+    """True while a CUDA graph is being captured (torch.compile(mode="reduce-overhead"),
+    torch.cuda.graph): timing would synchronize, which capture forbids; the heuristic picks instead."""
+    return geom.target == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlgorithm]:
     """The tuned algorithm for ``geom`` and ``pass_``, measuring on a miss; None: let the heuristic choose.
 
@@ -398,7 +404,7 @@ def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlg
         _ensure_loaded()
         choice = _memory.get(key)
         if choice is None or choice.candidates != names:
-            if _tracing():
+            if _tracing() or _capturing(geom):
                 return None
             _local.tuning = True
             try:

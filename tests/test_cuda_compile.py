@@ -3,7 +3,9 @@
 * nvcc (when on PATH) for two architectures, -Werror all-warnings, ptxas report checked by
   tools/check_ptxas.py (no spills, register budget). CMakeLists.txt runs every architecture.
 * NVRTC through CuPy's low-level bindings with exactly the run-time options
-  (fastconv.cuda.loader.OPTIONS), every kernel name present in the compiled program.
+  (fastconv.cuda.loader.options(), through the same loader.nvrtc_compile the GPU path uses), every
+  kernel name present in the compiled program, and no flush-to-zero instruction in the PTX.
+* The module cache key covers every included file (a changed common.cuh changes it).
 * The CPU harness finds the same kernel names (it compiles the same text with g++).
 """
 from __future__ import annotations
@@ -92,9 +94,8 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
     src = loader.source(family)
     prog = nvrtc.createProgram(src, f"{family}.cu", [], [])
     try:
-        options = [*loader.OPTIONS, "--gpu-architecture=sm_75"]
         try:
-            nvrtc.compileProgram(prog, options)
+            nvrtc.compileProgram(prog, [*loader.options(), "--gpu-architecture=sm_75"])
         except nvrtc.NVRTCError as e:
             pytest.fail(f"NVRTC rejected {family}.cu: {e}\n{nvrtc.getProgramLog(prog)}")
         log = nvrtc.getProgramLog(prog)
@@ -105,3 +106,51 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
             assert name.encode() in cubin, name
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_build_keeps_subnormals(family):
+    """The decision on -ftz: torch does not flush float32 subnormals, so neither do we. The PTX of
+    the run-time build (loader.nvrtc_compile, the function the GPU path calls) has no .ftz
+    instruction, while the same source built as CuPy's RawModule would (-ftz=true) has them."""
+    _nvrtc()
+    assert "-ftz=false" in loader.options()
+    ptx = loader.nvrtc_compile(loader.source(family), f"{family}.cu", loader.options(), "compute_75")[0].decode()
+    assert ".f32" in ptx and ".ftz" not in ptx
+    flushed = loader.nvrtc_compile(loader.source(family), f"{family}.cu", (*loader.options(), "-ftz=true"),
+                                   "compute_75")[0].decode()
+    assert ".ftz" in flushed  # the check above can fail: CuPy's appended option would flush
+
+
+def test_cache_key_covers_included_headers(tmp_path, monkeypatch):
+    """CuPy keys its cache on the .cu text and options only; ours (and the -DFASTCONV_SRC_HASH option
+    the harness's cache sees) changes when common.cuh changes."""
+    _nvrtc()
+    kernels = tmp_path / "kernels"
+    shutil.copytree(loader.KERNEL_DIR, kernels)
+    monkeypatch.setattr(loader, "KERNEL_DIR", kernels)
+    loader.clear()
+    try:
+        before_opts, before_key = loader.options(), loader.cache_key("conv", loader.options(), "sm_90")
+        assert loader.source("conv") == (ROOT / "kernels" / "conv.cu").read_text()
+        header = kernels / "common.cuh"
+        header.write_text(header.read_text() + "\n// an edit that changes no .cu file\n")
+        loader.clear()
+        after_opts, after_key = loader.options(), loader.cache_key("conv", loader.options(), "sm_90")
+        assert after_opts != before_opts and after_key != before_key
+        assert [o for o in after_opts if "SRC_HASH" not in o] == [o for o in before_opts if "SRC_HASH" not in o]
+    finally:
+        monkeypatch.undo()
+        loader.clear()
+
+
+def test_block_size_constants_match_the_launcher():
+    """The host's BLOCK and implicit-GEMM tile sizes are the kernels' #defines (the kernels also
+    static_assert their own maps and trap on another block size)."""
+    from fastconv.cuda import conv, launch
+
+    text = (ROOT / "kernels" / "common.cuh").read_text() + loader.source("conv")
+    defines = dict(re.findall(r"^#define (\w+) (\d+)", text, re.M))
+    assert int(defines["FC_BLOCK"]) == launch.BLOCK == int(defines["IG_THREADS"])
+    assert (int(defines["IG_BM"]), int(defines["IG_BN"]), int(defines["IG_BK"])) == (
+        conv.IG_TILE_M, conv.IG_TILE_N, conv.IG_K_STEP)
