@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -110,6 +111,36 @@ def test_implicit_gemm_split_k_weight_gradient(monkeypatch):
     assert_close(got, want, what="split-K grad_weight")
     again = torch.autograd.grad(F.conv2d(x, w, b, algo="implicit-gemm", **kw), w, g)[0]
     assert torch.equal(got, again)  # the second pass adds the partials in a fixed order
+
+
+def test_implicit_gemm_reports_its_split_k_workspace(monkeypatch):
+    """implicit-gemm's workspace is the split-K partial sums (splits x |W|), not 0."""
+    from fastconv.ops.conv import make_geometry
+
+    geom = make_geometry(2, 64, 16, 32, 1, (28, 28), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1),
+                         torch.float32, "cuda-emu")
+    alg = next(a for a in cuda_conv.ALGORITHMS if a.name == "implicit-gemm")
+    splits, _ = cuda_conv.igemm_splits(geom)
+    assert splits > 1
+    assert alg.workspace_bytes(geom) == splits * 32 * 16 * 9 * 4
+    monkeypatch.setattr(cuda_conv, "IGEMM_TARGET_BLOCKS", 1)  # one split: no partial buffer
+    assert alg.workspace_bytes(geom) == 0
+
+
+def test_a_kernel_launched_with_another_block_size_traps():
+    """Kernels written for exactly 256 threads (shared partial[256], the 16x16 GEMM map) refuse any
+    other block size on the device (FC_REQUIRE_BLOCK) instead of computing garbage."""
+    from fastconv import emu
+
+    fn = loader.function("cuda-emu", "conv", "conv_direct_grad_weight_f64")
+    gy, x, gw = torch.randn(1, 1, 1, 2, 2, dtype=torch.float64), torch.randn(1, 1, 1, 2, 2, dtype=torch.float64), \
+        torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)
+    geom = [1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 2, 2, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]
+    args = (gy, x, gw, *map(np.int32, geom))
+    fn((1,), (256,), args)  # the right size runs
+    assert gw.item() == pytest.approx(float((gy * x).sum()))
+    with pytest.raises(emu.KernelTrap):
+        fn((1,), (128,), args)
 
 
 @pytest.mark.parametrize("algo", ["auto", "cuda-direct", "implicit-gemm"])
