@@ -76,7 +76,7 @@ def test_conv_forward_and_gradients_match_torch(name, algo):
     if not _runs(algo, name):
         with pytest.raises(ValueError, match="cannot run this convolution.*depthwise"):
             ours(x, w, b, algo=algo, **kw)
-        return
+        pytest.skip(f"{algo} refuses {name} (the refusal is what this case checks)")
     y, r = ours(x, w, b, algo=algo, **kw), theirs(x, w, b, **kw)
     assert_close(y, r, what=f"{algo} forward")
     g = torch.randn_like(r)
@@ -319,7 +319,7 @@ def test_plane_loop_covers_every_plane_with_a_capped_grid(monkeypatch):
 def test_avg_pool_and_backward(ndim, case):
     k, s, p, ceil, include_pad, divisor = case
     if ndim == 1 and divisor:
-        return
+        pytest.skip("avg_pool1d has no divisor_override (as torch)")
     x = torch.randn(2, 3, *SIZES[ndim], dtype=torch.float64, requires_grad=True)
     extra = {} if ndim == 1 else dict(divisor_override=divisor)
     y = getattr(F, f"avg_pool{ndim}d")(x, k, s, p, ceil, include_pad, **extra)
