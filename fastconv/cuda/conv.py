@@ -49,6 +49,7 @@ def _taps(g: ConvGeometry) -> int:
 
 
 # ------------------------------------------------------------------------------------------ refusals
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _common_refusal(g: ConvGeometry) -> Optional[str]:
     if g.dtype not in (torch.float32, torch.float64):
         return f"supports float32 and float64, not {str(g.dtype).replace('torch.', '')}"
@@ -61,10 +62,12 @@ def _common_refusal(g: ConvGeometry) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _direct_refusal(g: ConvGeometry) -> Optional[str]:
     return _common_refusal(g)
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _igemm_refusal(g: ConvGeometry) -> Optional[str]:
     reason = _common_refusal(g)
     if reason:
@@ -79,6 +82,7 @@ def _igemm_refusal(g: ConvGeometry) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _depthwise_refusal(g: ConvGeometry) -> Optional[str]:
     if g.groups != g.in_channels or g.out_channels % g.in_channels:
         return (f"needs groups == in_channels and out_channels a multiple of in_channels (depthwise); got "
