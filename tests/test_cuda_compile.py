@@ -54,7 +54,7 @@ def test_sources_ship_inside_the_package():
 def test_nvcc_werror_and_ptxas_budget(family, arch, tmp_path):
     report = tmp_path / "ptxas.txt"
     cmd = [sys.executable, str(CHECK), "--max-registers", "128", "--save", str(report), "--",
-           "nvcc", "-cubin", "-std=c++17", f"-arch={arch}", f"-I{ROOT / 'kernels'}", "-Werror", "all-warnings",
+           "nvcc", "-cubin", "-std=c++17", f"-arch={arch}", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", f"-I{ROOT / 'kernels'}", "-Werror", "all-warnings",
            "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(ROOT / "kernels" / f"{family}.cu")]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
