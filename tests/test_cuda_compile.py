@@ -154,3 +154,22 @@ def test_block_size_constants_match_the_launcher():
     assert int(defines["FC_BLOCK"]) == launch.BLOCK == int(defines["IG_THREADS"])
     assert (int(defines["IG_BM"]), int(defines["IG_BN"]), int(defines["IG_BK"])) == (
         conv.IG_TILE_M, conv.IG_TILE_N, conv.IG_K_STEP)
+
+
+def test_gpu_module_image_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch):
+    """loader._image (what the GPU path loads): a cubin for a known arch, PTX for the newest known arch
+    below an unknown one, cached on disk under the key and served from there the second time."""
+    _nvrtc()
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    image = loader._image("pool", loader.options(), "90")
+    assert image[:4] == b"\x7fELF" and b"max_pool_backward_gather_f32" in image
+    assert len(list((tmp_path / "cubin").glob("*.bin"))) == 1
+
+    def no_compile(*args):
+        raise AssertionError("compiled again instead of reading the cache")
+    monkeypatch.setattr(loader, "nvrtc_compile", no_compile)
+    assert loader._image("pool", loader.options(), "90") == image
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    ptx = loader._image("pool", loader.options(), "99")  # an arch this NVRTC does not know
+    assert b".target sm_" in ptx and b".ftz" not in ptx

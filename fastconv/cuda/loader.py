@@ -103,7 +103,12 @@ def cache_key(family: str, opts: tuple, arch: str) -> str:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("FASTCONV_CUDA_CACHE", Path.home() / ".cache" / "fastconv" / "cubin"))
+    """Compiled modules: ``$FASTCONV_CACHE_DIR/cubin``, else ``$XDG_CACHE_HOME/fastconv/cubin``, else
+    ``~/.cache/fastconv/cubin`` (the autotuner's folder)."""
+    root = os.environ.get("FASTCONV_CACHE_DIR")
+    if root:
+        return Path(root) / "cubin"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv" / "cubin"
 
 
 def _image(family: str, opts: tuple, cc: str) -> bytes:
