@@ -137,7 +137,8 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
     for (int n = 0; n < g.N; ++n) {
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
       const T* xc = x + ((i64)n * g.C + c) * in_plane;
-      for (int o = threadIdx.x; o < out_plane; o += blockDim.x) {
+      for (i64 o_wide = threadIdx.x; o_wide < out_plane; o_wide += blockDim.x) {  // no wrap near 2**31
+        const int o = (int)o_wide;
         int od, oh, ow;
         fc_unflatten3(o, g.OH, g.OW, od, oh, ow);
         const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
