@@ -364,20 +364,24 @@ def run_from_cli(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- host overhead
-_NOOP = None
+_NOOPS: dict = {}
 
 
-def _noop_custom_op():
+def _noop_custom_op(autograd: bool = False):
     """A torch.library.custom_op that returns a fresh empty tensor: the floor torch's custom-op
-    dispatch sets under any fastconv op (the host_overhead row "custom_op_floor")."""
-    global _NOOP
-    if _NOOP is None:
-        @torch.library.custom_op("fastconv_bench::noop", mutates_args=())
+    dispatch sets under any fastconv op (host_overhead rows "custom_op_floor" and, with an autograd
+    formula registered like every fastconv op, "custom_op_autograd_floor")."""
+    if autograd not in _NOOPS:
+        name = "fastconv_bench::noop_autograd" if autograd else "fastconv_bench::noop"
+
+        @torch.library.custom_op(name, mutates_args=())
         def noop(x: torch.Tensor) -> torch.Tensor:
             return torch.empty_like(x)
 
-        _NOOP = noop
-    return _NOOP
+        if autograd:
+            noop.register_autograd(lambda ctx, grad: grad)
+        _NOOPS[autograd] = noop
+    return _NOOPS[autograd]
 
 
 @contextlib.contextmanager
@@ -394,7 +398,7 @@ def stubbed_launches():
         loader.function = real
 
 
-def host_overhead(rounds: int = 15, calls: int = 200) -> dict:
+def host_overhead(rounds: int = 15, calls: int = 100) -> dict:
     """Microseconds of host time per call with the launch stubbed, on the harness target (CPU tensors
     with the same host code as the GPU): fastconv's conv2d forward through the public API, through
     ``torch.ops`` directly, its CUDA layer alone (plan + launch), forward + backward, and torch's own
@@ -418,9 +422,10 @@ def host_overhead(rounds: int = 15, calls: int = 200) -> dict:
     def fwd_bwd():
         torch.autograd.grad(F.conv2d(xg, wg, padding=1, algo="implicit-gemm"), (xg, wg), gy)
 
-    noop = _noop_custom_op()
+    noop, noop_autograd = _noop_custom_op(), _noop_custom_op(autograd=True)
     cases = {
         "custom_op_floor": lambda: noop(x),
+        "custom_op_autograd_floor": lambda: noop_autograd(x),
         "conv2d_forward_public_api": lambda: F.conv2d(x, w, padding=1, algo="implicit-gemm"),
         "conv2d_forward_torch_ops": lambda: torch.ops.fastconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], [1, 1], 1,
                                                                       "implicit-gemm"),
@@ -428,17 +433,16 @@ def host_overhead(rounds: int = 15, calls: int = 200) -> dict:
         "conv2d_forward_backward_public_api": fwd_bwd,
         "torch_conv2d_tiny_cpu": lambda: torch.nn.functional.conv2d(tiny_x, tiny_w),
     }
-    out = {}
+    best = {name: math.inf for name in cases}
     with backends.backend("cuda-emu"), stubbed_launches():
-        for name, fn in cases.items():
-            n = calls // 4 if "backward" in name else calls
+        for fn in cases.values():
             for _ in range(10):
                 fn()
-            best = math.inf
-            for _ in range(rounds):
+        for _ in range(rounds):  # interleaved rounds, best of each: a burst of load hits every case alike
+            for name, fn in cases.items():
+                n = calls // 4 if "backward" in name else calls
                 start = time.perf_counter()
                 for _ in range(n):
                     fn()
-                best = min(best, (time.perf_counter() - start) / n * 1e6)
-            out[name] = round(best, 1)
-    return out
+                best[name] = min(best[name], (time.perf_counter() - start) / n * 1e6)
+    return {name: round(v, 1) for name, v in best.items()}
