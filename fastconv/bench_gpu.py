@@ -164,15 +164,23 @@ def _algos(layer: benchmark.Layer, wanted: Optional[Sequence[str]]) -> list[str]
     return algos
 
 
-def run_case(layer: benchmark.Layer, pass_: str, mode: str, algos: Sequence[str], *, device: str, reps: int,
-             peak: float, seed: int = 0) -> list[dict]:
-    """Check, then time ``algos`` and torch on one layer, pass and mode; one row per algorithm."""
+def reference_case(layer: benchmark.Layer, pass_: str, device: str, seed: int = 0) -> tuple:
+    """(float64 inputs on the CPU, torch's float64 result on ``device``) of one layer and pass."""
     impl = layer.passes[pass_]
-    clock = _Clock(device)
     base = impl.inputs(torch.float64, torch.Generator().manual_seed(seed))
     ref_inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in base)
     with torch.no_grad(), _mode_settings("fp32", device):
-        reference = impl.torch(ref_inputs)  # float64 on the same device
+        return base, impl.torch(ref_inputs)
+
+
+def run_case(layer: benchmark.Layer, pass_: str, mode: str, algos: Sequence[str], *, device: str, reps: int,
+             peak: float, seed: int = 0, reference: Optional[tuple] = None) -> list[dict]:
+    """Check, then time ``algos`` and torch on one layer, pass and mode; one row per algorithm.
+
+    ``reference``: :func:`reference_case`'s result, when the caller shares it between modes."""
+    impl = layer.passes[pass_]
+    clock = _Clock(device)
+    base, reference = reference if reference is not None else reference_case(layer, pass_, device, seed)
     inputs = _prepare(base, mode, device)
     rows: dict[str, dict] = {}
     runnable: dict[str, Callable[[], object]] = {}
@@ -261,9 +269,10 @@ def run_gpu_suite(layers: Sequence[benchmark.Layer], passes: Sequence[str], *, m
             for pass_ in passes:
                 if pass_ not in layer.passes:
                     continue
+                ref = reference_case(layer, pass_, device)  # float64, once for every mode
                 for mode in modes:
                     case = run_case(layer, pass_, mode, _algos(layer, algos), device=device, reps=reps,
-                                    peak=peaks[mode])
+                                    peak=peaks[mode], reference=ref)
                     rows += case
                     if on_case:
                         on_case(layer, pass_, mode, case)

@@ -173,3 +173,47 @@ def test_gpu_module_image_is_compiled_once_and_cached_on_disk(tmp_path, monkeypa
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
     ptx = loader._image("pool", loader.options(), "99")  # an arch this NVRTC does not know
     assert b".target sm_" in ptx and b".ftz" not in ptx
+
+
+class _FakeCupy:
+    """Enough of CuPy's API to watch which device the loader is on when it loads and looks up."""
+
+    def __init__(self):
+        self.current, self.events = 0, []
+        fake = self
+
+        class Device:
+            def __init__(self, index):
+                self.index, self.compute_capability = index, "90"
+
+            def __enter__(self):
+                self.saved, fake.current = fake.current, self.index
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self.saved
+
+        class Module:
+            def load(self, image):
+                fake.events.append(("load", fake.current, image[:4]))
+
+            def get_function(self, name):
+                fake.events.append(("get_function", fake.current, name))
+                return name
+
+        self.cuda = type("cuda", (), {"Device": Device, "function": type("function", (), {"Module": Module})})
+
+
+def test_gpu_modules_are_loaded_and_looked_up_on_the_tensors_device(monkeypatch, tmp_path):
+    """A process working on cuda:1 must not load fastconv's kernels into GPU 0's context."""
+    _nvrtc()
+    fake = _FakeCupy()
+    monkeypatch.setattr(loader, "import_cupy", lambda: fake)
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    loader.clear()
+    try:
+        assert loader.function("cuda", "pool", "max_pool_forward_f32", 1) == "max_pool_forward_f32"
+    finally:
+        loader.clear()
+    assert fake.events == [("load", 1, b"\x7fELF"), ("get_function", 1, "max_pool_forward_f32")]
+    assert fake.current == 0
