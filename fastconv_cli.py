@@ -18,6 +18,8 @@ COMMANDS = {
     "flops": ("flops", "count MACs/FLOPs/parameters of a zoo model, or compare textbook designs"),
     "train": ("train", "train LeNet-5 built from fastconv layers on scikit-learn's digits"),
     "info": ("info", "versions, threading layer, caches, backends, algorithms: diagnose an install"),
+    "gpu-check": ("gpu_check", "the prepared device check: GPU tests + quick GPU benchmark -> one JSON and one "
+                               "log (--emulate: on the CPU harness)"),
 }
 
 

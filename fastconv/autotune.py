@@ -776,6 +776,12 @@ def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> regi
     return proxy
 
 
+def _capturing(geom: registry.ConvGeometry) -> bool:
+    """True while a CUDA graph is being captured (torch.compile(mode="reduce-overhead"),
+    torch.cuda.graph): timing would synchronize, which capture forbids; the heuristic picks instead."""
+    return geom.target == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlgorithm]:
     """The tuned algorithm for ``geom`` and ``pass_``, measuring on a miss; None: let the heuristic choose.
 
@@ -814,8 +820,8 @@ def _lookup_slow(geom, pass_, threads) -> tuple:
     elif not _usable(choice, names):
         choice = _read_one(key)  # another process may have measured it meanwhile
     if not _usable(choice, names):
-        if _tracing():
-            return None, None  # not memoised: the same call outside the trace tunes
+        if _tracing() or _capturing(geom):
+            return None, None  # not memoised: the same call outside the trace or capture tunes
         _local.tuning = True
         try:
             with torch.no_grad():

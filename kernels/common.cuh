@@ -15,7 +15,9 @@
 
 typedef long long i64;
 
-#define FC_BLOCK 256  // threads per block of the elementwise kernels
+#define FC_BLOCK 256  // threads per block of the elementwise kernels (launch.py BLOCK)
+// The block reductions (a fixed tree over partial[FC_BLOCK]) halve the block: a power of two.
+static_assert(FC_BLOCK > 0 && (FC_BLOCK & (FC_BLOCK - 1)) == 0, "FC_BLOCK must be a power of two");
 
 // __launch_bounds__ arguments. With the block size alone, ptxas (CUDA 13) aims at full occupancy
 // and caps these kernels at 32-48 registers, spilling; minBlocksPerSM = 1 lets it use what the
@@ -75,19 +77,57 @@ __device__ __forceinline__ void fc_unflatten(i64 idx, int C, int D, int H, int W
   n = nc / C;
 }
 
-// The elementwise kernels' launch shape: grid.x (x blockDim.x threads) covers the D*H*W positions
-// of one plane, grid.y strides over the N*C planes. The coordinates then need only 32-bit
-// divisions (a 64-bit division is a subroutine call on the GPU, and registers live across it
-// are spilled), while every element offset is formed in 64 bits: plane * (i64)nc + s.
-// Needs N*C < 2**31 and D*H*W < 2**31 (refused otherwise by the host code).
-#define FC_PLANE_LOOP(NC, PLANE, nc, s)                                                         \
-  for (int nc = blockIdx.y; nc < (NC); nc += gridDim.y)                                       \
-    for (i64 s##_wide = (i64)blockIdx.x * blockDim.x + threadIdx.x; s##_wide < (PLANE);      \
-         s##_wide += (i64)gridDim.x * blockDim.x)                                             \
-      if (const int s = (int)s##_wide; true)
+// The elementwise kernels' launch shape maps work, not planes (fastconv/cuda/launch.py plane_grid):
+// * a plane of at least FC_BLOCK / 2 positions: grid.x (x blockDim.x threads) covers the positions
+//   of one plane, grid.y strides over the N*C planes;
+// * a smaller plane (a 7x7 feature map, the 1x1 output of global pooling): grid.x = 1 and the
+//   blockDim.x threads of a block cover G = blockDim.x / PLANE whole planes, grid.y strides over
+//   groups of G planes. Without this a 1x1 output would leave 255 of 256 threads idle.
+// G is derived from the launch itself (threads per grid row / PLANE), so any grid is correct (the
+// loops are grid-stride loops); the host's grid only decides how well the work is spread.
+// The coordinates then need only 32-bit divisions (a 64-bit division is a subroutine call on the
+// GPU, and registers live across it are spilled); every loop counter and element offset is 64-bit
+// (a counter near 2**31 plus gridDim.y must not wrap). Needs N*C < 2**31 and D*H*W < 2**31
+// (refused otherwise by the host code), so `nc` and `s` are exposed as int.
+struct FcPlaneWalk {
+  i64 nc0, nc_step;  // first plane of this thread, plane stride
+  i64 s0, s_step;    // first position in the plane, position stride
+  __device__ __forceinline__ explicit FcPlaneWalk(int plane) {
+    const i64 row = (i64)gridDim.x * blockDim.x;  // threads per grid row
+    const i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= 2 * (i64)plane) {  // small planes: G whole planes per grid row
+      const i64 G = row / plane, g = t / plane;  // once per thread: 64-bit is affordable here
+      nc0 = (i64)blockIdx.y * G + g;
+      nc_step = (i64)gridDim.y * G;
+      s0 = g < G ? t - g * plane : plane;  // the last few threads of the row have no plane
+      s_step = plane;                           // one position per plane and thread
+    } else {
+      nc0 = blockIdx.y;
+      nc_step = gridDim.y;
+      s0 = t;
+      s_step = row;
+    }
+  }
+};
+
+#define FC_PLANE_LOOP(NC, PLANE, nc, s)                                                           \
+  for (const FcPlaneWalk nc##_walk(PLANE), *nc##_once = &nc##_walk; nc##_once; nc##_once = nullptr) \
+    for (i64 nc##_wide = nc##_walk.nc0; nc##_wide < (i64)(NC); nc##_wide += nc##_walk.nc_step)   \
+      if (const int nc = (int)nc##_wide; true)                                                   \
+        for (i64 s##_wide = nc##_walk.s0; s##_wide < (i64)(PLANE); s##_wide += nc##_walk.s_step) \
+          if (const int s = (int)s##_wide; true)
 
 __device__ __forceinline__ void fc_unflatten3(int s, int H, int W, int& d, int& h, int& w) {
   w = s % W; s /= W;
   h = s % H;
   d = s / H;
 }
+
+// A kernel written for exactly `threads` threads per block (shared arrays, thread -> tile maps)
+// stops the launch if it gets another block size: the host's constant and the kernel's disagree.
+// Uniform per block, so no thread is left waiting at a barrier.
+#define FC_REQUIRE_BLOCK(threads) \
+  do {                            \
+    if (blockDim.x != (threads) || blockDim.y != 1 || blockDim.z != 1) __trap(); \
+  } while (0)
+

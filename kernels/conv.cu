@@ -117,13 +117,16 @@ __device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy,
 template <typename T>
 __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
                                                         T* __restrict__ gw, const ConvGeom g) {
-  __shared__ T partial[FC_BLOCK];
+  __shared__ T partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
+  FC_REQUIRE_BLOCK(FC_BLOCK);
   const int Cg = g.C / g.groups, Kg = g.K / g.groups;
   const int taps = g.KD * g.KH * g.KW;
   const int n_weights = g.K * Cg * taps;
   const int out_plane = g.OD * g.OH * g.OW;
   const i64 in_plane = (i64)g.D * g.H * g.W;
-  for (int widx = blockIdx.x; widx < n_weights; widx += gridDim.x) {  // uniform per block
+  // 64-bit counter: widx + gridDim.x must not wrap when n_weights is close to 2**31.
+  for (i64 widx_wide = blockIdx.x; widx_wide < n_weights; widx_wide += gridDim.x) {  // uniform per block
+    const int widx = (int)widx_wide;
     const int t = widx % taps, kc = widx / taps;
     const int cc = kc % Cg, k = kc / Cg;
     int kd, kh, kw;
@@ -134,7 +137,8 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
     for (int n = 0; n < g.N; ++n) {
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
       const T* xc = x + ((i64)n * g.C + c) * in_plane;
-      for (int o = threadIdx.x; o < out_plane; o += blockDim.x) {
+      for (i64 o_wide = threadIdx.x; o_wide < out_plane; o_wide += blockDim.x) {  // no wrap near 2**31
+        const int o = (int)o_wide;
         int od, oh, ow;
         fc_unflatten3(o, g.OH, g.OW, od, oh, ow);
         const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
@@ -203,6 +207,12 @@ conv_depthwise_grad_input_f64(const double* gy, const double* w, double* gx, CON
 #define IG_THREADS 256 // 16 x 16 threads, each a 4 x 4 register tile
 #define IG_TM 4
 #define IG_TN 4
+// The thread -> tile maps below are written for these numbers; change them together.
+static_assert(IG_THREADS == 16 * 16, "compute map: thread (t % 16, t / 16)");
+static_assert(IG_TM * 16 == IG_BM && IG_TN * 16 == IG_BN, "each thread owns IG_TM x IG_TN of the tile");
+static_assert(IG_BM == IG_BN, "load map: thread t loads row t % IG_BM of A and column t % IG_BM of B");
+static_assert(IG_THREADS / IG_BM * 2 == IG_BK && IG_THREADS % IG_BM == 0,
+              "load map: lk = t / IG_BM plus 0 and IG_THREADS / IG_BM covers the K-step");
 
 // The main loop, shared by the three passes. `Op` builds operand elements on the fly:
 //   op.set_row(m) / op.set_col(n) once per thread (the rows/cols this thread loads),
@@ -217,7 +227,8 @@ __device__ __forceinline__ void igemm_mainloop(Op& op, i64 m0, int n0, i64 kbeg,
   __shared__ T Bs[2][IG_BK][IG_BN];
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  const int lrow = tid % IG_BM, lk = tid / IG_BM;
+  const int lrow = tid % IG_BM, lk = tid / IG_BM;  // lk < 4: 4 j below is IG_THREADS / IG_BM j
+  FC_REQUIRE_BLOCK(IG_THREADS);
   op.set_row(m0 + lrow);
   op.set_col(n0 + lrow);
 #pragma unroll

@@ -7,15 +7,12 @@
 // window wins; min pooling is -max_pool(-x) (values and indices); avg pooling uses torch's divisor
 // rule and adds in torch's order; indices are int64 offsets into one input plane.
 //
-// Launch: FC_PLANE_LOOP, grid (ceil(plane / 256), min(N*C, 65535)), 256 threads, except
-// max_pool_backward_planes (one thread per plane: grid ceil(N*C / 256)).
-// The backward passes of the windowed ops are gathers (each input element sums the outputs that
-// read it, in torch's order): deterministic and atomic-free. The scatter-add of max_pool_backward
-// has two forms: one thread per plane in output order (deterministic, torch's summation order)
-// and one thread per output with atomicAdd (faster with few planes; the order of the additions
-// into one input element is then unspecified). max_unpool resolves duplicate indices with an
+// Launch: FC_PLANE_LOOP, grid plane_grid(N*C, plane) (fastconv/cuda/launch.py), 256 threads.
+// Every backward pass is a gather (each input element sums the outputs that read it, in torch's
+// order): deterministic and free of float atomics. max_unpool resolves duplicate indices with an
 // integer atomicMax on the writer's position (later writers win, as in torch): deterministic.
-// Invalid indices set *err (checked by the host) and are skipped.
+// Invalid indices set *err and are skipped; the host turns *err into a device-side assert
+// (torch._assert_async), never a host sync.
 #include "common.cuh"
 
 __device__ __forceinline__ int fc_first_valid(int start, int dil) {  // torch: while (s < 0) s += dil
@@ -60,36 +57,87 @@ __device__ __forceinline__ void max_pool_forward(const T* __restrict__ x, T* __r
   }
 }
 
-// Scatter-add, one thread per plane, outputs in order: deterministic, torch's summation order.
-// gx must be zero. grid = (ceil(P / 256)).
+// The backward of max pooling is a scatter-add gx[p][ind[p][o]] += gy[p][o]. Both forms below are
+// gathers -- one thread per input element, adding the outputs that picked it in increasing output
+// order (torch's CPU summation order) -- so they are parallel over every element, deterministic and
+// free of float atomics, whatever the number of planes.
+//
+// max_pool_backward_window: the pooling window is known (max_pool): input i looks only at the
+// outputs whose window can contain it (at most kd*kh*kw of them) and adds those whose stored index
+// is i. No workspace, one launch.
 template <typename T>
-__device__ __forceinline__ void max_pool_backward_planes(const T* __restrict__ gy, const i64* __restrict__ ind,
-                                                         T* __restrict__ gx, int* __restrict__ err, int P,
-                                                         int in_plane, int out_plane) {
-  for (i64 p = fc_thread_start(); p < P; p += fc_thread_step()) {
-    const T* g = gy + p * out_plane;
-    const i64* id = ind + p * out_plane;
-    T* dst = gx + p * in_plane;
-    for (int o = 0; o < out_plane; ++o) {
-      const i64 i = id[o];
-      if (i == -1) continue;  // empty-window guard
-      if (i < 0 || i >= in_plane) { *err = 1; continue; }
-      dst[i] += g[o];
+__device__ __forceinline__ void max_pool_backward_window(const T* __restrict__ gy, const i64* __restrict__ ind,
+                                                         T* __restrict__ gx, int* __restrict__ err, POOL_PARAMS) {
+  const int in_plane = D * H * W, out_plane = OD * OH * OW;
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    int id, ih, iw;
+    fc_unflatten3(s, H, W, id, ih, iw);
+    const T* g = gy + (i64)p * out_plane;
+    const i64* idx = ind + (i64)p * out_plane;
+    T acc = T(0);
+    // Taps in decreasing order visit the outputs in increasing order: o = (i + pad - k * dil) / stride.
+    for (int td = kd - 1; td >= 0; --td) {
+      const int nd = id + pd - td * dd;
+      if (nd < 0 || nd % sd) continue;
+      const int od = nd / sd;
+      if (od >= OD) continue;
+      for (int th = kh - 1; th >= 0; --th) {
+        const int nh = ih + ph - th * dh;
+        if (nh < 0 || nh % sh) continue;
+        const int oh = nh / sh;
+        if (oh >= OH) continue;
+        for (int tw = kw - 1; tw >= 0; --tw) {
+          const int nw = iw + pw - tw * dw;
+          if (nw < 0 || nw % sw) continue;
+          const int ow = nw / sw;
+          if (ow >= OW) continue;
+          const int o = (od * OH + oh) * OW + ow;
+          const i64 i = idx[o];
+          if (i == s) acc += g[o];
+          else if (i != -1 && (i < 0 || i >= in_plane)) *err = 1;
+        }
+      }
     }
+    gx[(i64)p * in_plane + s] = acc;
   }
 }
 
-// Scatter-add, one thread per output element, atomicAdd. gx must be zero.
-template <typename T>
-__device__ __forceinline__ void max_pool_backward_atomic(const T* __restrict__ gy, const i64* __restrict__ ind,
-                                                         T* __restrict__ gx, int* __restrict__ err, int P,
+// max_pool_backward for any indices (adaptive max pooling, the gradient of max_unpool's gradient):
+// 1. max_pool_backward_claims: for every output o, first[p][ind[o]] = min o, count[p][ind[o]] += 1
+//    (integer atomics: the result does not depend on their order). first = INT_MAX, count = 0 on
+//    entry.
+// 2. max_pool_backward_gather: input i adds gy[o] for o = first, first + 1, ... with ind[o] == i
+//    until count of them are found. With max pooling the outputs that pick one input lie within a
+//    window's reach of each other, so the scan is short.
+__device__ __forceinline__ void max_pool_backward_claims(const i64* __restrict__ ind, int* __restrict__ first,
+                                                         int* __restrict__ count, int* __restrict__ err, int P,
                                                          int in_plane, int out_plane) {
   FC_PLANE_LOOP(P, out_plane, p, s) {
-    const i64 o = (i64)p * out_plane + s;
-    const i64 i = ind[o];
-    if (i == -1) continue;
+    const i64 i = ind[(i64)p * out_plane + s];
+    if (i == -1) continue;  // empty-window guard
     if (i < 0 || i >= in_plane) { *err = 1; continue; }
-    atomicAdd(gx + (i64)p * in_plane + i, gy[o]);
+    atomicMin(first + (i64)p * in_plane + i, s);
+    atomicAdd(count + (i64)p * in_plane + i, 1);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void max_pool_backward_gather(const T* __restrict__ gy, const i64* __restrict__ ind,
+                                                         const int* __restrict__ first,
+                                                         const int* __restrict__ count, T* __restrict__ gx, int P,
+                                                         int in_plane, int out_plane) {
+  FC_PLANE_LOOP(P, in_plane, p, s) {
+    const i64 e = (i64)p * in_plane + s;
+    const int n = count[e];
+    const T* g = gy + (i64)p * out_plane;
+    const i64* idx = ind + (i64)p * out_plane;
+    T acc = T(0);
+    for (int o = first[e], found = 0; found < n && o < out_plane; ++o)
+      if (idx[o] == s) {
+        acc += g[o];
+        ++found;
+      }
+    gx[e] = acc;
   }
 }
 
@@ -310,20 +358,28 @@ max_pool_forward_f64(const double* x, double* y, i64* ind, int minimum, POOL_PAR
   max_pool_forward<double>(x, y, ind, minimum, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw);
 }
 extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_planes_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
-  max_pool_backward_planes<float>(gy, ind, gx, err, P, in_plane, out_plane);
+max_pool_backward_window_f32(const float* gy, const i64* ind, float* gx, int* err, POOL_PARAMS) {
+  max_pool_backward_window<float>(gy, ind, gx, err, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh,
+                                dw);
 }
 extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_planes_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
-  max_pool_backward_planes<double>(gy, ind, gx, err, P, in_plane, out_plane);
+max_pool_backward_window_f64(const double* gy, const i64* ind, double* gx, int* err, POOL_PARAMS) {
+  max_pool_backward_window<double>(gy, ind, gx, err, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh,
+                                dw);
 }
 extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_atomic_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
-  max_pool_backward_atomic<float>(gy, ind, gx, err, P, in_plane, out_plane);
+max_pool_backward_claims_i64(const i64* ind, int* first, int* count, int* err, int P, int in_plane, int out_plane) {
+  max_pool_backward_claims(ind, first, count, err, P, in_plane, out_plane);
 }
 extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_atomic_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
-  max_pool_backward_atomic<double>(gy, ind, gx, err, P, in_plane, out_plane);
+max_pool_backward_gather_f32(const float* gy, const i64* ind, const int* first, const int* count, float* gx, int P,
+                              int in_plane, int out_plane) {
+  max_pool_backward_gather<float>(gy, ind, first, count, gx, P, in_plane, out_plane);
+}
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
+max_pool_backward_gather_f64(const double* gy, const i64* ind, const int* first, const int* count, double* gx, int P,
+                              int in_plane, int out_plane) {
+  max_pool_backward_gather<double>(gy, ind, first, count, gx, P, in_plane, out_plane);
 }
 extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
 max_unpool_owner_i64(const i64* ind, i64* owner, int* err, int P, int in_plane, int out_plane) {

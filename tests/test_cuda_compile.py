@@ -3,7 +3,9 @@
 * nvcc (when on PATH) for two architectures, -Werror all-warnings, ptxas report checked by
   tools/check_ptxas.py (no spills, register budget). CMakeLists.txt runs every architecture.
 * NVRTC through CuPy's low-level bindings with exactly the run-time options
-  (fastconv.cuda.loader.OPTIONS), every kernel name present in the compiled program.
+  (fastconv.cuda.loader.options(), through the same loader.nvrtc_compile the GPU path uses), every
+  kernel name present in the compiled program, and no flush-to-zero instruction in the PTX.
+* The module cache key covers every included file (a changed common.cuh changes it).
 * The CPU harness finds the same kernel names (it compiles the same text with g++).
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ def test_sources_ship_inside_the_package():
 def test_nvcc_werror_and_ptxas_budget(family, arch, tmp_path):
     report = tmp_path / "ptxas.txt"
     cmd = [sys.executable, str(CHECK), "--max-registers", "128", "--save", str(report), "--",
-           "nvcc", "-cubin", "-std=c++17", f"-arch={arch}", f"-I{ROOT / 'kernels'}", "-Werror", "all-warnings",
+           "nvcc", "-cubin", "-std=c++17", f"-arch={arch}", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", f"-I{ROOT / 'kernels'}", "-Werror", "all-warnings",
            "-Xptxas", "-v", "-o", str(tmp_path / "k.cubin"), str(ROOT / "kernels" / f"{family}.cu")]
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -92,9 +94,8 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
     src = loader.source(family)
     prog = nvrtc.createProgram(src, f"{family}.cu", [], [])
     try:
-        options = [*loader.OPTIONS, "--gpu-architecture=sm_75"]
         try:
-            nvrtc.compileProgram(prog, options)
+            nvrtc.compileProgram(prog, [*loader.options(), "--gpu-architecture=sm_75"])
         except nvrtc.NVRTCError as e:
             pytest.fail(f"NVRTC rejected {family}.cu: {e}\n{nvrtc.getProgramLog(prog)}")
         log = nvrtc.getProgramLog(prog)
@@ -105,3 +106,114 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
             assert name.encode() in cubin, name
     finally:
         nvrtc.destroyProgram(prog)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_runtime_build_keeps_subnormals(family):
+    """The decision on -ftz: torch does not flush float32 subnormals, so neither do we. The PTX of
+    the run-time build (loader.nvrtc_compile, the function the GPU path calls) has no .ftz
+    instruction, while the same source built as CuPy's RawModule would (-ftz=true) has them."""
+    _nvrtc()
+    assert "-ftz=false" in loader.options()
+    ptx = loader.nvrtc_compile(loader.source(family), f"{family}.cu", loader.options(), "compute_75")[0].decode()
+    assert ".f32" in ptx and ".ftz" not in ptx
+    flushed = loader.nvrtc_compile(loader.source(family), f"{family}.cu", (*loader.options(), "-ftz=true"),
+                                   "compute_75")[0].decode()
+    assert ".ftz" in flushed  # the check above can fail: CuPy's appended option would flush
+
+
+def test_cache_key_covers_included_headers(tmp_path, monkeypatch):
+    """CuPy keys its cache on the .cu text and options only; ours (and the -DFASTCONV_SRC_HASH option
+    the harness's cache sees) changes when common.cuh changes."""
+    _nvrtc()
+    kernels = tmp_path / "kernels"
+    shutil.copytree(loader.KERNEL_DIR, kernels)
+    monkeypatch.setattr(loader, "KERNEL_DIR", kernels)
+    loader.clear()
+    try:
+        before_opts, before_key = loader.options(), loader.cache_key("conv", loader.options(), "sm_90")
+        assert loader.source("conv") == (ROOT / "kernels" / "conv.cu").read_text()
+        header = kernels / "common.cuh"
+        header.write_text(header.read_text() + "\n// an edit that changes no .cu file\n")
+        loader.clear()
+        after_opts, after_key = loader.options(), loader.cache_key("conv", loader.options(), "sm_90")
+        assert after_opts != before_opts and after_key != before_key
+        assert [o for o in after_opts if "SRC_HASH" not in o] == [o for o in before_opts if "SRC_HASH" not in o]
+    finally:
+        monkeypatch.undo()
+        loader.clear()
+
+
+def test_block_size_constants_match_the_launcher():
+    """The host's BLOCK and implicit-GEMM tile sizes are the kernels' #defines (the kernels also
+    static_assert their own maps and trap on another block size)."""
+    from fastconv.cuda import conv, launch
+
+    text = (ROOT / "kernels" / "common.cuh").read_text() + loader.source("conv")
+    defines = dict(re.findall(r"^#define (\w+) (\d+)", text, re.M))
+    assert int(defines["FC_BLOCK"]) == launch.BLOCK == int(defines["IG_THREADS"])
+    assert (int(defines["IG_BM"]), int(defines["IG_BN"]), int(defines["IG_BK"])) == (
+        conv.IG_TILE_M, conv.IG_TILE_N, conv.IG_K_STEP)
+
+
+def test_gpu_module_image_is_compiled_once_and_cached_on_disk(tmp_path, monkeypatch):
+    """loader._image (what the GPU path loads): a cubin for a known arch, PTX for the newest known arch
+    below an unknown one, cached on disk under the key and served from there the second time."""
+    _nvrtc()
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    image = loader._image("pool", loader.options(), "90")
+    assert image[:4] == b"\x7fELF" and b"max_pool_backward_gather_f32" in image
+    assert len(list((tmp_path / "cubin").glob("*.bin"))) == 1
+
+    def no_compile(*args):
+        raise AssertionError("compiled again instead of reading the cache")
+    monkeypatch.setattr(loader, "nvrtc_compile", no_compile)
+    assert loader._image("pool", loader.options(), "90") == image
+    monkeypatch.undo()
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    ptx = loader._image("pool", loader.options(), "99")  # an arch this NVRTC does not know
+    assert b".target sm_" in ptx and b".ftz" not in ptx
+
+
+class _FakeCupy:
+    """Enough of CuPy's API to watch which device the loader is on when it loads and looks up."""
+
+    def __init__(self):
+        self.current, self.events = 0, []
+        fake = self
+
+        class Device:
+            def __init__(self, index):
+                self.index, self.compute_capability = index, "90"
+
+            def __enter__(self):
+                self.saved, fake.current = fake.current, self.index
+                return self
+
+            def __exit__(self, *exc):
+                fake.current = self.saved
+
+        class Module:
+            def load(self, image):
+                fake.events.append(("load", fake.current, image[:4]))
+
+            def get_function(self, name):
+                fake.events.append(("get_function", fake.current, name))
+                return name
+
+        self.cuda = type("cuda", (), {"Device": Device, "function": type("function", (), {"Module": Module})})
+
+
+def test_gpu_modules_are_loaded_and_looked_up_on_the_tensors_device(monkeypatch, tmp_path):
+    """A process working on cuda:1 must not load fastconv's kernels into GPU 0's context."""
+    _nvrtc()
+    fake = _FakeCupy()
+    monkeypatch.setattr(loader, "import_cupy", lambda: fake)
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
+    loader.clear()
+    try:
+        assert loader.function("cuda", "pool", "max_pool_forward_f32", 1) == "max_pool_forward_f32"
+    finally:
+        loader.clear()
+    assert fake.events == [("load", 1, b"\x7fELF"), ("get_function", 1, "max_pool_forward_f32")]
+    assert fake.current == 0

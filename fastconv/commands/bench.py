@@ -8,6 +8,7 @@ dtype).
     fastconv bench --quick                       # about a minute: small layers, 3 rounds
     fastconv bench --layers resnet,inception --pass forward --algo auto,im2col
     fastconv bench --list
+    fastconv bench --device cuda --quick         # the CUDA kernels vs cuDNN (needs a GPU)
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its classification models, converted with fastconv.convert, inference at batch 1 "
                              "and 8 and a training step at batch 8 (comma-separated names; default all)")
     parser.add_argument("--size", type=int, help="input resolution of the ImageNet models (--models; default 224)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu (default): the Numba kernels vs torch; cuda: the CUDA kernels vs cuDNN in fp32, "
+                             "tf32 and autocast+channels_last (fastconv.bench_gpu)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             return fail(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)  # fastconv.config.sync_threads keeps Numba in step
+    if args.device == "cuda":  # the GPU suite: fastconv.bench_gpu
+        from fastconv import bench_gpu
+
+        return bench_gpu.run_from_cli(args)
     reps = args.reps or (QUICK_REPS if args.quick else DEFAULT_REPS)
     gemm_label = "%SGEMM" if dtype == torch.float32 else "%DGEMM"
 

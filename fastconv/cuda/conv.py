@@ -10,6 +10,7 @@ OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -27,9 +28,20 @@ IGEMM_TARGET_BLOCKS = 512
 IGEMM_MIN_SPLIT_LEN = 1024
 
 
+# Launch plans are cached per geometry: building 22 checked int32 scalars, the grid and the output
+# shape costs tens of microseconds of Python per call, which a GPU would wait for on small layers.
+# ConvGeometry is a frozen dataclass (hashable); the caches are bounded.
+@functools.lru_cache(maxsize=4096)
 def _geom_args(g: ConvGeometry) -> tuple:
     return tuple(i32(v) for v in (g.batch, g.in_channels, *g.in_spatial, g.out_channels, *g.kernel,
                                   *g.out_spatial, *g.stride, *g.padding, *g.dilation, g.groups))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shapes(g: ConvGeometry) -> tuple:
+    """(input, output, weight) 5-D shapes."""
+    return ((g.batch, g.in_channels, *g.in_spatial), (g.batch, g.out_channels, *g.out_spatial),
+            (g.out_channels, g.in_channels // g.groups, *g.kernel))
 
 
 def _taps(g: ConvGeometry) -> int:
@@ -37,6 +49,7 @@ def _taps(g: ConvGeometry) -> int:
 
 
 # ------------------------------------------------------------------------------------------ refusals
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _common_refusal(g: ConvGeometry) -> Optional[str]:
     if g.dtype not in (torch.float32, torch.float64):
         return f"supports float32 and float64, not {str(g.dtype).replace('torch.', '')}"
@@ -49,10 +62,12 @@ def _common_refusal(g: ConvGeometry) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _direct_refusal(g: ConvGeometry) -> Optional[str]:
     return _common_refusal(g)
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _igemm_refusal(g: ConvGeometry) -> Optional[str]:
     reason = _common_refusal(g)
     if reason:
@@ -67,6 +82,7 @@ def _igemm_refusal(g: ConvGeometry) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _depthwise_refusal(g: ConvGeometry) -> Optional[str]:
     if g.groups != g.in_channels or g.out_channels % g.in_channels:
         return (f"needs groups == in_channels and out_channels a multiple of in_channels (depthwise); got "
@@ -75,80 +91,89 @@ def _depthwise_refusal(g: ConvGeometry) -> Optional[str]:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+_HAS_BIAS, _NO_BIAS = i32(1), i32(0)
+
+
 def _bias_args(bias, w):
     # A kernel pointer cannot be None on every path (CuPy): pass the weight, flagged unused.
-    return (bias.contiguous(), i32(1)) if bias is not None else (w, i32(0))
+    return (bias.contiguous(), _HAS_BIAS) if bias is not None else (w, _NO_BIAS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(kind: str, g: ConvGeometry) -> tuple:
+    """(kernel name without the dtype suffix, grid, result shape, geometry scalars) of one pass."""
+    kg, cg = g.out_channels // g.groups, g.in_channels // g.groups
+    x_shape, y_shape, w_shape = _shapes(g)
+    if kind in ("conv_direct_forward", "conv_depthwise_forward"):
+        grid, shape = plane_grid(g.batch * g.out_channels, math.prod(g.out_spatial)), y_shape
+    elif kind in ("conv_direct_grad_input", "conv_depthwise_grad_input"):
+        grid, shape = plane_grid(g.batch * g.in_channels, math.prod(g.in_spatial)), x_shape
+    elif kind == "conv_direct_grad_weight":
+        grid, shape = (min(math.prod(w_shape), MAX_GRID_X),), w_shape
+    elif kind == "igemm_forward":
+        grid = (-(-(g.batch * math.prod(g.out_spatial)) // IG_TILE_M), -(-kg // IG_TILE_N), g.groups)
+        shape = y_shape
+    elif kind == "igemm_grad_input":
+        grid = (-(-(g.batch * math.prod(g.in_spatial)) // IG_TILE_M), -(-cg // IG_TILE_N), g.groups)
+        shape = x_shape
+    else:
+        raise ValueError(f"fastconv.cuda: no launch plan {kind!r}")
+    return kind + suffix(g.dtype), grid, shape, _geom_args(g)
 
 
 def _forward_plane(prefix: str):
+    kind = f"{prefix}_forward"
+
     def forward(x, w, bias, g: ConvGeometry):
+        name, grid, shape, gargs = _plan(kind, g)
         L = Launcher(x)
-        y = L.empty((g.batch, g.out_channels, *g.out_spatial), g.dtype)
+        y = L.empty(shape, g.dtype)
         if y.numel() == 0:
             return y
         b, has_bias = _bias_args(bias, w)
-        L.launch("conv", f"{prefix}_forward{suffix(g.dtype)}", plane_grid(g.batch * g.out_channels,
-                                                                         math.prod(g.out_spatial)),
-                 (BLOCK,), (x, w, b, y, has_bias, *_geom_args(g)))
+        L.launch("conv", name, grid, (BLOCK,), (x, w, b, y), (has_bias, *gargs))
         return y
     return forward
 
 
 def _grad_input_plane(prefix: str):
+    kind = f"{prefix}_grad_input"
+
     def grad_input(gy, w, g: ConvGeometry):
+        name, grid, shape, gargs = _plan(kind, g)
         L = Launcher(gy)
-        gx = L.empty((g.batch, g.in_channels, *g.in_spatial), g.dtype)
+        gx = L.empty(shape, g.dtype)
         if gx.numel() == 0:
             return gx
         if gy.numel() == 0:
             return gx.zero_()
-        L.launch("conv", f"{prefix}_grad_input{suffix(g.dtype)}",
-                 plane_grid(g.batch * g.in_channels, math.prod(g.in_spatial)), (BLOCK,), (gy, w, gx, *_geom_args(g)))
+        L.launch("conv", name, grid, (BLOCK,), (gy, w, gx), gargs)
         return gx
     return grad_input
 
 
 def _weight_shape(g: ConvGeometry):
-    return (g.out_channels, g.in_channels // g.groups, *g.kernel)
+    return _shapes(g)[2]
 
 
 def direct_grad_weight(gy, x, g: ConvGeometry):
     """One block per weight element, fixed-order reduction (deterministic)."""
+    name, grid, shape, gargs = _plan("conv_direct_grad_weight", g)
     L = Launcher(x)
-    gw = L.empty(_weight_shape(g), g.dtype)
+    gw = L.empty(shape, g.dtype)
     if gw.numel() == 0:
         return gw
     if gy.numel() == 0 or x.numel() == 0:
         return gw.zero_()
-    L.launch("conv", f"conv_direct_grad_weight{suffix(g.dtype)}", (min(gw.numel(), MAX_GRID_X),), (BLOCK,),
-             (gy, x, gw, *_geom_args(g)))
+    L.launch("conv", name, grid, (BLOCK,), (gy, x, gw), gargs)
     return gw
 
 
 # ------------------------------------------------------------------------------------- implicit GEMM
-def igemm_forward(x, w, bias, g: ConvGeometry):
-    L = Launcher(x)
-    y = L.empty((g.batch, g.out_channels, *g.out_spatial), g.dtype)
-    if y.numel() == 0:
-        return y
-    b, has_bias = _bias_args(bias, w)
-    kg = g.out_channels // g.groups
-    grid = (-(-(g.batch * math.prod(g.out_spatial)) // IG_TILE_M), -(-kg // IG_TILE_N), g.groups)
-    L.launch("conv", f"igemm_forward{suffix(g.dtype)}", grid, (BLOCK,), (x, w, b, y, has_bias, *_geom_args(g)))
-    return y
-
-
-def igemm_grad_input(gy, w, g: ConvGeometry):
-    L = Launcher(gy)
-    gx = L.empty((g.batch, g.in_channels, *g.in_spatial), g.dtype)
-    if gx.numel() == 0:
-        return gx
-    if gy.numel() == 0:
-        return gx.zero_()
-    cg = g.in_channels // g.groups
-    grid = (-(-(g.batch * math.prod(g.in_spatial)) // IG_TILE_M), -(-cg // IG_TILE_N), g.groups)
-    L.launch("conv", f"igemm_grad_input{suffix(g.dtype)}", grid, (BLOCK,), (gy, w, gx, *_geom_args(g)))
-    return gx
+igemm_forward = _forward_plane("igemm")
+igemm_forward.__name__ = igemm_forward.__qualname__ = "igemm_forward"
+igemm_grad_input = _grad_input_plane("igemm")
+igemm_grad_input.__name__ = igemm_grad_input.__qualname__ = "igemm_grad_input"
 
 
 def igemm_splits(g: ConvGeometry) -> tuple[int, int]:
@@ -161,6 +186,13 @@ def igemm_splits(g: ConvGeometry) -> tuple[int, int]:
     chunk = -(-reduce // splits)
     chunk = -(-chunk // IG_K_STEP) * IG_K_STEP
     return max(1, -(-reduce // chunk)) if reduce else 1, max(chunk, IG_K_STEP)
+
+
+def igemm_workspace_bytes(g: ConvGeometry) -> int:
+    """Scratch memory beyond the result, the largest of the three passes: the weight gradient's
+    split-K partial sums (splits x |W|) when it splits; forward and input gradient need none."""
+    splits, _ = igemm_splits(g)
+    return splits * math.prod(_weight_shape(g)) * g.dtype.itemsize if splits > 1 else 0
 
 
 def igemm_grad_weight(gy, x, g: ConvGeometry):
@@ -177,11 +209,11 @@ def igemm_grad_weight(gy, x, g: ConvGeometry):
     kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
     grid = (-(-kg // IG_TILE_M), -(-cols // IG_TILE_N), g.groups * splits)
     sfx = suffix(g.dtype)
-    L.launch("conv", f"igemm_grad_weight{sfx}", grid, (BLOCK,), (gy, x, partial, i32(splits), i64(chunk),
-                                                                 *_geom_args(g)))
+    L.launch("conv", f"igemm_grad_weight{sfx}", grid, (BLOCK,), (gy, x, partial),
+             (i32(splits), i64(chunk), *_geom_args(g)))
     if splits > 1:
         L.launch("conv", f"conv_reduce_splits{sfx}", flat_grid(gw.numel()), (BLOCK,),
-                 (partial, gw, i32(splits), i64(gw.numel())))
+                 (partial, gw), (i32(splits), i64(gw.numel())))
     return gw
 
 
@@ -216,7 +248,7 @@ ALGORITHMS = [
         "register tiles, double-buffered shared memory; input gradient as the GEMM of the transposed conv; "
         "weight gradient split-K with a deterministic second-pass reduction",
         igemm_forward, igemm_grad_input, igemm_grad_weight, refuse=_igemm_refusal,
-        workspace_bytes=lambda g: 0),
+        workspace_bytes=igemm_workspace_bytes),
     ConvAlgorithm(
         "cuda-depthwise", TARGETS,
         "CUDA: depthwise (groups == in_channels, any multiplier): one thread per output / input element without "

@@ -10,12 +10,7 @@ import math
 
 import torch
 
-from .launch import BLOCK, INT32_MAX, Launcher, flat_grid, i32, plane_grid, suffix
-
-#: max_pool_backward: with at least this many planes, the deterministic one-thread-per-plane
-#: scatter-add fills the GPU; below it the atomicAdd kernel is used unless
-#: ``torch.are_deterministic_algorithms_enabled()``.
-DETERMINISTIC_MIN_PLANES = 2048
+from .launch import BLOCK, INT32_MAX, Launcher, i32, plane_grid, suffix
 
 
 def _planes(t: torch.Tensor) -> int:
@@ -32,8 +27,10 @@ def _pool_args(x_shape, out_spatial, kernel, stride, padding, dilation):
 
 
 def _check_err(err: torch.Tensor, message: str) -> None:
-    if int(err.item()):          # a device sync on the GPU: the price of torch's error semantics
-        raise RuntimeError(message)
+    """Fail if a kernel flagged a bad index, without a host sync: on the GPU a device-side assert
+    (the stream stops, like torch's own CUDA kernels); on the harness (CPU) it raises
+    RuntimeError(message) at once."""
+    torch._assert_async(err == 0, message)
 
 
 class CudaPoolKernels:
@@ -48,24 +45,41 @@ class CudaPoolKernels:
             return y, ind
         P = _planes(x)
         L.launch("pool", f"max_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)), (BLOCK,),
-                 (x, y, ind, i32(bool(minimum)), *_pool_args(x.shape, out_spatial, kernel, stride, padding, dilation)))
+                 (x, y, ind), (i32(bool(minimum)), *_pool_args(x.shape, out_spatial, kernel, stride, padding, dilation)))
         return y, ind
 
-    def max_pool_backward(self, grad_out, indices, in_spatial):
+    def max_pool_backward(self, grad_out, indices, in_spatial, window=None):
+        """Scatter-add of ``grad_out`` at ``indices`` into a zero (N, C, *in_spatial) tensor, as gathers.
+
+        ``window`` = (kernel, stride, padding, dilation) triples, when the indices come from
+        max_pool with that window: one gather over the outputs whose window can hold each input.
+        Without it (any indices): integer claims (first output, count per input), then a gather
+        from each input's first output. Both add in output order and use no float atomics.
+        """
         L = Launcher(grad_out)
         n, c = grad_out.shape[:2]
-        gx = L.zeros((n, c, *in_spatial), grad_out.dtype)
-        if gx.numel() == 0 or grad_out.numel() == 0:
-            return gx
-        P = _planes(grad_out)
+        in_spatial = tuple(int(v) for v in in_spatial)
+        if grad_out.numel() == 0 or n * c * math.prod(in_spatial) == 0:
+            return L.zeros((n, c, *in_spatial), grad_out.dtype)
+        gx = L.empty((n, c, *in_spatial), grad_out.dtype)
+        P = _planes(gx)
         in_plane, out_plane = math.prod(in_spatial), math.prod(grad_out.shape[2:])
+        _planes(grad_out)
         err = L.zeros((1,), torch.int32)
         sfx = suffix(grad_out.dtype)
-        args = (grad_out, indices.contiguous(), gx, err, i32(P), i32(in_plane), i32(out_plane))
-        if torch.are_deterministic_algorithms_enabled() or P >= DETERMINISTIC_MIN_PLANES:
-            L.launch("pool", f"max_pool_backward_planes{sfx}", flat_grid(P), (BLOCK,), args)
+        indices = indices.contiguous()
+        if window is not None:
+            kernel, stride, padding, dilation = window
+            L.launch("pool", f"max_pool_backward_window{sfx}", plane_grid(P, in_plane), (BLOCK,),
+                     (grad_out, indices, gx, err),
+                     _pool_args(gx.shape, grad_out.shape[2:], kernel, stride, padding, dilation))
         else:
-            L.launch("pool", f"max_pool_backward_atomic{sfx}", plane_grid(P, out_plane), (BLOCK,), args)
+            first = L.full(gx.shape, INT32_MAX, torch.int32)
+            count = L.zeros(gx.shape, torch.int32)
+            L.launch("pool", "max_pool_backward_claims_i64", plane_grid(P, out_plane), (BLOCK,),
+                     (indices, first, count, err), (i32(P), i32(in_plane), i32(out_plane)))
+            L.launch("pool", f"max_pool_backward_gather{sfx}", plane_grid(P, in_plane), (BLOCK,),
+                     (grad_out, indices, first, count, gx), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_pool_backward: found an index outside [0, {in_plane}) "
                         f"(input plane {'x'.join(map(str, in_spatial))})")
         return gx
@@ -79,7 +93,7 @@ class CudaPoolKernels:
             return y, ind
         P = _planes(x)
         L.launch("pool", f"adaptive_max_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)),
-                 (BLOCK,), (x, y, ind, i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
+                 (BLOCK,), (x, y, ind), (i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
         return y, ind
 
     def max_unpool(self, x, indices, out_spatial):
@@ -95,11 +109,11 @@ class CudaPoolKernels:
         owner = L.zeros((n, c, *out_spatial), torch.int64)
         err = L.zeros((1,), torch.int32)
         L.launch("pool", "max_unpool_owner_i64", plane_grid(P, in_plane), (BLOCK,),
-                 (indices.contiguous(), owner, err, i32(P), i32(in_plane), i32(out_plane)))
+                 (indices.contiguous(), owner, err), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_unpool: found an invalid max index (output volume is of size {out_plane}, "
                         f"expected 0 <= index < {out_plane})")
         L.launch("pool", f"max_unpool_gather{suffix(x.dtype)}", plane_grid(P, out_plane), (BLOCK,),
-                 (x, owner, y, i32(P), i32(in_plane), i32(out_plane)))
+                 (x, owner, y), (i32(P), i32(in_plane), i32(out_plane)))
         return y
 
     def max_unpool_backward(self, grad_out, indices):
@@ -111,7 +125,7 @@ class CudaPoolKernels:
         in_plane, out_plane = math.prod(indices.shape[2:]), math.prod(grad_out.shape[2:])
         err = L.zeros((1,), torch.int32)
         L.launch("pool", f"max_unpool_backward{suffix(grad_out.dtype)}", plane_grid(P, in_plane), (BLOCK,),
-                 (grad_out, indices.contiguous(), gx, err, i32(P), i32(in_plane), i32(out_plane)))
+                 (grad_out, indices.contiguous(), gx, err), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_unpool_backward: found an invalid max index (gradient plane is of size {out_plane}, "
                         f"expected 0 <= index < {out_plane})")
         return gx
@@ -124,8 +138,8 @@ class CudaPoolKernels:
             return y
         P = _planes(x)
         L.launch("pool", f"avg_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)), (BLOCK,),
-                 (x, y, i32(bool(count_include_pad)), i32(divisor_override or 0),
-                  *_pool_args(x.shape, out_spatial, kernel, stride, padding, (1, 1, 1))))
+                 (x, y), (i32(bool(count_include_pad)), i32(divisor_override or 0),
+                          *_pool_args(x.shape, out_spatial, kernel, stride, padding, (1, 1, 1))))
         return y
 
     def avg_pool_backward(self, grad_out, kernel, stride, padding, in_spatial, ceil_mode, count_include_pad,
@@ -139,8 +153,8 @@ class CudaPoolKernels:
             return gx.zero_()
         P = _planes(gx)
         L.launch("pool", f"avg_pool_backward{suffix(grad_out.dtype)}", plane_grid(P, math.prod(in_spatial)),
-                 (BLOCK,), (grad_out, gx, i32(bool(count_include_pad)), i32(divisor_override or 0),
-                            *_pool_args(gx.shape, grad_out.shape[2:], kernel, stride, padding, (1, 1, 1))))
+                 (BLOCK,), (grad_out, gx), (i32(bool(count_include_pad)), i32(divisor_override or 0),
+                                          *_pool_args(gx.shape, grad_out.shape[2:], kernel, stride, padding, (1, 1, 1))))
         return gx
 
     def adaptive_avg_pool(self, x, out_spatial):
@@ -151,7 +165,7 @@ class CudaPoolKernels:
             return y
         P = _planes(x)
         L.launch("pool", f"adaptive_avg_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)),
-                 (BLOCK,), (x, y, i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
+                 (BLOCK,), (x, y), (i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
         return y
 
     def adaptive_avg_pool_backward(self, grad_out, in_spatial):
@@ -164,5 +178,5 @@ class CudaPoolKernels:
             return gx.zero_()
         P = _planes(gx)
         L.launch("pool", f"adaptive_avg_pool_backward{suffix(grad_out.dtype)}", plane_grid(P, math.prod(in_spatial)),
-                 (BLOCK,), (grad_out, gx, i32(P), *map(i32, in_spatial), *map(i32, grad_out.shape[2:])))
+                 (BLOCK,), (grad_out, gx), (i32(P), *map(i32, in_spatial), *map(i32, grad_out.shape[2:])))
         return gx
