@@ -771,6 +771,7 @@ def _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx):
 # Public API: direct
 # --------------------------------------------------------------------------------------------
 
+@config.parallel_entry
 def direct_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     """Direct convolution forward.
 
@@ -797,6 +798,7 @@ def direct_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     return y
 
 
+@config.parallel_entry
 def direct_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
     """Direct convolution input gradient.
 
@@ -848,6 +850,7 @@ def direct_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     return gx
 
 
+@config.parallel_entry
 def direct_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     """Direct convolution weight gradient.
 
@@ -877,6 +880,7 @@ def direct_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
 # Public API: im2col + GEMM
 # --------------------------------------------------------------------------------------------
 
+@config.parallel_entry
 def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     """im2col + GEMM forward. Same arguments and result as :func:`direct_forward`."""
     config.sync_threads()
@@ -945,6 +949,7 @@ def _go_chunk(go3, n0, nb, k0, k1, r0, r1, OW):
     return _c(v.transpose(1, 0, 2)).reshape(k1 - k0, -1)
 
 
+@config.parallel_entry
 def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
     """GEMM to columns + col2im input gradient. Same arguments/result as :func:`direct_grad_input`."""
     config.sync_threads()
@@ -1007,6 +1012,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     return gx
 
 
+@config.parallel_entry
 def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     """Columns + GEMM weight gradient. Same arguments/result as :func:`direct_grad_weight`."""
     config.sync_threads()

@@ -727,6 +727,7 @@ def _check_depthwise(C, K, wshape1):
                          f"got {K} output channels with {wshape1} input channels per group")
 
 
+@config.parallel_entry
 def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y, chan0=0, nstride=None):
     """Depthwise forward written into ``y`` (rows, OD, OH, OW): output channel ``k`` of image ``n``
     goes to row ``n * nstride + chan0 + k`` (``nstride`` defaults to ``K``). Used by the fused
@@ -774,6 +775,7 @@ def depthwise_forward(x, w, bias, stride, padding, dilation, groups, out_spatial
     return y
 
 
+@config.parallel_entry
 def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
     """Depthwise convolution input gradient.
 
@@ -840,6 +842,7 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
     return gx
 
 
+@config.parallel_entry
 def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     """Depthwise convolution weight gradient.
 
@@ -876,6 +879,7 @@ def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel
     return gw
 
 
+@config.parallel_entry
 def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_spatial):
     """Depthwise-separable forward (depthwise ``wd``, then 1x1 pointwise ``wp``) without materialising
     the whole intermediate tensor.

@@ -58,6 +58,7 @@ def _max_bits_parallel(u, mask):
 PARALLEL_MIN = 1 << 24
 
 
+@config.parallel_entry
 def max_abs(a: np.ndarray) -> float:
     """``max |a|``: NaN when ``a`` holds a NaN, Inf when it holds an infinity (and no NaN), 0 when empty."""
     if a.size == 0:

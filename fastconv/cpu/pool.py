@@ -489,6 +489,7 @@ def _planes(x):
     return x.reshape(n * c, d, h, w)
 
 
+@config.parallel_entry
 def _pool_extreme(name, x, kernel, stride, padding, dilation, out_spatial, return_indices, want_min):
     config.sync_threads()
     _check_geometry(name, x, kernel, stride, padding, dilation, out_spatial, integers=True)
@@ -545,6 +546,7 @@ def min_pool_forward(x, kernel, stride, padding, dilation, out_spatial, return_i
                          return_indices, True)
 
 
+@config.parallel_entry
 def max_pool_backward(grad_out, indices, in_spatial):
     """Gradient of max/min/adaptive-max pooling: scatter-add ``grad_out`` at ``indices``.
 
@@ -732,6 +734,7 @@ def _avg_pool_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_i
                                 gxrow[ow * sw + off] += delta[ow]
 
 
+@config.parallel_entry
 def avg_pool_forward(x, kernel, stride, padding, out_spatial, ceil_mode, count_include_pad,
                      divisor_override):
     """Average pooling, torch's ``avg_pool{1,2,3}d`` semantics.
@@ -765,6 +768,7 @@ def avg_pool_forward(x, kernel, stride, padding, out_spatial, ceil_mode, count_i
     return y.reshape(n, c, od, oh, ow)
 
 
+@config.parallel_entry
 def avg_pool_backward(grad_out, kernel, stride, padding, in_spatial, ceil_mode, count_include_pad,
                       divisor_override):
     """Gradient of :func:`avg_pool_forward` w.r.t. its input.
@@ -938,6 +942,7 @@ def _check_adaptive(name, x, out_spatial):
                          f"expected every spatial dimension >= 1")
 
 
+@config.parallel_entry
 def adaptive_avg_pool_forward(x, out_spatial):
     """Adaptive average pooling, torch's ``adaptive_avg_pool{1,2,3}d`` semantics.
 
@@ -966,6 +971,7 @@ def adaptive_avg_pool_forward(x, out_spatial):
     return y.reshape(n, c, od, oh, ow)
 
 
+@config.parallel_entry
 def adaptive_avg_pool_backward(grad_out, in_spatial):
     """Gradient of :func:`adaptive_avg_pool_forward`.
 
@@ -993,6 +999,7 @@ def adaptive_avg_pool_backward(grad_out, in_spatial):
     return gx.reshape(n, c, d, h, w)
 
 
+@config.parallel_entry
 def adaptive_max_pool_forward(x, out_spatial):
     """Adaptive max pooling, torch's ``adaptive_max_pool{1,2,3}d(..., return_indices=True)``.
 
@@ -1066,6 +1073,7 @@ def _unpool_error(name, bad, ind2, size):
                        f"of size {size}, expected 0 <= index < {size})")
 
 
+@config.parallel_entry
 def max_unpool_forward(x, indices, out_spatial):
     """Partial inverse of max pooling, torch's ``max_unpool{1,2,3}d`` semantics.
 
@@ -1099,6 +1107,7 @@ def max_unpool_forward(x, indices, out_spatial):
     return y.reshape(n, c, od, oh, ow)
 
 
+@config.parallel_entry
 def max_unpool_backward(grad_out, indices):
     """Gradient of :func:`max_unpool_forward` w.r.t. its input: gather ``grad_out`` at ``indices``.
 

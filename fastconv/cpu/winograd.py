@@ -506,6 +506,7 @@ def _check_2d(x5, kernel):
                          f"and kernel {'x'.join(map(str, kernel))}")
 
 
+@config.parallel_entry
 def winograd_forward(x, w, bias, padding, groups, out_spatial, m):
     """Forward of a stride-1 3x3 convolution by Winograd F(m x m, 3x3).
 
@@ -531,6 +532,7 @@ def _flip_transpose(w, groups):
     return np.ascontiguousarray(wg.transpose(0, 2, 1, 3, 4)).reshape(G * Cg, K // G, 3, 3)
 
 
+@config.parallel_entry
 def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
     """Input gradient as the stride-1 3x3 convolution of ``grad_out`` with flipped, transposed filters.
 
@@ -549,6 +551,7 @@ def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
     return gx[:, :, None]
 
 
+@config.parallel_entry
 def winograd_grad_weight(grad_out, x, padding, groups, m):
     """Weight gradient by Winograd F(3x3, m x m), reusing the forward input transform.
 
