@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from fastconv import config
 
-import ctypes
 import math
 import threading
 from fractions import Fraction
@@ -359,47 +358,49 @@ class _SingleThreadedBlas:
 
     Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; its OpenBLAS (a different copy from numpy's)
     would otherwise start its own threads inside every prange task. Only that library's setting is
-    touched, it is restored when the last concurrent user leaves, and where the library is not an
-    OpenBLAS we can find, this does nothing (``available`` is False).
+    touched (through threadpoolctl), it is restored when the last concurrent user leaves, and where no
+    such library is found this does nothing (``available`` is False). Bound on first use: importing
+    scipy.linalg costs about 0.2 s, which ``import fastconv`` should not pay.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._users = 0
-        self._saved = None
-        self._get = self._set = None
-        try:
-            import scipy.linalg.cython_blas as cython_blas
-            lib = ctypes.CDLL(cython_blas.__file__)  # dlsym on it searches its dependencies too
-            for prefix in ("scipy_", ""):
-                if hasattr(lib, f"{prefix}openblas_set_num_threads"):
-                    self._get = getattr(lib, f"{prefix}openblas_get_num_threads")
-                    self._get.restype = ctypes.c_int
-                    self._set = getattr(lib, f"{prefix}openblas_set_num_threads")
-                    self._set.argtypes = [ctypes.c_int]
-                    break
-        except (ImportError, OSError, AttributeError):
-            pass
+        self._saved: list[int] = []
+        self._libs = None
+
+    def _bind(self) -> list:
+        if self._libs is None:
+            try:
+                import scipy.linalg.cython_blas  # noqa: F401  (loads the OpenBLAS that np.dot calls)
+                from threadpoolctl import ThreadpoolController
+
+                self._libs = [lib for lib in ThreadpoolController().lib_controllers
+                              if lib.user_api == "blas" and "scipy" in lib.filepath]
+            except ImportError:
+                self._libs = []
+        return self._libs
 
     @property
     def available(self) -> bool:
-        return self._set is not None
+        return bool(self._bind())
 
     def __enter__(self):
-        if self._set is not None:
-            with self._lock:
-                if self._users == 0:
-                    self._saved = self._get()
-                    self._set(1)
-                self._users += 1
+        with self._lock:
+            libs = self._bind()
+            if self._users == 0 and libs:
+                self._saved = [lib.num_threads for lib in libs]
+                for lib in libs:
+                    lib.set_num_threads(1)
+            self._users += 1
         return self
 
     def __exit__(self, *exc):
-        if self._set is not None:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._set(self._saved)
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                for lib, n in zip(self._libs, self._saved):
+                    lib.set_num_threads(n)
         return False
 
 
