@@ -1,6 +1,6 @@
 """``python -m fastconv ...``: the ``fastconv`` command without the console script (e.g. from a source tree)."""
 import sys
 
-from .cli import main
+from fastconv_cli import main
 
 sys.exit(main())
