@@ -59,6 +59,8 @@ def target_for(tensor: torch.Tensor) -> str:
     """Execution target for an op whose inputs live where ``tensor`` lives."""
     if tensor.device.type == "cuda":
         return "cuda"
-    if tensor.device.type == "cpu":
+    if tensor.device.type in ("cpu", "meta"):
+        # meta: shape-only tensors (fastconv.flops counts models on the meta device) reach only the
+        # ops' fake functions, which validate as the CPU target would.
         return current()
     raise RuntimeError(f"fastconv: device {tensor.device} is not supported (expected cpu or cuda)")

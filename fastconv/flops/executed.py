@@ -107,6 +107,20 @@ def _patch_gemm_workspace(g: ConvGeometry) -> int:
     return (g.in_channels * math.prod(g.kernel) * g.batch * math.prod(g.out_spatial)) * g.dtype.itemsize
 
 
+def _fft(g: ConvGeometry) -> int:
+    from ..cpu import fft  # the algorithm's own count: transform sizes are its choice
+
+    return fft.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel, g.stride,
+                                        g.dilation, g.out_spatial)
+
+
+def _fft_workspace(g: ConvGeometry) -> int:
+    from ..cpu import fft
+
+    return fft.spectra_bytes(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel, g.stride, g.dilation,
+                             g.out_spatial, g.dtype.itemsize)
+
+
 @dataclass(frozen=True)
 class Executed:
     """What one algorithm executes: ``mults(geom)`` for the forward pass, ``workspace(geom)`` in bytes
@@ -137,6 +151,9 @@ EXECUTED: dict[str, Executed] = {
     "patch_gemm": Executed(
         "transposed conv with kernel == stride: one GEMM of exactly the nominal products, then a "
         "scatter without accumulation", lambda g: g.macs, _patch_gemm_workspace),
+    "fft": Executed(
+        "FFT: 4 real multiplications per complex product of spectra in the channel GEMMs (stride phases "
+        "as channels), plus the transforms (about n log2 n each)", _fft, _fft_workspace),
     "cuda-direct": Executed(
         "CUDA: one thread per output element, every tap (padding taps multiply zeros)", lambda g: g.macs,
         lambda g: 0),
