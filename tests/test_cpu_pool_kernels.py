@@ -278,9 +278,13 @@ def test_max_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="5-D"):
         pool.max_pool_forward(np.zeros((1, 1, 4, 4)), (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1),
                               (1, 2, 2), False)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        pool.max_pool_forward(np.zeros((1, 1, 1, 4, 4), np.int32), (1, 2, 2), (1, 2, 2), (0, 0, 0),
+    with pytest.raises(TypeError, match="expected float32, float64 or an integer dtype, got complex64"):
+        pool.max_pool_forward(np.zeros((1, 1, 1, 4, 4), np.complex64), (1, 2, 2), (1, 2, 2), (0, 0, 0),
                               (1, 1, 1), (1, 2, 2), False)
+    # Integers are max-pooled as torch does (values and indices), not refused.
+    y, idx = pool.max_pool_forward(np.arange(16, dtype=np.int32).reshape(1, 1, 1, 4, 4), (1, 2, 2), (1, 2, 2),
+                                   (0, 0, 0), (1, 1, 1), (1, 2, 2), False)
+    assert y.dtype == np.int32 and y.ravel().tolist() == [5, 7, 13, 15] and idx.ravel().tolist() == [5, 7, 13, 15]
 
 
 # ----------------------------------------------------------------------------------------------------
