@@ -283,7 +283,7 @@ def test_max_pool_rejects_bad_arguments():
                               (1, 1, 1), (1, 2, 2), False)
     # Integers are max-pooled as torch does (values and indices), not refused.
     y, _ = pool.max_pool_forward(np.arange(16, dtype=np.int32).reshape(1, 1, 1, 4, 4), (1, 2, 2), (1, 2, 2),
-                                   (0, 0, 0), (1, 1, 1), (1, 2, 2), False)
+                                 (0, 0, 0), (1, 1, 1), (1, 2, 2), False)
     assert y.dtype == np.int32 and y.ravel().tolist() == [5, 7, 13, 15]
 
 
