@@ -10,8 +10,10 @@ accepts the geometry, ``"auto"``, and ``"torch"``) :func:`run_case`
    burst of load slows every algorithm of a round alike, instead of one of them;
 3. takes torch's time, by default, from a worker process that never imports fastconv or Numba
    (:mod:`fastconv.bench_torch_worker`), interleaved with the rounds: that is what a user who chose
-   torch would see. torch is timed in this process too, and the two are compared: a baseline that is
-   much slower here than in the clean worker is reported as contaminated;
+   torch would see (after one untimed call, and after this process has idled long enough for its
+   spinning OpenBLAS and TBB threads to sleep, so that they do not take the worker's cores). torch is
+   timed in this process too, and the two are compared: a baseline that is much slower here than in
+   the clean worker is reported as contaminated;
 4. reports milliseconds (median and quartiles), GFLOP/s (FLOPs = 2 x MACs, bias not counted), percent
    of the machine's GEMM rate measured in the same run (:func:`measure_gemm`, 2048^3 ``torch.mm``),
    the ratio to the clean torch time (below 1 is faster), and the error.
@@ -46,6 +48,9 @@ ROUND_BUDGET_S = 20.0
 MIN_REPS = 3
 #: torch in this process slower than in the clean worker by more than this factor: a contaminated baseline.
 CONTAMINATED_RATIO = 1.5
+#: Seconds this process idles before the worker times torch: OpenBLAS's threads spin for about 0.1 s
+#: after their last call and TBB's for a while too; on two cores they would take the worker's cores.
+QUIESCE_S = 0.15
 
 
 class TorchBaseline:
@@ -73,7 +78,10 @@ class TorchBaseline:
         return answer
 
     def time(self, layer: str, pass_: str, dtype: torch.dtype, n: int = 1, seed: int = 0) -> list[float]:
-        return self._ask({"cmd": "time", "layer": layer, "pass": pass_, "seed": seed, "n": n,
+        """``n`` timed calls after one untimed call (torch's pool awake, as in a torch user's loop), asked
+        for after :data:`QUIESCE_S` of idling here (this process's spinning pools asleep)."""
+        time.sleep(QUIESCE_S)
+        return self._ask({"cmd": "time", "layer": layer, "pass": pass_, "seed": seed, "n": n, "warm": 1,
                           "dtype": str(dtype).replace("torch.", "")})["ms"]
 
     def load_model(self, model, example: torch.Tensor, path: Path) -> str:
@@ -87,6 +95,7 @@ class TorchBaseline:
 
     def time_model(self, key: str, mode: str, n: int = 1) -> list[float]:
         """n timed steps of a loaded model: inference forward, or training forward + backward."""
+        time.sleep(QUIESCE_S)
         return self._ask({"cmd": "time_model", "key": key, "mode": mode, "n": n})["ms"]
 
     def is_clean(self) -> bool:

@@ -10,8 +10,8 @@ anything under the package would import fastconv. It loads :mod:`fastconv.bench_
 Protocol: one JSON request per stdin line, one JSON answer per stdout line.
 
     {"cmd": "setup", "threads": 2}                       -> {"ok": true, "torch": "2.13.0", ...}
-    {"cmd": "time", "layer": L, "pass": P, "dtype": "float32", "seed": 0, "n": 3}
-                                                         -> {"ms": [t1, t2, t3]}
+    {"cmd": "time", "layer": L, "pass": P, "dtype": "float32", "seed": 0, "n": 3, "warm": 1}
+                                                         -> {"ms": [t1, t2, t3]}  (after 1 untimed call)
     {"cmd": "load_model", "key": K, "path": P, "input_shape": [...]}  -> {"ok": true}  (a torch.export file)
     {"cmd": "time_model", "key": K, "mode": "infer1"|"infer8"|"train8", "n": 1}  -> {"ms": [...]}
     {"cmd": "clean"}                                     -> {"numba": false, "fastconv": false}
@@ -85,6 +85,8 @@ def main() -> int:
                     cached_key = key
                 times = []
                 with torch.no_grad():
+                    for _ in range(int(request.get("warm", 0))):  # wakes torch's thread pool after idling
+                        impl.torch(cached_inputs)
                     for _ in range(int(request.get("n", 1))):
                         start = time.perf_counter()
                         impl.torch(cached_inputs)
