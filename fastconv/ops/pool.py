@@ -107,6 +107,7 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     if empty_dtype is not None:
         return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
     out = out_sp
+    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
     y, idx = _kernels(input, "max_pool").max_pool(
         _as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1), minimum)
     return _unflatten(y, input.shape[:2], out), _unflatten(idx, input.shape[:2], out)
@@ -249,6 +250,7 @@ def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     if empty_dtype is not None:
         return input.new_zeros(shape)
     out = out_sp
+    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
     y = _kernels(input, "avg_pool").avg_pool(_as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0),
                                              _t3(out, 1), ceil_mode, count_include_pad, divisor_override)
     return _unflatten(y, input.shape[:2], out)
@@ -270,6 +272,7 @@ def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: l
                                                             kernel_size, stride, padding, ceil_mode)
     if empty_dtype is not None:
         return grad_output.new_zeros(shape)
+    stride = validation.pool_kernel_stride(stride, grad_output.shape[2:], input_size, padding)
     g = _kernels(grad_output, "avg_pool_backward").avg_pool_backward(
         _as_5d(grad_output), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
         ceil_mode, count_include_pad, divisor_override)

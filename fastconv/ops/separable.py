@@ -89,6 +89,8 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
         return input.new_zeros(shape, dtype=empty_dtype)
     target = backends.target_for(input)
     out_hw = out_sp
+    stride = validation.conv_kernel_stride(stride, out_hw, input.shape[2:], depthwise_weight.shape[2:], padding,
+                                           padding_end, dilation)
     chosen = choose_algo(algo, target)
     C = input.shape[1]
     if chosen == "fused":

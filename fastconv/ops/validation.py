@@ -37,6 +37,8 @@ INTEGER_POOL_TARGETS = ("numba",)
 #: No 64-bit machine maps more than 2**48 bytes of user address space: an output larger than that can never
 #: be allocated, and its sizes may already overflow the kernels' int64 index arithmetic.
 MAX_OUTPUT_BYTES = 2 ** 48
+#: torch's pooling ops take their window arguments as C ``int``.
+INT32_MAX = 2 ** 31 - 1
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -208,6 +210,36 @@ def check_output_bytes(op: str, shape: Sequence[int], dtype: torch.dtype) -> Non
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8,
              torch.int32: 4, torch.int16: 2, torch.int8: 1, torch.uint8: 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# strides the kernels can take
+# ------------------------------------------------------------------------------------------------
+def single_window_stride(stride, out, smallest) -> list:
+    """``stride`` with every dim that has one output position (or one transposed-conv input position) set to
+    ``smallest[i]`` when larger: there the stride selects nothing, and the smallest stride that still gives
+    the same size keeps the geometry consistent. torch accepts any int64 stride; some kernels loop over the
+    stride phases, so a stride of 2**62 would otherwise run for ever."""
+    if 1 not in out:
+        return stride
+    return [min(s, m) if o == 1 else s for s, o, m in zip(stride, out, smallest)]
+
+
+def conv_kernel_stride(stride, out, in_spatial, kernel, padding, padding_end, dilation) -> list:
+    """:func:`single_window_stride` for a convolution: one output position needs stride > padded - effective."""
+    if 1 not in out:
+        return stride
+    smallest = [max(1, i + pb + pe - d * (k - 1)) for i, k, pb, pe, d
+                in zip(in_spatial, kernel, padding, padding_end, dilation)]
+    return single_window_stride(stride, out, smallest)
+
+
+def pool_kernel_stride(stride, out, in_spatial, padding) -> list:
+    """:func:`single_window_stride` for pooling: stride ``in + 2*padding`` gives one window with or without
+    ceil_mode (the ceil rule drops a second window that would start at or past ``in + padding``)."""
+    if 1 not in out:
+        return stride
+    return single_window_stride(stride, out, [max(1, i + 2 * p) for i, p in zip(in_spatial, padding)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -601,6 +633,12 @@ def pool_window_op(op: str, ndim: int, kernel_size, stride, padding, dilation=No
     op_ints(op, "padding", padding, ndim, 0)
     if dilation is not None:
         op_ints(op, "dilation", dilation, ndim, 1)
+    for arg, values in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation or ())):
+        # torch's pooling takes these as C int: larger values are refused there too (and would make the
+        # kernels' per-stride scratch buffers impossible to allocate)
+        if max(values, default=0) > INT32_MAX:
+            raise RuntimeError(f"{_name(op)}: {arg}={list(values)} cannot be converted to a 32-bit int without "
+                               f"overflow (each value must be at most {INT32_MAX})")
     check_pool_padding(op, padding, kernel_size)
 
 
@@ -746,6 +784,10 @@ def adaptive_avg_pool_backward_op(op: str, grad_output, input_size) -> Result:
     ndim = _spatial_rank(op, "input_size", input_size)
     _grad_output(op, grad_output, ndim)
     op_ints(op, "input_size", input_size, ndim, 1)
+    if 0 in grad_output.shape[1:]:
+        # torch's adaptive_avg_pool backward refuses these too (so a zero-channel forward has no gradient)
+        raise RuntimeError(f"{_name(op)}: expected grad_output to have non-zero size for non-batch dimensions, "
+                           f"got grad_output of size {list(grad_output.shape)}")
     shape = (*grad_output.shape[:2], *input_size)
     check_output_bytes(op, shape, grad_output.dtype)
     return Result(shape, grad_output.dtype if grad_output.numel() == 0 else None)
