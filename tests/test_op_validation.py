@@ -668,6 +668,12 @@ def _fuzz() -> None:
     def reference(a):
         """torch's result for a call fastconv accepted (raises where torch refuses it)."""
         op, nd, x = a["op"], a["nd"], a["x"]
+        # a pooling op's spatial rank is the length of its window/size argument, whatever was generated
+        rank_arg = {"max_pool": "kernel", "avg_pool": "kernel", "avg_pool_backward": "kernel",
+                    "adaptive_avg_pool": "out", "adaptive_max_pool": "out", "max_pool_backward": "size",
+                    "adaptive_avg_pool_backward": "size"}.get(op)
+        if rank_arg is not None:
+            nd = len(a[rank_arg])
         zeros = [0] * nd
         if op in ("conv1d", "conv2d", "conv3d"):
             return aten.convolution(pad(x, a["padding"], a["padding_end"]), a["w"], a["bias"], a["stride"], zeros,
@@ -745,6 +751,12 @@ def _fuzz() -> None:
         try:
             ref = reference(a)
         except Exception as e:  # noqa: BLE001
+            huge = any(isinstance(v, list) and any(abs(i) > 2 ** 31 - 2 for i in v) for v in a.values())
+            if huge and "int" in str(e) or "greater than zero" in str(e):
+                # torch converts some of these int64 arguments to 32-bit int internally and then refuses
+                # the wrapped value ("dilation should be greater than zero, but got -2147483648")
+                outcomes["torch_overflow"] = outcomes.get("torch_overflow", 0) + 1
+                return
             raise AssertionError(f"fastconv accepted a call torch refuses ({type(e).__name__}: {e}): "
                                  f"{describe(a)}") from None
         refs = ref if isinstance(ref, tuple) else (ref,)
@@ -754,7 +766,12 @@ def _fuzz() -> None:
             if o.is_floating_point():
                 assert torch.allclose(o, r, rtol=1e-9, atol=1e-9, equal_nan=True), f"values differ: {describe(a)}"
             else:
-                assert torch.equal(o, r), f"indices differ: {describe(a)}"
+                # A window with no input element (dilation can step over the whole plane): torch returns an
+                # index of some other element or past the plane (its backward then writes out of bounds and
+                # crashed our probe: a torch bug); fastconv returns -1, which its backward skips.
+                empty = o == -1
+                assert bool(outs[0][empty].isinf().all()), f"-1 index for a non-empty window: {describe(a)}"
+                assert torch.equal(o[~empty], r[~empty]), f"indices differ: {describe(a)}"
         outcomes["compared"] += 1
 
     check()

@@ -148,7 +148,8 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
         x, unbatched = input.unsqueeze(1), False
         empty = True
     else:
-        x, unbatched = _input(op, input, ndim, allow_zero_channels=kind == "avg")
+        # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
+        x, unbatched = _input(op, input, ndim, allow_zero_channels=kind == "avg" and ndim < 3)
         empty = False
     out = _adaptive_size(op, ndim, x, output_size)
     if empty:

@@ -81,6 +81,7 @@ def _register(ndim: int):
             return input.new_zeros(shape, dtype=empty_dtype)
         xs, ks = input.shape, weight.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, xs[spatial], ks, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, ks)
         geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], ks, out_sp,
                              stride, padding, padding_end, dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "forward", name)
@@ -105,6 +106,7 @@ def _register(ndim: int):
             return grad_output.new_zeros(shape, dtype=empty_dtype)
         ks, out_sp = weight.shape[spatial], grad_output.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, input_size, ks, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, ks)
         geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              input_size, ks, out_sp, stride, padding, padding_end, dilation, grad_output.dtype,
                              backends.target_for(grad_output))
@@ -130,6 +132,7 @@ def _register(ndim: int):
             return input.new_zeros(shape, dtype=empty_dtype)
         in_sp, out_sp = input.shape[spatial], grad_output.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, in_sp, weight_size, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, weight_size)
         geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
                              in_sp, weight_size, out_sp, stride, padding, padding_end, dilation, input.dtype,
                              backends.target_for(input))

@@ -91,6 +91,7 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
     out_hw = out_sp
     stride = validation.conv_kernel_stride(stride, out_hw, input.shape[2:], depthwise_weight.shape[2:], padding,
                                            padding_end, dilation)
+    dilation = validation.kernel_dilation(dilation, depthwise_weight.shape[2:])
     chosen = choose_algo(algo, target)
     C = input.shape[1]
     if chosen == "fused":

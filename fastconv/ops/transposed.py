@@ -107,6 +107,7 @@ def _register(ndim: int):
         # One input position: the stride selects nothing (torch accepts any int64; kernels loop over phases).
         stride = validation.single_window_stride(stride, input.shape[spatial],
                                                  [max(o + 1, k) for o, k in zip(output_padding, weight.shape[spatial])])
+        dilation = validation.kernel_dilation(dilation, weight.shape[spatial])
         # The adjoint convolution: input (N, C_out, *O) -> output (N, C_in, *I), weight (C_in, C_out/g, *k).
         geom = make_geometry(ndim, input.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              out_spatial, weight.shape[spatial], input.shape[spatial], stride, padding, padding,

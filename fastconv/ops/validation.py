@@ -53,6 +53,12 @@ def allocation_errors(op: str):
                 return fn(*args, **kwargs)
             except MemoryError as e:
                 raise RuntimeError(f"{_name(op)}: out of memory: {e}") from e
+            except SystemError as e:
+                # a Numba kernel whose own allocation failed reports SystemError("... returned a result with
+                # an exception set") chained to the MemoryError
+                if isinstance(e.__context__, MemoryError):
+                    raise RuntimeError(f"{_name(op)}: out of memory: {e.__context__}") from e
+                raise
         return impl
     return wrap
 
@@ -199,13 +205,26 @@ def _spatial_rank(op: str, arg: str, values) -> int:
 
 
 def check_output_bytes(op: str, shape: Sequence[int], dtype: torch.dtype) -> None:
-    """Refuse an output no machine can allocate (and whose sizes may overflow int64 index arithmetic)."""
-    numel = math.prod(shape)
+    """Refuse an output no machine can allocate (and whose sizes may overflow int64 index arithmetic).
+
+    Zero sizes count as one: an empty batch does not make a 2**62-long spatial dim any more sensible, and torch
+    overflows on such sizes too."""
+    numel = math.prod(max(v, 1) for v in shape)
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype not in _ITEMSIZE else _ITEMSIZE[dtype]
     if numel * itemsize > MAX_OUTPUT_BYTES:
         raise RuntimeError(f"{_name(op)}: the output of size {list(shape)} would need {numel * itemsize} bytes, "
                            f"more than any machine can address ({MAX_OUTPUT_BYTES}); check the padding/size "
                            f"arguments")
+
+
+def check_padded_input(op: str, in_spatial, padding, padding_end, arg: str = "input") -> None:
+    """Refuse padding that makes one padded input plane larger than any machine can hold: kernels may build
+    the padded plane, and its sizes would overflow their int64 index arithmetic (torch refuses padding of
+    2**62 and more for the same reason)."""
+    numel = math.prod(max(i + pb + pe, 1) for i, pb, pe in zip(in_spatial, padding, padding_end))
+    if numel * 8 > MAX_OUTPUT_BYTES:
+        raise RuntimeError(f"{_name(op)}: padding={list(padding)} (and {list(padding_end)} after) makes a padded "
+                           f"{arg} plane of {numel} elements, more than any machine can address; check the padding")
 
 
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8,
@@ -223,6 +242,14 @@ def single_window_stride(stride, out, smallest) -> list:
     if 1 not in out:
         return stride
     return [min(s, m) if o == 1 else s for s, o, m in zip(stride, out, smallest)]
+
+
+def kernel_dilation(dilation, kernel) -> list:
+    """``dilation`` with 1 wherever the kernel has one tap: there it selects nothing (torch accepts any int64),
+    and a huge value would overflow the kernels' index arithmetic."""
+    if 1 not in kernel:
+        return dilation
+    return [1 if k == 1 else d for d, k in zip(dilation, kernel)]
 
 
 def conv_kernel_stride(stride, out, in_spatial, kernel, padding, padding_end, dilation) -> list:
@@ -337,6 +364,7 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
     if K < 1 or K % groups or xs[1] != ws[1] * groups or (bias is not None and bias.shape != (K,)):
         _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
     out = []
+    padded = 1
     for i in range(ndim):
         k, d = ws[2 + i], dilation[i]
         eff = d * (k - 1) + 1
@@ -344,6 +372,9 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
         if k < 1 or size < eff:
             _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
         out.append((size - eff) // stride[i] + 1)
+        padded *= size
+    if padded > MAX_OUTPUT_BYTES // 8:
+        check_padded_input(op, xs[2:], padding, padding_end)
     dev = input.get_device()
     if weight.get_device() != dev or (bias is not None and bias.get_device() != dev):
         check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
@@ -354,6 +385,8 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
         if bias is not None and bias.dtype != dt:
             raise RuntimeError(f"{_name(op)}: input has dtype {dt} but bias has dtype {bias.dtype}; "
                                f"they must be the same")
+        # an empty result still may not have sizes no sample of it could ever be allocated with
+        check_output_bytes(op, (1, K, *out), dt)
         if C == 0:
             return (N, 0, *out), torch.promote_types(dt, weight.dtype), out
         return (N, K, *out), dt, out
@@ -408,6 +441,7 @@ def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stri
         raise RuntimeError(f"{_name(op)}: grad_output has {gs[1]} channels but weight has {ws[0]} output "
                            f"channels (expected grad_output.shape[1] == weight.shape[0])")
     _conv_fits(op, input_size, ws[2:], dilation, padding, padding_end, arg="input_size")
+    check_padded_input(op, input_size, padding, padding_end, arg="input_size")
     expected = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
                 in zip(input_size, ws[2:], stride, padding, padding_end, dilation)]
     if list(gs[2:]) != expected:
@@ -449,6 +483,7 @@ def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, str
         raise RuntimeError(f"{_name(op)}: groups={groups} must divide in_channels, but input has {xs[1]} "
                            f"channels (input.shape[1] % groups == {xs[1] % groups})")
     _conv_fits(op, xs[2:], weight_size, dilation, padding, padding_end)
+    check_padded_input(op, xs[2:], padding, padding_end)
     expected = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
                 in zip(xs[2:], weight_size, stride, padding, padding_end, dilation)]
     if list(gs[2:]) != expected:
@@ -525,6 +560,7 @@ def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, 
     shape = (xs[0], out_channels, *out)
     if xs[0] == 0:
         _empty_dtype(op, input)
+        check_output_bytes(op, (1, *shape[1:]), input.dtype)
         return Result(shape, input.dtype, out)
     if 0 in xs[2:]:
         _zero_spatial(op, "input", xs)
@@ -573,6 +609,7 @@ def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, d
         raise RuntimeError(f"{_name(op)}: expected pointwise_bias of shape ({pw.shape[0]},) to match "
                            f"pointwise_weight.shape[0], got {list(pb.shape)}")
     _conv_fits(op, input.shape[2:], dw.shape[2:], dilation, padding, padding_end)
+    check_padded_input(op, input.shape[2:], padding, padding_end)
     out = [conv_output_size(i, k, s, b, e, d) for i, k, s, b, e, d
            in zip(input.shape[2:], dw.shape[2:], stride, padding, padding_end, dilation)]
     check_same(op, "input", input, dtype=False, depthwise_weight=dw, pointwise_weight=pw, depthwise_bias=db,
@@ -680,6 +717,10 @@ def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     empty = pool_input_op(op, input, ndim)
     pool_window_op(op, ndim, kernel_size, stride, padding)
+    if ndim == 3 and any(i < k for i, k in zip(input.shape[2:], kernel_size)):
+        # torch's avg_pool3d (only) compares the kernel with the unpadded input
+        raise RuntimeError(f"{_name(op)}: input image {tuple(input.shape[2:])} is smaller than kernel size "
+                           f"{tuple(kernel_size)} (3-D average pooling needs the kernel to fit the unpadded input)")
     out = [pool_output_size(i, k, s, p, 1, ceil_mode)
            for i, k, s, p in zip(input.shape[2:], kernel_size, stride, padding)]
     check_pool_output(op, input.shape[2:], out)
@@ -688,16 +729,20 @@ def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor
     return Result(shape, input.dtype if empty else None, out)
 
 
-def _grad_output(op: str, grad_output, ndim: int) -> None:
+def _grad_output(op: str, grad_output, ndim: int, *, allow_zero_channels: bool = True) -> None:
     check_type(op, "grad_output", grad_output)
     _rank(op, "grad_output", grad_output, ndim + 2, "(N, C, *output spatial)")
     check_dtype(op, "grad_output", grad_output)
+    if not allow_zero_channels and grad_output.shape[1] == 0:
+        # the forward refuses zero channels, and torch's backward ops do too
+        raise RuntimeError(f"{_name(op)}: expected grad_output with non-zero size in every dim but the batch dim, "
+                           f"got grad_output of size {list(grad_output.shape)}")
 
 
 def avg_pool_backward_op(op: str, grad_output, input_size, kernel_size, stride, padding, ceil_mode) -> Result:
     """``fastconv::avg_pool_backward``: grad_output (N, C, *O) -> (N, C, *input_size); O must be avg_pool's."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
-    _grad_output(op, grad_output, ndim)
+    _grad_output(op, grad_output, ndim, allow_zero_channels=False)
     op_ints(op, "input_size", input_size, ndim, 1)
     pool_window_op(op, ndim, kernel_size, stride, padding)
     expected = [pool_output_size(i, k, s, p, 1, ceil_mode)
@@ -728,7 +773,7 @@ def max_pool_backward_op(op: str, grad_output, indices, input_size) -> Result:
     into zeros (N, C, *input_size)."""
     check_type(op, "grad_output", grad_output)
     ndim = _spatial_rank(op, "input_size", input_size)
-    _grad_output(op, grad_output, ndim)
+    _grad_output(op, grad_output, ndim, allow_zero_channels=False)
     op_ints(op, "input_size", input_size, ndim, 1)
     _indices(op, indices, "grad_output", grad_output)
     shape = (*grad_output.shape[:2], *input_size)
