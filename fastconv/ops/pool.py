@@ -69,7 +69,7 @@ def _kernels(t: Tensor, op: str) -> PoolKernels:
     try:
         return KERNELS[target]
     except KeyError:
-        raise RuntimeError(f"{op}: no pooling kernels are registered for target {target!r} "
+        raise RuntimeError(f"fastconv.{op}: no pooling kernels are registered for target {target!r} "
                            f"(registered: {', '.join(sorted(KERNELS)) or 'none'})") from None
 
 

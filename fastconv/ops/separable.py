@@ -67,12 +67,12 @@ def choose_algo(algo: str, target: str) -> str:
     refining the rule (for example a minimum intermediate size per image).
     """
     if algo == "fused" and target != "numba":
-        raise ValueError(f"{OP}: algo='fused' runs on CPU tensors with the numba backend only, not on "
+        raise ValueError(f"fastconv.{OP}: algo='fused' runs on CPU tensors with the numba backend only, not on "
                          f"target {target!r}; use algo='unfused' or 'auto'")
     if algo == "auto":
         return "fused" if target == "numba" else "unfused"
     if algo not in ALGOS:
-        raise ValueError(f"{OP}: unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
+        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
     return algo
 
 

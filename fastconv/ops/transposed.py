@@ -118,7 +118,7 @@ def _register(ndim: int):
         if use_gemm:
             reason = patch_gemm_refusal(weight.shape[spatial], stride, padding, dilation, target)
             if reason is not None:
-                raise ValueError(f"{name}: algo='patch_gemm' cannot run this transposed convolution ({reason}). "
+                raise ValueError(f"fastconv.{name}: algo='patch_gemm' cannot run this transposed convolution ({reason}). "
                                  f"Use algo='auto', which picks a registry algorithm (see fastconv.algorithms())")
             from ..cpu import transposed_gemm
 
