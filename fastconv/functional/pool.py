@@ -76,7 +76,8 @@ def _make_extreme(ndim: int, minimum: bool):
         + (" (torch has no min pooling: this equals ``-max_pool(-x)``, values and indices)" if minimum else "")
         + f".\n\n    input (N, C, {spatial}) or unbatched -> (N, C, *out); with ``return_indices`` also the int64 "
         "flat index of each chosen element within its input plane (torch's indices, accepted by max_unpool)."
-        " NaN propagates: a window holding NaN yields NaN.\n")
+        " NaN propagates: a window holding NaN yields NaN. Integer inputs (uint8, int8-int64) work on the CPU, "
+        "forward only, as torch's max_pool (values keep the dtype; indices are int64).\n")
     return pool
 
 
