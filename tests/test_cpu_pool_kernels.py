@@ -278,8 +278,9 @@ def test_max_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="5-D"):
         pool.max_pool_forward(np.zeros((1, 1, 4, 4)), (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1),
                               (1, 2, 2), False)
-    with pytest.raises(TypeError, match="float32 or float64"):
-        pool.max_pool_forward(np.zeros((1, 1, 1, 4, 4), np.int32), (1, 2, 2), (1, 2, 2), (0, 0, 0),
+    # integer dtypes are max-pooled (as torch's max_pool); float16 is not
+    with pytest.raises(TypeError, match="float32, float64 or an integer dtype"):
+        pool.max_pool_forward(np.zeros((1, 1, 1, 4, 4), np.float16), (1, 2, 2), (1, 2, 2), (0, 0, 0),
                               (1, 1, 1), (1, 2, 2), False)
 
 

@@ -341,7 +341,7 @@ def Result(shape, empty_dtype=None, spatial=None) -> tuple:
     return shape, empty_dtype, spatial
 
 
-def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups) -> Result:
+def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups) -> tuple:
     """``fastconv::conv{d}d``: input (N, C, *S), weight (K, C/groups, *k), bias (K,) or None.
 
     Zero sizes, as ``aten.convolution``: N == 0 gives (0, K, *O) in the input's dtype; C == 0 gives
@@ -423,7 +423,7 @@ def _conv_op_error(op: str, ndim: int, input, weight, bias, stride, padding, pad
 
 
 def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stride, padding, padding_end,
-                       dilation, groups) -> Result:
+                       dilation, groups) -> tuple:
     """``fastconv::conv{d}d_grad_input``: grad_output (N, K, *O), weight (K, C/groups, *k) -> (N, C, *input_size).
 
     ``O`` must be what the convolution of an ``input_size`` input gives (torch's convolution_backward
@@ -463,7 +463,7 @@ def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stri
 
 
 def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, stride, padding, padding_end,
-                        dilation, groups) -> Result:
+                        dilation, groups) -> tuple:
     """``fastconv::conv{d}d_grad_weight``: grad_output (N, K, *O), input (N, C, *S) -> (K, C/groups, *weight_size).
 
     N == 0 gives zeros and C == 0 an empty weight gradient, without a kernel.
@@ -503,7 +503,7 @@ def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, str
 
 
 def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, output_padding, dilation,
-                      groups) -> Result:
+                      groups) -> tuple:
     """``fastconv::conv_transpose{d}d``: input (N, C_in, *I), weight (C_in, C_out/groups, *k), bias (C_out,).
 
     As ``aten.convolution(transposed=True)``: C_in >= 1, C_out/groups >= 1, output_padding smaller than
@@ -570,7 +570,7 @@ def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, 
     return Result(shape, None, out)
 
 
-def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, dilation) -> Result:
+def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, dilation) -> tuple:
     """``fastconv::depthwise_separable_conv2d``: input (N, C, H, W), dw (M, 1, kh, kw) with M = m*C,
     pw (K, M, 1, 1), db (M,), pb (K,). N == 0 gives (0, K, OH, OW) as the two torch convs would."""
     for arg, t in (("input", input), ("depthwise_weight", dw), ("pointwise_weight", pw)):
@@ -692,14 +692,15 @@ def check_pool_output(op: str, in_spatial, out) -> None:
                            f"output size {tuple(out)}; use a smaller kernel/stride or more padding")
 
 
-def max_pool_dtypes(target: str) -> Sequence[torch.dtype]:
-    """What ``max_pool`` accepts on ``target``: the float dtypes, plus integers on the CPU."""
-    if target in INTEGER_POOL_TARGETS:
+def max_pool_dtypes(target: Optional[str]) -> Sequence[torch.dtype]:
+    """What ``max_pool`` accepts on ``target``: the float dtypes, plus integers on the CPU. ``target=None``
+    (a fake tensor, a meta device: no kernel runs) accepts what any target does."""
+    if target is None or target in INTEGER_POOL_TARGETS:
         return SUPPORTED_DTYPES + INTEGER_POOL_DTYPES
     return SUPPORTED_DTYPES
 
 
-def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mode, target: str) -> Result:
+def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mode, target: Optional[str]) -> tuple:
     """``fastconv::max_pool``: (N, C, *S) with len(kernel_size) spatial dims -> (N, C, *O) values and indices."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     empty = pool_input_op(op, input, ndim, allowed=max_pool_dtypes(target))
@@ -712,7 +713,7 @@ def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mod
     return Result(shape, input.dtype if empty else None, out)
 
 
-def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor_override) -> Result:
+def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor_override) -> tuple:
     """``fastconv::avg_pool``: (N, C, *S) -> (N, C, *O); ``divisor_override`` 0 means none."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     empty = pool_input_op(op, input, ndim)
@@ -739,7 +740,7 @@ def _grad_output(op: str, grad_output, ndim: int, *, allow_zero_channels: bool =
                            f"got grad_output of size {list(grad_output.shape)}")
 
 
-def avg_pool_backward_op(op: str, grad_output, input_size, kernel_size, stride, padding, ceil_mode) -> Result:
+def avg_pool_backward_op(op: str, grad_output, input_size, kernel_size, stride, padding, ceil_mode) -> tuple:
     """``fastconv::avg_pool_backward``: grad_output (N, C, *O) -> (N, C, *input_size); O must be avg_pool's."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     _grad_output(op, grad_output, ndim, allow_zero_channels=False)
@@ -768,7 +769,7 @@ def _indices(op: str, indices, ref_name: str, ref: Tensor, *, full_shape: bool =
                            f"{list(ref.shape)} and indices {list(indices.shape)}")
 
 
-def max_pool_backward_op(op: str, grad_output, indices, input_size) -> Result:
+def max_pool_backward_op(op: str, grad_output, indices, input_size) -> tuple:
     """``fastconv::max_pool_backward``: scatter-add grad_output (N, C, *O) at int64 indices (N, C, *O)
     into zeros (N, C, *input_size)."""
     check_type(op, "grad_output", grad_output)
@@ -781,7 +782,7 @@ def max_pool_backward_op(op: str, grad_output, indices, input_size) -> Result:
     return Result(shape, grad_output.dtype if grad_output.numel() == 0 else None)
 
 
-def max_unpool_op(op: str, input, indices, output_size) -> Result:
+def max_unpool_op(op: str, input, indices, output_size) -> tuple:
     """``fastconv::max_unpool``: scatter input (N, C, *S) at indices (N, C, *S) into zeros (N, C, *output_size)."""
     check_type(op, "input", input)
     ndim = _spatial_rank(op, "output_size", output_size)
@@ -793,7 +794,7 @@ def max_unpool_op(op: str, input, indices, output_size) -> Result:
     return Result(shape, input.dtype if empty else None)
 
 
-def max_unpool_backward_op(op: str, grad_output, indices) -> Result:
+def max_unpool_backward_op(op: str, grad_output, indices) -> tuple:
     """``fastconv::max_unpool_backward``: gather grad_output (N, C, *O) at indices (N, C, *S) -> (N, C, *S)."""
     check_type(op, "grad_output", grad_output)
     check_type(op, "indices", indices)
@@ -813,7 +814,7 @@ def max_unpool_backward_op(op: str, grad_output, indices) -> Result:
     return Result(tuple(indices.shape), grad_output.dtype if indices.numel() == 0 else None)
 
 
-def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) -> Result:
+def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) -> tuple:
     """``fastconv::adaptive_{avg,max}_pool``: (N, C, *S) -> (N, C, *output_size), each output size >= 0."""
     ndim = _spatial_rank(op, "output_size", output_size)
     empty = pool_input_op(op, input, ndim, allow_zero_channels=allow_zero_channels)
@@ -823,7 +824,7 @@ def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) 
     return Result(shape, input.dtype if empty or 0 in output_size else None)
 
 
-def adaptive_avg_pool_backward_op(op: str, grad_output, input_size) -> Result:
+def adaptive_avg_pool_backward_op(op: str, grad_output, input_size) -> tuple:
     """``fastconv::adaptive_avg_pool_backward``: grad_output (N, C, *O) -> (N, C, *input_size)."""
     check_type(op, "grad_output", grad_output)
     ndim = _spatial_rank(op, "input_size", input_size)
