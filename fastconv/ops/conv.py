@@ -78,6 +78,12 @@ def _register(ndim: int):
         shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
                                                         padding_end, dilation, groups)
         if empty_dtype is not None:
+            if algo != "auto" and input.shape[1] > 0 and input.dtype == weight.dtype:
+                # no kernel runs, but an algorithm that cannot run this geometry is still refused by name
+                registry.choose(algo, make_geometry(ndim, 0, input.shape[1], shape[1], groups, input.shape[spatial],
+                                                    weight.shape[spatial], out_sp, stride, padding, padding_end,
+                                                    dilation, input.dtype, backends.target_for(input)),
+                                "forward", name)
             return input.new_zeros(shape, dtype=empty_dtype)
         xs, ks = input.shape, weight.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, xs[spatial], ks, padding, padding_end, dilation)
