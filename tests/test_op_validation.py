@@ -109,6 +109,10 @@ CASES = {
                                  r"but bias has dtype torch.float32"),
     "conv_padding_overflow": ("conv", lambda: aconv(padding=(2 ** 62, 0)), lambda: conv2d(padding=(2 ** 62, 0)),
                               r"makes a padded input plane of \d+ elements, more than any machine can address"),
+    # aten.convolution returns a result for a cpu input and a meta weight; fastconv's CPU kernel has no data to
+    # read there, so it refuses (before, it returned a CPU tensor computed from nothing).
+    "conv_device_mismatch": ("conv", None, lambda: conv2d(w=w4.to("meta")), r"input is on cpu but weight is on meta"),
+    "conv_bias_device_mismatch": ("conv", None, lambda: conv2d(b=b6.to("meta")), r"input is on cpu but bias is on meta"),
     # torch computes integer and half convolutions on the CPU; fastconv refuses them by name.
     "conv_integer": ("conv", None, lambda: conv2d(x4.long(), w4.long()), r"input has dtype torch.int64"),
     "conv_half": ("conv", None, lambda: conv2d(x4.half(), w4.half()), r"which fastconv does not support"),

@@ -375,8 +375,8 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
         padded *= size
     if padded > MAX_OUTPUT_BYTES // 8:
         check_padded_input(op, xs[2:], padding, padding_end)
-    dev = input.get_device()
-    if weight.get_device() != dev or (bias is not None and bias.get_device() != dev):
+    dev = input.device  # (get_device() is cheaper but cannot tell cpu from meta)
+    if weight.device != dev or (bias is not None and bias.device != dev):
         check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
     dt = input.dtype
     N, C = xs[0], xs[1]
