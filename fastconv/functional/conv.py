@@ -34,7 +34,7 @@ class ConvArgs:
         self.dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
         self.padding, self.padding_end = self._padding(padding)
         if not isinstance(algo, str) or algo not in registry.names():
-            raise ValueError(f"{op}: unknown algo {algo!r}; expected one of {', '.join(registry.names())}")
+            raise ValueError(f"fastconv.{op}: unknown algo {algo!r}; expected one of {', '.join(registry.names())}")
         self.algo = algo
 
     def _padding(self, padding) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -45,13 +45,13 @@ class ConvArgs:
                 return zero, zero
             if padding == "same":
                 if any(s != 1 for s in self.stride):
-                    raise RuntimeError(f"{op}: padding='same' is not supported for strided convolutions "
+                    raise RuntimeError(f"fastconv.{op}: padding='same' is not supported for strided convolutions "
                                        f"(got stride={self.stride}); use an explicit padding instead")
                 # torch: total = dilation*(k-1); the extra odd element goes after (at the end).
                 total = [d * (k - 1) for d, k in zip(self.dilation, self.weight.shape[2:])]
                 before = tuple(t // 2 for t in total)
                 return before, tuple(t - b for t, b in zip(total, before))
-            raise RuntimeError(f"{op}: invalid padding string {padding!r}; expected 'same', 'valid', "
+            raise RuntimeError(f"fastconv.{op}: invalid padding string {padding!r}; expected 'same', 'valid', "
                                f"an int or a tuple of {ndim} ints")
         pad = int_tuple(op, "padding", padding, ndim, minimum=0)
         return pad, pad

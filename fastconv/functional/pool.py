@@ -76,7 +76,8 @@ def _make_extreme(ndim: int, minimum: bool):
         + (" (torch has no min pooling: this equals ``-max_pool(-x)``, values and indices)" if minimum else "")
         + f".\n\n    input (N, C, {spatial}) or unbatched -> (N, C, *out); with ``return_indices`` also the int64 "
         "flat index of each chosen element within its input plane (torch's indices, accepted by max_unpool)."
-        " NaN propagates: a window holding NaN yields NaN.\n")
+        " NaN propagates: a window holding NaN yields NaN. Integer inputs (uint8, int8-int64) work on the CPU, "
+        "forward only, as torch's max_pool (values keep the dtype; indices are int64).\n")
     return pool
 
 
@@ -89,7 +90,7 @@ def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_in
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
     if divisor_override is not None:
         if isinstance(divisor_override, bool) or not isinstance(divisor_override, int) or divisor_override == 0:
-            raise RuntimeError(f"{op}: divisor must be not zero: got divisor_override={divisor_override!r} "
+            raise RuntimeError(f"fastconv.{op}: divisor must be not zero: got divisor_override={divisor_override!r} "
                                f"(use None for the default divisor)")
     out = [pool_ops.pool_output_size(i, k, s, p, 1, bool(ceil_mode))
            for i, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
@@ -127,14 +128,14 @@ def _adaptive_size(op: str, ndim: int, x: Tensor, output_size: OptSize) -> list[
     elif isinstance(output_size, (tuple, list, torch.Size)) and len(output_size) in (1, ndim):
         sizes = list(output_size) * (ndim if len(output_size) == 1 else 1)
     else:
-        raise RuntimeError(f"{op}: output_size must be an int or a tuple of {ndim} ints (None keeps that input "
+        raise RuntimeError(f"fastconv.{op}: output_size must be an int or a tuple of {ndim} ints (None keeps that input "
                            f"size), got {output_size!r}")
     out = []
     for s, i in zip(sizes, x.shape[2:]):
         if s is None:
             s = i
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise RuntimeError(f"{op}: elements of output_size must be non-negative ints or None, "
+            raise RuntimeError(f"fastconv.{op}: elements of output_size must be non-negative ints or None, "
                                f"got output_size={output_size!r}")
         out.append(s)
     return out
@@ -148,7 +149,8 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
         x, unbatched = input.unsqueeze(1), False
         empty = True
     else:
-        x, unbatched = _input(op, input, ndim, allow_zero_channels=kind == "avg")
+        # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
+        x, unbatched = _input(op, input, ndim, allow_zero_channels=kind == "avg" and ndim < 3)
         empty = False
     out = _adaptive_size(op, ndim, x, output_size)
     if empty:
@@ -202,11 +204,11 @@ def unpool_output_size(op: str, x: Tensor, kernel, stride, padding, output_size)
     if len(sizes) == ndim + 2:
         sizes = sizes[2:]
     if len(sizes) != ndim:
-        raise ValueError(f"{op}: output_size should have {ndim} or {ndim + 2} elements, got {len(sizes)} "
+        raise ValueError(f"fastconv.{op}: output_size should have {ndim} or {ndim + 2} elements, got {len(sizes)} "
                          f"({tuple(output_size)})")
     for d, (size, base, s) in enumerate(zip(sizes, default, stride)):
         if not base - s < size < base + s:
-            raise ValueError(f"{op}: invalid output_size {tuple(output_size)}: dim {d} must lie between "
+            raise ValueError(f"fastconv.{op}: invalid output_size {tuple(output_size)}: dim {d} must lie between "
                              f"{base - s + 1} and {base + s - 1} (from kernel_size, stride and padding), got {size}")
     return [int(s) for s in sizes]
 
@@ -241,7 +243,7 @@ def max_unpool3d(input: Tensor, indices: Tensor, kernel_size: IntOrSeq, stride: 
 
 def _lp_pool(op, ndim, input, norm_type, kernel_size, stride, ceil_mode):
     if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)) or norm_type == 0:
-        raise RuntimeError(f"{op}: norm_type must be a non-zero number, got {norm_type!r}")
+        raise RuntimeError(f"fastconv.{op}: norm_type must be a non-zero number, got {norm_type!r}")
     kernel = int_tuple(op, "kernel_size", kernel_size, ndim, minimum=1)
     # torch's definition: (sum over the window of x^p)^(1/p), via the average times the window size.
     powered = input.pow(norm_type)

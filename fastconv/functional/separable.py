@@ -38,7 +38,7 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
     check_type(OP, "depthwise_bias", depthwise_bias, optional=True)
     check_type(OP, "pointwise_bias", pointwise_bias, optional=True)
     if not isinstance(algo, str) or algo not in separable_ops.ALGOS:
-        raise ValueError(f"{OP}: unknown algo {algo!r}; expected one of {', '.join(separable_ops.ALGOS)}")
+        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of {', '.join(separable_ops.ALGOS)}")
     # The depthwise half's stride/padding/dilation normalisation is conv2d's; the shapes, dtypes and devices
     # of all five tensors are checked by the op (fastconv.ops.validation.separable_op).
     a = ConvArgs(OP, 2, input, depthwise_weight, depthwise_bias, stride, padding, dilation, 1, "auto")

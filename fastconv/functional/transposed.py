@@ -32,14 +32,14 @@ class ConvTransposeArgs:
         if isinstance(padding, str):
             # torch's conv_transpose*d accepts no padding strings either (TypeError there too): 'same'
             # has no single meaning when the output is larger than the input.
-            raise TypeError(f"{op}: padding must be an int or a tuple of {ndim} ints, got the string {padding!r}; "
+            raise TypeError(f"fastconv.{op}: padding must be an int or a tuple of {ndim} ints, got the string {padding!r}; "
                             f"transposed convolutions do not accept 'same' or 'valid' (use output_padding or "
                             f"the module's output_size to fix the output size)")
         self.padding = int_tuple(op, "padding", padding, ndim, minimum=0)
         self.output_padding = int_tuple(op, "output_padding", output_padding, ndim, minimum=0)
         self.dilation = int_tuple(op, "dilation", dilation, ndim, minimum=1)
         if not isinstance(algo, str) or algo not in transposed_ops.algo_names():
-            raise ValueError(f"{op}: unknown algo {algo!r}; expected one of "
+            raise ValueError(f"fastconv.{op}: unknown algo {algo!r}; expected one of "
                              f"{', '.join(transposed_ops.algo_names())}")
         self.algo = algo
 

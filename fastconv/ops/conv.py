@@ -78,9 +78,17 @@ def _register(ndim: int):
         shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
                                                         padding_end, dilation, groups)
         if empty_dtype is not None:
+            if algo != "auto" and input.shape[1] > 0 and input.dtype == weight.dtype:
+                # no kernel runs, but an algorithm that cannot run this geometry is still refused by name
+                registry.choose(algo, make_geometry(ndim, 0, input.shape[1], shape[1], groups, input.shape[spatial],
+                                                    weight.shape[spatial], out_sp, stride, padding, padding_end,
+                                                    dilation, input.dtype, backends.target_for(input)),
+                                "forward", name)
             return input.new_zeros(shape, dtype=empty_dtype)
-        xs = input.shape
-        geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], weight.shape[spatial], out_sp,
+        xs, ks = input.shape, weight.shape[spatial]
+        stride = validation.conv_kernel_stride(stride, out_sp, xs[spatial], ks, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, ks)
+        geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], ks, out_sp,
                              stride, padding, padding_end, dilation, input.dtype, backends.target_for(input))
         alg = registry.choose(algo, geom, "forward", name)
         out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
@@ -102,9 +110,12 @@ def _register(ndim: int):
                                                               groups)
         if empty_dtype is not None:
             return grad_output.new_zeros(shape, dtype=empty_dtype)
+        ks, out_sp = weight.shape[spatial], grad_output.shape[spatial]
+        stride = validation.conv_kernel_stride(stride, out_sp, input_size, ks, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, ks)
         geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
-                             input_size, weight.shape[spatial], grad_output.shape[spatial], stride, padding,
-                             padding_end, dilation, grad_output.dtype, backends.target_for(grad_output))
+                             input_size, ks, out_sp, stride, padding, padding_end, dilation, grad_output.dtype,
+                             backends.target_for(grad_output))
         alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
         out = alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom)
         return fresh(out, (geom.batch, geom.in_channels) + tuple(input_size))
@@ -125,9 +136,12 @@ def _register(ndim: int):
                                                                groups)
         if empty_dtype is not None:
             return input.new_zeros(shape, dtype=empty_dtype)
+        in_sp, out_sp = input.shape[spatial], grad_output.shape[spatial]
+        stride = validation.conv_kernel_stride(stride, out_sp, in_sp, weight_size, padding, padding_end, dilation)
+        dilation = validation.kernel_dilation(dilation, weight_size)
         geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
-                             input.shape[spatial], weight_size, grad_output.shape[spatial], stride, padding,
-                             padding_end, dilation, input.dtype, backends.target_for(input))
+                             in_sp, weight_size, out_sp, stride, padding, padding_end, dilation, input.dtype,
+                             backends.target_for(input))
         alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
         out = alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom)
         return fresh(out, (geom.out_channels, geom.in_channels // groups) + tuple(weight_size))

@@ -69,7 +69,7 @@ def _kernels(t: Tensor, op: str) -> PoolKernels:
     try:
         return KERNELS[target]
     except KeyError:
-        raise RuntimeError(f"{op}: no pooling kernels are registered for target {target!r} "
+        raise RuntimeError(f"fastconv.{op}: no pooling kernels are registered for target {target!r} "
                            f"(registered: {', '.join(sorted(KERNELS)) or 'none'})") from None
 
 
@@ -107,6 +107,8 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     if empty_dtype is not None:
         return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
     out = out_sp
+    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
+    dilation = validation.kernel_dilation(dilation, kernel_size)
     y, idx = _kernels(input, "max_pool").max_pool(
         _as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1), minimum)
     return _unflatten(y, input.shape[:2], out), _unflatten(idx, input.shape[:2], out)
@@ -115,7 +117,7 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
 @max_pool.register_fake
 def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
     shape = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation, ceil_mode,
-                                   backends.target_for(input))[0]
+                                   None)[0]
     return input.new_empty(shape), input.new_empty(shape, dtype=torch.int64)
 
 
@@ -249,6 +251,7 @@ def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     if empty_dtype is not None:
         return input.new_zeros(shape)
     out = out_sp
+    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
     y = _kernels(input, "avg_pool").avg_pool(_as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0),
                                              _t3(out, 1), ceil_mode, count_include_pad, divisor_override)
     return _unflatten(y, input.shape[:2], out)
@@ -270,6 +273,7 @@ def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: l
                                                             kernel_size, stride, padding, ceil_mode)
     if empty_dtype is not None:
         return grad_output.new_zeros(shape)
+    stride = validation.pool_kernel_stride(stride, grad_output.shape[2:], input_size, padding)
     g = _kernels(grad_output, "avg_pool_backward").avg_pool_backward(
         _as_5d(grad_output), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
         ceil_mode, count_include_pad, divisor_override)
@@ -308,8 +312,9 @@ avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setu
 @validation.allocation_errors("adaptive_avg_pool")
 def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
     """Adaptive average pooling (N, C, *S) -> (N, C, *output_size); C == 0 gives an empty result, as torch."""
+    # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
     shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
-                                                        allow_zero_channels=True)
+                                                        allow_zero_channels=len(output_size) < 3)
     if empty_dtype is not None:
         return input.new_zeros(shape)
     y = _kernels(input, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), _t3(output_size, 1))
@@ -319,7 +324,7 @@ def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
 @adaptive_avg_pool.register_fake
 def _(input, output_size):
     return input.new_empty(validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
-                                                       allow_zero_channels=True)[0])
+                                                       allow_zero_channels=len(output_size) < 3)[0])
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))

@@ -67,12 +67,12 @@ def choose_algo(algo: str, target: str) -> str:
     refining the rule (for example a minimum intermediate size per image).
     """
     if algo == "fused" and target != "numba":
-        raise ValueError(f"{OP}: algo='fused' runs on CPU tensors with the numba backend only, not on "
+        raise ValueError(f"fastconv.{OP}: algo='fused' runs on CPU tensors with the numba backend only, not on "
                          f"target {target!r}; use algo='unfused' or 'auto'")
     if algo == "auto":
         return "fused" if target == "numba" else "unfused"
     if algo not in ALGOS:
-        raise ValueError(f"{OP}: unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
+        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
     return algo
 
 
@@ -89,6 +89,9 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
         return input.new_zeros(shape, dtype=empty_dtype)
     target = backends.target_for(input)
     out_hw = out_sp
+    stride = validation.conv_kernel_stride(stride, out_hw, input.shape[2:], depthwise_weight.shape[2:], padding,
+                                           padding_end, dilation)
+    dilation = validation.kernel_dilation(dilation, depthwise_weight.shape[2:])
     chosen = choose_algo(algo, target)
     C = input.shape[1]
     if chosen == "fused":

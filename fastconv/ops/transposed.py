@@ -104,6 +104,10 @@ def _register(ndim: int):
             return input.new_zeros(shape, dtype=empty_dtype)
         out_spatial = out_sp
         target = backends.target_for(input)
+        # One input position: the stride selects nothing (torch accepts any int64; kernels loop over phases).
+        stride = validation.single_window_stride(stride, input.shape[spatial],
+                                                 [max(o + 1, k) for o, k in zip(output_padding, weight.shape[spatial])])
+        dilation = validation.kernel_dilation(dilation, weight.shape[spatial])
         # The adjoint convolution: input (N, C_out, *O) -> output (N, C_in, *I), weight (C_in, C_out/g, *k).
         geom = make_geometry(ndim, input.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              out_spatial, weight.shape[spatial], input.shape[spatial], stride, padding, padding,
@@ -114,7 +118,7 @@ def _register(ndim: int):
         if use_gemm:
             reason = patch_gemm_refusal(weight.shape[spatial], stride, padding, dilation, target)
             if reason is not None:
-                raise ValueError(f"{name}: algo='patch_gemm' cannot run this transposed convolution ({reason}). "
+                raise ValueError(f"fastconv.{name}: algo='patch_gemm' cannot run this transposed convolution ({reason}). "
                                  f"Use algo='auto', which picks a registry algorithm (see fastconv.algorithms())")
             from ..cpu import transposed_gemm
 

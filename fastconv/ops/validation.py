@@ -37,6 +37,8 @@ INTEGER_POOL_TARGETS = ("numba",)
 #: No 64-bit machine maps more than 2**48 bytes of user address space: an output larger than that can never
 #: be allocated, and its sizes may already overflow the kernels' int64 index arithmetic.
 MAX_OUTPUT_BYTES = 2 ** 48
+#: torch's pooling ops take their window arguments as C ``int``.
+INT32_MAX = 2 ** 31 - 1
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -51,6 +53,12 @@ def allocation_errors(op: str):
                 return fn(*args, **kwargs)
             except MemoryError as e:
                 raise RuntimeError(f"{_name(op)}: out of memory: {e}") from e
+            except SystemError as e:
+                # a Numba kernel whose own allocation failed reports SystemError("... returned a result with
+                # an exception set") chained to the MemoryError
+                if isinstance(e.__context__, MemoryError):
+                    raise RuntimeError(f"{_name(op)}: out of memory: {e.__context__}") from e
+                raise
         return impl
     return wrap
 
@@ -197,8 +205,11 @@ def _spatial_rank(op: str, arg: str, values) -> int:
 
 
 def check_output_bytes(op: str, shape: Sequence[int], dtype: torch.dtype) -> None:
-    """Refuse an output no machine can allocate (and whose sizes may overflow int64 index arithmetic)."""
-    numel = math.prod(shape)
+    """Refuse an output no machine can allocate (and whose sizes may overflow int64 index arithmetic).
+
+    Zero sizes count as one: an empty batch does not make a 2**62-long spatial dim any more sensible, and torch
+    overflows on such sizes too."""
+    numel = math.prod(max(v, 1) for v in shape)
     itemsize = torch.empty((), dtype=dtype).element_size() if dtype not in _ITEMSIZE else _ITEMSIZE[dtype]
     if numel * itemsize > MAX_OUTPUT_BYTES:
         raise RuntimeError(f"{_name(op)}: the output of size {list(shape)} would need {numel * itemsize} bytes, "
@@ -206,8 +217,56 @@ def check_output_bytes(op: str, shape: Sequence[int], dtype: torch.dtype) -> Non
                            f"arguments")
 
 
+def check_padded_input(op: str, in_spatial, padding, padding_end, arg: str = "input") -> None:
+    """Refuse padding that makes one padded input plane larger than any machine can hold: kernels may build
+    the padded plane, and its sizes would overflow their int64 index arithmetic (torch refuses padding of
+    2**62 and more for the same reason)."""
+    numel = math.prod(max(i + pb + pe, 1) for i, pb, pe in zip(in_spatial, padding, padding_end))
+    if numel * 8 > MAX_OUTPUT_BYTES:
+        raise RuntimeError(f"{_name(op)}: padding={list(padding)} (and {list(padding_end)} after) makes a padded "
+                           f"{arg} plane of {numel} elements, more than any machine can address; check the padding")
+
+
 _ITEMSIZE = {torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2, torch.int64: 8,
              torch.int32: 4, torch.int16: 2, torch.int8: 1, torch.uint8: 1}
+
+
+# ------------------------------------------------------------------------------------------------
+# strides the kernels can take
+# ------------------------------------------------------------------------------------------------
+def single_window_stride(stride, out, smallest) -> list:
+    """``stride`` with every dim that has one output position (or one transposed-conv input position) set to
+    ``smallest[i]`` when larger: there the stride selects nothing, and the smallest stride that still gives
+    the same size keeps the geometry consistent. torch accepts any int64 stride; some kernels loop over the
+    stride phases, so a stride of 2**62 would otherwise run for ever."""
+    if 1 not in out:
+        return stride
+    return [min(s, m) if o == 1 else s for s, o, m in zip(stride, out, smallest)]
+
+
+def kernel_dilation(dilation, kernel) -> list:
+    """``dilation`` with 1 wherever the kernel has one tap: there it selects nothing (torch accepts any int64),
+    and a huge value would overflow the kernels' index arithmetic."""
+    if 1 not in kernel:
+        return dilation
+    return [1 if k == 1 else d for d, k in zip(dilation, kernel)]
+
+
+def conv_kernel_stride(stride, out, in_spatial, kernel, padding, padding_end, dilation) -> list:
+    """:func:`single_window_stride` for a convolution: one output position needs stride > padded - effective."""
+    if 1 not in out:
+        return stride
+    smallest = [max(1, i + pb + pe - d * (k - 1)) for i, k, pb, pe, d
+                in zip(in_spatial, kernel, padding, padding_end, dilation)]
+    return single_window_stride(stride, out, smallest)
+
+
+def pool_kernel_stride(stride, out, in_spatial, padding) -> list:
+    """:func:`single_window_stride` for pooling: stride ``in + 2*padding`` gives one window with or without
+    ceil_mode (the ceil rule drops a second window that would start at or past ``in + padding``)."""
+    if 1 not in out:
+        return stride
+    return single_window_stride(stride, out, [max(1, i + 2 * p) for i, p in zip(in_spatial, padding)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +341,7 @@ def Result(shape, empty_dtype=None, spatial=None) -> tuple:
     return shape, empty_dtype, spatial
 
 
-def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups) -> Result:
+def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_end, dilation, groups) -> tuple:
     """``fastconv::conv{d}d``: input (N, C, *S), weight (K, C/groups, *k), bias (K,) or None.
 
     Zero sizes, as ``aten.convolution``: N == 0 gives (0, K, *O) in the input's dtype; C == 0 gives
@@ -305,6 +364,7 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
     if K < 1 or K % groups or xs[1] != ws[1] * groups or (bias is not None and bias.shape != (K,)):
         _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
     out = []
+    padded = 1
     for i in range(ndim):
         k, d = ws[2 + i], dilation[i]
         eff = d * (k - 1) + 1
@@ -312,8 +372,11 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
         if k < 1 or size < eff:
             _conv_op_error(op, ndim, input, weight, bias, stride, padding, padding_end, dilation, groups)
         out.append((size - eff) // stride[i] + 1)
-    dev = input.get_device()
-    if weight.get_device() != dev or (bias is not None and bias.get_device() != dev):
+        padded *= size
+    if padded > MAX_OUTPUT_BYTES // 8:
+        check_padded_input(op, xs[2:], padding, padding_end)
+    dev = input.device  # (get_device() is cheaper but cannot tell cpu from meta)
+    if weight.device != dev or (bias is not None and bias.device != dev):
         check_same(op, "input", input, dtype=False, weight=weight, bias=bias)
     dt = input.dtype
     N, C = xs[0], xs[1]
@@ -322,6 +385,8 @@ def conv_op(op: str, ndim: int, input, weight, bias, stride, padding, padding_en
         if bias is not None and bias.dtype != dt:
             raise RuntimeError(f"{_name(op)}: input has dtype {dt} but bias has dtype {bias.dtype}; "
                                f"they must be the same")
+        # an empty result still may not have sizes no sample of it could ever be allocated with
+        check_output_bytes(op, (1, K, *out), dt)
         if C == 0:
             return (N, 0, *out), torch.promote_types(dt, weight.dtype), out
         return (N, K, *out), dt, out
@@ -358,7 +423,7 @@ def _conv_op_error(op: str, ndim: int, input, weight, bias, stride, padding, pad
 
 
 def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stride, padding, padding_end,
-                       dilation, groups) -> Result:
+                       dilation, groups) -> tuple:
     """``fastconv::conv{d}d_grad_input``: grad_output (N, K, *O), weight (K, C/groups, *k) -> (N, C, *input_size).
 
     ``O`` must be what the convolution of an ``input_size`` input gives (torch's convolution_backward
@@ -376,6 +441,7 @@ def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stri
         raise RuntimeError(f"{_name(op)}: grad_output has {gs[1]} channels but weight has {ws[0]} output "
                            f"channels (expected grad_output.shape[1] == weight.shape[0])")
     _conv_fits(op, input_size, ws[2:], dilation, padding, padding_end, arg="input_size")
+    check_padded_input(op, input_size, padding, padding_end, arg="input_size")
     expected = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
                 in zip(input_size, ws[2:], stride, padding, padding_end, dilation)]
     if list(gs[2:]) != expected:
@@ -397,7 +463,7 @@ def conv_grad_input_op(op: str, ndim: int, grad_output, weight, input_size, stri
 
 
 def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, stride, padding, padding_end,
-                        dilation, groups) -> Result:
+                        dilation, groups) -> tuple:
     """``fastconv::conv{d}d_grad_weight``: grad_output (N, K, *O), input (N, C, *S) -> (K, C/groups, *weight_size).
 
     N == 0 gives zeros and C == 0 an empty weight gradient, without a kernel.
@@ -417,6 +483,7 @@ def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, str
         raise RuntimeError(f"{_name(op)}: groups={groups} must divide in_channels, but input has {xs[1]} "
                            f"channels (input.shape[1] % groups == {xs[1] % groups})")
     _conv_fits(op, xs[2:], weight_size, dilation, padding, padding_end)
+    check_padded_input(op, xs[2:], padding, padding_end)
     expected = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
                 in zip(xs[2:], weight_size, stride, padding, padding_end, dilation)]
     if list(gs[2:]) != expected:
@@ -436,7 +503,7 @@ def conv_grad_weight_op(op: str, ndim: int, grad_output, input, weight_size, str
 
 
 def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, output_padding, dilation,
-                      groups) -> Result:
+                      groups) -> tuple:
     """``fastconv::conv_transpose{d}d``: input (N, C_in, *I), weight (C_in, C_out/groups, *k), bias (C_out,).
 
     As ``aten.convolution(transposed=True)``: C_in >= 1, C_out/groups >= 1, output_padding smaller than
@@ -493,6 +560,7 @@ def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, 
     shape = (xs[0], out_channels, *out)
     if xs[0] == 0:
         _empty_dtype(op, input)
+        check_output_bytes(op, (1, *shape[1:]), input.dtype)
         return Result(shape, input.dtype, out)
     if 0 in xs[2:]:
         _zero_spatial(op, "input", xs)
@@ -502,7 +570,7 @@ def conv_transpose_op(op: str, ndim: int, input, weight, bias, stride, padding, 
     return Result(shape, None, out)
 
 
-def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, dilation) -> Result:
+def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, dilation) -> tuple:
     """``fastconv::depthwise_separable_conv2d``: input (N, C, H, W), dw (M, 1, kh, kw) with M = m*C,
     pw (K, M, 1, 1), db (M,), pb (K,). N == 0 gives (0, K, OH, OW) as the two torch convs would."""
     for arg, t in (("input", input), ("depthwise_weight", dw), ("pointwise_weight", pw)):
@@ -541,6 +609,7 @@ def separable_op(op: str, input, dw, pw, db, pb, stride, padding, padding_end, d
         raise RuntimeError(f"{_name(op)}: expected pointwise_bias of shape ({pw.shape[0]},) to match "
                            f"pointwise_weight.shape[0], got {list(pb.shape)}")
     _conv_fits(op, input.shape[2:], dw.shape[2:], dilation, padding, padding_end)
+    check_padded_input(op, input.shape[2:], padding, padding_end)
     out = [conv_output_size(i, k, s, b, e, d) for i, k, s, b, e, d
            in zip(input.shape[2:], dw.shape[2:], stride, padding, padding_end, dilation)]
     check_same(op, "input", input, dtype=False, depthwise_weight=dw, pointwise_weight=pw, depthwise_bias=db,
@@ -601,6 +670,12 @@ def pool_window_op(op: str, ndim: int, kernel_size, stride, padding, dilation=No
     op_ints(op, "padding", padding, ndim, 0)
     if dilation is not None:
         op_ints(op, "dilation", dilation, ndim, 1)
+    for arg, values in (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation or ())):
+        # torch's pooling takes these as C int: larger values are refused there too (and would make the
+        # kernels' per-stride scratch buffers impossible to allocate)
+        if max(values, default=0) > INT32_MAX:
+            raise RuntimeError(f"{_name(op)}: {arg}={list(values)} cannot be converted to a 32-bit int without "
+                               f"overflow (each value must be at most {INT32_MAX})")
     check_pool_padding(op, padding, kernel_size)
 
 
@@ -617,14 +692,15 @@ def check_pool_output(op: str, in_spatial, out) -> None:
                            f"output size {tuple(out)}; use a smaller kernel/stride or more padding")
 
 
-def max_pool_dtypes(target: str) -> Sequence[torch.dtype]:
-    """What ``max_pool`` accepts on ``target``: the float dtypes, plus integers on the CPU."""
-    if target in INTEGER_POOL_TARGETS:
+def max_pool_dtypes(target: Optional[str]) -> Sequence[torch.dtype]:
+    """What ``max_pool`` accepts on ``target``: the float dtypes, plus integers on the CPU. ``target=None``
+    (a fake tensor, a meta device: no kernel runs) accepts what any target does."""
+    if target is None or target in INTEGER_POOL_TARGETS:
         return SUPPORTED_DTYPES + INTEGER_POOL_DTYPES
     return SUPPORTED_DTYPES
 
 
-def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mode, target: str) -> Result:
+def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mode, target: Optional[str]) -> tuple:
     """``fastconv::max_pool``: (N, C, *S) with len(kernel_size) spatial dims -> (N, C, *O) values and indices."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     empty = pool_input_op(op, input, ndim, allowed=max_pool_dtypes(target))
@@ -637,11 +713,15 @@ def max_pool_op(op: str, input, kernel_size, stride, padding, dilation, ceil_mod
     return Result(shape, input.dtype if empty else None, out)
 
 
-def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor_override) -> Result:
+def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor_override) -> tuple:
     """``fastconv::avg_pool``: (N, C, *S) -> (N, C, *O); ``divisor_override`` 0 means none."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
     empty = pool_input_op(op, input, ndim)
     pool_window_op(op, ndim, kernel_size, stride, padding)
+    if ndim == 3 and any(i < k for i, k in zip(input.shape[2:], kernel_size)):
+        # torch's avg_pool3d (only) compares the kernel with the unpadded input
+        raise RuntimeError(f"{_name(op)}: input image {tuple(input.shape[2:])} is smaller than kernel size "
+                           f"{tuple(kernel_size)} (3-D average pooling needs the kernel to fit the unpadded input)")
     out = [pool_output_size(i, k, s, p, 1, ceil_mode)
            for i, k, s, p in zip(input.shape[2:], kernel_size, stride, padding)]
     check_pool_output(op, input.shape[2:], out)
@@ -650,16 +730,20 @@ def avg_pool_op(op: str, input, kernel_size, stride, padding, ceil_mode, divisor
     return Result(shape, input.dtype if empty else None, out)
 
 
-def _grad_output(op: str, grad_output, ndim: int) -> None:
+def _grad_output(op: str, grad_output, ndim: int, *, allow_zero_channels: bool = True) -> None:
     check_type(op, "grad_output", grad_output)
     _rank(op, "grad_output", grad_output, ndim + 2, "(N, C, *output spatial)")
     check_dtype(op, "grad_output", grad_output)
+    if not allow_zero_channels and grad_output.shape[1] == 0:
+        # the forward refuses zero channels, and torch's backward ops do too
+        raise RuntimeError(f"{_name(op)}: expected grad_output with non-zero size in every dim but the batch dim, "
+                           f"got grad_output of size {list(grad_output.shape)}")
 
 
-def avg_pool_backward_op(op: str, grad_output, input_size, kernel_size, stride, padding, ceil_mode) -> Result:
+def avg_pool_backward_op(op: str, grad_output, input_size, kernel_size, stride, padding, ceil_mode) -> tuple:
     """``fastconv::avg_pool_backward``: grad_output (N, C, *O) -> (N, C, *input_size); O must be avg_pool's."""
     ndim = _spatial_rank(op, "kernel_size", kernel_size)
-    _grad_output(op, grad_output, ndim)
+    _grad_output(op, grad_output, ndim, allow_zero_channels=False)
     op_ints(op, "input_size", input_size, ndim, 1)
     pool_window_op(op, ndim, kernel_size, stride, padding)
     expected = [pool_output_size(i, k, s, p, 1, ceil_mode)
@@ -685,12 +769,12 @@ def _indices(op: str, indices, ref_name: str, ref: Tensor, *, full_shape: bool =
                            f"{list(ref.shape)} and indices {list(indices.shape)}")
 
 
-def max_pool_backward_op(op: str, grad_output, indices, input_size) -> Result:
+def max_pool_backward_op(op: str, grad_output, indices, input_size) -> tuple:
     """``fastconv::max_pool_backward``: scatter-add grad_output (N, C, *O) at int64 indices (N, C, *O)
     into zeros (N, C, *input_size)."""
     check_type(op, "grad_output", grad_output)
     ndim = _spatial_rank(op, "input_size", input_size)
-    _grad_output(op, grad_output, ndim)
+    _grad_output(op, grad_output, ndim, allow_zero_channels=False)
     op_ints(op, "input_size", input_size, ndim, 1)
     _indices(op, indices, "grad_output", grad_output)
     shape = (*grad_output.shape[:2], *input_size)
@@ -698,7 +782,7 @@ def max_pool_backward_op(op: str, grad_output, indices, input_size) -> Result:
     return Result(shape, grad_output.dtype if grad_output.numel() == 0 else None)
 
 
-def max_unpool_op(op: str, input, indices, output_size) -> Result:
+def max_unpool_op(op: str, input, indices, output_size) -> tuple:
     """``fastconv::max_unpool``: scatter input (N, C, *S) at indices (N, C, *S) into zeros (N, C, *output_size)."""
     check_type(op, "input", input)
     ndim = _spatial_rank(op, "output_size", output_size)
@@ -710,7 +794,7 @@ def max_unpool_op(op: str, input, indices, output_size) -> Result:
     return Result(shape, input.dtype if empty else None)
 
 
-def max_unpool_backward_op(op: str, grad_output, indices) -> Result:
+def max_unpool_backward_op(op: str, grad_output, indices) -> tuple:
     """``fastconv::max_unpool_backward``: gather grad_output (N, C, *O) at indices (N, C, *S) -> (N, C, *S)."""
     check_type(op, "grad_output", grad_output)
     check_type(op, "indices", indices)
@@ -730,7 +814,7 @@ def max_unpool_backward_op(op: str, grad_output, indices) -> Result:
     return Result(tuple(indices.shape), grad_output.dtype if indices.numel() == 0 else None)
 
 
-def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) -> Result:
+def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) -> tuple:
     """``fastconv::adaptive_{avg,max}_pool``: (N, C, *S) -> (N, C, *output_size), each output size >= 0."""
     ndim = _spatial_rank(op, "output_size", output_size)
     empty = pool_input_op(op, input, ndim, allow_zero_channels=allow_zero_channels)
@@ -740,12 +824,16 @@ def adaptive_pool_op(op: str, input, output_size, *, allow_zero_channels: bool) 
     return Result(shape, input.dtype if empty or 0 in output_size else None)
 
 
-def adaptive_avg_pool_backward_op(op: str, grad_output, input_size) -> Result:
+def adaptive_avg_pool_backward_op(op: str, grad_output, input_size) -> tuple:
     """``fastconv::adaptive_avg_pool_backward``: grad_output (N, C, *O) -> (N, C, *input_size)."""
     check_type(op, "grad_output", grad_output)
     ndim = _spatial_rank(op, "input_size", input_size)
     _grad_output(op, grad_output, ndim)
     op_ints(op, "input_size", input_size, ndim, 1)
+    if 0 in grad_output.shape[1:]:
+        # torch's adaptive_avg_pool backward refuses these too (so a zero-channel forward has no gradient)
+        raise RuntimeError(f"{_name(op)}: expected grad_output to have non-zero size for non-batch dimensions, "
+                           f"got grad_output of size {list(grad_output.shape)}")
     shape = (*grad_output.shape[:2], *input_size)
     check_output_bytes(op, shape, grad_output.dtype)
     return Result(shape, grad_output.dtype if grad_output.numel() == 0 else None)
