@@ -306,26 +306,16 @@ def plot_models(result: dict, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from .bench_report import ratio_bars
+
     rows = [r for r in result["rows"] if r.get("ratio")]
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
     modes = list(dict.fromkeys(r["mode"] for r in result["rows"]))
     fig = Figure(figsize=(max(6.0, 0.8 * len(models) + 2), 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    width = 0.8 / max(1, len(modes))
-    for i, mode in enumerate(modes):
-        xs, ys = [], []
-        for j, m in enumerate(models):
-            r = next((r for r in rows if r["model"] == m and r["mode"] == mode), None)
-            if r:
-                xs.append(j + (i - (len(modes) - 1) / 2) * width)
-                ys.append(r["ratio"])
-        ax.bar(xs, ys, width, label=mode)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("fastconv time / torch time")
-    ax.set_xticks(range(len(models)))
-    ax.set_xticklabels(models, rotation=30, ha="right", fontsize=8)
+    ratios = {(r["model"], r["mode"]): r["ratio"] for r in rows}
+    ratio_bars(ax, models, modes, ratios, "fastconv time / torch time")
     ax.legend(fontsize=8)
     ax.set_title("whole models (below 1: fastconv faster)", fontsize=10)
     fig.savefig(path, dpi=110)

@@ -111,6 +111,23 @@ def format_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def ratio_bars(ax, categories: list, series: list, ratios: dict, ylabel: str) -> None:
+    """Grouped bars of ``ratios[(category, series)]`` on a log axis with the line at 1 (parity with torch)."""
+    width = 0.8 / max(1, len(series))
+    for i, name in enumerate(series):
+        xs, ys = [], []
+        for j, category in enumerate(categories):
+            if (category, name) in ratios:
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(ratios[(category, name)])
+        ax.bar(xs, ys, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(range(len(categories)))
+    ax.set_xticklabels(categories, rotation=30, ha="right", fontsize=8)
+
+
 def plot(result: dict, path: Path) -> Path:
     """Bar chart of the ratio to torch, one panel per pass, bars per algorithm across layers (log scale)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -123,22 +140,10 @@ def plot(result: dict, path: Path) -> Path:
     fig = Figure(figsize=(max(6.0, 0.9 * len(layers) + 2), 3.2 * max(1, len(passes))), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(1, len(passes)), 1, squeeze=False)[:, 0]
-    width = 0.8 / max(1, len(algos))
     for ax, p in zip(axes, passes):
-        for i, a in enumerate(algos):
-            xs, ys = [], []
-            for j, l in enumerate(layers):
-                r = next((r for r in rows if r["layer"] == l and r["pass"] == p and r["algo"] == a), None)
-                if r:
-                    xs.append(j + (i - (len(algos) - 1) / 2) * width)
-                    ys.append(r["ratio"])
-            ax.bar(xs, ys, width, label=a)
-        ax.axhline(1.0, color="black", linewidth=0.8)
-        ax.set_yscale("log")
-        ax.set_ylabel("time / torch")
+        ratios = {(r["layer"], r["algo"]): r["ratio"] for r in rows if r["pass"] == p}
+        ratio_bars(ax, layers, algos, ratios, "time / torch")
         ax.set_title(f"{p} (below 1: faster than torch)", fontsize=10)
-        ax.set_xticks(range(len(layers)))
-        ax.set_xticklabels(layers, rotation=30, ha="right", fontsize=8)
     if algos:
         axes[0].legend(fontsize=8, ncols=min(len(algos), 6))
     fig.suptitle(f"fastconv vs torch, {result['environment']['gemm_dtype']}, "

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 COMPARISONS = ("inception-bottleneck", "depthwise-separable")
 FORMATS = ("table", "json", "csv")
@@ -110,22 +108,6 @@ def count_model(name: str, shape=None, backward: bool = False):
         raise _shape_error(name, shape, exc) from exc
 
 
-def median_forward_seconds(module, x, repeats: int) -> float:
-    """Median wall time of ``module(x)`` without autograd, after two warm-up calls (Numba compilation,
-    autotuning and first-touch allocation stay out of the measurement)."""
-    import torch
-
-    with torch.no_grad():
-        for _ in range(2):
-            module(x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def comparison(kind: str, batch: int = 1):
     """``(input, [(label, module), ...])`` of a comparison; the first module is the baseline."""
     import torch
@@ -148,13 +130,14 @@ def comparison(kind: str, batch: int = 1):
 def compare(kind: str, repeats: int = 20, batch: int = 1) -> list[dict]:
     """Rows (label, output_shape, params, macs, seconds) of a comparison, measured on this machine."""
     from .. import flops
+    from ..flops import whatif
 
     x, layers = comparison(kind, batch)
     rows = []
     for label, module in layers:
         rep = flops.count(module, x)
         rows.append(dict(label=label, output_shape=tuple(module(x).shape), params=rep.params, macs=rep.macs,
-                         seconds=median_forward_seconds(module, x, repeats)))
+                         seconds=whatif.median_forward_seconds(module, x, repeats)))
     return rows
 
 

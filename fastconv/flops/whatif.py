@@ -94,9 +94,12 @@ def _replacement(kind: str, g: dict, reduce: Optional[int]):
     raise ValueError(f"what_if: kind must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
-def _seconds(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+def median_forward_seconds(module: nn.Module, x: torch.Tensor, repeats: int, warmups: int = 2) -> float:
+    """Median wall time of ``module(x)`` without autograd, after ``warmups`` untimed calls (Numba
+    compilation, autotuning and first-touch allocation stay out of the measurement)."""
     with torch.no_grad():
-        module(x)  # warm-up: compilation, autotuning, first touch
+        for _ in range(warmups):
+            module(x)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -149,7 +152,7 @@ def what_if(model: nn.Module, x: torch.Tensor, kind: str, layers: Optional[list]
                               dilation=g["dilation"], bias=g["bias"])
             if tuple(orig(xi).shape) != tuple(new(xi).shape):  # a replacement must keep the output shape
                 raise RuntimeError(f"what_if: replacement of {name} changes the output shape")
-            item.seconds = _seconds(orig, xi, repeats)
-            item.new_seconds = _seconds(new, xi, repeats)
+            item.seconds = median_forward_seconds(orig, xi, repeats)
+            item.new_seconds = median_forward_seconds(new, xi, repeats)
         out.append(item)
     return out
