@@ -19,6 +19,7 @@ forward is ``conv_grad_input``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -47,7 +48,21 @@ def make_geometry(ndim: int, batch: int, in_channels: int, out_channels: int, gr
                   in_spatial: Sequence[int], kernel: Sequence[int], out_spatial: Optional[Sequence[int]],
                   stride, padding, padding_end, dilation, dtype: torch.dtype, target: str
                   ) -> registry.ConvGeometry:
-    """Build the normalised :class:`~fastconv.registry.ConvGeometry` (out_spatial computed if None)."""
+    """Build the normalised :class:`~fastconv.registry.ConvGeometry` (out_spatial computed if None).
+
+    Memoised: a model calls each layer's geometry again and again, and building it costs about 10 µs
+    of a call's host time (a GPU layer's whole budget is 60 µs).
+    """
+    return _geometry(int(ndim), int(batch), int(in_channels), int(out_channels), int(groups),
+                     tuple(int(v) for v in in_spatial), tuple(int(v) for v in kernel),
+                     None if out_spatial is None else tuple(int(v) for v in out_spatial),
+                     tuple(int(v) for v in stride), tuple(int(v) for v in padding),
+                     tuple(int(v) for v in padding_end), tuple(int(v) for v in dilation), dtype, target)
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry(ndim, batch, in_channels, out_channels, groups, in_spatial, kernel, out_spatial, stride, padding,
+              padding_end, dilation, dtype, target) -> registry.ConvGeometry:
     if out_spatial is None:
         out_spatial = [conv_output_size(i, k, s, pb, pe, d) for i, k, s, pb, pe, d
                        in zip(in_spatial, kernel, stride, padding, padding_end, dilation)]
