@@ -177,6 +177,20 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
     torch_model = case.build()
     ours = convert(copy.deepcopy(torch_model))
     rows = []
+    # In eval mode a freshly initialised deep network may end in all-zero features (its BatchNorms hold
+    # no statistics yet), and then only the classifier's bias reaches the output: a comparison that
+    # cannot fail. Train mode normalises with the batch's own statistics, so every layer shows; both
+    # models see the same batch, so their running statistics stay equal.
+    try:
+        torch_model.train()
+        ours.train()
+        with torch.no_grad():
+            x_check = _inputs(case, 8, size)
+            train_error = relative_error(ours(x_check), torch_model(x_check))
+    except Exception as e:  # noqa: BLE001 - reported in every row below
+        train_error, check_failure = None, f"{type(e).__name__}: {e}"
+    else:
+        check_failure = None
     for mode in modes:
         batch = _BATCH[mode]
         row = {"model": case.name, "source": case.source, "mode": mode, "batch": batch}
@@ -196,6 +210,10 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
         except Exception as e:  # noqa: BLE001 - reported in the table, the suite goes on
             row.update(ok=False, failure=f"{type(e).__name__}: {e}")
             continue
+        if check_failure is not None:
+            row.update(ok=False, failure=f"train-mode check: {check_failure}")
+            continue
+        err = max(err, train_error)
         row.update(error=err, ok=err <= MODEL_TOLERANCE)
         if not row["ok"]:
             row["failure"] = f"output error {err:.1e} exceeds {MODEL_TOLERANCE:.0e}"
