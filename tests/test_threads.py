@@ -140,3 +140,18 @@ def test_blas_pools_follow_torch_threads():
             assert {p["num_threads"] for p in blas} == {n}, blas
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_gemms_run_on_torchs_blas():
+    # One BLAS runtime per process: the im2col/1x1/Winograd GEMMs run through torch.matmul on torch's
+    # thread pool (fastconv.cpu.blas), not on numpy's OpenBLAS pool, whose threads would compete with
+    # torch's OpenMP threads for the same cores in a converted model.
+    from fastconv.cpu import blas
+    if blas.GEMM_LIBRARY != "torch":
+        pytest.skip(f"FASTCONV_GEMM={os.environ.get('FASTCONV_GEMM')} selects numpy's BLAS for this run")
+    x, w = torch.randn(2, 16, 8, 8, dtype=torch.float64), torch.randn(8, 16, 1, 1, dtype=torch.float64)
+    with torch.profiler.profile() as prof:
+        y = torch.ops.fastconv.conv2d(x, w, None, [1, 1], [0, 0], [0, 0], [1, 1], 1, "im2col")
+    names = {e.key for e in prof.key_averages()}
+    assert names & {"aten::mm", "aten::bmm", "aten::matmul"}, sorted(names)
+    assert_close(y, TF.conv2d(x, w))

@@ -31,6 +31,8 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
+from . import blas
+
 __all__ = [
     "direct_forward", "direct_grad_input", "direct_grad_weight",
     "im2col_forward", "im2col_grad_input", "im2col_grad_weight",
@@ -724,12 +726,12 @@ def _forward_wide(x, w, G, padding, dilation, out_spatial, y):
             _im2col_wide(xp, n0, g * Cg, r0 * wq, Q, KH, KW, dh * wq, dw, col)
             if Kg <= GEMM_TRANSPOSED_MAX_K:
                 tmp = tmpbuf[:Kg * nb * Q].reshape(nb * Q, Kg)
-                np.matmul(col.T, wg.T, out=tmp)
+                blas.matmul(col.T, wg.T, out=tmp)
                 y4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1] = \
                     tmp.reshape(nb, nr, wq, Kg)[:, :, :OW].transpose(0, 3, 1, 2)
             else:
                 tmp = tmpbuf[:Kg * nb * Q].reshape(Kg, nb * Q)
-                np.matmul(wg, col, out=tmp)
+                blas.matmul(wg, col, out=tmp)
                 y4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1] = \
                     tmp.reshape(Kg, nb, nr, wq)[..., :OW].transpose(1, 0, 2, 3)
     return y
@@ -761,7 +763,7 @@ def _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx):
             gq[..., OW:] = 0
             gq[..., :OW] = go4[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0:r1].transpose(1, 0, 2, 3)
             col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
-            np.matmul(wgT, gq.reshape(Kg, nb * Q), out=col)
+            blas.matmul(wgT, gq.reshape(Kg, nb * Q), out=col)
             _col2im_wide(col, n0, g * Cg, r0 * wq, Q, KH, KW, dh * wq, dw, gxp)
     _unpad_wide(gxp, padding[1], padding[2], wq, Hp, gx)
     return gx
@@ -903,10 +905,10 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     if _is_pointwise((KD, KH, KW), stride, padding, (D, H, W), out_spatial):
         x3 = x.reshape(N, C, P)
         if G == 1:
-            np.matmul(w2, x3, out=y3)
+            blas.matmul(w2, x3, out=y3)
         else:
             for g in range(G):
-                y3[:, g * Kg:(g + 1) * Kg] = np.matmul(w2[g * Kg:(g + 1) * Kg],
+                y3[:, g * Kg:(g + 1) * Kg] = blas.matmul(w2[g * Kg:(g + 1) * Kg],
                                                        x3[:, g * Cg:(g + 1) * Cg])
     elif _wide_ok((KD, KH, KW), stride, padding, dilation, (D, H, W), out_spatial, Kg):
         _forward_wide(x, w, G, padding, dilation, out_spatial, y)
@@ -926,14 +928,14 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
                         offs, col)
                 if Kg <= GEMM_TRANSPOSED_MAX_K:
                     tmp = tmpbuf[:Kg * nb * Q].reshape(nb * Q, Kg)
-                    np.matmul(col.T, wg.T, out=tmp)
+                    blas.matmul(col.T, wg.T, out=tmp)
                     y3[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0 * OW:r1 * OW] = \
                         tmp.reshape(nb, Q, Kg).transpose(0, 2, 1)
                 elif nb == 1 and r0 == 0 and r1 == R:
-                    np.matmul(wg, col, out=y3[n0, g * Kg:(g + 1) * Kg])
+                    blas.matmul(wg, col, out=y3[n0, g * Kg:(g + 1) * Kg])
                 else:
                     tmp = tmpbuf[:Kg * nb * Q].reshape(Kg, nb * Q)
-                    np.matmul(wg, col, out=tmp)
+                    blas.matmul(wg, col, out=tmp)
                     y3[n0:n0 + nb, g * Kg:(g + 1) * Kg, r0 * OW:r1 * OW] = \
                         tmp.reshape(Kg, nb, Q).transpose(1, 0, 2)
     if bias is not None:
@@ -977,7 +979,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     if _is_pointwise((KD, KH, KW), stride, padding, in_spatial, out_spatial):
         gx3 = gx.reshape(N, C, P)
         for g in range(G):
-            gx3[:, g * Cg:(g + 1) * Cg] = np.matmul(w2[g * Kg:(g + 1) * Kg].T,
+            gx3[:, g * Cg:(g + 1) * Cg] = blas.matmul(w2[g * Kg:(g + 1) * Kg].T,
                                                     go3[:, g * Kg:(g + 1) * Kg])
         return gx
     # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
@@ -1005,7 +1007,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
         for n0, nb, r0, r1 in chunks:
             Q = (r1 - r0) * OW
             col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
-            np.matmul(wgT, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW), out=col)
+            blas.matmul(wgT, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW), out=col)
             _col2im(col, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
                     offs, gxq)
     _unphase(gxq, _unphase_perm(W, sw, pw, wq), gx)
@@ -1045,7 +1047,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             _batch_inner(go3, gox)
             _batch_inner(x3, xx)
         for g in range(G):
-            np.matmul(gox[g * Kg:(g + 1) * Kg], xx[g * Cg:(g + 1) * Cg].T, out=gw2[g * Kg:(g + 1) * Kg])
+            blas.matmul(gox[g * Kg:(g + 1) * Kg], xx[g * Cg:(g + 1) * Cg].T, out=gw2[g * Kg:(g + 1) * Kg])
         return gw
     xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
     chunks = list(_chunks(N, R, OW, ck, x.itemsize))
@@ -1060,7 +1062,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             col = colbuf[:ck * nb * Q].reshape(ck, nb * Q)
             _im2col(xq, n0, g * Cg, r0, r1, out_spatial, ksz, stride, padding, dilation,
                     offs, col)
-            np.matmul(col, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW).T, out=tmp)
+            blas.matmul(col, _go_chunk(go3, n0, nb, g * Kg, (g + 1) * Kg, r0, r1, OW).T, out=tmp)
             acc += tmp.T
     return gw
 

@@ -19,6 +19,8 @@ from numba import njit, prange
 
 from fastconv import config
 
+from . import blas
+
 from ..registry import ConvGeometry
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
@@ -88,7 +90,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, bias, geom: ConvGeometry) -> torch
     wt = wn.reshape(G, C_in_g, C_out_g * kp).transpose(0, 2, 1)  # (G, C_out_g*kp, C_in_g), a view
     z = np.empty((G, C_out_g * kp, N * P), xn.dtype)
     for g in range(G):
-        np.matmul(wt[g], xt[g].reshape(C_in_g, N * P), out=z[g])
+        blas.matmul(wt[g], xt[g].reshape(C_in_g, N * P), out=z[g])
     covered = (OD, OH, OW) == (ID * KD, IH * KH, IW * KW)
     _scatter_patches(z.reshape(C_out, KD, KH, KW, N, ID, IH, IW), b, not covered, y)
     return torch.from_numpy(y)

@@ -47,6 +47,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from . import blas
 from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
 from . import nonfinite as _exact_nf
 
@@ -413,7 +414,7 @@ def _gemm(U, V, M):
         with _BLAS_ONE_THREAD:
             _gemm_forward(U, V, M)
     else:
-        np.matmul(U, V, out=M)
+        blas.matmul(U, V, out=M)
 
 
 def _gemm_accumulate(GO, V, acc):
@@ -422,7 +423,7 @@ def _gemm_accumulate(GO, V, acc):
         with _BLAS_ONE_THREAD:
             _gemm_weight(GO, V, acc)
     else:
-        acc += np.matmul(GO, V.transpose(0, 2, 1))
+        acc += blas.matmul(GO, V.transpose(0, 2, 1))
 
 
 def _rows_per_chunk(per_row_bytes, total_rows, slots_per_row):

@@ -1,0 +1,51 @@
+"""The GEMMs of the CPU kernels, run by torch's BLAS on torch's thread pool.
+
+Why not ``np.matmul``: numpy (and scipy) bring their own OpenBLAS, with a thread pool of its own that
+follows neither ``torch.set_num_threads`` nor torch's OpenMP pool. In a converted model the process then
+holds torch's OpenMP threads, Numba's TBB workers and one or two OpenBLAS pools on the same cores; each
+pool's threads spin for a while after their work, so the next pool's work waits for cores that are busy
+doing nothing. Measured on two cores: torch's own ops (batch norm, ReLU, adds) inside a converted model
+ran several times slower than in the same model on torch alone. Running the GEMMs through ``torch.matmul``
+on zero-copy views of the numpy buffers puts them on the pool torch's ops use (MKL/oneDNN over OpenMP),
+so a converted model has one BLAS runtime, governed by ``torch.set_num_threads``.
+
+``FASTCONV_GEMM=numpy`` (read once, at import) switches back to ``np.matmul`` for comparison.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+#: "torch" (default) or "numpy": which library runs the kernels' GEMMs.
+GEMM_LIBRARY = "numpy" if os.environ.get("FASTCONV_GEMM", "").strip().lower() == "numpy" else "torch"
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor view of ``a`` (a copy only where torch cannot view it: negative strides,
+    read-only memory)."""
+    if a.flags.writeable and all(s >= 0 for s in a.strides):
+        return torch.from_numpy(a)
+    return torch.from_numpy(np.array(a))
+
+
+def _torch_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` for 2-D or stacked 3-D float arrays (any strides), written into ``out`` when given."""
+    ta, tb = _tensor(a), _tensor(b)
+    if out is None:
+        return torch.matmul(ta, tb).numpy()
+    to = torch.from_numpy(out)
+    if to.is_contiguous():
+        torch.matmul(ta, tb, out=to)
+    else:  # torch would resize/replace a non-contiguous out; compute, then copy into the view
+        to.copy_(torch.matmul(ta, tb))
+    return out
+
+
+def _numpy_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
+
+
+#: ``matmul(a, b, out=None)``: the GEMM every CPU kernel calls (see the module docstring).
+matmul = _torch_matmul if GEMM_LIBRARY == "torch" else _numpy_matmul
