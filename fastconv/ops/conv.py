@@ -74,9 +74,44 @@ def _geometry(ndim, batch, in_channels, out_channels, groups, in_spatial, kernel
 
 
 def _as_5d(t: Tensor) -> Tensor:
-    """(N, C, *S) with 1-3 spatial dims -> contiguous (N, C, D, H, W)."""
-    t = t.contiguous()
-    return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
+    """(N, C, *S) with 1-3 spatial dims -> contiguous (N, C, D, H, W) (a view when ``t`` is contiguous)."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    while t.dim() < 5:  # unsqueeze: the cheapest view (no shape tuple to build)
+        t = t.unsqueeze(2)
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# per-call plans
+# --------------------------------------------------------------------------------------------------
+#: call signature -> (geometry, algorithm or None, result shape, registry generation). A model calls each
+#: layer with the same shapes, dtypes, devices and arguments again and again; validating them, building
+#: the geometry and resolving a named algorithm cost most of a small call's host time (the GPU budget is
+#: 60 µs per call). The key holds everything those steps read, so a hit is exactly the call that was
+#: checked before. ``algo="auto"`` keeps asking :func:`registry.choose` (the autotuner may re-measure).
+_PLANS: dict = {}
+#: Entries kept; when full the table starts over (a model has tens to hundreds of distinct calls).
+PLANS_MAX = 4096
+
+
+def _cached(key) -> Optional[tuple]:
+    plan = _PLANS.get(key)
+    if plan is None or plan[3] != registry.generation():
+        return None
+    return plan
+
+
+def _remember(key, plan: tuple) -> None:
+    if len(_PLANS) >= PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
+
+
+def _plan(geom: registry.ConvGeometry, algo: str, pass_: str, op: str, out_shape: tuple) -> tuple:
+    """A plan for ``geom``: a named algorithm is resolved (and refused, if it must be) now, once."""
+    alg = None if algo == "auto" else registry.choose(algo, geom, pass_, op)
+    return geom, alg, tuple(out_shape), registry.generation()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,10 +121,8 @@ def _register(ndim: int):
     name = f"conv{ndim}d"
     spatial = slice(2, 2 + ndim)
 
-    @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
-    @validation.allocation_errors(name)
-    def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
-             padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
+    def forward_plan(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
+        """Validate a forward call and build its plan, or return its (kernel-free) empty result."""
         shape, empty_dtype, out_sp = validation.conv_op(name, ndim, input, weight, bias, stride, padding,
                                                         padding_end, dilation, groups)
         if empty_dtype is not None:
@@ -105,9 +138,26 @@ def _register(ndim: int):
         dilation = validation.kernel_dilation(dilation, ks)
         geom = make_geometry(ndim, xs[0], xs[1], shape[1], groups, xs[spatial], ks, out_sp,
                              stride, padding, padding_end, dilation, input.dtype, backends.target_for(input))
-        alg = registry.choose(algo, geom, "forward", name)
+        return _plan(geom, algo, "forward", name, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
+
+    @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(name)
+    def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+             padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
+        key = (0, input.shape, weight.shape, input.dtype, weight.dtype, input.device, weight.device,
+               None if bias is None else (bias.shape, bias.dtype, bias.device), tuple(stride), tuple(padding),
+               tuple(padding_end), tuple(dilation), groups, algo, backends.target_for(input))
+        plan = _cached(key)
+        if plan is None:
+            plan = forward_plan(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
+            if isinstance(plan, Tensor):
+                return plan
+            _remember(key, plan)
+        geom, alg, out_shape, _ = plan
+        if alg is None:
+            alg = registry.choose(algo, geom, "forward", name)
         out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
-        return fresh(out, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
+        return fresh(out, out_shape)
 
     @conv.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
@@ -115,11 +165,7 @@ def _register(ndim: int):
                                                    dilation, groups)
         return input.new_empty(shape, dtype=empty_dtype or input.dtype)
 
-    @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
-    @validation.allocation_errors(f"{name}_grad_input")
-    def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
-                   padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
-                   algo: str) -> Tensor:
+    def grad_input_plan(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
         shape, empty_dtype, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight,
                                                               input_size, stride, padding, padding_end, dilation,
                                                               groups)
@@ -131,9 +177,28 @@ def _register(ndim: int):
         geom = make_geometry(ndim, grad_output.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
                              input_size, ks, out_sp, stride, padding, padding_end, dilation, grad_output.dtype,
                              backends.target_for(grad_output))
-        alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
-        out = alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom)
-        return fresh(out, (geom.batch, geom.in_channels) + tuple(input_size))
+        return _plan(geom, algo, "grad_input", f"{name}_grad_input",
+                     (geom.batch, geom.in_channels) + tuple(input_size))
+
+    @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_input")
+    def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
+                   padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
+                   algo: str) -> Tensor:
+        key = (1, grad_output.shape, weight.shape, grad_output.dtype, weight.dtype, grad_output.device,
+               weight.device, tuple(input_size), tuple(stride), tuple(padding), tuple(padding_end),
+               tuple(dilation), groups, algo, backends.target_for(grad_output))
+        plan = _cached(key)
+        if plan is None:
+            plan = grad_input_plan(grad_output, weight, input_size, stride, padding, padding_end, dilation,
+                                   groups, algo)
+            if isinstance(plan, Tensor):
+                return plan
+            _remember(key, plan)
+        geom, alg, out_shape, _ = plan
+        if alg is None:
+            alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
+        return fresh(alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom), out_shape)
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
@@ -141,11 +206,7 @@ def _register(ndim: int):
                                                     stride, padding, padding_end, dilation, groups)
         return grad_output.new_empty(shape)
 
-    @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
-    @validation.allocation_errors(f"{name}_grad_weight")
-    def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
-                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
-                    algo: str) -> Tensor:
+    def grad_weight_plan(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
         shape, empty_dtype, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input,
                                                                weight_size, stride, padding, padding_end, dilation,
                                                                groups)
@@ -157,9 +218,28 @@ def _register(ndim: int):
         geom = make_geometry(ndim, input.shape[0], input.shape[1], grad_output.shape[1], groups,
                              in_sp, weight_size, out_sp, stride, padding, padding_end, dilation, input.dtype,
                              backends.target_for(input))
-        alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
-        out = alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom)
-        return fresh(out, (geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
+        return _plan(geom, algo, "grad_weight", f"{name}_grad_weight",
+                     (geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
+
+    @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
+    @validation.allocation_errors(f"{name}_grad_weight")
+    def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
+                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
+                    algo: str) -> Tensor:
+        key = (2, grad_output.shape, input.shape, grad_output.dtype, input.dtype, grad_output.device,
+               input.device, tuple(weight_size), tuple(stride), tuple(padding), tuple(padding_end),
+               tuple(dilation), groups, algo, backends.target_for(input))
+        plan = _cached(key)
+        if plan is None:
+            plan = grad_weight_plan(grad_output, input, weight_size, stride, padding, padding_end, dilation,
+                                    groups, algo)
+            if isinstance(plan, Tensor):
+                return plan
+            _remember(key, plan)
+        geom, alg, out_shape, _ = plan
+        if alg is None:
+            alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
+        return fresh(alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom), out_shape)
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
