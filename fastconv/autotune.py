@@ -19,7 +19,9 @@ Robust measurements
     Each candidate gets one warm-up and then at least :data:`MIN_REPS` timed runs, more while its
     :data:`BUDGET_S` lasts (at most :data:`MAX_REPS`); the median counts. A candidate is abandoned
     early only when the median of its first :data:`MIN_REPS` runs is :data:`HOPELESS` times the best
-    median so far (one slow run under load no longer decides). A candidate that raises, or whose time
+    median so far (one slow run under load no longer decides), or at once when its warm-up and first
+    timed run are both :data:`HOPELESS_AT_ONCE` times it; the heuristic's pick is measured first, so
+    that best time exists early. A candidate that raises, or whose time
     is not finite, is out; when every candidate fails nothing is stored and the heuristic chooses.
     The chosen algorithm keeps being watched: the real calls are timed (two clock reads), and when
     :data:`SLOW_STREAK` calls in a row take more than :data:`SLOW_FACTOR` times the stored median,
@@ -92,9 +94,17 @@ from . import registry
 MIN_MACS = 1_000_000
 #: Timed repetitions per candidate: at least MIN_REPS (after one warm-up), more while BUDGET_S lasts.
 MIN_REPS = 3
-MAX_REPS = 30
-#: Seconds of timed repetitions per candidate beyond MIN_REPS.
-BUDGET_S = 0.25
+MAX_REPS = 15
+#: Seconds of timed repetitions per candidate beyond MIN_REPS. Small on purpose: a model's first step
+#: tunes every layer and pass at once (densenet121: about 360 keys of 2-4 candidates), so this figure
+#: times the number of keys is most of a converted model's first-step cost (0.25 s made densenet121's
+#: first training step take 244 s against torch's 4-15 s). Three runs and a median already shrug off one
+#: disturbed run, and a choice that turns out slow is measured again (see SLOW_FACTOR).
+BUDGET_S = 0.05
+#: A candidate whose warm-up and first timed run are both this many times the best median so far is
+#: abandoned at once: two runs that slow are not noise, and MIN_REPS more of them would cost most of the
+#: key's tuning time (a direct 1x1 conv at 290 ms against im2col's 2.3 ms).
+HOPELESS_AT_ONCE = 20.0
 #: A candidate whose median over MIN_REPS runs is this many times the best median so far is abandoned.
 HOPELESS = 3.0
 #: Re-validation: this many calls in a row slower than SLOW_FACTOR x the stored median (and slower by
@@ -672,8 +682,10 @@ def _time_candidate(alg: registry.ConvAlgorithm, geom: registry.ConvGeometry, pa
     :data:`MIN_REPS` runs and more while :data:`BUDGET_S` lasts; abandoned after MIN_REPS runs when
     their median is :data:`HOPELESS` times ``best_ms``."""
     fn = getattr(alg, pass_)
+    warm_start = time.perf_counter()
     fn(*inputs)  # warm-up: compiles or loads the kernels, touches the buffers
     _sync(geom)
+    warm_ms = (time.perf_counter() - warm_start) * 1e3
     times: list[float] = []
     deadline = time.perf_counter() + BUDGET_S
     while len(times) < MAX_REPS:
@@ -682,6 +694,8 @@ def _time_candidate(alg: registry.ConvAlgorithm, geom: registry.ConvGeometry, pa
         _sync(geom)
         end = time.perf_counter()
         times.append((end - start) * 1e3)
+        if len(times) == 1 and min(warm_ms, times[0]) > HOPELESS_AT_ONCE * best_ms:
+            break
         if len(times) >= MIN_REPS and (end > deadline or statistics.median(times) > HOPELESS * best_ms):
             break
     return statistics.median(times)
@@ -691,7 +705,10 @@ def _measure(geom: registry.ConvGeometry, pass_: str, algs: list) -> Optional[Ch
     """Time every candidate; the winner is the smallest median. None when every candidate failed."""
     inputs = _synthetic_inputs(geom, pass_)
     times: dict[str, float] = {}
-    for alg in algs:
+    # the heuristic's pick first: a good best time early lets the hopeless candidates go after one run
+    chooser = registry._HEURISTICS.get(geom.target)
+    first = chooser(geom, pass_) if chooser is not None else None
+    for alg in sorted(algs, key=lambda a: a.name != first):
         best = min((t for t in times.values() if math.isfinite(t)), default=math.inf)
         try:
             t = float(_time_candidate(alg, geom, pass_, inputs, best))

@@ -657,3 +657,18 @@ def test_deterministic_mode_uses_the_heuristic_and_ignores_stored_choices(monkey
         assert not autotune.deterministic(), "set_deterministic(False) beats the environment"
     finally:
         fastconv.set_deterministic(None)
+
+
+def test_far_slower_candidate_is_dropped_after_one_timed_run(monkeypatch):
+    # warm-up and first run both far beyond the best: MIN_REPS more runs would only cost tuning time
+    runs = []
+    clock = {"t": 0.0}
+
+    def very_slow(*args):
+        runs.append(1)
+        clock["t"] += 0.05  # 50 ms against a best of 1 ms
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    fake = type("Alg", (), {"forward": staticmethod(very_slow), "name": "very_slow"})()
+    ms = autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0)
+    assert len(runs) == 2 and ms == pytest.approx(50.0)  # warm-up + one timed run
