@@ -686,6 +686,8 @@ def _time_candidate(alg: registry.ConvAlgorithm, geom: registry.ConvGeometry, pa
     fn(*inputs)  # warm-up: compiles or loads the kernels, touches the buffers
     _sync(geom)
     warm_ms = (time.perf_counter() - warm_start) * 1e3
+    if warm_ms > HOPELESS_AT_ONCE * HOPELESS_AT_ONCE * best_ms:
+        return warm_ms  # 400x the best even counting a first call's loading: another run would only cost
     times: list[float] = []
     deadline = time.perf_counter() + BUDGET_S
     while len(times) < MAX_REPS:

@@ -672,3 +672,17 @@ def test_far_slower_candidate_is_dropped_after_one_timed_run(monkeypatch):
     fake = type("Alg", (), {"forward": staticmethod(very_slow), "name": "very_slow"})()
     ms = autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0)
     assert len(runs) == 2 and ms == pytest.approx(50.0)  # warm-up + one timed run
+
+
+def test_candidate_hundreds_of_times_slower_is_dropped_after_its_warm_up(monkeypatch):
+    runs = []
+    clock = {"t": 0.0}
+
+    def hopeless(*args):
+        runs.append(1)
+        clock["t"] += 1.0  # 1 s against a best of 1 ms: far beyond any first-call loading cost
+
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    fake = type("Alg", (), {"forward": staticmethod(hopeless), "name": "hopeless"})()
+    assert autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0) == pytest.approx(1000.0)
+    assert len(runs) == 1
