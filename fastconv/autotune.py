@@ -1,5 +1,12 @@
 """Autotuning for ``algo="auto"``: measure the candidate algorithms once per geometry and pass, keep the winner.
 
+Two ways to measure. On the CPU (default, :data:`MODE` ``"online"``) a key is tuned on the caller's own
+calls: the first call runs the heuristic's pick, the next few calls run each other candidate on the real
+inputs (see :class:`_Exploration`), then the fastest is stored and runs from then on -- a converted
+model's first step costs what the untuned model's does, instead of minutes of measuring every layer. On
+the GPU (and with ``FASTCONV_AUTOTUNE_MODE=measure``) the first call measures on synthetic tensors, as
+described next.
+
 :func:`fastconv.registry.choose` asks :func:`lookup` first when ``algo == "auto"``; when it returns
 ``None`` the per-target heuristic decides. On the first call for a cache key (:func:`cache_key`: the
 geometry with its batch rounded up to a power of two, the pass, the thread count) every algorithm in
@@ -549,6 +556,7 @@ def _forget() -> None:
     _touched.clear()
     _watch.clear()
     _proxies.clear()
+    _exploring.clear()
     _memory_path, _full = None, False
 
 
@@ -801,6 +809,109 @@ def _capturing(geom: registry.ConvGeometry) -> bool:
     return geom.target == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
+# --------------------------------------------------------------------------------------------------
+# tuning on the real calls (CPU targets): the first call costs what the heuristic's pick costs
+# --------------------------------------------------------------------------------------------------
+#: "online" (default): a CPU key is tuned on the caller's own calls (see :class:`_Exploration`);
+#: "measure": on its first call, on synthetic tensors, before the call returns (what the GPU always
+#: does: its wall time is meaningless without a sync). ``$FASTCONV_AUTOTUNE_MODE`` or set it here.
+MODE = os.environ.get("FASTCONV_AUTOTUNE_MODE", "online").strip().lower() or "online"
+#: Targets whose calls can be timed by the host clock (synchronous kernels).
+ONLINE_TARGETS = frozenset({"numba"})
+
+
+class _Exploration:
+    """Tuning one key on the caller's real calls instead of synthetic ones.
+
+    Why: measuring every candidate of every layer and pass before the first call returns made a
+    converted densenet121's first training step take minutes (each key: candidates x (warm-up + runs)),
+    where torch's takes seconds. Here each call of the key runs one candidate on the caller's inputs and
+    times it: the heuristic's pick first (so a model's first step costs what the untuned model costs),
+    then each other candidate, one warm-up call (not counted: loading, first touch) and MIN_REPS timed
+    calls, dropped early on the rules of :func:`_time_candidate` (HOPELESS after MIN_REPS, at once after
+    20x in warm-up and first run, after its warm-up alone at 400x). When every candidate is timed the
+    smallest median is stored as a measured choice would be, and later calls run it. The extra cost is
+    only the slower candidates' excess, spread over a few steps; no synthetic tensors, so no random
+    state is touched. Every call's result is the caller's result, computed by one of the candidates (a
+    candidate that raises is dropped and the call re-run by the heuristic's pick).
+    """
+
+    def __init__(self, key: CacheKey, memo: tuple, pass_: str, algs: list, first: Optional[str]):
+        self.key, self.memo, self.pass_ = key, memo, pass_
+        self.names = tuple(a.name for a in algs)
+        self.order = sorted(algs, key=lambda a: a.name != first)
+        self.fallback = self.order[0]
+        self.index = 0          # candidate being timed
+        self.warm_ms: Optional[float] = None
+        self.runs: list[float] = []
+        self.times: dict[str, float] = {}
+
+    def best(self) -> float:
+        return min((t for t in self.times.values() if math.isfinite(t)), default=math.inf)
+
+    def call(self, *args):
+        if self.index >= len(self.order):  # finished meanwhile (another thread): the stored winner next time
+            return getattr(self.fallback, self.pass_)(*args)
+        alg = self.order[self.index]
+        fn = getattr(alg, self.pass_)
+        start = time.perf_counter()
+        try:
+            out = fn(*args)
+        except Exception:
+            if alg is self.fallback:
+                raise  # the untuned call would have raised the same
+            self._done_with(alg, math.inf)
+            return getattr(self.fallback, self.pass_)(*args)
+        self._record(alg, (time.perf_counter() - start) * 1e3)
+        return out
+
+    def _record(self, alg, ms: float) -> None:
+        best = self.best()
+        if self.warm_ms is None:
+            self.warm_ms = ms
+            if ms > HOPELESS_AT_ONCE * HOPELESS_AT_ONCE * best:
+                self._done_with(alg, ms)
+            return
+        self.runs.append(ms)
+        if len(self.runs) == 1 and min(self.warm_ms, ms) > HOPELESS_AT_ONCE * best:
+            self._done_with(alg, ms)
+        elif len(self.runs) >= MIN_REPS:
+            self._done_with(alg, statistics.median(self.runs))
+
+    def _done_with(self, alg, ms: float) -> None:
+        self.times[alg.name] = ms
+        self.index += 1
+        self.warm_ms, self.runs = None, []
+        if self.index < len(self.order):
+            return
+        with _lock:
+            _exploring.pop(self.key, None)
+            _fast.pop(self.memo, None)  # the next lookup finds the stored choice
+            finite = {n: t for n, t in self.times.items() if math.isfinite(t)}
+            if not finite:
+                return
+            choice = Choice(min(finite, key=finite.get), dict(self.times), self.names)
+            _memory[self.key] = choice
+            try:
+                _write(self.key, choice)
+            except (OSError, TypeError, ValueError) as e:
+                _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+
+
+#: cache key -> its exploration in progress (one per key, shared by every caller of that key).
+_exploring: dict = {}
+
+
+def _explorer(key: CacheKey, memo: tuple, geom: registry.ConvGeometry, pass_: str,
+              algs: list) -> registry.ConvAlgorithm:
+    """The algorithm to hand out while ``key`` is tuned on real calls (its ``pass_`` explores)."""
+    ex = _exploring.get(key)
+    if ex is None or ex.names != tuple(a.name for a in algs) or ex.pass_ != pass_:
+        chooser = registry._HEURISTICS.get(geom.target)
+        ex = _exploring[key] = _Exploration(key, memo, pass_, algs, chooser(geom, pass_) if chooser else None)
+    return dataclasses.replace(ex.fallback, **{pass_: ex.call})
+
+
 def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlgorithm]:
     """The tuned algorithm for ``geom`` and ``pass_``, measuring on a miss; None: let the heuristic choose.
 
@@ -818,13 +929,13 @@ def lookup(geom: registry.ConvGeometry, pass_: str) -> Optional[registry.ConvAlg
         if watch is None or not watch.stale:
             return hit[0]
     with _lock:
-        result, key = _lookup_slow(geom, pass_, threads)
+        result, key = _lookup_slow(geom, pass_, threads, memo)
         if key is not None:  # None: inside a trace, nothing decided
             _fast[memo] = (result, key, registry.generation(), _memory_path)
         return result
 
 
-def _lookup_slow(geom, pass_, threads) -> tuple:
+def _lookup_slow(geom, pass_, threads, memo=None) -> tuple:
     """:func:`lookup` without its memo: (algorithm or None, cache key). Holds ``_lock``."""
     _follow_path()
     key = cache_key(geom, pass_, threads)
@@ -841,6 +952,8 @@ def _lookup_slow(geom, pass_, threads) -> tuple:
     if not _usable(choice, names):
         if _tracing() or _capturing(geom):
             return None, None  # not memoised: the same call outside the trace or capture tunes
+        if MODE == "online" and geom.target in ONLINE_TARGETS and not (watch is not None and watch.stale):
+            return _explorer(key, memo or (geom, pass_, threads), geom, pass_, algs), key
         _local.tuning = True
         try:
             with torch.no_grad():

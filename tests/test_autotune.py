@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
@@ -68,6 +69,9 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("FASTCONV_AUTOTUNE", raising=False)
     monkeypatch.setattr(autotune, "MIN_MACS", 0)
+    # these tests check the measuring tuner (the GPU's, and FASTCONV_AUTOTUNE_MODE=measure); the default
+    # CPU mode, tuning on the real calls, has its own tests (test_online_*), which switch back
+    monkeypatch.setattr(autotune, "MODE", "measure")
     monkeypatch.setattr(autotune, "_override", None)
     monkeypatch.setattr(autotune, "_warned", set())
     monkeypatch.delenv("FASTCONV_AUTOTUNE_MAX_ENTRIES", raising=False)
@@ -686,3 +690,87 @@ def test_candidate_hundreds_of_times_slower_is_dropped_after_its_warm_up(monkeyp
     fake = type("Alg", (), {"forward": staticmethod(hopeless), "name": "hopeless"})()
     assert autotune._time_candidate(fake, _geometry(), "forward", (), best_ms=1.0) == pytest.approx(1000.0)
     assert len(runs) == 1
+
+
+# ---- the default CPU mode: tuning on the caller's real calls ----------------------------------------
+@pytest.fixture
+def online(monkeypatch):
+    monkeypatch.setattr(autotune, "MODE", "online")
+    ran = []
+    real = autotune._Exploration.call
+
+    def counting(self, *args):
+        alg = self.order[self.index] if self.index < len(self.order) else self.fallback
+        ran.append(alg.name)
+        return real(self, *args)
+
+    monkeypatch.setattr(autotune._Exploration, "call", counting)
+    return ran
+
+
+def _calls_to_tune(n_candidates: int) -> int:
+    return n_candidates * (1 + autotune.MIN_REPS)  # each: one warm-up call + MIN_REPS timed calls
+
+
+def test_online_first_call_runs_the_heuristic_pick_and_measures_nothing_else(online, measured):
+    x, w = _data()
+    assert_close(F.conv2d(x, w, padding=1), TF.conv2d(x, w, padding=1))
+    with autotune.enabled(False):
+        heuristic = registry.choose("auto", _geometry(), "forward").name
+    assert online == [heuristic]
+    assert measured == []  # no synthetic measurement
+    assert _key() not in fastconv.autotune_cache()  # nothing decided yet
+
+
+def test_online_tuning_stores_the_fastest_after_every_candidate_ran_on_real_calls(online, measured, isolated_cache):
+    names = _candidates()
+    x, w = _data()
+    ref = TF.conv2d(x, w, padding=1)
+    for _ in range(_calls_to_tune(len(names))):
+        assert_close(F.conv2d(x, w, padding=1), ref)  # every call is the caller's correct result
+    choice = fastconv.autotune_cache()[_key()]
+    assert set(choice.times_ms) == set(names) and set(online) == set(names)
+    assert choice.algo == min(choice.times_ms, key=choice.times_ms.get)
+    assert measured == []
+    assert [r["algo"] for r in _rows(isolated_cache)] == [choice.algo]  # written to disk too
+    # later calls run the winner without exploring
+    before = len(online)
+    F.conv2d(x, w, padding=1)
+    assert len(online) == before
+
+
+def test_online_tuning_leaves_global_random_state_alone(online):
+    x, w = _data()
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    for _ in range(_calls_to_tune(len(_candidates()))):
+        F.conv2d(x, w, padding=1)
+    assert _key() in fastconv.autotune_cache()
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    after = np.random.get_state()
+    assert after[0] == numpy_state[0] and np.array_equal(after[1], numpy_state[1])
+
+
+def test_online_candidate_that_raises_is_dropped_and_the_call_still_answers(online, monkeypatch):
+    names = _candidates()
+    with autotune.enabled(False):
+        heuristic = registry.choose("auto", _geometry(), "forward").name
+    victim = next(n for n in names if n != heuristic)
+    real = registry.candidates
+
+    def broken(geom):
+        out = []
+        for alg in real(geom):
+            if alg.name == victim:
+                def boom(*args):
+                    raise RuntimeError("planted failure")
+                alg = dataclasses.replace(alg, forward=boom)
+            out.append(alg)
+        return out
+
+    monkeypatch.setattr(registry, "candidates", broken)
+    x, w = _data()
+    ref = TF.conv2d(x, w, padding=1)
+    for _ in range(_calls_to_tune(len(names))):
+        assert_close(F.conv2d(x, w, padding=1), ref)
+    choice = fastconv.autotune_cache()[_key()]
+    assert choice.algo != victim and choice.times_ms[victim] == float("inf")
