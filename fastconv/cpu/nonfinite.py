@@ -72,8 +72,26 @@ def max_abs(a: np.ndarray) -> float:
     return float(np.array([bits], ut).view(a.dtype)[0])
 
 
+_INF_BITS = {np.uint16: 0x7C00, np.uint32: 0x7F800000, np.uint64: 0x7FF0000000000000}
+_NO_BITS = {ut: np.zeros(1, ut) for ut in _ABS_MASK}  # stands in for an absent operand
+
+
+@njit(cache=config.CACHE, nogil=True)
+def _finite3(u1, u2, u3, mask, inf_bits):
+    """All of three bit-pattern arrays finite: one Numba call for a pass's operands (three calls to
+    :func:`max_abs` cost 19 µs of host time per convolution, a tenth of a small layer's call)."""
+    return max(_max_bits(u1, mask), _max_bits(u2, mask), _max_bits(u3, mask)) < inf_bits
+
+
 def all_finite(*arrays) -> bool:
     """True when every element of every array (``None`` skipped) is finite."""
+    present = [a for a in arrays if a is not None]
+    if 0 < len(present) <= 3:
+        ut = _UINT.get(present[0].dtype)
+        if (ut is not None and all(a.dtype == present[0].dtype and 0 < a.size < PARALLEL_MIN for a in present)):
+            flat = [np.ascontiguousarray(a).reshape(-1).view(ut) for a in present]
+            flat += [_NO_BITS[ut]] * (3 - len(flat))
+            return bool(_finite3(flat[0], flat[1], flat[2], ut(_ABS_MASK[ut]), ut(_INF_BITS[ut])))
     return all(a is None or np.isfinite(max_abs(a)) for a in arrays)
 
 
