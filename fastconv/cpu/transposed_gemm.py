@@ -19,7 +19,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from ..registry import ConvGeometry
+from ..spec import ConvGeometry
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 

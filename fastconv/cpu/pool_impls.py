@@ -1,13 +1,12 @@
-"""Installs the Numba pooling kernels (``fastconv.cpu.pool``) as the ``"numba"`` pooling target.
+"""The Numba pooling kernels (``fastconv.cpu.pool``) declared as the ``"numba"`` pooling target: :data:`POOL_IMPLS`.
 
-The kernels take and return numpy arrays; ``Tensor.numpy()`` and ``torch.from_numpy`` share memory,
-so this seam copies nothing.
+Registers nothing (:mod:`fastconv.ops.catalog` does). The kernels take and return numpy arrays;
+``Tensor.numpy()`` and ``torch.from_numpy`` share memory, so this seam copies nothing.
 """
 from __future__ import annotations
 
 import torch
 
-from ..ops import pool as pool_ops
 from . import pool as kernels
 
 
@@ -16,7 +15,7 @@ def _np(t: torch.Tensor):
 
 
 class NumbaPoolKernels:
-    """:class:`fastconv.ops.pool.PoolKernels` on the CPU through Numba."""
+    """:class:`fastconv.spec.PoolKernels` on the CPU through Numba."""
 
     def max_pool(self, x, kernel, stride, padding, dilation, out_spatial, minimum):
         run = kernels.min_pool_forward if minimum else kernels.max_pool_forward
@@ -52,4 +51,5 @@ class NumbaPoolKernels:
         return torch.from_numpy(kernels.adaptive_avg_pool_backward(_np(grad_out), in_spatial))
 
 
-pool_ops.register_kernels("numba", NumbaPoolKernels())
+#: target -> pooling kernels (registered by :mod:`fastconv.ops.catalog`).
+POOL_IMPLS = {"numba": NumbaPoolKernels()}
