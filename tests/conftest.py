@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 
+from fastconv.config import cache_folder  # noqa: E402  (the one cache-folder rule)
+
+# The harness's build cache is content-addressed, so sharing it between runs is safe and saves the compiles:
+# pin it to the user's folder before the per-run folder below would move it.
+os.environ.setdefault("FASTCONV_EMU_CACHE", str(cache_folder("emu")))
 # Tests must not read or write the user's autotune cache (~/.cache/fastconv): a per-run folder.
 os.environ.setdefault("FASTCONV_CACHE_DIR", tempfile.mkdtemp(prefix="fastconv-test-cache-"))
 
