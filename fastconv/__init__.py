@@ -10,10 +10,7 @@ like torch's own.
     fastconv.convert(model)                               # swap the layers of an existing model
 """
 from . import config  # noqa: F401  (first: chooses Numba's threading layer)
-from . import ops  # noqa: F401  (registers torch.ops.fastconv.*)
-from .cpu import register as _cpu_register  # noqa: F401  (registers the Numba algorithms)
-from .cpu import register_pool as _cpu_register_pool  # noqa: F401  (the Numba pooling kernels)
-from .cuda import register as _cuda_register  # noqa: F401  (CUDA kernels; CuPy imported lazily)
+from . import ops  # noqa: F401  (registers torch.ops.fastconv.* and, through ops.catalog, every kernel)
 from . import functional, nn
 from . import flops, models
 from .registry import algorithms

@@ -95,7 +95,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from . import registry
+from . import config, registry
 
 #: Convolutions with fewer multiply-accumulates than this use the heuristic (see the module docstring).
 MIN_MACS = 1_000_000
@@ -296,12 +296,7 @@ def cache_path() -> Path:
     probe = (env.get("FASTCONV_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
     if _path_memo[0] == probe:
         return _path_memo[1]
-    root, xdg, _ = probe
-    if root:
-        path = Path(root) / FILE_NAME
-    else:
-        base = Path(xdg) if xdg else Path.home() / ".cache"
-        path = base / "fastconv" / FILE_NAME
+    path = config.cache_folder(FILE_NAME)  # the one cache-folder rule (probe: the variables it reads)
     _path_memo = (probe, path)
     return path
 

@@ -17,10 +17,10 @@ from typing import Iterator
 
 import torch
 
+from .spec import TARGETS  # noqa: F401  (re-exported: every execution target an algorithm can declare)
+
 #: Backends that can run CPU tensors.
 CPU_BACKENDS = ("numba", "cuda-emu")
-#: Every execution target an algorithm can declare.
-TARGETS = ("numba", "cuda", "cuda-emu")
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastconv_backend", default=None)
 

@@ -305,7 +305,7 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         if r["algo"] != "torch" and r.get("ratio_to_cudnn"):
             ratios.setdefault(r["mode"], {}).setdefault(r["algo"], []).append(r["ratio_to_cudnn"])
-    geo = {m: {a: math.exp(statistics.fmean(math.log(v) for v in vs)) for a, vs in d.items()}
+    geo = {m: {a: statistics.geometric_mean(vs) for a, vs in d.items()}
            for m, d in ratios.items()}
     return {"status": by_status, "geomean_ratio_to_cudnn": geo,
             "failures": by_status.get("wrong", 0) + by_status.get("error", 0)}

@@ -38,11 +38,12 @@ import torch
 from . import backends, registry
 from .bench_report import summarize
 from .bench_suite import Layer, PassImpl
+from .tolerances import ALGORITHM_TOLERANCES, TOLERANCES
 
 #: Relative error bound (max |got - reference| / max |reference|) per dtype, and per algorithm where
-#: one is documented to lose more (DESIGN.md §4: Winograd F(4x4,3x3) about 3e-5 in float32).
-TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
-ALGO_TOLERANCE = {("winograd4", torch.float32): 5e-4}
+#: one is documented to lose more: the ``rtol`` of the tests' table (:mod:`fastconv.tolerances`).
+TOLERANCE = {dtype: tol["rtol"] for dtype, tol in TOLERANCES.items()}
+ALGO_TOLERANCE = {key: tol["rtol"] for key, tol in ALGORITHM_TOLERANCES.items()}
 #: Seconds of timed rounds one (layer, pass) may take at most; large layers get fewer rounds (>= MIN_REPS).
 ROUND_BUDGET_S = 20.0
 MIN_REPS = 3

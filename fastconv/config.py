@@ -33,6 +33,19 @@ FASTMATH = frozenset({"reassoc", "contract"})
 #: Numba's on-disk cache (``cache=True``) lives beside the modules unless NUMBA_CACHE_DIR is set.
 CACHE = True
 
+
+def cache_folder(*parts: str) -> "os.PathLike":
+    """fastconv's on-disk cache folder (autotune choices, compiled CUDA modules, the harness's builds):
+    ``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv``, else ``~/.cache/fastconv``, with ``parts``
+    appended. Read at each call: tests and users switch it at run time. The one rule for every cache path."""
+    from pathlib import Path
+
+    root = os.environ.get("FASTCONV_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "fastconv")
+    return Path(root, *parts)
+
 _TBB_SONAME = "libtbb.so.12"
 
 

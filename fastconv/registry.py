@@ -6,106 +6,20 @@ registered :class:`ConvAlgorithm` objects. An algorithm declares the targets it 
 ``"cuda"``, ``"cuda-emu"``) and a ``refuse(geometry)`` function returning the reason it cannot run a
 geometry, or ``None`` [xformers' ``not_supported_reasons``]. ``algo="auto"`` asks :func:`choose`.
 
+The data types live in :mod:`fastconv.spec` (re-exported here). Kernel modules only declare their
+algorithms as data; the op layer (:mod:`fastconv.ops.catalog`) imports the declarations and registers them.
+
 Public: ``fastconv.algorithms()`` lists the registered algorithms as rows.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
-import torch
-
-Triple = tuple[int, int, int]
-PASSES = ("forward", "grad_input", "grad_weight")
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """A convolution, normalised to 3 spatial dims (a 2-D conv has depth 1, a 1-D conv depth and height 1).
-
-    ``padding`` is the zero padding before each spatial dim, ``padding_end`` the padding after it
-    (they differ only for ``padding='same'`` with an even effective kernel, as in torch).
-    """
-
-    ndim: int
-    batch: int
-    in_channels: int
-    out_channels: int
-    groups: int
-    in_spatial: Triple
-    kernel: Triple
-    out_spatial: Triple
-    stride: Triple
-    padding: Triple
-    padding_end: Triple
-    dilation: Triple
-    dtype: torch.dtype
-    target: str
-
-    @property
-    def macs(self) -> int:
-        """Multiply-accumulates of the forward pass (each pass costs the same)."""
-        return (self.batch * self.out_channels * math.prod(self.out_spatial)
-                * (self.in_channels // self.groups) * math.prod(self.kernel))
-
-    @property
-    def is_depthwise(self) -> bool:
-        return self.groups == self.in_channels and self.groups > 1 and self.out_channels % self.groups == 0
-
-    @property
-    def is_pointwise(self) -> bool:
-        """1x1 kernel, stride 1, no padding: the convolution is a plain GEMM."""
-        return (self.kernel == (1, 1, 1) and self.stride == (1, 1, 1)
-                and self.padding == (0, 0, 0) and self.padding_end == (0, 0, 0))
-
-    def key(self) -> tuple:
-        """Hashable identity for caches (autotuning), without the batch-independent details lost."""
-        return (self.ndim, self.batch, self.in_channels, self.out_channels, self.groups, self.in_spatial,
-                self.kernel, self.out_spatial, self.stride, self.padding, self.padding_end, self.dilation,
-                str(self.dtype).replace("torch.", ""), self.target)
-
-
-Forward = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor], ConvGeometry], torch.Tensor]
-GradInput = Callable[[torch.Tensor, torch.Tensor, ConvGeometry], torch.Tensor]
-GradWeight = Callable[[torch.Tensor, torch.Tensor, ConvGeometry], torch.Tensor]
-
-
-def _always(_: ConvGeometry) -> Optional[str]:
-    return None
-
-
-@dataclass(frozen=True)
-class ConvAlgorithm:
-    """One implementation of the three convolution passes on some targets.
-
-    ``forward(x, w, bias, geom)``: x (N, C, D, H, W), w (K, C/groups, KD, KH, KW) -> (N, K, OD, OH, OW)
-    ``grad_input(grad_out, w, geom)`` -> (N, C, D, H, W)
-    ``grad_weight(grad_out, x, geom)`` -> (K, C/groups, KD, KH, KW)
-    All tensors contiguous, 5-D, of ``geom.dtype``; results freshly allocated.
-    """
-
-    name: str
-    targets: frozenset
-    summary: str
-    forward: Forward
-    grad_input: GradInput
-    grad_weight: GradWeight
-    refuse: Callable[[ConvGeometry], Optional[str]] = field(default=_always)
-    #: Multiplications the algorithm performs relative to the nominal MAC count (Winograd < 1).
-    mult_ratio: Callable[[ConvGeometry], float] = field(default=lambda g: 1.0)
-    #: Extra memory in bytes the algorithm needs for a pass (im2col buffers, transforms).
-    workspace_bytes: Callable[[ConvGeometry], int] = field(default=lambda g: 0)
-
-    def why_not(self, geom: ConvGeometry) -> Optional[str]:
-        """The reason this algorithm cannot run ``geom``, or None when it can."""
-        if geom.target not in self.targets:
-            return f"runs on {'/'.join(sorted(self.targets))}, not {geom.target}"
-        return self.refuse(geom)
-
+from .spec import (PASSES, ConvAlgorithm, ConvGeometry, Forward, GradInput, GradWeight,  # noqa: F401  (re-exported)
+                   Triple)
 
 _REGISTRY: dict[tuple[str, str], ConvAlgorithm] = {}
-#: Heuristic choosers per target: geometry, pass -> algorithm name. Registered by the backends.
+#: Heuristic choosers per target: geometry, pass -> algorithm name. Registered by fastconv.ops.catalog.
 _HEURISTICS: dict[str, Callable[[ConvGeometry, str], str]] = {}
 
 

@@ -23,7 +23,7 @@ import fastconv
 import fastconv.functional as F
 from fastconv import autotune, backends, registry
 from fastconv.ops.conv import make_geometry
-from conftest import assert_close
+from helpers import assert_close
 
 REPO = Path(__file__).resolve().parent.parent
 # (N, C, H, W), K, 3x3 kernel, padding 1, float64 (the reference dtype).

@@ -9,7 +9,7 @@ import torch
 
 import fastconv
 from fastconv import bench_models, cli
-from conftest import assert_close
+from helpers import assert_close
 
 
 def test_to_torch_is_the_inverse_of_convert():

@@ -11,7 +11,7 @@ import torch.nn.functional as TF
 import fastconv
 import fastconv.functional as F
 from fastconv import backends, registry
-from conftest import assert_close
+from helpers import assert_close
 
 TARGET = backends.current()
 ALGOS = ["auto"] + [row["name"] for row in fastconv.algorithms() if TARGET in row["targets"]]

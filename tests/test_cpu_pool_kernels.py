@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.cpu import pool
+from helpers import assert_close
 
+#: Stricter than the float64 table (helpers.TOLERANCES): these kernels follow torch's summation order, so they
+#: match torch's CPU kernels to the last bits; EXACT for max/argmax/unpool, which only move values.
 RTOL = ATOL = 1e-12
+EXACT = dict(rtol=0.0, atol=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,20 +59,6 @@ def _one_torch_thread():
         torch.set_num_threads(threads)
 
 
-def _assert_close(actual, expected, rtol=RTOL, atol=ATOL):
-    expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True)
-
-
-def _assert_exact(actual, expected):
-    expected = expected.detach().numpy() if isinstance(expected, torch.Tensor) else expected
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    np.testing.assert_array_equal(actual, expected)
-
-
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 _ADA_AVG = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
@@ -94,13 +84,13 @@ def _run_max(x, nd, k, s, p, d, ceil_mode, fn=pool.max_pool_forward, torch_fn=No
     out = yt.shape[2:]
     y5, i5 = fn(_to5d(x, nd), _geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0), _geom(d, nd, 1),
                 _geom(tuple(out), nd, 1), True)
-    _assert_exact(_from5d(y5, nd), yt)
-    _assert_exact(_from5d(i5, nd), it)
+    assert_close(_from5d(y5, nd), yt, **EXACT)
+    assert_close(_from5d(i5, nd), it, **EXACT)
     # value-only path gives the same values
     y5b, none = fn(_to5d(x, nd), _geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0), _geom(d, nd, 1),
                    _geom(tuple(out), nd, 1), False)
     assert none is None
-    _assert_exact(y5b, y5)
+    assert_close(y5b, y5, **EXACT)
     return xt, yt, y5, i5
 
 
@@ -131,7 +121,7 @@ def test_max_pool_matches_torch(nd, case):
     g = _rng(1).standard_normal(yt.shape)
     (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
     gx = pool.max_pool_backward(_to5d(g, nd), i5, _to5d(x, nd).shape[2:])
-    _assert_close(_from5d(gx, nd), gt)
+    assert_close(_from5d(gx, nd), gt, rtol=RTOL, atol=ATOL)
 
 
 def test_max_pool_anisotropic_2d_and_3d():
@@ -188,7 +178,7 @@ def test_max_pool_empty_window_guard():
     x = _input(2, spatial=(4, 4))
     yt = F.max_pool2d(torch.from_numpy(x), 2, 2, 1)  # 3x3
     y5, i5 = pool.max_pool_forward(_to5d(x, 2), (1, 2, 2), (1, 2, 2), (0, 1, 1), (1, 1, 1), (1, 3, 4), True)
-    _assert_exact(y5[..., :3], _to5d(yt.numpy(), 2))
+    assert_close(y5[..., :3], _to5d(yt.numpy(), 2), **EXACT)
     assert np.all(y5[..., 3] == -np.inf) and np.all(i5[..., 3] == pool.EMPTY_WINDOW_INDEX)
     y5m, i5m = pool.min_pool_forward(_to5d(x, 2), (1, 2, 2), (1, 2, 2), (0, 1, 1), (1, 1, 1), (1, 3, 4), True)
     assert np.all(y5m[..., 3] == np.inf) and np.all(i5m[..., 3] == -1)
@@ -217,10 +207,10 @@ def test_min_pool_is_negated_max_pool_of_negated_input(nd):
                     _geom(tuple(yt.shape[2:]), nd, 1))
             y5, i5 = pool.min_pool_forward(_to5d(x, nd), *args, True)
             ym, im = pool.max_pool_forward(_to5d(-x, nd), *args, True)
-            _assert_exact(y5, -ym)
-            _assert_exact(_from5d(y5, nd), -yt.numpy())
-            _assert_exact(_from5d(i5, nd), it)
-            _assert_exact(pool.min_pool_forward(_to5d(x, nd), *args, False)[0], y5)
+            assert_close(y5, -ym, **EXACT)
+            assert_close(_from5d(y5, nd), -yt.numpy(), **EXACT)
+            assert_close(_from5d(i5, nd), it, **EXACT)
+            assert_close(pool.min_pool_forward(_to5d(x, nd), *args, False)[0], y5, **EXACT)
 
 
 @pytest.mark.parametrize("fn", [pool.max_pool_forward, pool.min_pool_forward])
@@ -270,8 +260,8 @@ def test_max_pool_fast_kernel_equals_generic_kernel(want_min):
         y_gen = np.empty_like(y_fast).reshape((2,) + out)
         i_gen = np.empty(y_gen.shape, np.int64)
         pool._max_pool_kernel_generic(x.reshape((2,) + spatial), y_gen, i_gen, *k, *s, *p, *d, want_min, True)
-        _assert_exact(y_fast.reshape(y_gen.shape), y_gen)
-        _assert_exact(i_fast.reshape(i_gen.shape), i_gen)
+        assert_close(y_fast.reshape(y_gen.shape), y_gen, **EXACT)
+        assert_close(i_fast.reshape(i_gen.shape), i_gen, **EXACT)
 
 
 def test_max_pool_rejects_bad_arguments():
@@ -329,11 +319,11 @@ def _run_avg(x, nd, k, s, p, ceil_mode, cip, div, rtol=RTOL, atol=ATOL):
     yt = _AVG_POOL[nd](xt, k, s, p, **kw)
     geo = (_geom(k, nd, 1), _geom(s, nd, 1), _geom(p, nd, 0))
     y5 = pool.avg_pool_forward(_to5d(x, nd), *geo, _geom(tuple(yt.shape[2:]), nd, 1), ceil_mode, cip, div)
-    _assert_close(_from5d(y5, nd), yt, rtol, atol)
+    assert_close(_from5d(y5, nd), yt, rtol=rtol, atol=atol)
     g = _rng(2).standard_normal(yt.shape).astype(x.dtype)
     (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
     gx = pool.avg_pool_backward(_to5d(g, nd), *geo, _to5d(x, nd).shape[2:], ceil_mode, cip, div)
-    _assert_close(_from5d(gx, nd), gt, rtol, atol)
+    assert_close(_from5d(gx, nd), gt, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -357,8 +347,8 @@ def test_avg_pool_divisor_override(nd, div):
 def test_avg_pool_divisor_override_zero_means_none():
     x = _input(2, seed=13)
     geo = ((1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 5, 5))
-    _assert_exact(pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, 0),
-                  pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, None))
+    assert_close(pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, 0),
+                 pool.avg_pool_forward(_to5d(x, 2), *geo, False, False, None), **EXACT)
 
 
 def test_avg_pool_anisotropic():
@@ -412,11 +402,11 @@ def test_adaptive_avg_pool_matches_torch(nd):
         xt = torch.from_numpy(x.copy()).requires_grad_(True)
         yt = _ADA_AVG[nd](xt, out)
         y5 = pool.adaptive_avg_pool_forward(_to5d(x, nd), _geom(out, nd, 1))
-        _assert_close(_from5d(y5, nd), yt)
+        assert_close(_from5d(y5, nd), yt, rtol=RTOL, atol=ATOL)
         g = _rng(3).standard_normal(yt.shape)
         (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
         gx = pool.adaptive_avg_pool_backward(_to5d(g, nd), _geom(spatial, nd, 1))
-        _assert_close(_from5d(gx, nd), gt)
+        assert_close(_from5d(gx, nd), gt, rtol=RTOL, atol=ATOL)
 
 
 def test_adaptive_avg_pool_float32_global():
@@ -424,7 +414,7 @@ def test_adaptive_avg_pool_float32_global():
     yt = F.adaptive_avg_pool2d(torch.from_numpy(x), 1)
     y5 = pool.adaptive_avg_pool_forward(_to5d(x, 2), (1, 1, 1))
     assert y5.dtype == np.float32
-    _assert_close(_from5d(y5, 2), yt, 1e-6, 1e-6)
+    assert_close(_from5d(y5, 2), yt, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3])
@@ -437,12 +427,12 @@ def test_adaptive_max_pool_matches_torch(nd):
             xt = torch.from_numpy(x.copy()).requires_grad_(True)
             yt, it = _ADA_MAX[nd](xt, out, return_indices=True)
             y5, i5 = pool.adaptive_max_pool_forward(_to5d(x, nd), _geom(out, nd, 1))
-            _assert_exact(_from5d(y5, nd), yt)
-            _assert_exact(_from5d(i5, nd), it)
+            assert_close(_from5d(y5, nd), yt, **EXACT)
+            assert_close(_from5d(i5, nd), it, **EXACT)
             g = _rng(4).standard_normal(yt.shape)
             (gt,) = torch.autograd.grad(yt, xt, torch.from_numpy(g))
             gx = pool.max_pool_backward(_to5d(g, nd), i5, _geom(spatial, nd, 1))
-            _assert_close(_from5d(gx, nd), gt)
+            assert_close(_from5d(gx, nd), gt, rtol=RTOL, atol=ATOL)
 
 
 def test_adaptive_zero_planes_and_bad_input():
@@ -473,11 +463,11 @@ def test_max_unpool_matches_torch(nd, case):
         ut = _UNPOOL[nd](v, ip, k, s, p, output_size=x.shape[2:])
     u5 = pool.max_unpool_forward(_to5d(v.detach().numpy(), nd), _to5d(ip.numpy(), nd),
                                  _geom(x.shape[2:], nd, 1))
-    _assert_exact(_from5d(u5, nd), ut)
+    assert_close(_from5d(u5, nd), ut, **EXACT)
     g = _rng(33).standard_normal(ut.shape)
     (gt,) = torch.autograd.grad(ut, v, torch.from_numpy(g))
     gv = pool.max_unpool_backward(_to5d(g, nd), _to5d(ip.numpy(), nd))
-    _assert_exact(_from5d(gv, nd), gt)
+    assert_close(_from5d(gv, nd), gt, **EXACT)
 
 
 def test_max_unpool_duplicate_indices_last_wins_like_sequential_torch():
@@ -488,7 +478,7 @@ def test_max_unpool_duplicate_indices_last_wins_like_sequential_torch():
     with _one_torch_thread():
         ut = F.max_unpool2d(v, idx, (2, 1), output_size=(2, 4))
     u5 = pool.max_unpool_forward(_to5d(v.numpy(), 2), _to5d(idx.numpy(), 2), (1, 2, 4))
-    _assert_exact(_from5d(u5, 2), ut)
+    assert_close(_from5d(u5, 2), ut, **EXACT)
     assert u5.reshape(-1)[5] == 3.0
 
 

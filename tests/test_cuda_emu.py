@@ -22,7 +22,7 @@ import fastconv.functional as F
 from fastconv.cuda import conv as cuda_conv
 from fastconv.cuda import loader
 from fastconv.cuda import pool as cuda_pool
-from conftest import assert_close
+from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CPU harness needs g++")
 CUDA_ALGOS = ["cuda-direct", "implicit-gemm", "cuda-depthwise"]

@@ -19,7 +19,7 @@ import torch.nn.functional as TF
 
 import fastconv
 import fastconv.functional as F
-from conftest import assert_close
+from helpers import assert_close
 
 EMULATE = os.environ.get("FASTCONV_GPU_CHECK", "") == "emulate"
 if EMULATE:

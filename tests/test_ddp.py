@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import assert_close
+from helpers import assert_close
 
 WORLD = 2
 STEPS = 3

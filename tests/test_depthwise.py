@@ -10,7 +10,7 @@ import torch.nn.functional as TF
 import fastconv
 import fastconv.functional as F
 from fastconv import backends
-from conftest import assert_close
+from helpers import assert_close
 
 pytestmark = pytest.mark.skipif(backends.current() != "numba", reason="algo='depthwise' runs on the numba backend")
 

@@ -12,7 +12,7 @@ import fastconv.functional as F
 from fastconv import backends, registry
 from fastconv.cpu import fft
 from fastconv.ops.conv import make_geometry
-from conftest import assert_close
+from helpers import assert_close
 
 if backends.current() != "numba":
     pytest.skip("the FFT algorithm runs on the CPU (numba) target only", allow_module_level=True)

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fastconv
 from fastconv import flops
 from fastconv.cpu.counting import direct_forward_counted, in_range_pairs
-from conftest import assert_close
+from helpers import assert_close
 
 fnn = fastconv.nn
 F = fastconv.functional

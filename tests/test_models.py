@@ -13,7 +13,7 @@ from torch.nn import functional as torch_F
 
 import fastconv
 from fastconv import flops, models
-from conftest import assert_close
+from helpers import assert_close
 
 # seeds (seed_cases.json "counts", copied: the project runs without ../shared)
 VGG_PARAMS_MILLIONS = {"A": 133, "A-LRN": 133, "B": 133, "C": 134, "D": 138, "E": 144}

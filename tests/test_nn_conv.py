@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastconv
-from conftest import assert_close
+from helpers import assert_close
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])

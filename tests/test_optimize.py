@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastconv
-from conftest import assert_close
+from helpers import assert_close
 
 
 def _randomise_bn(model):

@@ -8,7 +8,7 @@ from torch import nn
 
 import fastconv
 import fastconv.functional as F
-from conftest import assert_close
+from helpers import assert_close
 
 SIZES = {1: (11,), 2: (9, 8), 3: (5, 7, 6)}
 

@@ -12,7 +12,7 @@ import fastconv
 import fastconv.functional as F
 from fastconv import backends
 from fastconv.ops import separable as separable_ops
-from conftest import assert_close
+from helpers import assert_close
 
 # fused exists on the numba (CPU) backend only; unfused runs on any backend
 ALGOS = ["auto", "fused", "unfused"] if backends.current() == "numba" else ["auto", "unfused"]

@@ -15,7 +15,7 @@ import torch.nn.functional as TF
 
 import fastconv
 import fastconv.functional as F
-from conftest import assert_close
+from helpers import assert_close
 
 
 class _ConvDataset(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ import fastconv
 import fastconv.functional as F
 from fastconv import backends
 from fastconv.ops import transposed as transposed_ops
-from conftest import assert_close
+from helpers import assert_close
 
 TARGET = backends.current()
 REGISTRY_ALGOS = [row["name"] for row in fastconv.algorithms() if TARGET in row["targets"]]

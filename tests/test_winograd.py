@@ -17,7 +17,7 @@ import fastconv.functional as F
 from fastconv import registry
 from fastconv.cpu import winograd
 from fastconv.ops.conv import make_geometry
-from conftest import assert_close
+from helpers import assert_close
 
 ALGOS = {"winograd2": 2, "winograd4": 4}
 

@@ -1,4 +1,4 @@
-"""Numba CPU kernels for depthwise convolution (``groups == in_channels``), registered as ``algo="depthwise"``.
+"""Numba CPU kernels for depthwise convolution (``groups == in_channels``), declared as ``algo="depthwise"`` in :mod:`fastconv.cpu.algorithms`.
 
 A depthwise convolution has one input channel per group and ``m`` output channels per input channel
 (channel multiplier, ``K = m * C``): output channel ``k`` reads input channel ``k // m`` only. The work
@@ -946,45 +946,3 @@ depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True)
 depthwise_grad_input = _nonfinite.exact(depthwise_grad_input)
 depthwise_grad_weight = _nonfinite.exact(depthwise_grad_weight)
 
-
-# --------------------------------------------------------------------------------------------------
-# Registration
-# --------------------------------------------------------------------------------------------------
-
-def _refuse(g) -> "str | None":
-    if g.groups != g.in_channels:
-        return (f"needs groups == in_channels (depthwise); got groups={g.groups} with "
-                f"{g.in_channels} input channels")
-    if g.out_channels % g.in_channels != 0:
-        return (f"needs out_channels to be a multiple of in_channels (channel multiplier); got "
-                f"{g.out_channels} output channels for {g.in_channels} input channels")
-    return None
-
-
-def _register():
-    import torch
-
-    from .. import registry
-
-    def forward(x, w, bias, g):
-        b = None if bias is None else bias.detach().numpy()
-        return torch.from_numpy(depthwise_forward(x.detach().numpy(), w.detach().numpy(), b, g.stride,
-                                                  g.padding, g.dilation, g.groups, g.out_spatial))
-
-    def grad_input(grad_out, w, g):
-        return torch.from_numpy(depthwise_grad_input(grad_out.detach().numpy(), w.detach().numpy(), g.stride,
-                                                     g.padding, g.dilation, g.groups, g.in_spatial))
-
-    def grad_weight(grad_out, x, g):
-        return torch.from_numpy(depthwise_grad_weight(grad_out.detach().numpy(), x.detach().numpy(), g.stride,
-                                                      g.padding, g.dilation, g.groups, g.kernel))
-
-    registry.register(registry.ConvAlgorithm(
-        "depthwise", frozenset({"numba"}),
-        "depthwise only (groups == in_channels, any multiplier): 2-D planes as per-tap-column shifted "
-        "copies at output pitch, one flat exact loop per plane; other shapes one padded, phase-split plane "
-        "per task; input gradient as a flipped-kernel forward or gathered per stride phase",
-        forward, grad_input, grad_weight, refuse=_refuse))
-
-
-_register()

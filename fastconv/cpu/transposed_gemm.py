@@ -19,9 +19,8 @@ from numba import njit, prange
 
 from fastconv import config
 
+from ..spec import ConvGeometry
 from . import blas
-
-from ..registry import ConvGeometry
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 

@@ -1,6 +1,6 @@
 """Winograd F(2x2,3x3) and F(4x4,3x3) convolutions on the CPU (Numba transforms + BLAS GEMMs).
 
-Registers the algorithms ``"winograd2"`` and ``"winograd4"`` (target ``"numba"``) for 2-D convolutions
+The kernels of ``"winograd2"`` and ``"winograd4"`` (target ``"numba"``, declared in :mod:`.algorithms`) for 2-D convs
 with a 3x3 kernel, stride 1 and dilation 1: any padding (negative, asymmetric, ``'same'``), any groups.
 
 How a forward pass runs (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural Networks"), with
@@ -649,36 +649,3 @@ def workspace_bytes(g, m: int) -> int:
         per_row = a * a * (C + K) * (TW + 1) * item
         worst = max(worst, _rows_per_chunk(per_row, rows, TW + 1) * per_row)
     return filters + worst + a * a * K * (C // G) * item  # the weight gradient's accumulator pair
-
-
-def _make_algorithm(m: int):
-    """A registry ``ConvAlgorithm`` running F(m x m, 3x3) on the Numba target (torch <-> numpy seam)."""
-    import torch
-
-    from .. import registry
-
-    def forward(x, w, bias, g):
-        b = None if bias is None else bias.detach().numpy()
-        return torch.from_numpy(winograd_forward(x.detach().numpy(), w.detach().numpy(), b, g.padding,
-                                                 g.groups, g.out_spatial, m))
-
-    def grad_input(grad_out, w, g):
-        return torch.from_numpy(winograd_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
-                                                    g.padding, g.groups, g.in_spatial, m))
-
-    def grad_weight(grad_out, x, g):
-        return torch.from_numpy(winograd_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
-                                                     g.padding, g.groups, m))
-
-    a = m + 2
-    return registry.register(registry.ConvAlgorithm(
-        f"winograd{m}", frozenset({"numba"}),
-        f"Winograd F({m}x{m},3x3) for 3x3 stride-1 2-D convs: {(a / m) ** 2:g} instead of 9 multiplies per "
-        f"output ({9 * m * m / (a * a):g}x fewer), chunked tile transforms + BLAS GEMMs; input gradient as "
-        f"the flipped conv, weight gradient by F(3x3,{m}x{m})",
-        forward, grad_input, grad_weight, refuse=refuse_reason,
-        mult_ratio=lambda g: mult_ratio(g, m), workspace_bytes=lambda g: workspace_bytes(g, m)))
-
-
-WINOGRAD2 = _make_algorithm(2)
-WINOGRAD4 = _make_algorithm(4)

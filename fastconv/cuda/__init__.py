@@ -9,9 +9,11 @@
   torch's current stream of the tensor's device; the same launch code drives the GPU and the
   harness. Grids map work, not planes (:func:`launch.plane_grid`).
 * :mod:`.conv` and :mod:`.pool` hold the host side of each kernel family (grid maths, argument
-  order); :mod:`.register` installs them: the conv algorithms ``cuda-direct``, ``implicit-gemm``
-  and ``cuda-depthwise`` for targets ``"cuda"`` and ``"cuda-emu"``, a heuristic per target, and the
-  pooling kernels. Launch plans (grid, scalars, shapes) are cached per geometry.
+  order) and declare what they provide as data: the conv algorithms ``cuda-direct``,
+  ``implicit-gemm`` and ``cuda-depthwise`` for targets ``"cuda"`` and ``"cuda-emu"``
+  (``conv.ALGORITHMS``), a heuristic per target (``conv.HEURISTICS``) and the pooling kernels
+  (``pool.POOL_IMPLS``); :mod:`fastconv.ops.catalog` registers them. Launch plans (grid, scalars,
+  shapes) are cached per geometry.
 
 No op makes the host wait for the GPU: a bad index found by a kernel becomes a device-side assert
 (``torch._assert_async``), never an ``.item()``; ``tests/test_cuda_sync.py`` checks every op.

@@ -1,6 +1,6 @@
 """Host side of ``kernels/conv.cu``: the CUDA convolution algorithms (grid maths, argument order).
 
-Every function takes contiguous 5-D tensors and a :class:`~fastconv.registry.ConvGeometry` and
+Every function takes contiguous 5-D tensors and a :class:`~fastconv.spec.ConvGeometry` and
 returns a fresh contiguous 5-D tensor allocated by torch on the input's device; the kernel writes
 it. The same code runs CUDA tensors (target ``"cuda"``) and CPU tensors on the harness
 (``"cuda-emu"``).
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..registry import ConvAlgorithm, ConvGeometry
+from ..spec import ConvAlgorithm, ConvGeometry
 from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, plane_grid, suffix
 
 TARGETS = frozenset({"cuda", "cuda-emu"})
@@ -235,6 +235,7 @@ def heuristic(g: ConvGeometry, pass_: str) -> str:
     return "implicit-gemm"
 
 
+#: The CUDA convolution algorithms for both CUDA targets (registered by :mod:`fastconv.ops.catalog`).
 ALGORITHMS = [
     ConvAlgorithm(
         "cuda-direct", TARGETS,
@@ -256,3 +257,5 @@ ALGORITHMS = [
         _forward_plane("conv_depthwise"), _grad_input_plane("conv_depthwise"), direct_grad_weight,
         refuse=_depthwise_refusal),
 ]
+#: ``algo='auto'`` without measuring, per target.
+HEURISTICS = {target: heuristic for target in TARGETS}

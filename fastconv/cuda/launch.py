@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import backends
 from . import loader
 
 BLOCK = 256             #: threads per block (FC_BLOCK / IG_THREADS in kernels/common.cuh)
@@ -90,11 +89,13 @@ class Launcher:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
             self.stream = _external_stream(self._cupy, torch.cuda.current_stream(self.device_id).cuda_stream,
                                            self.device_id)
-        else:
-            self.target = backends.target_for(like)
-            if self.target != "cuda-emu":
-                raise RuntimeError(f"fastconv.cuda: target {self.target!r} is not a CUDA target")
+        elif device.type == "cpu":
+            # A CPU tensor reaches a CUDA kernel only when dispatch chose a "cuda-emu" implementation
+            # (the backend switch lives above this layer): it runs on the CPU execution harness.
+            self.target = "cuda-emu"
             self.device_id, self._cupy, self.stream = 0, None, None
+        else:
+            raise RuntimeError(f"fastconv.cuda: device {device} is not a CUDA device or the CPU harness")
 
     def empty(self, shape, dtype) -> torch.Tensor:
         """An output buffer allocated by torch on the op's device (its caching allocator)."""

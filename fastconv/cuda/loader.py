@@ -22,6 +22,8 @@ import os
 import threading
 from pathlib import Path
 
+from .. import config
+
 #: The ``kernels/*.cu`` folder shipped inside the package (``fastconv/kernels``).
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 #: Kernel families: one ``kernels/<family>.cu`` each.
@@ -103,12 +105,8 @@ def cache_key(family: str, opts: tuple, arch: str) -> str:
 
 
 def _cache_dir() -> Path:
-    """Compiled modules: ``$FASTCONV_CACHE_DIR/cubin``, else ``$XDG_CACHE_HOME/fastconv/cubin``, else
-    ``~/.cache/fastconv/cubin`` (the autotuner's folder)."""
-    root = os.environ.get("FASTCONV_CACHE_DIR")
-    if root:
-        return Path(root) / "cubin"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastconv" / "cubin"
+    """Compiled modules: the ``cubin`` folder of fastconv's cache (:func:`fastconv.config.cache_folder`)."""
+    return config.cache_folder("cubin")
 
 
 def _image(family: str, opts: tuple, cc: str) -> bytes:

@@ -1,4 +1,4 @@
-"""Host side of ``kernels/pool.cu``: :class:`fastconv.ops.pool.PoolKernels` on the CUDA kernels.
+"""Host side of ``kernels/pool.cu``: :class:`fastconv.spec.PoolKernels` on the CUDA kernels (:data:`POOL_IMPLS`).
 
 Tensors are contiguous 5-D (N, C, D, H, W), processed as P = N*C planes. Pooling kernel argument
 order (kernels/common.cuh ``POOL_PARAMS``): P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph,
@@ -180,3 +180,7 @@ class CudaPoolKernels:
         L.launch("pool", f"adaptive_avg_pool_backward{suffix(grad_out.dtype)}", plane_grid(P, math.prod(in_spatial)),
                  (BLOCK,), (grad_out, gx), (i32(P), *map(i32, in_spatial), *map(i32, grad_out.shape[2:])))
         return gx
+
+
+#: target -> pooling kernels for both CUDA targets (registered by :mod:`fastconv.ops.catalog`).
+POOL_IMPLS = {target: CudaPoolKernels() for target in ("cuda", "cuda-emu")}

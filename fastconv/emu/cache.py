@@ -31,6 +31,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import config
 from .errors import CompileError
 
 _loaded: dict = {}      # real path of a library -> ctypes.CDLL (dlopen would give the same handle)
@@ -38,9 +39,10 @@ compiles = 0            # compiler runs in this process (tests check that concur
 
 
 def cache_dir() -> Path:
-    """``$FASTCONV_EMU_CACHE``, default ``~/.cache/fastconv/emu``."""
-    d = os.environ.get("FASTCONV_EMU_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastconv", "emu")
-    return Path(d)
+    """``$FASTCONV_EMU_CACHE``, else the ``emu`` folder of fastconv's cache (:func:`fastconv.config.cache_folder`:
+    ``$FASTCONV_CACHE_DIR/emu``, else ``$XDG_CACHE_HOME/fastconv/emu``, else ``~/.cache/fastconv/emu``)."""
+    d = os.environ.get("FASTCONV_EMU_CACHE")
+    return Path(d) if d else config.cache_folder("emu")
 
 
 def digest(parts) -> str:

@@ -1,8 +1,10 @@
-"""The registered ``torch.ops.fastconv.*`` custom ops; importing this package registers them."""
+"""The registered ``torch.ops.fastconv.*`` custom ops; importing this package registers them, and
+(:mod:`.catalog`) registers the implementations the kernel modules declare."""
 from . import conv  # noqa: F401
 from . import pool  # noqa: F401
 from . import transposed  # noqa: F401
 from . import separable  # noqa: F401
+from . import catalog  # noqa: F401  (kernel declarations -> registry and pooling table)
 
 from ._first_call import skip_eager_dynamo_import as _skip_eager_dynamo_import
 

@@ -18,44 +18,23 @@ op                         computes                             derivative
 =========================  ===================================  ====================================
 
 Every linear op's derivative is its adjoint, which is another op here, so double backward works.
-Kernels come from a per-target table (:data:`KERNELS`): ``"numba"`` is registered by
-:mod:`fastconv.cpu.register_pool`; the CUDA backends register theirs.
+Kernels come from a per-target table (:data:`KERNELS`) that :mod:`fastconv.ops.catalog` fills from
+``fastconv.cpu.pool_impls.POOL_IMPLS`` and ``fastconv.cuda.pool.POOL_IMPLS``.
 """
 from __future__ import annotations
 
 import math
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .. import backends
+from ..spec import PoolKernels, Triple  # noqa: F401  (re-exported: the protocol a target implements)
 from . import validation
 from ._output import fresh
 from .validation import pool_output_size  # noqa: F401  (re-exported: one definition)
 
-Triple = tuple[int, int, int]
-
-
-class PoolKernels(Protocol):
-    """What a target provides. Tensors are contiguous 5-D (N, C, D, H, W); geometry args 3-tuples."""
-
-    def max_pool(self, x: Tensor, kernel: Triple, stride: Triple, padding: Triple, dilation: Triple,
-                 out_spatial: Triple, minimum: bool) -> tuple[Tensor, Tensor]: ...
-    def max_pool_backward(self, grad_out: Tensor, indices: Tensor, in_spatial: Triple) -> Tensor: ...
-    def adaptive_max_pool(self, x: Tensor, out_spatial: Triple) -> tuple[Tensor, Tensor]: ...
-    def max_unpool(self, x: Tensor, indices: Tensor, out_spatial: Triple) -> Tensor: ...
-    def max_unpool_backward(self, grad_out: Tensor, indices: Tensor) -> Tensor: ...
-    def avg_pool(self, x: Tensor, kernel: Triple, stride: Triple, padding: Triple, out_spatial: Triple,
-                 ceil_mode: bool, count_include_pad: bool, divisor_override: int) -> Tensor: ...
-    def avg_pool_backward(self, grad_out: Tensor, kernel: Triple, stride: Triple, padding: Triple,
-                          in_spatial: Triple, ceil_mode: bool, count_include_pad: bool,
-                          divisor_override: int) -> Tensor: ...
-    def adaptive_avg_pool(self, x: Tensor, out_spatial: Triple) -> Tensor: ...
-    def adaptive_avg_pool_backward(self, grad_out: Tensor, in_spatial: Triple) -> Tensor: ...
-
-
-#: target name -> kernels. Filled by the backends on import.
+#: target name -> kernels. Filled by :mod:`fastconv.ops.catalog` from the kernel modules' ``POOL_IMPLS``.
 KERNELS: dict[str, PoolKernels] = {}
 
 

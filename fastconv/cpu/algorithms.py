@@ -1,6 +1,11 @@
-"""Registers the Numba CPU convolution algorithms (``fastconv.cpu.conv``) with the algorithm registry.
+"""The Numba CPU convolution algorithms, declared as data: :data:`ALGORITHMS` and :data:`HEURISTICS`.
 
-The Numba kernels take and return numpy arrays; this module is the thin torch <-> numpy seam
+One entry per algorithm (direct, im2col, fft, depthwise, winograd2, winograd4): its name, targets,
+summary, the three passes, ``refuse(geometry)``, ``mult_ratio`` and ``workspace_bytes``. This module
+registers nothing: :mod:`fastconv.ops.catalog` imports it and registers the entries, so importing a
+kernel module never changes what ``algo=`` can choose.
+
+The Numba kernels take and return numpy arrays; this module is also the thin torch <-> numpy seam
 (``Tensor.numpy()`` and ``torch.from_numpy`` share memory, so no copies are made).
 """
 from __future__ import annotations
@@ -9,10 +14,9 @@ import math
 
 import torch
 
-from .. import registry
-from ..registry import ConvAlgorithm, ConvGeometry
+from ..spec import ConvAlgorithm, ConvGeometry
 from . import conv as kernels
-from . import fft
+from . import depthwise, fft, winograd
 
 
 def _wrap(prefix: str):
@@ -44,16 +48,16 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     return min(per_image * max(g.batch, 1), getattr(kernels, "IM2COL_WORKSPACE_BYTES", per_image))
 
 
-registry.register(ConvAlgorithm(
+DIRECT = ConvAlgorithm(
     "direct", frozenset({"numba"}),
     "loop nest: output row innermost (vectorised), output channels register-blocked, parallel over "
     "batch x channel blocks; no workspace",
-    *_wrap("direct")))
+    *_wrap("direct"))
 
-registry.register(ConvAlgorithm(
+IM2COL = ConvAlgorithm(
     "im2col", frozenset({"numba"}),
     "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col)",
-    *_wrap("im2col"), workspace_bytes=_im2col_workspace))
+    *_wrap("im2col"), workspace_bytes=_im2col_workspace)
 
 
 def _fft_algorithm() -> ConvAlgorithm:
@@ -106,7 +110,7 @@ FFT_MIN_TAPS = 16
 #: Spectra beyond this are refused rather than risk the memory of a whole training step.
 FFT_MAX_WORKSPACE_BYTES = 1 << 30
 
-registry.register(_fft_algorithm())
+FFT = _fft_algorithm()
 
 
 def _heuristic(g: ConvGeometry, pass_: str) -> str:
@@ -128,8 +132,72 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
     return "im2col"
 
 
-registry.register_heuristic("numba", _heuristic)
+def _depthwise_algorithm() -> ConvAlgorithm:
+    """``depthwise``: the kernels of :mod:`fastconv.cpu.depthwise` (groups == in_channels, any multiplier)."""
 
-# Further CPU algorithms register themselves on import (one line each, below).
-from . import depthwise as _depthwise  # noqa: E402,F401  (registers algo="depthwise")
-from . import winograd as _winograd  # noqa: E402,F401  (registers winograd2/winograd4)
+    def forward(x, w, bias, g: ConvGeometry):
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(depthwise.depthwise_forward(x.detach().numpy(), w.detach().numpy(), b, g.stride,
+                                                            g.padding, g.dilation, g.groups, g.out_spatial))
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return torch.from_numpy(depthwise.depthwise_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
+                                                               g.stride, g.padding, g.dilation, g.groups,
+                                                               g.in_spatial))
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return torch.from_numpy(depthwise.depthwise_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
+                                                                g.stride, g.padding, g.dilation, g.groups,
+                                                                g.kernel))
+
+    def refuse(g: ConvGeometry):
+        if g.groups != g.in_channels:
+            return (f"needs groups == in_channels (depthwise); got groups={g.groups} with "
+                    f"{g.in_channels} input channels")
+        if g.out_channels % g.in_channels != 0:
+            return (f"needs out_channels to be a multiple of in_channels (channel multiplier); got "
+                    f"{g.out_channels} output channels for {g.in_channels} input channels")
+        return None
+
+    return ConvAlgorithm(
+        "depthwise", frozenset({"numba"}),
+        "depthwise only (groups == in_channels, any multiplier): 2-D planes as per-tap-column shifted "
+        "copies at output pitch, one flat exact loop per plane; other shapes one padded, phase-split plane "
+        "per task; input gradient as a flipped-kernel forward or gathered per stride phase",
+        forward, grad_input, grad_weight, refuse=refuse)
+
+
+def _winograd_algorithm(m: int) -> ConvAlgorithm:
+    """``winograd{m}``: F(m x m, 3x3) from :mod:`fastconv.cpu.winograd` on the Numba target."""
+
+    def forward(x, w, bias, g: ConvGeometry):
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(winograd.winograd_forward(x.detach().numpy(), w.detach().numpy(), b, g.padding,
+                                                          g.groups, g.out_spatial, m))
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return torch.from_numpy(winograd.winograd_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
+                                                             g.padding, g.groups, g.in_spatial, m))
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return torch.from_numpy(winograd.winograd_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
+                                                              g.padding, g.groups, m))
+
+    a = m + 2
+    return ConvAlgorithm(
+        f"winograd{m}", frozenset({"numba"}),
+        f"Winograd F({m}x{m},3x3) for 3x3 stride-1 2-D convs: {(a / m) ** 2:g} instead of 9 multiplies per "
+        f"output ({9 * m * m / (a * a):g}x fewer), chunked tile transforms + BLAS GEMMs; input gradient as "
+        f"the flipped conv, weight gradient by F(3x3,{m}x{m})",
+        forward, grad_input, grad_weight, refuse=winograd.refuse_reason,
+        mult_ratio=lambda g: winograd.mult_ratio(g, m), workspace_bytes=lambda g: winograd.workspace_bytes(g, m))
+
+
+DEPTHWISE = _depthwise_algorithm()
+WINOGRAD2 = _winograd_algorithm(2)
+WINOGRAD4 = _winograd_algorithm(4)
+
+#: Every Numba convolution algorithm (registered by :mod:`fastconv.ops.catalog`).
+ALGORITHMS = [DIRECT, IM2COL, FFT, DEPTHWISE, WINOGRAD2, WINOGRAD4]
+#: ``algo='auto'`` without measuring, per target this module serves.
+HEURISTICS = {"numba": _heuristic}

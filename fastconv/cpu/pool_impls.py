@@ -1,0 +1,55 @@
+"""The Numba pooling kernels (``fastconv.cpu.pool_*``, one file per family) declared as the ``"numba"`` pooling target: :data:`POOL_IMPLS`.
+
+Registers nothing (:mod:`fastconv.ops.catalog` does). The kernels take and return numpy arrays;
+``Tensor.numpy()`` and ``torch.from_numpy`` share memory, so this seam copies nothing.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import pool_adaptive_avg, pool_adaptive_max, pool_avg, pool_max, pool_unpool
+
+
+def _np(t: torch.Tensor):
+    return t.detach().numpy()
+
+
+class NumbaPoolKernels:
+    """:class:`fastconv.spec.PoolKernels` on the CPU through Numba."""
+
+    def max_pool(self, x, kernel, stride, padding, dilation, out_spatial, minimum):
+        run = pool_max.min_pool_forward if minimum else pool_max.max_pool_forward
+        y, idx = run(_np(x), kernel, stride, padding, dilation, out_spatial, True)
+        return torch.from_numpy(y), torch.from_numpy(idx)
+
+    def max_pool_backward(self, grad_out, indices, in_spatial):
+        return torch.from_numpy(pool_max.max_pool_backward(_np(grad_out), _np(indices), in_spatial))
+
+    def adaptive_max_pool(self, x, out_spatial):
+        y, idx = pool_adaptive_max.adaptive_max_pool_forward(_np(x), out_spatial)
+        return torch.from_numpy(y), torch.from_numpy(idx)
+
+    def max_unpool(self, x, indices, out_spatial):
+        return torch.from_numpy(pool_unpool.max_unpool_forward(_np(x), _np(indices), out_spatial))
+
+    def max_unpool_backward(self, grad_out, indices):
+        return torch.from_numpy(pool_unpool.max_unpool_backward(_np(grad_out), _np(indices)))
+
+    def avg_pool(self, x, kernel, stride, padding, out_spatial, ceil_mode, count_include_pad, divisor_override):
+        return torch.from_numpy(pool_avg.avg_pool_forward(_np(x), kernel, stride, padding, out_spatial, ceil_mode,
+                                                          count_include_pad, divisor_override))
+
+    def avg_pool_backward(self, grad_out, kernel, stride, padding, in_spatial, ceil_mode, count_include_pad,
+                          divisor_override):
+        return torch.from_numpy(pool_avg.avg_pool_backward(_np(grad_out), kernel, stride, padding, in_spatial,
+                                                           ceil_mode, count_include_pad, divisor_override))
+
+    def adaptive_avg_pool(self, x, out_spatial):
+        return torch.from_numpy(pool_adaptive_avg.adaptive_avg_pool_forward(_np(x), out_spatial))
+
+    def adaptive_avg_pool_backward(self, grad_out, in_spatial):
+        return torch.from_numpy(pool_adaptive_avg.adaptive_avg_pool_backward(_np(grad_out), in_spatial))
+
+
+#: target -> pooling kernels (registered by :mod:`fastconv.ops.catalog`).
+POOL_IMPLS = {"numba": NumbaPoolKernels()}

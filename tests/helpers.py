@@ -1,0 +1,56 @@
+"""THE test helpers: the tolerance table (from :mod:`fastconv.tolerances`, shared with the benchmark) and
+the one comparison, which reports the worst element and where it is.
+
+    from helpers import assert_close, tolerance
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fastconv.tolerances import ALGORITHM_TOLERANCES, TOLERANCES, tolerance  # noqa: F401  (re-exported)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a)) if not isinstance(a, torch.Tensor) else a.detach()
+
+
+def assert_close(actual, expected, *, algo: str = "auto", what: str = "", rtol: float | None = None,
+                 atol: float | None = None, equal_nan: bool = True) -> None:
+    """Shape, dtype and values equal within the table's tolerance; on failure name the worst element.
+
+    ``actual``/``expected``: tensors or numpy arrays (mixed is fine). The bound is
+    ``atol + rtol * |expected|`` from :func:`tolerance` for ``expected``'s dtype and ``algo``;
+    ``rtol``/``atol`` override it where a test is stricter (bit-exact kernels) or says why it is looser.
+    NaN must sit where the reference has NaN (``equal_nan``); infinities must match exactly.
+    """
+    actual, expected = _as_tensor(actual), _as_tensor(expected)
+    where = f"{what}: " if what else ""
+    assert tuple(actual.shape) == tuple(expected.shape), (
+        f"{where}shape {tuple(actual.shape)} != {tuple(expected.shape)}")
+    assert actual.dtype == expected.dtype, f"{where}dtype {actual.dtype} != {expected.dtype}"
+    if actual.numel() == 0:
+        return
+    if expected.is_floating_point():
+        tol = dict(tolerance(expected.dtype, algo))
+    else:
+        tol = dict(rtol=0.0, atol=0.0)  # integers (indices, integer pooling) compare exactly
+    if rtol is not None:
+        tol["rtol"] = rtol
+    if atol is not None:
+        tol["atol"] = atol
+    a, e = actual.to(torch.float64), expected.to(torch.float64)
+    err = (a - e).abs()
+    bound = tol["atol"] + tol["rtol"] * e.abs()
+    same_inf = a.isinf() & (a == e)
+    bad = (err > bound) & ~same_inf
+    nan_mismatch = (a.isnan() != e.isnan()) if equal_nan else (a.isnan() | e.isnan())
+    bad = bad & ~a.isnan() & ~e.isnan()
+    if bad.any() or nan_mismatch.any():
+        score = torch.full_like(err, -torch.inf)
+        score[bad] = (err - bound)[bad]
+        score[nan_mismatch] = torch.inf
+        idx = tuple(int(i) for i in torch.unravel_index(score.argmax(), score.shape))
+        raise AssertionError(
+            f"{where}{int(bad.sum() + nan_mismatch.sum())} of {actual.numel()} elements differ; worst at {idx}: "
+            f"got {actual[idx].item()!r}, expected {expected[idx].item()!r} (tolerance {tol})")
