@@ -178,7 +178,7 @@ def _auto_choice(layer: Layer, pass_: str, dtype: torch.dtype) -> Optional[str]:
                       shapes["input"][2:], shapes["weight"][2:], None, expand(kw.get("stride", 1)), pad, pad,
                       expand(kw.get("dilation", 1)), dtype, backends.current())
     try:
-        return registry.choose("auto", g, pass_).name
+        return registry.decide("auto", g, pass_).name  # what auto ran: the stored choice, never a new measurement
     except (RuntimeError, ValueError):
         return None
 

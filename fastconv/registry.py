@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .spec import (PASSES, ConvAlgorithm, ConvGeometry, Forward, GradInput, GradWeight,  # noqa: F401  (re-exported)
+from .spec import (PASSES, ConvAlgorithm, ConvGeometry, Decision, Forward, GradInput, GradWeight,  # noqa: F401  (re-exported)
                    Triple)
 
 _REGISTRY: dict[tuple[str, str], ConvAlgorithm] = {}
@@ -111,3 +111,45 @@ def candidates(geom: ConvGeometry) -> list[ConvAlgorithm]:
     """The algorithms that can run ``geom`` (what the autotuner measures)."""
     return [alg for (name, target), alg in sorted(_REGISTRY.items())
             if target == geom.target and alg.why_not(geom) is None]
+
+
+def decide(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> Decision:
+    """What a call of ``algo`` runs for ``geom`` and ``pass_`` now, why, and its workspace -- never measuring.
+
+    The one answer to "which algorithm runs this" for everything that reports it (the FLOP counter, the
+    benchmark's labels, ``fastconv info``): a named algorithm is :func:`choose`'s answer (refusals raise as
+    there); for ``"auto"`` the autotuner's stored choice for this geometry's cache key when it has one
+    (what the op runs), else the heuristic, asked with tuning off -- so a count on the meta device never
+    runs the autotuner.
+    """
+    from . import autotune  # late: autotune imports this module
+
+    if algo != "auto":
+        alg = choose(algo, geom, pass_, op)
+        return Decision(alg, f"requested algo={algo!r}", int(alg.workspace_bytes(geom)))
+    names = tuple(a.name for a in candidates(geom))
+    key = autotune.cache_key(geom, pass_)
+    choice = autotune.autotune_cache().get(key)
+    if choice is not None and tuple(choice.candidates) == names and choice.algo in names:
+        times = sorted(choice.times_ms.items(), key=lambda kv: kv[1])
+        shown = ", ".join(f"{n} {t:.3g} ms" for n, t in times[:3])
+        alg = choose(choice.algo, geom, pass_, op)
+        return Decision(alg, f"autotuned here: {shown}", int(alg.workspace_bytes(geom)))
+    tuning = autotune.enabled()
+    with autotune.enabled(False):
+        alg = choose("auto", geom, pass_, op)
+    if len(names) == 1:
+        reason = "the only algorithm that runs it"
+    elif not tuning:
+        reason = "heuristic (autotuning off)"
+    elif autotune.deterministic():
+        reason = "heuristic (deterministic mode)"
+    elif geom.target in autotune.UNTUNED_TARGETS:
+        reason = f"heuristic (no tuning on {geom.target})"
+    elif geom.macs < autotune.MIN_MACS:
+        reason = f"heuristic (< {autotune.MIN_MACS / 1e6:g}M MACs: not tuned)"
+    elif key in autotune._exploring:
+        reason = "heuristic (being tuned on this process's calls)"
+    else:
+        reason = "heuristic (not tuned yet here)"
+    return Decision(alg, reason, int(alg.workspace_bytes(geom)))

@@ -8,6 +8,7 @@ Nothing here chooses or registers anything, so the kernel modules (``fastconv.cp
 * :class:`ConvGeometry` -- one convolution normalised to 3 spatial dims (a 2-D conv has depth 1).
 * :class:`ConvAlgorithm` -- one implementation of the three conv passes on some targets, with the
   reason it refuses a geometry (``refuse``), its multiplication ratio and its workspace.
+* :class:`Decision` -- the algorithm a call runs, why, and its workspace (:func:`fastconv.registry.decide`).
 * :class:`PoolKernels` -- what a target provides for the pooling op families.
 * :data:`PASSES`, :data:`TARGETS`.
 """
@@ -111,6 +112,23 @@ class ConvAlgorithm:
         if geom.target not in self.targets:
             return f"runs on {'/'.join(sorted(self.targets))}, not {geom.target}"
         return self.refuse(geom)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Which algorithm a call of ``algo`` runs for one geometry and pass, why, and the memory it needs.
+
+    What :func:`fastconv.registry.decide` answers; the FLOP counter, the benchmark and ``fastconv info``
+    read it instead of re-deriving the choice.
+    """
+
+    algorithm: ConvAlgorithm
+    reason: str
+    workspace_bytes: int
+
+    @property
+    def name(self) -> str:
+        return self.algorithm.name
 
 
 class PoolKernels(Protocol):

@@ -774,3 +774,21 @@ def test_online_candidate_that_raises_is_dropped_and_the_call_still_answers(onli
         assert_close(F.conv2d(x, w, padding=1), ref)
     choice = fastconv.autotune_cache()[_key()]
     assert choice.algo != victim and choice.times_ms[victim] == float("inf")
+
+
+def test_decide_reports_the_stored_choice_for_any_batch_of_its_bucket_and_never_measures(measured):
+    # registry.decide is what the counter, the benchmark and info read: the op's own stored choice, found
+    # under the bucketed key (batch 5 is stored as 8; the counter once looked it up unbucketed and missed)
+    x = torch.randn((5,) + X_SHAPE[1:], dtype=torch.float64)
+    w = torch.randn(K, X_SHAPE[1], 3, 3, dtype=torch.float64)
+    F.conv2d(x, w, padding=1)
+    geom5 = make_geometry(2, 5, X_SHAPE[1], K, 1, X_SHAPE[2:], (3, 3), None, [1, 1], [1, 1], [1, 1], [1, 1],
+                          torch.float64, backends.current())
+    stored = fastconv.autotune_cache()[autotune.cache_key(geom5, "forward")]
+    count = len(measured)
+    d = registry.decide("auto", geom5, "forward")
+    assert d.name == stored.algo and d.reason.startswith("autotuned here"), d
+    assert d.workspace_bytes == d.algorithm.workspace_bytes(geom5)
+    untuned = registry.decide("auto", _geometry(), "forward")  # batch 2: a bucket of its own, not tuned
+    assert untuned.reason.startswith("heuristic"), untuned
+    assert len(measured) == count  # deciding measured nothing

@@ -96,37 +96,10 @@ class Row:
 # which algorithm, and why (never measures)
 # --------------------------------------------------------------------------------------------------
 def decide(algo: str, geom: registry.ConvGeometry, pass_: str, op: str = "conv"):
-    """``(ConvAlgorithm, reason)`` that ``algo`` resolves to for ``geom`` and ``pass_``, without measuring.
-
-    A named algorithm is :func:`fastconv.registry.choose`'s answer. For ``"auto"``: the autotuner's recorded
-    choice for this geometry, pass and thread count when it has one (what the op itself used), else the
-    registry's heuristic, asked with tuning switched off -- so counting on the meta device never runs the
-    autotuner (which would time real tensors of every layer's size).
-    """
-    from .. import autotune
-
-    if algo != "auto":
-        return registry.choose(algo, geom, pass_, op), f"requested algo={algo!r}"
-    candidates = tuple(a.name for a in registry.candidates(geom))
-    choice = autotune.autotune_cache().get((geom.key(), pass_, torch.get_num_threads()))
-    if choice is not None and tuple(choice.candidates) == candidates and choice.algo in candidates:
-        times = sorted(choice.times_ms.items(), key=lambda kv: kv[1])
-        shown = ", ".join(f"{n} {t:.3g} ms" for n, t in times[:3])
-        return registry.choose(choice.algo, geom, pass_, op), f"autotuned here: {shown}"
-    tuning = autotune.enabled()
-    with autotune.enabled(False):
-        alg = registry.choose("auto", geom, pass_, op)
-    if len(candidates) == 1:
-        reason = "the only algorithm that runs it"
-    elif not tuning:
-        reason = "heuristic (autotuning off)"
-    elif geom.target in autotune.UNTUNED_TARGETS:
-        reason = f"heuristic (no tuning on {geom.target})"
-    elif geom.macs < autotune.MIN_MACS:
-        reason = f"heuristic (< {autotune.MIN_MACS / 1e6:g}M MACs: not tuned)"
-    else:
-        reason = "heuristic (not tuned yet here)"
-    return alg, reason
+    """``(ConvAlgorithm, reason)`` that ``algo`` resolves to for ``geom`` and ``pass_``, without measuring:
+    :func:`fastconv.registry.decide`'s answer (the one the op's own choice is read from)."""
+    d = registry.decide(algo, geom, pass_, op)
+    return d.algorithm, d.reason
 
 
 # --------------------------------------------------------------------------------------------------
