@@ -96,6 +96,10 @@ class ConvAlgorithm:
     mult_ratio: Callable[[ConvGeometry], float] = field(default=lambda g: 1.0)
     #: Extra memory in bytes the algorithm needs for a pass (im2col buffers, transforms).
     workspace_bytes: Callable[[ConvGeometry], int] = field(default=lambda g: 0)
+    #: Input dtypes (names) the algorithm runs; ``refuse`` says why not for any other.
+    dtypes: tuple = ("float32", "float64")
+    #: Memory layouts the kernels read directly (others are copied to one of them first).
+    layouts: tuple = ("contiguous",)
 
     def why_not(self, geom: ConvGeometry) -> Optional[str]:
         """The reason this algorithm cannot run ``geom``, or None when it can."""
@@ -136,14 +140,15 @@ def names() -> list[str]:
 
 
 def algorithms() -> list[dict]:
-    """The registered algorithms, one row each: name, targets, summary.
+    """The registered algorithms, one row each: name, targets, summary, dtypes, layouts.
 
     >>> [row["name"] for row in fastconv.algorithms()]
     ['direct', 'im2col', ...]
     """
     rows: dict[str, dict] = {}
     for (name, target), alg in sorted(_REGISTRY.items()):
-        row = rows.setdefault(name, {"name": name, "targets": [], "summary": alg.summary})
+        row = rows.setdefault(name, {"name": name, "targets": [], "summary": alg.summary,
+                                     "dtypes": list(alg.dtypes), "layouts": list(alg.layouts)})
         row["targets"].append(target)
     return list(rows.values())
 

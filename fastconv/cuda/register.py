@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from .. import registry
 from ..ops import pool as pool_ops
-from . import conv, pool
+from . import conv, conv_tc, pool
 
 for _algorithm in conv.ALGORITHMS:
     registry.register(_algorithm)
+registry.register(conv_tc.ALGORITHM)
 
 for _target in conv.TARGETS:
-    registry.register_heuristic(_target, conv.heuristic)
+    registry.register_heuristic(_target, conv_tc.heuristic)
     pool_ops.register_kernels(_target, pool.CudaPoolKernels())
