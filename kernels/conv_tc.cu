@@ -96,7 +96,7 @@ __device__ __forceinline__ void tc_fill(T* dst, const F& ptr_of, const T* dummy)
     const T* p = ptr_of(0);
     cp_async_16_zfill(dst, p ? p : dummy, p ? 16 : 0);
   } else {
-#pragma unroll
+#pragma unroll 1  // not unrolled: the index maths of 8 elements at once would cost registers the accumulators need
     for (int e = 0; e < N; ++e) {
       const T* p = ptr_of(e);
       dst[e] = p ? *p : T(0);
@@ -130,12 +130,19 @@ __device__ __forceinline__ void tc_mainloop(const Op& op, i64 m0, i64 n0, i64 kb
   auto load = [&](int slot, i64 k0) {
     T* a = As + slot * ASTAGE;
     T* b = Bs + slot * BSTAGE;
-    if constexpr (KMAJOR) {  // chunk tid + 256 i: row tid / 4 + 64 i, k (tid % 4) * VEC
+    if constexpr (KMAJOR && VEC) {  // chunk tid + 256 i: row tid / 4 + 64 i, k (tid % 4) * VEC
       const int r = tid >> 2, kc = (tid & 3) * D::VEC;
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         tc_fill<VEC, D::VEC>(a + (r + 64 * i) * D::KROW + kc, [&](int e) { return op.a_ptr(i, k0 + kc + e); }, op.a_base());
         tc_fill<VEC, D::VEC>(b + (r + 64 * i) * D::KROW + kc, [&](int e) { return op.b_ptr(i, k0 + kc + e); }, op.b_base());
+      }
+    } else if constexpr (KMAJOR) {  // the same chunks, each element's address from scratch: no per-row
+      const int r = tid >> 2, kc = (tid & 3) * D::VEC;  // state lives across the loop (registers)
+#pragma unroll 1
+      for (int i = 0; i < 2; ++i) {
+        tc_fill<VEC, D::VEC>(a + (r + 64 * i) * D::KROW + kc, [&](int e) { return op.a_ptr_at(m0 + r + 64 * i, k0 + kc + e); }, op.a_base());
+        tc_fill<VEC, D::VEC>(b + (r + 64 * i) * D::KROW + kc, [&](int e) { return op.b_ptr_at(n0 + r + 64 * i, k0 + kc + e); }, op.b_base());
       }
     } else {                 // chunk tid + 256 i: k-row tid / CPR + i * 256 / CPR, column (tid % CPR) * VEC
       constexpr int CPR = TC_BM / D::VEC, STEP = TC_THREADS / CPR;
@@ -286,6 +293,22 @@ struct TcForwardOp {
   __device__ __forceinline__ const T* b_ptr(int i, i64 k) const {
     return wrow[i] && k < Kred ? wrow[i] + k : nullptr;
   }
+  // The same addresses from (m, k) alone (the element-wise loaders).
+  __device__ __forceinline__ const T* a_ptr_at(i64 m, i64 k) const {
+    const int plane = g.OD * g.OH * g.OW;
+    if (m >= (i64)g.N * plane || k >= Kred) return nullptr;
+    const i64 n = m / plane;
+    int od, oh, ow, kd, kh, kw;
+    fc_unflatten3((int)(m - n * plane), g.OH, g.OW, od, oh, ow);
+    const int tap = (int)k / Cg, c = (int)k - tap * Cg;
+    tc_tap(tap, g, kd, kh, kw);
+    const int id = od * g.sd - g.pd + kd * g.dd, ih = oh * g.sh - g.ph + kh * g.dh, iw = ow * g.sw - g.pw + kw * g.dw;
+    if ((unsigned)id >= (unsigned)g.D || (unsigned)ih >= (unsigned)g.H || (unsigned)iw >= (unsigned)g.W) return nullptr;
+    return x + (((n * g.D + id) * g.H + ih) * g.W + iw) * g.C + grp * Cg + c;
+  }
+  __device__ __forceinline__ const T* b_ptr_at(i64 n, i64 k) const {
+    return n < Kg && k < Kred ? w + (grp * Kg + n) * Kred + k : nullptr;
+  }
 };
 
 // grid = (ceil(N*OD*OH*OW / 128), ceil(K/groups / 128), groups), 256 threads, dynamic shared memory
@@ -316,7 +339,7 @@ __device__ __forceinline__ void tc_forward(const typename TcCfg<KIND>::T* __rest
 template <typename T>
 struct TcGradInputOp {
   const T* gy; const T* w; ConvGeom g; int grp, Cg, Kg, Kred;
-  bool rok[2]; i64 rpix[2]; int rd[2], rh[2], rw[2];   // A rows: output image start, input position
+  bool rok[2]; int rn[2], rd[2], rh[2], rw[2];   // A rows: image, input position + padding (ints: registers)
   const T* wrow[2];
   __device__ __forceinline__ void set_rows(i64 m_first, int n_first) {
     const i64 M = (i64)g.N * g.D * g.H * g.W;
@@ -329,7 +352,7 @@ struct TcGradInputOp {
       const int s = rok[i] ? (int)(m - n * plane) : 0;
       fc_unflatten3(s, g.H, g.W, rd[i], rh[i], rw[i]);
       rd[i] += g.pd; rh[i] += g.ph; rw[i] += g.pw;
-      rpix[i] = n * g.OD * g.OH * g.OW;
+      rn[i] = (int)n;
       const int col = n_first + 64 * i;
       wrow[i] = col < Cg ? w + (i64)(grp * Cg + col) * Kred : nullptr;
     }
@@ -345,10 +368,27 @@ struct TcGradInputOp {
     if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return nullptr;
     const int od = td / g.sd, oh = th / g.sh, ow = tw / g.sw;
     if (od >= g.OD || oh >= g.OH || ow >= g.OW) return nullptr;
-    return gy + (rpix[i] + ((i64)od * g.OH + oh) * g.OW + ow) * g.K + grp * Kg + kk;
+    return gy + ((((i64)rn[i] * g.OD + od) * g.OH + oh) * g.OW + ow) * g.K + grp * Kg + kk;
   }
   __device__ __forceinline__ const T* b_ptr(int i, i64 k) const {
     return wrow[i] && k < Kred ? wrow[i] + k : nullptr;
+  }
+  __device__ __forceinline__ const T* a_ptr_at(i64 m, i64 k) const {
+    const int plane = g.D * g.H * g.W;
+    if (m >= (i64)g.N * plane || k >= Kred) return nullptr;
+    const i64 n = m / plane;
+    int id, ih, iw, kd, kh, kw;
+    fc_unflatten3((int)(m - n * plane), g.H, g.W, id, ih, iw);
+    const int tap = (int)k / Kg, kk = (int)k - tap * Kg;
+    tc_tap(tap, g, kd, kh, kw);
+    const int td = id + g.pd - kd * g.dd, th = ih + g.ph - kh * g.dh, tw = iw + g.pw - kw * g.dw;
+    if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return nullptr;
+    const int od = td / g.sd, oh = th / g.sh, ow = tw / g.sw;
+    if (od >= g.OD || oh >= g.OH || ow >= g.OW) return nullptr;
+    return gy + (((n * g.OD + od) * g.OH + oh) * g.OW + ow) * g.K + grp * Kg + kk;
+  }
+  __device__ __forceinline__ const T* b_ptr_at(i64 c, i64 k) const {
+    return c < Cg && k < Kred ? w + (grp * Cg + c) * Kred + k : nullptr;
   }
 };
 
@@ -435,62 +475,62 @@ __device__ __forceinline__ void tc_wgrad_reduce(const float* __restrict__ partia
 
 // --------------------------------------------------------------------------------- entry points
 // f16 / bf16 tensors are passed as raw 16-bit words (unsigned short), float32 as float (TF32 math).
-// The *_vec kernels ask for 2 blocks per SM (ptxas keeps them at 128 registers without spilling: 16
-// warps per SM, 2 x 60 KiB of shared memory); the element-wise loaders need a few more registers, so
-// the fallback kernels ask for 1 (no spills at about 156 registers).
+// Every kernel asks for 2 blocks per SM: ptxas keeps them at 128 registers or fewer without spilling
+// (16 warps per SM, 2 x 60 KiB of shared memory; tests/test_cuda_compile.py checks sm_80 and sm_90,
+// CMakeLists.txt every architecture).
 typedef unsigned short u16;
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_forward_f16(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_f16(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_F16, false>(x, w, bias, y, has_bias, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_f16_vec(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_F16, true>(x, w, bias, y, has_bias, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_forward_bf16(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_bf16(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_BF16, false>(x, w, bias, y, has_bias, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_bf16_vec(const u16* x, const u16* w, const u16* bias, u16* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_BF16, true>(x, w, bias, y, has_bias, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_forward_tf32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_tf32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_TF32, false>(x, w, bias, y, has_bias, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_forward_tf32_vec(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
   tc_forward<TC_TF32, true>(x, w, bias, y, has_bias, CONV_GEOM);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_input_f16(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_f16(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
   tc_grad_input<TC_F16, false>(gy, w, gx, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_f16_vec(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
   tc_grad_input<TC_F16, true>(gy, w, gx, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_input_bf16(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_bf16(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
   tc_grad_input<TC_BF16, false>(gy, w, gx, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_bf16_vec(const u16* gy, const u16* w, u16* gx, CONV_PARAMS) {
   tc_grad_input<TC_BF16, true>(gy, w, gx, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_input_tf32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_tf32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
   tc_grad_input<TC_TF32, false>(gy, w, gx, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_input_tf32_vec(const float* gy, const float* w, float* gx, CONV_PARAMS) {
   tc_grad_input<TC_TF32, true>(gy, w, gx, CONV_GEOM);
 }
 
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_weight_f16(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_f16(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
   tc_grad_weight<TC_F16, false>(gy, x, partial, splits, chunk, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_f16_vec(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
   tc_grad_weight<TC_F16, true>(gy, x, partial, splits, chunk, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_weight_bf16(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_bf16(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
   tc_grad_weight<TC_BF16, false>(gy, x, partial, splits, chunk, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_bf16_vec(const u16* gy, const u16* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
   tc_grad_weight<TC_BF16, true>(gy, x, partial, splits, chunk, CONV_GEOM);
 }
-extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) tc_grad_weight_tf32(const float* gy, const float* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_tf32(const float* gy, const float* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
   tc_grad_weight<TC_TF32, false>(gy, x, partial, splits, chunk, CONV_GEOM);
 }
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2) tc_grad_weight_tf32_vec(const float* gy, const float* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {

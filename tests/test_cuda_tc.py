@@ -299,6 +299,17 @@ def test_registry_declares_dtypes_and_auto_picks_tensor_cores():
     assert conv_tc.heuristic(geom(torch.float16, "cuda"), "forward") == "implicit-gemm-tc"
 
 
+def test_gpus_before_sm80_are_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(conv_tc, "_capability", lambda device: (7, 5))
+    g = make_geometry(2, 2, 64, 64, 1, (8, 8), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float16, "cuda")
+    assert "needs an sm_80 or newer GPU" in conv_tc.refuse(g) and "sm_75" in conv_tc.refuse(g)
+    assert conv_tc.heuristic(g, "forward") != "implicit-gemm-tc"
+    monkeypatch.setattr(conv_tc, "_capability", lambda device: (9, 0))
+    assert conv_tc.refuse(g) is None
+
+
 def test_workspace_counts_the_split_k_partials(monkeypatch):
     g = make_geometry(2, 64, 8, 8, 1, (16, 16), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float16, "cuda")
     s, _ = conv_tc.splits(g)

@@ -81,8 +81,18 @@ def _refusal(g: ConvGeometry, tf32: bool) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def refuse(g: ConvGeometry) -> Optional[str]:
-    """Why the tensor-core algorithm cannot run ``g`` (None: it can). Reads allow_tf32 at each call."""
+    """Why the tensor-core algorithm cannot run ``g`` (None: it can). Reads allow_tf32 at each call;
+    on a GPU older than sm_80 (no mma.sync on bf16/tf32, no cp.async) it refuses everything."""
+    if g.target == "cuda" and torch.cuda.is_available():
+        major, minor = _capability(torch.cuda.current_device())
+        if major < 8:
+            return f"needs an sm_80 or newer GPU (mma.sync on f16/bf16/tf32, cp.async); this one is sm_{major}{minor}"
     return _refusal(g, tf32_allowed())
 
 
