@@ -10,6 +10,7 @@ i.e. ``x.permute(0, 2, 3, 4, 1)`` is contiguous) and hand the result back in the
 the input: channels_last in, channels_last out; contiguous in, contiguous out.
 
 Kernel argument order is that of ``kernels/conv.cu`` (``CONV_PARAMS``: 22 int32 geometry scalars).
+``g`` below is a :class:`fastconv.registry.ConvGeometry` (not imported: kernels stay below dispatch).
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from typing import Optional
 
 import torch
 
-from ..registry import ConvAlgorithm, ConvGeometry
 from . import conv as simt
 from . import loader
 from .launch import INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, i32, i64
@@ -53,13 +53,13 @@ def _vec(dtype: torch.dtype) -> int:
     return 16 // dtype.itemsize
 
 
-def _taps(g: ConvGeometry) -> int:
+def _taps(g: "ConvGeometry") -> int:
     return math.prod(g.kernel)
 
 
 # ------------------------------------------------------------------------------------------ refusals
 @functools.lru_cache(maxsize=4096)
-def _refusal(g: ConvGeometry, tf32: bool) -> Optional[str]:
+def _refusal(g: "ConvGeometry", tf32: bool) -> Optional[str]:
     if g.dtype == torch.float64:
         return "float64 has no tensor-core path (implicit-gemm and cuda-direct run float64)"
     if g.dtype not in _KIND:
@@ -86,7 +86,7 @@ def _capability(device: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def refuse(g: ConvGeometry) -> Optional[str]:
+def refuse(g: "ConvGeometry") -> Optional[str]:
     """Why the tensor-core algorithm cannot run ``g`` (None: it can). Reads allow_tf32 at each call;
     on a GPU older than sm_80 (no mma.sync on bf16/tf32, no cp.async) it refuses everything."""
     if g.target == "cuda" and torch.cuda.is_available():
@@ -128,7 +128,7 @@ def _entry(stem: str, dtype: torch.dtype, vec: bool) -> str:
 
 
 # ------------------------------------------------------------------------------------------- passes
-def tc_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], g: ConvGeometry) -> torch.Tensor:
+def tc_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], g: "ConvGeometry") -> torch.Tensor:
     """x (N, C, D, H, W), w (K, C/groups, KD, KH, KW), bias (K,) or None -> y (N, K, OD, OH, OW)."""
     L = Launcher(x)
     y_cl = L.empty((g.batch, *g.out_spatial, g.out_channels), g.dtype)
@@ -149,7 +149,7 @@ def tc_forward(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], g
     return _result(y_cl, x)
 
 
-def tc_grad_input(gy: torch.Tensor, w: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+def tc_grad_input(gy: torch.Tensor, w: torch.Tensor, g: "ConvGeometry") -> torch.Tensor:
     """gy (N, K, OD, OH, OW), w (K, C/groups, KD, KH, KW) -> grad of the input (N, C, D, H, W)."""
     L = Launcher(gy)
     gx_cl = L.empty((g.batch, *g.in_spatial, g.in_channels), g.dtype)
@@ -167,7 +167,7 @@ def tc_grad_input(gy: torch.Tensor, w: torch.Tensor, g: ConvGeometry) -> torch.T
     return _result(gx_cl, gy)
 
 
-def splits(g: ConvGeometry) -> tuple[int, int]:
+def splits(g: "ConvGeometry") -> tuple[int, int]:
     """(splits, chunk) of the weight gradient's reduction over N*OD*OH*OW (chunk: a K-step multiple)."""
     reduce = g.batch * math.prod(g.out_spatial)
     kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
@@ -178,7 +178,7 @@ def splits(g: ConvGeometry) -> tuple[int, int]:
     return max(1, -(-reduce // chunk)), chunk
 
 
-def workspace_bytes(g: ConvGeometry) -> int:
+def workspace_bytes(g: "ConvGeometry") -> int:
     """Scratch beyond the results: the weight gradient's float32 partial sums (splits x |W|), and the
     channels-last copies of inputs that are not channels_last already (counted: the worst case)."""
     s, _ = splits(g)
@@ -187,7 +187,7 @@ def workspace_bytes(g: ConvGeometry) -> int:
     return s * weight * 4 + (acts + weight) * g.dtype.itemsize
 
 
-def tc_grad_weight(gy: torch.Tensor, x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
+def tc_grad_weight(gy: torch.Tensor, x: torch.Tensor, g: "ConvGeometry") -> torch.Tensor:
     """gy (N, K, OD, OH, OW), x (N, C, D, H, W) -> grad of the weight (K, C/groups, KD, KH, KW).
     Split-K into float32 partial sums, then a fixed-order reduction (deterministic, no atomics)."""
     L = Launcher(x)
@@ -211,7 +211,7 @@ def tc_grad_weight(gy: torch.Tensor, x: torch.Tensor, g: ConvGeometry) -> torch.
 
 
 # ---------------------------------------------------------------------------------------- heuristic
-def heuristic(g: ConvGeometry, pass_: str) -> str:
+def heuristic(g: "ConvGeometry", pass_: str) -> str:
     """The CUDA heuristic with tensor cores first: float16/bfloat16 always, float32 on a GPU when
     TF32 is allowed (torch's default for convolutions). On the harness ("cuda-emu") auto keeps
     float32 on the exact SIMT algorithms, so the float32 correctness suite keeps float32 tolerances;
@@ -221,10 +221,10 @@ def heuristic(g: ConvGeometry, pass_: str) -> str:
     return simt.heuristic(g, pass_)
 
 
-ALGORITHM = ConvAlgorithm(
-    NAME, TARGETS,
-    "CUDA tensor cores (sm_80+): implicit GEMM on channels-last tiles, mma.sync with float32 accumulation "
-    "(float16/bfloat16; float32 as TF32 when torch.backends.cudnn.allow_tf32), 128x128 block tiles, "
-    "3-stage cp.async pipeline, ldmatrix fragments; weight gradient split-K with a deterministic reduction",
-    tc_forward, tc_grad_input, tc_grad_weight, refuse=refuse, workspace_bytes=workspace_bytes,
-    dtypes=("float16", "bfloat16", "float32"), layouts=("channels_last", "contiguous"))
+#: What fastconv/cuda/register.py registers (kept as plain data here: this kernel module does not
+#: import the dispatch layer).
+SUMMARY = ("CUDA tensor cores (sm_80+): implicit GEMM on channels-last tiles, mma.sync with float32 accumulation "
+           "(float16/bfloat16; float32 as TF32 when torch.backends.cudnn.allow_tf32), 128x128 block tiles, "
+           "3-stage cp.async pipeline, ldmatrix fragments; weight gradient split-K with a deterministic reduction")
+DTYPES = ("float16", "bfloat16", "float32")
+LAYOUTS = ("channels_last", "contiguous")

@@ -8,7 +8,9 @@ from . import conv, conv_tc, pool
 
 for _algorithm in conv.ALGORITHMS:
     registry.register(_algorithm)
-registry.register(conv_tc.ALGORITHM)
+registry.register(registry.ConvAlgorithm(
+    conv_tc.NAME, conv_tc.TARGETS, conv_tc.SUMMARY, conv_tc.tc_forward, conv_tc.tc_grad_input, conv_tc.tc_grad_weight,
+    refuse=conv_tc.refuse, workspace_bytes=conv_tc.workspace_bytes, dtypes=conv_tc.DTYPES, layouts=conv_tc.LAYOUTS))
 
 for _target in conv.TARGETS:
     registry.register_heuristic(_target, conv_tc.heuristic)
