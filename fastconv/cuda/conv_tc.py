@@ -86,11 +86,23 @@ def _capability(device: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _gpu_capability() -> Optional[tuple[int, int]]:
+    """The current GPU's compute capability; None when there is no GPU to ask (geometries made
+    for target "cuda" on a machine without one: plans, counters, tests)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return _capability(torch.cuda.current_device())
+    except (RuntimeError, AssertionError):   # a CPU-only torch that was told a GPU exists
+        return None
+
+
 def refuse(g: "ConvGeometry") -> Optional[str]:
     """Why the tensor-core algorithm cannot run ``g`` (None: it can). Reads allow_tf32 at each call;
     on a GPU older than sm_80 (no mma.sync on bf16/tf32, no cp.async) it refuses everything."""
-    if g.target == "cuda" and torch.cuda.is_available():
-        major, minor = _capability(torch.cuda.current_device())
+    cc = _gpu_capability() if g.target == "cuda" else None
+    if cc is not None:
+        major, minor = cc
         if major < 8:
             return f"needs an sm_80 or newer GPU (mma.sync on f16/bf16/tf32, cp.async); this one is sm_{major}{minor}"
     return _refusal(g, tf32_allowed())
