@@ -50,14 +50,15 @@ def names() -> list[str]:
 
 
 def algorithms() -> list[dict]:
-    """The registered algorithms, one row each: name, targets, summary.
+    """The registered algorithms, one row each: name, targets, summary, dtypes, layouts.
 
     >>> [row["name"] for row in fastconv.algorithms()]
     ['direct', 'im2col', ...]
     """
     rows: dict[str, dict] = {}
     for (name, target), alg in sorted(_REGISTRY.items()):
-        row = rows.setdefault(name, {"name": name, "targets": [], "summary": alg.summary})
+        row = rows.setdefault(name, {"name": name, "targets": [], "summary": alg.summary,
+                                     "dtypes": list(alg.dtypes), "layouts": list(alg.layouts)})
         row["targets"].append(target)
     return list(rows.values())
 

@@ -106,6 +106,10 @@ class ConvAlgorithm:
     mult_ratio: Callable[[ConvGeometry], float] = field(default=lambda g: 1.0)
     #: Extra memory in bytes the algorithm needs for a pass (im2col buffers, transforms).
     workspace_bytes: Callable[[ConvGeometry], int] = field(default=lambda g: 0)
+    #: Input dtypes (names) the algorithm runs; ``refuse`` says why not for any other.
+    dtypes: tuple = ("float32", "float64")
+    #: Memory layouts the kernels read directly (others are copied to one of them first).
+    layouts: tuple = ("contiguous",)
 
     def why_not(self, geom: ConvGeometry) -> Optional[str]:
         """The reason this algorithm cannot run ``geom``, or None when it can."""

@@ -24,6 +24,10 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 ALGORITHM_TOLERANCES: dict[tuple[str, torch.dtype], dict[str, float]] = {
     # Winograd F(4x4,3x3) loses more precision in float32 (DESIGN.md §4: about 3e-5 worse than direct).
     ("winograd4", torch.float32): dict(rtol=5e-4, atol=5e-4),
+    # float32 as TF32 on tensor cores (10-bit mantissa, unit roundoff 2**-11): the error of a K-term sum
+    # grows like sqrt(K) * 2**-11 * |x||w|, about 1e-2 for unit-normal inputs and K = 144 (torch's own
+    # TF32 conv tests loosen to 5e-3 on smaller sums).
+    ("implicit-gemm-tc", torch.float32): dict(rtol=1e-2, atol=5e-2),
 }
 
 

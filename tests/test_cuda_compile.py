@@ -33,11 +33,23 @@ def _kernel_names(family: str) -> list[str]:
 
 def test_every_family_has_float_and_double_entry_points():
     for family in FAMILIES:
+        if family == "conv_tc":   # tensor cores: no float64 (see the next test)
+            continue
         names = _kernel_names(family)
         assert names, family
         stems = {re.sub(r"_(f32|f64|i64)$", "", n) for n in names}
         for stem in stems:
             assert f"{stem}_f32" in names and f"{stem}_f64" in names or f"{stem}_i64" in names, stem
+
+
+def test_tensor_core_family_has_every_dtype_and_loader():
+    """conv_tc.cu: each pass in f16, bf16 and tf32, each with the element-wise and the 16-byte
+    (``_vec``) loaders; the reduction of the weight gradient's splits per dtype. The host builds
+    exactly these names (fastconv/cuda/conv_tc.py)."""
+    names = set(_kernel_names("conv_tc"))
+    want = {f"tc_{p}_{k}{v}" for p in ("forward", "grad_input", "grad_weight") for k in ("f16", "bf16", "tf32")
+            for v in ("", "_vec")} | {f"tc_wgrad_reduce_{k}" for k in ("f16", "bf16", "tf32")}
+    assert names == want
 
 
 def test_sources_ship_inside_the_package():
@@ -217,3 +229,65 @@ def test_gpu_modules_are_loaded_and_looked_up_on_the_tensors_device(monkeypatch,
         loader.clear()
     assert fake.events == [("load", 1, b"\x7fELF"), ("get_function", 1, "max_pool_forward_f32")]
     assert fake.current == 0
+
+
+# ------------------------------------------------------------------ the tensor-core conv (conv_tc.cu)
+TC_INSTRUCTIONS = (
+    "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+    "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16", "cp.async.cg.shared.global", "cp.async.wait_group 1",
+    "cvt.rna.tf32.f32")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_tensor_core_conv_ptx_and_ptxas_report(arch, tmp_path):
+    """conv_tc.cu for the tensor-core architectures: the PTX holds mma.sync (f16, bf16, tf32),
+    ldmatrix (plain and .trans), the cp.async pipeline; ptxas reports no spill, no stack frame, and at
+    most 128 registers (two 256-thread blocks per SM), with the run-time floating-point flags."""
+    src = ROOT / "kernels" / "conv_tc.cu"
+    flags = ["-std=c++17", f"-arch={arch}", "-ftz=false", "-prec-div=true", "-prec-sqrt=true", f"-I{ROOT / 'kernels'}"]
+    p = subprocess.run(["nvcc", *flags, "--ptx", str(src), "-o", str(tmp_path / "k.ptx")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    for instr in TC_INSTRUCTIONS:
+        assert instr in ptx, instr
+    report = tmp_path / "ptxas.txt"
+    p = subprocess.run([sys.executable, str(CHECK), "--max-registers", "128", "--table", "--save", str(report), "--",
+                        "nvcc", "-cubin", *flags, "-Werror", "all-warnings", "-Xptxas", "-v",
+                        "-o", str(tmp_path / "k.cubin"), str(src)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    text = report.read_text()
+    kernels = re.findall(r"Compiling entry function '(tc_[a-z0-9_]+)'", text)
+    assert set(kernels) == set(_kernel_names("conv_tc"))
+    frames = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    assert len(frames) == len(kernels) and all(f == ("0", "0", "0") for f in frames), frames
+    print(p.stdout)   # the per-kernel table (pytest -s shows it)
+
+
+def test_tensor_core_conv_shared_memory_fits_two_blocks_per_sm():
+    """Dynamic shared memory per block (the host's SMEM_* constants, which the launch passes) matches
+    the kernel's tile maths and leaves room for two blocks on sm_80 (163 KiB opt-in per block,
+    164 KiB per SM) and sm_90."""
+    from fastconv import emu
+    from fastconv.cuda import conv_tc
+
+    text = loader.source("conv_tc")
+    d = {k: int(v) for k, v in re.findall(r"^#define (TC_\w+) (\d+)", text, re.M)}
+    assert (d["TC_BM"], d["TC_BN"], d["TC_THREADS"], d["TC_STAGES"], d["TC_KBYTES"]) == (
+        conv_tc.TILE_M, conv_tc.TILE_N, conv_tc.THREADS, conv_tc.STAGES, conv_tc.K_BYTES)
+    assert conv_tc.SMEM_KMAJOR == d["TC_STAGES"] * 2 * 128 * (64 + 16) == 61440
+    assert conv_tc.SMEM_MNMAJOR == {2: 52224, 4: 52224}
+    for arch in (80, 90):
+        assert 2 * max(conv_tc.SMEM_KMAJOR, *conv_tc.SMEM_MNMAJOR.values()) <= emu.MAX_SHARED_OPTIN[arch]
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_the_tensor_core_conv_with_the_runtime_options(arch):
+    """What a GPU runs: NVRTC with loader.options() (no CUDA include path), mma.sync in the PTX."""
+    _nvrtc()
+    ptx = loader.nvrtc_compile(loader.source("conv_tc"), "conv_tc.cu", loader.options(), arch)[0].decode()
+    for instr in TC_INSTRUCTIONS:
+        assert instr in ptx, instr
+    for name in _kernel_names("conv_tc"):
+        assert f".entry {name}(" in ptx, name

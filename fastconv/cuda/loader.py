@@ -27,7 +27,7 @@ from .. import config
 #: The ``kernels/*.cu`` folder shipped inside the package (``fastconv/kernels``).
 KERNEL_DIR = Path(__file__).resolve().parent.parent / "kernels"
 #: Kernel families: one ``kernels/<family>.cu`` each.
-FAMILIES = ("conv", "pool")
+FAMILIES = ("conv", "pool", "conv_tc")
 #: NVRTC options at run time, before the source hash (the CPU harness accepts the same and ignores
 #: the GPU-only ones). No fast math and no flushing of subnormals: max pooling, its indices and NaN
 #: propagation must match torch bit for bit.

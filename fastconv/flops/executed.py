@@ -107,6 +107,13 @@ def _patch_gemm_workspace(g: ConvGeometry) -> int:
     return (g.in_channels * math.prod(g.kernel) * g.batch * math.prod(g.out_spatial)) * g.dtype.itemsize
 
 
+def _implicit_gemm_tc(g: ConvGeometry) -> int:
+    # kernels/conv_tc.cu: 128x128 block tiles, a K-step of 64 bytes (32 halves, 16 floats as TF32)
+    bk = 64 // g.dtype.itemsize
+    m, n, k = g.batch * math.prod(g.out_spatial), g.out_channels // g.groups, (g.in_channels // g.groups) * math.prod(g.kernel)
+    return g.groups * (-(-m // 128) * 128) * (-(-n // 128) * 128) * (-(-k // bk) * bk)
+
+
 def _fft(g: ConvGeometry) -> int:
     from ..cpu import fft  # the algorithm's own count: transform sizes are its choice
 
@@ -159,6 +166,9 @@ EXECUTED: dict[str, Executed] = {
         lambda g: 0),
     "implicit-gemm": Executed(
         "CUDA: 64x64 block tiles, K-step 8: M, N and K rounded up to whole tiles", _implicit_gemm, lambda g: 0),
+    "implicit-gemm-tc": Executed(
+        "CUDA tensor cores: 128x128 block tiles, K-step 32 (16-bit) or 16 (TF32): M, N and K rounded up to whole "
+        "tiles", _implicit_gemm_tc),
     "cuda-depthwise": Executed(
         "CUDA: one thread per output element of one channel, every tap", lambda g: g.macs, lambda g: 0),
     "torch": Executed("torch's own kernel (oneDNN/cuDNN): not modelled, nominal MACs", lambda g: g.macs,

@@ -17,11 +17,12 @@ from .. import registry
 from ..cpu import algorithms as cpu_algorithms
 from ..cpu import pool_impls as cpu_pool
 from ..cuda import conv as cuda_conv
+from ..cuda import conv_tc as cuda_conv_tc
 from ..cuda import pool as cuda_pool
 from . import pool as pool_ops
 
 #: Modules declaring ``ALGORITHMS`` and ``HEURISTICS`` (conv passes).
-CONV_MODULES = (cpu_algorithms, cuda_conv)
+CONV_MODULES = (cpu_algorithms, cuda_conv, cuda_conv_tc)  # later heuristics replace earlier ones
 #: Modules declaring ``POOL_IMPLS`` (the pooling op families).
 POOL_MODULES = (cpu_pool, cuda_pool)
 
