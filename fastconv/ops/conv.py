@@ -73,9 +73,12 @@ def _geometry(ndim, batch, in_channels, out_channels, groups, in_spatial, kernel
         dilation=_triple(dilation, 1), dtype=dtype, target=target)
 
 
-def _as_5d(t: Tensor) -> Tensor:
-    """(N, C, *S) with 1-3 spatial dims -> contiguous (N, C, D, H, W) (a view when ``t`` is contiguous)."""
-    if not t.is_contiguous():
+def _as_5d(t: Tensor, any_strides: bool = False) -> Tensor:
+    """(N, C, *S) with 1-3 spatial dims -> contiguous (N, C, D, H, W) (a view when ``t`` is contiguous).
+
+    ``any_strides``: the algorithm reads any layout itself (it declares ``"channels_last"`` in its
+    ``layouts``), so a channels_last tensor is handed over as it is instead of copied to NCDHW."""
+    if not (any_strides or t.is_contiguous()):
         t = t.contiguous()
     while t.dim() < 5:  # unsqueeze: the cheapest view (no shape tuple to build)
         t = t.unsqueeze(2)
@@ -156,7 +159,9 @@ def _register(ndim: int):
         geom, alg, out_shape, _ = plan
         if alg is None:
             alg = registry.choose(algo, geom, "forward", name)
-        out = alg.forward(_as_5d(input), _as_5d(weight), None if bias is None else bias.contiguous(), geom)
+        keep = "channels_last" in alg.layouts
+        out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), None if bias is None else bias.contiguous(),
+                          geom)
         return fresh(out, out_shape)
 
     @conv.register_fake
@@ -198,7 +203,8 @@ def _register(ndim: int):
         geom, alg, out_shape, _ = plan
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
-        return fresh(alg.grad_input(_as_5d(grad_output), _as_5d(weight), geom), out_shape)
+        keep = "channels_last" in alg.layouts
+        return fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape)
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
@@ -239,7 +245,8 @@ def _register(ndim: int):
         geom, alg, out_shape, _ = plan
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
-        return fresh(alg.grad_weight(_as_5d(grad_output), _as_5d(input), geom), out_shape)
+        keep = "channels_last" in alg.layouts
+        return fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape)
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
