@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import registry
 from ..ops import conv as conv_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
+from ._layout import laid_out, result_format
 
 Padding = Union[str, IntOrSeq]
 
@@ -64,7 +65,7 @@ def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, alg
     op = f"conv{ndim}d"
     a = ConvArgs(op, ndim, input, weight, bias, stride, padding, dilation, groups, algo)
     out = conv_ops.OPS[ndim][0](a.input, a.weight, a.bias, *a.lists(), a.groups, a.algo)
-    return out.squeeze(0) if a.unbatched else out
+    return out.squeeze(0) if a.unbatched else laid_out(out, result_format(a.input, a.weight))
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,
