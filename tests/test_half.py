@@ -6,12 +6,16 @@ rounded once. Tolerances: the table in conftest (torch's own default ones for th
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import fastconv
 import fastconv.functional as F
+from fastconv import models
+from fastconv.nn.convert import to_torch
 from conftest import assert_close, emu_available
 
 HALF = [torch.float16, torch.bfloat16]
@@ -164,3 +168,57 @@ def test_cuda_emu_half_upcasts_for_simt_kernels(dtype):
     for a, c in zip(grads, grads32):
         assert_close(a, c.to(dtype), what="cuda-emu conv2d grad")
     assert_close(p, TF.max_pool2d(x.float(), 2).to(dtype), what="cuda-emu max_pool2d")
+
+
+# ---- autocast -------------------------------------------------------------------------------------------------
+AUTOCAST_MODELS = {"lenet5_max": (lambda: models.lenet5(pool="max"), (2, 1, 32, 32)),
+                   "dcgan_generator": (lambda: models.dcgan_generator(), (2, 100, 1, 1)),
+                   "resnet18": (lambda: models.resnet18(num_classes=10), (2, 3, 32, 32))}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", list(AUTOCAST_MODELS))
+def test_zoo_model_under_autocast_matches_torch(name, dtype):
+    build, shape = AUTOCAST_MODELS[name]
+    model = build().eval()
+    twin = to_torch(copy.deepcopy(model))  # the same network from torch's layers, same parameters
+    x = torch.randn(*shape)
+    with torch.autocast("cpu", dtype=dtype):
+        got, want = model(x), twin(x)
+    assert got.dtype == want.dtype == dtype
+    # Both round after every layer in the autocast dtype; differences of one rounding can grow through the
+    # layers, so the bound is the dtype's tolerance relative to the output's scale.
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = want.float().abs().max().item()
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 4 * tol * scale, f"{name} under autocast {dtype}: max error {err} at output scale {scale}"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_autocast_casts_convs_not_pooling_nor_float64(dtype):
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        y = torch.ops.fastconv.conv2d(x, w, None, [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto")
+        t = F.conv_transpose2d(x, w.transpose(0, 1))
+        p = F.max_pool2d(x, 2)
+        a = F.adaptive_avg_pool2d(x, 1)
+        d = F.conv2d(x.double(), w.detach().double())
+    assert y.dtype == t.dtype == dtype
+    assert p.dtype == a.dtype == torch.float32  # pooling follows its input, as torch's
+    assert d.dtype == torch.float64  # autocast leaves float64 alone, as torch's
+    assert_close(y, TF.conv2d(x.to(dtype).float(), w.detach().to(dtype).float()).to(dtype), what="autocast conv2d")
+    # the float32 parameter gets a float32 gradient through the cast, as with torch
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32
+    w2 = w.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=dtype):
+        TF.conv2d(x, w2).float().sum().backward()
+    assert_close(w.grad, w2.grad, what="autocast weight gradient")
+
+
+def test_autocast_rule_registered_for_cuda_too():
+    for name in ("conv2d", "conv_transpose3d", "depthwise_separable_conv2d"):
+        op = getattr(torch.ops.fastconv, name).default
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCPU")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCUDA")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::max_pool", "AutocastCPU")

@@ -7,3 +7,6 @@ from . import separable  # noqa: F401
 from ._first_call import skip_eager_dynamo_import as _skip_eager_dynamo_import
 
 _skip_eager_dynamo_import()
+
+# Around the registered ops: autocast rules (conv runs in the autocast dtype, as torch's).
+from . import autocast  # noqa: E402,F401
