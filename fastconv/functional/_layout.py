@@ -22,9 +22,13 @@ def suggested_format(t: Optional[Tensor]) -> Optional[torch.memory_format]:
     if t is None:
         return None
     fmt = _FORMATS.get(t.dim())
-    if fmt is not None and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
-        return fmt
-    return None
+    if fmt is None or t.is_contiguous():
+        return None
+    try:
+        return fmt if t.is_contiguous(memory_format=fmt) else None
+    except RuntimeError:
+        # torch.func.vmap's batched tensors answer only the contiguous-format query: no layout to keep there
+        return None
 
 
 def result_format(*tensors: Optional[Tensor]) -> Optional[torch.memory_format]:

@@ -1,0 +1,119 @@
+"""torch.func (grad, jacrev, vjp, vmap over grad) through fastconv's ops.
+
+Each op's autograd is registered with ``register_autograd`` (what opcheck, torch.compile and FlopCounterMode
+understand). In torch 2.13 that registration builds a legacy ``torch.autograd.Function`` (``forward(ctx, ...)``
+with no ``setup_context`` staticmethod), and ``Function.apply`` refuses such a class under any functorch
+transform: "In order to use an autograd.Function with functorch transforms ... it must override the
+setup_context staticmethod" (pytorch/pytorch#168393, #170834, #179652).
+
+The fix upstream (pytorch/pytorch#171305, #184974) builds the same wrapper on
+``torch.autograd.function._SingleLevelFunction`` and applies it under
+``enable_single_level_autograd_function()`` -- what functorch itself does for the autograd nodes it creates
+inside a transform (``torch._functorch.autograd_function.custom_function_call_grad``): the node is recorded at
+the transform level that is current when the op is called, so ``grad``, nested ``grad`` and ``vmap(grad)`` all
+see ordinary autograd. This module applies that fix to fastconv's ops only: it re-registers each op's Autograd
+kernel with such a wrapper around the very setup_context/backward that ``register_autograd`` received. Outside
+a transform the wrapper is what ``Function.apply`` would have run (the C++ apply), so eager autograd, double
+backward, opcheck and torch.compile are unchanged.
+
+Forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian`` = jacfwd(jacrev)) has no formula: it raises a
+NotImplementedError that names the fastconv op and the reverse-mode alternative.
+
+Private torch API used: ``torch._library.custom_ops.OPDEFS``, ``torch._library.utils.fill_defaults``,
+``torch.autograd.function._SingleLevelFunction``, ``torch._functorch.utils.enable_single_level_autograd_function``.
+If a torch version lacks one of them, :func:`install` leaves the ops as ``register_autograd`` made them.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import _C
+from torch.autograd import forward_ad
+
+_INSTALLED: dict[str, object] = {}
+
+
+def _has_tangent(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None for a in args)
+
+
+def _make_autograd_kernel(opdef):
+    """The Autograd-key kernel for one custom op: torch's generated wrapper, on a single-level Function."""
+    from torch._functorch.utils import enable_single_level_autograd_function, unwrap_dead_wrappers
+    from torch._library import utils as library_utils
+
+    op = opdef._opoverload
+    schema = op._schema
+    label = f"fastconv.{op._opname}"
+
+    def forward_no_grad(keyset, args):
+        with _C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+
+    def forward(ctx, *args):
+        keyset = args[-1]
+        args = args[:-1]
+        # Function.apply turns gradients (reverse and forward) off for forward; an outer transform level
+        # (grad(grad(f)), jacrev(jacrev(f)), jacfwd(jacrev(f))) must still see the op, as functorch's own
+        # single-level functions allow it (torch._functorch.autograd_function.generate_single_level_function).
+        with _C._AutoDispatchBelowAutograd(), torch.enable_grad(), forward_ad._set_fwd_grad_enabled(True):
+            result = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+            # the dispatcher drops arguments equal to their defaults; setup_context expects every one
+            full, _ = library_utils.fill_defaults(schema, args, {})
+            opdef._setup_context_fn(ctx=ctx, inputs=full, output=result)
+        return result
+
+    def backward(ctx, *grads):
+        prev = ctx.needs_input_grad
+        try:
+            ctx.needs_input_grad = prev[:-1]  # without the keyset argument
+            result = opdef._backward_fn(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = prev
+        return (*result, None) if isinstance(result, tuple) else (result, None)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{label}: forward-mode automatic differentiation (torch.func.jvp, jacfwd, hessian, "
+            f"torch.autograd.forward_ad) is not implemented for fastconv ops; use reverse mode "
+            f"(torch.func.grad, vjp, jacrev, or jacrev(jacrev(f)) for second derivatives)")
+
+    function = type(f"FastconvBackward_{op._opname}", (torch.autograd.function._SingleLevelFunction,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward),
+                     "jvp": staticmethod(jvp)})
+
+    def autograd_kernel(keyset, *args):
+        if forward_ad._current_level >= 0 and _C._is_fwd_grad_enabled() and _has_tangent(args):
+            # without this the op would run on the primals only and hand back a zero tangent: silently wrong
+            jvp(None)
+        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            with enable_single_level_autograd_function():
+                return function.apply(*unwrap_dead_wrappers(args), keyset)
+        return forward_no_grad(keyset, args)
+
+    return autograd_kernel
+
+
+def install() -> list[str]:
+    """Re-register the Autograd kernel of every fastconv op that has a ``register_autograd`` formula.
+
+    Returns the names of the ops it covered. Idempotent. Call after every ``register_autograd`` of the ops."""
+    try:
+        from torch._functorch.utils import enable_single_level_autograd_function  # noqa: F401
+        from torch._library.custom_ops import OPDEFS
+        from torch._library.utils import fill_defaults  # noqa: F401
+
+        torch.autograd.function._SingleLevelFunction  # noqa: B018
+    except (ImportError, AttributeError):  # a torch without these: keep register_autograd's own wrapper
+        return []
+    for qualname, opdef in OPDEFS.items():
+        if not qualname.startswith("fastconv::") or opdef._backward_fn is None or qualname in _INSTALLED:
+            continue
+        kernel = _make_autograd_kernel(opdef)
+        with warnings.catch_warnings():
+            # replacing register_autograd's kernel is the point; the dispatcher's override warning is noise
+            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+            opdef._lib.impl(opdef._name, kernel, "Autograd", with_keyset=True)
+        _INSTALLED[qualname] = kernel
+    return sorted(_INSTALLED)

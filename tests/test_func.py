@@ -1,0 +1,115 @@
+"""torch.func over fastconv: grad, jacrev, vmap(grad) (per-sample gradients), nested reverse mode, and a clear
+refusal of forward mode. References: the same function built from torch's ops, in float64."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.func import functional_call, grad, jacrev, vmap
+
+import fastconv
+import fastconv.functional as F
+from conftest import assert_close
+
+D = torch.float64
+
+
+def _net(conv, pool):
+    return lambda w, b, x: pool(torch.tanh(conv(x, w, b, padding=1)), 2).pow(2).sum()
+
+
+FAST = _net(F.conv2d, F.max_pool2d)
+TORCH = _net(TF.conv2d, TF.max_pool2d)
+
+
+@pytest.fixture(autouse=True)
+def _no_fallback_noise():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented the batching")
+        yield
+
+
+def _data(n=3):
+    return torch.randn(4, 2, 3, 3, dtype=D), torch.randn(4, dtype=D), torch.randn(n, 2, 6, 6, dtype=D)
+
+
+def test_grad_matches_torch():
+    w, b, x = _data()
+    for argnums in (0, 1, 2, (0, 1)):
+        got, want = grad(FAST, argnums=argnums)(w, b, x), grad(TORCH, argnums=argnums)(w, b, x)
+        for g, r in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert_close(g, r, what=f"grad argnums={argnums}")
+
+
+def test_per_sample_grads_equal_the_loop_of_single_sample_grads():
+    w, b, x = _data(5)
+
+    def one(w, b, xi):
+        return FAST(w, b, xi.unsqueeze(0))
+
+    gw, gb = vmap(grad(one, argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    assert gw.shape == (5, *w.shape) and gb.shape == (5, *b.shape)
+    for i in range(5):
+        lw, lb = grad(one, argnums=(0, 1))(w, b, x[i])
+        assert_close(gw[i], lw, what=f"per-sample weight grad {i}")
+        assert_close(gb[i], lb, what=f"per-sample bias grad {i}")
+        # and against torch's own per-sample gradient
+        tw = grad(lambda w: TORCH(w, b, x[i:i + 1]))(w)
+        assert_close(gw[i], tw, what=f"per-sample weight grad {i} vs torch")
+
+
+def test_jacrev_matches_torch_for_conv_and_pooling():
+    w, b, x = _data(2)
+    for fast, ref in ((lambda x: F.avg_pool2d(F.conv2d(x, w, b), 2), lambda x: TF.avg_pool2d(TF.conv2d(x, w, b), 2)),
+                      (lambda x: F.conv_transpose2d(F.adaptive_max_pool2d(x, 3), w.transpose(0, 1), stride=2),
+                       lambda x: TF.conv_transpose2d(TF.adaptive_max_pool2d(x, 3), w.transpose(0, 1), stride=2))):
+        assert_close(jacrev(fast)(x), jacrev(ref)(x), what="jacrev wrt input")
+    assert_close(jacrev(lambda w: F.conv2d(x, w, b))(w), jacrev(lambda w: TF.conv2d(x, w, b))(w),
+                 what="jacrev wrt weight")
+
+
+def test_jacrev_of_converted_model_matches_torch():
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(), torch.nn.MaxPool2d(2),
+                                      torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1),
+                                      torch.nn.Flatten()).to(D)
+    model = fastconv.convert(copy.deepcopy(torch_model))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    got = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    want = jacrev(lambda p: functional_call(torch_model, p, (x,)))(params)
+    for k in params:
+        assert_close(got[k], want[k], what=f"jacrev of converted model wrt {k}")
+
+
+def test_second_order_reverse_mode_matches_torch():
+    w, b, x = _data(2)
+    hess = jacrev(jacrev(lambda w: FAST(w, b, x)))(w)
+    assert_close(hess, jacrev(jacrev(lambda w: TORCH(w, b, x)))(w), what="jacrev(jacrev) hessian")
+    gg = grad(lambda x: grad(FAST, argnums=2)(w, b, x).sin().sum())(x)
+    assert_close(gg, grad(lambda x: grad(TORCH, argnums=2)(w, b, x).sin().sum())(x), what="grad(grad)")
+
+
+def test_forward_mode_is_refused_by_name_not_answered_with_zeros():
+    w, b, x = _data(1)
+    with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode automatic differentiation"):
+        torch.func.jvp(lambda w: F.conv2d(x, w), (w,), (torch.ones_like(w),))
+    with pytest.raises(NotImplementedError, match=r"fastconv.max_pool: forward-mode"):
+        torch.func.jacfwd(lambda x: F.max_pool2d(x, 2))(x)
+    with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode"):
+        torch.func.hessian(lambda w: FAST(w, b, x))(w)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(w, torch.ones_like(w))
+        with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode"):
+            F.conv2d(x, dual)
+
+
+def test_eager_autograd_unchanged():
+    w, b, x = _data()
+    leaves = [t.clone().requires_grad_() for t in (w, b, x)]
+    FAST(*leaves).backward()
+    want = grad(TORCH, argnums=(0, 1, 2))(w, b, x)
+    for t, r in zip(leaves, want):
+        assert_close(t.grad, r, what="eager backward")
