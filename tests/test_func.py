@@ -26,9 +26,10 @@ TORCH = _net(TF.conv2d, TF.max_pool2d)
 
 
 @pytest.fixture(autouse=True)
-def _no_fallback_noise():
+def _batching_rules_used():
+    # every op has a vmap rule (fastconv/ops/batching.py): functorch's per-element fallback would warn
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented the batching")
+        warnings.filterwarnings("error", message=".*performance drop because we have not yet implemented the batching")
         yield
 
 
@@ -113,3 +114,43 @@ def test_eager_autograd_unchanged():
     want = grad(TORCH, argnums=(0, 1, 2))(w, b, x)
     for t, r in zip(leaves, want):
         assert_close(t.grad, r, what="eager backward")
+
+
+@pytest.mark.parametrize("ndim", [1, 3])
+def test_per_sample_grads_other_ranks_and_groups(ndim):
+    conv, tconv = (F.conv1d, TF.conv1d) if ndim == 1 else (F.conv3d, TF.conv3d)
+    pool, tpool = (F.max_pool1d, TF.max_pool1d) if ndim == 1 else (F.avg_pool3d, TF.avg_pool3d)
+    x = torch.randn(3, 4, *(6,) * ndim, dtype=D)
+    w = torch.randn(6, 2, *(2,) * ndim, dtype=D)
+
+    def loss(conv, pool):
+        return lambda w, xi: pool(conv(xi[None], w, stride=1, groups=2), 2).pow(2).sum()
+
+    got = vmap(grad(loss(conv, pool)), in_dims=(None, 0))(w, x)
+    for i in range(3):
+        assert_close(got[i], grad(loss(tconv, tpool))(w, x[i]), what=f"{ndim}-d per-sample grad {i}")
+
+
+def test_vmap_over_weights_is_one_grouped_call_with_torch_values():
+    x, b = torch.randn(2, 4, 6, 6, dtype=D), torch.randn(4, dtype=D)
+    W = torch.randn(5, 4, 2, 3, 3, dtype=D)  # 5 weight sets, groups=2
+    assert_close(vmap(lambda w: F.conv2d(x, w, b, padding=1, groups=2))(W),
+                 vmap(lambda w: TF.conv2d(x, w, b, padding=1, groups=2))(W), what="vmap over conv2d weights")
+    WT = torch.randn(5, 4, 3, 2, 2, dtype=D)
+    assert_close(vmap(lambda w: F.conv_transpose2d(x, w, stride=2))(WT),
+                 vmap(lambda w: TF.conv_transpose2d(x, w, stride=2))(WT), what="vmap over conv_transpose2d weights")
+    DW, pw = torch.randn(2, 4, 1, 3, 3, dtype=D), torch.randn(3, 4, 1, 1, dtype=D)
+    assert_close(vmap(lambda dw: F.depthwise_separable_conv2d(x, dw, pw, padding=1))(DW),
+                 vmap(lambda dw: TF.conv2d(TF.conv2d(x, dw, padding=1, groups=4), pw))(DW),
+                 what="vmap over separable weights")
+
+
+def test_vmap_of_unpooling_and_pooling_with_indices():
+    x = torch.randn(3, 2, 2, 6, 6, dtype=D)
+    v, i = vmap(lambda t: F.max_pool2d(t, 2, return_indices=True))(x)
+    tv, ti = TF.max_pool2d(x.flatten(0, 1), 2, return_indices=True)
+    assert torch.equal(i.flatten(0, 1), ti)
+    assert_close(vmap(lambda a, b: F.max_unpool2d(a, b, 2))(v, i),
+                 TF.max_unpool2d(tv, ti, 2).reshape(3, 2, 2, 6, 6), what="vmap max_unpool2d")
+    assert_close(vmap(lambda t: F.adaptive_avg_pool2d(t, 4))(x), TF.adaptive_avg_pool2d(x.flatten(0, 1), 4)
+                 .reshape(3, 2, 2, 4, 4), what="vmap adaptive_avg_pool2d")

@@ -26,6 +26,7 @@ from .. import backends
 
 #: Dtypes computed in float32 and rounded once, as torch's CPU kernels do.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+_HALF_SET = frozenset(HALF_DTYPES)
 
 #: ``(target, op)`` pairs whose kernels take float16/bfloat16 themselves (for example ``("cuda", "conv2d")``
 #: once a tensor-core kernel is registered for it): the wrapper hands them the half tensors unchanged.
@@ -66,6 +67,10 @@ def compute_in_float32(op: str) -> Callable:
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def impl(*args, **kwargs):
+            # Fast path (every call pays it): each op's first argument is its main tensor; when that is not
+            # half, nothing is converted (a half tensor elsewhere is a dtype mismatch validation refuses).
+            if getattr(args[0] if args else None, "dtype", None) not in _HALF_SET:
+                return fn(*args, **kwargs)
             dtype = half_dtype(args, kwargs)
             if dtype is None:
                 return fn(*args, **kwargs)
