@@ -154,3 +154,16 @@ def test_vmap_of_unpooling_and_pooling_with_indices():
                  TF.max_unpool2d(tv, ti, 2).reshape(3, 2, 2, 6, 6), what="vmap max_unpool2d")
     assert_close(vmap(lambda t: F.adaptive_avg_pool2d(t, 4))(x), TF.adaptive_avg_pool2d(x.flatten(0, 1), 4)
                  .reshape(3, 2, 2, 4, 4), what="vmap adaptive_avg_pool2d")
+
+
+def test_compiled_func_grad_of_converted_model():
+    # pytorch#170834: torch.func.grad under torch.compile(fullgraph) is the documented way to compile gradients
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2)).to(D)
+    model = fastconv.convert(copy.deepcopy(torch_model))
+    x = torch.randn(2, 3, 8, 8, dtype=D)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    got = torch.compile(grad(lambda p: functional_call(model, p, (x,)).pow(2).sum()), fullgraph=True,
+                        backend="aot_eager")(params)
+    want = grad(lambda p: functional_call(torch_model, p, (x,)).pow(2).sum())(params)
+    for k in params:
+        assert_close(got[k], want[k], what=f"compiled func.grad wrt {k}")

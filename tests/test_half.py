@@ -222,3 +222,20 @@ def test_autocast_rule_registered_for_cuda_too():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCPU")
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "AutocastCUDA")
     assert not torch._C._dispatch_has_kernel_for_dispatch_key("fastconv::max_pool", "AutocastCPU")
+
+
+def test_compiled_model_under_autocast_and_in_bfloat16_channels_last():
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                      torch.nn.Conv2d(8, 4, 1), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    model = fastconv.convert(copy.deepcopy(torch_model))
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = compiled(x), torch_model(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert_close(got, want, what="compiled converted model under autocast")
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    half_model = copy.deepcopy(model).bfloat16()
+    got = torch.compile(half_model, fullgraph=True, backend="aot_eager")(xb)
+    assert got.dtype == torch.bfloat16
+    assert_close(got, half_model(xb), what="compiled bfloat16 model")
