@@ -1,5 +1,5 @@
-"""torch.func over fastconv: grad, jacrev, vmap(grad) (per-sample gradients), nested reverse mode, and a clear
-refusal of forward mode. References: the same function built from torch's ops, in float64."""
+"""torch.func over fastconv: grad, jacrev, vmap(grad) (per-sample gradients), nested reverse mode, forward mode
+(jvp, jacfwd, hessian) and vmap rules. References: the same function built from torch's ops, in float64."""
 from __future__ import annotations
 
 import copy
@@ -29,7 +29,7 @@ TORCH = _net(TF.conv2d, TF.max_pool2d)
 def _batching_rules_used():
     # every op has a vmap rule (fastconv/ops/batching.py): functorch's per-element fallback would warn
     with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*performance drop because we have not yet implemented the batching")
+        warnings.filterwarnings("error", message=".*not yet implemented the batching rule for fastconv::")
         yield
 
 
@@ -93,18 +93,37 @@ def test_second_order_reverse_mode_matches_torch():
     assert_close(gg, grad(lambda x: grad(TORCH, argnums=2)(w, b, x).sin().sum())(x), what="grad(grad)")
 
 
-def test_forward_mode_is_refused_by_name_not_answered_with_zeros():
-    w, b, x = _data(1)
-    with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode automatic differentiation"):
-        torch.func.jvp(lambda w: F.conv2d(x, w), (w,), (torch.ones_like(w),))
-    with pytest.raises(NotImplementedError, match=r"fastconv.max_pool: forward-mode"):
-        torch.func.jacfwd(lambda x: F.max_pool2d(x, 2))(x)
-    with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode"):
-        torch.func.hessian(lambda w: FAST(w, b, x))(w)
+def test_forward_mode_matches_torch():
+    w, b, x = _data(2)
+    tangents = (torch.randn_like(w), torch.randn_like(b), torch.randn_like(x))
+    (value, tangent), (want_value, want_tangent) = (torch.func.jvp(f, (w, b, x), tangents) for f in (FAST, TORCH))
+    assert want_tangent.abs() > 0
+    assert_close(value, want_value, what="jvp primal")
+    assert_close(tangent, want_tangent, what="jvp tangent")
+
+    def chain(conv_t, amax, unpool, mpool):
+        return lambda x: conv_t(unpool(*mpool(amax(x, 4), 2, return_indices=True), 2), w.transpose(0, 1), b, stride=2)
+
+    assert_close(torch.func.jacfwd(chain(F.conv_transpose2d, F.adaptive_max_pool2d, F.max_unpool2d, F.max_pool2d))(x),
+                 torch.func.jacfwd(chain(TF.conv_transpose2d, TF.adaptive_max_pool2d, TF.max_unpool2d,
+                                         TF.max_pool2d))(x), what="jacfwd")
+    for argnums in (0, 1, 2):
+        assert_close(torch.func.hessian(FAST, argnums=argnums)(w, b, x),
+                     torch.func.hessian(TORCH, argnums=argnums)(w, b, x), what=f"hessian argnums={argnums}")
     with torch.autograd.forward_ad.dual_level():
-        dual = torch.autograd.forward_ad.make_dual(w, torch.ones_like(w))
-        with pytest.raises(NotImplementedError, match=r"fastconv.conv2d: forward-mode"):
-            F.conv2d(x, dual)
+        dual = torch.autograd.forward_ad.make_dual(w, tangents[0])
+        got = torch.autograd.forward_ad.unpack_dual(F.conv2d(x, dual, b)).tangent
+    assert_close(got, TF.conv2d(x, tangents[0]), what="forward_ad tangent")
+
+
+def test_forward_mode_without_a_rule_is_refused_by_name_not_answered_with_zeros():
+    x, dw, pw = torch.randn(1, 2, 5, 5, dtype=D), torch.randn(2, 1, 3, 3, dtype=D), torch.randn(3, 2, 1, 1, dtype=D)
+    with pytest.raises(NotImplementedError, match=r"fastconv.depthwise_separable_conv2d: forward-mode automatic"):
+        torch.func.jvp(lambda x: F.depthwise_separable_conv2d(x, dw, pw), (x,), (torch.ones_like(x),))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"fastconv.depthwise_separable_conv2d: forward-mode"):
+            F.depthwise_separable_conv2d(dual, dw, pw)
 
 
 def test_eager_autograd_unchanged():

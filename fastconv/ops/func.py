@@ -32,6 +32,8 @@ import torch
 from torch import _C
 from torch.autograd import forward_ad
 
+from . import jvp as jvp_rules
+
 _INSTALLED: dict[str, object] = {}
 
 
@@ -69,6 +71,8 @@ def _make_autograd_kernel(opdef):
             # the dispatcher drops arguments equal to their defaults; setup_context expects every one
             full, _ = library_utils.fill_defaults(schema, args, {})
             opdef._setup_context_fn(ctx=ctx, inputs=full, output=result)
+        if forward_ad._current_level >= 0:  # forward mode may ask for the jvp: keep what it reads
+            ctx.fastconv_primals, ctx.fastconv_output = full, result
         return result
 
     def backward(ctx, *grads):
@@ -80,21 +84,29 @@ def _make_autograd_kernel(opdef):
             ctx.needs_input_grad = prev
         return (*result, None) if isinstance(result, tuple) else (result, None)
 
-    def jvp(ctx, *tangents):
+    jvp_rule = jvp_rules.rule(op._opname)
+
+    def refuse_forward_mode():
         raise NotImplementedError(
             f"{label}: forward-mode automatic differentiation (torch.func.jvp, jacfwd, hessian, "
-            f"torch.autograd.forward_ad) is not implemented for fastconv ops; use reverse mode "
+            f"torch.autograd.forward_ad) is not implemented for this fastconv op; use reverse mode "
             f"(torch.func.grad, vjp, jacrev, or jacrev(jacrev(f)) for second derivatives)")
+
+    def jvp(ctx, *tangents):
+        if jvp_rule is None:
+            refuse_forward_mode()
+        return jvp_rule(op, ctx.fastconv_primals, tangents[:-1], ctx.fastconv_output)
 
     function = type(f"FastconvBackward_{op._opname}", (torch.autograd.function._SingleLevelFunction,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward),
                      "jvp": staticmethod(jvp)})
 
     def autograd_kernel(keyset, *args):
-        if forward_ad._current_level >= 0 and _C._is_fwd_grad_enabled() and _has_tangent(args):
+        tangent = forward_ad._current_level >= 0 and _C._is_fwd_grad_enabled() and _has_tangent(args)
+        if tangent and jvp_rule is None:
             # without this the op would run on the primals only and hand back a zero tangent: silently wrong
-            jvp(None)
-        if _C.is_grad_enabled() and _C._any_requires_grad(*args):
+            refuse_forward_mode()
+        if tangent or (_C.is_grad_enabled() and _C._any_requires_grad(*args)):
             # enable_single_level_autograd_function(), without a generator context manager's 2 us per call
             previous = get_allowed()
             set_allowed(True)
