@@ -156,7 +156,8 @@ def test_other_floating_dtypes_still_refused():
         F.conv2d(x, w)
 
 
-@pytest.mark.skipif(not emu_available(), reason="the CUDA kernels on the CPU harness run with FASTCONV_BACKEND=cuda-emu")
+@pytest.mark.skipif(not emu_available(),
+                    reason="the CUDA kernels on the CPU harness run with FASTCONV_BACKEND=cuda-emu")
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_cuda_emu_half_upcasts_for_simt_kernels(dtype):
     x, w, b = _r(2, 3, 7, 7).to(dtype), _r(4, 3, 3, 3).to(dtype), _r(4).to(dtype)

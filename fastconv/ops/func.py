@@ -16,12 +16,15 @@ kernel with such a wrapper around the very setup_context/backward that ``registe
 a transform the wrapper is what ``Function.apply`` would have run (the C++ apply), so eager autograd, double
 backward, opcheck and torch.compile are unchanged.
 
-Forward-mode AD (``torch.func.jvp``, ``jacfwd``, ``hessian`` = jacfwd(jacrev)) has no formula: it raises a
-NotImplementedError that names the fastconv op and the reverse-mode alternative.
+Forward mode (``torch.func.jvp``, ``jacfwd``, ``hessian`` = jacfwd(jacrev), ``torch.autograd.forward_ad``) uses
+the rules of :mod:`fastconv.ops.jvp`; an op without one (the separable conv) raises a NotImplementedError that
+names it, instead of the zero tangent ``register_autograd``'s wrapper hands back. Batching rules for vmap are in
+:mod:`fastconv.ops.batching`.
 
 Private torch API used: ``torch._library.custom_ops.OPDEFS``, ``torch._library.utils.fill_defaults``,
-``torch.autograd.function._SingleLevelFunction``, ``torch._C._functorch.{get,set}_single_level_autograd_function_allowed``
-(what ``torch._functorch.utils.enable_single_level_autograd_function`` sets).
+``torch.autograd.function._SingleLevelFunction``,
+``torch._C._functorch.{get,set}_single_level_autograd_function_allowed`` (what
+``torch._functorch.utils.enable_single_level_autograd_function`` sets).
 If a torch version lacks one of them, :func:`install` leaves the ops as ``register_autograd`` made them.
 """
 from __future__ import annotations
