@@ -9,6 +9,7 @@ from torch import Tensor
 from .. import registry
 from ..ops import conv as conv_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
+from ._layout import laid_out, result_format
 
 Padding = Union[str, IntOrSeq]
 
@@ -78,14 +79,14 @@ def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, alg
         if args is not None:
             dev = input.device
             if weight.device == dev and (bias is None or bias.device == dev):
-                return conv_ops.OPS[ndim][0](input, weight, bias, *args)
+                return laid_out(conv_ops.OPS[ndim][0](input, weight, bias, *args), result_format(input, weight))
     op = f"conv{ndim}d"
     a = ConvArgs(op, ndim, input, weight, bias, stride, padding, dilation, groups, algo)
     args = (*a.lists(), a.groups, a.algo)
     if not a.unbatched and key is not None and len(_NORMALISED) < 4096:
         _NORMALISED[key] = args
     out = conv_ops.OPS[ndim][0](a.input, a.weight, a.bias, *args)
-    return out.squeeze(0) if a.unbatched else out
+    return out.squeeze(0) if a.unbatched else laid_out(out, result_format(a.input, a.weight))
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,

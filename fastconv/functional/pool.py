@@ -13,6 +13,7 @@ from torch import Tensor
 from ..ops import pool as pool_ops
 from ..ops import validation
 from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple
+from ._layout import laid_out, suggested_format
 
 OptSize = Union[None, int, Sequence[Optional[int]]]
 
@@ -42,8 +43,10 @@ def _check_output(op: str, x: Tensor, out: Sequence[int]) -> None:
     check_pool_output(op, x.shape[2:], out)
 
 
-def _finish(t: Tensor, unbatched: bool) -> Tensor:
-    return t.squeeze(0) if unbatched else t
+def _finish(t: Tensor, unbatched: bool, like: Optional[Tensor] = None) -> Tensor:
+    """Drop the batch dim of an unbatched call; otherwise lay ``t`` out as ``like`` (the input) suggests
+    (channels_last in, channels_last out, as torch's pooling)."""
+    return t.squeeze(0) if unbatched else laid_out(t, suggested_format(like))
 
 
 def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
@@ -56,7 +59,7 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
     _check_output(op, x, out)
     y, idx = pool_ops.max_pool(x, list(kernel), list(stride), list(padding), list(dilation), bool(ceil_mode),
                                minimum)
-    y, idx = _finish(y, unbatched), _finish(idx, unbatched)
+    y, idx = _finish(y, unbatched, x), _finish(idx, unbatched, x)
     return (y, idx) if return_indices else y
 
 
@@ -97,7 +100,8 @@ def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_in
     _check_output(op, x, out)
     y = pool_ops.avg_pool(x, list(kernel), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
                           int(divisor_override or 0))
-    return _finish(y, unbatched)
+    # torch's avg_pool3d returns a contiguous result whatever its input's layout
+    return _finish(y, unbatched, x if ndim < 3 else None)
 
 
 def avg_pool1d(input: Tensor, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None, padding: IntOrSeq = 0,
@@ -157,10 +161,12 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
         shape = (0, *out)
         y = input.new_zeros(shape)
         return (y, input.new_zeros(shape, dtype=torch.int64)) if return_indices else y
+    # torch's 3-D adaptive pooling returns a contiguous result whatever its input's layout
+    like = x if ndim < 3 else None
     if kind == "avg":
-        return _finish(pool_ops.adaptive_avg_pool(x, out), unbatched)
+        return _finish(pool_ops.adaptive_avg_pool(x, out), unbatched, like)
     y, idx = pool_ops.adaptive_max_pool(x, out)
-    y, idx = _finish(y, unbatched), _finish(idx, unbatched)
+    y, idx = _finish(y, unbatched, like), _finish(idx, unbatched, like)
     return (y, idx) if return_indices else y
 
 
@@ -220,7 +226,7 @@ def _max_unpool(op, ndim, input, indices, kernel_size, stride, padding, output_s
     # dtype, device and shape of the indices: checked by the op (fastconv.ops.validation.max_unpool_op)
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
     out = unpool_output_size(op, x, kernel, stride, padding, output_size)
-    return _finish(pool_ops.max_unpool(x, idx, out), unbatched)
+    return _finish(pool_ops.max_unpool(x, idx, out), unbatched, x)
 
 
 def max_unpool1d(input: Tensor, indices: Tensor, kernel_size: IntOrSeq, stride: Optional[IntOrSeq] = None,

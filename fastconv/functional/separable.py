@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ..ops import separable as separable_ops
 from ._checks import IntOrSeq, check_type
+from ._layout import laid_out, result_format
 from .conv import ConvArgs
 
 OP = "depthwise_separable_conv2d"
@@ -44,4 +45,4 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
     a = ConvArgs(OP, 2, input, depthwise_weight, depthwise_bias, stride, padding, dilation, 1, "auto")
     out = separable_ops.depthwise_separable_conv2d(a.input, depthwise_weight, pointwise_weight, depthwise_bias,
                                                    pointwise_bias, *a.lists(), algo)
-    return out.squeeze(0) if a.unbatched else out
+    return out.squeeze(0) if a.unbatched else laid_out(out, result_format(a.input, depthwise_weight))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..ops import transposed as transposed_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
+from ._layout import laid_out, result_format
 
 
 class ConvTransposeArgs:
@@ -57,7 +58,7 @@ def _conv_transpose(ndim: int, input, weight, bias, stride, padding, output_padd
     op = f"conv_transpose{ndim}d"
     a = ConvTransposeArgs(op, ndim, input, weight, bias, stride, padding, output_padding, groups, dilation, algo)
     out = transposed_ops.OPS[ndim](a.input, a.weight, a.bias, *a.lists(), a.groups, a.algo)
-    return out.squeeze(0) if a.unbatched else out
+    return out.squeeze(0) if a.unbatched else laid_out(out, result_format(a.input, a.weight))
 
 
 def conv_transpose1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,

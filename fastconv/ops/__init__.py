@@ -9,3 +9,11 @@ from . import catalog  # noqa: F401  (kernel declarations -> registry and poolin
 from ._first_call import skip_eager_dynamo_import as _skip_eager_dynamo_import
 
 _skip_eager_dynamo_import()
+
+# Around the registered ops: autocast rules (conv runs in the autocast dtype, as torch's).
+from . import autocast  # noqa: E402,F401
+# torch.func transforms over the ops' autograd (grad, jacrev, vmap(grad)): see func.py; vmap rules: batching.py.
+from . import batching  # noqa: E402,F401
+from . import func as _func  # noqa: E402
+
+_func.install()

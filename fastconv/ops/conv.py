@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
-from . import validation
+from . import precision, validation
 from ._output import fresh
 from .validation import SUPPORTED_DTYPES, conv_output_size  # noqa: F401  (re-exported: one definition each)
 
@@ -145,6 +145,7 @@ def _register(ndim: int):
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
     @validation.allocation_errors(name)
+    @precision.compute_in_float32(name)
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
         key = (0, input.shape, weight.shape, input.dtype, weight.dtype, input.device, weight.device,
@@ -187,6 +188,7 @@ def _register(ndim: int):
 
     @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
     @validation.allocation_errors(f"{name}_grad_input")
+    @precision.compute_in_float32(f"{name}_grad_input")
     def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
                    padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                    algo: str) -> Tensor:
@@ -229,6 +231,7 @@ def _register(ndim: int):
 
     @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
     @validation.allocation_errors(f"{name}_grad_weight")
+    @precision.compute_in_float32(f"{name}_grad_weight")
     def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
                     padding: list[int], padding_end: list[int], dilation: list[int], groups: int,
                     algo: str) -> Tensor:

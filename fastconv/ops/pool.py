@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import backends
 from ..spec import PoolKernels, Triple  # noqa: F401  (re-exported: the protocol a target implements)
-from . import validation
+from . import precision, validation
 from ._output import fresh
 from .validation import pool_output_size  # noqa: F401  (re-exported: one definition)
 
@@ -75,6 +75,7 @@ def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::max_pool", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("max_pool")
+@precision.compute_in_float32("max_pool")
 def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
              ceil_mode: bool, minimum: bool) -> tuple[Tensor, Tensor]:
     """Max (``minimum=False``) or min pooling; returns (values, int64 flat indices into each plane).
@@ -102,6 +103,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
 
 @torch.library.custom_op("fastconv::max_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("max_pool_backward")
+@precision.compute_in_float32("max_pool_backward")
 def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
     """Scatter-add ``grad_output`` (N, C, *O) into zeros (N, C, *input_size) at ``indices``."""
     shape, empty_dtype, _ = validation.max_pool_backward_op("max_pool_backward", grad_output, indices, input_size)
@@ -120,6 +122,7 @@ def _(grad_output, indices, input_size):
 
 @torch.library.custom_op("fastconv::max_unpool", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("max_unpool")
+@precision.compute_in_float32("max_unpool")
 def max_unpool(input: Tensor, indices: Tensor, output_size: list[int]) -> Tensor:
     """Scatter ``input`` (N, C, *S) into zeros (N, C, *output_size) at ``indices`` (later ones win)."""
     shape, empty_dtype, _ = validation.max_unpool_op("max_unpool", input, indices, output_size)
@@ -136,6 +139,7 @@ def _(input, indices, output_size):
 
 @torch.library.custom_op("fastconv::max_unpool_backward", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("max_unpool_backward")
+@precision.compute_in_float32("max_unpool_backward")
 def max_unpool_backward(grad_output: Tensor, indices: Tensor) -> Tensor:
     """Gather ``grad_output`` (N, C, *O) at ``indices`` (N, C, *S) -> (N, C, *S)."""
     shape, empty_dtype, _ = validation.max_unpool_backward_op("max_unpool_backward", grad_output, indices)
@@ -153,6 +157,7 @@ def _(grad_output, indices):
 
 @torch.library.custom_op("fastconv::adaptive_max_pool", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("adaptive_max_pool")
+@precision.compute_in_float32("adaptive_max_pool")
 def adaptive_max_pool(input: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
     """Adaptive max pooling to ``output_size``; returns (values, indices) like ``max_pool``."""
     shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_max_pool", input, output_size,
@@ -222,6 +227,7 @@ max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_se
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("avg_pool")
+@precision.compute_in_float32("avg_pool")
 def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
              count_include_pad: bool, divisor_override: int) -> Tensor:
     """Average pooling, torch's divisor rule; ``divisor_override == 0`` means none."""
@@ -244,6 +250,7 @@ def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor
 
 @torch.library.custom_op("fastconv::avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("avg_pool_backward")
+@precision.compute_in_float32("avg_pool_backward")
 def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
                       padding: list[int], ceil_mode: bool, count_include_pad: bool,
                       divisor_override: int) -> Tensor:
@@ -289,6 +296,7 @@ avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setu
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("adaptive_avg_pool")
+@precision.compute_in_float32("adaptive_avg_pool")
 def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
     """Adaptive average pooling (N, C, *S) -> (N, C, *output_size); C == 0 gives an empty result, as torch."""
     # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
@@ -308,6 +316,7 @@ def _(input, output_size):
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors("adaptive_avg_pool_backward")
+@precision.compute_in_float32("adaptive_avg_pool_backward")
 def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Tensor:
     """The adjoint of ``adaptive_avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
     shape, empty_dtype, _ = validation.adaptive_avg_pool_backward_op("adaptive_avg_pool_backward", grad_output,

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from . import conv as conv_ops  # noqa: F401  (registers the conv ops the unfused path calls)
-from . import validation
+from . import precision, validation
 from ._output import fresh
 
 OP = "depthwise_separable_conv2d"
@@ -78,6 +78,7 @@ def choose_algo(algo: str, target: str) -> str:
 
 @torch.library.custom_op(f"fastconv::{OP}", mutates_args=(), device_types=("cpu", "cuda"))
 @validation.allocation_errors(OP)
+@precision.compute_in_float32(OP)
 def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwise_weight: Tensor,
                                depthwise_bias: Optional[Tensor], pointwise_bias: Optional[Tensor],
                                stride: list[int], padding: list[int], padding_end: list[int],

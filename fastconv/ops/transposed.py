@@ -35,7 +35,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
 from . import conv as conv_ops
-from . import validation
+from . import precision, validation
 from ._output import fresh
 from .conv import DIMS, _as_5d, make_geometry
 from .validation import transposed_output_size  # noqa: F401  (re-exported: one definition)
@@ -95,6 +95,7 @@ def _register(ndim: int):
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
     @validation.allocation_errors(name)
+    @precision.compute_in_float32(name)
     def conv_transpose(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
                        padding: list[int], output_padding: list[int], dilation: list[int], groups: int,
                        algo: str) -> Tensor:

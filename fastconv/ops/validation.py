@@ -26,9 +26,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-#: The floating dtypes fastconv's kernels compute in (the one list: the ops, the functional layer and the
-#: kernels' error messages all read it).
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+#: The floating dtypes every op accepts (the one list: the ops, the functional layer and the kernels' error
+#: messages all read it). float16 and bfloat16 are computed in float32 and rounded once to the input dtype, as
+#: torch's CPU ops do (:mod:`fastconv.ops.precision`); the kernels themselves see float32 and float64 only.
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 #: Extra dtypes max/min pooling accepts on the CPU (Numba) target, forward only, as torch's max_pool does.
 INTEGER_POOL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 #: Targets whose max-pooling kernels accept :data:`INTEGER_POOL_DTYPES`.
