@@ -263,3 +263,32 @@ def test_im2col_grad_input_zero_outside_coverage_stride1():
 @pytest.mark.parametrize("N,groups", [(1, 1), (3, 1), (3, 2)])
 def test_im2col_pointwise_grad_weight_one_gemm(N, groups):
     _check("im2col", N, 4, 6, (5, 7), (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), groups)
+
+
+@pytest.mark.parametrize("cap", [None, 1 << 12, 1 << 16])
+def test_im2col_reported_workspace_is_what_the_forward_allocates(cap, monkeypatch):
+    """The registry's im2col workspace equals the column + GEMM buffers the forward sizes from its chunks
+    (it once read a constant that did not exist and reported one image where four were allocated)."""
+    from fastconv import registry
+    from fastconv.ops.conv import make_geometry
+
+    if cap is not None:
+        monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    alg = registry.choose("im2col", make_geometry(2, 1, 1, 1, 1, (4, 4), (3, 3), None, (1, 1), (0, 0), (0, 0),
+                                                  (1, 1), torch.float32, "numba"), "forward")
+    for N, C, K, G, size, k, stride in [(4, 16, 8, 1, 12, 3, 2), (3, 6, 4, 2, 9, 5, 1), (1, 8, 8, 1, 7, 3, 3),
+                                        (2, 16, 8, 1, 12, 3, 1)]:
+        g = make_geometry(2, N, C, K, G, (size, size), (k, k), None, (stride, stride), (1, 1), (1, 1), (1, 1),
+                          torch.float32, "numba")
+        OH, OW = g.out_spatial[1:]
+        ck = (C // G) * k * k
+        wide = cc._wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, K // G)
+        width = OW + (k - 1) if wide else OW  # the wide-row path's GEMM runs over padded rows
+        qmax = max(nb * (r1 - r0) * width for _, nb, r0, r1 in cc._chunks(N, OH, width, ck, 4))
+        assert alg.workspace_bytes(g) == (ck + K // G) * qmax * 4, (N, C, K, G, size, k, stride, cap)
+    # the issue's example, ResNet-50 3x3 64->64 at 56x56 (stride 2 here: the generic, non-wide path), batch 8
+    g = make_geometry(2, 8, 64, 64, 1, (112, 112), (3, 3), None, (2, 2), (1, 1), (1, 1), (1, 1),
+                      torch.float32, "numba")
+    if cap is None:
+        per_image = 64 * 9 * 56 * 56 * 4  # 7.2 MB of columns per image; four fit the 32 MiB cap
+        assert alg.workspace_bytes(g) == 4 * per_image + 4 * 64 * 56 * 56 * 4

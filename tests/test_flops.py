@@ -273,9 +273,10 @@ def test_algorithm_columns_come_from_the_registry():
         assert row.algorithm_mults == flops.executed_multiplications(name, geom)
         assert row.workspace_bytes == alg.workspace_bytes(geom)
     assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
-    # im2col's workspace is the column matrix: (C*k*k) rows x (N*OH*OW) columns of float32, per the registry
+    # im2col's workspace: column buffer (C*k*k rows) + GEMM result (K rows) over both images' output rows,
+    # each as wide as the padded row (12 + 2: the stride-1 wide-row path), float32
     (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
-    assert 0 < row.workspace_bytes <= 16 * 9 * 2 * 12 * 12 * 4
+    assert row.workspace_bytes == (16 * 9 + 8) * 2 * 12 * 14 * 4
 
 
 def test_report_table_has_units_and_totals():

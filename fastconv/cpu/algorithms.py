@@ -41,11 +41,27 @@ def _wrap(prefix: str):
 
 
 def _im2col_workspace(g: ConvGeometry) -> int:
+    """What the im2col forward allocates for its GEMMs: the column buffer and the GEMM result buffer,
+    ``(ck + K/groups) x qmax`` elements, with ``qmax`` the largest chunk of ``cpu.conv._chunks`` (whole
+    images while they fit ``COL_BUFFER_BYTES``, else row chunks of one image) over output rows that are
+    ``OW`` wide, or the padded row wide on the stride-1 wide-row path. 1x1 stride-1 convs are a plain GEMM
+    and need none. (The input's padded or phase-split copy is not counted.)"""
     if g.is_pointwise:
         return 0
-    rows = (g.in_channels // g.groups) * math.prod(g.kernel)
-    per_image = rows * math.prod(g.out_spatial) * g.dtype.itemsize
-    return min(per_image * max(g.batch, 1), getattr(kernels, "IM2COL_WORKSPACE_BYTES", per_image))
+    item = g.dtype.itemsize
+    kg = g.out_channels // g.groups
+    ck = (g.in_channels // g.groups) * math.prod(g.kernel)
+    width = g.out_spatial[2]
+    if kernels._wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, kg):
+        width += (g.kernel[2] - 1) * g.dilation[2]
+    per_row = max(1, ck * width)
+    rows = g.out_spatial[0] * g.out_spatial[1]
+    cap = max(1, kernels.COL_BUFFER_BYTES // item)
+    if per_row * rows <= cap:
+        qmax = min(max(g.batch, 1), max(1, cap // (per_row * rows))) * rows * width
+    else:
+        qmax = min(rows, max(1, cap // per_row)) * width
+    return (ck + kg) * qmax * item
 
 
 DIRECT = ConvAlgorithm(
