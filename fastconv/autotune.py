@@ -897,6 +897,11 @@ class _Exploration:
 _exploring: dict = {}
 
 
+def tuning_in_progress() -> int:
+    """How many keys are being tuned on real calls now (0: every layer seen so far runs its final choice)."""
+    return len(_exploring)
+
+
 def _explorer(key: CacheKey, memo: tuple, geom: registry.ConvGeometry, pass_: str,
               algs: list) -> registry.ConvAlgorithm:
     """The algorithm to hand out while ``key`` is tuned on real calls (its ``pass_`` explores)."""
