@@ -764,6 +764,7 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
         Y = np.empty(P * _CB, y.dtype)
         Wr = np.zeros(T * R, y.dtype)
         Br = np.zeros(R, y.dtype)
+        Wt = np.zeros((T + 1) * _CB, y.dtype)
         toff = np.empty(T, np.int64)
         for kh in range(KH):
             for kw in range(KW):
@@ -776,16 +777,25 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
             c0 = cbi * _CB
             cnt = min(_CB, C - c0)
             if cbi != last:
+                # transpose the block's weights once (T x _CB), then tile each tap's vector along the
+                # row with contiguous copies (element-wise strided stores cost more than the taps at N=1)
                 last = cbi
                 for v in range(cnt):
+                    wsrc = w[(c0 + v) * T:(c0 + v + 1) * T]
                     for t in range(T):
-                        wv = w[(c0 + v) * T + t]
-                        wrow = Wr[t * R:(t + 1) * R]
-                        for ow in range(OW):
-                            wrow[ow * _CB + v] = wv
-                    bv = bias[c0 + v]
+                        Wt[t * _CB + v] = wsrc[t]
+                    Wt[T * _CB + v] = bias[c0 + v]
+                for t in range(T):
+                    wv = Wt[t * _CB:(t + 1) * _CB]
                     for ow in range(OW):
-                        Br[ow * _CB + v] = bv
+                        wrow = Wr[t * R + ow * _CB:t * R + (ow + 1) * _CB]
+                        for v in range(_CB):
+                            wrow[v] = wv[v]
+                bvs = Wt[T * _CB:(T + 1) * _CB]
+                for ow in range(OW):
+                    brow = Br[ow * _CB:(ow + 1) * _CB]
+                    for v in range(_CB):
+                        brow[v] = bvs[v]
             # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
             # writes contiguously (reads gather across planes)
             for ih in range(ihi):
@@ -821,6 +831,33 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                 for i in range(R):
                     yr[i] = Br[i]
                 t = 0
+                if KW == 7:
+                    # one kernel row per pass: 15 loads and a store for 7 multiply-adds
+                    while t + 7 <= T:
+                        o0, o1, o2, o3 = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
+                        o4, o5, o6 = base + toff[t + 4], base + toff[t + 5], base + toff[t + 6]
+                        x0, x1, x2, x3 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R], Xp[o3:o3 + R]
+                        x4, x5, x6 = Xp[o4:o4 + R], Xp[o5:o5 + R], Xp[o6:o6 + R]
+                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                        w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
+                        w6 = Wr[(t + 6) * R:(t + 7) * R]
+                        for i in range(R):
+                            yr[i] += (w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
+                                      + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i])
+                        t += 7
+                elif KW == 5:
+                    while t + 5 <= T:
+                        o0, o1, o2 = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                        o3, o4 = base + toff[t + 3], base + toff[t + 4]
+                        x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
+                        x3, x4 = Xp[o3:o3 + R], Xp[o4:o4 + R]
+                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                        w4 = Wr[(t + 4) * R:(t + 5) * R]
+                        for i in range(R):
+                            yr[i] += w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i] + w4[i] * x4[i]
+                        t += 5
                 while t + 4 <= T:
                     oa, ob, oc, od = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
                     xa, xb, xc, xd_ = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R], Xp[od:od + R]
