@@ -736,7 +736,7 @@ def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq,
 _CB = 64
 #: Largest output plane (OH * OW) sent to the channel-blocked path; larger planes vectorise well
 #: along the plane itself.
-CB_MAX_PLANE = 14 * 14
+CB_MAX_PLANE = 8 * 8
 
 
 @njit(parallel=True, **_JIT)
@@ -881,6 +881,88 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                     ys = Y[oh * R + v:]
                     for ow in range(OW):
                         yo[ow] = ys[ow * _CB]
+
+
+@njit(**_JIT)
+def _pack_cb(src, base, plane, cnt, nrows, ncols, row_pitch, col_step, dst, dst_row, dst_col):
+    """``dst[r*dst_row + q*dst_col + v] = src[base + v*plane + r*row_pitch + q*col_step]`` for
+    ``v < cnt``: a block of ``cnt`` planes transposed channels-innermost (the inner loop stores
+    contiguously and gathers across planes)."""
+    for r in range(nrows):
+        for q in range(ncols):
+            xs = src[base + r * row_pitch + q * col_step:]
+            xd = dst[r * dst_row + q * dst_col:r * dst_row + q * dst_col + cnt]
+            for v in range(cnt):
+                xd[v] = xs[v * plane]
+
+
+@njit(parallel=True, **_JIT)
+def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw, gw):
+    """Depthwise 2-D weight gradient, multiplier 1, channel-blocked (see :func:`_forward2d_cb`).
+
+    One task per block of ``_CB`` channels, reducing over the whole batch itself (no races, the same
+    result for any thread count): the input block is packed as in the forward, the output-gradient
+    block channels-innermost at row pitch ``OW * _CB``, and per output row and tap
+    ``Acc[t, ow, c] += G[oh, ow, c] * Xp[tap(oh, ow), c]``; the ``OW`` partial sums of each weight are
+    added in a fixed order at the end.
+    """
+    nb = (C + _CB - 1) // _CB
+    Hp = (OH - 1) * sh + (KH - 1) * dh + 1
+    Wq = OW + ((KW - 1) * dw) // sw
+    T = KH * KW
+    P = OH * OW
+    R = OW * _CB
+    HW = H * W
+    ihi = min(H, Hp - ph)
+    for cbi in prange(nb):
+        Xp = np.zeros(Hp * sw * Wq * _CB, gw.dtype)
+        G = np.zeros(P * _CB, gw.dtype)
+        Acc = np.zeros(T * R, gw.dtype)
+        toff = np.empty(T, np.int64)
+        for kh in range(KH):
+            for kw in range(KW):
+                a = kw * dw
+                toff[kh * KW + kw] = ((kh * dh * sw + a % sw) * Wq + a // sw) * _CB
+        c0 = cbi * _CB
+        cnt = min(_CB, C - c0)
+        for n in range(N):
+            for ih in range(ihi):
+                hp = ih + ph
+                for b in range(sw):
+                    qlo = (pw - b + sw - 1) // sw if pw > b else 0
+                    qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+                    if qhi > qlo:
+                        _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0, sw,
+                                 Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
+            _pack_cb(go, (n * C + c0) * P, P, cnt, OH, OW, OW, 1, G, R, _CB)
+            for oh in range(OH):
+                gr = G[oh * R:(oh + 1) * R]
+                base = oh * sh * sw * Wq * _CB
+                t = 0
+                while t + 3 <= T:
+                    oa, ob, oc = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                    xa, xb, xc = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R]
+                    aa, ab, ac = Acc[t * R:(t + 1) * R], Acc[(t + 1) * R:(t + 2) * R], Acc[(t + 2) * R:(t + 3) * R]
+                    for i in range(R):
+                        g = gr[i]
+                        aa[i] += g * xa[i]
+                        ab[i] += g * xb[i]
+                        ac[i] += g * xc[i]
+                    t += 3
+                while t < T:
+                    oa = base + toff[t]
+                    xa = Xp[oa:oa + R]
+                    aa = Acc[t * R:(t + 1) * R]
+                    for i in range(R):
+                        aa[i] += gr[i] * xa[i]
+                    t += 1
+        for v in range(cnt):
+            for t in range(T):
+                s = Acc[t * R + v]
+                for ow in range(1, OW):
+                    s += Acc[t * R + ow * _CB + v]
+                gw[(c0 + v) * T + t] = s
+
 
 
 def _use_cb(C, K, out_hw, padding):
@@ -1044,6 +1126,10 @@ def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
     D, H, W = x.shape[2:]
+    if D == 1 and OD == 1 and KD == 1 and _use_cb(C, K, (OH, OW), padding[1:]):
+        _grad_weight2d_cb(_flat(go), N, C, OH, OW, _flat(x), H, W, KH, KW, stride[1], stride[2], padding[1],
+                          padding[2], dilation[1], dilation[2], gw.reshape(-1))
+        return gw
     # Large stride-1 planes (112x112) measured faster on the padded-plane path below (1.25x): its one
     # padded copy and the output gradient fit in L2 better than the KW shifted copies; equal at 56x56.
     if D == 1 and OD == 1 and KD == 1 and (stride[1] > 1 or OH * OW <= 64 * 64):
