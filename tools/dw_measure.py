@@ -3,7 +3,8 @@
 torch is timed in :class:`fastconv.bench_runner.TorchBaseline`'s worker (a process that never imports
 fastconv or Numba), fastconv here; the two alternate shape by shape, round by round, so a burst of load
 hits both. Per (shape, pass): median over rounds of each round's median of ``--reps`` calls, the
-spread (min-max of the round medians) and the load average at each round.
+spread (min-max of the per-round ratios), the load average at each round, and ``best``: the fastest
+fastconv round over the fastest torch round (what each side does when the machine lets it).
 
 fastconv is timed twice: ``kern`` is the Numba kernel entry (numpy in, numpy out: what this file's
 kernels control) and ``op`` is ``torch.ops.fastconv.conv2d*`` with ``algo="depthwise"`` (adds the
@@ -94,22 +95,24 @@ def main():
                     c["op"].append(_median_ms(lambda: impl.fastconv(t, "depthwise"), a.reps))
     rows = []
     print(f"{'shape':28s} {'pass':11s} {'torch ms':>9s} {'kern ms':>9s} {'kern/t':>7s} {'spread':>13s} "
-          f"{'op/t':>6s} load")
+          f"{'op/t':>6s} {'best':>5s} load")
     for c in cases:
         tm, km = statistics.median(c["torch"]), statistics.median(c["kern_ms"])
         ratios = [k / t for k, t in zip(c["kern_ms"], c["torch"])]
         om = statistics.median(c["op"]) if c["op"] else float("nan")
-        row = dict(shape=c["name"], pass_=c["p"], torch_ms=tm, kern_ms=km, kern_ratio=km / tm,
+        best = min(c["kern_ms"]) / min(c["torch"])
+        row = dict(shape=c["name"], pass_=c["p"], torch_ms=tm, kern_ms=km, kern_ratio=km / tm, best_ratio=best,
                    ratio_lo=min(ratios), ratio_hi=max(ratios), op_ms=om, op_ratio=om / tm,
                    load=[min(c["load"]), max(c["load"])], err=c["err"])
         rows.append(row)
         print(f"{c['name']:28s} {c['p']:11s} {tm:9.3f} {km:9.3f} {km / tm:7.2f} "
-              f"{min(ratios):6.2f}-{max(ratios):5.2f} {om / tm:6.2f} {row['load'][0]:.1f}-{row['load'][1]:.1f}")
+              f"{min(ratios):6.2f}-{max(ratios):5.2f} {om / tm:6.2f} {best:5.2f} {row['load'][0]:.1f}-{row['load'][1]:.1f}")
     for p in passes:
         sel = [r for r in rows if r["pass_"] == p]
         gk = math.exp(statistics.fmean(math.log(r["kern_ratio"]) for r in sel))
         go = math.exp(statistics.fmean(math.log(r["op_ratio"]) for r in sel)) if not a.no_op else float("nan")
-        print(f"geomean {p:11s} kern/torch {gk:.3f}  op/torch {go:.3f}  ({len(sel)} shapes)")
+        gb = math.exp(statistics.fmean(math.log(r["best_ratio"]) for r in sel))
+        print(f"geomean {p:11s} kern/torch {gk:.3f}  op/torch {go:.3f}  best/best {gb:.3f}  ({len(sel)} shapes)")
     if a.json:
         json.dump(rows, open(a.json, "w"), indent=1)
 
