@@ -241,3 +241,19 @@ def test_channel_blocked_path_matches_torch(case):
     for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), torch.autograd.grad(y, (x, w, b), g),
                           torch.autograd.grad(ref, (x, w, b), g)):
         assert_close(a, e, what=name)
+
+
+def test_channel_blocked_forward_into_writes_the_requested_rows():
+    """depthwise_forward_into's row mapping (row n * nstride + chan0 + k) on the channel-blocked path,
+    with the rows around left untouched."""
+    from fastconv.cpu import depthwise
+
+    x = np.random.default_rng(0).standard_normal((2, 70, 1, 7, 7))
+    w = np.random.default_rng(1).standard_normal((70, 1, 1, 3, 3))
+    assert depthwise._use_cb(70, 70, (7, 7), (1, 1))
+    y = np.full((2 * 75, 1, 7, 7), 7.0)
+    depthwise.depthwise_forward_into(x, w, None, (1, 1, 1), (0, 1, 1), (1, 1, 1), (1, 7, 7), y, chan0=3, nstride=75)
+    ref = TF.conv2d(torch.from_numpy(x[:, :, 0]), torch.from_numpy(w[:, :, 0]), padding=1, groups=70).numpy()
+    for n in range(2):
+        assert_close(torch.from_numpy(y[n * 75 + 3:n * 75 + 73, 0]), torch.from_numpy(ref[n]), what=f"image {n}")
+        assert (y[n * 75:n * 75 + 3] == 7.0).all() and (y[n * 75 + 73:(n + 1) * 75] == 7.0).all()
