@@ -834,13 +834,9 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                 for b in range(sw):
                     qlo = (pw - b + sw - 1) // sw if pw > b else 0
                     qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
-                    dst = (hp * sw + b) * Wq * _CB
-                    src = (n * C + c0) * HW + ih * W + b - pw
-                    for wq in range(qlo, qhi):
-                        xs = x[src + wq * sw:]
-                        xd = Xp[dst + wq * _CB:dst + (wq + 1) * _CB]
-                        for v in range(cnt):
-                            xd[v] = xs[v * HW]
+                    if qhi > qlo:
+                        _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0, sw,
+                                 Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
             rs = sh * sw * Wq * _CB
             oh = 0
             while oh < OH:
@@ -912,14 +908,14 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                     for i in range(R):
                         yr[i] += wa[i] * xa[i]
                     t += 1
-            # unpack row by row (the read part of Y stays in L1)
-            for oh in range(OH):
-                for v in range(cnt):
-                    yb = (n * y_nstride + y_chan0 + c0 + v) * P + oh * OW
-                    yo = y[yb:yb + OW]
-                    ys = Y[oh * R + v:]
-                    for ow in range(OW):
-                        yo[ow] = ys[ow * _CB]
+            # unpack plane by plane: Y (at most 64 positions x _CB) stays in L1, and two slices per
+            # plane instead of two per output row (slices cost reference counting)
+            for v in range(cnt):
+                yb = (n * y_nstride + y_chan0 + c0 + v) * P
+                yo = y[yb:yb + P]
+                ys = Y[v:]
+                for i in range(P):
+                    yo[i] = ys[i * _CB]
 
 
 @njit(**_JIT)
@@ -928,11 +924,12 @@ def _pack_cb(src, base, plane, cnt, nrows, ncols, row_pitch, col_step, dst, dst_
     ``v < cnt``: a block of ``cnt`` planes transposed channels-innermost (the inner loop stores
     contiguously and gathers across planes)."""
     for r in range(nrows):
+        # two slices per row, not per column: slices cost reference counting
+        xs = src[base + r * row_pitch:]
+        xd = dst[r * dst_row:]
         for q in range(ncols):
-            xs = src[base + r * row_pitch + q * col_step:]
-            xd = dst[r * dst_row + q * dst_col:r * dst_row + q * dst_col + cnt]
             for v in range(cnt):
-                xd[v] = xs[v * plane]
+                xd[q * dst_col + v] = xs[q * col_step + v * plane]
 
 
 @njit(parallel=True, **_JIT)
