@@ -220,6 +220,9 @@ CB_CASES = {
     "three_blocks_s2_dilated_5x5": (2, 130, (13, 12), (5, 5), dict(stride=2, padding=(2, 3), dilation=(2, 1))),
     "one_lane_tail_3x3_s2": (1, 65, (13, 14), (3, 3), dict(stride=2, padding=1)),
     "s1_dilated_3x3": (3, 66, (7, 8), (3, 3), dict(padding=2, dilation=2)),
+    # strided input gradients on <= 8x8 input planes: the output gradient spread into a zero plane
+    "spread_grad_input_s2": (2, 70, (8, 7), (3, 3), dict(stride=2, padding=1)),
+    "spread_grad_input_mixed": (1, 65, (7, 8), (5, 5), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2))),
 }
 
 
@@ -235,6 +238,12 @@ def test_channel_blocked_path_matches_torch(case):
     pad = kw.get("padding", 0)
     pad = (pad, pad) if isinstance(pad, int) else pad
     assert depthwise._use_cb(c, c, ref.shape[2:], pad), "case does not reach the channel-blocked path"
+    if case.startswith("spread"):
+        dil = kw.get("dilation", 1)
+        dil = (dil, dil) if isinstance(dil, int) else dil
+        flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dil, pad))
+        assert depthwise._use_cb(c, c, size, flipped, depthwise.CB_MAX_SPREAD_PLANE), \
+            "input gradient does not reach the channel-blocked path"
     y = F.conv2d(x, w, b, algo=ALGO, groups=c, **kw)
     assert_close(y, ref, what="forward")
     g = torch.randn_like(ref)
