@@ -284,6 +284,32 @@ SUITE: list[Layer] = [
 ]
 
 
+def _depthwise_group() -> list[Layer]:
+    """Issue 12's depthwise shapes, each at batch 8 and 1: the per-channel 3x3/5x5/7x7 convolutions of
+    MobileNetV2, ShuffleNetV2, EfficientNet-B0 and ConvNeXt, plus the 512-channel 14x14 layer that lost
+    to torch. Architecture ``"depthwise <net>"``, so ``--layers depthwise`` selects the group; marked
+    slow so the default suite does not grow by 48 layers."""
+    # (net, channels, size, kernel, stride); padding is kernel // 2 ("same" for stride 1)
+    shapes = [("MobileNetV2", 32, 112, 3, 1), ("MobileNetV2", 96, 112, 3, 2), ("MobileNetV2", 144, 56, 3, 1),
+              ("MobileNetV2", 144, 56, 3, 2), ("MobileNetV2", 192, 28, 3, 1), ("MobileNetV2", 384, 14, 3, 1),
+              ("MobileNetV2", 576, 14, 3, 1), ("MobileNetV2", 576, 14, 3, 2), ("MobileNetV2", 960, 7, 3, 1)]
+    shapes += [("ShuffleNetV2", c, hw, 3, s) for c, hw in ((58, 28), (116, 14), (232, 7)) for s in (1, 2)]
+    shapes += [("EfficientNet-B0", 240, 28, 5, 2), ("EfficientNet-B0", 480, 14, 5, 1),
+               ("EfficientNet-B0", 672, 14, 5, 1), ("EfficientNet-B0", 1152, 7, 5, 1)]
+    shapes += [("ConvNeXt", c, hw, 7, 1) for c, hw in ((96, 56), (192, 28), (384, 14), (768, 7))]
+    shapes += [("issue 12", 512, 14, 3, 1)]
+    out = []
+    for batch in (8, 1):
+        for net, c, hw, k, s in shapes:
+            name = f"dw{k}x{k}_c{c}_{hw}_s{s}_n{batch}"
+            out.append(conv_layer(name, f"depthwise {net}", batch, c, c, (hw, hw), (k, k), stride=s,
+                                  padding=k // 2, groups=c, slow=True))
+    return out
+
+
+SUITE += _depthwise_group()
+
+
 def select_layers(spec: Optional[str], quick: bool = False, suite: Sequence[Layer] = None) -> list[Layer]:
     """Layers named by ``spec`` (comma-separated exact names or substrings of name/architecture).
 

@@ -209,3 +209,60 @@ def test_fast_2d_path_float32_mobilenet_shape():
     for stride in (1, 2):
         y = F.conv2d(x, w, stride=stride, padding=1, groups=8, algo=ALGO)
         assert_close(y, TF.conv2d(x.double(), w.double(), stride=stride, padding=1, groups=8).float())
+
+
+# The channel-blocked path for small planes (fastconv.cpu.depthwise._forward2d_cb): 64-channel blocks
+# packed channels-innermost, a partial last block (its spare lanes hold stale values that must never
+# reach the output), stride phases in W, dilation, asymmetric padding; the stride-1 input gradient runs
+# through it as a forward with the flipped kernel.
+CB_CASES = {
+    "two_blocks_tail_7x7": (2, 70, (7, 7), (7, 7), dict(padding=3)),
+    "three_blocks_s2_dilated_5x5": (2, 130, (13, 12), (5, 5), dict(stride=2, padding=(2, 3), dilation=(2, 1))),
+    "one_lane_tail_3x3_s2": (1, 65, (13, 14), (3, 3), dict(stride=2, padding=1)),
+    "s1_dilated_3x3": (3, 66, (7, 8), (3, 3), dict(padding=2, dilation=2)),
+    # strided input gradients on <= 8x8 input planes: the output gradient spread into a zero plane
+    "spread_grad_input_s2": (2, 70, (8, 7), (3, 3), dict(stride=2, padding=1)),
+    "spread_grad_input_mixed": (1, 65, (7, 8), (5, 5), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2))),
+}
+
+
+@pytest.mark.parametrize("case", list(CB_CASES))
+def test_channel_blocked_path_matches_torch(case):
+    from fastconv.cpu import depthwise
+
+    n, c, size, kernel, kw = CB_CASES[case]
+    x = torch.randn(n, c, *size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(c, 1, *kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    ref = TF.conv2d(x, w, b, groups=c, **kw)
+    pad = kw.get("padding", 0)
+    pad = (pad, pad) if isinstance(pad, int) else pad
+    assert depthwise._use_cb(c, c, ref.shape[2:], pad), "case does not reach the channel-blocked path"
+    if case.startswith("spread"):
+        dil = kw.get("dilation", 1)
+        dil = (dil, dil) if isinstance(dil, int) else dil
+        flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dil, pad))
+        assert depthwise._use_cb(c, c, size, flipped, depthwise.CB_MAX_SPREAD_PLANE), \
+            "input gradient does not reach the channel-blocked path"
+    y = F.conv2d(x, w, b, algo=ALGO, groups=c, **kw)
+    assert_close(y, ref, what="forward")
+    g = torch.randn_like(ref)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), torch.autograd.grad(y, (x, w, b), g),
+                          torch.autograd.grad(ref, (x, w, b), g)):
+        assert_close(a, e, what=name)
+
+
+def test_channel_blocked_forward_into_writes_the_requested_rows():
+    """depthwise_forward_into's row mapping (row n * nstride + chan0 + k) on the channel-blocked path,
+    with the rows around left untouched."""
+    from fastconv.cpu import depthwise
+
+    x = np.random.default_rng(0).standard_normal((2, 70, 1, 7, 7))
+    w = np.random.default_rng(1).standard_normal((70, 1, 1, 3, 3))
+    assert depthwise._use_cb(70, 70, (7, 7), (1, 1))
+    y = np.full((2 * 75, 1, 7, 7), 7.0)
+    depthwise.depthwise_forward_into(x, w, None, (1, 1, 1), (0, 1, 1), (1, 1, 1), (1, 7, 7), y, chan0=3, nstride=75)
+    ref = TF.conv2d(torch.from_numpy(x[:, :, 0]), torch.from_numpy(w[:, :, 0]), padding=1, groups=70).numpy()
+    for n in range(2):
+        assert_close(torch.from_numpy(y[n * 75 + 3:n * 75 + 73, 0]), torch.from_numpy(ref[n]), what=f"image {n}")
+        assert (y[n * 75:n * 75 + 3] == 7.0).all() and (y[n * 75 + 73:(n + 1) * 75] == 7.0).all()

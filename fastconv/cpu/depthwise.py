@@ -43,6 +43,13 @@ reads padding, so every output plane is one flat, exact loop written or read in 
   stride in H the gradient is spread to every ``sh``-th row of a zero plane, except on planes holding
   Inf/NaN, which take exact row-by-row sums (``0 * Inf`` would poison the flat ones).
 
+**Channel-blocked path** (multiplier 1, 2-D, output planes of at most 8x8, and strided input
+gradients on input planes up to 14x14; see :func:`_forward2d_cb`): on 7x7 planes the flat loops
+above are mostly scalar remainders, so blocks of 64 channels are packed channels-innermost and each
+output row is one vector loop across (column, channel). Measured against the flat path in one
+process (batch 8, float32, shared machine): 1.3-4x faster on the 7x7-plane layers of MobileNetV2,
+ShuffleNetV2, EfficientNet-B0 and ConvNeXt, level at 14x14 stride 1 (which stays on the flat path).
+
 All arrays are 5-D ``(N, C, D, H, W)`` (1-D and 2-D convolutions pass size-1 leading dims), weights
 ``(K, 1, KD, KH, KW)``; ``stride``, ``padding`` (before each dim) and ``dilation`` are 3-tuples; the
 output (or input) spatial size is passed explicitly, so the padding after each dim is implied.
@@ -717,6 +724,310 @@ def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq,
                     gw[((c * m + j) * KD + kd) * KHW + t] = acc[j, kd, t]
 
 
+
+# --------------------------------------------------------------------------------------------------
+# Channel-blocked path for small planes (multiplier 1, 2-D). On planes of 7x7 or 14x14 the flat
+# per-plane loops above are short (49 or 196 elements: mostly the scalar remainder of a 16-lane,
+# 4-way interleaved loop) and carry per-plane fixed costs, so 5x5 and 7x7 kernels ran 5-20x slower
+# than torch there. This path vectorises across channels instead: a task packs one image's block of
+# ``_CB`` channels channels-innermost (``Xp[hp, phase_w, wq, c]``, zero-padded, split by stride phase
+# in W) and computes one output row as one contiguous loop over (ow, c) of ``OW * _CB`` elements,
+# with the weights tiled along the row (``Wr[t, ow, c] = w[c, t]``, rebuilt only when the channel
+# block changes: tasks run block-major). Each output element still sums its taps in the same order
+# whatever the thread count (deterministic); the cost moves to the pack and unpack transposes.
+# --------------------------------------------------------------------------------------------------
+
+#: Channels per block of the channel-blocked path: one 64-lane row segment per output position
+#: (4 AVX-512 float32 vectors), so the row loop has no remainder and the packed block of a 14x14
+#: plane (16*16*64 floats) stays in L2.
+_CB = 64
+#: Largest output plane (OH * OW) sent to the channel-blocked path; larger planes vectorise well
+#: along the plane itself (measured: at 14x14 stride 1 the two paths are level, at 28x28 the flat
+#: path is faster).
+CB_MAX_PLANE = 8 * 8
+#: Largest input plane whose strided input gradient takes the channel-blocked path (output gradient
+#: spread into a zero plane): measured 1.1-1.7x faster than the flat spread path up to 14x14
+#: (576x14x14 stride 2: 2.4 -> 1.4 ms), 1.8x slower at 28x28.
+CB_MAX_SPREAD_PLANE = 14 * 14
+
+
+@njit(**_JIT)
+def _rows2_cb(Xp, Wr, Br, toff, T, R, b0, b1, y0, y1):
+    """Two output rows of :func:`_forward2d_cb` (input rows at ``b0`` and ``b1``) for a 7-wide kernel,
+    one pass per kernel row, each weight slice read once for both rows: 1.6 loads per multiply-add
+    instead of 2.1 (measured 10% faster on 768x7x7, one thread; pairing 3x3 rows showed no gain).
+    Same summation order per element as the one-row passes (bit-identical results)."""
+    for i in range(R):
+        y0[i] = Br[i]
+        y1[i] = Br[i]
+    t = 0
+    while t + 7 <= T:
+        p0, p1, p2, p3 = b0 + toff[t], b0 + toff[t + 1], b0 + toff[t + 2], b0 + toff[t + 3]
+        p4, p5, p6 = b0 + toff[t + 4], b0 + toff[t + 5], b0 + toff[t + 6]
+        q0, q1, q2, q3 = b1 + toff[t], b1 + toff[t + 1], b1 + toff[t + 2], b1 + toff[t + 3]
+        q4, q5, q6 = b1 + toff[t + 4], b1 + toff[t + 5], b1 + toff[t + 6]
+        x0, x1, x2, x3 = Xp[p0:p0 + R], Xp[p1:p1 + R], Xp[p2:p2 + R], Xp[p3:p3 + R]
+        x4, x5, x6 = Xp[p4:p4 + R], Xp[p5:p5 + R], Xp[p6:p6 + R]
+        z0, z1, z2, z3 = Xp[q0:q0 + R], Xp[q1:q1 + R], Xp[q2:q2 + R], Xp[q3:q3 + R]
+        z4, z5, z6 = Xp[q4:q4 + R], Xp[q5:q5 + R], Xp[q6:q6 + R]
+        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+        w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
+        w6 = Wr[(t + 6) * R:(t + 7) * R]
+        for i in range(R):
+            a0, a1, a2, a3, a4, a5, a6 = w0[i], w1[i], w2[i], w3[i], w4[i], w5[i], w6[i]
+            y0[i] += (a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i] + a4 * x4[i] + a5 * x5[i]
+                      + a6 * x6[i])
+            y1[i] += (a0 * z0[i] + a1 * z1[i] + a2 * z2[i] + a3 * z3[i] + a4 * z4[i] + a5 * z5[i]
+                      + a6 * z6[i])
+        t += 7
+
+@njit(parallel=True, **_JIT)
+def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW, y, y_chan0, y_nstride,
+                  nchunks, uh=1, uw=1):
+    """Depthwise 2-D forward, multiplier 1, channel-blocked (see the section comment above).
+
+    x (N, C, H, W) flat; w (C, KH*KW) flat; bias (C,); output channel ``c`` of image ``n`` goes to
+    plane ``n * y_nstride + y_chan0 + c`` of ``y`` (planes of OH*OW, flat). Padding before is
+    ``ph, pw`` (>= 0); the padding after is implied by ``OH, OW``. With ``uh, uw > 1`` (stride 1
+    only) the input is first spread to every ``uh``-th row and ``uw``-th column of a zero plane: the
+    strided input gradient as a stride-1 correlation of the spread output gradient.
+    """
+    nb = (C + _CB - 1) // _CB
+    Hp = (OH - 1) * sh + (KH - 1) * dh + 1
+    Wq = OW + ((KW - 1) * dw) // sw
+    T = KH * KW
+    P = OH * OW
+    R = OW * _CB
+    HW = H * W
+    ntask = N * nb
+    ihi = min(H, Hp - ph)
+    for chunk in prange(nchunks):
+        # never-written positions are the zero padding; lanes past the last block's channels hold
+        # stale (finite) values whose outputs are never stored
+        Xp = np.zeros(Hp * sw * Wq * _CB, y.dtype)
+        Y = np.empty(P * _CB, y.dtype)
+        Wr = np.zeros(T * R, y.dtype)
+        Br = np.zeros(R, y.dtype)
+        Wt = np.zeros((T + 1) * _CB, y.dtype)
+        toff = np.empty(T, np.int64)
+        for kh in range(KH):
+            for kw in range(KW):
+                a = kw * dw
+                toff[kh * KW + kw] = ((kh * dh * sw + a % sw) * Wq + a // sw) * _CB
+        last = -1
+        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+            cbi = task // N
+            n = task - cbi * N
+            c0 = cbi * _CB
+            cnt = min(_CB, C - c0)
+            if cbi != last:
+                # transpose the block's weights once (T x _CB), then tile each tap's vector along the
+                # row with contiguous copies (element-wise strided stores cost more than the taps at N=1)
+                last = cbi
+                for v in range(cnt):
+                    wsrc = w[(c0 + v) * T:(c0 + v + 1) * T]
+                    for t in range(T):
+                        Wt[t * _CB + v] = wsrc[t]
+                    Wt[T * _CB + v] = bias[c0 + v]
+                for t in range(T):
+                    wv = Wt[t * _CB:(t + 1) * _CB]
+                    for ow in range(OW):
+                        wrow = Wr[t * R + ow * _CB:t * R + (ow + 1) * _CB]
+                        for v in range(_CB):
+                            wrow[v] = wv[v]
+                bvs = Wt[T * _CB:(T + 1) * _CB]
+                for ow in range(OW):
+                    brow = Br[ow * _CB:(ow + 1) * _CB]
+                    for v in range(_CB):
+                        brow[v] = bvs[v]
+            # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
+            # writes contiguously (reads gather across planes)
+            if uh * uw > 1:
+                # spread input: positions between the written ones keep the buffer's zeros
+                ncol = min(W, (Wq - pw + uw - 1) // uw)
+                for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
+                    _pack_cb(x, (n * C + c0) * HW + ih * W, HW, cnt, 1, ncol, 0, 1,
+                             Xp[((ih * uh + ph) * Wq + pw) * _CB:], 0, uw * _CB)
+            else:
+                for ih in range(ihi):
+                    hp = ih + ph
+                    for b in range(sw):
+                        qlo = (pw - b + sw - 1) // sw if pw > b else 0
+                        qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+                        if qhi > qlo:
+                            _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0,
+                                     sw, Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
+            rs = sh * sw * Wq * _CB
+            oh = 0
+            while oh < OH:
+                yr = Y[oh * R:(oh + 1) * R]
+                base = oh * rs
+                if oh + 1 < OH and KW == 7:
+                    # two output rows per pass share each weight load (the pass is load-bound)
+                    _rows2_cb(Xp, Wr, Br, toff, T, R, base, base + rs, yr, Y[(oh + 1) * R:(oh + 2) * R])
+                    oh += 2
+                    continue
+                oh += 1
+                if T == 9:
+                    o0, o1, o2 = base + toff[0], base + toff[1], base + toff[2]
+                    o3, o4, o5 = base + toff[3], base + toff[4], base + toff[5]
+                    o6, o7, o8 = base + toff[6], base + toff[7], base + toff[8]
+                    x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
+                    x3, x4, x5 = Xp[o3:o3 + R], Xp[o4:o4 + R], Xp[o5:o5 + R]
+                    x6, x7, x8 = Xp[o6:o6 + R], Xp[o7:o7 + R], Xp[o8:o8 + R]
+                    w0, w1, w2 = Wr[0:R], Wr[R:2 * R], Wr[2 * R:3 * R]
+                    w3, w4, w5 = Wr[3 * R:4 * R], Wr[4 * R:5 * R], Wr[5 * R:6 * R]
+                    w6, w7, w8 = Wr[6 * R:7 * R], Wr[7 * R:8 * R], Wr[8 * R:9 * R]
+                    for i in range(R):
+                        yr[i] = (Br[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
+                                 + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i] + w7[i] * x7[i]
+                                 + w8[i] * x8[i])
+                    continue
+                for i in range(R):
+                    yr[i] = Br[i]
+                t = 0
+                if KW == 7:
+                    # one kernel row per pass: 15 loads and a store for 7 multiply-adds
+                    while t + 7 <= T:
+                        o0, o1, o2, o3 = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
+                        o4, o5, o6 = base + toff[t + 4], base + toff[t + 5], base + toff[t + 6]
+                        x0, x1, x2, x3 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R], Xp[o3:o3 + R]
+                        x4, x5, x6 = Xp[o4:o4 + R], Xp[o5:o5 + R], Xp[o6:o6 + R]
+                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                        w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
+                        w6 = Wr[(t + 6) * R:(t + 7) * R]
+                        for i in range(R):
+                            yr[i] += (w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
+                                      + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i])
+                        t += 7
+                elif KW == 5:
+                    while t + 5 <= T:
+                        o0, o1, o2 = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                        o3, o4 = base + toff[t + 3], base + toff[t + 4]
+                        x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
+                        x3, x4 = Xp[o3:o3 + R], Xp[o4:o4 + R]
+                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                        w4 = Wr[(t + 4) * R:(t + 5) * R]
+                        for i in range(R):
+                            yr[i] += w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i] + w4[i] * x4[i]
+                        t += 5
+                while t + 4 <= T:
+                    oa, ob, oc, od = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
+                    xa, xb, xc, xd_ = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R], Xp[od:od + R]
+                    wa, wb = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                    wc, wd = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                    for i in range(R):
+                        yr[i] += wa[i] * xa[i] + wb[i] * xb[i] + wc[i] * xc[i] + wd[i] * xd_[i]
+                    t += 4
+                while t < T:
+                    oa = base + toff[t]
+                    xa = Xp[oa:oa + R]
+                    wa = Wr[t * R:(t + 1) * R]
+                    for i in range(R):
+                        yr[i] += wa[i] * xa[i]
+                    t += 1
+            # unpack plane by plane: Y (at most 64 positions x _CB) stays in L1, and two slices per
+            # plane instead of two per output row (slices cost reference counting)
+            for v in range(cnt):
+                yb = (n * y_nstride + y_chan0 + c0 + v) * P
+                yo = y[yb:yb + P]
+                ys = Y[v:]
+                for i in range(P):
+                    yo[i] = ys[i * _CB]
+
+
+@njit(**_JIT)
+def _pack_cb(src, base, plane, cnt, nrows, ncols, row_pitch, col_step, dst, dst_row, dst_col):
+    """``dst[r*dst_row + q*dst_col + v] = src[base + v*plane + r*row_pitch + q*col_step]`` for
+    ``v < cnt``: a block of ``cnt`` planes transposed channels-innermost (the inner loop stores
+    contiguously and gathers across planes)."""
+    for r in range(nrows):
+        # two slices per row, not per column: slices cost reference counting
+        xs = src[base + r * row_pitch:]
+        xd = dst[r * dst_row:]
+        for q in range(ncols):
+            for v in range(cnt):
+                xd[q * dst_col + v] = xs[q * col_step + v * plane]
+
+
+@njit(parallel=True, **_JIT)
+def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw, gw):
+    """Depthwise 2-D weight gradient, multiplier 1, channel-blocked (see :func:`_forward2d_cb`).
+
+    One task per block of ``_CB`` channels, reducing over the whole batch itself (no races, the same
+    result for any thread count): the input block is packed as in the forward, the output-gradient
+    block channels-innermost at row pitch ``OW * _CB``, and per output row and tap
+    ``Acc[t, ow, c] += G[oh, ow, c] * Xp[tap(oh, ow), c]``; the ``OW`` partial sums of each weight are
+    added in a fixed order at the end.
+    """
+    nb = (C + _CB - 1) // _CB
+    Hp = (OH - 1) * sh + (KH - 1) * dh + 1
+    Wq = OW + ((KW - 1) * dw) // sw
+    T = KH * KW
+    P = OH * OW
+    R = OW * _CB
+    HW = H * W
+    ihi = min(H, Hp - ph)
+    for cbi in prange(nb):
+        Xp = np.zeros(Hp * sw * Wq * _CB, gw.dtype)
+        G = np.zeros(P * _CB, gw.dtype)
+        Acc = np.zeros(T * R, gw.dtype)
+        toff = np.empty(T, np.int64)
+        for kh in range(KH):
+            for kw in range(KW):
+                a = kw * dw
+                toff[kh * KW + kw] = ((kh * dh * sw + a % sw) * Wq + a // sw) * _CB
+        c0 = cbi * _CB
+        cnt = min(_CB, C - c0)
+        for n in range(N):
+            for ih in range(ihi):
+                hp = ih + ph
+                for b in range(sw):
+                    qlo = (pw - b + sw - 1) // sw if pw > b else 0
+                    qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+                    if qhi > qlo:
+                        _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0, sw,
+                                 Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
+            _pack_cb(go, (n * C + c0) * P, P, cnt, OH, OW, OW, 1, G, R, _CB)
+            for oh in range(OH):
+                gr = G[oh * R:(oh + 1) * R]
+                base = oh * sh * sw * Wq * _CB
+                t = 0
+                while t + 3 <= T:
+                    oa, ob, oc = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                    xa, xb, xc = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R]
+                    aa, ab, ac = Acc[t * R:(t + 1) * R], Acc[(t + 1) * R:(t + 2) * R], Acc[(t + 2) * R:(t + 3) * R]
+                    for i in range(R):
+                        g = gr[i]
+                        aa[i] += g * xa[i]
+                        ab[i] += g * xb[i]
+                        ac[i] += g * xc[i]
+                    t += 3
+                while t < T:
+                    oa = base + toff[t]
+                    xa = Xp[oa:oa + R]
+                    aa = Acc[t * R:(t + 1) * R]
+                    for i in range(R):
+                        aa[i] += gr[i] * xa[i]
+                    t += 1
+        for v in range(cnt):
+            for t in range(T):
+                s = Acc[t * R + v]
+                for ow in range(1, OW):
+                    s += Acc[t * R + ow * _CB + v]
+                gw[(c0 + v) * T + t] = s
+
+
+
+def _use_cb(C, K, out_hw, padding, limit=None):
+    """The channel-blocked path takes multiplier-1 2-D layers with small output planes."""
+    limit = CB_MAX_PLANE if limit is None else limit
+    return K == C and out_hw[0] * out_hw[1] <= limit and min(padding) >= 0
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API (numpy in, numpy out; same conventions as fastconv.cpu.conv)
 # --------------------------------------------------------------------------------------------------
@@ -744,6 +1055,11 @@ def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y
     if not y.flags.c_contiguous:
         raise ValueError("depthwise_forward_into: y must be C-contiguous")
     fast = None
+    if D == 1 and OD == 1 and KD == 1 and _use_cb(C, K, (OH, OW), padding[1:]):
+        _forward2d_cb(_flat(x), N, C, H, W, _flat(w), KH, KW, b, stride[1], stride[2], padding[1], padding[2],
+                      dilation[1], dilation[2], OH, OW, y.reshape(-1), int(chan0),
+                      int(K if nstride is None else nstride), _chunks(N * ((C + _CB - 1) // _CB)))
+        return y
     if D == 1 and OD == 1 and KD == 1:
         fast = _fast2d_layout((H, W), (OH, OW), (KH, KW), stride[1:], padding[1:], dilation[1:], False)
     if fast is not None:
@@ -802,6 +1118,11 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
         # stride 1, multiplier 1: the input gradient is the forward correlation of the output gradient
         # with the flipped kernel, padded by (KH-1)*dh - ph before: the fast forward path runs it.
         pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
+        if _use_cb(C, K, (H, W), pad):
+            wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
+            _forward2d_cb(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, pad[0], pad[1],
+                          dh, dw, H, W, gx.reshape(-1), 0, C, _chunks(N * ((C + _CB - 1) // _CB)))
+            return gx
         fast = _fast2d_layout((OH, OW), (H, W), (KH, KW), (1, 1), pad, (dh, dw), False)
         if fast is not None:
             wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
@@ -809,6 +1130,13 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
                        dw, *fast, gx.reshape(-1), H, W, 0, C, _chunks(N * C))
             return gx
     Hu = (OH - 1) * sh + 1
+    if D == 1 and OD == 1 and KD == 1 and (sh > 1 or sw > 1):
+        pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
+        if _use_cb(C, K, (H, W), pad, CB_MAX_SPREAD_PLANE):
+            wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
+            _forward2d_cb(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, pad[0], pad[1],
+                          dh, dw, H, W, gx.reshape(-1), 0, C, _chunks(N * ((C + _CB - 1) // _CB)), sh, sw)
+            return gx
     if D == 1 and OD == 1 and KD == 1 and K == C and (sh > 1 or sw > 1) and (OW - 1) * sw < W:
         pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
         fast = _fast2d_layout((Hu, W), (H, W), (KH, KW), (1, 1), pad, (dh, dw), False)
@@ -863,6 +1191,10 @@ def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
     D, H, W = x.shape[2:]
+    if D == 1 and OD == 1 and KD == 1 and _use_cb(C, K, (OH, OW), padding[1:]):
+        _grad_weight2d_cb(_flat(go), N, C, OH, OW, _flat(x), H, W, KH, KW, stride[1], stride[2], padding[1],
+                          padding[2], dilation[1], dilation[2], gw.reshape(-1))
+        return gw
     # Large stride-1 planes (112x112) measured faster on the padded-plane path below (1.25x): its one
     # padded copy and the output gradient fit in L2 better than the KW shifted copies; equal at 56x56.
     if D == 1 and OD == 1 and KD == 1 and (stride[1] > 1 or OH * OW <= 64 * 64):
