@@ -410,7 +410,9 @@ _BLAS_ONE_THREAD = _SingleThreadedBlas()
 
 def _gemm(U, V, M):
     """``M[i] = U[i] @ V[i]`` over the stack (see :data:`GEMM_MODE`)."""
-    if GEMM_MODE == "prange":
+    # Numba's np.dot needs scipy's BLAS; without it (a declared dependency, but an environment may
+    # lack it) the call would abort the process, so the stacked GEMM on torch's BLAS runs instead.
+    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available:
         with _BLAS_ONE_THREAD:
             _gemm_forward(U, V, M)
     else:
@@ -419,7 +421,7 @@ def _gemm(U, V, M):
 
 def _gemm_accumulate(GO, V, acc):
     """``acc[i] += GO[i] @ V[i]^T`` over the stack (see :data:`GEMM_MODE`)."""
-    if GEMM_MODE == "prange":
+    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available:
         with _BLAS_ONE_THREAD:
             _gemm_weight(GO, V, acc)
     else:
