@@ -104,11 +104,10 @@ def names(family: str = "conv") -> list[str]:
     """Every ``algo`` a call of ``family`` accepts: ``"auto"``, then the registered names.
 
     ``conv_transpose`` accepts every conv algorithm (run as the adjoint) and then its declared ones."""
-    conv = ["auto"] + sorted({name for name, _ in _REGISTRY})
     if family == "conv":
-        return conv
+        return ["auto"] + sorted({name for name, _ in _REGISTRY})
     declared = sorted({name for name, _ in _FAMILY_REGISTRY.get(family, {})})
-    return (conv if family == "conv_transpose" else ["auto"]) + declared
+    return (names() if family == "conv_transpose" else ["auto"]) + declared
 
 
 def declared_names(family: str) -> set[str]:
