@@ -165,23 +165,33 @@ def _timed(impl: PassImpl, algo: str, inputs: tuple) -> float:
 
 def _auto_choice(layer: Layer, pass_: str, dtype: torch.dtype) -> Optional[str]:
     """Which algorithm ``"auto"`` runs for this layer and pass now (after its first call tuned it)."""
-    if not layer.op.startswith("conv") or "transpose" in layer.op:
-        return None  # pooling has one kernel; a transposed forward may take patch_gemm outside the registry
+    if not layer.op.startswith("conv"):
+        return None  # pooling has one kernel
     shapes = layer.shapes
     ndim = len(shapes["input"]) - 2
     kw = layer.kwargs
     expand = lambda v: [int(v)] * ndim if isinstance(v, int) else list(v)  # noqa: E731
+    from .ops import transposed
     from .ops.conv import make_geometry
 
-    pad = expand(kw.get("padding", 0))
-    g = make_geometry(ndim, shapes["input"][0], shapes["input"][1], shapes["weight"][0], kw.get("groups", 1),
-                      shapes["input"][2:], shapes["weight"][2:], None, expand(kw.get("stride", 1)), pad, pad,
-                      expand(kw.get("dilation", 1)), dtype, backends.current())
+    pad, stride, dilation = expand(kw.get("padding", 0)), expand(kw.get("stride", 1)), expand(kw.get("dilation", 1))
+    family = "conv"
+    if "transpose" in layer.op:
+        # The adjoint convolution: the forward is the conv_transpose family's choice, the gradients are the
+        # adjoint's forward (grad_input) and weight-gradient passes (bench_suite.conv_transpose_layer).
+        g = transposed.geometry(ndim, shapes["input"], shapes["weight"], shapes["output"][2:], kw.get("groups", 1),
+                                stride, pad, dilation, dtype, backends.current())
+        family, pass_ = (transposed.FAMILY, "forward") if pass_ == "forward" else \
+            ("conv", "forward" if pass_ == "grad_input" else pass_)
+    else:
+        g = make_geometry(ndim, shapes["input"][0], shapes["input"][1], shapes["weight"][0], kw.get("groups", 1),
+                          shapes["input"][2:], shapes["weight"][2:], None, stride, pad, pad, dilation, dtype,
+                          backends.current())
     try:
-        return registry.decide("auto", g, pass_).name  # what auto ran: the stored choice, never a new measurement
+        # what auto ran: the stored choice, never a new measurement
+        return registry.decide("auto", g, pass_, family=family).name
     except (RuntimeError, ValueError):
         return None
-
 
 
 def _quartiles(times: list[float]) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""The algorithm registry: which convolution algorithm runs which geometry, and why not when it can't.
+"""The implementation registry: which implementation runs which call of an op family, and why not when it can't.
 
 Every convolution (1-, 2-, 3-D, transposed, depthwise) reaches the kernels through one normalised
 description, :class:`ConvGeometry` (always 3 spatial dims: a 2-D conv has depth 1), and one of the
@@ -6,19 +6,36 @@ registered :class:`ConvAlgorithm` objects. An algorithm declares the targets it 
 ``"cuda"``, ``"cuda-emu"``) and a ``refuse(geometry)`` function returning the reason it cannot run a
 geometry, or ``None`` [xformers' ``not_supported_reasons``]. ``algo="auto"`` asks :func:`choose`.
 
+One table serves every op family of :data:`fastconv.spec.FAMILIES`, told apart by the declarations'
+``family``: ``"conv"`` (the three passes, :class:`ConvAlgorithm`), ``"conv_transpose"`` and ``"separable"``
+(:class:`OpImplementation`: one ``run`` per call). A transposed convolution is the adjoint of a convolution,
+so the ``conv_transpose`` family holds its declared implementations (``patch_gemm``) *and* every conv
+algorithm run through its ``grad_input`` pass (derived here when the conv algorithm is registered).
+``choose(..., family=...)`` and ``decide(..., family=...)`` answer for every family; ``algo="auto"`` outside
+``conv`` takes the first declared implementation (in registration order) that runs the call, and for
+``conv_transpose`` otherwise the conv choice for the adjoint's ``grad_input`` pass.
+
 The data types live in :mod:`fastconv.spec` (re-exported here). Kernel modules only declare their
 algorithms as data; the op layer (:mod:`fastconv.ops.catalog`) imports the declarations and registers them.
 
-Public: ``fastconv.algorithms()`` lists the registered algorithms as rows.
+Public: ``fastconv.algorithms()`` lists the registered algorithms as rows, each with its ``family``.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-from .spec import (PASSES, ConvAlgorithm, ConvGeometry, Decision, Forward, GradInput, GradWeight,  # noqa: F401  (re-exported)
-                   Triple)
+from .spec import (FAMILIES, PASSES, ConvAlgorithm, ConvGeometry, Decision, Forward,  # noqa: F401  (re-exported)
+                   GradInput, GradWeight, OpImplementation, SeparableGeometry, Triple)
 
 _REGISTRY: dict[tuple[str, str], ConvAlgorithm] = {}
+#: The other families' declared implementations: family -> {(name, target): implementation}, in
+#: registration order (the order ``algo='auto'`` prefers them in).
+_FAMILY_REGISTRY: dict[str, dict[tuple[str, str], OpImplementation]] = {}
+#: ``conv_transpose`` entries derived from the conv algorithms (their ``grad_input``): (name, target) -> entry.
+_ADJOINTS: dict[tuple[str, str], OpImplementation] = {}
+#: Appended to a conv algorithm's refusal when a transposed convolution asked for it.
+_ADJOINT_NOTE = (" (for a transposed convolution the registry sees the adjoint convolution: its in_channels are "
+                 "this op's out_channels and its input is this op's output)")
 #: Heuristic choosers per target: geometry, pass -> algorithm name. Registered by fastconv.ops.catalog.
 _HEURISTICS: dict[str, Callable[[ConvGeometry, str], str]] = {}
 
@@ -31,12 +48,51 @@ def generation() -> int:
     return _GENERATION[0]
 
 
-def register(algorithm: ConvAlgorithm) -> ConvAlgorithm:
-    """Add ``algorithm`` for each of its targets (a later registration of the same name replaces it)."""
-    for target in algorithm.targets:
-        _REGISTRY[(algorithm.name, target)] = algorithm
+def register(algorithm):
+    """Add ``algorithm`` (a :class:`ConvAlgorithm` or an :class:`OpImplementation`) to its family's table for
+    each of its targets (a later registration of the same name in the same family replaces it)."""
+    family = algorithm.family
+    if family == "conv":
+        if not isinstance(algorithm, ConvAlgorithm):
+            raise TypeError(f"register: a 'conv' implementation must be a ConvAlgorithm, got {type(algorithm).__name__}")
+        adjoint = _adjoint(algorithm)
+        for target in algorithm.targets:
+            _REGISTRY[(algorithm.name, target)] = algorithm
+            _ADJOINTS[(algorithm.name, target)] = adjoint
+    elif family in FAMILIES:
+        if not isinstance(algorithm, OpImplementation):
+            raise TypeError(f"register: a {family!r} implementation must be an OpImplementation, got "
+                            f"{type(algorithm).__name__}")
+        table = _FAMILY_REGISTRY.setdefault(family, {})
+        for target in sorted(algorithm.targets):
+            table[(algorithm.name, target)] = algorithm
+    else:
+        raise ValueError(f"register: unknown op family {family!r}; expected one of {', '.join(FAMILIES)}")
     _GENERATION[0] += 1
     return algorithm
+
+
+def _adjoint(alg: ConvAlgorithm) -> OpImplementation:
+    """``alg`` as a ``conv_transpose`` implementation: the adjoint convolution's input gradient, plus the bias."""
+
+    def run(x, w, bias, geom: ConvGeometry):
+        out = alg.grad_input(x, w, geom)
+        if bias is not None:
+            # In place on the freshly allocated result: no second output-sized buffer.
+            out.add_(bias.reshape((1, -1, 1, 1, 1)))
+        return out
+
+    return OpImplementation(alg.name, "conv_transpose", alg.targets,
+                            f"the adjoint convolution's input gradient by {alg.name}", run, refuse=alg.refuse,
+                            mult_ratio=alg.mult_ratio, workspace_bytes=alg.workspace_bytes, dtypes=alg.dtypes,
+                            layouts=alg.layouts, adjoint=alg)
+
+
+def _adjoint_of(alg: ConvAlgorithm, target: str) -> OpImplementation:
+    entry = _ADJOINTS.get((alg.name, target))
+    if entry is None or entry.adjoint is not alg:  # an algorithm swapped into _REGISTRY directly (tests)
+        entry = _ADJOINTS[(alg.name, target)] = _adjoint(alg)
+    return entry
 
 
 def register_heuristic(target: str, chooser: Callable[[ConvGeometry, str], str]) -> None:
@@ -44,22 +100,40 @@ def register_heuristic(target: str, chooser: Callable[[ConvGeometry, str], str])
     _HEURISTICS[target] = chooser
 
 
-def names() -> list[str]:
-    """Every registered algorithm name, plus ``"auto"``."""
-    return ["auto"] + sorted({name for name, _ in _REGISTRY})
+def names(family: str = "conv") -> list[str]:
+    """Every ``algo`` a call of ``family`` accepts: ``"auto"``, then the registered names.
+
+    ``conv_transpose`` accepts every conv algorithm (run as the adjoint) and then its declared ones."""
+    if family == "conv":
+        return ["auto"] + sorted({name for name, _ in _REGISTRY})
+    declared = sorted({name for name, _ in _FAMILY_REGISTRY.get(family, {})})
+    return (names() if family == "conv_transpose" else ["auto"]) + declared
+
+
+def declared_names(family: str) -> set[str]:
+    """The names declared for ``family`` itself (for ``conv_transpose``: not the conv algorithms)."""
+    if family == "conv":
+        return {name for name, _ in _REGISTRY}
+    return {name for name, _ in _FAMILY_REGISTRY.get(family, {})}
 
 
 def algorithms() -> list[dict]:
-    """The registered algorithms, one row each: name, targets, summary, dtypes, layouts.
+    """The declared implementations, one row each: name, targets, summary, dtypes, layouts, family.
 
-    >>> [row["name"] for row in fastconv.algorithms()]
+    The conv algorithms first (sorted by name), then each other family's declared implementations; the
+    conv algorithms also serve ``conv_transpose`` (as the adjoint) without a row of their own there.
+
+    >>> [row["name"] for row in fastconv.algorithms() if row["family"] == "conv"]
     ['direct', 'im2col', ...]
     """
-    rows: dict[str, dict] = {}
-    for (name, target), alg in sorted(_REGISTRY.items()):
-        row = rows.setdefault(name, {"name": name, "targets": [], "summary": alg.summary,
-                                     "dtypes": list(alg.dtypes), "layouts": list(alg.layouts)})
-        row["targets"].append(target)
+    rows: dict[tuple[str, str], dict] = {}
+    tables = [("conv", _REGISTRY)] + [(f, _FAMILY_REGISTRY.get(f, {})) for f in FAMILIES if f != "conv"]
+    for family, table in tables:
+        for (name, target), alg in sorted(table.items()):
+            row = rows.setdefault((family, name), {"name": name, "targets": [], "summary": alg.summary,
+                                                   "dtypes": list(alg.dtypes), "layouts": list(alg.layouts),
+                                                   "family": family})
+            row["targets"].append(target)
     return list(rows.values())
 
 
@@ -77,11 +151,16 @@ def _reasons(geom: ConvGeometry) -> dict[str, str]:
     return out
 
 
-def choose(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> ConvAlgorithm:
+def choose(algo: str, geom, pass_: str, op: str = "conv", family: str = "conv"):
     """Resolve ``algo`` (a name or ``"auto"``) for ``geom`` and one of :data:`PASSES`.
 
-    Raises ValueError naming the algorithms that would work and why the others do not.
+    ``family`` other than ``"conv"``: ``geom`` is that family's geometry (the adjoint :class:`ConvGeometry`
+    for ``conv_transpose``, a :class:`SeparableGeometry` for ``separable``), ``pass_`` is ``"forward"``, and
+    the answer an :class:`OpImplementation`. Raises ValueError naming the algorithms that would work and
+    why the others do not.
     """
+    if family != "conv":
+        return _choose_in_family(family, algo, geom, op)
     if algo == "auto":
         from . import autotune  # late: autotune imports this module
 
@@ -108,22 +187,76 @@ def choose(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> ConvA
     )
 
 
+def _choose_in_family(family: str, algo: str, geom, op: str) -> OpImplementation:
+    declared = _FAMILY_REGISTRY.get(family, {})
+    if algo == "auto":
+        for (_, target), impl in declared.items():  # registration order: the declared preference
+            if target == geom.target and impl.why_not(geom) is None:
+                return impl
+        if family == "conv_transpose":
+            return _adjoint_of(_choose_adjoint("auto", geom, op), geom.target)
+        raise RuntimeError(f"{op}: no {FAMILIES.get(family, family)} implementation is registered for target "
+                           f"{geom.target!r}")
+    impl = declared.get((algo, geom.target)) if isinstance(algo, str) else None
+    if impl is not None and impl.why_not(geom) is None:
+        return impl
+    if impl is None and family == "conv_transpose" and isinstance(algo, str) and algo in declared_names("conv") \
+            and algo not in declared_names(family):
+        return _adjoint_of(_choose_adjoint(algo, geom, op), geom.target)
+    accepted = names(family)
+    if not isinstance(algo, str) or algo not in accepted:
+        raise ValueError(f"{op}: unknown algo {algo!r}; expected one of {', '.join(accepted)}")
+    reasons = _family_reasons(family, geom)
+    working = [n for n in accepted[1:] if n not in reasons]
+    raise ValueError(f"{op}: algo={algo!r} cannot run this {FAMILIES[family]} ({reasons[algo]}). "
+                     f"Algorithms that can: {', '.join(['auto'] + working)}")
+
+
+def _choose_adjoint(algo: str, geom: ConvGeometry, op: str) -> ConvAlgorithm:
+    try:
+        return choose(algo, geom, "grad_input", op)
+    except ValueError as e:
+        # The conv registry describes the adjoint convolution; say so, or "in_channels" reads wrong.
+        raise ValueError(f"{e}{_ADJOINT_NOTE}") from None
+
+
+def _family_reasons(family: str, geom) -> dict[str, str]:
+    """name -> why it cannot run ``geom``, for every name ``family`` accepts that cannot (error paths only)."""
+    out = dict(_reasons(geom)) if family == "conv_transpose" else {}
+    declared = _FAMILY_REGISTRY.get(family, {})
+    for name in declared_names(family):
+        impl = declared.get((name, geom.target))
+        if impl is None:
+            targets = sorted(t for n, t in declared if n == name)
+            out[name] = f"runs on {'/'.join(targets)}, not {geom.target}"
+        elif (reason := impl.why_not(geom)) is not None:
+            out[name] = reason
+        else:
+            out.pop(name, None)
+    return out
+
+
 def candidates(geom: ConvGeometry) -> list[ConvAlgorithm]:
     """The algorithms that can run ``geom`` (what the autotuner measures)."""
     return [alg for (name, target), alg in sorted(_REGISTRY.items())
             if target == geom.target and alg.why_not(geom) is None]
 
 
-def decide(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> Decision:
+def decide(algo: str, geom, pass_: str, op: str = "conv", family: str = "conv") -> Decision:
     """What a call of ``algo`` runs for ``geom`` and ``pass_`` now, why, and its workspace -- never measuring.
 
     The one answer to "which algorithm runs this" for everything that reports it (the FLOP counter, the
     benchmark's labels, ``fastconv info``): a named algorithm is :func:`choose`'s answer (refusals raise as
     there); for ``"auto"`` the autotuner's stored choice for this geometry's cache key when it has one
     (what the op runs), else the heuristic, asked with tuning off -- so a count on the meta device never
-    runs the autotuner.
+    runs the autotuner. Other families (``family=``, ``pass_="forward"``): the declared implementation
+    ``algo='auto'`` prefers where it runs, else (``conv_transpose``) the conv decision for the adjoint's
+    ``grad_input`` pass, as :func:`choose` runs it.
     """
     from . import autotune  # late: autotune imports this module
+
+    if family != "conv":
+        return _decide_in_family(family, algo, geom, op)
 
     if algo != "auto":
         alg = choose(algo, geom, pass_, op)
@@ -154,3 +287,21 @@ def decide(algo: str, geom: ConvGeometry, pass_: str, op: str = "conv") -> Decis
     else:
         reason = "heuristic (not tuned yet here)"
     return Decision(alg, reason, int(alg.workspace_bytes(geom)))
+
+
+def _decide_in_family(family: str, algo: str, geom, op: str) -> Decision:
+    if algo != "auto":
+        impl = choose(algo, geom, "forward", op, family)
+        return Decision(impl, f"requested algo={algo!r}", int(impl.workspace_bytes(geom)))
+    for (_, target), impl in _FAMILY_REGISTRY.get(family, {}).items():
+        if target == geom.target and impl.why_not(geom) is None:
+            return Decision(impl, f"auto: {impl.name} runs it wherever it can ({impl.summary})",
+                            int(impl.workspace_bytes(geom)))
+    if family != "conv_transpose":
+        impl = choose("auto", geom, "forward", op, family)  # raises: nothing registered for the target
+        return Decision(impl, "auto", int(impl.workspace_bytes(geom)))
+    try:
+        conv = decide("auto", geom, "grad_input", op)
+    except ValueError as e:
+        raise ValueError(f"{e}{_ADJOINT_NOTE}") from None
+    return Decision(_adjoint_of(conv.algorithm, geom.target), conv.reason, conv.workspace_bytes)

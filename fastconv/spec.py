@@ -7,10 +7,13 @@ Nothing here chooses or registers anything, so the kernel modules (``fastconv.cp
 
 * :class:`ConvGeometry` -- one convolution normalised to 3 spatial dims (a 2-D conv has depth 1).
 * :class:`ConvAlgorithm` -- one implementation of the three conv passes on some targets, with the
-  reason it refuses a geometry (``refuse``), its multiplication ratio and its workspace.
+  reason it refuses a geometry (``refuse``), its multiplication ratio and its workspace (family ``"conv"``).
+* :class:`OpImplementation` -- one implementation of another op family (``"conv_transpose"``,
+  ``"separable"``): a single ``run`` call computing the op's forward, with the same refusal/workspace data.
+* :class:`SeparableGeometry` -- a depthwise-separable convolution (its depthwise half plus the pointwise width).
 * :class:`Decision` -- the algorithm a call runs, why, and its workspace (:func:`fastconv.registry.decide`).
 * :class:`PoolKernels` -- what a target provides for the pooling op families.
-* :data:`PASSES`, :data:`TARGETS`.
+* :data:`PASSES`, :data:`TARGETS`, :data:`FAMILIES`.
 """
 from __future__ import annotations
 
@@ -26,6 +29,12 @@ Triple = tuple[int, int, int]
 PASSES = ("forward", "grad_input", "grad_weight")
 #: Every execution target an implementation can declare.
 TARGETS = ("numba", "cuda", "cuda-emu")
+#: The op families the registry chooses implementations for, with how an error message names one call.
+#: ``conv``: the three passes of conv{1,2,3}d (:class:`ConvAlgorithm`); ``conv_transpose``: the forward of
+#: conv_transpose{1,2,3}d (declared :class:`OpImplementation` entries plus every conv algorithm's
+#: ``grad_input``, the adjoint); ``separable``: depthwise_separable_conv2d's forward.
+FAMILIES = {"conv": "convolution", "conv_transpose": "transposed convolution",
+            "separable": "depthwise-separable convolution"}
 
 
 @dataclass(frozen=True)
@@ -110,9 +119,69 @@ class ConvAlgorithm:
     dtypes: tuple = ("float32", "float64")
     #: Memory layouts the kernels read directly (others are copied to one of them first).
     layouts: tuple = ("contiguous",)
+    #: The op family (:data:`FAMILIES`) this declaration implements: always ``"conv"`` for this type.
+    family: str = "conv"
 
     def why_not(self, geom: ConvGeometry) -> Optional[str]:
         """The reason this algorithm cannot run ``geom``, or None when it can."""
+        if geom.target not in self.targets:
+            return f"runs on {'/'.join(sorted(self.targets))}, not {geom.target}"
+        return self.refuse(geom)
+
+
+@dataclass(frozen=True)
+class SeparableGeometry:
+    """A depthwise-separable convolution: ``depthwise`` (groups == in_channels, M = multiplier x C outputs,
+    a 2-D :class:`ConvGeometry`) followed by a 1x1 pointwise conv from M to ``out_channels`` channels."""
+
+    depthwise: ConvGeometry
+    out_channels: int
+
+    @property
+    def target(self) -> str:
+        return self.depthwise.target
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.depthwise.dtype
+
+    @property
+    def macs(self) -> int:
+        """Depthwise MACs plus pointwise MACs (N * K * prod(out) * M)."""
+        d = self.depthwise
+        return d.macs + d.batch * self.out_channels * math.prod(d.out_spatial) * d.out_channels
+
+
+@dataclass(frozen=True)
+class OpImplementation:
+    """One implementation of an op family other than the conv passes (see :data:`FAMILIES`).
+
+    ``run`` computes the op's forward; its arguments are the family's:
+
+    * ``conv_transpose``: ``run(x, w, bias, geom)`` with x (N, C_in, D, H, W), w (C_in, C_out/groups, KD, KH, KW),
+      bias (C_out,) or None, ``geom`` the *adjoint* convolution's :class:`ConvGeometry` (its ``in_spatial`` is
+      this op's output size) -> (N, C_out, OD, OH, OW), bias included, freshly allocated.
+    * ``separable``: ``run(x, dw, pw, db, pb, geom)`` with x (N, C, H, W), dw (M, 1, KH, KW), pw (K, M, 1, 1),
+      biases or None, ``geom`` a :class:`SeparableGeometry` -> (N, K, OH, OW).
+
+    ``adjoint`` is set on the ``conv_transpose`` entries the registry derives from a conv algorithm (their
+    ``run`` is that algorithm's ``grad_input``); declared entries leave it None.
+    """
+
+    name: str
+    family: str
+    targets: frozenset
+    summary: str
+    run: Callable[..., torch.Tensor]
+    refuse: Callable[[object], Optional[str]] = field(default=_always)
+    mult_ratio: Callable[[object], float] = field(default=lambda g: 1.0)
+    workspace_bytes: Callable[[object], int] = field(default=lambda g: 0)
+    dtypes: tuple = ("float32", "float64")
+    layouts: tuple = ("contiguous",)
+    adjoint: Optional[ConvAlgorithm] = None
+
+    def why_not(self, geom) -> Optional[str]:
+        """The reason this implementation cannot run ``geom``, or None when it can."""
         if geom.target not in self.targets:
             return f"runs on {'/'.join(sorted(self.targets))}, not {geom.target}"
         return self.refuse(geom)
@@ -126,13 +195,17 @@ class Decision:
     read it instead of re-deriving the choice.
     """
 
-    algorithm: ConvAlgorithm
+    algorithm: "ConvAlgorithm | OpImplementation"
     reason: str
     workspace_bytes: int
 
     @property
     def name(self) -> str:
         return self.algorithm.name
+
+    @property
+    def family(self) -> str:
+        return self.algorithm.family
 
 
 class PoolKernels(Protocol):

@@ -14,7 +14,8 @@ from fastconv import backends, registry
 from helpers import assert_close
 
 TARGET = backends.current()
-ALGOS = ["auto"] + [row["name"] for row in fastconv.algorithms() if TARGET in row["targets"]]
+ALGOS = ["auto"] + [row["name"] for row in fastconv.algorithms()
+                     if TARGET in row["targets"] and row["family"] == "conv"]
 
 # (N, C, H, W, K, kernel, kwargs) — stride/padding/dilation/groups geometry matrix for conv2d.
 CASES_2D = {

@@ -21,7 +21,8 @@ def geom(C, K, hw, k, stride=1, padding=0, dilation=1, groups=1, batch=1, ndim=2
 
 
 def test_every_registered_algorithm_has_an_entry():
-    names = {row["name"] for row in fastconv.algorithms()}
+    # every implementation whose geometry is a convolution's (the conv passes and the transposed forward)
+    names = {row["name"] for row in fastconv.algorithms() if row["family"] in ("conv", "conv_transpose")}
     assert names <= set(executed.EXECUTED), names - set(executed.EXECUTED)
     assert "patch_gemm" in executed.EXECUTED
 

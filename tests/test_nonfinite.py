@@ -22,7 +22,7 @@ NAN = float("nan")
 
 
 def _cpu_algorithms():
-    return [row["name"] for row in fastconv.algorithms() if "numba" in row["targets"]]
+    return [row["name"] for row in fastconv.algorithms() if "numba" in row["targets"] and row["family"] == "conv"]
 
 
 def _cases(x, w, g):

@@ -124,15 +124,22 @@ def test_flop_counter_counts_both_convolutions_like_torch():
 
 
 def test_auto_rule_is_fused_on_cpu_and_unfused_elsewhere():
-    assert separable_ops.choose_algo("auto", "numba") == "fused"
-    assert separable_ops.choose_algo("auto", "cuda") == "unfused"
-    assert separable_ops.choose_algo("unfused", "numba") == "unfused"
+    def decide(algo, target):
+        g = separable_ops.geometry((2, 4, 8, 8), (4, 1, 3, 3), (6, 4, 1, 1), (8, 8), [1, 1], [1, 1], [1, 1], [1, 1],
+                                   torch.float32, target)
+        return fastconv.registry.decide(algo, g, "forward", "fastconv.depthwise_separable_conv2d", "separable").name
+
+    assert decide("auto", "numba") == "fused"
+    assert decide("auto", "cuda") == "unfused"
+    assert decide("unfused", "numba") == "unfused"
 
 
 def test_fused_is_refused_off_the_numba_backend():
     args, _ = _make("3x3_pad1", requires_grad=False)
     with fastconv.backend("cuda-emu"):
-        with pytest.raises(ValueError, match=r"algo='fused' runs on CPU tensors with the numba backend only"):
+        with pytest.raises(ValueError, match=r"fastconv.depthwise_separable_conv2d: algo='fused' cannot run this "
+                                             r"depthwise-separable convolution \(runs on numba, not cuda-emu\)\. "
+                                             r"Algorithms that can: auto, unfused"):
             F.depthwise_separable_conv2d(*args, algo="fused")
 
 

@@ -15,13 +15,13 @@ import torch.nn.functional as TF
 import fastconv
 import fastconv.functional as F
 from fastconv import backends
-from fastconv.ops import transposed as transposed_ops
 from helpers import assert_close
 
 TARGET = backends.current()
-REGISTRY_ALGOS = [row["name"] for row in fastconv.algorithms() if TARGET in row["targets"]]
-# patch_gemm runs on the numba target only (checked by test_patch_gemm_refuses_other_targets).
-ALGOS = ["auto"] + REGISTRY_ALGOS + (list(transposed_ops.TRANSPOSED_ONLY_ALGOS) if TARGET == "numba" else [])
+ROWS = [row for row in fastconv.algorithms() if TARGET in row["targets"]]
+REGISTRY_ALGOS = [row["name"] for row in ROWS if row["family"] == "conv"]
+# The transposed-only implementations (patch_gemm: numba only, checked by test_patch_gemm_refuses_other_targets).
+ALGOS = ["auto"] + REGISTRY_ALGOS + [row["name"] for row in ROWS if row["family"] == "conv_transpose"]
 #: A registry algorithm that runs every geometry on this target (for tests that name one).
 GENERAL = "im2col" if TARGET == "numba" else "cuda-direct"
 

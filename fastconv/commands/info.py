@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
         rows = fastconv.algorithms()
         for row in rows:
-            print(f"  {row['name']:<15} {'/'.join(row['targets']):<18} {row['summary']}")
+            # Rows of the other op families (transposed, separable) name theirs; conv rows read as before.
+            family = "" if row["family"] == "conv" else f"[{row['family']}] "
+            print(f"  {row['name']:<15} {'/'.join(row['targets']):<18} {family}{row['summary']}")
         return f"{len(rows)} registered"
 
     ok &= _probe("algorithms", algorithms)

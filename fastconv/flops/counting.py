@@ -286,33 +286,26 @@ def _pool_algorithm(ns: str) -> str:
 
 
 def _fastconv_conv_transpose(name: str, a: dict, out: torch.Tensor) -> Row:
-    from ..ops.conv import make_geometry
     from ..ops import transposed
 
     ndim = int(name[len("conv_transpose")])
     x, w, groups = a["input"], a["weight"], a["groups"]
-    # the adjoint convolution (output -> input) whose grad_input pass this op runs, as the op builds it
-    geom = make_geometry(ndim, x.shape[0], w.shape[1] * groups, w.shape[0], groups, out.shape[2:], w.shape[2:],
-                         x.shape[2:], a["stride"], a["padding"], a["padding"], a["dilation"], x.dtype,
-                         _target_for(x))
+    # the adjoint convolution (output -> input) this op's implementations see, as the op builds it
+    geom = transposed.geometry(ndim, x.shape, w.shape, out.shape[2:], groups, a["stride"], a["padding"],
+                               a["dilation"], x.dtype, _target_for(x))
     macs = geom.macs  # = N * C_in * prod(I) * (C_out/groups) * prod(k): follows the input
-    algo = a["algo"]
-    refusal = transposed.patch_gemm_refusal(w.shape[2:], a["stride"], a["padding"], a["dilation"], geom.target)
-    if algo == "patch_gemm" or (algo == "auto" and refusal is None):
-        alg_name = "patch_gemm"
-        reason = ("requested algo='patch_gemm'" if algo == "patch_gemm" else
-                  "auto: kernel == stride, no padding: non-overlapping windows, one GEMM + scatter")
-        mults = executed.executed_multiplications("patch_gemm", geom)
-        workspace = executed.workspace_bytes("patch_gemm", geom)
-    else:
-        alg, reason = decide(algo, geom, "grad_input", name)
-        alg_name = alg.name
-        mults = executed.executed_multiplications(alg.name, geom, "grad_input", alg)
-        workspace = executed.workspace_bytes(alg.name, geom, alg)
+    d = registry.decide(a["algo"], geom, "forward", f"fastconv.{name}", transposed.FAMILY)
+    adjoint = d.algorithm.adjoint
+    if adjoint is not None:  # a conv algorithm's grad_input pass
+        mults = executed.executed_multiplications(d.name, geom, "grad_input", adjoint)
+        workspace = executed.workspace_bytes(d.name, geom, adjoint)
+    else:  # a transposed-only implementation (patch_gemm): its forward is what EXECUTED describes
+        mults = executed.executed_multiplications(d.name, geom)
+        workspace = executed.workspace_bytes(d.name, geom, d.algorithm)
     bias = a["bias"]
     row = Row("", "", name, "", tuple(x.shape), tuple(out.shape), macs=macs,
-              bias_adds=out.numel() if bias is not None else 0, algorithm=alg_name, algorithm_mults=mults,
-              workspace_bytes=workspace, reason=reason)
+              bias_adds=out.numel() if bias is not None else 0, algorithm=d.name, algorithm_mults=mults,
+              workspace_bytes=workspace, reason=d.reason)
     row._weights = [w] + ([bias] if bias is not None else [])  # type: ignore[attr-defined]
     return row
 
@@ -322,18 +315,16 @@ def _fastconv_separable(a: dict, out: torch.Tensor) -> Row:
     from ..ops import separable
 
     x, dw, pw = a["input"], a["depthwise_weight"], a["pointwise_weight"]
-    n, k = out.shape[:2]
-    positions = math.prod(out.shape[2:])
-    m = dw.shape[0]
-    depthwise = n * m * positions * math.prod(dw.shape[2:])  # one input channel per depthwise filter
-    pointwise = n * k * positions * m
-    macs = depthwise + pointwise
+    geom = separable.geometry(x.shape, dw.shape, pw.shape, out.shape[2:], a["stride"], a["padding"],
+                              a["padding_end"], a["dilation"], x.dtype, _target_for(x))
+    macs = geom.macs  # depthwise N*M*prod(out)*k (one input channel per filter) + pointwise N*K*prod(out)*M
+    n, m, positions = out.shape[0], dw.shape[0], math.prod(out.shape[2:])
     bias_adds = (n * m * positions if a["depthwise_bias"] is not None else 0) \
         + (out.numel() if a["pointwise_bias"] is not None else 0)
-    algo = separable.choose_algo(a["algo"], _target_for(x))
+    d = registry.decide(a["algo"], geom, "forward", f"fastconv.{separable.OP}", separable.FAMILY)
     row = Row("", "", "depthwise_separable_conv2d", "", tuple(x.shape), tuple(out.shape), macs=macs,
-              bias_adds=bias_adds, algorithm=algo, algorithm_mults=macs,
-              reason="auto: fused on the CPU target" if a["algo"] == "auto" else f"requested algo={a['algo']!r}")
+              bias_adds=bias_adds, algorithm=d.name, algorithm_mults=macs, workspace_bytes=d.workspace_bytes,
+              reason=d.reason)
     row._weights = [t for t in (dw, pw, a["depthwise_bias"], a["pointwise_bias"])  # type: ignore[attr-defined]
                     if t is not None]
     return row

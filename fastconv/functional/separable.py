@@ -31,15 +31,16 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
     ``algo``: ``"fused"`` (CPU only) computes the depthwise output a cache-sized block at a time and
     feeds it to the pointwise GEMM at once, never writing the intermediate (N, C*m, H_out, W_out)
     tensor; ``"unfused"`` runs the two convolutions one after the other; ``"auto"`` picks (fused on
-    the CPU, see :func:`fastconv.ops.separable.choose_algo`).
+    the CPU, see :mod:`fastconv.ops.separable`).
     """
     check_type(OP, "input", input)
     check_type(OP, "depthwise_weight", depthwise_weight)
     check_type(OP, "pointwise_weight", pointwise_weight)
     check_type(OP, "depthwise_bias", depthwise_bias, optional=True)
     check_type(OP, "pointwise_bias", pointwise_bias, optional=True)
-    if not isinstance(algo, str) or algo not in separable_ops.ALGOS:
-        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of {', '.join(separable_ops.ALGOS)}")
+    if not isinstance(algo, str) or algo not in separable_ops.algo_names():
+        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of "
+                         f"{', '.join(separable_ops.algo_names())}")
     # The depthwise half's stride/padding/dilation normalisation is conv2d's; the shapes, dtypes and devices
     # of all five tensors are checked by the op (fastconv.ops.validation.separable_op).
     a = ConvArgs(OP, 2, input, depthwise_weight, depthwise_bias, stride, padding, dilation, 1, "auto")

@@ -35,9 +35,9 @@ class DepthwiseSeparableConv2d(nn.Module):
         if isinstance(depth_multiplier, bool) or not isinstance(depth_multiplier, int) or depth_multiplier < 1:
             raise ValueError(f"DepthwiseSeparableConv2d: depth_multiplier must be a positive int, "
                              f"got {depth_multiplier!r}")
-        if algo not in separable_ops.ALGOS:
+        if algo not in separable_ops.algo_names():
             raise ValueError(f"DepthwiseSeparableConv2d: unknown algo {algo!r}; expected one of "
-                             f"{', '.join(separable_ops.ALGOS)}")
+                             f"{', '.join(separable_ops.algo_names())}")
         mid = in_channels * depth_multiplier
         kw = dict(device=device, dtype=dtype)
         self.depthwise = Conv2d(in_channels, mid, kernel_size, stride=stride, padding=padding, dilation=dilation,

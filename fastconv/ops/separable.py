@@ -9,13 +9,16 @@ Equal to ``conv2d(conv2d(input, depthwise_weight, depthwise_bias, groups=C), poi
 pointwise_bias)``. Arguments arrive normalised by :mod:`fastconv.functional` (2 ints each; ``padding``
 before and ``padding_end`` after each spatial dim).
 
-``algo``:
+``algo`` (family ``"separable"`` of :mod:`fastconv.registry`; ``registry.decide(..., family="separable")``
+says which runs without running it):
 
-* ``"fused"`` (CPU/Numba only): depthwise output produced a cache-sized block at a time and consumed by
-  the pointwise GEMM straight away (:func:`fastconv.cpu.depthwise.separable_forward_fused`); the
-  intermediate ``(N, M, OH, OW)`` tensor is never written to memory.
-* ``"unfused"``: the two registered conv ops one after the other (any target).
-* ``"auto"``: see :func:`choose_algo` (the rule and the measurements behind it).
+* ``"fused"`` (CPU/Numba only, declared in :mod:`fastconv.cpu.algorithms`): depthwise output produced a
+  cache-sized block at a time and consumed by the pointwise GEMM straight away
+  (:func:`fastconv.cpu.depthwise.separable_forward_fused`); the intermediate ``(N, M, OH, OW)`` tensor is
+  never written to memory.
+* ``"unfused"`` (declared here: :data:`UNFUSED`): the two registered conv ops one after the other (any target).
+* ``"auto"``: the first declared implementation that runs the call -- ``fused`` on the Numba target,
+  ``unfused`` elsewhere (the measurements behind the rule are beside ``SEPARABLE_FUSED``).
 
 Backward does not store the intermediate: it recomputes it with the depthwise ``fastconv::conv2d``
 when the pointwise weight needs a gradient (one depthwise pass, the cheap half), and is made
@@ -31,49 +34,56 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import backends
+from .. import backends, registry
+from ..spec import OpImplementation, SeparableGeometry
 from . import conv as conv_ops  # noqa: F401  (registers the conv ops the unfused path calls)
 from . import precision, validation
-from ._output import fresh
+from .conv import make_geometry
 
 OP = "depthwise_separable_conv2d"
-ALGOS = ("auto", "fused", "unfused")
+FAMILY = "separable"
 _POINTWISE = ([1, 1], [0, 0], [0, 0], [1, 1])  # stride, padding, padding_end, dilation of the 1x1 conv
+
+
+def algo_names() -> list[str]:
+    """Every ``algo`` the op accepts: ``"auto"`` and the registered ``separable`` implementations."""
+    return registry.names(FAMILY)
+
 
 def depthwise_algo(target: str) -> str:
     """The conv algorithm used for the depthwise half: the dedicated Numba kernels on the CPU."""
     return "depthwise" if target == "numba" else "auto"
 
 
-def choose_algo(algo: str, target: str) -> str:
-    """Resolve ``algo`` ("auto", "fused" or "unfused") for this call.
+def geometry(input_shape, depthwise_weight_shape, pointwise_weight_shape, out_hw, stride, padding, padding_end,
+             dilation, dtype: torch.dtype, target: str) -> SeparableGeometry:
+    """The call as the ``separable`` family's implementations and the counter see it."""
+    c = input_shape[1]
+    depthwise = make_geometry(2, input_shape[0], c, depthwise_weight_shape[0], c, input_shape[2:],
+                              depthwise_weight_shape[2:], out_hw, stride, padding, padding_end, dilation, dtype,
+                              target)
+    return SeparableGeometry(depthwise, int(pointwise_weight_shape[0]))
 
-    Rule for ``"auto"``: "fused" on the Numba (CPU) target, "unfused" elsewhere (the fused path has
-    no CUDA kernel). Measured on the 2-core dev machine, one thread, minimum of 11 interleaved runs
-    (the machine is shared; medians were 1.5-5x the minima), N=8, 3x3 pad 1, C -> K channels:
 
-    =================  =========  =========  =========
-    layer              torch      fused      unfused
-    =================  =========  =========  =========
-    256 -> 256, 28x28  44.5 ms    24.1 ms    60.7 ms
-    32 -> 64, 112x112  26.4 ms    19.0 ms    71.9 ms
-    512 -> 512, 14x14  23.0 ms    30.1 ms    23.5 ms
-    =================  =========  =========  =========
+def _unfused(x: Tensor, dw: Tensor, pw: Tensor, db: Optional[Tensor], pb: Optional[Tensor],
+             g: SeparableGeometry) -> Tensor:
+    d = g.depthwise
+    spatial = slice(1, 3)  # the 2-D conv's (H, W) of the 3-D normalised geometry
+    z = torch.ops.fastconv.conv2d(x, dw, db, list(d.stride[spatial]), list(d.padding[spatial]),
+                                  list(d.padding_end[spatial]), list(d.dilation[spatial]), d.groups,
+                                  depthwise_algo(d.target))
+    return torch.ops.fastconv.conv2d(z, pw, pb, *_POINTWISE, 1, "auto")
 
-    Fused won clearly on the two larger planes and lost on 512x14x14 (small intermediate, both GEMM
-    bound). The evidence is weak: in a later pytest-benchmark run (median of 21) unfused was faster
-    on 256 -> 256 28x28 (10.9 vs 13.4 ms); the unfused 1x1 conv runs through numpy's OpenBLAS, whose
-    own thread pool makes it noisy on this shared machine. Re-measure on a quiet machine before
-    refining the rule (for example a minimum intermediate size per image).
-    """
-    if algo == "fused" and target != "numba":
-        raise ValueError(f"fastconv.{OP}: algo='fused' runs on CPU tensors with the numba backend only, not on "
-                         f"target {target!r}; use algo='unfused' or 'auto'")
-    if algo == "auto":
-        return "fused" if target == "numba" else "unfused"
-    if algo not in ALGOS:
-        raise ValueError(f"fastconv.{OP}: unknown algo {algo!r}; expected one of {', '.join(ALGOS)}")
-    return algo
+
+#: ``unfused``: the depthwise then the pointwise ``fastconv::conv2d`` op, on every target (a composition of
+#: registered ops, so it is declared here in the op layer; :mod:`fastconv.ops.catalog` registers it after
+#: the kernel modules' ``fused``, which ``algo='auto'`` therefore prefers where it runs).
+UNFUSED = OpImplementation(
+    "unfused", FAMILY, frozenset({"numba", "cuda", "cuda-emu"}),
+    "depthwise-separable conv as the depthwise fastconv::conv2d, then the 1x1 one (intermediate written whole)",
+    _unfused)
+#: The op layer's declarations (registered by :mod:`fastconv.ops.catalog`).
+ALGORITHMS = [UNFUSED]
 
 
 @torch.library.custom_op(f"fastconv::{OP}", mutates_args=(), device_types=("cpu", "cuda"))
@@ -93,22 +103,11 @@ def depthwise_separable_conv2d(input: Tensor, depthwise_weight: Tensor, pointwis
     stride = validation.conv_kernel_stride(stride, out_hw, input.shape[2:], depthwise_weight.shape[2:], padding,
                                            padding_end, dilation)
     dilation = validation.kernel_dilation(dilation, depthwise_weight.shape[2:])
-    chosen = choose_algo(algo, target)
-    C = input.shape[1]
-    if chosen == "fused":
-        from ..cpu import depthwise as kernels
-
-        K, M = pointwise_weight.shape[:2]
-        as_np = lambda t: None if t is None else t.detach().contiguous().numpy()  # noqa: E731
-        y = kernels.separable_forward_fused(
-            as_np(input).reshape(input.shape[0], C, 1, *input.shape[2:]),
-            as_np(depthwise_weight).reshape(M, 1, 1, *depthwise_weight.shape[2:]),
-            as_np(depthwise_bias), as_np(pointwise_weight).reshape(K, M), as_np(pointwise_bias),
-            (1, *stride), (0, *padding), (1, *dilation), (1, *out_hw))
-        return fresh(torch.from_numpy(y), (input.shape[0], K, *out_hw))
-    z = torch.ops.fastconv.conv2d(input, depthwise_weight, depthwise_bias, stride, padding, padding_end,
-                                  dilation, C, depthwise_algo(target))
-    return torch.ops.fastconv.conv2d(z, pointwise_weight, pointwise_bias, *_POINTWISE, 1, "auto")
+    geom = geometry(input.shape, depthwise_weight.shape, pointwise_weight.shape, out_hw, stride, padding,
+                    padding_end, dilation, input.dtype, target)
+    impl = registry.choose(algo, geom, "forward", f"fastconv.{OP}", FAMILY)
+    # Both implementations return a tensor of its own (not a view), shaped (N, K, OH, OW).
+    return impl.run(input, depthwise_weight, pointwise_weight, depthwise_bias, pointwise_bias, geom)
 
 
 @depthwise_separable_conv2d.register_fake

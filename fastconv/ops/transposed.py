@@ -18,11 +18,13 @@ Its derivatives are the other two passes of the same convolution, taken from the
 
 Those ops carry their own autograd, so double backward works.
 
-One extra CPU algorithm lives here, for transposed convs only: ``"patch_gemm"``
-(:mod:`fastconv.cpu.transposed_gemm`), for kernel == stride, no padding, dilation 1 (U-Net's
-2x2/stride-2 up-convolution): the output windows do not overlap, so the forward is one GEMM plus a
-scatter with no accumulation. ``algo="auto"`` takes it on the ``"numba"`` target when it applies
-(before the registry's heuristic or autotuner is asked: 1.25-1.8x faster than torch in our runs).
+The forward asks the registry for family ``"conv_transpose"`` (:func:`fastconv.registry.choose`): every conv
+algorithm, run as the adjoint's ``grad_input``, plus the declared transposed-only implementations -- on the
+CPU ``"patch_gemm"`` (:mod:`fastconv.cpu.transposed_gemm`), for kernel == stride, no padding, dilation 1
+(U-Net's 2x2/stride-2 up-convolution): the output windows do not overlap, so the forward is one GEMM plus
+a scatter with no accumulation. ``algo="auto"`` takes a declared implementation wherever it runs (before the
+conv registry's heuristic or autotuner is asked), else the conv choice for the adjoint's ``grad_input``;
+``registry.decide(..., family="conv_transpose")`` says which without running it.
 """
 from __future__ import annotations
 
@@ -40,28 +42,20 @@ from ._output import fresh
 from .conv import DIMS, _as_5d, make_geometry
 from .validation import transposed_output_size  # noqa: F401  (re-exported: one definition)
 
-#: Algorithm names only the transposed ops accept (not in the shared conv registry, because they
-#: implement no convolution pass of their own: see :mod:`fastconv.cpu.transposed_gemm`).
-TRANSPOSED_ONLY_ALGOS = ("patch_gemm",)
+FAMILY = "conv_transpose"
 
 
 def algo_names() -> list[str]:
-    """Every ``algo`` the transposed ops accept: the registry's names plus the transposed-only ones."""
-    return registry.names() + list(TRANSPOSED_ONLY_ALGOS)
+    """Every ``algo`` the transposed ops accept: the conv registry's names plus the transposed-only ones."""
+    return registry.names(FAMILY)
 
 
-def patch_gemm_refusal(kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                       dilation: Sequence[int], target: str) -> Optional[str]:
-    """Why ``patch_gemm`` cannot run a transposed conv, or None when it can."""
-    if target != "numba":
-        return f"runs on numba, not {target}"
-    if tuple(kernel) != tuple(stride):
-        return f"needs kernel == stride (non-overlapping windows), got kernel={tuple(kernel)}, stride={tuple(stride)}"
-    if any(p != 0 for p in padding):
-        return f"needs padding=0, got {tuple(padding)}"
-    if any(d != 1 for d in dilation):
-        return f"needs dilation=1, got {tuple(dilation)}"
-    return None
+def geometry(ndim: int, input_shape, weight_shape, out_spatial, groups: int, stride, padding, dilation,
+             dtype: torch.dtype, target: str) -> registry.ConvGeometry:
+    """The adjoint convolution of a transposed conv -- input (N, C_out, *O) -> output (N, C_in, *I), weight
+    (C_in, C_out/groups, *k) -- what the ``conv_transpose`` family's implementations and the counter see."""
+    return make_geometry(ndim, input_shape[0], weight_shape[1] * groups, weight_shape[0], groups, out_spatial,
+                         weight_shape[2:], input_shape[2:], stride, padding, padding, dilation, dtype, target)
 
 
 def adjoint_padding_end(padding: Sequence[int], output_padding: Sequence[int], stride: Sequence[int]
@@ -84,8 +78,8 @@ def adjoint_padding_end(padding: Sequence[int], output_padding: Sequence[int], s
 
 
 def _conv_algo(algo: str) -> str:
-    # The backward passes run through the conv ops, which know only the registry's names.
-    return "auto" if algo in TRANSPOSED_ONLY_ALGOS else algo
+    # The backward passes run through the conv ops, which know only the conv registry's names.
+    return "auto" if algo in registry.declared_names(FAMILY) else algo
 
 
 def _register(ndim: int):
@@ -109,36 +103,12 @@ def _register(ndim: int):
         stride = validation.single_window_stride(stride, input.shape[spatial],
                                                  [max(o + 1, k) for o, k in zip(output_padding, weight.shape[spatial])])
         dilation = validation.kernel_dilation(dilation, weight.shape[spatial])
-        # The adjoint convolution: input (N, C_out, *O) -> output (N, C_in, *I), weight (C_in, C_out/g, *k).
-        geom = make_geometry(ndim, input.shape[0], weight.shape[1] * groups, weight.shape[0], groups,
-                             out_spatial, weight.shape[spatial], input.shape[spatial], stride, padding, padding,
-                             dilation, input.dtype, target)
-        x5, w5 = _as_5d(input), _as_5d(weight)
-        use_gemm = algo == "patch_gemm" or (algo == "auto" and patch_gemm_refusal(
-            weight.shape[spatial], stride, padding, dilation, target) is None)
-        if use_gemm:
-            reason = patch_gemm_refusal(weight.shape[spatial], stride, padding, dilation, target)
-            if reason is not None:
-                raise ValueError(f"fastconv.{name}: algo='patch_gemm' cannot run this transposed convolution ({reason}). "
-                                 f"Use algo='auto', which picks a registry algorithm (see fastconv.algorithms())")
-            from ..cpu import transposed_gemm
-
-            out = transposed_gemm.forward(x5, w5, bias, geom)
-            # The scatter added the bias already.
-            return fresh(out, (geom.batch, geom.in_channels, *out_spatial))
-        try:
-            alg = registry.choose(algo, geom, "grad_input", name)
-        except ValueError as e:
-            # The registry describes the adjoint convolution; say so, or "in_channels" reads wrong.
-            raise ValueError(f"{e} (for a transposed convolution the registry sees the adjoint convolution: "
-                             f"its in_channels are this op's out_channels and its input is this op's "
-                             f"output)") from None
-        out = alg.grad_input(x5, w5, geom)
-        out = fresh(out, (geom.batch, geom.in_channels, *out_spatial))
-        if bias is not None:
-            # In place on a freshly allocated result: no second output-sized buffer.
-            out.add_(bias.reshape((1, -1) + (1,) * ndim))
-        return out
+        geom = geometry(ndim, input.shape, weight.shape, out_spatial, groups, stride, padding, dilation,
+                        input.dtype, target)
+        impl = registry.choose(algo, geom, "forward", f"fastconv.{name}", FAMILY)
+        # patch_gemm's scatter or the adjoint's grad_input plus the bias: (N, C_out, *O), bias included.
+        out = impl.run(_as_5d(input), _as_5d(weight), bias, geom)
+        return fresh(out, (geom.batch, geom.in_channels, *out_spatial))
 
     @conv_transpose.register_fake
     def _(input, weight, bias, stride, padding, output_padding, dilation, groups, algo):
