@@ -845,6 +845,7 @@ class _Exploration:
         return min((t for t in self.times.values() if math.isfinite(t)), default=math.inf)
 
     def call(self, *args):
+        _tuning_calls[0] += 1
         if self.index >= len(self.order):  # finished meanwhile (another thread): the stored winner next time
             return getattr(self.fallback, self.pass_)(*args)
         alg = self.order[self.index]
@@ -900,6 +901,14 @@ _exploring: dict = {}
 def tuning_in_progress() -> int:
     """How many keys are being tuned on real calls now (0: every layer seen so far runs its final choice)."""
     return len(_exploring)
+
+
+def tuning_calls() -> int:
+    """How many calls so far ran a candidate being tuned (unchanged over a model's step: it is tuned)."""
+    return _tuning_calls[0]
+
+
+_tuning_calls = [0]
 
 
 def _explorer(key: CacheKey, memo: tuple, geom: registry.ConvGeometry, pass_: str,
