@@ -30,9 +30,10 @@
 // DEPTHWISE: groups == C and output channel k reads input channel k / m only (m = K / C).
 // ---------------------------------------------------------------------------------------------
 template <typename T, bool DEPTHWISE>
-__device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_forward(const T* __restrict__ x, const T* __restrict__ w,
                                                     const T* __restrict__ bias, T* __restrict__ y,
-                                                    int has_bias, const ConvGeom g) {
+                                                    int has_bias, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   const int Cg = DEPTHWISE ? 1 : g.C / g.groups;
   const int Kg = DEPTHWISE ? g.K / g.C : g.K / g.groups;  // output channels per input group
   const int taps = g.KD * g.KH * g.KW;
@@ -45,7 +46,7 @@ __device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, con
     const int id0 = od * g.sd - g.pd, ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
     const T* xn = x + ((i64)n * g.C + (k / Kg) * Cg) * in_plane;
     const T* wk = w + (i64)k * Cg * taps;
-    T acc = T(0);
+    fc_acc<T> acc = 0;  // float for 16-bit inputs
     for (int c = 0; c < Cg; ++c) {
       const T* xc = xn + c * in_plane;
       const T* wc = wk + c * taps;
@@ -59,20 +60,21 @@ __device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, con
           const T* wrow = wc + (kd * g.KH + kh) * g.KW;
           for (int kw = 0; kw < g.KW; ++kw) {
             const int iw = iw0 + kw * g.dw;
-            if (iw >= 0 && iw < g.W) acc += xrow[iw] * wrow[kw];
+            if (iw >= 0 && iw < g.W) acc += fc_load(xrow[iw]) * fc_load(wrow[kw]);
           }
         }
       }
     }
-    y[(i64)nk * out_plane + s] = has_bias ? acc + bias[k] : acc;
+    y[(i64)nk * out_plane + s] = fc_store<T>(has_bias ? acc + fc_load(bias[k]) : acc);
   }
 }
 
 // Input gradient as a gather: input element (n, c, id, ih, iw) sums over the output elements and
 // taps that read it (no scatter, no atomics).
 template <typename T, bool DEPTHWISE>
-__device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
-                                                       T* __restrict__ gx, const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
+                                                       T* __restrict__ gx, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   const int Cg = DEPTHWISE ? 1 : g.C / g.groups;
   const int Kg = DEPTHWISE ? g.K / g.C : g.K / g.groups;
   const int taps = g.KD * g.KH * g.KW;
@@ -83,7 +85,7 @@ __device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy,
     int id, ih, iw;
     fc_unflatten3(s, g.H, g.W, id, ih, iw);
     const int grp = c / Cg, cc = c % Cg;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int kk = 0; kk < Kg; ++kk) {
       const int k = grp * Kg + kk;
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
@@ -103,20 +105,21 @@ __device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy,
             if (tw < 0 || tw % g.sw) continue;
             const int ow = tw / g.sw;
             if (ow >= g.OW) continue;
-            acc += gk[((i64)od * g.OH + oh) * g.OW + ow] * wk[(kd * g.KH + kh) * g.KW + kw];
+            acc += fc_load(gk[((i64)od * g.OH + oh) * g.OW + ow]) * fc_load(wk[(kd * g.KH + kh) * g.KW + kw]);
           }
         }
       }
     }
-    gx[(i64)nc * in_plane + s] = acc;
+    gx[(i64)nc * in_plane + s] = fc_store<T>(acc);
   }
 }
 
 // Weight gradient: one block (FC_BLOCK threads) per weight element, reducing over N*OD*OH*OW with
 // a fixed-order tree in shared memory: deterministic. grid = (min(weights, 2**31 - 1)).
 template <typename T>
-__device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
-                                                        T* __restrict__ gw, const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
+                                                        T* __restrict__ gw, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   __shared__ T partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
   FC_REQUIRE_BLOCK(FC_BLOCK);
   const int Cg = g.C / g.groups, Kg = g.K / g.groups;
@@ -155,47 +158,6 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
     if (threadIdx.x == 0) gw[widx] = partial[0];
     __syncthreads();  // partial[0] is read before the next weight element overwrites it
   }
-}
-
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<float, false>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<double, false>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  conv_direct_grad_input<float, false>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  conv_direct_grad_input<double, false>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_weight_f32(const float* gy, const float* x, float* gw, CONV_PARAMS) {
-  conv_direct_grad_weight<float>(gy, x, gw, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_weight_f64(const double* gy, const double* x, double* gw, CONV_PARAMS) {
-  conv_direct_grad_weight<double>(gy, x, gw, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<float, true>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<double, true>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  conv_direct_grad_input<float, true>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  conv_direct_grad_input<double, true>(gy, w, gx, CONV_GEOM);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -385,9 +347,10 @@ struct IgGradWeightOp {
 
 // grid = (ceil(M / 64), ceil(K/groups / 64), groups)
 template <typename T>
-__device__ __forceinline__ void igemm_forward(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_forward(const T* __restrict__ x, const T* __restrict__ w,
                                               const T* __restrict__ bias, T* __restrict__ y, int has_bias,
-                                              const ConvGeom g) {
+                                              CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgForwardOp<T> op;
   op.x = x; op.w = w; op.g = g; op.grp = blockIdx.z;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
@@ -415,8 +378,9 @@ __device__ __forceinline__ void igemm_forward(const T* __restrict__ x, const T* 
 
 // grid = (ceil(N*D*H*W / 64), ceil(C/groups / 64), groups)
 template <typename T>
-__device__ __forceinline__ void igemm_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
-                                                 T* __restrict__ gx, const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
+                                                 T* __restrict__ gx, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgGradInputOp<T> op;
   op.gy = gy; op.w = w; op.g = g; op.grp = blockIdx.z;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
@@ -446,9 +410,10 @@ __device__ __forceinline__ void igemm_grad_input(const T* __restrict__ gy, const
 // partial[s][grp*Kg + m][q] (partial has splits * K * C/groups * taps elements; with one split it
 // is the weight gradient itself).
 template <typename T>
-__device__ __forceinline__ void igemm_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
                                                   T* __restrict__ partial, int splits, i64 chunk,
-                                                  const ConvGeom g) {
+                                                  CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgGradWeightOp<T> op;
   op.gy = gy; op.x = x; op.g = g; op.grp = blockIdx.z / splits;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
@@ -478,7 +443,7 @@ __device__ __forceinline__ void igemm_grad_weight(const T* __restrict__ gy, cons
 
 // gw[i] = sum over s of partial[s][i], s in increasing order (deterministic second pass).
 template <typename T>
-__device__ __forceinline__ void conv_reduce_splits(const T* __restrict__ partial, T* __restrict__ gw,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_reduce_splits(const T* __restrict__ partial, T* __restrict__ gw,
                                                    int splits, i64 count) {
   for (i64 i = fc_thread_start(); i < count; i += fc_thread_step()) {
     T s = partial[i];
@@ -487,35 +452,29 @@ __device__ __forceinline__ void conv_reduce_splits(const T* __restrict__ partial
   }
 }
 
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  igemm_forward<float>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  igemm_forward<double>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  igemm_grad_input<float>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  igemm_grad_input<double>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_weight_f32(const float* gy, const float* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
-  igemm_grad_weight<float>(gy, x, partial, splits, chunk, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_weight_f64(const double* gy, const double* x, double* partial, int splits, i64 chunk, CONV_PARAMS) {
-  igemm_grad_weight<double>(gy, x, partial, splits, chunk, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_reduce_splits_f32(const float* partial, float* gw, int splits, i64 count) {
-  conv_reduce_splits<float>(partial, gw, splits, count);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_reduce_splits_f64(const double* partial, double* gw, int splits, i64 count) {
-  conv_reduce_splits<double>(partial, gw, splits, count);
-}
+// ---------------------------------------------------------------------------------------------
+// instantiations launched by name (fastconv/cuda/conv.py); cuda-depthwise is conv_direct_*<T, true>,
+// also for the 16-bit floats (read and written as 16 bits, accumulated in float)
+// ---------------------------------------------------------------------------------------------
+FC_INSTANTIATE(conv_direct_forward<float, false>)
+FC_INSTANTIATE(conv_direct_grad_input<float, false>)
+FC_INSTANTIATE(conv_direct_grad_weight<float>)
+FC_INSTANTIATE(conv_direct_forward<double, false>)
+FC_INSTANTIATE(conv_direct_grad_input<double, false>)
+FC_INSTANTIATE(conv_direct_grad_weight<double>)
+FC_INSTANTIATE(conv_direct_forward<float, true>)
+FC_INSTANTIATE(conv_direct_grad_input<float, true>)
+FC_INSTANTIATE(conv_direct_forward<double, true>)
+FC_INSTANTIATE(conv_direct_grad_input<double, true>)
+FC_INSTANTIATE(conv_direct_forward<__half, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__half, true>)
+FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, true>)
+FC_INSTANTIATE(igemm_forward<float>)
+FC_INSTANTIATE(igemm_grad_input<float>)
+FC_INSTANTIATE(igemm_grad_weight<float>)
+FC_INSTANTIATE(conv_reduce_splits<float>)
+FC_INSTANTIATE(igemm_forward<double>)
+FC_INSTANTIATE(igemm_grad_input<double>)
+FC_INSTANTIATE(igemm_grad_weight<double>)
+FC_INSTANTIATE(conv_reduce_splits<double>)

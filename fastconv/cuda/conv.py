@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..spec import ConvAlgorithm, ConvGeometry
-from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, plane_grid, suffix
+from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, instance, plane_grid
 
 TARGETS = frozenset({"cuda", "cuda-emu"})
 IG_TILE_M = IG_TILE_N = 64   #: implicit-GEMM block tile (IG_BM, IG_BN in kernels/conv.cu)
@@ -101,7 +101,7 @@ def _bias_args(bias, w):
 
 @functools.lru_cache(maxsize=4096)
 def _plan(kind: str, g: ConvGeometry) -> tuple:
-    """(kernel name without the dtype suffix, grid, result shape, geometry scalars) of one pass."""
+    """(kernel name expression, grid, result shape, geometry scalars) of one pass."""
     kg, cg = g.out_channels // g.groups, g.in_channels // g.groups
     x_shape, y_shape, w_shape = _shapes(g)
     if kind in ("conv_direct_forward", "conv_depthwise_forward"):
@@ -118,7 +118,13 @@ def _plan(kind: str, g: ConvGeometry) -> tuple:
         shape = x_shape
     else:
         raise ValueError(f"fastconv.cuda: no launch plan {kind!r}")
-    return kind + suffix(g.dtype), grid, shape, _geom_args(g)
+    if kind.startswith("conv_depthwise_"):   # the direct kernels specialised for groups == C
+        name = instance(kind.replace("depthwise", "direct"), g.dtype, "true")
+    elif kind.startswith("conv_direct_") and kind != "conv_direct_grad_weight":
+        name = instance(kind, g.dtype, "false")
+    else:
+        name = instance(kind, g.dtype)
+    return name, grid, shape, _geom_args(g)
 
 
 def _forward_plane(prefix: str):
@@ -208,11 +214,10 @@ def igemm_grad_weight(gy, x, g: ConvGeometry):
     partial = gw if splits == 1 else L.empty((splits, *shape), g.dtype)
     kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
     grid = (-(-kg // IG_TILE_M), -(-cols // IG_TILE_N), g.groups * splits)
-    sfx = suffix(g.dtype)
-    L.launch("conv", f"igemm_grad_weight{sfx}", grid, (BLOCK,), (gy, x, partial),
+    L.launch("conv", instance("igemm_grad_weight", g.dtype), grid, (BLOCK,), (gy, x, partial),
              (i32(splits), i64(chunk), *_geom_args(g)))
     if splits > 1:
-        L.launch("conv", f"conv_reduce_splits{sfx}", flat_grid(gw.numel()), (BLOCK,),
+        L.launch("conv", instance("conv_reduce_splits", g.dtype), flat_grid(gw.numel()), (BLOCK,),
                  (partial, gw), (i32(splits), i64(gw.numel())))
     return gw
 
