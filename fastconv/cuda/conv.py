@@ -6,7 +6,10 @@ it. The same code runs CUDA tensors (target ``"cuda"``) and CPU tensors on the h
 (``"cuda-emu"``).
 
 Kernel argument order (kernels/common.cuh ``CONV_PARAMS``): N, C, D, H, W, K, KD, KH, KW, OD, OH,
-OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32.
+OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32. Kernels are templates launched by name
+expression (``"conv_direct_forward<float, true>"`` is cuda-depthwise's forward; kernels/conv.cu lists the
+instantiations). The depthwise kernels also exist for ``__half``/``__nv_bfloat16`` (float32 accumulation);
+the algorithms below still declare float32/float64, so half convs reach them upcast (ops/precision.py).
 """
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 Tensors are contiguous 5-D (N, C, D, H, W), processed as P = N*C planes. Pooling kernel argument
 order (kernels/common.cuh ``POOL_PARAMS``): P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph,
 pw, dd, dh, dw, all int32.
+
+Kernels are templates launched by name expression (:func:`~fastconv.cuda.launch.instance`:
+``"max_pool_forward<float>"``), instantiated for float32, float64, float16 (``__half``) and bfloat16
+(``__nv_bfloat16``); 16-bit tensors are read and written as such and computed in float32
+(``precision.NATIVE_HALF`` lets them through without a float32 copy).
 """
 from __future__ import annotations
 
