@@ -120,7 +120,8 @@ template <typename T>
 __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
                                                         T* __restrict__ gw, CONV_PARAMS) {
   const ConvGeom g = CONV_GEOM;
-  __shared__ T partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
+  typedef fc_acc<T> A;             // float for 16-bit inputs
+  __shared__ A partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
   FC_REQUIRE_BLOCK(FC_BLOCK);
   const int Cg = g.C / g.groups, Kg = g.K / g.groups;
   const int taps = g.KD * g.KH * g.KW;
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(c
     fc_unflatten3(t, g.KH, g.KW, kd, kh, kw);
     const int c = (k / Kg) * Cg + cc;
     const int offd = kd * g.dd - g.pd, offh = kh * g.dh - g.ph, offw = kw * g.dw - g.pw;
-    T acc = T(0);
+    A acc = 0;
     for (int n = 0; n < g.N; ++n) {
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
       const T* xc = x + ((i64)n * g.C + c) * in_plane;
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(c
         fc_unflatten3(o, g.OH, g.OW, od, oh, ow);
         const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
         if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
-        acc += gk[o] * xc[((i64)id * g.H + ih) * g.W + iw];
+        acc += fc_load(gk[o]) * fc_load(xc[((i64)id * g.H + ih) * g.W + iw]);
       }
     }
     partial[threadIdx.x] = acc;
@@ -155,7 +156,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(c
       if ((int)threadIdx.x < h) partial[threadIdx.x] += partial[threadIdx.x + h];
       __syncthreads();
     }
-    if (threadIdx.x == 0) gw[widx] = partial[0];
+    if (threadIdx.x == 0) gw[widx] = fc_store<T>(partial[0]);
     __syncthreads();  // partial[0] is read before the next weight element overwrites it
   }
 }
@@ -182,6 +183,7 @@ static_assert(IG_THREADS / IG_BM * 2 == IG_BK && IG_THREADS % IG_BM == 0,
 // Loading: thread t loads A[m0 + t % 64][k0 + t / 64 + 4 j] and B[k0 + t / 64 + 4 j][n0 + t % 64]
 // (j = 0, 1), so consecutive threads read consecutive rows (along W for the input tensor).
 // Computing: thread (tx, ty) = (t % 16, t / 16) owns rows m0 + tx + 16 i and columns n0 + ty + 16 j.
+// T is the accumulation type (fc_acc of the element type: the operands are converted on loading).
 template <typename T, class Op>
 __device__ __forceinline__ void igemm_mainloop(Op& op, i64 m0, int n0, i64 kbeg, i64 kend,
                                                T (&acc)[IG_TM][IG_TN]) {
@@ -267,15 +269,15 @@ struct IgForwardOp {
     col_ok = n < Kg;
     wb = w + (i64)(grp * Kg + (col_ok ? n : 0)) * Cg * taps;
   }
-  __device__ __forceinline__ T a(i64 k) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 k) const {
+    if (!row_ok) return 0;
     const int c = (int)(k / taps), t = (int)(k % taps);
     const int kw = t % g.KW, kh = (t / g.KW) % g.KH, kd = t / (g.KW * g.KH);
     const int id = id0 + kd * g.dd, ih = ih0 + kh * g.dh, iw = iw0 + kw * g.dw;
-    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return T(0);
-    return xb[(i64)c * g.D * g.H * g.W + ((i64)id * g.H + ih) * g.W + iw];
+    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return 0;
+    return fc_load(xb[(i64)c * g.D * g.H * g.W + ((i64)id * g.H + ih) * g.W + iw]);
   }
-  __device__ __forceinline__ T b(i64 k) const { return col_ok ? wb[k] : T(0); }
+  __device__ __forceinline__ fc_acc<T> b(i64 k) const { return col_ok ? fc_load(wb[k]) : fc_acc<T>(0); }
 };
 
 // Input gradient: A[m][k] = gy at the output position that input position m feeds through tap
@@ -293,20 +295,20 @@ struct IgGradInputOp {
     gb = gy + (n * g.K + (i64)grp * Kg) * ((i64)g.OD * g.OH * g.OW);
   }
   __device__ __forceinline__ void set_col(int n) { col_ok = n < Cg; c = col_ok ? n : 0; }
-  __device__ __forceinline__ T a(i64 k) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 k) const {
+    if (!row_ok) return 0;
     const int kk = (int)(k / taps), t = (int)(k % taps);
     const int kw = t % g.KW, kh = (t / g.KW) % g.KH, kd = t / (g.KW * g.KH);
     const int td = id + g.pd - kd * g.dd, th = ih + g.ph - kh * g.dh, tw = iw + g.pw - kw * g.dw;
-    if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return T(0);
+    if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return 0;
     const int od = td / g.sd, oh = th / g.sh, ow = tw / g.sw;
-    if (od >= g.OD || oh >= g.OH || ow >= g.OW) return T(0);
-    return gb[(i64)kk * g.OD * g.OH * g.OW + ((i64)od * g.OH + oh) * g.OW + ow];
+    if (od >= g.OD || oh >= g.OH || ow >= g.OW) return 0;
+    return fc_load(gb[(i64)kk * g.OD * g.OH * g.OW + ((i64)od * g.OH + oh) * g.OW + ow]);
   }
-  __device__ __forceinline__ T b(i64 k) const {
-    if (!col_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> b(i64 k) const {
+    if (!col_ok) return 0;
     const int kk = (int)(k / taps), t = (int)(k % taps);
-    return w[(((i64)grp * Kg + kk) * Cg + c) * taps + t];
+    return fc_load(w[(((i64)grp * Kg + kk) * Cg + c) * taps + t]);
   }
 };
 
@@ -329,19 +331,19 @@ struct IgGradWeightOp {
     offd = kd * g.dd - g.pd; offh = kh * g.dh - g.ph; offw = kw * g.dw - g.pw;
     xb = x + ((i64)grp * Cg + c) * ((i64)g.D * g.H * g.W);
   }
-  __device__ __forceinline__ T a(i64 j) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 j) const {
+    if (!row_ok) return 0;
     const int out_plane = g.OD * g.OH * g.OW;
     const i64 n = j / out_plane;
-    return gb[n * g.K * out_plane + (int)(j - n * out_plane)];
+    return fc_load(gb[n * g.K * out_plane + (int)(j - n * out_plane)]);
   }
-  __device__ __forceinline__ T b(i64 j) const {
-    if (!col_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> b(i64 j) const {
+    if (!col_ok) return 0;
     i64 n; int unused, od, oh, ow;
     fc_unflatten(j, 1, g.OD, g.OH, g.OW, n, unused, od, oh, ow);
     const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
-    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return T(0);
-    return xb[n * g.C * ((i64)g.D * g.H * g.W) + ((i64)id * g.H + ih) * g.W + iw];
+    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return 0;
+    return fc_load(xb[n * g.C * ((i64)g.D * g.H * g.W) + ((i64)id * g.H + ih) * g.W + iw]);
   }
 };
 
@@ -356,8 +358,8 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_forward(const T* 
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, 0, (i64)op.Cg * op.taps, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, 0, (i64)op.Cg * op.taps, acc);
   const i64 out_plane = (i64)g.OD * g.OH * g.OW;
   const i64 M = (i64)g.N * out_plane;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -371,7 +373,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_forward(const T* 
       const int col = n0 + ty + 16 * j;
       if (col >= op.Kg) continue;
       const int k = op.grp * op.Kg + col;
-      y[(n * g.K + k) * out_plane + o] = has_bias ? acc[i][j] + bias[k] : acc[i][j];
+      y[(n * g.K + k) * out_plane + o] = fc_store<T>(has_bias ? acc[i][j] + fc_load(bias[k]) : acc[i][j]);
     }
   }
 }
@@ -386,8 +388,8 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_input(const 
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, 0, (i64)op.Kg * op.taps, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, 0, (i64)op.Kg * op.taps, acc);
   const i64 in_plane = (i64)g.D * g.H * g.W;
   const i64 M = (i64)g.N * in_plane;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -400,7 +402,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_input(const 
     for (int j = 0; j < IG_TN; ++j) {
       const int col = n0 + ty + 16 * j;
       if (col >= op.Cg) continue;
-      gx[(n * g.C + (i64)op.grp * op.Cg + col) * in_plane + s] = acc[i][j];
+      gx[(n * g.C + (i64)op.grp * op.Cg + col) * in_plane + s] = fc_store<T>(acc[i][j]);
     }
   }
 }
@@ -411,7 +413,7 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_input(const 
 // is the weight gradient itself).
 template <typename T>
 __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
-                                                  T* __restrict__ partial, int splits, i64 chunk,
+                                                  fc_acc<T>* __restrict__ partial, int splits, i64 chunk,
                                                   CONV_PARAMS) {
   const ConvGeom g = CONV_GEOM;
   IgGradWeightOp<T> op;
@@ -423,11 +425,11 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_weight(const
   const i64 kend = kbeg + chunk < reduce ? kbeg + chunk : reduce;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, kbeg, kend, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, kbeg, kend, acc);
   const int cols = op.Cg * op.taps;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  T* out = partial + (i64)split * g.K * cols;
+  fc_acc<T>* out = partial + (i64)split * g.K * cols;
 #pragma unroll
   for (int i = 0; i < IG_TM; ++i) {
     const i64 m = m0 + tx + 16 * i;
@@ -443,38 +445,54 @@ __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_weight(const
 
 // gw[i] = sum over s of partial[s][i], s in increasing order (deterministic second pass).
 template <typename T>
-__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_reduce_splits(const T* __restrict__ partial, T* __restrict__ gw,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_reduce_splits(const fc_acc<T>* __restrict__ partial, T* __restrict__ gw,
                                                    int splits, i64 count) {
   for (i64 i = fc_thread_start(); i < count; i += fc_thread_step()) {
-    T s = partial[i];
+    fc_acc<T> s = partial[i];
     for (int k = 1; k < splits; ++k) s += partial[(i64)k * count + i];
-    gw[i] = s;
+    gw[i] = fc_store<T>(s);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// instantiations launched by name (fastconv/cuda/conv.py); cuda-depthwise is conv_direct_*<T, true>,
-// also for the 16-bit floats (read and written as 16 bits, accumulated in float)
+// instantiations launched by name (fastconv/cuda/conv.py); cuda-depthwise is conv_direct_*<T, true>.
+// The 16-bit floats are read and written as 16 bits and accumulated in float; the implicit GEMM's
+// weight gradient then always writes float partial sums (partial is fc_acc<T>) reduced by
+// conv_reduce_splits, so the gradient is rounded once.
 // ---------------------------------------------------------------------------------------------
 FC_INSTANTIATE(conv_direct_forward<float, false>)
 FC_INSTANTIATE(conv_direct_grad_input<float, false>)
-FC_INSTANTIATE(conv_direct_grad_weight<float>)
-FC_INSTANTIATE(conv_direct_forward<double, false>)
-FC_INSTANTIATE(conv_direct_grad_input<double, false>)
-FC_INSTANTIATE(conv_direct_grad_weight<double>)
 FC_INSTANTIATE(conv_direct_forward<float, true>)
 FC_INSTANTIATE(conv_direct_grad_input<float, true>)
-FC_INSTANTIATE(conv_direct_forward<double, true>)
-FC_INSTANTIATE(conv_direct_grad_input<double, true>)
-FC_INSTANTIATE(conv_direct_forward<__half, true>)
-FC_INSTANTIATE(conv_direct_grad_input<__half, true>)
-FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, true>)
-FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<float>)
 FC_INSTANTIATE(igemm_forward<float>)
 FC_INSTANTIATE(igemm_grad_input<float>)
 FC_INSTANTIATE(igemm_grad_weight<float>)
 FC_INSTANTIATE(conv_reduce_splits<float>)
+FC_INSTANTIATE(conv_direct_forward<double, false>)
+FC_INSTANTIATE(conv_direct_grad_input<double, false>)
+FC_INSTANTIATE(conv_direct_forward<double, true>)
+FC_INSTANTIATE(conv_direct_grad_input<double, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<double>)
 FC_INSTANTIATE(igemm_forward<double>)
 FC_INSTANTIATE(igemm_grad_input<double>)
 FC_INSTANTIATE(igemm_grad_weight<double>)
 FC_INSTANTIATE(conv_reduce_splits<double>)
+FC_INSTANTIATE(conv_direct_forward<__half, false>)
+FC_INSTANTIATE(conv_direct_grad_input<__half, false>)
+FC_INSTANTIATE(conv_direct_forward<__half, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__half, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<__half>)
+FC_INSTANTIATE(igemm_forward<__half>)
+FC_INSTANTIATE(igemm_grad_input<__half>)
+FC_INSTANTIATE(igemm_grad_weight<__half>)
+FC_INSTANTIATE(conv_reduce_splits<__half>)
+FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, false>)
+FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, false>)
+FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_forward<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_grad_input<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_grad_weight<__nv_bfloat16>)
+FC_INSTANTIATE(conv_reduce_splits<__nv_bfloat16>)

@@ -50,11 +50,12 @@ def _lowered(family: str) -> dict:
 
 def test_every_template_kernel_is_instantiated_for_every_element_type():
     """pool.cu and conv.cu have no extern "C" f32/f64 wrapper pairs left: each __global__ template is
-    instantiated (FC_INSTANTIATE) for float and double, and the pooling and depthwise kernels for the
-    16-bit floats too; only dtype-free kernels (int64 index bookkeeping) stay extern "C"."""
+    instantiated (FC_INSTANTIATE) for float, double, __half and __nv_bfloat16; only dtype-free kernels
+    (int64 index bookkeeping) stay extern "C"."""
     from fastconv import emu
 
-    want = {"pool": ("float", "double", "__half", "__nv_bfloat16"), "conv": ("float", "double")}
+    every = ("float", "double", "__half", "__nv_bfloat16")
+    want = {"pool": every, "conv": every}
     for family, types in want.items():
         src = loader.source(family)
         templates = emu.find_kernels(src, templates=True)

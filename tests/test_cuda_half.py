@@ -193,3 +193,39 @@ def test_half_max_pool_backward_window_form(dtype):
     torch.testing.assert_close(by_window, generic, rtol=0, atol=0)
     want = torch.zeros(2, 2, 56).scatter_add_(2, idx.reshape(2, 2, -1), g.float().reshape(2, 2, -1))
     assert_close(by_window.reshape(2, 2, -1), want.to(dtype), what=f"max_pool backward (window) {dtype}")
+
+
+# ---- convolutions through the ops: every SIMT CUDA algorithm takes 16-bit tensors (NATIVE_HALF) -------------
+CONV_HALF_CASES = {
+    "cuda-direct": ((2, 3, 7, 6), (4, 3, 3, 3), dict(stride=2, padding=1)),
+    "implicit-gemm": ((2, 4, 6, 5), (6, 2, 3, 2), dict(padding=(1, 0), groups=2, dilation=(1, 2))),
+    "cuda-depthwise": ((2, 3, 7, 7), (6, 1, 3, 3), dict(stride=2, padding=1, groups=3)),
+}
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("algo", list(CONV_HALF_CASES))
+def test_half_conv2d_algorithms_forward_and_gradients(algo, dtype, launched, monkeypatch):
+    """Forward, input and weight gradient in 16 bits (float32 accumulation, one rounding) against torch in
+    float32 rounded; the implicit GEMM's weight gradient with several splits (float32 partial sums)."""
+    from fastconv.cuda import conv as cuda_conv
+
+    monkeypatch.setattr(cuda_conv, "IGEMM_MIN_SPLIT_LEN", 8)   # force split-K on this small case
+    xs, ws, kw = CONV_HALF_CASES[algo]
+    torch.manual_seed(0)
+    x, w, b = torch.randn(xs), torch.randn(ws), torch.randn(ws[0])
+    xh, wh, bh = (t.to(dtype).requires_grad_() for t in (x, w, b))
+    y = F.conv2d(xh, wh, bh, algo=algo, **kw)
+    assert y.dtype == dtype
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (xh, wh, bh))
+    want = TF.conv2d(x32, w32, b32, **kw)
+    assert_close(y, want.to(dtype), what=f"{algo} forward {dtype}")
+    g = torch.randn(want.shape).to(dtype)
+    y.backward(g)
+    want.backward(g.float())
+    assert_close(xh.grad, x32.grad.to(dtype), what=f"{algo} grad_input {dtype}")
+    assert_close(wh.grad, w32.grad.to(dtype), what=f"{algo} grad_weight {dtype}")
+    ctype = CTYPE[dtype]
+    assert any(f"<{ctype}" in n for n in launched), launched
+    if algo == "implicit-gemm":
+        assert f"conv_reduce_splits<{ctype}>" in launched
