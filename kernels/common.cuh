@@ -3,15 +3,22 @@
 // Every kernel file is compiled three ways from the same text: NVRTC at run time (through CuPy),
 // nvcc in the CMake build (warnings as errors, ptxas register/spill report), and g++ against the
 // CPU execution harness (fastconv/emu) for the tests. So: no host code, no libraries, only the
-// device API the harness provides, and `extern "C"` entry points spelled out literally (the
-// harness finds kernels by reading the source; a macro that generated the names would hide them).
+// device API the harness provides.
 //
 // Conventions
 // * Tensors are contiguous 5-D (N, C, D, H, W); weights (K, C/groups, KD, KH, KW).
 // * Scalars arrive as int32 (sizes, geometry) or int64 (element counts that can pass 2**31).
 //   Every flat index is computed in 64-bit (`i64`): a tensor may hold more than 2**31 elements.
-// * One entry point per dtype: `<name>_f32` and `<name>_f64` call one template.
+// * Kernels are `__global__` function templates over the element type T, launched by name
+//   expression ("max_pool_forward<float>", as cupy.RawModule(name_expressions=...) does). Each .cu
+//   lists what the host launches as FC_INSTANTIATE(<expression>) lines: nvcc compiles them as
+//   explicit instantiations, and fastconv/cuda/loader.py reads the same lines as the name
+//   expressions it gives NVRTC and the CPU harness -- one list for the three compilers.
+// * T is float, double, __half or __nv_bfloat16; arithmetic is done in fc_acc<T> (float for the
+//   16-bit types, as torch's "opmath"), reading with fc_load and rounding once with fc_store<T>.
 #pragma once
+
+#define FC_INSTANTIATE(...) template __global__ decltype(__VA_ARGS__) __VA_ARGS__;
 
 typedef long long i64;
 
@@ -57,6 +64,40 @@ template <typename T> __device__ __forceinline__ T fc_inf();
 template <> __device__ __forceinline__ float fc_inf<float>() { return __int_as_float(0x7f800000); }
 template <> __device__ __forceinline__ double fc_inf<double>() {
   return __longlong_as_double(0x7ff0000000000000LL);
+}
+
+// 16-bit floats. NVRTC alone has no <cuda_fp16.h> (no CUDA include path, see tc.cuh), so on a GPU
+// __half / __nv_bfloat16 are storage-only stand-ins holding the bits, converted with tc.cuh's cvt
+// instructions (round to nearest even); the harness brings its own (fastconv/emu/emu_half.h), with
+// the same rounding. A kernel never computes in them: fc_load -> fc_acc<T> -> fc_store<T>.
+#if defined(FASTCONV_CUDA_EMU)
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+struct __align__(2) __half { unsigned short __x; };
+struct __align__(2) __nv_bfloat16 { unsigned short __x; };
+#endif
+#include "tc.cuh"
+
+template <typename T> struct FcAcc { typedef T type; };
+template <> struct FcAcc<__half> { typedef float type; };
+template <> struct FcAcc<__nv_bfloat16> { typedef float type; };
+template <typename T> using fc_acc = typename FcAcc<T>::type;
+
+__device__ __forceinline__ float fc_load(float v) { return v; }
+__device__ __forceinline__ double fc_load(double v) { return v; }
+__device__ __forceinline__ float fc_load(__half v) { return float_from_f16_bits(v.__x); }
+__device__ __forceinline__ float fc_load(__nv_bfloat16 v) { return float_from_bf16_bits(v.__x); }
+template <typename T> __device__ __forceinline__ T fc_store(fc_acc<T> v) { return v; }
+template <> __device__ __forceinline__ __half fc_store<__half>(float v) {
+  __half r;
+  r.__x = f16_bits_from_float(v);
+  return r;
+}
+template <> __device__ __forceinline__ __nv_bfloat16 fc_store<__nv_bfloat16>(float v) {
+  __nv_bfloat16 r;
+  r.__x = bf16_bits_from_float(v);
+  return r;
 }
 
 // NaN test that survives any math flags (v != v).

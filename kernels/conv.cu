@@ -30,9 +30,10 @@
 // DEPTHWISE: groups == C and output channel k reads input channel k / m only (m = K / C).
 // ---------------------------------------------------------------------------------------------
 template <typename T, bool DEPTHWISE>
-__device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_forward(const T* __restrict__ x, const T* __restrict__ w,
                                                     const T* __restrict__ bias, T* __restrict__ y,
-                                                    int has_bias, const ConvGeom g) {
+                                                    int has_bias, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   const int Cg = DEPTHWISE ? 1 : g.C / g.groups;
   const int Kg = DEPTHWISE ? g.K / g.C : g.K / g.groups;  // output channels per input group
   const int taps = g.KD * g.KH * g.KW;
@@ -45,7 +46,7 @@ __device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, con
     const int id0 = od * g.sd - g.pd, ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
     const T* xn = x + ((i64)n * g.C + (k / Kg) * Cg) * in_plane;
     const T* wk = w + (i64)k * Cg * taps;
-    T acc = T(0);
+    fc_acc<T> acc = 0;  // float for 16-bit inputs
     for (int c = 0; c < Cg; ++c) {
       const T* xc = xn + c * in_plane;
       const T* wc = wk + c * taps;
@@ -59,20 +60,21 @@ __device__ __forceinline__ void conv_direct_forward(const T* __restrict__ x, con
           const T* wrow = wc + (kd * g.KH + kh) * g.KW;
           for (int kw = 0; kw < g.KW; ++kw) {
             const int iw = iw0 + kw * g.dw;
-            if (iw >= 0 && iw < g.W) acc += xrow[iw] * wrow[kw];
+            if (iw >= 0 && iw < g.W) acc += fc_load(xrow[iw]) * fc_load(wrow[kw]);
           }
         }
       }
     }
-    y[(i64)nk * out_plane + s] = has_bias ? acc + bias[k] : acc;
+    y[(i64)nk * out_plane + s] = fc_store<T>(has_bias ? acc + fc_load(bias[k]) : acc);
   }
 }
 
 // Input gradient as a gather: input element (n, c, id, ih, iw) sums over the output elements and
 // taps that read it (no scatter, no atomics).
 template <typename T, bool DEPTHWISE>
-__device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
-                                                       T* __restrict__ gx, const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
+                                                       T* __restrict__ gx, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   const int Cg = DEPTHWISE ? 1 : g.C / g.groups;
   const int Kg = DEPTHWISE ? g.K / g.C : g.K / g.groups;
   const int taps = g.KD * g.KH * g.KW;
@@ -83,7 +85,7 @@ __device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy,
     int id, ih, iw;
     fc_unflatten3(s, g.H, g.W, id, ih, iw);
     const int grp = c / Cg, cc = c % Cg;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int kk = 0; kk < Kg; ++kk) {
       const int k = grp * Kg + kk;
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
@@ -103,21 +105,23 @@ __device__ __forceinline__ void conv_direct_grad_input(const T* __restrict__ gy,
             if (tw < 0 || tw % g.sw) continue;
             const int ow = tw / g.sw;
             if (ow >= g.OW) continue;
-            acc += gk[((i64)od * g.OH + oh) * g.OW + ow] * wk[(kd * g.KH + kh) * g.KW + kw];
+            acc += fc_load(gk[((i64)od * g.OH + oh) * g.OW + ow]) * fc_load(wk[(kd * g.KH + kh) * g.KW + kw]);
           }
         }
       }
     }
-    gx[(i64)nc * in_plane + s] = acc;
+    gx[(i64)nc * in_plane + s] = fc_store<T>(acc);
   }
 }
 
 // Weight gradient: one block (FC_BLOCK threads) per weight element, reducing over N*OD*OH*OW with
 // a fixed-order tree in shared memory: deterministic. grid = (min(weights, 2**31 - 1)).
 template <typename T>
-__device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
-                                                        T* __restrict__ gw, const ConvGeom g) {
-  __shared__ T partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_direct_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
+                                                        T* __restrict__ gw, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
+  typedef fc_acc<T> A;             // float for 16-bit inputs
+  __shared__ A partial[FC_BLOCK];  // the tree below needs exactly FC_BLOCK threads
   FC_REQUIRE_BLOCK(FC_BLOCK);
   const int Cg = g.C / g.groups, Kg = g.K / g.groups;
   const int taps = g.KD * g.KH * g.KW;
@@ -133,7 +137,7 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
     fc_unflatten3(t, g.KH, g.KW, kd, kh, kw);
     const int c = (k / Kg) * Cg + cc;
     const int offd = kd * g.dd - g.pd, offh = kh * g.dh - g.ph, offw = kw * g.dw - g.pw;
-    T acc = T(0);
+    A acc = 0;
     for (int n = 0; n < g.N; ++n) {
       const T* gk = gy + ((i64)n * g.K + k) * out_plane;
       const T* xc = x + ((i64)n * g.C + c) * in_plane;
@@ -143,7 +147,7 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
         fc_unflatten3(o, g.OH, g.OW, od, oh, ow);
         const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
         if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) continue;
-        acc += gk[o] * xc[((i64)id * g.H + ih) * g.W + iw];
+        acc += fc_load(gk[o]) * fc_load(xc[((i64)id * g.H + ih) * g.W + iw]);
       }
     }
     partial[threadIdx.x] = acc;
@@ -152,50 +156,9 @@ __device__ __forceinline__ void conv_direct_grad_weight(const T* __restrict__ gy
       if ((int)threadIdx.x < h) partial[threadIdx.x] += partial[threadIdx.x + h];
       __syncthreads();
     }
-    if (threadIdx.x == 0) gw[widx] = partial[0];
+    if (threadIdx.x == 0) gw[widx] = fc_store<T>(partial[0]);
     __syncthreads();  // partial[0] is read before the next weight element overwrites it
   }
-}
-
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<float, false>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<double, false>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  conv_direct_grad_input<float, false>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  conv_direct_grad_input<double, false>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_weight_f32(const float* gy, const float* x, float* gw, CONV_PARAMS) {
-  conv_direct_grad_weight<float>(gy, x, gw, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_direct_grad_weight_f64(const double* gy, const double* x, double* gw, CONV_PARAMS) {
-  conv_direct_grad_weight<double>(gy, x, gw, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<float, true>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  conv_direct_forward<double, true>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  conv_direct_grad_input<float, true>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_depthwise_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  conv_direct_grad_input<double, true>(gy, w, gx, CONV_GEOM);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -220,6 +183,7 @@ static_assert(IG_THREADS / IG_BM * 2 == IG_BK && IG_THREADS % IG_BM == 0,
 // Loading: thread t loads A[m0 + t % 64][k0 + t / 64 + 4 j] and B[k0 + t / 64 + 4 j][n0 + t % 64]
 // (j = 0, 1), so consecutive threads read consecutive rows (along W for the input tensor).
 // Computing: thread (tx, ty) = (t % 16, t / 16) owns rows m0 + tx + 16 i and columns n0 + ty + 16 j.
+// T is the accumulation type (fc_acc of the element type: the operands are converted on loading).
 template <typename T, class Op>
 __device__ __forceinline__ void igemm_mainloop(Op& op, i64 m0, int n0, i64 kbeg, i64 kend,
                                                T (&acc)[IG_TM][IG_TN]) {
@@ -305,15 +269,15 @@ struct IgForwardOp {
     col_ok = n < Kg;
     wb = w + (i64)(grp * Kg + (col_ok ? n : 0)) * Cg * taps;
   }
-  __device__ __forceinline__ T a(i64 k) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 k) const {
+    if (!row_ok) return 0;
     const int c = (int)(k / taps), t = (int)(k % taps);
     const int kw = t % g.KW, kh = (t / g.KW) % g.KH, kd = t / (g.KW * g.KH);
     const int id = id0 + kd * g.dd, ih = ih0 + kh * g.dh, iw = iw0 + kw * g.dw;
-    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return T(0);
-    return xb[(i64)c * g.D * g.H * g.W + ((i64)id * g.H + ih) * g.W + iw];
+    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return 0;
+    return fc_load(xb[(i64)c * g.D * g.H * g.W + ((i64)id * g.H + ih) * g.W + iw]);
   }
-  __device__ __forceinline__ T b(i64 k) const { return col_ok ? wb[k] : T(0); }
+  __device__ __forceinline__ fc_acc<T> b(i64 k) const { return col_ok ? fc_load(wb[k]) : fc_acc<T>(0); }
 };
 
 // Input gradient: A[m][k] = gy at the output position that input position m feeds through tap
@@ -331,20 +295,20 @@ struct IgGradInputOp {
     gb = gy + (n * g.K + (i64)grp * Kg) * ((i64)g.OD * g.OH * g.OW);
   }
   __device__ __forceinline__ void set_col(int n) { col_ok = n < Cg; c = col_ok ? n : 0; }
-  __device__ __forceinline__ T a(i64 k) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 k) const {
+    if (!row_ok) return 0;
     const int kk = (int)(k / taps), t = (int)(k % taps);
     const int kw = t % g.KW, kh = (t / g.KW) % g.KH, kd = t / (g.KW * g.KH);
     const int td = id + g.pd - kd * g.dd, th = ih + g.ph - kh * g.dh, tw = iw + g.pw - kw * g.dw;
-    if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return T(0);
+    if (td < 0 || th < 0 || tw < 0 || td % g.sd || th % g.sh || tw % g.sw) return 0;
     const int od = td / g.sd, oh = th / g.sh, ow = tw / g.sw;
-    if (od >= g.OD || oh >= g.OH || ow >= g.OW) return T(0);
-    return gb[(i64)kk * g.OD * g.OH * g.OW + ((i64)od * g.OH + oh) * g.OW + ow];
+    if (od >= g.OD || oh >= g.OH || ow >= g.OW) return 0;
+    return fc_load(gb[(i64)kk * g.OD * g.OH * g.OW + ((i64)od * g.OH + oh) * g.OW + ow]);
   }
-  __device__ __forceinline__ T b(i64 k) const {
-    if (!col_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> b(i64 k) const {
+    if (!col_ok) return 0;
     const int kk = (int)(k / taps), t = (int)(k % taps);
-    return w[(((i64)grp * Kg + kk) * Cg + c) * taps + t];
+    return fc_load(w[(((i64)grp * Kg + kk) * Cg + c) * taps + t]);
   }
 };
 
@@ -367,34 +331,35 @@ struct IgGradWeightOp {
     offd = kd * g.dd - g.pd; offh = kh * g.dh - g.ph; offw = kw * g.dw - g.pw;
     xb = x + ((i64)grp * Cg + c) * ((i64)g.D * g.H * g.W);
   }
-  __device__ __forceinline__ T a(i64 j) const {
-    if (!row_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> a(i64 j) const {
+    if (!row_ok) return 0;
     const int out_plane = g.OD * g.OH * g.OW;
     const i64 n = j / out_plane;
-    return gb[n * g.K * out_plane + (int)(j - n * out_plane)];
+    return fc_load(gb[n * g.K * out_plane + (int)(j - n * out_plane)]);
   }
-  __device__ __forceinline__ T b(i64 j) const {
-    if (!col_ok) return T(0);
+  __device__ __forceinline__ fc_acc<T> b(i64 j) const {
+    if (!col_ok) return 0;
     i64 n; int unused, od, oh, ow;
     fc_unflatten(j, 1, g.OD, g.OH, g.OW, n, unused, od, oh, ow);
     const int id = od * g.sd + offd, ih = oh * g.sh + offh, iw = ow * g.sw + offw;
-    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return T(0);
-    return xb[n * g.C * ((i64)g.D * g.H * g.W) + ((i64)id * g.H + ih) * g.W + iw];
+    if (id < 0 || id >= g.D || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) return 0;
+    return fc_load(xb[n * g.C * ((i64)g.D * g.H * g.W) + ((i64)id * g.H + ih) * g.W + iw]);
   }
 };
 
 // grid = (ceil(M / 64), ceil(K/groups / 64), groups)
 template <typename T>
-__device__ __forceinline__ void igemm_forward(const T* __restrict__ x, const T* __restrict__ w,
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_forward(const T* __restrict__ x, const T* __restrict__ w,
                                               const T* __restrict__ bias, T* __restrict__ y, int has_bias,
-                                              const ConvGeom g) {
+                                              CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgForwardOp<T> op;
   op.x = x; op.w = w; op.g = g; op.grp = blockIdx.z;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, 0, (i64)op.Cg * op.taps, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, 0, (i64)op.Cg * op.taps, acc);
   const i64 out_plane = (i64)g.OD * g.OH * g.OW;
   const i64 M = (i64)g.N * out_plane;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -408,22 +373,23 @@ __device__ __forceinline__ void igemm_forward(const T* __restrict__ x, const T* 
       const int col = n0 + ty + 16 * j;
       if (col >= op.Kg) continue;
       const int k = op.grp * op.Kg + col;
-      y[(n * g.K + k) * out_plane + o] = has_bias ? acc[i][j] + bias[k] : acc[i][j];
+      y[(n * g.K + k) * out_plane + o] = fc_store<T>(has_bias ? acc[i][j] + fc_load(bias[k]) : acc[i][j]);
     }
   }
 }
 
 // grid = (ceil(N*D*H*W / 64), ceil(C/groups / 64), groups)
 template <typename T>
-__device__ __forceinline__ void igemm_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
-                                                 T* __restrict__ gx, const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_input(const T* __restrict__ gy, const T* __restrict__ w,
+                                                 T* __restrict__ gx, CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgGradInputOp<T> op;
   op.gy = gy; op.w = w; op.g = g; op.grp = blockIdx.z;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, 0, (i64)op.Kg * op.taps, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, 0, (i64)op.Kg * op.taps, acc);
   const i64 in_plane = (i64)g.D * g.H * g.W;
   const i64 M = (i64)g.N * in_plane;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -436,7 +402,7 @@ __device__ __forceinline__ void igemm_grad_input(const T* __restrict__ gy, const
     for (int j = 0; j < IG_TN; ++j) {
       const int col = n0 + ty + 16 * j;
       if (col >= op.Cg) continue;
-      gx[(n * g.C + (i64)op.grp * op.Cg + col) * in_plane + s] = acc[i][j];
+      gx[(n * g.C + (i64)op.grp * op.Cg + col) * in_plane + s] = fc_store<T>(acc[i][j]);
     }
   }
 }
@@ -446,9 +412,10 @@ __device__ __forceinline__ void igemm_grad_input(const T* __restrict__ gy, const
 // partial[s][grp*Kg + m][q] (partial has splits * K * C/groups * taps elements; with one split it
 // is the weight gradient itself).
 template <typename T>
-__device__ __forceinline__ void igemm_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
-                                                  T* __restrict__ partial, int splits, i64 chunk,
-                                                  const ConvGeom g) {
+__global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS)) igemm_grad_weight(const T* __restrict__ gy, const T* __restrict__ x,
+                                                  fc_acc<T>* __restrict__ partial, int splits, i64 chunk,
+                                                  CONV_PARAMS) {
+  const ConvGeom g = CONV_GEOM;
   IgGradWeightOp<T> op;
   op.gy = gy; op.x = x; op.g = g; op.grp = blockIdx.z / splits;
   op.Cg = g.C / g.groups; op.Kg = g.K / g.groups; op.taps = g.KD * g.KH * g.KW;
@@ -458,11 +425,11 @@ __device__ __forceinline__ void igemm_grad_weight(const T* __restrict__ gy, cons
   const i64 kend = kbeg + chunk < reduce ? kbeg + chunk : reduce;
   const i64 m0 = (i64)blockIdx.x * IG_BM;
   const int n0 = blockIdx.y * IG_BN;
-  T acc[IG_TM][IG_TN];
-  igemm_mainloop<T>(op, m0, n0, kbeg, kend, acc);
+  fc_acc<T> acc[IG_TM][IG_TN];
+  igemm_mainloop<fc_acc<T>>(op, m0, n0, kbeg, kend, acc);
   const int cols = op.Cg * op.taps;
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  T* out = partial + (i64)split * g.K * cols;
+  fc_acc<T>* out = partial + (i64)split * g.K * cols;
 #pragma unroll
   for (int i = 0; i < IG_TM; ++i) {
     const i64 m = m0 + tx + 16 * i;
@@ -478,44 +445,54 @@ __device__ __forceinline__ void igemm_grad_weight(const T* __restrict__ gy, cons
 
 // gw[i] = sum over s of partial[s][i], s in increasing order (deterministic second pass).
 template <typename T>
-__device__ __forceinline__ void conv_reduce_splits(const T* __restrict__ partial, T* __restrict__ gw,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) conv_reduce_splits(const fc_acc<T>* __restrict__ partial, T* __restrict__ gw,
                                                    int splits, i64 count) {
   for (i64 i = fc_thread_start(); i < count; i += fc_thread_step()) {
-    T s = partial[i];
+    fc_acc<T> s = partial[i];
     for (int k = 1; k < splits; ++k) s += partial[(i64)k * count + i];
-    gw[i] = s;
+    gw[i] = fc_store<T>(s);
   }
 }
 
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_forward_f32(const float* x, const float* w, const float* bias, float* y, int has_bias, CONV_PARAMS) {
-  igemm_forward<float>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_forward_f64(const double* x, const double* w, const double* bias, double* y, int has_bias, CONV_PARAMS) {
-  igemm_forward<double>(x, w, bias, y, has_bias, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_input_f32(const float* gy, const float* w, float* gx, CONV_PARAMS) {
-  igemm_grad_input<float>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_input_f64(const double* gy, const double* w, double* gx, CONV_PARAMS) {
-  igemm_grad_input<double>(gy, w, gx, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_weight_f32(const float* gy, const float* x, float* partial, int splits, i64 chunk, CONV_PARAMS) {
-  igemm_grad_weight<float>(gy, x, partial, splits, chunk, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(IG_THREADS))
-igemm_grad_weight_f64(const double* gy, const double* x, double* partial, int splits, i64 chunk, CONV_PARAMS) {
-  igemm_grad_weight<double>(gy, x, partial, splits, chunk, CONV_GEOM);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_reduce_splits_f32(const float* partial, float* gw, int splits, i64 count) {
-  conv_reduce_splits<float>(partial, gw, splits, count);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-conv_reduce_splits_f64(const double* partial, double* gw, int splits, i64 count) {
-  conv_reduce_splits<double>(partial, gw, splits, count);
-}
+// ---------------------------------------------------------------------------------------------
+// instantiations launched by name (fastconv/cuda/conv.py); cuda-depthwise is conv_direct_*<T, true>.
+// The 16-bit floats are read and written as 16 bits and accumulated in float; the implicit GEMM's
+// weight gradient then always writes float partial sums (partial is fc_acc<T>) reduced by
+// conv_reduce_splits, so the gradient is rounded once.
+// ---------------------------------------------------------------------------------------------
+FC_INSTANTIATE(conv_direct_forward<float, false>)
+FC_INSTANTIATE(conv_direct_grad_input<float, false>)
+FC_INSTANTIATE(conv_direct_forward<float, true>)
+FC_INSTANTIATE(conv_direct_grad_input<float, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<float>)
+FC_INSTANTIATE(igemm_forward<float>)
+FC_INSTANTIATE(igemm_grad_input<float>)
+FC_INSTANTIATE(igemm_grad_weight<float>)
+FC_INSTANTIATE(conv_reduce_splits<float>)
+FC_INSTANTIATE(conv_direct_forward<double, false>)
+FC_INSTANTIATE(conv_direct_grad_input<double, false>)
+FC_INSTANTIATE(conv_direct_forward<double, true>)
+FC_INSTANTIATE(conv_direct_grad_input<double, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<double>)
+FC_INSTANTIATE(igemm_forward<double>)
+FC_INSTANTIATE(igemm_grad_input<double>)
+FC_INSTANTIATE(igemm_grad_weight<double>)
+FC_INSTANTIATE(conv_reduce_splits<double>)
+FC_INSTANTIATE(conv_direct_forward<__half, false>)
+FC_INSTANTIATE(conv_direct_grad_input<__half, false>)
+FC_INSTANTIATE(conv_direct_forward<__half, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__half, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<__half>)
+FC_INSTANTIATE(igemm_forward<__half>)
+FC_INSTANTIATE(igemm_grad_input<__half>)
+FC_INSTANTIATE(igemm_grad_weight<__half>)
+FC_INSTANTIATE(conv_reduce_splits<__half>)
+FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, false>)
+FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, false>)
+FC_INSTANTIATE(conv_direct_forward<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_input<__nv_bfloat16, true>)
+FC_INSTANTIATE(conv_direct_grad_weight<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_forward<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_grad_input<__nv_bfloat16>)
+FC_INSTANTIATE(igemm_grad_weight<__nv_bfloat16>)
+FC_INSTANTIATE(conv_reduce_splits<__nv_bfloat16>)

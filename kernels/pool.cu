@@ -7,6 +7,7 @@
 // window wins; min pooling is -max_pool(-x) (values and indices); avg pooling uses torch's divisor
 // rule and adds in torch's order; indices are int64 offsets into one input plane.
 //
+// Kernels: __global__ templates over the element type, instantiated at the end of the file.
 // Launch: FC_PLANE_LOOP, grid plane_grid(N*C, plane) (fastconv/cuda/launch.py), 256 threads.
 // Every backward pass is a gather (each input element sums the outputs that read it, in torch's
 // order): deterministic and free of float atomics. max_unpool resolves duplicate indices with an
@@ -27,10 +28,11 @@ __device__ __forceinline__ int fc_adaptive_end(int i, int in, int out) {
 // max / min pooling
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ __forceinline__ void max_pool_forward(const T* __restrict__ x, T* __restrict__ y, i64* __restrict__ ind,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_pool_forward(const T* __restrict__ x, T* __restrict__ y, i64* __restrict__ ind,
                                                  int minimum, POOL_PARAMS) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
-  const T inf = fc_inf<T>();
+  typedef fc_acc<T> A;  // compare in float for 16-bit inputs
+  const A inf = fc_inf<A>();
   FC_PLANE_LOOP(P, out_plane, p, s) {
     int od, oh, ow;
     fc_unflatten3(s, OH, OW, od, oh, ow);
@@ -39,20 +41,20 @@ __device__ __forceinline__ void max_pool_forward(const T* __restrict__ x, T* __r
     const int d1 = min(ds + (kd - 1) * dd + 1, D), h1 = min(hs + (kh - 1) * dh + 1, H);
     const int w1 = min(ws + (kw - 1) * dw + 1, W);
     const T* xp = x + (i64)p * in_plane;
-    T best = minimum ? inf : -inf;
+    A best = minimum ? inf : -inf;
     int bi = (d0 < d1 && h0 < h1 && w0 < w1) ? (d0 * H + h0) * W + w0 : -1;  // -1: empty window
     for (int id = d0; id < d1; id += dd)
       for (int ih = h0; ih < h1; ih += dh)
         for (int iw = w0; iw < w1; iw += dw) {
           const int i = (id * H + ih) * W + iw;
-          const T v = xp[i];
+          const A v = fc_load(xp[i]);
           if ((minimum ? v < best : v > best) || fc_isnan(v)) {
             best = v;
             bi = i;
           }
         }
     const i64 o = (i64)p * out_plane + s;
-    y[o] = best;
+    y[o] = fc_store<T>(best);
     ind[o] = bi;
   }
 }
@@ -66,7 +68,7 @@ __device__ __forceinline__ void max_pool_forward(const T* __restrict__ x, T* __r
 // outputs whose window can contain it (at most kd*kh*kw of them) and adds those whose stored index
 // is i. No workspace, one launch.
 template <typename T>
-__device__ __forceinline__ void max_pool_backward_window(const T* __restrict__ gy, const i64* __restrict__ ind,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_pool_backward_window(const T* __restrict__ gy, const i64* __restrict__ ind,
                                                          T* __restrict__ gx, int* __restrict__ err, POOL_PARAMS) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
   FC_PLANE_LOOP(P, in_plane, p, s) {
@@ -74,7 +76,7 @@ __device__ __forceinline__ void max_pool_backward_window(const T* __restrict__ g
     fc_unflatten3(s, H, W, id, ih, iw);
     const T* g = gy + (i64)p * out_plane;
     const i64* idx = ind + (i64)p * out_plane;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     // Taps in decreasing order visit the outputs in increasing order: o = (i + pad - k * dil) / stride.
     for (int td = kd - 1; td >= 0; --td) {
       const int nd = id + pd - td * dd;
@@ -93,12 +95,12 @@ __device__ __forceinline__ void max_pool_backward_window(const T* __restrict__ g
           if (ow >= OW) continue;
           const int o = (od * OH + oh) * OW + ow;
           const i64 i = idx[o];
-          if (i == s) acc += g[o];
+          if (i == s) acc += fc_load(g[o]);
           else if (i != -1 && (i < 0 || i >= in_plane)) *err = 1;
         }
       }
     }
-    gx[(i64)p * in_plane + s] = acc;
+    gx[(i64)p * in_plane + s] = fc_store<T>(acc);
   }
 }
 
@@ -109,7 +111,7 @@ __device__ __forceinline__ void max_pool_backward_window(const T* __restrict__ g
 // 2. max_pool_backward_gather: input i adds gy[o] for o = first, first + 1, ... with ind[o] == i
 //    until count of them are found. With max pooling the outputs that pick one input lie within a
 //    window's reach of each other, so the scan is short.
-__device__ __forceinline__ void max_pool_backward_claims(const i64* __restrict__ ind, int* __restrict__ first,
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_pool_backward_claims(const i64* __restrict__ ind, int* __restrict__ first,
                                                          int* __restrict__ count, int* __restrict__ err, int P,
                                                          int in_plane, int out_plane) {
   FC_PLANE_LOOP(P, out_plane, p, s) {
@@ -122,7 +124,7 @@ __device__ __forceinline__ void max_pool_backward_claims(const i64* __restrict__
 }
 
 template <typename T>
-__device__ __forceinline__ void max_pool_backward_gather(const T* __restrict__ gy, const i64* __restrict__ ind,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_pool_backward_gather(const T* __restrict__ gy, const i64* __restrict__ ind,
                                                          const int* __restrict__ first,
                                                          const int* __restrict__ count, T* __restrict__ gx, int P,
                                                          int in_plane, int out_plane) {
@@ -131,13 +133,13 @@ __device__ __forceinline__ void max_pool_backward_gather(const T* __restrict__ g
     const int n = count[e];
     const T* g = gy + (i64)p * out_plane;
     const i64* idx = ind + (i64)p * out_plane;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int o = first[e], found = 0; found < n && o < out_plane; ++o)
       if (idx[o] == s) {
-        acc += g[o];
+        acc += fc_load(g[o]);
         ++found;
       }
-    gx[e] = acc;
+    gx[e] = fc_store<T>(acc);
   }
 }
 
@@ -145,7 +147,7 @@ __device__ __forceinline__ void max_pool_backward_gather(const T* __restrict__ g
 // max_unpool: owner[p][i] = 1 + the last input position of plane p whose index is i (int64
 // atomicMax, deterministic); then y = x[owner - 1] or 0. owner must be zero.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ void max_unpool_owner(const i64* __restrict__ ind, i64* __restrict__ owner,
+extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_unpool_owner(const i64* __restrict__ ind, i64* __restrict__ owner,
                                                  int* __restrict__ err, int P, int in_plane, int out_plane) {
   FC_PLANE_LOOP(P, in_plane, p, s) {
     const i64 i = ind[(i64)p * in_plane + s];
@@ -155,17 +157,17 @@ __device__ __forceinline__ void max_unpool_owner(const i64* __restrict__ ind, i6
 }
 
 template <typename T>
-__device__ __forceinline__ void max_unpool_gather(const T* __restrict__ x, const i64* __restrict__ owner,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_unpool_gather(const T* __restrict__ x, const i64* __restrict__ owner,
                                                   T* __restrict__ y, int P, int in_plane, int out_plane) {
   FC_PLANE_LOOP(P, out_plane, p, s) {
     const i64 o = owner[(i64)p * out_plane + s];
-    y[(i64)p * out_plane + s] = o ? x[(i64)p * in_plane + o - 1] : T(0);
+    y[(i64)p * out_plane + s] = o ? x[(i64)p * in_plane + o - 1] : fc_store<T>(0);
   }
 }
 
 // Gradient of max_unpool (and the derivative of the max-pool scatter): gx[p][s] = gy[p][ind[p][s]].
 template <typename T>
-__device__ __forceinline__ void max_unpool_backward(const T* __restrict__ gy, const i64* __restrict__ ind,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) max_unpool_backward(const T* __restrict__ gy, const i64* __restrict__ ind,
                                                     T* __restrict__ gx, int* __restrict__ err, int P,
                                                     int in_plane, int out_plane) {
   FC_PLANE_LOOP(P, in_plane, p, s) {
@@ -173,7 +175,7 @@ __device__ __forceinline__ void max_unpool_backward(const T* __restrict__ gy, co
     const i64 i = ind[o];
     if (i < 0 || i >= out_plane) {
       *err = 1;
-      gx[o] = T(0);
+      gx[o] = fc_store<T>(0);
       continue;
     }
     gx[o] = gy[(i64)p * out_plane + i];
@@ -202,7 +204,7 @@ __device__ __forceinline__ int fc_avg_divisor(const AvgWindow& a, const AvgWindo
 }
 
 template <typename T>
-__device__ __forceinline__ void avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int count_include_pad,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int count_include_pad,
                                                  int divisor_override, POOL_PARAMS) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
   FC_PLANE_LOOP(P, out_plane, p, s) {
@@ -210,16 +212,16 @@ __device__ __forceinline__ void avg_pool_forward(const T* __restrict__ x, T* __r
     fc_unflatten3(s, OH, OW, od, oh, ow);
     const AvgWindow a = fc_avg_window(od, kd, sd, pd, D), b = fc_avg_window(oh, kh, sh, ph, H);
     const AvgWindow c = fc_avg_window(ow, kw, sw, pw, W);
-    T out = T(0);
+    fc_acc<T> out = 0;
     if (a.start < a.end && b.start < b.end && c.start < c.end) {
       const T* xp = x + (i64)p * in_plane;
-      T acc = T(0);
+      fc_acc<T> acc = 0;
       for (int id = a.start; id < a.end; ++id)
         for (int ih = b.start; ih < b.end; ++ih)
-          for (int iw = c.start; iw < c.end; ++iw) acc += xp[(id * H + ih) * W + iw];
-      out = acc / (T)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
+          for (int iw = c.start; iw < c.end; ++iw) acc += fc_load(xp[(id * H + ih) * W + iw]);
+      out = acc / (fc_acc<T>)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
     }
-    y[(i64)p * out_plane + s] = out;
+    y[(i64)p * out_plane + s] = fc_store<T>(out);
   }
 }
 
@@ -233,7 +235,7 @@ __device__ __forceinline__ void fc_avg_out_range(int i, int k, int s, int p, int
 }
 
 template <typename T>
-__device__ __forceinline__ void avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int count_include_pad,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int count_include_pad,
                                                   int divisor_override, POOL_PARAMS) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
   FC_PLANE_LOOP(P, in_plane, p, s) {
@@ -244,18 +246,18 @@ __device__ __forceinline__ void avg_pool_backward(const T* __restrict__ gy, T* _
     fc_avg_out_range(ih, kh, sh, ph, OH, h_lo, h_hi);
     fc_avg_out_range(iw, kw, sw, pw, OW, w_lo, w_hi);
     const T* g = gy + (i64)p * out_plane;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int od = d_lo; od < d_hi; ++od) {
       const AvgWindow a = fc_avg_window(od, kd, sd, pd, D);
       for (int oh = h_lo; oh < h_hi; ++oh) {
         const AvgWindow b = fc_avg_window(oh, kh, sh, ph, H);
         for (int ow = w_lo; ow < w_hi; ++ow) {
           const AvgWindow c = fc_avg_window(ow, kw, sw, pw, W);
-          acc += g[(od * OH + oh) * OW + ow] / (T)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
+          acc += fc_load(g[(od * OH + oh) * OW + ow]) / (fc_acc<T>)fc_avg_divisor(a, b, c, count_include_pad, divisor_override);
         }
       }
     }
-    gx[(i64)p * in_plane + s] = acc;
+    gx[(i64)p * in_plane + s] = fc_store<T>(acc);
   }
 }
 
@@ -263,7 +265,7 @@ __device__ __forceinline__ void avg_pool_backward(const T* __restrict__ gy, T* _
 // adaptive pooling: window [floor(o * In / Out), ceil((o + 1) * In / Out))
 // ---------------------------------------------------------------------------------------------
 template <typename T>
-__device__ __forceinline__ void adaptive_avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int P, int D,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) adaptive_avg_pool_forward(const T* __restrict__ x, T* __restrict__ y, int P, int D,
                                                           int H, int W, int OD, int OH, int OW) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
   FC_PLANE_LOOP(P, out_plane, p, s) {
@@ -273,11 +275,12 @@ __device__ __forceinline__ void adaptive_avg_pool_forward(const T* __restrict__ 
     const int h0 = fc_adaptive_start(oh, H, OH), h1 = fc_adaptive_end(oh, H, OH);
     const int w0 = fc_adaptive_start(ow, W, OW), w1 = fc_adaptive_end(ow, W, OW);
     const T* xp = x + (i64)p * in_plane;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int id = d0; id < d1; ++id)
       for (int ih = h0; ih < h1; ++ih)
-        for (int iw = w0; iw < w1; ++iw) acc += xp[(id * H + ih) * W + iw];
-    y[(i64)p * out_plane + s] = acc / (T)(d1 - d0) / (T)(h1 - h0) / (T)(w1 - w0);
+        for (int iw = w0; iw < w1; ++iw) acc += fc_load(xp[(id * H + ih) * W + iw]);
+    typedef fc_acc<T> A;
+    y[(i64)p * out_plane + s] = fc_store<T>(acc / (A)(d1 - d0) / (A)(h1 - h0) / (A)(w1 - w0));
   }
 }
 
@@ -288,7 +291,7 @@ __device__ __forceinline__ void fc_adaptive_out_range(int i, int in, int out, in
 }
 
 template <typename T>
-__device__ __forceinline__ void adaptive_avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int P, int D,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) adaptive_avg_pool_backward(const T* __restrict__ gy, T* __restrict__ gx, int P, int D,
                                                            int H, int W, int OD, int OH, int OW) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
   FC_PLANE_LOOP(P, in_plane, p, s) {
@@ -299,7 +302,7 @@ __device__ __forceinline__ void adaptive_avg_pool_backward(const T* __restrict__
     fc_adaptive_out_range(ih, H, OH, h_lo, h_hi);
     fc_adaptive_out_range(iw, W, OW, w_lo, w_hi);
     const T* g = gy + (i64)p * out_plane;
-    T acc = T(0);
+    fc_acc<T> acc = 0;
     for (int od = d_lo; od < d_hi; ++od) {
       const int nd = fc_adaptive_end(od, D, OD) - fc_adaptive_start(od, D, OD);
       if (id < fc_adaptive_start(od, D, OD) || id >= fc_adaptive_end(od, D, OD)) continue;
@@ -309,16 +312,16 @@ __device__ __forceinline__ void adaptive_avg_pool_backward(const T* __restrict__
         for (int ow = w_lo; ow < w_hi; ++ow) {
           const int nw = fc_adaptive_end(ow, W, OW) - fc_adaptive_start(ow, W, OW);
           if (iw < fc_adaptive_start(ow, W, OW) || iw >= fc_adaptive_end(ow, W, OW)) continue;
-          acc += g[(od * OH + oh) * OW + ow] / (T)nd / (T)nh / (T)nw;
+          acc += fc_load(g[(od * OH + oh) * OW + ow]) / (fc_acc<T>)nd / (fc_acc<T>)nh / (fc_acc<T>)nw;
         }
       }
     }
-    gx[(i64)p * in_plane + s] = acc;
+    gx[(i64)p * in_plane + s] = fc_store<T>(acc);
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void adaptive_max_pool_forward(const T* __restrict__ x, T* __restrict__ y,
+__global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK)) adaptive_max_pool_forward(const T* __restrict__ x, T* __restrict__ y,
                                                           i64* __restrict__ ind, int P, int D, int H, int W, int OD,
                                                           int OH, int OW) {
   const int in_plane = D * H * W, out_plane = OD * OH * OW;
@@ -329,119 +332,64 @@ __device__ __forceinline__ void adaptive_max_pool_forward(const T* __restrict__ 
     const int h0 = fc_adaptive_start(oh, H, OH), h1 = fc_adaptive_end(oh, H, OH);
     const int w0 = fc_adaptive_start(ow, W, OW), w1 = fc_adaptive_end(ow, W, OW);
     const T* xp = x + (i64)p * in_plane;
-    T best = -fc_inf<T>();
+    fc_acc<T> best = -fc_inf<fc_acc<T>>();
     int bi = (d0 * H + h0) * W + w0;
     for (int id = d0; id < d1; ++id)
       for (int ih = h0; ih < h1; ++ih)
         for (int iw = w0; iw < w1; ++iw) {
           const int i = (id * H + ih) * W + iw;
-          const T v = xp[i];
+          const fc_acc<T> v = fc_load(xp[i]);
           if (v > best || fc_isnan(v)) {
             best = v;
             bi = i;
           }
         }
-    y[(i64)p * out_plane + s] = best;
+    y[(i64)p * out_plane + s] = fc_store<T>(best);
     ind[(i64)p * out_plane + s] = bi;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// entry points
+// instantiations launched by name (fastconv/cuda/pool.py): float, double, and the 16-bit floats
+// (read and written as 16 bits, computed in float)
 // ---------------------------------------------------------------------------------------------
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_forward_f32(const float* x, float* y, i64* ind, int minimum, POOL_PARAMS) {
-  max_pool_forward<float>(x, y, ind, minimum, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_forward_f64(const double* x, double* y, i64* ind, int minimum, POOL_PARAMS) {
-  max_pool_forward<double>(x, y, ind, minimum, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_window_f32(const float* gy, const i64* ind, float* gx, int* err, POOL_PARAMS) {
-  max_pool_backward_window<float>(gy, ind, gx, err, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh,
-                                dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_window_f64(const double* gy, const i64* ind, double* gx, int* err, POOL_PARAMS) {
-  max_pool_backward_window<double>(gy, ind, gx, err, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh,
-                                dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_claims_i64(const i64* ind, int* first, int* count, int* err, int P, int in_plane, int out_plane) {
-  max_pool_backward_claims(ind, first, count, err, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_gather_f32(const float* gy, const i64* ind, const int* first, const int* count, float* gx, int P,
-                              int in_plane, int out_plane) {
-  max_pool_backward_gather<float>(gy, ind, first, count, gx, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_pool_backward_gather_f64(const double* gy, const i64* ind, const int* first, const int* count, double* gx, int P,
-                              int in_plane, int out_plane) {
-  max_pool_backward_gather<double>(gy, ind, first, count, gx, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_unpool_owner_i64(const i64* ind, i64* owner, int* err, int P, int in_plane, int out_plane) {
-  max_unpool_owner(ind, owner, err, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_unpool_gather_f32(const float* x, const i64* owner, float* y, int P, int in_plane, int out_plane) {
-  max_unpool_gather<float>(x, owner, y, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_unpool_gather_f64(const double* x, const i64* owner, double* y, int P, int in_plane, int out_plane) {
-  max_unpool_gather<double>(x, owner, y, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_unpool_backward_f32(const float* gy, const i64* ind, float* gx, int* err, int P, int in_plane, int out_plane) {
-  max_unpool_backward<float>(gy, ind, gx, err, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-max_unpool_backward_f64(const double* gy, const i64* ind, double* gx, int* err, int P, int in_plane, int out_plane) {
-  max_unpool_backward<double>(gy, ind, gx, err, P, in_plane, out_plane);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-avg_pool_forward_f32(const float* x, float* y, int count_include_pad, int divisor_override, POOL_PARAMS) {
-  avg_pool_forward<float>(x, y, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
-                          pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-avg_pool_forward_f64(const double* x, double* y, int count_include_pad, int divisor_override, POOL_PARAMS) {
-  avg_pool_forward<double>(x, y, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
-                           pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-avg_pool_backward_f32(const float* gy, float* gx, int count_include_pad, int divisor_override, POOL_PARAMS) {
-  avg_pool_backward<float>(gy, gx, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw,
-                           pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-avg_pool_backward_f64(const double* gy, double* gx, int count_include_pad, int divisor_override, POOL_PARAMS) {
-  avg_pool_backward<double>(gy, gx, count_include_pad, divisor_override, P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh,
-                            sw, pd, ph, pw, dd, dh, dw);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_avg_pool_forward_f32(const float* x, float* y, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_avg_pool_forward<float>(x, y, P, D, H, W, OD, OH, OW);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_avg_pool_forward_f64(const double* x, double* y, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_avg_pool_forward<double>(x, y, P, D, H, W, OD, OH, OW);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_avg_pool_backward_f32(const float* gy, float* gx, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_avg_pool_backward<float>(gy, gx, P, D, H, W, OD, OH, OW);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_avg_pool_backward_f64(const double* gy, double* gx, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_avg_pool_backward<double>(gy, gx, P, D, H, W, OD, OH, OW);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_max_pool_forward_f32(const float* x, float* y, i64* ind, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_max_pool_forward<float>(x, y, ind, P, D, H, W, OD, OH, OW);
-}
-extern "C" __global__ void __launch_bounds__(FC_BOUNDS(FC_BLOCK))
-adaptive_max_pool_forward_f64(const double* x, double* y, i64* ind, int P, int D, int H, int W, int OD, int OH, int OW) {
-  adaptive_max_pool_forward<double>(x, y, ind, P, D, H, W, OD, OH, OW);
-}
+FC_INSTANTIATE(max_pool_forward<float>)
+FC_INSTANTIATE(max_pool_forward<double>)
+FC_INSTANTIATE(max_pool_forward<__half>)
+FC_INSTANTIATE(max_pool_forward<__nv_bfloat16>)
+FC_INSTANTIATE(max_pool_backward_window<float>)
+FC_INSTANTIATE(max_pool_backward_window<double>)
+FC_INSTANTIATE(max_pool_backward_window<__half>)
+FC_INSTANTIATE(max_pool_backward_window<__nv_bfloat16>)
+FC_INSTANTIATE(max_pool_backward_gather<float>)
+FC_INSTANTIATE(max_pool_backward_gather<double>)
+FC_INSTANTIATE(max_pool_backward_gather<__half>)
+FC_INSTANTIATE(max_pool_backward_gather<__nv_bfloat16>)
+FC_INSTANTIATE(max_unpool_gather<float>)
+FC_INSTANTIATE(max_unpool_gather<double>)
+FC_INSTANTIATE(max_unpool_gather<__half>)
+FC_INSTANTIATE(max_unpool_gather<__nv_bfloat16>)
+FC_INSTANTIATE(max_unpool_backward<float>)
+FC_INSTANTIATE(max_unpool_backward<double>)
+FC_INSTANTIATE(max_unpool_backward<__half>)
+FC_INSTANTIATE(max_unpool_backward<__nv_bfloat16>)
+FC_INSTANTIATE(avg_pool_forward<float>)
+FC_INSTANTIATE(avg_pool_forward<double>)
+FC_INSTANTIATE(avg_pool_forward<__half>)
+FC_INSTANTIATE(avg_pool_forward<__nv_bfloat16>)
+FC_INSTANTIATE(avg_pool_backward<float>)
+FC_INSTANTIATE(avg_pool_backward<double>)
+FC_INSTANTIATE(avg_pool_backward<__half>)
+FC_INSTANTIATE(avg_pool_backward<__nv_bfloat16>)
+FC_INSTANTIATE(adaptive_avg_pool_forward<float>)
+FC_INSTANTIATE(adaptive_avg_pool_forward<double>)
+FC_INSTANTIATE(adaptive_avg_pool_forward<__half>)
+FC_INSTANTIATE(adaptive_avg_pool_forward<__nv_bfloat16>)
+FC_INSTANTIATE(adaptive_avg_pool_backward<float>)
+FC_INSTANTIATE(adaptive_avg_pool_backward<double>)
+FC_INSTANTIATE(adaptive_avg_pool_backward<__half>)
+FC_INSTANTIATE(adaptive_avg_pool_backward<__nv_bfloat16>)
+FC_INSTANTIATE(adaptive_max_pool_forward<float>)
+FC_INSTANTIATE(adaptive_max_pool_forward<double>)
+FC_INSTANTIATE(adaptive_max_pool_forward<__half>)
+FC_INSTANTIATE(adaptive_max_pool_forward<__nv_bfloat16>)

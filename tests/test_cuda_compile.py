@@ -7,6 +7,9 @@
   kernel name present in the compiled program, and no flush-to-zero instruction in the PTX.
 * The module cache key covers every included file (a changed common.cuh changes it).
 * The CPU harness finds the same kernel names (it compiles the same text with g++).
+* Kernels are templates launched by name expression: each family's FC_INSTANTIATE list
+  (loader.name_expressions) is what nvcc compiles (explicit instantiations), what NVRTC lowers, and
+  what the host side launches.
 """
 from __future__ import annotations
 
@@ -26,20 +29,70 @@ FAMILIES = loader.FAMILIES
 
 
 def _kernel_names(family: str) -> list[str]:
+    """Every name the host can launch from the family: extern "C" names and name expressions."""
+    from fastconv import emu
+
+    return sorted([*emu.find_kernels(loader.source(family)), *loader.name_expressions(family)])
+
+
+def _extern_c_names(family: str) -> list[str]:
     from fastconv import emu
 
     return sorted(emu.find_kernels(loader.source(family)))
 
 
-def test_every_family_has_float_and_double_entry_points():
-    for family in FAMILIES:
-        if family == "conv_tc":   # tensor cores: no float64 (see the next test)
-            continue
-        names = _kernel_names(family)
-        assert names, family
-        stems = {re.sub(r"_(f32|f64|i64)$", "", n) for n in names}
-        for stem in stems:
-            assert f"{stem}_f32" in names and f"{stem}_f64" in names or f"{stem}_i64" in names, stem
+def _lowered(family: str) -> dict:
+    """name expression -> the mangled symbol NVRTC gives it (the same Itanium mangling as nvcc's)."""
+    _nvrtc()
+    return loader.nvrtc_compile(loader.source(family), f"{family}.cu", loader.options(), "compute_75",
+                                loader.name_expressions(family))[2]
+
+
+def test_every_template_kernel_is_instantiated_for_every_element_type():
+    """pool.cu and conv.cu have no extern "C" f32/f64 wrapper pairs left: each __global__ template is
+    instantiated (FC_INSTANTIATE) for float, double, __half and __nv_bfloat16; only dtype-free kernels
+    (int64 index bookkeeping) stay extern "C"."""
+    from fastconv import emu
+
+    every = ("float", "double", "__half", "__nv_bfloat16")
+    want = {"pool": every, "conv": every}
+    for family, types in want.items():
+        src = loader.source(family)
+        templates = emu.find_kernels(src, templates=True)
+        exprs = set(loader.name_expressions(family))
+        assert templates and exprs
+        for name in templates:
+            for t in types:
+                assert any(e.startswith(f"{name}<{t}") for e in exprs), (name, t)
+        assert {e.split("<")[0] for e in exprs} == set(templates)
+        assert not [n for n in emu.find_kernels(src) if re.search(r"_(f32|f64)$", n)]
+    depthwise = {e for e in loader.name_expressions("conv") if ", true>" in e}
+    assert depthwise == {f"conv_direct_{p}<{t}, true>" for p in ("forward", "grad_input")
+                         for t in ("float", "double", "__half", "__nv_bfloat16")}
+
+
+def test_host_launch_names_are_instantiated():
+    """Every name expression the host side builds (fastconv/cuda/*.py through launch.instance) is in the
+    family's FC_INSTANTIATE list (a typo would only fail at run time otherwise)."""
+    import torch
+    from fastconv.cuda import conv, launch, pool
+
+    pool_src = Path(pool.__file__).read_text()
+    for stem in re.findall(r'instance\("(\w+)"', pool_src):
+        for dtype in launch.CTYPES:
+            assert launch.instance(stem, dtype) in loader.name_expressions("pool"), stem
+    for kind in ("conv_direct_forward", "conv_direct_grad_input", "conv_direct_grad_weight", "conv_depthwise_forward",
+                 "conv_depthwise_grad_input", "igemm_forward", "igemm_grad_input"):
+        g = _geometry(torch.float32)
+        assert conv._plan(kind, g)[0] in loader.name_expressions("conv"), kind
+    for stem in ("igemm_grad_weight", "conv_reduce_splits"):
+        assert launch.instance(stem, torch.float64) in loader.name_expressions("conv")
+
+
+def _geometry(dtype):
+    from fastconv.ops.conv import make_geometry
+
+    return make_geometry(1, 4, 4, 4, 4, (5, 5), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), dtype, "cuda-emu")
 
 
 def test_tensor_core_family_has_every_dtype_and_loader():
@@ -71,7 +124,8 @@ def test_nvcc_werror_and_ptxas_budget(family, arch, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     compiled = set(re.findall(r"Compiling entry function '([^']+)'", report.read_text()))
-    assert compiled == set(_kernel_names(family))
+    # The explicit instantiations nvcc compiled are exactly the name expressions NVRTC lowers.
+    assert compiled == set(_extern_c_names(family)) | set(_lowered(family).values())
 
 
 def test_check_ptxas_fails_on_spills_and_register_budget(tmp_path):
@@ -106,6 +160,8 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
     src = loader.source(family)
     prog = nvrtc.createProgram(src, f"{family}.cu", [], [])
     try:
+        for expr in loader.name_expressions(family):
+            nvrtc.addNameExpression(prog, expr)
         try:
             nvrtc.compileProgram(prog, [*loader.options(), "--gpu-architecture=sm_75"])
         except nvrtc.NVRTCError as e:
@@ -114,8 +170,11 @@ def test_nvrtc_compiles_with_the_runtime_options(family):
         assert "warning" not in log.lower(), log
         cubin = nvrtc.getCUBIN(prog)
         assert len(cubin) > 1000
-        for name in _kernel_names(family):  # extern "C": unmangled names in the binary
+        for name in _extern_c_names(family):  # extern "C": unmangled names in the binary
             assert name.encode() in cubin, name
+        for expr in loader.name_expressions(family):  # templates: their lowered names
+            lowered = nvrtc.getLoweredName(prog, expr)
+            assert (lowered if isinstance(lowered, bytes) else lowered.encode()) in cubin, expr
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -173,17 +232,19 @@ def test_gpu_module_image_is_compiled_once_and_cached_on_disk(tmp_path, monkeypa
     below an unknown one, cached on disk under the key and served from there the second time."""
     _nvrtc()
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
-    image = loader._image("pool", loader.options(), "90")
-    assert image[:4] == b"\x7fELF" and b"max_pool_backward_gather_f32" in image
+    image, lowered = loader._image("pool", loader.options(), "90")
+    assert image[:4] == b"\x7fELF" and lowered["max_pool_backward_gather<float>"].encode() in image
+    assert set(lowered) == set(loader.name_expressions("pool"))
     assert len(list((tmp_path / "cubin").glob("*.bin"))) == 1
+    assert len(list((tmp_path / "cubin").glob("*.names.json"))) == 1
 
     def no_compile(*args):
         raise AssertionError("compiled again instead of reading the cache")
     monkeypatch.setattr(loader, "nvrtc_compile", no_compile)
-    assert loader._image("pool", loader.options(), "90") == image
+    assert loader._image("pool", loader.options(), "90") == (image, lowered)
     monkeypatch.undo()
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
-    ptx = loader._image("pool", loader.options(), "99")  # an arch this NVRTC does not know
+    ptx, _ = loader._image("pool", loader.options(), "99")  # an arch this NVRTC does not know
     assert b".target sm_" in ptx and b".ftz" not in ptx
 
 
@@ -224,10 +285,14 @@ def test_gpu_modules_are_loaded_and_looked_up_on_the_tensors_device(monkeypatch,
     monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path))
     loader.clear()
     try:
-        assert loader.function("cuda", "pool", "max_pool_forward_f32", 1) == "max_pool_forward_f32"
+        mangled = loader.function("cuda", "pool", "max_pool_forward<float>", 1)
+        assert mangled.startswith("_Z16max_pool_forwardIf")     # looked up by its lowered name
+        with pytest.raises(KeyError, match="'max_pool_forward<int>' was not instantiated"):
+            loader.function("cuda", "pool", "max_pool_forward<int>", 1)
+        assert loader.function("cuda", "pool", "max_unpool_owner", 1) == "max_unpool_owner"  # extern "C"
     finally:
         loader.clear()
-    assert fake.events == [("load", 1, b"\x7fELF"), ("get_function", 1, "max_pool_forward_f32")]
+    assert fake.events[:2] == [("load", 1, b"\x7fELF"), ("get_function", 1, mangled)]
     assert fake.current == 0
 
 

@@ -132,7 +132,7 @@ def test_a_kernel_launched_with_another_block_size_traps():
     other block size on the device (FC_REQUIRE_BLOCK) instead of computing garbage."""
     from fastconv import emu
 
-    fn = loader.function("cuda-emu", "conv", "conv_direct_grad_weight_f64")
+    fn = loader.function("cuda-emu", "conv", "conv_direct_grad_weight<double>")
     gy, x, gw = torch.randn(1, 1, 1, 2, 2, dtype=torch.float64), torch.randn(1, 1, 1, 2, 2, dtype=torch.float64), \
         torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64)
     geom = [1, 1, 1, 2, 2, 1, 1, 1, 1, 1, 2, 2, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1]

@@ -320,7 +320,7 @@ def test_registry_declares_dtypes_and_auto_picks_tensor_cores():
     assert row["dtypes"] == ["float16", "bfloat16", "float32"] and "channels_last" in row["layouts"]
     assert sorted(row["targets"]) == ["cuda", "cuda-emu"]
     simt = next(r for r in fastconv.algorithms() if r["name"] == "implicit-gemm")
-    assert simt["dtypes"] == ["float32", "float64"]
+    assert simt["dtypes"] == ["float32", "float64", "float16", "bfloat16"]  # SIMT kernels: 16-bit with float32 accumulation
 
     def geom(dtype, target):
         return make_geometry(2, 2, 64, 64, 1, (8, 8), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), dtype, target)

@@ -789,3 +789,50 @@ def test_cp_async_groups_zero_fill_and_poison_until_the_wait(src_bytes):
     np.testing.assert_array_equal(out[:, :4], group0)
     assert np.isnan(out[:, 4:6]).all()                  # still in flight after wait_group 1
     np.testing.assert_array_equal(out[:, 6:], src[128:].reshape(32, 2))
+
+
+# -------------------------------------------------- templates instantiated by name (issue 11 item 3) ---
+TEMPLATE_EXPRESSIONS = ("scale_shift<float>", "scale_shift<double>", "repeat_sum<double, 3>")
+
+
+@pytest.fixture(scope="module")
+def templates():
+    return emu.RawModule(code=_src("templates.cu"), name_expressions=TEMPLATE_EXPRESSIONS)
+
+
+@pytest.mark.parametrize("ctype, dtype", [("float", np.float32), ("double", np.float64)])
+def test_template_kernel_instantiated_by_name_expression(templates, ctype, dtype):
+    """One dtype-generic kernel, reached as ``scale_shift<float>`` and ``scale_shift<double>`` (the
+    first also explicitly instantiated in the source, the second only by the expression); the
+    harness checks the argument types of each instantiation."""
+    fn = templates.get_function(f"scale_shift<{ctype}>")
+    x, y = np.arange(100, dtype=dtype), np.zeros(100, dtype)
+    fn((2,), (64,), (x, y, dtype(2), dtype(-1), np.int32(100)))
+    np.testing.assert_array_equal(y, 2 * x - 1)
+    assert fn.params == ["x", "y", "a", "b", "n"]
+    other = np.float64 if dtype is np.float32 else np.float32
+    with pytest.raises(TypeError, match=f"argument #2 'a' of scale_shift<{ctype}> is float{8 * np.dtype(dtype).itemsize}"):
+        fn((2,), (64,), (x, y, other(2), other(-1), np.int32(100)))
+    with pytest.raises(TypeError, match="has dtype"):
+        fn((2,), (64,), (x.astype(other), y, dtype(2), dtype(-1), np.int32(100)))
+
+
+def test_template_kernel_keeps_its_launch_bound_and_non_type_parameters(templates):
+    fn = templates.get_function("scale_shift<double>")
+    assert fn.max_threads_per_block == 64
+    x = np.ones(128)
+    with pytest.raises(emu.LaunchError, match="more than the 64 allowed by __launch_bounds__"):
+        fn((1,), (128,), (x, np.zeros(128), np.float64(1), np.float64(0), np.int32(128)))
+    y = np.zeros(5)
+    templates.get_function("repeat_sum<double, 3>")((1,), (8,), (np.arange(5.0), y, np.int32(5)))
+    np.testing.assert_array_equal(y, 3 * np.arange(5.0))
+
+
+def test_name_expression_not_instantiated_is_a_clear_error(templates):
+    with pytest.raises(KeyError, match=r"'scale_shift<int>' was not instantiated: it is not among the module's "
+                                       r"name_expressions \(scale_shift<float>, scale_shift<double>"):
+        templates.get_function("scale_shift<int>")
+    with pytest.raises(KeyError, match="templates, reached through name_expressions: scale_shift, repeat_sum"):
+        templates.get_function("scale_shift")
+    with pytest.raises(emu.CompileError, match="'no_such<float>' does not instantiate a __global__ function template"):
+        emu.RawModule(code=_src("templates.cu"), name_expressions=("no_such<float>",)).get_function("no_such<float>")

@@ -6,7 +6,11 @@ it. The same code runs CUDA tensors (target ``"cuda"``) and CPU tensors on the h
 (``"cuda-emu"``).
 
 Kernel argument order (kernels/common.cuh ``CONV_PARAMS``): N, C, D, H, W, K, KD, KH, KW, OD, OH,
-OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32.
+OW, sd, sh, sw, pd, ph, pw, dd, dh, dw, groups, all int32. Kernels are templates launched by name
+expression (``"conv_direct_forward<float, true>"`` is cuda-depthwise's forward; kernels/conv.cu lists the
+instantiations). The kernels also exist for ``__half``/``__nv_bfloat16`` (float32 accumulation),
+and so do the other kernels: float16/bfloat16 convs run on them without a float32 copy (ops/precision.py
+``NATIVE_HALF``), reading 16 bits and accumulating in float32.
 """
 from __future__ import annotations
 
@@ -17,9 +21,13 @@ from typing import Optional
 import torch
 
 from ..spec import ConvAlgorithm, ConvGeometry
-from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, plane_grid, suffix
+from .launch import BLOCK, INT32_MAX, MAX_GRID_X, MAX_GRID_YZ, Launcher, flat_grid, i32, i64, instance, plane_grid
 
 TARGETS = frozenset({"cuda", "cuda-emu"})
+#: Every SIMT kernel is instantiated for these (kernels/conv.cu); 16-bit ones accumulate in float32.
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+_DTYPES = frozenset(getattr(torch, d) for d in DTYPES)
+_HALF = frozenset({torch.float16, torch.bfloat16})
 IG_TILE_M = IG_TILE_N = 64   #: implicit-GEMM block tile (IG_BM, IG_BN in kernels/conv.cu)
 IG_K_STEP = 8                #: IG_BK
 #: Split-K for the implicit-GEMM weight gradient: aim for about this many blocks in all ...
@@ -51,8 +59,8 @@ def _taps(g: ConvGeometry) -> int:
 # ------------------------------------------------------------------------------------------ refusals
 @functools.lru_cache(maxsize=4096)  # asked on every call by registry.choose
 def _common_refusal(g: ConvGeometry) -> Optional[str]:
-    if g.dtype not in (torch.float32, torch.float64):
-        return f"supports float32 and float64, not {str(g.dtype).replace('torch.', '')}"
+    if g.dtype not in _DTYPES:
+        return f"supports float32, float64, float16 and bfloat16, not {str(g.dtype).replace('torch.', '')}"
     if max(math.prod(g.in_spatial), math.prod(g.out_spatial)) > INT32_MAX:
         return "a spatial plane of 2**31 elements or more (the kernels index within a plane in 32 bits)"
     if g.batch * max(g.in_channels, g.out_channels) > INT32_MAX:
@@ -101,7 +109,7 @@ def _bias_args(bias, w):
 
 @functools.lru_cache(maxsize=4096)
 def _plan(kind: str, g: ConvGeometry) -> tuple:
-    """(kernel name without the dtype suffix, grid, result shape, geometry scalars) of one pass."""
+    """(kernel name expression, grid, result shape, geometry scalars) of one pass."""
     kg, cg = g.out_channels // g.groups, g.in_channels // g.groups
     x_shape, y_shape, w_shape = _shapes(g)
     if kind in ("conv_direct_forward", "conv_depthwise_forward"):
@@ -118,7 +126,13 @@ def _plan(kind: str, g: ConvGeometry) -> tuple:
         shape = x_shape
     else:
         raise ValueError(f"fastconv.cuda: no launch plan {kind!r}")
-    return kind + suffix(g.dtype), grid, shape, _geom_args(g)
+    if kind.startswith("conv_depthwise_"):   # the direct kernels specialised for groups == C
+        name = instance(kind.replace("depthwise", "direct"), g.dtype, "true")
+    elif kind.startswith("conv_direct_") and kind != "conv_direct_grad_weight":
+        name = instance(kind, g.dtype, "false")
+    else:
+        name = instance(kind, g.dtype)
+    return name, grid, shape, _geom_args(g)
 
 
 def _forward_plane(prefix: str):
@@ -192,6 +206,8 @@ def igemm_workspace_bytes(g: ConvGeometry) -> int:
     """Scratch memory beyond the result, the largest of the three passes: the weight gradient's
     split-K partial sums (splits x |W|) when it splits; forward and input gradient need none."""
     splits, _ = igemm_splits(g)
+    if g.dtype in _HALF:   # float32 partial sums, even with one split: the gradient is rounded once
+        return splits * math.prod(_weight_shape(g)) * 4
     return splits * math.prod(_weight_shape(g)) * g.dtype.itemsize if splits > 1 else 0
 
 
@@ -205,14 +221,14 @@ def igemm_grad_weight(gy, x, g: ConvGeometry):
     if gy.numel() == 0 or x.numel() == 0:
         return gw.zero_()
     splits, chunk = igemm_splits(g)
-    partial = gw if splits == 1 else L.empty((splits, *shape), g.dtype)
+    half = g.dtype in _HALF   # 16-bit: float32 partial sums (the kernel's fc_acc<T>), then one rounding
+    partial = gw if splits == 1 and not half else L.empty((splits, *shape), torch.float32 if half else g.dtype)
     kg, cols = g.out_channels // g.groups, (g.in_channels // g.groups) * _taps(g)
     grid = (-(-kg // IG_TILE_M), -(-cols // IG_TILE_N), g.groups * splits)
-    sfx = suffix(g.dtype)
-    L.launch("conv", f"igemm_grad_weight{sfx}", grid, (BLOCK,), (gy, x, partial),
+    L.launch("conv", instance("igemm_grad_weight", g.dtype), grid, (BLOCK,), (gy, x, partial),
              (i32(splits), i64(chunk), *_geom_args(g)))
-    if splits > 1:
-        L.launch("conv", f"conv_reduce_splits{sfx}", flat_grid(gw.numel()), (BLOCK,),
+    if splits > 1 or half:
+        L.launch("conv", instance("conv_reduce_splits", g.dtype), flat_grid(gw.numel()), (BLOCK,),
                  (partial, gw), (i32(splits), i64(gw.numel())))
     return gw
 
@@ -242,20 +258,20 @@ ALGORITHMS = [
         "CUDA: one thread per output (forward) / input element (input gradient as a gather), coalesced along W; "
         "weight gradient one block per weight element with a fixed-order reduction (deterministic)",
         _forward_plane("conv_direct"), _grad_input_plane("conv_direct"), direct_grad_weight,
-        refuse=_direct_refusal),
+        refuse=_direct_refusal, dtypes=DTYPES),
     ConvAlgorithm(
         "implicit-gemm", TARGETS,
         "CUDA: implicit GEMM, 64x64 block tiles built from the tensors on the fly (no im2col), K-step 8, 4x4 "
         "register tiles, double-buffered shared memory; input gradient as the GEMM of the transposed conv; "
         "weight gradient split-K with a deterministic second-pass reduction",
         igemm_forward, igemm_grad_input, igemm_grad_weight, refuse=_igemm_refusal,
-        workspace_bytes=igemm_workspace_bytes),
+        workspace_bytes=igemm_workspace_bytes, dtypes=DTYPES),
     ConvAlgorithm(
         "cuda-depthwise", TARGETS,
         "CUDA: depthwise (groups == in_channels, any multiplier): one thread per output / input element without "
         "a channel loop; weight gradient as cuda-direct's block reduction",
         _forward_plane("conv_depthwise"), _grad_input_plane("conv_depthwise"), direct_grad_weight,
-        refuse=_depthwise_refusal),
+        refuse=_depthwise_refusal, dtypes=DTYPES),
 ]
 #: ``algo='auto'`` without measuring, per target.
 HEURISTICS = {target: heuristic for target in TARGETS}

@@ -31,12 +31,20 @@ def i64(v) -> np.int64:
     return np.int64(int(v))
 
 
-def suffix(dtype: torch.dtype) -> str:
-    """Kernel name suffix for a dtype (``_f32`` / ``_f64``)."""
+#: The element type a kernel template is instantiated for, per torch dtype (kernels/common.cuh).
+CTYPES = {torch.float32: "float", torch.float64: "double", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def instance(stem: str, dtype: torch.dtype, *more: str) -> str:
+    """The name expression of a kernel template: ``instance("max_pool_forward", torch.float32)`` is
+    ``"max_pool_forward<float>"``; ``more`` are further template arguments (``"true"``). It must be
+    listed by an ``FC_INSTANTIATE`` line of the kernel file (else the lookup raises KeyError)."""
     try:
-        return {torch.float32: "_f32", torch.float64: "_f64"}[dtype]
+        ctype = CTYPES[dtype]
     except KeyError:
-        raise TypeError(f"fastconv CUDA kernels support float32 and float64, not {dtype}") from None
+        raise TypeError(f"fastconv CUDA kernels support {', '.join(str(d).replace('torch.', '') for d in CTYPES)}, "
+                        f"not {dtype}") from None
+    return f"{stem}<{', '.join((ctype, *more))}>"
 
 
 def plane_grid(planes: int, plane: int) -> tuple[int, int]:

@@ -9,6 +9,13 @@ What runs is what is checked. :func:`options` is the one option list of every bu
   wins), which flushes float32 subnormals to zero, so a max pooling window of subnormals would
   compare them as equal zeros and pick another index than torch (which does not flush). We pass
   ``-ftz=false`` and keep IEEE division and square root.
+* Kernels are ``__global__`` function templates launched by name expression
+  (``"max_pool_forward<float>"``, as with ``cupy.RawModule(name_expressions=...)``): each
+  ``kernels/<family>.cu`` lists its instantiations as ``FC_INSTANTIATE(<expression>)`` lines
+  (:func:`name_expressions` reads them), which nvcc compiles as explicit instantiations; NVRTC gets
+  them as name expressions (``nvrtcAddNameExpression``) and the lowered (mangled) name of each is
+  kept beside the cached image; the harness gets them as ``name_expressions`` too. ``extern "C"``
+  kernels (the tensor-core conv) are still found by their plain names.
 * CuPy's disk cache keys on the ``.cu`` text and options only, not on the included ``common.cuh``;
   ours keys on every file in ``kernels/`` (:func:`source_hash`), which is also passed to the
   compiler as ``-DFASTCONV_SRC_HASH=...`` so the harness's cache (keyed on the source text and
@@ -18,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -44,6 +53,20 @@ def source(family: str) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"fastconv: CUDA kernel source {path} is missing (broken install?)")
     return path.read_text()
+
+
+_INSTANTIATE = re.compile(r"^\s*FC_INSTANTIATE\((.+)\)\s*$", re.M)
+
+
+@functools.lru_cache(maxsize=None)
+def _name_expressions(kernel_dir: str, family: str) -> tuple:
+    return tuple(e.strip() for e in _INSTANTIATE.findall(source(family)))
+
+
+def name_expressions(family: str) -> tuple:
+    """The template instantiations ``kernels/<family>.cu`` lists (``FC_INSTANTIATE(...)`` lines), as the
+    name expressions every build instantiates and ``get_function`` accepts (``"max_pool_forward<float>"``)."""
+    return _name_expressions(str(KERNEL_DIR), family)
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,22 +99,27 @@ def import_cupy():
 
 
 # --------------------------------------------------------------------------------------------- NVRTC
-def nvrtc_compile(src: str, name: str, opts: tuple, arch: str) -> tuple[bytes, str]:
-    """Compile ``src`` with NVRTC: (image, kind), kind "cubin" for ``arch`` = "sm_XX" or "ptx" for
-    "compute_XX". Raises RuntimeError with the compiler log on failure."""
+def nvrtc_compile(src: str, name: str, opts: tuple, arch: str, expressions=()) -> tuple[bytes, str, dict]:
+    """Compile ``src`` with NVRTC: (image, kind, lowered), kind "cubin" for ``arch`` = "sm_XX" or "ptx"
+    for "compute_XX", ``lowered`` the mangled symbol of each name expression in ``expressions``.
+    Raises RuntimeError with the compiler log on failure."""
     from cupy_backends.cuda.libs import nvrtc
 
     prog = nvrtc.createProgram(src, name, [], [])
     try:
+        for expr in expressions:
+            nvrtc.addNameExpression(prog, expr)
         try:
             nvrtc.compileProgram(prog, [*opts, f"--gpu-architecture={arch}"])
         except nvrtc.NVRTCError as e:
             raise RuntimeError(f"fastconv: NVRTC failed on {name} for {arch}: {e}\n"
                                f"{nvrtc.getProgramLog(prog)}") from e
+        lowered = {expr: nvrtc.getLoweredName(prog, expr) for expr in expressions}
+        lowered = {k: v.decode() if isinstance(v, bytes) else v for k, v in lowered.items()}
         if arch.startswith("sm_"):
-            return bytes(nvrtc.getCUBIN(prog)), "cubin"
+            return bytes(nvrtc.getCUBIN(prog)), "cubin", lowered
         ptx = nvrtc.getPTX(prog)
-        return (ptx if isinstance(ptx, bytes) else ptx.encode()), "ptx"
+        return (ptx if isinstance(ptx, bytes) else ptx.encode()), "ptx", lowered
     finally:
         nvrtc.destroyProgram(prog)
 
@@ -109,28 +137,49 @@ def _cache_dir() -> Path:
     return config.cache_folder("cubin")
 
 
-def _image(family: str, opts: tuple, cc: str) -> bytes:
+def _image(family: str, opts: tuple, cc: str) -> tuple[bytes, dict]:
     """The compiled module for compute capability ``cc`` ("90"): cubin when this NVRTC knows the
-    arch, else PTX for the newest arch it knows (the driver JIT-compiles it)."""
+    arch, else PTX for the newest arch it knows (the driver JIT-compiles it); and the lowered name of
+    each of the family's name expressions (kept in ``<key>.names.json`` beside the image)."""
     from cupy_backends.cuda.libs import nvrtc
 
     archs = sorted(int(a) for a in nvrtc.getSupportedArchs()) if hasattr(nvrtc, "getSupportedArchs") else []
     arch = f"sm_{cc}" if not archs or int(cc) in archs else f"compute_{max(a for a in archs if a <= int(cc))}"
     key = cache_key(family, opts, arch)
-    path = _cache_dir() / f"{key}.bin"
+    path, names = _cache_dir() / f"{key}.bin", _cache_dir() / f"{key}.names.json"
+    expressions = name_expressions(family)
     try:
-        return path.read_bytes()
-    except OSError:
+        lowered = json.loads(names.read_text())
+        if isinstance(lowered, dict) and set(lowered) == set(expressions):
+            return path.read_bytes(), lowered
+    except (OSError, ValueError):
         pass
-    image, _ = nvrtc_compile(source(family), f"{family}.cu", opts, arch)
+    image, _, lowered = nvrtc_compile(source(family), f"{family}.cu", opts, arch, expressions)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(image)
-        os.replace(tmp, path)
+        for target, data in ((path, image), (names, json.dumps(lowered).encode())):  # names last: its
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")                         # presence says done
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
     except OSError:  # a read-only home: compile every time, still correct
         pass
-    return image
+    return image, lowered
+
+
+class _NamedModule:
+    """A loaded module whose ``get_function`` takes a name expression (``"max_pool_forward<float>"``,
+    looked up by its lowered name, as ``cupy.RawModule(name_expressions=...)`` does) or a plain
+    ``extern "C"`` name."""
+
+    def __init__(self, module, lowered: dict):
+        self.module, self.lowered = module, lowered
+
+    def get_function(self, name: str):
+        if "<" in name and name not in self.lowered:
+            raise KeyError(f"fastconv.cuda: kernel {name!r} was not instantiated: it is not among the "
+                           f"FC_INSTANTIATE(...) name expressions of its kernel file "
+                           f"({', '.join(self.lowered) or 'none'})")
+        return self.module.get_function(self.lowered.get(name, name))
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,15 +187,16 @@ def _cupy_module(device_id: int, family: str, opts: tuple):
     cupy = import_cupy()
     with cupy.cuda.Device(device_id) as dev:
         mod = cupy.cuda.function.Module()
-        mod.load(_image(family, opts, dev.compute_capability))
-    return mod
+        image, lowered = _image(family, opts, dev.compute_capability)
+        mod.load(image)
+    return _NamedModule(mod, lowered)
 
 
 @functools.lru_cache(maxsize=None)
 def _emu_module(family: str, opts: tuple):
     from .. import emu
 
-    return emu.RawModule(code=source(family), options=opts)
+    return emu.RawModule(code=source(family), options=opts, name_expressions=name_expressions(family))
 
 
 def module(target: str, family: str, device_id: int = 0):
@@ -174,5 +224,5 @@ def function(target: str, family: str, name: str, device_id: int = 0):
 
 def clear() -> None:
     """Forget the compiled modules and the source hash (tests that edit kernel sources)."""
-    for f in (_cupy_module, _emu_module, _function, _source_hash):
+    for f in (_cupy_module, _emu_module, _function, _source_hash, _name_expressions):
         f.cache_clear()

@@ -3,6 +3,11 @@
 Tensors are contiguous 5-D (N, C, D, H, W), processed as P = N*C planes. Pooling kernel argument
 order (kernels/common.cuh ``POOL_PARAMS``): P, D, H, W, OD, OH, OW, kd, kh, kw, sd, sh, sw, pd, ph,
 pw, dd, dh, dw, all int32.
+
+Kernels are templates launched by name expression (:func:`~fastconv.cuda.launch.instance`:
+``"max_pool_forward<float>"``), instantiated for float32, float64, float16 (``__half``) and bfloat16
+(``__nv_bfloat16``); 16-bit tensors are read and written as such and computed in float32
+(``precision.NATIVE_HALF`` lets them through without a float32 copy).
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import math
 
 import torch
 
-from .launch import BLOCK, INT32_MAX, Launcher, i32, plane_grid, suffix
+from .launch import BLOCK, INT32_MAX, Launcher, i32, instance, plane_grid
 
 
 def _planes(t: torch.Tensor) -> int:
@@ -44,7 +49,7 @@ class CudaPoolKernels:
         if y.numel() == 0:
             return y, ind
         P = _planes(x)
-        L.launch("pool", f"max_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)), (BLOCK,),
+        L.launch("pool", instance("max_pool_forward", x.dtype), plane_grid(P, math.prod(out_spatial)), (BLOCK,),
                  (x, y, ind), (i32(bool(minimum)), *_pool_args(x.shape, out_spatial, kernel, stride, padding, dilation)))
         return y, ind
 
@@ -66,19 +71,18 @@ class CudaPoolKernels:
         in_plane, out_plane = math.prod(in_spatial), math.prod(grad_out.shape[2:])
         _planes(grad_out)
         err = L.zeros((1,), torch.int32)
-        sfx = suffix(grad_out.dtype)
         indices = indices.contiguous()
         if window is not None:
             kernel, stride, padding, dilation = window
-            L.launch("pool", f"max_pool_backward_window{sfx}", plane_grid(P, in_plane), (BLOCK,),
+            L.launch("pool", instance("max_pool_backward_window", grad_out.dtype), plane_grid(P, in_plane), (BLOCK,),
                      (grad_out, indices, gx, err),
                      _pool_args(gx.shape, grad_out.shape[2:], kernel, stride, padding, dilation))
         else:
             first = L.full(gx.shape, INT32_MAX, torch.int32)
             count = L.zeros(gx.shape, torch.int32)
-            L.launch("pool", "max_pool_backward_claims_i64", plane_grid(P, out_plane), (BLOCK,),
+            L.launch("pool", "max_pool_backward_claims", plane_grid(P, out_plane), (BLOCK,),
                      (indices, first, count, err), (i32(P), i32(in_plane), i32(out_plane)))
-            L.launch("pool", f"max_pool_backward_gather{sfx}", plane_grid(P, in_plane), (BLOCK,),
+            L.launch("pool", instance("max_pool_backward_gather", grad_out.dtype), plane_grid(P, in_plane), (BLOCK,),
                      (grad_out, indices, first, count, gx), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_pool_backward: found an index outside [0, {in_plane}) "
                         f"(input plane {'x'.join(map(str, in_spatial))})")
@@ -92,7 +96,7 @@ class CudaPoolKernels:
         if y.numel() == 0:
             return y, ind
         P = _planes(x)
-        L.launch("pool", f"adaptive_max_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)),
+        L.launch("pool", instance("adaptive_max_pool_forward", x.dtype), plane_grid(P, math.prod(out_spatial)),
                  (BLOCK,), (x, y, ind), (i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
         return y, ind
 
@@ -108,11 +112,11 @@ class CudaPoolKernels:
         in_plane, out_plane = math.prod(x.shape[2:]), math.prod(out_spatial)
         owner = L.zeros((n, c, *out_spatial), torch.int64)
         err = L.zeros((1,), torch.int32)
-        L.launch("pool", "max_unpool_owner_i64", plane_grid(P, in_plane), (BLOCK,),
+        L.launch("pool", "max_unpool_owner", plane_grid(P, in_plane), (BLOCK,),
                  (indices.contiguous(), owner, err), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_unpool: found an invalid max index (output volume is of size {out_plane}, "
                         f"expected 0 <= index < {out_plane})")
-        L.launch("pool", f"max_unpool_gather{suffix(x.dtype)}", plane_grid(P, out_plane), (BLOCK,),
+        L.launch("pool", instance("max_unpool_gather", x.dtype), plane_grid(P, out_plane), (BLOCK,),
                  (x, owner, y), (i32(P), i32(in_plane), i32(out_plane)))
         return y
 
@@ -124,7 +128,7 @@ class CudaPoolKernels:
         P = _planes(indices)
         in_plane, out_plane = math.prod(indices.shape[2:]), math.prod(grad_out.shape[2:])
         err = L.zeros((1,), torch.int32)
-        L.launch("pool", f"max_unpool_backward{suffix(grad_out.dtype)}", plane_grid(P, in_plane), (BLOCK,),
+        L.launch("pool", instance("max_unpool_backward", grad_out.dtype), plane_grid(P, in_plane), (BLOCK,),
                  (grad_out, indices.contiguous(), gx, err), (i32(P), i32(in_plane), i32(out_plane)))
         _check_err(err, f"max_unpool_backward: found an invalid max index (gradient plane is of size {out_plane}, "
                         f"expected 0 <= index < {out_plane})")
@@ -137,7 +141,7 @@ class CudaPoolKernels:
         if y.numel() == 0:
             return y
         P = _planes(x)
-        L.launch("pool", f"avg_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)), (BLOCK,),
+        L.launch("pool", instance("avg_pool_forward", x.dtype), plane_grid(P, math.prod(out_spatial)), (BLOCK,),
                  (x, y), (i32(bool(count_include_pad)), i32(divisor_override or 0),
                           *_pool_args(x.shape, out_spatial, kernel, stride, padding, (1, 1, 1))))
         return y
@@ -152,7 +156,7 @@ class CudaPoolKernels:
         if grad_out.numel() == 0:
             return gx.zero_()
         P = _planes(gx)
-        L.launch("pool", f"avg_pool_backward{suffix(grad_out.dtype)}", plane_grid(P, math.prod(in_spatial)),
+        L.launch("pool", instance("avg_pool_backward", grad_out.dtype), plane_grid(P, math.prod(in_spatial)),
                  (BLOCK,), (grad_out, gx), (i32(bool(count_include_pad)), i32(divisor_override or 0),
                                           *_pool_args(gx.shape, grad_out.shape[2:], kernel, stride, padding, (1, 1, 1))))
         return gx
@@ -164,7 +168,7 @@ class CudaPoolKernels:
         if y.numel() == 0:
             return y
         P = _planes(x)
-        L.launch("pool", f"adaptive_avg_pool_forward{suffix(x.dtype)}", plane_grid(P, math.prod(out_spatial)),
+        L.launch("pool", instance("adaptive_avg_pool_forward", x.dtype), plane_grid(P, math.prod(out_spatial)),
                  (BLOCK,), (x, y), (i32(P), *map(i32, x.shape[2:]), *map(i32, out_spatial)))
         return y
 
@@ -177,7 +181,7 @@ class CudaPoolKernels:
         if grad_out.numel() == 0:
             return gx.zero_()
         P = _planes(gx)
-        L.launch("pool", f"adaptive_avg_pool_backward{suffix(grad_out.dtype)}", plane_grid(P, math.prod(in_spatial)),
+        L.launch("pool", instance("adaptive_avg_pool_backward", grad_out.dtype), plane_grid(P, math.prod(in_spatial)),
                  (BLOCK,), (grad_out, gx), (i32(P), *map(i32, in_spatial), *map(i32, grad_out.shape[2:])))
         return gx
 

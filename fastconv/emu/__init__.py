@@ -8,8 +8,11 @@ the GPU and this harness::
     fn((gx, gy), (16, 16), (a, b, c, np.int32(n)), shared_mem=nbytes)
 
 The kernel source is compiled by g++ together with ``cuda_emu.h`` (the device API), ``emu_runtime.h``
-(fiber scheduler) and ``emu_tc.h`` (tensor cores, ldmatrix, cp.async), plus one generated launch
-wrapper per kernel, into a shared library cached under ``$FASTCONV_EMU_CACHE`` (default
+(fiber scheduler) and ``emu_tc.h`` (tensor cores, ldmatrix, cp.async), plus one generated ``extern "C"``
+launch trampoline per kernel (``emu_launch_<i>``, i the entry's index): per ``extern "C"`` kernel and
+per name expression (``"max_pool_forward<float>"``, as given to ``RawModule(name_expressions=...)``;
+taking the expression's address there instantiates the template, so ``get_function`` with the same
+text works as with CuPy and NVRTC; an expression that was not given is a :class:`KeyError`), into a shared library cached under ``$FASTCONV_EMU_CACHE`` (default
 ``~/.cache/fastconv/emu``; see :mod:`fastconv.emu.cache` for why concurrent builders are safe).
 
 Architecture: ``-arch=sm_XX`` in the options (else ``$FASTCONV_EMU_ARCH``, else sm_80) sets
@@ -204,6 +207,9 @@ def _opt_level() -> str:
 def _generated_unit(src: str, entries: list[tuple[str, str]], name: str) -> str:
     lines = ['#include "cuda_emu.h"', f'#line 1 "{name}"', preprocess(src), "", '#include "emu_runtime.h"']
     for i, (expr, bound) in enumerate(entries):
+        # The symbols are numbered (a name expression has no C spelling); the Python side maps names
+        # to numbers. `(expr)` names the function: for a template it instantiates it, implicitly, so a
+        # source that also instantiates it explicitly (FC_INSTANTIATE in kernels/common.cuh) still builds.
         # __launch_bounds__(maxThreads, minBlocks): only the first argument limits a launch.
         lines.append(f"EMU_KERNEL({i}, ({expr}), emu_launch_bound({bound or 0}))")
     return "\n".join(lines) + "\n"
@@ -440,11 +446,21 @@ class RawModule:
     def _load(self):
         if self._lib is None:
             self.kernels = find_kernels(self.code)
+            self.templates = find_kernels(self.code, templates=True)
             entries = [(k, v["bound"]) for k, v in self.kernels.items()]
-            entries += [(e, None) for e in self.name_expressions]
+            for expr in self.name_expressions:
+                entries.append((expr, self._template_of(expr)["bound"]))
             self._entries = {name: i for i, (name, _) in enumerate(entries)}
             self._lib = _build(self.code, self.options, entries, "kernel.cu")
         return self._lib
+
+    def _template_of(self, expr: str) -> dict:
+        """The ``__global__`` template a name expression instantiates (its launch bound, parameter names)."""
+        base = expr.split("<", 1)[0].strip().split("::")[-1]
+        if "<" not in expr or base not in self.templates:
+            raise CompileError(f"name expression {expr!r} does not instantiate a __global__ function template "
+                               f"of the module (templates: {', '.join(self.templates) or 'none'})")
+        return self.templates[base]
 
     def compile(self, log_stream=None):
         self._load()
@@ -453,9 +469,15 @@ class RawModule:
         lib = self._load()
         if name not in self._functions:
             if name not in self._entries:
+                if "<" in name:
+                    raise KeyError(f"{name!r} was not instantiated: it is not among the module's name_expressions "
+                                   f"({', '.join(self.name_expressions) or 'none'}); pass it in "
+                                   f"RawModule(name_expressions=[...]) (spelled exactly so, as NVRTC matches the text)")
                 raise KeyError(f"no extern \"C\" __global__ function named {name!r} in the module "
-                               f"(found: {', '.join(self._entries) or 'none'})")
-            info = self.kernels.get(name, {"bound": None, "params": []})
+                               f"(found: {', '.join(self.kernels) or 'none'}"
+                               + (f"; templates, reached through name_expressions: {', '.join(self.templates)}"
+                                  if self.templates else "") + ")")
+            info = self.kernels.get(name) or self._template_of(name)
             bound = None
             if info["bound"]:
                 getter = getattr(lib, f"emu_bound_{self._entries[name]}")

@@ -120,9 +120,13 @@ def _split_top(s: str) -> list[str]:
     return parts
 
 
-def find_kernels(src: str) -> dict:
+def find_kernels(src: str, templates: bool = False) -> dict:
     """``{name: {"bound": str|None, "params": [names]}}`` for the ``extern "C"`` (non-template)
-    ``__global__`` functions of the source: the names ``get_function`` can find, as with NVRTC."""
+    ``__global__`` functions of the source: the names ``get_function`` can find, as with NVRTC.
+
+    ``templates=True``: the ``__global__`` function templates instead (reached through name
+    expressions such as ``"max_pool_forward<float>"``); their ``bound`` is the text of the
+    ``__launch_bounds__`` arguments, evaluated at file scope by the harness."""
     blank = _blank(src)
     # Brace blocks opened by `extern "C" {`.
     extern_blocks, stack = [], []
@@ -138,10 +142,11 @@ def find_kernels(src: str) -> dict:
         name = m.group(3)
         head = max(blank.rfind(";", 0, m.start()), blank.rfind("}", 0, m.start()), blank.rfind("{", 0, m.start()))
         before = src[head + 1:m.start()]
-        if re.search(r"\btemplate\b", before):
+        is_template = bool(re.search(r"\btemplate\b", before))
+        if is_template != templates:
             continue
         is_c = bool(re.search(r'extern\s+"C"', before)) or any(a < m.start() < b for a, b in extern_blocks)
-        if not is_c:
+        if not is_c and not is_template:
             continue
         close = _balanced(blank, m.end() - 1)
         params = []

@@ -28,9 +28,17 @@ from .. import backends
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 _HALF_SET = frozenset(HALF_DTYPES)
 
-#: ``(target, op)`` pairs whose kernels take float16/bfloat16 themselves (for example ``("cuda", "conv2d")``
-#: once a tensor-core kernel is registered for it): the wrapper hands them the half tensors unchanged.
-NATIVE_HALF: set[tuple[str, str]] = set()
+#: ``(target, op)`` pairs whose kernels take float16/bfloat16 themselves: the wrapper hands them the half tensors
+#: unchanged. The CUDA pooling kernels (kernels/pool.cu) are instantiated for ``__half`` and ``__nv_bfloat16``,
+#: read and write 16 bits and compute in float32 (max/min compare in float32, NaN-propagating as the float path),
+#: rounding once, so every pooling op skips the float32 copies on the GPU and on the harness; the same holds
+#: for the convolution kernels (kernels/conv.cu's SIMT algorithms and the tensor-core conv).
+NATIVE_HALF: set[tuple[str, str]] = {
+    (target, op) for target in ("cuda", "cuda-emu")
+    for op in ("max_pool", "max_pool_backward", "max_unpool", "max_unpool_backward", "adaptive_max_pool",
+               "avg_pool", "avg_pool_backward", "adaptive_avg_pool", "adaptive_avg_pool_backward",
+               # convolutions: every CUDA algorithm takes 16-bit tensors (kernels/conv.cu, conv_tc.cu)
+               *(f"conv{n}d{p}" for n in (1, 2, 3) for p in ("", "_grad_input", "_grad_weight")))}
 
 
 def half_dtype(args, kwargs=None) -> torch.dtype | None:
