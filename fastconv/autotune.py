@@ -813,7 +813,19 @@ def _capturing(geom: registry.ConvGeometry) -> bool:
 #: "online" (default): a CPU key is tuned on the caller's own calls (see :class:`_Exploration`);
 #: "measure": on its first call, on synthetic tensors, before the call returns (what the GPU always
 #: does: its wall time is meaningless without a sync). ``$FASTCONV_AUTOTUNE_MODE`` or set it here.
-MODE = os.environ.get("FASTCONV_AUTOTUNE_MODE", "online").strip().lower() or "online"
+MODES = ("online", "measure")
+
+
+def _mode_from_env() -> str:
+    value = os.environ.get("FASTCONV_AUTOTUNE_MODE", "").strip().lower() or "online"
+    if value not in MODES:
+        warnings.warn(f"fastconv: FASTCONV_AUTOTUNE_MODE={value!r} is not one of {', '.join(MODES)}; "
+                      f"tuning 'online'", RuntimeWarning, stacklevel=2)
+        return "online"
+    return value
+
+
+MODE = _mode_from_env()
 #: Targets whose calls can be timed by the host clock (synchronous kernels).
 ONLINE_TARGETS = frozenset({"numba"})
 

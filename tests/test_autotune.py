@@ -792,3 +792,11 @@ def test_decide_reports_the_stored_choice_for_any_batch_of_its_bucket_and_never_
     untuned = registry.decide("auto", _geometry(), "forward")  # batch 2: a bucket of its own, not tuned
     assert untuned.reason.startswith("heuristic"), untuned
     assert len(measured) == count  # deciding measured nothing
+
+
+def test_autotune_mode_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTCONV_AUTOTUNE_MODE", "Measure ")
+    assert autotune._mode_from_env() == "measure"
+    monkeypatch.setenv("FASTCONV_AUTOTUNE_MODE", "fastest")
+    with pytest.warns(RuntimeWarning, match="FASTCONV_AUTOTUNE_MODE='fastest' is not one of online, measure"):
+        assert autotune._mode_from_env() == "online"

@@ -155,3 +155,12 @@ def test_kernel_gemms_run_on_torchs_blas():
     names = {e.key for e in prof.key_averages()}
     assert names & {"aten::mm", "aten::bmm", "aten::matmul"}, sorted(names)
     assert_close(y, TF.conv2d(x, w))
+
+
+def test_gemm_library_from_the_environment_is_checked(monkeypatch):
+    from fastconv.cpu import blas
+    monkeypatch.setenv("FASTCONV_GEMM", " NumPy")
+    assert blas._library_from_env() == "numpy"
+    monkeypatch.setenv("FASTCONV_GEMM", "mkl")
+    with pytest.warns(RuntimeWarning, match="FASTCONV_GEMM='mkl' is not one of torch, numpy"):
+        assert blas._library_from_env() == "torch"

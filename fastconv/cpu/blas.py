@@ -14,12 +14,25 @@ so a converted model has one BLAS runtime, governed by ``torch.set_num_threads``
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
 
+LIBRARIES = ("torch", "numpy")
+
+
+def _library_from_env() -> str:
+    value = os.environ.get("FASTCONV_GEMM", "").strip().lower() or "torch"
+    if value not in LIBRARIES:
+        warnings.warn(f"fastconv: FASTCONV_GEMM={value!r} is not one of {', '.join(LIBRARIES)}; using 'torch'",
+                      RuntimeWarning, stacklevel=2)
+        return "torch"
+    return value
+
+
 #: "torch" (default) or "numpy": which library runs the kernels' GEMMs.
-GEMM_LIBRARY = "numpy" if os.environ.get("FASTCONV_GEMM", "").strip().lower() == "numpy" else "torch"
+GEMM_LIBRARY = _library_from_env()
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
