@@ -37,6 +37,8 @@ def _cases(x, w, g):
     out["inf pixel"] = (put(x, (0, 0, 3, 4), INF), w, g)
     out["-inf pixel"] = (put(x, (1, 1, 0, 0), -INF), w, g)
     out["nan pixel"] = (put(x, (0, 1, 4, 4), NAN), w, g)
+    # read by no window where the geometry skips the last row and column (stride 3 on 13 pixels)
+    out["nan last pixel"] = (put(x, (1, 0, -1, -1), NAN), w, g)
     out["inf and -inf pixels"] = (put(put(x, (0, 0, 3, 4), INF), (0, 1, 3, 5), -INF), w, g)
     out["inf weight"] = (x, put(w, (1, 0, 1, 2), INF), g)
     out["-inf weight corner"] = (x, put(w, (0, 0, 2, 2), -INF), g)
@@ -99,6 +101,7 @@ GEOMETRIES = {
     "3x3 pad 1": dict(C=8, K=8, H=9, kw=dict(padding=1)),
     "3x3 stride 2 pad 1 groups 2": dict(C=8, K=6, H=9, kw=dict(stride=2, padding=1, groups=2)),
     "3x3 depthwise pad 1": dict(C=6, K=6, H=8, kw=dict(padding=1, groups=6)),
+    "3x3 stride 3, last row unread": dict(C=4, K=4, H=13, kw=dict(stride=3)),
 }
 
 

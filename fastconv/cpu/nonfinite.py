@@ -14,8 +14,12 @@ matter: the result is NaN if any pair is NaN or both infinities occur, else the 
 :func:`exact` computes exactly that, with the same pass applied to 0/1 masks (which count pairs of each
 kind, padding counting none because the masks are zero there) plus one pass over the operands with
 their non-finite elements zeroed for the outputs no special pair reaches. It costs a few extra passes,
-paid only by calls whose operands hold a non-finite value; finite calls pay one read of each operand
-(:func:`max_abs`, an integer max over the bit patterns, about 0.3 ms per 6 MB here).
+paid only by calls whose operands hold a non-finite value. Finite calls pay one read of the *result*
+(:func:`all_finite`, an integer max over the bit patterns, about 0.3 ms per 6 MB here): a kernel that
+forms every pair torch forms (plus padding pairs) leaves a non-finite value in some output as soon as
+one pair is non-finite, so a finite result needs no look at the operands. Reading the result instead
+of the operands saved 0.47 ms per call on ResNet-18's 512-channel 3x3 layers at batch 1 (9.4 MB of
+weight, 32 KB of output).
 """
 from __future__ import annotations
 
@@ -124,15 +128,24 @@ def exact(fn=None, *, bias: bool = False):
     """Decorate a pass ``fn(a, b, *rest)`` (``rest[0]`` the bias when ``bias=True``) so that calls with a
     non-finite operand give the exact IEEE result (see the module docstring); finite calls run ``fn``
     unchanged after one read of each operand. ``fn`` must be exact on finite operands (no special
-    values created from padding), which every fast kernel is."""
+    values created from padding), which every fast kernel is, and must leave a non-finite value in some
+    output whenever it forms a non-finite product (true of sums of products, and of Winograd's transforms,
+    whose non-finite entries reach at least one kept output of their tile)."""
     if fn is None:
         return functools.partial(exact, bias=bias)
 
     @functools.wraps(fn)
     def wrapper(a, b, *rest):
+        out = fn(a, b, *rest)
+        # A finite result proves the call exact: every pair the kernel formed (padding zeros included) was
+        # finite, since a non-finite pair leaves Inf or NaN in some output (0 * Inf and Inf - Inf are NaN).
+        # The result is usually far smaller than the operands (a deep layer's weight is megabytes, its
+        # output at batch 1 kilobytes) and still in cache.
+        if all_finite(out):
+            return out
         bvec = rest[0] if bias and rest else None
         if all_finite(a, b, None if bvec is None else np.asarray(bvec)):
-            return fn(a, b, *rest)
+            return out  # finite operands whose sums overflowed: the Inf is IEEE's own answer
         a = np.asarray(a)
         b = np.asarray(b)
         A, a0 = _classes(a)
