@@ -17,7 +17,7 @@ import torch
 
 from ..spec import ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
-from . import depthwise, fft, transposed_gemm, winograd
+from . import depthwise, fft, im2col_nhwc, transposed_gemm, winograd
 
 
 def _wrap(prefix: str):
@@ -71,10 +71,41 @@ DIRECT = ConvAlgorithm(
     "batch x channel blocks; no workspace",
     *_wrap("direct"))
 
+def _im2col_passes():
+    """im2col's three passes: channels-last operands go to :mod:`.im2col_nhwc` as they are (no copy in, a
+    channels-last result out), anything else to the NCDHW kernels."""
+    nchw_forward, nchw_grad_input, nchw_grad_weight = _wrap("im2col")
+    nhwc = im2col_nhwc
+
+    def forward(x, w, bias, g: ConvGeometry):
+        xa = x.detach().numpy()
+        if not nhwc.is_channels_last(xa):
+            return nchw_forward(x, w, bias, g)
+        b = None if bias is None else bias.detach().numpy()
+        return torch.from_numpy(nhwc.forward(xa, w.detach().numpy(), b, g.stride, g.padding, g.dilation, g.groups,
+                                             g.out_spatial))
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        ga = grad_out.detach().numpy()
+        if not nhwc.is_channels_last(ga):
+            return nchw_grad_input(grad_out, w, g)
+        return torch.from_numpy(nhwc.grad_input(ga, w.detach().numpy(), g.stride, g.padding, g.dilation, g.groups,
+                                                g.in_spatial))
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        ga, xa = grad_out.detach().numpy(), x.detach().numpy()
+        if not (nhwc.is_channels_last(xa) or nhwc.is_channels_last(ga)):
+            return nchw_grad_weight(grad_out, x, g)
+        return torch.from_numpy(nhwc.grad_weight(ga, xa, g.stride, g.padding, g.dilation, g.groups, g.kernel))
+
+    return forward, grad_input, grad_weight
+
+
 IM2COL = ConvAlgorithm(
     "im2col", frozenset({"numba"}),
-    "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col)",
-    *_wrap("im2col"), workspace_bytes=_im2col_workspace)
+    "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col); "
+    "channels_last operands are read and written as they are (columns of channel runs)",
+    *_im2col_passes(), workspace_bytes=_im2col_workspace, layouts=("contiguous", "channels_last"))
 
 
 def _fft_algorithm() -> ConvAlgorithm:

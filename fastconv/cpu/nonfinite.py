@@ -62,6 +62,15 @@ def _max_bits_parallel(u, mask):
 PARALLEL_MIN = 1 << 24
 
 
+def _flat(a: np.ndarray) -> np.ndarray:
+    """The elements of ``a`` as a 1-D array in memory order: a view when ``a`` is dense in any dimension
+    order (a channels-last result is a transposed view of a contiguous buffer), else a copy."""
+    if a.flags.c_contiguous:
+        return a.reshape(-1)
+    dense = np.transpose(a, np.argsort(a.strides, kind="stable")[::-1])
+    return dense.reshape(-1) if dense.flags.c_contiguous else np.ascontiguousarray(a).reshape(-1)
+
+
 @config.parallel_entry
 def max_abs(a: np.ndarray) -> float:
     """``max |a|``: NaN when ``a`` holds a NaN, Inf when it holds an infinity (and no NaN), 0 when empty."""
@@ -71,7 +80,7 @@ def max_abs(a: np.ndarray) -> float:
     if ut is None:  # not a float array we know: the slow, allocating way
         a = np.asarray(a, np.float64)
         return float(np.max(np.abs(a)))
-    flat = np.ascontiguousarray(a).reshape(-1).view(ut)
+    flat = _flat(a).view(ut)
     bits = (_max_bits_parallel if flat.size >= PARALLEL_MIN else _max_bits)(flat, ut(_ABS_MASK[ut]))
     return float(np.array([bits], ut).view(a.dtype)[0])
 
@@ -93,7 +102,7 @@ def all_finite(*arrays) -> bool:
     if 0 < len(present) <= 3:
         ut = _UINT.get(present[0].dtype)
         if (ut is not None and all(a.dtype == present[0].dtype and 0 < a.size < PARALLEL_MIN for a in present)):
-            flat = [np.ascontiguousarray(a).reshape(-1).view(ut) for a in present]
+            flat = [_flat(a).view(ut) for a in present]
             flat += [_NO_BITS[ut]] * (3 - len(flat))
             return bool(_finite3(flat[0], flat[1], flat[2], ut(_ABS_MASK[ut]), ut(_INF_BITS[ut])))
     return all(a is None or np.isfinite(max_abs(a)) for a in arrays)

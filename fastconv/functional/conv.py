@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import registry
 from ..ops import conv as conv_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
-from ._layout import laid_out, result_format
+from ..ops._layout import laid_out, result_format
 
 Padding = Union[str, IntOrSeq]
 

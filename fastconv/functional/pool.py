@@ -13,7 +13,7 @@ from torch import Tensor
 from ..ops import pool as pool_ops
 from ..ops import validation
 from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple
-from ._layout import laid_out, suggested_format
+from ..ops._layout import laid_out, suggested_format
 
 OptSize = Union[None, int, Sequence[Optional[int]]]
 

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..ops import separable as separable_ops
 from ._checks import IntOrSeq, check_type
-from ._layout import laid_out, result_format
+from ..ops._layout import laid_out, result_format
 from .conv import ConvArgs
 
 OP = "depthwise_separable_conv2d"

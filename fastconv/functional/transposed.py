@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..ops import transposed as transposed_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
-from ._layout import laid_out, result_format
+from ..ops._layout import laid_out, result_format
 
 
 class ConvTransposeArgs:

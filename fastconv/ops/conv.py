@@ -29,6 +29,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
 from . import precision, validation
+from ._layout import empty_result, op_result, result_format
 from ._output import fresh
 from .validation import SUPPORTED_DTYPES, conv_output_size  # noqa: F401  (re-exported: one definition each)
 
@@ -135,7 +136,7 @@ def _register(ndim: int):
                                                     weight.shape[spatial], out_sp, stride, padding, padding_end,
                                                     dilation, input.dtype, backends.target_for(input)),
                                 "forward", name)
-            return input.new_zeros(shape, dtype=empty_dtype)
+            return op_result(input.new_zeros(shape, dtype=empty_dtype), result_format(input, weight))
         xs, ks = input.shape, weight.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, xs[spatial], ks, padding, padding_end, dilation)
         dilation = validation.kernel_dilation(dilation, ks)
@@ -163,20 +164,20 @@ def _register(ndim: int):
         keep = "channels_last" in alg.layouts
         out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), None if bias is None else bias.contiguous(),
                           geom)
-        return fresh(out, out_shape)
+        return op_result(fresh(out, out_shape), result_format(input, weight))
 
     @conv.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
         shape, empty_dtype, _ = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end,
                                                    dilation, groups)
-        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
+        return empty_result(input, shape, empty_dtype or input.dtype, result_format(input, weight))
 
     def grad_input_plan(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
         shape, empty_dtype, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight,
                                                               input_size, stride, padding, padding_end, dilation,
                                                               groups)
         if empty_dtype is not None:
-            return grad_output.new_zeros(shape, dtype=empty_dtype)
+            return op_result(grad_output.new_zeros(shape, dtype=empty_dtype), result_format(grad_output, weight))
         ks, out_sp = weight.shape[spatial], grad_output.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, input_size, ks, padding, padding_end, dilation)
         dilation = validation.kernel_dilation(dilation, ks)
@@ -206,13 +207,14 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
         keep = "channels_last" in alg.layouts
-        return fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape)
+        return op_result(fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape),
+                         result_format(grad_output, weight))
 
     @grad_input.register_fake
     def _(grad_output, weight, input_size, stride, padding, padding_end, dilation, groups, algo):
         shape, _, _ = validation.conv_grad_input_op(f"{name}_grad_input", ndim, grad_output, weight, input_size,
                                                     stride, padding, padding_end, dilation, groups)
-        return grad_output.new_empty(shape)
+        return empty_result(grad_output, shape, grad_output.dtype, result_format(grad_output, weight))
 
     def grad_weight_plan(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):
         shape, empty_dtype, _ = validation.conv_grad_weight_op(f"{name}_grad_weight", ndim, grad_output, input,
@@ -249,7 +251,8 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
         keep = "channels_last" in alg.layouts
-        return fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape)
+        return op_result(fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape),
+                         None)
 
     @grad_weight.register_fake
     def _(grad_output, input, weight_size, stride, padding, padding_end, dilation, groups, algo):

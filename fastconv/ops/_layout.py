@@ -1,10 +1,12 @@
 """channels_last in, channels_last out: torch's rule for the memory format of a conv or pooling result.
 
 torch gives a convolution the memory format its input suggests, or its weight's when the weight is
-channels_last; pooling follows its input. fastconv's kernels read and write (N, C, *S) contiguous tensors, so the
-ops convert at their boundary (``contiguous()``) and this layer lays the result out as the caller's tensors
-suggest. Kernels that could read NHWC directly (depthwise and pooling over a channel vector per pixel, a 1x1
-conv as one GEMM over (N*H*W, C)) would make both copies unnecessary; see the README's channels_last note.
+channels_last; pooling follows its input. Most of fastconv's kernels read and write (N, C, *S) contiguous tensors
+(the ops copy at their boundary); the ones that declare ``"channels_last"`` in their layouts (the CPU im2col, the
+tensor-core conv) read channels-last operands as they are and write channels-last results. The conv ops promise
+one layout per call whatever the algorithm (:func:`op_result`, which their fake kernels follow too, so
+``torch.compile`` and ``opcheck`` see the strides the real kernels give), and the functional layer lays out the
+results of the other ops as the caller's tensors suggest.
 """
 from __future__ import annotations
 
@@ -45,3 +47,17 @@ def laid_out(out: Tensor, fmt: Optional[torch.memory_format]) -> Tensor:
     if fmt is None or out.dim() != (4 if fmt is torch.channels_last else 5):
         return out
     return out.contiguous(memory_format=fmt)
+
+
+def op_result(out: Tensor, fmt: Optional[torch.memory_format]) -> Tensor:
+    """``out`` exactly in memory format ``fmt``, or plainly contiguous when ``fmt`` is None: the layout a conv
+    op promises (a kernel may hand back a channels-last or a contiguous buffer; no copy when it already matches)."""
+    if fmt is None or out.dim() != (4 if fmt is torch.channels_last else 5):
+        return out if out.is_contiguous() else out.contiguous()
+    return out if out.is_contiguous(memory_format=fmt) else out.contiguous(memory_format=fmt)
+
+
+def empty_result(like: Tensor, shape, dtype: torch.dtype, fmt: Optional[torch.memory_format]) -> Tensor:
+    """A fake kernel's result: ``shape`` on ``like``'s device, laid out as :func:`op_result` would."""
+    out = like.new_empty(shape, dtype=dtype)
+    return op_result(out, fmt)
