@@ -31,7 +31,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas
+from . import blas, parallel
 
 __all__ = [
     "direct_forward", "direct_grad_input", "direct_grad_weight",
@@ -104,7 +104,7 @@ def _c(a):
 # Numba kernels
 # --------------------------------------------------------------------------------------------
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _phase_pad(x, pad, s, wq, out):
     """``out[n, c, d, h, ph * wq + m] = x[n, c, d, h, m * s + ph - pad]`` (0 outside)."""
     N, C, D, H, W = x.shape
@@ -136,7 +136,7 @@ def _phase_pad(x, pad, s, wq, out):
                                 orow[base + m] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _unphase(src, perm, out):
     """``out[..., i] = src[..., perm[i]]`` (0 where ``perm[i] < 0``)."""
     N, C, D, H, W = out.shape
@@ -433,7 +433,7 @@ def _gw_direct(go, xq, groups, dstart, dtap, dsrc, hstart, htap, hsrc, tap_off, 
             gw[k0 + j, c] = acc[j]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _im2col(xq, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, col):
     """Columns of images ``n0 .. n0+nb`` and output rows ``r0 .. r1`` (rows = (od, oh) flattened).
 
@@ -471,7 +471,7 @@ def _im2col(xq, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, co
                         dst[m] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _pad_wide(x, ph, pw, wq, out):
     """``out[n, c, r * wq + m] = x[n, c, 0, r - ph, m - pw]`` (0 outside, and in the tail).
 
@@ -505,7 +505,7 @@ def _pad_wide(x, ph, pw, wq, out):
             orow[m] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _im2col_wide(xp, n0, c0, q0, Q, KH, KW, sh, sw, col):
     """``col[(c*KH + kh)*KW + kw, i*Q + q] = xp[n0 + i, c0 + c, q0 + kh*sh + kw*sw + q]``.
 
@@ -528,7 +528,7 @@ def _im2col_wide(xp, n0, c0, q0, Q, KH, KW, sh, sw, col):
                 dst[m] = src[m]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _batch_inner(a, out):
     """``out[c, n * P + p] = a[n, c, p]``: moves the batch inside each channel row (one GEMM
     over the whole batch then needs no per-image calls). Parallel over channels."""
@@ -542,7 +542,7 @@ def _batch_inner(a, out):
                 dst[m] = src[m]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, **_JIT)
 def _col2im_wide(col, n0, c0, q0, Q, KH, KW, sh, sw, gxp):
     """Inverse of :func:`_im2col_wide`: ``gxp[n0 + i, c0 + c, q0 + kh*sh + kw*sw + q] +=
     col[(c*KH + kh)*KW + kw, i*Q + q]``. Contiguous adds; parallel over channels (no races)."""
@@ -561,7 +561,7 @@ def _col2im_wide(col, n0, c0, q0, Q, KH, KW, sh, sw, gxp):
                     dst[m] += src[m]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _unpad_wide(gxp, ph, pw, wq, Hp, out):
     """``out[n, c, 0, ih, iw] = gxp[n, c, (ih + ph) * wq + iw + pw]`` (0 beyond the buffer)."""
     N, C, _, H, W = out.shape
@@ -584,7 +584,7 @@ def _unpad_wide(gxp, ph, pw, wq, Hp, out):
                     orow[iw] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, **_JIT)
 def _col2im(col, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, gxq):
     """Scatter-add columns back into the phase-split padded input-gradient buffer.
     Parallel over input channels (each task owns its channel: no races)."""

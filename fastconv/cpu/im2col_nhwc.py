@@ -28,11 +28,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from fastconv import config
 
-from . import blas
+from . import blas, parallel
 from .conv import COL_BUFFER_BYTES
 
 __all__ = ["forward", "grad_input", "grad_weight", "is_channels_last"]
@@ -75,7 +75,7 @@ def _row_chunks(P: int, ck: int, itemsize: int):
         yield p0, min(P, p0 + rows)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(**_JIT)
 def _gather_columns(x, p0, p1, osz, ksz, stride, padding, dilation, c0, Cg, tap_major, col):
     """``col[p - p0]`` = the window of output pixel ``p`` over channels ``c0 .. c0+Cg`` (zeros off the image).
 
@@ -123,7 +123,7 @@ def _gather_columns(x, p0, p1, osz, ksz, stride, padding, dilation, c0, Cg, tap_
                     tap += 1
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, **_JIT)
 def _scatter_columns(gcol, p0, p1, osz, ksz, stride, padding, dilation, c0, Cg, tap_major, gx):
     """``gx[n, d, h, w, c0:c0+Cg] +=`` every entry of ``gcol`` (output pixels ``p0 .. p1``) that reads it.
 

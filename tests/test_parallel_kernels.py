@@ -1,0 +1,54 @@
+"""Copy kernels compiled parallel and serial (:mod:`fastconv.cpu.parallel`): both variants give torch's results.
+
+Test-sized convs fall below :data:`~fastconv.cpu.parallel.PARALLEL_MIN_ELEMENTS` and would only ever run the
+serial variants; the threshold is set to 0 here to run the parallel ones through the same checks.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastconv.functional as F
+from fastconv.cpu import conv, parallel
+from helpers import assert_close
+
+# name -> (x shape, w shape, kwargs, channels_last)
+CASES = {
+    "3x3 pad 1 (wide rows)": ((2, 4, 9, 8), (4, 4, 3, 3), dict(padding=1), False),
+    "3x3 stride 2 (phase split)": ((2, 6, 9, 9), (8, 6, 3, 3), dict(stride=2, padding=1), False),
+    "3x3 64 channels (col2im)": ((1, 64, 6, 6), (80, 64, 3, 3), dict(padding=1), False),
+    "5x5 groups 2 channels_last": ((2, 4, 9, 8), (6, 2, 5, 5), dict(padding=2, groups=2), True),
+}
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["parallel", "serial"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_both_variants_match_torch(case, threshold, monkeypatch):
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ELEMENTS", threshold)
+    xs, ws, kw, cl = CASES[case]
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(xs, dtype=torch.float64, generator=gen)
+    w = torch.randn(ws, dtype=torch.float64, generator=gen)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xa, wa, xb, wb = (t.detach().clone().requires_grad_() for t in (x, w, x, w))
+    y = F.conv2d(xa, wa, algo="im2col", **kw)
+    ref = TF.conv2d(xb, wb, **kw)
+    assert_close(y, ref, what=f"{case} forward")
+    g = torch.randn(ref.shape, dtype=torch.float64, generator=gen)
+    for name, a, e in zip(("grad_input", "grad_weight"), torch.autograd.grad(y, (xa, wa), g),
+                          torch.autograd.grad(ref, (xb, wb), g)):
+        assert_close(a, e, what=f"{case} {name}")
+
+
+def test_variant_chosen_by_size(monkeypatch):
+    calls = []
+    kernel = conv._im2col
+    monkeypatch.setattr(kernel, "parallel", lambda *a: calls.append("parallel"))
+    monkeypatch.setattr(kernel, "serial", lambda *a: calls.append("serial"))
+    small = torch.zeros(4).numpy()
+    kernel(small)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_ELEMENTS", 4)
+    kernel(small)
+    assert calls == ["serial", "parallel"]
