@@ -66,6 +66,8 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
+from . import parallel
+
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
 
@@ -326,7 +328,7 @@ def _fill_kw(x, xb, H, W, sh, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B):
                         dst[q] = src[sw * q]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward2d(x, N, C, H, W, w, KH, KW, bias, m, sh, sw, ph, pw, dw, Hq, kstride, M, blen, flat, offs, shb,
                y, OH, OW, y_chan0, y_nstride, nchunks):
     """Depthwise 2-D forward at output row pitch ``OW`` (see :func:`_fast2d_layout`): one flat,
@@ -394,7 +396,7 @@ def _dots(G, B, offs, T, L, acc, a0, zero):
         t += 1
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_weight2d(go, N, K, OH, OW, x, C, H, W, KH, KW, m, sh, sw, ph, pw, dw, Hq, kstride, M, blen, flat,
                    offs, shb, gw):
     """Depthwise 2-D weight gradient on the fast path's buffers: ``gw[k, t] = sum_n sum_i
@@ -448,7 +450,7 @@ def _grad_weight2d(go, N, K, OH, OW, x, C, H, W, KH, KW, m, sh, sw, ph, pw, dw, 
             gw[c * m * T + i] = acc[i]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_input2d_up(go, N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, ph, pw, dw, Hq, kstride, M, blen, flat,
                      offs, shb, gx, nchunks):
     """Strided depthwise 2-D input gradient (multiplier 1) as a stride-1 forward: each output-gradient
@@ -520,7 +522,7 @@ def _fast2d_layout(in_hw, out_hw, kernel, stride, padding, dilation, split_h=Tru
     return Hq, kstride, M, blen, flat, offs, shb
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub, toff,
              dstart, dtap, dsrc, y, OD, OH, OW, y_chan0, y_nstride, nchunks):
     """Depthwise forward. x (N, C, D, H, W) flat; w (C*m, KD, KH*KW) flat; bias (C*m,).
@@ -564,7 +566,7 @@ def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub,
                             yrow[ow] = orow[ow] + bv
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h, q0w, Qh, Wg,
                 dstart, dtap, dsrc, tkhw, toff, pstart, gx, C, D, H, W, nchunks):
     """Depthwise input gradient, gathered per stride phase. go (N, C*m, OD, OH, OW) -> gx (N, C, D, H, W),
@@ -652,7 +654,7 @@ def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h
                                 gdst[t] = ssrc[t]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq, sub, toff,
                  dstart, dtap, dsrc, gw, KD, KHW):
     """Depthwise weight gradient. go (N, C*m, OD, OH, OW), x (N, C, D, H, W) flat -> gw (C*m, KD, KH*KW).
@@ -782,7 +784,7 @@ def _rows2_cb(Xp, Wr, Br, toff, T, R, b0, b1, y0, y1):
                       + a6 * z6[i])
         t += 7
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW, y, y_chan0, y_nstride,
                   nchunks, uh=1, uw=1):
     """Depthwise 2-D forward, multiplier 1, channel-blocked (see the section comment above).
@@ -953,7 +955,7 @@ def _pack_cb(src, base, plane, cnt, nrows, ncols, row_pitch, col_step, dst, dst_
                 xd[q * dst_col + v] = xs[q * col_step + v * plane]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw, gw):
     """Depthwise 2-D weight gradient, multiplier 1, channel-blocked (see :func:`_forward2d_cb`).
 

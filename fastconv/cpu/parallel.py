@@ -17,12 +17,15 @@ import types
 
 from numba import njit
 
-__all__ = ["kernel", "PARALLEL_MIN_ELEMENTS"]
+__all__ = ["kernel", "PARALLEL_MIN_ELEMENTS", "COMPUTE_PARALLEL_MIN_ELEMENTS"]
 
 #: Fewest elements of work for which a copy kernel wakes the worker threads. 2M float32 (8 MB) is several
 #: hundred microseconds of copying on one core, enough to pay for the wake-up; ResNet-18 at batch 1 stays below
 #: it (its largest column buffer is 0.6M elements), batch 8 goes above.
 PARALLEL_MIN_ELEMENTS = 1 << 21
+#: The same for kernels that do arithmetic per element (the depthwise convs: a multiply-add per tap, 9 for a 3x3):
+#: 256K elements of a 3x3 depthwise layer are 2.4M multiply-adds, about 0.3 ms on one core.
+COMPUTE_PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def _renamed(py_func, suffix: str):
@@ -39,25 +42,27 @@ def _renamed(py_func, suffix: str):
 class SizedKernel:
     """A kernel compiled parallel and serial; calls go to one or the other by ``args[work_arg].size``."""
 
-    def __init__(self, py_func, work_arg: int, jit_options: dict):
+    def __init__(self, py_func, work_arg: int, compute: bool, jit_options: dict):
         self.py_func = py_func
         self.work_arg = work_arg
+        self.threshold = "COMPUTE_PARALLEL_MIN_ELEMENTS" if compute else "PARALLEL_MIN_ELEMENTS"
         self.parallel = njit(parallel=True, **jit_options)(py_func)
         self.serial = njit(**jit_options)(_renamed(py_func, "__serial"))
         self.__doc__ = py_func.__doc__
         self.__name__ = py_func.__name__
 
     def __call__(self, *args):
-        big = args[self.work_arg].size >= PARALLEL_MIN_ELEMENTS
+        big = args[self.work_arg].size >= globals()[self.threshold]  # looked up per call: tests lower it
         return (self.parallel if big else self.serial)(*args)
 
 
-def kernel(work_arg: int = -1, **jit_options):
+def kernel(work_arg: int = -1, compute: bool = False, **jit_options):
     """Decorator: ``@kernel(work_arg=i, **njit_options)`` on a ``prange`` kernel (see the module docstring).
 
     ``work_arg``: the position of the array argument whose size measures the call's work (default the last,
-    usually the array written)."""
+    usually the array written). ``compute``: the kernel does arithmetic per element, so it goes parallel from
+    :data:`COMPUTE_PARALLEL_MIN_ELEMENTS` on (copies from :data:`PARALLEL_MIN_ELEMENTS`)."""
     def decorate(py_func) -> SizedKernel:
-        return SizedKernel(py_func, work_arg, jit_options)
+        return SizedKernel(py_func, work_arg, compute, jit_options)
 
     return decorate
