@@ -58,3 +58,26 @@ def test_variant_chosen_by_size(monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_MIN_ELEMENTS", 4)
     kernel(small)
     assert calls == ["serial", "parallel"]
+
+
+POOLS = {
+    "max_pool2d with indices": (lambda F_: F_.max_pool2d, dict(kernel_size=3, stride=2, padding=1, return_indices=True)),
+    "avg_pool2d": (lambda F_: F_.avg_pool2d, dict(kernel_size=3, stride=2, padding=1)),
+    "adaptive_avg_pool2d": (lambda F_: F_.adaptive_avg_pool2d, dict(output_size=(3, 2))),
+    "adaptive_avg_pool2d global": (lambda F_: F_.adaptive_avg_pool2d, dict(output_size=1)),
+    "adaptive_max_pool2d": (lambda F_: F_.adaptive_max_pool2d, dict(output_size=(3, 2))),
+}
+
+
+@pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["parallel", "serial"])
+@pytest.mark.parametrize("case", list(POOLS))
+def test_pooling_both_variants_match_torch(case, threshold, monkeypatch):
+    monkeypatch.setattr(parallel, "COMPUTE_PARALLEL_MIN_ELEMENTS", threshold)
+    pick, kw = POOLS[case]
+    x = torch.randn(2, 5, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = pick(F)(xa, **kw), pick(TF)(xb, **kw)
+    got, want = (got[0], want[0]) if isinstance(got, tuple) else (got, want)
+    assert_close(got, want, what=f"{case} forward")
+    g = torch.randn(want.shape, dtype=torch.float64)
+    assert_close(torch.autograd.grad(got, xa, g)[0], torch.autograd.grad(want, xb, g)[0], what=f"{case} backward")

@@ -6,11 +6,13 @@ from __future__ import annotations
 from fastconv import config  # first: picks Numba's threading layer before any parallel kernel runs
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from . import parallel
 
 from .pool_common import _JIT, _adaptive_start, _adaptive_end, _check_geometry, _planes, _check_adaptive
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _adaptive_max_kernel(x, y, ind):
     P, D, H, W = x.shape
     OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]

@@ -8,6 +8,8 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
+from . import parallel
+
 from .pool_common import _JIT, _TAPS, _split_phases, _out_range, _check_geometry, _planes
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,7 +92,7 @@ def _sum_taps_row(xrow, yrow, phases, sw, pw, kw):
                     yrow[ow] += xrow[iw]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _avg_pool_kernel(x, y, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad, divisor_override):
     P, D, H, W = x.shape
     OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
@@ -126,7 +128,7 @@ def _avg_pool_kernel(x, y, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad
                         yrow[ow] = yrow[ow] / (rowf * wfac[ow]) if wcnt[ow] > 0 else 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _avg_pool_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad,
                               divisor_override):
     P, D, H, W = gx.shape

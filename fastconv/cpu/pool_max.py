@@ -9,6 +9,8 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
+from . import parallel
+
 from .pool_common import (_INT32_PLANE_LIMIT, _JIT, _TAPS, _check_geometry, _first_valid, _out_range, _planes,
                           _split_phases)
 
@@ -17,7 +19,7 @@ from .pool_common import (_INT32_PLANE_LIMIT, _JIT, _TAPS, _check_geometry, _fir
 # ----------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _max_pool_kernel_generic(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, want_min, want_idx):
     """Max (or min) pooling of ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW); indices into ``ind``.
 
@@ -280,7 +282,7 @@ def _ext_plane(xp, yp, ip, yi, phases, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, d
                     irow[ow] = yi[ow]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _max_pool_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, want_min, want_idx):
     """Max (or min) pooling of ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW), int64 indices into
     ``ind`` (P, OD, OH, OW) when ``want_idx`` (else ``ind`` is a dummy (1, 1, 1, 1))."""
@@ -293,7 +295,7 @@ def _max_pool_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, 
                    want_min, want_idx)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _max_pool_backward_kernel(g, ind, gx, bad):
     """Scatter-add ``g`` (P, M) into ``gx`` (P, S) at ``ind`` (P, M); flags other out-of-range indices."""
     P, M = g.shape
@@ -311,7 +313,7 @@ def _max_pool_backward_kernel(g, ind, gx, bad):
 
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _extreme_pool_int_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, init, want_min, want_idx):
     """Max (or min) pooling of an integer ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW), indices into ``ind``.
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 from fastconv import config  # first: picks Numba's threading layer before any parallel kernel runs
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
+
+from . import parallel
 
 from .pool_common import _JIT, _check_geometry
 
@@ -15,7 +17,7 @@ from .pool_common import _JIT, _check_geometry
 # ----------------------------------------------------------------------------------------------------
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _max_unpool_kernel(x, ind, y, bad):
     """Scatter ``x`` (P, M) into zeroed ``y`` (P, S) at ``ind``; ``bad[p]`` = first bad position + 1."""
     P, M = x.shape
@@ -32,7 +34,7 @@ def _max_unpool_kernel(x, ind, y, bad):
             yp[idx] = xp[m]
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _max_unpool_backward_kernel(g, ind, gx, bad):
     """Gather ``gx[p, m] = g[p, ind[p, m]]``; ``bad[p]`` = first bad position + 1."""
     P, M = gx.shape

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import prange
+
+from . import parallel
 
 from fastconv import config
 
@@ -25,7 +27,7 @@ from . import blas
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(work_arg=0, compute=False, **_JIT)
 def _scatter_patches(z, bias, fill, out):
     """Permute the GEMM result into the upsampled image and add the bias on the way.
 
