@@ -1069,7 +1069,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
 
 # --------------------------------------------------------------------------------------------
 # Non-finite operands: exact IEEE results (padding never multiplies a NaN/Inf into an output that
-# does not depend on it; see fastconv.cpu.nonfinite). Finite calls pay one read of each operand.
+# does not depend on it; see fastconv.cpu.nonfinite). Finite results pay one read of the result.
 # --------------------------------------------------------------------------------------------
 from . import nonfinite as _nonfinite  # noqa: E402
 

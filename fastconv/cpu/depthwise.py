@@ -1273,7 +1273,7 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
 
 
 # Non-finite operands: exact IEEE results (the kernels read padding as stored zeros, and 0 * NaN would
-# put NaN where no term is NaN; see fastconv.cpu.nonfinite). Finite calls pay one read of each operand.
+# put NaN where no term is NaN; see fastconv.cpu.nonfinite). Finite results pay one read of the result.
 from . import nonfinite as _nonfinite  # noqa: E402
 
 depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True)

@@ -135,8 +135,8 @@ def _add(total, part):
 
 def exact(fn=None, *, bias: bool = False):
     """Decorate a pass ``fn(a, b, *rest)`` (``rest[0]`` the bias when ``bias=True``) so that calls with a
-    non-finite operand give the exact IEEE result (see the module docstring); finite calls run ``fn``
-    unchanged after one read of each operand. ``fn`` must be exact on finite operands (no special
+    non-finite operand give the exact IEEE result (see the module docstring); a call whose result is finite
+    costs one read of the result more than ``fn``. ``fn`` must be exact on finite operands (no special
     values created from padding), which every fast kernel is, and must leave a non-finite value in some
     output whenever it forms a non-finite product (true of sums of products, and of Winograd's transforms,
     whose non-finite entries reach at least one kept output of their tile)."""
