@@ -162,8 +162,9 @@ def _fuse_activations(gm: fx.GraphModule, modules: dict) -> int:
         # the fused layer takes the conv's place (same name, same parameters); the conv's one call site
         # now computes act(conv(x)), and the activation node goes
         parent, _, name = source.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, name,
-                ConvBiasAct.from_conv(modules[source.target], activation))
+        layer = ConvBiasAct.from_conv(modules[source.target], activation)
+        setattr(gm.get_submodule(parent) if parent else gm, name, layer)
+        modules[source.target] = layer  # not a conv any more: an activation after this one is not fused
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
         fused += 1
