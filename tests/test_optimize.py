@@ -152,3 +152,14 @@ def test_conv_called_twice_is_not_replaced():
     fast = fastconv.optimize(model)
     assert fast.fused_activations == 0
     assert_close(fast(x), model(x))
+
+
+def test_flop_count_of_the_optimized_model_equals_the_original():
+    """fastconv.flops sees the fused op as the conv it is: same MACs, each ConvBiasAct a conv2d row."""
+    model = fastconv.convert(fastconv.nn.to_torch(fastconv.models.resnet18()).eval())
+    x = torch.randn(1, 3, 32, 32)
+    fast = fastconv.optimize(model)
+    before, after = fastconv.flops.count(model, x), fastconv.flops.count(fast, x)
+    assert after.forward_macs == before.forward_macs
+    node = after.module("layer1.0.conv1")
+    assert node.type == "ConvBiasAct" and [r.op for r in node.ops] == ["conv2d"]
