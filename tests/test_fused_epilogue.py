@@ -296,3 +296,17 @@ def test_module_from_conv_shares_parameters_and_matches_conv_then_activation():
     assert repr(nobias) == "ConvBiasAct(2, 3, kernel_size=(5,), stride=(1,), bias=False, activation='relu')"
     x1 = torch.randn(2, 2, 12)
     assert_close(nobias(x1), torch.relu(TF.conv1d(x1, nobias.weight)))
+
+
+def test_torch_func_grad_works_and_forward_mode_is_refused_by_name():
+    x, w, b, kw = _case("2d_groups", scale=2.0)
+    x, w, b = x.detach(), w.detach(), b.detach()
+
+    def loss(fn, w):
+        return (fn(x, w) ** 2).sum()
+
+    ours = torch.func.grad(lambda w: loss(lambda x, w: F.conv_bias_act(x, w, b, activation="relu6", **kw), w))(w)
+    theirs = torch.func.grad(lambda w: loss(lambda x, w: _reference(x, w, b, "relu6", **kw), w))(w)
+    assert_close(ours, theirs)
+    with pytest.raises(NotImplementedError, match=r"fastconv.conv2d_bias_act: forward-mode"):
+        torch.func.jvp(lambda x: F.conv_bias_act(x, w, b, **kw), (x,), (torch.ones_like(x),))
