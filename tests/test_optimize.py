@@ -163,3 +163,18 @@ def test_flop_count_of_the_optimized_model_equals_the_original():
     assert after.forward_macs == before.forward_macs
     node = after.module("layer1.0.conv1")
     assert node.type == "ConvBiasAct" and [r.op for r in node.ops] == ["conv2d"]
+
+
+def test_optimized_model_under_autocast_runs_its_fused_convs_in_the_autocast_dtype():
+    """Under torch.autocast the fused op casts like a conv (torch's autocast rule for convolutions): without
+    that rule the fused layers ran in float32 and the model's result differed from the unfused one's."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU6(),
+                          nn.Conv2d(8, 4, 1)).eval()
+    fastconv.convert(model)
+    fast = fastconv.optimize(model)
+    assert fast.fused_activations == 2
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, out = model(x), fast(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    assert_close(out, expected)
