@@ -44,10 +44,18 @@ def _kernel_reference(y: torch.Tensor, b, activation):
     return ACTS[activation](y if b is None else y + b.reshape(shape))
 
 
+@pytest.fixture(params=["serial", "parallel"])
+def launch(request, monkeypatch):
+    """Small outputs run on the calling thread; ``parallel`` sends every size through the prange kernels."""
+    if request.param == "parallel":
+        monkeypatch.setattr(epilogue, "SERIAL_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("activation", list(ACTS))
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided", "one_big_plane", "3d", "1d"])
-def test_kernel_matches_torch_bitwise_with_nan_and_inf(layout, activation, dtype):
+def test_kernel_matches_torch_bitwise_with_nan_and_inf(launch, layout, activation, dtype):
     shapes = {"contiguous": (2, 5, 6, 7), "channels_last": (2, 5, 6, 7), "strided": (2, 5, 6, 7),
               "one_big_plane": (1, 1, 300, 200), "3d": (2, 3, 4, 5, 6), "1d": (3, 4, 9)}
     y = torch.randn(shapes[layout], dtype=dtype) * 5
@@ -70,7 +78,7 @@ def test_kernel_matches_torch_bitwise_with_nan_and_inf(layout, activation, dtype
 
 def test_kernel_splits_few_planes_over_threads():
     """N*K planes fewer than the threads: planes are cut in chunks, and every chunk (the last a short one) is done."""
-    y = torch.randn(1, 2, 1, epilogue.CHUNK * 3 + 5)
+    y = torch.randn(1, 2, 1, max(epilogue.CHUNK * 3, epilogue.SERIAL_MAX) + 5)  # big enough to run in parallel
     b = torch.tensor([0.5, -0.25])
     expected = _kernel_reference(y, b, "relu")
     epilogue.bias_act_(y.numpy(), b.numpy(), "relu")
@@ -78,7 +86,7 @@ def test_kernel_splits_few_planes_over_threads():
 
 
 @pytest.mark.parametrize("activation", list(ACTS))
-def test_kernel_without_bias_applies_the_activation_only(activation):
+def test_kernel_without_bias_applies_the_activation_only(launch, activation):
     y = torch.randn(2, 3, 4, 5)
     expected = ACTS[activation](y.clone())
     epilogue.bias_act_(y.numpy(), None, activation)
