@@ -318,3 +318,22 @@ def test_torch_func_grad_works_and_forward_mode_is_refused_by_name():
     assert_close(ours, theirs)
     with pytest.raises(NotImplementedError, match=r"fastconv.conv2d_bias_act: forward-mode"):
         torch.func.jvp(lambda x: F.conv_bias_act(x, w, b, **kw), (x,), (torch.ones_like(x),))
+
+
+def test_vmap_over_inputs_and_over_weights_is_one_call_with_torch_values(monkeypatch):
+    from fastconv.ops import fused as fused_ops
+
+    calls = []
+    real = fused_ops.epilogue.bias_act_
+    monkeypatch.setattr(fused_ops.epilogue, "bias_act_", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(3, 2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(3, 5, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    with fastconv.backend("numba"):
+        ours = torch.vmap(lambda x: F.conv_bias_act(x, w[0], b, padding=1, activation="relu6"))(x * 3)
+        theirs = torch.vmap(lambda x: _reference(x, w[0], b, "relu6", padding=1))(x * 3)
+        assert_close(ours, theirs)
+        ours = torch.vmap(lambda x, w: F.conv_bias_act(x, w, b, activation="relu"))(x, w)
+        theirs = torch.vmap(lambda x, w: _reference(x, w, b, "relu"))(x, w)
+        assert_close(ours, theirs)
+    assert len(calls) == 2  # one op call per vmap, not one per sample (functorch's fallback loop)

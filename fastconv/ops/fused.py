@@ -25,6 +25,7 @@ passes its input (relu: ``y > 0``; relu6: ``0 < y < 6``; none: everywhere; a NaN
 as torch's ``threshold_backward``/``hardtanh_backward`` do), then the conv's own gradient ops
 (``fastconv::conv{d}d_grad_input`` / ``_grad_weight``; bias: a sum). Those ops have autograd of their own,
 so double backward works (the activation's mask is piecewise constant: its derivative is zero).
+vmap uses the conv's batching rule; forward-mode AD is refused by name (:mod:`fastconv.ops.func`).
 """
 from __future__ import annotations
 
@@ -187,3 +188,23 @@ def _register(ndim: int):
 
 
 OPS = {ndim: _register(ndim) for ndim in DIMS}
+
+
+def _register_vmap() -> None:
+    """vmap: the conv's rule (:mod:`fastconv.ops.batching`: fold the vmap dim into N, or into groups when the
+    weights are batched); the activation is elementwise, so it commutes with either fold."""
+    from . import batching
+
+    for ndim in DIMS:
+        op = getattr(torch.ops.fastconv, f"conv{ndim}d_bias_act").default
+
+        def rule(info, in_dims, input, weight, bias, stride, padding, padding_end, dilation, groups, algo,
+                 activation, op=op):
+            conv_rule = batching._conv_rule(lambda *args: op(*args, activation))
+            return conv_rule(info, in_dims[:-1], input, weight, bias, stride, padding, padding_end, dilation, groups,
+                             algo)
+
+        torch.library.register_vmap(op, rule)
+
+
+_register_vmap()
