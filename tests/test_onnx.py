@@ -114,3 +114,22 @@ def test_register_makes_plain_torch_onnx_export_work():
     assert _ops(proto) == ["Conv", "MaxPool"]
     with torch.no_grad():
         assert_close(_run(proto, x)[0], model(x), what="plain export after register()")
+
+
+def test_optimized_model_exports_conv_then_relu_and_clip():
+    """fastconv.optimize's fused convs (fastconv::conv2d_bias_act) export as Conv + Relu / Clip(0, 6)."""
+    torch_model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                      torch.nn.Conv2d(8, 4, 3, stride=2), torch.nn.ReLU6()).eval()
+    torch_model[1].running_mean.uniform_(-1, 1)
+    torch_model[3].weight.data.mul_(20)  # some outputs above 6: the Clip is exercised
+    fast = fastconv.optimize(fastconv.convert(copy.deepcopy(torch_model)))
+    assert fast.fused_activations == 2
+    x = torch.randn(2, 3, 12, 12) * 4
+    proto = _export(fast, x)
+    ops = _ops(proto)
+    assert not [n for n in proto.graph.node if n.domain.startswith("fastconv")], ops
+    assert ops.count("Conv") == 2 and "Relu" in ops and "Clip" in ops, ops
+    with torch.no_grad():
+        want = torch_model(x)
+    assert bool((want == 6).any())
+    assert_close(_run(proto, x)[0], want, what="exported optimized model")

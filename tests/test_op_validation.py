@@ -151,6 +151,21 @@ CASES = {
         "conv", lambda: conv_bwd(gy, x4, w4, [False, True, False], stride=(0, 0)),
         lambda: ops.conv2d_grad_weight(gy, x4, [3, 3], [0, 0], [0, 0], [0, 0], [1, 1], 1, "auto"),
         r"non-positive stride"),
+    # ---- conv + bias + activation (fastconv.ops.fused): conv_op's checks plus the activation's ------------
+    "bias_act_unknown_activation": (
+        "conv", None,  # torch has no such op: a ValueError naming the activation and listing the valid ones
+        lambda: ops.conv2d_bias_act(x4, w4, b6, [1, 1], [0, 0], [0, 0], [1, 1], 1, "auto", "gelu"),
+        r"fastconv.conv2d_bias_act: unknown activation 'gelu'; expected one of 'none', 'relu', 'relu6'"),
+    "bias_act_channel_mismatch": (
+        "conv", lambda: TF.conv1d(x4[:, :, 0], torch.randn(6, 3, 3, dtype=D)),
+        lambda: ops.conv1d_bias_act(x4[:, :, 0], torch.randn(6, 3, 3, dtype=D), None, [1], [0], [0], [1], 1, "auto",
+                                    "relu"),
+        r"fastconv.conv1d_bias_act: weight has 3 input channels per group but input has 4 channels"),
+    "bias_act_bias_wrong_length": (
+        "conv", lambda: TF.conv3d(x4[:, :, None], w4[:, :, None], torch.randn(3, dtype=D)),
+        lambda: ops.conv3d_bias_act(x4[:, :, None], w4[:, :, None], torch.randn(3, dtype=D), [1, 1, 1], [0, 0, 0],
+                                    [0, 0, 0], [1, 1, 1], 1, "auto", "relu6"),
+        r"fastconv.conv3d_bias_act: expected bias of shape \(6,\)"),
     # ---- transposed and separable ---------------------------------------------------------------------
     "transposed_negative_padding": ("transposed", lambda: aconv(w=wt, transposed=True, padding=(-1, -1)),
                                     lambda: convT(padding=(-1, -1)), r"negative padding is not supported"),

@@ -69,6 +69,7 @@ def fvcore_handles() -> dict:
     handles = {}
     for d in (1, 2, 3):
         handles[f"fastconv::conv{d}d"] = _conv
+        handles[f"fastconv::conv{d}d_bias_act"] = _conv  # a conv with its bias and activation fused
         handles[f"fastconv::conv{d}d_grad_input"] = _grad_input
         handles[f"fastconv::conv{d}d_grad_weight"] = _grad_weight
         handles[f"fastconv::conv_transpose{d}d"] = _conv_transpose

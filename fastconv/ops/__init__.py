@@ -4,6 +4,7 @@ from . import conv  # noqa: F401
 from . import pool  # noqa: F401
 from . import transposed  # noqa: F401
 from . import separable  # noqa: F401
+from . import fused  # noqa: F401  (conv + bias + activation, for fastconv.optimize)
 from . import catalog  # noqa: F401  (kernel declarations -> registry and pooling table)
 
 from ._first_call import skip_eager_dynamo_import as _skip_eager_dynamo_import

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 #: The ops torch's autocast lists as lower precision (its conv{1,2,3}d and conv_transpose{1,2,3}d), plus the
-#: separable conv, which is two of them.
+#: separable conv, which is two of them, and the fused conv + bias + activation ops (ops/fused.py).
 LOWER_PRECISION_OPS = ("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                       "depthwise_separable_conv2d")
+                       "depthwise_separable_conv2d", "conv1d_bias_act", "conv2d_bias_act", "conv3d_bias_act")
 DEVICES = ("cpu", "cuda")
 
 # Registrations live as long as this Library object does.

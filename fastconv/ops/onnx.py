@@ -1,5 +1,6 @@
 """ONNX translations of fastconv's forward ops to the standard operators (Conv, ConvTranspose, MaxPool,
-AveragePool, GlobalAveragePool, GlobalMaxPool), for ``torch.onnx.export`` (the dynamo exporter, torch >= 2.5).
+AveragePool, GlobalAveragePool, GlobalMaxPool; Relu/Clip after a fused conv), for ``torch.onnx.export`` (the
+dynamo exporter, torch >= 2.5).
 
 ``torch.onnx.export`` knows aten ops only; a converted model holds ``fastconv::*`` custom ops, and without a
 translation the export fails ("unrecognized namespace fastconv::conv2d"). Two ways to give it one:
@@ -53,6 +54,18 @@ def conv(input, weight, bias=None, stride=(1,), padding=(0,), padding_end=(0,), 
     args = (input, weight) if bias is None else (input, weight, bias)
     return op.Conv(*args, strides=[int(s) for s in stride], pads=_pads(padding, padding_end),
                    dilations=[int(d) for d in dilation], group=int(groups))
+
+
+def conv_bias_act(input, weight, bias=None, stride=(1,), padding=(0,), padding_end=(0,), dilation=(1,),
+                  groups: int = 1, algo: str = "auto", activation: str = "relu"):
+    """``fastconv::conv{1,2,3}d_bias_act`` (what ``fastconv.optimize`` fuses) -> Conv, then Relu or Clip(0, 6)."""
+    op = _opset()
+    y = conv(input, weight, bias, stride, padding, padding_end, dilation, groups)
+    if activation == "relu":
+        return op.Relu(y)
+    if activation == "relu6":
+        return op.Clip(y, op.CastLike(op.Constant(value_float=0.0), y), op.CastLike(op.Constant(value_float=6.0), y))
+    return y
 
 
 def conv_transpose(input, weight, bias=None, stride=(1,), padding=(0,), output_padding=(0,), dilation=(1,),
@@ -152,6 +165,7 @@ def translation_table() -> dict[Any, Callable]:
     table: dict[Any, Callable] = {}
     for d in (1, 2, 3):
         table[getattr(ops, f"conv{d}d").default] = conv
+        table[getattr(ops, f"conv{d}d_bias_act").default] = conv_bias_act
         table[getattr(ops, f"conv_transpose{d}d").default] = conv_transpose
     table.update({ops.depthwise_separable_conv2d.default: separable, ops.max_pool.default: max_pool,
                   ops.avg_pool.default: avg_pool, ops.adaptive_avg_pool.default: adaptive_avg_pool,
