@@ -108,3 +108,16 @@ def test_is_channels_last():
     assert not im2col_nhwc.is_channels_last(torch.randn(2, 3, 1, 4, 5).numpy())
     # both layouts at once (1x1 spatial): counts as NCDHW, the plain kernels run it
     assert not im2col_nhwc.is_channels_last(torch.randn(2, 3, 1, 1, 1).contiguous(memory_format=CL3).numpy())
+
+
+@pytest.mark.parametrize("weight_cl", [False, True], ids=["weight contiguous", "weight channels_last"])
+@pytest.mark.parametrize("algo", ["im2col", "direct"])
+def test_fused_op_layout_promise(algo, weight_cl):
+    """The fused conv + bias + ReLU op keeps the conv ops' layout promise (its fake kernel agrees with it)."""
+    x, w, b, _, kw, fmt = _make("3x3 pad 1", weight_cl)
+    args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), [1, 1], [1, 1], [1, 1], [1, 1], 1, algo,
+            "relu")
+    torch.library.opcheck(torch.ops.fastconv.conv2d_bias_act.default, args)
+    y = torch.ops.fastconv.conv2d_bias_act(*args)
+    assert y.is_contiguous(memory_format=fmt)
+    assert_close(y, TF.relu(TF.conv2d(x, w, b, padding=1)), what="fused")

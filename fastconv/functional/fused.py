@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..ops import fused as fused_ops
 from ._checks import IntOrSeq, check_type
-from ._layout import laid_out, result_format
+from ..ops._layout import laid_out, result_format
 from .conv import ConvArgs, Padding
 
 #: The activations :func:`conv_bias_act` applies.

@@ -40,8 +40,9 @@ from .. import backends, registry
 from ..cpu import epilogue
 from . import conv as conv_ops  # the gradient ops the backward calls
 from . import precision, validation
+from ._layout import empty_result, op_result, result_format
 from ._output import fresh
-from .conv import DIMS, make_geometry
+from .conv import DIMS, _as_5d, make_geometry
 
 #: The activations the fused ops apply, in the order error messages list them.
 ACTIVATIONS = tuple(epilogue.ACTIVATIONS)
@@ -53,15 +54,6 @@ def check_activation(op: str, activation) -> str:
         raise ValueError(f"fastconv.{op}: unknown activation {activation!r}; expected one of "
                          f"{', '.join(repr(a) for a in ACTIVATIONS)}")
     return activation
-
-
-def _as_5d(t: Tensor, any_strides: bool) -> Tensor:
-    """(N, C, *S) -> (N, C, D, H, W), contiguous unless the algorithm reads any layout (as ops/conv.py)."""
-    if not (any_strides or t.is_contiguous()):
-        t = t.contiguous()
-    while t.dim() < 5:
-        t = t.unsqueeze(2)
-    return t
 
 
 def _torch_activation_(out: Tensor, activation: str) -> None:
@@ -91,7 +83,7 @@ def _register(ndim: int):
                                                         padding_end, dilation, groups)
         if empty_dtype is not None:
             # N == 0 or C == 0: the result is empty ((0, K, *O) or aten's (N, 0, *O)): nothing to activate
-            return input.new_zeros(shape, dtype=empty_dtype)
+            return op_result(input.new_zeros(shape, dtype=empty_dtype), result_format(input, weight))
         xs, ks = input.shape, weight.shape[spatial]
         stride = validation.conv_kernel_stride(stride, out_sp, xs[spatial], ks, padding, padding_end, dilation)
         dilation = validation.kernel_dilation(dilation, ks)
@@ -130,14 +122,14 @@ def _register(ndim: int):
         else:
             out = alg.forward(x, w, None if bias is None else bias.contiguous(), geom)
             _torch_activation_(out, activation)
-        return fresh(out, out_shape)
+        return op_result(fresh(out, out_shape), result_format(input, weight))
 
     @conv_bias_act.register_fake
     def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo, activation):
         check_activation(name, activation)
         shape, empty_dtype, _ = validation.conv_op(name, ndim, input, weight, bias, stride, padding, padding_end,
                                                    dilation, groups)
-        return input.new_empty(shape, dtype=empty_dtype or input.dtype)
+        return empty_result(input, shape, empty_dtype or input.dtype, result_format(input, weight))
 
     def setup(ctx, inputs, output):
         input, weight, bias, stride, padding, padding_end, dilation, groups, algo, activation = inputs
