@@ -15,7 +15,9 @@ hits every layer alike:
 (grad_input + grad_weight) the same way; the ``train`` row is forward + backward of a converted one-conv
 module through autograd, against the three kernels. Pooling rows do the same for max_pool2d and
 adaptive_avg_pool2d. ``floor`` rows are a trivial ``torch.library.custom_op`` (returns ``empty_like``),
-without and with a registered autograd formula: what torch's dispatch costs any custom op.
+without and with a registered autograd formula: what torch's dispatch costs any custom op;
+``floor_conv_schema`` is the same with ``fastconv::conv2d``'s nine-argument schema and fastconv's own
+Autograd kernel: the floor under every conv op call (the dispatcher converts each argument at each step).
 
 Results depend on the machine's load (printed with them); compare rows of one run, not runs.
 
@@ -31,7 +33,10 @@ import sys
 import tempfile
 import time
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 
 def _noop_ops():
@@ -54,6 +59,33 @@ def _noop_ops():
 
     noop_ag.register_autograd(lambda ctx, g: g)
     return noop, noop_ag
+
+
+def _noop_conv_op():
+    """A custom op with ``fastconv::conv2d``'s schema and fastconv's own Autograd kernel
+    (:mod:`fastconv.ops.func`) that returns ``empty_like(input)``: the floor under a fastconv conv call
+    (nine arguments, four of them lists, converted at each dispatcher step)."""
+    import warnings
+
+    from torch._library.custom_ops import OPDEFS
+
+    from fastconv.ops import func
+
+    @torch.library.custom_op("fastconv_overhead::conv2d", mutates_args=())
+    def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
+             padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
+        return torch.empty_like(input)
+
+    @conv.register_fake
+    def _(input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
+        return torch.empty_like(input)
+
+    conv.register_autograd(lambda ctx, g: (g,) + (None,) * 8)
+    opdef = OPDEFS["fastconv_overhead::conv2d"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opdef._lib.impl(opdef._name, func._make_autograd_kernel(opdef), "Autograd", with_keyset=True)
+    return conv
 
 
 def measure(cases: dict, samples: int, block: int) -> dict:
@@ -210,6 +242,9 @@ def main(argv=None) -> int:
     parser.add_argument("--algo", default="im2col", help="the named algorithm at the bottom (default im2col)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="use the user's autotune cache (default: a fresh temporary one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and Numba threads (default 1: multi-threaded GEMMs on a shared machine make the "
+                             "kernel rows noisy; the overhead does not depend on it); 0 keeps the defaults")
     parser.add_argument("--json", help="also write the numbers here")
     args = parser.parse_args(argv)
     if not args.keep_cache:
@@ -219,7 +254,10 @@ def main(argv=None) -> int:
     from fastconv.ops.conv import make_geometry
 
     torch.manual_seed(0)
+    if args.threads:  # fastconv's kernels follow torch's setting (fastconv.config.sync_threads)
+        torch.set_num_threads(args.threads)
     noop, noop_ag = _noop_ops()
+    noop_conv = _noop_conv_op()
     floor_x = torch.randn(1, 8, 8, 8)
     floor_xg = floor_x.clone().requires_grad_(True)
     report: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "tables": {}}
@@ -234,7 +272,8 @@ def main(argv=None) -> int:
                           (1, 1), x.dtype, "numba")
         chosen = {pass_: registry.decide("auto", g, pass_).algorithm.name
                   for pass_ in ("forward", "grad_input", "grad_weight")}
-        floor = {"floor": lambda: noop(floor_x), "floor_autograd": lambda: noop_ag(floor_x)}
+        floor = {"floor": lambda: noop(floor_x), "floor_autograd": lambda: noop_ag(floor_x),
+                 "floor_conv_schema": lambda: noop_conv(x, w, None, [1, 1], [p, p], [p, p], [1, 1], 1, "im2col")}
         with torch.no_grad():
             res_f = measure({**fwd, **floor}, args.samples, args.block)
         res_b = measure(bwd, args.samples, args.block)

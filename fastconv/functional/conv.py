@@ -79,7 +79,7 @@ def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, alg
         if args is not None:
             dev = input.device
             if weight.device == dev and (bias is None or bias.device == dev):
-                return laid_out(conv_ops.OPS[ndim][0](input, weight, bias, *args), result_format(input, weight))
+                return laid_out(conv_ops.FORWARD[ndim](input, weight, bias, *args), result_format(input, weight))
     op = f"conv{ndim}d"
     a = ConvArgs(op, ndim, input, weight, bias, stride, padding, dilation, groups, algo)
     args = (*a.lists(), a.groups, a.algo)
