@@ -26,6 +26,7 @@ Results depend on the machine's load (printed with them); compare rows of one ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -88,6 +89,54 @@ def _noop_conv_op():
     return conv
 
 
+class _StubPoolKernels:
+    """Pooling kernels that only allocate their results (the ``"numba"`` entry while host code is timed)."""
+
+    def max_pool(self, x, kernel, stride, padding, dilation, out_spatial, minimum):
+        shape = (*x.shape[:2], *out_spatial)
+        return torch.empty(shape, dtype=x.dtype), torch.empty(shape, dtype=torch.int64)
+
+    def max_pool_backward(self, grad_out, indices, in_spatial):
+        return torch.empty((*grad_out.shape[:2], *in_spatial), dtype=grad_out.dtype)
+
+    def adaptive_avg_pool(self, x, out_spatial):
+        return torch.empty((*x.shape[:2], *out_spatial), dtype=x.dtype)
+
+    def adaptive_avg_pool_backward(self, grad_out, in_spatial):
+        return torch.empty((*grad_out.shape[:2], *in_spatial), dtype=grad_out.dtype)
+
+
+@contextlib.contextmanager
+def stubbed_kernels(algo: str):
+    """Inside the block the Numba conv algorithm ``algo`` and the Numba pooling kernels only allocate their
+    results: every layer above still runs all its host code, so the rows show fastconv's per-call host
+    cost without the kernel (whose own timing moves with the caches the host code leaves behind)."""
+    import dataclasses
+
+    from fastconv import registry
+    from fastconv.ops import pool as pool_ops
+
+    real = registry._REGISTRY[(algo, "numba")]
+
+    def fwd(x, w, bias, g):
+        return torch.empty((g.batch, g.out_channels, *g.out_spatial), dtype=x.dtype)
+
+    def gin(gy, w, g):
+        return torch.empty((g.batch, g.in_channels, *g.in_spatial), dtype=gy.dtype)
+
+    def gwt(gy, x, g):
+        return torch.empty((g.out_channels, g.in_channels // g.groups, *g.kernel), dtype=gy.dtype)
+
+    real_pool = pool_ops.KERNELS["numba"]
+    registry.register(dataclasses.replace(real, forward=fwd, grad_input=gin, grad_weight=gwt))
+    pool_ops.register_kernels("numba", _StubPoolKernels())
+    try:
+        yield
+    finally:
+        registry.register(real)
+        pool_ops.register_kernels("numba", real_pool)
+
+
 def measure(cases: dict, samples: int, block: int) -> dict:
     """name -> (median us, min us) of per-call times, the cases interleaved block by block."""
     times = {name: [] for name in cases}
@@ -115,7 +164,7 @@ def conv_cases(x, w, padding: int, algo: str) -> tuple[dict, dict, dict]:
     """(forward cases, backward cases, train-step cases) for one conv shape, algo ``algo`` at the bottom."""
     import fastconv
     import fastconv.functional as F
-    from fastconv.cpu import algorithms as cpu_algs
+    from fastconv import registry
     from fastconv.cpu import conv as kernels
     from fastconv.ops.conv import make_geometry
 
@@ -123,7 +172,7 @@ def conv_cases(x, w, padding: int, algo: str) -> tuple[dict, dict, dict]:
     k, _, r, s = w.shape
     geom = make_geometry(2, n, c, k, 1, (h, wd), (r, s), None, (1, 1), (padding, padding), (padding, padding),
                          (1, 1), x.dtype, "numba")
-    alg = {a.name: a for a in cpu_algs.ALGORITHMS}[algo]
+    alg = registry._REGISTRY[(algo, "numba")]  # what the ops run (the stub inside stubbed_kernels)
     fwd, gin, gwt = (getattr(kernels, f"{algo}_{p}") for p in ("forward", "grad_input", "grad_weight"))
     x5, w5 = x.unsqueeze(2), w.unsqueeze(2)
     xn, wn = x5.numpy(), w5.numpy()
@@ -181,7 +230,7 @@ def conv_cases(x, w, padding: int, algo: str) -> tuple[dict, dict, dict]:
     return forward, backward, train
 
 
-def pool_cases(x) -> dict:
+def pool_cases(x, stub: bool = False) -> dict:
     """Pooling forward and backward cases on ``x``: max_pool2d 3x3/2 pad 1, adaptive_avg_pool2d to 1x1."""
     import fastconv.functional as F
     from fastconv.cpu import pool_adaptive_avg, pool_max
@@ -223,6 +272,18 @@ def pool_cases(x) -> dict:
         ("adaptive_avg_pool_train", "functional"): lambda: torch.autograd.grad(F.adaptive_avg_pool2d(xg, 1), xg,
                                                                                 ga),
     }
+    if stub:  # the kernel rows: the stub kernels on the 5-D tensors the ops hand them
+        k = _StubPoolKernels()
+        gy5, ga5, idx5 = gy, ga.unsqueeze(2), idx
+        cases[("max_pool", "kernel")] = lambda: k.max_pool(x5, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1),
+                                                           (1, oh, ow), False)
+        cases[("max_pool_backward", "kernel")] = lambda: k.max_pool_backward(gy5, idx5, (1, h, w))
+        cases[("max_pool_train", "kernel")] = lambda: (cases[("max_pool", "kernel")](),
+                                                       cases[("max_pool_backward", "kernel")]())
+        cases[("adaptive_avg_pool", "kernel")] = lambda: k.adaptive_avg_pool(x5, (1, 1, 1))
+        cases[("adaptive_avg_pool_backward", "kernel")] = lambda: k.adaptive_avg_pool_backward(ga5, (1, h, w))
+        cases[("adaptive_avg_pool_train", "kernel")] = lambda: (cases[("adaptive_avg_pool", "kernel")](),
+                                                                cases[("adaptive_avg_pool_backward", "kernel")]())
     return cases
 
 
@@ -235,39 +296,26 @@ def _rows(title: str, result: dict, base: str = "kernel") -> list[str]:
     return lines
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=600, help="timed calls per case (default 600)")
-    parser.add_argument("--block", type=int, default=20, help="calls per case in a row before the next case")
-    parser.add_argument("--algo", default="im2col", help="the named algorithm at the bottom (default im2col)")
-    parser.add_argument("--keep-cache", action="store_true",
-                        help="use the user's autotune cache (default: a fresh temporary one)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and Numba threads (default 1: multi-threaded GEMMs on a shared machine make the "
-                             "kernel rows noisy; the overhead does not depend on it); 0 keeps the defaults")
-    parser.add_argument("--json", help="also write the numbers here")
-    args = parser.parse_args(argv)
-    if not args.keep_cache:
-        os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv-overhead-")
-
+def _measure_all(args, stub: bool, noop, noop_ag, noop_conv, lines: list) -> dict:
+    """Every table once (real or stubbed kernels); appends the printed rows to ``lines``."""
     from fastconv import registry
     from fastconv.ops.conv import make_geometry
 
-    torch.manual_seed(0)
-    if args.threads:  # fastconv's kernels follow torch's setting (fastconv.config.sync_threads)
-        torch.set_num_threads(args.threads)
-    noop, noop_ag = _noop_ops()
-    noop_conv = _noop_conv_op()
+    tables: dict = {}
+    base = "alg" if stub else "kernel"
     floor_x = torch.randn(1, 8, 8, 8)
     floor_xg = floor_x.clone().requires_grad_(True)
-    report: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "tables": {}}
-    lines = []
     shapes = {
         "1x256x8x8 * 512x256x1x1": (torch.randn(1, 256, 8, 8), torch.randn(512, 256, 1, 1), 0),
         "1x8x8x8 * 8x8x3x3 pad 1": (torch.randn(1, 8, 8, 8), torch.randn(8, 8, 3, 3), 1),
     }
     for label, (x, w, p) in shapes.items():
         fwd, bwd, train = conv_cases(x, w, p, args.algo)
+        if stub:
+            for table in (fwd, bwd):
+                del table["kernel"]
+            del train["kernel"]
+            train = {"alg": lambda fwd=fwd, bwd=bwd: (fwd["alg"](), bwd["alg"]()), **train}
         g = make_geometry(2, *x.shape[:2], w.shape[0], 1, x.shape[2:], w.shape[2:], None, (1, 1), (p, p), (p, p),
                           (1, 1), x.dtype, "numba")
         chosen = {pass_: registry.decide("auto", g, pass_).algorithm.name
@@ -279,20 +327,53 @@ def main(argv=None) -> int:
         res_b = measure(bwd, args.samples, args.block)
         res_t = measure({**train, "floor_autograd_grad": lambda: noop_ag(floor_xg).sum().backward()},
                         args.samples // 2, args.block)
-        report["tables"][label] = {"auto_chose": chosen, "forward": res_f, "backward": res_b, "train": res_t}
+        tables[label] = {"auto_chose": chosen, "forward": res_f, "backward": res_b, "train": res_t}
         lines.append(f"conv2d {label}  (algo={args.algo}; auto chose {chosen})")
-        lines += _rows("forward, no_grad (us per call)", res_f)
-        lines += _rows("backward: grad_input + grad_weight ops (us per pair)", res_b)
-        lines += _rows("train step: forward + backward through autograd (us)", res_t)
+        lines += _rows("forward, no_grad (us per call)", res_f, base)
+        lines += _rows("backward: grad_input + grad_weight ops (us per pair)", res_b, base)
+        lines += _rows("train step: forward + backward through autograd (us)", res_t, base)
     x = torch.randn(1, 64, 16, 16)
-    cases = pool_cases(x)
+    cases = pool_cases(x, stub)
     with torch.no_grad():  # the training rows need autograd; the others run as inference does
         pool = measure({k: v for k, v in cases.items() if not k[0].endswith("_train")}, args.samples, args.block)
     pool.update(measure({k: v for k, v in cases.items() if k[0].endswith("_train")}, args.samples, args.block))
-    report["tables"]["pool 1x64x16x16"] = {" / ".join(k): v for k, v in pool.items()}
+    tables["pool 1x64x16x16"] = {" / ".join(k): v for k, v in pool.items()}
     lines.append("pooling on 1x64x16x16 (max_pool2d 3x3/2 pad 1; adaptive_avg_pool2d -> 1x1)")
     for op in dict.fromkeys(k[0] for k in pool):
         lines += _rows(op, {layer: v for (o, layer), v in pool.items() if o == op})
+    return tables
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=600, help="timed calls per case (default 600)")
+    parser.add_argument("--block", type=int, default=20, help="calls per case in a row before the next case")
+    parser.add_argument("--algo", default="im2col", help="the named algorithm at the bottom (default im2col)")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="use the user's autotune cache (default: a fresh temporary one)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and Numba threads (default 1: multi-threaded GEMMs on a shared machine make the "
+                             "kernel rows noisy; the overhead does not depend on it); 0 keeps the defaults")
+    parser.add_argument("--mode", choices=("both", "kernels", "stubbed"), default="both",
+                        help="real kernels, kernels stubbed (host code only), or both (default)")
+    parser.add_argument("--json", help="also write the numbers here")
+    args = parser.parse_args(argv)
+    if not args.keep_cache:
+        os.environ["FASTCONV_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastconv-overhead-")
+
+    torch.manual_seed(0)
+    if args.threads:  # fastconv's kernels follow torch's setting (fastconv.config.sync_threads)
+        torch.set_num_threads(args.threads)
+    noop, noop_ag = _noop_ops()
+    noop_conv = _noop_conv_op()
+    report: dict = {"load_before": os.getloadavg(), "threads": torch.get_num_threads(), "tables": {}}
+    lines = []
+    modes = {"kernels": False, "stubbed": True} if args.mode == "both" else {args.mode: args.mode == "stubbed"}
+    for mode, stub in modes.items():
+        with stubbed_kernels(args.algo) if stub else contextlib.nullcontext():
+            lines.append("=" * 20 + (" kernels stubbed: fastconv's host code only, base row 'alg' = the stub"
+                                     if stub else " real kernels, base row 'kernel' = the bare Numba kernel"))
+            report["tables"][mode] = _measure_all(args, stub, noop, noop_ag, noop_conv, lines)
     report["load_after"] = os.getloadavg()
     print(f"load average before {report['load_before'][0]:.2f}, after {report['load_after'][0]:.2f}; "
           f"torch threads {report['threads']}; medians and minima of {args.samples} calls per case (us)")
