@@ -352,9 +352,9 @@ OPS = {ndim: _register(ndim) for ndim in DIMS}
 
 
 def _entry(opdef):
-    """The dispatcher's own callable for ``opdef``: what ``opdef(...)`` reaches through two Python frames
-    (``CustomOpDef.__call__`` -> ``OpOverload.__call__`` -> this), a microsecond per call saved."""
-    return getattr(getattr(opdef, "_opoverload", None), "_op", None) or opdef
+    """The op's ``OpOverload``: what ``opdef(...)`` calls (``CustomOpDef.__call__`` is one Python frame more).
+    Not the dispatcher's builtin beneath it: torch.compile traces an OpOverload, not that builtin."""
+    return getattr(opdef, "_opoverload", None) or opdef
 
 
 #: ndim -> the forward op's direct entry (same arguments and behaviour as ``OPS[ndim][0]``).
