@@ -11,17 +11,20 @@ hits every layer alike:
     functional  ``fastconv.functional.conv2d`` (argument normalisation, layout)
     module      a converted ``nn.Conv2d`` (``fastconv.convert``), called as a model calls it
 
-``overhead = layer - kernel`` (medians). The backward rows time one training step's gradient ops
-(grad_input + grad_weight) the same way; the ``train`` row is forward + backward of a converted one-conv
-module through autograd, against the three kernels. Pooling rows do the same for max_pool2d and
-adaptive_avg_pool2d. ``floor`` rows are a trivial ``torch.library.custom_op`` (returns ``empty_like``),
-without and with a registered autograd formula: what torch's dispatch costs any custom op;
-``floor_conv_schema`` is the same with ``fastconv::conv2d``'s nine-argument schema and fastconv's own
-Autograd kernel: the floor under every conv op call (the dispatcher converts each argument at each step).
+``overhead = layer - kernel`` (medians); ``own`` subtracts the dispatch floor (below) as well. With ``--mode
+stubbed`` (part of the default ``both``) the kernels only allocate their results and the base row is the
+algorithm wrapper around that stub: the rows are then fastconv's host code alone, without the kernel's own
+time, which moves with the caches the host code leaves behind (the real-kernel rows mix both). The backward
+rows time one training step's gradient ops (grad_input + grad_weight) the same way; the ``train`` row is
+forward + backward of a converted one-conv module through autograd, against the three kernels. Pooling rows do
+the same for max_pool2d and adaptive_avg_pool2d. ``floor`` rows are a trivial ``torch.library.custom_op``
+(returns ``empty_like``), without and with a registered autograd formula: what torch's dispatch costs any
+custom op; ``floor_conv_schema`` is the same with ``fastconv::conv2d``'s nine-argument schema and fastconv's
+own Autograd kernel: the floor under every conv op call (the dispatcher converts each argument at each step).
 
 Results depend on the machine's load (printed with them); compare rows of one run, not runs.
 
-    PYTHONPATH=. python tools/overhead.py [--samples 600] [--block 20] [--json out.json]
+    PYTHONPATH=. python tools/overhead.py [--mode both|kernels|stubbed] [--samples 600] [--threads 1] [--json out.json]
 """
 from __future__ import annotations
 
@@ -288,11 +291,16 @@ def pool_cases(x, stub: bool = False) -> dict:
 
 
 def _rows(title: str, result: dict, base: str = "kernel") -> list[str]:
+    """One table: median and min per row, ``overhead`` = row - base row; in the forward tables also ``own`` =
+    overhead - (floor_conv_schema - its own body): what fastconv adds above torch's dispatch of such an op."""
     med0 = result[base][0]
+    floor = result.get("floor_conv_schema")
     lines = [f"  {title}"]
     for name, (med, mn) in result.items():
         extra = "" if name == base else f"   overhead {med - med0:7.1f}"
-        lines.append(f"    {name:<16} median {med:8.1f}  min {mn:8.1f}{extra}")
+        if floor is not None and name != base and not name.startswith("floor"):
+            extra += f"   own {med - med0 - floor[0]:7.1f}"
+        lines.append(f"    {name:<17} median {med:8.1f}  min {mn:8.1f}{extra}")
     return lines
 
 
