@@ -117,6 +117,33 @@ def _make_autograd_kernel(opdef):
             refuse_forward_mode()
         return jvp_rule(op, ctx.fastconv_primals, tangents[:-1], ctx.fastconv_output)
 
+    # ``unwrap_dead_wrappers(args)`` (torch._functorch.utils) looks at every argument; only the schema's Tensor
+    # and Tensor? arguments can hold a tensor here (the dispatcher hands lists as lists of ints), so only those
+    # are looked at. An op with other tensor-bearing arguments (Tensor[]) keeps torch's function.
+    tensor_at = []
+    for i, a in enumerate(arguments):
+        kind = a.type
+        if isinstance(kind, torch.OptionalType):
+            kind = kind.getElementType()
+        if isinstance(kind, torch.TensorType):
+            tensor_at.append(i)
+        elif "Tensor" in str(kind):
+            tensor_at = None
+            break
+    unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)  # what unwrap_dead_wrappers calls
+    if unwrap_if_dead is None:
+        tensor_at = None
+
+    def unwrap(args):
+        if tensor_at is None:
+            return unwrap_dead_wrappers(args)
+        args = list(args)
+        n = len(args)
+        for i in tensor_at:
+            if i < n and args[i] is not None:
+                args[i] = unwrap_if_dead(args[i])
+        return args
+
     function = type(f"FastconvBackward_{op._opname}", (torch.autograd.function._SingleLevelFunction,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward),
                      "jvp": staticmethod(jvp)})
@@ -131,7 +158,7 @@ def _make_autograd_kernel(opdef):
             previous = get_allowed()
             set_allowed(True)
             try:
-                return function.apply(*unwrap_dead_wrappers(args), keyset)
+                return function.apply(*unwrap(args), keyset)
             finally:
                 set_allowed(previous)
         return forward_no_grad(keyset, args)
