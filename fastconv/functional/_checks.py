@@ -26,6 +26,9 @@ def plain(value) -> bool:
     may reuse for it. Others must take the full checks: as dict keys ``1 == 1.0 == True``, so a memo made by
     ``stride=1`` would otherwise answer ``stride=1.0`` or ``stride=True``, which the checks refuse."""
     kind = type(value)
-    if kind is int or kind is str or value is None:
+    if kind is tuple:
+        for v in value:  # a loop, not all(<generator>): half the time, and every nn layer call checks four
+            if type(v) is not int:
+                return False
         return True
-    return kind is tuple and all(type(v) is int for v in value)
+    return kind is int or kind is str or value is None
