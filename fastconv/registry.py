@@ -151,6 +151,18 @@ def _reasons(geom: ConvGeometry) -> dict[str, str]:
     return out
 
 
+_AUTOTUNE: list = []
+
+
+def _autotune():
+    """The autotune module, imported late (it imports this one) and once: every ``auto`` call asks it."""
+    if not _AUTOTUNE:
+        from . import autotune
+
+        _AUTOTUNE.append(autotune)
+    return _AUTOTUNE[0]
+
+
 def choose(algo: str, geom, pass_: str, op: str = "conv", family: str = "conv"):
     """Resolve ``algo`` (a name or ``"auto"``) for ``geom`` and one of :data:`PASSES`.
 
@@ -162,9 +174,7 @@ def choose(algo: str, geom, pass_: str, op: str = "conv", family: str = "conv"):
     if family != "conv":
         return _choose_in_family(family, algo, geom, op)
     if algo == "auto":
-        from . import autotune  # late: autotune imports this module
-
-        tuned = autotune.lookup(geom, pass_)  # None when tuning is off, too small, or nested
+        tuned = _autotune().lookup(geom, pass_)  # None when tuning is off, too small, or nested
         if tuned is not None:
             return tuned
         chooser = _HEURISTICS.get(geom.target)

@@ -20,23 +20,26 @@ from . import conv as kernels
 from . import depthwise, fft, im2col_nhwc, transposed_gemm, winograd
 
 
+def _np(t: torch.Tensor):
+    """``t``'s memory as a numpy array: ``detach`` (a new tensor object, a microsecond) only when needed."""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
+
+
 def _wrap(prefix: str):
     fwd = getattr(kernels, f"{prefix}_forward")
     gin = getattr(kernels, f"{prefix}_grad_input")
     gwt = getattr(kernels, f"{prefix}_grad_weight")
+    from_numpy = torch.from_numpy
 
     def forward(x, w, bias, g: ConvGeometry):
-        b = None if bias is None else bias.detach().numpy()
-        return torch.from_numpy(fwd(x.detach().numpy(), w.detach().numpy(), b, g.stride, g.padding,
-                                    g.dilation, g.groups, g.out_spatial))
+        return from_numpy(fwd(_np(x), _np(w), None if bias is None else _np(bias), g.stride, g.padding,
+                              g.dilation, g.groups, g.out_spatial))
 
     def grad_input(grad_out, w, g: ConvGeometry):
-        return torch.from_numpy(gin(grad_out.detach().numpy(), w.detach().numpy(), g.stride, g.padding,
-                                    g.dilation, g.groups, g.in_spatial))
+        return from_numpy(gin(_np(grad_out), _np(w), g.stride, g.padding, g.dilation, g.groups, g.in_spatial))
 
     def grad_weight(grad_out, x, g: ConvGeometry):
-        return torch.from_numpy(gwt(grad_out.detach().numpy(), x.detach().numpy(), g.stride, g.padding,
-                                    g.dilation, g.groups, g.kernel))
+        return from_numpy(gwt(_np(grad_out), _np(x), g.stride, g.padding, g.dilation, g.groups, g.kernel))
 
     return forward, grad_input, grad_weight
 

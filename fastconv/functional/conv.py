@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import registry
 from ..ops import conv as conv_ops
-from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple
+from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple, plain
 from ..ops._layout import laid_out, result_format
 
 Padding = Union[str, IntOrSeq]
@@ -70,16 +70,15 @@ _NORMALISED: dict = {}
 def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, algo) -> Tensor:
     key = None
     if (isinstance(input, Tensor) and isinstance(weight, Tensor) and (bias is None or isinstance(bias, Tensor))
-            and input.dim() == ndim + 2 and weight.dim() == ndim + 2):
-        try:
-            key = (ndim, weight.shape[2:], stride, padding, dilation, groups, algo)
-            args = _NORMALISED.get(key)
-        except TypeError:  # an unhashable argument (a list): the full path below
-            key = args = None
+            and input.dim() == ndim + 2 and weight.dim() == ndim + 2 and plain(stride) and plain(padding)
+            and plain(dilation) and plain(groups) and type(algo) is str):
+        # lists (unhashable), floats and bools (equal to ints as keys) take the full path below
+        key = (ndim, weight.shape[2:], stride, padding, dilation, groups, algo)
+        args = _NORMALISED.get(key)
         if args is not None:
             dev = input.device
             if weight.device == dev and (bias is None or bias.device == dev):
-                return laid_out(conv_ops.OPS[ndim][0](input, weight, bias, *args), result_format(input, weight))
+                return laid_out(conv_ops.FORWARD[ndim](input, weight, bias, *args), result_format(input, weight))
     op = f"conv{ndim}d"
     a = ConvArgs(op, ndim, input, weight, bias, stride, padding, dilation, groups, algo)
     args = (*a.lists(), a.groups, a.algo)

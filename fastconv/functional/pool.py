@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..ops import pool as pool_ops
 from ..ops import validation
-from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple
+from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple, plain
 from ..ops._layout import laid_out, suggested_format
 
 OptSize = Union[None, int, Sequence[Optional[int]]]
@@ -49,7 +49,33 @@ def _finish(t: Tensor, unbatched: bool, like: Optional[Tensor] = None) -> Tensor
     return t.squeeze(0) if unbatched else laid_out(t, suggested_format(like))
 
 
+#: (op, input shape, dtype, the caller's arguments) -> the op's normalised arguments, for batched calls whose
+#: arguments are plain ints or tuples of them (what ``nn`` layers pass): a model repeats each layer's call, and
+#: normalising and checking the arguments again costs about as much as the op's own host code. The key holds
+#: everything those checks read, so a hit is a call that passed them before.
+_NORMALISED: dict = {}
+
+
+def _memo(key, value):
+    if len(_NORMALISED) >= 4096:
+        _NORMALISED.clear()
+    _NORMALISED[key] = value
+
+
+def _batched_plain(input, ndim: int, *args) -> bool:
+    return isinstance(input, Tensor) and input.dim() == ndim + 2 and all(plain(a) for a in args)
+
+
 def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_mode, return_indices, minimum):
+    key = None
+    if _batched_plain(input, ndim, kernel_size, stride, padding, dilation):
+        key = (op, input.shape, input.dtype, kernel_size, stride, padding, dilation, bool(ceil_mode))
+        lists = _NORMALISED.get(key)
+        if lists is not None:
+            y, idx = pool_ops.max_pool(input, *lists, bool(ceil_mode), minimum)
+            fmt = suggested_format(input)
+            y, idx = laid_out(y, fmt), laid_out(idx, fmt)
+            return (y, idx) if return_indices else y
     # Integer inputs too, as torch's max_pool (forward only: integers carry no gradient); the op refuses them
     # on targets without integer kernels (it knows the target; torch.compile cannot trace that look-up here).
     x, unbatched = _input(op, input, ndim, allowed=validation.SUPPORTED_DTYPES + validation.INTEGER_POOL_DTYPES)
@@ -57,8 +83,10 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
     out = [pool_ops.pool_output_size(i, k, s, p, d, bool(ceil_mode))
            for i, k, s, p, d in zip(x.shape[2:], kernel, stride, padding, dilation)]
     _check_output(op, x, out)
-    y, idx = pool_ops.max_pool(x, list(kernel), list(stride), list(padding), list(dilation), bool(ceil_mode),
-                               minimum)
+    lists = (list(kernel), list(stride), list(padding), list(dilation))
+    if key is not None:
+        _memo(key, lists)
+    y, idx = pool_ops.max_pool(x, *lists, bool(ceil_mode), minimum)
     y, idx = _finish(y, unbatched, x), _finish(idx, unbatched, x)
     return (y, idx) if return_indices else y
 
@@ -89,6 +117,14 @@ min_pool1d, min_pool2d, min_pool3d = (_make_extreme(d, True) for d in (1, 2, 3))
 
 
 def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override):
+    key = None
+    # torch's avg_pool3d returns a contiguous result whatever its input's layout
+    if _batched_plain(input, ndim, kernel_size, stride, padding, divisor_override):
+        key = (op, input.shape, input.dtype, kernel_size, stride, padding, bool(ceil_mode), bool(count_include_pad),
+               divisor_override)
+        args = _NORMALISED.get(key)
+        if args is not None:
+            return laid_out(pool_ops.avg_pool(input, *args), suggested_format(input if ndim < 3 else None))
     x, unbatched = _input(op, input, ndim)
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
     if divisor_override is not None:
@@ -98,9 +134,11 @@ def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_in
     out = [pool_ops.pool_output_size(i, k, s, p, 1, bool(ceil_mode))
            for i, k, s, p in zip(x.shape[2:], kernel, stride, padding)]
     _check_output(op, x, out)
-    y = pool_ops.avg_pool(x, list(kernel), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
-                          int(divisor_override or 0))
-    # torch's avg_pool3d returns a contiguous result whatever its input's layout
+    args = (list(kernel), list(stride), list(padding), bool(ceil_mode), bool(count_include_pad),
+            int(divisor_override or 0))
+    if key is not None:
+        _memo(key, args)
+    y = pool_ops.avg_pool(x, *args)
     return _finish(y, unbatched, x if ndim < 3 else None)
 
 
@@ -146,6 +184,17 @@ def _adaptive_size(op: str, ndim: int, x: Tensor, output_size: OptSize) -> list[
 
 
 def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
+    key = None
+    if _batched_plain(input, ndim, output_size):
+        key = (op, input.shape, input.dtype, output_size)
+        out = _NORMALISED.get(key)
+        if out is not None:
+            fmt = suggested_format(input if ndim < 3 else None)
+            if kind == "avg":
+                return laid_out(pool_ops.adaptive_avg_pool(input, out), fmt)
+            y, idx = pool_ops.adaptive_max_pool(input, out)
+            y, idx = laid_out(y, fmt), laid_out(idx, fmt)
+            return (y, idx) if return_indices else y
     check_type(op, "input", input)
     if input.dim() == ndim + 1 and input.shape[0] == 0 and 0 not in input.shape[1:]:
         # torch reads an unbatched input with no channels as a batch of none: an empty result, for
@@ -161,6 +210,8 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
         shape = (0, *out)
         y = input.new_zeros(shape)
         return (y, input.new_zeros(shape, dtype=torch.int64)) if return_indices else y
+    if key is not None and not unbatched:
+        _memo(key, out)
     # torch's 3-D adaptive pooling returns a contiguous result whatever its input's layout
     like = x if ndim < 3 else None
     if kind == "avg":

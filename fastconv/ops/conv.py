@@ -81,8 +81,12 @@ def _as_5d(t: Tensor, any_strides: bool = False) -> Tensor:
     ``layouts``), so a channels_last tensor is handed over as it is instead of copied to NCDHW."""
     if not (any_strides or t.is_contiguous()):
         t = t.contiguous()
-    while t.dim() < 5:  # unsqueeze: the cheapest view (no shape tuple to build)
+    dim = t.dim()
+    if dim == 4:  # unsqueeze: the cheapest view (no shape tuple to build)
+        return t.unsqueeze(2)
+    while dim < 5:
         t = t.unsqueeze(2)
+        dim += 1
     return t
 
 
@@ -99,13 +103,6 @@ _PLANS: dict = {}
 PLANS_MAX = 4096
 
 
-def _cached(key) -> Optional[tuple]:
-    plan = _PLANS.get(key)
-    if plan is None or plan[3] != registry.generation():
-        return None
-    return plan
-
-
 def _remember(key, plan: tuple) -> None:
     if len(_PLANS) >= PLANS_MAX:
         _PLANS.clear()
@@ -113,9 +110,12 @@ def _remember(key, plan: tuple) -> None:
 
 
 def _plan(geom: registry.ConvGeometry, algo: str, pass_: str, op: str, out_shape: tuple) -> tuple:
-    """A plan for ``geom``: a named algorithm is resolved (and refused, if it must be) now, once."""
+    """A plan for ``geom``: a named algorithm is resolved (and refused, if it must be) now, once.
+
+    (geometry, algorithm or None for ``auto``, result shape, registry generation, the algorithm reads
+    channels_last tensors as they are)."""
     alg = None if algo == "auto" else registry.choose(algo, geom, pass_, op)
-    return geom, alg, tuple(out_shape), registry.generation()
+    return geom, alg, tuple(out_shape), registry.generation(), alg is not None and "channels_last" in alg.layouts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,21 +149,23 @@ def _register(ndim: int):
     @precision.compute_in_float32(name)
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
+        # The hot path of every conv call: one key lookup, then the kernel (see _PLANS).
         key = (0, input.shape, weight.shape, input.dtype, weight.dtype, input.device, weight.device,
                None if bias is None else (bias.shape, bias.dtype, bias.device), tuple(stride), tuple(padding),
                tuple(padding_end), tuple(dilation), groups, algo, backends.target_for(input))
-        plan = _cached(key)
-        if plan is None:
+        plan = _PLANS.get(key)
+        if plan is None or plan[3] != registry.generation():
             plan = forward_plan(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
             if isinstance(plan, Tensor):
                 return plan
             _remember(key, plan)
-        geom, alg, out_shape, _ = plan
+        geom, alg, out_shape, _, keep = plan
         if alg is None:
             alg = registry.choose(algo, geom, "forward", name)
-        keep = "channels_last" in alg.layouts
-        out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), None if bias is None else bias.contiguous(),
-                          geom)
+            keep = "channels_last" in alg.layouts
+        if bias is not None and not bias.is_contiguous():
+            bias = bias.contiguous()
+        out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), bias, geom)
         return op_result(fresh(out, out_shape), result_format(input, weight))
 
     @conv.register_fake
@@ -196,17 +198,17 @@ def _register(ndim: int):
         key = (1, grad_output.shape, weight.shape, grad_output.dtype, weight.dtype, grad_output.device,
                weight.device, tuple(input_size), tuple(stride), tuple(padding), tuple(padding_end),
                tuple(dilation), groups, algo, backends.target_for(grad_output))
-        plan = _cached(key)
-        if plan is None:
+        plan = _PLANS.get(key)
+        if plan is None or plan[3] != registry.generation():
             plan = grad_input_plan(grad_output, weight, input_size, stride, padding, padding_end, dilation,
                                    groups, algo)
             if isinstance(plan, Tensor):
                 return plan
             _remember(key, plan)
-        geom, alg, out_shape, _ = plan
+        geom, alg, out_shape, _, keep = plan
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
-        keep = "channels_last" in alg.layouts
+            keep = "channels_last" in alg.layouts
         return op_result(fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape),
                          result_format(grad_output, weight))
 
@@ -240,17 +242,17 @@ def _register(ndim: int):
         key = (2, grad_output.shape, input.shape, grad_output.dtype, input.dtype, grad_output.device,
                input.device, tuple(weight_size), tuple(stride), tuple(padding), tuple(padding_end),
                tuple(dilation), groups, algo, backends.target_for(input))
-        plan = _cached(key)
-        if plan is None:
+        plan = _PLANS.get(key)
+        if plan is None or plan[3] != registry.generation():
             plan = grad_weight_plan(grad_output, input, weight_size, stride, padding, padding_end, dilation,
                                     groups, algo)
             if isinstance(plan, Tensor):
                 return plan
             _remember(key, plan)
-        geom, alg, out_shape, _ = plan
+        geom, alg, out_shape, _, keep = plan
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
-        keep = "channels_last" in alg.layouts
+            keep = "channels_last" in alg.layouts
         return op_result(fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape),
                          None)
 
@@ -351,3 +353,13 @@ def _register(ndim: int):
 
 
 OPS = {ndim: _register(ndim) for ndim in DIMS}
+
+
+def _entry(opdef):
+    """The op's ``OpOverload``: what ``opdef(...)`` calls (``CustomOpDef.__call__`` is one Python frame more).
+    Not the dispatcher's builtin beneath it: torch.compile traces an OpOverload, not that builtin."""
+    return getattr(opdef, "_opoverload", None) or opdef
+
+
+#: ndim -> the forward op's direct entry (same arguments and behaviour as ``OPS[ndim][0]``).
+FORWARD = {ndim: _entry(ops[0]) for ndim, ops in OPS.items()}

@@ -54,10 +54,27 @@ def _make_autograd_kernel(opdef):
     op = opdef._opoverload
     schema = op._schema
     label = f"fastconv.{op._opname}"
+    after_autograd = _C._after_autograd_keyset
+    below_autograd = _C._AutoDispatchBelowAutograd
+    # The operator handle, found once: ``OpOverload.redispatch`` looks the schema up again on every call.
+    handle = getattr(op, "_handle", None)
+    redispatch = handle.redispatch_boxed if handle is not None else op.redispatch
+    # ``fill_defaults(schema, args, {})`` without its per-call walk over ``schema.arguments`` (which builds
+    # every Argument object anew, about a third of a small training step's host time): the dispatcher drops
+    # trailing arguments equal to their defaults, and none of these ops has keyword-only arguments.
+    arguments = schema.arguments
+    defaults = tuple(a.default_value for a in arguments)
+    positional = not any(a.kwarg_only for a in arguments)
+
+    def full_args(args) -> tuple:
+        if not positional:
+            return library_utils.fill_defaults(schema, args, {})[0]
+        n = len(args)
+        return args if n == len(defaults) else (*args, *defaults[n:])
 
     def forward_no_grad(keyset, args):
-        with _C._AutoDispatchBelowAutograd():
-            return op.redispatch(keyset & _C._after_autograd_keyset, *args)
+        with below_autograd():
+            return redispatch(keyset & after_autograd, *args)
 
     def forward(ctx, *args):
         keyset = args[-1]
@@ -68,11 +85,11 @@ def _make_autograd_kernel(opdef):
         with _C._AutoDispatchBelowAutograd():
             if _C._are_functorch_transforms_active():
                 with torch.enable_grad(), forward_ad._set_fwd_grad_enabled(True):
-                    result = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+                    result = redispatch(keyset & after_autograd, *args)
             else:  # plain autograd: nothing below this op records gradients (3 us saved per call)
-                result = op.redispatch(keyset & _C._after_autograd_keyset, *args)
+                result = redispatch(keyset & after_autograd, *args)
             # the dispatcher drops arguments equal to their defaults; setup_context expects every one
-            full, _ = library_utils.fill_defaults(schema, args, {})
+            full = full_args(args)
             opdef._setup_context_fn(ctx=ctx, inputs=full, output=result)
         if forward_ad._current_level >= 0:  # forward mode may ask for the jvp: keep what it reads
             ctx.fastconv_primals, ctx.fastconv_output = full, result
@@ -100,6 +117,33 @@ def _make_autograd_kernel(opdef):
             refuse_forward_mode()
         return jvp_rule(op, ctx.fastconv_primals, tangents[:-1], ctx.fastconv_output)
 
+    # ``unwrap_dead_wrappers(args)`` (torch._functorch.utils) looks at every argument; only the schema's Tensor
+    # and Tensor? arguments can hold a tensor here (the dispatcher hands lists as lists of ints), so only those
+    # are looked at. An op with other tensor-bearing arguments (Tensor[]) keeps torch's function.
+    tensor_at = []
+    for i, a in enumerate(arguments):
+        kind = a.type
+        if isinstance(kind, torch.OptionalType):
+            kind = kind.getElementType()
+        if isinstance(kind, torch.TensorType):
+            tensor_at.append(i)
+        elif "Tensor" in str(kind):
+            tensor_at = None
+            break
+    unwrap_if_dead = getattr(torch._C._functorch, "unwrap_if_dead", None)  # what unwrap_dead_wrappers calls
+    if unwrap_if_dead is None:
+        tensor_at = None
+
+    def unwrap(args):
+        if tensor_at is None:
+            return unwrap_dead_wrappers(args)
+        args = list(args)
+        n = len(args)
+        for i in tensor_at:
+            if i < n and args[i] is not None:
+                args[i] = unwrap_if_dead(args[i])
+        return args
+
     function = type(f"FastconvBackward_{op._opname}", (torch.autograd.function._SingleLevelFunction,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward),
                      "jvp": staticmethod(jvp)})
@@ -114,7 +158,7 @@ def _make_autograd_kernel(opdef):
             previous = get_allowed()
             set_allowed(True)
             try:
-                return function.apply(*unwrap_dead_wrappers(args), keyset)
+                return function.apply(*unwrap(args), keyset)
             finally:
                 set_allowed(previous)
         return forward_no_grad(keyset, args)

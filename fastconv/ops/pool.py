@@ -44,12 +44,15 @@ def register_kernels(target: str, kernels: PoolKernels) -> None:
 
 
 def _kernels(t: Tensor, op: str) -> PoolKernels:
-    target = backends.target_for(t)
-    try:
-        return KERNELS[target]
-    except KeyError:
+    return _kernels_for(backends.target_for(t), op)
+
+
+def _kernels_for(target: str, op: str) -> PoolKernels:
+    kernels = KERNELS.get(target)
+    if kernels is None:
         raise RuntimeError(f"fastconv.{op}: no pooling kernels are registered for target {target!r} "
-                           f"(registered: {', '.join(sorted(KERNELS)) or 'none'})") from None
+                           f"(registered: {', '.join(sorted(KERNELS)) or 'none'})")
+    return kernels
 
 
 def _t3(values, fill: int) -> Triple:
@@ -58,8 +61,31 @@ def _t3(values, fill: int) -> Triple:
 
 
 def _as_5d(t: Tensor) -> Tensor:
+    """(N, C, *S) -> contiguous (N, C, D, H, W), a view when ``t`` is contiguous."""
     t = t.contiguous()
-    return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - t.dim()) + tuple(t.shape[2:]))
+    dim = t.dim()
+    if dim == 4:  # the common case: one unsqueeze, the cheapest view
+        return t.unsqueeze(2)
+    return t.reshape(tuple(t.shape[:2]) + (1,) * (5 - dim) + tuple(t.shape[2:]))
+
+
+# ------------------------------------------------------------------------------------------------
+# per-call plans
+# ------------------------------------------------------------------------------------------------
+#: call signature -> what the kernel call needs (3-D window arguments, the result's shape). A model pools
+#: with the same shapes and arguments on every call; validating them is most of a small pooling call's
+#: host time. The key holds everything validation reads (shapes, dtypes, devices, the arguments, the
+#: target), so a hit is exactly a call that was checked before. Empty results are not planned.
+_PLANS: dict = {}
+#: Entries kept; when full the table starts over.
+PLANS_MAX = 4096
+
+
+def _remember(key, plan: tuple) -> tuple:
+    if len(_PLANS) >= PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
 
 
 def _spatial(t: Tensor) -> list[int]:
@@ -82,16 +108,23 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
 
     Float32/float64 on every target; also integer dtypes on the CPU (as torch's max_pool), forward only.
     """
-    shape, empty_dtype, out_sp = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation,
-                                                        ceil_mode, backends.target_for(input))
-    if empty_dtype is not None:
-        return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
-    out = out_sp
-    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
-    dilation = validation.kernel_dilation(dilation, kernel_size)
-    y, idx = _kernels(input, "max_pool").max_pool(
-        _as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1), minimum)
-    return _unflatten(y, input.shape[:2], out), _unflatten(idx, input.shape[:2], out)
+    target = backends.target_for(input)
+    key = ("max_pool", input.shape, input.dtype, input.device, target, tuple(kernel_size), tuple(stride),
+           tuple(padding), tuple(dilation), ceil_mode)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, empty_dtype, out = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation,
+                                                         ceil_mode, target)
+        if empty_dtype is not None:
+            return input.new_zeros(shape), input.new_zeros(shape, dtype=torch.int64)
+        stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
+        dilation = validation.kernel_dilation(dilation, kernel_size)
+        plan = _remember(key, (_t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(dilation, 1), _t3(out, 1),
+                               tuple(input.shape[:2]) + tuple(out)))
+    kernel3, stride3, padding3, dilation3, out3, out_shape = plan
+    y, idx = _kernels_for(target, "max_pool").max_pool(_as_5d(input), kernel3, stride3, padding3, dilation3, out3,
+                                                       minimum)
+    return fresh(y, out_shape), fresh(idx, out_shape)
 
 
 @max_pool.register_fake
@@ -106,12 +139,19 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
 @precision.compute_in_float32("max_pool_backward")
 def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
     """Scatter-add ``grad_output`` (N, C, *O) into zeros (N, C, *input_size) at ``indices``."""
-    shape, empty_dtype, _ = validation.max_pool_backward_op("max_pool_backward", grad_output, indices, input_size)
-    if empty_dtype is not None:
-        return grad_output.new_zeros(shape)
-    g = _kernels(grad_output, "max_pool_backward").max_pool_backward(
-        _as_5d(grad_output), _as_5d(indices), _t3(input_size, 1))
-    return _unflatten(g, grad_output.shape[:2], input_size)
+    target = backends.target_for(grad_output)
+    key = ("max_pool_backward", grad_output.shape, grad_output.dtype, grad_output.device, indices.shape,
+           indices.dtype, indices.device, target, tuple(input_size))
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, empty_dtype, _ = validation.max_pool_backward_op("max_pool_backward", grad_output, indices,
+                                                                input_size)
+        if empty_dtype is not None:
+            return grad_output.new_zeros(shape)
+        plan = _remember(key, (_t3(input_size, 1), tuple(grad_output.shape[:2]) + tuple(input_size)))
+    in3, out_shape = plan
+    g = _kernels_for(target, "max_pool_backward").max_pool_backward(_as_5d(grad_output), _as_5d(indices), in3)
+    return fresh(g, out_shape)
 
 
 @max_pool_backward.register_fake
@@ -231,15 +271,22 @@ max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_se
 def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
              count_include_pad: bool, divisor_override: int) -> Tensor:
     """Average pooling, torch's divisor rule; ``divisor_override == 0`` means none."""
-    shape, empty_dtype, out_sp = validation.avg_pool_op("avg_pool", input, kernel_size, stride, padding, ceil_mode,
-                                                        divisor_override)
-    if empty_dtype is not None:
-        return input.new_zeros(shape)
-    out = out_sp
-    stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
-    y = _kernels(input, "avg_pool").avg_pool(_as_5d(input), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0),
-                                             _t3(out, 1), ceil_mode, count_include_pad, divisor_override)
-    return _unflatten(y, input.shape[:2], out)
+    target = backends.target_for(input)
+    key = ("avg_pool", input.shape, input.dtype, input.device, target, tuple(kernel_size), tuple(stride),
+           tuple(padding), ceil_mode, divisor_override)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, empty_dtype, out = validation.avg_pool_op("avg_pool", input, kernel_size, stride, padding, ceil_mode,
+                                                         divisor_override)
+        if empty_dtype is not None:
+            return input.new_zeros(shape)
+        stride = validation.pool_kernel_stride(stride, out, input.shape[2:], padding)
+        plan = _remember(key, (_t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(out, 1),
+                               tuple(input.shape[:2]) + tuple(out)))
+    kernel3, stride3, padding3, out3, out_shape = plan
+    y = _kernels_for(target, "avg_pool").avg_pool(_as_5d(input), kernel3, stride3, padding3, out3, ceil_mode,
+                                                  count_include_pad, divisor_override)
+    return fresh(y, out_shape)
 
 
 @avg_pool.register_fake
@@ -255,15 +302,22 @@ def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: l
                       padding: list[int], ceil_mode: bool, count_include_pad: bool,
                       divisor_override: int) -> Tensor:
     """The adjoint of ``avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
-    shape, empty_dtype, _ = validation.avg_pool_backward_op("avg_pool_backward", grad_output, input_size,
-                                                            kernel_size, stride, padding, ceil_mode)
-    if empty_dtype is not None:
-        return grad_output.new_zeros(shape)
-    stride = validation.pool_kernel_stride(stride, grad_output.shape[2:], input_size, padding)
-    g = _kernels(grad_output, "avg_pool_backward").avg_pool_backward(
-        _as_5d(grad_output), _t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
-        ceil_mode, count_include_pad, divisor_override)
-    return _unflatten(g, grad_output.shape[:2], input_size)
+    target = backends.target_for(grad_output)
+    key = ("avg_pool_backward", grad_output.shape, grad_output.dtype, grad_output.device, target, tuple(input_size),
+           tuple(kernel_size), tuple(stride), tuple(padding), ceil_mode)
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, empty_dtype, _ = validation.avg_pool_backward_op("avg_pool_backward", grad_output, input_size,
+                                                                kernel_size, stride, padding, ceil_mode)
+        if empty_dtype is not None:
+            return grad_output.new_zeros(shape)
+        stride = validation.pool_kernel_stride(stride, grad_output.shape[2:], input_size, padding)
+        plan = _remember(key, (_t3(kernel_size, 1), _t3(stride, 1), _t3(padding, 0), _t3(input_size, 1),
+                               tuple(grad_output.shape[:2]) + tuple(input_size)))
+    kernel3, stride3, padding3, in3, out_shape = plan
+    g = _kernels_for(target, "avg_pool_backward").avg_pool_backward(
+        _as_5d(grad_output), kernel3, stride3, padding3, in3, ceil_mode, count_include_pad, divisor_override)
+    return fresh(g, out_shape)
 
 
 @avg_pool_backward.register_fake
@@ -299,13 +353,19 @@ avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setu
 @precision.compute_in_float32("adaptive_avg_pool")
 def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
     """Adaptive average pooling (N, C, *S) -> (N, C, *output_size); C == 0 gives an empty result, as torch."""
-    # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
-    shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
-                                                        allow_zero_channels=len(output_size) < 3)
-    if empty_dtype is not None:
-        return input.new_zeros(shape)
-    y = _kernels(input, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), _t3(output_size, 1))
-    return _unflatten(y, input.shape[:2], output_size)
+    target = backends.target_for(input)
+    key = ("adaptive_avg_pool", input.shape, input.dtype, input.device, target, tuple(output_size))
+    plan = _PLANS.get(key)
+    if plan is None:
+        # torch's 1-D and 2-D adaptive average pooling accept zero channels, its 3-D one does not
+        shape, empty_dtype, _ = validation.adaptive_pool_op("adaptive_avg_pool", input, output_size,
+                                                            allow_zero_channels=len(output_size) < 3)
+        if empty_dtype is not None:
+            return input.new_zeros(shape)
+        plan = _remember(key, (_t3(output_size, 1), tuple(input.shape[:2]) + tuple(output_size)))
+    out3, out_shape = plan
+    y = _kernels_for(target, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), out3)
+    return fresh(y, out_shape)
 
 
 @adaptive_avg_pool.register_fake
@@ -319,13 +379,19 @@ def _(input, output_size):
 @precision.compute_in_float32("adaptive_avg_pool_backward")
 def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Tensor:
     """The adjoint of ``adaptive_avg_pool``: (N, C, *O) -> (N, C, *input_size)."""
-    shape, empty_dtype, _ = validation.adaptive_avg_pool_backward_op("adaptive_avg_pool_backward", grad_output,
-                                                                     input_size)
-    if empty_dtype is not None:
-        return grad_output.new_zeros(shape)
-    g = _kernels(grad_output, "adaptive_avg_pool_backward").adaptive_avg_pool_backward(
-        _as_5d(grad_output), _t3(input_size, 1))
-    return _unflatten(g, grad_output.shape[:2], input_size)
+    target = backends.target_for(grad_output)
+    key = ("adaptive_avg_pool_backward", grad_output.shape, grad_output.dtype, grad_output.device, target,
+           tuple(input_size))
+    plan = _PLANS.get(key)
+    if plan is None:
+        shape, empty_dtype, _ = validation.adaptive_avg_pool_backward_op("adaptive_avg_pool_backward", grad_output,
+                                                                         input_size)
+        if empty_dtype is not None:
+            return grad_output.new_zeros(shape)
+        plan = _remember(key, (_t3(input_size, 1), tuple(grad_output.shape[:2]) + tuple(input_size)))
+    in3, out_shape = plan
+    g = _kernels_for(target, "adaptive_avg_pool_backward").adaptive_avg_pool_backward(_as_5d(grad_output), in3)
+    return fresh(g, out_shape)
 
 
 @adaptive_avg_pool_backward.register_fake
