@@ -236,14 +236,36 @@ class BusyNeighbour:
             return None
 
     def busy(self) -> None:
+        """Let the neighbour run, and give it a moment to be on its core."""
+        if self._proc.poll() is not None:
+            raise RuntimeError(f"the busy neighbour died (exit code {self._proc.returncode})")
         if not self._busy:
             os.kill(self.pid, signal.SIGCONT)
             self._busy, self._busy_since = True, time.perf_counter()
             self._cpu_at_start = self._cpu_s()
             time.sleep(self.SETTLE_S)
 
+    def _state(self) -> Optional[str]:
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return None
+
     def quiet(self) -> None:
+        """Stop the neighbour, and wait until it is stopped (a signal is delivered asynchronously)."""
         os.kill(self.pid, signal.SIGSTOP)
+        deadline = time.perf_counter() + 1.0
+        while time.perf_counter() < deadline:
+            state = self._state()
+            if state is None:  # no /proc: a moment is plenty for the kernel to deliver SIGSTOP
+                time.sleep(0.01)
+                break
+            if state in ("T", "t"):
+                break
+            if state in ("Z", "X"):
+                raise RuntimeError(f"the busy neighbour died (exit code {self._proc.poll()})")
+            time.sleep(0.001)
         if self._busy:
             self._busy = False
             self._busy_wall += time.perf_counter() - self._busy_since
