@@ -14,6 +14,7 @@ dtype).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -146,6 +147,8 @@ def _run_models(args: argparse.Namespace, fail) -> int:
 
     if args.reps is not None and args.reps < 1:
         return fail(f"--reps must be at least 1, got {args.reps}")
+    if args.busy_neighbour and not hasattr(signal, "SIGSTOP"):
+        return fail(f"--busy-neighbour switches its neighbour with SIGSTOP/SIGCONT, which {sys.platform} lacks")
     result = bench_models.run_models(cases, modes, reps=reps, size=args.size, baseline=args.baseline,
                                      on_model=show, busy_neighbour=args.busy_neighbour)
     result["arguments"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
