@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -130,3 +133,27 @@ def test_whole_model_modes_are_refused_for_the_layer_suite(tmp_path, capsys):
     assert cli.main(["bench", "--baseline", "alternate", "--out", str(tmp_path)]) == 2
     assert "use them with --models" in capsys.readouterr().err
     assert cli.main(["bench", "--busy-neighbour", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_busy_neighbour_dies_with_a_killed_parent():
+    # SIGKILL runs no finally and no atexit hook: the neighbour must go by itself, stopped or running.
+    script = ("import os, sys\nfrom fastconv import bench_models\nn = bench_models.BusyNeighbour()\n"
+              "if sys.argv[1] == 'busy':\n    n.busy()\nprint(n.pid, flush=True)\nos.kill(os.getpid(), 9)\n")
+    for state in ("quiet", "busy"):
+        done = subprocess.run([sys.executable, "-c", script, state], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        pid = int(done.stdout.split()[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _dead(pid):
+            time.sleep(0.05)
+        assert _dead(pid), f"the {state} neighbour {pid} outlived its SIGKILLed parent"
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
