@@ -16,6 +16,11 @@ Protocol: one JSON request per stdin line, one JSON answer per stdout line.
     {"cmd": "time_model", "key": K, "mode": "infer1"|"infer8"|"train8", "n": 1}  -> {"ms": [...]}
     {"cmd": "clean"}                                     -> {"numba": false, "fastconv": false}
     {"cmd": "quit"}
+
+``python bench_torch_worker.py --busy CPU`` is something else: the busy neighbour of
+``fastconv bench --models --busy-neighbour``, a process that keeps one core busy with a one-thread
+torch matmul loop (pinned to CPU when CPU >= 0), prints ``ready`` once and loops until it is killed
+or its parent dies. The parent switches it on and off with SIGCONT / SIGSTOP.
 """
 from __future__ import annotations
 
@@ -101,5 +106,44 @@ def main() -> int:
     return 0
 
 
+#: Matmul size of the busy neighbour: 256^3 (33 MFLOP, about a millisecond on one core) fits in L2,
+#: so the neighbour holds its core's arithmetic units and caches like another ML process does, and
+#: checks for its parent's death every few dozen milliseconds.
+BUSY_N = 256
+
+
+def busy(cpu: int) -> int:
+    """The busy neighbour: one core, one thread, matmuls until killed or orphaned."""
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:  # killed with its parent even when the parent is SIGKILLed (or this process is stopped)
+            import ctypes
+            import signal
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before prctl
+        return 0
+    if cpu >= 0 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu})
+    import torch
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(BUSY_N, BUSY_N, generator=gen)
+    b = torch.randn(BUSY_N, BUSY_N, generator=gen)
+    c = torch.empty(BUSY_N, BUSY_N)
+    torch.mm(a, b, out=c)
+    sys.stdout.write(f"ready {os.getpid()}\n")
+    sys.stdout.flush()
+    while os.getppid() == parent:
+        for _ in range(32):
+            torch.mm(a, b, out=c)
+    return 0
+
+
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--busy":
+        sys.exit(busy(int(sys.argv[2])))
     sys.exit(main())

@@ -3,6 +3,10 @@ torch model must agree; times are recorded, never asserted."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -44,3 +48,112 @@ def test_models_mode_checks_outputs_and_times_a_clean_baseline(tmp_path, capsys)
 def test_unknown_model_is_refused(tmp_path, capsys):
     assert cli.main(["bench", "--models", "no_such_net", "--out", str(tmp_path)]) == 2
     assert "unknown model 'no_such_net'" in capsys.readouterr().err
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_alternate_baseline_and_busy_neighbour(tmp_path, capsys):
+    code = cli.main(["bench", "--models", "lenet5", "--reps", "1", "--baseline", "alternate", "--busy-neighbour",
+                     "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "[alternating in one process]" in out and "busy neighbour:" in out
+    assert "torch here (alternating) / torch clean infer8" in out and "busy neighbour slowdown train8" in out
+    data = json.loads((tmp_path / "fastconv-bench-models.json").read_text())
+    env = data["environment"]
+    assert env["baseline"] == "alternate" and "stepped in turn with fastconv" in env["torch_baseline"]
+    assert "imported neither fastconv nor Numba (checked)" in env["torch_baseline"]
+    assert _gone(env["busy_neighbour"]["pid"]), "the busy neighbour outlived the run"
+    rows = data["rows"]
+    assert [r["mode"] for r in rows] == list(bench_models.MODES)
+    for r in rows:
+        assert r["ok"] is True and r["error"] <= bench_models.MODEL_TOLERANCE, r
+        a = r["alternate"]
+        assert r["torch_baseline"] == "this process, alternating"
+        assert a["ratio"] == r["ratio"] == pytest.approx(r["fastconv_ms"] / r["torch_inprocess_ms"])
+        assert a["torch_here_vs_clean"] == pytest.approx(a["torch_here_ms"] / a["torch_clean_ms"])
+        assert a["fastconv_vs_clean"] == pytest.approx(r["fastconv_ms"] / a["torch_clean_ms"])
+        n = r["busy_neighbour"]
+        assert n["torch_timed_in"] == "separate process"
+        for side in ("fastconv", "torch"):
+            assert len(n[f"{side}_quiet_times_ms"]) == len(n[f"{side}_busy_times_ms"]) == 1
+            assert n[f"{side}_slowdown"] == pytest.approx(n[f"{side}_busy_ms"] / n[f"{side}_quiet_ms"])
+        assert n["fastconv_no_worse"] == (n["fastconv_slowdown"] <= n["torch_slowdown"])
+    s = data["summary"]
+    assert set(s["alternate"]) == set(s["busy_neighbour"]) == set(bench_models.MODES)
+    assert s["busy_neighbour"]["infer1"]["models"] == 1 and not s["failures"]
+    text = (tmp_path / "fastconv-bench-models.txt").read_text()
+    assert "busy neighbour slowdown infer1" in text and "torch here (alternating) / torch clean infer1" in text
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the neighbour's state from Linux /proc")
+def test_busy_neighbour_is_stopped_when_quiet_and_killed_on_close():
+    def state(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+
+    neighbour = bench_models.BusyNeighbour()
+    try:
+        assert state(neighbour.pid) == "T"  # stopped until asked to be busy
+        neighbour.busy()
+        assert state(neighbour.pid) != "T"
+        neighbour.quiet()
+        assert state(neighbour.pid) == "T"
+    finally:
+        neighbour.close()
+    assert _gone(neighbour.pid)
+
+
+def test_busy_neighbour_is_killed_on_ctrl_c(monkeypatch):
+    started = []
+    init = bench_models.BusyNeighbour.__init__
+
+    def recording_init(self):
+        init(self)
+        started.append(self)
+
+    def interrupt(case, rows):
+        assert started[0].alive()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_models.BusyNeighbour, "__init__", recording_init)
+    with pytest.raises(KeyboardInterrupt):
+        bench_models.run_models(bench_models.select_models("lenet5"), ("infer1",), reps=1, baseline="inprocess",
+                                busy_neighbour=True, on_model=interrupt)
+    assert len(started) == 1 and _gone(started[0].pid)
+
+
+def test_whole_model_modes_are_refused_for_the_layer_suite(tmp_path, capsys):
+    assert cli.main(["bench", "--baseline", "alternate", "--out", str(tmp_path)]) == 2
+    assert "use them with --models" in capsys.readouterr().err
+    assert cli.main(["bench", "--busy-neighbour", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_busy_neighbour_dies_with_a_killed_parent():
+    # SIGKILL runs no finally and no atexit hook: the neighbour must go by itself, stopped or running.
+    script = ("import os, sys\nfrom fastconv import bench_models\nn = bench_models.BusyNeighbour()\n"
+              "if sys.argv[1] == 'busy':\n    n.busy()\nprint(n.pid, flush=True)\nos.kill(os.getpid(), 9)\n")
+    for state in ("quiet", "busy"):
+        done = subprocess.run([sys.executable, "-c", script, state], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        pid = int(done.stdout.split()[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _dead(pid):
+            time.sleep(0.05)
+        assert _dead(pid), f"the {state} neighbour {pid} outlived its SIGKILLed parent"
+
+
+def _dead(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet (its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True

@@ -8,11 +8,13 @@ dtype).
     fastconv bench --quick                       # about a minute: small layers, 3 rounds
     fastconv bench --layers resnet,inception --pass forward --algo auto,im2col
     fastconv bench --list
+    fastconv bench --models lenet5 --baseline alternate --busy-neighbour   # mixed process, loaded machine
     fastconv bench --device cuda --quick         # the CUDA kernels vs cuDNN (needs a GPU)
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -38,9 +40,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-first-call", action="store_true",
                         help="skip timing import + first call in a fresh process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--baseline", choices=("process", "inprocess"), default="process",
+    parser.add_argument("--baseline", choices=("process", "inprocess", "alternate"), default="process",
                         help="where torch is timed: a clean worker process that never imports fastconv or "
-                             "Numba (default: what a user who chose torch sees), or this process")
+                             "Numba (default: what a user who chose torch sees), or this process; "
+                             "alternate (--models only): torch's model and the converted one in this process, "
+                             "stepped in turn so each meets the other's thread pools, the clean worker "
+                             "timed too (torch here / torch clean)")
+    parser.add_argument("--busy-neighbour", action="store_true",
+                        help="--models only: also time each model with another process keeping one of "
+                             "these cores busy (a one-thread torch matmul loop), on and off in turn; "
+                             "reports each side's slowdown (busy / quiet)")
     parser.add_argument("--list", action="store_true", help="list the suite's layers (or models) and exit")
     parser.add_argument("--models", nargs="?", const="all", metavar="NAMES",
                         help="whole models instead of layers: zoo networks and, when torchvision is installed, "
@@ -63,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.models is not None:
         return _run_models(args, fail)
+    if args.baseline == "alternate" or args.busy_neighbour:
+        return fail("--baseline alternate and --busy-neighbour measure whole models: use them with --models")
     if args.list:
         for layer in benchmark.SUITE:
             tags = ", ".join(t for t, on in (("quick", layer.quick), ("slow", layer.slow)) if on)
@@ -134,8 +145,12 @@ def _run_models(args: argparse.Namespace, fail) -> int:
         tables.append(bench_models.format_model(case, rows))
         print(tables[-1] + "\n", flush=True)
 
+    if args.reps is not None and args.reps < 1:
+        return fail(f"--reps must be at least 1, got {args.reps}")
+    if args.busy_neighbour and not hasattr(signal, "SIGSTOP"):
+        return fail(f"--busy-neighbour switches its neighbour with SIGSTOP/SIGCONT, which {sys.platform} lacks")
     result = bench_models.run_models(cases, modes, reps=reps, size=args.size, baseline=args.baseline,
-                                     on_model=show)
+                                     on_model=show, busy_neighbour=args.busy_neighbour)
     result["arguments"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     out = args.out if args.out is not None else bench_report.default_out_dir()
     summary = bench_models.format_models_summary(result)
