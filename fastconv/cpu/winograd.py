@@ -156,34 +156,38 @@ def transform_matrices(m: int, points: tuple = None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 @njit(**_JIT)
-def _comb(dst, n, b, c, s0, s1, s2, s3, s4, s5):
-    """``dst[t] = b + sum_j c[j] * s_j[t]`` for ``t < n``, up to 6 terms (unused ones: coefficient 0).
+def _comb_flat(dst, d0, n, b, c, ci, src, o, o0):
+    """``dst[d0 + t] = b + sum_j c[ci, j] * src[o0 + o[j] + t]`` for ``t < n``: six terms, unused ones with
+    coefficient 0 (``c`` is a transform matrix padded to 6 columns by :func:`_padded`).
 
     One pass that keeps the sum in a register: accumulating term by term into ``dst`` (the first
-    version) loaded and stored ``dst`` once per nonzero coefficient and ran at about 1 flop/cycle.
+    version) loaded and stored it once per nonzero coefficient and ran at about 1 flop/cycle. Flat
+    buffers and offsets, no array views: each view costs an atomic reference count increment and
+    decrement, as much as one of these short loops. Unsigned indices: Numba then skips its
+    negative-index fix-up, which otherwise compiled these loops to gathers and scatters.
+
     A zero coefficient is multiplied, not skipped: a non-finite operand then gives NaN where a skip
-    could have hidden it, which only sends the call to the exact kernel (see :func:`_conv3x3`).
+    could have hidden it, which only sends the call to the exact kernel (see the note above ``_check_2d``).
     """
-    c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
+    c0, c1, c2, c3, c4, c5 = c[ci, 0], c[ci, 1], c[ci, 2], c[ci, 3], c[ci, 4], c[ci, 5]
+    p0, p1, p2 = np.uint64(o0 + o[0]), np.uint64(o0 + o[1]), np.uint64(o0 + o[2])
+    p3, p4, p5 = np.uint64(o0 + o[3]), np.uint64(o0 + o[4]), np.uint64(o0 + o[5])
+    q = np.uint64(d0)
     for t in range(n):
-        dst[t] = b + c0 * s0[t] + c1 * s1[t] + c2 * s2[t] + c3 * s3[t] + c4 * s4[t] + c5 * s5[t]
+        u = np.uint64(t)
+        dst[q + u] = (b + c0 * src[p0 + u] + c1 * src[p1 + u] + c2 * src[p2 + u] + c3 * src[p3 + u]
+                      + c4 * src[p4 + u] + c5 * src[p5 + u])
 
 
-@njit(**_JIT)
-def _comb_flat(dst, d0, n, b, c, src, o):
-    """:func:`_comb` on flat buffers: ``dst[d0 + t] = b + sum_j c[j] * src[o[j] + t]``, no array views
-    (each view costs an atomic reference count increment and decrement, as much as a short loop)."""
-    c0, c1, c2, c3, c4, c5 = c[0], c[1], c[2], c[3], c[4], c[5]
-    o0, o1, o2, o3, o4, o5 = o[0], o[1], o[2], o[3], o[4], o[5]
-    for t in range(n):
-        u = np.uint64(t)  # unsigned indices: no negative-index fix-up, so the loop vectorises
-        dst[np.uint64(d0) + u] = (b + c0 * src[np.uint64(o0) + u] + c1 * src[np.uint64(o1) + u]
-                                  + c2 * src[np.uint64(o2) + u] + c3 * src[np.uint64(o3) + u]
-                                  + c4 * src[np.uint64(o4) + u] + c5 * src[np.uint64(o5) + u])
+def _padded(mat, dtype):
+    """``mat`` (rows x k <= 6) as a C-contiguous ``rows x 6`` array of ``dtype``, zero-padded on the right."""
+    out = np.zeros((mat.shape[0], 6), dtype)
+    out[:, :mat.shape[1]] = mat
+    return out
 
 
 @njit(parallel=True, **_JIT)
-def _tile_transform(src, L, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
+def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
     """Gather overlapping tiles of ``src`` and transform them on both sides with ``L``.
 
     ``out[xi*a + nu, c, (r - r0)*Q + tw] = sum_ij L[xi, i] L[nu, j] src[n, c, th*m + i - pad_h, tw*m + j - pad_w]``
@@ -203,32 +207,34 @@ def _tile_transform(src, L, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
     Parameters
     ----------
     src : (N, C, H, W) array
-    L : (a, s) array -- ``B^T`` (s = a, overlapping patches) or ``G_m`` (s = m, disjoint tiles)
+    L : (a, 6) array -- ``B^T`` (s = a, overlapping patches) or ``G_m`` (s = m, disjoint tiles), zero-padded
+    from its ``s`` columns to 6 (:func:`_padded`)
     m : tile step; pad_h, pad_w : padding before each dim (may be negative)
     out : (a*a, C, (r1 - r0)*Q) array, written
     """
     N, C, H, W = src.shape
     a = L.shape[0]
-    s = L.shape[1]
     R = r1 - r0
     RQ = R * Q
     ext = RQ + (s - 1) // m  # the last row's spare slots read this far
     PL = m * ext  # one tap row i of P (all phases), flat
-    off = np.empty(6, np.int64)  # where tap j's run starts in S[xi] (taps past s repeat the last one)
+    poff = np.empty(6, np.int64)  # where tap row i starts in P (rows past s repeat the last one)
+    soff = np.empty(6, np.int64)  # where tap j's run starts in S[xi] (taps past s repeat the last one)
     for j in range(6):
         jj = min(j, s - 1)
-        off[j] = (jj % m) * ext + jj // m
+        poff[j] = jj * PL
+        soff[j] = (jj % m) * ext + jj // m
     qrange = np.empty((m, 2), np.int64)  # per phase, the slots q whose column q*m + ph - pad_w is inside
     for ph in range(m):
         base = ph - pad_w
         qlo = min(Q, max(0, -(base // m)))
         qrange[ph, 0] = qlo
         qrange[ph, 1] = min(Q, max(qlo, (W - 1 - base) // m + 1))
+    outf = out.reshape(out.size)
     for c in prange(C):
         # P[i*PL + ph*ext + rr*Q + q] = src[n, c, th*m + i - pad_h, q*m + ph - pad_w] (0 outside)
         P = np.zeros(s * PL, src.dtype)
         S = np.empty(a * PL, src.dtype)
-        cf = np.empty(6, src.dtype)
         zero = P[0]  # a 0 of the array's dtype (P is still all zeros)
         for rr in range(R):
             r = r0 + rr
@@ -240,35 +246,25 @@ def _tile_transform(src, L, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
                     continue  # padding row: stays zero
                 for ph in range(m):
                     base = ph - pad_w
-                    qlo = qrange[ph, 0]
-                    qhi = qrange[ph, 1]
                     o = i * PL + ph * ext + rr * Q
-                    # unsigned indices: Numba then skips its negative-index fix-up; no row view: each
-                    # view costs an atomic reference count increment and decrement
-                    for q in range(qlo, qhi):
+                    # unsigned indices and no row view (see _comb_flat)
+                    for q in range(qrange[ph, 0], qrange[ph, 1]):
                         P[np.uint64(o + q)] = src[n, c, h, np.uint64(q * m + base)]
         # column pass (along H), all phases and slots as one run: S[xi] = sum_i L[xi, i] P[i]
         for xi in range(a):
-            for i in range(6):
-                cf[i] = L[xi, i] if i < s else 0
-            _comb(S[xi * PL:(xi + 1) * PL], PL, zero, cf, P[0:PL], P[min(1, s - 1) * PL:], P[min(2, s - 1) * PL:],
-                  P[min(3, s - 1) * PL:], P[min(4, s - 1) * PL:], P[min(5, s - 1) * PL:])
+            _comb_flat(S, xi * PL, PL, zero, L, xi, P, poff, 0)
         # row pass (along W): tap j of tile t is S[xi, j % m, t + j // m]
         for xi in range(a):
-            o = xi * m * ext
             for nu in range(a):
-                for j in range(6):
-                    cf[j] = L[nu, j] if j < s else 0
-                dst = out[xi * a + nu, c]
-                _comb(dst, RQ, zero, cf, S[o + off[0]:], S[o + off[1]:], S[o + off[2]:], S[o + off[3]:],
-                      S[o + off[4]:], S[o + off[5]:])
-                if Q > TW:
-                    for rr in range(R):
-                        dst[rr * Q + TW:(rr + 1) * Q] = 0
+                d0 = ((xi * a + nu) * C + c) * RQ
+                _comb_flat(outf, d0, RQ, zero, L, nu, S, soff, xi * m * ext)
+                for rr in range(R):
+                    for t in range(rr * Q + TW, (rr + 1) * Q):
+                        outf[np.uint64(d0 + t)] = 0
 
 
 @njit(parallel=True, **_JIT)
-def _output_transform(M, AT, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
+def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     """``y[n, k, th*m + p, tw*m + q] = bias[k] + sum AT[p, xi] AT[q, nu] M[xi*a + nu, k, (r - r0)*Q + tw]``.
 
     Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
@@ -279,38 +275,33 @@ def _output_transform(M, AT, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
 
     Parameters
     ----------
-    M : (a*a, K, (r1 - r0)*Q) array; AT : (m, a) array; bias : (K,) array (zeros when there is none)
+    M : (a*a, K, (r1 - r0)*Q) array; AT : (m, 6) array (``A^T``, zero-padded: :func:`_padded`); a : its
+    columns before the padding; bias : (K,) array (zeros when there is none)
     y : (N, K, OH, OW) array, written; bad : (K,) array, accumulated
     """
     K = M.shape[1]
-    a = AT.shape[1]
     R = r1 - r0
     RQ = R * Q
     Mf = M.reshape(M.size)
     full = min(TW, OW // m)  # tiles wholly inside an output row
+    zoff = np.empty(6, np.int64)  # M[xi*a + nu, k] - M[nu, k] (rows past a repeat the last one)
+    ooff = np.empty(6, np.int64)  # Z[p*a + nu] - Z[p*a]
+    for j in range(6):
+        zoff[j] = min(j, a - 1) * a * K * RQ
+        ooff[j] = min(j, a - 1) * RQ
     for k in prange(K):
         # Z[(p*a + nu)*RQ + t] = sum_xi AT[p, xi] M[xi*a + nu, k, t]; O[q*RQ + t]: output (p, q) of tile t
         Z = np.empty(m * a * RQ, M.dtype)
         O = np.empty(m * RQ, M.dtype)
-        cf = np.empty(6, M.dtype)
-        o = np.empty(6, np.int64)
-        zero = bias[k] - bias[k]  # a 0 of the dtype (NaN for a non-finite bias: the call falls back anyway)
-        for p in range(m):
-            for xi in range(6):
-                cf[xi] = AT[p, xi] if xi < a else 0
-            for nu in range(a):
-                for xi in range(6):
-                    o[xi] = ((min(xi, a - 1) * a + nu) * K + k) * RQ
-                _comb_flat(Z, (p * a + nu) * RQ, RQ, zero, cf, Mf, o)
         b = bias[k]
-        chk = b - b
+        zero = b - b  # a 0 of the dtype (NaN for a non-finite bias: the call falls back anyway)
         for p in range(m):
-            for nu in range(6):
-                o[nu] = (p * a + min(nu, a - 1)) * RQ
+            for nu in range(a):
+                _comb_flat(Z, (p * a + nu) * RQ, RQ, zero, AT, p, Mf, zoff, (nu * K + k) * RQ)
+        chk = zero
+        for p in range(m):
             for q in range(m):
-                for nu in range(6):
-                    cf[nu] = AT[q, nu] if nu < a else 0
-                _comb_flat(O, q * RQ, RQ, b, cf, Z, o)
+                _comb_flat(O, q * RQ, RQ, b, AT, q, Z, ooff, p * a * RQ)
             for rr in range(R):
                 r = r0 + rr
                 n = r // TH
@@ -321,7 +312,7 @@ def _output_transform(M, AT, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
                 for tw in range(full):
                     for q in range(m):
                         v = O[q * RQ + base + tw]
-                        y[n, k, oh, tw * m + q] = v
+                        y[n, k, oh, np.uint64(tw * m + q)] = v
                         chk += v - v
                 for tw in range(full, TW):
                     for q in range(m):
@@ -357,32 +348,27 @@ def _filter_transform(wt, G, U):
     """``U[xi*a + nu, k, c] = sum_ij G[xi, i] G[nu, j] w[k, c, i, j]`` with ``wt = w`` as (K, 3, 3, C).
 
     The channel axis is innermost in ``wt`` and ``U`` so every loop here runs over contiguous channels.
+    G : (a, 6) array, ``G`` zero-padded from 3 columns (:func:`_padded`).
     """
     K = wt.shape[0]
     C = wt.shape[3]
     a = G.shape[0]
+    wf = wt.reshape(wt.size)
+    Uf = U.reshape(U.size)
+    toff = np.empty(6, np.int64)  # tap row i of wt[k] (rows past 3 repeat the last one)
+    uoff = np.empty(6, np.int64)  # tap column j of tmp[xi]
+    for j in range(6):
+        toff[j] = min(j, 2) * 3 * C
+        uoff[j] = min(j, 2) * C
     for k in prange(K):
-        tmp = np.zeros((a, 3, C), U.dtype)
+        tmp = np.empty(a * 3 * C, U.dtype)  # tmp[(xi*3 + j)*C + c] = sum_i G[xi, i] w[k, c, i, j]
+        zero = G[0, 5]  # a 0 of the dtype (the padding column)
         for xi in range(a):
-            for i in range(3):
-                coef = G[xi, i]
-                if coef != 0:
-                    for j in range(3):
-                        src = wt[k, i, j]
-                        dst = tmp[xi, j]
-                        for c in range(C):
-                            dst[c] += coef * src[c]
+            for j in range(3):
+                _comb_flat(tmp, (xi * 3 + j) * C, C, zero, G, xi, wf, toff, (k * 9 + j) * C)
         for xi in range(a):
             for nu in range(a):
-                dst = U[xi * a + nu, k]
-                for c in range(C):
-                    dst[c] = 0
-                for j in range(3):
-                    coef = G[nu, j]
-                    if coef != 0:
-                        src = tmp[xi, j]
-                        for c in range(C):
-                            dst[c] += coef * src[c]
+                _comb_flat(Uf, ((xi * a + nu) * K + k) * C, C, zero, G, nu, tmp, uoff, xi * 3 * C)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +376,20 @@ def _filter_transform(wt, G, U):
 # --------------------------------------------------------------------------------------------
 
 def _matrices(m, dtype):
-    mats = transform_matrices(m)
-    return {k: np.ascontiguousarray(v, dtype) for k, v in mats.items()}
+    """The transform matrices in ``dtype``, zero-padded to 6 columns for :func:`_comb_flat`, and each
+    one's column count before the padding (``"<name>_cols"``)."""
+    dtype = np.dtype(dtype)
+    mats = transform_matrices(m)  # cached; tests swap the points and clear that cache
+    got = _MATS.get((m, dtype.str))
+    if got is None or got["_source"] is not mats:
+        got = {k: _padded(v, dtype) for k, v in mats.items()}
+        got.update({f"{k}_cols": v.shape[1] for k, v in mats.items()})
+        got["_source"] = mats
+        _MATS[(m, dtype.str)] = got
+    return got
+
+
+_MATS: dict = {}
 
 
 #: How the a*a GEMMs of a chunk run: "prange" -- Numba tasks over the positions, each one
@@ -515,9 +513,9 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
         T = (r1 - r0) * Q
         V = vbuf[:a * a * C * T].reshape(a * a, C, T)
         M = mbuf[:a * a * K * T].reshape(a * a, K, T)
-        _tile_transform(x, mats["BT"], m, pad_h, pad_w, TH, TW, Q, r0, r1, V)
+        _tile_transform(x, mats["BT"], a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V)
         _gemm(U.reshape(a * a * G, Kg, Cg), V.reshape(a * a * G, Cg, T), M.reshape(a * a * G, Kg, T))
-        _output_transform(M, mats["AT"], b, m, OH, OW, TH, TW, Q, r0, r1, y, bad)
+        _output_transform(M, mats["AT"], a, b, m, OH, OW, TH, TW, Q, r0, r1, y, bad)
     return y, bool(np.isfinite(bad).all())
 
 
@@ -617,14 +615,14 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
         T = (r1 - r0) * Q
         V = vbuf[:a * a * C * T].reshape(a * a, C, T)
         GO = gbuf[:a * a * K * T].reshape(a * a, K, T)
-        _tile_transform(xx, mats["BT"], m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
-        _tile_transform(go, mats["Gm"], m, 0, 0, TH, TW, Q, r0, r1, GO)
+        _tile_transform(xx, mats["BT"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
+        _tile_transform(go, mats["Gm"], m, m, 0, 0, TH, TW, Q, r0, r1, GO)
         _gemm_accumulate(GO.reshape(a * a * G, Kg, T), V.reshape(a * a * G, Cg, T), acc)
     # A_3^T Mw A_3 for every (k, c): the forward's output transform with 3 x 3 "tiles", one per input
     # channel (as tile rows of width 1), vectorised over the channels; it writes (Cg, K, 3, 3).
     out = np.empty((Cg, K, 3, 3), dt)
     bad = np.zeros(K, dt)
-    _output_transform(acc.reshape(a * a, K, Cg), mats["AT3"], np.zeros(K, dt), 3, 3, 3, 1, 1, 1, 0, Cg, out, bad)
+    _output_transform(acc.reshape(a * a, K, Cg), mats["AT3"], a, np.zeros(K, dt), 3, 3, 3, 1, 1, 1, 0, Cg, out, bad)
     if not np.isfinite(bad).all():
         return _exact.direct_grad_weight(grad_out, x, (1, 1, 1), padding, (1, 1, 1), groups, (1, 3, 3))
     gw[:] = out.transpose(1, 0, 2, 3)
