@@ -12,9 +12,11 @@ How a forward pass runs (Lavin & Gray 2016, "Fast Algorithms for Convolutional N
    tiles of a chunk stay in the L2/L3 caches. Per chunk:
 
    * input transform ``V[xi, nu] = (B^T d B)[xi, nu]``, stored ``(a*a, C, tiles)``;
-   * ``a*a`` independent GEMMs ``M[xi, nu] = U[xi, nu] @ V[xi, nu]``: ``(K x C) @ (C x tiles)`` per group,
-     through numpy's BLAS (one ``np.matmul`` over the stack of positions and groups);
-   * output transform ``Y = A^T M A``, cropped to the output size, plus the bias.
+   * ``a*a`` independent GEMMs ``M[xi, nu] = U[xi, nu] @ V[xi, nu]``: ``(K x C) @ (C x tiles)`` per group
+     (see :data:`GEMM_MODE`);
+   * output transform ``Y = A^T M A``, cropped to the output size, plus the bias; it also notes whether
+     any output is non-finite, the one check that decides whether the exact direct kernel must redo
+     the call (see the note above ``_check_2d``).
 
 The input gradient of a stride-1 3x3 convolution is itself a stride-1 3x3 convolution of the output
 gradient with the filters flipped and transposed (K <-> C), padded ``2 - p`` before: the same forward
@@ -32,8 +34,9 @@ The transform matrices come from the Toom-Cook construction over interpolation p
 :func:`transform_matrices` and :data:`POINTS`): F(2x2) uses ``0, 1, -1, inf``, F(4x4)
 ``0, 1, -1, 1/2, -2, inf``, the set with the lowest float32 error among those we measured.
 
-Every transform is a Numba loop whose innermost loop runs over a contiguous row of tiles (phase-split
-input rows make the overlapping patches unit-stride), so it vectorises; zero coefficients are skipped.
+Every transform is a sequence of 6-term combinations (:func:`_comb_flat`) whose loop runs over a
+contiguous run of tiles (phase-split input rows make the overlapping patches unit-stride), so it
+vectorises and keeps each sum in a register.
 """
 from __future__ import annotations
 
@@ -270,8 +273,8 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
     tiles are cropped to ``OH x OW`` (partial edge tiles).
 
-    ``bad[k]`` gets ``+= 0 * (every value written)``: it stays 0 while they are all finite and turns NaN
-    otherwise, the output check of the callers (see :func:`_conv3x3`), at no extra pass.
+    ``bad[k]`` gets ``+= v - v`` for every value ``v`` written: it stays 0 while they are all finite and
+    turns NaN otherwise, the callers' output check (see the note above ``_check_2d``), at no extra pass.
 
     Parameters
     ----------
@@ -521,15 +524,17 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
 
 # Non-finite and huge operands. Winograd's transforms mix every element of a tile into all its outputs, so
 # one Inf or NaN spoils the whole tile (NaN where torch gives +-Inf), and its intermediates overflow for
-# operands whose exact result is still finite (from |x| about 1e36 in float32 for F(4x4)). Either way
-# an output the call computes turns non-finite: every operand value reaches every output of its tile
-# through at least one nonzero product of transform coefficients (the transforms compose to the
-# identity correlation), and Inf and NaN never vanish in sums and products (0 * Inf is NaN; zero
-# coefficients multiply in :func:`_comb`, and the GEMMs skip nothing). So the kernels run first and
-# check what they wrote (``bad`` in :func:`_output_transform`, for free): only a non-finite output
-# sends the call to the exact direct kernel, which gives torch's result. Checking the operands
-# beforehand, as before, read every input and weight once more per call (0.3-0.7 ms on a 64-channel
-# 32x32 layer, a fifth of the call) and sent calls with a huge but harmless operand to the slow path.
+# operands whose exact result is still finite (from |x| about 1e36 in float32 for F(4x4)). Either way an
+# output of that tile turns non-finite: an operand value inside an output's receptive field reaches that
+# output through at least one product of nonzero transform coefficients (A^T, G and B^T compose to the
+# plain correlation, so for each tap some term of the composition is nonzero), and Inf and NaN never
+# vanish in sums and products (0 * Inf is NaN; zero coefficients are multiplied in :func:`_comb_flat`,
+# and BLAS skips nothing). So the kernels run first and check what they wrote (``bad`` in
+# :func:`_output_transform`, at no extra pass): a non-finite output sends the call to the exact direct
+# kernel, which gives torch's result (a non-finite value outside every receptive field may send a call
+# there too: slower, never wrong). Checking the operands beforehand, as before, read the input and the
+# weights once more per call (0.3-0.7 ms on a 64-channel 32x32 layer, a fifth of the call) and sent
+# calls with a huge but harmless operand to the slow path.
 
 
 def _check_2d(x5, kernel):
