@@ -273,8 +273,9 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
     tiles are cropped to ``OH x OW`` (partial edge tiles).
 
-    ``bad[k]`` gets ``+= v - v`` for every value ``v`` written: it stays 0 while they are all finite and
-    turns NaN otherwise, the callers' output check (see the note above ``_check_2d``), at no extra pass.
+    ``bad[k]`` gets ``+= v - v`` for every value ``v`` computed (the cropped and spare slots too): it stays 0
+    while they are all finite and turns NaN otherwise, the callers' output check (see the note above
+    ``_check_2d``), one pass over data still in L1.
 
     Parameters
     ----------
@@ -305,6 +306,11 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
         for p in range(m):
             for q in range(m):
                 _comb_flat(O, q * RQ, RQ, b, AT, q, Z, ooff, p * a * RQ)
+            # the output check over every value computed (cropped and spare slots too: a non-finite one
+            # there can only come from a non-finite operand, and then the exact kernel redoes the call);
+            # one vectorised pass here instead of a dependency chain in the scatter below
+            for t in range(m * RQ):
+                chk += O[np.uint64(t)] - O[np.uint64(t)]
             for rr in range(R):
                 r = r0 + rr
                 n = r // TH
@@ -312,17 +318,30 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
                 if oh >= OH:
                     continue
                 base = rr * Q
-                for tw in range(full):
-                    for q in range(m):
-                        v = O[q * RQ + base + tw]
-                        y[n, k, oh, np.uint64(tw * m + q)] = v
-                        chk += v - v
-                for tw in range(full, TW):
+                # interleave the m columns of each tile into the output row; m spelled out as a
+                # constant where it can be, so the stores are one contiguous run per tile
+                if m == 4:
+                    for tw in range(full):
+                        u = np.uint64(base + tw)
+                        col = np.uint64(4 * tw)
+                        y[n, k, oh, col] = O[u]
+                        y[n, k, oh, col + np.uint64(1)] = O[u + np.uint64(RQ)]
+                        y[n, k, oh, col + np.uint64(2)] = O[u + np.uint64(2 * RQ)]
+                        y[n, k, oh, col + np.uint64(3)] = O[u + np.uint64(3 * RQ)]
+                elif m == 2:
+                    for tw in range(full):
+                        u = np.uint64(base + tw)
+                        col = np.uint64(2 * tw)
+                        y[n, k, oh, col] = O[u]
+                        y[n, k, oh, col + np.uint64(1)] = O[u + np.uint64(RQ)]
+                else:
+                    for tw in range(full):
+                        for q in range(m):
+                            y[n, k, oh, np.uint64(tw * m + q)] = O[np.uint64(q * RQ + base + tw)]
+                for tw in range(full, TW):  # the partial last tile
                     for q in range(m):
                         if tw * m + q < OW:
-                            v = O[q * RQ + base + tw]
-                            y[n, k, oh, tw * m + q] = v
-                            chk += v - v
+                            y[n, k, oh, np.uint64(tw * m + q)] = O[np.uint64(q * RQ + base + tw)]
         bad[k] += chk
 
 
