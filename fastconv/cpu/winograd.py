@@ -47,6 +47,7 @@ import threading
 from fractions import Fraction
 from functools import lru_cache
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -189,8 +190,8 @@ def _padded(mat, dtype):
     return out
 
 
-@njit(parallel=True, **_JIT)
-def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
+@njit(**_JIT)
+def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
     """Gather overlapping tiles of ``src`` and transform them on both sides with ``L``.
 
     ``out[xi*a + nu, c, (r - r0)*Q + tw] = sum_ij L[xi, i] L[nu, j] src[n, c, th*m + i - pad_h, tw*m + j - pad_w]``
@@ -213,7 +214,7 @@ def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
     L : (a, 6) array -- ``B^T`` (s = a, overlapping patches) or ``G_m`` (s = m, disjoint tiles), zero-padded
     from its ``s`` columns to 6 (:func:`_padded`)
     m : tile step; pad_h, pad_w : padding before each dim (may be negative)
-    out : (a*a, C, (r1 - r0)*Q) array, written
+    out : (a*a, C, (r1 - r0)*Q) array, written for the channels ``c0 <= c < c1``
     """
     N, C, H, W = src.shape
     a = L.shape[0]
@@ -234,7 +235,7 @@ def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
         qrange[ph, 0] = qlo
         qrange[ph, 1] = min(Q, max(qlo, (W - 1 - base) // m + 1))
     outf = out.reshape(out.size)
-    for c in prange(C):
+    for c in range(c0, c1):
         # P[i*PL + ph*ext + rr*Q + q] = src[n, c, th*m + i - pad_h, q*m + ph - pad_w] (0 outside)
         P = np.zeros(s * PL, src.dtype)
         S = np.empty(a * PL, src.dtype)
@@ -267,7 +268,14 @@ def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
 
 
 @njit(parallel=True, **_JIT)
-def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
+def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
+    """:func:`_tile_block` for every channel, in parallel over the channels."""
+    for c in prange(src.shape[1]):
+        _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c, c + 1)
+
+
+@njit(**_JIT)
+def _output_block(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad, k0, k1):
     """``y[n, k, th*m + p, tw*m + q] = bias[k] + sum AT[p, xi] AT[q, nu] M[xi*a + nu, k, (r - r0)*Q + tw]``.
 
     Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
@@ -281,7 +289,7 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     ----------
     M : (a*a, K, (r1 - r0)*Q) array; AT : (m, 6) array (``A^T``, zero-padded: :func:`_padded`); a : its
     columns before the padding; bias : (K,) array (zeros when there is none)
-    y : (N, K, OH, OW) array, written; bad : (K,) array, accumulated
+    y : (N, K, OH, OW) array, written; bad : (K,) array, accumulated; both for ``k0 <= k < k1`` only
     """
     K = M.shape[1]
     R = r1 - r0
@@ -293,7 +301,7 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     for j in range(6):
         zoff[j] = min(j, a - 1) * a * K * RQ
         ooff[j] = min(j, a - 1) * RQ
-    for k in prange(K):
+    for k in range(k0, k1):
         # Z[(p*a + nu)*RQ + t] = sum_xi AT[p, xi] M[xi*a + nu, k, t]; O[q*RQ + t]: output (p, q) of tile t
         Z = np.empty(m * a * RQ, M.dtype)
         O = np.empty(m * RQ, M.dtype)
@@ -343,6 +351,46 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
                         if tw * m + q < OW:
                             y[n, k, oh, np.uint64(tw * m + q)] = O[np.uint64(q * RQ + base + tw)]
         bad[k] += chk
+
+
+@njit(parallel=True, **_JIT)
+def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
+    """:func:`_output_block` for every output channel, in parallel over the channels."""
+    for k in prange(M.shape[1]):
+        _output_block(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad, k, k + 1)
+
+
+@njit(parallel=True, **_JIT)
+def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rpc, G, y, bad, vbuf, mbuf):
+    """The whole forward in one parallel region: task ``t`` of ``bad.shape[0]`` takes the chunks ``t``,
+    ``t + tasks``, ... of ``rpc`` tile rows and runs all three stages on each (input transform, the
+    ``a*a*G`` GEMMs, one single-threaded BLAS call each, output transform) in its own buffers.
+
+    Why: per chunk, the stage-by-stage path parallelises each stage over channels, three parallel regions
+    whose ends wait for the slowest thread; on a shared machine one descheduled thread stalls all of
+    them. Here the threads meet once per call, and each chunk's transformed tiles stay in the cache
+    of the core that made them.
+
+    x : (N, C, H, W); U : (a*a*G, K/G, C/G); BT, AT : padded (:func:`_padded`); y : (N, K, OH, OW),
+    written; bad : (tasks, K), accumulated (see :func:`_output_transform`); vbuf : (tasks, a*a*C*rpc*Q);
+    mbuf : (tasks, a*a*K*rpc*Q).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K = y.shape[1]
+    rows = N * TH
+    tasks = bad.shape[0]
+    nchunks = -(-rows // rpc)
+    for t in prange(tasks):
+        for ci in range(t, nchunks, tasks):
+            r0 = ci * rpc
+            r1 = min(rows, r0 + rpc)
+            T = (r1 - r0) * Q
+            V = vbuf[t, :a * a * C * T].reshape((a * a * G, C // G, T))
+            M = mbuf[t, :a * a * K * T].reshape((a * a * G, K // G, T))
+            _tile_block(x, BT, a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V.reshape((a * a, C, T)), 0, C)
+            for i in range(a * a * G):
+                np.dot(U[i], V[i], M[i])
+            _output_block(M.reshape((a * a, K, T)), AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad[t], 0, K)
 
 
 @njit(parallel=True, **_JIT)
@@ -526,7 +574,25 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
     TH, TW = -(-OH // m), -(-OW // m)
     Q = TW + 1  # one spare slot per tile row (see _tile_transform)
     rows = N * TH
-    rpc = _rows_per_chunk(a * a * (C + K) * Q * dt.itemsize, rows, Q)
+    per_row = a * a * (C + K) * Q * dt.itemsize
+    tasks = max(1, min(numba.get_num_threads(), rows))
+    nchunks = -(-rows // _rows_per_chunk(per_row * tasks, rows, Q))
+    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
+        # one parallel region (see _fused_forward) where every thread gets chunks of at least
+        # MIN_GEMM_TILES tiles, each within its thread's share of the workspace; as many equal chunks
+        # as a whole number of rounds over the threads needs. Smaller problems run stage by stage,
+        # each stage parallel over channels, rather than split into thin GEMMs.
+        nchunks = -(-nchunks // tasks) * tasks
+        rpc = -(-rows // nchunks)
+        tasks = min(tasks, -(-rows // rpc))
+        vbuf = np.empty((tasks, a * a * C * Q * rpc), dt)
+        mbuf = np.empty((tasks, a * a * K * Q * rpc), dt)
+        bad = np.zeros((tasks, K), dt)
+        with _BLAS_ONE_THREAD:
+            _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
+                           TH, TW, Q, rpc, G, y, bad, vbuf, mbuf)
+        return y, bool(np.isfinite(bad).all())
+    rpc = _rows_per_chunk(per_row, rows, Q)
     vbuf = np.empty(a * a * C * Q * rpc, dt)
     mbuf = np.empty(a * a * K * Q * rpc, dt)
     bad = np.zeros(K, dt)
