@@ -394,6 +394,33 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
 
 
 @njit(parallel=True, **_JIT)
+def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, accs, vbuf, gbuf):
+    """The weight gradient's tile stage in one parallel region, as :func:`_fused_forward`: task ``t``
+    transforms its chunks of ``x`` (``B^T``) and ``go`` (``G_m``) and adds their GEMMs into ``accs[t]``.
+
+    x : (N, C, H, W); go : (N, K, OH, OW); accs : (tasks, a*a*G, K/G, C/G), accumulated;
+    vbuf : (tasks, a*a*C*rpc*Q); gbuf : (tasks, a*a*K*rpc*Q).
+    """
+    N, C = x.shape[0], x.shape[1]
+    K = go.shape[1]
+    rows = N * TH
+    tasks = accs.shape[0]
+    nchunks = -(-rows // rpc)
+    for t in prange(tasks):
+        for ci in range(t, nchunks, tasks):
+            r0 = ci * rpc
+            r1 = min(rows, r0 + rpc)
+            T = (r1 - r0) * Q
+            V = vbuf[t, :a * a * C * T].reshape((a * a * G, C // G, T))
+            GO = gbuf[t, :a * a * K * T].reshape((a * a * G, K // G, T))
+            _tile_block(x, BT, a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V.reshape((a * a, C, T)), 0, C)
+            _tile_block(go, Gm, m, m, 0, 0, TH, TW, Q, r0, r1, GO.reshape((a * a, K, T)), 0, K)
+            acc = accs[t]
+            for i in range(a * a * G):
+                acc[i] += np.dot(GO[i], V[i].T)
+
+
+@njit(parallel=True, **_JIT)
 def _gemm_forward(U, V, M):
     """``M[i] = U[i] @ V[i]`` for every (position, group) ``i``, one single-threaded BLAS GEMM per task.
 
@@ -696,18 +723,36 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
     TH, TW = -(-OH // m), -(-OW // m)
     Q = TW + 1  # the slot layout of the input transform; the spare slots are zeros in both
     rows = N * TH
-    rpc = _rows_per_chunk(a * a * (C + K) * Q * dt.itemsize, rows, Q)
-    vbuf = np.empty(a * a * C * Q * rpc, dt)
-    gbuf = np.empty(a * a * K * Q * rpc, dt)
-    acc = np.zeros((a * a * G, Kg, Cg), dt)
-    for r0 in range(0, rows, rpc):
-        r1 = min(rows, r0 + rpc)
-        T = (r1 - r0) * Q
-        V = vbuf[:a * a * C * T].reshape(a * a, C, T)
-        GO = gbuf[:a * a * K * T].reshape(a * a, K, T)
-        _tile_transform(xx, mats["BT"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
-        _tile_transform(go, mats["Gm"], m, m, 0, 0, TH, TW, Q, r0, r1, GO)
-        _gemm_accumulate(GO.reshape(a * a * G, Kg, T), V.reshape(a * a * G, Cg, T), acc)
+    per_row = a * a * (C + K) * Q * dt.itemsize
+    tasks = max(1, min(numba.get_num_threads(), rows))
+    nchunks = -(-rows // _rows_per_chunk(per_row * tasks, rows, Q))
+    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
+        # one parallel region, as in the forward (see _conv3x3); each thread sums into its own
+        # accumulator (one more a*a*K*C/G array per thread, summed at the end: under 1% of the GEMMs'
+        # work, since every chunk has at least MIN_GEMM_TILES tiles)
+        nchunks = -(-nchunks // tasks) * tasks
+        rpc = -(-rows // nchunks)
+        tasks = min(tasks, -(-rows // rpc))
+        vbuf = np.empty((tasks, a * a * C * Q * rpc), dt)
+        gbuf = np.empty((tasks, a * a * K * Q * rpc), dt)
+        accs = np.zeros((tasks, a * a * G, Kg, Cg), dt)
+        with _BLAS_ONE_THREAD:
+            _fused_grad_weight(xx, go, mats["BT"], mats["Gm"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q,
+                               rpc, G, accs, vbuf, gbuf)
+        acc = accs[0] if tasks == 1 else accs.sum(axis=0)
+    else:
+        rpc = _rows_per_chunk(per_row, rows, Q)
+        vbuf = np.empty(a * a * C * Q * rpc, dt)
+        gbuf = np.empty(a * a * K * Q * rpc, dt)
+        acc = np.zeros((a * a * G, Kg, Cg), dt)
+        for r0 in range(0, rows, rpc):
+            r1 = min(rows, r0 + rpc)
+            T = (r1 - r0) * Q
+            V = vbuf[:a * a * C * T].reshape(a * a, C, T)
+            GO = gbuf[:a * a * K * T].reshape(a * a, K, T)
+            _tile_transform(xx, mats["BT"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
+            _tile_transform(go, mats["Gm"], m, m, 0, 0, TH, TW, Q, r0, r1, GO)
+            _gemm_accumulate(GO.reshape(a * a * G, Kg, T), V.reshape(a * a * G, Cg, T), acc)
     # A_3^T Mw A_3 for every (k, c): the forward's output transform with 3 x 3 "tiles", one per input
     # channel (as tile rows of width 1), vectorised over the channels; it writes (Cg, K, 3, 3).
     out = np.empty((Cg, K, 3, 3), dt)
