@@ -259,17 +259,29 @@ def test_mult_ratio_is_the_elementwise_multiplications_over_direct():
     assert alg4.mult_ratio(g7) == pytest.approx(4 * 36 / (49 * 9))
 
 
-def test_workspace_bytes_counts_filters_and_one_bounded_chunk():
+def test_workspace_bytes_counts_filters_and_one_bounded_chunk_per_thread():
+    import numba
+
     g = _geometry(8, 256, 256, 56, 56)
     alg4 = registry._REGISTRY[("winograd4", "numba")]
     filters = 36 * 256 * 256 * 4
-    ws = alg4.workspace_bytes(g)
     per_row = 36 * 512 * 15 * 4  # 14 tiles + 1 spare slot per tile row
-    rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 15))
-    assert ws == 2 * filters + rows * per_row
-    small = _geometry(1, 3, 4, 5, 5)
-    tiles = 36 * (3 + 4) * 3 * 2 * 4  # 2 tile rows of 2 tiles (+1 spare slot) each
-    assert alg4.workspace_bytes(small) == 2 * 36 * 4 * 3 * 4 + tiles
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        # one thread: chunks of max(what WORKSPACE_BYTES holds, MIN_GEMM_TILES wide) tile rows, one accumulator
+        rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 15))
+        assert alg4.workspace_bytes(g) == 2 * filters + rows * per_row
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            # two threads: 112 tile rows in 10 chunks of 12 (two of them in flight), two accumulators
+            numba.set_num_threads(2)
+            assert (winograd.WORKSPACE_BYTES, winograd.MIN_GEMM_TILES) == (4 << 20, 192), "numbers below"
+            assert alg4.workspace_bytes(g) == 3 * filters + 2 * 12 * per_row
+        small = _geometry(1, 3, 4, 5, 5)
+        tiles = 36 * (3 + 4) * 3 * 2 * 4  # 2 tile rows of 2 tiles (+1 spare slot) each: one chunk
+        assert alg4.workspace_bytes(small) == 2 * 36 * 4 * 3 * 4 + tiles
+    finally:
+        numba.set_num_threads(saved)
 
 
 def test_summary_names_the_weight_gradient_method():

@@ -579,6 +579,26 @@ def _rows_per_chunk(per_row_bytes, total_rows, slots_per_row):
     return max(1, min(total_rows, max(fit, wide)))
 
 
+def _plan(per_row_bytes, total_rows, slots_per_row, threads=None):
+    """How a pass runs its tile rows: ``(fused, tasks, rows_per_chunk)``.
+
+    ``fused``: one parallel region (:func:`_fused_forward`, :func:`_fused_grad_weight`) with ``tasks``
+    threads, each taking chunks of ``rows_per_chunk`` tile rows in turn; chosen where every thread gets
+    full-width chunks (at least :data:`MIN_GEMM_TILES` tiles, within its share of
+    :data:`WORKSPACE_BYTES`), the chunk count rounded up to whole rounds over the threads. Otherwise
+    (small problems; or the GEMMs not on Numba's BLAS, see :data:`GEMM_MODE`) stage by stage, each
+    stage parallel over channels, in chunks of :func:`_rows_per_chunk` rows (``tasks`` is then 1).
+    """
+    threads = numba.get_num_threads() if threads is None else threads
+    tasks = max(1, min(threads, total_rows))
+    nchunks = -(-total_rows // _rows_per_chunk(per_row_bytes * tasks, total_rows, slots_per_row))
+    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
+        nchunks = -(-nchunks // tasks) * tasks
+        rpc = -(-total_rows // nchunks)
+        return True, min(tasks, -(-total_rows // rpc)), rpc
+    return False, 1, _rows_per_chunk(per_row_bytes, total_rows, slots_per_row)
+
+
 def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
     """Stride-1, dilation-1 3x3 correlation by Winograd F(m x m, 3x3).
 
@@ -602,16 +622,8 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
     Q = TW + 1  # one spare slot per tile row (see _tile_transform)
     rows = N * TH
     per_row = a * a * (C + K) * Q * dt.itemsize
-    tasks = max(1, min(numba.get_num_threads(), rows))
-    nchunks = -(-rows // _rows_per_chunk(per_row * tasks, rows, Q))
-    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
-        # one parallel region (see _fused_forward) where every thread gets chunks of at least
-        # MIN_GEMM_TILES tiles, each within its thread's share of the workspace; as many equal chunks
-        # as a whole number of rounds over the threads needs. Smaller problems run stage by stage,
-        # each stage parallel over channels, rather than split into thin GEMMs.
-        nchunks = -(-nchunks // tasks) * tasks
-        rpc = -(-rows // nchunks)
-        tasks = min(tasks, -(-rows // rpc))
+    fused, tasks, rpc = _plan(per_row, rows, Q)
+    if fused:
         vbuf = np.empty((tasks, a * a * C * Q * rpc), dt)
         mbuf = np.empty((tasks, a * a * K * Q * rpc), dt)
         bad = np.zeros((tasks, K), dt)
@@ -619,7 +631,6 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
             _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
                            TH, TW, Q, rpc, G, y, bad, vbuf, mbuf)
         return y, bool(np.isfinite(bad).all())
-    rpc = _rows_per_chunk(per_row, rows, Q)
     vbuf = np.empty(a * a * C * Q * rpc, dt)
     mbuf = np.empty(a * a * K * Q * rpc, dt)
     bad = np.zeros(K, dt)
@@ -724,15 +735,11 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
     Q = TW + 1  # the slot layout of the input transform; the spare slots are zeros in both
     rows = N * TH
     per_row = a * a * (C + K) * Q * dt.itemsize
-    tasks = max(1, min(numba.get_num_threads(), rows))
-    nchunks = -(-rows // _rows_per_chunk(per_row * tasks, rows, Q))
-    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
-        # one parallel region, as in the forward (see _conv3x3); each thread sums into its own
-        # accumulator (one more a*a*K*C/G array per thread, summed at the end: under 1% of the GEMMs'
-        # work, since every chunk has at least MIN_GEMM_TILES tiles)
-        nchunks = -(-nchunks // tasks) * tasks
-        rpc = -(-rows // nchunks)
-        tasks = min(tasks, -(-rows // rpc))
+    fused, tasks, rpc = _plan(per_row, rows, Q)
+    if fused:
+        # as the forward (see _plan); each thread sums into its own accumulator (one more a*a*K*C/G
+        # array per thread, summed at the end: under 1% of the GEMMs' work, since every chunk has at
+        # least MIN_GEMM_TILES tiles)
         vbuf = np.empty((tasks, a * a * C * Q * rpc), dt)
         gbuf = np.empty((tasks, a * a * K * Q * rpc), dt)
         accs = np.zeros((tasks, a * a * G, Kg, Cg), dt)
@@ -741,7 +748,6 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
                                rpc, G, accs, vbuf, gbuf)
         acc = accs[0] if tasks == 1 else accs.sum(axis=0)
     else:
-        rpc = _rows_per_chunk(per_row, rows, Q)
         vbuf = np.empty(a * a * C * Q * rpc, dt)
         gbuf = np.empty(a * a * K * Q * rpc, dt)
         acc = np.zeros((a * a * G, Kg, Cg), dt)
@@ -801,16 +807,21 @@ def mult_ratio(g, m: int) -> float:
 
 
 def workspace_bytes(g, m: int) -> int:
-    """Extra bytes of the largest pass: transformed filters plus one chunk of transformed tiles."""
+    """Extra bytes of the largest pass: transformed filters plus the chunks of transformed tiles in
+    flight (one per thread, see :func:`_plan`), and the weight gradient's accumulators (one per thread)."""
     a = m + 2
     item = g.dtype.itemsize
     C, K, G = g.in_channels, g.out_channels, g.groups
     filters = a * a * K * (C // G) * item
     worst = 0
+    tasks_gw = 1
     # forward tiles over the output, the input gradient tiles over the input
     for OH, OW in ((g.out_spatial[1], g.out_spatial[2]), (g.in_spatial[1], g.in_spatial[2])):
         TH, TW = -(-OH // m), -(-OW // m)
         rows = max(1, g.batch * TH)
         per_row = a * a * (C + K) * (TW + 1) * item
-        worst = max(worst, _rows_per_chunk(per_row, rows, TW + 1) * per_row)
-    return filters + worst + a * a * K * (C // G) * item  # the weight gradient's accumulator pair
+        _, tasks, rpc = _plan(per_row, rows, TW + 1)
+        worst = max(worst, tasks * rpc * per_row)
+        if (OH, OW) == (g.out_spatial[1], g.out_spatial[2]):
+            tasks_gw = tasks
+    return filters + worst + tasks_gw * a * a * K * (C // G) * item  # + the weight gradient's accumulators
