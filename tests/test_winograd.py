@@ -356,3 +356,31 @@ def test_ordinary_operands_run_winograd_and_extreme_ones_the_direct_kernel(m, mo
     x2[0, 0, 0, 4, 4] = np.inf
     run(x2, w, go)
     assert calls == ["direct_forward", "direct_grad_weight"]
+
+
+def test_scratch_buffers_are_reused_per_thread_and_large_ones_not_kept(monkeypatch):
+    """Workspace reuse (see winograd._scratch): same memory on the next call of a thread, separate
+    memory in another thread, nothing kept above SCRATCH_KEEP_BYTES, and results unaffected by reuse."""
+    import threading
+
+    import numpy as np
+
+    a = winograd._scratch("test", (3, 5), np.float32)
+    b = winograd._scratch("test", (2, 3), np.float64)  # 48 of the 60 bytes: the same memory, reshaped
+    assert b.shape == (2, 3) and b.dtype == np.float64
+    assert np.shares_memory(a, b)
+    other = []
+    t = threading.Thread(target=lambda: other.append(winograd._scratch("test", (3, 5), np.float32)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(a, other[0])
+    monkeypatch.setattr(winograd, "SCRATCH_KEEP_BYTES", 64)
+    big1 = winograd._scratch("test_big", (100,), np.float32)
+    big2 = winograd._scratch("test_big", (100,), np.float32)
+    assert not np.shares_memory(big1, big2)
+    # two different layers back to back, then the first again: the same results
+    x1, w1, b1, kw1 = _make((2, 5, 9, 9, 6, dict(padding=1)))
+    x2, w2, b2, kw2 = _make((1, 7, 12, 10, 3, dict(padding=1)))
+    first = F.conv2d(x1, w1, b1, algo="winograd4", **kw1)
+    F.conv2d(x2, w2, b2, algo="winograd4", **kw2)
+    assert torch.equal(F.conv2d(x1, w1, b1, algo="winograd4", **kw1), first)
