@@ -17,6 +17,7 @@ import fastconv.functional as F
 from fastconv import registry
 from fastconv.cpu import winograd
 from fastconv.ops.conv import make_geometry
+from fastconv.tolerances import tolerance
 from helpers import assert_close
 
 ALGOS = {"winograd2": 2, "winograd4": 4}
@@ -258,17 +259,29 @@ def test_mult_ratio_is_the_elementwise_multiplications_over_direct():
     assert alg4.mult_ratio(g7) == pytest.approx(4 * 36 / (49 * 9))
 
 
-def test_workspace_bytes_counts_filters_and_one_bounded_chunk():
+def test_workspace_bytes_counts_filters_and_one_bounded_chunk_per_thread():
+    import numba
+
     g = _geometry(8, 256, 256, 56, 56)
     alg4 = registry._REGISTRY[("winograd4", "numba")]
     filters = 36 * 256 * 256 * 4
-    ws = alg4.workspace_bytes(g)
     per_row = 36 * 512 * 15 * 4  # 14 tiles + 1 spare slot per tile row
-    rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 15))
-    assert ws == 2 * filters + rows * per_row
-    small = _geometry(1, 3, 4, 5, 5)
-    tiles = 36 * (3 + 4) * 3 * 2 * 4  # 2 tile rows of 2 tiles (+1 spare slot) each
-    assert alg4.workspace_bytes(small) == 2 * 36 * 4 * 3 * 4 + tiles
+    saved = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        # one thread: chunks of max(what WORKSPACE_BYTES holds, MIN_GEMM_TILES wide) tile rows, one accumulator
+        rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 15))
+        assert alg4.workspace_bytes(g) == 2 * filters + rows * per_row
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            # two threads: 112 tile rows in 10 chunks of 12 (two of them in flight), two accumulators
+            numba.set_num_threads(2)
+            assert (winograd.WORKSPACE_BYTES, winograd.MIN_GEMM_TILES) == (4 << 20, 192), "numbers below"
+            assert alg4.workspace_bytes(g) == 3 * filters + 2 * 12 * per_row
+        small = _geometry(1, 3, 4, 5, 5)
+        tiles = 36 * (3 + 4) * 3 * 2 * 4  # 2 tile rows of 2 tiles (+1 spare slot) each: one chunk
+        assert alg4.workspace_bytes(small) == 2 * 36 * 4 * 3 * 4 + tiles
+    finally:
+        numba.set_num_threads(saved)
 
 
 def test_summary_names_the_weight_gradient_method():
@@ -321,12 +334,53 @@ def test_ordinary_operands_run_winograd_and_extreme_ones_the_direct_kernel(m, mo
 
     run(x, w, go)
     assert calls == [], "finite, ordinary operands must run Winograd itself"
-    big = x * np.float32(3e37)  # beyond both variants' safe range, exact results still finite
-    out = run(big, w * np.float32(1e-3), go * np.float32(1e-3))
-    assert calls == ["direct_forward", "direct_grad_weight"]
-    assert all(np.isfinite(o).all() for o in out), "exact results of this size are finite in float32"
+    # near float32's limit, exact results still finite: Winograd's intermediates may overflow (F(4x4)'s
+    # input transform grows values ~200x, so it does here); an overflow shows as a non-finite output,
+    # which sends the call to the exact kernel, and otherwise Winograd's own result must be accurate
+    big, ws, gs = x * np.float32(3e37), w * np.float32(1e-3), go * np.float32(1e-3)
+    out = run(big, ws, gs)
+    if m == 4:
+        assert "direct_forward" in calls and "direct_grad_weight" in calls
+    t = lambda a: torch.from_numpy(a[:, :, 0]).double()  # noqa: E731
+    ref_y = TF.conv2d(t(big), t(ws), padding=1)
+    ref_gx, ref_gw = torch.ops.aten.convolution_backward(
+        t(gs), t(big), t(ws), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])[:2]
+    for name, got, want in zip(("forward", "grad_input", "grad_weight"), out, (ref_y, ref_gx, ref_gw)):
+        assert np.isfinite(got).all(), f"{name}: exact results of this size are finite in float32"
+        # float32's tolerance for this algorithm, relative to the result's scale (~1e36 here)
+        rtol = tolerance(torch.float32, f"winograd{m}")["rtol"]
+        assert_close(torch.from_numpy(got[:, :, 0]).double(), want, what=name, rtol=rtol,
+                     atol=rtol * float(want.abs().max()))
     calls.clear()
     x2 = x.copy()
     x2[0, 0, 0, 4, 4] = np.inf
     run(x2, w, go)
     assert calls == ["direct_forward", "direct_grad_weight"]
+
+
+def test_scratch_buffers_are_reused_per_thread_and_large_ones_not_kept(monkeypatch):
+    """Workspace reuse (see winograd._scratch): same memory on the next call of a thread, separate
+    memory in another thread, nothing kept above SCRATCH_KEEP_BYTES, and results unaffected by reuse."""
+    import threading
+
+    import numpy as np
+
+    a = winograd._scratch("test", (3, 5), np.float32)
+    b = winograd._scratch("test", (2, 3), np.float64)  # 48 of the 60 bytes: the same memory, reshaped
+    assert b.shape == (2, 3) and b.dtype == np.float64
+    assert np.shares_memory(a, b)
+    other = []
+    t = threading.Thread(target=lambda: other.append(winograd._scratch("test", (3, 5), np.float32)))
+    t.start()
+    t.join()
+    assert not np.shares_memory(a, other[0])
+    monkeypatch.setattr(winograd, "SCRATCH_KEEP_BYTES", 64)
+    big1 = winograd._scratch("test_big", (100,), np.float32)
+    big2 = winograd._scratch("test_big", (100,), np.float32)
+    assert not np.shares_memory(big1, big2)
+    # two different layers back to back, then the first again: the same results
+    x1, w1, b1, kw1 = _make((2, 5, 9, 9, 6, dict(padding=1)))
+    x2, w2, b2, kw2 = _make((1, 7, 12, 10, 3, dict(padding=1)))
+    first = F.conv2d(x1, w1, b1, algo="winograd4", **kw1)
+    F.conv2d(x2, w2, b2, algo="winograd4", **kw2)
+    assert torch.equal(F.conv2d(x1, w1, b1, algo="winograd4", **kw1), first)
