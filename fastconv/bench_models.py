@@ -324,9 +324,9 @@ def _time_busy(ours, torch_model, x, mode, reps, neighbour: BusyNeighbour, basel
                     neighbour.busy()
                 else:
                     neighbour.quiet()
-                times[("fastconv", state)].append(_timed(ours, x, mode))
+                times[("fastconv", state)].append(_timed(ours, x, mode, settle=True))
                 times[("torch", state)] += (baseline.time_model(key, mode, 1) if key is not None
-                                            else [_timed(torch_model, x, mode)])
+                                            else [_timed(torch_model, x, mode, settle=True)])
     finally:
         neighbour.quiet()
     med = {k: statistics.median(v) for k, v in times.items()}
