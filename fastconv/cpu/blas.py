@@ -21,6 +21,13 @@ import torch
 
 LIBRARIES = ("torch", "numpy")
 
+# torch's GEMM functions, bound once at import. Tools that count a model's work by patching torch's namespace
+# (ptflops wraps torch.matmul, torch.mm, torch.bmm while it counts) would otherwise count the GEMMs inside
+# fastconv's kernels on top of the module hooks that already count each convolution (a converted 5x5 conv
+# came out at twice its multiply-adds).
+torch_matmul = torch.matmul
+torch_mm = torch.mm
+
 
 def _library_from_env() -> str:
     value = os.environ.get("FASTCONV_GEMM", "").strip().lower() or "torch"
@@ -47,12 +54,12 @@ def _torch_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -
     """``a @ b`` for 2-D or stacked 3-D float arrays (any strides), written into ``out`` when given."""
     ta, tb = _tensor(a), _tensor(b)
     if out is None:
-        return torch.matmul(ta, tb).numpy()
+        return torch_matmul(ta, tb).numpy()
     to = torch.from_numpy(out)
     if to.is_contiguous():
-        torch.matmul(ta, tb, out=to)
+        torch_matmul(ta, tb, out=to)
     else:  # torch would resize/replace a non-contiguous out; compute, then copy into the view
-        to.copy_(torch.matmul(ta, tb))
+        to.copy_(torch_matmul(ta, tb))
     return out
 
 

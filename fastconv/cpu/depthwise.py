@@ -66,7 +66,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
+from . import blas, parallel
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
@@ -1266,7 +1266,7 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
                  _chunks(cnt * C))
         for i in range(cnt):
             out = y_t[n0 + i]
-            torch.mm(wp_t, z_t[i], out=out)
+            blas.torch_mm(wp_t, z_t[i], out=out)
             if bp_t is not None:
                 out.add_(bp_t)
     return y
