@@ -72,7 +72,7 @@ POOLS = {
 @pytest.mark.parametrize("threshold", [0, 1 << 40], ids=["parallel", "serial"])
 @pytest.mark.parametrize("case", list(POOLS))
 def test_pooling_both_variants_match_torch(case, threshold, monkeypatch):
-    monkeypatch.setattr(parallel, "COMPUTE_PARALLEL_MIN_ELEMENTS", threshold)
+    monkeypatch.setattr(parallel, "POOL_PARALLEL_MIN_ELEMENTS", threshold)
     pick, kw = POOLS[case]
     x = torch.randn(2, 5, 9, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()

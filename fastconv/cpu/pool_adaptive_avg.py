@@ -17,7 +17,7 @@ from .pool_common import _JIT, _adaptive_start, _adaptive_end, _check_geometry, 
 # ----------------------------------------------------------------------------------------------------
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _adaptive_avg_global_kernel(x, y):
     """Output 1x1x1: one sum per plane (contiguous, vectorised); divided as torch divides (see below)."""
     P, D, H, W = x.shape
@@ -34,7 +34,7 @@ def _adaptive_avg_global_kernel(x, y):
             y[p] = s / D / H / W
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _adaptive_avg_global_backward_kernel(g, gx):
     """Output 1x1x1: broadcast ``g / size`` over each plane (written, not accumulated: no zero fill)."""
     P, D, H, W = gx.shape
@@ -50,7 +50,7 @@ def _adaptive_avg_global_backward_kernel(g, gx):
             gxp[m] = dv
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _adaptive_avg_kernel(x, y):
     P, D, H, W = x.shape
     OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
@@ -81,7 +81,7 @@ def _adaptive_avg_kernel(x, y):
                     yrow[ow] = yrow[ow] / (d1 - d0) / (h1 - h0) / (w1 - w0)
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _adaptive_avg_backward_kernel(g, gx):
     P, D, H, W = gx.shape
     OD, OH, OW = g.shape[1], g.shape[2], g.shape[3]

@@ -12,7 +12,7 @@ from . import parallel
 
 from .pool_common import _JIT, _adaptive_start, _adaptive_end, _check_geometry, _planes, _check_adaptive
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _adaptive_max_kernel(x, y, ind):
     P, D, H, W = x.shape
     OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]

@@ -92,7 +92,7 @@ def _sum_taps_row(xrow, yrow, phases, sw, pw, kw):
                     yrow[ow] += xrow[iw]
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _avg_pool_kernel(x, y, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad, divisor_override):
     P, D, H, W = x.shape
     OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
@@ -128,7 +128,7 @@ def _avg_pool_kernel(x, y, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad
                         yrow[ow] = yrow[ow] / (rowf * wfac[ow]) if wcnt[ow] > 0 else 0
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _avg_pool_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_include_pad,
                               divisor_override):
     P, D, H, W = gx.shape

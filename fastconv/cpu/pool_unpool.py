@@ -17,7 +17,7 @@ from .pool_common import _JIT, _check_geometry
 # ----------------------------------------------------------------------------------------------------
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _max_unpool_kernel(x, ind, y, bad):
     """Scatter ``x`` (P, M) into zeroed ``y`` (P, S) at ``ind``; ``bad[p]`` = first bad position + 1."""
     P, M = x.shape
@@ -34,7 +34,7 @@ def _max_unpool_kernel(x, ind, y, bad):
             yp[idx] = xp[m]
 
 
-@parallel.kernel(work_arg=0, compute=True, **_JIT)
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _max_unpool_backward_kernel(g, ind, gx, bad):
     """Gather ``gx[p, m] = g[p, ind[p, m]]``; ``bad[p]`` = first bad position + 1."""
     P, M = gx.shape
