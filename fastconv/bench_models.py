@@ -44,7 +44,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from . import autotune, convert
+from . import autotune, convert, optimize
 from .bench_runner import QUIESCE_S, TorchBaseline, _load
 from .nn import to_torch
 
@@ -376,6 +376,7 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
         train_error, check_failure = None, f"{type(e).__name__}: {e}"
     else:
         check_failure = None
+    optimized = None  # fastconv.optimize(ours): BatchNorm folded, ReLU fused; built for the first inference mode
     for mode in modes:
         batch = _BATCH[mode]
         row = {"model": case.name, "source": case.source, "mode": mode, "batch": batch}
@@ -425,6 +426,21 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
             steps += 1
         row.update(tuning_steps=steps, tuning_ms=(time.perf_counter() - start) * 1e3,
                    still_tuning=steps >= TUNING_STEPS_MAX)
+        if not train:
+            if optimized is None:
+                try:
+                    optimized = optimize(ours)
+                except Exception as e:  # noqa: BLE001 - e.g. a model torch.fx cannot trace
+                    optimized = False
+                    optimized_note = f"optimize: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            if optimized is False:
+                row["optimized_note"] = optimized_note
+            else:
+                with torch.no_grad():
+                    row["optimized_error"] = relative_error(optimized(x), torch_model(x))
+                _step(optimized, x, mode)
+        opt = optimized if not train and optimized and row["optimized_error"] <= MODEL_TOLERANCE else None
+        opt_ms: list[float] = []
         _step(torch_model, x, mode)
         if alternate:
             ours_ms, here_ms, clean_ms = _time_alternating(ours, torch_model, x, mode, reps, baseline, key)
@@ -434,6 +450,8 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
                 # each side after the others' pools have slept: timed right after the worker's step, a converted
                 # mobilenet_v2 at batch 1 ran 18 ms instead of 14 (the worker's OpenMP threads still spinning)
                 ours_ms.append(_timed(ours, x, mode, settle=True))
+                if opt is not None:
+                    opt_ms.append(_timed(opt, x, mode, settle=True))
                 here_ms.append(_timed(torch_model, x, mode, settle=True))
                 if key is not None:
                     clean_ms += baseline.time_model(key, mode, 1)
@@ -447,6 +465,9 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
                    torch_ms=torch_ms, torch_times_ms=torch_times, torch_baseline=where,
                    torch_inprocess_ms=statistics.median(here_ms), reps=reps,
                    ratio=statistics.median(ours_ms) / torch_ms)
+        if opt_ms:
+            row.update(optimized_ms=statistics.median(opt_ms), optimized_times_ms=opt_ms,
+                       optimized_ratio=statistics.median(opt_ms) / torch_ms)
         if alternate:
             alt = {"fastconv_ms": row["fastconv_ms"], "torch_here_ms": row["torch_inprocess_ms"],
                    "ratio": row["ratio"]}
@@ -534,6 +555,10 @@ def summarize_models(rows: list[dict], modes: Sequence[str]) -> dict:
         timed = [r for r in rows if r["mode"] == mode and r.get("ratio")]
         if timed:
             summary["worst"][mode] = worst_of(timed, lambda r: r["ratio"])
+    optimized = {mode: geomean(r.get("optimized_ratio") for r in rows if r["mode"] == mode)
+                 for mode in modes if any(r.get("optimized_ratio") for r in rows if r["mode"] == mode)}
+    if optimized:
+        summary["optimized_geomean_ratio"] = optimized
     alt = [r for r in rows if r.get("alternate")]
     if alt:
         summary["alternate"] = {}
@@ -584,6 +609,12 @@ def format_model(case: ModelCase, rows: list[dict]) -> str:
         else:
             lines.append(f"  {r['mode']:<8}{r['fastconv_ms']:12.1f}{r['torch_ms']:10.1f}{r['ratio']:7.2f}"
                          f"{r['torch_inprocess_ms']:11.1f}{r['error']:9.1e}")
+        if r.get("optimized_ms"):
+            lines.append(f"  {'':<8}fastconv.optimize (BatchNorm folded, ReLU fused): {r['optimized_ms']:.1f} ms, "
+                         f"ratio {r['optimized_ratio']:.2f}, error {r['optimized_error']:.1e}")
+        elif r.get("optimized_note") or r.get("optimized_error") is not None:
+            lines.append(f"  {'':<8}fastconv.optimize: " + (r.get("optimized_note") or
+                                                             f"not timed (error {r['optimized_error']:.1e})"))
         n = r.get("busy_neighbour")
         if n:
             lines.append(f"  {'':<8}busy neighbour: fastconv {n['fastconv_quiet_ms']:.1f} -> {n['fastconv_busy_ms']:.1f} "
@@ -619,6 +650,8 @@ def format_models_summary(result: dict) -> str:
         lines.append(f"{label} {mode:<7} geomean {g:.2f}" if g else f"{label} {mode:<7} -")
         if worst:
             lines[-1] += f"   worst: {worst['model']} {worst['ratio']:.2f}"
+    for mode, g in s.get("optimized_geomean_ratio", {}).items():
+        lines.append(f"fastconv.optimize/torch {mode:<7} geomean {_fmt(g)}")
     for mode, a in s.get("alternate", {}).items():
         g, w = a["torch_here_vs_clean_geomean"], a["torch_here_vs_clean_worst"]
         lines.append(f"torch here (alternating) / torch clean {mode:<7} geomean {_fmt(g)}"

@@ -40,6 +40,13 @@ def test_models_mode_checks_outputs_and_times_a_clean_baseline(tmp_path, capsys)
         assert r["ok"] is True and r["error"] <= bench_models.MODEL_TOLERANCE, r
         assert r["torch_baseline"] == "separate process" and r["fastconv_ms"] > 0 and r["torch_ms"] > 0
         assert r["ratio"] == pytest.approx(r["fastconv_ms"] / r["torch_ms"])
+    for r in rows:  # the inference modes also time fastconv.optimize(converted model), checked like it
+        if r["mode"].startswith("infer"):
+            assert r["optimized_error"] <= bench_models.MODEL_TOLERANCE and r["optimized_ms"] > 0, r
+            assert r["optimized_ratio"] == pytest.approx(r["optimized_ms"] / r["torch_ms"])
+        else:
+            assert "optimized_ms" not in r
+    assert "fastconv.optimize/torch infer1" in out and "fastconv.optimize (BatchNorm folded" in out
     b = rows[0]["breakdown"]
     assert b["fastconv_calls"] >= 4  # LeNet-5: 2 convs and 2 pools run on fastconv's ops
     assert (tmp_path / "fastconv-bench-models.txt").exists()

@@ -8,6 +8,7 @@ from torch import Tensor
 from ..ops import fused as fused_ops
 from ._checks import IntOrSeq, check_type
 from ..ops._layout import laid_out, result_format
+from ..ops.eager import direct_ok
 from .conv import ConvArgs, Padding
 
 #: The activations :func:`conv_bias_act` applies.
@@ -46,7 +47,9 @@ def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
         except TypeError:  # an unhashable argument (a list): the full path below
             key = args = None
         if args is not None and weight.device == input.device and (bias is None or bias.device == input.device):
-            out = fused_ops.OPS[ndim](input, weight, bias, *args, activation)
+            # an inference call on plain tensors skips torch's dispatcher (see fastconv.ops.eager)
+            op = fused_ops.IMPLEMENTATIONS[ndim] if direct_ok(input, weight, bias) else fused_ops.OPS[ndim]
+            out = op(input, weight, bias, *args, activation)
             return laid_out(out, result_format(input, weight))
     op = f"conv{ndim}d_bias_act" if ndim in fused_ops.OPS else "conv_bias_act"
     fused_ops.check_activation(op, activation)

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
-from . import precision, validation
+from . import eager, precision, validation
 from ._layout import empty_result, op_result, result_format
 from ._output import fresh
 from .validation import SUPPORTED_DTYPES, conv_output_size  # noqa: F401  (re-exported: one definition each)
@@ -145,6 +145,7 @@ def _register(ndim: int):
         return _plan(geom, algo, "forward", name, (geom.batch, geom.out_channels) + geom.out_spatial[3 - ndim:])
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @eager.keep_implementation(IMPLEMENTATIONS, ndim)
     @validation.allocation_errors(name)
     @precision.compute_in_float32(name)
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
@@ -352,6 +353,9 @@ def _register(ndim: int):
     return conv, grad_input, grad_weight
 
 
+#: ndim -> the forward op's implementation, undecorated by torch.library (filled by ``_register``).
+IMPLEMENTATIONS: dict = {}
+
 OPS = {ndim: _register(ndim) for ndim in DIMS}
 
 
@@ -363,3 +367,6 @@ def _entry(opdef):
 
 #: ndim -> the forward op's direct entry (same arguments and behaviour as ``OPS[ndim][0]``).
 FORWARD = {ndim: _entry(ops[0]) for ndim, ops in OPS.items()}
+#: ndim -> the forward op's implementation, called without the dispatcher: only for calls that
+#: :func:`fastconv.ops.eager.direct_ok` accepts (no gradient recorded, nothing tracing or watching).
+FORWARD_DIRECT = IMPLEMENTATIONS

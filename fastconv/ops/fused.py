@@ -39,7 +39,7 @@ from torch.utils.flop_counter import register_flop_formula
 from .. import backends, registry
 from ..cpu import epilogue
 from . import conv as conv_ops  # the gradient ops the backward calls
-from . import precision, validation
+from . import eager, precision, validation
 from ._layout import empty_result, op_result, result_format
 from ._output import fresh
 from .conv import DIMS, _as_5d, make_geometry
@@ -94,6 +94,7 @@ def _register(ndim: int):
         return geom, alg, tuple(shape), registry.generation()
 
     @torch.library.custom_op(f"fastconv::{name}", mutates_args=(), device_types=("cpu", "cuda"))
+    @eager.keep_implementation(IMPLEMENTATIONS, ndim)
     @validation.allocation_errors(name)
     @precision.compute_in_float32(name)
     def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int],
@@ -178,6 +179,10 @@ def _register(ndim: int):
 
     return conv_bias_act
 
+
+#: ndim -> the op's implementation, undecorated by torch.library: what the op runs on CPU and CUDA tensors,
+#: called directly only where :func:`fastconv.ops.eager.direct_ok` allows (filled by ``_register``).
+IMPLEMENTATIONS: dict = {}
 
 OPS = {ndim: _register(ndim) for ndim in DIMS}
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import backends
 from ..spec import PoolKernels, Triple  # noqa: F401  (re-exported: the protocol a target implements)
-from . import precision, validation
+from . import eager, precision, validation
 from ._output import fresh
 from .validation import pool_output_size  # noqa: F401  (re-exported: one definition)
 
@@ -77,6 +77,9 @@ def _as_5d(t: Tensor) -> Tensor:
 #: host time. The key holds everything validation reads (shapes, dtypes, devices, the arguments, the
 #: target), so a hit is exactly a call that was checked before. Empty results are not planned.
 _PLANS: dict = {}
+#: op name -> the op's implementation, undecorated by torch.library, for the calls that
+#: :func:`fastconv.ops.eager.direct_ok` lets skip the dispatcher (max_pool, avg_pool and the adaptive pools).
+IMPLEMENTATIONS: dict = {}
 #: Entries kept; when full the table starts over.
 PLANS_MAX = 4096
 
@@ -100,6 +103,7 @@ def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
 # max / min pooling with indices, and the scatter/gather ops around them
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "max_pool")
 @validation.allocation_errors("max_pool")
 @precision.compute_in_float32("max_pool")
 def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
@@ -196,6 +200,7 @@ def _(grad_output, indices):
 
 
 @torch.library.custom_op("fastconv::adaptive_max_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "adaptive_max_pool")
 @validation.allocation_errors("adaptive_max_pool")
 @precision.compute_in_float32("adaptive_max_pool")
 def adaptive_max_pool(input: Tensor, output_size: list[int]) -> tuple[Tensor, Tensor]:
@@ -266,6 +271,7 @@ max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_se
 # average pooling
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastconv::avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "avg_pool")
 @validation.allocation_errors("avg_pool")
 @precision.compute_in_float32("avg_pool")
 def avg_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int], ceil_mode: bool,
@@ -349,6 +355,7 @@ avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setu
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "adaptive_avg_pool")
 @validation.allocation_errors("adaptive_avg_pool")
 @precision.compute_in_float32("adaptive_avg_pool")
 def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:

@@ -1,0 +1,284 @@
+"""Direct calls (:mod:`fastconv.ops.eager`): inference calls on plain tensors run the op's implementation
+without torch's dispatcher; every call that records a gradient, is traced, transformed, cast or watched keeps
+the dispatcher.
+
+Each test counts which entry a call took (a spy on both) and checks the result against the other path and
+against torch, so a gate that lets a watched call through, or a direct path that computes something else,
+fails here.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from torch.utils.flop_counter import FlopCounterMode
+
+import fastconv
+import fastconv.functional as F
+from fastconv.ops import conv as conv_ops
+from fastconv.ops import eager
+from fastconv.ops import fused as fused_ops
+from fastconv.ops import pool as pool_ops
+from helpers import assert_close
+
+
+class Spy:
+    """Counts the calls of the direct entry and of the dispatcher entry of the 2-D conv op."""
+
+    def __init__(self, monkeypatch):
+        self.direct = self.dispatched = 0
+        impl, entry = conv_ops.FORWARD_DIRECT[2], conv_ops.FORWARD[2]
+
+        def direct(*args):
+            self.direct += 1
+            return impl(*args)
+
+        def dispatched(*args):
+            self.dispatched += 1
+            return entry(*args)
+
+        monkeypatch.setitem(conv_ops.FORWARD_DIRECT, 2, direct)
+        monkeypatch.setitem(conv_ops.FORWARD, 2, dispatched)
+
+    def took(self) -> str:
+        assert self.direct + self.dispatched == 1, (self.direct, self.dispatched)
+        return "direct" if self.direct else "dispatcher"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    return Spy(monkeypatch)
+
+
+def _conv_once(x, w, b=None, **kw):
+    """One warm call (normalises and remembers the arguments: the key the direct path needs), then the
+    counted call."""
+    F.conv2d(x.detach(), w.detach(), None if b is None else b.detach(), **kw)
+    return F.conv2d(x, w, b, **kw)
+
+
+def _operands(dtype=torch.float64, requires_grad=False):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=dtype, requires_grad=requires_grad)
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, requires_grad=requires_grad)
+    b = torch.randn(4, dtype=dtype, requires_grad=requires_grad)
+    return x, w, b
+
+
+def _count_only(spy):
+    """Reset the spy after the warm call of :func:`_conv_once`."""
+    spy.direct = spy.dispatched = 0
+
+
+# ---- calls that go direct ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "no_operand_requires_grad"])
+def test_inference_calls_go_direct_and_equal_the_dispatcher_path(spy, mode):
+    x, w, b = _operands()
+    F.conv2d(x, w, b, padding=1)
+    _count_only(spy)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "no_operand_requires_grad": torch.enable_grad}[mode]
+    with ctx():
+        out = F.conv2d(x, w, b, padding=1)
+    assert spy.took() == "direct"
+    assert not out.requires_grad
+    assert_close(out, TF.conv2d(x, w, b, padding=1))
+    with torch.no_grad():
+        eager.ENABLED = False
+        try:
+            again = F.conv2d(x, w, b, padding=1)
+        finally:
+            eager.ENABLED = True
+    assert torch.equal(out, again)
+
+
+def test_module_forward_under_no_grad_goes_direct(spy):
+    torch.manual_seed(0)
+    layer = fastconv.nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        _count_only(spy)
+        out = layer(x)
+    assert spy.took() == "direct"
+    assert_close(out, TF.conv2d(x, layer.weight, layer.bias, padding=1))
+
+
+def test_channels_last_result_layout_is_the_same_on_both_paths():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+    w = torch.randn(16, 8, 1, 1)
+    with torch.no_grad():
+        direct = F.conv2d(x, w)
+        direct = F.conv2d(x, w)
+        eager.ENABLED = False
+        try:
+            dispatched = F.conv2d(x, w)
+        finally:
+            eager.ENABLED = True
+    assert direct.stride() == dispatched.stride() == TF.conv2d(x, w).stride()
+    assert torch.equal(direct, dispatched)
+
+
+def test_bad_input_gets_the_same_error_on_both_paths():
+    x, w, _ = _operands()
+    with torch.no_grad():
+        F.conv2d(x, w)  # remembers the arguments: the next calls take the short path
+        messages = []
+        for enabled in (True, False):
+            eager.ENABLED = enabled
+            try:
+                with pytest.raises(RuntimeError) as err:
+                    F.conv2d(x[:, :2], w)
+                messages.append(str(err.value))
+            finally:
+                eager.ENABLED = True
+    assert messages[0] == messages[1]
+    assert "channels" in messages[0]
+
+
+def test_pools_and_fused_op_go_direct_and_match(monkeypatch):
+    calls = []
+    for table in (pool_ops.IMPLEMENTATIONS, fused_ops.IMPLEMENTATIONS):
+        for key, fn in list(table.items()):
+            monkeypatch.setitem(table, key, lambda *a, _fn=fn, _key=key: calls.append(_key) or _fn(*a))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    with torch.no_grad():
+        for _ in range(2):  # the first call normalises the arguments, the second takes the short path
+            calls.clear()
+            got = [F.max_pool2d(x, 2), F.avg_pool2d(x, 3, 2, 1), F.adaptive_avg_pool2d(x, 2),
+                   F.adaptive_max_pool2d(x, 2), F.conv_bias_act(x, w, b, padding=1, activation="relu")]
+    assert sorted(map(str, calls)) == sorted(["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool",
+                                              "2"])
+    expected = [TF.max_pool2d(x, 2), TF.avg_pool2d(x, 3, 2, 1), TF.adaptive_avg_pool2d(x, 2),
+                TF.adaptive_max_pool2d(x, 2), torch.relu(TF.conv2d(x, w, b, padding=1))]
+    for g, e in zip(got, expected):
+        assert_close(g, e)
+
+
+# ---- calls that keep the dispatcher ----------------------------------------------------------------------
+
+def test_gradients_keep_the_dispatcher(spy):
+    x, w, b = _operands(requires_grad=True)
+    _conv_once(x, w, b, padding=1)
+    _count_only(spy)
+    out = F.conv2d(x, w, b, padding=1)
+    assert spy.took() == "dispatcher"
+    out.sum().backward()
+    xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
+    TF.conv2d(xr, wr, br, padding=1).sum().backward()
+    assert_close(x.grad, xr.grad)
+    assert_close(w.grad, wr.grad)
+    assert_close(b.grad, br.grad)
+
+
+def test_forward_mode_dual_tensors_keep_the_dispatcher(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    tangent = torch.randn_like(w)
+    with torch.no_grad(), torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(w, tangent)
+        got = torch.autograd.forward_ad.unpack_dual(F.conv2d(x, dual)).tangent
+    assert spy.took() == "dispatcher"
+    assert_close(got, TF.conv2d(x, tangent))
+
+
+def test_profiler_sees_the_op(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        F.conv2d(x, w)
+    assert spy.took() == "dispatcher"
+    assert any(e.name == "fastconv::conv2d" for e in prof.events())
+
+
+def test_flop_counter_mode_counts_the_op(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        F.conv2d(x, w)
+    assert spy.took() == "dispatcher"
+    assert counter.get_total_flops() == 2 * 2 * 4 * 7 * 7 * 3 * 3 * 3
+
+
+def test_jit_trace_records_the_op(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda a: F.conv2d(a, w), (x,), check_trace=False)
+    assert spy.direct == 0  # (a traced call may take the full argument path: no count on either entry)
+    assert "fastconv::conv2d" in str(traced.graph)
+    y = torch.randn_like(x)
+    assert_close(traced(y), TF.conv2d(y, w))  # a new input gives a new result: nothing was baked in
+
+
+def test_autocast_keeps_the_dispatcher_and_its_cast(spy):
+    x, w, _ = _operands(dtype=torch.float32)
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = F.conv2d(x, w)
+    assert spy.took() == "dispatcher"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_dtype = TF.conv2d(x, w).dtype
+    assert out.dtype == expected_dtype
+
+
+def test_vmap_keeps_the_dispatcher(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad():
+        out = torch.func.vmap(lambda a: F.conv2d(a, w), in_dims=1, out_dims=1)(x.unsqueeze(1))
+    assert spy.direct == 0
+    assert_close(out.squeeze(1), TF.conv2d(x, w))
+
+
+def test_tensor_subclass_and_torch_function_mode_keep_the_dispatcher(spy):
+    class Logged(torch.Tensor):
+        pass
+
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad():
+        out = F.conv2d(x.as_subclass(Logged), w)
+    assert spy.took() == "dispatcher"
+    assert_close(out.as_subclass(torch.Tensor), TF.conv2d(x, w))
+
+    class Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    _count_only(spy)
+    with torch.no_grad(), Watch():
+        F.conv2d(x, w)
+    assert spy.took() == "dispatcher"
+
+
+def test_meta_tensors_get_shapes_from_the_fake_kernel(spy):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    with torch.no_grad():
+        out = F.conv2d(x.to("meta"), w.to("meta"))
+    assert spy.took() == "dispatcher"
+    assert out.device.type == "meta" and out.shape == (2, 4, 7, 7)
+
+
+def test_switched_off_everything_keeps_the_dispatcher(spy, monkeypatch):
+    x, w, _ = _operands()
+    _conv_once(x, w)
+    _count_only(spy)
+    monkeypatch.setattr(eager, "ENABLED", False)
+    with torch.no_grad():
+        F.conv2d(x, w)
+    assert spy.took() == "dispatcher"
