@@ -184,6 +184,29 @@ def test_im2col_chunking(monkeypatch, cap, transposed_max_k):
     _check("im2col", 5, 4, 6, (5, 6, 7), (3, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
 
 
+@pytest.mark.parametrize("narrow", [0, 1 << 30])
+@pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
+def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
+    """Both column builders on the same geometries: the gather from a zero-padded box (every output row
+    counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not; a spy makes
+    sure the gather really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
+    monkeypatch.setattr(cc, "NARROW_OW", narrow)
+    monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    gathers = []
+    gather = cc._im2col_gather
+
+    def spy(*a):
+        gathers.append(1)
+        return gather(*a)
+
+    monkeypatch.setattr(cc, "_im2col_gather", spy)
+    _check("im2col", 3, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
+    _check("im2col", 2, 4, 6, (5, 6, 7), (3, 2, 3), (1, 2, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
+    _check("im2col", 2, 3, 4, (11,), (3,), (2,), (2,), (-1,), (2,), 1)
+    _check("im2col", 2, 6, 6, (8, 8), (3, 3), (2, 2), (1, 1), (0, 0), (1, 1), 3, dtype=np.float32)
+    assert bool(gathers) == bool(narrow)
+
+
 def test_im2col_chunk_bounds():
     """The column buffer of the largest advertised layer stays under the cap."""
     ck, R, OW, N = 64 * 9, 224, 224, 8
