@@ -500,3 +500,36 @@ def test_max_unpool_zero_planes():
     assert u.shape == (0, 2, 1, 6, 6)
     g = pool.max_unpool_backward(u, np.zeros((0, 2, 1, 3, 3), np.int64))
     assert g.shape == (0, 2, 1, 3, 3)
+
+
+# ---- average pooling: the kernel for windows inside the input ----------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_avg_pool_inside_kernel_equals_general_kernel_and_torch_bit_for_bit(monkeypatch, dtype):
+    """Windows that all lie inside the input (no padding, no clipped ceil_mode window) take their own kernel
+    (forward; backward when windows do not overlap). Both passes equal the general kernel's bit for bit, and the
+    forward equals torch's (same summation order), over 1-D to 3-D windows, strides below, at and above the
+    kernel, and divisor_override; a spy makes sure the fast kernels ran."""
+    from fastconv.cpu import pool_avg
+    rng = np.random.default_rng(0)
+    calls = []
+    for name in ("_avg_pool_inside_kernel", "_avg_pool_tiling_backward_kernel"):
+        kern = getattr(pool_avg, name)
+        monkeypatch.setattr(pool_avg, name, lambda *a, _k=kern, _n=name: calls.append(_n) or _k(*a))
+    cases = [((1, 8, 8), (1, 2, 2), (1, 2, 2)), ((1, 7, 9), (1, 3, 2), (1, 2, 3)), ((1, 6, 6), (1, 3, 3), (1, 1, 1)),
+             ((1, 1, 10), (1, 1, 4), (1, 1, 4)), ((4, 6, 5), (2, 2, 2), (2, 2, 1)), ((5, 5, 5), (2, 3, 2), (3, 2, 2))]
+    for sp, k, s in cases:
+        for override in (0, 3):
+            x = rng.standard_normal((2, 3) + sp).astype(dtype)
+            out = tuple((n - kk) // ss + 1 for n, kk, ss in zip(sp, k, s))
+            fwd = (k, s, (0, 0, 0), out, False, True, override)
+            bwd = (k, s, (0, 0, 0), sp, False, True, override)
+            g = rng.standard_normal((2, 3) + out).astype(dtype)
+            got = pool_avg.avg_pool_forward(x, *fwd), pool_avg.avg_pool_backward(g, *bwd)
+            monkeypatch.setattr(pool_avg, "INSIDE_FAST_PATH", False)
+            want = pool_avg.avg_pool_forward(x, *fwd), pool_avg.avg_pool_backward(g, *bwd)
+            monkeypatch.setattr(pool_avg, "INSIDE_FAST_PATH", True)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (sp, k, s, override)
+            t = F.avg_pool3d(torch.from_numpy(x), k, s, divisor_override=override or None)
+            assert np.array_equal(got[0], t.numpy()), (sp, k, s, override, "torch")
+    assert "_avg_pool_inside_kernel" in calls and "_avg_pool_tiling_backward_kernel" in calls

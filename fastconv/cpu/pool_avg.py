@@ -16,6 +16,9 @@ from .pool_common import _JIT, _TAPS, _split_phases, _out_range, _check_geometry
 # avg pool
 # ----------------------------------------------------------------------------------------------------
 
+#: Windows that all lie inside the input take :func:`_avg_pool_inside_kernel` (tests switch it off to compare).
+INSIDE_FAST_PATH = True
+
 
 @njit(inline="always", **_JIT)
 def _avg_window(o, k, s, p, size):
@@ -90,6 +93,67 @@ def _sum_taps_row(xrow, yrow, phases, sw, pw, kw):
                 iw = ow * sw + off + t
                 if iw >= 0 and iw < W:
                     yrow[ow] += xrow[iw]
+
+
+@parallel.kernel(work_arg=0, pool=True, **_JIT_ORDERED)
+def _avg_pool_inside_kernel(x, y, kd, kh, kw, sd, sh, sw, div):
+    """Average pooling whose windows all lie inside the input (no padding, no clipped ``ceil_mode`` window):
+    ``y = (sum of the window, in torch's (d, h, w) row-major order from 0) / div``.
+
+    Why a kernel of its own: the general one works a row of input at a time through helper calls, which a
+    window of 2 columns cannot pay for (DenseNet's 2x2 stride-2 transitions at batch 8: 512 planes of 8x8
+    took 4.3 ms against torch's 0.7)."""
+    P = x.shape[0]
+    OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    for p in prange(P):
+        xp = x[p]
+        acc = np.empty(OW, y.dtype)
+        for od in range(OD):
+            for oh in range(OH):
+                # taps outermost, output columns innermost: each output still adds its window in (d, h, w)
+                # order from 0, and the column loop vectorises
+                for ow in range(OW):
+                    acc[ow] = 0
+                for a in range(kd):
+                    for b in range(kh):
+                        xr = xp[od * sd + a, oh * sh + b]
+                        for c in range(kw):
+                            for ow in range(OW):
+                                acc[ow] += xr[ow * sw + c]
+                yrow = y[p, od, oh]
+                for ow in range(OW):
+                    yrow[ow] = acc[ow] / div
+
+
+@parallel.kernel(work_arg=0, pool=True, **_JIT_ORDERED)
+def _avg_pool_tiling_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, div):
+    """Input gradient of :func:`_avg_pool_inside_kernel` when the windows do not overlap (stride >= kernel in
+    every dim): each input element gets at most one window's ``g / div``; ``gx`` arrives zeroed."""
+    P = g.shape[0]
+    OD, OH, OW = g.shape[1], g.shape[2], g.shape[3]
+    for p in prange(P):
+        gxp = gx[p]
+        for od in range(OD):
+            for oh in range(OH):
+                grow = g[p, od, oh]
+                for ow in range(OW):
+                    delta = grow[ow] / div
+                    for a in range(kd):
+                        for b in range(kh):
+                            gxr = gxp[od * sd + a, oh * sh + b]
+                            for c in range(kw):
+                                gxr[ow * sw + c] = delta
+
+
+def _inside_divisor(x_spatial, out_spatial, kernel, stride, padding, divisor_override):
+    """The divisor when every window lies inside the input (then :func:`_avg_pool_inside_kernel` applies),
+    else None. With no padding and no clipped window, torch divides by the window size whatever
+    ``count_include_pad`` says."""
+    if any(padding):
+        return None
+    if any((o - 1) * s + k > n for o, s, k, n in zip(out_spatial, stride, kernel, x_spatial)):
+        return None
+    return int(divisor_override) if divisor_override else int(np.prod(kernel))
 
 
 @parallel.kernel(work_arg=0, pool=True, **_JIT)
@@ -195,8 +259,13 @@ def avg_pool_forward(x, kernel, stride, padding, out_spatial, ceil_mode, count_i
         kd, kh, kw = (int(v) for v in kernel)
         sd, sh, sw = (int(v) for v in stride)
         pd, ph, pw = (int(v) for v in padding)
-        _avg_pool_kernel(_planes(x), y, kd, kh, kw, sd, sh, sw, pd, ph, pw, bool(count_include_pad),
-                         int(divisor_override or 0))
+        div = _inside_divisor(x.shape[2:], (od, oh, ow), (kd, kh, kw), (sd, sh, sw), (pd, ph, pw),
+                              divisor_override)
+        if div is not None and INSIDE_FAST_PATH:
+            _avg_pool_inside_kernel(_planes(x), y, kd, kh, kw, sd, sh, sw, div)
+        else:
+            _avg_pool_kernel(_planes(x), y, kd, kh, kw, sd, sh, sw, pd, ph, pw, bool(count_include_pad),
+                             int(divisor_override or 0))
     return y.reshape(n, c, od, oh, ow)
 
 
@@ -226,6 +295,11 @@ def avg_pool_backward(grad_out, kernel, stride, padding, in_spatial, ceil_mode, 
         kd, kh, kw = (int(v) for v in kernel)
         sd, sh, sw = (int(v) for v in stride)
         pd, ph, pw = (int(v) for v in padding)
-        _avg_pool_backward_kernel(_planes(grad_out), gx, kd, kh, kw, sd, sh, sw, pd, ph, pw,
-                                  bool(count_include_pad), int(divisor_override or 0))
+        div = _inside_divisor((d, h, w), grad_out.shape[2:], (kd, kh, kw), (sd, sh, sw), (pd, ph, pw),
+                              divisor_override)
+        if div is not None and INSIDE_FAST_PATH and sd >= kd and sh >= kh and sw >= kw:
+            _avg_pool_tiling_backward_kernel(_planes(grad_out), gx, kd, kh, kw, sd, sh, sw, div)
+        else:
+            _avg_pool_backward_kernel(_planes(grad_out), gx, kd, kh, kw, sd, sh, sw, pd, ph, pw,
+                                      bool(count_include_pad), int(divisor_override or 0))
     return gx.reshape(n, c, d, h, w)
