@@ -43,9 +43,12 @@ __all__ = [
 COL_BUFFER_BYTES = 32 << 20
 
 #: im2col forward: with at most this many output channels per group the GEMM is computed as
-#: ``col.T @ w.T`` (tall-skinny result, transposed on store); OpenBLAS is several times slower
-#: on the short-and-wide ``w @ col`` orientation when M is this small (measured: Inception 5x5).
-GEMM_TRANSPOSED_MAX_K = 32
+#: ``col.T @ w.T`` (tall-skinny result, transposed on store). Only for numpy's OpenBLAS
+#: (``FASTCONV_GEMM=numpy``), which is several times slower on the short-and-wide ``w @ col``
+#: orientation when M is this small (measured: Inception 5x5). torch's BLAS (the default) is not: there
+#: ``w @ col`` and no transposed store took 0.74-0.93x the time on all 18 small-K layers measured
+#: (DenseNet's 128 -> 32 3x3 at 32/16/8, Inception's 16 -> 32 5x5, LeNet, 1 and 2 threads).
+GEMM_TRANSPOSED_MAX_K = 32 if blas.GEMM_LIBRARY == "numpy" else 0
 
 #: Output (or input) channels accumulated per pass by the direct kernels (register blocking).
 _BLOCK = 4
