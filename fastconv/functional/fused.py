@@ -48,8 +48,8 @@ def conv_bias_act(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, 
             key = args = None
         if args is not None and weight.device == input.device and (bias is None or bias.device == input.device):
             # an inference call on plain tensors skips torch's dispatcher (see fastconv.ops.eager)
-            op = fused_ops.IMPLEMENTATIONS[ndim] if direct_ok(input, weight, bias) else fused_ops.OPS[ndim]
-            out = op(input, weight, bias, *args, activation)
+            run = fused_ops.IMPLEMENTATIONS[ndim] if direct_ok(input, weight, bias) else fused_ops.OPS[ndim]
+            out = run(input, weight, bias, *args, activation)
             return laid_out(out, result_format(input, weight))
     op = f"conv{ndim}d_bias_act" if ndim in fused_ops.OPS else "conv_bias_act"
     fused_ops.check_activation(op, activation)

@@ -73,8 +73,8 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
         key = (op, input.shape, input.dtype, kernel_size, stride, padding, dilation, bool(ceil_mode))
         lists = _NORMALISED.get(key)
         if lists is not None:
-            op = pool_ops.IMPLEMENTATIONS["max_pool"] if direct_ok(input) else pool_ops.max_pool
-            y, idx = op(input, *lists, bool(ceil_mode), minimum)
+            run = pool_ops.IMPLEMENTATIONS["max_pool"] if direct_ok(input) else pool_ops.max_pool
+            y, idx = run(input, *lists, bool(ceil_mode), minimum)
             fmt = suggested_format(input)
             y, idx = laid_out(y, fmt), laid_out(idx, fmt)
             return (y, idx) if return_indices else y
@@ -126,8 +126,8 @@ def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_in
                divisor_override)
         args = _NORMALISED.get(key)
         if args is not None:
-            op = pool_ops.IMPLEMENTATIONS["avg_pool"] if direct_ok(input) else pool_ops.avg_pool
-            return laid_out(op(input, *args), suggested_format(input if ndim < 3 else None))
+            run = pool_ops.IMPLEMENTATIONS["avg_pool"] if direct_ok(input) else pool_ops.avg_pool
+            return laid_out(run(input, *args), suggested_format(input if ndim < 3 else None))
     x, unbatched = _input(op, input, ndim)
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
     if divisor_override is not None:
@@ -195,10 +195,10 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
             fmt = suggested_format(input if ndim < 3 else None)
             direct = direct_ok(input)  # skips torch's dispatcher where nothing records or watches (ops.eager)
             if kind == "avg":
-                op = pool_ops.IMPLEMENTATIONS["adaptive_avg_pool"] if direct else pool_ops.adaptive_avg_pool
-                return laid_out(op(input, out), fmt)
-            op = pool_ops.IMPLEMENTATIONS["adaptive_max_pool"] if direct else pool_ops.adaptive_max_pool
-            y, idx = op(input, out)
+                run = pool_ops.IMPLEMENTATIONS["adaptive_avg_pool"] if direct else pool_ops.adaptive_avg_pool
+                return laid_out(run(input, out), fmt)
+            run = pool_ops.IMPLEMENTATIONS["adaptive_max_pool"] if direct else pool_ops.adaptive_max_pool
+            y, idx = run(input, out)
             y, idx = laid_out(y, fmt), laid_out(idx, fmt)
             return (y, idx) if return_indices else y
     check_type(op, "input", input)
