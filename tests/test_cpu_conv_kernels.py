@@ -1,4 +1,5 @@
-"""Numba CPU convolution kernels (fastconv.cpu.conv) against torch, forward and both gradients.
+"""Numba CPU convolution kernels (fastconv.cpu.conv, and fastconv.cpu.shift for 1-D/2-D) against torch,
+forward and both gradients.
 
 Reference: torch autograd through ``F.pad`` (asymmetric / cropping padding) + ``F.conv1d/2d/3d``
 with padding 0, in float64. Every kernel is called on 5-D arrays exactly as the op layer does.
@@ -13,12 +14,17 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.cpu import conv as cc
+from fastconv.cpu import shift
 from helpers import assert_close, tolerance
 
 ALGOS = ("direct", "im2col")
+#: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
+PLANAR_ALGOS = ALGOS + ("shift",)
 
 
 def _kernels(algo):
+    if algo == "shift":
+        return shift.forward, shift.grad_input, shift.grad_weight
     return (getattr(cc, f"{algo}_forward"), getattr(cc, f"{algo}_grad_input"),
             getattr(cc, f"{algo}_grad_weight"))
 
@@ -111,7 +117,7 @@ def _matrix():
                            id=f"k{ksz[0]}x{ksz[1]}-s{s}-p{pname}-d{d}-{gname}")
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", PLANAR_ALGOS)
 @pytest.mark.parametrize("ksz,s,pname,d,gname", list(_matrix()))
 def test_conv2d_matrix_float64(algo, ksz, s, pname, d, gname, monkeypatch):
     C, K, groups = _GROUPS[gname]
@@ -121,7 +127,7 @@ def test_conv2d_matrix_float64(algo, ksz, s, pname, d, gname, monkeypatch):
     _check(algo, 2, C, K, _SP, ksz, (s, s), pb, pa, (d, d), groups)
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", PLANAR_ALGOS)
 @pytest.mark.parametrize("ksz,stride,pad,dil,groups", [
     ((3, 3), (1, 1), (1, 1), (1, 1), 1),
     ((3, 5), (2, 1), (2, 0), (1, 2), 2),
@@ -132,21 +138,21 @@ def test_conv2d_float32(algo, ksz, stride, pad, dil, groups):
     _check(algo, 2, 8, 12, (11, 13), ksz, stride, pad, pad, dil, groups, dtype=np.float32)
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", PLANAR_ALGOS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("ksz,pad", [((3, 3), (1, 1)), ((1, 1), (0, 0))])
 def test_batch_zero(algo, dtype, ksz, pad):
     _check(algo, 0, 4, 6, (5, 6), ksz, (1, 1), pad, pad, (1, 1), 1, dtype=dtype)
 
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", PLANAR_ALGOS)
 def test_no_bias_and_mixed_geometry(algo):
     _check(algo, 3, 6, 9, (10, 8), (2, 3), (2, 1), (1, 0), (0, 2), (2, 1), 3, bias=False)
 
 
 # ---- 1-D and 3-D ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("algo", PLANAR_ALGOS)
 @pytest.mark.parametrize("k,s,pb,pa,d,g", [
     (3, 1, 1, 1, 1, 1), (4, 2, 1, 2, 1, 2), (5, 3, 0, 0, 2, 6), (1, 1, 0, 0, 1, 1), (2, 1, 0, 1, 1, 1),
 ])

@@ -101,6 +101,16 @@ def test_depthwise_computes_every_input_row_for_a_stride_in_h():
     assert executed.executed_multiplications("depthwise", s2) == 32 * 9 * OW * ((OH - 1) * 2 + 1)
 
 
+def test_shift_computes_the_whole_plane_grid():
+    # stride 1, pad 1: planes of (OH + 2) x (OW + 2) per image; every output channel x Cg x taps over them
+    g = geom(8, 8, (6, 5), 3, padding=1, groups=2)
+    assert executed.executed_multiplications("shift", g) == 8 * (8 * 7) * 4 * 9 > g.macs
+    # stride 2: the phase planes are ceil(((O - 1) * 2 + 3) / 2) = O + 1 wide and high
+    s2 = geom(8, 8, (8, 8), 3, stride=2, padding=1, groups=2)
+    OH, OW = s2.out_spatial[1:]
+    assert executed.executed_multiplications("shift", s2) == 8 * ((OH + 1) * (OW + 1)) * 4 * 9
+
+
 def test_implicit_gemm_rounds_to_whole_tiles():
     g = geom(3, 10, (9, 9), 3, padding=1)  # M = 81, N = 10, K = 27 -> 128 x 64 x 32
     assert executed.executed_multiplications("implicit-gemm", g) == 128 * 64 * 32

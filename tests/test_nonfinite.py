@@ -150,7 +150,7 @@ def test_nonfinite_pattern_float64(algo):
         _compare(ref, got, f"{algo}, float64, {name}")
 
 
-@pytest.mark.parametrize("algo", ["direct", "im2col", "winograd4"])
+@pytest.mark.parametrize("algo", ["direct", "im2col", "winograd4", "shift"])
 def test_nonfinite_bias(algo):
     """A non-finite bias makes its channel non-finite; +Inf bias meeting a -Inf term gives NaN."""
     gen = torch.Generator().manual_seed(5)

@@ -123,6 +123,13 @@ def _fft_workspace(g: ConvGeometry) -> int:
                              g.out_spatial, g.dtype.itemsize)
 
 
+def _shift(g: ConvGeometry) -> int:
+    from ..cpu import shift
+
+    return shift.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel, g.stride,
+                                          g.dilation, g.out_spatial)
+
+
 @dataclass(frozen=True)
 class Executed:
     """What one algorithm executes: ``mults(geom)`` for the forward pass, ``workspace(geom)`` in bytes
@@ -150,6 +157,9 @@ EXECUTED: dict[str, Executed] = {
     "depthwise": Executed(
         "one input channel per filter; 2-D: flat rows of pitch OW over every input row from the first "
         "to the last output's (stride sh in H: about sh x the outputs' work)", _depthwise, lambda g: 0),
+    "shift": Executed(
+        "shifted planes: every output channel over the whole N x Hq x Wq plane grid (output pixels plus the "
+        "extra columns and rows of the stride-phase planes, computed and dropped), every tap", _shift),
     "patch_gemm": Executed(
         "transposed conv with kernel == stride: one GEMM of exactly the nominal products, then a "
         "scatter without accumulation", lambda g: g.macs),  # workspace: its declaration's hook

@@ -1,0 +1,455 @@
+"""Numba CPU kernels for 1-D/2-D convolution as shifted-plane multiply-adds (``algo="shift"``).
+
+Why: a grouped conv with narrow groups (RegNet's 8 channels per group, ResNeXt's 4) has too little arithmetic
+per input element for im2col. Its column matrix is ``KH*KW`` times the input, written and read once for only
+``Kg`` multiply-adds per element, and the column fill cost 3-5x torch's whole conv (measured, RegNet-Y-400MF at
+batch 8). Here no columns are made: every kernel tap is one multiply-add of a whole (shifted) input plane into a
+whole output plane, so each inner loop runs over a full plane (hundreds of elements, vectorised) instead of one
+output row.
+
+Layout (per image and input channel): the input zero-padded and split by stride phase,
+``xph[n, c, (ph_h * sw + ph_w), i * Wq + j] = x_padded[n, c, i * sh + ph_h, j * sw + ph_w]``. An output pixel
+``(oh, ow)`` and tap ``(kh, kw)`` read ``x_padded[oh*sh + kh*dh, ow*sw + kw*dw]``, which is phase
+``((kh*dh) % sh, (kw*dw) % sw)`` at ``(oh + (kh*dh)//sh) * Wq + ow + (kw*dw)//sw``: for every output pixel of a
+plane laid out ``oh * Wq + ow`` ("wide" rows of ``Wq >= OW`` columns), one tap is one contiguous slice of one
+phase plane starting at the tap's offset. The ``Wq - OW`` columns past the output width are computed and
+dropped (forward) or held at zero (gradients).
+
+* forward: ``out_wide[n, k] += w[k, c, t] * xph[n, c, phase_t, off_t : off_t + L]`` (``L = OH * Wq``),
+  four output channels and three taps per pass (register blocking), parallel over (image, 4-channel block);
+* input gradient, the adjoint: ``gxph[n, c, phase_t, off_t : off_t + L] += w[k, c, t] * go_wide[n, k]``,
+  parallel over (image, input channel): each task owns its planes, no races;
+* weight gradient: ``gw[k, c, t] = sum_n dot(go_wide[n, k], xph[n, c, phase_t, off_t : off_t + L])``,
+  parallel over (group, 4-channel block).
+
+Arrays are 5-D ``(N, C, 1, H, W)`` as in :mod:`.conv` (a 1-D conv has ``H == 1``); 3-D convs are refused by
+:func:`refuse_reason`. Arguments: 3-tuples of stride / padding-before / dilation and the result's spatial size.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from fastconv import config
+
+from . import parallel
+
+__all__ = ["forward", "grad_input", "grad_weight", "refuse_reason"]
+
+_JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
+
+
+class _Planes:
+    """The phase-plane geometry of one conv: plane rows ``Hq`` and row length ``Wq`` (``Wq >= OW``), the
+    length ``M = N * Hq * Wq`` of one channel's planes over the batch, ``Lp`` with the zero tail that keeps
+    the last tap's slice inside, and each tap's (phase, offset)."""
+
+    def __init__(self, batch, kernel, stride, dilation, out_spatial):
+        _, KH, KW = kernel
+        _, sh, sw = stride
+        _, dh, dw = dilation
+        _, OH, OW = out_spatial
+        # the rows / columns of the padded input that some window reads: (O - 1) * s + (K - 1) * d + 1
+        self.Hq = -(-((OH - 1) * sh + (KH - 1) * dh + 1) // sh)
+        self.Wq = -(-((OW - 1) * sw + (KW - 1) * dw + 1) // sw)
+        self.M = batch * self.Hq * self.Wq
+        kh, kw = np.meshgrid(np.arange(KH), np.arange(KW), indexing="ij")
+        ah, aw = (kh * dh).reshape(-1), (kw * dw).reshape(-1)
+        self.phase = ((ah % sh) * sw + aw % sw).astype(np.int64)
+        self.offset = ((ah // sh) * self.Wq + aw // sw).astype(np.int64)
+        self.Lp = self.M + int(self.offset.max())
+        self.nphase = sh * sw
+
+
+#: Plane elements one forward task multiplies into (a cache-sized slice of 4 output channels' planes).
+CHUNK = 2048
+
+
+@parallel.kernel(**_JIT)
+def _to_phase_planes(x, source, Hq, Wq, out):
+    """``out[c, p, n * Hq * Wq + q] = x[n, c].flat[source[p, q]]`` (0 where ``source`` is -1, and in the tail):
+    one gather loop per (channel, image, phase) over the whole plane (``source``: :func:`_plane_sources`).
+    Parallel over (channel, image)."""
+    N, C, _, H, W = x.shape
+    P = source.shape[0]
+    Lp = out.shape[2]
+    S = Hq * Wq
+    xf = x.reshape(x.size)
+    for task in prange(C * N):
+        c = task // N
+        n = task - c * N
+        base = (n * C + c) * H * W
+        for p in range(P):
+            dst = out[c, p, n * S:(n + 1) * S]
+            src = source[p]
+            for q in range(S):
+                v = src[q]
+                dst[q] = xf[base + v] if v >= 0 else 0
+            if n == N - 1:
+                tail = out[c, p]
+                for m in range(N * S, Lp):
+                    tail[m] = 0
+
+
+def _plane_sources(planes, in_hw, padding, stride):
+    """For each phase ``(a, b)`` and plane position ``(i, j)``: the flat index ``ih * W + iw`` of the input pixel
+    at padded position ``(i*sh + a, j*sw + b)``, or -1 in the padding."""
+    H, W = in_hw
+    sh, sw = stride[1], stride[2]
+    i = np.arange(planes.Hq)[:, None]
+    j = np.arange(planes.Wq)[None, :]
+    rows = []
+    for a in range(sh):
+        for b in range(sw):
+            ih = i * sh + a - padding[1]
+            iw = j * sw + b - padding[2]
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            rows.append(np.where(inside, ih * W + iw, -1).reshape(-1))
+    return np.ascontiguousarray(np.stack(rows), dtype=np.int64)
+
+
+@parallel.kernel(**_JIT)
+def _from_phase_planes(gph, back, S, out):
+    """Inverse of :func:`_to_phase_planes` for the input gradient: ``out[n, c].flat[q] =
+    gph[c].flat[back[q] + n * S]`` (0 where ``back`` is -1: no window reaches the pixel). One gather loop per
+    (image, channel); ``back``: :func:`_plane_targets`. Parallel over (image, channel)."""
+    N, C, _, H, W = out.shape
+    HW = H * W
+    of = out.reshape(out.size)
+    for task in prange(N * C):
+        n = task // C
+        c = task - n * C
+        src = gph[c].reshape(gph.shape[1] * gph.shape[2])
+        dst = of[task * HW:(task + 1) * HW]
+        shift = n * S
+        for q in range(HW):
+            v = back[q]
+            dst[q] = src[v + shift] if v >= 0 else 0
+
+
+def _plane_targets(planes, in_hw, padding, stride):
+    """For each input pixel ``ih * W + iw`` of image 0: its flat index ``phase * Lp + i * Wq + j`` in the planes,
+    or -1 where it lies outside them (rows or columns no window reaches)."""
+    H, W = in_hw
+    sh, sw = stride[1], stride[2]
+    r = np.arange(H)[:, None] + padding[1]
+    q = np.arange(W)[None, :] + padding[2]
+    i, a = np.divmod(r, sh)
+    j, b = np.divmod(q, sw)
+    inside = (r >= 0) & (i < planes.Hq) & (q >= 0) & (j < planes.Wq)
+    flat = (a * sw + b) * planes.Lp + i * planes.Wq + j
+    return np.ascontiguousarray(np.where(inside, flat, -1).reshape(-1), dtype=np.int64)
+
+
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
+def _forward_planes(xph, w, groups, phase, offset, out):
+    """``out[k, m] = sum_{c in k's group, t} w[k, c, t] * xph[g*Cg + c, phase[t], offset[t] + m]``.
+    ``w``: (K, Cg, T); ``out``: (K, M). Parallel over (block of 4 output channels, chunk of ``CHUNK``)."""
+    K, M = out.shape
+    Cg = w.shape[1]
+    T = w.shape[2]
+    Kg = K // groups
+    nblk = (Kg + 3) // 4
+    nch = (M + CHUNK - 1) // CHUNK
+    for task in prange(groups * nblk * nch):
+        blk = task // nch
+        m0 = (task - blk * nch) * CHUNK
+        m1 = min(M, m0 + CHUNK)
+        L = m1 - m0
+        g = blk // nblk
+        k0 = g * Kg + (blk - g * nblk) * 4
+        nr = min(4, g * Kg + Kg - k0)
+        for j in range(nr):
+            out[k0 + j, m0:m1] = 0
+        for c in range(Cg):
+            xc = xph[g * Cg + c]
+            if nr == 4:
+                # rows taken one by one: a row of the 2-D slice out[k0:k0+4, m0:m1] is typed as strided
+                # (layout 'A') and its loops do not vectorise (measured 6x slower)
+                a0 = out[k0, m0:m1]
+                a1 = out[k0 + 1, m0:m1]
+                a2 = out[k0 + 2, m0:m1]
+                a3 = out[k0 + 3, m0:m1]
+                t = 0
+                while t + 3 <= T:
+                    xa = xc[phase[t], m0 + offset[t]:m0 + offset[t] + L]
+                    xb = xc[phase[t + 1], m0 + offset[t + 1]:m0 + offset[t + 1] + L]
+                    xd = xc[phase[t + 2], m0 + offset[t + 2]:m0 + offset[t + 2] + L]
+                    w0a, w0b, w0d = w[k0, c, t], w[k0, c, t + 1], w[k0, c, t + 2]
+                    w1a, w1b, w1d = w[k0 + 1, c, t], w[k0 + 1, c, t + 1], w[k0 + 1, c, t + 2]
+                    w2a, w2b, w2d = w[k0 + 2, c, t], w[k0 + 2, c, t + 1], w[k0 + 2, c, t + 2]
+                    w3a, w3b, w3d = w[k0 + 3, c, t], w[k0 + 3, c, t + 1], w[k0 + 3, c, t + 2]
+                    for m in range(L):
+                        va = xa[m]
+                        vb = xb[m]
+                        vd = xd[m]
+                        a0[m] += w0a * va + w0b * vb + w0d * vd
+                        a1[m] += w1a * va + w1b * vb + w1d * vd
+                        a2[m] += w2a * va + w2b * vb + w2d * vd
+                        a3[m] += w3a * va + w3b * vb + w3d * vd
+                    t += 3
+                while t < T:
+                    xa = xc[phase[t], m0 + offset[t]:m0 + offset[t] + L]
+                    w0a, w1a, w2a, w3a = w[k0, c, t], w[k0 + 1, c, t], w[k0 + 2, c, t], w[k0 + 3, c, t]
+                    for m in range(L):
+                        va = xa[m]
+                        a0[m] += w0a * va
+                        a1[m] += w1a * va
+                        a2[m] += w2a * va
+                        a3[m] += w3a * va
+                    t += 1
+            else:
+                for j in range(nr):
+                    aj = out[k0 + j, m0:m1]
+                    for t in range(T):
+                        xa = xc[phase[t], m0 + offset[t]:m0 + offset[t] + L]
+                        wv = w[k0 + j, c, t]
+                        for m in range(L):
+                            aj[m] += wv * xa[m]
+
+
+@parallel.kernel(work_arg=0, compute=True, **_JIT)
+def _grad_input_planes(gow, w, groups, phase, offset, gph):
+    """``gph[c, phase[t], offset[t] + m] += w[k, c % Cg, t] * gow[k, m]`` over the ``k`` of ``c``'s group, from
+    zero. ``gow``: (K, M), zero at positions that are no output pixel; ``gph``: (C, P, Lp). Parallel over input
+    channels (each task owns its planes: no races)."""
+    K, M = gow.shape
+    C = gph.shape[0]
+    Cg = w.shape[1]
+    T = w.shape[2]
+    Kg = K // groups
+    for ci in prange(C):
+        g = ci // Cg
+        c = ci - g * Cg
+        planes = gph[ci]
+        planes[:, :] = 0
+        for t in range(T):
+            dst = planes[phase[t], offset[t]:offset[t] + M]
+            k = g * Kg
+            kend = k + Kg
+            while k + 8 <= kend:  # 8 multiply-adds per store of dst (RegNet's groups are 8 wide)
+                g0 = gow[k]
+                g1 = gow[k + 1]
+                g2 = gow[k + 2]
+                g3 = gow[k + 3]
+                g4 = gow[k + 4]
+                g5 = gow[k + 5]
+                g6 = gow[k + 6]
+                g7 = gow[k + 7]
+                w0, w1, w2, w3 = w[k, c, t], w[k + 1, c, t], w[k + 2, c, t], w[k + 3, c, t]
+                w4, w5, w6, w7 = w[k + 4, c, t], w[k + 5, c, t], w[k + 6, c, t], w[k + 7, c, t]
+                for m in range(M):
+                    dst[m] += (w0 * g0[m] + w1 * g1[m] + w2 * g2[m] + w3 * g3[m]
+                               + w4 * g4[m] + w5 * g5[m] + w6 * g6[m] + w7 * g7[m])
+                k += 8
+            while k + 4 <= kend:
+                g0 = gow[k]
+                g1 = gow[k + 1]
+                g2 = gow[k + 2]
+                g3 = gow[k + 3]
+                w0, w1, w2, w3 = w[k, c, t], w[k + 1, c, t], w[k + 2, c, t], w[k + 3, c, t]
+                for m in range(M):
+                    dst[m] += w0 * g0[m] + w1 * g1[m] + w2 * g2[m] + w3 * g3[m]
+                k += 4
+            while k < kend:
+                g0 = gow[k]
+                w0 = w[k, c, t]
+                for m in range(M):
+                    dst[m] += w0 * g0[m]
+                k += 1
+
+
+@parallel.kernel(work_arg=1, compute=True, **_JIT)
+def _grad_weight_planes(gow, xph, groups, phase, offset, gw):
+    """``gw[k, c, t] = dot(gow[k], xph[g*Cg + c, phase[t], offset[t] : offset[t] + M])``. ``gow``: (K, M), zero
+    at positions that are no output pixel; ``gw``: (K, Cg, T), arriving zeroed. Parallel over (group, block of 4
+    output channels)."""
+    K, M = gow.shape
+    Cg = gw.shape[1]
+    T = gw.shape[2]
+    Kg = K // groups
+    nblk = (Kg + 3) // 4
+    for task in prange(groups * nblk):
+        g = task // nblk
+        k0 = g * Kg + (task - g * nblk) * 4
+        nr = min(4, g * Kg + Kg - k0)
+        for c in range(Cg):
+            for t in range(T):
+                xs = xph[g * Cg + c, phase[t], offset[t]:offset[t] + M]
+                if nr == 4:
+                    g0 = gow[k0]
+                    g1 = gow[k0 + 1]
+                    g2 = gow[k0 + 2]
+                    g3 = gow[k0 + 3]
+                    s0 = gw[k0, c, t]  # zero, of gw's dtype (float32 sums vectorise)
+                    s1 = s0
+                    s2 = s0
+                    s3 = s0
+                    for m in range(M):
+                        v = xs[m]
+                        s0 += g0[m] * v
+                        s1 += g1[m] * v
+                        s2 += g2[m] * v
+                        s3 += g3[m] * v
+                    gw[k0, c, t] = s0
+                    gw[k0 + 1, c, t] = s1
+                    gw[k0 + 2, c, t] = s2
+                    gw[k0 + 3, c, t] = s3
+                else:
+                    for j in range(nr):
+                        gj = gow[k0 + j]
+                        s = gw[k0 + j, c, t]
+                        for m in range(M):
+                            s += gj[m] * xs[m]
+                        gw[k0 + j, c, t] = s
+
+
+@parallel.kernel(work_arg=0, **_JIT)
+def _unwiden(wide, Hq, bias, out):
+    """``out[n, k, 0, oh, ow] = wide[k, (n * Hq + oh) * Wq + ow] + bias[k]``: the output pixels of the planes."""
+    N, K, _, OH, OW = out.shape
+    Wq = wide.shape[1] // (N * Hq)
+    for task in prange(N * K):
+        n = task // K
+        k = task - n * K
+        b = bias[k]
+        for oh in range(OH):
+            base = (n * Hq + oh) * Wq
+            src = wide[k, base:base + OW]
+            dst = out[n, k, 0, oh]
+            for ow in range(OW):
+                dst[ow] = src[ow] + b
+
+
+@parallel.kernel(work_arg=0, **_JIT)
+def _widen(go, Hq, Wq, out):
+    """``out[k, (n * Hq + oh) * Wq + ow] = go[n, k, 0, oh, ow]``, zero at the positions that are no output pixel."""
+    N, K, _, OH, OW = go.shape
+    for k in prange(K):
+        row = out[k]
+        for n in range(N):
+            for i in range(Hq):
+                dst = row[(n * Hq + i) * Wq:(n * Hq + i + 1) * Wq]
+                if i < OH:
+                    src = go[n, k, 0, i]
+                    for ow in range(OW):
+                        dst[ow] = src[ow]
+                    for ow in range(OW, Wq):
+                        dst[ow] = 0
+                else:
+                    for ow in range(Wq):
+                        dst[ow] = 0
+
+
+def refuse_reason(kernel, out_spatial) -> str | None:
+    """Why ``shift`` cannot run a conv with this kernel / output size, or None (1-D and 2-D only)."""
+    if kernel[0] != 1 or out_spatial[0] != 1:
+        return f"1-D and 2-D convolutions only, got a 3-D kernel {tuple(kernel)}"
+    return None
+
+
+def _planes_of(x, planes: _Planes, padding, stride):
+    """``x`` (N, C, 1, H, W) as its zero-padded, stride-phase-split planes (C, phases, Lp)."""
+    N, C = x.shape[:2]
+    xph = np.empty((C, planes.nphase, planes.Lp), x.dtype)
+    _to_phase_planes(x, _plane_sources(planes, x.shape[3:], padding, stride), planes.Hq, planes.Wq, xph)
+    return xph
+
+
+#: Fewest multiply-adds for which the arithmetic kernels wake the worker threads (about 0.1 ms on one core).
+PARALLEL_MIN_MACS = 2_000_000
+
+
+def _sized(kernel, macs):
+    """The parallel or the serial compilation of ``kernel``, by the call's multiply-adds."""
+    return kernel.parallel if macs >= PARALLEL_MIN_MACS else kernel.serial
+
+
+def _tup(v):
+    return tuple(int(a) for a in v)
+
+
+def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
+    """x: (N, C, 1, H, W); w: (K, C // groups, 1, KH, KW); bias: (K,) or None -> (N, K, 1, OH, OW)."""
+    config.sync_threads()
+    stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
+    N = x.shape[0]
+    K, Cg = w.shape[:2]
+    y = np.empty((N, K) + out_spatial, x.dtype)
+    if y.size == 0:
+        return y
+    planes = _Planes(N, w.shape[2:], stride, dilation, out_spatial)
+    xph = _planes_of(np.ascontiguousarray(x), planes, padding, stride)
+    wide = np.empty((K, planes.M), x.dtype)
+    w3 = np.ascontiguousarray(w).reshape(K, Cg, -1)
+    _sized(_forward_planes, wide.size * w3[0].size)(xph, w3, int(groups), planes.phase, planes.offset, wide)
+    b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    _unwiden(wide, planes.Hq, b, y)
+    return y
+
+
+def grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
+    """grad_out: (N, K, 1, OH, OW); w: (K, C // groups, 1, KH, KW) -> grad_input (N, C, 1, H, W)."""
+    config.sync_threads()
+    stride, padding, dilation, in_spatial = map(_tup, (stride, padding, dilation, in_spatial))
+    N, K = grad_out.shape[:2]
+    G = int(groups)
+    _, Cg, _, KH, KW = w.shape
+    C = Cg * G
+    if stride == (1, 1, 1):
+        # the adjoint of a stride-1 conv is a stride-1 conv of the output gradient with the flipped,
+        # group-transposed weights and padding (k - 1) * d - p: the forward kernel's 12 multiply-adds per
+        # 7 loads and 4 stores instead of the scatter's 4 per 5 loads and a store
+        wt = w.reshape(G, K // G, Cg, KH, KW).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1]
+        wt = np.ascontiguousarray(wt).reshape(C, K // G, 1, KH, KW)
+        tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
+        return forward(grad_out, wt, None, stride, tpad, dilation, G, in_spatial)
+    gx = np.empty((N, C) + in_spatial, grad_out.dtype)
+    if gx.size == 0:
+        return gx
+    if grad_out.size == 0:
+        gx[...] = 0
+        return gx
+    planes = _Planes(N, w.shape[2:], stride, dilation, grad_out.shape[2:])
+    gow = np.empty((K, planes.M), grad_out.dtype)
+    _widen(np.ascontiguousarray(grad_out), planes.Hq, planes.Wq, gow)
+    gph = np.empty((C, planes.nphase, planes.Lp), grad_out.dtype)
+    w3 = np.ascontiguousarray(w).reshape(K, Cg, -1)
+    _sized(_grad_input_planes, gow.size * w3[0].size)(gow, w3, G, planes.phase, planes.offset, gph)
+    _from_phase_planes(gph, _plane_targets(planes, in_spatial[1:], padding, stride), planes.Hq * planes.Wq, gx)
+    return gx
+
+
+def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
+    """grad_out: (N, K, 1, OH, OW); x: (N, C, 1, H, W) -> grad_weight (K, C // groups, 1, KH, KW)."""
+    config.sync_threads()
+    stride, padding, dilation, kernel_spatial = map(_tup, (stride, padding, dilation, kernel_spatial))
+    N, K = grad_out.shape[:2]
+    Cg = x.shape[1] // int(groups)
+    gw = np.zeros((K, Cg) + kernel_spatial, grad_out.dtype)
+    if gw.size == 0 or grad_out.size == 0 or x.size == 0:
+        return gw
+    planes = _Planes(N, kernel_spatial, stride, dilation, grad_out.shape[2:])
+    gow = np.empty((K, planes.M), grad_out.dtype)
+    _widen(np.ascontiguousarray(grad_out), planes.Hq, planes.Wq, gow)
+    xph = _planes_of(np.ascontiguousarray(x), planes, padding, stride)
+    gw3 = gw.reshape(K, Cg, -1)
+    _sized(_grad_weight_planes, gow.size * gw3[0].size)(gow, xph, int(groups), planes.phase, planes.offset, gw3)
+    return gw
+
+
+def executed_multiplications(batch, in_channels, out_channels, groups, kernel, stride, dilation, out_spatial) -> int:
+    """Multiplications the forward performs: every output channel over every plane position of the batch
+    (``N * Hq * Wq``, the output pixels plus the extra columns and rows that are computed and dropped)."""
+    planes = _Planes(batch, kernel, stride, dilation, out_spatial)
+    return out_channels * planes.M * (in_channels // groups) * int(np.prod(kernel))
+
+
+# Non-finite operands: exact IEEE results, as for the other kernels (see fastconv.cpu.nonfinite). The planes read
+# padding as stored zeros and the gradients hold the extra columns at zero, so a finite result is exact and a
+# non-finite product always reaches a kept output.
+from . import nonfinite as _nonfinite  # noqa: E402
+
+forward = _nonfinite.exact(forward, bias=True)
+grad_input = _nonfinite.exact(grad_input)
+grad_weight = _nonfinite.exact(grad_weight)
