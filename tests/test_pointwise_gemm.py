@@ -1,0 +1,71 @@
+"""The im2col algorithm's 1x1 fast path (``fastconv.cpu.algorithms._pointwise_forward``): a 1x1, stride-1,
+unpadded, ungrouped forward runs its GEMM on the tensors themselves instead of through the numpy kernel.
+
+Checked against torch in float64 and float32 (with and without bias, batch 1 and 3, 1-D to 3-D), with a spy
+that proves the fast path ran (or, for the geometries it must not take, did not run), and with non-finite
+operands, where the path hands the call to the kernel's exact handling.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastconv.functional as F
+from fastconv.cpu import algorithms
+from helpers import assert_close
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = {"taken": 0, "declined": 0}
+    real = algorithms._pointwise_forward
+
+    def counting(*args):
+        out = real(*args)
+        calls["taken" if out is not None else "declined"] += 1
+        return out
+
+    monkeypatch.setattr(algorithms, "_pointwise_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("N,spatial", [(1, (1, 1)), (3, (5, 7)), (2, (9,)), (2, (3, 4, 5))])
+def test_pointwise_matches_torch_and_takes_the_gemm(spy, dtype, bias, N, spatial):
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    g = torch.Generator().manual_seed(len(spatial) * 10 + N)
+    x = torch.randn(N, 6, *spatial, generator=g, dtype=dtype)
+    w = torch.randn(4, 6, *(1,) * len(spatial), generator=g, dtype=dtype)
+    b = torch.randn(4, generator=g, dtype=dtype) if bias else None
+    conv = {1: (F.conv1d, TF.conv1d), 2: (F.conv2d, TF.conv2d), 3: (F.conv3d, TF.conv3d)}[len(spatial)]
+    got = conv[0](x, w, b, algo="im2col")
+    assert_close(got, conv[1](x, w, b), algo="im2col", what="1x1 forward")
+    assert got.is_contiguous()
+    assert spy == {"taken": 1, "declined": 0}
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2), dict(padding=1), dict(groups=2)])
+def test_other_1x1_geometries_keep_the_kernel(spy, kw):
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
+    w = torch.randn(4, 6 // kw.get("groups", 1), 1, 1, dtype=torch.float64)
+    assert_close(F.conv2d(x, w, algo="im2col", **kw), TF.conv2d(x, w, **kw), algo="im2col", what=str(kw))
+    assert spy == {"taken": 0, "declined": 0}
+
+
+def test_nonfinite_operands_get_the_exact_result(spy):
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.5
+    x[0, 1, 2, 3] = math.inf
+    x[1, 0, 0, 0] = math.nan
+    w = torch.rand(5, 3, 1, 1, dtype=torch.float64) + 0.5
+    w[2, 1] = 0.0  # 0 * Inf: NaN in channel 2 at that pixel, +Inf in the others
+    b = torch.tensor([0.0, -math.inf, 1.0, 2.0, 3.0], dtype=torch.float64)
+    got = F.conv2d(x, w, b, algo="im2col")
+    assert_close(got, TF.conv2d(x, w, b), algo="im2col", what="non-finite 1x1")
+    assert spy == {"taken": 0, "declined": 1}
