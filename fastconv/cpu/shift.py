@@ -27,6 +27,8 @@ Arrays are 5-D ``(N, C, 1, H, W)`` as in :mod:`.conv` (a 1-D conv has ``H == 1``
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numba import prange
 
@@ -61,6 +63,13 @@ class _Planes:
         self.nphase = sh * sw
 
 
+@functools.lru_cache(maxsize=512)
+def _planes(batch, kernel, stride, dilation, out_spatial) -> _Planes:
+    """:class:`_Planes` of a geometry, built once (a model calls the same layers again and again; building
+    them and their index maps cost about 60 µs a call, a third of a batch-1 RegNet layer)."""
+    return _Planes(batch, kernel, stride, dilation, out_spatial)
+
+
 #: Plane elements one forward task multiplies into (a cache-sized slice of 4 output channels' planes).
 CHUNK = 2048
 
@@ -93,6 +102,7 @@ def _to_phase_planes(x, source, Hq, Wq, out):
                     tail[m] = 0
 
 
+@functools.lru_cache(maxsize=512)
 def _plane_sources(planes, in_hw, padding, stride):
     """For each phase ``(a, b)`` and plane position ``(i, j)``: the flat index ``ih * W + iw`` of the input pixel
     at padded position ``(i*sh + a, j*sw + b)``, or -1 in the padding."""
@@ -129,6 +139,7 @@ def _from_phase_planes(gph, back, S, out):
             dst[q] = src[v + shift] if v >= 0 else 0
 
 
+@functools.lru_cache(maxsize=512)
 def _plane_targets(planes, in_hw, padding, stride):
     """For each input pixel ``ih * W + iw`` of image 0: its flat index ``phase * Lp + i * Wq + j`` in the planes,
     or -1 where it lies outside them (rows or columns no window reaches)."""
@@ -354,7 +365,7 @@ def _planes_of(x, planes: _Planes, padding, stride):
     """``x`` (N, C, 1, H, W) as its zero-padded, stride-phase-split planes (C, phases, Lp)."""
     N, C = x.shape[:2]
     xph = np.empty((C, planes.nphase, planes.Lp), x.dtype)
-    _to_phase_planes(x, _plane_sources(planes, x.shape[3:], padding, stride), planes.Hq, planes.Wq, xph)
+    _to_phase_planes(x, _plane_sources(planes, tuple(x.shape[3:]), padding, stride), planes.Hq, planes.Wq, xph)
     return xph
 
 
@@ -380,7 +391,7 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     y = np.empty((N, K) + out_spatial, x.dtype)
     if y.size == 0:
         return y
-    planes = _Planes(N, w.shape[2:], stride, dilation, out_spatial)
+    planes = _planes(N, tuple(w.shape[2:]), stride, dilation, out_spatial)
     xph = _planes_of(np.ascontiguousarray(x), planes, padding, stride)
     wide = np.empty((K, planes.M), x.dtype)
     w3 = np.ascontiguousarray(w).reshape(K, Cg, -1)
@@ -412,13 +423,13 @@ def grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
     if grad_out.size == 0:
         gx[...] = 0
         return gx
-    planes = _Planes(N, w.shape[2:], stride, dilation, grad_out.shape[2:])
+    planes = _planes(N, tuple(w.shape[2:]), stride, dilation, tuple(grad_out.shape[2:]))
     gow = np.empty((K, planes.M), grad_out.dtype)
     _widen(np.ascontiguousarray(grad_out), planes.Hq, planes.Wq, gow)
     gph = np.empty((C, planes.nphase, planes.Lp), grad_out.dtype)
     w3 = np.ascontiguousarray(w).reshape(K, Cg, -1)
     _sized(_grad_input_planes, gow.size * w3[0].size)(gow, w3, G, planes.phase, planes.offset, gph)
-    _from_phase_planes(gph, _plane_targets(planes, in_spatial[1:], padding, stride), planes.Hq * planes.Wq, gx)
+    _from_phase_planes(gph, _plane_targets(planes, tuple(in_spatial[1:]), padding, stride), planes.Hq * planes.Wq, gx)
     return gx
 
 
@@ -431,7 +442,7 @@ def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     gw = np.zeros((K, Cg) + kernel_spatial, grad_out.dtype)
     if gw.size == 0 or grad_out.size == 0 or x.size == 0:
         return gw
-    planes = _Planes(N, kernel_spatial, stride, dilation, grad_out.shape[2:])
+    planes = _planes(N, kernel_spatial, stride, dilation, tuple(grad_out.shape[2:]))
     gow = np.empty((K, planes.M), grad_out.dtype)
     _widen(np.ascontiguousarray(grad_out), planes.Hq, planes.Wq, gow)
     xph = _planes_of(np.ascontiguousarray(x), planes, padding, stride)
@@ -443,7 +454,7 @@ def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
 def executed_multiplications(batch, in_channels, out_channels, groups, kernel, stride, dilation, out_spatial) -> int:
     """Multiplications the forward performs: every output channel over every plane position of the batch
     (``N * Hq * Wq``, the output pixels plus the extra columns and rows that are computed and dropped)."""
-    planes = _Planes(batch, kernel, stride, dilation, out_spatial)
+    planes = _planes(batch, tuple(kernel), tuple(stride), tuple(dilation), tuple(out_spatial))
     return out_channels * planes.M * (in_channels // groups) * int(np.prod(kernel))
 
 
