@@ -243,6 +243,36 @@ def test_max_pool_random_geometries_match_torch():
 
 
 @pytest.mark.parametrize("want_min", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_pool_values_only_equal_the_indexed_values(want_min, dtype, monkeypatch):
+    # Without indices 1-D and 2-D windows take the separable kernel (rows, then columns); its values must be the
+    # indexed kernels' bit for bit: NaN propagates, -inf/+inf windows, ceil-mode windows over the edge.
+    ran = []
+    real = pool_max._max_pool_separable_kernel
+    monkeypatch.setattr(pool_max, "_max_pool_separable_kernel", lambda *a: ran.append(1) or real(*a))
+    r = _rng(42)
+    for trial in range(30):
+        nd = 1 + trial % 2
+        k = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 6, size=nd))
+        s = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 4, size=nd))
+        d = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 3, size=nd))
+        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
+        spatial = (1,) * (3 - nd) + tuple(int((kk - 1) * dd + 1 + r.integers(0, 9))
+                                          for kk, dd in zip(k[3 - nd:], d[3 - nd:]))
+        out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 3))
+                    for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+        x = _input(3, n=2, c=3, spatial=spatial, seed=trial).astype(dtype)
+        x[r.random(x.shape) < 0.05] = np.nan
+        x[r.random(x.shape) < 0.05] = -np.inf if trial % 2 else np.inf
+        before = len(ran)
+        values, none = pool._pool_extreme("t", x, k, s, p, d, out, False, want_min)
+        indexed, _ = pool._pool_extreme("t", x, k, s, p, d, out, True, want_min)
+        assert none is None and len(ran) == before + 1
+        assert values.dtype == x.dtype
+        assert_close(values, indexed, **EXACT)
+
+
+@pytest.mark.parametrize("want_min", [False, True])
 def test_max_pool_fast_kernel_equals_generic_kernel(want_min, monkeypatch):
     # The generic kernel (int64 indices) serves narrow planes and planes of 2**31+ elements; keep it equal to
     # the row-vectorised one, which these small planes reach only with the width threshold lowered.

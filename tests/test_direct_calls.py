@@ -152,12 +152,32 @@ def test_pools_and_fused_op_go_direct_and_match(monkeypatch):
             calls.clear()
             got = [F.max_pool2d(x, 2), F.avg_pool2d(x, 3, 2, 1), F.adaptive_avg_pool2d(x, 2),
                    F.adaptive_max_pool2d(x, 2), F.conv_bias_act(x, w, b, padding=1, activation="relu")]
-    assert sorted(map(str, calls)) == sorted(["max_pool", "avg_pool", "adaptive_avg_pool", "adaptive_max_pool",
-                                              "2"])
+    # max_pool2d without return_indices: the values-only entry (nothing will ask for the indices)
+    assert sorted(map(str, calls)) == sorted(["max_pool_values", "avg_pool", "adaptive_avg_pool",
+                                              "adaptive_max_pool", "2"])
     expected = [TF.max_pool2d(x, 2), TF.avg_pool2d(x, 3, 2, 1), TF.adaptive_avg_pool2d(x, 2),
                 TF.adaptive_max_pool2d(x, 2), torch.relu(TF.conv2d(x, w, b, padding=1))]
     for g, e in zip(got, expected):
         assert_close(g, e)
+
+
+def test_max_pool_values_only_when_indices_are_not_asked_for(monkeypatch):
+    calls = []
+    for key in ("max_pool", "max_pool_values"):
+        fn = pool_ops.IMPLEMENTATIONS[key]
+        monkeypatch.setitem(pool_ops.IMPLEMENTATIONS, key, lambda *a, _fn=fn, _key=key: calls.append(_key) or _fn(*a))
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    x[0, 1, 3, 4] = float("nan")
+    with torch.no_grad():
+        for _ in range(2):
+            calls.clear()
+            y = F.max_pool2d(x, 3, 2, ceil_mode=True)
+            y2, idx = F.max_pool2d(x, 3, 2, ceil_mode=True, return_indices=True)
+    assert calls == ["max_pool_values", "max_pool"]
+    ref, ref_idx = TF.max_pool2d(x, 3, 2, ceil_mode=True, return_indices=True)
+    assert_close(y, ref, rtol=0, atol=0)
+    assert_close(y2, ref, rtol=0, atol=0)
+    assert torch.equal(idx, ref_idx)
 
 
 # ---- calls that keep the dispatcher ----------------------------------------------------------------------

@@ -22,6 +22,11 @@ class NumbaPoolKernels:
         y, idx = run(_np(x), kernel, stride, padding, dilation, out_spatial, True)
         return torch.from_numpy(y), torch.from_numpy(idx)
 
+    def max_pool_values(self, x, kernel, stride, padding, dilation, out_spatial, minimum):
+        """:meth:`max_pool`'s values only (no indices: the separable kernel for 1-D and 2-D windows)."""
+        run = pool_max.min_pool_forward if minimum else pool_max.max_pool_forward
+        return torch.from_numpy(run(_np(x), kernel, stride, padding, dilation, out_spatial, False)[0])
+
     def max_pool_backward(self, grad_out, indices, in_spatial):
         return torch.from_numpy(pool_max.max_pool_backward(_np(grad_out), _np(indices), in_spatial))
 

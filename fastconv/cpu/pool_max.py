@@ -354,6 +354,56 @@ def _extreme_pool_int_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, 
                         ind[p, od, oh, ow] = mi
 
 
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
+def _max_pool_separable_kernel(x, y, kh, kw, sh, sw, ph, pw, dh, dw, want_min):
+    """Max (or min) pooling of 2-D planes ``x`` (P, H, W) into ``y`` (P, OH, OW) without indices, as two 1-D
+    passes: per output row, the extreme over the window's rows of each input column (a vectorised loop over the
+    whole input row per tap row), then over the window's columns of that row. The value is the same as over the
+    whole window in any order (NaN propagates through both passes; max and min are exact), so it matches the
+    indexed kernels bit for bit. Why: the indexed kernel pays a set-up per (output row, tap row) that short rows
+    do not amortise; measured at batch 8, 2 threads, 3x3/2 pooling: SqueezeNet's 96x61x61, 256x30x30 and
+    512x15x15 7.3, 10.6 and 5.3 ms with indices against 1.7, 1.3 and 0.8 ms here (torch: 12.4, 8.1, 3.9)."""
+    P, H, W = x.shape
+    OH, OW = y.shape[1], y.shape[2]
+    init = np.inf if want_min else -np.inf
+    for p in prange(P):
+        col = np.empty(W, x.dtype)
+        start = np.full(1, init, x.dtype)  # the initial extreme in x's dtype (float32 compares stay float32)
+        xp = x[p]
+        for oh in range(OH):
+            for w in range(W):
+                col[w] = init
+            h0 = oh * sh - ph
+            for j in range(kh):
+                ih = h0 + j * dh
+                if ih < 0 or ih >= H:
+                    continue
+                xr = xp[ih]
+                if want_min:
+                    for w in range(W):
+                        v = xr[w]
+                        m = col[w]
+                        col[w] = v if (v < m) | (v != v) else m
+                else:
+                    for w in range(W):
+                        v = xr[w]
+                        m = col[w]
+                        col[w] = v if (v > m) | (v != v) else m
+            yr = y[p, oh]
+            for ow in range(OW):
+                w0 = ow * sw - pw
+                m = start[0]
+                for t in range(kw):
+                    iw = w0 + t * dw
+                    if iw >= 0 and iw < W:
+                        v = col[iw]
+                        if want_min:
+                            m = v if (v < m) | (v != v) else m
+                        else:
+                            m = v if (v > m) | (v != v) else m
+                yr[ow] = m
+
+
 #: Planes narrower than this go to the scalar kernel (:func:`_max_pool_kernel_generic`): the row-vectorised
 #: kernel's per-row set-up (row views, edge and interior passes) outweighs its short rows. Measured on one core,
 #: 3x3 pooling with indices: 832 planes of 4x4 at stride 1 took 0.63 ms scalar against 2.08 ms vectorised, 480
@@ -381,6 +431,8 @@ def _pool_extreme(name, x, kernel, stride, padding, dilation, out_spatial, retur
             info = np.iinfo(x.dtype)
             init = x.dtype.type(info.max if want_min else info.min)
             _extreme_pool_int_kernel(xp, y, ind, *geo, init, bool(want_min), bool(return_indices))
+        elif not return_indices and kd == 1 and x.shape[2] == 1:
+            _max_pool_separable_kernel(xp[:, 0], y[:, 0], kh, kw, sh, sw, ph, pw, dh, dw, bool(want_min))
         elif x.shape[2] * x.shape[3] * x.shape[4] >= _INT32_PLANE_LIMIT or x.shape[4] < VECTOR_MIN_WIDTH:
             _max_pool_kernel_generic(xp, y, ind, *geo, bool(want_min), bool(return_indices))
         else:

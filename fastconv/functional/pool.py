@@ -73,7 +73,11 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
         key = (op, input.shape, input.dtype, kernel_size, stride, padding, dilation, bool(ceil_mode))
         lists = _NORMALISED.get(key)
         if lists is not None:
-            run = pool_ops.IMPLEMENTATIONS["max_pool"] if direct_ok(input) else pool_ops.max_pool
+            direct = direct_ok(input)
+            if direct and not return_indices:  # no gradient will ask for the indices: values only
+                y = pool_ops.IMPLEMENTATIONS["max_pool_values"](input, *lists, bool(ceil_mode), minimum)
+                return laid_out(y, suggested_format(input))
+            run = pool_ops.IMPLEMENTATIONS["max_pool"] if direct else pool_ops.max_pool
             y, idx = run(input, *lists, bool(ceil_mode), minimum)
             fmt = suggested_format(input)
             y, idx = laid_out(y, fmt), laid_out(idx, fmt)

@@ -131,6 +131,27 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     return fresh(y, out_shape), fresh(idx, out_shape)
 
 
+def max_pool_values(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                    dilation: list[int], ceil_mode: bool, minimum: bool) -> Tensor:
+    """:func:`max_pool`'s values without its indices, for direct calls that discard them (inference: nothing
+    will need the indices for a gradient). Same checks and plan; a target whose kernels have a values-only
+    pass (``max_pool_values``: the CPU's separable kernel, 4-8x faster than the indexed one) runs it on float32
+    and float64; anything else (a first call, half precision, integers) runs :func:`max_pool` and drops the
+    indices."""
+    kernels = _kernels_for(backends.target_for(input), "max_pool")
+    values_only = getattr(kernels, "max_pool_values", None)
+    key = ("max_pool", input.shape, input.dtype, input.device, backends.target_for(input), tuple(kernel_size),
+           tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
+    plan = _PLANS.get(key)
+    if values_only is None or plan is None or input.dtype not in (torch.float32, torch.float64):
+        return max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)[0]
+    kernel3, stride3, padding3, dilation3, out3, out_shape = plan
+    return fresh(values_only(_as_5d(input), kernel3, stride3, padding3, dilation3, out3, minimum), out_shape)
+
+
+IMPLEMENTATIONS["max_pool_values"] = max_pool_values
+
+
 @max_pool.register_fake
 def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
     shape = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation, ceil_mode,
