@@ -4,7 +4,8 @@ Two algorithms behind one semantics (torch's cross-correlation):
 
 * ``direct_*``  -- loop nests with the output row as the innermost, vectorised loop, register
   blocking over 4 output (or, for the input gradient, input) channels and 3 kernel taps per pass.
-* ``im2col_*`` -- column buffer (bounded by :data:`COL_BUFFER_BYTES`) plus BLAS GEMM through numpy.
+* ``im2col_*`` -- column buffer (bounded by :data:`COL_BUFFER_BYTES`) plus BLAS GEMM (:mod:`.blas`); the
+  columns of every group are made in one fill and multiplied in one batched GEMM per chunk.
 
 Every kernel works on 5-D arrays ``(N, C, D, H, W)``: 1-D and 2-D convolutions pass size-1 leading
 spatial dims. Arguments ``stride``, ``padding`` (padding *before* each dim) and ``dilation`` are

@@ -7,20 +7,23 @@ batch 8). Here no columns are made: every kernel tap is one multiply-add of a wh
 whole output plane, so each inner loop runs over a full plane (hundreds of elements, vectorised) instead of one
 output row.
 
-Layout (per image and input channel): the input zero-padded and split by stride phase,
-``xph[n, c, (ph_h * sw + ph_w), i * Wq + j] = x_padded[n, c, i * sh + ph_h, j * sw + ph_w]``. An output pixel
-``(oh, ow)`` and tap ``(kh, kw)`` read ``x_padded[oh*sh + kh*dh, ow*sw + kw*dw]``, which is phase
-``((kh*dh) % sh, (kw*dw) % sw)`` at ``(oh + (kh*dh)//sh) * Wq + ow + (kw*dw)//sw``: for every output pixel of a
-plane laid out ``oh * Wq + ow`` ("wide" rows of ``Wq >= OW`` columns), one tap is one contiguous slice of one
-phase plane starting at the tap's offset. The ``Wq - OW`` columns past the output width are computed and
-dropped (forward) or held at zero (gradients).
+Layout (per input channel, the whole batch in one row): the input zero-padded and split by stride phase,
+``xph[c, ph_h * sw + ph_w, (n * Hq + i) * Wq + j] = x_padded[n, c, i * sh + ph_h, j * sw + ph_w]``. An output
+pixel ``(oh, ow)`` and tap ``(kh, kw)`` read ``x_padded[oh*sh + kh*dh, ow*sw + kw*dw]``, which is phase
+``((kh*dh) % sh, (kw*dw) % sw)`` at ``(oh + (kh*dh)//sh) * Wq + ow + (kw*dw)//sw``. Laying the output out on
+the same grid (``m = (n * Hq + oh) * Wq + ow``, ``M = N * Hq * Wq`` positions), one tap is one contiguous slice
+of one phase row starting at the tap's offset, for every output pixel of every image at once. The positions
+that are no output pixel (columns past ``OW``, rows past ``OH``; their slices run into the next row or image)
+are computed and dropped (forward) or held at zero (gradients); a zero tail keeps the last slices inside.
+Short planes (RegNet's 4x4 outputs) thus still give loops of hundreds of elements.
 
-* forward: ``out_wide[n, k] += w[k, c, t] * xph[n, c, phase_t, off_t : off_t + L]`` (``L = OH * Wq``),
-  four output channels and three taps per pass (register blocking), parallel over (image, 4-channel block);
-* input gradient, the adjoint: ``gxph[n, c, phase_t, off_t : off_t + L] += w[k, c, t] * go_wide[n, k]``,
-  parallel over (image, input channel): each task owns its planes, no races;
-* weight gradient: ``gw[k, c, t] = sum_n dot(go_wide[n, k], xph[n, c, phase_t, off_t : off_t + L])``,
-  parallel over (group, 4-channel block).
+* forward: ``out[k, m] += w[k, c, t] * xph[c, phase_t, off_t + m]``, four output channels and three taps per
+  pass (register blocking), parallel over (4-channel block, chunk of :data:`CHUNK` positions);
+* input gradient: stride 1 is the forward conv of the output gradient with flipped, group-transposed weights;
+  strided convs take the adjoint ``gxph[c, phase_t, off_t + m] += w[k, c, t] * go[k, m]``, parallel over input
+  channels (each task owns its planes: no races), then un-split;
+* weight gradient: ``gw[k, c, t] = dot(go[k, :], xph[c, phase_t, off_t : off_t + M])``, parallel over (group,
+  4-channel block).
 
 Arrays are 5-D ``(N, C, 1, H, W)`` as in :mod:`.conv` (a 1-D conv has ``H == 1``); 3-D convs are refused by
 :func:`refuse_reason`. Arguments: 3-tuples of stride / padding-before / dilation and the result's spatial size.
