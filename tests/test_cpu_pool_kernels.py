@@ -246,7 +246,7 @@ def test_max_pool_random_geometries_match_torch():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_max_pool_values_only_equal_the_indexed_values(want_min, dtype, monkeypatch):
     # Without indices 1-D and 2-D windows take the separable kernel (rows, then columns); its values must be the
-    # indexed kernels' bit for bit: NaN propagates, -inf/+inf windows, ceil-mode windows over the edge.
+    # indexed kernels' exactly: NaN propagates, -inf/+inf windows, ceil-mode windows over the edge.
     ran = []
     real = pool_max._max_pool_separable_kernel
     monkeypatch.setattr(pool_max, "_max_pool_separable_kernel", lambda *a: ran.append(1) or real(*a))
