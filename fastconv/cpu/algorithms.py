@@ -218,7 +218,7 @@ def _shift_algorithm() -> ConvAlgorithm:
         "direct conv as shifted-plane multiply-adds: each tap adds weight x (the padded, stride-phase-split "
         "input planes of the whole batch, at the tap's offset) to the output planes; no columns, for narrow "
         "groups (RegNet, ResNeXt) where im2col's column matrix costs more than its GEMM",
-        forward, grad_input, grad_weight, refuse=lambda g: shift.refuse_reason(g.kernel, g.out_spatial),
+        forward, grad_input, grad_weight, refuse=lambda g: shift.refuse_reason(g.kernel, g.out_spatial, g.groups),
         mult_ratio=mult_ratio, workspace_bytes=workspace)
 
 
@@ -246,7 +246,7 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
             and g.batch * g.out_spatial[1] * g.out_spatial[2] >= 1024):
         return "winograd4"
     if (g.groups > 1 and g.in_channels // g.groups <= SHIFT_MAX_GROUP_WIDTH
-            and shift.refuse_reason(g.kernel, g.out_spatial) is None):
+            and shift.refuse_reason(g.kernel, g.out_spatial, g.groups) is None):
         return "shift"
     if g.groups > 1 and (g.in_channels // g.groups) * math.prod(g.kernel) < 64:
         return "direct"
