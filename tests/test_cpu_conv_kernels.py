@@ -290,7 +290,7 @@ def test_im2col_grad_input_zero_outside_coverage_stride1():
 
 
 @pytest.mark.parametrize("N,groups", [(1, 1), (3, 1), (3, 2)])
-def test_im2col_pointwise_grad_weight_one_gemm(N, groups):
+def test_im2col_pointwise_grad_weight_accumulated_per_image(N, groups):
     _check("im2col", N, 4, 6, (5, 7), (1, 1), (1, 1), (0, 0), (0, 0), (1, 1), groups)
 
 

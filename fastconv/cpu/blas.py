@@ -69,3 +69,23 @@ def _numpy_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -
 
 #: ``matmul(a, b, out=None)``: the GEMM every CPU kernel calls (see the module docstring).
 matmul = _torch_matmul if GEMM_LIBRARY == "torch" else _numpy_matmul
+
+
+def _torch_matmul_add(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``acc += a @ b`` in place (2-D, or stacked 3-D with ``acc`` contiguous): the GEMM's own accumulation
+    (beta = 1), no temporary result."""
+    ta, tb, tacc = _tensor(a), _tensor(b), torch.from_numpy(acc)
+    if tacc.dim() == 2:
+        tacc.addmm_(ta, tb)
+    else:
+        tacc.baddbmm_(ta, tb)
+    return acc
+
+
+def _numpy_matmul_add(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    acc += np.matmul(a, b)
+    return acc
+
+
+#: ``matmul_add(a, b, acc)``: ``acc += a @ b`` in place (see :data:`matmul`).
+matmul_add = _torch_matmul_add if GEMM_LIBRARY == "torch" else _numpy_matmul_add

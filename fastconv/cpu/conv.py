@@ -23,7 +23,7 @@ Stride-1 1-D/2-D im2col instead pads the image in H and W and flattens (H, W): e
 an image is then one contiguous slice, at the price of computing (and dropping) the padded columns
 of each output row (``_im2col_wide``, used where that is cheaper). A stride-1 input gradient with
 few output channels per group is computed as a forward conv of the output gradient with flipped,
-transposed weights; a 1x1 weight gradient is one GEMM over the whole batch.
+transposed weights; a 1x1 weight gradient is one GEMM per image, accumulated in place.
 """
 from __future__ import annotations
 
@@ -593,20 +593,6 @@ def _im2col_wide(xp, n0, c0, q0, Q, KH, KW, sh, sw, col):
                 dst[m] = src[m]
 
 
-@parallel.kernel(**_JIT)
-def _batch_inner(a, out):
-    """``out[c, n * P + p] = a[n, c, p]``: moves the batch inside each channel row (one GEMM
-    over the whole batch then needs no per-image calls). Parallel over channels."""
-    N, C, P = a.shape
-    for c in prange(C):
-        orow = out[c]
-        for n in range(N):
-            src = a[n, c]
-            dst = orow[n * P:(n + 1) * P]
-            for m in range(P):
-                dst[m] = src[m]
-
-
 @parallel.kernel(work_arg=0, **_JIT)
 def _col2im_wide(col, n0, c0, q0, Q, KH, KW, sh, sw, gxp):
     """Inverse of :func:`_im2col_wide`: ``gxp[n0 + i, c0 + c, q0 + kh*sh + kw*sw + q] +=
@@ -1158,16 +1144,18 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     gw2 = gw.reshape(K, ck)
     go3 = go.reshape(N, K, P)
     if _is_pointwise(kernel_spatial, stride, padding, (D, H, W), out_spatial):
-        x3 = x.reshape(N, C, P)
-        if N == 1:
-            gox, xx = go3[0], x3[0]
-        else:  # one GEMM over the whole batch: (K, N*P) x (N*P, C), batch moved inside each row
-            gox = np.empty((K, N * P), go.dtype)
-            xx = np.empty((C, N * P), x.dtype)
-            _batch_inner(go3, gox)
-            _batch_inner(x3, xx)
-        _group_gemm(gox.reshape(G, Kg, N * P), xx.reshape(G, Cg, N * P).transpose(0, 2, 1),
-                    gw2.reshape(G, Kg, Cg))
+        # one GEMM per image, accumulated by the GEMM itself (beta = 1) into gw: measured against moving the
+        # batch inside each row first (two copies, then one GEMM over the whole batch), 2 threads, batch 8:
+        # 0.34-0.84x the time on SqueezeNet's and ResNet-50's 1x1 layers (512 -> 64 at 15x15 1.08 -> 0.60 ms)
+        x4 = x.reshape(N, G, Cg, P)
+        go4 = go3.reshape(N, G, Kg, P)
+        gw3 = gw2.reshape(G, Kg, Cg)
+        _group_gemm(go4[0], x4[0].transpose(0, 2, 1), gw3)
+        for n in range(1, N):
+            if G == 1:
+                blas.matmul_add(go4[n, 0], x4[n, 0].T, gw3[0])
+            else:
+                blas.matmul_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
     source = _ColumnSource(x, kernel_spatial, stride, padding, dilation, out_spatial)
     ckt = G * ck
