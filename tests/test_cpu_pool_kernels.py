@@ -273,6 +273,39 @@ def test_max_pool_values_only_equal_the_indexed_values(want_min, dtype, monkeypa
 
 
 @pytest.mark.parametrize("want_min", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_pool_separable_indexed_kernel_equals_generic_kernel(want_min, dtype, monkeypatch):
+    # 1-D and 2-D windows with indices take the separable (value, index) kernel: values and indices must be the
+    # generic kernel's exactly (torch's visiting order): ties (small integers), NaN (the last one), all -inf
+    # windows (their first element), ceil-mode windows over the edge, dilation, padding.
+    ran = []
+    real = pool_max._max_pool_separable_indexed_kernel
+    monkeypatch.setattr(pool_max, "_max_pool_separable_indexed_kernel", lambda *a: ran.append(1) or real(*a))
+    r = _rng(43)
+    for trial in range(40):
+        nd = 1 + trial % 2
+        k = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 6, size=nd))
+        s = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 4, size=nd))
+        d = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 3, size=nd))
+        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
+        spatial = (1,) * (3 - nd) + tuple(int((kk - 1) * dd + 1 + r.integers(0, 9))
+                                          for kk, dd in zip(k[3 - nd:], d[3 - nd:]))
+        out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 3))
+                    for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+        x = _input(3, n=2, c=3, spatial=spatial, seed=trial, ints=trial % 2 == 0).astype(dtype)
+        x[r.random(x.shape) < 0.05] = np.nan
+        x[r.random(x.shape) < 0.2] = np.inf if want_min else -np.inf
+        before = len(ran)
+        y, i = pool._pool_extreme("t", x, k, s, p, d, out, True, want_min)
+        assert len(ran) == before + 1
+        y_gen = np.empty((6,) + out, dtype)
+        i_gen = np.empty(y_gen.shape, np.int64)
+        pool._max_pool_kernel_generic(x.reshape((6,) + spatial), y_gen, i_gen, *k, *s, *p, *d, want_min, True)
+        assert_close(y.reshape(y_gen.shape), y_gen, **EXACT)
+        assert_close(i.reshape(i_gen.shape), i_gen, **EXACT)
+
+
+@pytest.mark.parametrize("want_min", [False, True])
 def test_max_pool_fast_kernel_equals_generic_kernel(want_min, monkeypatch):
     # The generic kernel (int64 indices) serves narrow planes and planes of 2**31+ elements; keep it equal to
     # the row-vectorised one, which these small planes reach only with the width threshold lowered.
