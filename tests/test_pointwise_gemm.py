@@ -1,5 +1,5 @@
-"""The im2col algorithm's 1x1 fast path (``fastconv.cpu.algorithms._pointwise_forward``): a 1x1, stride-1,
-unpadded, ungrouped forward runs its GEMM on the tensors themselves instead of through the numpy kernel.
+"""The im2col algorithm's 1x1 fast path (``fastconv.cpu.algorithms._pointwise_forward``): a 1x1, unpadded,
+ungrouped forward (any stride) runs its GEMM on the tensors themselves instead of through the numpy kernel.
 
 Checked against torch in float64 and float32 (with and without bias, batch 1 and 3, 1-D to 3-D), with a spy
 that proves the fast path ran (or, for the geometries it must not take, did not run), and with non-finite
@@ -49,7 +49,22 @@ def test_pointwise_matches_torch_and_takes_the_gemm(spy, dtype, bias, N, spatial
     assert spy == {"taken": 1, "declined": 0}
 
 
-@pytest.mark.parametrize("kw", [dict(stride=2), dict(padding=1), dict(groups=2)])
+@pytest.mark.parametrize("N,spatial,stride", [(2, (9, 8), 2), (1, (7, 10), (3, 2)), (2, (11,), 4),
+                                               (2, (3, 5, 6), (1, 2, 3))])
+def test_strided_pointwise_matches_torch_and_takes_the_gemm(spy, N, spatial, stride):
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(N, 5, *spatial, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 5, *(1,) * len(spatial), generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    conv = {1: (F.conv1d, TF.conv1d), 2: (F.conv2d, TF.conv2d), 3: (F.conv3d, TF.conv3d)}[len(spatial)]
+    assert_close(conv[0](x, w, b, stride=stride, algo="im2col"), conv[1](x, w, b, stride=stride), algo="im2col",
+                 what=f"1x1 stride {stride}")
+    assert spy == {"taken": 1, "declined": 0}
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(groups=2)])
 def test_other_1x1_geometries_keep_the_kernel(spy, kw):
     x = torch.randn(2, 6, 5, 5, dtype=torch.float64)
     w = torch.randn(4, 6 // kw.get("groups", 1), 1, 1, dtype=torch.float64)

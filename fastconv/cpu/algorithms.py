@@ -75,15 +75,21 @@ DIRECT = ConvAlgorithm(
     *_wrap("direct"))
 
 def _pointwise_forward(x, w, bias, g: ConvGeometry):
-    """A 1x1, stride-1, unpadded, ungrouped conv on NCDHW-contiguous operands: the im2col kernel's own GEMM,
+    """A 1x1, unpadded, ungrouped conv on NCDHW-contiguous operands: the im2col kernel's own GEMM,
     ``y[n] = w (K, C) @ x[n] (C, P)`` on torch's BLAS (:mod:`.blas`), with the bias as the GEMM's added term,
-    called on the tensors themselves. Why: the kernel's numpy seam, argument normalisation and result
-    wrapping cost about 25 µs a call, several times the GEMM of a squeeze-and-excitation block's 1x1 convs on
-    1x1 planes (RegNet, EfficientNet, MobileNet v3: 16 to 32 of them per forward). None when the result holds
-    a NaN or Inf: the caller then runs the kernel, whose non-finite handling is exact."""
+    called on the tensors themselves; a strided one first copies the pixels it reads (its column matrix).
+    Why: the kernel's numpy seam, argument normalisation and result wrapping cost about 25 µs a call, several
+    times the GEMM of a squeeze-and-excitation block's 1x1 convs on 1x1 planes (RegNet, EfficientNet, MobileNet
+    v3: 16 to 32 of them per forward); a strided 1x1 (ResNet's and RegNet's downsampling shortcuts) went
+    through a phase-split copy of the whole input and a column fill. None when the result holds a NaN or Inf:
+    the caller then runs the kernel, whose non-finite handling is exact."""
     N, C = x.shape[:2]
     K = w.shape[0]
-    x3 = x.detach().view(N, C, -1)
+    x = x.detach()
+    if g.stride != (1, 1, 1):
+        sd, sh, sw = g.stride
+        x = x[:, :, ::sd, ::sh, ::sw].contiguous()
+    x3 = x.view(N, C, -1)
     w2 = w.detach().view(K, C)
     if bias is None:
         y = torch.matmul(w2, x3)
@@ -102,7 +108,8 @@ def _im2col_passes():
     gemm_on_tensors = blas.GEMM_LIBRARY == "torch"
 
     def forward(x, w, bias, g: ConvGeometry):
-        if gemm_on_tensors and g.groups == 1 and g.is_pointwise and x.is_contiguous():
+        if (gemm_on_tensors and g.groups == 1 and g.kernel == (1, 1, 1) and g.padding == (0, 0, 0)
+                and g.padding_end == (0, 0, 0) and x.is_contiguous()):
             y = _pointwise_forward(x, w, bias, g)
             if y is not None:
                 return y
