@@ -242,6 +242,21 @@ def test_max_pool_random_geometries_match_torch():
                                                    enumerate(F.max_pool2d(-xt, *a, **kw))))
 
 
+def _random_planar_window(r, trial):
+    """A random 1-D (even trials) or 2-D (odd trials) pooling geometry as 3-tuples: kernel 1-5, stride 1-3, dilation
+    1-2, padding up to half the kernel, an input a few elements past the window, ceil mode on 2 trials of 3;
+    returns (kernel, stride, padding, dilation, input spatial, output spatial)."""
+    nd = 1 + trial % 2
+    lead = (1,) * (3 - nd)
+    k = lead + tuple(int(v) for v in r.integers(1, 6, size=nd))
+    s = lead + tuple(int(v) for v in r.integers(1, 4, size=nd))
+    d = lead + tuple(int(v) for v in r.integers(1, 3, size=nd))
+    p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
+    spatial = lead + tuple(int((kk - 1) * dd + 1 + r.integers(0, 9)) for kk, dd in zip(k[3 - nd:], d[3 - nd:]))
+    out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 3)) for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+    return k, s, p, d, spatial, out
+
+
 @pytest.mark.parametrize("want_min", [False, True])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_max_pool_values_only_equal_the_indexed_values(want_min, dtype, monkeypatch):
@@ -252,15 +267,7 @@ def test_max_pool_values_only_equal_the_indexed_values(want_min, dtype, monkeypa
     monkeypatch.setattr(pool_max, "_max_pool_separable_kernel", lambda *a: ran.append(1) or real(*a))
     r = _rng(42)
     for trial in range(30):
-        nd = 1 + trial % 2
-        k = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 6, size=nd))
-        s = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 4, size=nd))
-        d = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 3, size=nd))
-        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
-        spatial = (1,) * (3 - nd) + tuple(int((kk - 1) * dd + 1 + r.integers(0, 9))
-                                          for kk, dd in zip(k[3 - nd:], d[3 - nd:]))
-        out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 3))
-                    for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+        k, s, p, d, spatial, out = _random_planar_window(r, trial)
         x = _input(3, n=2, c=3, spatial=spatial, seed=trial).astype(dtype)
         x[r.random(x.shape) < 0.05] = np.nan
         x[r.random(x.shape) < 0.05] = -np.inf if trial % 2 else np.inf
@@ -283,15 +290,7 @@ def test_max_pool_separable_indexed_kernel_equals_generic_kernel(want_min, dtype
     monkeypatch.setattr(pool_max, "_max_pool_separable_indexed_kernel", lambda *a: ran.append(1) or real(*a))
     r = _rng(43)
     for trial in range(40):
-        nd = 1 + trial % 2
-        k = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 6, size=nd))
-        s = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 4, size=nd))
-        d = (1,) * (3 - nd) + tuple(int(v) for v in r.integers(1, 3, size=nd))
-        p = tuple(int(r.integers(0, kk // 2 + 1)) for kk in k)
-        spatial = (1,) * (3 - nd) + tuple(int((kk - 1) * dd + 1 + r.integers(0, 9))
-                                          for kk, dd in zip(k[3 - nd:], d[3 - nd:]))
-        out = tuple(pool.output_size(n, kk, ss, pp, dd, bool(trial % 3))
-                    for n, kk, ss, pp, dd in zip(spatial, k, s, p, d))
+        k, s, p, d, spatial, out = _random_planar_window(r, trial)
         x = _input(3, n=2, c=3, spatial=spatial, seed=trial, ints=trial % 2 == 0).astype(dtype)
         x[r.random(x.shape) < 0.05] = np.nan
         x[r.random(x.shape) < 0.2] = np.inf if want_min else -np.inf

@@ -84,3 +84,4 @@ def test_nonfinite_operands_get_the_exact_result(spy):
     got = F.conv2d(x, w, b, algo="im2col")
     assert_close(got, TF.conv2d(x, w, b), algo="im2col", what="non-finite 1x1")
     assert spy == {"taken": 0, "declined": 1}
+

@@ -197,7 +197,8 @@ FFT = _fft_algorithm()
 
 
 def _shift_algorithm() -> ConvAlgorithm:
-    """``shift``: the kernels of :mod:`fastconv.cpu.shift` (1-D and 2-D, any stride, padding, dilation, groups)."""
+    """``shift``: the kernels of :mod:`fastconv.cpu.shift` (1-D and 2-D grouped convs, any stride, padding and
+    dilation; dense ones are refused, see :func:`fastconv.cpu.shift.refuse_reason`)."""
 
     def forward(x, w, bias, g: ConvGeometry):
         return torch.from_numpy(shift.forward(_np(x), _np(w), None if bias is None else _np(bias), g.stride,
@@ -243,7 +244,7 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
     input grad / weight grad: 8x256x8x8 winograd4 9.8/9.7/20.1, im2col 10.1/6.7/12.7; 1x128x16x16
     winograd4 1.4/2.2/6.9, im2col 1.0/1.2/1.7; 1x64x32x32 winograd4 0.78/0.80/1.18, im2col 1.0/1.1/1.19);
     narrow groups (:data:`SHIFT_MAX_GROUP_WIDTH`) go to the shifted-plane kernels; other tiny per-group
-    reductions (3-D) are too thin for BLAS; everything else is an im2col GEMM (a plain GEMM for 1x1).
+    reductions (3-D, or wider groups with few taps) are too thin for BLAS; everything else is an im2col GEMM (a plain GEMM for 1x1).
     """
     if g.is_depthwise:
         return "depthwise"

@@ -102,6 +102,12 @@ def _unflatten(t5: Tensor, lead: tuple, spatial) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # max / min pooling with indices, and the scatter/gather ops around them
 # ------------------------------------------------------------------------------------------------
+def _max_pool_key(input, target, kernel_size, stride, padding, dilation, ceil_mode) -> tuple:
+    """The plan-table key of a max/min pooling call (shared by the op and its values-only entry)."""
+    return ("max_pool", input.shape, input.dtype, input.device, target, tuple(kernel_size), tuple(stride),
+            tuple(padding), tuple(dilation), ceil_mode)
+
+
 @torch.library.custom_op("fastconv::max_pool", mutates_args=(), device_types=("cpu", "cuda"))
 @eager.keep_implementation(IMPLEMENTATIONS, "max_pool")
 @validation.allocation_errors("max_pool")
@@ -113,8 +119,7 @@ def max_pool(input: Tensor, kernel_size: list[int], stride: list[int], padding: 
     Float32/float64 on every target; also integer dtypes on the CPU (as torch's max_pool), forward only.
     """
     target = backends.target_for(input)
-    key = ("max_pool", input.shape, input.dtype, input.device, target, tuple(kernel_size), tuple(stride),
-           tuple(padding), tuple(dilation), ceil_mode)
+    key = _max_pool_key(input, target, kernel_size, stride, padding, dilation, ceil_mode)
     plan = _PLANS.get(key)
     if plan is None:
         shape, empty_dtype, out = validation.max_pool_op("max_pool", input, kernel_size, stride, padding, dilation,
@@ -138,13 +143,11 @@ def max_pool_values(input: Tensor, kernel_size: list[int], stride: list[int], pa
     pass (``max_pool_values``: the CPU's separable kernel, 4-8x faster than the indexed one) runs it on float32
     and float64; anything else (a first call, half precision, integers) runs :func:`max_pool` and drops the
     indices."""
-    kernels = _kernels_for(backends.target_for(input), "max_pool")
-    values_only = getattr(kernels, "max_pool_values", None)
-    key = ("max_pool", input.shape, input.dtype, input.device, backends.target_for(input), tuple(kernel_size),
-           tuple(stride), tuple(padding), tuple(dilation), ceil_mode)
-    plan = _PLANS.get(key)
+    target = backends.target_for(input)
+    values_only = getattr(_kernels_for(target, "max_pool"), "max_pool_values", None)
+    plan = _PLANS.get(_max_pool_key(input, target, kernel_size, stride, padding, dilation, ceil_mode))
     if values_only is None or plan is None or input.dtype not in (torch.float32, torch.float64):
-        return max_pool(input, kernel_size, stride, padding, dilation, ceil_mode, minimum)[0]
+        return IMPLEMENTATIONS["max_pool"](input, kernel_size, stride, padding, dilation, ceil_mode, minimum)[0]
     kernel3, stride3, padding3, dilation3, out3, out_shape = plan
     return fresh(values_only(_as_5d(input), kernel3, stride3, padding3, dilation3, out3, minimum), out_shape)
 
