@@ -272,6 +272,33 @@ def test_im2col_stride1_wide_paths(monkeypatch, flip, cap, transposed_max_k):
         assert calls == {"fwd": 4, "gin": 4}
 
 
+@pytest.mark.parametrize("short_row_ow", [0, 16])
+def test_im2col_short_rows_take_the_wide_layout_whatever_the_channels(monkeypatch, short_row_ow):
+    """Stride-1 convs with 8 to 16 output columns and many output channels per group (beyond
+    ``WIDE_MAX_EXTRA_MACS``) take the wide-row forward and input gradient, and the row-segment paths when
+    that rule is off; both agree with torch. Rows shorter than ``NARROW_OW`` keep the gather."""
+    monkeypatch.setattr(cc, "WIDE_SHORT_ROW_OW", short_row_ow)
+    monkeypatch.setattr(cc, "FLIP_MAX_KG", 0)  # the input gradient's wide path, not the flipped forward
+    calls = {"fwd": 0, "gin": 0}
+    fwd_wide, gin_wide = cc._forward_wide, cc._grad_input_wide
+
+    def spy_fwd(*a):
+        calls["fwd"] += 1
+        return fwd_wide(*a)
+
+    def spy_gin(*a):
+        calls["gin"] += 1
+        return gin_wide(*a)
+
+    monkeypatch.setattr(cc, "_forward_wide", spy_fwd)
+    monkeypatch.setattr(cc, "_grad_input_wide", spy_gin)
+    _check("im2col", 2, 3, 64, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 1, dtype=np.float32)
+    _check("im2col", 1, 4, 100, (14, 16), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 2)
+    _check("im2col", 1, 3, 64, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 1)  # OW 6: gather
+    wide = 2 if short_row_ow else 0
+    assert calls == {"fwd": wide, "gin": wide}
+
+
 def test_im2col_grad_input_zero_outside_coverage_stride1():
     """Stride 1, in_spatial larger than the conv covers: exact zeros there on both wide paths."""
     rng = np.random.default_rng(0)

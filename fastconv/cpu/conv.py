@@ -783,6 +783,12 @@ WIDE_MAX_OVERCOMPUTE = 2.0
 #: (measured, 1 thread: LeNet-5 conv2 (64) forward 1.45x and LeNet-5 conv1 (24) 1.15x faster;
 #: Inception 5x5 and ResNet-50 3x3 (128) 4-5% slower).
 WIDE_MAX_EXTRA_MACS = 96
+#: ... or, whatever ``kg``, output rows of ``NARROW_OW`` to this many columns: the segment copy's fixed cost
+#: per (column row, output row) dominates such short rows, and one contiguous copy per column row beats it
+#: despite the extra multiply-adds (measured, 2 threads, forward / input gradient: ResNet-18's 3x3 layers of
+#: 64-128 channels at 8x8 and 16x16 0.68-0.87x the time at batch 1 and 8, 256 channels at 8x8 0.84-0.94x;
+#: 4x4 rows went 1.1-1.25x slower, they keep the gather)
+WIDE_SHORT_ROW_OW = 16
 
 
 #: Stride-1 input gradient as a forward conv of the zero-padded output gradient: used while that
@@ -807,7 +813,7 @@ def _wide_ok(ksz, stride, padding, dilation, in_sp, out_sp, kg):
         return False
     extra = (KW - 1) * dilation[2]
     return (out_sp[2] + extra <= WIDE_MAX_OVERCOMPUTE * out_sp[2]
-            and extra * kg <= WIDE_MAX_EXTRA_MACS)
+            and (extra * kg <= WIDE_MAX_EXTRA_MACS or NARROW_OW <= out_sp[2] <= WIDE_SHORT_ROW_OW))
 
 
 def _forward_wide(x, w, G, padding, dilation, out_spatial, y):
