@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from fastconv import config
 
+import contextlib
 import math
 import threading
 from fractions import Fraction
@@ -51,7 +52,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import blas
+from . import blas, jit_gemm
 from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
 
 __all__ = [
@@ -388,7 +389,7 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
             M = mbuf[t, :a * a * K * T].reshape((a * a * G, K // G, T))
             _tile_block(x, BT, a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V.reshape((a * a, C, T)), 0, C)
             for i in range(a * a * G):
-                np.dot(U[i], V[i], M[i])
+                jit_gemm.gemm(U[i], V[i], M[i], 0.0, False)
             _output_block(M.reshape((a * a, K, T)), AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad[t], 0, K)
 
 
@@ -416,7 +417,7 @@ def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, acc
             _tile_block(go, Gm, m, m, 0, 0, TH, TW, Q, r0, r1, GO.reshape((a * a, K, T)), 0, K)
             acc = accs[t]
             for i in range(a * a * G):
-                acc[i] += np.dot(GO[i], V[i].T)
+                jit_gemm.gemm(GO[i], V[i], acc[i], 1.0, True)
 
 
 @njit(parallel=True, **_JIT)
@@ -426,7 +427,7 @@ def _gemm_forward(U, V, M):
     U : (P, Kg, Cg); V : (P, Cg, T); M : (P, Kg, T), all C-contiguous (P = a*a*groups).
     """
     for i in prange(U.shape[0]):
-        np.dot(U[i], V[i], M[i])
+        jit_gemm.gemm(U[i], V[i], M[i], 0.0, False)
 
 
 @njit(parallel=True, **_JIT)
@@ -436,7 +437,7 @@ def _gemm_weight(GO, V, acc):
     GO : (P, Kg, T); V : (P, Cg, T); acc : (P, Kg, Cg).
     """
     for i in prange(GO.shape[0]):
-        acc[i] += np.dot(GO[i], V[i].T)
+        jit_gemm.gemm(GO[i], V[i], acc[i], 1.0, True)
 
 
 @njit(parallel=True, **_JIT)
@@ -489,18 +490,20 @@ _MATS: dict = {}
 
 
 #: How the a*a GEMMs of a chunk run: "prange" -- Numba tasks over the positions, each one
-#: single-threaded BLAS call through ``np.dot``; "blas" -- one ``np.matmul`` over the stack, parallel
-#: inside BLAS. Measured (2 shared cores, see the report in bench/bench_winograd.py): "blas" is often 10x
-#: slower, because OpenBLAS's spinning worker threads and Numba's TBB workers take the cores from each
-#: other between the transforms and the GEMMs; "prange" with one BLAS thread per task has no such fight.
+#: single-threaded GEMM (:func:`.jit_gemm.gemm`: torch's MKL, or scipy's OpenBLAS where torch has no MKL);
+#: "blas" -- one ``matmul`` over the stack, parallel inside BLAS. Measured (2 shared cores, see the report in
+#: bench/bench_winograd.py): "blas" is often 10x slower, because the BLAS's worker threads and Numba's TBB
+#: workers take the cores from each other between the transforms and the GEMMs; "prange" with one BLAS
+#: thread per task has no such fight, and lets the fused kernels keep a chunk in one core's cache.
 GEMM_MODE = "prange"
 
 
 class _SingleThreadedBlas:
-    """Context: the BLAS behind Numba's ``np.dot`` (scipy's OpenBLAS) runs one thread per call inside it.
+    """Context: scipy's OpenBLAS runs one thread per call inside it (:func:`.jit_gemm.gemm` runs on it
+    where torch has no MKL).
 
-    Numba's ``np.dot`` calls ``scipy.linalg.cython_blas``; its OpenBLAS (a different copy from numpy's)
-    would otherwise start its own threads inside every prange task. Only that library's setting is
+    That is ``scipy.linalg.cython_blas``'s OpenBLAS (a different copy from numpy's, the one Numba's
+    ``np.dot`` calls too); it would otherwise start its own threads inside every prange task. Only that library's setting is
     touched (through threadpoolctl), it is restored when the last concurrent user leaves, and where no
     such library is found this does nothing (``available`` is False). Bound on first use: importing
     scipy.linalg costs about 0.2 s, which ``import fastconv`` should not pay.
@@ -549,13 +552,22 @@ class _SingleThreadedBlas:
 
 _BLAS_ONE_THREAD = _SingleThreadedBlas()
 
+#: The prange GEMMs can run: :mod:`.jit_gemm` found a GEMM to call from Numba code.
+_JIT_GEMM = jit_gemm.SOURCE is not None
+
+
+def _one_thread_blas():
+    """The context the prange GEMMs run in: scipy's OpenBLAS held at one thread where they run on it; torch's
+    MKL needs none (:func:`.jit_gemm.gemm` sets one thread per call, on the calling thread only)."""
+    return _BLAS_ONE_THREAD if jit_gemm.SOURCE == "scipy" else contextlib.nullcontext()
+
 
 def _gemm(U, V, M):
     """``M[i] = U[i] @ V[i]`` over the stack (see :data:`GEMM_MODE`)."""
-    # Numba's np.dot needs scipy's BLAS; without it (a declared dependency, but an environment may
-    # lack it) the call would abort the process, so the stacked GEMM on torch's BLAS runs instead.
-    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available:
-        with _BLAS_ONE_THREAD:
+    # without a GEMM callable from Numba code (neither torch's MKL nor scipy's BLAS found), the stacked GEMM
+    # on torch's BLAS runs instead
+    if GEMM_MODE == "prange" and _JIT_GEMM:
+        with _one_thread_blas():
             _gemm_forward(U, V, M)
     else:
         blas.matmul(U, V, out=M)
@@ -563,8 +575,8 @@ def _gemm(U, V, M):
 
 def _gemm_accumulate(GO, V, acc):
     """``acc[i] += GO[i] @ V[i]^T`` over the stack (see :data:`GEMM_MODE`)."""
-    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available:
-        with _BLAS_ONE_THREAD:
+    if GEMM_MODE == "prange" and _JIT_GEMM:
+        with _one_thread_blas():
             _gemm_weight(GO, V, acc)
     else:
         acc += blas.matmul(GO, V.transpose(0, 2, 1))
@@ -613,13 +625,13 @@ def _plan(per_row_bytes, total_rows, slots_per_row, threads=None):
     threads, each taking chunks of ``rows_per_chunk`` tile rows in turn; chosen where every thread gets
     full-width chunks (at least :data:`MIN_GEMM_TILES` tiles, within its share of
     :data:`WORKSPACE_BYTES`), the chunk count rounded up to whole rounds over the threads. Otherwise
-    (small problems; or the GEMMs not on Numba's BLAS, see :data:`GEMM_MODE`) stage by stage, each
+    (small problems; or no GEMM callable from Numba code, see :data:`GEMM_MODE`) stage by stage, each
     stage parallel over channels, in chunks of :func:`_rows_per_chunk` rows (``tasks`` is then 1).
     """
     threads = numba.get_num_threads() if threads is None else threads
     tasks = max(1, min(threads, total_rows))
     nchunks = -(-total_rows // _rows_per_chunk(per_row_bytes * tasks, total_rows, slots_per_row))
-    if GEMM_MODE == "prange" and _BLAS_ONE_THREAD.available and nchunks >= tasks:
+    if GEMM_MODE == "prange" and _JIT_GEMM and nchunks >= tasks:
         nchunks = -(-nchunks // tasks) * tasks
         rpc = -(-total_rows // nchunks)
         return True, min(tasks, -(-total_rows // rpc)), rpc
@@ -654,7 +666,7 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
         vbuf = _scratch("V", (tasks, a * a * C * Q * rpc), dt)
         mbuf = _scratch("M", (tasks, a * a * K * Q * rpc), dt)
         bad = np.zeros((tasks, K), dt)
-        with _BLAS_ONE_THREAD:
+        with _one_thread_blas():
             _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
                            TH, TW, Q, rpc, G, y, bad, vbuf, mbuf)
         return y, bool(np.isfinite(bad).all())
@@ -771,7 +783,7 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
         gbuf = _scratch("M", (tasks, a * a * K * Q * rpc), dt)
         accs = _scratch("U", (tasks, a * a * G, Kg, Cg), dt)
         accs.fill(0)
-        with _BLAS_ONE_THREAD:
+        with _one_thread_blas():
             _fused_grad_weight(xx, go, mats["BT"], mats["Gm"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q,
                                rpc, G, accs, vbuf, gbuf)
         acc = accs[0] if tasks == 1 else accs.sum(axis=0)
