@@ -36,10 +36,16 @@ class _ConvDataset(torch.utils.data.Dataset):
 
 
 @pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
-def test_forked_dataloader_workers_run_fastconv():
+def test_forked_dataloader_workers_run_fastconv(monkeypatch):
+    from fastconv.cpu import parallel
+
+    # Every size-gated kernel parallel, in the parent and (inherited through fork) in the workers: a parallel
+    # launch in a child forked after one in the parent is what kills it under GNU OpenMP.
+    for name in ("PARALLEL_MIN_ELEMENTS", "COMPUTE_PARALLEL_MIN_ELEMENTS", "POOL_PARALLEL_MIN_ELEMENTS"):
+        monkeypatch.setattr(parallel, name, 0)
     data = _ConvDataset()
-    # Run parallel kernels in the parent first: this is what kills forked children with GNU OpenMP.
     expected = torch.stack([data[i] for i in range(len(data))])
+    assert numba.threading_layer() == fastconv.config.THREADING["layer"]  # raises if nothing ran in parallel
     loader = torch.utils.data.DataLoader(data, batch_size=2, num_workers=2,
                                          multiprocessing_context="fork", timeout=120)
     got = torch.cat(list(loader))
@@ -83,14 +89,35 @@ def test_numba_thread_count_follows_torch():
         torch.set_num_threads(before)
 
 
+def test_threading_layer_is_the_one_chosen_and_thread_safe():
+    # Numba's OpenMP layer where it loads (it shares the cores with torch's OpenMP ops without the
+    # spinning-thread stalls TBB had, see fastconv.config), else TBB; both take launches from several
+    # Python threads, so no lock.
+    F.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), algo="direct")
+    assert numba.threading_layer() == fastconv.config.THREADING["layer"], fastconv.config.THREADING
+    if "NUMBA_THREADING_LAYER" not in os.environ or os.environ["NUMBA_THREADING_LAYER"] == "omp":
+        assert fastconv.config.THREADING["layer"] in ("omp", "tbb"), fastconv.config.THREADING
+    assert fastconv.config.THREADING["needs_lock"] is False
+
+
+TBB_SCRIPT = r"""
+import torch, fastconv, fastconv.functional as F, numba
+F.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), algo="direct")
+assert numba.threading_layer() == "tbb", (numba.threading_layer(), fastconv.config.THREADING)
+assert fastconv.config.THREADING["needs_lock"] is False
+print("ok")
+"""
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux",
                     reason="the tbb wheel is a dependency on x86-64 Linux only")
-def test_threading_layer_is_tbb_in_this_environment():
-    # In CI this runs in the fresh venv the README's command made: TBB must load there (it did not,
-    # because the tbb wheel's library sits in <venv>/lib where the loader does not look).
-    F.conv2d(torch.randn(1, 2, 5, 5), torch.randn(2, 2, 3, 3), algo="direct")
-    assert numba.threading_layer() == "tbb", fastconv.config.THREADING
-    assert fastconv.config.THREADING["needs_lock"] is False
+def test_tbb_layer_loads_in_this_environment():
+    # The fallback where OpenMP does not load, and what NUMBA_THREADING_LAYER=tbb asks for. In CI this runs
+    # in the fresh venv the README's command made: TBB must load there (it did not, because the tbb wheel's
+    # library sits in <venv>/lib where the loader does not look).
+    env = dict(os.environ, NUMBA_THREADING_LAYER="tbb")
+    proc = subprocess.run([sys.executable, "-c", TBB_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
 FALLBACK_SCRIPT = r"""

@@ -57,8 +57,11 @@ def _threading(run_kernel: bool) -> str:
         layer = "not started (--no-kernel)"
     t = config.THREADING
     lock = ", parallel launches serialised by a lock" if t["needs_lock"] else ""
+    from fastconv.cpu import jit_gemm
+
     return (f"layer {layer} (asked for {t['layer']}{lock}); TBB: {t['tbb_path'] or 'not loaded'} "
-            f"({t['reason']}); threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}")
+            f"({t['reason']}); threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
+            f"GEMMs inside kernels: {jit_gemm.SOURCE or 'none found'}")
 
 
 def _caches() -> str:

@@ -166,7 +166,7 @@ def _unphase(src, perm, out):
                         orow[i] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _rowconv(src, wt, bias, groups, dstart, dtap, dsrc, hstart, htap, hsrc,
              seg_dst, seg_len, seg_t0, tap_kw, tap_off, perm, lacc, out):
     """Row correlation used by the direct forward and input-gradient kernels.
@@ -319,7 +319,7 @@ def _rowconv(src, wt, bias, groups, dstart, dtap, dsrc, hstart, htap, hsrc,
                             orow[i] = bv
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _gw_direct(go, xq, groups, dstart, dtap, dsrc, hstart, htap, hsrc, tap_off, gw):
     """Weight gradient: ``gw[k, c, kd, kh, kw] = sum_{n, od, oh, ow} go[n, k, od, oh, ow] *
     xq[n, g*Cg + c, id, ih, off_kw + ow]``. Parallel over (group, block of 4 k, c); each task

@@ -25,6 +25,8 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
+from . import parallel
+
 # Numba accepts a set (not a frozenset) for fastmath flags.
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH))
 
@@ -59,7 +61,7 @@ def _apply(row, b, act):
             row[i] = row[i] + b
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _planes(y, bias, act, chunks):
     """y: (P, L) C-contiguous, P = N * K planes; bias: (K,) (all zeros when the conv has none).
 
@@ -84,7 +86,7 @@ def _planes_serial(y, bias, act):
         _apply(y[p], bias[p % K], act)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _rows(y, bias, act):
     """y: (R, K) C-contiguous rows of K channels (channels_last); bias: (K,). Parallel over rows."""
     R, K = y.shape

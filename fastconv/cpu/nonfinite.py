@@ -30,6 +30,8 @@ from numba import njit, prange
 
 from fastconv import config
 
+from . import parallel
+
 __all__ = ["max_abs", "all_finite", "exact"]
 
 _UINT = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64, np.dtype(np.float16): np.uint16}
@@ -46,7 +48,7 @@ def _max_bits(u, mask):
     return m
 
 
-@njit(parallel=True, cache=config.CACHE, nogil=True)
+@parallel.kernel(always=True, cache=config.CACHE, nogil=True)
 def _max_bits_parallel(u, mask):
     """:func:`_max_bits` in tasks of at least 4M elements."""
     n = u.size

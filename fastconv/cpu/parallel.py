@@ -13,9 +13,12 @@ one per call by the size of one argument (the array the kernel writes or reads o
 """
 from __future__ import annotations
 
+import os
 import types
 
 from numba import njit
+
+from fastconv import config
 
 __all__ = ["kernel", "PARALLEL_MIN_ELEMENTS", "COMPUTE_PARALLEL_MIN_ELEMENTS", "POOL_PARALLEL_MIN_ELEMENTS"]
 
@@ -43,8 +46,25 @@ def _renamed(py_func, suffix: str):
     return copy
 
 
+#: True in a process forked from one whose parallel kernels run on GNU OpenMP (Numba's ``omp`` layer, see
+#: :mod:`fastconv.config`): OpenMP's thread pool does not survive ``fork``, and Numba ends such a child at its
+#: first parallel launch. There every kernel runs its serial compilation (forked DataLoader workers, the usual
+#: case, run one thread each anyway: torch sets that for its own ops in them).
+SERIAL_ONLY = False
+
+
+def _forked() -> None:
+    global SERIAL_ONLY
+    SERIAL_ONLY = True
+
+
+if config.THREADING["layer"] == "omp" and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
+
 class SizedKernel:
-    """A kernel compiled parallel and serial; calls go to one or the other by ``args[work_arg].size``."""
+    """A kernel compiled parallel and serial; calls go to one or the other by ``args[work_arg].size``
+    (``threshold`` None: always parallel), and to the serial one in a forked child (:data:`SERIAL_ONLY`)."""
 
     def __init__(self, py_func, work_arg: int, threshold: str, jit_options: dict):
         self.py_func = py_func
@@ -56,18 +76,23 @@ class SizedKernel:
         self.__name__ = py_func.__name__
 
     def __call__(self, *args):
+        if SERIAL_ONLY:
+            return self.serial(*args)
+        if self.threshold is None:
+            return self.parallel(*args)
         big = args[self.work_arg].size >= globals()[self.threshold]  # looked up per call: tests lower it
         return (self.parallel if big else self.serial)(*args)
 
 
-def kernel(work_arg: int = -1, compute: bool = False, pool: bool = False, **jit_options):
+def kernel(work_arg: int = -1, compute: bool = False, pool: bool = False, always: bool = False, **jit_options):
     """Decorator: ``@kernel(work_arg=i, **njit_options)`` on a ``prange`` kernel (see the module docstring).
 
     ``work_arg``: the position of the array argument whose size measures the call's work (default the last,
     usually the array written). ``compute``: the kernel does arithmetic per element, so it goes parallel from
     :data:`COMPUTE_PARALLEL_MIN_ELEMENTS` on; ``pool``: a pooling kernel, parallel from
-    :data:`POOL_PARALLEL_MIN_ELEMENTS`; copies from :data:`PARALLEL_MIN_ELEMENTS`."""
-    threshold = ("POOL_PARALLEL_MIN_ELEMENTS" if pool else
+    :data:`POOL_PARALLEL_MIN_ELEMENTS`; copies from :data:`PARALLEL_MIN_ELEMENTS`; ``always``: parallel
+    whatever the size (its callers decide; only a forked child runs it serially)."""
+    threshold = (None if always else "POOL_PARALLEL_MIN_ELEMENTS" if pool else
                  "COMPUTE_PARALLEL_MIN_ELEMENTS" if compute else "PARALLEL_MIN_ELEMENTS")
 
     def decorate(py_func) -> SizedKernel:

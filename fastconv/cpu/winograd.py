@@ -52,7 +52,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import blas, jit_gemm
+from . import blas, jit_gemm, parallel
 from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
 
 __all__ = [
@@ -267,7 +267,7 @@ def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
                         outf[np.uint64(d0 + t)] = 0
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
     """:func:`_tile_block` for every channel, in parallel over the channels."""
     for c in prange(src.shape[1]):
@@ -353,14 +353,14 @@ def _output_block(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad, k0, k1):
         bad[k] += chk
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
     """:func:`_output_block` for every output channel, in parallel over the channels."""
     for k in prange(M.shape[1]):
         _output_block(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad, k, k + 1)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rpc, G, y, bad, vbuf, mbuf):
     """The whole forward in one parallel region: task ``t`` of ``bad.shape[0]`` takes the chunks ``t``,
     ``t + tasks``, ... of ``rpc`` tile rows and runs all three stages on each (input transform, the
@@ -393,7 +393,7 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
             _output_block(M.reshape((a * a, K, T)), AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad[t], 0, K)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, accs, vbuf, gbuf):
     """The weight gradient's tile stage in one parallel region, as :func:`_fused_forward`: task ``t``
     transforms its chunks of ``x`` (``B^T``) and ``go`` (``G_m``) and adds their GEMMs into ``accs[t]``.
@@ -420,7 +420,7 @@ def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, acc
                 jit_gemm.gemm(GO[i], V[i], acc[i], 1.0, True)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _gemm_forward(U, V, M):
     """``M[i] = U[i] @ V[i]`` for every (position, group) ``i``, one single-threaded BLAS GEMM per task.
 
@@ -430,7 +430,7 @@ def _gemm_forward(U, V, M):
         jit_gemm.gemm(U[i], V[i], M[i], 0.0, False)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _gemm_weight(GO, V, acc):
     """``acc[i] += GO[i] @ V[i]^T`` for every (position, group) ``i``: the tile reduction of the weight gradient.
 
@@ -440,7 +440,7 @@ def _gemm_weight(GO, V, acc):
         jit_gemm.gemm(GO[i], V[i], acc[i], 1.0, True)
 
 
-@njit(parallel=True, **_JIT)
+@parallel.kernel(always=True, **_JIT)
 def _filter_transform(wt, G, U):
     """``U[xi*a + nu, k, c] = sum_ij G[xi, i] G[nu, j] w[k, c, i, j]`` with ``wt = w`` as (K, 3, 3, C).
 
