@@ -503,9 +503,9 @@ class _SingleThreadedBlas:
     where torch has no MKL).
 
     That is ``scipy.linalg.cython_blas``'s OpenBLAS (a different copy from numpy's, the one Numba's
-    ``np.dot`` calls too); it would otherwise start its own threads inside every prange task. Only that library's setting is
-    touched (through threadpoolctl), it is restored when the last concurrent user leaves, and where no
-    such library is found this does nothing (``available`` is False). Bound on first use: importing
+    ``np.dot`` calls too); it would otherwise start its own threads inside every prange task. Only that
+    library's setting is touched (through threadpoolctl), it is restored when the last concurrent user
+    leaves, and where no such library is found this does nothing (``available`` is False). Bound on first use: importing
     scipy.linalg costs about 0.2 s, which ``import fastconv`` should not pay.
     """
 
