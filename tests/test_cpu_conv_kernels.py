@@ -235,6 +235,20 @@ def test_grad_input_zero_outside_coverage():
 
 # ---- stride-1 wide-row im2col paths and the one-GEMM 1x1 weight gradient --------------------
 
+def _spy_wide_paths(monkeypatch) -> dict:
+    """Count the calls of the wide-row forward ("fwd") and input gradient ("gin") from now on."""
+    calls = {"fwd": 0, "gin": 0}
+    for key, name in (("fwd", "_forward_wide"), ("gin", "_grad_input_wide")):
+        real = getattr(cc, name)
+
+        def spy(*a, key=key, real=real):
+            calls[key] += 1
+            return real(*a)
+
+        monkeypatch.setattr(cc, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("transposed_max_k", [0, 1 << 30])
 @pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
 @pytest.mark.parametrize("flip", [0.0, 1e9])
@@ -249,19 +263,7 @@ def test_im2col_stride1_wide_paths(monkeypatch, flip, cap, transposed_max_k):
     monkeypatch.setattr(cc, "FLIP_MIN_CG", 0)
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
     monkeypatch.setattr(cc, "GEMM_TRANSPOSED_MAX_K", transposed_max_k)
-    calls = {"fwd": 0, "gin": 0}
-    fwd_wide, gin_wide = cc._forward_wide, cc._grad_input_wide
-
-    def spy_fwd(*a):
-        calls["fwd"] += 1
-        return fwd_wide(*a)
-
-    def spy_gin(*a):
-        calls["gin"] += 1
-        return gin_wide(*a)
-
-    monkeypatch.setattr(cc, "_forward_wide", spy_fwd)
-    monkeypatch.setattr(cc, "_grad_input_wide", spy_gin)
+    calls = _spy_wide_paths(monkeypatch)
     _check("im2col", 5, 4, 6, (9, 10), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 3, 4, 6, (9, 10), (3, 2), (1, 1), (2, 0), (-1, 1), (2, 1), 1)
     _check("im2col", 3, 6, 4, (17,), (5,), (1,), (2,), (3,), (2,), 1)
@@ -279,19 +281,7 @@ def test_im2col_short_rows_take_the_wide_layout_whatever_the_channels(monkeypatc
     that rule is off; both agree with torch. Rows shorter than ``NARROW_OW`` keep the gather."""
     monkeypatch.setattr(cc, "WIDE_SHORT_ROW_OW", short_row_ow)
     monkeypatch.setattr(cc, "FLIP_MAX_KG", 0)  # the input gradient's wide path, not the flipped forward
-    calls = {"fwd": 0, "gin": 0}
-    fwd_wide, gin_wide = cc._forward_wide, cc._grad_input_wide
-
-    def spy_fwd(*a):
-        calls["fwd"] += 1
-        return fwd_wide(*a)
-
-    def spy_gin(*a):
-        calls["gin"] += 1
-        return gin_wide(*a)
-
-    monkeypatch.setattr(cc, "_forward_wide", spy_fwd)
-    monkeypatch.setattr(cc, "_grad_input_wide", spy_gin)
+    calls = _spy_wide_paths(monkeypatch)
     _check("im2col", 2, 3, 64, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 1, dtype=np.float32)
     _check("im2col", 1, 4, 100, (14, 16), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 1, 3, 64, (6, 6), (3, 3), (1, 1), (1, 1), (1, 1), (1, 1), 1)  # OW 6: gather

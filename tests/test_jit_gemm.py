@@ -88,3 +88,11 @@ def test_scipy_fallback_runs_winograd():
     done = subprocess.run([sys.executable, "-c", _FALLBACK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fallback ok" in done.stdout
+
+
+def test_library_choice_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTCONV_JIT_GEMM", " SciPy")
+    assert jit_gemm._wanted_from_env() == "scipy"
+    monkeypatch.setenv("FASTCONV_JIT_GEMM", "openblas")
+    with pytest.warns(RuntimeWarning, match="FASTCONV_JIT_GEMM='openblas' is not one of auto, mkl, scipy"):
+        assert jit_gemm._wanted_from_env() == "auto"

@@ -81,12 +81,17 @@ def _scipy_blas() -> tuple | None:
 CHOICES = ("auto", "mkl", "scipy")
 
 
-def _bind() -> str | None:
+def _wanted_from_env() -> str:
     wanted = os.environ.get("FASTCONV_JIT_GEMM", "").strip().lower() or "auto"
     if wanted not in CHOICES:
         warnings.warn(f"fastconv: FASTCONV_JIT_GEMM={wanted!r} is not one of {', '.join(CHOICES)}; using 'auto'",
                       RuntimeWarning, stacklevel=2)
-        wanted = "auto"
+        return "auto"
+    return wanted
+
+
+def _bind() -> str | None:
+    wanted = _wanted_from_env()
     for source, find in (("mkl", _torch_mkl), ("scipy", _scipy_blas)):
         if wanted not in ("auto", source):
             continue

@@ -1,7 +1,7 @@
 """Parallel Numba kernels that run on the calling thread when their work is small.
 
-A ``prange`` kernel wakes Numba's worker threads (TBB) on every call. For a small layer's padding, im2col or
-col2im copy that costs more than it saves, and on a shared machine it costs far more: the call waits until a
+A ``prange`` kernel wakes Numba's worker threads (OpenMP or TBB) on every call. For a small layer's padding,
+im2col or col2im copy that costs more than it saves, and on a shared machine it costs far more: the call waits until a
 worker gets a core, and the workers then spin on the cores that torch's OpenMP threads want for the GEMM and the
 torch ops that follow. Measured on the 2-core dev machine with other work running (load 6-7), ResNet-18's 3x3
 layers at batch 1 (im2col of 64x32x32 to 8x8x256 inputs), 200 interleaved calls each: median 11-17 ms with the
@@ -58,7 +58,9 @@ def _forked() -> None:
     SERIAL_ONLY = True
 
 
-if config.THREADING["layer"] == "omp" and hasattr(os, "register_at_fork"):
+# every layer that may be GNU OpenMP ("omp", or a generic request Numba may answer with it); TBB and workqueue
+# children keep their parallel kernels
+if config.THREADING["layer"] not in ("tbb", "safe", "workqueue", "forksafe") and hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked)
 
 
