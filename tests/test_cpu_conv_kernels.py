@@ -338,3 +338,26 @@ def test_im2col_reported_workspace_is_what_the_forward_allocates(cap, monkeypatc
     if cap is None:
         per_image = 64 * 9 * 56 * 56 * 4  # 7.2 MB of columns per image; four fit the 32 MiB cap
         assert alg.workspace_bytes(g) == 4 * per_image + 4 * 64 * 56 * 56 * 4
+
+
+@pytest.mark.parametrize("W,pad,s", [(1, 0, 2), (1, 3, 2), (5, 0, 3), (7, 1, 2), (8, 3, 2), (9, 2, 3), (16, 4, 4),
+                                     (4, 5, 2)])
+@pytest.mark.parametrize("kw", [1, 3, 7])
+def test_phase_split_matches_its_definition(W, pad, s, kw):
+    """The stride phase split (``out[..., ph*wq + m] = x[..., m*s + ph - pad]``, 0 outside) against the formula,
+    element by element, for paddings wider than the stride, rows shorter than it and kernels of 1-7 taps: its
+    interior is copied without a bounds test, so the interior's limits are what this checks. Serial and
+    parallel compilations."""
+    ow = max(1, (W + 2 * pad - kw) // s + 1)
+    wq, _ = cc._row_layout(kw, s, pad, 1, ow)
+    x = np.arange(2 * 3 * 1 * 2 * W, dtype=np.float64).reshape(2, 3, 1, 2, W) + 1.0
+    want = np.zeros((2, 3, 1, 2, s * wq))
+    for ph in range(s):
+        for m in range(wq):
+            j = m * s + ph - pad
+            if 0 <= j < W:
+                want[..., ph * wq + m] = x[..., j]
+    for compiled in (cc._phase_pad.serial, cc._phase_pad.parallel):
+        got = np.full_like(want, np.nan)
+        compiled(x, pad, s, wq, got)
+        np.testing.assert_array_equal(got, want)

@@ -6,10 +6,8 @@ worker gets a core, and the workers then spin on the cores that torch's OpenMP t
 torch ops that follow. Measured on the 2-core dev machine with other work running (load 6-7), ResNet-18's 3x3
 layers at batch 1 (im2col of 64x32x32 to 8x8x256 inputs), 200 interleaved calls each: median 11-17 ms with the
 parallel copies against 0.76-1.13 ms with serial ones, and the BatchNorm + ReLU after them 1.3-1.8x slower
-(0.16-0.23 ms against 0.10-0.18 ms). That was on TBB; on Numba's OpenMP layer (the default now) the thresholds
-below are lower, and under three busy processes on the two cores (load 3.4) converted ResNet-18 and MobileNet-v2
-at batch 1 ran no slower with them than with the old ones (medians within the rounds' spread: 162 against
-165 ms, 148 against 136). torch does the same for its own kernels (``at::parallel_for``'s grain size).
+(0.16-0.23 ms against 0.10-0.18 ms). That was on TBB; on Numba's OpenMP layer (the default now) the depthwise
+threshold below is lower. torch does the same for its own kernels (``at::parallel_for``'s grain size).
 
 :func:`kernel` compiles a ``prange`` kernel twice, parallel and serial (``prange`` runs as ``range``), and picks
 one per call by the size of one argument (the array the kernel writes or reads once).
@@ -25,12 +23,15 @@ from fastconv import config
 
 __all__ = ["kernel", "PARALLEL_MIN_ELEMENTS", "COMPUTE_PARALLEL_MIN_ELEMENTS", "POOL_PARALLEL_MIN_ELEMENTS"]
 
-#: Fewest elements of work for which a copy kernel wakes the worker threads. 128K float32 (512 KB) is about a
-#: hundred microseconds of copying on one core. It was 2M while the kernels ran on TBB, whose wake-up cost more
-#: and whose workers fought torch's spinning OpenMP threads; on Numba's OpenMP layer, converted models at 128K
-#: against 2M (2 threads, interleaved, 7 rounds, medians): batch 1 ResNet-18 18.1 / 19.1 ms, EfficientNet-B0
-#: 17.2 / 17.9, RegNet-Y-400MF 16.1 / 16.0; batch 8 ResNet-18 74.0 / 75.9, MobileNet-v2 46.8 / 49.3.
-PARALLEL_MIN_ELEMENTS = 1 << 17
+#: Fewest elements of work for which a copy kernel wakes the worker threads. 2M float32 (8 MB) is several
+#: hundred microseconds of copying on one core, enough to pay for the wake-up; ResNet-18 at batch 1 stays below
+#: it (its largest column buffer is 0.6M elements), batch 8 goes above. 128K was tried on the OpenMP layer:
+#: converted models on a quiet machine ran 0-5% faster (batch 1 ResNet-18 18.1 against 19.1 ms, EfficientNet-B0
+#: 17.2 / 17.9; batch 8 ResNet-18 74.0 / 75.9), within the rounds' spread; with a busy process on one of the
+#: two cores, the whole-model benchmark (ResNet-18, MobileNet-v2, VGG-11) found fastconv slowed more than torch
+#: in 6 and 3 of 9 (model, mode) pairs in two runs at 128K (by up to 2.8x), 4 of 9 at 2M (by up to 1.25x).
+#: The gain being within the noise and the risk not, copies stay serial up to 2M.
+PARALLEL_MIN_ELEMENTS = 1 << 21
 #: The same for kernels that do arithmetic per element (the depthwise convs: a multiply-add per tap, 9 or 25):
 #: 16K elements of a 3x3 depthwise layer are 150K multiply-adds. At 256K (the TBB-era value) every depthwise
 #: layer of a batch-1 MobileNet ran on one thread: EfficientNet-B0's took 1.4-1.8x the time serially (its
