@@ -85,3 +85,27 @@ def test_nonfinite_operands_get_the_exact_result(spy):
     assert_close(got, TF.conv2d(x, w, b), algo="im2col", what="non-finite 1x1")
     assert spy == {"taken": 0, "declined": 1}
 
+
+
+def test_batched_gemm_gets_operands_that_do_not_require_grad(spy, monkeypatch):
+    """A module's weight requires grad even under ``no_grad``, and ``torch.matmul`` of a 2-D by a 3-D operand
+    then takes a route 4x slower (MobileNet-v2's 1x1 layers at batch 8 ran 1.5x torch's time): the batched GEMM
+    must see detached operands. The result still equals torch's."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    seen = []
+    real_matmul = torch.matmul
+
+    def matmul(a, b, *args, **kwargs):
+        seen.append((a.requires_grad, b.requires_grad))
+        return real_matmul(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", matmul)
+    layer = torch.nn.Conv2d(6, 4, 1, bias=False).double()
+    x = torch.randn(3, 6, 5, 7, dtype=torch.float64)
+    with torch.no_grad():
+        got = F.conv2d(x, layer.weight, algo="im2col")
+        want = TF.conv2d(x, layer.weight)
+    assert_close(got, want, algo="im2col", what="batched 1x1 with a weight that requires grad")
+    assert spy == {"taken": 1, "declined": 0}
+    assert seen == [(False, False)]
