@@ -109,3 +109,28 @@ def test_batched_gemm_gets_operands_that_do_not_require_grad(spy, monkeypatch):
     assert_close(got, want, algo="im2col", what="batched 1x1 with a weight that requires grad")
     assert spy == {"taken": 1, "declined": 0}
     assert seen == [(False, False)]
+
+
+@pytest.mark.parametrize("N", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_gradients_and_opcheck_with_operands_that_require_grad(spy, N, bias, stride):
+    """The single-image GEMM runs on the operands as they are (no ``detach``): through the dispatcher, with
+    every operand requiring grad, the op still records exactly its own autograd formula: gradcheck,
+    gradgradcheck and opcheck in float64, and the path really ran."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    g = torch.Generator().manual_seed(N * 10 + stride)
+    x = torch.randn(N, 5, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+
+    def conv(x, w, b):
+        return F.conv2d(x, w, b, stride=stride, algo="im2col")
+
+    assert_close(conv(x, w, b), TF.conv2d(x, w, b, stride=stride), algo="im2col", what="1x1 with grads")
+    assert spy["taken"] >= 1
+    assert torch.autograd.gradcheck(conv, (x, w, b))
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default,
+                          (x, w, b, [stride, stride], [0, 0], [0, 0], [1, 1], 1, "im2col"))
