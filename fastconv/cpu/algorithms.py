@@ -17,7 +17,7 @@ import torch
 
 from ..spec import ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
-from . import blas, depthwise, fft, im2col_nhwc, shift, transposed_gemm, winograd
+from . import blas, depthwise, fft, im2col_nhwc, pointwise, shift, transposed_gemm, winograd
 
 
 def _np(t: torch.Tensor):
@@ -74,48 +74,10 @@ DIRECT = ConvAlgorithm(
     "batch x channel blocks; no workspace",
     *_wrap("direct"))
 
-def _pointwise_forward(x, w, bias, g: ConvGeometry):
-    """A 1x1, unpadded, ungrouped conv on NCDHW-contiguous operands: the im2col kernel's own GEMM,
-    ``y[n] = w (K, C) @ x[n] (C, P)`` on torch's BLAS (:mod:`.blas`), with the bias as the GEMM's added term,
-    called on the tensors themselves; a strided one first copies the pixels it reads (its column matrix).
-    Why: the kernel's numpy seam, argument normalisation and result wrapping cost about 25 µs a call, several
-    times the GEMM of a squeeze-and-excitation block's 1x1 convs on 1x1 planes (RegNet, EfficientNet, MobileNet
-    v3: 16 to 32 of them per forward); a strided 1x1 (ResNet's and RegNet's downsampling shortcuts) went
-    through a phase-split copy of the whole input and a column fill. None when the result holds a NaN or Inf:
-    the caller then runs the kernel, whose non-finite handling is exact.
-
-    Every torch call here costs about a microsecond of host time, so there are as few as the GEMM needs: a
-    single image gets one plain ``mm``/``addmm`` on the operands as they are (the op's implementation runs below
-    autograd, and a direct call records nothing), and the finiteness test is the sum of the result
-    (:func:`_finite_sum`).
-    """
-    N, C = x.shape[:2]
-    K = w.shape[0]
-    if g.stride != (1, 1, 1):
-        sd, sh, sw = g.stride
-        x = x[:, :, ::sd, ::sh, ::sw].contiguous()
-    w2 = w.view(K, C)
-    if N == 1:
-        x2 = x.view(C, -1)
-        y = torch.mm(w2, x2) if bias is None else torch.addmm(bias.view(K, 1), w2, x2)
-    else:
-        # detached: torch.matmul of a 2-D by a 3-D operand takes another, 4x slower route when an operand
-        # requires grad (a module's weight does, even under no_grad): 1.29 against 0.29 ms for MobileNet-v2's
-        # 144 -> 24 layer at batch 8
-        x3 = x.detach().view(N, C, -1)
-        w2 = w2.detach()
-        y = torch.matmul(w2, x3) if bias is None else torch.baddbmm(bias.view(1, K, 1), w2.expand(N, K, C), x3)
-    if not _finite_sum(y):
-        return None
-    return y.view((N, K) + g.out_spatial)
-
-
-def _finite_sum(y) -> bool:
-    """True when ``y``'s sum is finite, which it is not if any element is NaN or infinite (and, rarely, when
-    finite elements overflow the sum: the caller then takes the exact path, slower but right). One torch
-    reduction: 2 µs on a squeeze-and-excitation output, where :func:`nonfinite.all_finite` (a Numba call)
-    costs 5."""
-    return math.isfinite(y.sum().item())
+# The 1x1 paths on tensors (:mod:`.pointwise`), named here so that tests can watch which calls take them.
+_pointwise_forward = pointwise.forward
+_pointwise_grad_input = pointwise.grad_input
+_pointwise_grad_weight = pointwise.grad_weight
 
 
 def _im2col_passes():
@@ -126,8 +88,7 @@ def _im2col_passes():
     gemm_on_tensors = blas.GEMM_LIBRARY == "torch"
 
     def forward(x, w, bias, g: ConvGeometry):
-        if (gemm_on_tensors and g.groups == 1 and g.kernel == (1, 1, 1) and g.padding == (0, 0, 0)
-                and g.padding_end == (0, 0, 0) and x.is_contiguous()):
+        if gemm_on_tensors and pointwise.applies(g):
             y = _pointwise_forward(x, w, bias, g)
             if y is not None:
                 return y
@@ -139,6 +100,10 @@ def _im2col_passes():
                                              g.out_spatial))
 
     def grad_input(grad_out, w, g: ConvGeometry):
+        if gemm_on_tensors and pointwise.applies(g):
+            gx = _pointwise_grad_input(grad_out, w, g)
+            if gx is not None:
+                return gx
         ga = grad_out.detach().numpy()
         if not nhwc.is_channels_last(ga):
             return nchw_grad_input(grad_out, w, g)
@@ -146,6 +111,10 @@ def _im2col_passes():
                                                 g.in_spatial))
 
     def grad_weight(grad_out, x, g: ConvGeometry):
+        if gemm_on_tensors and pointwise.applies(g):
+            gw = _pointwise_grad_weight(grad_out, x, g)
+            if gw is not None:
+                return gw
         ga, xa = grad_out.detach().numpy(), x.detach().numpy()
         if not (nhwc.is_channels_last(xa) or nhwc.is_channels_last(ga)):
             return nchw_grad_weight(grad_out, x, g)
