@@ -1,5 +1,7 @@
-"""The im2col algorithm's 1x1 fast path (``fastconv.cpu.algorithms._pointwise_forward``): a 1x1, unpadded,
-ungrouped forward (any stride) runs its GEMM on the tensors themselves instead of through the numpy kernel.
+"""The im2col algorithm's 1x1 fast paths (:mod:`fastconv.cpu.pointwise`, watched through
+``fastconv.cpu.algorithms._pointwise_forward``, ``_pointwise_grad_input`` and ``_pointwise_grad_weight``): the
+three passes of a 1x1, unpadded, ungrouped conv (any stride) run their GEMMs on the tensors themselves instead
+of through the numpy kernel.
 
 Checked against torch in float64 and float32 (with and without bias, batch 1 and 3, 1-D to 3-D), with a spy
 that proves the fast path ran (or, for the geometries it must not take, did not run), and with non-finite
@@ -29,6 +31,25 @@ def spy(monkeypatch):
         return out
 
     monkeypatch.setattr(algorithms, "_pointwise_forward", counting)
+    return calls
+
+
+@pytest.fixture
+def grad_spy(monkeypatch):
+    """Counts, per gradient pass, the calls its 1x1 path took and the ones it handed to the kernel."""
+    calls = {"grad_input": [0, 0], "grad_weight": [0, 0]}
+
+    def counting(name, real):
+        def fn(*args):
+            out = real(*args)
+            calls[name][0 if out is not None else 1] += 1
+            return out
+        return fn
+
+    monkeypatch.setattr(algorithms, "_pointwise_grad_input",
+                        counting("grad_input", algorithms._pointwise_grad_input))
+    monkeypatch.setattr(algorithms, "_pointwise_grad_weight",
+                        counting("grad_weight", algorithms._pointwise_grad_weight))
     return calls
 
 
@@ -134,3 +155,105 @@ def test_pointwise_gradients_and_opcheck_with_operands_that_require_grad(spy, N,
     assert torch.autograd.gradgradcheck(conv, (x, w, b))
     torch.library.opcheck(torch.ops.fastconv.conv2d.default,
                           (x, w, b, [stride, stride], [0, 0], [0, 0], [1, 1], 1, "im2col"))
+
+
+def _gradient_ops(x, w, gy, stride):
+    """The two gradient ops of a 1x1 conv2d with im2col, called directly."""
+    args = ([stride, stride], [0, 0], [0, 0], [1, 1], 1, "im2col")
+    gi = torch.ops.fastconv.conv2d_grad_input(gy, w, list(x.shape[2:]), *args)
+    gw = torch.ops.fastconv.conv2d_grad_weight(gy, x, [1, 1], *args)
+    return gi, gw
+
+
+# (N, C, K, H, W): one image; a batched GEMM over few weights; one GEMM over the batch (small planes); one
+# GEMM per image (large planes) -- the weight gradient's three ways (pointwise.GW_* thresholds)
+_GRAD_SHAPES = [(1, 5, 3, 4, 6), (3, 5, 3, 4, 6), (2, 130, 129, 3, 3), (2, 130, 129, 9, 9)]
+
+
+@pytest.mark.parametrize("N,C,K,H,W", _GRAD_SHAPES)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_gradients_match_torch_and_take_the_gemm(grad_spy, N, C, K, H, W, stride):
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    g = torch.Generator().manual_seed(N * 100 + C + stride)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn(K, C, 1, 1, generator=g, dtype=torch.float64)
+    gy = torch.randn(N, K, (H - 1) // stride + 1, (W - 1) // stride + 1, generator=g, dtype=torch.float64)
+    want_gi, want_gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, [stride] * 2, [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, True, False])
+    gi, gw = _gradient_ops(x, w, gy, stride)
+    assert_close(gi, want_gi, algo="im2col", what=f"1x1 input gradient, stride {stride}")
+    assert_close(gw, want_gw, algo="im2col", what=f"1x1 weight gradient, stride {stride}")
+    assert gi.is_contiguous() and gw.is_contiguous()
+    assert grad_spy == {"grad_input": [1, 0], "grad_weight": [1, 0]}
+
+
+def test_pointwise_gradients_read_a_channel_slice_in_place(grad_spy):
+    """ShuffleNet's 1x1 convs read one half of a ``chunk``: such a view is read as rows without a copy, and the
+    results equal torch's for the forward and both gradients (through autograd)."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    g = torch.Generator().manual_seed(3)
+    whole = torch.randn(3, 8, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(3, 7, 5, 6, generator=g, dtype=torch.float64)
+    half = whole.chunk(2, dim=1)[1]
+    assert not half.is_contiguous()
+    got = torch.autograd.grad(F.conv2d(half, w, algo="im2col"), (whole, w), gy)
+    want = torch.autograd.grad(TF.conv2d(half, w), (whole, w), gy)
+    for a, b, what in zip(got, want, ("input", "weight")):
+        assert_close(a, b, algo="im2col", what=f"{what} gradient through a chunk")
+    assert grad_spy == {"grad_input": [1, 0], "grad_weight": [1, 0]}
+
+
+def test_channels_last_gradients_keep_the_kernel(grad_spy):
+    """A channels_last output gradient cannot be read as rows: the kernel, which keeps the layout, runs."""
+    x = torch.randn(2, 6, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    w = torch.randn(4, 6, 1, 1, dtype=torch.float64)
+    gy = torch.randn(2, 4, 5, 5, dtype=torch.float64).to(memory_format=torch.channels_last)
+    want_gi, want_gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, True, False])
+    gi, gw = _gradient_ops(x, w, gy, 1)
+    assert_close(gi, want_gi, algo="im2col", what="channels_last input gradient")
+    assert_close(gw, want_gw, algo="im2col", what="channels_last weight gradient")
+    assert gi.is_contiguous(memory_format=torch.channels_last)
+    assert grad_spy == {"grad_input": [0, 1], "grad_weight": [0, 1]}
+
+
+def test_nonfinite_gradients_get_the_exact_result(grad_spy):
+    """A NaN or an infinity in the output gradient sends both gradient passes to the kernel's exact handling."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.5
+    w = torch.rand(5, 3, 1, 1, dtype=torch.float64) + 0.5
+    w[2, 1] = 0.0
+    gy = torch.rand(2, 5, 4, 4, dtype=torch.float64)
+    gy[0, 2, 1, 1] = math.inf
+    gy[1, 3, 0, 2] = math.nan
+    want_gi, want_gw, _ = torch.ops.aten.convolution_backward(gy, x, w, None, [1, 1], [0, 0], [1, 1], False,
+                                                             [0, 0], 1, [True, True, False])
+    gi, gw = _gradient_ops(x, w, gy, 1)
+    assert_close(gi, want_gi, algo="im2col", what="non-finite 1x1 input gradient")
+    assert_close(gw, want_gw, algo="im2col", what="non-finite 1x1 weight gradient")
+    assert grad_spy == {"grad_input": [0, 1], "grad_weight": [0, 1]}
+
+
+@pytest.mark.parametrize("N,C,K,H,W", _GRAD_SHAPES[:3])
+def test_pointwise_gradient_ops_pass_gradcheck_and_opcheck(grad_spy, N, C, K, H, W):
+    """The gradient ops are differentiable ops themselves (double backward): gradcheck through them, and
+    opcheck of each, in float64."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    C, K = min(C, 6), min(K, 5)  # gradcheck's numerical Jacobian grows with every element
+    g = torch.Generator().manual_seed(N + C)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, C, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(N, K, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    args = ([1, 1], [0, 0], [0, 0], [1, 1], 1, "im2col")
+    assert torch.autograd.gradcheck(
+        lambda gy, w: torch.ops.fastconv.conv2d_grad_input(gy, w, [H, W], *args), (gy, w))
+    assert torch.autograd.gradcheck(
+        lambda gy, x: torch.ops.fastconv.conv2d_grad_weight(gy, x, [1, 1], *args), (gy, x))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default, (gy, w, [H, W], *args))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, [1, 1], *args))
+    assert grad_spy["grad_input"][0] >= 1 and grad_spy["grad_weight"][0] >= 1
