@@ -102,6 +102,9 @@ GEOMETRIES = {
     "3x3 stride 2 pad 1 groups 2": dict(C=8, K=6, H=9, kw=dict(stride=2, padding=1, groups=2)),
     "3x3 depthwise pad 1": dict(C=6, K=6, H=8, kw=dict(padding=1, groups=6)),
     "3x3 stride 3, last row unread": dict(C=4, K=4, H=13, kw=dict(stride=3)),
+    # outputs larger than input and weight together: the forward's finiteness is read from the operands first
+    "expanding 3x3 pad 1": dict(C=2, K=16, H=9, kw=dict(padding=1)),
+    "expanding 3x3 pad 1 groups 2": dict(C=4, K=16, H=9, kw=dict(padding=1, groups=2)),
 }
 
 
