@@ -93,17 +93,18 @@ def test_other_1x1_geometries_keep_the_kernel(spy, kw):
     assert spy == {"taken": 0, "declined": 0}
 
 
-def test_nonfinite_operands_get_the_exact_result(spy):
+@pytest.mark.parametrize("K", [5, 2])  # 5: the result is larger than the operands, which are read first
+def test_nonfinite_operands_get_the_exact_result(spy, K):
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.5
     x[0, 1, 2, 3] = math.inf
     x[1, 0, 0, 0] = math.nan
-    w = torch.rand(5, 3, 1, 1, dtype=torch.float64) + 0.5
-    w[2, 1] = 0.0  # 0 * Inf: NaN in channel 2 at that pixel, +Inf in the others
-    b = torch.tensor([0.0, -math.inf, 1.0, 2.0, 3.0], dtype=torch.float64)
+    w = torch.rand(K, 3, 1, 1, dtype=torch.float64) + 0.5
+    w[K - 1, 1] = 0.0  # 0 * Inf: NaN in the last channel at that pixel, +Inf in the others
+    b = torch.tensor([0.0, -math.inf, 1.0, 2.0, 3.0][:K], dtype=torch.float64)
     got = F.conv2d(x, w, b, algo="im2col")
-    assert_close(got, TF.conv2d(x, w, b), algo="im2col", what="non-finite 1x1")
+    assert_close(got, TF.conv2d(x, w, b), algo="im2col", what=f"non-finite 1x1, {K} output channels")
     assert spy == {"taken": 0, "declined": 1}
 
 
@@ -257,3 +258,15 @@ def test_pointwise_gradient_ops_pass_gradcheck_and_opcheck(grad_spy, N, C, K, H,
     torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default, (gy, w, [H, W], *args))
     torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, [1, 1], *args))
     assert grad_spy["grad_input"][0] >= 1 and grad_spy["grad_weight"][0] >= 1
+
+
+def test_a_nonfinite_bias_alone_is_seen_when_the_operands_are_read(spy):
+    """An expanding layer's finiteness is read from its operands, the bias included: an infinite bias with a
+    finite input and weight still sends the call to the exact path, and the result equals torch's."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
+    w = torch.rand(6, 2, 1, 1, dtype=torch.float64)
+    b = torch.tensor([0.0, math.inf, 1.0, -math.inf, math.nan, 3.0], dtype=torch.float64)
+    assert_close(F.conv2d(x, w, b, algo="im2col"), TF.conv2d(x, w, b), algo="im2col", what="non-finite bias")
+    assert spy == {"taken": 0, "declined": 1}
