@@ -54,6 +54,20 @@ CONTAMINATED_RATIO = 1.5
 QUIESCE_S = 0.15
 
 
+class _PlainOutputs(torch.nn.Module):
+    """``model`` with a named-tuple result handed back as a plain tuple. ``torch.export`` cannot save a
+    named-tuple class it has not registered, and torchvision's GoogLeNet returns ``GoogLeNetOutputs`` in
+    training mode, so its training step had been timed in this process instead of the clean worker."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return tuple(out) if isinstance(out, tuple) else out
+
+
 class TorchBaseline:
     """The clean torch worker: ``time(layer, pass_, dtype, n)`` returns n call times in ms.
 
@@ -88,7 +102,8 @@ class TorchBaseline:
     def load_model(self, model, example: torch.Tensor, path: Path) -> str:
         """Export ``model`` (torch layers only, in its current train/eval mode) for ``example``'s shape,
         have the worker load it; returns its key. The worker never sees the model's Python classes."""
-        program = torch.export.export(model, (example,))
+        plain = _PlainOutputs(model).train(model.training)
+        program = torch.export.export(plain, (example,))
         torch.export.save(program, str(path))
         key = path.stem
         self._ask({"cmd": "load_model", "key": key, "path": str(path), "input_shape": list(example.shape)})

@@ -164,3 +164,30 @@ def _dead(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except FileNotFoundError:
         return True
+
+
+def test_a_model_with_a_named_tuple_result_is_timed_in_the_clean_worker(tmp_path):
+    """torchvision's GoogLeNet returns a named tuple in training mode, which ``torch.export`` cannot save: the
+    baseline exports the model with a plain tuple instead, so its training step is timed in the clean worker."""
+    import collections
+
+    from fastconv.bench_runner import TorchBaseline
+
+    Outputs = collections.namedtuple("Outputs", ["logits", "aux"])
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return Outputs(y.mean((2, 3)), y.amax((2, 3)))
+
+    model = TwoHeads().train()
+    with TorchBaseline(threads=1) as worker:
+        key = worker.load_model(model, torch.randn(2, 3, 8, 8), tmp_path / "two-heads-train8.pt2")
+        times = worker.time_model(key, "train8", 2)
+        assert len(times) == 2 and all(t > 0 for t in times)
+        assert worker.is_clean()
+    assert model.training  # exporting left the caller's model as it was
