@@ -143,10 +143,10 @@ def _contiguous(a) -> bool:
 def exact(fn=None, *, bias: bool = False):
     """Decorate a pass ``fn(a, b, *rest)`` (``rest[0]`` the bias when ``bias=True``) so that calls with a
     non-finite operand give the exact IEEE result (see the module docstring); a finite call costs one read of
-    its result or of its operands, whichever is smaller, more than ``fn``. ``fn`` must be exact on finite operands (no special
-    values created from padding), which every fast kernel is, and must leave a non-finite value in some
-    output whenever it forms a non-finite product (true of sums of products, and of Winograd's transforms,
-    whose non-finite entries reach at least one kept output of their tile)."""
+    its result or of its operands, whichever is smaller, more than ``fn``. ``fn`` must be exact on finite
+    operands (no special values created from padding), which every fast kernel is, and must leave a non-finite
+    value in some output whenever it forms a non-finite product (true of sums of products, and of Winograd's
+    transforms, whose non-finite entries reach at least one kept output of their tile)."""
     if fn is None:
         return functools.partial(exact, bias=bias)
 
