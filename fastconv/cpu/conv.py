@@ -27,6 +27,8 @@ transposed weights; a 1x1 weight gradient is one GEMM per image, accumulated in 
 """
 from __future__ import annotations
 
+import functools
+
 from fastconv import config
 
 import numpy as np
@@ -696,6 +698,23 @@ def _phase_split(x, kw_size, sw, pw, dw, ow):
 NARROW_OW = 8
 
 
+@functools.lru_cache(maxsize=512)
+def _narrow_offsets(ksz, stride, dilation, out_spatial, box):
+    """Each tap's offset from a window's corner and each output position's window corner, as flat indices
+    into the zero-padded box ``box`` (D, H, W) of a narrow conv (:func:`_im2col_gather`). Built once per
+    geometry and shared read-only: the two meshgrids cost about 20-40 µs a call, a fifth of a batch-1
+    DenseNet 3x3 layer at 4x4 (measured here)."""
+    KD, KH, KW = ksz
+    OD, OH, OW = out_spatial
+    _, Hp, Wp = box
+    kd, kh, kw = np.meshgrid(np.arange(KD), np.arange(KH), np.arange(KW), indexing="ij")
+    tap_off = ((kd * dilation[0] * Hp + kh * dilation[1]) * Wp + kw * dilation[2]).reshape(-1).astype(np.int64)
+    od, oh, ow = np.meshgrid(np.arange(OD), np.arange(OH), np.arange(OW), indexing="ij")
+    pos = ((od * stride[0] * Hp + oh * stride[1]) * Wp + ow * stride[2]).reshape(-1).astype(np.int64)
+    return tap_off, pos  # shared by every call of the geometry, so read only (not flagged: Numba would
+    # compile the gather again for read-only arrays)
+
+
 class _ColumnSource:
     """Where the columns of one conv's input come from: ``fill(n0, c0, r0, r1, col)`` writes the columns of
     images ``n0 ..`` (as many as ``col`` holds), channels from ``c0``, output rows ``r0 .. r1`` (rows =
@@ -703,8 +722,8 @@ class _ColumnSource:
     zero-padded box, the others copy row segments of a stride-phase-split copy."""
 
     def __init__(self, x, ksz, stride, padding, dilation, out_spatial):
-        KD, KH, KW = ksz
-        OD, OH, OW = out_spatial
+        KW = ksz[2]
+        OW = out_spatial[2]
         self.args = (out_spatial, ksz, stride, padding, dilation)
         self.narrow = OW < NARROW_OW
         if self.narrow:
@@ -712,11 +731,8 @@ class _ColumnSource:
             ext = [(o - 1) * s_ + (k - 1) * d + 1 for o, s_, k, d in zip(out_spatial, stride, ksz, dilation)]
             self.box = np.empty((N, C, *ext), x.dtype)
             _pad_box(x, padding[0], padding[1], padding[2], self.box)
-            Dp, Hp, Wp = ext
-            kd, kh, kw = np.meshgrid(np.arange(KD), np.arange(KH), np.arange(KW), indexing="ij")
-            self.tap_off = ((kd * dilation[0] * Hp + kh * dilation[1]) * Wp + kw * dilation[2]).reshape(-1)
-            od, oh, ow = np.meshgrid(np.arange(OD), np.arange(OH), np.arange(OW), indexing="ij")
-            self.pos = ((od * stride[0] * Hp + oh * stride[1]) * Wp + ow * stride[2]).reshape(-1).astype(np.int64)
+            self.tap_off, self.pos = _narrow_offsets(tuple(ksz), tuple(stride), tuple(dilation),
+                                                     tuple(out_spatial), tuple(ext))
             self.OW = OW
         else:
             self.xq, _, self.offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
