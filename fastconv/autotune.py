@@ -32,8 +32,17 @@ Robust measurements
     is not finite, is out; when every candidate fails nothing is stored and the heuristic chooses.
     The chosen algorithm keeps being watched: the real calls are timed (two clock reads), and when
     :data:`SLOW_STREAK` calls in a row take more than :data:`SLOW_FACTOR` times the stored median,
-    the key is measured again, once per process (a choice made under load, or a machine that
-    changed, heals itself instead of being kept forever).
+    or less than the stored median divided by it, the key is measured again, once per process (a
+    choice made under load, or a machine that changed, heals itself instead of being kept forever).
+    The second rule catches a choice measured while another process held the cores: then every
+    candidate's time is inflated alike (on this 2-core machine, with one busy process beside the
+    tuner, RegNet's grouped 3x3 layers measured 7.6-16 ms for every candidate, in steps of the
+    scheduler's time slice) and the stored winner is a coin toss (``direct``, 6x slower than ``shift``
+    on a quiet machine); its quiet calls then run far below the stored time.
+    Choices made while the machine is oversubscribed (:func:`oversubscribed`: a 1-minute load average
+    of at least one runnable thread per core plus one) are used by this process but not written to
+    the cache file, so a later process, on a quieter machine, measures them again instead of
+    inheriting the coin toss.
 
 Keys
     The batch size enters the key rounded up to a power of two: the best algorithm changes little
@@ -114,8 +123,9 @@ BUDGET_S = 0.05
 HOPELESS_AT_ONCE = 20.0
 #: A candidate whose median over MIN_REPS runs is this many times the best median so far is abandoned.
 HOPELESS = 3.0
-#: Re-validation: this many calls in a row slower than SLOW_FACTOR x the stored median (and slower by
-#: at least SLOW_MIN_MS, so timer noise on tiny calls never counts) re-measure the key, once per process.
+#: Re-validation: this many calls in a row slower than SLOW_FACTOR x the stored median, or faster than the
+#: stored median / SLOW_FACTOR (and off by at least SLOW_MIN_MS, so timer noise on tiny calls never counts),
+#: re-measure the key, once per process.
 SLOW_FACTOR = 3.0
 SLOW_STREAK = 3
 SLOW_MIN_MS = 1.0
@@ -628,6 +638,28 @@ def _write(key: CacheKey, choice: Choice) -> None:
     _touched.add(key)
 
 
+def oversubscribed() -> bool:
+    """True when the machine has more runnable threads than cores, by the 1-minute load average: at least
+    ``cores + 1`` (a tuner's own two busy threads on two quiet cores read about 2; the same with one busy
+    process beside it about 3). False where the load average cannot be read."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return False
+    return load >= (os.cpu_count() or 1) + 1
+
+
+def _persist(key: CacheKey, choice: Choice) -> None:
+    """Write a new choice to the cache file, unless it was measured on an oversubscribed machine (see
+    the module docstring: such a measurement is kept for this process only)."""
+    if oversubscribed():
+        return
+    try:
+        _write(key, choice)
+    except (OSError, TypeError, ValueError) as e:
+        _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+
+
 def _touch(key: CacheKey) -> None:
     """Record that ``key`` was used (once per process and key): what the LRU eviction orders by."""
     _touched.add(key)
@@ -766,6 +798,7 @@ class _Watch:
     expected_ms: float
     calls: int = 0
     slow: int = 0
+    fast: int = 0
     stale: bool = False  # measure again at the next lookup
     retuned: bool = False  # this process already measured it again once
 
@@ -785,11 +818,15 @@ def _observe(key: CacheKey, ms: float) -> None:
     if w.calls == 1:
         return  # the first call of a process pays for loading kernels and first-touch memory
     if ms > SLOW_FACTOR * w.expected_ms and ms - w.expected_ms > SLOW_MIN_MS:
-        w.slow += 1
-        if w.slow >= SLOW_STREAK:
-            w.stale = True
+        w.slow, w.fast = w.slow + 1, 0
+    elif ms * SLOW_FACTOR < w.expected_ms and w.expected_ms - ms > SLOW_MIN_MS:
+        # far faster than measured: the measurement was taken under load (every candidate inflated), so
+        # it says nothing about which candidate is fastest
+        w.slow, w.fast = 0, w.fast + 1
     else:
-        w.slow = 0
+        w.slow = w.fast = 0
+    if w.slow >= SLOW_STREAK or w.fast >= SLOW_STREAK:
+        w.stale = True
 
 
 def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> registry.ConvAlgorithm:
@@ -918,10 +955,7 @@ class _Exploration:
                 return
             choice = Choice(min(finite, key=finite.get), dict(self.times), self.names)
             _memory[self.key] = choice
-            try:
-                _write(self.key, choice)
-            except (OSError, TypeError, ValueError) as e:
-                _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+            _persist(self.key, choice)
 
 
 #: cache key -> its exploration in progress (one per key, shared by every caller of that key).
@@ -1007,11 +1041,8 @@ def _lookup_slow(geom, pass_, threads, memo=None) -> tuple:
             return None, key  # every candidate failed: nothing stored, the heuristic chooses
         _memory[key] = choice
         if watch is not None and watch.stale:
-            watch.stale, watch.retuned, watch.slow = False, True, 0
-        try:
-            _write(key, choice)
-        except (OSError, TypeError, ValueError) as e:
-            _warn_once(f"fastconv autotune: cannot write {cache_path()} ({e}); keeping choices in memory")
+            watch.stale, watch.retuned, watch.slow, watch.fast = False, True, 0, 0
+        _persist(key, choice)
     else:
         _memory[key] = choice
         if key not in _touched:

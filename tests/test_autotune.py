@@ -41,6 +41,10 @@ def _geometry():
                          [1, 1], torch.float64, backends.current())
 
 
+#: the real load check (the autouse fixture below replaces it for every other test)
+OVERSUBSCRIBED = autotune.oversubscribed
+
+
 def _key(pass_="forward"):
     return autotune.cache_key(_geometry(), pass_)
 
@@ -77,6 +81,9 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("FASTCONV_AUTOTUNE_MAX_ENTRIES", raising=False)
     monkeypatch.delenv("FASTCONV_DETERMINISTIC", raising=False)
     monkeypatch.setattr(autotune, "_deterministic", None)
+    # choices measured on an oversubscribed machine stay out of the file (tested below); the tests that read the
+    # file must not depend on how loaded the machine running them is
+    monkeypatch.setattr(autotune, "oversubscribed", lambda: False)
     autotune.clear_autotune_cache(disk=False)
     yield tmp_path / autotune.FILE_NAME
     autotune.clear_autotune_cache(disk=False)
@@ -285,6 +292,7 @@ _CHILD_CONV = (
     "import warnings, torch, fastconv\n"
     "from fastconv import autotune\n"
     "autotune.MIN_MACS = 0\n"
+    "autotune.oversubscribed = lambda: False\n"  # writes the file however loaded the machine is
     f"x = torch.randn{X_SHAPE!r}.double(); w = torch.randn({K}, {X_SHAPE[1]}, 3, 3).double()\n"
     "with warnings.catch_warnings(record=True) as rec:\n"
     "    warnings.simplefilter('always')\n"
@@ -611,6 +619,66 @@ def test_stored_choice_that_turns_out_slow_is_measured_again_once(monkeypatch, m
         autotune._observe(key, slow_ms)
     F.conv2d(x, w, padding=1)
     assert len(measured) == 2 * len(names), "re-measured more than once in one process"
+
+
+def test_stored_choice_far_faster_than_measured_is_measured_again_once(monkeypatch, measured):
+    # a choice measured under load: every candidate's time inflated, the winner a coin toss; quiet calls then
+    # run far below the stored time, which no longer says which candidate is fastest
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    key = _key()
+    choice = fastconv.autotune_cache()[key]
+    inflated = {n: 100 * t + 10 * autotune.SLOW_MIN_MS for n, t in choice.times_ms.items()}
+    autotune._memory[key] = autotune.Choice(choice.algo, inflated, choice.candidates)
+    autotune._fast.clear()
+    F.conv2d(x, w, padding=1)  # the lookup now watches against the inflated time (and this call counts)
+    watch = autotune._watch[key]
+    assert watch.expected_ms == inflated[choice.algo]
+    watch.fast, watch.stale = 0, False
+    fast_ms = choice.times_ms[choice.algo]
+    for _ in range(autotune.SLOW_STREAK - 1):
+        autotune._observe(key, fast_ms)
+    assert not watch.stale, "marked for measuring before SLOW_STREAK fast calls"
+    autotune._observe(key, fast_ms)
+    assert watch.stale
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "a choice observed far faster than measured was not measured again"
+    assert fastconv.autotune_cache()[key].times_ms[fastconv.autotune_cache()[key].algo] < inflated[choice.algo]
+    for _ in range(5 * autotune.SLOW_STREAK):
+        autotune._observe(key, fast_ms / 100)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names), "re-measured more than once in one process"
+
+
+def test_choice_made_on_an_oversubscribed_machine_is_kept_out_of_the_file(isolated_cache, monkeypatch, measured):
+    monkeypatch.setattr(autotune, "oversubscribed", lambda: True)
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    assert _key() in fastconv.autotune_cache(), "this process must still use its choice"
+    assert not isolated_cache.exists() or _rows(isolated_cache) == [], "a choice made under load was written"
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(_candidates()), "measured again in the same process"
+    # on a quiet machine the next measurement is written
+    monkeypatch.setattr(autotune, "oversubscribed", lambda: False)
+    fastconv.clear_autotune_cache(disk=False)
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(_candidates())
+    assert [r["pass"] for r in _rows(isolated_cache)] == ["forward"]
+
+
+def test_oversubscribed_reads_the_load_average(monkeypatch):
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(autotune.os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
+    assert OVERSUBSCRIBED()
+    monkeypatch.setattr(autotune.os, "getloadavg", lambda: (cores + 0.5, 9.0, 9.0))
+    assert not OVERSUBSCRIBED()
+
+    def unreadable():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(autotune.os, "getloadavg", unreadable)
+    assert not OVERSUBSCRIBED()
 
 
 def test_observed_calls_reach_the_watch(measured):
