@@ -691,11 +691,17 @@ def _phase_split(x, kw_size, sw, pw, dw, ow):
     return xq, wq, offs
 
 
-#: Output rows narrower than this build their columns by :func:`_im2col_gather` from a padded box instead of
-#: row segments (:func:`_im2col`). Measured here (1 thread, interleaved A/B, whole im2col forward / weight
-#: gradient): ResNet's 4x4-output layers 0.80-0.88x / 0.82-0.91x the time (512 channels, batch 1 and 8; the
-#: 8x8 -> 4x4 stride-2 layer at batch 8 0.78x / 0.78x); 8-wide rows level (1.00), so they keep the segments.
+#: Output rows narrower than this count as short for the wide layout's rule (:data:`WIDE_SHORT_ROW_OW`).
 NARROW_OW = 8
+#: Output rows of at most this many columns build their columns by :func:`_im2col_gather` from a padded box
+#: instead of row segments (:func:`_im2col`), wherever columns come from :class:`_ColumnSource` (strided
+#: forwards, weight gradients, stride-1 layers outside the wide layout). Measured (whole im2col forward /
+#: weight gradient, gather against segments): 1 thread, ResNet's 4x4-output layers 0.80-0.88x / 0.82-0.91x
+#: (512 channels, batch 1 and 8; the 8x8 -> 4x4 stride-2 layer at batch 8 0.78x / 0.78x). 2 threads, 8-wide
+#: rows, interleaved: ResNet-18's 128 -> 256 stride-2 layer 0.78x / 0.80x at batch 8 and 0.78x / 0.83x at
+#: batch 1, its 256-channel 8x8 weight gradient 0.88x (batch 1 and 8), DenseNet's 128 -> 32 at 8x8 0.73x
+#: (batch 1). 16-wide rows were mixed (0.89-0.94x stride 2, a stride-1 forward 1.27x), so they keep the segments.
+GATHER_MAX_OW = 8
 
 
 @functools.lru_cache(maxsize=512)
@@ -718,14 +724,14 @@ def _narrow_offsets(ksz, stride, dilation, out_spatial, box):
 class _ColumnSource:
     """Where the columns of one conv's input come from: ``fill(n0, c0, r0, r1, col)`` writes the columns of
     images ``n0 ..`` (as many as ``col`` holds), channels from ``c0``, output rows ``r0 .. r1`` (rows =
-    (od, oh) flattened), in :func:`_im2col`'s layout. Narrow outputs (``OW < NARROW_OW``) gather from a
+    (od, oh) flattened), in :func:`_im2col`'s layout. Narrow outputs (``OW <= GATHER_MAX_OW``) gather from a
     zero-padded box, the others copy row segments of a stride-phase-split copy."""
 
     def __init__(self, x, ksz, stride, padding, dilation, out_spatial):
         KW = ksz[2]
         OW = out_spatial[2]
         self.args = (out_spatial, ksz, stride, padding, dilation)
-        self.narrow = OW < NARROW_OW
+        self.narrow = OW <= GATHER_MAX_OW
         if self.narrow:
             N, C = x.shape[:2]
             ext = [(o - 1) * s_ + (k - 1) * d + 1 for o, s_, k, d in zip(out_spatial, stride, ksz, dilation)]
