@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.cpu import conv as cc
-from fastconv.cpu import shift
+from fastconv.cpu import im2col_fused, shift
 from helpers import assert_close, tolerance
 
-ALGOS = ("direct", "im2col")
+ALGOS = ("direct", "im2col", "im2col-fused")
 #: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
 PLANAR_ALGOS = ALGOS + ("shift",)
 
@@ -65,9 +65,47 @@ def _pad3(v, nd, fill):
     return (fill,) * (3 - nd) + tuple(v)
 
 
+def _fused_applies(nd, ksz, groups):
+    return nd <= 2 and groups == 1 and int(np.prod(ksz)) > 1
+
+
+class _fused_everywhere:
+    """Context: the fused im2col path for every size (no channel or weight limits, the parallel region from the
+    first multiply-add, chunks of about one output row) and a list of its forward calls."""
+
+    def __enter__(self):
+        self.saved = {k: getattr(im2col_fused, k) for k in ("MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
+                                                            "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward")}
+        self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS = 0
+        calls = []
+        real = self.saved["forward"]
+        im2col_fused.MIN_IN_CHANNELS, im2col_fused.MAX_WEIGHT_BYTES = 0, 1 << 62
+        im2col_fused.PARALLEL_MIN_MACS, im2col_fused.CHUNK_BYTES = 0, 64
+        im2col_fused.forward = lambda *a: calls.append(1) or real(*a)
+        return calls
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(im2col_fused, k, v)
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS = self.min_positions
+
+
+def _fused_for_any_size(monkeypatch, on: bool):
+    monkeypatch.setattr(im2col_fused, "ENABLED", on)
+    monkeypatch.setattr(im2col_fused, "MIN_IN_CHANNELS", 0)
+
+
 def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
            dtype=np.float64, bias=True, seed=0):
     nd = len(sp)
+    if algo == "im2col-fused":
+        if not _fused_applies(nd, ksz, groups):
+            pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")
+        with _fused_everywhere() as calls:
+            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed)
+        assert calls or N == 0, "the fused im2col path did not run"  # an empty batch returns before any path
+        return
     g = torch.Generator().manual_seed(seed)
     tdt = torch.float64
     x = torch.randn((N, C) + tuple(sp), generator=g, dtype=tdt)
@@ -184,6 +222,7 @@ def test_conv3d_float32(algo):
 def test_im2col_chunking(monkeypatch, cap, transposed_max_k):
     """A tiny cap forces row chunks of one image; a medium cap groups several images per GEMM;
     both GEMM orientations of the forward are exercised."""
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
     monkeypatch.setattr(cc, "GEMM_TRANSPOSED_MAX_K", transposed_max_k)
     _check("im2col", 5, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
@@ -196,6 +235,7 @@ def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
     """Both column builders on the same geometries: the gather from a zero-padded box (every output row
     counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not; a spy makes
     sure the gather really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "GATHER_MAX_OW", narrow)
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
     gathers = []
@@ -225,7 +265,7 @@ def test_grad_input_zero_outside_coverage():
     rng = np.random.default_rng(0)
     go = rng.standard_normal((1, 3, 1, 3, 3))
     w = rng.standard_normal((3, 2, 1, 3, 3))
-    for algo in ALGOS:
+    for algo in ("direct", "im2col"):  # strided: the fused path is a forward (and stride-1 input gradient) only
         gx = getattr(cc, f"{algo}_grad_input")(go, w, (1, 2, 2), (0, 0, 0), (1, 1, 1), 1,
                                                (1, 9, 10))
         assert gx.shape == (1, 2, 1, 9, 10)
@@ -256,6 +296,7 @@ def test_im2col_stride1_wide_paths(monkeypatch, flip, cap, transposed_max_k):
     """Stride-1 1-D/2-D convs: forward over whole padded rows; input gradient either as a forward
     conv with flipped weights (``flip``) or as GEMM + contiguous col2im; chunked and not, both
     GEMM orientations, groups, dilation, asymmetric and cropping padding."""
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "FLIP_MAX_OVERCOMPUTE", flip)
     monkeypatch.setattr(cc, "WIDE_MAX_OVERCOMPUTE", 1e9)
     monkeypatch.setattr(cc, "WIDE_MAX_EXTRA_MACS", 1e9)
@@ -279,6 +320,7 @@ def test_im2col_short_rows_take_the_wide_layout_whatever_the_channels(monkeypatc
     """Stride-1 convs with 8 to 16 output columns and many output channels per group (beyond
     ``WIDE_MAX_EXTRA_MACS``) take the wide-row forward and input gradient, and the row-segment paths when
     that rule is off; both agree with torch. Rows shorter than ``NARROW_OW`` keep the gather."""
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "WIDE_SHORT_ROW_OW", short_row_ow)
     monkeypatch.setattr(cc, "FLIP_MAX_KG", 0)  # the input gradient's wide path, not the flipped forward
     calls = _spy_wide_paths(monkeypatch)
@@ -289,8 +331,12 @@ def test_im2col_short_rows_take_the_wide_layout_whatever_the_channels(monkeypatc
     assert calls == {"fwd": wide, "gin": wide}
 
 
-def test_im2col_grad_input_zero_outside_coverage_stride1():
-    """Stride 1, in_spatial larger than the conv covers: exact zeros there on both wide paths."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_im2col_grad_input_zero_outside_coverage_stride1(fused, monkeypatch):
+    """Stride 1, in_spatial larger than the conv covers: exact zeros there on both wide paths, and on the fused
+    flipped forward."""
+    _fused_for_any_size(monkeypatch, fused)
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 0)
     rng = np.random.default_rng(0)
     go = rng.standard_normal((2, 3, 1, 3, 4))
     w = rng.standard_normal((3, 2, 1, 3, 3))
@@ -315,6 +361,7 @@ def test_im2col_pointwise_grad_weight_accumulated_per_image(N, groups):
 def test_im2col_reported_workspace_is_what_the_forward_allocates(cap, monkeypatch):
     """The registry's im2col workspace equals the column + GEMM buffers the forward sizes from its chunks
     (it once read a constant that did not exist and reported one image where four were allocated)."""
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     from fastconv import registry
     from fastconv.ops.conv import make_geometry
 

@@ -17,7 +17,7 @@ import torch
 
 from ..spec import ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
-from . import blas, depthwise, fft, im2col_nhwc, pointwise, shift, transposed_gemm, winograd
+from . import blas, depthwise, fft, im2col_fused, im2col_nhwc, pointwise, shift, transposed_gemm, winograd
 
 
 def _np(t: torch.Tensor):
@@ -48,13 +48,16 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     """What the im2col forward allocates for its GEMMs: the column buffer and the GEMM result buffer,
     ``(ck + K/groups) x qmax`` elements, with ``qmax`` the largest chunk of ``cpu.conv._chunks`` (whole
     images while they fit ``COL_BUFFER_BYTES``, else row chunks of one image) over output rows that are
-    ``OW`` wide, or the padded row wide on the stride-1 wide-row path. 1x1 stride-1 convs are a plain GEMM
+    ``OW`` wide, or the padded row wide on the stride-1 wide-row path; on the fused path
+    (:mod:`.im2col_fused`) a column chunk and a GEMM result per task. 1x1 stride-1 convs are a plain GEMM
     and need none. (The input's padded or phase-split copy is not counted.)"""
     if g.is_pointwise:
         return 0
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
+    if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial, item):
+        return im2col_fused.workspace_bytes(g.batch, g.out_channels, ck, g.out_spatial[1], g.out_spatial[2], item)
     width = g.out_spatial[2]
     if kernels._wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, kg):
         width += (g.kernel[2] - 1) * g.dilation[2]

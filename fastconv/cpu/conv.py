@@ -34,7 +34,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, parallel
+from . import blas, im2col_fused, parallel
 
 __all__ = [
     "direct_forward", "direct_grad_input", "direct_grad_weight",
@@ -819,6 +819,13 @@ WIDE_MAX_EXTRA_MACS = 96
 WIDE_SHORT_ROW_OW = 16
 
 
+#: Stride-1 dense input gradients over at least this many output positions (batch x map) run as the fused
+#: im2col forward of the output gradient with the flipped kernel (:mod:`.im2col_fused`). Measured against the
+#: paths below, 2 threads, 3x3, float32, time ratio: 8x128->32 at 16x16 0.33 and 8x8 0.74, 64->64 at 32x32
+#: batch 1 0.72 and batch 8 0.73, 8x128->128 at 16x16 0.93, 8x256->256 at 8x8 1.03; below 512 positions
+#: 1.03-1.82 (batch 1 at 8x8 and 16x16: the flipped weights' copy and a short GEMM outweigh the gain).
+FUSED_GRAD_INPUT_MIN_POSITIONS = 512
+
 #: Stride-1 input gradient as a forward conv of the zero-padded output gradient: used while that
 #: conv's multiply-adds (over the padded rows) are at most this many times the real ones. Small
 #: images with large kernels (LeNet-5 5x5 on 10x10: 2.5x) keep the GEMM + col2im path.
@@ -1054,6 +1061,11 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             y4 = y3.reshape(N, G, Kg, P)
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
+    elif im2col_fused.applies((KD, KH, KW), G, C, K, (D, H, W), out_spatial, x.itemsize):
+        # columns made and multiplied a cache-sized chunk at a time per task, the bias added on the way out
+        im2col_fused.forward(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:], dilation[1:],
+                             (OH, OW), y3)
+        return y
     elif _wide_ok((KD, KH, KW), stride, padding, dilation, (D, H, W), out_spatial, Kg):
         _forward_wide(x, w, G, padding, dilation, out_spatial, y)
     else:
@@ -1134,6 +1146,13 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
     # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
+    if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS
+            and im2col_fused.applies((KD, KH, KW), G, K, C, out_spatial, in_spatial, go.itemsize)):
+        # dense: that forward with the columns made in cache (negative padding, a crop, is read as such)
+        wt = _c(w.reshape(K, C, KH * KW)[:, :, ::-1].transpose(1, 0, 2)).reshape(C, K * KH * KW)
+        im2col_fused.forward(go.reshape(N, K, OH, OW), wt, None, (KH, KW), (1, 1), tpad[1:], dilation[1:], (H, W),
+                             gx.reshape(N, C, H * W))
+        return gx
     # (worth it when the GEMM + col2im path is thin: few output channels per group to reduce over,
     # a tall column matrix to scatter; its own GEMM needs enough input channels per group)
     flip_macs = H * (W + (KW - 1) * dilation[2])  # per (image, channel pair, tap), vs OH * OW
@@ -1196,6 +1215,11 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
         _group_gemm(go4[0], x4[0].transpose(0, 2, 1), gw3)
         for n in range(1, N):
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
+        return gw
+    if im2col_fused.GRAD_WEIGHT and im2col_fused.applies(kernel_spatial, G, C, K, (D, H, W), out_spatial, x.itemsize):
+        # columns made in cache per task, each task's GEMM adding into its own accumulator
+        im2col_fused.grad_weight(go3, x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:], dilation[1:],
+                                 (OH, OW), gw2)
         return gw
     source = _ColumnSource(x, kernel_spatial, stride, padding, dilation, out_spatial)
     ckt = G * ck

@@ -56,12 +56,16 @@ def _direct(g: ConvGeometry) -> int:
 
 def _im2col(g: ConvGeometry) -> int:
     try:  # the kernel module's own predicates decide which path runs
+        from ..cpu import im2col_fused
         from ..cpu.conv import _is_pointwise, _wide_ok
     except ImportError:  # pragma: no cover - kernels unavailable: the plain column GEMM
         return g.macs
     kg = g.out_channels // g.groups
     if _is_pointwise(g.kernel, g.stride, g.padding, g.in_spatial, g.out_spatial):
         return g.macs
+    if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial,
+                            g.dtype.itemsize):
+        return g.macs  # columns of exactly the output positions, chunk by chunk
     if _wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, kg):
         # wide rows: each output row is computed at the padded row length OW + (KW-1)*dw, extra dropped
         wq = g.out_spatial[2] + (g.kernel[2] - 1) * g.dilation[2]
@@ -147,7 +151,8 @@ EXECUTED: dict[str, Executed] = {
         _direct, lambda g: 0),
     "im2col": Executed(
         "column GEMM: nominal MACs (padding taps multiply zeros); stride-1 wide rows compute the "
-        "OW+(KW-1)*dw padded row and drop the extra; 1x1 stride 1 is a plain GEMM", _im2col),
+        "OW+(KW-1)*dw padded row and drop the extra (dense 1-D/2-D layers take the fused path's exact "
+        "columns instead); 1x1 stride 1 is a plain GEMM", _im2col),
     "winograd2": Executed(
         "F(2x2,3x3): 16 multiplies per 2x2 output tile per (k, c) (2.25x fewer than 36), border "
         "tiles computed whole; transforms not counted", _winograd(2)),

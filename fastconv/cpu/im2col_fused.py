@@ -1,0 +1,237 @@
+"""im2col + GEMM with the columns made and used in cache: one parallel region, a column chunk per task.
+
+Why: the plain im2col path writes the whole column matrix (``C*KH*KW`` rows, 9x the input for 3x3) to memory in
+one pass and reads it back in one multi-threaded GEMM. On the 2-core machine the fill alone cost about half the
+GEMM (ResNet-18's 64 -> 128 stride-2 layer at batch 8: 0.35 ms phase split + 0.49 fill + 0.97 GEMM, against
+torch's 0.85 for the whole conv). Here each task of one parallel region takes a chunk of output rows, fills
+that chunk's columns into its own buffer of about :data:`CHUNK_BYTES` (it stays in the core's 2 MB L2) straight
+from the unpadded input, multiplies it with a single-threaded BLAS GEMM called from inside the region
+(:func:`.jit_gemm.gemm`, torch's MKL) and adds the bias as it copies the result into the output. No padded copy,
+no column matrix in memory, no phase split. Measured against the plain path, 2 threads, float32 3x3
+(a prototype of this kernel, medians in µs): DenseNet's 128 -> 32 at 16x16 batch 1 157-236 against 305 (torch
+185); ResNet's 64 -> 64 at 32x32 batch 8 2728 against 4733 (torch 2157); 64 -> 128 stride 2 at batch 8 1693
+against 3248 (torch 1306); 256 -> 256 at 8x8 batch 8 2394 against 3614 (torch 1997).
+
+Scope: dense (``groups == 1``) 1-D and 2-D convs with any stride, padding (negative: cropping) and dilation, and
+more than one tap; the caller (:func:`fastconv.cpu.conv.im2col_forward`, and its stride-1 input gradient as
+the flipped conv) keeps the other cases. Arrays are 4-D here, ``x`` (N, C, H, W) and ``y`` (N, K, OH*OW).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from fastconv import config
+
+from . import jit_gemm, parallel
+
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "CHUNK_BYTES", "ENABLED"]
+
+_JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
+
+#: Bytes of columns one task builds and multiplies at a time: a chunk of whole output rows (at least one) that
+#: stays in the core's L2 (2 MB here) with the GEMM's panels beside it. Prototype medians for 512 KB / 1 MB / 2 MB:
+#: DenseNet 128 -> 32 16x16 batch 1 157 / 236 / 275 µs (the 1 MB and 2 MB chunks left one of two tasks idle,
+#: which :func:`_plan` now avoids), ResNet 64 -> 64 32x32 batch 8 2982 / 2728 / 4477, 256 -> 256 8x8 batch 8
+#: 4967 / 2394 / 2429.
+CHUNK_BYTES = 1 << 20
+
+#: Whether :func:`applies` says yes at all (tests switch it off to reach the plain paths; A/B measurements too).
+ENABLED = True
+
+#: Whether im2col's weight gradient takes :func:`grad_weight` where :func:`applies` says yes.
+GRAD_WEIGHT = True
+
+#: Fewest multiply-adds for which the region runs on every thread (below, on the calling thread alone: waking
+#: the workers costs more than a tiny conv, see :mod:`.parallel`).
+PARALLEL_MIN_MACS = 2_000_000
+
+
+@njit(inline="always", **_JIT)
+def _fill(x, g0, g1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, col):
+    """The columns of the batch's output rows ``g0 <= g < g1`` (``g = n*OH + r``): ``col[(c*KH + kh)*KW + kw,
+    (g - g0)*OW + ow] = x[n, c, r*sh - ph + kh*dh, ow*sw - pw + kw*dw]``, 0 in the padding. Inlined into the
+    regions, with a test per element: a fill that computed each tap's valid column range and copied between
+    ran 1.5-2.8x slower as a called function."""
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    for c in range(C):
+        for kh in range(KH):
+            for kw in range(KW):
+                crow = col[(c * KH + kh) * KW + kw]
+                for g in range(g0, g1):
+                    n = g // OH
+                    ih = (g - n * OH) * sh - ph + kh * dh
+                    dst = crow[(g - g0) * OW:(g - g0 + 1) * OW]
+                    if ih < 0 or ih >= H:
+                        for ow in range(OW):
+                            dst[ow] = 0
+                    else:
+                        xr = x[n, c, ih]
+                        for ow in range(OW):
+                            iw = ow * sw - pw + kw * dw
+                            dst[ow] = xr[iw] if 0 <= iw < W else 0
+
+
+@parallel.kernel(always=True, **_JIT)
+def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kparts, colbuf, obuf, y3):
+    """The whole forward in one parallel region. The batch's output rows ``g = n*OH + r`` are cut into chunks
+    of ``rpc`` rows (a chunk may span images); jobs are (chunk, part of the output channels), and task ``t`` of
+    ``colbuf.shape[0]`` takes jobs ``t, t + tasks, ...``: it fills the chunk's columns into ``colbuf[t]``, runs
+    ``w2[k0:k1] @ col`` on one thread into ``obuf[t]`` and writes that plus the bias into ``y3``. With
+    ``kparts > 1`` each part of the channels fills the chunk's columns again (used where the weights outweigh
+    the columns: reading them once matters more than filling twice)."""
+    N = x.shape[0]
+    K, CK = w2.shape
+    rows = N * OH
+    nchunks = -(-rows // rpc)
+    jobs = nchunks * kparts
+    kstep = -(-K // kparts)
+    tasks = colbuf.shape[0]
+    for t in prange(tasks):
+        for job in range(t, jobs, tasks):
+            chunk = job // kparts
+            kp = job - chunk * kparts
+            g0 = chunk * rpc
+            g1 = min(rows, g0 + rpc)
+            Q = (g1 - g0) * OW
+            k0 = kp * kstep
+            k1 = min(K, k0 + kstep)
+            if k0 >= k1:
+                continue
+            col = colbuf[t, :CK * Q].reshape((CK, Q))
+            _fill(x, g0, g1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, col)
+            o = obuf[t, :(k1 - k0) * Q].reshape((k1 - k0, Q))
+            jit_gemm.gemm(w2[k0:k1], col, o, 0.0, False)
+            for g in range(g0, g1):
+                n = g // OH
+                r = g - n * OH
+                for k in range(k0, k1):
+                    dst = y3[n, k, r * OW:(r + 1) * OW]
+                    src = o[k - k0, (g - g0) * OW:(g - g0 + 1) * OW]
+                    b = bias[k]
+                    for ow in range(OW):
+                        dst[ow] = src[ow] + b
+
+
+#: Largest weight (bytes) taken: every chunk's GEMM reads all of it, and beyond the L2's size that costs more
+#: than the column matrix saves (measured against the plain path, 2 threads: ResNet-18's 512 -> 512 3x3 at 4x4,
+#: 9.4 MB, 1.02x the time at batch 1 and 1.14x at batch 8, 256 -> 512 stride 2, 4.7 MB, 0.99x and 1.24x;
+#: 256 -> 256 at 8x8, 2.4 MB, 0.72x and 0.81x).
+MAX_WEIGHT_BYTES = 4 << 20
+#: Fewest input channels taken: a thin input (an RGB stem: ResNet's 3 -> 64 7x7 stride 2 at 128x128) ran 1.25-1.4x
+#: slower fused, its columns a strided gather of many taps from few rows, where the plain path copies rows of
+#: the stride-phase split.
+MIN_IN_CHANNELS = 16
+
+
+@parallel.kernel(always=True, **_JIT)
+def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, colbuf, gobuf, acc):
+    """The weight gradient in one parallel region: task ``t`` takes chunks ``t, t + tasks, ...`` of ``rpc``
+    output rows of the batch, fills their columns into ``colbuf[t]`` (as the forward does), gathers the output
+    gradient's rows into ``gobuf[t]`` (K, Q) and adds ``go @ col^T`` into its own accumulator ``acc[t]`` (K, CK)
+    with one single-threaded GEMM; the caller sums the accumulators."""
+    N = x.shape[0]
+    K = go3.shape[1]
+    CK = acc.shape[2]
+    rows = N * OH
+    nchunks = -(-rows // rpc)
+    tasks = colbuf.shape[0]
+    for t in prange(tasks):
+        for chunk in range(t, nchunks, tasks):
+            g0 = chunk * rpc
+            g1 = min(rows, g0 + rpc)
+            Q = (g1 - g0) * OW
+            col = colbuf[t, :CK * Q].reshape((CK, Q))
+            _fill(x, g0, g1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, col)
+            gq = gobuf[t, :K * Q].reshape((K, Q))
+            for k in range(K):
+                for g in range(g0, g1):
+                    n = g // OH
+                    r = g - n * OH
+                    src = go3[n, k, r * OW:(r + 1) * OW]
+                    dst = gq[k, (g - g0) * OW:(g - g0 + 1) * OW]
+                    for ow in range(OW):
+                        dst[ow] = src[ow]
+            jit_gemm.gemm(gq, col, acc[t], 1.0, True)
+
+
+def applies(ksz, groups: int, in_channels: int, out_channels: int, in_spatial, out_spatial, itemsize: int) -> bool:
+    """Whether :func:`forward` runs this conv: dense, 1-D/2-D (depth 1), more than one tap, at least
+    :data:`MIN_IN_CHANNELS` input channels, at most :data:`MAX_WEIGHT_BYTES` of weights, and a GEMM that Numba
+    code can call (:data:`.jit_gemm.SOURCE`)."""
+    KD, KH, KW = ksz
+    return (ENABLED and jit_gemm.SOURCE is not None and groups == 1 and KD == 1 and in_spatial[0] == 1
+            and out_spatial[0] == 1 and KH * KW > 1 and in_channels >= MIN_IN_CHANNELS
+            and out_channels * in_channels * KH * KW * itemsize <= MAX_WEIGHT_BYTES)
+
+
+def _plan(N, K, CK, OH, OW, itemsize, tasks):
+    """(rows per chunk, channel parts). A chunk holds whole output rows of the batch, as many as fit
+    :data:`CHUNK_BYTES` of columns (chunks as large as the weights, so that deep layers read their weights
+    fewer times, measured 1.1-1.3x slower: the columns then leave L2). Chunks are then evened out over the
+    tasks (a count that is a multiple of the tasks, when there are few), and where one chunk is all there is,
+    the output channels are split between the tasks."""
+    rows = N * OH
+    per_row = max(1, CK * OW * itemsize)
+    rpc = max(1, min(rows, CHUNK_BYTES // per_row))
+    nchunks = -(-rows // rpc)
+    if nchunks == 1 and tasks > 1 and K >= 2 * tasks and K > rows * OW:
+        return rows, tasks  # one chunk, weights larger than its columns: split the channels
+    if nchunks < 8 * tasks and nchunks % tasks:
+        nchunks = min(rows, -(-nchunks // tasks) * tasks)
+    rpc = -(-rows // nchunks)
+    return rpc, 1
+
+
+def _layout(N, K, CK, OH, OW, itemsize):
+    """(parallel, tasks, rows per chunk, channel parts, channels per part) of a call: what :func:`forward` runs
+    and sizes its buffers by (and :func:`workspace_bytes` reports)."""
+    # (a child forked from an OpenMP process runs serial code only, see parallel.SERIAL_ONLY)
+    parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    tasks = numba.get_num_threads() if parallel_ else 1
+    rpc, kparts = _plan(N, K, CK, OH, OW, itemsize, tasks)
+    return parallel_, tasks, rpc, kparts, -(-K // kparts)
+
+
+def workspace_bytes(N, K, CK, OH, OW, itemsize) -> int:
+    """Bytes :func:`forward` allocates besides its result: a column chunk and a GEMM result per task."""
+    _, tasks, rpc, _, kstep = _layout(N, K, CK, OH, OW, itemsize)
+    return tasks * (CK + kstep) * rpc * OW * itemsize
+
+
+def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+    """x: (N, C, H, W); w2: (K, C*KH*KW) C-contiguous; bias: (K,) or None; y3: (N, K, OH*OW), written. The 2-D
+    arguments are (H, W) pairs (padding: before each dim)."""
+    N = x.shape[0]
+    K, CK = w2.shape
+    KH, KW = kernel_hw
+    OH, OW = out_hw
+    parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
+    kernel = _forward_region.parallel if parallel_ else _forward_region.serial
+    colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
+    obuf = np.empty((tasks, kstep * rpc * OW), x.dtype)
+    b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    kernel(x, w2, b, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
+           dilation_hw[1], OH, OW, rpc, kparts, colbuf, obuf, y3)
+    return y3
+
+
+def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, gw2):
+    """go3: (N, K, OH*OW); x: (N, C, H, W); gw2: (K, C*KH*KW) C-contiguous, written. The 2-D arguments are (H, W)
+    pairs (padding: before each dim)."""
+    N = x.shape[0]
+    K, CK = gw2.shape
+    KH, KW = kernel_hw
+    OH, OW = out_hw
+    parallel_, tasks, rpc, _, _ = _layout(N, K, CK, OH, OW, x.itemsize)
+    rows = N * OH
+    tasks = min(tasks, -(-rows // rpc))  # no accumulator for a task without a chunk
+    kernel = _grad_weight_region.parallel if parallel_ else _grad_weight_region.serial
+    colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
+    gobuf = np.empty((tasks, K * rpc * OW), x.dtype)
+    acc = np.zeros((tasks, K, CK), x.dtype)
+    kernel(x, go3, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
+           dilation_hw[1], OH, OW, rpc, colbuf, gobuf, acc)
+    np.sum(acc, axis=0, out=gw2)
+    return gw2

@@ -1,0 +1,137 @@
+"""The fused im2col path (``fastconv.cpu.im2col_fused``): which convs take it, how it cuts the work, and its
+results through the public API (forward, gradients, gradcheck) at the sizes where it runs by default.
+
+The kernel matrix of ``tests/test_cpu_conv_kernels.py`` also runs every dense 1-D/2-D case through it
+("im2col-fused": any size, single-row chunks, the parallel region forced).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastconv.functional as F
+from fastconv.cpu import conv as cc
+from fastconv.cpu import im2col_fused
+from helpers import assert_close
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """The fused forward's calls (each one a list of its arguments)."""
+    calls = []
+    real = im2col_fused.forward
+    monkeypatch.setattr(im2col_fused, "forward", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+def test_which_convs_take_it():
+    f32 = 4
+    assert im2col_fused.applies((1, 3, 3), 1, 64, 64, (1, 32, 32), (1, 32, 32), f32)
+    assert im2col_fused.applies((1, 1, 5), 1, 16, 8, (1, 1, 40), (1, 1, 36), f32)  # 1-D
+    assert not im2col_fused.applies((1, 3, 3), 2, 64, 64, (1, 32, 32), (1, 32, 32), f32)  # grouped
+    assert not im2col_fused.applies((3, 3, 3), 1, 64, 64, (8, 8, 8), (6, 6, 6), f32)  # 3-D
+    assert not im2col_fused.applies((1, 1, 1), 1, 64, 64, (1, 8, 8), (1, 8, 8), f32)  # 1x1: a plain GEMM
+    assert not im2col_fused.applies((1, 7, 7), 1, 3, 64, (1, 128, 128), (1, 64, 64), f32)  # an RGB stem
+    assert not im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32)  # 9.4 MB of weights
+    assert im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32)  # 2.4 MB
+
+
+@pytest.mark.parametrize("N,K,CK,OH,OW,tasks", [
+    (1, 32, 1152, 16, 16, 2), (8, 64, 576, 32, 32, 2), (1, 64, 27, 3, 3, 2), (1, 512, 2304, 4, 4, 2),
+    (3, 8, 18, 1, 40, 4), (1, 4, 9, 1, 1, 2), (2, 16, 144, 5, 7, 1), (8, 512, 4608, 4, 4, 2)])
+def test_plan_covers_every_row_and_channel(N, K, CK, OH, OW, tasks):
+    rpc, kparts = im2col_fused._plan(N, K, CK, OH, OW, 4, tasks)
+    rows = N * OH
+    assert 1 <= rpc <= rows and 1 <= kparts <= max(1, tasks)
+    nchunks = -(-rows // rpc)
+    if kparts > 1:  # the channels are split only when there is one chunk
+        assert nchunks == 1
+    if rpc > 1:  # a chunk of several rows stays within the column budget
+        assert rpc * CK * OW * 4 <= im2col_fused.CHUNK_BYTES or nchunks == 1
+    if rows >= tasks and kparts == 1:  # work for every task
+        assert nchunks >= tasks
+
+
+def test_channel_split_between_tasks_matches_torch(spy, monkeypatch):
+    """One chunk (a batch-1 4x4 map) with more output channels than the map has positions: each task fills the
+    columns and multiplies its part of the channels."""
+    if numba.get_num_threads() < 2:
+        pytest.skip("needs 2 Numba threads to split the channels between tasks")
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(numba, "get_num_threads", lambda: 2)
+    x = torch.randn(1, 16, 4, 4, dtype=torch.float64)
+    w = torch.randn(40, 16, 3, 3, dtype=torch.float64)
+    b = torch.randn(40, dtype=torch.float64)
+    assert im2col_fused._plan(1, 40, 144, 4, 4, 8, 2) == (4, 2)
+    assert_close(F.conv2d(x, w, b, padding=1, algo="im2col"), TF.conv2d(x, w, b, padding=1), algo="im2col",
+                 what="fused, channels split")
+    assert spy, "the fused path did not run"
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (1, 0, 1), (3, 2, 1)])
+def test_public_api_forward_and_gradients(spy, stride, padding, dilation):
+    """float64 through ``fastconv.functional`` at a size the default rules send to the fused path (16 input
+    channels): forward and both gradients against torch, and gradcheck."""
+    g = torch.Generator().manual_seed(stride * 10 + padding)
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 16, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    y = F.conv2d(x, w, b, algo="im2col", **kw)
+    ref = TF.conv2d(x, w, b, **kw)
+    assert_close(y, ref, algo="im2col", what="fused forward")
+    assert spy, "the fused path did not run"
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), go)
+    want = torch.autograd.grad(ref, (x, w, b), go)
+    for name, a, e in zip(("input", "weight", "bias"), got, want):
+        assert_close(a, e, algo="im2col", what=f"fused, grad {name}")
+    xs, ws = x[:1, :, :5, :6].detach().requires_grad_(), w[:3].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
+
+
+def test_stride1_input_gradient_takes_the_flipped_fused_forward(spy, monkeypatch):
+    """A stride-1 dense input gradient over enough positions is the fused forward of the output gradient."""
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 1)
+    go = np.random.default_rng(0).standard_normal((2, 16, 1, 6, 7))
+    w = np.random.default_rng(1).standard_normal((16, 20, 1, 3, 3))
+    gx = cc.im2col_grad_input(go, w, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1, (1, 6, 7))
+    ref = torch.nn.grad.conv2d_input((2, 20, 6, 7), torch.from_numpy(w[:, :, 0]), torch.from_numpy(go[:, :, 0]),
+                                     padding=1)
+    np.testing.assert_allclose(gx[:, :, 0], ref.numpy(), rtol=1e-10, atol=1e-10)
+    assert len(spy) == 1
+
+
+def test_off_switch_keeps_the_plain_paths(spy, monkeypatch):
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)
+    x, w = torch.randn(1, 16, 8, 8, dtype=torch.float64), torch.randn(8, 16, 3, 3, dtype=torch.float64)
+    assert_close(F.conv2d(x, w, padding=1, algo="im2col"), TF.conv2d(x, w, padding=1), algo="im2col",
+                 what="plain path")
+    assert not spy
+
+
+def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch):
+    from fastconv import registry
+    from fastconv.ops.conv import make_geometry
+
+    allocated = []
+    real_empty = np.empty
+
+    def counting_empty(shape, dtype=float, *a, **k):
+        out = real_empty(shape, dtype, *a, **k)
+        allocated.append(out.nbytes)
+        return out
+
+    g = make_geometry(2, 2, 32, 24, 1, (12, 12), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32,
+                      "numba")
+    assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
+    alg = registry.choose("im2col", g, "forward")
+    x = np.zeros((2, 32, 12, 12), np.float32)
+    w2 = np.zeros((24, 32 * 9), np.float32)
+    y3 = np.empty((2, 24, 144), np.float32)
+    monkeypatch.setattr(im2col_fused.np, "empty", counting_empty)
+    im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)
+    assert sum(allocated) == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
