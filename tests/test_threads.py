@@ -23,8 +23,12 @@ class _ConvDataset(torch.utils.data.Dataset):
 
     def __init__(self):
         torch.manual_seed(0)
+        # the last two: im2col's fused region (dense, 16 input channels) and shift's kernels (narrow groups), whose
+        # parallel compilations are chosen by their callers rather than by the kernel wrapper
         self.model = torch.nn.Sequential(fastconv.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-                                         fastconv.nn.Conv2d(8, 4, 3, stride=2)).double()
+                                         fastconv.nn.Conv2d(8, 16, 3, stride=2),
+                                         fastconv.nn.Conv2d(16, 16, 3, padding=1, algo="im2col"),
+                                         fastconv.nn.Conv2d(16, 4, 3, padding=1, groups=4, algo="shift")).double()
         self.inputs = torch.randn(6, 3, 16, 16, dtype=torch.float64)
 
     def __len__(self):
@@ -43,6 +47,10 @@ def test_forked_dataloader_workers_run_fastconv(monkeypatch):
     # launch in a child forked after one in the parent is what kills it under GNU OpenMP.
     for name in ("PARALLEL_MIN_ELEMENTS", "COMPUTE_PARALLEL_MIN_ELEMENTS", "POOL_PARALLEL_MIN_ELEMENTS"):
         monkeypatch.setattr(parallel, name, 0)
+    from fastconv.cpu import im2col_fused, shift
+
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(shift, "PARALLEL_MIN_MACS", 0)
     data = _ConvDataset()
     expected = torch.stack([data[i] for i in range(len(data))])
     assert numba.threading_layer() == fastconv.config.THREADING["layer"]  # raises if nothing ran in parallel

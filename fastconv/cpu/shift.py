@@ -384,8 +384,9 @@ PARALLEL_MIN_MACS = 2_000_000
 
 
 def _sized(kernel, macs):
-    """The parallel or the serial compilation of ``kernel``, by the call's multiply-adds."""
-    return kernel.parallel if macs >= PARALLEL_MIN_MACS else kernel.serial
+    """The parallel or the serial compilation of ``kernel``, by the call's multiply-adds (serial in a child
+    forked from an OpenMP process, which ends at its first parallel launch: see ``parallel.SERIAL_ONLY``)."""
+    return kernel.parallel if macs >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY else kernel.serial
 
 
 def _tup(v):
