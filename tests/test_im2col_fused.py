@@ -135,3 +135,21 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch):
     monkeypatch.setattr(im2col_fused.np, "empty", counting_empty)
     im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)
     assert sum(allocated) == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
+
+
+def test_opcheck_on_the_fused_path(spy, monkeypatch):
+    """``torch.ops.fastconv.conv2d`` and its two gradient ops, float64, at a size the default rules send to the fused
+    path (the conv suite's opcheck cases have fewer than 16 input channels and stay on the plain paths)."""
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 1)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 16, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    geometry = ([1, 1], [1, 1], [1, 1], [1, 1], 1, "im2col")  # stride, padding, padding end, dilation, groups
+    y = TF.conv2d(x, w, b, padding=1).detach()
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geometry))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default,
+                          (gy.requires_grad_(), w, list(x.shape[2:]), *geometry))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, list(w.shape[2:]), *geometry))
+    assert spy, "the fused path did not run"
