@@ -70,18 +70,20 @@ def _fused_applies(nd, ksz, groups):
 
 
 class _fused_everywhere:
-    """Context: the fused im2col path for every size (no channel or weight limits, the parallel region from the
-    first multiply-add, chunks of about one output row) and a list of its forward calls."""
+    """Context: the fused im2col path for every size (no channel, weight or column-length limits, the parallel
+    region from the first multiply-add, chunks of about one output row) and a list of its forward calls."""
 
     def __enter__(self):
         self.saved = {k: getattr(im2col_fused, k) for k in ("MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
-                                                            "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward")}
+                                                            "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward",
+                                                            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS")}
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS = 0
         calls = []
         real = self.saved["forward"]
         im2col_fused.MIN_IN_CHANNELS, im2col_fused.MAX_WEIGHT_BYTES = 0, 1 << 62
         im2col_fused.PARALLEL_MIN_MACS, im2col_fused.CHUNK_BYTES = 0, 64
+        im2col_fused.MIN_CHUNK_COLUMNS = im2col_fused.MIN_GRAD_WEIGHT_CHUNK_COLUMNS = 0
         im2col_fused.forward = lambda *a: calls.append(1) or real(*a)
         return calls
 

@@ -37,6 +37,37 @@ def test_which_convs_take_it():
     assert not im2col_fused.applies((1, 7, 7), 1, 3, 64, (1, 128, 128), (1, 64, 64), f32)  # an RGB stem
     assert not im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32)  # 9.4 MB of weights
     assert im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32)  # 2.4 MB
+    # columns too tall for a chunk to hold MIN_CHUNK_COLUMNS output positions: AlexNet's 384 -> 256 (3456 long),
+    # and the input gradient of its 64 -> 192 5x5 (the flipped conv reduces over 192 * 25)
+    assert not im2col_fused.applies((1, 3, 3), 1, 384, 256, (1, 7, 7), (1, 7, 7), f32)
+    assert not im2col_fused.applies((1, 5, 5), 1, 192, 64, (1, 15, 15), (1, 15, 15), f32)
+
+
+def test_weight_gradient_needs_longer_chunks():
+    """The weight gradient's chunk GEMM rereads and rewrites the task's accumulator: it asks for
+    MIN_GRAD_WEIGHT_CHUNK_COLUMNS output positions per chunk, the forward for MIN_CHUNK_COLUMNS."""
+    f32, longer = 4, im2col_fused.MIN_GRAD_WEIGHT_CHUNK_COLUMNS
+    assert longer > im2col_fused.MIN_CHUNK_COLUMNS
+    assert im2col_fused.applies((1, 3, 3), 1, 128, 128, (1, 16, 16), (1, 16, 16), f32, longer)  # 1152 long
+    assert im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32)  # 2304 long: forward only
+    assert not im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32, longer)
+
+
+@pytest.mark.parametrize("C,fused", [(64, True), (128, False)])  # float64: 128 * 9 * 8 * 192 > 1 MB
+def test_weight_gradient_routing(monkeypatch, C, fused):
+    """im2col's weight gradient takes the fused region exactly where applies() says so, and matches torch."""
+    calls = []
+    real = im2col_fused.grad_weight
+    monkeypatch.setattr(im2col_fused, "grad_weight", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, C, 8, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(8, C, 3, 3, generator=g, dtype=torch.float64)
+    go = torch.randn(2, 8, 8, 8, generator=g, dtype=torch.float64)
+    gw = cc.im2col_grad_weight(go.numpy()[:, :, None], x.numpy()[:, :, None], (1, 1, 1), (0, 1, 1), (1, 1, 1), 1,
+                               (1, 3, 3))
+    expected = torch.nn.grad.conv2d_weight(x, w.shape, go, padding=1)
+    assert_close(torch.from_numpy(gw[:, :, 0]), expected)
+    assert bool(calls) == fused
 
 
 @pytest.mark.parametrize("N,K,CK,OH,OW,tasks", [

@@ -1217,7 +1217,8 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
     if (im2col_fused.GRAD_WEIGHT
-            and im2col_fused.applies(kernel_spatial, G, C, K, (D, H, W), out_spatial, x.itemsize)):
+            and im2col_fused.applies(kernel_spatial, G, C, K, (D, H, W), out_spatial, x.itemsize,
+                                     im2col_fused.MIN_GRAD_WEIGHT_CHUNK_COLUMNS)):
         # columns made in cache per task, each task's GEMM adding into its own accumulator
         im2col_fused.grad_weight(go3, x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:], dilation[1:],
                                  (OH, OW), gw2)

@@ -26,7 +26,8 @@ from fastconv import config
 
 from . import jit_gemm, parallel
 
-__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "CHUNK_BYTES", "ENABLED"]
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "CHUNK_BYTES", "ENABLED", "MIN_CHUNK_COLUMNS",
+           "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 
@@ -156,14 +157,35 @@ def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, col
             jit_gemm.gemm(gq, col, acc[t], 1.0, True)
 
 
-def applies(ksz, groups: int, in_channels: int, out_channels: int, in_spatial, out_spatial, itemsize: int) -> bool:
+#: Fewest output positions a chunk's columns must hold for the forward (and the input gradient, a forward of
+#: the flipped conv): the chunk's GEMM reads all the weights for that many columns, so tall columns
+#: (``C*KH*KW`` large) leave a GEMM too thin to pay for rereading them. Measured fused / plain time, 2 threads,
+#: batch 8: AlexNet's 384 -> 256 3x3 at 7x7 (3456-long columns, 75 per chunk) 1.15-1.26; the input gradient of
+#: its 64 -> 192 5x5 at 15x15 (4800-long, 45 per chunk) 1.9-2.2; 256 -> 256 3x3 at 8x8 (112 per chunk)
+#: 0.73-0.98.
+MIN_CHUNK_COLUMNS = 112
+#: The same for the weight gradient, where each chunk's GEMM reads and writes the task's whole accumulator
+#: (``K x C*KH*KW``) for a reduction as long as the chunk's columns. Measured fused / plain time, batch 8:
+#: 128 -> 128 3x3 at 16x16 (227 per chunk) 0.83, 64 -> 64 at 32x32 (455) 0.77; 64 -> 192 5x5 at 15x15 (163)
+#: 1.05-1.15; 256 -> 256 3x3 at 8x8 and 7x7 (113) 1.05-1.33; 192 -> 384 and 384 -> 256 at 7x7 (151, 75) 1.41-1.45.
+MIN_GRAD_WEIGHT_CHUNK_COLUMNS = 192
+
+
+def applies(ksz, groups: int, in_channels: int, out_channels: int, in_spatial, out_spatial, itemsize: int,
+            min_chunk_columns: int | None = None) -> bool:
     """Whether :func:`forward` runs this conv: dense, 1-D/2-D (depth 1), more than one tap, at least
-    :data:`MIN_IN_CHANNELS` input channels, at most :data:`MAX_WEIGHT_BYTES` of weights, and a GEMM that Numba
-    code can call (:data:`.jit_gemm.SOURCE`)."""
+    :data:`MIN_IN_CHANNELS` input channels, at most :data:`MAX_WEIGHT_BYTES` of weights, columns short enough
+    for a :data:`CHUNK_BYTES` chunk to hold ``min_chunk_columns`` of them (:data:`MIN_CHUNK_COLUMNS`;
+    :func:`grad_weight`'s callers pass :data:`MIN_GRAD_WEIGHT_CHUNK_COLUMNS`), and a GEMM that Numba code can
+    call (:data:`.jit_gemm.SOURCE`)."""
     KD, KH, KW = ksz
+    if min_chunk_columns is None:
+        min_chunk_columns = MIN_CHUNK_COLUMNS
+    column_bytes = in_channels * KH * KW * itemsize
     return (ENABLED and jit_gemm.SOURCE is not None and groups == 1 and KD == 1 and in_spatial[0] == 1
             and out_spatial[0] == 1 and KH * KW > 1 and in_channels >= MIN_IN_CHANNELS
-            and out_channels * in_channels * KH * KW * itemsize <= MAX_WEIGHT_BYTES)
+            and out_channels * column_bytes <= MAX_WEIGHT_BYTES
+            and column_bytes * min_chunk_columns <= CHUNK_BYTES)
 
 
 def _plan(N, K, CK, OH, OW, itemsize, tasks):
