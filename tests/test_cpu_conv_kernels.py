@@ -77,8 +77,8 @@ class _fused_everywhere:
         self.saved = {k: getattr(im2col_fused, k) for k in ("MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
                                                             "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward",
                                                             "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS")}
-        self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS
-        cc.FUSED_GRAD_INPUT_MIN_POSITIONS = 0
+        self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
         calls = []
         real = self.saved["forward"]
         im2col_fused.MIN_IN_CHANNELS, im2col_fused.MAX_WEIGHT_BYTES = 0, 1 << 62
@@ -90,7 +90,7 @@ class _fused_everywhere:
     def __exit__(self, *exc):
         for k, v in self.saved.items():
             setattr(im2col_fused, k, v)
-        cc.FUSED_GRAD_INPUT_MIN_POSITIONS = self.min_positions
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
 
 
 def _fused_for_any_size(monkeypatch, on: bool):
@@ -339,6 +339,7 @@ def test_im2col_grad_input_zero_outside_coverage_stride1(fused, monkeypatch):
     flipped forward."""
     _fused_for_any_size(monkeypatch, fused)
     monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 0)
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MAX_EXPANSION", 2)  # this conv expands 2 -> 3 channels
     rng = np.random.default_rng(0)
     go = rng.standard_normal((2, 3, 1, 3, 4))
     w = rng.standard_normal((3, 2, 1, 3, 3))

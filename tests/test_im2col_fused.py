@@ -136,6 +136,19 @@ def test_stride1_input_gradient_takes_the_flipped_fused_forward(spy, monkeypatch
     assert len(spy) == 1
 
 
+def test_expanding_layers_input_gradient_keeps_the_plain_path(spy, monkeypatch):
+    """A conv with more output than input channels: its flipped conv would fill more column entries than its GEMM
+    gives outputs (measured 1.2-2.3x slower), so the input gradient stays on the plain path, and matches torch."""
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 1)
+    go = np.random.default_rng(0).standard_normal((2, 40, 1, 6, 7))
+    w = np.random.default_rng(1).standard_normal((40, 20, 1, 3, 3))
+    gx = cc.im2col_grad_input(go, w, (1, 1, 1), (0, 1, 1), (1, 1, 1), 1, (1, 6, 7))
+    ref = torch.nn.grad.conv2d_input((2, 20, 6, 7), torch.from_numpy(w[:, :, 0]), torch.from_numpy(go[:, :, 0]),
+                                     padding=1)
+    np.testing.assert_allclose(gx[:, :, 0], ref.numpy(), rtol=1e-10, atol=1e-10)
+    assert not spy
+
+
 def test_off_switch_keeps_the_plain_paths(spy, monkeypatch):
     monkeypatch.setattr(im2col_fused, "ENABLED", False)
     x, w = torch.randn(1, 16, 8, 8, dtype=torch.float64), torch.randn(8, 16, 3, 3, dtype=torch.float64)

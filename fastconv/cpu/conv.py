@@ -825,6 +825,12 @@ WIDE_SHORT_ROW_OW = 16
 #: batch 1 0.72 and batch 8 0.73, 8x128->128 at 16x16 0.93, 8x256->256 at 8x8 1.03; below 512 positions
 #: 1.03-1.82 (batch 1 at 8x8 and 16x16: the flipped weights' copy and a short GEMM outweigh the gain).
 FUSED_GRAD_INPUT_MIN_POSITIONS = 512
+#: ... and only where the conv does not expand its channels (out_channels <= in_channels): the flipped conv
+#: fills ``out_channels * KH * KW`` column entries per position for a GEMM giving ``in_channels`` outputs, so an
+#: expanding layer's fill outweighs its GEMM. Measured, batch 8, fused / plain time: SqueezeNet's expand 3x3s
+#: 16 -> 64 at 30x30 1.66, 32 -> 128 2.0, 48 -> 192 at 15x15 2.3, 64 -> 256 1.54 (4x expansions); 96 -> 128
+#: 1.16; 64 -> 64 0.9, DenseNet's 128 -> 32 0.78.
+FUSED_GRAD_INPUT_MAX_EXPANSION = 1
 
 #: Stride-1 input gradient as a forward conv of the zero-padded output gradient: used while that
 #: conv's multiply-adds (over the padded rows) are at most this many times the real ones. Small
@@ -1146,7 +1152,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
     # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
-    if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS
+    if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS and K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C
             and im2col_fused.applies((KD, KH, KW), G, K, C, out_spatial, in_spatial, go.itemsize)):
         # dense: that forward with the columns made in cache (negative padding, a crop, is read as such)
         wt = _c(w.reshape(K, C, KH * KW)[:, :, ::-1].transpose(1, 0, 2)).reshape(C, K * KH * KW)
