@@ -270,3 +270,45 @@ def test_a_nonfinite_bias_alone_is_seen_when_the_operands_are_read(spy):
     b = torch.tensor([0.0, math.inf, 1.0, -math.inf, math.nan, 3.0], dtype=torch.float64)
     assert_close(F.conv2d(x, w, b, algo="im2col"), TF.conv2d(x, w, b), algo="im2col", what="non-finite bias")
     assert spy == {"taken": 0, "declined": 1}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channel_slice", [False, True])
+def test_small_planes_multiply_the_whole_batch_in_one_gemm(monkeypatch, bias, stride, channel_slice):
+    """Planes of at most ONE_GEMM_MAX_PIXELS pixels: the forward's and the input gradient's per-image products
+    run as one GEMM over the batch's pixels side by side (a spy proves it ran); the results equal torch's in
+    float64, for a channel slice of a wider input (ShuffleNet) too. The weight threshold is lowered here so that
+    a small layer takes that branch."""
+    if algorithms.blas.GEMM_LIBRARY != "torch":
+        pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
+    from fastconv.cpu import pointwise
+    monkeypatch.setattr(pointwise, "ONE_GEMM_MIN_WEIGHTS", 0)
+    taken = []
+    real = pointwise._one_gemm_over_batch
+    monkeypatch.setattr(pointwise, "_one_gemm_over_batch", lambda a, b3: taken.append(real(a, b3)) or taken[-1])
+    g = torch.Generator().manual_seed(11 + stride)
+    whole = torch.randn(3, 10, 5, 6, generator=g, dtype=torch.float64)
+    x = (whole[:, 2:8] if channel_slice else whole[:, :6].contiguous()).requires_grad_()
+    w = torch.randn(7, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    got = F.conv2d(x, w, b, stride=stride, algo="im2col")
+    want = TF.conv2d(x, w, b, stride=stride)
+    assert_close(got, want, algo="im2col", what="1x1 forward as one GEMM over the batch")
+    gy = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    got_gx, got_gw = torch.autograd.grad(got, (x, w), gy)
+    want_gx, want_gw = torch.autograd.grad(want, (x, w), gy)
+    assert_close(got_gx, want_gx, algo="im2col", what="1x1 input gradient as one GEMM over the batch")
+    assert_close(got_gw, want_gw, algo="im2col", what="1x1 weight gradient")
+    # (a strided conv of a non-contiguous input leaves its forward to the kernel that keeps the input's layout)
+    expected = [True] if stride > 1 and channel_slice else [True, True]
+    assert taken == expected, "forward and input gradient should take the one-GEMM branch"
+
+
+def test_large_planes_keep_the_batched_gemm(monkeypatch):
+    from fastconv.cpu import pointwise
+    monkeypatch.setattr(pointwise, "ONE_GEMM_MIN_WEIGHTS", 0)
+    a = torch.randn(4, 3)
+    assert pointwise._one_gemm_over_batch(a, torch.randn(2, 3, pointwise.ONE_GEMM_MAX_PIXELS))
+    assert not pointwise._one_gemm_over_batch(a, torch.randn(2, 3, pointwise.ONE_GEMM_MAX_PIXELS + 1))
+    assert not pointwise._one_gemm_over_batch(a, torch.randn(1, 3, 4))  # one image: a plain GEMM anyway
