@@ -303,6 +303,9 @@ def test_small_planes_multiply_the_whole_batch_in_one_gemm(monkeypatch, bias, st
     # (a strided conv of a non-contiguous input leaves its forward to the kernel that keeps the input's layout)
     expected = [True] if stride > 1 and channel_slice else [True, True]
     assert taken == expected, "forward and input gradient should take the one-GEMM branch"
+    args = ([stride, stride], [0, 0], [0, 0], [1, 1], 1, "im2col")
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *args))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default, (gy, w, list(x.shape[2:]), *args))
 
 
 def test_large_planes_keep_the_batched_gemm(monkeypatch):
