@@ -265,20 +265,20 @@ def test_workspace_bytes_counts_filters_and_one_bounded_chunk_per_thread():
     g = _geometry(8, 256, 256, 56, 56)
     alg4 = registry._REGISTRY[("winograd4", "numba")]
     filters = 36 * 256 * 256 * 4
-    per_row = 36 * 512 * 15 * 4  # 14 tiles + 1 spare slot per tile row
+    per_row = 36 * 512 * 14 * 4  # 14 tiles per tile row (the GEMMs' layout has no spare slots)
     saved = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         # one thread: chunks of max(what WORKSPACE_BYTES holds, MIN_GEMM_TILES wide) tile rows, one accumulator
-        rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 15))
+        rows = max(winograd.WORKSPACE_BYTES // per_row, -(-winograd.MIN_GEMM_TILES // 14))
         assert alg4.workspace_bytes(g) == 2 * filters + rows * per_row
         if numba.config.NUMBA_NUM_THREADS >= 2:
-            # two threads: 112 tile rows in 10 chunks of 12 (two of them in flight), two accumulators
+            # two threads: 112 tile rows in 8 chunks of 14 (two of them in flight), two accumulators
             numba.set_num_threads(2)
             assert (winograd.WORKSPACE_BYTES, winograd.MIN_GEMM_TILES) == (4 << 20, 192), "numbers below"
-            assert alg4.workspace_bytes(g) == 3 * filters + 2 * 12 * per_row
+            assert alg4.workspace_bytes(g) == 3 * filters + 2 * 14 * per_row
         small = _geometry(1, 3, 4, 5, 5)
-        tiles = 36 * (3 + 4) * 3 * 2 * 4  # 2 tile rows of 2 tiles (+1 spare slot) each: one chunk
+        tiles = 36 * (3 + 4) * 2 * 2 * 4  # 2 tile rows of 2 tiles each: one chunk
         assert alg4.workspace_bytes(small) == 2 * 36 * 4 * 3 * 4 + tiles
     finally:
         numba.set_num_threads(saved)

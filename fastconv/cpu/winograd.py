@@ -197,13 +197,15 @@ def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
 
     ``out[xi*a + nu, c, (r - r0)*Q + tw] = sum_ij L[xi, i] L[nu, j] src[n, c, th*m + i - pad_h, tw*m + j - pad_w]``
     for the tile rows ``r = n*TH + th`` in ``[r0, r1)`` and ``tw < TW``; reads outside ``src`` are zeros
-    (so any padding, negative included, works). Each tile row owns ``Q >= TW + (s - 1) // m`` slots; the
-    slots past ``TW`` are set to zero.
+    (so any padding, negative included, works). The output holds ``TW`` slots per tile row, one per tile.
 
-    Why the spare slots: with the input row split by phase (column ``q*m + ph`` at ``ph*Q + q``), tap
-    ``j`` of every tile of the chunk is the same unit-stride run shifted by ``j // m``, so both passes
-    below are single contiguous loops over the whole chunk (``(r1 - r0) * Q`` long) and vectorise; a
-    loop per tile row would be only TW (4 to 56) long and mostly scalar remainder.
+    Why ``Q >= TW + (s - 1) // m`` slots per tile row inside: with the input row split by phase (column
+    ``q*m + ph`` at ``ph*Q + q``), tap ``j`` of every tile of the chunk is the same unit-stride run shifted
+    by ``j // m``, so both passes below are single contiguous loops over the whole chunk (``(r1 - r0) * Q``
+    long) and vectorise; a loop per tile row would be only TW (1 to 56) long and mostly scalar remainder.
+    The row pass's run, spare slots included, is then copied out without them: the GEMMs and the output
+    transform would otherwise multiply zeros in ``1/(TW + 1)`` of their columns (a third at 8x8 with
+    F(4x4), a half at 4x4), which cost more than this copy of data still in L1.
 
     Why flat buffers with unsigned offsets and no views: see :func:`_comb_flat` (together with the
     register-blocked 6-term passes, 2-3x faster than per-coefficient accumulation through slices).
@@ -214,12 +216,13 @@ def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
     L : (a, 6) array -- ``B^T`` (s = a, overlapping patches) or ``G_m`` (s = m, disjoint tiles), zero-padded
     from its ``s`` columns to 6 (:func:`_padded`)
     m : tile step; pad_h, pad_w : padding before each dim (may be negative)
-    out : (a*a, C, (r1 - r0)*Q) array, written for the channels ``c0 <= c < c1``
+    out : (a*a, C, (r1 - r0)*TW) array, written for the channels ``c0 <= c < c1``
     """
     N, C, H, W = src.shape
     a = L.shape[0]
     R = r1 - r0
     RQ = R * Q
+    RT = R * TW
     ext = RQ + (s - 1) // m  # the last row's spare slots read this far
     PL = m * ext  # one tap row i of P (all phases), flat
     poff = np.empty(6, np.int64)  # where tap row i starts in P (rows past s repeat the last one)
@@ -239,6 +242,7 @@ def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
         # P[i*PL + ph*ext + rr*Q + q] = src[n, c, th*m + i - pad_h, q*m + ph - pad_w] (0 outside)
         P = np.zeros(s * PL, src.dtype)
         S = np.empty(a * PL, src.dtype)
+        run = np.empty(RQ, src.dtype)
         zero = P[0]  # a 0 of the array's dtype (P is still all zeros)
         for rr in range(R):
             r = r0 + rr
@@ -257,14 +261,17 @@ def _tile_block(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out, c0, c1):
         # column pass (along H), all phases and slots as one run: S[xi] = sum_i L[xi, i] P[i]
         for xi in range(a):
             _comb_flat(S, xi * PL, PL, zero, L, xi, P, poff, 0)
-        # row pass (along W): tap j of tile t is S[xi, j % m, t + j // m]
+        # row pass (along W): tap j of tile t is S[xi, j % m, t + j // m]; the run is copied out without
+        # the spare slots
         for xi in range(a):
             for nu in range(a):
-                d0 = ((xi * a + nu) * C + c) * RQ
-                _comb_flat(outf, d0, RQ, zero, L, nu, S, soff, xi * m * ext)
+                _comb_flat(run, 0, RQ, zero, L, nu, S, soff, xi * m * ext)
+                d0 = ((xi * a + nu) * C + c) * RT
                 for rr in range(R):
-                    for t in range(rr * Q + TW, (rr + 1) * Q):
-                        outf[np.uint64(d0 + t)] = 0
+                    dst = np.uint64(d0 + rr * TW)
+                    srt = np.uint64(rr * Q)
+                    for t in range(TW):
+                        outf[dst + np.uint64(t)] = run[srt + np.uint64(t)]
 
 
 @parallel.kernel(always=True, **_JIT)
@@ -278,8 +285,8 @@ def _tile_transform(src, L, s, m, pad_h, pad_w, TH, TW, Q, r0, r1, out):
 def _output_block(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad, k0, k1):
     """``y[n, k, th*m + p, tw*m + q] = bias[k] + sum AT[p, xi] AT[q, nu] M[xi*a + nu, k, (r - r0)*Q + tw]``.
 
-    Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q`` slots per row (see :func:`_tile_transform`);
-    tiles are cropped to ``OH x OW`` (partial edge tiles).
+    Tile rows ``r = n*TH + th`` in ``[r0, r1)``, ``Q >= TW`` slots per row (the GEMMs' layout: ``TW``, see
+    :func:`_tile_block`); tiles are cropped to ``OH x OW`` (partial edge tiles).
 
     ``bad[k]`` gets ``+= v - v`` for every value ``v`` computed (the cropped and spare slots too): it stays 0
     while they are all finite and turns NaN otherwise, the callers' output check (see the note above
@@ -372,8 +379,8 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
     of the core that made them.
 
     x : (N, C, H, W); U : (a*a*G, K/G, C/G); BT, AT : padded (:func:`_padded`); y : (N, K, OH, OW),
-    written; bad : (tasks, K), accumulated (see :func:`_output_transform`); vbuf : (tasks, a*a*C*rpc*Q);
-    mbuf : (tasks, a*a*K*rpc*Q).
+    written; bad : (tasks, K), accumulated (see :func:`_output_transform`); vbuf : (tasks, a*a*C*rpc*TW);
+    mbuf : (tasks, a*a*K*rpc*TW). ``Q``: the input transform's slots per tile row (:func:`_tile_block`).
     """
     N, C = x.shape[0], x.shape[1]
     K = y.shape[1]
@@ -384,13 +391,13 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
         for ci in range(t, nchunks, tasks):
             r0 = ci * rpc
             r1 = min(rows, r0 + rpc)
-            T = (r1 - r0) * Q
+            T = (r1 - r0) * TW
             V = vbuf[t, :a * a * C * T].reshape((a * a * G, C // G, T))
             M = mbuf[t, :a * a * K * T].reshape((a * a * G, K // G, T))
             _tile_block(x, BT, a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V.reshape((a * a, C, T)), 0, C)
             for i in range(a * a * G):
                 jit_gemm.gemm(U[i], V[i], M[i], 0.0, False)
-            _output_block(M.reshape((a * a, K, T)), AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad[t], 0, K)
+            _output_block(M.reshape((a * a, K, T)), AT, a, bias, m, OH, OW, TH, TW, TW, r0, r1, y, bad[t], 0, K)
 
 
 @parallel.kernel(always=True, **_JIT)
@@ -399,7 +406,7 @@ def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, acc
     transforms its chunks of ``x`` (``B^T``) and ``go`` (``G_m``) and adds their GEMMs into ``accs[t]``.
 
     x : (N, C, H, W); go : (N, K, OH, OW); accs : (tasks, a*a*G, K/G, C/G), accumulated;
-    vbuf : (tasks, a*a*C*rpc*Q); gbuf : (tasks, a*a*K*rpc*Q).
+    vbuf : (tasks, a*a*C*rpc*TW); gbuf : (tasks, a*a*K*rpc*TW).
     """
     N, C = x.shape[0], x.shape[1]
     K = go.shape[1]
@@ -410,7 +417,7 @@ def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, acc
         for ci in range(t, nchunks, tasks):
             r0 = ci * rpc
             r1 = min(rows, r0 + rpc)
-            T = (r1 - r0) * Q
+            T = (r1 - r0) * TW
             V = vbuf[t, :a * a * C * T].reshape((a * a * G, C // G, T))
             GO = gbuf[t, :a * a * K * T].reshape((a * a * G, K // G, T))
             _tile_block(x, BT, a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V.reshape((a * a, C, T)), 0, C)
@@ -441,28 +448,46 @@ def _gemm_weight(GO, V, acc):
 
 
 @parallel.kernel(always=True, **_JIT)
-def _filter_transform(wt, G, U):
-    """``U[xi*a + nu, k, c] = sum_ij G[xi, i] G[nu, j] w[k, c, i, j]`` with ``wt = w`` as (K, 3, 3, C).
+def _filter_transform(w, G, U, flipped):
+    """``U[xi*a + nu, k, c] = sum_ij G[xi, i] G[nu, j] f[k, c, i, j]`` for the filters ``f`` of the conv run.
 
-    The channel axis is innermost in ``wt`` and ``U`` so every loop here runs over contiguous channels.
+    Not flipped: ``f = w``, (K, C, 3, 3), and U is (a*a, K, C). Flipped (the input gradient's conv, see
+    :func:`winograd_grad_input`): ``f[c, k, i, j] = w[g*Kg + k, c - g*Cg, 2 - i, 2 - j]`` for ``c`` of group
+    ``g``, with w (K, Cg, 3, 3) of the forward and U (a*a, G*Cg, Kg). w C-contiguous either way.
+
+    Each task first gathers its filter ``f[k]`` into a (3, 3, C) buffer, so every loop after it runs over
+    contiguous channels; transposing (and flipping) the whole weight with numpy beforehand cost 0.35 ms for
+    256 x 256 filters, a sixth of that layer's forward at batch 8, single-threaded and through memory.
     G : (a, 6) array, ``G`` zero-padded from 3 columns (:func:`_padded`).
     """
-    K = wt.shape[0]
-    C = wt.shape[3]
+    K = U.shape[1]
+    C = U.shape[2]
+    Cg_fwd = w.shape[1]  # flipped: the forward's input channels per group
     a = G.shape[0]
-    wf = wt.reshape(wt.size)
     Uf = U.reshape(U.size)
-    toff = np.empty(6, np.int64)  # tap row i of wt[k] (rows past 3 repeat the last one)
+    toff = np.empty(6, np.int64)  # tap row i of wk (rows past 3 repeat the last one)
     uoff = np.empty(6, np.int64)  # tap column j of tmp[xi]
     for j in range(6):
         toff[j] = min(j, 2) * 3 * C
         uoff[j] = min(j, 2) * C
     for k in prange(K):
+        wk = np.empty(9 * C, U.dtype)  # wk[(i*3 + j)*C + c] = f[k, c, i, j]
+        if flipped:
+            g = k // Cg_fwd
+            for c in range(C):
+                for i in range(3):
+                    for j in range(3):
+                        wk[(i * 3 + j) * C + c] = w[g * C + c, k - g * Cg_fwd, 2 - i, 2 - j]
+        else:
+            for c in range(C):
+                for i in range(3):
+                    for j in range(3):
+                        wk[(i * 3 + j) * C + c] = w[k, c, i, j]
         tmp = np.empty(a * 3 * C, U.dtype)  # tmp[(xi*3 + j)*C + c] = sum_i G[xi, i] w[k, c, i, j]
         zero = G[0, 5]  # a 0 of the dtype (the padding column)
         for xi in range(a):
             for j in range(3):
-                _comb_flat(tmp, (xi * 3 + j) * C, C, zero, G, xi, wf, toff, (k * 9 + j) * C)
+                _comb_flat(tmp, (xi * 3 + j) * C, C, zero, G, xi, wk, toff, j * C)
         for xi in range(a):
             for nu in range(a):
                 _comb_flat(Uf, ((xi * a + nu) * K + k) * C, C, zero, G, nu, tmp, uoff, xi * 3 * C)
@@ -638,15 +663,17 @@ def _plan(per_row_bytes, total_rows, slots_per_row, threads=None):
     return False, 1, _rows_per_chunk(per_row_bytes, total_rows, slots_per_row)
 
 
-def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
+def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m, flipped=False):
     """Stride-1, dilation-1 3x3 correlation by Winograd F(m x m, 3x3).
 
-    x: (N, C, H, W); w: (K, C // groups, 3, 3); bias: (K,) or None; ``pad_h``/``pad_w`` the padding
-    before (any sign); the padding after is implied by ``OH``/``OW``. Returns (N, K, OH, OW).
+    x: (N, C, H, W); w: (K, C // groups, 3, 3), or with ``flipped`` the forward's (C, K // groups, 3, 3)
+    whose flipped transpose is correlated (see :func:`_filter_transform`); bias: (K,) or None;
+    ``pad_h``/``pad_w`` the padding before (any sign); the padding after is implied by ``OH``/``OW``.
+    Returns (N, K, OH, OW).
     """
     N, C, H, W = x.shape
-    K, Cg = w.shape[0], w.shape[1]
     G = int(groups)
+    K, Cg = (w.shape[1] * G, w.shape[0] // G) if flipped else (w.shape[0], w.shape[1])
     Kg = K // G
     dt = x.dtype
     y = np.empty((N, K, OH, OW), dt)
@@ -656,31 +683,31 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m):
     a = m + 2
     mats = _matrices(m, dt)
     U = _scratch("U", (a * a, K, Cg), dt)
-    _filter_transform(np.ascontiguousarray(w.transpose(0, 2, 3, 1)), mats["G"], U)
+    _filter_transform(np.ascontiguousarray(w), mats["G"], U, flipped)
     TH, TW = -(-OH // m), -(-OW // m)
-    Q = TW + 1  # one spare slot per tile row (see _tile_transform)
+    Q = TW + 1  # the input transform's slots per tile row, one spare (see _tile_block); the GEMMs get TW
     rows = N * TH
-    per_row = a * a * (C + K) * Q * dt.itemsize
-    fused, tasks, rpc = _plan(per_row, rows, Q)
+    per_row = a * a * (C + K) * TW * dt.itemsize
+    fused, tasks, rpc = _plan(per_row, rows, TW)
     if fused:
-        vbuf = _scratch("V", (tasks, a * a * C * Q * rpc), dt)
-        mbuf = _scratch("M", (tasks, a * a * K * Q * rpc), dt)
+        vbuf = _scratch("V", (tasks, a * a * C * TW * rpc), dt)
+        mbuf = _scratch("M", (tasks, a * a * K * TW * rpc), dt)
         bad = np.zeros((tasks, K), dt)
         with _one_thread_blas():
             _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
                            TH, TW, Q, rpc, G, y, bad, vbuf, mbuf)
         return y, bool(np.isfinite(bad).all())
-    vbuf = _scratch("V", (a * a * C * Q * rpc,), dt)
-    mbuf = _scratch("M", (a * a * K * Q * rpc,), dt)
+    vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
+    mbuf = _scratch("M", (a * a * K * TW * rpc,), dt)
     bad = np.zeros(K, dt)
     for r0 in range(0, rows, rpc):
         r1 = min(rows, r0 + rpc)
-        T = (r1 - r0) * Q
+        T = (r1 - r0) * TW
         V = vbuf[:a * a * C * T].reshape(a * a, C, T)
         M = mbuf[:a * a * K * T].reshape(a * a, K, T)
         _tile_transform(x, mats["BT"], a, m, pad_h, pad_w, TH, TW, Q, r0, r1, V)
         _gemm(U.reshape(a * a * G, Kg, Cg), V.reshape(a * a * G, Cg, T), M.reshape(a * a * G, Kg, T))
-        _output_transform(M, mats["AT"], a, b, m, OH, OW, TH, TW, Q, r0, r1, y, bad)
+        _output_transform(M, mats["AT"], a, b, m, OH, OW, TH, TW, TW, r0, r1, y, bad)
     return y, bool(np.isfinite(bad).all())
 
 
@@ -723,14 +750,6 @@ def winograd_forward(x, w, bias, padding, groups, out_spatial, m):
     return y[:, :, None]
 
 
-def _flip_transpose(w, groups):
-    """(K, C/G, 3, 3) -> (C, K/G, 3, 3): the filters of the input-gradient convolution."""
-    K, Cg = w.shape[:2]
-    G = int(groups)
-    wg = w.reshape(G, K // G, Cg, 3, 3)[:, :, :, ::-1, ::-1]
-    return np.ascontiguousarray(wg.transpose(0, 2, 1, 3, 4)).reshape(G * Cg, K // G, 3, 3)
-
-
 @config.parallel_entry
 def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
     """Input gradient as the stride-1 3x3 convolution of ``grad_out`` with flipped, transposed filters.
@@ -742,9 +761,8 @@ def winograd_grad_input(grad_out, w, padding, groups, in_spatial, m):
     config.sync_threads()
     _check_2d(grad_out, w.shape[2:])
     _, H, W = (int(v) for v in in_spatial)
-    wf = _flip_transpose(np.ascontiguousarray(w[:, :, 0]), groups)
-    gx, ok = _conv3x3(np.ascontiguousarray(grad_out[:, :, 0]), wf, None, 2 - int(padding[1]),
-                      2 - int(padding[2]), H, W, groups, m)
+    gx, ok = _conv3x3(np.ascontiguousarray(grad_out[:, :, 0]), w[:, :, 0], None, 2 - int(padding[1]),
+                      2 - int(padding[2]), H, W, groups, m, flipped=True)
     if not ok:
         return _exact.direct_grad_input(grad_out, w, (1, 1, 1), padding, (1, 1, 1), groups, in_spatial)
     return gx[:, :, None]
@@ -771,16 +789,16 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
         return gw[:, :, None]
     mats = _matrices(m, dt)
     TH, TW = -(-OH // m), -(-OW // m)
-    Q = TW + 1  # the slot layout of the input transform; the spare slots are zeros in both
+    Q = TW + 1  # the input transform's slots per tile row (see _tile_block); the GEMMs get TW
     rows = N * TH
-    per_row = a * a * (C + K) * Q * dt.itemsize
-    fused, tasks, rpc = _plan(per_row, rows, Q)
+    per_row = a * a * (C + K) * TW * dt.itemsize
+    fused, tasks, rpc = _plan(per_row, rows, TW)
     if fused:
         # as the forward (see _plan); each thread sums into its own accumulator (one more a*a*K*C/G
         # array per thread, summed at the end: under 1% of the GEMMs' work, since every chunk has at
         # least MIN_GEMM_TILES tiles)
-        vbuf = _scratch("V", (tasks, a * a * C * Q * rpc), dt)
-        gbuf = _scratch("M", (tasks, a * a * K * Q * rpc), dt)
+        vbuf = _scratch("V", (tasks, a * a * C * TW * rpc), dt)
+        gbuf = _scratch("M", (tasks, a * a * K * TW * rpc), dt)
         accs = _scratch("U", (tasks, a * a * G, Kg, Cg), dt)
         accs.fill(0)
         with _one_thread_blas():
@@ -788,13 +806,13 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
                                rpc, G, accs, vbuf, gbuf)
         acc = accs[0] if tasks == 1 else accs.sum(axis=0)
     else:
-        vbuf = _scratch("V", (a * a * C * Q * rpc,), dt)
-        gbuf = _scratch("M", (a * a * K * Q * rpc,), dt)
+        vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
+        gbuf = _scratch("M", (a * a * K * TW * rpc,), dt)
         acc = _scratch("U", (a * a * G, Kg, Cg), dt)
         acc.fill(0)
         for r0 in range(0, rows, rpc):
             r1 = min(rows, r0 + rpc)
-            T = (r1 - r0) * Q
+            T = (r1 - r0) * TW
             V = vbuf[:a * a * C * T].reshape(a * a, C, T)
             GO = gbuf[:a * a * K * T].reshape(a * a, K, T)
             _tile_transform(xx, mats["BT"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q, r0, r1, V)
@@ -860,8 +878,8 @@ def workspace_bytes(g, m: int) -> int:
     for OH, OW in ((g.out_spatial[1], g.out_spatial[2]), (g.in_spatial[1], g.in_spatial[2])):
         TH, TW = -(-OH // m), -(-OW // m)
         rows = max(1, g.batch * TH)
-        per_row = a * a * (C + K) * (TW + 1) * item
-        _, tasks, rpc = _plan(per_row, rows, TW + 1)
+        per_row = a * a * (C + K) * TW * item
+        _, tasks, rpc = _plan(per_row, rows, TW)
         worst = max(worst, tasks * rpc * per_row)
         if (OH, OW) == (g.out_spatial[1], g.out_spatial[2]):
             tasks_gw = tasks
