@@ -123,6 +123,11 @@ BUDGET_S = 0.05
 HOPELESS_AT_ONCE = 20.0
 #: A candidate whose median over MIN_REPS runs is this many times the best median so far is abandoned.
 HOPELESS = 3.0
+#: Tuning on real calls (:class:`_Exploration`): after MIN_REPS timed rounds, the candidates within this
+#: factor of the best median race on alone, up to MAX_TIMED_ROUNDS rounds in all (a close race costs
+#: little, since the contenders are close, and three runs each under drifting load decided it by chance).
+CLOSE_FACTOR = 1.1
+MAX_TIMED_ROUNDS = 6
 #: Re-validation: this many calls in a row slower than SLOW_FACTOR x the stored median, or faster than the
 #: stored median / SLOW_FACTOR (and off by at least SLOW_MIN_MS, so timer noise on tiny calls never counts),
 #: re-measure the key, once per process.
@@ -888,34 +893,50 @@ class _Exploration:
     Why: measuring every candidate of every layer and pass before the first call returns made a
     converted densenet121's first training step take minutes (each key: candidates x (warm-up + runs)),
     where torch's takes seconds. Here each call of the key runs one candidate on the caller's inputs and
-    times it: the heuristic's pick first (so a model's first step costs what the untuned model costs),
-    then each other candidate, one warm-up call (not counted: loading, first touch) and MIN_REPS timed
-    calls, dropped early on the rules of :func:`_time_candidate` (HOPELESS after MIN_REPS, at once after
-    20x in warm-up and first run, after its warm-up alone at 400x). When every candidate is timed the
-    smallest median is stored as a measured choice would be, and later calls run it. The extra cost is
-    only the slower candidates' excess, spread over a few steps; no synthetic tensors, so no random
-    state is touched. Every call's result is the caller's result, computed by one of the candidates (a
-    candidate that raises is dropped and the call re-run by the heuristic's pick).
+    times it, the heuristic's pick first (so a model's first step costs what the untuned model costs).
+    When the race is decided the smallest median is stored as a measured choice would be, and later calls
+    run it. The extra cost is only the slower candidates' excess, spread over a few steps; no synthetic
+    tensors, so no random state is touched. Every call's result is the caller's result, computed by one
+    of the candidates (a candidate that raises is dropped and the call re-run by the heuristic's pick).
+
+    The candidates take turns, call by call, in rounds: a warm-up round (not counted: loading, first
+    touch), then :data:`MIN_REPS` timed rounds; candidates within :data:`CLOSE_FACTOR` of the best median
+    then race on, alone, up to :data:`MAX_TIMED_ROUNDS` rounds. Why turns and not each candidate's runs
+    in a block (the first version): the load of this shared machine drifts over seconds, and a block
+    measured in a busy second lost to one measured in a quiet one -- ResNet's 256-channel 3x3 weight
+    gradient stored Winograd at 5.3 ms over im2col "at 6.1 ms", which runs it in 3.8. Taking turns, every
+    round sees every candidate under about the same load. Dropped early, on the rules of
+    :func:`_time_candidate`: after its warm-up at ``HOPELESS_AT_ONCE**2`` times the best warm-up, after
+    its first timed run when that and its warm-up are both ``HOPELESS_AT_ONCE`` times the best, after
+    MIN_REPS runs at HOPELESS times the best median.
     """
 
     def __init__(self, key: CacheKey, memo: tuple, pass_: str, algs: list, first: Optional[str]):
         self.key, self.memo, self.pass_ = key, memo, pass_
         self.names = tuple(a.name for a in algs)
-        self.order = sorted(algs, key=lambda a: a.name != first)
-        self.fallback = self.order[0]
-        self.index = 0          # candidate being timed
-        self.warm_ms: Optional[float] = None
-        self.runs: list[float] = []
+        self.active = sorted(algs, key=lambda a: a.name != first)  # still racing, in turn order
+        self.fallback = self.active[0]
+        self.turn = 0            # index in ``active`` of the candidate the next call runs
+        self.round = 0           # 0: the warm-up round; then the timed rounds
+        self.done = False
+        self.warm_ms: dict[str, float] = {}
+        self.runs: dict[str, list] = {}
         self.times: dict[str, float] = {}
 
+    def current(self) -> registry.ConvAlgorithm:
+        """The candidate the next call runs (the heuristic's pick once the race is over)."""
+        return self.fallback if self.done else self.active[self.turn]
+
     def best(self) -> float:
-        return min((t for t in self.times.values() if math.isfinite(t)), default=math.inf)
+        """The best median so far among the candidates still racing (inf before any timed run)."""
+        return min((statistics.median(self.runs[a.name]) for a in self.active if self.runs.get(a.name)),
+                   default=math.inf)
 
     def call(self, *args):
         _tuning_calls[0] += 1
-        if self.index >= len(self.order):  # finished meanwhile (another thread): the stored winner next time
+        if self.done:  # finished meanwhile (another thread): the stored winner next time
             return getattr(self.fallback, self.pass_)(*args)
-        alg = self.order[self.index]
+        alg = self.current()
         fn = getattr(alg, self.pass_)
         start = time.perf_counter()
         try:
@@ -923,30 +944,58 @@ class _Exploration:
         except Exception:
             if alg is self.fallback:
                 raise  # the untuned call would have raised the same
-            self._done_with(alg, math.inf)
+            self._drop(alg, math.inf)
             return getattr(self.fallback, self.pass_)(*args)
         self._record(alg, (time.perf_counter() - start) * 1e3)
         return out
 
     def _record(self, alg, ms: float) -> None:
+        name = alg.name
+        if self.round == 0:
+            self.warm_ms[name] = ms
+            if ms > HOPELESS_AT_ONCE * HOPELESS_AT_ONCE * min(self.warm_ms.values()):
+                return self._drop(alg, ms)
+            return self._next()
+        runs = self.runs.setdefault(name, [])
+        runs.append(ms)
         best = self.best()
-        if self.warm_ms is None:
-            self.warm_ms = ms
-            if ms > HOPELESS_AT_ONCE * HOPELESS_AT_ONCE * best:
-                self._done_with(alg, ms)
-            return
-        self.runs.append(ms)
-        if len(self.runs) == 1 and min(self.warm_ms, ms) > HOPELESS_AT_ONCE * best:
-            self._done_with(alg, ms)
-        elif len(self.runs) >= MIN_REPS:
-            self._done_with(alg, statistics.median(self.runs))
+        if len(runs) == 1 and min(self.warm_ms.get(name, ms), ms) > HOPELESS_AT_ONCE * best:
+            return self._drop(alg, ms)
+        if len(runs) >= MIN_REPS and statistics.median(runs) > HOPELESS * best:
+            return self._drop(alg, statistics.median(runs))
+        self._next()
 
-    def _done_with(self, alg, ms: float) -> None:
+    def _drop(self, alg, ms: float) -> None:
+        """``alg`` leaves the race with ``ms`` as its time; the turn passes to the next one."""
         self.times[alg.name] = ms
-        self.index += 1
-        self.warm_ms, self.runs = None, []
-        if self.index < len(self.order):
+        self.active.remove(alg)
+        if self.turn >= len(self.active):
+            self._end_round()
+
+    def _next(self) -> None:
+        self.turn += 1
+        if self.turn >= len(self.active):
+            self._end_round()
+
+    def _end_round(self) -> None:
+        self.turn = 0
+        self.round += 1
+        if self.active and self.round <= MIN_REPS:
             return
+        medians = {a.name: statistics.median(self.runs[a.name]) for a in self.active}
+        best = min(medians.values(), default=math.inf)
+        close = [a for a in self.active if medians[a.name] <= CLOSE_FACTOR * best]
+        if len(close) > 1 and self.round <= MAX_TIMED_ROUNDS:
+            for a in self.active:
+                if a not in close:
+                    self.times[a.name] = medians[a.name]
+            self.active = close  # a close race: only the contenders run on
+            return
+        self.times.update(medians)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
         with _lock:
             _exploring.pop(self.key, None)
             _fast.pop(self.memo, None)  # the next lookup finds the stored choice

@@ -768,8 +768,7 @@ def online(monkeypatch):
     real = autotune._Exploration.call
 
     def counting(self, *args):
-        alg = self.order[self.index] if self.index < len(self.order) else self.fallback
-        ran.append(alg.name)
+        ran.append(self.current().name)
         return real(self, *args)
 
     monkeypatch.setattr(autotune._Exploration, "call", counting)
@@ -777,7 +776,8 @@ def online(monkeypatch):
 
 
 def _calls_to_tune(n_candidates: int) -> int:
-    return n_candidates * (1 + autotune.MIN_REPS)  # each: one warm-up call + MIN_REPS timed calls
+    # each: one warm-up call + up to MAX_TIMED_ROUNDS timed calls (MIN_REPS, more in a close race)
+    return n_candidates * (1 + autotune.MAX_TIMED_ROUNDS)
 
 
 def test_online_first_call_runs_the_heuristic_pick_and_measures_nothing_else(online, measured):
@@ -805,6 +805,55 @@ def test_online_tuning_stores_the_fastest_after_every_candidate_ran_on_real_call
     before = len(online)
     F.conv2d(x, w, padding=1)
     assert len(online) == before
+
+
+def _timed_fakes(monkeypatch, true_ms: dict, busy_calls=range(0)):
+    """Two or more candidates of ``_geometry()`` whose forward takes ``true_ms[name]`` on a fake clock,
+    twice that during the calls numbered in ``busy_calls`` (1-based); returns them and the call log."""
+    clock = {"t": 0.0}
+    log = []
+    algs = []
+    for alg in registry.candidates(_geometry())[:len(true_ms)]:
+        ms = list(true_ms.values())[len(algs)]
+
+        def run(*args, _name=alg.name, _ms=ms):
+            log.append(_name)
+            clock["t"] += _ms * (2.0 if len(log) in busy_calls else 1.0) / 1e3
+            return _name
+        algs.append(dataclasses.replace(alg, forward=run))
+    monkeypatch.setattr(autotune.time, "perf_counter", lambda: clock["t"])
+    return algs, log
+
+
+def _explore(algs, calls_max=100):
+    ex = autotune._Exploration(_key(), ("memo",), "forward", algs, algs[0].name)
+    autotune._exploring[_key()] = ex
+    for _ in range(calls_max):
+        if ex.done:
+            break
+        ex.call()
+    assert ex.done, "the race never ended"
+    return ex
+
+
+def test_online_candidates_take_turns_so_a_busy_spell_slows_them_alike(monkeypatch):
+    # A is truly faster (0.9 vs 1.0 ms). Calls 3-6 run at half speed: in blocks (A's warm-up and three runs,
+    # then B's) A's runs would all fall in the busy spell and B would win; taking turns, both see it.
+    algs, log = _timed_fakes(monkeypatch, {"A": 0.9, "B": 1.0}, busy_calls=range(3, 7))
+    a, b = (alg.name for alg in algs)
+    ex = _explore(algs)
+    assert log[:2 * (1 + autotune.MIN_REPS)] == [a, b] * (1 + autotune.MIN_REPS)  # warm-up round + timed rounds
+    assert fastconv.autotune_cache()[_key()].algo == a
+
+
+def test_online_close_race_runs_on_and_a_clear_one_stops_after_min_reps(monkeypatch):
+    algs, log = _timed_fakes(monkeypatch, {"A": 1.0, "B": 1.5})  # B 50% slower: decided after MIN_REPS rounds
+    ex = _explore(algs)
+    assert len(log) == 2 * (1 + autotune.MIN_REPS) and ex.times[algs[0].name] == pytest.approx(1.0)
+    algs, log = _timed_fakes(monkeypatch, {"A": 1.0, "B": 1.05})  # within CLOSE_FACTOR: more rounds
+    ex = _explore(algs)
+    assert len(log) == 2 * (1 + autotune.MAX_TIMED_ROUNDS)
+    assert fastconv.autotune_cache()[_key()].algo == algs[0].name
 
 
 def test_online_tuning_leaves_global_random_state_alone(online):
