@@ -102,9 +102,14 @@ def test_depthwise_computes_every_input_row_for_a_stride_in_h():
 
 
 def test_shift_computes_the_whole_plane_grid():
-    # stride 1, pad 1: planes of (OH + 2) x (OW + 2) per image; every output channel x Cg x taps over them
+    # stride 1, pad 1: planes of (OH + 1) x (OW + 1) per image (consecutive rows and images share their zero
+    # padding); every output channel x Cg x taps over them
     g = geom(8, 8, (6, 5), 3, padding=1, groups=2)
-    assert executed.executed_multiplications("shift", g) == 8 * (8 * 7) * 4 * 9 > g.macs
+    assert executed.executed_multiplications("shift", g) == 8 * (7 * 6) * 4 * 9 > g.macs
+    # negative padding has no zeros to share: (O + 2) x (O + 2)
+    crop = geom(8, 8, (9, 9), 3, padding=-1, groups=2)
+    OH, OW = crop.out_spatial[1:]
+    assert executed.executed_multiplications("shift", crop) == 8 * ((OH + 2) * (OW + 2)) * 4 * 9
     # stride 2: the phase planes are ceil(((O - 1) * 2 + 3) / 2) = O + 1 wide and high
     s2 = geom(8, 8, (8, 8), 3, stride=2, padding=1, groups=2)
     OH, OW = s2.out_spatial[1:]

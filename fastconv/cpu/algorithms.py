@@ -204,7 +204,7 @@ def _shift_algorithm() -> ConvAlgorithm:
 
     def mult_ratio(g: ConvGeometry) -> float:
         executed = shift.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel,
-                                                  g.stride, g.dilation, g.out_spatial)
+                                                  g.stride, g.dilation, g.out_spatial, g.padding, g.in_spatial)
         return executed / max(g.macs, 1)
 
     def workspace(g: ConvGeometry) -> int:

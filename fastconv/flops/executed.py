@@ -131,7 +131,7 @@ def _shift(g: ConvGeometry) -> int:
     from ..cpu import shift
 
     return shift.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel, g.stride,
-                                          g.dilation, g.out_spatial)
+                                          g.dilation, g.out_spatial, g.padding, g.in_spatial)
 
 
 @dataclass(frozen=True)
