@@ -187,3 +187,70 @@ def test_opcheck_on_the_fused_path(spy, monkeypatch):
                           (gy.requires_grad_(), w, list(x.shape[2:]), *geometry))
     torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, list(w.shape[2:]), *geometry))
     assert spy, "the fused path did not run"
+
+
+@pytest.mark.parametrize("route", ["gather", "segments"])
+@pytest.mark.parametrize("case", [
+    # N, C, K, H, W, stride, padding, dilation
+    (3, 16, 8, 4, 4, 1, 1, 1),    # DenseNet-like 4x4: chunks span images
+    (2, 16, 6, 9, 7, 2, 1, 1),    # stride 2, odd sizes
+    (2, 16, 5, 8, 8, 1, 2, 2),    # dilation
+    (2, 16, 4, 9, 9, 1, -1, 1),   # negative padding (a crop)
+])
+def test_both_fills_agree_with_torch(monkeypatch, route, case):
+    """Narrow output rows gather their columns from a zero-padded copy (:func:`_fill_gather`), wider ones copy row
+    segments (:func:`_fill`); with the threshold moved, each geometry runs either way: forward and weight gradient
+    of the fused regions against torch in float64, with a spy on which fill ran."""
+    N, C, K, H, W, s, p, d = case
+    monkeypatch.setattr(im2col_fused, "GATHER_MAX_OW", 64 if route == "gather" else 0)
+    monkeypatch.setattr(im2col_fused, "MIN_CHUNK_COLUMNS", 1)
+    monkeypatch.setattr(im2col_fused, "MIN_GRAD_WEIGHT_CHUNK_COLUMNS", 1)
+    monkeypatch.setattr(im2col_fused, "CHUNK_BYTES", 16 * 9 * 8 * 5)  # a few rows per chunk: many chunks
+    sources = []
+    real = im2col_fused._gather_source
+    monkeypatch.setattr(im2col_fused, "_gather_source", lambda *a: sources.append(real(*a)) or sources[-1])
+    rng = np.random.default_rng(N * 100 + H)
+    x = rng.standard_normal((N, C, H, W))
+    w = rng.standard_normal((K, C, 3, 3))
+    OH, OW = (H + 2 * p - d * 2 - 1) // s + 1, (W + 2 * p - d * 2 - 1) // s + 1
+    # torch's reference: the input padded (or, for negative padding, cropped) by p on every side
+    xt = TF.pad(torch.from_numpy(x), [p] * 4)
+    y3 = np.empty((N, K, OH * OW))
+    im2col_fused.forward(x, w.reshape(K, -1), None, (3, 3), (s, s), (p, p), (d, d), (OH, OW), y3)
+    ref = TF.conv2d(xt, torch.from_numpy(w), stride=s, dilation=d)
+    np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=1e-10, atol=1e-10)
+    go = rng.standard_normal(ref.shape)
+    gw2 = np.empty((K, C * 9))
+    im2col_fused.grad_weight(go.reshape(N, K, -1), x, (3, 3), (s, s), (p, p), (d, d), (OH, OW), gw2)
+    ref_gw = torch.nn.grad.conv2d_weight(xt, w.shape, torch.from_numpy(go), stride=s, dilation=d)
+    np.testing.assert_allclose(gw2.reshape(w.shape), ref_gw.numpy(), rtol=1e-10, atol=1e-10)
+    assert len(sources) == 2 and all((src[2].size > 0) == (route == "gather") for src in sources)
+
+
+def test_reported_workspace_counts_the_gather_corners(monkeypatch):
+    """A narrow layer (4x4 outputs) gathers its columns: the reported workspace counts each task's corner buffer
+    (the padded input copy aside, as on the plain path)."""
+    from fastconv import registry
+    from fastconv.ops.conv import make_geometry
+
+    allocated = []
+    real_empty = np.empty
+    g = make_geometry(2, 8, 32, 24, 1, (4, 4), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32, "numba")
+    assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
+    alg = registry.choose("im2col", g, "forward")
+    x = np.zeros((8, 32, 4, 4), np.float32)
+    w2 = np.zeros((24, 32 * 9), np.float32)
+    y3 = np.empty((8, 24, 16), np.float32)
+    im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)  # compiled before counting
+    box_bytes = 8 * 32 * 6 * 6 * 4
+
+    def counting_empty(shape, dtype=float, *a, **k):
+        out = real_empty(shape, dtype, *a, **k)
+        allocated.append(out.nbytes)
+        return out
+
+    monkeypatch.setattr(im2col_fused.np, "empty", counting_empty)
+    im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)
+    monkeypatch.undo()
+    assert box_bytes in allocated
+    assert sum(allocated) - box_bytes == alg.workspace_bytes(g)
