@@ -197,6 +197,8 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
     gather their columns from ``box`` (:func:`_gather_source`), with ``corners[t]`` as the task's scratch."""
     N = x.shape[0]
     K, CK = w2.shape
+    P = y3.shape[2]
+    yf = y3.reshape(y3.size)
     rows = N * OH
     nchunks = -(-rows // rpc)
     jobs = nchunks * kparts
@@ -220,15 +222,21 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
                 _fill(x, g0, g1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, col)
             o = obuf[t, :(k1 - k0) * Q].reshape((k1 - k0, Q))
             jit_gemm.gemm(w2[k0:k1], col, o, 0.0, False)
-            for g in range(g0, g1):
+            # the chunk's rows of each image are one contiguous run of y3[n, k] (flat indices, no views: see _fill)
+            of = o.reshape(o.size)
+            g = g0
+            while g < g1:
                 n = g // OH
                 r = g - n * OH
+                L = min(g1 - g, OH - r) * OW
                 for k in range(k0, k1):
-                    dst = y3[n, k, r * OW:(r + 1) * OW]
-                    src = o[k - k0, (g - g0) * OW:(g - g0 + 1) * OW]
                     b = bias[k]
-                    for ow in range(OW):
-                        dst[ow] = src[ow] + b
+                    d = np.uint64((n * K + k) * P + r * OW)
+                    src = np.uint64((k - k0) * Q + (g - g0) * OW)
+                    for i in range(L):
+                        u = np.uint64(i)
+                        yf[d + u] = of[src + u] + b
+                g += L // OW
 
 
 #: Largest weight (bytes) taken: every chunk's GEMM reads all of it, and beyond the L2's size that costs more
@@ -251,6 +259,8 @@ def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, col
     with one single-threaded GEMM; the caller sums the accumulators."""
     N = x.shape[0]
     K = go3.shape[1]
+    P = go3.shape[2]
+    gof = go3.reshape(go3.size)
     CK = acc.shape[2]
     rows = N * OH
     nchunks = -(-rows // rpc)
@@ -266,14 +276,19 @@ def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, col
             else:
                 _fill(x, g0, g1, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, col)
             gq = gobuf[t, :K * Q].reshape((K, Q))
-            for k in range(K):
-                for g in range(g0, g1):
-                    n = g // OH
-                    r = g - n * OH
-                    src = go3[n, k, r * OW:(r + 1) * OW]
-                    dst = gq[k, (g - g0) * OW:(g - g0 + 1) * OW]
-                    for ow in range(OW):
-                        dst[ow] = src[ow]
+            gqf = gq.reshape(gq.size)
+            g = g0
+            while g < g1:  # each image's rows of the chunk: one contiguous run of go3[n, k]
+                n = g // OH
+                r = g - n * OH
+                L = min(g1 - g, OH - r) * OW
+                for k in range(K):
+                    d = np.uint64(k * Q + (g - g0) * OW)
+                    src = np.uint64((n * K + k) * P + r * OW)
+                    for i in range(L):
+                        u = np.uint64(i)
+                        gqf[d + u] = gof[src + u]
+                g += L // OW
             jit_gemm.gemm(gq, col, acc[t], 1.0, True)
 
 
