@@ -62,7 +62,7 @@ def _shared_pad_extent(O, I, K, d, p):
 class _Planes:
     """The phase-plane geometry of one conv: plane rows ``Hq`` and row length ``Wq`` (``Wq >= OW``), the
     length ``M = N * Hq * Wq`` of one channel's planes over the batch, ``Lp`` with the zero tail that keeps
-    the last tap's slice inside, and each tap's (phase, offset). ``padding``: before each dim;
+    the last tap's slice inside (``tail`` long), and each tap's (phase, offset). ``padding``: before each dim;
     ``in_spatial``: the input's (D, H, W)."""
 
     def __init__(self, batch, kernel, stride, dilation, out_spatial, padding, in_spatial):
@@ -83,7 +83,9 @@ class _Planes:
         ah, aw = (kh * dh).reshape(-1), (kw * dw).reshape(-1)
         self.phase = ((ah % sh) * sw + aw % sw).astype(np.int64)
         self.offset = ((ah // sh) * self.Wq + aw // sw).astype(np.int64)
-        self.Lp = self.M + int(self.offset.max())
+        #: the largest tap offset: the zero tail a plane needs past its last position
+        self.tail = int(self.offset.max())
+        self.Lp = self.M + self.tail
         self.nphase = sh * sw
 
 
@@ -257,7 +259,7 @@ GROUP_PLANES_MAX_BYTES = 256 << 10
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
-def _forward_by_group(x, w, bias, groups, source, Hq, Wq, phase, offset, nb, y):
+def _forward_by_group(x, w, bias, groups, source, Hq, Wq, phase, offset, tail, nb, y):
     """The whole forward per (group, block of ``nb`` images): build the group's planes of those images, run
     the taps, write the output pixels plus the bias to ``y``; every buffer local to the task.
 
@@ -266,16 +268,14 @@ def _forward_by_group(x, w, bias, groups, source, Hq, Wq, phase, offset, nb, y):
     (208 to 440 channels, 4x4 to 16x16) that was more than half the call. Here a task's planes and its output
     rows stay in its core's cache.
 
-    x : (N, C, 1, H, W); w : (K, Cg, T); bias : (K,); source : :func:`_plane_sources`; y : (N, K, 1, OH, OW).
+    x : (N, C, 1, H, W); w : (K, Cg, T); bias : (K,); source : :func:`_plane_sources`; tail : the largest of
+    ``offset`` (:attr:`_Planes.tail`); y : (N, K, 1, OH, OW).
     """
     N = x.shape[0]
     K, OH, OW = y.shape[1], y.shape[3], y.shape[4]
     Cg = w.shape[1]
     Kg = K // groups
     S = Hq * Wq
-    tail = 0
-    for t in range(offset.shape[0]):
-        tail = max(tail, offset[t])
     nblocks = (N + nb - 1) // nb
     for task in prange(groups * nblocks):
         g = task // nblocks
@@ -484,20 +484,17 @@ def _group_planes(x, g, Cg, source, S, n0, n1, tail):
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
-def _grad_weight_by_group(x, go, groups, source, Hq, Wq, phase, offset, gw):
+def _grad_weight_by_group(x, go, groups, source, Hq, Wq, phase, offset, tail, gw):
     """The whole weight gradient per group, its planes of the batch and its widened output gradient local to
     the task (as :func:`_forward_by_group`: one parallel region, no batch-sized buffers).
 
-    x : (N, C, 1, H, W); go : (N, K, 1, OH, OW); gw : (K, Cg, T), arriving zeroed.
+    x : (N, C, 1, H, W); go : (N, K, 1, OH, OW); tail : :attr:`_Planes.tail`; gw : (K, Cg, T), arriving zeroed.
     """
     N = x.shape[0]
     K = go.shape[1]
     Cg = gw.shape[1]
     Kg = K // groups
     S = Hq * Wq
-    tail = 0
-    for t in range(offset.shape[0]):
-        tail = max(tail, offset[t])
     for g in prange(groups):
         xph = _group_planes(x, g, Cg, source, S, 0, N, tail)
         gow = _group_widened(go, g, Kg, Hq, Wq)
@@ -592,14 +589,14 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     macs = K * planes.M * w3[0].size
     S = planes.Hq * planes.Wq
-    image_bytes = Cg * planes.nphase * (S + int(planes.offset.max())) * x.dtype.itemsize
+    image_bytes = Cg * planes.nphase * (S + planes.tail) * x.dtype.itemsize
     if image_bytes <= GROUP_PLANES_MAX_BYTES:
         # images per task: enough for CHUNK positions (long loops), in equal blocks, within the byte bound
         nb = max(1, min(N, CHUNK // max(1, S), GROUP_PLANES_MAX_BYTES // image_bytes))
         nb = -(-N // -(-N // nb))
         _sized(_forward_by_group, macs)(np.ascontiguousarray(x), w3, b, int(groups),
                                         _plane_sources(planes, tuple(x.shape[3:]), padding, stride),
-                                        planes.Hq, planes.Wq, planes.phase, planes.offset, nb, y)
+                                        planes.Hq, planes.Wq, planes.phase, planes.offset, planes.tail, nb, y)
         return y
     xph = _planes_of(np.ascontiguousarray(x), planes, padding, stride)
     wide = np.empty((K, planes.M), x.dtype)
@@ -658,12 +655,12 @@ def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
         return gw
     planes = _planes(N, kernel_spatial, stride, dilation, tuple(grad_out.shape[2:]), padding, tuple(x.shape[2:]))
     gw3 = gw.reshape(K, Cg, -1)
-    batch_bytes = Cg * planes.nphase * (planes.M + int(planes.offset.max())) * x.dtype.itemsize
+    batch_bytes = Cg * planes.nphase * (planes.M + planes.tail) * x.dtype.itemsize
     if batch_bytes <= GROUP_PLANES_MAX_BYTES:
         _sized(_grad_weight_by_group, K * planes.M * gw3[0].size)(
             np.ascontiguousarray(x), np.ascontiguousarray(grad_out), int(groups),
             _plane_sources(planes, tuple(x.shape[3:]), padding, stride), planes.Hq, planes.Wq, planes.phase,
-            planes.offset, gw3)
+            planes.offset, planes.tail, gw3)
         return gw
     gow = np.empty((K, planes.M), grad_out.dtype)
     _widen(np.ascontiguousarray(grad_out), planes.Hq, planes.Wq, gow)
