@@ -8,6 +8,12 @@ after each parallel op. A Numba kernel on TBB right after a torch op then ran wi
 fighting a spinning OpenMP thread for a core: a 64-channel Winograd conv at batch 8 took 2.2 ms alone and
 4.1-4.5 ms after a 30 µs torch add. On Numba's OpenMP layer the same pair took 2.3 ms, and converted models
 ran 25-45% faster (ResNet-18, MobileNet-v2, DenseNet-121 at batch 8, inference and training, 2 threads).
+Numba's OpenMP extension links the system's ``libgomp.so.1.0.0``, not the copy torch's wheel brings: the process
+holds two GNU OpenMP runtimes, each with its own pool. Linking Numba's layer to torch's runtime (a copy of the
+extension whose ``DT_NEEDED`` names torch's soname) was tried and left out, measured no better: a fastconv conv
+right after a parallel torch op took as long as right after another fastconv conv with two runtimes too (64 ->
+64 3x3 at 16x16 batch 8: 515-527 µs either way; torch's conv after a torch op likewise), and five converted
+torchvision models, separate processes alternating, 3-11 runs each, moved by 0.84-1.24x in both directions.
 GNU OpenMP's pool does not survive ``fork``, and Numba ends a forked child at its first parallel launch, so
 in a forked child (a ``DataLoader`` worker) every fastconv kernel runs its serial compilation
 (:data:`fastconv.cpu.parallel.SERIAL_ONLY`). Where the OpenMP layer cannot load, TBB is used: fork-safe
