@@ -98,6 +98,30 @@ def _fused_for_any_size(monkeypatch, on: bool):
     monkeypatch.setattr(im2col_fused, "MIN_IN_CHANNELS", 0)
 
 
+@pytest.mark.parametrize("ksz,stride,pad", [((7, 7), 2, 3), ((3, 3), 2, 1), ((4, 4), 4, 0)],
+                         ids=["resnet-7x7-s2", "mobilenet-3x3-s2", "convnext-4x4-s4"])
+def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeypatch):
+    # With the default limits (no test switches) a 3-channel stem's forward and weight gradient run fused
+    # (MIN_IN_CHANNELS: faster than the plain path since the flat fills), float64 against torch.
+    ran = []
+    for name in ("forward", "grad_weight"):
+        real = getattr(im2col_fused, name)
+        monkeypatch.setattr(im2col_fused, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 24, 24, generator=g, dtype=torch.float64)
+    w = torch.randn((8, 3) + ksz, generator=g, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    p = (pad, pad)
+    y, go, _, gw = _reference(x, w, b, (stride, stride), p, p, (1, 1), 1)
+    x5, w5, go5 = (_to5(t.numpy(), 2) for t in (x, w, go))
+    st, pb, dl = (1, stride, stride), (0, pad, pad), (1, 1, 1)
+    _assert_kernel_close(cc.im2col_forward(x5, w5, b.numpy(), st, pb, dl, 1, _pad3(y.shape[2:], 2, 1)),
+                         _to5(y.numpy(), 2), "forward")
+    _assert_kernel_close(cc.im2col_grad_weight(go5, x5, st, pb, dl, 1, (1,) + ksz), _to5(gw.numpy(), 2),
+                         "grad_weight")
+    assert ran == ["forward", "grad_weight"], ran
+
+
 def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
            dtype=np.float64, bias=True, seed=0):
     nd = len(sp)

@@ -244,10 +244,16 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
 #: 9.4 MB, 1.02x the time at batch 1 and 1.14x at batch 8, 256 -> 512 stride 2, 4.7 MB, 0.99x and 1.24x;
 #: 256 -> 256 at 8x8, 2.4 MB, 0.72x and 0.81x).
 MAX_WEIGHT_BYTES = 4 << 20
-#: Fewest input channels taken: a thin input (an RGB stem: ResNet's 3 -> 64 7x7 stride 2 at 128x128) ran 1.25-1.4x
-#: slower fused, its columns a strided gather of many taps from few rows, where the plain path copies rows of
-#: the stride-phase split.
-MIN_IN_CHANNELS = 16
+#: Fewest input channels taken. It was 16: a thin input (an RGB stem: ResNet's 3 -> 64 7x7 stride 2 at 128x128)
+#: ran 1.25-1.4x slower fused, when each output row's segment fill made two array views and a division. Since the
+#: fills went flat (see :func:`_fill`) the stems run faster fused (same process, plain and fused alternating, 2
+#: threads, 128x128, fused / plain time, forward at batch 1 and 8): 3 -> 32 3x3 stride 2 0.74 / 0.78, 3 -> 24
+#: 0.75, 3 -> 64 7x7 stride 2 0.65-0.89 / 0.75-0.92, ConvNeXt's 3 -> 96 4x4 stride 4 0.67 / 0.72, AlexNet's 3 ->
+#: 64 11x11 stride 4 1.10 / 1.01; forward + weight gradient at batch 8 0.67-0.98 (VGG's 3 -> 64 3x3 stride 1
+#: 0.67, AlexNet's 0.98). Converted models with every stem fused or none (alternating in one process): ResNet-18,
+#: MobileNet-v2, ConvNeXt-tiny, AlexNet, EfficientNet-B0 within 0.91-1.05 at batch 1, 8 and a training step,
+#: inside the noise.
+MIN_IN_CHANNELS = 1
 
 
 @parallel.kernel(always=True, **_JIT)
