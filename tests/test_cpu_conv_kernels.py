@@ -123,14 +123,24 @@ def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeyp
 
 
 def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
-           dtype=np.float64, bias=True, seed=0):
+           dtype=np.float64, bias=True, seed=0, fused=False):
+    """``algo`` "im2col" checks the plain paths (the fused one switched off: the thin inputs of these cases would
+    take it), "im2col-fused" the fused path at every size."""
     nd = len(sp)
     if algo == "im2col-fused":
         if not _fused_applies(nd, ksz, groups):
             pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")
         with _fused_everywhere() as calls:
-            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed)
+            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
+                   fused=True)
         assert calls or N == 0, "the fused im2col path did not run"  # an empty batch returns before any path
+        return
+    if algo == "im2col" and not fused and im2col_fused.ENABLED:
+        im2col_fused.ENABLED = False
+        try:
+            _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed)
+        finally:
+            im2col_fused.ENABLED = True
         return
     g = torch.Generator().manual_seed(seed)
     tdt = torch.float64

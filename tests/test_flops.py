@@ -259,7 +259,7 @@ def test_functional_calls_are_counted_outside_modules():
     assert rep.params == 4 * 3 * 9 + 4  # w and b counted once however often they are used
 
 
-def test_algorithm_columns_come_from_the_registry():
+def test_algorithm_columns_come_from_the_registry(monkeypatch):
     x = torch.randn(2, 16, 12, 12)
     for name in ("direct", "im2col"):
         layer = fnn.Conv2d(16, 8, 3, padding=1, algo=name)
@@ -273,13 +273,16 @@ def test_algorithm_columns_come_from_the_registry():
         assert row.algorithm_mults == flops.executed_multiplications(name, geom)
         assert row.workspace_bytes == alg.workspace_bytes(geom)
     assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
-    # im2col's workspace on its fused path (dense, 16 input channels): one task (a conv this small runs on the
+    # im2col's workspace on its fused path (dense, 2-D): one task (a conv this small runs on the
     # calling thread), whose chunk of columns (C*k*k rows) and GEMM result (K rows) hold both images' 24 output
     # rows of 12, float32
     (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
     assert row.workspace_bytes == (16 * 9 + 8) * 2 * 12 * 12 * 4
-    # ... and on the plain stride-1 wide-row path (8 input channels): both images' rows as wide as the padded
-    # row (12 + 2)
+    # ... and on the plain stride-1 wide-row path (the fused one switched off): both images' rows as wide as the
+    # padded row (12 + 2)
+    from fastconv.cpu import im2col_fused
+
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)
     (row,) = flops.count(fnn.Conv2d(8, 8, 3, padding=1, algo="im2col"), x[:, :8]).rows
     assert row.workspace_bytes == (8 * 9 + 8) * 2 * 12 * 14 * 4
 

@@ -80,14 +80,18 @@ def test_winograd_border_tiles_are_counted_whole(m):
     assert mults == round(alg.mult_ratio(g) * g.macs)
 
 
-def test_im2col_wide_rows_pointwise_and_plain():
+def test_im2col_wide_rows_pointwise_and_plain(monkeypatch):
+    from fastconv.cpu import im2col_fused
     from fastconv.cpu.conv import _wide_ok
 
-    g = geom(1, 6, (32, 32), 5)  # LeNet-5 conv1: stride-1 wide rows of 28 + 4 columns
-    if _wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, 6):
-        assert executed.executed_multiplications("im2col", g) == 6 * 25 * 28 * 32
-    else:
-        assert executed.executed_multiplications("im2col", g) == g.macs
+    g = geom(1, 6, (32, 32), 5)  # LeNet-5 conv1
+    # on the fused path (thin inputs take it too) the columns are the output positions: exact
+    assert im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial, 4)
+    assert executed.executed_multiplications("im2col", g) == g.macs
+    # on the plain path: stride-1 wide rows of 28 + 4 columns
+    monkeypatch.setattr(im2col_fused, "ENABLED", False)
+    assert _wide_ok(g.kernel, g.stride, g.padding, g.dilation, g.in_spatial, g.out_spatial, 6)
+    assert executed.executed_multiplications("im2col", g) == 6 * 25 * 28 * 32
     assert executed.executed_multiplications("im2col", geom(64, 32, (14, 14), 1)) == 14 * 14 * 64 * 32
     strided = geom(8, 8, (12, 12), 3, stride=2, padding=1)
     assert executed.executed_multiplications("im2col", strided) == strided.macs

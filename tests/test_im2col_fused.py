@@ -34,7 +34,7 @@ def test_which_convs_take_it():
     assert not im2col_fused.applies((1, 3, 3), 2, 64, 64, (1, 32, 32), (1, 32, 32), f32)  # grouped
     assert not im2col_fused.applies((3, 3, 3), 1, 64, 64, (8, 8, 8), (6, 6, 6), f32)  # 3-D
     assert not im2col_fused.applies((1, 1, 1), 1, 64, 64, (1, 8, 8), (1, 8, 8), f32)  # 1x1: a plain GEMM
-    assert not im2col_fused.applies((1, 7, 7), 1, 3, 64, (1, 128, 128), (1, 64, 64), f32)  # an RGB stem
+    assert im2col_fused.applies((1, 7, 7), 1, 3, 64, (1, 128, 128), (1, 64, 64), f32)  # an RGB stem, since the flat fills
     assert not im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32)  # 9.4 MB of weights
     assert im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32)  # 2.4 MB
     # columns too tall for a chunk to hold MIN_CHUNK_COLUMNS output positions: AlexNet's 384 -> 256 (3456 long),
@@ -173,7 +173,8 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch):
 
 def test_opcheck_on_the_fused_path(spy, monkeypatch):
     """``torch.ops.fastconv.conv2d`` and its two gradient ops, float64, at a size the default rules send to the fused
-    path (the conv suite's opcheck cases have fewer than 16 input channels and stay on the plain paths)."""
+    path with 16 input channels (the conv suite's opcheck cases, thin inputs, reach it too since the stems moved
+    there; this case stays as the wider one)."""
     monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 1)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)

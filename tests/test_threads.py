@@ -23,7 +23,7 @@ class _ConvDataset(torch.utils.data.Dataset):
 
     def __init__(self):
         torch.manual_seed(0)
-        # the last two: im2col's fused region (dense, 16 input channels) and shift's kernels (narrow groups), whose
+        # the last two: im2col's fused region (dense 2-D) and shift's kernels (narrow groups), whose
         # parallel compilations are chosen by their callers rather than by the kernel wrapper
         self.model = torch.nn.Sequential(fastconv.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
                                          fastconv.nn.Conv2d(8, 16, 3, stride=2),
