@@ -15,11 +15,19 @@ from fastconv.cpu import jit_gemm
 pytestmark = pytest.mark.skipif(jit_gemm.SOURCE is None, reason="neither torch's MKL nor scipy's BLAS was found")
 
 
+@pytest.fixture(params=["own", "library"])
+def route(request):
+    """Each test runs with the untransposed products on fastconv's own kernel and on the library."""
+    previous = jit_gemm.use_own_gemm(request.param == "own")
+    yield request.param
+    jit_gemm.use_own_gemm(previous)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("m,k,n", [(3, 4, 5), (64, 64, 576), (1, 1, 1), (7, 13, 1), (1, 9, 2), (5, 0, 3)])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("b_transposed", [False, True])
-def test_gemm_matches_numpy(dtype, m, k, n, beta, b_transposed):
+def test_gemm_matches_numpy(dtype, m, k, n, beta, b_transposed, route):
     rng = np.random.default_rng(m * 100 + k * 10 + n)
     a = rng.standard_normal((m, k)).astype(dtype)
     b = rng.standard_normal((k, n)).astype(dtype)
@@ -45,7 +53,7 @@ def _stacked(a, b, c):
         jit_gemm.gemm(a[i], b[i], c[i], 0.0, False)
 
 
-def test_gemm_from_parallel_tasks_and_thread_setting_restored():
+def test_gemm_from_parallel_tasks_and_thread_setting_restored(route):
     """Called from a prange loop (what the Winograd kernels do), every task's GEMM is right, and torch's
     own thread count is what it was (the per-call MKL setting is thread-local and undone)."""
     rng = np.random.default_rng(1)
@@ -66,6 +74,7 @@ import numpy as np, torch
 import fastconv.functional as F
 from fastconv.cpu import jit_gemm, winograd
 assert jit_gemm.SOURCE == "scipy", jit_gemm.SOURCE
+assert not jit_gemm.own_gemm_in_use()  # a forced library takes every product
 g = torch.Generator().manual_seed(0)
 x = torch.randn(2, 5, 11, 9, dtype=torch.float64, generator=g, requires_grad=True)
 w = torch.randn(6, 5, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)

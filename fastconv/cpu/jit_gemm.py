@@ -1,4 +1,4 @@
-"""A GEMM that Numba kernels call from inside their parallel loops: torch's MKL where torch has one.
+"""A GEMM that Numba kernels call from inside their parallel loops: fastconv's own, else torch's MKL.
 
 Why: Winograd's fused kernels (:mod:`.winograd`) run each chunk's transforms and its ``a*a`` small GEMMs on
 one thread, inside a ``prange`` task, so the transformed tiles stay in that core's cache. Numba's own
@@ -19,6 +19,14 @@ may be called).
 
 Every call sets MKL's thread count for the calling thread to 1 and restores it: the caller is already one
 of several parallel tasks, and MKL would otherwise start a team of its own threads inside each.
+
+Where the CPU has 512-bit vectors, the products with ``b`` as it is (the forwards' ``w @ columns``, Winograd's
+``U @ V``) run on :mod:`.micro_gemm`, fastconv's own register-tiled kernel, instead: MKL runs its AVX2 code on
+AMD CPUs, and the own kernel does the same products in 0.45-0.65x its time there (one thread; numbers in
+:mod:`.micro_gemm`). The transposed products (the weight gradients' ``gy @ columns^T``) stay on the library:
+the own kernel packs a transposed ``b`` element by element, which costs more than it gains (64 x 8192 x 576:
+70-76 GFLOP/s against MKL's 83-89). :func:`use_own_gemm` switches the route at run time (a flag in memory that
+the compiled code reads, so cached kernels follow it): ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
 """
 from __future__ import annotations
 
@@ -28,11 +36,15 @@ import warnings
 
 import llvmlite.binding as llvm
 import numpy as np
+from llvmlite import ir
 from numba import njit, types
+from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["SOURCE", "gemm"]
+from . import micro_gemm
+
+__all__ = ["SOURCE", "gemm", "use_own_gemm", "own_gemm_in_use"]
 
 _SYMBOLS = ("fastconv_jit_sgemm", "fastconv_jit_dgemm", "fastconv_jit_blas_threads_local")
 
@@ -76,8 +88,9 @@ def _scipy_blas() -> tuple | None:
     return gemms + (no_op,)
 
 
-#: ``FASTCONV_JIT_GEMM`` (read once, at import): "auto" (default: torch's MKL, else scipy's BLAS), "mkl" or
-#: "scipy" (that library only; the tests run the scipy fallback this way).
+#: ``FASTCONV_JIT_GEMM`` (read once, at import): "auto" (default: the own kernel where the CPU has 512-bit
+#: vectors, the library for the rest: torch's MKL, else scipy's BLAS), "mkl" or "scipy" (that library for
+#: everything; the tests run the scipy fallback this way).
 CHOICES = ("auto", "mkl", "scipy")
 
 
@@ -90,8 +103,7 @@ def _wanted_from_env() -> str:
     return wanted
 
 
-def _bind() -> str | None:
-    wanted = _wanted_from_env()
+def _bind(wanted: str) -> str | None:
     for source, find in (("mkl", _torch_mkl), ("scipy", _scipy_blas)):
         if wanted not in ("auto", source):
             continue
@@ -104,7 +116,8 @@ def _bind() -> str | None:
 
 
 #: Which library the kernels' GEMMs run on: "mkl" (torch's), "scipy" (its OpenBLAS) or None (neither found).
-SOURCE = _bind()
+_WANTED = _wanted_from_env()
+SOURCE = _bind(_WANTED)
 
 _P = types.intp  # every Fortran argument is a pointer
 _sgemm = types.ExternalFunction(_SYMBOLS[0], types.void(*([_P] * 13)))
@@ -112,6 +125,42 @@ _dgemm = types.ExternalFunction(_SYMBOLS[1], types.void(*([_P] * 13)))
 _threads_local = types.ExternalFunction(_SYMBOLS[2], types.int32(types.int32))
 
 _N, _T = ord("N"), ord("T")
+
+# The own-kernel switch: an int32 in this process's memory that the compiled kernels read through a symbol
+# name (like the library functions above), so Numba's cached machine code follows a switch made at run time.
+_OWN_GEMM_SYMBOL = "fastconv_jit_own_gemm"
+_own_gemm_flag = ctypes.c_int32(0)
+llvm.add_symbol(_OWN_GEMM_SYMBOL, ctypes.addressof(_own_gemm_flag))
+
+
+def use_own_gemm(enabled: bool) -> bool:
+    """Route the kernels' untransposed GEMMs to :mod:`.micro_gemm` (True) or to the library (False); returns the
+    previous setting. Meant for tests and A/B measurements; the default is set at import."""
+    previous = bool(_own_gemm_flag.value)
+    _own_gemm_flag.value = 1 if enabled else 0
+    return previous
+
+
+def own_gemm_in_use() -> bool:
+    """Whether the kernels' untransposed GEMMs run on fastconv's own kernel now."""
+    return bool(_own_gemm_flag.value)
+
+
+use_own_gemm(micro_gemm.HOST_HAS_AVX512 and _WANTED == "auto")
+
+
+@intrinsic
+def _own_gemm_enabled(typingctx):
+    """The switch's current value (a load of the flag, at every call)."""
+    def codegen(context, builder, signature, args):
+        module = builder.module
+        flag = module.globals.get(_OWN_GEMM_SYMBOL)
+        if flag is None:
+            flag = ir.GlobalVariable(module, ir.IntType(32), _OWN_GEMM_SYMBOL)
+            flag.linkage = "external"
+        return builder.icmp_signed("!=", builder.load(flag), ir.Constant(ir.IntType(32), 0))
+
+    return types.boolean(), codegen
 
 
 @njit(cache=config.CACHE, nogil=True)
@@ -126,6 +175,9 @@ def gemm(a, b, c, beta, b_transposed):
     if not (a.flags.c_contiguous and b.flags.c_contiguous and c.flags.c_contiguous):
         raise ValueError("jit_gemm.gemm: operands must be C-contiguous")
     if m == 0 or n == 0:
+        return
+    if not b_transposed and _own_gemm_enabled():
+        micro_gemm.gemm(a, b, c, beta, False)
         return
     # Row-major c = a @ b is column-major c^T = b^T @ a^T: the operands swap, nothing is copied.
     dims = np.empty(6, np.int32)

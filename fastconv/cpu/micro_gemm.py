@@ -1,0 +1,253 @@
+"""fastconv's own single-threaded GEMM for the Numba kernels: a register-tiled AVX-512 micro-kernel.
+
+Why: the kernels' GEMMs inside their parallel regions ran on torch's MKL (:mod:`.jit_gemm`). On AMD CPUs MKL
+takes its AVX2 code path: 8-wide vectors, half of what a core with 512-bit FMA units computes. Measured on this
+project's machine (AMD EPYC, Zen 5, one thread, float32, GFLOP/s, this kernel / MKL's ``sgemm``): (M, K, N) =
+(64, 576, 4096) 129-161 / 72-82, (128, 1152, 1024) 166-195 / 89-101, the 7x7 stem's (64, 147, 8192) 135-163 /
+72-94, (256, 64, 4096) 159-203 / 85-99, (32, 1152, 1024) 147-194 / 67-85, (512, 512, 512) 183-205 / 98-106.
+
+How (the GotoBLAS/BLIS scheme, see "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @
+b (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; each ``MC x KC``
+block of ``a`` is packed into ``MR``-row panels (step ``p``'s ``MR`` values side by side), and the micro-kernel
+computes one ``MR x NR`` tile of ``c`` from one ``a`` panel and ``KC`` rows of ``NR`` columns of ``b``. Its
+``MR * NV`` accumulators are LLVM vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64),
+kept in registers across the reduction loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba
+intrinsic) because Numba's own arrays live in memory, where the compiler cannot keep a tile of them in
+registers. ``b``'s rows are read where they are (no packing) when a panel has its full ``NR`` columns; the last,
+narrower panel and a transposed ``b`` are packed, zero-padded, first. Edge tiles (fewer than ``MR`` rows or
+``NR`` columns) are computed whole into a scratch tile and copied.
+
+Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
+:data:`HOST_HAS_AVX512` says whether it pays, and :mod:`.jit_gemm` routes to this kernel only then.
+"""
+from __future__ import annotations
+
+import llvmlite.binding as llvm
+import numpy as np
+from llvmlite import ir
+from numba import config as numba_config
+from numba import njit, types
+from numba.extending import intrinsic
+
+from fastconv import config
+
+__all__ = ["gemm", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
+
+#: Rows of ``a`` per tile, and 64-byte vectors of ``b``'s columns per tile row (16 accumulators of the 32
+#: vector registers). Measured (same shapes as above): 8 x 2 and 12 x 2 level, 6 x 4 level but wasteful on
+#: channel counts that are multiples of 8, 8 x 3 slower wherever N is not a multiple of 48 (packed panels).
+MR, NV = 8, 2
+#: Reduction steps per block (a ``KC x NR`` panel of ``b`` is 32 KB in float32: the core's L1), rows of ``a``
+#: per packed block (``MC x KC`` in L2) and columns per block.
+KC, MC, NC = 256, 96, 1024
+
+_VECTOR_BYTES = 64
+
+
+def _host_has_avx512() -> bool:
+    """Whether Numba compiles for a CPU with 512-bit FMA vectors (the host, unless NUMBA_CPU_NAME says other)."""
+    if numba_config.CPU_NAME not in (None, "", "host"):
+        return "+avx512f" in (numba_config.CPU_FEATURES or "")
+    try:
+        return bool(llvm.get_host_cpu_features().get("avx512f", False))
+    except RuntimeError:  # the host's features cannot be read
+        return False
+
+
+HOST_HAS_AVX512 = _host_has_avx512()
+
+
+@intrinsic
+def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
+    """``c[i0:i0+MR, j0:j0+NR] (+)= A_panel @ B_panel`` over ``kc`` steps, with ``A_panel[i, p] = a[a_offset +
+    min(i, rows - 1)*a_row + p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``: offsets in elements from
+    the first element of ``a`` and ``b`` (arrays or views of any rank); ``c`` is 2-D with adjacent columns.
+    ``accumulate`` adds to ``c``, else overwrites it. No bounds checks: the caller's indices are exact."""
+    dtype = c.dtype
+    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
+                           types.intp, c, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
+        itemsize = 4 if dtype == types.float32 else 8
+        width = _VECTOR_BYTES // itemsize
+        scalar = context.get_value_type(dtype)
+        vector = ir.VectorType(scalar, width)
+        intp = context.get_value_type(types.intp)
+        i32 = ir.IntType(32)
+
+        def const(v):
+            return ir.Constant(intp, v)
+
+        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
+        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+        c_arr = context.make_array(c)(context, builder, c_v)
+        ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
+        c_ptr = builder.gep(c_arr.data, [builder.add(builder.mul(i0_v, ldc), j0_v)])
+        fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
+        fma = builder.module.globals.get(fma_name) or ir.Function(
+            builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
+        zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
+        undef = ir.Constant(vector, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+        # row i of the tile reads a's row min(i, rows - 1): rows past the edge repeat the last one (their results
+        # are not stored), so no read leaves the operand
+        last_row = builder.sub(rows_v, const(1))
+        a_rows = []
+        for i in range(MR):
+            row = builder.select(builder.icmp_signed("<", const(i), rows_v), const(i), last_row)
+            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+
+        entry = builder.block
+        loop = builder.function.append_basic_block("micro_kernel_loop")
+        done = builder.function.append_basic_block("micro_kernel_done")
+        builder.cbranch(builder.icmp_signed(">", kc_v, const(0)), loop, done)
+
+        # the reduction loop: accumulators are phi values, so they live in registers
+        builder.position_at_end(loop)
+        p = builder.phi(intp)
+        p.add_incoming(const(0), entry)
+        accumulators = []
+        for _ in range(MR * NV):
+            phi = builder.phi(vector)
+            phi.add_incoming(zero, entry)
+            accumulators.append(phi)
+        b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
+        b_vectors = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vector.as_pointer()),
+                                  align=itemsize) for v in range(NV)]
+        a_p = builder.mul(p, a_step_v)
+        updated = []
+        for i in range(MR):
+            a_value = builder.load(builder.gep(a_rows[i], [a_p]))
+            a_splat = builder.shuffle_vector(builder.insert_element(undef, a_value, ir.Constant(i32, 0)), undef,
+                                             splat_mask)
+            for v in range(NV):
+                updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
+        p_next = builder.add(p, const(1))
+        loop_end = builder.block
+        p.add_incoming(p_next, loop_end)
+        for phi, value in zip(accumulators, updated):
+            phi.add_incoming(value, loop_end)
+        builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
+
+        builder.position_at_end(done)
+        results = []
+        for value in updated:
+            phi = builder.phi(vector)
+            phi.add_incoming(zero, entry)
+            phi.add_incoming(value, loop_end)
+            results.append(phi)
+
+        def c_vector_pointer(i, v):
+            row = builder.gep(c_ptr, [builder.mul(const(i), ldc)])
+            return builder.bitcast(builder.gep(row, [const(v * width)]), vector.as_pointer())
+
+        with builder.if_else(accumulate_v) as (add, overwrite):
+            with add:
+                for i in range(MR):
+                    for v in range(NV):
+                        q = c_vector_pointer(i, v)
+                        builder.store(builder.fadd(builder.load(q, align=itemsize), results[i * NV + v]), q,
+                                      align=itemsize)
+            with overwrite:
+                for i in range(MR):
+                    for v in range(NV):
+                        builder.store(results[i * NV + v], c_vector_pointer(i, v), align=itemsize)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+_JIT = dict(cache=config.CACHE, nogil=True)
+
+
+@njit(**_JIT)
+def _pack_b_panel(b, pc, kc, j0, w, NR, bp, base):
+    """``bp[base + p*NR + j] = b[pc + p, j0 + j]`` for ``j < w``, 0 for ``w <= j < NR``."""
+    for p in range(kc):
+        for j in range(w, NR):
+            bp[base + p * NR + j] = 0.0
+    if b.strides[0] < b.strides[1]:  # a transposed view: walk along its columns, which are contiguous
+        for j in range(w):
+            for p in range(kc):
+                bp[base + p * NR + j] = b[pc + p, j0 + j]
+    else:
+        for p in range(kc):
+            o = base + p * NR
+            for j in range(w):
+                bp[o + j] = b[pc + p, j0 + j]
+
+
+@njit(**_JIT)
+def gemm(a, b, c, beta, b_transposed):
+    """``c = a @ b + beta * c`` on the calling thread, ``b`` read as ``b.T`` when ``b_transposed``.
+
+    a: (m, k); b: (k, n), or (n, k) when ``b_transposed``; c: (m, n); one float dtype (float32 or float64), any
+    strides (views included) except that ``c``'s columns must be adjacent. ``b`` is fastest with adjacent
+    columns (its panels are then read in place). ``beta`` 0 overwrites ``c`` (whatever it held, NaN included),
+    1 accumulates into it.
+    """
+    if b_transposed:
+        _gemm(a, b.T, c, beta)
+    else:
+        _gemm(a, b, c, beta)
+
+
+@njit(**_JIT)
+def _gemm(a, b, c, beta):
+    m, k = a.shape
+    n = c.shape[1]
+    itemsize = c.itemsize
+    if c.strides[1] != itemsize and n > 1:
+        raise ValueError("micro_gemm.gemm: c's columns must be adjacent in memory")
+    if b.shape[0] != k or b.shape[1] != n or c.shape[0] != m:
+        raise ValueError("micro_gemm.gemm: operand shapes do not match")
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            c[:, :] = 0.0
+        return
+    a_row, a_step = a.strides[0] // itemsize, a.strides[1] // itemsize
+    b_row = b.strides[0] // itemsize
+    b_in_place = b.strides[1] == itemsize
+    NR = NV * (_VECTOR_BYTES // itemsize)
+    bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
+    tile = np.empty((MR, NR), c.dtype)
+    for jc in range(0, n, NC):
+        nc = min(NC, n - jc)
+        for pc in range(0, k, KC):
+            kc = min(KC, k - pc)
+            overwrite = pc == 0 and beta == 0.0
+            for jp in range(0, nc, NR):
+                w = min(NR, nc - jp)
+                if not b_in_place or w < NR:
+                    _pack_b_panel(b, pc, kc, jc + jp, w, NR, bp, (jp // NR) * kc * NR)
+            for ic in range(0, m, MC):
+                mc = min(MC, m - ic)
+                for jp in range(0, nc, NR):
+                    w = min(NR, nc - jp)
+                    packed = not b_in_place or w < NR
+                    b_offset = (jp // NR) * kc * NR if packed else pc * b_row + jc + jp
+                    ldb = NR if packed else b_row
+                    for ip in range(0, mc, MR):
+                        h = min(MR, mc - ip)
+                        full = h == MR and w == NR
+                        out = c if full else tile
+                        oi = ic + ip if full else 0
+                        oj = jc + jp if full else 0
+                        a_offset = (ic + ip) * a_row + pc * a_step
+                        if packed:
+                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, out, oi, oj,
+                                          full and not overwrite)
+                        else:
+                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, out, oi, oj,
+                                          full and not overwrite)
+                        if not full:
+                            for i in range(h):
+                                for j in range(w):
+                                    if overwrite:
+                                        c[ic + ip + i, jc + jp + j] = tile[i, j]
+                                    else:
+                                        c[ic + ip + i, jc + jp + j] += tile[i, j]

@@ -1,0 +1,111 @@
+"""fastconv's own GEMM micro-kernel (fastconv.cpu.micro_gemm): results against numpy in float32 and float64 at
+sizes that cross every block and tile edge, both orientations of ``b``, overwrite (NaN in ``c`` included) and
+accumulate, degenerate sizes, calls from parallel tasks, and its place behind :func:`jit_gemm.gemm`."""
+import numpy as np
+import pytest
+from numba import njit, prange
+
+from fastconv.cpu import jit_gemm, micro_gemm
+
+_NR32 = micro_gemm.NV * 16  # float32 columns per tile
+_EDGES_M = [1, micro_gemm.MR - 1, micro_gemm.MR, micro_gemm.MR + 1, micro_gemm.MC + 3]
+_EDGES_K = [1, 7, micro_gemm.KC, micro_gemm.KC + 5]
+_EDGES_N = [1, _NR32 - 1, _NR32, _NR32 + 1, micro_gemm.NC + _NR32 + 3]
+
+
+def _check(m, k, n, dtype, beta, b_transposed, seed=0):
+    rng = np.random.default_rng(seed + m * 1000 + k * 10 + n)
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if b_transposed else (k, n)).astype(dtype)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    want = a.astype(np.float64) @ (b.T if b_transposed else b).astype(np.float64) + beta * c.astype(np.float64)
+    if beta == 0.0:
+        c[:] = np.nan  # overwritten, whatever it held
+    micro_gemm.gemm(a, b, c, beta, b_transposed)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, want, rtol=tol, atol=tol * np.sqrt(max(k, 1)) * 4)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m", _EDGES_M)
+@pytest.mark.parametrize("k", _EDGES_K)
+@pytest.mark.parametrize("n", _EDGES_N)
+def test_every_block_and_tile_edge_matches_numpy(dtype, m, k, n):
+    _check(m, k, n, dtype, 0.0, False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("m,k,n", [(micro_gemm.MR + 1, micro_gemm.KC + 5, micro_gemm.NC + _NR32 + 3),
+                                   (64, 576, 200), (3, 2, 5)])
+def test_orientations_and_accumulation_match_numpy(dtype, beta, b_transposed, m, k, n):
+    _check(m, k, n, dtype, beta, b_transposed)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_empty_reduction_overwrites_or_keeps(beta):
+    c = np.full((3, 4), np.nan if beta == 0.0 else 2.0, np.float32)
+    micro_gemm.gemm(np.ones((3, 0), np.float32), np.ones((0, 4), np.float32), c, beta, False)
+    np.testing.assert_array_equal(c, np.zeros((3, 4)) if beta == 0.0 else np.full((3, 4), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_views_of_any_strides(dtype):
+    """Row and column views, a transposed ``a`` and a ``b`` with gaps between columns are read as they are; ``c``
+    may be a block of rows and columns of a bigger array."""
+    rng = np.random.default_rng(5)
+    big_a = rng.standard_normal((70, 90)).astype(dtype)
+    big_b = rng.standard_normal((300, 120)).astype(dtype)
+    for a in (big_a[3:40, 5:75], big_a[3:40, 5:75:2], big_a.T[5:75, 3:40].T, big_a[::-1][:37, :70]):
+        for b in (big_b[7:7 + a.shape[1], 9:100], big_b[7:7 + a.shape[1], 9:100:3]):
+            c_big = np.full((50, 200), 7.0, dtype)
+            c = c_big[4:4 + a.shape[0], 10:10 + b.shape[1]]
+            micro_gemm.gemm(a, b, c, 0.0, False)
+            tol = 1e-4 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=tol, atol=tol * 10)
+            c[:] = 7.0
+            np.testing.assert_array_equal(c_big, 7.0)  # nothing outside the view was written
+
+
+def test_misfits_are_refused():
+    with pytest.raises(ValueError, match="columns must be adjacent"):
+        micro_gemm.gemm(np.ones((4, 6)), np.ones((6, 4)), np.zeros((4, 8))[:, ::2], 0.0, False)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        micro_gemm.gemm(np.ones((4, 6)), np.ones((5, 3)), np.zeros((4, 3)), 0.0, False)
+
+
+@njit(parallel=True)
+def _stacked(a, b, c):
+    for i in prange(a.shape[0]):
+        micro_gemm.gemm(a[i], b[i], c[i], 0.0, False)
+
+
+def test_calls_from_parallel_tasks():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((12, 40, 70)).astype(np.float32)
+    b = rng.standard_normal((12, 70, 90)).astype(np.float32)
+    c = np.empty((12, 40, 90), np.float32)
+    _stacked(a, b, c)
+    np.testing.assert_allclose(c, a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_jit_gemm_routes_by_the_switch():
+    """The switch is on by default exactly where the CPU has 512-bit vectors (and no library was forced), and
+    both routes give the same product."""
+    assert jit_gemm.own_gemm_in_use() == (micro_gemm.HOST_HAS_AVX512 and jit_gemm._WANTED == "auto")
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((19, 300)), rng.standard_normal((300, 45))
+    results = []
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        for own in (True, False):
+            jit_gemm.use_own_gemm(own)
+            assert jit_gemm.own_gemm_in_use() is own
+            c = np.full((19, 45), np.nan)
+            jit_gemm.gemm(a, b, c, 0.0, False)
+            results.append(c)
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    np.testing.assert_allclose(results[0], a @ b, rtol=1e-12, atol=1e-11)
+    np.testing.assert_allclose(results[1], a @ b, rtol=1e-12, atol=1e-11)
