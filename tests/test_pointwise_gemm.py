@@ -16,8 +16,28 @@ import torch
 import torch.nn.functional as TF
 
 import fastconv.functional as F
-from fastconv.cpu import algorithms
+from fastconv.cpu import algorithms, jit_gemm, pointwise, pointwise_own
 from helpers import assert_close
+
+
+@pytest.fixture(params=["own", "library"])
+def gemm_route(request, monkeypatch):
+    """Runs a test with the 1x1 products on fastconv's own GEMM (its size floors lowered so the small test
+    layers take it) and on torch's; the own route must have been taken."""
+    own = request.param == "own"
+    previous = jit_gemm.use_own_gemm(own)
+    calls = []
+    if own:
+        monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
+        monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_PIXELS", 1)
+        real = pointwise_own.batch_gemm
+        monkeypatch.setattr(pointwise_own, "batch_gemm", lambda *args: calls.append(1) or real(*args))
+    try:
+        yield request.param
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    if own:
+        assert calls, "the own GEMM route was not taken"
 
 
 @pytest.fixture
@@ -56,7 +76,7 @@ def grad_spy(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("N,spatial", [(1, (1, 1)), (3, (5, 7)), (2, (9,)), (2, (3, 4, 5))])
-def test_pointwise_matches_torch_and_takes_the_gemm(spy, dtype, bias, N, spatial):
+def test_pointwise_matches_torch_and_takes_the_gemm(spy, gemm_route, dtype, bias, N, spatial):
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     g = torch.Generator().manual_seed(len(spatial) * 10 + N)
@@ -72,7 +92,7 @@ def test_pointwise_matches_torch_and_takes_the_gemm(spy, dtype, bias, N, spatial
 
 @pytest.mark.parametrize("N,spatial,stride", [(2, (9, 8), 2), (1, (7, 10), (3, 2)), (2, (11,), 4),
                                                (2, (3, 5, 6), (1, 2, 3))])
-def test_strided_pointwise_matches_torch_and_takes_the_gemm(spy, N, spatial, stride):
+def test_strided_pointwise_matches_torch_and_takes_the_gemm(spy, gemm_route, N, spatial, stride):
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     g = torch.Generator().manual_seed(7)
@@ -136,7 +156,7 @@ def test_batched_gemm_gets_operands_that_do_not_require_grad(spy, monkeypatch):
 @pytest.mark.parametrize("N", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_gradients_and_opcheck_with_operands_that_require_grad(spy, N, bias, stride):
+def test_pointwise_gradients_and_opcheck_with_operands_that_require_grad(spy, gemm_route, N, bias, stride):
     """The single-image GEMM runs on the operands as they are (no ``detach``): through the dispatcher, with
     every operand requiring grad, the op still records exactly its own autograd formula: gradcheck,
     gradgradcheck and opcheck in float64, and the path really ran."""
@@ -173,7 +193,7 @@ _GRAD_SHAPES = [(1, 5, 3, 4, 6), (3, 5, 3, 4, 6), (2, 130, 129, 3, 3), (2, 130, 
 
 @pytest.mark.parametrize("N,C,K,H,W", _GRAD_SHAPES)
 @pytest.mark.parametrize("stride", [1, 2])
-def test_pointwise_gradients_match_torch_and_take_the_gemm(grad_spy, N, C, K, H, W, stride):
+def test_pointwise_gradients_match_torch_and_take_the_gemm(grad_spy, gemm_route, N, C, K, H, W, stride):
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     g = torch.Generator().manual_seed(N * 100 + C + stride)
@@ -240,7 +260,7 @@ def test_nonfinite_gradients_get_the_exact_result(grad_spy):
 
 
 @pytest.mark.parametrize("N,C,K,H,W", _GRAD_SHAPES[:3])
-def test_pointwise_gradient_ops_pass_gradcheck_and_opcheck(grad_spy, N, C, K, H, W):
+def test_pointwise_gradient_ops_pass_gradcheck_and_opcheck(grad_spy, gemm_route, N, C, K, H, W):
     """The gradient ops are differentiable ops themselves (double backward): gradcheck through them, and
     opcheck of each, in float64."""
     if algorithms.blas.GEMM_LIBRARY != "torch":
@@ -315,3 +335,28 @@ def test_large_planes_keep_the_batched_gemm(monkeypatch):
     assert pointwise._one_gemm_over_batch(a, torch.randn(2, 3, pointwise.ONE_GEMM_MAX_PIXELS))
     assert not pointwise._one_gemm_over_batch(a, torch.randn(2, 3, pointwise.ONE_GEMM_MAX_PIXELS + 1))
     assert not pointwise._one_gemm_over_batch(a, torch.randn(1, 3, 4))  # one image: a plain GEMM anyway
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
+    """On the own GEMM, planes under OWN_GEMM_MIN_PIXELS go through one product over the batch's pixels side by
+    side (a spy sees one image of N*P pixels); forward and input gradient equal torch's in float64."""
+    previous = jit_gemm.use_own_gemm(True)
+    monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
+    seen = []
+    real = pointwise_own.batch_gemm
+    monkeypatch.setattr(pointwise_own, "batch_gemm", lambda a, b3, *rest: seen.append(b3.shape) or real(a, b3, *rest))
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(3, 6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, generator=g, dtype=torch.float64) if bias else None
+        got = F.conv2d(x, w, b, algo="im2col")
+        want = TF.conv2d(x, w, b)
+        assert_close(got, want, algo="im2col", what="own 1x1 forward, planes side by side")
+        gy = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(want, x, gy)[0], algo="im2col",
+                     what="own 1x1 input gradient, planes side by side")
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    assert seen == [(1, 6, 18), (1, 5, 18)]

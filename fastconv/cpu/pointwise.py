@@ -23,6 +23,7 @@ import math
 import torch
 
 from ..spec import ConvGeometry
+from . import jit_gemm, pointwise_own
 
 
 def applies(g: ConvGeometry) -> bool:
@@ -75,8 +76,46 @@ def _one_gemm_over_batch(a: torch.Tensor, b3: torch.Tensor) -> bool:
     return b3.shape[0] > 1 and b3.shape[2] <= ONE_GEMM_MAX_PIXELS and a.numel() >= ONE_GEMM_MIN_WEIGHTS
 
 
+#: Fewest input channels (the GEMMs' reduction) for which the products run on fastconv's own GEMM
+#: (:mod:`.pointwise_own`) where it is in use: with fewer, each output tile is stored after a couple of dozen
+#: steps and MKL is level or ahead (MobileNet-v2's 24 -> 144 at 32x32: 54-76 µs against 47 at batch 1, 379-411
+#: against 414-485 at batch 8; with 64 and more the own GEMM takes 0.4-0.8x torch's time, see the README).
+OWN_GEMM_MIN_REDUCTION = 32
+#: Fewest pixels per image for which each image is its own GEMM on the own path; smaller planes (ResNet-50's
+#: last stage at 4x4) are laid side by side first (a copy in and out), as :func:`_one_gemm_over_batch` does for
+#: torch: a 16-pixel product fills half of the micro-kernel's 32-column tile (512 -> 2048 at 4x4, batch 8: 5.5 ms
+#: per image against 1.7 for torch's).
+OWN_GEMM_MIN_PIXELS = 64
+_OWN_DTYPES = (torch.float32, torch.float64)
+
+
+def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """:func:`_batch_mm` on the own GEMM, or None where that path does not take the call."""
+    N, R, P = b3.shape
+    M = a.shape[0]
+    if (not jit_gemm.own_gemm_in_use() or R < OWN_GEMM_MIN_REDUCTION or b3.dtype not in _OWN_DTYPES
+            or a.dtype != b3.dtype or (bias is not None and bias.dtype != b3.dtype)):
+        return None
+    bias_np = None if bias is None else bias.detach().numpy()
+    if P >= OWN_GEMM_MIN_PIXELS:
+        if b3.stride(2) != 1:
+            return None
+        y = b3.new_empty((N, M, P))
+        pointwise_own.batch_gemm(a.detach().numpy(), b3.detach().numpy(), bias_np, y.numpy())
+        return y
+    if N == 1:
+        return None
+    rows = b3.detach().transpose(0, 1).reshape(1, R, N * P)  # the batch's pixels side by side (a copy)
+    y = b3.new_empty((1, M, N * P))
+    pointwise_own.batch_gemm(a.detach().numpy(), rows.numpy(), bias_np, y.numpy())
+    return y.view(M, N, P).transpose(0, 1).contiguous()
+
+
 def _batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(N, M, P) ``a @ b3[n] (+ bias[:, None])`` for every n; ``a`` (M, R), ``b3`` (N, R, P), ``bias`` (M,)."""
+    own = _own_batch_mm(a, b3, bias)
+    if own is not None:
+        return own
     N, R, P = b3.shape
     M = a.shape[0]
     if not _one_gemm_over_batch(a, b3):
@@ -100,7 +139,12 @@ def forward(x, w, bias, g: ConvGeometry):
         if not x.is_contiguous():  # a channels_last input goes to the kernel that keeps its layout
             return None
         x = _strided(x, g)
+    own = None
     if N == 1 and x.is_contiguous():
+        own = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
+    if own is not None:
+        y = own
+    elif N == 1 and x.is_contiguous():
         # the operands as they are: no detach (a microsecond each) on a squeeze-and-excitation conv's 15 µs
         x2 = x.view(C, -1)
         w2 = w.view(K, C)
