@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(jit_gemm.SOURCE is None, reason="neither torch's
 
 @pytest.fixture(params=["own", "library"])
 def route(request):
-    """Each test runs with the untransposed products on fastconv's own kernel and on the library."""
+    """Each test runs with the products on fastconv's own kernels and on the library."""
     previous = jit_gemm.use_own_gemm(request.param == "own")
     yield request.param
     jit_gemm.use_own_gemm(previous)

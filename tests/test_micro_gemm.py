@@ -68,11 +68,32 @@ def test_views_of_any_strides(dtype):
             np.testing.assert_array_equal(c_big, 7.0)  # nothing outside the view was written
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.DM + 1, micro_gemm.DOT_MIN_STEPS, micro_gemm.DN - 1),
+                                   (9, micro_gemm.KCD + 37, 6), (3, 17, 10)])
+def test_transposed_product_as_row_dot_products(dtype, beta, m, k, n):
+    """:func:`gemm_nt` (which :func:`gemm` takes for long transposed products): every tile edge, a reduction
+    that crosses a block and ends short of a whole vector, rows of views with gaps between them."""
+    rng = np.random.default_rng(m + k + n)
+    a = rng.standard_normal((m, k + 3)).astype(dtype)[:, 2:2 + k]
+    b = rng.standard_normal((n, k + 5)).astype(dtype)[:, :k]
+    c = rng.standard_normal((m, n)).astype(dtype)
+    want = a.astype(np.float64) @ b.T.astype(np.float64) + beta * c
+    if beta == 0.0:
+        c[:] = np.nan
+    micro_gemm.gemm_nt(a, b, c, beta)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, want, rtol=tol, atol=tol * np.sqrt(k) * 4)
+
+
 def test_misfits_are_refused():
     with pytest.raises(ValueError, match="columns must be adjacent"):
         micro_gemm.gemm(np.ones((4, 6)), np.ones((6, 4)), np.zeros((4, 8))[:, ::2], 0.0, False)
     with pytest.raises(ValueError, match="shapes do not match"):
         micro_gemm.gemm(np.ones((4, 6)), np.ones((5, 3)), np.zeros((4, 3)), 0.0, False)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        micro_gemm.gemm_nt(np.ones((4, 12))[:, ::2], np.ones((3, 6)), np.zeros((4, 3)), 0.0)
 
 
 @njit(parallel=True)

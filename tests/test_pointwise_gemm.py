@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastconv.functional as F
-from fastconv.cpu import algorithms, jit_gemm, pointwise, pointwise_own
+from fastconv.cpu import algorithms, jit_gemm, parallel_gemm, pointwise
 from helpers import assert_close
 
 
@@ -30,8 +30,8 @@ def gemm_route(request, monkeypatch):
     if own:
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_PIXELS", 1)
-        real = pointwise_own.batch_gemm
-        monkeypatch.setattr(pointwise_own, "batch_gemm", lambda *args: calls.append(1) or real(*args))
+        real = parallel_gemm.matmul
+        monkeypatch.setattr(parallel_gemm, "matmul", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     try:
         yield request.param
     finally:
@@ -344,8 +344,8 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
     previous = jit_gemm.use_own_gemm(True)
     monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
     seen = []
-    real = pointwise_own.batch_gemm
-    monkeypatch.setattr(pointwise_own, "batch_gemm", lambda a, b3, *rest: seen.append(b3.shape) or real(a, b3, *rest))
+    real = parallel_gemm.matmul
+    monkeypatch.setattr(parallel_gemm, "matmul", lambda a, b3, *rest, **kw: seen.append(b3.shape) or real(a, b3, *rest, **kw))
     try:
         g = torch.Generator().manual_seed(5)
         x = torch.randn(3, 6, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)

@@ -9,6 +9,10 @@ ran several times slower than in the same model on torch alone. Running the GEMM
 on zero-copy views of the numpy buffers puts them on the pool torch's ops use (MKL/oneDNN over OpenMP),
 so a converted model has one BLAS runtime, governed by ``torch.set_num_threads``.
 
+Where fastconv's own GEMM kernels are in use (:func:`.jit_gemm.own_gemm_in_use`: CPUs with 512-bit vectors,
+where MKL runs AVX2 code on AMD's), float32 and float64 products run on them instead, on Numba's threads
+(:mod:`.parallel_gemm`).
+
 ``FASTCONV_GEMM=numpy`` (read once, at import) switches back to ``np.matmul`` for comparison.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ import warnings
 
 import numpy as np
 import torch
+
+from . import jit_gemm, parallel_gemm
 
 LIBRARIES = ("torch", "numpy")
 
@@ -67,10 +73,6 @@ def _numpy_matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -
     return np.matmul(a, b) if out is None else np.matmul(a, b, out=out)
 
 
-#: ``matmul(a, b, out=None)``: the GEMM every CPU kernel calls (see the module docstring).
-matmul = _torch_matmul if GEMM_LIBRARY == "torch" else _numpy_matmul
-
-
 def _torch_matmul_add(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
     """``acc += a @ b`` in place (2-D, or stacked 3-D with ``acc`` contiguous): the GEMM's own accumulation
     (beta = 1), no temporary result."""
@@ -87,5 +89,38 @@ def _numpy_matmul_add(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarr
     return acc
 
 
-#: ``matmul_add(a, b, acc)``: ``acc += a @ b`` in place (see :data:`matmul`).
-matmul_add = _torch_matmul_add if GEMM_LIBRARY == "torch" else _numpy_matmul_add
+_OWN_DTYPES = (np.float32, np.float64)
+
+
+def _own_result(a: np.ndarray, b: np.ndarray, out: np.ndarray | None) -> np.ndarray | None:
+    """Where the own kernels take ``a @ b``: the array it is written into (``out``, or a new one); else None."""
+    if not (GEMM_LIBRARY == "torch" and jit_gemm.own_gemm_in_use()):
+        return None
+    if (a.dtype != b.dtype or a.dtype.type not in _OWN_DTYPES or a.ndim not in (2, 3) or b.ndim not in (2, 3)
+            or a.shape[-1] != b.shape[-2]):
+        return None
+    stack = a.shape[0] if a.ndim == 3 else b.shape[0] if b.ndim == 3 else None
+    if a.ndim == 3 and b.ndim == 3 and a.shape[0] != b.shape[0]:
+        return None
+    shape = (a.shape[-2], b.shape[-1]) if stack is None else (stack, a.shape[-2], b.shape[-1])
+    if out is None:
+        return np.empty(shape, a.dtype)
+    if out.shape != shape or out.dtype != a.dtype or (out.strides[-1] != out.itemsize and shape[-1] > 1):
+        return None
+    return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``a @ b`` for 2-D or stacked 3-D float arrays (any strides), written into ``out`` when given: the GEMM
+    every CPU kernel calls (see the module docstring)."""
+    result = _own_result(a, b, out)
+    if result is not None:
+        return parallel_gemm.matmul(a, b, result)
+    return _torch_matmul(a, b, out) if GEMM_LIBRARY == "torch" else _numpy_matmul(a, b, out)
+
+
+def matmul_add(a: np.ndarray, b: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """``acc += a @ b`` in place (2-D, or stacked 3-D with ``acc`` contiguous); see :func:`matmul`."""
+    if _own_result(a, b, acc) is not None:
+        return parallel_gemm.matmul(a, b, acc, accumulate=True)
+    return _torch_matmul_add(a, b, acc) if GEMM_LIBRARY == "torch" else _numpy_matmul_add(a, b, acc)

@@ -20,13 +20,12 @@ may be called).
 Every call sets MKL's thread count for the calling thread to 1 and restores it: the caller is already one
 of several parallel tasks, and MKL would otherwise start a team of its own threads inside each.
 
-Where the CPU has 512-bit vectors, the products with ``b`` as it is (the forwards' ``w @ columns``, Winograd's
-``U @ V``) run on :mod:`.micro_gemm`, fastconv's own register-tiled kernel, instead: MKL runs its AVX2 code on
-AMD CPUs, and the own kernel does the same products in 0.45-0.65x its time there (one thread; numbers in
-:mod:`.micro_gemm`). The transposed products (the weight gradients' ``gy @ columns^T``) stay on the library:
-the own kernel packs a transposed ``b`` element by element, which costs more than it gains (64 x 8192 x 576:
-70-76 GFLOP/s against MKL's 83-89). :func:`use_own_gemm` switches the route at run time (a flag in memory that
-the compiled code reads, so cached kernels follow it): ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
+Where the CPU has 512-bit vectors, the products run on :mod:`.micro_gemm`, fastconv's own register-tiled
+kernels, instead: MKL runs its AVX2 code on AMD CPUs, and the own kernels do the same products in 0.45-0.65x
+its time there (one thread; the untransposed ones, the forwards' ``w @ columns`` and Winograd's ``U @ V``) and
+0.6-0.85x (the transposed ones, the weight gradients' ``gy @ columns^T``; numbers in :mod:`.micro_gemm`).
+:func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
+kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
 """
 from __future__ import annotations
 
@@ -134,15 +133,15 @@ llvm.add_symbol(_OWN_GEMM_SYMBOL, ctypes.addressof(_own_gemm_flag))
 
 
 def use_own_gemm(enabled: bool) -> bool:
-    """Route the kernels' untransposed GEMMs to :mod:`.micro_gemm` (True) or to the library (False); returns the
-    previous setting. Meant for tests and A/B measurements; the default is set at import."""
+    """Route the kernels' GEMMs (and the 1x1 paths' products, :mod:`.pointwise`) to :mod:`.micro_gemm` (True) or
+    to the library (False); returns the previous setting. Meant for tests and A/B measurements; the default is set at import."""
     previous = bool(_own_gemm_flag.value)
     _own_gemm_flag.value = 1 if enabled else 0
     return previous
 
 
 def own_gemm_in_use() -> bool:
-    """Whether the kernels' untransposed GEMMs run on fastconv's own kernel now."""
+    """Whether the kernels' GEMMs run on fastconv's own kernels now."""
     return bool(_own_gemm_flag.value)
 
 
@@ -176,8 +175,8 @@ def gemm(a, b, c, beta, b_transposed):
         raise ValueError("jit_gemm.gemm: operands must be C-contiguous")
     if m == 0 or n == 0:
         return
-    if not b_transposed and _own_gemm_enabled():
-        micro_gemm.gemm(a, b, c, beta, False)
+    if _own_gemm_enabled():
+        micro_gemm.gemm(a, b, c, beta, b_transposed)
         return
     # Row-major c = a @ b is column-major c^T = b^T @ a^T: the operands swap, nothing is copied.
     dims = np.empty(6, np.int32)

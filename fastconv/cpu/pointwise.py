@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..spec import ConvGeometry
-from . import jit_gemm, pointwise_own
+from . import jit_gemm, parallel_gemm
 
 
 def applies(g: ConvGeometry) -> bool:
@@ -77,7 +77,7 @@ def _one_gemm_over_batch(a: torch.Tensor, b3: torch.Tensor) -> bool:
 
 
 #: Fewest input channels (the GEMMs' reduction) for which the products run on fastconv's own GEMM
-#: (:mod:`.pointwise_own`) where it is in use: with fewer, each output tile is stored after a couple of dozen
+#: (:mod:`.parallel_gemm`) where it is in use: with fewer, each output tile is stored after a couple of dozen
 #: steps and MKL is level or ahead (MobileNet-v2's 24 -> 144 at 32x32: 54-76 µs against 47 at batch 1, 379-411
 #: against 414-485 at batch 8; with 64 and more the own GEMM takes 0.4-0.8x torch's time, see the README).
 OWN_GEMM_MIN_REDUCTION = 32
@@ -101,13 +101,13 @@ def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) 
         if b3.stride(2) != 1:
             return None
         y = b3.new_empty((N, M, P))
-        pointwise_own.batch_gemm(a.detach().numpy(), b3.detach().numpy(), bias_np, y.numpy())
+        parallel_gemm.matmul(a.detach().numpy(), b3.detach().numpy(), y.numpy(), bias=bias_np)
         return y
     if N == 1:
         return None
     rows = b3.detach().transpose(0, 1).reshape(1, R, N * P)  # the batch's pixels side by side (a copy)
     y = b3.new_empty((1, M, N * P))
-    pointwise_own.batch_gemm(a.detach().numpy(), rows.numpy(), bias_np, y.numpy())
+    parallel_gemm.matmul(a.detach().numpy(), rows.numpy(), y.numpy(), bias=bias_np)
     return y.view(M, N, P).transpose(0, 1).contiguous()
 
 
