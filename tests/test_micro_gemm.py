@@ -70,11 +70,11 @@ def test_views_of_any_strides(dtype):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("beta", [0.0, 1.0])
-@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.DM + 1, micro_gemm.DOT_MIN_STEPS, micro_gemm.DN - 1),
-                                   (9, micro_gemm.KCD + 37, 6), (3, 17, 10)])
-def test_transposed_product_as_row_dot_products(dtype, beta, m, k, n):
-    """:func:`gemm_nt` (which :func:`gemm` takes for long transposed products): every tile edge, a reduction
-    that crosses a block and ends short of a whole vector, rows of views with gaps between them."""
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.MR + 1, 64, 2 * _NR32 + 17),
+                                   (9, micro_gemm.KC + 37, 6), (3, 17, 10), (2, 16, 16)])
+def test_transposed_views_are_packed_by_blocks(dtype, beta, m, k, n):
+    """A transposed ``b`` (rows along the reduction) is packed by ``W x W`` blocks transposed in registers: every
+    tile edge, reductions and panels that end short of a whole block, rows of views with gaps between them."""
     rng = np.random.default_rng(m + k + n)
     a = rng.standard_normal((m, k + 3)).astype(dtype)[:, 2:2 + k]
     b = rng.standard_normal((n, k + 5)).astype(dtype)[:, :k]
@@ -82,7 +82,7 @@ def test_transposed_product_as_row_dot_products(dtype, beta, m, k, n):
     want = a.astype(np.float64) @ b.T.astype(np.float64) + beta * c
     if beta == 0.0:
         c[:] = np.nan
-    micro_gemm.gemm_nt(a, b, c, beta)
+    micro_gemm.gemm(a, b, c, beta, True)
     tol = 1e-4 if dtype == np.float32 else 1e-12
     np.testing.assert_allclose(c, want, rtol=tol, atol=tol * np.sqrt(k) * 4)
 
@@ -92,8 +92,6 @@ def test_misfits_are_refused():
         micro_gemm.gemm(np.ones((4, 6)), np.ones((6, 4)), np.zeros((4, 8))[:, ::2], 0.0, False)
     with pytest.raises(ValueError, match="shapes do not match"):
         micro_gemm.gemm(np.ones((4, 6)), np.ones((5, 3)), np.zeros((4, 3)), 0.0, False)
-    with pytest.raises(ValueError, match="rows must be contiguous"):
-        micro_gemm.gemm_nt(np.ones((4, 12))[:, ::2], np.ones((3, 6)), np.zeros((4, 3)), 0.0)
 
 
 @njit(parallel=True)

@@ -22,8 +22,8 @@ of several parallel tasks, and MKL would otherwise start a team of its own threa
 
 Where the CPU has 512-bit vectors, the products run on :mod:`.micro_gemm`, fastconv's own register-tiled
 kernels, instead: MKL runs its AVX2 code on AMD CPUs, and the own kernels do the same products in 0.45-0.65x
-its time there (one thread; the untransposed ones, the forwards' ``w @ columns`` and Winograd's ``U @ V``) and
-0.6-0.85x (the transposed ones, the weight gradients' ``gy @ columns^T``; numbers in :mod:`.micro_gemm`).
+its time there (one thread; the forwards' ``w @ columns``, Winograd's ``U @ V``, the weight gradients'
+``gy @ columns^T``; numbers in :mod:`.micro_gemm`).
 :func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
 kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
 """

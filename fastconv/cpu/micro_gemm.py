@@ -6,16 +6,22 @@ project's machine (AMD EPYC, Zen 5, one thread, float32, GFLOP/s, this kernel / 
 (64, 576, 4096) 129-161 / 72-82, (128, 1152, 1024) 166-195 / 89-101, the 7x7 stem's (64, 147, 8192) 135-163 /
 72-94, (256, 64, 4096) 159-203 / 85-99, (32, 1152, 1024) 147-194 / 67-85, (512, 512, 512) 183-205 / 98-106.
 
-How (the GotoBLAS/BLIS scheme, see "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @
-b (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; each ``MC x KC``
-block of ``a`` is packed into ``MR``-row panels (step ``p``'s ``MR`` values side by side), and the micro-kernel
-computes one ``MR x NR`` tile of ``c`` from one ``a`` panel and ``KC`` rows of ``NR`` columns of ``b``. Its
-``MR * NV`` accumulators are LLVM vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64),
-kept in registers across the reduction loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba
-intrinsic) because Numba's own arrays live in memory, where the compiler cannot keep a tile of them in
-registers. ``b``'s rows are read where they are (no packing) when a panel has its full ``NR`` columns; the last,
-narrower panel and a transposed ``b`` are packed, zero-padded, first. Edge tiles (fewer than ``MR`` rows or
-``NR`` columns) are computed whole into a scratch tile and copied.
+Transposed ``b`` (the weight gradients' ``gy @ columns^T``), same measure, this kernel / MKL: (64, 8192, 576)
+166 / 90, (128, 2048, 1152) 184 / 97, (64, 32768, 147) 154 / 76, (64, 100, 64) 189 / 97, (512, 128, 4608) 188 /
+102. (Dot products of rows read in place, a vector accumulator per pair of rows summed across lanes at the end,
+reached 38-196: the sums across lanes and the second stream of loads cost more than packing.)
+
+How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K)
+@ b (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel
+computes one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place,
+any strides: packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b``. Its ``MR * NV``
+accumulators are LLVM vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in
+registers across the reduction loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic)
+because Numba's own arrays live in memory, where the compiler cannot keep a tile of them in registers. ``b``'s
+panels are read where they are when its columns are adjacent and the panel is full; the last, narrower panel is
+packed, zero-padded, and a transposed ``b`` is packed by ``W x W`` blocks transposed in registers
+(:func:`_transpose_block`). Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
+scratch tile and copied.
 
 Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
 :data:`HOST_HAS_AVX512` says whether it pays, and :mod:`.jit_gemm` routes to this kernel only then.
@@ -162,16 +168,72 @@ def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
 
+@intrinsic
+def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
+    """``dst[dst_offset + q*ldd + r] = src[src_offset + r*lds + q]`` for ``r, q < W`` (the elements of a 64-byte
+    vector): one ``W x W`` block transposed in registers, ``W`` vector loads, ``W * log2(W)`` two-vector
+    shuffles and ``W`` vector stores. Stage ``s`` (W/2, ..., 1) swaps the off-diagonal ``s x s`` blocks of every
+    ``2s x 2s`` block; after the last stage row ``q`` holds column ``q``."""
+    signature = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
+    dtype = dst.dtype
+
+    def codegen(context, builder, sig, args):
+        src_v, src_off, lds_v, dst_v, dst_off, ldd_v = args
+        itemsize = 4 if dtype == types.float32 else 8
+        width = _VECTOR_BYTES // itemsize
+        vector = ir.VectorType(context.get_value_type(dtype), width)
+        intp = context.get_value_type(types.intp)
+        i32 = ir.IntType(32)
+        src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
+        dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
+
+        def pointer(base, row, ld):
+            return builder.bitcast(builder.gep(base, [builder.mul(ir.Constant(intp, row), ld)]), vector.as_pointer())
+
+        rows = [builder.load(pointer(src_ptr, r, lds_v), align=itemsize) for r in range(width)]
+        s = width // 2
+        while s >= 1:
+            low_mask = ir.Constant(ir.VectorType(i32, width),
+                                   [c if c & s == 0 else width + (c ^ s) for c in range(width)])
+            high_mask = ir.Constant(ir.VectorType(i32, width),
+                                    [(c ^ s) if c & s == 0 else width + c for c in range(width)])
+            swapped = list(rows)
+            for r in range(width):
+                if r & s == 0:
+                    swapped[r] = builder.shuffle_vector(rows[r], rows[r + s], low_mask)
+                    swapped[r + s] = builder.shuffle_vector(rows[r], rows[r + s], high_mask)
+            rows = swapped
+            s //= 2
+        for q in range(width):
+            builder.store(rows[q], pointer(dst_ptr, q, ldd_v), align=itemsize)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
 @njit(**_JIT)
 def _pack_b_panel(b, pc, kc, j0, w, NR, bp, base):
     """``bp[base + p*NR + j] = b[pc + p, j0 + j]`` for ``j < w``, 0 for ``w <= j < NR``."""
     for p in range(kc):
         for j in range(w, NR):
             bp[base + p * NR + j] = 0.0
-    if b.strides[0] < b.strides[1]:  # a transposed view: walk along its columns, which are contiguous
-        for j in range(w):
+    if b.strides[0] == b.itemsize:
+        # a transposed view (its rows run along the reduction): whole W x W blocks transposed in registers,
+        # the edges element by element
+        W = _VECTOR_BYTES // b.itemsize
+        bt = b.T
+        ldt = bt.strides[0] // bt.itemsize
+        wb = w - w % W
+        kb = kc - kc % W
+        for j in range(0, wb, W):
+            for p in range(0, kb, W):
+                _transpose_block(bt, (j0 + j) * ldt + pc + p, ldt, bp, base + p * NR + j, NR)
+        for j in range(wb):
+            for p in range(kb, kc):
+                bp[base + p * NR + j] = bt[j0 + j, pc + p]
+        for j in range(wb, w):
             for p in range(kc):
-                bp[base + p * NR + j] = b[pc + p, j0 + j]
+                bp[base + p * NR + j] = bt[j0 + j, pc + p]
     else:
         for p in range(kc):
             o = base + p * NR
@@ -188,12 +250,7 @@ def gemm(a, b, c, beta, b_transposed):
     columns (its panels are then read in place). ``beta`` 0 overwrites ``c`` (whatever it held, NaN included),
     1 accumulates into it.
     """
-    if not b_transposed:
-        _gemm(a, b, c, beta)
-    elif a.shape[1] >= DOT_MIN_STEPS and a.strides[1] == a.itemsize and b.strides[1] == b.itemsize:
-        gemm_nt(a, b, c, beta)
-    else:
-        _gemm(a, b.T, c, beta)
+    _gemm(a, b.T if b_transposed else b, c, beta)
 
 
 @njit(**_JIT)
@@ -254,147 +311,3 @@ def _gemm(a, b, c, beta):
                                     else:
                                         c[ic + ip + i, jc + jp + j] += tile[i, j]
 
-
-#: Rows of ``a`` and of ``b`` per tile of the transposed product (:func:`gemm_nt`): 16 vector accumulators.
-DM, DN = 4, 4
-#: Fewest reduction steps for which :func:`gemm` computes ``a @ b.T`` as dot products of rows (:func:`gemm_nt`)
-#: rather than packing ``b.T``: each tile ends in 16 sums across vector lanes, paid back over long rows.
-#: Measured, one thread, float32, GFLOP/s dot / packed / MKL: (M, K, N) = (64, 8192, 576) 127 / 89 / 89,
-#: (64, 32768, 147) 144 / 88 / 74, (32, 256, 1152) 136 / 79 / 94, (64, 576, 64) 157 / 120 / 98; short rows the
-#: other way: (64, 100, 64) 37 / 107 / 93, (256, 64, 256) 73 / 177 / 107.
-DOT_MIN_STEPS = 192
-#: Reduction steps per block of the transposed product: a tile's 8 rows of 1024 float32 (32 KB) stay in L1.
-KCD = 1024
-
-
-@intrinsic
-def _dot_kernel(typingctx, kv, a, a_offset, lda, rows_a, b, b_offset, ldb, rows_b, tile):
-    """``tile[i, j] = sum(a[a_offset + min(i, rows_a - 1)*lda + p] * b[b_offset + min(j, rows_b - 1)*ldb + p]
-    for p < kv * W)`` for ``i < DM``, ``j < DN``, with ``W`` the elements of a 64-byte vector: each pair of rows is
-    a vector accumulator over the reduction, summed across its lanes at the end. ``tile`` (DM, DN) C-contiguous
-    is overwritten. Rows past ``rows_a`` / ``rows_b`` repeat the last one (their results are the caller's to
-    ignore), so no read leaves the operands."""
-    dtype = tile.dtype
-    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, b, types.intp, types.intp,
-                           types.intp, tile)
-
-    def codegen(context, builder, sig, args):
-        kv_v, a_v, a_off, lda_v, rows_a_v, b_v, b_off, ldb_v, rows_b_v, tile_v = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        scalar = context.get_value_type(dtype)
-        vector = ir.VectorType(scalar, width)
-        intp = context.get_value_type(types.intp)
-
-        def const(v):
-            return ir.Constant(intp, v)
-
-        def row_pointers(base, offset, ld, rows, count):
-            start = builder.gep(base, [offset])
-            last = builder.sub(rows, const(1))
-            pointers = []
-            for r in range(count):
-                row = builder.select(builder.icmp_signed("<", const(r), rows), const(r), last)
-                pointers.append(builder.gep(start, [builder.mul(row, ld)]))
-            return pointers
-
-        a_rows = row_pointers(context.make_array(a)(context, builder, a_v).data, a_off, lda_v, rows_a_v, DM)
-        b_rows = row_pointers(context.make_array(b)(context, builder, b_v).data, b_off, ldb_v, rows_b_v, DN)
-        tile_ptr = context.make_array(tile)(context, builder, tile_v).data
-        suffix = f"v{width}f{itemsize * 8}"
-        fma = builder.module.globals.get("llvm.fma." + suffix) or ir.Function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), "llvm.fma." + suffix)
-        reduce_name = "llvm.vector.reduce.fadd." + suffix
-        reduce = builder.module.globals.get(reduce_name) or ir.Function(
-            builder.module, ir.FunctionType(scalar, [scalar, vector]), reduce_name)
-        zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
-
-        entry = builder.block
-        loop = builder.function.append_basic_block("dot_kernel_loop")
-        done = builder.function.append_basic_block("dot_kernel_done")
-        builder.cbranch(builder.icmp_signed(">", kv_v, const(0)), loop, done)
-
-        builder.position_at_end(loop)
-        step = builder.phi(intp)
-        step.add_incoming(const(0), entry)
-        accumulators = []
-        for _ in range(DM * DN):
-            phi = builder.phi(vector)
-            phi.add_incoming(zero, entry)
-            accumulators.append(phi)
-        offset = builder.mul(step, const(width))
-
-        def load(row):
-            return builder.load(builder.bitcast(builder.gep(row, [offset]), vector.as_pointer()), align=itemsize)
-
-        a_vectors = [load(r) for r in a_rows]
-        b_vectors = [load(r) for r in b_rows]
-        updated = [builder.call(fma, [a_vectors[i], b_vectors[j], accumulators[i * DN + j]])
-                   for i in range(DM) for j in range(DN)]
-        step_next = builder.add(step, const(1))
-        loop_end = builder.block
-        step.add_incoming(step_next, loop_end)
-        for phi, value in zip(accumulators, updated):
-            phi.add_incoming(value, loop_end)
-        builder.cbranch(builder.icmp_signed("<", step_next, kv_v), loop, done)
-
-        builder.position_at_end(done)
-        sums = []
-        for value in updated:  # (every phi before the first other instruction)
-            phi = builder.phi(vector)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(value, loop_end)
-            sums.append(phi)
-        for k, phi in enumerate(sums):
-            total = builder.call(reduce, [ir.Constant(scalar, 0.0), phi], fastmath=("reassoc",))
-            builder.store(total, builder.gep(tile_ptr, [const(k)]))
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
-@njit(**_JIT)
-def gemm_nt(a, b, c, beta):
-    """``c = a @ b.T + beta * c`` on the calling thread, for operands whose reduction runs along their rows.
-
-    a: (m, k) and b: (n, k), each with adjacent elements along k (any row stride); c: (m, n), any strides; one
-    float dtype. ``beta`` 0 overwrites ``c``, 1 accumulates. Nothing is packed: each ``DM x DN`` tile of ``c``
-    is DM * DN dot products of rows read in place (:func:`_dot_kernel`); the last ``k % W`` steps are added in
-    scalar code.
-    """
-    m, k = a.shape
-    n = b.shape[0]
-    itemsize = c.itemsize
-    if (a.strides[1] != itemsize and k > 1) or (b.strides[1] != itemsize and k > 1):
-        raise ValueError("micro_gemm.gemm_nt: a's and b's rows must be contiguous")
-    if b.shape[1] != k or c.shape[0] != m or c.shape[1] != n:
-        raise ValueError("micro_gemm.gemm_nt: operand shapes do not match")
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        if beta == 0.0:
-            c[:, :] = 0.0
-        return
-    width = _VECTOR_BYTES // itemsize
-    lda, ldb = a.strides[0] // itemsize, b.strides[0] // itemsize
-    tile = np.empty((DM, DN), c.dtype)
-    for pc in range(0, k, KCD):
-        kc = min(KCD, k - pc)
-        kv = kc // width
-        overwrite = pc == 0 and beta == 0.0
-        for j0 in range(0, n, DN):
-            w = min(DN, n - j0)
-            for i0 in range(0, m, DM):
-                h = min(DM, m - i0)
-                _dot_kernel(kv, a, i0 * lda + pc, lda, h, b, j0 * ldb + pc, ldb, w, tile)
-                for p in range(pc + kv * width, pc + kc):  # the steps short of a whole vector
-                    for i in range(h):
-                        ai = a[i0 + i, p]
-                        for j in range(w):
-                            tile[i, j] += ai * b[j0 + j, p]
-                for i in range(h):
-                    for j in range(w):
-                        if overwrite:
-                            c[i0 + i, j0 + j] = tile[i, j]
-                        else:
-                            c[i0 + i, j0 + j] += tile[i, j]
