@@ -61,7 +61,15 @@ def _threading(run_kernel: bool) -> str:
 
     return (f"layer {layer} (asked for {t['layer']}{lock}); TBB: {t['tbb_path'] or 'not loaded'} "
             f"({t['reason']}); threads: torch {torch.get_num_threads()}, numba {numba.get_num_threads()}; "
-            f"GEMMs inside kernels: {jit_gemm.SOURCE or 'none found'}")
+            f"GEMMs: {_gemm_route(jit_gemm)}")
+
+
+def _gemm_route(jit_gemm) -> str:
+    """Which code runs the CPU kernels' GEMMs: fastconv's own AVX-512 kernels, or a library."""
+    library = jit_gemm.SOURCE or "none found"
+    if jit_gemm.own_gemm_in_use():
+        return f"fastconv's own AVX-512 kernels (fallback library: {library})"
+    return f"library ({library}; the own kernels are off: no 512-bit vectors, or FASTCONV_JIT_GEMM chose a library)"
 
 
 def _caches() -> str:

@@ -44,7 +44,7 @@ __all__ = ["gemm", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
 #: channel counts that are multiples of 8, 8 x 3 slower wherever N is not a multiple of 48 (packed panels).
 MR, NV = 8, 2
 #: Reduction steps per block (a ``KC x NR`` panel of ``b`` is 32 KB in float32: the core's L1), rows of ``a``
-#: per packed block (``MC x KC`` in L2) and columns per block.
+#: per block (its ``MC x KC`` rows stay in L2 while the panels of ``b`` pass) and columns per block.
 KC, MC, NC = 256, 96, 1024
 
 _VECTOR_BYTES = 64
