@@ -40,6 +40,25 @@ def test_matmul_matches_numpy(monkeypatch, dtype, S, M, K, N, a_shared, b_transp
     np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.sqrt(K) * 4)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("S,M,K,N", [(5, 70, 40, 150), (1, 9, 3, 7), (3, 64, 300, 64)])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("parallel_min_macs", [1, 10 ** 12])
+def test_summed_stack_matches_numpy(monkeypatch, dtype, S, M, K, N, accumulate, parallel_min_macs):
+    """``summed``: one (M, N) result holding the sum of the stack's products (a weight gradient over images),
+    with a transposed-view ``b`` as the 1x1 weight gradient passes it; on every thread and on one."""
+    monkeypatch.setattr(parallel_gemm, "PARALLEL_MIN_MACS", parallel_min_macs)
+    rng = np.random.default_rng(S + M + K + N)
+    a, b = _operands(rng, dtype, S, M, K, N, False, True)
+    out = rng.standard_normal((M, N)).astype(dtype)
+    want = np.matmul(a.astype(np.float64), b.astype(np.float64)).sum(0) + (out if accumulate else 0)
+    if not accumulate:
+        out[:] = np.nan
+    parallel_gemm.matmul(a, b, out, accumulate=accumulate, summed=True)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol * np.sqrt(K * S) * 4)
+
+
 def test_blocks_cover_the_threads():
     """A lone product is split so that every thread has a block; a stack of as many products as threads is not."""
     assert parallel_gemm._blocks(1, 256, 1024, 2) == (1, 2)

@@ -37,29 +37,32 @@ MIN_BLOCK_ROWS = 32
 
 
 @parallel.kernel(always=True, **_JIT)
-def _region(a3, b3, c3, bias, accumulate, row_blocks, col_blocks, block_rows, block_columns):
+def _region(a3, b3, c3, bias, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns):
     """``c3[s][rows, cols] (+)= a3[s][rows] @ b3[s][:, cols] (+ bias[rows, None])`` for every product ``s`` of the
-    stack (``a3`` or ``b3`` with one entry: shared by all) and block, one task per (product, block)."""
-    S, M, N = c3.shape
+    stack (``a3`` or ``b3`` with one entry: shared by all) and block, one task per (product, block); with
+    ``summed``, ``c3[0][rows, cols] (+)= sum over s`` instead, one task per block adding the stack's products."""
+    M, N = c3.shape[1], c3.shape[2]
+    S = max(a3.shape[0], b3.shape[0])
     blocks = row_blocks * col_blocks
-    beta = 1.0 if accumulate else 0.0
-    for t in prange(S * blocks):
-        s = t // blocks
-        r = (t - s * blocks) // col_blocks
-        q = t - s * blocks - r * col_blocks
+    for t in prange((1 if summed else S) * blocks):
+        s0 = t // blocks
+        r = (t - s0 * blocks) // col_blocks
+        q = t - s0 * blocks - r * col_blocks
         i0 = r * block_rows
         i1 = min(M, i0 + block_rows)
         j0 = q * block_columns
         j1 = min(N, j0 + block_columns)
         if i0 >= i1 or j0 >= j1:
             continue
-        a = a3[s if a3.shape[0] > 1 else 0, i0:i1]
-        b = b3[s if b3.shape[0] > 1 else 0, :, j0:j1]
-        c = c3[s, i0:i1, j0:j1]
-        if b.strides[1] != b.itemsize and b.strides[0] == b.itemsize:
-            micro_gemm.gemm(a, b.T, c, beta, True)  # a transposed operand: its rows run along the reduction
-        else:
-            micro_gemm.gemm(a, b, c, beta, False)
+        c = c3[s0, i0:i1, j0:j1]
+        for s in range(s0, S if summed else s0 + 1):
+            a = a3[s if a3.shape[0] > 1 else 0, i0:i1]
+            b = b3[s if b3.shape[0] > 1 else 0, :, j0:j1]
+            beta = 1.0 if accumulate or s > s0 else 0.0
+            if b.strides[1] != b.itemsize and b.strides[0] == b.itemsize:
+                micro_gemm.gemm(a, b.T, c, beta, True)  # a transposed operand: its rows run along the reduction
+            else:
+                micro_gemm.gemm(a, b, c, beta, False)
         if bias.size:
             for i in range(i1 - i0):
                 bi = bias[i0 + i]
@@ -77,21 +80,23 @@ def _blocks(S: int, M: int, N: int, tasks: int) -> tuple[int, int]:
 
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, bias: np.ndarray | None = None,
-           accumulate: bool = False) -> np.ndarray:
+           accumulate: bool = False, summed: bool = False) -> np.ndarray:
     """``out = a @ b (+ bias[:, None])``, or ``out += a @ b`` with ``accumulate``; ``out`` is returned.
 
     a: (M, K) or (S, M, K); b: (K, N) or (S, K, N) (a 2-D operand is shared by the stack); out: (M, N) or
     (S, M, N), its columns adjacent in memory; a and b any strides (a transposed view of a contiguous array is
-    read as such); bias: (M,) or None; one dtype, float32 or float64.
+    read as such); bias: (M,) or None; one dtype, float32 or float64. ``summed``: ``out`` (M, N) receives the
+    sum of the stack's products (a weight gradient's sum over images), each task adding them up for its block.
     """
     c3 = out if out.ndim == 3 else out[None]
     a3 = a if a.ndim == 3 else a[None]
     b3 = b if b.ndim == 3 else b[None]
-    S, M, N = c3.shape
+    S = max(a3.shape[0], b3.shape[0])
+    M, N = c3.shape[1], c3.shape[2]
     K = a3.shape[2]
     parallel_ = S * M * N * K >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
-    row_blocks, col_blocks = _blocks(S, M, N, tasks)
+    row_blocks, col_blocks = _blocks(1 if summed else S, M, N, tasks)
     block_rows = -(-M // row_blocks)
     block_columns = -(-N // col_blocks)
     if row_blocks > 1:
@@ -100,5 +105,5 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, bias: np.ndarray | 
         block_columns = -(-block_columns // 16) * 16
     bias_array = np.empty(0, out.dtype) if bias is None else np.ascontiguousarray(bias, out.dtype)
     kernel = _region.parallel if parallel_ else _region.serial
-    kernel(a3, b3, c3, bias_array, accumulate, row_blocks, col_blocks, block_rows, block_columns)
+    kernel(a3, b3, c3, bias_array, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns)
     return out
