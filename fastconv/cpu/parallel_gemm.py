@@ -44,7 +44,12 @@ def _region(a3, b3, c3, bias, accumulate, summed, row_blocks, col_blocks, block_
     M, N = c3.shape[1], c3.shape[2]
     S = max(a3.shape[0], b3.shape[0])
     blocks = row_blocks * col_blocks
-    for t in prange((1 if summed else S) * blocks):
+    # (the task count is computed before the loop: a conditional expression inside prange's argument keeps
+    # Numba from making the loop parallel at all)
+    products = S
+    if summed:
+        products = 1
+    for t in prange(products * blocks):
         s0 = t // blocks
         r = (t - s0 * blocks) // col_blocks
         q = t - s0 * blocks - r * col_blocks
