@@ -106,3 +106,30 @@ def test_blas_routes_give_the_same_products(monkeypatch, own, dtype):
     finally:
         jit_gemm.use_own_gemm(previous)
     assert len(calls) == (5 if own else 0)
+
+
+_COMPILE_CHECK = """
+import warnings, numpy as np
+from numba.core.errors import NumbaPerformanceWarning
+warnings.simplefilter("error", NumbaPerformanceWarning)
+from fastconv.cpu import parallel_gemm
+parallel_gemm.PARALLEL_MIN_MACS = 1
+a = np.ones((16, 8), np.float32); b = np.ones((3, 8, 70), np.float32)
+parallel_gemm.matmul(a, b, np.empty((3, 16, 70), np.float32))
+parallel_gemm.matmul(a, b, np.empty((16, 70), np.float32), summed=True)
+print("parallel ok")
+"""
+
+
+def test_the_region_compiles_parallel(tmp_path):
+    """Compiled from nothing (an empty Numba cache), the region's prange loop becomes a parallel loop: Numba
+    only warns when it cannot (a conditional expression in prange's argument did that once, and the region ran
+    on one thread), so the warning is an error here."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", _COMPILE_CHECK], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parallel ok" in done.stdout
