@@ -139,16 +139,13 @@ def forward(x, w, bias, g: ConvGeometry):
         if not x.is_contiguous():  # a channels_last input goes to the kernel that keeps its layout
             return None
         x = _strided(x, g)
-    own = None
     if N == 1 and x.is_contiguous():
-        own = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
-    if own is not None:
-        y = own
-    elif N == 1 and x.is_contiguous():
-        # the operands as they are: no detach (a microsecond each) on a squeeze-and-excitation conv's 15 µs
-        x2 = x.view(C, -1)
-        w2 = w.view(K, C)
-        y = torch.mm(w2, x2) if bias is None else torch.addmm(bias.view(K, 1), w2, x2)
+        y = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
+        if y is None:
+            # the operands as they are: no detach (a microsecond each) on a squeeze-and-excitation conv's 15 µs
+            x2 = x.view(C, -1)
+            w2 = w.view(K, C)
+            y = torch.mm(w2, x2) if bias is None else torch.addmm(bias.view(K, 1), w2, x2)
     else:
         x3 = _rows(x)
         if x3 is None:
@@ -231,11 +228,19 @@ def grad_weight(grad_out, x, g: ConvGeometry):
         xr = _strided(x.detach(), g).view(N, C, -1)
     else:
         return None
-    P = gy.shape[2]
     gw = _own_grad_weight(gy, xr)
-    if gw is not None:
-        pass
-    elif N == 1:
+    if gw is None:
+        gw = _torch_grad_weight(gy, xr)
+    if not finite_sum(gw):
+        return None
+    return gw.view(K, C, 1, 1, 1)
+
+
+def _torch_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+    """``sum_n gy[n] @ xr[n]^T`` (K, C) on torch's GEMMs, in the form the sizes favour (see the constants)."""
+    N, K, P = gy.shape
+    C = xr.shape[1]
+    if N == 1:
         gw = torch.mm(gy[0], xr[0].t())
     elif K * C <= GW_BATCHED_MAX_WEIGHTS:
         gw = torch.bmm(gy, xr.transpose(1, 2)).sum(0)
@@ -245,6 +250,4 @@ def grad_weight(grad_out, x, g: ConvGeometry):
         gw = torch.mm(gy[0], xr[0].t())
         for n in range(1, N):
             gw.addmm_(gy[n], xr[n].t())
-    if not finite_sum(gw):
-        return None
-    return gw.view(K, C, 1, 1, 1)
+    return gw
