@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.cpu import conv as cc
-from fastconv.cpu import im2col_fused, shift
+from fastconv.cpu import im2col_fused, jit_gemm, shift
 from helpers import assert_close, tolerance
 
-ALGOS = ("direct", "im2col", "im2col-fused")
+ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps")
 #: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
 PLANAR_ALGOS = ALGOS + ("shift",)
 
@@ -71,12 +71,26 @@ def _fused_applies(nd, ksz, groups):
 
 class _fused_everywhere:
     """Context: the fused im2col path for every size (no channel, weight or column-length limits, the parallel
-    region from the first multiply-add, chunks of about one output row) and a list of its forward calls."""
+    region from the first multiply-add, chunks of about one output row) and a list of its forward calls; with
+    ``taps``, its stride-1 forwards on the taps kernel (the own GEMM switched on, a list of those calls as
+    ``.taps``), else on the column fills."""
+
+    def __init__(self, taps: bool = False):
+        self.use_taps = taps
+        self.taps = []
 
     def __enter__(self):
         self.saved = {k: getattr(im2col_fused, k) for k in ("MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
                                                             "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward",
-                                                            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS")}
+                                                            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS",
+                                                            "TAPS", "TAPS_CHUNK_BYTES", "TAPS_MIN_OW",
+                                                            "_forward_taps")}
+        self.own = jit_gemm.use_own_gemm(True) if self.use_taps else jit_gemm.own_gemm_in_use()
+        im2col_fused.TAPS = self.use_taps
+        im2col_fused.TAPS_CHUNK_BYTES = 64  # one output row per chunk: many chunks and tasks
+        im2col_fused.TAPS_MIN_OW = 1
+        real_taps = self.saved["_forward_taps"]
+        im2col_fused._forward_taps = lambda *a: self.taps.append(1) or real_taps(*a)
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
         calls = []
@@ -90,6 +104,7 @@ class _fused_everywhere:
     def __exit__(self, *exc):
         for k, v in self.saved.items():
             setattr(im2col_fused, k, v)
+        jit_gemm.use_own_gemm(self.own)
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
 
 
@@ -127,13 +142,18 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
     """``algo`` "im2col" checks the plain paths (the fused one switched off: the thin inputs of these cases would
     take it), "im2col-fused" the fused path at every size."""
     nd = len(sp)
-    if algo == "im2col-fused":
+    if algo in ("im2col-fused", "im2col-taps"):
         if not _fused_applies(nd, ksz, groups):
             pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")
-        with _fused_everywhere() as calls:
+        taps = algo == "im2col-taps"
+        if taps and any(s != 1 for s in stride):
+            pytest.skip("the taps kernel runs stride-1 forwards only (strided ones fill columns: 'im2col-fused')")
+        context = _fused_everywhere(taps)
+        with context as calls:
             _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
                    fused=True)
         assert calls or N == 0, "the fused im2col path did not run"  # an empty batch returns before any path
+        assert not taps or context.taps or N == 0, "the taps kernel did not run"
         return
     if algo == "im2col" and not fused and im2col_fused.ENABLED:
         im2col_fused.ENABLED = False

@@ -147,28 +147,40 @@ def test_off_switch_keeps_the_plain_paths(spy, monkeypatch):
     assert not spy
 
 
-def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch):
+@pytest.mark.parametrize("taps", [False, True])
+def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch, taps):
+    """With the column fills (a column chunk and a GEMM result per task) and on the taps kernel (the padded input
+    and a GEMM result per task)."""
     from fastconv import registry
+    from fastconv.cpu import jit_gemm
     from fastconv.ops.conv import make_geometry
 
-    allocated = []
-    real_empty = np.empty
+    monkeypatch.setattr(im2col_fused, "TAPS", taps)
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        assert im2col_fused.takes_taps((1, 1), 12) == taps
+        allocated = []
+        real_empty = np.empty
 
-    def counting_empty(shape, dtype=float, *a, **k):
-        out = real_empty(shape, dtype, *a, **k)
-        allocated.append(out.nbytes)
-        return out
+        def counting_empty(shape, dtype=float, *a, **k):
+            out = real_empty(shape, dtype, *a, **k)
+            allocated.append(out.nbytes)
+            return out
 
-    g = make_geometry(2, 2, 32, 24, 1, (12, 12), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32,
-                      "numba")
-    assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
-    alg = registry.choose("im2col", g, "forward")
-    x = np.zeros((2, 32, 12, 12), np.float32)
-    w2 = np.zeros((24, 32 * 9), np.float32)
-    y3 = np.empty((2, 24, 144), np.float32)
-    monkeypatch.setattr(im2col_fused.np, "empty", counting_empty)
-    im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)
-    assert sum(allocated) == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
+        g = make_geometry(2, 2, 32, 24, 1, (12, 12), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32,
+                          "numba")
+        assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
+        alg = registry.choose("im2col", g, "forward")
+        x = np.zeros((2, 32, 12, 12), np.float32)
+        w2 = np.zeros((24, 32 * 9), np.float32)
+        y3 = np.empty((2, 24, 144), np.float32)
+        with monkeypatch.context() as m:
+            m.setattr(im2col_fused.np, "empty", counting_empty)
+            im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)
+        assert sum(allocated) == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
+    finally:
+        jit_gemm.use_own_gemm(previous)
 
 
 def test_opcheck_on_the_fused_path(spy, monkeypatch):
@@ -203,6 +215,7 @@ def test_both_fills_agree_with_torch(monkeypatch, route, case):
     segments (:func:`_fill`); with the threshold moved, each geometry runs either way: forward and weight gradient
     of the fused regions against torch in float64, with a spy on which fill ran."""
     N, C, K, H, W, s, p, d = case
+    monkeypatch.setattr(im2col_fused, "TAPS", False)  # stride 1 would take the taps kernel, which fills nothing
     monkeypatch.setattr(im2col_fused, "GATHER_MAX_OW", 64 if route == "gather" else 0)
     monkeypatch.setattr(im2col_fused, "MIN_CHUNK_COLUMNS", 1)
     monkeypatch.setattr(im2col_fused, "MIN_GRAD_WEIGHT_CHUNK_COLUMNS", 1)
@@ -230,10 +243,11 @@ def test_both_fills_agree_with_torch(monkeypatch, route, case):
 
 def test_reported_workspace_counts_the_gather_corners(monkeypatch):
     """A narrow layer (4x4 outputs) gathers its columns: the reported workspace counts each task's corner buffer
-    (the padded input copy aside, as on the plain path)."""
+    (the padded input copy aside, as on the plain path). (The column fills, not the taps kernel.)"""
     from fastconv import registry
     from fastconv.ops.conv import make_geometry
 
+    monkeypatch.setattr(im2col_fused, "TAPS", False)
     allocated = []
     real_empty = np.empty
     g = make_geometry(2, 8, 32, 24, 1, (4, 4), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32, "numba")
@@ -250,8 +264,67 @@ def test_reported_workspace_counts_the_gather_corners(monkeypatch):
         allocated.append(out.nbytes)
         return out
 
-    monkeypatch.setattr(im2col_fused.np, "empty", counting_empty)
-    im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr(im2col_fused.np, "empty", counting_empty)
+        im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)
     assert box_bytes in allocated
     assert sum(allocated) - box_bytes == alg.workspace_bytes(g)
+
+
+@pytest.mark.parametrize("case", [
+    # N, C, K, H, W, padding (before), padding_end, dilation
+    (3, 16, 8, 4, 4, (1, 1), (1, 1), (1, 1)),      # DenseNet-like 4x4
+    (2, 5, 7, 9, 7, (2, 0), (0, 1), (1, 1)),       # asymmetric padding, odd sizes, few channels
+    (2, 16, 5, 8, 8, (2, 2), (2, 2), (2, 2)),      # dilation
+    (2, 16, 4, 9, 9, (-1, -1), (-1, -1), (1, 1)),  # negative padding (a crop)
+    (1, 3, 10, 1, 40, (0, 3), (0, 3), (1, 1)),     # a 1-D conv (one row)
+])
+def test_taps_kernel_matches_torch(monkeypatch, case):
+    """Stride-1 forwards on the taps kernel (no columns: the GEMM reads each tap's shifted rows of the padded input
+    in place), against torch in float64 and float32: every padding kind, dilation, one-row (1-D) inputs, chunks
+    of one output row and of several, the parallel region; a spy proves the kernel ran."""
+    from fastconv.cpu import jit_gemm
+
+    N, C, K, H, W, pb, pe, d = case
+    KH = 1 if H == 1 else 3
+    ran = []
+    real = im2col_fused._forward_taps
+    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)  # these small inputs too
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
+            for chunk_bytes in (64, 1 << 20):
+                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
+                rng = np.random.default_rng(N * 100 + H + W)
+                x = rng.standard_normal((N, C, H, W)).astype(dtype)
+                w = rng.standard_normal((K, C, KH, 3)).astype(dtype)
+                b = rng.standard_normal(K).astype(dtype)
+                xt = TF.pad(torch.from_numpy(x), [pb[1], pe[1], pb[0], pe[0]])
+                ref = TF.conv2d(xt, torch.from_numpy(w), torch.from_numpy(b), dilation=d)
+                OH, OW = ref.shape[2:]
+                y3 = np.full((N, K, OH * OW), np.nan, dtype)
+                im2col_fused.forward(x, w.reshape(K, -1), b, (KH, 3), (1, 1), pb, d, (OH, OW), y3)
+                np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol)
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    assert len(ran) == 4
+
+
+def test_taps_kernel_only_where_the_own_gemm_runs(monkeypatch):
+    """The taps kernel needs the own GEMM (its packing copies the taps' rows straight from the padded input): with
+    the library's GEMM, switched off, strided or with short output rows, the forward fills columns."""
+    from fastconv.cpu import jit_gemm
+
+    previous = jit_gemm.use_own_gemm(False)
+    try:
+        assert not im2col_fused.takes_taps((1, 1), 32)
+        jit_gemm.use_own_gemm(True)
+        assert im2col_fused.takes_taps((1, 1), 32)
+        assert not im2col_fused.takes_taps((2, 1), 32)
+        assert not im2col_fused.takes_taps((1, 1), im2col_fused.TAPS_MIN_OW - 1)  # short rows: columns
+        monkeypatch.setattr(im2col_fused, "TAPS", False)
+        assert not im2col_fused.takes_taps((1, 1), 32)
+    finally:
+        jit_gemm.use_own_gemm(previous)

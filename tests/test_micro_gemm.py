@@ -128,3 +128,24 @@ def test_jit_gemm_routes_by_the_switch():
         jit_gemm.use_own_gemm(previous)
     np.testing.assert_allclose(results[0], a @ b, rtol=1e-12, atol=1e-11)
     np.testing.assert_allclose(results[1], a @ b, rtol=1e-12, atol=1e-11)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,C,KH,KW,Wp,rows", [(32, 128, 3, 3, 18, 16), (9, 5, 3, 3, 10, 4), (64, 3, 7, 7, 134, 3),
+                                              (3, 300, 1, 2, 40, 2), (micro_gemm.MC + 5, 30, 3, 3, 35, 1)])
+def test_taps_product_matches_numpy(dtype, m, C, KH, KW, Wp, rows):
+    """:func:`gemm_taps`: rows of ``B`` are windows of one flat array at the taps' offsets (a stride-1 conv over a
+    padded input); every tile edge, reductions across blocks, a base offset, NaN in ``c`` overwritten."""
+    rng = np.random.default_rng(m + C + Wp)
+    Hp = rows + KH - 1
+    base = 7
+    x = rng.standard_normal(base + C * Hp * Wp).astype(dtype)
+    taps = np.array([c * Hp * Wp + kh * Wp + kw for c in range(C) for kh in range(KH) for kw in range(KW)],
+                    np.int64)
+    n = (rows - 1) * Wp + Wp - KW + 1  # the last row's positions up to the last full window
+    a = rng.standard_normal((m, taps.size)).astype(dtype)
+    b = np.stack([x[base + t:base + t + n] for t in taps])
+    c = np.full((m, n), np.nan, dtype)
+    micro_gemm.gemm_taps(a, x, base, taps, c)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, a.astype(np.float64) @ b, rtol=tol, atol=tol * np.sqrt(taps.size) * 4)

@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import jit_gemm, parallel
+from . import jit_gemm, micro_gemm, parallel
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "CHUNK_BYTES", "ENABLED", "MIN_CHUNK_COLUMNS",
            "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
@@ -357,12 +357,113 @@ def _layout(N, K, CK, OH, OW, itemsize):
     return parallel_, tasks, rpc, kparts, -(-K // kparts)
 
 
-def workspace_bytes(N, K, CK, OH, OW, itemsize) -> int:
+def workspace_bytes(N, K, CK, OH, OW, itemsize, taps=None) -> int:
     """Bytes :func:`forward` allocates besides its result: a column chunk and a GEMM result per task, and for
-    narrow output rows each task's column corners (int64; the padded input copy is not counted)."""
+    narrow output rows each task's column corners (int64; the padded input copy is not counted). With ``taps``
+    ``(C, KH, KW, dh, dw)``, for a forward that takes the taps kernel (:func:`takes_taps`): the padded input it
+    reads instead of columns and a GEMM result per task."""
+    if taps is not None:
+        C, KH, KW, dh, dw = taps
+        _, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, itemsize)
+        return (N * C * Hb * Wb + tasks * K * ((rpc - 1) * Wb + OW)) * itemsize
     _, tasks, rpc, _, kstep = _layout(N, K, CK, OH, OW, itemsize)
     corners = tasks * rpc * OW * 8 if OW <= GATHER_MAX_OW else 0
     return tasks * (CK + kstep) * rpc * OW * itemsize + corners
+
+
+#: Whether stride-1 forwards take :func:`_forward_taps_region` where the own GEMM is in use (tests and A/B
+#: measurements switch it off).
+TAPS = True
+#: Narrowest output rows taken: each row computes ``(KW - 1) * dw`` positions more that are dropped, and short
+#: rows leave narrow GEMMs. Measured, 2 threads, 3x3, taps / column-fill forward time: 128 -> 32 at 32x32 batch 8
+#: 0.74-0.88, at 16x16 0.75-0.81 (batch 1 1.00-1.04), 64 -> 64 at 32x32 0.92 (batch 1 0.97), 128 -> 128 at 16x16
+#: 0.86-0.98; at 8x8 1.12-1.31 (128 -> 32) and 1.06-1.81 (256 -> 256).
+TAPS_MIN_OW = 16
+#: Bytes of a task's GEMM result per chunk of output rows on the taps path (the chunk's ``K x rows*Wb`` stays in
+#: L2 beside the input rows it reads).
+TAPS_CHUNK_BYTES = 256 << 10
+
+
+@parallel.kernel(always=True, **_JIT)
+def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3):
+    """A stride-1 forward without columns: ``box`` (N, C, Hb, Wb) is the zero-padded input, and output row ``r``
+    of image ``n`` is ``w2 @ B`` with ``B[(c, kh, kw), ow] = box[n, c, r + kh*dh, ow + kw*dw]``: row ``p`` of ``B``
+    is the flat box at offset ``taps[p]`` from the row's first element, so :func:`.micro_gemm.gemm_taps` reads it in
+    place. A chunk of ``rpc`` rows is one GEMM over ``(rpc - 1)*Wb + OW`` flat positions (the ``Wb - OW``
+    positions between two rows are computed and dropped); task ``t`` takes chunks ``t, t + tasks, ...`` and writes
+    the valid columns plus the bias into ``y3`` (N, K, OH*OW)."""
+    N, C, Hb, Wb = box.shape
+    K = w2.shape[0]
+    P = y3.shape[2]
+    bf = box.reshape(box.size)
+    yf = y3.reshape(y3.size)
+    per_image = -(-OH // rpc)
+    tasks = obuf.shape[0]
+    for t in prange(tasks):
+        for job in range(t, N * per_image, tasks):
+            n = job // per_image
+            r0 = (job - n * per_image) * rpc
+            r1 = min(OH, r0 + rpc)
+            Q = (r1 - r0 - 1) * Wb + OW
+            o = obuf[t, :K * Q].reshape((K, Q))
+            micro_gemm.gemm_taps(w2, bf, (n * C * Hb + r0) * Wb, taps, o)
+            of = o.reshape(o.size)
+            for k in range(K):
+                b = bias[k]
+                for r in range(r1 - r0):
+                    d = np.uint64((n * K + k) * P + (r0 + r) * OW)
+                    src = np.uint64(k * Q + r * Wb)
+                    for i in range(OW):
+                        u = np.uint64(i)
+                        yf[d + u] = of[src + u] + b
+
+
+@functools.lru_cache(maxsize=512)
+def _taps(C, KH, KW, dh, dw, Hb, Wb):
+    """Each (channel, kh, kw) row's offset in a flat padded box, in the weight's column order."""
+    c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
+    return (c * Hb * Wb + kh * dh * Wb + kw * dw).reshape(-1).astype(np.int64)
+
+
+def _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks):
+    """Output rows per chunk on the taps path: a result of about :data:`TAPS_CHUNK_BYTES`, and chunks enough that
+    the tasks get equal shares."""
+    rpc = max(1, min(OH, TAPS_CHUNK_BYTES // max(1, K * Wb * itemsize)))
+    per_image = -(-OH // rpc)
+    if (N * per_image) % tasks and N * per_image < 8 * tasks:
+        per_image = min(OH, -(-(-(-(N * per_image) // tasks) * tasks) // N))
+    # chunks of equal height (30 + 2 rows would hand every task the same chunk of each image: all the 30s to one)
+    return -(-OH // per_image)
+
+
+def takes_taps(stride_hw, out_width: int) -> bool:
+    """Whether :func:`forward` runs a conv of this stride and output width on the taps kernel
+    (:func:`_forward_taps_region`)."""
+    return TAPS and tuple(stride_hw) == (1, 1) and out_width >= TAPS_MIN_OW and jit_gemm.own_gemm_in_use()
+
+
+def _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, itemsize):
+    """(parallel, tasks, rows per chunk, padded height, padded width) of a taps forward."""
+    Hb, Wb = OH + (KH - 1) * dh, OW + (KW - 1) * dw
+    parallel_ = N * K * C * KH * KW * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    tasks = numba.get_num_threads() if parallel_ else 1
+    rpc = _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks)
+    return parallel_, min(tasks, N * -(-OH // rpc)), rpc, Hb, Wb
+
+
+def _forward_taps(x, w2, bias, kernel_hw, padding_hw, dilation_hw, out_hw, y3):
+    """:func:`forward` for stride 1 on the own GEMM (see :func:`_forward_taps_region`)."""
+    N, C = x.shape[:2]
+    K = w2.shape[0]
+    (KH, KW), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, padding_hw, dilation_hw, out_hw
+    parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, x.itemsize)
+    box = np.empty((N, C, Hb, Wb), x.dtype)
+    _pad_box(x, ph, pw, box)
+    obuf = np.empty((tasks, K * ((rpc - 1) * Wb + OW)), x.dtype)
+    b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    kernel = _forward_taps_region.parallel if parallel_ else _forward_taps_region.serial
+    kernel(box, w2, b, _taps(C, KH, KW, dh, dw, Hb, Wb), OH, OW, rpc, obuf, y3)
+    return y3
 
 
 def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
@@ -372,6 +473,8 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
+    if takes_taps(stride_hw, OW):
+        return _forward_taps(x, w2, bias, kernel_hw, padding_hw, dilation_hw, out_hw, y3)
     parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
     kernel = _forward_region.parallel if parallel_ else _forward_region.serial
     colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
