@@ -20,7 +20,8 @@ registers across the reduction loop: the loop is written in LLVM IR (:func:`_mic
 because Numba's own arrays live in memory, where the compiler cannot keep a tile of them in registers. ``b``'s
 panels are read where they are when its columns are adjacent and the panel is full; the last, narrower panel is
 packed, zero-padded, and a transposed ``b`` is packed by ``W x W`` blocks transposed in registers
-(:func:`_transpose_block`). Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
+(:func:`_transpose_block`). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows
+of the padded input at each tap's offset, copied panel by panel, so no column matrix is built. Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
 scratch tile and copied.
 
 Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
@@ -64,21 +65,17 @@ HOST_HAS_AVX512 = _host_has_avx512()
 
 
 @intrinsic
-def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, b_rows, c, i0, j0,
-                  accumulate):
+def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
     """``c[i0:i0+MR, j0:j0+NR] (+)= A_panel @ B_panel`` over ``kc`` steps, with ``A_panel[i, p] = a[a_offset +
-    min(i, rows - 1)*a_row + p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``, or, where ``b_rows`` is
-    an int64 array instead of None, ``b[b_offset + b_rows[ldb + p] + j]`` (rows anywhere: an implicit GEMM's
-    taps). Offsets in elements from the first element of ``a`` and ``b`` (arrays or views of any rank); ``c`` is
-    2-D with adjacent columns. ``accumulate`` adds to ``c``, else overwrites it. No bounds checks: the caller's
-    indices are exact."""
+    min(i, rows - 1)*a_row + p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``: offsets in elements from
+    the first element of ``a`` and ``b`` (arrays or views of any rank); ``c`` is 2-D with adjacent columns.
+    ``accumulate`` adds to ``c``, else overwrites it. No bounds checks: the caller's indices are exact."""
     dtype = c.dtype
-    indirect = not isinstance(b_rows, (types.NoneType, types.Omitted))
     signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
-                           types.intp, b_rows, c, types.intp, types.intp, types.boolean)
+                           types.intp, c, types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, sig, args):
-        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, b_rows_v, c_v, i0_v, j0_v, accumulate_v = args
+        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
         itemsize = 4 if dtype == types.float32 else 8
         width = _VECTOR_BYTES // itemsize
         scalar = context.get_value_type(dtype)
@@ -123,12 +120,7 @@ def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, 
             phi = builder.phi(vector)
             phi.add_incoming(zero, entry)
             accumulators.append(phi)
-        if indirect:
-            b_rows_ptr = context.make_array(b_rows)(context, builder, b_rows_v).data
-            row_offset = builder.load(builder.gep(b_rows_ptr, [builder.add(ldb_v, p)]))
-            b_row = builder.gep(b_ptr, [row_offset])
-        else:
-            b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
+        b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
         b_vectors = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vector.as_pointer()),
                                   align=itemsize) for v in range(NV)]
         a_p = builder.mul(p, a_step_v)
@@ -307,10 +299,10 @@ def _gemm(a, b, c, beta):
                         oj = jc + jp if full else 0
                         a_offset = (ic + ip) * a_row + pc * a_step
                         if packed:
-                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, None, out, oi, oj,
+                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, out, oi, oj,
                                           full and not overwrite)
                         else:
-                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, None, out, oi, oj,
+                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, out, oi, oj,
                                           full and not overwrite)
                         if not full:
                             _store_edge(tile, c, ic + ip, jc + jp, h, w, overwrite)
@@ -406,7 +398,7 @@ def gemm_taps(a, x, base, taps, c):
                     oi = ic + ip if full else 0
                     oj = jp if full else 0
                     a_offset = (ic + ip) * a_row + pc * a_step
-                    _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, 0, NR, None, out, oi, oj,
+                    _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, 0, NR, out, oi, oj,
                                   full and not overwrite)
                     if not full:
                         _store_edge(tile, c, ic + ip, jp, h, w, overwrite)
