@@ -12,6 +12,8 @@ inference at batch 1 and 8, one training step (forward + backward) at batch 8 â€
    fastconv or Numba (:mod:`fastconv.bench_torch_worker`), which loads the network as a
    ``torch.export`` program â€” and, for comparison, in this process;
 3. times the converted model here, interleaved round by round with the worker, medians over rounds;
+   in each round each side first idles (the other side's thread pools go to sleep), takes one untimed
+   step and times the next :data:`STEPS_PER_ROUND` back to back, as a user's loop runs them;
 4. splits one converted forward (torch's profiler) into fastconv's ops, torch's other ops, and the
    rest (Python, dispatch, overhead).
 
@@ -135,14 +137,28 @@ def _step(model: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor:
     return out
 
 
-def _timed(model, x, mode, settle: bool = False) -> float:
-    """One step's time in ms; ``settle``: first idle :data:`QUIESCE_S`, so that the thread pools of whatever ran
-    before (the clean torch worker, the other model) have gone to sleep, as the worker waits before timing torch."""
-    if settle:
-        time.sleep(QUIESCE_S)
+def _timed(model, x, mode) -> float:
+    """One step's time in ms."""
     start = time.perf_counter()
     _step(model, x, mode)
     return (time.perf_counter() - start) * 1e3
+
+
+#: Timed steps per round and side, after one untimed step. A user's loop runs steps back to back; a single step
+#: after an idle pause is not what it sees: on the 2-core dev machine (a VM) a torch-only process stepping
+#: torchvision's mobilenet_v2 at batch 1 took 16-20 ms per step after 0.15 s of sleep and 5.3-6.6 ms back to back,
+#: and fastconv's converted model likewise (17.8-18.7 against 7.0-8.6): the idle pause's cost (cores woken from
+#: the hypervisor's idle, caches refilled) swamped both. So every round settles (the other side's pools asleep),
+#: wakes its own side with one step, and times the next ones.
+STEPS_PER_ROUND = 2
+
+
+def _timed_round(model, x, mode) -> list[float]:
+    """One round of one side: settle (:data:`QUIESCE_S`), one untimed step, then :data:`STEPS_PER_ROUND` timed
+    steps (ms each)."""
+    time.sleep(QUIESCE_S)
+    _step(model, x, mode)
+    return [_timed(model, x, mode) for _ in range(STEPS_PER_ROUND)]
 
 
 def _output(out):
@@ -324,9 +340,9 @@ def _time_busy(ours, torch_model, x, mode, reps, neighbour: BusyNeighbour, basel
                     neighbour.busy()
                 else:
                     neighbour.quiet()
-                times[("fastconv", state)].append(_timed(ours, x, mode, settle=True))
-                times[("torch", state)] += (baseline.time_model(key, mode, 1) if key is not None
-                                            else [_timed(torch_model, x, mode, settle=True)])
+                times[("fastconv", state)] += _timed_round(ours, x, mode)
+                times[("torch", state)] += (baseline.time_model(key, mode, STEPS_PER_ROUND, warm=1)
+                                            if key is not None else _timed_round(torch_model, x, mode))
     finally:
         neighbour.quiet()
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -449,12 +465,12 @@ def run_model(case: ModelCase, modes: Sequence[str], reps: int, size: Optional[i
             for _ in range(reps):  # interleaved rounds: a burst of load hits all three alike
                 # each side after the others' pools have slept: timed right after the worker's step, a converted
                 # mobilenet_v2 at batch 1 ran 18 ms instead of 14 (the worker's OpenMP threads still spinning)
-                ours_ms.append(_timed(ours, x, mode, settle=True))
+                ours_ms += _timed_round(ours, x, mode)
                 if opt is not None:
-                    opt_ms.append(_timed(opt, x, mode, settle=True))
-                here_ms.append(_timed(torch_model, x, mode, settle=True))
+                    opt_ms += _timed_round(opt, x, mode)
+                here_ms += _timed_round(torch_model, x, mode)
                 if key is not None:
-                    clean_ms += baseline.time_model(key, mode, 1)
+                    clean_ms += baseline.time_model(key, mode, STEPS_PER_ROUND, warm=1)
         if alternate:
             torch_ms, torch_times, where = statistics.median(here_ms), here_ms, "this process, alternating"
         elif clean_ms:

@@ -109,10 +109,11 @@ class TorchBaseline:
         self._ask({"cmd": "load_model", "key": key, "path": str(path), "input_shape": list(example.shape)})
         return key
 
-    def time_model(self, key: str, mode: str, n: int = 1) -> list[float]:
-        """n timed steps of a loaded model: inference forward, or training forward + backward."""
+    def time_model(self, key: str, mode: str, n: int = 1, warm: int = 0) -> list[float]:
+        """n timed steps of a loaded model (inference forward, or training forward + backward) after ``warm``
+        untimed ones, asked for after :data:`QUIESCE_S` of idling here."""
         time.sleep(QUIESCE_S)
-        return self._ask({"cmd": "time_model", "key": key, "mode": mode, "n": n})["ms"]
+        return self._ask({"cmd": "time_model", "key": key, "mode": mode, "n": n, "warm": warm})["ms"]
 
     def is_clean(self) -> bool:
         """True when the worker has imported neither fastconv nor Numba (checked, not assumed)."""

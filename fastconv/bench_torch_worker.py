@@ -13,7 +13,7 @@ Protocol: one JSON request per stdin line, one JSON answer per stdout line.
     {"cmd": "time", "layer": L, "pass": P, "dtype": "float32", "seed": 0, "n": 3, "warm": 1}
                                                          -> {"ms": [t1, t2, t3]}  (after 1 untimed call)
     {"cmd": "load_model", "key": K, "path": P, "input_shape": [...]}  -> {"ok": true}  (a torch.export file)
-    {"cmd": "time_model", "key": K, "mode": "infer1"|"infer8"|"train8", "n": 1}  -> {"ms": [...]}
+    {"cmd": "time_model", "key": K, "mode": "infer1"|"infer8"|"train8", "n": 1, "warm": 0}  -> {"ms": [...]}
     {"cmd": "clean"}                                     -> {"numba": false, "fastconv": false}
     {"cmd": "quit"}
 
@@ -65,7 +65,8 @@ def main() -> int:
             elif cmd == "time_model":
                 module, example = models[request["key"]]
                 times = []
-                for _ in range(int(request.get("n", 1))):
+                warm = int(request.get("warm", 0))  # untimed steps first: torch's pool awake, as in a user's loop
+                for step in range(warm + int(request.get("n", 1))):
                     start = time.perf_counter()
                     if request["mode"].startswith("train"):
                         for p in module.parameters():
@@ -76,7 +77,8 @@ def main() -> int:
                     else:
                         with torch.no_grad():
                             module(example)
-                    times.append((time.perf_counter() - start) * 1e3)
+                    if step >= warm:
+                        times.append((time.perf_counter() - start) * 1e3)
                 answer = {"ms": times}
             elif cmd == "clean":
                 answer = {name: name in sys.modules for name in ("numba", "fastconv", "llvmlite")}

@@ -40,6 +40,8 @@ def test_models_mode_checks_outputs_and_times_a_clean_baseline(tmp_path, capsys)
         assert r["ok"] is True and r["error"] <= bench_models.MODEL_TOLERANCE, r
         assert r["torch_baseline"] == "separate process" and r["fastconv_ms"] > 0 and r["torch_ms"] > 0
         assert r["ratio"] == pytest.approx(r["fastconv_ms"] / r["torch_ms"])
+        # one round (--reps 1): each side times STEPS_PER_ROUND steps after an untimed one, the worker too
+        assert len(r["fastconv_times_ms"]) == len(r["torch_times_ms"]) == bench_models.STEPS_PER_ROUND, r
     for r in rows:  # the inference modes also time fastconv.optimize(converted model), checked like it
         if r["mode"].startswith("infer"):
             assert r["optimized_error"] <= bench_models.MODEL_TOLERANCE and r["optimized_ms"] > 0, r
@@ -89,7 +91,8 @@ def test_alternate_baseline_and_busy_neighbour(tmp_path, capsys):
         n = r["busy_neighbour"]
         assert n["torch_timed_in"] == "separate process"
         for side in ("fastconv", "torch"):
-            assert len(n[f"{side}_quiet_times_ms"]) == len(n[f"{side}_busy_times_ms"]) == 1
+            steps = bench_models.STEPS_PER_ROUND  # one round (--reps 1) of back-to-back steps per state
+            assert len(n[f"{side}_quiet_times_ms"]) == len(n[f"{side}_busy_times_ms"]) == steps
             assert n[f"{side}_slowdown"] == pytest.approx(n[f"{side}_busy_ms"] / n[f"{side}_quiet_ms"])
         assert n["fastconv_no_worse"] == (n["fastconv_slowdown"] <= n["torch_slowdown"])
     s = data["summary"]
