@@ -72,8 +72,8 @@ def _fused_applies(nd, ksz, groups):
 class _fused_everywhere:
     """Context: the fused im2col path for every size (no channel, weight or column-length limits, the parallel
     region from the first multiply-add, chunks of about one output row) and a list of its forward calls; with
-    ``taps``, its stride-1 forwards on the taps kernel (the own GEMM switched on, a list of those calls as
-    ``.taps``), else on the column fills."""
+    ``taps``, its forwards on the taps kernel (the own GEMM switched on; strided ones through their phases at any
+    depth; a list of those calls as ``.taps``), else on the column fills."""
 
     def __init__(self, taps: bool = False):
         self.use_taps = taps
@@ -84,11 +84,12 @@ class _fused_everywhere:
                                                             "PARALLEL_MIN_MACS", "CHUNK_BYTES", "forward",
                                                             "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS",
                                                             "TAPS", "TAPS_CHUNK_BYTES", "TAPS_MIN_OW",
-                                                            "_forward_taps")}
+                                                            "TAPS_STRIDED_MAX_IN_CHANNELS", "_forward_taps")}
         self.own = jit_gemm.use_own_gemm(True) if self.use_taps else jit_gemm.own_gemm_in_use()
         im2col_fused.TAPS = self.use_taps
         im2col_fused.TAPS_CHUNK_BYTES = 64  # one output row per chunk: many chunks and tasks
         im2col_fused.TAPS_MIN_OW = 1
+        im2col_fused.TAPS_STRIDED_MAX_IN_CHANNELS = 1 << 30  # strided convs of any depth through their phases
         real_taps = self.saved["_forward_taps"]
         im2col_fused._forward_taps = lambda *a: self.taps.append(1) or real_taps(*a)
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
@@ -146,8 +147,9 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
         if not _fused_applies(nd, ksz, groups):
             pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")
         taps = algo == "im2col-taps"
-        if taps and any(s != 1 for s in stride):
-            pytest.skip("the taps kernel runs stride-1 forwards only (strided ones fill columns: 'im2col-fused')")
+        if taps and any(s != 1 for s in stride) and all(k <= s for k, s in zip(ksz, stride)):
+            pytest.skip("a strided window no larger than its stride is one tap per phase: the taps kernel leaves it "
+                        "to the column fills ('im2col-fused')")
         context = _fused_everywhere(taps)
         with context as calls:
             _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,

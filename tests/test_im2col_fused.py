@@ -159,7 +159,7 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch, tap
     monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
     previous = jit_gemm.use_own_gemm(True)
     try:
-        assert im2col_fused.takes_taps((1, 1), 12) == taps
+        assert im2col_fused.takes_taps((3, 3), (1, 1), 32, 12) == taps
         allocated = []
         real_empty = np.empty
 
@@ -315,17 +315,99 @@ def test_taps_kernel_matches_torch(monkeypatch, case):
 
 def test_taps_kernel_only_where_the_own_gemm_runs(monkeypatch):
     """The taps kernel needs the own GEMM (its packing copies the taps' rows straight from the padded input): with
-    the library's GEMM, switched off, strided or with short output rows, the forward fills columns."""
+    the library's GEMM, switched off, with short output rows, strided with many input channels or windows no
+    larger than their stride, the forward fills columns."""
     from fastconv.cpu import jit_gemm
 
+    thin = im2col_fused.TAPS_STRIDED_MAX_IN_CHANNELS
     previous = jit_gemm.use_own_gemm(False)
     try:
-        assert not im2col_fused.takes_taps((1, 1), 32)
+        assert not im2col_fused.takes_taps((3, 3), (1, 1), 64, 32)
         jit_gemm.use_own_gemm(True)
-        assert im2col_fused.takes_taps((1, 1), 32)
-        assert not im2col_fused.takes_taps((2, 1), 32)
-        assert not im2col_fused.takes_taps((1, 1), im2col_fused.TAPS_MIN_OW - 1)  # short rows: columns
+        assert im2col_fused.takes_taps((3, 3), (1, 1), 64, 32)
+        assert im2col_fused.takes_taps((7, 7), (2, 2), 3, 32)  # an RGB stem, through its phases
+        assert im2col_fused.takes_taps((3, 3), (2, 1), thin, 32)
+        assert not im2col_fused.takes_taps((3, 3), (2, 2), thin + 1, 32)  # deep strided: columns
+        assert not im2col_fused.takes_taps((4, 4), (4, 4), 3, 32)  # a patchify stem: one tap per phase
+        assert not im2col_fused.takes_taps((3, 3), (1, 1), 64, im2col_fused.TAPS_MIN_OW - 1)  # short rows
+        monkeypatch.setattr(im2col_fused, "TAPS_STRIDED", False)
+        assert not im2col_fused.takes_taps((7, 7), (2, 2), 3, 32)
+        assert im2col_fused.takes_taps((3, 3), (1, 1), 64, 32)
         monkeypatch.setattr(im2col_fused, "TAPS", False)
-        assert not im2col_fused.takes_taps((1, 1), 32)
+        assert not im2col_fused.takes_taps((3, 3), (1, 1), 64, 32)
+    finally:
+        jit_gemm.use_own_gemm(previous)
+
+
+@pytest.mark.parametrize("case", [
+    # N, C, K, H, W, kernel, stride, padding before, padding after, dilation
+    (2, 3, 16, 21, 23, (7, 7), (2, 2), (3, 3), (3, 3), (1, 1)),     # a ResNet stem
+    (1, 3, 8, 35, 33, (11, 11), (4, 4), (2, 2), (2, 2), (1, 1)),    # AlexNet's stem
+    (2, 5, 6, 17, 19, (3, 3), (2, 2), (1, 1), (1, 1), (1, 1)),
+    (1, 4, 7, 18, 16, (3, 5), (3, 2), (0, 2), (2, 0), (1, 1)),      # uneven strides, asymmetric padding
+    (2, 4, 5, 20, 22, (3, 3), (2, 2), (2, 2), (2, 2), (2, 3)),      # dilated: taps land in other phases
+    (1, 6, 4, 16, 18, (3, 3), (2, 2), (-1, -1), (-1, -1), (1, 1)),  # negative padding (a crop)
+    (1, 3, 5, 1, 50, (1, 5), (1, 3), (0, 2), (0, 2), (1, 1)),       # a 1-D conv (one row)
+])
+def test_strided_taps_kernel_matches_torch(monkeypatch, case):
+    """Strided forwards on the taps kernel through their phases (:func:`im2col_fused._phase_box`: the padded
+    input's ``sh*sw`` subsampled images, each tap reading the phase its offset falls in), against torch in float64
+    and float32, chunks of one output row and of several, the parallel region; a spy proves the kernel ran."""
+    from fastconv.cpu import jit_gemm
+
+    N, C, K, H, W, (KH, KW), stride, pb, pe, d = case
+    ran = []
+    real = im2col_fused._forward_taps
+    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)  # these small inputs too
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
+            for chunk_bytes in (64, 1 << 20):
+                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
+                rng = np.random.default_rng(N * 100 + H + W)
+                x = rng.standard_normal((N, C, H, W)).astype(dtype)
+                w = rng.standard_normal((K, C, KH, KW)).astype(dtype)
+                b = rng.standard_normal(K).astype(dtype)
+                xt = TF.pad(torch.from_numpy(x), [pb[1], pe[1], pb[0], pe[0]])
+                ref = TF.conv2d(xt, torch.from_numpy(w), torch.from_numpy(b), stride=stride, dilation=d)
+                OH, OW = ref.shape[2:]
+                y3 = np.full((N, K, OH * OW), np.nan, dtype)
+                im2col_fused.forward(x, w.reshape(K, -1), b, (KH, KW), stride, pb, d, (OH, OW), y3)
+                np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol)
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    assert len(ran) == 4
+
+
+def test_strided_taps_through_the_public_api(monkeypatch):
+    """A thin strided conv (a 7x7 stride-2 stem) in float64 through ``fastconv.functional`` on the taps kernel:
+    forward and both gradients against torch, gradcheck, and opcheck of the forward op."""
+    from fastconv.cpu import jit_gemm
+
+    ran = []
+    real = im2col_fused._forward_taps
+    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(2, 3, 13, 15, dtype=torch.float64, generator=g, requires_grad=True)
+        w = torch.randn(8, 3, 7, 7, dtype=torch.float64, generator=g, requires_grad=True)
+        b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+        kw = dict(stride=2, padding=3)
+        y = F.conv2d(x, w, b, algo="im2col", **kw)
+        ref = TF.conv2d(x, w, b, **kw)
+        assert_close(y, ref, algo="im2col", what="strided taps forward")
+        assert ran, "the taps kernel did not run"
+        go = torch.randn_like(ref)
+        for name, a, e in zip(("input", "weight", "bias"), torch.autograd.grad(y, (x, w, b), go),
+                              torch.autograd.grad(ref, (x, w, b), go)):
+            assert_close(a, e, algo="im2col", what=f"strided taps, grad {name}")
+        xs, ws = x[:1, :, :9, :10].detach().requires_grad_(), w[:3].detach().requires_grad_()
+        assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
+        torch.library.opcheck(torch.ops.fastconv.conv2d.default,
+                              (x, w, b, [2, 2], [3, 3], [3, 3], [1, 1], 1, "im2col"))
     finally:
         jit_gemm.use_own_gemm(previous)

@@ -360,12 +360,12 @@ def _layout(N, K, CK, OH, OW, itemsize):
 def workspace_bytes(N, K, CK, OH, OW, itemsize, taps=None) -> int:
     """Bytes :func:`forward` allocates besides its result: a column chunk and a GEMM result per task, and for
     narrow output rows each task's column corners (int64; the padded input copy is not counted). With ``taps``
-    ``(C, KH, KW, dh, dw)``, for a forward that takes the taps kernel (:func:`takes_taps`): the padded input it
+    ``(C, KH, KW, sh, sw, dh, dw)``, for a forward that takes the taps kernel (:func:`takes_taps`): the padded input it
     reads instead of columns and a GEMM result per task."""
     if taps is not None:
-        C, KH, KW, dh, dw = taps
-        _, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, itemsize)
-        return (N * C * Hb * Wb + tasks * K * ((rpc - 1) * Wb + OW)) * itemsize
+        C, KH, KW, sh, sw, dh, dw = taps
+        _, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, itemsize)
+        return (N * C * sh * sw * Hb * Wb + tasks * K * ((rpc - 1) * Wb + OW)) * itemsize
     _, tasks, rpc, _, kstep = _layout(N, K, CK, OH, OW, itemsize)
     corners = tasks * rpc * OW * 8 if OW <= GATHER_MAX_OW else 0
     return tasks * (CK + kstep) * rpc * OW * itemsize + corners
@@ -374,6 +374,15 @@ def workspace_bytes(N, K, CK, OH, OW, itemsize, taps=None) -> int:
 #: Whether stride-1 forwards take :func:`_forward_taps_region` where the own GEMM is in use (tests and A/B
 #: measurements switch it off).
 TAPS = True
+#: Whether strided forwards take it too, through their phases (:func:`_phase_box`) ...
+TAPS_STRIDED = True
+#: ... with at most this many input channels. Measured, 2 threads, same process alternating, taps / column-fill
+#: forward time at batch 1 / 8: RGB stems 3 -> 64 7x7 stride 2 at 128x128 0.61 / 0.64 (at 256x256 0.64 / 0.77),
+#: AlexNet's 3 -> 64 11x11 stride 4 0.69 / 0.61, 3 -> 32 3x3 stride 2 0.74 / 0.73, 16 -> 32 at 32x32 0.82 / 0.97,
+#: 24 -> 48 at 64x64 0.89 / 0.78, 32 -> 64 at 64x64 0.73 / 0.85; with 64 and more input channels level or slower:
+#: 64 -> 128 at 32x32 and 64x64 0.98-1.19, 128 -> 256 1.00-1.24, 256 -> 512 0.96-1.01, 64 -> 64 at 128x128 0.81 /
+#: 1.19.
+TAPS_STRIDED_MAX_IN_CHANNELS = 32
 #: Narrowest output rows taken: each row computes ``(KW - 1) * dw`` positions more that are dropped, and short
 #: rows leave narrow GEMMs. Measured, 2 threads, 3x3, taps / column-fill forward time: 128 -> 32 at 32x32 batch 8
 #: 0.74-0.88, at 16x16 0.75-0.81 (batch 1 1.00-1.04), 64 -> 64 at 32x32 0.92 (batch 1 0.97), 128 -> 128 at 16x16
@@ -386,9 +395,11 @@ TAPS_CHUNK_BYTES = 256 << 10
 
 @parallel.kernel(always=True, **_JIT)
 def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3):
-    """A stride-1 forward without columns: ``box`` (N, C, Hb, Wb) is the zero-padded input, and output row ``r``
-    of image ``n`` is ``w2 @ B`` with ``B[(c, kh, kw), ow] = box[n, c, r + kh*dh, ow + kw*dw]``: row ``p`` of ``B``
-    is the flat box at offset ``taps[p]`` from the row's first element, so :func:`.micro_gemm.gemm_taps` reads it in
+    """A forward without columns: ``box`` (N, C', Hb, Wb) is the zero-padded input (stride 1) or its phases
+    (strided, :func:`_phase_box`: phase ``(a, b)`` of channel ``c`` holds every ``sh``-th row from ``a`` and every
+    ``sw``-th column from ``b``, so a strided conv reads each phase at stride 1), and output row ``r`` of image
+    ``n`` is ``w2 @ B`` with ``B[(c, kh, kw), ow]`` the box element ``taps[p]`` past the row's first one (for
+    stride 1 ``box[n, c, r + kh*dh, ow + kw*dw]``), so :func:`.micro_gemm.gemm_taps` reads it in
     place. A chunk of ``rpc`` rows is one GEMM over ``(rpc - 1)*Wb + OW`` flat positions (the ``Wb - OW``
     positions between two rows are computed and dropped); task ``t`` takes chunks ``t, t + tasks, ...`` and writes
     the valid columns plus the bias into ``y3`` (N, K, OH*OW)."""
@@ -419,10 +430,46 @@ def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3):
 
 
 @functools.lru_cache(maxsize=512)
-def _taps(C, KH, KW, dh, dw, Hb, Wb):
-    """Each (channel, kh, kw) row's offset in a flat padded box, in the weight's column order."""
+def _taps(C, KH, KW, sh, sw, dh, dw, Hb, Wb):
+    """Each (channel, kh, kw) row's offset in a flat box (:func:`_phase_box`'s, or the padded input's for stride 1),
+    in the weight's column order: tap ``(kh, kw)`` reads the padded input ``kh*dh`` rows below the output row's
+    ``sh``-th, which is row ``kh*dh // sh`` of phase ``kh*dh % sh`` (columns likewise)."""
     c, kh, kw = np.meshgrid(np.arange(C), np.arange(KH), np.arange(KW), indexing="ij")
-    return (c * Hb * Wb + kh * dh * Wb + kw * dw).reshape(-1).astype(np.int64)
+    a, r = np.divmod(kh * dh, sh)[::-1]  # (phase, row in the phase)
+    b, q = np.divmod(kw * dw, sw)[::-1]
+    return ((((c * sh + a) * sw + b) * Hb + r) * Wb + q).reshape(-1).astype(np.int64)
+
+
+@parallel.kernel(**_JIT)
+def _phase_box(x, sh, sw, ph, pw, out):
+    """``out[n, (c, a, b), i, j] = xp[n, c, i*sh + a, j*sw + b]``, ``xp`` being ``x`` zero-padded by ``ph``, ``pw``
+    before each dim: the ``sh*sw`` phases of the padded input, each a stride-1 image (a stride-``s`` conv is the
+    sum over its phases of stride-1 convs, which the taps kernel runs without columns). ``out`` (N, C*sh*sw, Hq, Wq)
+    ends where no window reaches. x and out C-contiguous."""
+    N, C, H, W = x.shape
+    Hq, Wq = out.shape[2], out.shape[3]
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
+    for task in prange(N * C):
+        for a in range(sh):
+            for b in range(sw):
+                # phase columns j with 0 <= j*sw + b - pw < W
+                j0 = min(Wq, max(0, -(-(pw - b) // sw)))
+                j1 = max(j0, min(Wq, -(-(W + pw - b) // sw)))
+                for i in range(Hq):
+                    ih = i * sh + a - ph
+                    d = np.uint64((((task * sh + a) * sw + b) * Hq + i) * Wq)
+                    if ih < 0 or ih >= H:
+                        for j in range(Wq):
+                            of[d + np.uint64(j)] = 0
+                        continue
+                    src = (task * H + ih) * W + b - pw
+                    for j in range(j0):
+                        of[d + np.uint64(j)] = 0
+                    for j in range(j0, j1):
+                        of[d + np.uint64(j)] = xf[np.uint64(src + j * sw)]
+                    for j in range(j1, Wq):
+                        of[d + np.uint64(j)] = 0
 
 
 def _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks):
@@ -436,33 +483,46 @@ def _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks):
     return -(-OH // per_image)
 
 
-def takes_taps(stride_hw, out_width: int) -> bool:
-    """Whether :func:`forward` runs a conv of this stride and output width on the taps kernel
-    (:func:`_forward_taps_region`)."""
-    return TAPS and tuple(stride_hw) == (1, 1) and out_width >= TAPS_MIN_OW and jit_gemm.own_gemm_in_use()
+def takes_taps(kernel_hw, stride_hw, in_channels: int, out_width: int) -> bool:
+    """Whether :func:`forward` runs a conv of this geometry on the taps kernel (:func:`_forward_taps_region`):
+    stride 1, or strided through its phases (:func:`_phase_box`) where :data:`TAPS_STRIDED_MAX_IN_CHANNELS` and
+    overlapping windows say it pays."""
+    if not (TAPS and out_width >= TAPS_MIN_OW and jit_gemm.own_gemm_in_use()):
+        return False
+    (KH, KW), (sh, sw) = kernel_hw, stride_hw
+    if sh == sw == 1:
+        return True
+    # a window no larger than its stride (a patchify stem) is one tap per phase: its column fill is a plain
+    # reshuffle, and the taps kernel measured level or slower there (ConvNeXt's 3 -> 96 4x4 stride 4: 1.00-1.14)
+    return TAPS_STRIDED and in_channels <= TAPS_STRIDED_MAX_IN_CHANNELS and (KH > sh or KW > sw)
 
 
-def _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, itemsize):
-    """(parallel, tasks, rows per chunk, padded height, padded width) of a taps forward."""
-    Hb, Wb = OH + (KH - 1) * dh, OW + (KW - 1) * dw
+def _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, itemsize):
+    """(parallel, tasks, rows per chunk, box height, box width) of a taps forward: the box holds ``sh*sw`` phase
+    images per channel (one, the padded input, for stride 1), each as tall and wide as the output plus the
+    farthest tap's reach in that phase."""
+    Hb, Wb = OH + (KH - 1) * dh // sh, OW + (KW - 1) * dw // sw
     parallel_ = N * K * C * KH * KW * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
     rpc = _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks)
     return parallel_, min(tasks, N * -(-OH // rpc)), rpc, Hb, Wb
 
 
-def _forward_taps(x, w2, bias, kernel_hw, padding_hw, dilation_hw, out_hw, y3):
-    """:func:`forward` for stride 1 on the own GEMM (see :func:`_forward_taps_region`)."""
+def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+    """:func:`forward` on the own GEMM without columns (see :func:`_forward_taps_region`)."""
     N, C = x.shape[:2]
     K = w2.shape[0]
-    (KH, KW), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, padding_hw, dilation_hw, out_hw
-    parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, dh, dw, OH, OW, x.itemsize)
-    box = np.empty((N, C, Hb, Wb), x.dtype)
-    _pad_box(x, ph, pw, box)
+    (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
+    parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, x.itemsize)
+    box = np.empty((N, C * sh * sw, Hb, Wb), x.dtype)
+    if sh == sw == 1:
+        _pad_box(x, ph, pw, box)
+    else:
+        _phase_box(x, sh, sw, ph, pw, box)
     obuf = np.empty((tasks, K * ((rpc - 1) * Wb + OW)), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_taps_region.parallel if parallel_ else _forward_taps_region.serial
-    kernel(box, w2, b, _taps(C, KH, KW, dh, dw, Hb, Wb), OH, OW, rpc, obuf, y3)
+    kernel(box, w2, b, _taps(C, KH, KW, sh, sw, dh, dw, Hb, Wb), OH, OW, rpc, obuf, y3)
     return y3
 
 
@@ -473,8 +533,8 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    if takes_taps(stride_hw, OW):
-        return _forward_taps(x, w2, bias, kernel_hw, padding_hw, dilation_hw, out_hw, y3)
+    if takes_taps(kernel_hw, stride_hw, x.shape[1], OW):
+        return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
     kernel = _forward_region.parallel if parallel_ else _forward_region.serial
     colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
