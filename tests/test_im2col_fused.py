@@ -411,3 +411,46 @@ def test_strided_taps_through_the_public_api(monkeypatch):
                               (x, w, b, [2, 2], [3, 3], [3, 3], [1, 1], 1, "im2col"))
     finally:
         jit_gemm.use_own_gemm(previous)
+
+
+@pytest.mark.parametrize("case", [
+    # N, C, K, H, W, kernel, stride, padding before, dilation
+    (2, 3, 16, 21, 23, (7, 7), (2, 2), (3, 3), (1, 1)),     # a ResNet stem, through its phases
+    (1, 3, 8, 35, 33, (11, 11), (4, 4), (2, 2), (1, 1)),    # AlexNet's stem
+    (2, 5, 6, 17, 19, (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 40, 36, 18, 20, (3, 3), (1, 1), (1, 1), (1, 1)),    # more channels than one 16 x 16 block
+    (2, 4, 5, 20, 22, (3, 3), (2, 2), (2, 2), (2, 3)),      # strided and dilated
+    (1, 6, 4, 16, 18, (3, 3), (2, 2), (-1, -1), (1, 1)),    # negative padding (a crop)
+    (1, 3, 5, 1, 50, (1, 5), (1, 3), (0, 2), (1, 1)),       # a 1-D conv (one row)
+])
+def test_taps_weight_gradient_matches_torch(monkeypatch, case):
+    """The weight gradient on the taps kernel (:func:`im2col_fused._grad_weight_taps_region`: the output gradient
+    laid out in the box's rows, zero in the dropped positions, times the taps' windows transposed in registers)
+    against torch in float64 and float32, chunks of one output row and of several, the parallel region; a spy
+    proves the kernel ran."""
+    from fastconv.cpu import jit_gemm
+
+    N, C, K, H, W, (KH, KW), stride, pb, d = case
+    ran = []
+    real = im2col_fused._grad_weight_taps
+    monkeypatch.setattr(im2col_fused, "_grad_weight_taps", lambda *a: ran.append(1) or real(*a))
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
+            for chunk_bytes in (64, 1 << 20):
+                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
+                rng = np.random.default_rng(N * 100 + H + W)
+                x = rng.standard_normal((N, C, H, W)).astype(dtype)
+                xt = TF.pad(torch.from_numpy(x), [pb[1], pb[1], pb[0], pb[0]])
+                w = torch.zeros((K, C, KH, KW), dtype=torch.from_numpy(x).dtype)
+                OH, OW = TF.conv2d(xt, w, stride=stride, dilation=d).shape[2:]
+                go = torch.from_numpy(rng.standard_normal((N, K, OH, OW)).astype(dtype))
+                ref = torch.nn.grad.conv2d_weight(xt, w.shape, go, stride=stride, dilation=d)
+                gw2 = np.full((K, C * KH * KW), np.nan, dtype)
+                im2col_fused.grad_weight(go.numpy().reshape(N, K, -1), x, (KH, KW), stride, pb, d, (OH, OW), gw2)
+                np.testing.assert_allclose(gw2.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol * 10)
+    finally:
+        jit_gemm.use_own_gemm(previous)
+    assert len(ran) == 4
