@@ -272,6 +272,50 @@ def test_reported_workspace_counts_the_gather_corners(monkeypatch):
     assert sum(allocated) - box_bytes == alg.workspace_bytes(g)
 
 
+@pytest.fixture
+def taps_route(monkeypatch):
+    """The taps kernels at every size on the own GEMM (the parallel region from the first multiply-add, output rows
+    of any width); yields the list of passes that ran on them (spies on ``_forward_taps`` and
+    ``_grad_weight_taps``)."""
+    from fastconv.cpu import jit_gemm
+
+    ran = []
+    for name in ("_forward_taps", "_grad_weight_taps"):
+        real = getattr(im2col_fused, name)
+        monkeypatch.setattr(im2col_fused, name, lambda *a, real=real, name=name: ran.append(name) or real(*a))
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        yield ran
+    finally:
+        jit_gemm.use_own_gemm(previous)
+
+
+def _each_dtype_and_chunk(monkeypatch):
+    """(dtype, tolerance) in float64 and float32, each with chunks of one output row and of several."""
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
+        for chunk_bytes in (64, 1 << 20):
+            monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
+            yield dtype, tol
+
+
+def _check_taps_forward(monkeypatch, ran, N, C, K, H, W, kernel, stride, pb, pe, d):
+    KH, KW = kernel
+    for dtype, tol in _each_dtype_and_chunk(monkeypatch):
+        rng = np.random.default_rng(N * 100 + H + W)
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        w = rng.standard_normal((K, C, KH, KW)).astype(dtype)
+        b = rng.standard_normal(K).astype(dtype)
+        xt = TF.pad(torch.from_numpy(x), [pb[1], pe[1], pb[0], pe[0]])
+        ref = TF.conv2d(xt, torch.from_numpy(w), torch.from_numpy(b), stride=stride, dilation=d)
+        OH, OW = ref.shape[2:]
+        y3 = np.full((N, K, OH * OW), np.nan, dtype)
+        im2col_fused.forward(x, w.reshape(K, -1), b, (KH, KW), stride, pb, d, (OH, OW), y3)
+        np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol)
+    assert ran == ["_forward_taps"] * 4
+
+
 @pytest.mark.parametrize("case", [
     # N, C, K, H, W, padding (before), padding_end, dilation
     (3, 16, 8, 4, 4, (1, 1), (1, 1), (1, 1)),      # DenseNet-like 4x4
@@ -280,37 +324,12 @@ def test_reported_workspace_counts_the_gather_corners(monkeypatch):
     (2, 16, 4, 9, 9, (-1, -1), (-1, -1), (1, 1)),  # negative padding (a crop)
     (1, 3, 10, 1, 40, (0, 3), (0, 3), (1, 1)),     # a 1-D conv (one row)
 ])
-def test_taps_kernel_matches_torch(monkeypatch, case):
+def test_taps_kernel_matches_torch(monkeypatch, taps_route, case):
     """Stride-1 forwards on the taps kernel (no columns: the GEMM reads each tap's shifted rows of the padded input
     in place), against torch in float64 and float32: every padding kind, dilation, one-row (1-D) inputs, chunks
     of one output row and of several, the parallel region; a spy proves the kernel ran."""
-    from fastconv.cpu import jit_gemm
-
     N, C, K, H, W, pb, pe, d = case
-    KH = 1 if H == 1 else 3
-    ran = []
-    real = im2col_fused._forward_taps
-    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
-    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)  # these small inputs too
-    previous = jit_gemm.use_own_gemm(True)
-    try:
-        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
-            for chunk_bytes in (64, 1 << 20):
-                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
-                rng = np.random.default_rng(N * 100 + H + W)
-                x = rng.standard_normal((N, C, H, W)).astype(dtype)
-                w = rng.standard_normal((K, C, KH, 3)).astype(dtype)
-                b = rng.standard_normal(K).astype(dtype)
-                xt = TF.pad(torch.from_numpy(x), [pb[1], pe[1], pb[0], pe[0]])
-                ref = TF.conv2d(xt, torch.from_numpy(w), torch.from_numpy(b), dilation=d)
-                OH, OW = ref.shape[2:]
-                y3 = np.full((N, K, OH * OW), np.nan, dtype)
-                im2col_fused.forward(x, w.reshape(K, -1), b, (KH, 3), (1, 1), pb, d, (OH, OW), y3)
-                np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol)
-    finally:
-        jit_gemm.use_own_gemm(previous)
-    assert len(ran) == 4
+    _check_taps_forward(monkeypatch, taps_route, N, C, K, H, W, (1 if H == 1 else 3, 3), (1, 1), pb, pe, d)
 
 
 def test_taps_kernel_only_where_the_own_gemm_runs(monkeypatch):
@@ -349,68 +368,32 @@ def test_taps_kernel_only_where_the_own_gemm_runs(monkeypatch):
     (1, 6, 4, 16, 18, (3, 3), (2, 2), (-1, -1), (-1, -1), (1, 1)),  # negative padding (a crop)
     (1, 3, 5, 1, 50, (1, 5), (1, 3), (0, 2), (0, 2), (1, 1)),       # a 1-D conv (one row)
 ])
-def test_strided_taps_kernel_matches_torch(monkeypatch, case):
+def test_strided_taps_kernel_matches_torch(monkeypatch, taps_route, case):
     """Strided forwards on the taps kernel through their phases (:func:`im2col_fused._phase_box`: the padded
     input's ``sh*sw`` subsampled images, each tap reading the phase its offset falls in), against torch in float64
     and float32, chunks of one output row and of several, the parallel region; a spy proves the kernel ran."""
-    from fastconv.cpu import jit_gemm
-
-    N, C, K, H, W, (KH, KW), stride, pb, pe, d = case
-    ran = []
-    real = im2col_fused._forward_taps
-    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
-    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)  # these small inputs too
-    previous = jit_gemm.use_own_gemm(True)
-    try:
-        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
-            for chunk_bytes in (64, 1 << 20):
-                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
-                rng = np.random.default_rng(N * 100 + H + W)
-                x = rng.standard_normal((N, C, H, W)).astype(dtype)
-                w = rng.standard_normal((K, C, KH, KW)).astype(dtype)
-                b = rng.standard_normal(K).astype(dtype)
-                xt = TF.pad(torch.from_numpy(x), [pb[1], pe[1], pb[0], pe[0]])
-                ref = TF.conv2d(xt, torch.from_numpy(w), torch.from_numpy(b), stride=stride, dilation=d)
-                OH, OW = ref.shape[2:]
-                y3 = np.full((N, K, OH * OW), np.nan, dtype)
-                im2col_fused.forward(x, w.reshape(K, -1), b, (KH, KW), stride, pb, d, (OH, OW), y3)
-                np.testing.assert_allclose(y3.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol)
-    finally:
-        jit_gemm.use_own_gemm(previous)
-    assert len(ran) == 4
+    _check_taps_forward(monkeypatch, taps_route, *case)
 
 
-def test_strided_taps_through_the_public_api(monkeypatch):
-    """A thin strided conv (a 7x7 stride-2 stem) in float64 through ``fastconv.functional`` on the taps kernel:
+def test_strided_taps_through_the_public_api(taps_route):
+    """A thin strided conv (a 7x7 stride-2 stem) in float64 through ``fastconv.functional`` on the taps kernels:
     forward and both gradients against torch, gradcheck, and opcheck of the forward op."""
-    from fastconv.cpu import jit_gemm
-
-    ran = []
-    real = im2col_fused._forward_taps
-    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(1) or real(*a))
-    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
-    previous = jit_gemm.use_own_gemm(True)
-    try:
-        g = torch.Generator().manual_seed(7)
-        x = torch.randn(2, 3, 13, 15, dtype=torch.float64, generator=g, requires_grad=True)
-        w = torch.randn(8, 3, 7, 7, dtype=torch.float64, generator=g, requires_grad=True)
-        b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
-        kw = dict(stride=2, padding=3)
-        y = F.conv2d(x, w, b, algo="im2col", **kw)
-        ref = TF.conv2d(x, w, b, **kw)
-        assert_close(y, ref, algo="im2col", what="strided taps forward")
-        assert ran, "the taps kernel did not run"
-        go = torch.randn_like(ref)
-        for name, a, e in zip(("input", "weight", "bias"), torch.autograd.grad(y, (x, w, b), go),
-                              torch.autograd.grad(ref, (x, w, b), go)):
-            assert_close(a, e, algo="im2col", what=f"strided taps, grad {name}")
-        xs, ws = x[:1, :, :9, :10].detach().requires_grad_(), w[:3].detach().requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
-        torch.library.opcheck(torch.ops.fastconv.conv2d.default,
-                              (x, w, b, [2, 2], [3, 3], [3, 3], [1, 1], 1, "im2col"))
-    finally:
-        jit_gemm.use_own_gemm(previous)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 13, 15, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 3, 7, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    kw = dict(stride=2, padding=3)
+    y = F.conv2d(x, w, b, algo="im2col", **kw)
+    ref = TF.conv2d(x, w, b, **kw)
+    assert_close(y, ref, algo="im2col", what="strided taps forward")
+    go = torch.randn_like(ref)
+    for name, a, e in zip(("input", "weight", "bias"), torch.autograd.grad(y, (x, w, b), go),
+                          torch.autograd.grad(ref, (x, w, b), go)):
+        assert_close(a, e, algo="im2col", what=f"strided taps, grad {name}")
+    assert {"_forward_taps", "_grad_weight_taps"} <= set(taps_route), taps_route
+    xs, ws = x[:1, :, :9, :10].detach().requires_grad_(), w[:3].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, [2, 2], [3, 3], [3, 3], [1, 1], 1, "im2col"))
 
 
 @pytest.mark.parametrize("case", [
@@ -423,34 +406,21 @@ def test_strided_taps_through_the_public_api(monkeypatch):
     (1, 6, 4, 16, 18, (3, 3), (2, 2), (-1, -1), (1, 1)),    # negative padding (a crop)
     (1, 3, 5, 1, 50, (1, 5), (1, 3), (0, 2), (1, 1)),       # a 1-D conv (one row)
 ])
-def test_taps_weight_gradient_matches_torch(monkeypatch, case):
+def test_taps_weight_gradient_matches_torch(monkeypatch, taps_route, case):
     """The weight gradient on the taps kernel (:func:`im2col_fused._grad_weight_taps_region`: the output gradient
     laid out in the box's rows, zero in the dropped positions, times the taps' windows transposed in registers)
     against torch in float64 and float32, chunks of one output row and of several, the parallel region; a spy
     proves the kernel ran."""
-    from fastconv.cpu import jit_gemm
-
     N, C, K, H, W, (KH, KW), stride, pb, d = case
-    ran = []
-    real = im2col_fused._grad_weight_taps
-    monkeypatch.setattr(im2col_fused, "_grad_weight_taps", lambda *a: ran.append(1) or real(*a))
-    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
-    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
-    previous = jit_gemm.use_own_gemm(True)
-    try:
-        for dtype, tol in ((np.float64, 1e-10), (np.float32, 2e-4)):
-            for chunk_bytes in (64, 1 << 20):
-                monkeypatch.setattr(im2col_fused, "TAPS_CHUNK_BYTES", chunk_bytes)
-                rng = np.random.default_rng(N * 100 + H + W)
-                x = rng.standard_normal((N, C, H, W)).astype(dtype)
-                xt = TF.pad(torch.from_numpy(x), [pb[1], pb[1], pb[0], pb[0]])
-                w = torch.zeros((K, C, KH, KW), dtype=torch.from_numpy(x).dtype)
-                OH, OW = TF.conv2d(xt, w, stride=stride, dilation=d).shape[2:]
-                go = torch.from_numpy(rng.standard_normal((N, K, OH, OW)).astype(dtype))
-                ref = torch.nn.grad.conv2d_weight(xt, w.shape, go, stride=stride, dilation=d)
-                gw2 = np.full((K, C * KH * KW), np.nan, dtype)
-                im2col_fused.grad_weight(go.numpy().reshape(N, K, -1), x, (KH, KW), stride, pb, d, (OH, OW), gw2)
-                np.testing.assert_allclose(gw2.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol * 10)
-    finally:
-        jit_gemm.use_own_gemm(previous)
-    assert len(ran) == 4
+    for dtype, tol in _each_dtype_and_chunk(monkeypatch):
+        rng = np.random.default_rng(N * 100 + H + W)
+        x = rng.standard_normal((N, C, H, W)).astype(dtype)
+        xt = TF.pad(torch.from_numpy(x), [pb[1], pb[1], pb[0], pb[0]])
+        w = torch.zeros((K, C, KH, KW), dtype=xt.dtype)
+        OH, OW = TF.conv2d(xt, w, stride=stride, dilation=d).shape[2:]
+        go = torch.from_numpy(rng.standard_normal((N, K, OH, OW)).astype(dtype))
+        ref = torch.nn.grad.conv2d_weight(xt, w.shape, go, stride=stride, dilation=d)
+        gw2 = np.full((K, C * KH * KW), np.nan, dtype)
+        im2col_fused.grad_weight(go.numpy().reshape(N, K, -1), x, (KH, KW), stride, pb, d, (OH, OW), gw2)
+        np.testing.assert_allclose(gw2.reshape(ref.shape), ref.numpy(), rtol=tol, atol=tol * 10)
+    assert taps_route == ["_grad_weight_taps"] * 4

@@ -519,10 +519,10 @@ def _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, itemsize):
     return parallel_, min(tasks, N * -(-OH // rpc)), rpc, Hb, Wb
 
 
-def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
-    """:func:`forward` on the own GEMM without columns (see :func:`_forward_taps_region`)."""
+def _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
+    """What both taps passes read: (parallel, tasks, rows per chunk, the box (the padded input, or for a strided
+    conv its phases), each (channel, kh, kw) row's offset in it)."""
     N, C = x.shape[:2]
-    K = w2.shape[0]
     (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
     parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, x.itemsize)
     box = np.empty((N, C * sh * sw, Hb, Wb), x.dtype)
@@ -530,10 +530,17 @@ def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
         _pad_box(x, ph, pw, box)
     else:
         _phase_box(x, sh, sw, ph, pw, box)
-    obuf = np.empty((tasks, K * ((rpc - 1) * Wb + OW)), x.dtype)
+    return parallel_, tasks, rpc, box, _taps(C, KH, KW, sh, sw, dh, dw, Hb, Wb)
+
+
+def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+    """:func:`forward` on the own GEMM without columns (see :func:`_forward_taps_region`)."""
+    K = w2.shape[0]
+    parallel_, tasks, rpc, box, taps = _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
+    obuf = np.empty((tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_taps_region.parallel if parallel_ else _forward_taps_region.serial
-    kernel(box, w2, b, _taps(C, KH, KW, sh, sw, dh, dw, Hb, Wb), OH, OW, rpc, obuf, y3)
+    kernel(box, w2, b, taps, out_hw[0], out_hw[1], rpc, obuf, y3)
     return y3
 
 
@@ -574,19 +581,12 @@ def _grad_weight_taps_region(box, go3, taps, OH, OW, rpc, gobuf, acc):
 
 def _grad_weight_taps(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, gw2):
     """:func:`grad_weight` on the own GEMM without columns (see :func:`_grad_weight_taps_region`)."""
-    N, C = x.shape[:2]
     K = gw2.shape[0]
-    (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
-    parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, x.itemsize)
-    box = np.empty((N, C * sh * sw, Hb, Wb), x.dtype)
-    if sh == sw == 1:
-        _pad_box(x, ph, pw, box)
-    else:
-        _phase_box(x, sh, sw, ph, pw, box)
-    gobuf = np.empty((tasks, K * ((rpc - 1) * Wb + OW)), x.dtype)
+    parallel_, tasks, rpc, box, taps = _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
+    gobuf = np.empty((tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
     acc = np.zeros((tasks,) + gw2.shape, x.dtype)
     kernel = _grad_weight_taps_region.parallel if parallel_ else _grad_weight_taps_region.serial
-    kernel(box, go3, _taps(C, KH, KW, sh, sw, dh, dw, Hb, Wb), OH, OW, rpc, gobuf, acc)
+    kernel(box, go3, taps, out_hw[0], out_hw[1], rpc, gobuf, acc)
     np.sum(acc, axis=0, out=gw2)
     return gw2
 

@@ -170,6 +170,26 @@ def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
 
+def _transposed_rows(builder, rows):
+    """IR for a ``W x W`` transpose of ``W`` vector values (row ``r`` = ``rows[r]``) in registers: stage ``s`` (W/2,
+    ..., 1) swaps the off-diagonal ``s x s`` blocks of every ``2s x 2s`` block with two-vector shuffles; after the
+    last stage value ``q`` holds column ``q``."""
+    width = len(rows)
+    i32 = ir.IntType(32)
+    s = width // 2
+    while s >= 1:
+        low_mask = ir.Constant(ir.VectorType(i32, width), [c if c & s == 0 else width + (c ^ s) for c in range(width)])
+        high_mask = ir.Constant(ir.VectorType(i32, width), [(c ^ s) if c & s == 0 else width + c for c in range(width)])
+        swapped = list(rows)
+        for r in range(width):
+            if r & s == 0:
+                swapped[r] = builder.shuffle_vector(rows[r], rows[r + s], low_mask)
+                swapped[r + s] = builder.shuffle_vector(rows[r], rows[r + s], high_mask)
+        rows = swapped
+        s //= 2
+    return rows
+
+
 @intrinsic
 def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
     """``dst[dst_offset + q*ldd + r] = src[src_offset + r*lds + q]`` for ``r, q < W`` (the elements of a 64-byte
@@ -185,7 +205,6 @@ def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
         width = _VECTOR_BYTES // itemsize
         vector = ir.VectorType(context.get_value_type(dtype), width)
         intp = context.get_value_type(types.intp)
-        i32 = ir.IntType(32)
         src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
         dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
 
@@ -193,19 +212,7 @@ def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
             return builder.bitcast(builder.gep(base, [builder.mul(ir.Constant(intp, row), ld)]), vector.as_pointer())
 
         rows = [builder.load(pointer(src_ptr, r, lds_v), align=itemsize) for r in range(width)]
-        s = width // 2
-        while s >= 1:
-            low_mask = ir.Constant(ir.VectorType(i32, width),
-                                   [c if c & s == 0 else width + (c ^ s) for c in range(width)])
-            high_mask = ir.Constant(ir.VectorType(i32, width),
-                                    [(c ^ s) if c & s == 0 else width + c for c in range(width)])
-            swapped = list(rows)
-            for r in range(width):
-                if r & s == 0:
-                    swapped[r] = builder.shuffle_vector(rows[r], rows[r + s], low_mask)
-                    swapped[r + s] = builder.shuffle_vector(rows[r], rows[r + s], high_mask)
-            rows = swapped
-            s //= 2
+        rows = _transposed_rows(builder, rows)
         for q in range(width):
             builder.store(rows[q], pointer(dst_ptr, q, ldd_v), align=itemsize)
         return context.get_dummy_value()
@@ -226,7 +233,6 @@ def _transpose_taps_block(typingctx, src, taps, t0, add, dst, dst_offset, ldd):
         width = _VECTOR_BYTES // itemsize
         vector = ir.VectorType(context.get_value_type(dtype), width)
         intp = context.get_value_type(types.intp)
-        i32 = ir.IntType(32)
         src_data = context.make_array(src)(context, builder, src_v).data
         taps_data = context.make_array(taps)(context, builder, taps_v).data
         dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
@@ -235,19 +241,7 @@ def _transpose_taps_block(typingctx, src, taps, t0, add, dst, dst_offset, ldd):
             tap = builder.load(builder.gep(taps_data, [builder.add(t0_v, ir.Constant(intp, r))]))
             row_ptr = builder.gep(src_data, [builder.add(builder.sext(tap, intp) if tap.type != intp else tap, add_v)])
             rows.append(builder.load(builder.bitcast(row_ptr, vector.as_pointer()), align=itemsize))
-        s = width // 2
-        while s >= 1:
-            low_mask = ir.Constant(ir.VectorType(i32, width),
-                                   [c if c & s == 0 else width + (c ^ s) for c in range(width)])
-            high_mask = ir.Constant(ir.VectorType(i32, width),
-                                    [(c ^ s) if c & s == 0 else width + c for c in range(width)])
-            swapped = list(rows)
-            for r in range(width):
-                if r & s == 0:
-                    swapped[r] = builder.shuffle_vector(rows[r], rows[r + s], low_mask)
-                    swapped[r + s] = builder.shuffle_vector(rows[r], rows[r + s], high_mask)
-            rows = swapped
-            s //= 2
+        rows = _transposed_rows(builder, rows)
         for q in range(width):
             ptr = builder.gep(dst_ptr, [builder.mul(ir.Constant(intp, q), ldd_v)])
             builder.store(rows[q], builder.bitcast(ptr, vector.as_pointer()), align=itemsize)
