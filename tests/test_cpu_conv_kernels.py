@@ -17,7 +17,7 @@ from fastconv.cpu import conv as cc
 from fastconv.cpu import im2col_fused, jit_gemm, shift
 from helpers import assert_close, tolerance
 
-ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps")
+ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps", "im2col-gather")
 #: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
 PLANAR_ALGOS = ALGOS + ("shift",)
 
@@ -65,6 +65,11 @@ def _pad3(v, nd, fill):
     return (fill,) * (3 - nd) + tuple(v)
 
 
+def _is_pointwise_case(ksz, stride, pad_before, pad_after):
+    """A 1x1 stride-1 unpadded conv: a plain GEMM, which no column, taps or gather kernel runs."""
+    return all(k == 1 for k in ksz) and all(s == 1 for s in stride) and not any(pad_before) and not any(pad_after)
+
+
 def _fused_applies(nd, ksz, groups):
     return nd <= 2 and groups == 1 and int(np.prod(ksz)) > 1
 
@@ -85,7 +90,8 @@ class _fused_everywhere:
                                                             "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS",
                                                             "TAPS", "TAPS_CHUNK_BYTES", "TAPS_MIN_OW",
                                                             "TAPS_STRIDED_MAX_IN_CHANNELS", "_forward_taps",
-                                                            "_grad_weight_taps")}
+                                                            "_grad_weight_taps", "GATHER")}
+        im2col_fused.GATHER = False  # the column fills and the taps kernel here; the gather row has its own
         self.own = jit_gemm.use_own_gemm(True) if self.use_taps else jit_gemm.own_gemm_in_use()
         im2col_fused.TAPS = self.use_taps
         im2col_fused.TAPS_CHUNK_BYTES = 64  # one output row per chunk: many chunks and tasks
@@ -112,6 +118,40 @@ class _fused_everywhere:
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
 
 
+class _gather_everywhere:
+    """Context: the gather kernels (:func:`.im2col_fused.forward_gather`, :func:`.im2col_fused.grad_weight_gather`)
+    for every dense 1-D/2-D conv, on the own GEMM, in parallel from the first multiply-add, with jobs of one
+    micro-kernel's rows (forward) and chunks of the output gradient as short as that (weight gradient), so jobs
+    span images and the weight gradient accumulates over many chunks; the stride-1 input gradient through the
+    fused path's flipped forward, so it takes the gather forward too. Yields the list of passes that ran on it."""
+
+    _NAMES = ("GATHER", "GATHER_MAX_WEIGHT_BYTES", "GATHER_TAPS_MIN_OUT_CHANNELS", "GATHER_CHUNK_BYTES",
+              "GATHER_GRAD_CHUNK_BYTES", "PARALLEL_MIN_MACS", "MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
+              "MIN_CHUNK_COLUMNS", "forward_gather", "grad_weight_gather", "ENABLED")
+
+    def __enter__(self):
+        self.saved = {k: getattr(im2col_fused, k) for k in self._NAMES}
+        self.own = jit_gemm.use_own_gemm(True)
+        self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
+        im2col_fused.GATHER = im2col_fused.ENABLED = True
+        im2col_fused.GATHER_MAX_WEIGHT_BYTES = im2col_fused.MAX_WEIGHT_BYTES = 1 << 62
+        im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS = 1 << 30
+        im2col_fused.GATHER_CHUNK_BYTES = im2col_fused.GATHER_GRAD_CHUNK_BYTES = 1
+        im2col_fused.PARALLEL_MIN_MACS = im2col_fused.MIN_IN_CHANNELS = im2col_fused.MIN_CHUNK_COLUMNS = 0
+        ran = []
+        real_forward, real_grad_weight = self.saved["forward_gather"], self.saved["grad_weight_gather"]
+        im2col_fused.forward_gather = lambda *a: ran.append("forward") or real_forward(*a)
+        im2col_fused.grad_weight_gather = lambda *a: ran.append("grad_weight") or real_grad_weight(*a)
+        return ran
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(im2col_fused, k, v)
+        jit_gemm.use_own_gemm(self.own)
+        cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
+
+
 def _fused_for_any_size(monkeypatch, on: bool):
     monkeypatch.setattr(im2col_fused, "ENABLED", on)
     monkeypatch.setattr(im2col_fused, "MIN_IN_CHANNELS", 0)
@@ -121,9 +161,11 @@ def _fused_for_any_size(monkeypatch, on: bool):
                          ids=["resnet-7x7-s2", "mobilenet-3x3-s2", "convnext-4x4-s4"])
 def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeypatch):
     # With the default limits (no test switches) a 3-channel stem's forward and weight gradient run fused
-    # (MIN_IN_CHANNELS: faster than the plain path since the flat fills), float64 against torch.
+    # (MIN_IN_CHANNELS: faster than the plain path since the flat fills), float64 against torch; where the own
+    # GEMM is in use, on the gather kernels (faster still: GATHER_MAX_WEIGHT_BYTES).
+    gather = im2col_fused.gather_applies((1,) + ksz, 1, (1, 24, 24), (1, 8, 8))
     ran = []
-    for name in ("forward", "grad_weight"):
+    for name in ("forward_gather", "grad_weight_gather") if gather else ("forward", "grad_weight"):
         real = getattr(im2col_fused, name)
         monkeypatch.setattr(im2col_fused, name, lambda *a, _real=real, _name=name: ran.append(_name) or _real(*a))
     g = torch.Generator().manual_seed(3)
@@ -138,7 +180,7 @@ def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeyp
                          _to5(y.numpy(), 2), "forward")
     _assert_kernel_close(cc.im2col_grad_weight(go5, x5, st, pb, dl, 1, (1,) + ksz), _to5(gw.numpy(), 2),
                          "grad_weight")
-    assert ran == ["forward", "grad_weight"], ran
+    assert ran == (["forward_gather", "grad_weight_gather"] if gather else ["forward", "grad_weight"]), ran
 
 
 def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
@@ -146,6 +188,16 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
     """``algo`` "im2col" checks the plain paths (the fused one switched off: the thin inputs of these cases would
     take it), "im2col-fused" the fused path at every size."""
     nd = len(sp)
+    if algo == "im2col-gather":
+        if not (nd <= 2 and groups == 1):
+            pytest.skip("the gather kernels run dense 1-D/2-D convs only")
+        with _gather_everywhere() as ran:
+            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
+                   fused=True)
+        assert {"forward", "grad_weight"} <= set(ran) or N == 0 or _is_pointwise_case(ksz, stride, pad_before,
+                                                                                      pad_after), \
+            f"the gather kernels did not run both passes: {ran}"
+        return
     if algo in ("im2col-fused", "im2col-taps"):
         if not _fused_applies(nd, ksz, groups):
             pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")

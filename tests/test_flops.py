@@ -273,6 +273,15 @@ def test_algorithm_columns_come_from_the_registry(monkeypatch):
         assert row.algorithm_mults == flops.executed_multiplications(name, geom)
         assert row.workspace_bytes == alg.workspace_bytes(geom)
     assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
+    from fastconv.cpu import im2col_fused
+
+    if im2col_fused.gather_applies((1, 3, 3), 1, (1, 12, 12), (1, 12, 12)):
+        # im2col's workspace on the gather kernel (the own GEMM): the padded input (2 x 16 x 14 x 14), the weights
+        # packed in one panel of 32 columns (8 used) and one task's result for all 288 positions (a conv this
+        # small runs on the calling thread), float32
+        (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
+        assert row.workspace_bytes == (2 * 16 * 14 * 14 + 16 * 9 * 32 + 288 * 8) * 4
+    monkeypatch.setattr(im2col_fused, "GATHER", False)
     # im2col's workspace on its fused path (dense, 2-D): one task (a conv this small runs on the
     # calling thread), whose chunk of columns (C*k*k rows) and GEMM result (K rows) hold both images' 24 output
     # rows of 12, float32
@@ -280,7 +289,6 @@ def test_algorithm_columns_come_from_the_registry(monkeypatch):
     assert row.workspace_bytes == (16 * 9 + 8) * 2 * 12 * 12 * 4
     # ... and on the plain stride-1 wide-row path (the fused one switched off): both images' rows as wide as the
     # padded row (12 + 2)
-    from fastconv.cpu import im2col_fused
 
     monkeypatch.setattr(im2col_fused, "ENABLED", False)
     (row,) = flops.count(fnn.Conv2d(8, 8, 3, padding=1, algo="im2col"), x[:, :8]).rows

@@ -3,6 +3,9 @@ results through the public API (forward, gradients, gradcheck) at the sizes wher
 
 The kernel matrix of ``tests/test_cpu_conv_kernels.py`` also runs every dense 1-D/2-D case through it
 ("im2col-fused": any size, single-row chunks, the parallel region forced).
+
+The gather kernels, which the default rules now prefer for many of these sizes, are switched off here (they have
+their own tests, ``tests/test_im2col_gather.py``): this file checks the column fills and the taps kernels.
 """
 from __future__ import annotations
 
@@ -16,6 +19,12 @@ import fastconv.functional as F
 from fastconv.cpu import conv as cc
 from fastconv.cpu import im2col_fused
 from helpers import assert_close
+
+
+@pytest.fixture(autouse=True)
+def no_gather(monkeypatch):
+    """The column fills and the taps kernels, not the gather kernels (see the module docstring)."""
+    monkeypatch.setattr(im2col_fused, "GATHER", False)
 
 
 @pytest.fixture

@@ -174,3 +174,64 @@ def test_transposed_taps_product_matches_numpy(dtype, beta, m, k, n):
     np.testing.assert_allclose(c, want, rtol=tol, atol=tol * np.sqrt(k) * 4)
     with pytest.raises(ValueError, match="shapes do not match"):
         micro_gemm.gemm_taps_t(a, x, base, taps[:-1] if n > 1 else np.zeros(2, np.int64), c, beta)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.MR - 1, 9, _NR32 + 1), (micro_gemm.MC + 5, micro_gemm.KC + 21, 40),
+                                   (micro_gemm.MR + 1, 2 * micro_gemm.KC, 2 * _NR32), (33, 17, 3)])
+def test_gathered_product_matches_numpy(dtype, beta, b_transposed, m, k, n):
+    """:func:`gemm_gather`: ``A[i, p] = x[base + row_off[i] + step_off[p]]`` (offsets in any order, repeated and
+    overlapping) times a ``B`` packed by :func:`pack_b` from a plain or a transposed view (register transposes); every
+    tile edge, reductions across blocks, a base offset, overwrite (NaN in ``c``) and accumulate."""
+    rng = np.random.default_rng(m * 7 + k * 3 + n)
+    base = 3
+    x = rng.standard_normal(base + 3000).astype(dtype)
+    row_off = rng.integers(0, 1500, m).astype(np.int64)
+    step_off = rng.integers(0, 1500, k).astype(np.int64)
+    a = x[base + row_off[:, None] + step_off[None, :]].astype(np.float64)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    b_view = np.ascontiguousarray(b.T).T if b_transposed else b
+    bp = np.full(micro_gemm.packed_size(k, n, x.itemsize) + 7, np.nan, dtype)
+    micro_gemm.pack_b(b_view, bp)
+    c = rng.standard_normal((m, n)).astype(dtype)
+    want = a @ b + beta * c.astype(np.float64)
+    if beta == 0.0:
+        c[:] = np.nan
+    micro_gemm.gemm_gather(x, base, row_off, step_off, bp, c, beta)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(c, want, rtol=tol, atol=tol * np.sqrt(k) * 4)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        micro_gemm.gemm_gather(x, base, row_off, step_off, bp[:micro_gemm.packed_size(k, n, x.itemsize) - 1], c, beta)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        micro_gemm.gemm_gather(x, base, np.append(row_off, 0), step_off, bp, c, beta)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_operand_from_pieces_is_the_whole_packed(dtype):
+    """:func:`pack_b_rows`: a ``B`` packed piece by piece (row ranges, transposed views as the weight gradient's
+    output-gradient pieces are) is the same panels as :func:`pack_b` of the whole."""
+    rng = np.random.default_rng(1)
+    k, n = 45, 2 * _NR32 + 5
+    b = rng.standard_normal((n, k)).astype(dtype).T  # a transposed view
+    whole = np.zeros(micro_gemm.packed_size(k, n, b.itemsize), dtype)
+    micro_gemm.pack_b(b, whole)
+    pieces = np.full_like(whole, np.nan)
+    for p0, p1 in ((0, 16), (16, 17), (17, 45)):
+        micro_gemm.pack_b_rows(b[p0:p1], pieces, k, p0)
+    np.testing.assert_array_equal(pieces, whole)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,n", [(1, 1), (16, 16), (17, 33), (48, 5), (3, 100)])
+def test_transpose_into_matches_numpy(dtype, m, n):
+    """:func:`transpose_into`: whole register blocks and both edges, into a view with other rows around it."""
+    rng = np.random.default_rng(m + n)
+    src = rng.standard_normal((m, n + 3)).astype(dtype)[:, 1:n + 1]  # rows strided, columns adjacent
+    dst = np.full((n, m + 5), np.nan, dtype)
+    micro_gemm.transpose_into(src, dst[:, 2:m + 2])
+    np.testing.assert_array_equal(dst[:, 2:m + 2], src.T)
+    assert np.isnan(dst[:, :2]).all() and np.isnan(dst[:, m + 2:]).all()
+    with pytest.raises(ValueError, match="shapes do not match"):
+        micro_gemm.transpose_into(src, dst[:, :m + 1])

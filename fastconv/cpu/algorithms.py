@@ -49,7 +49,8 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     ``(ck + K/groups) x qmax`` elements, with ``qmax`` the largest chunk of ``cpu.conv._chunks`` (whole
     images while they fit ``COL_BUFFER_BYTES``, else row chunks of one image) over output rows that are
     ``OW`` wide, or the padded row wide on the stride-1 wide-row path; on the fused path
-    (:mod:`.im2col_fused`) a column chunk and a GEMM result per task (on the taps kernel: the padded input or its
+    (:mod:`.im2col_fused`) a column chunk and a GEMM result per task (on the gather kernel: the padded input,
+    the packed weights and a result per task; on the taps kernel: the padded input or its
     phases, and a GEMM result per task). 1x1 stride-1 convs are a plain GEMM
     and need none. (Elsewhere the input's padded or phase-split copy is not counted.)"""
     if g.is_pointwise:
@@ -57,6 +58,11 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
+    if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial)
+            and im2col_fused.takes_gather_forward(g.kernel[1:], g.stride[1:], g.in_channels, g.out_channels,
+                                                  g.out_spatial[2], item)):
+        return im2col_fused.gather_workspace_bytes(g.batch, g.in_channels, g.out_channels, g.kernel[1:],
+                                                   g.stride[1:], g.dilation[1:], g.out_spatial[1:], item)
     if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial, item):
         taps = ((g.in_channels, g.kernel[1], g.kernel[2], g.stride[1], g.stride[2], g.dilation[1], g.dilation[2])
                 if im2col_fused.takes_taps(g.kernel[1:], g.stride[1:], g.in_channels, g.out_spatial[2]) else None)

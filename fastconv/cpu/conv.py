@@ -1092,6 +1092,12 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             y4 = y3.reshape(N, G, Kg, P)
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
+    elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial)
+          and im2col_fused.takes_gather_forward((KH, KW), stride[1:], C, K, OW, x.itemsize)):
+        # no columns: the own GEMM reads the padded input through offset tables, the bias added on the way out
+        im2col_fused.forward_gather(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:],
+                                    dilation[1:], (OH, OW), y3)
+        return y
     elif im2col_fused.applies((KD, KH, KW), G, C, K, (D, H, W), out_spatial, x.itemsize):
         # columns made and multiplied a cache-sized chunk at a time per task, the bias added on the way out
         im2col_fused.forward(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:], dilation[1:],
@@ -1246,6 +1252,11 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
         _group_gemm(go4[0], x4[0].transpose(0, 2, 1), gw3)
         for n in range(1, N):
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
+        return gw
+    if im2col_fused.gather_applies(kernel_spatial, G, (D, H, W), out_spatial):
+        # no columns: the own GEMM reads the padded input through offset tables (dW^T = A @ gy^T)
+        im2col_fused.grad_weight_gather(go3, x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:],
+                                        dilation[1:], (OH, OW), gw2)
         return gw
     if (im2col_fused.GRAD_WEIGHT
             and im2col_fused.applies(kernel_spatial, G, C, K, (D, H, W), out_spatial, x.itemsize,

@@ -33,8 +33,9 @@ from fastconv import config
 
 from . import jit_gemm, micro_gemm, parallel
 
-__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "CHUNK_BYTES", "ENABLED", "MIN_CHUNK_COLUMNS",
-           "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
+           "forward_gather", "grad_weight_gather", "gather_workspace_bytes", "CHUNK_BYTES", "ENABLED",
+           "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 
@@ -598,6 +599,9 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
+    if GATHER and jit_gemm.own_gemm_in_use() and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
+                                                                         x.itemsize):
+        return forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     if takes_taps(kernel_hw, stride_hw, x.shape[1], OW):
         return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
@@ -633,4 +637,212 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     kernel(x, go3, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
            dilation_hw[1], OH, OW, rpc, colbuf, gobuf, acc, box, tap_off, pos, corners)
     np.sum(acc, axis=0, out=gw2)
+    return gw2
+
+
+# ---- the gather kernels: the own GEMM reading the padded input through offset tables ------------------------
+
+#: Whether dense 2-D convs take the gather kernels where :func:`gather_applies` and the rules below say so (tests
+#: and A/B measurements switch it off to reach the other paths).
+GATHER = True
+#: Largest weight (bytes) whose forward takes the gather kernel: its transposed weights are packed on every call,
+#: and deep layers' products ran level or slower than the column and taps paths. Measured, 2 threads, batch 8,
+#: same process alternating, gather / current forward time: DenseNet's 128 -> 32 3x3 at 4x4 0.70-0.88, 8x8
+#: 0.70-0.74, 16x16 0.81-0.84 (32x32 level), 32 -> 128 at 4x4 to 16x16 0.77-0.78 (batch 1 0.70), GoogLeNet's 16
+#: -> 32 5x5 at 15x15 0.37 and 64 -> 192 0.71, stems (3 -> 64 7x7 stride 2, AlexNet's 11x11 stride 4, 3 -> 32 3x3
+#: stride 2, 3 -> 64 3x3) 0.52-0.87, strided 3x3 (64 -> 128, 128 -> 256) 0.70-0.86, strided 1x1 (64 -> 128,
+#: 256 -> 512) 0.50-0.72, 96 -> 128 at 16x16 0.97; over a megabyte level or slower: 128 -> 192 at 16x16 1.01,
+#: 192 -> 384 at 7x7 1.05, 160 -> 320 at 8x8 1.13-1.23, 512 -> 512 at 4x4 1.05-1.20.
+GATHER_MAX_WEIGHT_BYTES = 1 << 20
+#: Fewest output channels at which a stride-1 forward the taps kernel takes stays there (64 -> 64 at 32x32:
+#: gather / taps 1.06-1.10; 128 -> 128 at 16x16 level).
+GATHER_TAPS_MIN_OUT_CHANNELS = 64
+
+
+def gather_applies(ksz, groups: int, in_spatial, out_spatial) -> bool:
+    """Whether the gather kernels can run this conv at all: dense (``groups == 1``), 1-D or 2-D (depth 1), on the
+    own GEMM (:func:`.jit_gemm.own_gemm_in_use`)."""
+    return (GATHER and ENABLED and groups == 1 and ksz[0] == 1 and in_spatial[0] == 1 and out_spatial[0] == 1
+            and jit_gemm.own_gemm_in_use())
+
+
+def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
+                         itemsize: int) -> bool:
+    """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
+    :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`)."""
+    KH, KW = kernel_hw
+    if out_channels * in_channels * KH * KW * itemsize > GATHER_MAX_WEIGHT_BYTES:
+        return False
+    return not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
+                and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
+
+
+#: Bytes of a task's result per job of the gather forward (output positions x channels, in L2 beside the
+#: weights' panels).
+GATHER_CHUNK_BYTES = 128 << 10
+#: Positions of the output gradient packed per step of the gather weight gradient (a multiple of the GEMM's
+#: reduction block), at most about this many bytes of packed panels.
+GATHER_GRAD_CHUNK_BYTES = 512 << 10
+
+
+def _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
+    """(box, corners, taps): the input zero-padded to the windows' extent (N, C, Hb, Wb), each output position's
+    window corner in it (``n*C*Hb*Wb + oh*sh*Wb + ow*sw``, the batch's positions in order) and each (channel, kh,
+    kw)'s offset from a corner, in the weight's column order."""
+    N, C = x.shape[:2]
+    (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
+    Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
+    box = np.empty((N, C, Hb, Wb), x.dtype)
+    _pad_box(x, ph, pw, box)
+    return box, _corners(N, C * Hb * Wb, KH, KW, sh, sw, dh, dw, OH, OW, Wb), _taps(C, KH, KW, 1, 1, dh, dw, Hb, Wb)
+
+
+@functools.lru_cache(maxsize=256)
+def _corners(N, image, KH, KW, sh, sw, dh, dw, OH, OW, Wb):
+    """The batch's window corners (see :func:`_gather_tables`), built once per geometry and batch (read-only)."""
+    pos = _gather_offsets(KH, KW, sh, sw, dh, dw, OH, OW, Wb)[1]
+    corners = (np.arange(N, dtype=np.int64)[:, None] * image + pos[None, :]).reshape(-1)
+    corners.setflags(write=False)
+    return corners
+
+
+def _gather_chunk(total, per_position_bytes, tasks, cap):
+    """Positions per job: a result of about ``cap`` bytes, a multiple of the micro-kernel's rows, jobs enough that
+    the tasks get equal shares."""
+    MR = micro_gemm.MR
+    chunk = max(MR, min(total, cap // max(1, per_position_bytes)) // MR * MR)
+    jobs = -(-total // chunk)
+    if jobs % tasks and jobs < 8 * tasks:
+        jobs = -(-jobs // tasks) * tasks
+    return max(MR, -(-(-(-total // jobs)) // MR) * MR)
+
+
+@parallel.kernel(always=True, **_JIT)
+def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, chunk, obuf, y3):
+    """The forward as ``y^T = A @ W^T`` with ``A`` (positions x taps) read from the flat padded input ``bf`` through
+    ``corners`` and ``taps`` (:func:`.micro_gemm.gemm_gather`; ``bp``: the packed ``W^T``). Task ``t`` takes jobs
+    ``t, t + tasks, ...`` of ``chunk`` positions of the batch (``g = n*P + q``, a job may span images) and writes
+    its ``(positions, K)`` result transposed, plus the bias, into ``y3`` (N, K, P)."""
+    K = y3.shape[1]
+    total = corners.shape[0]
+    yf = y3.reshape(y3.size)
+    jobs = -(-total // chunk)
+    tasks = obuf.shape[0]
+    for t in prange(tasks):
+        for job in range(t, jobs, tasks):
+            g0 = job * chunk
+            g1 = min(total, g0 + chunk)
+            o = obuf[t, :(g1 - g0) * K].reshape((g1 - g0, K))
+            micro_gemm.gemm_gather(bf, 0, corners[g0:g1], taps, bp, o, 0.0)
+            g = g0
+            while g < g1:  # each image's positions of the job: one contiguous run of y3[n, k]
+                n = g // P
+                q = g - n * P
+                L = min(g1 - g, P - q)
+                micro_gemm.transpose_into(o[g - g0:g - g0 + L], y3[n, :, q:q + L])
+                if has_bias:
+                    for k in range(K):
+                        b = bias[k]
+                        d = np.uint64((n * K + k) * P + q)
+                        for i in range(L):
+                            yf[d + np.uint64(i)] += b
+                g += L
+
+
+@parallel.kernel(**_JIT)
+def _pack_weights(w2, bp):
+    """``W^T`` packed for :func:`.micro_gemm.gemm_gather` (see :func:`.micro_gemm.pack_b`), a panel of ``NR``
+    output channels per task (serial packing of a 160 -> 320 3x3 layer's weights took as long as a tenth of its
+    forward at batch 8)."""
+    K, CK = w2.shape
+    NR = micro_gemm.NV * 64 // w2.itemsize
+    for panel in prange(-(-K // NR)):
+        j0 = panel * NR
+        micro_gemm.pack_b_rows(w2[j0:min(K, j0 + NR)].T, bp[panel * CK * NR:(panel + 1) * CK * NR], CK, 0)
+
+
+def _gather_forward_layout(N, K, CK, OH, OW, itemsize):
+    """(parallel, tasks, positions per job) of :func:`forward_gather`."""
+    parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    tasks = numba.get_num_threads() if parallel_ else 1
+    total = N * OH * OW
+    chunk = _gather_chunk(total, K * itemsize, tasks, GATHER_CHUNK_BYTES)
+    return parallel_, min(tasks, -(-total // chunk)), chunk
+
+
+def gather_workspace_bytes(N, C, K, kernel_hw, stride_hw, dilation_hw, out_hw, itemsize) -> int:
+    """Bytes :func:`forward_gather` allocates besides its result: the padded input, the packed weights and a
+    result per task (the offset tables are cached per geometry)."""
+    (KH, KW), (sh, sw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, dilation_hw, out_hw
+    Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
+    CK = C * KH * KW
+    _, tasks, chunk = _gather_forward_layout(N, K, CK, OH, OW, itemsize)
+    return (N * C * Hb * Wb + micro_gemm.packed_size(CK, K, itemsize) + tasks * chunk * K) * itemsize
+
+
+def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+    """:func:`forward` on the gather kernel (:func:`_forward_gather_region`): no columns, no phases, any stride."""
+    N = x.shape[0]
+    K, CK = w2.shape
+    OH, OW = out_hw
+    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
+    bp = np.empty(micro_gemm.packed_size(CK, K, x.itemsize), x.dtype)
+    _pack_weights(w2, bp)
+    parallel_, tasks, chunk = _gather_forward_layout(N, K, CK, OH, OW, x.itemsize)
+    obuf = np.empty((tasks, chunk * K), x.dtype)
+    b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
+    kernel = _forward_gather_region.parallel if parallel_ else _forward_gather_region.serial
+    kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, chunk, obuf, y3)
+    return y3
+
+
+@parallel.kernel(always=True, **_JIT)
+def _grad_weight_gather_region(bf, go3, taps, corners, chunk, rows_per_task, gbuf, acc, gw2):
+    """The weight gradient as ``dW^T = A @ gy^T`` with ``A`` (taps x positions) read from the flat padded input
+    through the tables of :func:`_forward_gather_region` swapped. Task ``t`` computes rows ``t*rows_per_task ...``
+    of ``acc`` (CK, K) over the whole batch, ``chunk`` positions at a time: it packs that chunk's output gradient
+    (``gy^T``, each image's piece by register transposes) into ``gbuf[t]`` and accumulates one GEMM; then it
+    writes its rows transposed into ``gw2`` (K, CK)."""
+    N, K, P = go3.shape
+    CK = acc.shape[0]
+    total = corners.shape[0]
+    tasks = gbuf.shape[0]
+    for t in prange(tasks):
+        r0 = t * rows_per_task
+        r1 = min(CK, r0 + rows_per_task)
+        if r0 >= r1:
+            continue
+        for g0 in range(0, total, chunk):
+            g1 = min(total, g0 + chunk)
+            g = g0
+            while g < g1:
+                n = g // P
+                q = g - n * P
+                L = min(g1 - g, P - q)
+                micro_gemm.pack_b_rows(go3[n, :, q:q + L].T, gbuf[t], g1 - g0, g - g0)
+                g += L
+            micro_gemm.gemm_gather(bf, 0, taps[r0:r1], corners[g0:g1], gbuf[t], acc[r0:r1], 0.0 if g0 == 0 else 1.0)
+        micro_gemm.transpose_into(acc[r0:r1], gw2[:, r0:r1])
+
+
+def grad_weight_gather(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, gw2):
+    """:func:`grad_weight` on the gather kernel (:func:`_grad_weight_gather_region`)."""
+    N = x.shape[0]
+    K, CK = gw2.shape
+    OH, OW = out_hw
+    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
+    parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    tasks = numba.get_num_threads() if parallel_ else 1
+    MR, KC = micro_gemm.MR, micro_gemm.KC
+    rows_per_task = -(-(-(-CK // tasks)) // MR) * MR
+    tasks = -(-CK // rows_per_task)
+    total = N * OH * OW
+    NR = micro_gemm.NV * 64 // x.itemsize
+    per_position = -(-K // NR) * NR * x.itemsize
+    fit = GATHER_GRAD_CHUNK_BYTES // per_position
+    chunk = min(total, fit // KC * KC if fit >= KC else max(MR, fit // MR * MR))
+    gbuf = np.empty((tasks, micro_gemm.packed_size(chunk, K, x.itemsize)), x.dtype)
+    acc = np.empty((CK, K), x.dtype)
+    kernel = _grad_weight_gather_region.parallel if parallel_ else _grad_weight_gather_region.serial
+    kernel(box.reshape(-1), go3, taps, corners, chunk, rows_per_task, gbuf, acc, gw2)
     return gw2

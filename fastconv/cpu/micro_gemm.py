@@ -39,7 +39,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_taps_t", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_taps_t", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
 
 #: Rows of ``a`` per tile, and 64-byte vectors of ``b``'s columns per tile row (16 accumulators of the 32
 #: vector registers). Measured (same shapes as above): 8 x 2 and 12 x 2 level, 6 x 4 level but wasteful on
@@ -65,103 +65,142 @@ def _host_has_avx512() -> bool:
 HOST_HAS_AVX512 = _host_has_avx512()
 
 
+def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v):
+    """IR of one ``MR x NR`` tile: ``c[i0:i0+MR, j0:j0+NR] (+)= sum over p < kc of a_rows[i][a_step_at(p)] *
+    b_ptr[p*ldb + j]``, the ``MR * NV`` accumulators kept in registers across the reduction loop (phi values),
+    one broadcast of ``a`` per row and ``NV`` vector loads of ``b`` per step. ``a_rows``: ``MR`` element pointers
+    (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it."""
+    itemsize = 4 if dtype == types.float32 else 8
+    width = _VECTOR_BYTES // itemsize
+    scalar = context.get_value_type(dtype)
+    vector = ir.VectorType(scalar, width)
+    intp = context.get_value_type(types.intp)
+    i32 = ir.IntType(32)
+
+    def const(v):
+        return ir.Constant(intp, v)
+
+    c_arr = context.make_array(c)(context, builder, c_v)
+    ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
+    c_ptr = builder.gep(c_arr.data, [builder.add(builder.mul(i0_v, ldc), j0_v)])
+    fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
+    fma = builder.module.globals.get(fma_name) or ir.Function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
+    zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
+    undef = ir.Constant(vector, ir.Undefined)
+    splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+    entry = builder.block
+    loop = builder.function.append_basic_block("micro_kernel_loop")
+    done = builder.function.append_basic_block("micro_kernel_done")
+    builder.cbranch(builder.icmp_signed(">", kc_v, const(0)), loop, done)
+
+    # the reduction loop: accumulators are phi values, so they live in registers
+    builder.position_at_end(loop)
+    p = builder.phi(intp)
+    p.add_incoming(const(0), entry)
+    accumulators = []
+    for _ in range(MR * NV):
+        phi = builder.phi(vector)
+        phi.add_incoming(zero, entry)
+        accumulators.append(phi)
+    b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
+    b_vectors = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vector.as_pointer()),
+                              align=itemsize) for v in range(NV)]
+    a_p = a_step_at(p)
+    updated = []
+    for i in range(MR):
+        a_value = builder.load(builder.gep(a_rows[i], [a_p]))
+        a_splat = builder.shuffle_vector(builder.insert_element(undef, a_value, ir.Constant(i32, 0)), undef,
+                                         splat_mask)
+        for v in range(NV):
+            updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
+    p_next = builder.add(p, const(1))
+    loop_end = builder.block
+    p.add_incoming(p_next, loop_end)
+    for phi, value in zip(accumulators, updated):
+        phi.add_incoming(value, loop_end)
+    builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
+
+    builder.position_at_end(done)
+    results = []
+    for value in updated:
+        phi = builder.phi(vector)
+        phi.add_incoming(zero, entry)
+        phi.add_incoming(value, loop_end)
+        results.append(phi)
+
+    def c_vector_pointer(i, v):
+        row = builder.gep(c_ptr, [builder.mul(const(i), ldc)])
+        return builder.bitcast(builder.gep(row, [const(v * width)]), vector.as_pointer())
+
+    with builder.if_else(accumulate_v) as (add, overwrite):
+        with add:
+            for i in range(MR):
+                for v in range(NV):
+                    q = c_vector_pointer(i, v)
+                    builder.store(builder.fadd(builder.load(q, align=itemsize), results[i * NV + v]), q,
+                                  align=itemsize)
+        with overwrite:
+            for i in range(MR):
+                for v in range(NV):
+                    builder.store(results[i * NV + v], c_vector_pointer(i, v), align=itemsize)
+
+
 @intrinsic
 def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
     """``c[i0:i0+MR, j0:j0+NR] (+)= A_panel @ B_panel`` over ``kc`` steps, with ``A_panel[i, p] = a[a_offset +
     min(i, rows - 1)*a_row + p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``: offsets in elements from
     the first element of ``a`` and ``b`` (arrays or views of any rank); ``c`` is 2-D with adjacent columns.
     ``accumulate`` adds to ``c``, else overwrites it. No bounds checks: the caller's indices are exact."""
-    dtype = c.dtype
     signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
                            types.intp, c, types.intp, types.intp, types.boolean)
 
     def codegen(context, builder, sig, args):
         kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        scalar = context.get_value_type(dtype)
-        vector = ir.VectorType(scalar, width)
         intp = context.get_value_type(types.intp)
-        i32 = ir.IntType(32)
-
-        def const(v):
-            return ir.Constant(intp, v)
-
         a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
         b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-        c_arr = context.make_array(c)(context, builder, c_v)
-        ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
-        c_ptr = builder.gep(c_arr.data, [builder.add(builder.mul(i0_v, ldc), j0_v)])
-        fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
-        fma = builder.module.globals.get(fma_name) or ir.Function(
-            builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
-        zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
-        undef = ir.Constant(vector, ir.Undefined)
-        splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
-
         # row i of the tile reads a's row min(i, rows - 1): rows past the edge repeat the last one (their results
         # are not stored), so no read leaves the operand
-        last_row = builder.sub(rows_v, const(1))
+        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
         a_rows = []
         for i in range(MR):
-            row = builder.select(builder.icmp_signed("<", const(i), rows_v), const(i), last_row)
+            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
+                                 last_row)
             a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
+                   c_v, i0_v, j0_v, accumulate_v)
+        return context.get_dummy_value()
 
-        entry = builder.block
-        loop = builder.function.append_basic_block("micro_kernel_loop")
-        done = builder.function.append_basic_block("micro_kernel_done")
-        builder.cbranch(builder.icmp_signed(">", kc_v, const(0)), loop, done)
+    return signature, codegen
 
-        # the reduction loop: accumulators are phi values, so they live in registers
-        builder.position_at_end(loop)
-        p = builder.phi(intp)
-        p.add_incoming(const(0), entry)
-        accumulators = []
-        for _ in range(MR * NV):
-            phi = builder.phi(vector)
-            phi.add_incoming(zero, entry)
-            accumulators.append(phi)
-        b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
-        b_vectors = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vector.as_pointer()),
-                                  align=itemsize) for v in range(NV)]
-        a_p = builder.mul(p, a_step_v)
-        updated = []
+
+@intrinsic
+def _micro_kernel_gather(typingctx, kc, a, a_base, row_off, r0, rows, step_off, s0, b, b_offset, ldb, c, i0, j0,
+                         accumulate):
+    """:func:`_micro_kernel` with ``A_panel[i, p] = a[a_base + row_off[r0 + min(i, rows - 1)] + step_off[s0 + p]]``:
+    both the rows and the steps of ``a`` at listed offsets (int64 tables), so a conv's ``a`` (output positions x
+    taps, or taps x positions) is read straight from its zero-padded input, no columns and no copies."""
+    signature = types.void(types.intp, a, types.intp, row_off, types.intp, types.intp, step_off, types.intp, b,
+                           types.intp, types.intp, c, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        (kc_v, a_v, a_base_v, row_off_v, r0_v, rows_v, step_off_v, s0_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v,
+         accumulate_v) = args
+        intp = context.get_value_type(types.intp)
+        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_base_v])
+        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+        rows_table = builder.gep(context.make_array(row_off)(context, builder, row_off_v).data, [r0_v])
+        steps_table = builder.gep(context.make_array(step_off)(context, builder, step_off_v).data, [s0_v])
+        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
+        a_rows = []
         for i in range(MR):
-            a_value = builder.load(builder.gep(a_rows[i], [a_p]))
-            a_splat = builder.shuffle_vector(builder.insert_element(undef, a_value, ir.Constant(i32, 0)), undef,
-                                             splat_mask)
-            for v in range(NV):
-                updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
-        p_next = builder.add(p, const(1))
-        loop_end = builder.block
-        p.add_incoming(p_next, loop_end)
-        for phi, value in zip(accumulators, updated):
-            phi.add_incoming(value, loop_end)
-        builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
-
-        builder.position_at_end(done)
-        results = []
-        for value in updated:
-            phi = builder.phi(vector)
-            phi.add_incoming(zero, entry)
-            phi.add_incoming(value, loop_end)
-            results.append(phi)
-
-        def c_vector_pointer(i, v):
-            row = builder.gep(c_ptr, [builder.mul(const(i), ldc)])
-            return builder.bitcast(builder.gep(row, [const(v * width)]), vector.as_pointer())
-
-        with builder.if_else(accumulate_v) as (add, overwrite):
-            with add:
-                for i in range(MR):
-                    for v in range(NV):
-                        q = c_vector_pointer(i, v)
-                        builder.store(builder.fadd(builder.load(q, align=itemsize), results[i * NV + v]), q,
-                                      align=itemsize)
-            with overwrite:
-                for i in range(MR):
-                    for v in range(NV):
-                        builder.store(results[i * NV + v], c_vector_pointer(i, v), align=itemsize)
+            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
+                                 last_row)
+            a_rows.append(builder.gep(a_ptr, [builder.load(builder.gep(rows_table, [row]))]))
+        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.load(builder.gep(steps_table, [p])),
+                   b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -512,3 +551,103 @@ def gemm_taps_t(a, x, base, taps, c, beta):
                                       full and not overwrite)
                         if not full:
                             _store_edge(tile, c, ic + ip, jc + jp, h, w, overwrite)
+
+
+@njit(**_JIT)
+def packed_size(k, n, itemsize):
+    """Elements of :func:`pack_b`'s result for a ``(k, n)`` operand: ``ceil(n / NR)`` panels of ``k x NR``."""
+    NR = NV * (_VECTOR_BYTES // itemsize)
+    return ((n + NR - 1) // NR) * NR * k
+
+
+@njit(**_JIT)
+def pack_b(b, bp):
+    """``b`` (k, n), any strides (a transposed view of a contiguous array is packed by register transposes), into
+    the panels :func:`gemm_gather` reads: ``bp[(j // NR * k + p) * NR + j % NR] = b[p, j]``, zero-padded to whole
+    panels (``bp`` at least :func:`packed_size` long)."""
+    pack_b_rows(b, bp, b.shape[0], 0)
+
+
+@njit(**_JIT)
+def pack_b_rows(b, bp, k, p0):
+    """:func:`pack_b` of ``b`` (rows, n) as rows ``p0 <= p < p0 + rows`` of a packed ``(k, n)`` operand (a ``B``
+    gathered from pieces: the output gradient's positions of several images)."""
+    rows, n = b.shape
+    NR = NV * (_VECTOR_BYTES // b.itemsize)
+    for jp in range(0, n, NR):
+        _pack_b_panel(b, 0, rows, jp, min(NR, n - jp), NR, bp, ((jp // NR) * k + p0) * NR)
+
+
+@njit(**_JIT)
+def gemm_gather(x, base, row_off, step_off, bp, c, beta):
+    """``c = A @ B + beta * c`` on the calling thread with ``A[i, p] = x[base + row_off[i] + step_off[p]]`` read in
+    place, and ``B`` (k, n) packed by :func:`pack_b` (``k = len(step_off)``). A conv without columns: with output
+    positions as rows (``row_off``: each position's window corner in the zero-padded input) and taps as steps
+    (``step_off``: each (channel, kh, kw)'s offset from the corner) ``A`` is the im2col matrix and ``B`` the
+    transposed weights (the forward, ``y^T``); with the tables swapped, ``A`` is the columns' transpose and ``B``
+    the output gradient's (the weight gradient, ``dW^T``). Any stride and dilation (they are in the tables), no
+    positions computed and dropped.
+
+    x: 1-D, every ``base + row_off[i] + step_off[p]`` inside; row_off (m,), step_off (k,) int64; bp: packed ``B``;
+    c: (m, n) with adjacent columns; ``beta`` 0 overwrites ``c``, 1 accumulates into it.
+    """
+    m = row_off.shape[0]
+    k = step_off.shape[0]
+    n = c.shape[1]
+    itemsize = c.itemsize
+    NR = NV * (_VECTOR_BYTES // itemsize)
+    if c.strides[1] != itemsize and n > 1:
+        raise ValueError("micro_gemm.gemm_gather: c's columns must be adjacent in memory")
+    if c.shape[0] != m or bp.shape[0] < ((n + NR - 1) // NR) * NR * k:
+        raise ValueError("micro_gemm.gemm_gather: operand shapes do not match")
+    if m == 0 or n == 0:
+        return
+    if k == 0:
+        if beta == 0.0:
+            c[:, :] = 0.0
+        return
+    tile = np.empty((MR, NR), c.dtype)
+    for pc in range(0, k, KC):
+        kc = min(KC, k - pc)
+        overwrite = pc == 0 and beta == 0.0
+        for ic in range(0, m, MC):
+            mc = min(MC, m - ic)
+            for jp in range(0, n, NR):
+                w = min(NR, n - jp)
+                b_offset = ((jp // NR) * k + pc) * NR
+                for ip in range(0, mc, MR):
+                    h = min(MR, mc - ip)
+                    full = h == MR and w == NR
+                    out = c if full else tile
+                    oi = ic + ip if full else 0
+                    oj = jp if full else 0
+                    _micro_kernel_gather(kc, x, base, row_off, ic + ip, h, step_off, pc, bp, b_offset, NR, out, oi,
+                                         oj, full and not overwrite)
+                    if not full:
+                        _store_edge(tile, c, ic + ip, jp, h, w, overwrite)
+
+
+@njit(**_JIT)
+def transpose_into(src, dst):
+    """``dst[j, i] = src[i, j]`` for ``src`` (m, n) and ``dst`` (n, m), both with adjacent columns: ``W x W`` blocks
+    transposed in registers (:func:`_transpose_block`), the edges element by element (numpy's strided copy of a
+    4608 x 512 float32 matrix took 7 ms, a twentieth of the rate of a plain copy)."""
+    m, n = src.shape
+    if dst.shape[0] != n or dst.shape[1] != m:
+        raise ValueError("micro_gemm.transpose_into: operand shapes do not match")
+    if (m > 1 and src.strides[1] != src.itemsize) or (n > 1 and dst.strides[1] != dst.itemsize):
+        raise ValueError("micro_gemm.transpose_into: rows must be contiguous")
+    W = _VECTOR_BYTES // src.itemsize
+    lds = src.strides[0] // src.itemsize
+    ldd = dst.strides[0] // dst.itemsize
+    mb = m - m % W
+    nb = n - n % W
+    for i in range(0, mb, W):
+        for j in range(0, nb, W):
+            _transpose_block(src, i * lds + j, lds, dst, j * ldd + i, ldd)
+    for i in range(mb):
+        for j in range(nb, n):
+            dst[j, i] = src[i, j]
+    for i in range(mb, m):
+        for j in range(n):
+            dst[j, i] = src[i, j]

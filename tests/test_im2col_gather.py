@@ -1,0 +1,173 @@
+"""The gather kernels (``fastconv.cpu.im2col_fused.forward_gather`` / ``grad_weight_gather``): the own GEMM reading
+a conv's zero-padded input through offset tables, no columns. Which convs take them, their results against torch
+(kernels and public API: forward, both gradients, gradcheck, opcheck, float64), and the workspace they report.
+
+The kernel matrix of ``tests/test_cpu_conv_kernels.py`` also runs every dense 1-D/2-D case through them
+("im2col-gather": any size, jobs of one micro-kernel tile, the parallel region forced).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as TF
+
+import fastconv.functional as F
+from fastconv.cpu import im2col_fused, jit_gemm
+from helpers import assert_close
+
+pytestmark = pytest.mark.skipif(not jit_gemm.own_gemm_in_use(),
+                                reason="the gather kernels run on the own GEMM, which this CPU does not use "
+                                       "(no 512-bit vectors); the kernel matrix still runs them, forced on")
+
+
+@pytest.fixture
+def gather_spy(monkeypatch):
+    """The passes that ran on the gather kernels, in order."""
+    ran = []
+    for name, label in (("forward_gather", "forward"), ("grad_weight_gather", "grad_weight")):
+        real = getattr(im2col_fused, name)
+        monkeypatch.setattr(im2col_fused, name, lambda *a, real=real, label=label: ran.append(label) or real(*a))
+    return ran
+
+
+def test_which_convs_take_them(monkeypatch):
+    """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights, and not where the taps kernel
+    runs a stride-1 conv of GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; off with GATHER or ENABLED."""
+    assert im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
+    assert not im2col_fused.gather_applies((1, 3, 3), 2, (1, 8, 8), (1, 8, 8))  # grouped
+    assert not im2col_fused.gather_applies((3, 3, 3), 1, (8, 8, 8), (6, 6, 6))  # 3-D
+    for switch in ("GATHER", "ENABLED"):
+        with monkeypatch.context() as m:
+            m.setattr(im2col_fused, switch, False)
+            assert not im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
+    limit = im2col_fused.GATHER_MAX_WEIGHT_BYTES
+    C = limit // (4 * 9 * 32)
+    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C, 32, 8, 4)  # DenseNet's 128 -> 32 at 8x8
+    assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4)  # weights over the limit
+    wide = im2col_fused.TAPS_MIN_OW
+    many = im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS
+    assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # the taps kernel keeps it
+    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many - 1, wide, 4)
+    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide - 1, 4)  # short rows: no taps
+    assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, many, wide, 4)  # deep strided: no taps
+
+
+_CASES = [
+    # N, C, K, (H, W), kernel, stride, padding, dilation
+    (8, 128, 32, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1)),   # DenseNet's 4x4 layers: jobs span images
+    (2, 3, 16, (23, 21), (7, 7), (2, 2), (3, 3), (1, 1)),   # an RGB stem
+    (2, 3, 8, (35, 35), (11, 11), (4, 4), (2, 2), (1, 1)),  # AlexNet's stem
+    (2, 12, 20, (9, 11), (3, 5), (2, 1), (0, 2), (2, 1)),   # uneven strides and dilations
+    (3, 7, 9, (10, 10), (3, 3), (1, 1), (-1, 1), (1, 1)),   # negative padding (a crop)
+    (2, 16, 40, (9, 9), (1, 1), (2, 2), (0, 0), (1, 1)),    # a strided 1x1 (ResNet's downsampling)
+    (2, 6, 10, (1, 50), (1, 9), (1, 3), (0, 4), (1, 2)),    # 1-D
+]
+
+
+def _tables(case, dtype, seed):
+    N, C, K, (H, W), kernel, stride, padding, dilation = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=g, dtype=torch.float64)
+    w = torch.randn((K, C) + kernel, generator=g, dtype=torch.float64)
+    b = torch.randn(K, generator=g, dtype=torch.float64)
+    # torch's padding cannot crop: pad (or crop) first, then an unpadded conv
+    ph, pw = padding
+    xp = TF.pad(x, (pw, pw, ph, ph))
+    y = TF.conv2d(xp, w, b, stride, 0, dilation)
+    go = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gw = torch.ops.aten.convolution_backward(go, xp, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], 1,
+                                             [False, True, False])[1]
+    cast = lambda t: np.ascontiguousarray(t.numpy().astype(dtype))  # noqa: E731
+    return cast(x), cast(w), cast(b), cast(y), cast(go), cast(gw)
+
+
+@pytest.mark.parametrize("case", _CASES)
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 2e-4)])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20], ids=["tiny-jobs", "default-jobs"])
+def test_kernels_match_torch(monkeypatch, case, dtype, tol, chunk_bytes):
+    """Forward (bias added on the way out) and weight gradient against torch, with jobs and output-gradient chunks
+    of a micro-kernel's rows (spanning images, many accumulations) and of the default size, serial and parallel."""
+    monkeypatch.setattr(im2col_fused, "GATHER_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(im2col_fused, "GATHER_GRAD_CHUNK_BYTES", chunk_bytes)
+    N, C, K, _, kernel, stride, padding, dilation = case
+    x, w, b, y, go, gw = _tables(case, dtype, seed=len(_CASES) + C)
+    OH, OW = y.shape[2:]
+    for parallel_min in (0, 1 << 62):
+        monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", parallel_min)
+        y3 = np.full((N, K, OH * OW), np.nan, dtype)
+        im2col_fused.forward_gather(x, w.reshape(K, -1), b, kernel, stride, padding, dilation, (OH, OW), y3)
+        scale = max(1.0, float(np.abs(y).max()))
+        np.testing.assert_allclose(y3.reshape(y.shape), y, rtol=tol, atol=tol * scale)
+        gw2 = np.full((K, w[0].size), np.nan, dtype)
+        im2col_fused.grad_weight_gather(go.reshape(N, K, -1), x, kernel, stride, padding, dilation, (OH, OW), gw2)
+        scale = max(1.0, float(np.abs(gw).max()))
+        np.testing.assert_allclose(gw2.reshape(gw.shape), gw, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)])
+def test_public_api_forward_and_gradients(gather_spy, stride, padding, dilation):
+    """float64 through ``fastconv.functional`` at a size the default rules send to the gather kernels (DenseNet's
+    narrow 3x3 layers): forward and both gradients against torch, gradcheck, and the passes that took them."""
+    g = torch.Generator().manual_seed(stride * 10 + padding)
+    x = torch.randn(2, 24, 8, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 24, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(8, dtype=torch.float64, generator=g, requires_grad=True)
+    kw = dict(stride=stride, padding=padding, dilation=dilation)
+    y = F.conv2d(x, w, b, algo="im2col", **kw)
+    ref = TF.conv2d(x, w, b, **kw)
+    assert_close(y, ref, algo="im2col", what="gather forward")
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), go)
+    want = torch.autograd.grad(ref, (x, w, b), go)
+    for name, a, e in zip(("input", "weight", "bias"), got, want):
+        assert_close(a, e, algo="im2col", what=f"gather, grad {name}")
+    assert {"forward", "grad_weight"} <= set(gather_spy), gather_spy
+    xs, ws = x[:1, :, :6, :7].detach().requires_grad_(), w[:3].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
+
+
+def test_opcheck_on_the_gather_kernels(gather_spy):
+    """``torch.ops.fastconv.conv2d`` and its two gradient ops, float64, on the gather kernels."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 16, 7, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 16, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    geometry = ([2, 1], [1, 1], [1, 1], [1, 1], 1, "im2col")  # stride, padding, padding end, dilation, groups
+    y = TF.conv2d(x, w, b, stride=(2, 1), padding=1).detach()
+    gy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geometry))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default,
+                          (gy.requires_grad_(), w, list(x.shape[2:]), *geometry))
+    torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default, (gy, x, list(w.shape[2:]), *geometry))
+    assert {"forward", "grad_weight"} <= set(gather_spy), gather_spy
+
+
+def test_reported_workspace_is_what_the_gather_forward_allocates(monkeypatch):
+    """The registry's im2col workspace for a conv on the gather forward: the padded input, the packed weights and a
+    result per task, as allocated."""
+    from fastconv import registry
+    from fastconv.ops.conv import make_geometry
+
+    allocated = []
+    real_empty = np.empty
+
+    def counting_empty(shape, dtype=float, *a, **k):
+        out = real_empty(shape, dtype, *a, **k)
+        allocated.append(out.nbytes)
+        return out
+
+    g = make_geometry(2, 3, 40, 24, 1, (12, 11), (3, 3), None, (2, 1), (1, 1), (1, 1), (1, 1), torch.float32,
+                      "numba")
+    OH, OW = g.out_spatial[1:]
+    assert im2col_fused.takes_gather_forward((3, 3), (2, 1), 40, 24, OW, 4)
+    alg = registry.choose("im2col", g, "forward")
+    x = np.zeros((3, 40, 12, 11), np.float32)
+    w2 = np.zeros((24, 40 * 9), np.float32)
+    y3 = np.empty((3, 24, OH * OW), np.float32)
+    args = (x, w2, None, (3, 3), (2, 1), (1, 1), (1, 1), (OH, OW), y3)
+    im2col_fused.forward_gather(*args)  # compiled, and the offset tables cached, before counting
+    with monkeypatch.context() as m:
+        m.setattr(im2col_fused.np, "empty", counting_empty)
+        im2col_fused.forward_gather(*args)
+    assert sum(allocated) == alg.workspace_bytes(g)
