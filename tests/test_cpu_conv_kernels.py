@@ -125,7 +125,8 @@ class _gather_everywhere:
     span images and the weight gradient accumulates over many chunks; the stride-1 input gradient through the
     fused path's flipped forward, so it takes the gather forward too. Yields the list of passes that ran on it."""
 
-    _NAMES = ("GATHER", "GATHER_MAX_WEIGHT_BYTES", "GATHER_TAPS_MIN_OUT_CHANNELS", "GATHER_CHUNK_BYTES",
+    _NAMES = ("GATHER", "GATHER_MAX_WEIGHT_BYTES", "GATHER_GRAD_MAX_WEIGHT_BYTES", "GATHER_TAPS_MIN_OUT_CHANNELS",
+              "GATHER_CHUNK_BYTES",
               "GATHER_GRAD_CHUNK_BYTES", "PARALLEL_MIN_MACS", "MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
               "MIN_CHUNK_COLUMNS", "forward_gather", "grad_weight_gather", "ENABLED")
 
@@ -135,7 +136,8 @@ class _gather_everywhere:
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
         im2col_fused.GATHER = im2col_fused.ENABLED = True
-        im2col_fused.GATHER_MAX_WEIGHT_BYTES = im2col_fused.MAX_WEIGHT_BYTES = 1 << 62
+        im2col_fused.GATHER_MAX_WEIGHT_BYTES = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES = 1 << 62
+        im2col_fused.MAX_WEIGHT_BYTES = 1 << 62
         im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS = 1 << 30
         im2col_fused.GATHER_CHUNK_BYTES = im2col_fused.GATHER_GRAD_CHUNK_BYTES = 1
         im2col_fused.PARALLEL_MIN_MACS = im2col_fused.MIN_IN_CHANNELS = im2col_fused.MIN_CHUNK_COLUMNS = 0

@@ -33,7 +33,8 @@ def gather_spy(monkeypatch):
 
 def test_which_convs_take_them(monkeypatch):
     """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights, and not where the taps kernel
-    runs a stride-1 conv of GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; off with GATHER or ENABLED."""
+    runs a stride-1 conv of GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; the weight gradient up to
+    GATHER_GRAD_MAX_WEIGHT_BYTES; off with GATHER or ENABLED."""
     assert im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
     assert not im2col_fused.gather_applies((1, 3, 3), 2, (1, 8, 8), (1, 8, 8))  # grouped
     assert not im2col_fused.gather_applies((3, 3, 3), 1, (8, 8, 8), (6, 6, 6))  # 3-D
@@ -51,6 +52,9 @@ def test_which_convs_take_them(monkeypatch):
     assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many - 1, wide, 4)
     assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide - 1, 4)  # short rows: no taps
     assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, many, wide, 4)  # deep strided: no taps
+    grad_limit = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES
+    assert im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256), 256, 9, 4)
+    assert not im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256) + 1, 256, 9, 4)
 
 
 _CASES = [

@@ -34,7 +34,8 @@ from fastconv import config
 from . import jit_gemm, micro_gemm, parallel
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
-           "forward_gather", "grad_weight_gather", "gather_workspace_bytes", "CHUNK_BYTES", "ENABLED",
+           "takes_gather_grad_weight", "forward_gather", "grad_weight_gather", "gather_workspace_bytes",
+           "CHUNK_BYTES", "ENABLED",
            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
@@ -654,9 +655,22 @@ GATHER = True
 #: 256 -> 512) 0.50-0.72, 96 -> 128 at 16x16 0.97; over a megabyte level or slower: 128 -> 192 at 16x16 1.01,
 #: 192 -> 384 at 7x7 1.05, 160 -> 320 at 8x8 1.13-1.23, 512 -> 512 at 4x4 1.05-1.20.
 GATHER_MAX_WEIGHT_BYTES = 1 << 20
+#: Largest weight (bytes) whose gradient takes the gather kernel: it computes ``dW^T`` into a buffer as large as
+#: the weight and transposes it into the result, and on ResNet's 512 -> 512 3x3 (9.4 MB) those two fresh buffers
+#: cost more than the kernel saves (1.43x the column path's time, every call after other work as in a model).
+#: Measured that way, 2 threads, batch 8, gather / previous path: DenseNet's 128 -> 32 at 4x4 to 16x16 0.57-0.74
+#: (32x32 0.93), 256 -> 256 at 8x8 (2.4 MB) 0.76, 160 -> 320 at 8x8 0.82, 128 -> 128 at 16x16 0.90, strided 3x3 and
+#: 1x1 0.80, the 7x7 stem 0.90, GoogLeNet's 16 -> 32 5x5 0.52; level on 64 -> 64 at 32x32 and 64 -> 192 5x5.
+GATHER_GRAD_MAX_WEIGHT_BYTES = 4 << 20
 #: Fewest output channels at which a stride-1 forward the taps kernel takes stays there (64 -> 64 at 32x32:
 #: gather / taps 1.06-1.10; 128 -> 128 at 16x16 level).
 GATHER_TAPS_MIN_OUT_CHANNELS = 64
+
+
+def takes_gather_grad_weight(in_channels: int, out_channels: int, kernel_taps: int, itemsize: int) -> bool:
+    """Whether a weight gradient that :func:`gather_applies` to runs on :func:`grad_weight_gather` (see
+    :data:`GATHER_GRAD_MAX_WEIGHT_BYTES`)."""
+    return out_channels * in_channels * kernel_taps * itemsize <= GATHER_GRAD_MAX_WEIGHT_BYTES
 
 
 def gather_applies(ksz, groups: int, in_spatial, out_spatial) -> bool:
