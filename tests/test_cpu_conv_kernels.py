@@ -77,8 +77,8 @@ def _fused_applies(nd, ksz, groups):
 class _fused_everywhere:
     """Context: the fused im2col path for every size (no channel, weight or column-length limits, the parallel
     region from the first multiply-add, chunks of about one output row) and a list of its forward calls; with
-    ``taps``, its forwards and weight gradients on the taps kernel (the own GEMM switched on; strided ones through
-    their phases at any depth; a list of those calls' passes as ``.taps``), else on the column fills."""
+    ``taps``, its forwards on the taps kernel (the own GEMM switched on; strided ones through their phases at any
+    depth; a list of those calls as ``.taps``), else on the column fills; the weight gradients on the column fills."""
 
     def __init__(self, taps: bool = False):
         self.use_taps = taps
@@ -90,7 +90,7 @@ class _fused_everywhere:
                                                             "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS",
                                                             "TAPS", "TAPS_CHUNK_BYTES", "TAPS_MIN_OW",
                                                             "TAPS_STRIDED_MAX_IN_CHANNELS", "_forward_taps",
-                                                            "_grad_weight_taps", "GATHER")}
+                                                            "GATHER")}
         im2col_fused.GATHER = False  # the column fills and the taps kernel here; the gather row has its own
         self.own = jit_gemm.use_own_gemm(True) if self.use_taps else jit_gemm.own_gemm_in_use()
         im2col_fused.TAPS = self.use_taps
@@ -99,8 +99,6 @@ class _fused_everywhere:
         im2col_fused.TAPS_STRIDED_MAX_IN_CHANNELS = 1 << 30  # strided convs of any depth through their phases
         real_taps = self.saved["_forward_taps"]
         im2col_fused._forward_taps = lambda *a: self.taps.append("forward") or real_taps(*a)
-        real_gw_taps = self.saved["_grad_weight_taps"]
-        im2col_fused._grad_weight_taps = lambda *a: self.taps.append("grad_weight") or real_gw_taps(*a)
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
         calls = []
@@ -212,8 +210,7 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
             _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
                    fused=True)
         assert calls or N == 0, "the fused im2col path did not run"  # an empty batch returns before any path
-        assert not taps or {"forward", "grad_weight"} <= set(context.taps) or N == 0, \
-            f"the taps kernel did not run both passes: {context.taps}"
+        assert not taps or "forward" in context.taps or N == 0, f"the taps kernel did not run: {context.taps}"
         return
     if algo == "im2col" and not fused and im2col_fused.ENABLED:
         im2col_fused.ENABLED = False

@@ -12,10 +12,16 @@ no column matrix in memory, no phase split. Measured against the plain path, 2 t
 185); ResNet's 64 -> 64 at 32x32 batch 8 2728 against 4733 (torch 2157); 64 -> 128 stride 2 at batch 8 1693
 against 3248 (torch 1306); 256 -> 256 at 8x8 batch 8 2394 against 3614 (torch 1997).
 
-Without columns at all, on fastconv's own GEMM (:mod:`.micro_gemm`): the "taps" kernels read the GEMM's panels
-straight from the zero-padded input at each tap's offset (:func:`_forward_taps_region`, and the weight gradient's
-transposed panels by 16 x 16 register transposes, :func:`_grad_weight_taps_region`); a strided conv goes through
-its phases (:func:`_phase_box`), taken for thin inputs (:data:`TAPS_STRIDED_MAX_IN_CHANNELS`).
+Without columns at all, on fastconv's own GEMM (:mod:`.micro_gemm`): the "gather" kernels multiply the im2col
+matrix read in place from the zero-padded input through offset tables (each output position's window corner,
+each tap's offset from it: :func:`forward_gather`, with positions as the GEMM's rows, and :func:`grad_weight_gather`,
+with taps as rows), so any stride and dilation runs with nothing copied but the padded input; they take most
+forwards with small weights (:data:`GATHER_MAX_WEIGHT_BYTES`), stride-1 input gradients and weight gradients. The
+"taps" kernel reads the GEMM's panels straight from the zero-padded input at each tap's offset
+(:func:`_forward_taps_region`; a strided conv through its phases, :func:`_phase_box`, for thin inputs:
+:data:`TAPS_STRIDED_MAX_IN_CHANNELS`) and keeps the stride-1 forwards of 64 and more output channels on wide rows.
+(A weight gradient on the taps kernel, packing its transposed panels by register transposes, ran 1.1-1.9x the
+gather kernel's time on every layer measured and was removed.)
 
 Scope: dense (``groups == 1``) 1-D and 2-D convs with any stride, padding (negative: cropping) and dilation, and
 more than one tap; the caller (:func:`fastconv.cpu.conv.im2col_forward`, and its stride-1 input gradient as
@@ -390,12 +396,6 @@ TAPS_STRIDED = True
 #: 64 -> 128 at 32x32 and 64x64 0.98-1.19, 128 -> 256 1.00-1.24, 256 -> 512 0.96-1.01, 64 -> 64 at 128x128 0.81 /
 #: 1.19.
 TAPS_STRIDED_MAX_IN_CHANNELS = 32
-#: Whether weight gradients take the taps kernel where the forward would (:func:`_grad_weight_taps_region`).
-#: Measured, 2 threads, batch 8, same process alternating, taps / column-fill time: 3 -> 64 7x7 stride 2 at
-#: 128x128 0.71, AlexNet's 11x11 stride 4 0.73, 3 -> 32 3x3 stride 2 0.93, 32 -> 64 stride 2 at 64x64 0.92, 64 -> 64
-#: at 32x32 0.84 and at 64x64 0.83, DenseNet's 128 -> 32 at 32x32 0.77 and 16x16 0.92, 128 -> 128 and 256 -> 256 at
-#: 16x16 1.00-1.03, 3 -> 64 3x3 at 128x128 1.02.
-TAPS_GRAD_WEIGHT = True
 #: Narrowest output rows taken: each row computes ``(KW - 1) * dw`` positions more that are dropped, and short
 #: rows leave narrow GEMMs. Measured, 2 threads, 3x3, taps / column-fill forward time: 128 -> 32 at 32x32 batch 8
 #: 0.74-0.88, at 16x16 0.75-0.81 (batch 1 1.00-1.04), 64 -> 64 at 32x32 0.92 (batch 1 0.97), 128 -> 128 at 16x16
@@ -546,53 +546,6 @@ def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     return y3
 
 
-@parallel.kernel(always=True, **_JIT)
-def _grad_weight_taps_region(box, go3, taps, OH, OW, rpc, gobuf, acc):
-    """The weight gradient without columns, over the box of :func:`_forward_taps_region`: task ``t`` takes chunks
-    ``t, t + tasks, ...`` of ``rpc`` output rows of one image, lays their output gradient out in rows of the box's
-    width ``Wb`` in ``gobuf[t]`` (K, (rpc - 1)*Wb + OW), zero between two rows (the positions the forward computes
-    and drops), and adds ``gq @ B^T`` into its accumulator ``acc[t]`` (K, len(taps)), ``B`` read from the box at the
-    taps' offsets by :func:`.micro_gemm.gemm_taps_t`; the caller sums the accumulators."""
-    N, C, Hb, Wb = box.shape
-    K = go3.shape[1]
-    P = go3.shape[2]
-    bf = box.reshape(box.size)
-    gof = go3.reshape(go3.size)
-    per_image = -(-OH // rpc)
-    tasks = acc.shape[0]
-    for t in prange(tasks):
-        for job in range(t, N * per_image, tasks):
-            n = job // per_image
-            r0 = (job - n * per_image) * rpc
-            rows = min(OH, r0 + rpc) - r0
-            Q = (rows - 1) * Wb + OW
-            gq = gobuf[t, :K * Q].reshape((K, Q))
-            gqf = gq.reshape(gq.size)
-            for k in range(K):
-                for r in range(rows):
-                    d = np.uint64(k * Q + r * Wb)
-                    src = np.uint64((n * K + k) * P + (r0 + r) * OW)
-                    for i in range(OW):
-                        u = np.uint64(i)
-                        gqf[d + u] = gof[src + u]
-                    if r < rows - 1:
-                        for i in range(OW, Wb):
-                            gqf[d + np.uint64(i)] = 0
-            micro_gemm.gemm_taps_t(gq, bf, (n * C * Hb + r0) * Wb, taps, acc[t], 1.0)
-
-
-def _grad_weight_taps(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, gw2):
-    """:func:`grad_weight` on the own GEMM without columns (see :func:`_grad_weight_taps_region`)."""
-    K = gw2.shape[0]
-    parallel_, tasks, rpc, box, taps = _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
-    gobuf = np.empty((tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
-    acc = np.zeros((tasks,) + gw2.shape, x.dtype)
-    kernel = _grad_weight_taps_region.parallel if parallel_ else _grad_weight_taps_region.serial
-    kernel(box, go3, taps, out_hw[0], out_hw[1], rpc, gobuf, acc)
-    np.sum(acc, axis=0, out=gw2)
-    return gw2
-
-
 def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
     """x: (N, C, H, W); w2: (K, C*KH*KW) C-contiguous; bias: (K,) or None; y3: (N, K, OH*OW), written. The 2-D
     arguments are (H, W) pairs (padding: before each dim)."""
@@ -624,8 +577,6 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     K, CK = gw2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    if TAPS_GRAD_WEIGHT and takes_taps(kernel_hw, stride_hw, x.shape[1], OW):
-        return _grad_weight_taps(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, gw2)
     parallel_, tasks, rpc, _, _ = _layout(N, K, CK, OH, OW, x.itemsize)
     rows = N * OH
     tasks = min(tasks, -(-rows // rpc))  # no accumulator for a task without a chunk

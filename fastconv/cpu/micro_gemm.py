@@ -22,7 +22,9 @@ panels are read where they are when its columns are adjacent and the panel is fu
 packed, zero-padded, and a transposed ``b`` is packed by ``W x W`` blocks transposed in registers
 (:func:`_transpose_block`). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows
 of the padded input at each tap's offset, copied panel by panel, so no column matrix is built;
-:func:`gemm_taps_t` is the weight gradient's, its ``b`` columns such windows, packed by register transposes. Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
+:func:`gemm_gather` reads ``a`` in place through two offset tables (rows and reduction steps at listed offsets
+of one flat array: a conv's im2col matrix or its transpose, straight from the padded input) against a ``b``
+packed once (:func:`pack_b`). Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
 scratch tile and copied.
 
 Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
@@ -39,7 +41,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_taps_t", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
 
 #: Rows of ``a`` per tile, and 64-byte vectors of ``b``'s columns per tile row (16 accumulators of the 32
 #: vector registers). Measured (same shapes as above): 8 x 2 and 12 x 2 level, 6 x 4 level but wasteful on
@@ -259,36 +261,6 @@ def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
     return signature, codegen
 
 
-@intrinsic
-def _transpose_taps_block(typingctx, src, taps, t0, add, dst, dst_offset, ldd):
-    """:func:`_transpose_block` with rows at listed offsets: ``dst[dst_offset + q*ldd + r] = src[taps[t0 + r] + add +
-    q]`` for ``r, q < W``."""
-    signature = types.void(src, taps, types.intp, types.intp, dst, types.intp, types.intp)
-    dtype = dst.dtype
-
-    def codegen(context, builder, sig, args):
-        src_v, taps_v, t0_v, add_v, dst_v, dst_off, ldd_v = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        vector = ir.VectorType(context.get_value_type(dtype), width)
-        intp = context.get_value_type(types.intp)
-        src_data = context.make_array(src)(context, builder, src_v).data
-        taps_data = context.make_array(taps)(context, builder, taps_v).data
-        dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
-        rows = []
-        for r in range(width):
-            tap = builder.load(builder.gep(taps_data, [builder.add(t0_v, ir.Constant(intp, r))]))
-            row_ptr = builder.gep(src_data, [builder.add(builder.sext(tap, intp) if tap.type != intp else tap, add_v)])
-            rows.append(builder.load(builder.bitcast(row_ptr, vector.as_pointer()), align=itemsize))
-        rows = _transposed_rows(builder, rows)
-        for q in range(width):
-            ptr = builder.gep(dst_ptr, [builder.mul(ir.Constant(intp, q), ldd_v)])
-            builder.store(rows[q], builder.bitcast(ptr, vector.as_pointer()), align=itemsize)
-        return context.get_dummy_value()
-
-    return signature, codegen
-
-
 @njit(**_JIT)
 def _pack_b_panel(b, pc, kc, j0, w, NR, bp, base):
     """``bp[base + p*NR + j] = b[pc + p, j0 + j]`` for ``j < w``, 0 for ``w <= j < NR``."""
@@ -479,78 +451,6 @@ def gemm_taps(a, x, base, taps, c):
                                   full and not overwrite)
                     if not full:
                         _store_edge(tile, c, ic + ip, jp, h, w, overwrite)
-
-
-@njit(**_JIT)
-def gemm_taps_t(a, x, base, taps, c, beta):
-    """``c = a @ B + beta * c`` on the calling thread with ``B[p, j] = x[base + taps[j] + p]``: the transposed
-    implicit GEMM of a conv's weight gradient (``gy @ columns^T``), whose ``n = len(taps)`` columns are windows of one
-    flat array (column ``j = (channel, kh, kw)`` is the padded input shifted by that tap, read along the output
-    positions), so no column matrix is built: each ``KC x NR`` panel is packed from the windows by ``W x W`` blocks
-    transposed in registers (:func:`_transpose_taps_block`).
-
-    a: (m, k), any strides; x: 1-D, readable up to ``base + max(taps) + k``; taps: int64 (n,); c: (m, n) with
-    adjacent columns; ``beta`` 0 overwrites ``c``, 1 accumulates into it.
-    """
-    m, k = a.shape
-    n = c.shape[1]
-    itemsize = c.itemsize
-    if c.strides[1] != itemsize and n > 1:
-        raise ValueError("micro_gemm.gemm_taps_t: c's columns must be adjacent in memory")
-    if taps.shape[0] != n or c.shape[0] != m:
-        raise ValueError("micro_gemm.gemm_taps_t: operand shapes do not match")
-    if m == 0 or n == 0:
-        return
-    if k == 0:
-        if beta == 0.0:
-            c[:, :] = 0.0
-        return
-    a_row, a_step = a.strides[0] // itemsize, a.strides[1] // itemsize
-    W = _VECTOR_BYTES // itemsize
-    NR = NV * W
-    bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
-    tile = np.empty((MR, NR), c.dtype)
-    for jc in range(0, n, NC):
-        nc = min(NC, n - jc)
-        for pc in range(0, k, KC):
-            kc = min(KC, k - pc)
-            kb = kc - kc % W
-            overwrite = pc == 0 and beta == 0.0
-            for jp in range(0, nc, NR):
-                w = min(NR, nc - jp)
-                wb = w - w % W
-                o = (jp // NR) * kc * NR
-                j0 = jc + jp
-                for j in range(0, wb, W):
-                    for p in range(0, kb, W):
-                        _transpose_taps_block(x, taps, j0 + j, base + pc + p, bp, o + p * NR + j, NR)
-                for j in range(wb):
-                    row = base + taps[j0 + j] + pc
-                    for p in range(kb, kc):
-                        bp[o + p * NR + j] = x[row + p]
-                for j in range(wb, w):
-                    row = base + taps[j0 + j] + pc
-                    for p in range(kc):
-                        bp[o + p * NR + j] = x[row + p]
-                for p in range(kc):
-                    for j in range(w, NR):
-                        bp[o + p * NR + j] = 0.0
-            for ic in range(0, m, MC):
-                mc = min(MC, m - ic)
-                for jp in range(0, nc, NR):
-                    w = min(NR, nc - jp)
-                    b_offset = (jp // NR) * kc * NR
-                    for ip in range(0, mc, MR):
-                        h = min(MR, mc - ip)
-                        full = h == MR and w == NR
-                        out = c if full else tile
-                        oi = ic + ip if full else 0
-                        oj = jc + jp if full else 0
-                        a_offset = (ic + ip) * a_row + pc * a_step
-                        _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, NR, out, oi, oj,
-                                      full and not overwrite)
-                        if not full:
-                            _store_edge(tile, c, ic + ip, jc + jp, h, w, overwrite)
 
 
 @njit(**_JIT)
