@@ -66,7 +66,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, parallel
+from . import blas, fir, parallel
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
@@ -198,44 +198,11 @@ def _fill_plane(x, xbase, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, track
 
 @njit(**_JIT)
 def _taps(src, offs, wts, T, out, L, zero):
-    """``out[i] = sum_{t < T} wts[t] * src[offs[t] + i]`` for ``i < L``.
-
-    Nine taps (3x3, the common case) in one pass: 9 loads + 1 store per vector, against 12 loads and
-    3 stores for three passes of three taps. Other counts go three taps per pass."""
-    if T == 9:
-        o0, o1, o2, o3, o4 = offs[0], offs[1], offs[2], offs[3], offs[4]
-        o5, o6, o7, o8 = offs[5], offs[6], offs[7], offs[8]
-        w0, w1, w2, w3, w4, w5, w6, w7, w8 = wts[0], wts[1], wts[2], wts[3], wts[4], wts[5], wts[6], wts[7], wts[8]
-        x0, x1, x2 = src[o0:o0 + L], src[o1:o1 + L], src[o2:o2 + L]
-        x3, x4, x5 = src[o3:o3 + L], src[o4:o4 + L], src[o5:o5 + L]
-        x6, x7, x8 = src[o6:o6 + L], src[o7:o7 + L], src[o8:o8 + L]
-        for i in range(L):
-            out[i] = (w0 * x0[i] + w1 * x1[i] + w2 * x2[i] + w3 * x3[i] + w4 * x4[i] + w5 * x5[i]
-                      + w6 * x6[i] + w7 * x7[i] + w8 * x8[i])
-        return
-    for i in range(L):
-        out[i] = zero
-    t = 0
-    while t + 3 <= T:
-        oa, ob, oc = offs[t], offs[t + 1], offs[t + 2]
-        wa, wb, wc = wts[t], wts[t + 1], wts[t + 2]
-        xa, xb, xc = src[oa:oa + L], src[ob:ob + L], src[oc:oc + L]
-        for i in range(L):
-            out[i] += wa * xa[i] + wb * xb[i] + wc * xc[i]
-        t += 3
-    if T - t == 2:
-        oa, ob = offs[t], offs[t + 1]
-        wa, wb = wts[t], wts[t + 1]
-        xa, xb = src[oa:oa + L], src[ob:ob + L]
-        for i in range(L):
-            out[i] += wa * xa[i] + wb * xb[i]
-    elif T - t == 1:
-        oa = offs[t]
-        wa = wts[t]
-        xa = src[oa:oa + L]
-        for i in range(L):
-            out[i] += wa * xa[i]
-
+    """``out[i] = sum_{t < T} wts[t] * src[offs[t] + i]`` for ``i < L`` (src and out contiguous): :func:`.fir.fir`,
+    every tap summed in registers over a tile of outputs and stored once. (The Numba loops it replaced made one
+    pass over ``out`` per three taps; per 32x32 plane with ConvNeXt's 49 taps, one thread: 1.41 against 0.95 µs.)
+    ``zero`` is unused (kept for the callers' signature)."""
+    fir.fir(src, offs, wts, T, out, L)
 
 
 @njit(**_JIT)
