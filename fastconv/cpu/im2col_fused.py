@@ -598,13 +598,14 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
 #: and A/B measurements switch it off to reach the other paths).
 GATHER = True
 #: Largest weight (bytes) whose forward takes the gather kernel: its transposed weights are packed on every call,
-#: and deep layers' products ran level or slower than the column and taps paths. Measured, 2 threads, batch 8,
-#: same process alternating, gather / current forward time: DenseNet's 128 -> 32 3x3 at 4x4 0.70-0.88, 8x8
-#: 0.70-0.74, 16x16 0.81-0.84 (32x32 level), 32 -> 128 at 4x4 to 16x16 0.77-0.78 (batch 1 0.70), GoogLeNet's 16
-#: -> 32 5x5 at 15x15 0.37 and 64 -> 192 0.71, stems (3 -> 64 7x7 stride 2, AlexNet's 11x11 stride 4, 3 -> 32 3x3
-#: stride 2, 3 -> 64 3x3) 0.52-0.87, strided 3x3 (64 -> 128, 128 -> 256) 0.70-0.86, strided 1x1 (64 -> 128,
-#: 256 -> 512) 0.50-0.72, 96 -> 128 at 16x16 0.97; over a megabyte level or slower: 128 -> 192 at 16x16 1.01,
-#: 192 -> 384 at 7x7 1.05, 160 -> 320 at 8x8 1.13-1.23, 512 -> 512 at 4x4 1.05-1.20.
+#: and deep layers' products ran level or slower than the column and taps paths. Measured, 2 threads, batch 8, every
+#: call after the same torch work (a BatchNorm and a ReLU, as in a model; back-to-back pairs favour their second
+#: side: its fresh buffers come back already faulted in), order alternating, gather / previous forward time:
+#: DenseNet's 128 -> 32 3x3 at 4x4 / 8x8 / 16x16 0.87 / 0.70 / 0.76 (32x32 0.98, batch 1 at 8x8 0.90), 32 -> 128
+#: at 8x8 0.89, GoogLeNet's 16 -> 32 5x5 at 15x15 0.56, the 3 -> 64 7x7 stride-2 stem 0.71, 64 -> 128 3x3 stride 2
+#: 0.84, strided 1x1 and the other stems 0.95-0.99; level (0.96-1.04) on 96 -> 128 and 128 -> 192 at 16x16, 256 ->
+#: 256 and 160 -> 320 at 8x8 (over a megabyte: before the limit, 160 -> 320 read 1.13-1.23 and 512 -> 512 at 4x4
+#: 1.05-1.20 in back-to-back pairs).
 GATHER_MAX_WEIGHT_BYTES = 1 << 20
 #: Largest weight (bytes) whose gradient takes the gather kernel: it computes ``dW^T`` into a buffer as large as
 #: the weight and transposes it into the result, and on ResNet's 512 -> 512 3x3 (9.4 MB) those two fresh buffers
@@ -614,7 +615,8 @@ GATHER_MAX_WEIGHT_BYTES = 1 << 20
 #: 1x1 0.80, the 7x7 stem 0.90, GoogLeNet's 16 -> 32 5x5 0.52; level on 64 -> 64 at 32x32 and 64 -> 192 5x5.
 GATHER_GRAD_MAX_WEIGHT_BYTES = 4 << 20
 #: Fewest output channels at which a stride-1 forward the taps kernel takes stays there (64 -> 64 at 32x32:
-#: gather / taps 1.06-1.10; 128 -> 128 at 16x16 level).
+#: gather / taps 1.06-1.10 in back-to-back pairs even with the gather side second; 32 -> 128 at 16x16 1.03 with
+#: each call after torch work; 128 -> 128 at 16x16 level).
 GATHER_TAPS_MIN_OUT_CHANNELS = 64
 
 
