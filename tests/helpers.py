@@ -54,3 +54,25 @@ def assert_close(actual, expected, *, algo: str = "auto", what: str = "", rtol: 
         raise AssertionError(
             f"{where}{int(bad.sum() + nan_mismatch.sum())} of {actual.numel()} elements differ; worst at {idx}: "
             f"got {actual[idx].item()!r}, expected {expected[idx].item()!r} (tolerance {tol})")
+
+
+def allocations(monkeypatch, module, call) -> list[int]:
+    """The sizes (bytes) of the arrays ``call()`` allocates through ``module.np.empty``, in order."""
+    allocated = []
+    real_empty = module.np.empty
+
+    def counting_empty(shape, dtype=float, *a, **k):
+        out = real_empty(shape, dtype, *a, **k)
+        allocated.append(out.nbytes)
+        return out
+
+    with monkeypatch.context() as m:
+        m.setattr(module.np, "empty", counting_empty)
+        call()
+    return allocated
+
+
+def bytes_allocated(monkeypatch, module, call) -> int:
+    """Bytes that ``call()`` allocates through ``module.np.empty`` (a kernel module's workspace, to compare with what
+    the registry reports)."""
+    return sum(allocations(monkeypatch, module, call))

@@ -18,7 +18,7 @@ import torch.nn.functional as TF
 import fastconv.functional as F
 from fastconv.cpu import conv as cc
 from fastconv.cpu import im2col_fused
-from helpers import assert_close
+from helpers import allocations, assert_close, bytes_allocated
 
 
 @pytest.fixture(autouse=True)
@@ -169,14 +169,6 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch, tap
     previous = jit_gemm.use_own_gemm(True)
     try:
         assert im2col_fused.takes_taps((3, 3), (1, 1), 32, 12) == taps
-        allocated = []
-        real_empty = np.empty
-
-        def counting_empty(shape, dtype=float, *a, **k):
-            out = real_empty(shape, dtype, *a, **k)
-            allocated.append(out.nbytes)
-            return out
-
         g = make_geometry(2, 2, 32, 24, 1, (12, 12), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32,
                           "numba")
         assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
@@ -185,10 +177,9 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch, tap
         w2 = np.zeros((24, 32 * 9), np.float32)
         y3 = np.empty((2, 24, 144), np.float32)
         im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)  # compiled before counting
-        with monkeypatch.context() as m:
-            m.setattr(im2col_fused.np, "empty", counting_empty)
-            im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3)
-        assert sum(allocated) == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
+        allocated = bytes_allocated(monkeypatch, im2col_fused, lambda: im2col_fused.forward(
+            x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (12, 12), y3))
+        assert allocated == alg.workspace_bytes(g)  # (the zero bias comes from np.zeros, not counted)
     finally:
         jit_gemm.use_own_gemm(previous)
 
@@ -258,8 +249,6 @@ def test_reported_workspace_counts_the_gather_corners(monkeypatch):
     from fastconv.ops.conv import make_geometry
 
     monkeypatch.setattr(im2col_fused, "TAPS", False)
-    allocated = []
-    real_empty = np.empty
     g = make_geometry(2, 8, 32, 24, 1, (4, 4), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32, "numba")
     assert im2col_fused.applies(g.kernel, 1, 32, 24, g.in_spatial, g.out_spatial, 4)
     alg = registry.choose("im2col", g, "forward")
@@ -268,15 +257,8 @@ def test_reported_workspace_counts_the_gather_corners(monkeypatch):
     y3 = np.empty((8, 24, 16), np.float32)
     im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)  # compiled before counting
     box_bytes = 8 * 32 * 6 * 6 * 4
-
-    def counting_empty(shape, dtype=float, *a, **k):
-        out = real_empty(shape, dtype, *a, **k)
-        allocated.append(out.nbytes)
-        return out
-
-    with monkeypatch.context() as m:
-        m.setattr(im2col_fused.np, "empty", counting_empty)
-        im2col_fused.forward(x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3)
+    allocated = allocations(monkeypatch, im2col_fused, lambda: im2col_fused.forward(
+        x, w2, None, (3, 3), (1, 1), (1, 1), (1, 1), (4, 4), y3))
     assert box_bytes in allocated
     assert sum(allocated) - box_bytes == alg.workspace_bytes(g)
 

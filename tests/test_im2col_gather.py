@@ -14,7 +14,7 @@ import torch.nn.functional as TF
 
 import fastconv.functional as F
 from fastconv.cpu import im2col_fused, jit_gemm
-from helpers import assert_close
+from helpers import assert_close, bytes_allocated
 
 pytestmark = pytest.mark.skipif(not jit_gemm.own_gemm_in_use(),
                                 reason="the gather kernels run on the own GEMM, which this CPU does not use "
@@ -153,14 +153,6 @@ def test_reported_workspace_is_what_the_gather_forward_allocates(monkeypatch):
     from fastconv import registry
     from fastconv.ops.conv import make_geometry
 
-    allocated = []
-    real_empty = np.empty
-
-    def counting_empty(shape, dtype=float, *a, **k):
-        out = real_empty(shape, dtype, *a, **k)
-        allocated.append(out.nbytes)
-        return out
-
     g = make_geometry(2, 3, 40, 24, 1, (12, 11), (3, 3), None, (2, 1), (1, 1), (1, 1), (1, 1), torch.float32,
                       "numba")
     OH, OW = g.out_spatial[1:]
@@ -171,7 +163,5 @@ def test_reported_workspace_is_what_the_gather_forward_allocates(monkeypatch):
     y3 = np.empty((3, 24, OH * OW), np.float32)
     args = (x, w2, None, (3, 3), (2, 1), (1, 1), (1, 1), (OH, OW), y3)
     im2col_fused.forward_gather(*args)  # compiled, and the offset tables cached, before counting
-    with monkeypatch.context() as m:
-        m.setattr(im2col_fused.np, "empty", counting_empty)
-        im2col_fused.forward_gather(*args)
-    assert sum(allocated) == alg.workspace_bytes(g)
+    assert bytes_allocated(monkeypatch, im2col_fused, lambda: im2col_fused.forward_gather(*args)) == \
+        alg.workspace_bytes(g)

@@ -18,6 +18,8 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
+from . import micro_gemm
+
 __all__ = ["fir", "FIR_VECTORS"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
@@ -40,22 +42,12 @@ def _fir_tile_intrinsic(vectors: int):
 
         def codegen(context, builder, sig, args):
             src_v, src_base_v, offs_v, wts_v, T_v, out_v, out_base_v = args
-            itemsize = 4 if dtype == types.float32 else 8
-            width = _VECTOR_BYTES // itemsize
-            scalar = context.get_value_type(dtype)
-            vector = ir.VectorType(scalar, width)
+            itemsize, width, vector, fma, zero, splat = micro_gemm.vector_ir(context, builder, dtype)
             intp = context.get_value_type(types.intp)
-            i32 = ir.IntType(32)
             src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_base_v])
             offs_ptr = context.make_array(offs)(context, builder, offs_v).data
             wts_ptr = context.make_array(wts)(context, builder, wts_v).data
             out_ptr = builder.gep(context.make_array(out)(context, builder, out_v).data, [out_base_v])
-            fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
-            fma = builder.module.globals.get(fma_name) or ir.Function(
-                builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
-            zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
-            undef = ir.Constant(vector, ir.Undefined)
-            splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
 
             entry = builder.block
             loop = builder.function.append_basic_block("fir_loop")
@@ -71,13 +63,12 @@ def _fir_tile_intrinsic(vectors: int):
                 accumulators.append(phi)
             offset = builder.load(builder.gep(offs_ptr, [t]))
             weight = builder.load(builder.gep(wts_ptr, [t]))
-            splat = builder.shuffle_vector(builder.insert_element(undef, weight, ir.Constant(i32, 0)), undef,
-                                           splat_mask)
+            weight_splat = splat(weight)
             row = builder.gep(src_ptr, [offset])
             updated = []
             for v in range(vectors):
                 ptr = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * width)]), vector.as_pointer())
-                updated.append(builder.call(fma, [splat, builder.load(ptr, align=itemsize), accumulators[v]]))
+                updated.append(builder.call(fma, [weight_splat, builder.load(ptr, align=itemsize), accumulators[v]]))
             t_next = builder.add(t, ir.Constant(intp, 1))
             loop_end = builder.block
             t.add_incoming(t_next, loop_end)

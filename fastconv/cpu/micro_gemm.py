@@ -67,17 +67,35 @@ def _host_has_avx512() -> bool:
 HOST_HAS_AVX512 = _host_has_avx512()
 
 
+def vector_ir(context, builder, dtype):
+    """What every register kernel's IR needs for ``dtype`` (float32 or float64): ``(itemsize, width, vector type,
+    the FMA intrinsic, a zero vector, splat)``, ``width`` elements per 64-byte vector, ``splat(value)`` the scalar
+    broadcast to every lane."""
+    itemsize = 4 if dtype == types.float32 else 8
+    width = _VECTOR_BYTES // itemsize
+    scalar = context.get_value_type(dtype)
+    vector = ir.VectorType(scalar, width)
+    i32 = ir.IntType(32)
+    fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
+    fma = builder.module.globals.get(fma_name) or ir.Function(
+        builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
+    zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
+    undef = ir.Constant(vector, ir.Undefined)
+    splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
+
+    def splat(value):
+        return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef, splat_mask)
+
+    return itemsize, width, vector, fma, zero, splat
+
+
 def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v):
     """IR of one ``MR x NR`` tile: ``c[i0:i0+MR, j0:j0+NR] (+)= sum over p < kc of a_rows[i][a_step_at(p)] *
     b_ptr[p*ldb + j]``, the ``MR * NV`` accumulators kept in registers across the reduction loop (phi values),
     one broadcast of ``a`` per row and ``NV`` vector loads of ``b`` per step. ``a_rows``: ``MR`` element pointers
     (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it."""
-    itemsize = 4 if dtype == types.float32 else 8
-    width = _VECTOR_BYTES // itemsize
-    scalar = context.get_value_type(dtype)
-    vector = ir.VectorType(scalar, width)
+    itemsize, width, vector, fma, zero, splat = vector_ir(context, builder, dtype)
     intp = context.get_value_type(types.intp)
-    i32 = ir.IntType(32)
 
     def const(v):
         return ir.Constant(intp, v)
@@ -85,12 +103,6 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
     c_arr = context.make_array(c)(context, builder, c_v)
     ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
     c_ptr = builder.gep(c_arr.data, [builder.add(builder.mul(i0_v, ldc), j0_v)])
-    fma_name = f"llvm.fma.v{width}f{itemsize * 8}"
-    fma = builder.module.globals.get(fma_name) or ir.Function(
-        builder.module, ir.FunctionType(vector, [vector] * 3), fma_name)
-    zero = ir.Constant(vector, [ir.Constant(scalar, 0.0)] * width)
-    undef = ir.Constant(vector, ir.Undefined)
-    splat_mask = ir.Constant(ir.VectorType(i32, width), [0] * width)
 
     entry = builder.block
     loop = builder.function.append_basic_block("micro_kernel_loop")
@@ -112,9 +124,7 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
     a_p = a_step_at(p)
     updated = []
     for i in range(MR):
-        a_value = builder.load(builder.gep(a_rows[i], [a_p]))
-        a_splat = builder.shuffle_vector(builder.insert_element(undef, a_value, ir.Constant(i32, 0)), undef,
-                                         splat_mask)
+        a_splat = splat(builder.load(builder.gep(a_rows[i], [a_p])))
         for v in range(NV):
             updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
     p_next = builder.add(p, const(1))
