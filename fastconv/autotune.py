@@ -34,6 +34,9 @@ Robust measurements
     :data:`SLOW_STREAK` calls in a row take more than :data:`SLOW_FACTOR` times the stored median,
     or less than the stored median divided by it, the key is measured again, once per process (a
     choice made under load, or a machine that changed, heals itself instead of being kept forever).
+    "Slower" is relative to the other keys' recent calls (:data:`RECENT_CALLS`): when every layer
+    runs 2-3x its stored time because another process holds a core, that is load, and racing the
+    slow candidates under it would only add to it.
     The second rule catches a choice measured while another process held the cores: then every
     candidate's time is inflated alike (on this 2-core machine, with one busy process beside the
     tuner, RegNet's grouped 3x3 layers measured 7.6-16 ms for every candidate, in steps of the
@@ -84,6 +87,7 @@ Public: ``fastconv.autotune_cache()`` (read-only mapping), ``fastconv.clear_auto
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -134,6 +138,14 @@ MAX_TIMED_ROUNDS = 6
 SLOW_FACTOR = 3.0
 SLOW_STREAK = 3
 SLOW_MIN_MS = 1.0
+#: "Slower than stored" is judged against the machine, not the clock: a call counts as slow only when it is
+#: SLOW_FACTOR x its stored median times more than the other keys' recent calls are slowed (the median of
+#: their time / stored time over the last RECENT_CALLS watched calls, once at least RECENT_MIN_OTHERS of them
+#: are there). Why: with another process busy on the cores every call runs 2-3x its stored time; the absolute
+#: rule re-measured every key of a converted model at once, racing its slow candidates under load (ResNet-18
+#: at batch 8 with a busy neighbour: a forward 469 ms against 143 ms with re-validation off, torch's 91).
+RECENT_CALLS = 32
+RECENT_MIN_OTHERS = 8
 #: Most entries the cache file holds (all fingerprints together); ``$FASTCONV_AUTOTUNE_MAX_ENTRIES``.
 MAX_ENTRIES = 4096
 #: Seconds a writer waits for another process's transaction before giving up on this write.
@@ -583,6 +595,7 @@ def _forget() -> None:
     _memory.clear()
     _touched.clear()
     _watch.clear()
+    _recent.clear()
     _proxies.clear()
     _exploring.clear()
     _memory_path, _full = None, False
@@ -809,6 +822,9 @@ class _Watch:
 
 
 _watch: dict[CacheKey, _Watch] = {}
+#: (key, time / stored time) of the last RECENT_CALLS watched calls, every key's: how much the machine's load
+#: slows calls right now (see RECENT_CALLS).
+_recent: collections.deque = collections.deque(maxlen=RECENT_CALLS)
 _proxies: dict[CacheKey, registry.ConvAlgorithm] = {}
 #: (geometry, pass, threads) -> (result of lookup, cache key, registry generation, cache path): the
 #: per-call fast path, so a tuned call costs a dict lookup instead of listing the candidates again.
@@ -822,7 +838,9 @@ def _observe(key: CacheKey, ms: float) -> None:
     w.calls += 1
     if w.calls == 1:
         return  # the first call of a process pays for loading kernels and first-touch memory
-    if ms > SLOW_FACTOR * w.expected_ms and ms - w.expected_ms > SLOW_MIN_MS:
+    _recent.append((key, ms / w.expected_ms if w.expected_ms > 0 else 1.0))
+    if ms > SLOW_FACTOR * w.expected_ms and ms - w.expected_ms > SLOW_MIN_MS and \
+            ms > SLOW_FACTOR * w.expected_ms * _machine_slowdown(key):
         w.slow, w.fast = w.slow + 1, 0
     elif ms * SLOW_FACTOR < w.expected_ms and w.expected_ms - ms > SLOW_MIN_MS:
         # far faster than measured: the measurement was taken under load (every candidate inflated), so
@@ -832,6 +850,15 @@ def _observe(key: CacheKey, ms: float) -> None:
         w.slow = w.fast = 0
     if w.slow >= SLOW_STREAK or w.fast >= SLOW_STREAK:
         w.stale = True
+
+
+def _machine_slowdown(key: CacheKey) -> float:
+    """How much slower than stored the other keys' recent calls ran (median, at least 1.0; 1.0 until
+    RECENT_MIN_OTHERS of them were seen): a slowdown every key shares is the machine's load, not the choice."""
+    others = sorted(r for k, r in _recent if k != key)
+    if len(others) < RECENT_MIN_OTHERS:
+        return 1.0
+    return max(1.0, others[len(others) // 2])
 
 
 def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> registry.ConvAlgorithm:

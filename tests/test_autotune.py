@@ -917,3 +917,32 @@ def test_autotune_mode_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("FASTCONV_AUTOTUNE_MODE", "fastest")
     with pytest.warns(RuntimeWarning, match="FASTCONV_AUTOTUNE_MODE='fastest' is not one of online, measure"):
         assert autotune._mode_from_env() == "online"
+
+
+def test_slowdown_every_key_shares_is_load_not_a_bad_choice(monkeypatch, measured):
+    # another process on the cores slows every layer alike: the watched key is no slower than the others, so it
+    # is not measured again (racing its slow candidates under that load would only add to it); a key slower than
+    # the others by SLOW_FACTOR still is
+    names = _candidates()
+    x, w = _data()
+    F.conv2d(x, w, padding=1)
+    key = _key()
+    expected = fastconv.autotune_cache()[key].times_ms[fastconv.autotune_cache()[key].algo]
+    slow_ms = autotune.SLOW_FACTOR * expected + autotune.SLOW_MIN_MS + 10
+    others = [("other", i) for i in range(autotune.RECENT_MIN_OTHERS)]
+    for other in others:
+        autotune._recent.append((other, slow_ms / expected))  # every other layer as slowed
+    watch = autotune._watch[key]
+    for _ in range(1 + 3 * autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    assert not watch.stale, "a slowdown all keys share was taken for a slow choice"
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == len(names), "measured again under load"
+    # the other layers back to their stored times: the same slow calls now mark the key
+    for other in others * 4:
+        autotune._recent.append((other, 1.0))
+    for _ in range(autotune.SLOW_STREAK):
+        autotune._observe(key, slow_ms)
+    assert watch.stale, "a key slower than the rest of the machine was not marked for measuring"
+    F.conv2d(x, w, padding=1)
+    assert len(measured) == 2 * len(names)
