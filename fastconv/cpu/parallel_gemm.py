@@ -22,9 +22,9 @@ from numba import prange
 
 from fastconv import config
 
-from . import micro_gemm, parallel
+from . import micro_gemm, parallel, task_queue
 
-__all__ = ["matmul", "PARALLEL_MIN_MACS", "MIN_BLOCK_COLUMNS", "MIN_BLOCK_ROWS"]
+__all__ = ["matmul", "PARALLEL_MIN_MACS", "MIN_BLOCK_COLUMNS", "MIN_BLOCK_ROWS", "TASKS_PER_THREAD"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
@@ -34,14 +34,18 @@ PARALLEL_MIN_MACS = 1_000_000
 #: tile, so only the last block has a narrow edge).
 MIN_BLOCK_COLUMNS = 64
 MIN_BLOCK_ROWS = 32
+#: Tasks per thread a parallel product is cut into (where the minimum blocks allow), claimed one at a time
+#: (:mod:`.task_queue`): a thread that shares its core with another process takes fewer of them.
+TASKS_PER_THREAD = 8
 
 
 @parallel.kernel(always=True, **_JIT)
-def _region(a3, b3, c3, bias, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns):
+def _region(a3, b3, c3, bias, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns, workers,
+            claimed):
     """``c3[s][rows, cols] (+)= a3[s][rows] @ b3[s][:, cols] (+ bias[rows, None])`` for every product ``s`` of the
     stack (``a3`` or ``b3`` with one entry: shared by all) and block, one task per (product, block); with
-    ``summed``, ``c3[0][rows, cols] (+)= sum over s`` instead, one task per block adding the stack's products."""
-    M, N = c3.shape[1], c3.shape[2]
+    ``summed``, ``c3[0][rows, cols] (+)= sum over s`` instead, one task per block adding the stack's products.
+    ``workers`` threads claim the tasks from the counter ``claimed`` (:mod:`.task_queue`)."""
     S = max(a3.shape[0], b3.shape[0])
     blocks = row_blocks * col_blocks
     # (the task count is computed before the loop: a conditional expression inside prange's argument keeps
@@ -49,34 +53,46 @@ def _region(a3, b3, c3, bias, accumulate, summed, row_blocks, col_blocks, block_
     products = S
     if summed:
         products = 1
-    for t in prange(products * blocks):
-        s0 = t // blocks
-        r = (t - s0 * blocks) // col_blocks
-        q = t - s0 * blocks - r * col_blocks
-        i0 = r * block_rows
-        i1 = min(M, i0 + block_rows)
-        j0 = q * block_columns
-        j1 = min(N, j0 + block_columns)
-        if i0 >= i1 or j0 >= j1:
-            continue
-        c = c3[s0, i0:i1, j0:j1]
-        for s in range(s0, S if summed else s0 + 1):
-            a = a3[s if a3.shape[0] > 1 else 0, i0:i1]
-            b = b3[s if b3.shape[0] > 1 else 0, :, j0:j1]
-            beta = 1.0 if accumulate or s > s0 else 0.0
-            if b.strides[1] != b.itemsize and b.strides[0] == b.itemsize:
-                micro_gemm.gemm(a, b.T, c, beta, True)  # a transposed operand: its rows run along the reduction
-            else:
-                micro_gemm.gemm(a, b, c, beta, False)
-        if bias.size:
-            for i in range(i1 - i0):
-                bi = bias[i0 + i]
-                for j in range(j1 - j0):
-                    c[i, j] += bi
+    tasks = products * blocks
+    for _ in prange(workers):
+        while True:
+            t = task_queue.claim(claimed)
+            if t >= tasks:
+                break
+            _task(a3, b3, c3, bias, accumulate, summed, S, col_blocks, block_rows, block_columns, blocks, t)
+
+
+@numba.njit(inline="always", **_JIT)
+def _task(a3, b3, c3, bias, accumulate, summed, S, col_blocks, block_rows, block_columns, blocks, t):
+    """Task ``t`` of :func:`_region`: one block of one product (or of the stack's sum)."""
+    M, N = c3.shape[1], c3.shape[2]
+    s0 = t // blocks
+    r = (t - s0 * blocks) // col_blocks
+    q = t - s0 * blocks - r * col_blocks
+    i0 = r * block_rows
+    i1 = min(M, i0 + block_rows)
+    j0 = q * block_columns
+    j1 = min(N, j0 + block_columns)
+    if i0 >= i1 or j0 >= j1:
+        return
+    c = c3[s0, i0:i1, j0:j1]
+    for s in range(s0, S if summed else s0 + 1):
+        a = a3[s if a3.shape[0] > 1 else 0, i0:i1]
+        b = b3[s if b3.shape[0] > 1 else 0, :, j0:j1]
+        beta = 1.0 if accumulate or s > s0 else 0.0
+        if b.strides[1] != b.itemsize and b.strides[0] == b.itemsize:
+            micro_gemm.gemm(a, b.T, c, beta, True)  # a transposed operand: its rows run along the reduction
+        else:
+            micro_gemm.gemm(a, b, c, beta, False)
+    if bias.size:
+        for i in range(i1 - i0):
+            bi = bias[i0 + i]
+            for j in range(j1 - j0):
+                c[i, j] += bi
 
 
 def _blocks(S: int, M: int, N: int, tasks: int) -> tuple[int, int]:
-    """(row blocks, column blocks) per product: enough that the stack's tasks are a multiple of the threads
+    """(row blocks, column blocks) per product: enough that the stack has ``tasks`` tasks or a multiple of them
     (an idle thread otherwise waits for the last product), none smaller than the minimum block."""
     wanted = tasks // math.gcd(S, tasks)
     col_blocks = max(1, min(wanted, N // MIN_BLOCK_COLUMNS))
@@ -100,8 +116,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, bias: np.ndarray | 
     M, N = c3.shape[1], c3.shape[2]
     K = a3.shape[2]
     parallel_ = S * M * N * K >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
-    tasks = numba.get_num_threads() if parallel_ else 1
-    row_blocks, col_blocks = _blocks(1 if summed else S, M, N, tasks)
+    workers = numba.get_num_threads() if parallel_ else 1
+    row_blocks, col_blocks = _blocks(1 if summed else S, M, N, workers * TASKS_PER_THREAD if parallel_ else 1)
     block_rows = -(-M // row_blocks)
     block_columns = -(-N // col_blocks)
     if row_blocks > 1:
@@ -110,5 +126,6 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, bias: np.ndarray | 
         block_columns = -(-block_columns // 16) * 16
     bias_array = np.empty(0, out.dtype) if bias is None else np.ascontiguousarray(bias, out.dtype)
     kernel = _region.parallel if parallel_ else _region.serial
-    kernel(a3, b3, c3, bias_array, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns)
+    kernel(a3, b3, c3, bias_array, accumulate, summed, row_blocks, col_blocks, block_rows, block_columns, workers,
+           task_queue.counter())
     return out
