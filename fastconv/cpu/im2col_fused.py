@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import jit_gemm, micro_gemm, parallel
+from . import jit_gemm, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
            "takes_gather_grad_weight", "forward_gather", "grad_weight_gather", "gather_workspace_bytes",
@@ -200,11 +200,11 @@ def _gather_offsets(KH, KW, sh, sw, dh, dw, OH, OW, Wb):
 
 @parallel.kernel(always=True, **_JIT)
 def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kparts, colbuf, obuf, y3, box,
-                    tap_off, pos, corners):
+                    tap_off, pos, corners, claimed):
     """The whole forward in one parallel region. The batch's output rows ``g = n*OH + r`` are cut into chunks
-    of ``rpc`` rows (a chunk may span images); jobs are (chunk, part of the output channels), and task ``t`` of
-    ``colbuf.shape[0]`` takes jobs ``t, t + tasks, ...``: it fills the chunk's columns into ``colbuf[t]``, runs
-    ``w2[k0:k1] @ col`` on one thread into ``obuf[t]`` and writes that plus the bias into ``y3``. With
+    of ``rpc`` rows (a chunk may span images); jobs are (chunk, part of the output channels), and each task ``t``
+    of ``colbuf.shape[0]`` claims jobs one at a time (:mod:`.task_queue`): it fills the chunk's columns into
+    ``colbuf[t]``, runs ``w2[k0:k1] @ col`` on one thread into ``obuf[t]`` and writes that plus the bias into ``y3``. With
     ``kparts > 1`` each part of the channels fills the chunk's columns again (used where the weights outweigh
     the columns: reading them once matters more than filling twice). Narrow output rows (``pos`` not empty)
     gather their columns from ``box`` (:func:`_gather_source`), with ``corners[t]`` as the task's scratch."""
@@ -218,7 +218,10 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
     kstep = -(-K // kparts)
     tasks = colbuf.shape[0]
     for t in prange(tasks):
-        for job in range(t, jobs, tasks):
+        while True:
+            job = task_queue.claim(claimed)
+            if job >= jobs:
+                break
             chunk = job // kparts
             kp = job - chunk * kparts
             g0 = chunk * rpc
@@ -271,8 +274,8 @@ MIN_IN_CHANNELS = 1
 
 @parallel.kernel(always=True, **_JIT)
 def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, colbuf, gobuf, acc, box, tap_off,
-                        pos, corners):
-    """The weight gradient in one parallel region: task ``t`` takes chunks ``t, t + tasks, ...`` of ``rpc``
+                        pos, corners, claimed):
+    """The weight gradient in one parallel region: task ``t`` claims chunks of ``rpc``
     output rows of the batch, fills their columns into ``colbuf[t]`` (as the forward does), gathers the output
     gradient's rows into ``gobuf[t]`` (K, Q) and adds ``go @ col^T`` into its own accumulator ``acc[t]`` (K, CK)
     with one single-threaded GEMM; the caller sums the accumulators."""
@@ -285,7 +288,10 @@ def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, col
     nchunks = -(-rows // rpc)
     tasks = colbuf.shape[0]
     for t in prange(tasks):
-        for chunk in range(t, nchunks, tasks):
+        while True:
+            chunk = task_queue.claim(claimed)
+            if chunk >= nchunks:
+                break
             g0 = chunk * rpc
             g1 = min(rows, g0 + rpc)
             Q = (g1 - g0) * OW
@@ -407,14 +413,14 @@ TAPS_CHUNK_BYTES = 256 << 10
 
 
 @parallel.kernel(always=True, **_JIT)
-def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3):
+def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3, claimed):
     """A forward without columns: ``box`` (N, C', Hb, Wb) is the zero-padded input (stride 1) or its phases
     (strided, :func:`_phase_box`: phase ``(a, b)`` of channel ``c`` holds every ``sh``-th row from ``a`` and every
     ``sw``-th column from ``b``, so a strided conv reads each phase at stride 1), and output row ``r`` of image
     ``n`` is ``w2 @ B`` with ``B[(c, kh, kw), ow]`` the box element ``taps[p]`` past the row's first one (for
     stride 1 ``box[n, c, r + kh*dh, ow + kw*dw]``), so :func:`.micro_gemm.gemm_taps` reads it in
     place. A chunk of ``rpc`` rows is one GEMM over ``(rpc - 1)*Wb + OW`` flat positions (the ``Wb - OW``
-    positions between two rows are computed and dropped); task ``t`` takes chunks ``t, t + tasks, ...`` and writes
+    positions between two rows are computed and dropped); task ``t`` claims chunks one at a time and writes
     the valid columns plus the bias into ``y3`` (N, K, OH*OW)."""
     N, C, Hb, Wb = box.shape
     K = w2.shape[0]
@@ -424,7 +430,10 @@ def _forward_taps_region(box, w2, bias, taps, OH, OW, rpc, obuf, y3):
     per_image = -(-OH // rpc)
     tasks = obuf.shape[0]
     for t in prange(tasks):
-        for job in range(t, N * per_image, tasks):
+        while True:
+            job = task_queue.claim(claimed)
+            if job >= N * per_image:
+                break
             n = job // per_image
             r0 = (job - n * per_image) * rpc
             r1 = min(OH, r0 + rpc)
@@ -542,7 +551,7 @@ def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     obuf = np.empty((tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_taps_region.parallel if parallel_ else _forward_taps_region.serial
-    kernel(box, w2, b, taps, out_hw[0], out_hw[1], rpc, obuf, y3)
+    kernel(box, w2, b, taps, out_hw[0], out_hw[1], rpc, obuf, y3, task_queue.counter())
     return y3
 
 
@@ -566,7 +575,7 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
     kernel(x, w2, b, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
-           dilation_hw[1], OH, OW, rpc, kparts, colbuf, obuf, y3, box, tap_off, pos, corners)
+           dilation_hw[1], OH, OW, rpc, kparts, colbuf, obuf, y3, box, tap_off, pos, corners, task_queue.counter())
     return y3
 
 
@@ -587,7 +596,7 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
     kernel(x, go3, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
-           dilation_hw[1], OH, OW, rpc, colbuf, gobuf, acc, box, tap_off, pos, corners)
+           dilation_hw[1], OH, OW, rpc, colbuf, gobuf, acc, box, tap_off, pos, corners, task_queue.counter())
     np.sum(acc, axis=0, out=gw2)
     return gw2
 
@@ -685,10 +694,10 @@ def _gather_chunk(total, per_position_bytes, tasks, cap):
 
 
 @parallel.kernel(always=True, **_JIT)
-def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, chunk, obuf, y3):
+def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, chunk, obuf, y3, claimed):
     """The forward as ``y^T = A @ W^T`` with ``A`` (positions x taps) read from the flat padded input ``bf`` through
-    ``corners`` and ``taps`` (:func:`.micro_gemm.gemm_gather`; ``bp``: the packed ``W^T``). Task ``t`` takes jobs
-    ``t, t + tasks, ...`` of ``chunk`` positions of the batch (``g = n*P + q``, a job may span images) and writes
+    ``corners`` and ``taps`` (:func:`.micro_gemm.gemm_gather`; ``bp``: the packed ``W^T``). Task ``t`` claims jobs
+    (:mod:`.task_queue`) of ``chunk`` positions of the batch (``g = n*P + q``, a job may span images) and writes
     its ``(positions, K)`` result transposed, plus the bias, into ``y3`` (N, K, P)."""
     K = y3.shape[1]
     total = corners.shape[0]
@@ -696,7 +705,10 @@ def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, chunk, obuf
     jobs = -(-total // chunk)
     tasks = obuf.shape[0]
     for t in prange(tasks):
-        for job in range(t, jobs, tasks):
+        while True:
+            job = task_queue.claim(claimed)
+            if job >= jobs:
+                break
             g0 = job * chunk
             g1 = min(total, g0 + chunk)
             o = obuf[t, :(g1 - g0) * K].reshape((g1 - g0, K))
@@ -759,7 +771,7 @@ def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, o
     obuf = np.empty((tasks, chunk * K), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_gather_region.parallel if parallel_ else _forward_gather_region.serial
-    kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, chunk, obuf, y3)
+    kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, chunk, obuf, y3, task_queue.counter())
     return y3
 
 
