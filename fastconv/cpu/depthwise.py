@@ -64,9 +64,10 @@ from __future__ import annotations
 from fastconv import config
 
 import numpy as np
+import numba
 from numba import njit, prange
 
-from . import blas, fir, parallel
+from . import blas, fir, parallel, task_queue
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
@@ -74,6 +75,8 @@ __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight",
 #: Bytes of depthwise output the fused separable path keeps per block (about half of one core's L2
 #: here: 1 MiB L2 per core, and the GEMM also streams its output block through L2).
 FUSED_BLOCK_BYTES = 512 << 10
+#: Chunks of (image, channel) planes per thread in a region, claimed one at a time (:func:`_chunks`).
+CHUNKS_PER_THREAD = 8
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 
@@ -92,8 +95,10 @@ def _flat(a):
 
 
 def _chunks(ntask):
-    """Number of task chunks for a prange: a few per thread, so uneven chunks still balance."""
-    return max(1, min(ntask, 4 * config.sync_threads()))
+    """The chunk plan of a region: ``[counter, chunks]`` (int64), ``ntask`` tasks cut into a few runs per thread
+    that the threads claim one at a time (:mod:`.task_queue`), so uneven chunks, and a thread that shares its
+    core with another process, still balance."""
+    return np.array([0, max(1, min(ntask, CHUNKS_PER_THREAD * config.sync_threads()))], np.int64)
 
 
 def _pairs(n_dst, n_src, k, s, p, d, backward):
@@ -297,7 +302,7 @@ def _fill_kw(x, xb, H, W, sh, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B):
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward2d(x, N, C, H, W, w, KH, KW, bias, m, sh, sw, ph, pw, dw, Hq, kstride, M, blen, flat, offs, shb,
-               y, OH, OW, y_chan0, y_nstride, nchunks):
+               y, OH, OW, y_chan0, y_nstride, chunks):
     """Depthwise 2-D forward at output row pitch ``OW`` (see :func:`_fast2d_layout`): one flat,
     exact, vectorised loop over the whole output plane, written straight into ``y``. With a stride
     in H (``shb == 1 < sh``), the loop computes every padded-input row and the output keeps each
@@ -308,32 +313,38 @@ def _forward2d(x, N, C, H, W, w, KH, KW, bias, m, sh, sw, ph, pw, dw, Hq, kstrid
     Lz = ((OH - 1) * sh + 1) * OW if shb < sh else 1
     ntask = N * C
     zero = np.zeros(1, y.dtype)[0]
-    for chunk in prange(nchunks):
+    nchunks = chunks[1]
+    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    for _ in prange(workers):  # one iteration per thread, which claims chunks
         B = np.zeros(blen, y.dtype)
         Z = np.empty(Lz, y.dtype)
         wts = np.empty(T, y.dtype)
-        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
-            n = task // C
-            c = task - n * C
-            _fill_kw(x, task * H * W, H, W, shb, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B)
-            for j in range(m):
-                k = c * m + j
-                for t in range(T):
-                    wts[t] = w[k * T + t]
-                bv = bias[k]
-                ybase = (n * y_nstride + y_chan0 + k) * P
-                yv = y[ybase:ybase + P]
-                if shb == sh:
-                    _taps(B, offs, wts, T, yv, P, zero)
-                    for i in range(P):
-                        yv[i] += bv
-                else:
-                    _taps(B, offs, wts, T, Z, Lz, zero)
-                    for oh in range(OH):
-                        yr = yv[oh * OW:(oh + 1) * OW]
-                        zr = Z[oh * sh * OW:(oh * sh + 1) * OW]
-                        for ow in range(OW):
-                            yr[ow] = zr[ow] + bv
+        while True:
+            chunk = task_queue.claim(chunks)
+            if chunk >= nchunks:
+                break
+            for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+                n = task // C
+                c = task - n * C
+                _fill_kw(x, task * H * W, H, W, shb, sw, ph, pw, dw, KW, Hq, OW, kstride, M, flat, B)
+                for j in range(m):
+                    k = c * m + j
+                    for t in range(T):
+                        wts[t] = w[k * T + t]
+                    bv = bias[k]
+                    ybase = (n * y_nstride + y_chan0 + k) * P
+                    yv = y[ybase:ybase + P]
+                    if shb == sh:
+                        _taps(B, offs, wts, T, yv, P, zero)
+                        for i in range(P):
+                            yv[i] += bv
+                    else:
+                        _taps(B, offs, wts, T, Z, Lz, zero)
+                        for oh in range(OH):
+                            yr = yv[oh * OW:(oh + 1) * OW]
+                            zr = Z[oh * sh * OW:(oh * sh + 1) * OW]
+                            for ow in range(OW):
+                                yr[ow] = zr[ow] + bv
 
 
 @njit(**_JIT)
@@ -419,7 +430,7 @@ def _grad_weight2d(go, N, K, OH, OW, x, C, H, W, KH, KW, m, sh, sw, ph, pw, dw, 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_input2d_up(go, N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, ph, pw, dw, Hq, kstride, M, blen, flat,
-                     offs, shb, gx, nchunks):
+                     offs, shb, gx, chunks):
     """Strided depthwise 2-D input gradient (multiplier 1) as a stride-1 forward: each output-gradient
     plane is scattered into a thread-local plane ``U`` (``Hu x W``, zero between the strided
     positions, which are never written), which is then correlated with the flipped kernel ``wf``
@@ -430,22 +441,28 @@ def _grad_input2d_up(go, N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, ph, pw, dw,
     T = KH * KW
     ntask = N * C
     zero = np.zeros(1, gx.dtype)[0]
-    for chunk in prange(nchunks):
+    nchunks = chunks[1]
+    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    for _ in prange(workers):  # one iteration per thread, which claims chunks
         B = np.zeros(blen, gx.dtype)
         U = np.zeros(Hu * W, gx.dtype)
         wts = np.empty(T, gx.dtype)
-        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
-            c = task % C
-            g = go[task * OH * OW:(task + 1) * OH * OW]
-            for oh in range(OH):
-                ur = U[oh * sh * W:oh * sh * W + (OW - 1) * sw + 1]
-                gr = g[oh * OW:(oh + 1) * OW]
-                for ow in range(OW):
-                    ur[ow * sw] = gr[ow]
-            _fill_kw(U, 0, Hu, W, 1, 1, ph, pw, dw, KW, Hq, W, kstride, M, flat, B)
-            for t in range(T):
-                wts[t] = wf[c * T + t]
-            _taps(B, offs, wts, T, gx[task * P:(task + 1) * P], P, zero)
+        while True:
+            chunk = task_queue.claim(chunks)
+            if chunk >= nchunks:
+                break
+            for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+                c = task % C
+                g = go[task * OH * OW:(task + 1) * OH * OW]
+                for oh in range(OH):
+                    ur = U[oh * sh * W:oh * sh * W + (OW - 1) * sw + 1]
+                    gr = g[oh * OW:(oh + 1) * OW]
+                    for ow in range(OW):
+                        ur[ow * sw] = gr[ow]
+                _fill_kw(U, 0, Hu, W, 1, 1, ph, pw, dw, KW, Hq, W, kstride, M, flat, B)
+                for t in range(T):
+                    wts[t] = wf[c * T + t]
+                _taps(B, offs, wts, T, gx[task * P:(task + 1) * P], P, zero)
 
 
 def _fast2d_layout(in_hw, out_hw, kernel, stride, padding, dilation, split_h=True):
@@ -491,7 +508,7 @@ def _fast2d_layout(in_hw, out_hw, kernel, stride, padding, dilation, split_h=Tru
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub, toff,
-             dstart, dtap, dsrc, y, OD, OH, OW, y_chan0, y_nstride, nchunks):
+             dstart, dtap, dsrc, y, OD, OH, OW, y_chan0, y_nstride, chunks):
     """Depthwise forward. x (N, C, D, H, W) flat; w (C*m, KD, KH*KW) flat; bias (C*m,).
 
     Output channel ``k`` of image ``n`` goes to plane ``n * y_nstride + y_chan0 + k`` of ``y``
@@ -502,40 +519,46 @@ def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub,
     L = OH * Wq
     ntask = N * C
     zero = np.zeros(1, y.dtype)[0]
-    for chunk in prange(nchunks):
+    nchunks = chunks[1]
+    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    for _ in prange(workers):  # one iteration per thread, which claims chunks
         # + Wq slack: the dropped columns of the last row read up to Lw < Wq past the sub-plane.
         buf = np.zeros(D * plane + Wq, y.dtype)
         obuf = np.empty(L, y.dtype)
         offs = np.empty(KD * KHW, np.int64)
         wts = np.empty(KD * KHW, y.dtype)
-        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
-            n = task // C
-            c = task - n * C
-            _fill_plane(x, task * D * H * W, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, False)
-            for j in range(m):
-                k = c * m + j
-                bv = bias[k]
-                for od in range(OD):
-                    T = 0
-                    for p in range(dstart[od], dstart[od + 1]):
-                        kd = dtap[p]
-                        base = dsrc[p] * plane
-                        for t in range(KHW):
-                            offs[T] = base + toff[t]
-                            wts[T] = w[(k * KD + kd) * KHW + t]
-                            T += 1
-                    _taps(buf, offs, wts, T, obuf, L, zero)
-                    ybase = ((n * y_nstride + y_chan0 + k) * OD + od) * OH * OW
-                    for oh in range(OH):
-                        yrow = y[ybase + oh * OW:ybase + (oh + 1) * OW]
-                        orow = obuf[oh * Wq:oh * Wq + OW]
-                        for ow in range(OW):
-                            yrow[ow] = orow[ow] + bv
+        while True:
+            chunk = task_queue.claim(chunks)
+            if chunk >= nchunks:
+                break
+            for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+                n = task // C
+                c = task - n * C
+                _fill_plane(x, task * D * H * W, D, H, W, sh, sw, ph, pw, Hq, Wq, sub, buf, zero, False)
+                for j in range(m):
+                    k = c * m + j
+                    bv = bias[k]
+                    for od in range(OD):
+                        T = 0
+                        for p in range(dstart[od], dstart[od + 1]):
+                            kd = dtap[p]
+                            base = dsrc[p] * plane
+                            for t in range(KHW):
+                                offs[T] = base + toff[t]
+                                wts[T] = w[(k * KD + kd) * KHW + t]
+                                T += 1
+                        _taps(buf, offs, wts, T, obuf, L, zero)
+                        ybase = ((n * y_nstride + y_chan0 + k) * OD + od) * OH * OW
+                        for oh in range(OH):
+                            yrow = y[ybase + oh * OW:ybase + (oh + 1) * OW]
+                            orow = obuf[oh * Wq:oh * Wq + OW]
+                            for ow in range(OW):
+                                yrow[ow] = orow[ow] + bv
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h, q0w, Qh, Wg,
-                dstart, dtap, dsrc, tkhw, toff, pstart, gx, C, D, H, W, nchunks):
+                dstart, dtap, dsrc, tkhw, toff, pstart, gx, C, D, H, W, chunks):
     """Depthwise input gradient, gathered per stride phase. go (N, C*m, OD, OH, OW) -> gx (N, C, D, H, W),
     all flat; w (C*m, KD, KH*KW) flat.
 
@@ -551,74 +574,80 @@ def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h
     nph = sh * sw
     ntask = N * C
     zero = np.zeros(1, gx.dtype)[0]
-    for chunk in prange(nchunks):
+    nchunks = chunks[1]
+    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    for _ in prange(workers):  # one iteration per thread, which claims chunks
         G = np.zeros(m * OD * Gs + Lw + 1, gx.dtype)
         S = np.empty(Sn, gx.dtype)
         ntap = m * KD * KHW
         offs = np.empty(ntap, np.int64)
         wts = np.empty(ntap, gx.dtype)
-        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
-            n = task // C
-            c = task - n * C
-            for j in range(m):
-                for od in range(OD):
-                    gsrc = ((n * K + c * m + j) * OD + od) * OH * OW
-                    base = (j * OD + od) * Gs
-                    for g in range(Gr):
-                        r0 = base + g * Wg
-                        oh = g + q0h - Lh
-                        if oh < 0 or oh >= OH:
-                            for gc in range(Wg):
+        while True:
+            chunk = task_queue.claim(chunks)
+            if chunk >= nchunks:
+                break
+            for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+                n = task // C
+                c = task - n * C
+                for j in range(m):
+                    for od in range(OD):
+                        gsrc = ((n * K + c * m + j) * OD + od) * OH * OW
+                        base = (j * OD + od) * Gs
+                        for g in range(Gr):
+                            r0 = base + g * Wg
+                            oh = g + q0h - Lh
+                            if oh < 0 or oh >= OH:
+                                for gc in range(Wg):
+                                    G[r0 + gc] = zero
+                                continue
+                            srow = gsrc + oh * OW
+                            # columns gc map to ow = gc + q0w - Lw; zero outside [0, OW)
+                            lo = min(Wg, max(0, Lw - q0w))
+                            hi = max(lo, min(Wg, OW + Lw - q0w))
+                            for gc in range(lo):
                                 G[r0 + gc] = zero
-                            continue
-                        srow = gsrc + oh * OW
-                        # columns gc map to ow = gc + q0w - Lw; zero outside [0, OW)
-                        lo = min(Wg, max(0, Lw - q0w))
-                        hi = max(lo, min(Wg, OW + Lw - q0w))
-                        for gc in range(lo):
-                            G[r0 + gc] = zero
-                        shift = srow + q0w - Lw
-                        gdst = G[r0 + lo:r0 + hi]
-                        gsrc_ = go[shift + lo:shift + hi]
-                        for gc in range(hi - lo):
-                            gdst[gc] = gsrc_[gc]
-                        for gc in range(hi, Wg):
-                            G[r0 + gc] = zero
-            for id_ in range(D):
-                for P in range(nph):
-                    T = 0
-                    for j in range(m):
-                        k = c * m + j
-                        for p in range(dstart[id_], dstart[id_ + 1]):
-                            kd = dtap[p]
-                            base = (j * OD + dsrc[p]) * Gs
-                            for t in range(pstart[P], pstart[P + 1]):
-                                offs[T] = base + toff[t]
-                                wts[T] = w[(k * KD + kd) * KHW + tkhw[t]]
-                                T += 1
-                    _taps(G, offs, wts, T, S, Sn, zero)
-                    a = P // sw
-                    b = P - a * sw
-                    # un-phase: input (ih, iw) of this phase is S[(ih+ph)//sh - q0h, (iw+pw)//sw - q0w]
-                    ih0 = (a - ph) % sh
-                    iw0 = (b - pw) % sw
-                    gbase = ((n * C + c) * D + id_) * H * W
-                    for ih in range(ih0, H, sh):
-                        srow = ((ih + ph) // sh - q0h) * Wg
-                        grow = gbase + ih * W
-                        if sw == 1:
-                            s0 = srow + pw - q0w
-                            gdst = gx[grow:grow + W]
-                            ssrc = S[s0:s0 + W]
-                            for iw in range(W):
-                                gdst[iw] = ssrc[iw]
-                        elif W > iw0:
-                            cnt = (W - iw0 + sw - 1) // sw
-                            s0 = srow + (iw0 + pw) // sw - q0w
-                            gdst = gx[grow + iw0:grow + W:sw]
-                            ssrc = S[s0:s0 + cnt]
-                            for t in range(cnt):
-                                gdst[t] = ssrc[t]
+                            shift = srow + q0w - Lw
+                            gdst = G[r0 + lo:r0 + hi]
+                            gsrc_ = go[shift + lo:shift + hi]
+                            for gc in range(hi - lo):
+                                gdst[gc] = gsrc_[gc]
+                            for gc in range(hi, Wg):
+                                G[r0 + gc] = zero
+                for id_ in range(D):
+                    for P in range(nph):
+                        T = 0
+                        for j in range(m):
+                            k = c * m + j
+                            for p in range(dstart[id_], dstart[id_ + 1]):
+                                kd = dtap[p]
+                                base = (j * OD + dsrc[p]) * Gs
+                                for t in range(pstart[P], pstart[P + 1]):
+                                    offs[T] = base + toff[t]
+                                    wts[T] = w[(k * KD + kd) * KHW + tkhw[t]]
+                                    T += 1
+                        _taps(G, offs, wts, T, S, Sn, zero)
+                        a = P // sw
+                        b = P - a * sw
+                        # un-phase: input (ih, iw) of this phase is S[(ih+ph)//sh - q0h, (iw+pw)//sw - q0w]
+                        ih0 = (a - ph) % sh
+                        iw0 = (b - pw) % sw
+                        gbase = ((n * C + c) * D + id_) * H * W
+                        for ih in range(ih0, H, sh):
+                            srow = ((ih + ph) // sh - q0h) * Wg
+                            grow = gbase + ih * W
+                            if sw == 1:
+                                s0 = srow + pw - q0w
+                                gdst = gx[grow:grow + W]
+                                ssrc = S[s0:s0 + W]
+                                for iw in range(W):
+                                    gdst[iw] = ssrc[iw]
+                            elif W > iw0:
+                                cnt = (W - iw0 + sw - 1) // sw
+                                s0 = srow + (iw0 + pw) // sw - q0w
+                                gdst = gx[grow + iw0:grow + W:sw]
+                                ssrc = S[s0:s0 + cnt]
+                                for t in range(cnt):
+                                    gdst[t] = ssrc[t]
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
@@ -753,7 +782,7 @@ def _rows2_cb(Xp, Wr, Br, toff, T, R, b0, b1, y0, y1):
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW, y, y_chan0, y_nstride,
-                  nchunks, uh=1, uw=1):
+                  chunks, uh=1, uw=1):
     """Depthwise 2-D forward, multiplier 1, channel-blocked (see the section comment above).
 
     x (N, C, H, W) flat; w (C, KH*KW) flat; bias (C,); output channel ``c`` of image ``n`` goes to
@@ -771,7 +800,9 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
     HW = H * W
     ntask = N * nb
     ihi = min(H, Hp - ph)
-    for chunk in prange(nchunks):
+    nchunks = chunks[1]
+    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    for _ in prange(workers):  # one iteration per thread, which claims chunks
         # never-written positions are the zero padding; lanes past the last block's channels hold
         # stale (finite) values whose outputs are never stored
         Xp = np.zeros(Hp * sw * Wq * _CB, y.dtype)
@@ -785,127 +816,131 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                 a = kw * dw
                 toff[kh * KW + kw] = ((kh * dh * sw + a % sw) * Wq + a // sw) * _CB
         last = -1
-        for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
-            cbi = task // N
-            n = task - cbi * N
-            c0 = cbi * _CB
-            cnt = min(_CB, C - c0)
-            if cbi != last:
-                # transpose the block's weights once (T x _CB), then tile each tap's vector along the
-                # row with contiguous copies (element-wise strided stores cost more than the taps at N=1)
-                last = cbi
-                for v in range(cnt):
-                    wsrc = w[(c0 + v) * T:(c0 + v + 1) * T]
+        while True:
+            chunk = task_queue.claim(chunks)
+            if chunk >= nchunks:
+                break
+            for task in range(chunk * ntask // nchunks, (chunk + 1) * ntask // nchunks):
+                cbi = task // N
+                n = task - cbi * N
+                c0 = cbi * _CB
+                cnt = min(_CB, C - c0)
+                if cbi != last:
+                    # transpose the block's weights once (T x _CB), then tile each tap's vector along the
+                    # row with contiguous copies (element-wise strided stores cost more than the taps at N=1)
+                    last = cbi
+                    for v in range(cnt):
+                        wsrc = w[(c0 + v) * T:(c0 + v + 1) * T]
+                        for t in range(T):
+                            Wt[t * _CB + v] = wsrc[t]
+                        Wt[T * _CB + v] = bias[c0 + v]
                     for t in range(T):
-                        Wt[t * _CB + v] = wsrc[t]
-                    Wt[T * _CB + v] = bias[c0 + v]
-                for t in range(T):
-                    wv = Wt[t * _CB:(t + 1) * _CB]
+                        wv = Wt[t * _CB:(t + 1) * _CB]
+                        for ow in range(OW):
+                            wrow = Wr[t * R + ow * _CB:t * R + (ow + 1) * _CB]
+                            for v in range(_CB):
+                                wrow[v] = wv[v]
+                    bvs = Wt[T * _CB:(T + 1) * _CB]
                     for ow in range(OW):
-                        wrow = Wr[t * R + ow * _CB:t * R + (ow + 1) * _CB]
+                        brow = Br[ow * _CB:(ow + 1) * _CB]
                         for v in range(_CB):
-                            wrow[v] = wv[v]
-                bvs = Wt[T * _CB:(T + 1) * _CB]
-                for ow in range(OW):
-                    brow = Br[ow * _CB:(ow + 1) * _CB]
-                    for v in range(_CB):
-                        brow[v] = bvs[v]
-            # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
-            # writes contiguously (reads gather across planes)
-            if uh * uw > 1:
-                # spread input: positions between the written ones keep the buffer's zeros
-                ncol = min(W, (Wq - pw + uw - 1) // uw)
-                for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
-                    _pack_cb(x, (n * C + c0) * HW + ih * W, HW, cnt, 1, ncol, 0, 1,
-                             Xp[((ih * uh + ph) * Wq + pw) * _CB:], 0, uw * _CB)
-            else:
-                for ih in range(ihi):
-                    hp = ih + ph
-                    for b in range(sw):
-                        qlo = (pw - b + sw - 1) // sw if pw > b else 0
-                        qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
-                        if qhi > qlo:
-                            _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0,
-                                     sw, Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
-            rs = sh * sw * Wq * _CB
-            oh = 0
-            while oh < OH:
-                yr = Y[oh * R:(oh + 1) * R]
-                base = oh * rs
-                if oh + 1 < OH and KW == 7:
-                    # two output rows per pass share each weight load (the pass is load-bound)
-                    _rows2_cb(Xp, Wr, Br, toff, T, R, base, base + rs, yr, Y[(oh + 1) * R:(oh + 2) * R])
-                    oh += 2
-                    continue
-                oh += 1
-                if T == 9:
-                    o0, o1, o2 = base + toff[0], base + toff[1], base + toff[2]
-                    o3, o4, o5 = base + toff[3], base + toff[4], base + toff[5]
-                    o6, o7, o8 = base + toff[6], base + toff[7], base + toff[8]
-                    x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
-                    x3, x4, x5 = Xp[o3:o3 + R], Xp[o4:o4 + R], Xp[o5:o5 + R]
-                    x6, x7, x8 = Xp[o6:o6 + R], Xp[o7:o7 + R], Xp[o8:o8 + R]
-                    w0, w1, w2 = Wr[0:R], Wr[R:2 * R], Wr[2 * R:3 * R]
-                    w3, w4, w5 = Wr[3 * R:4 * R], Wr[4 * R:5 * R], Wr[5 * R:6 * R]
-                    w6, w7, w8 = Wr[6 * R:7 * R], Wr[7 * R:8 * R], Wr[8 * R:9 * R]
-                    for i in range(R):
-                        yr[i] = (Br[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                                 + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i] + w7[i] * x7[i]
-                                 + w8[i] * x8[i])
-                    continue
-                for i in range(R):
-                    yr[i] = Br[i]
-                t = 0
-                if KW == 7:
-                    # one kernel row per pass: 15 loads and a store for 7 multiply-adds
-                    while t + 7 <= T:
-                        o0, o1, o2, o3 = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
-                        o4, o5, o6 = base + toff[t + 4], base + toff[t + 5], base + toff[t + 6]
-                        x0, x1, x2, x3 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R], Xp[o3:o3 + R]
-                        x4, x5, x6 = Xp[o4:o4 + R], Xp[o5:o5 + R], Xp[o6:o6 + R]
-                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-                        w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
-                        w6 = Wr[(t + 6) * R:(t + 7) * R]
-                        for i in range(R):
-                            yr[i] += (w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                                      + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i])
-                        t += 7
-                elif KW == 5:
-                    while t + 5 <= T:
-                        o0, o1, o2 = base + toff[t], base + toff[t + 1], base + toff[t + 2]
-                        o3, o4 = base + toff[t + 3], base + toff[t + 4]
+                            brow[v] = bvs[v]
+                # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
+                # writes contiguously (reads gather across planes)
+                if uh * uw > 1:
+                    # spread input: positions between the written ones keep the buffer's zeros
+                    ncol = min(W, (Wq - pw + uw - 1) // uw)
+                    for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
+                        _pack_cb(x, (n * C + c0) * HW + ih * W, HW, cnt, 1, ncol, 0, 1,
+                                 Xp[((ih * uh + ph) * Wq + pw) * _CB:], 0, uw * _CB)
+                else:
+                    for ih in range(ihi):
+                        hp = ih + ph
+                        for b in range(sw):
+                            qlo = (pw - b + sw - 1) // sw if pw > b else 0
+                            qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+                            if qhi > qlo:
+                                _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0,
+                                         sw, Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
+                rs = sh * sw * Wq * _CB
+                oh = 0
+                while oh < OH:
+                    yr = Y[oh * R:(oh + 1) * R]
+                    base = oh * rs
+                    if oh + 1 < OH and KW == 7:
+                        # two output rows per pass share each weight load (the pass is load-bound)
+                        _rows2_cb(Xp, Wr, Br, toff, T, R, base, base + rs, yr, Y[(oh + 1) * R:(oh + 2) * R])
+                        oh += 2
+                        continue
+                    oh += 1
+                    if T == 9:
+                        o0, o1, o2 = base + toff[0], base + toff[1], base + toff[2]
+                        o3, o4, o5 = base + toff[3], base + toff[4], base + toff[5]
+                        o6, o7, o8 = base + toff[6], base + toff[7], base + toff[8]
                         x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
-                        x3, x4 = Xp[o3:o3 + R], Xp[o4:o4 + R]
-                        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-                        w4 = Wr[(t + 4) * R:(t + 5) * R]
+                        x3, x4, x5 = Xp[o3:o3 + R], Xp[o4:o4 + R], Xp[o5:o5 + R]
+                        x6, x7, x8 = Xp[o6:o6 + R], Xp[o7:o7 + R], Xp[o8:o8 + R]
+                        w0, w1, w2 = Wr[0:R], Wr[R:2 * R], Wr[2 * R:3 * R]
+                        w3, w4, w5 = Wr[3 * R:4 * R], Wr[4 * R:5 * R], Wr[5 * R:6 * R]
+                        w6, w7, w8 = Wr[6 * R:7 * R], Wr[7 * R:8 * R], Wr[8 * R:9 * R]
                         for i in range(R):
-                            yr[i] += w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i] + w4[i] * x4[i]
-                        t += 5
-                while t + 4 <= T:
-                    oa, ob, oc, od = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
-                    xa, xb, xc, xd_ = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R], Xp[od:od + R]
-                    wa, wb = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                    wc, wd = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                            yr[i] = (Br[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
+                                     + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i] + w7[i] * x7[i]
+                                     + w8[i] * x8[i])
+                        continue
                     for i in range(R):
-                        yr[i] += wa[i] * xa[i] + wb[i] * xb[i] + wc[i] * xc[i] + wd[i] * xd_[i]
-                    t += 4
-                while t < T:
-                    oa = base + toff[t]
-                    xa = Xp[oa:oa + R]
-                    wa = Wr[t * R:(t + 1) * R]
-                    for i in range(R):
-                        yr[i] += wa[i] * xa[i]
-                    t += 1
-            # unpack plane by plane: Y (at most 64 positions x _CB) stays in L1, and two slices per
-            # plane instead of two per output row (slices cost reference counting)
-            for v in range(cnt):
-                yb = (n * y_nstride + y_chan0 + c0 + v) * P
-                yo = y[yb:yb + P]
-                ys = Y[v:]
-                for i in range(P):
-                    yo[i] = ys[i * _CB]
+                        yr[i] = Br[i]
+                    t = 0
+                    if KW == 7:
+                        # one kernel row per pass: 15 loads and a store for 7 multiply-adds
+                        while t + 7 <= T:
+                            o0, o1, o2, o3 = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
+                            o4, o5, o6 = base + toff[t + 4], base + toff[t + 5], base + toff[t + 6]
+                            x0, x1, x2, x3 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R], Xp[o3:o3 + R]
+                            x4, x5, x6 = Xp[o4:o4 + R], Xp[o5:o5 + R], Xp[o6:o6 + R]
+                            w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                            w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                            w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
+                            w6 = Wr[(t + 6) * R:(t + 7) * R]
+                            for i in range(R):
+                                yr[i] += (w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
+                                          + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i])
+                            t += 7
+                    elif KW == 5:
+                        while t + 5 <= T:
+                            o0, o1, o2 = base + toff[t], base + toff[t + 1], base + toff[t + 2]
+                            o3, o4 = base + toff[t + 3], base + toff[t + 4]
+                            x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
+                            x3, x4 = Xp[o3:o3 + R], Xp[o4:o4 + R]
+                            w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                            w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                            w4 = Wr[(t + 4) * R:(t + 5) * R]
+                            for i in range(R):
+                                yr[i] += w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i] + w4[i] * x4[i]
+                            t += 5
+                    while t + 4 <= T:
+                        oa, ob, oc, od = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
+                        xa, xb, xc, xd_ = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R], Xp[od:od + R]
+                        wa, wb = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
+                        wc, wd = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
+                        for i in range(R):
+                            yr[i] += wa[i] * xa[i] + wb[i] * xb[i] + wc[i] * xc[i] + wd[i] * xd_[i]
+                        t += 4
+                    while t < T:
+                        oa = base + toff[t]
+                        xa = Xp[oa:oa + R]
+                        wa = Wr[t * R:(t + 1) * R]
+                        for i in range(R):
+                            yr[i] += wa[i] * xa[i]
+                        t += 1
+                # unpack plane by plane: Y (at most 64 positions x _CB) stays in L1, and two slices per
+                # plane instead of two per output row (slices cost reference counting)
+                for v in range(cnt):
+                    yb = (n * y_nstride + y_chan0 + c0 + v) * P
+                    yo = y[yb:yb + P]
+                    ys = Y[v:]
+                    for i in range(P):
+                        yo[i] = ys[i * _CB]
 
 
 @njit(**_JIT)

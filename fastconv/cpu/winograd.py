@@ -52,7 +52,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import blas, jit_gemm, parallel
+from . import blas, jit_gemm, parallel, task_queue
 from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
 
 __all__ = [
@@ -368,9 +368,9 @@ def _output_transform(M, AT, a, bias, m, OH, OW, TH, TW, Q, r0, r1, y, bad):
 
 
 @parallel.kernel(always=True, **_JIT)
-def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rpc, G, y, bad, vbuf, mbuf):
-    """The whole forward in one parallel region: task ``t`` of ``bad.shape[0]`` takes the chunks ``t``,
-    ``t + tasks``, ... of ``rpc`` tile rows and runs all three stages on each (input transform, the
+def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rpc, G, y, bad, vbuf, mbuf, claimed):
+    """The whole forward in one parallel region: each task ``t`` of ``bad.shape[0]`` claims chunks of ``rpc``
+    tile rows one at a time (:mod:`.task_queue`) and runs all three stages on each (input transform, the
     ``a*a*G`` GEMMs, one single-threaded BLAS call each, output transform) in its own buffers.
 
     Why: per chunk, the stage-by-stage path parallelises each stage over channels, three parallel regions
@@ -388,7 +388,10 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
     tasks = bad.shape[0]
     nchunks = -(-rows // rpc)
     for t in prange(tasks):
-        for ci in range(t, nchunks, tasks):
+        while True:
+            ci = task_queue.claim(claimed)
+            if ci >= nchunks:
+                break
             r0 = ci * rpc
             r1 = min(rows, r0 + rpc)
             T = (r1 - r0) * TW
@@ -401,7 +404,7 @@ def _fused_forward(x, U, BT, AT, a, bias, m, pad_h, pad_w, OH, OW, TH, TW, Q, rp
 
 
 @parallel.kernel(always=True, **_JIT)
-def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, accs, vbuf, gbuf):
+def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, accs, vbuf, gbuf, claimed):
     """The weight gradient's tile stage in one parallel region, as :func:`_fused_forward`: task ``t``
     transforms its chunks of ``x`` (``B^T``) and ``go`` (``G_m``) and adds their GEMMs into ``accs[t]``.
 
@@ -414,7 +417,10 @@ def _fused_grad_weight(x, go, BT, Gm, a, m, pad_h, pad_w, TH, TW, Q, rpc, G, acc
     tasks = accs.shape[0]
     nchunks = -(-rows // rpc)
     for t in prange(tasks):
-        for ci in range(t, nchunks, tasks):
+        while True:
+            ci = task_queue.claim(claimed)
+            if ci >= nchunks:
+                break
             r0 = ci * rpc
             r1 = min(rows, r0 + rpc)
             T = (r1 - r0) * TW
@@ -647,7 +653,7 @@ def _plan(per_row_bytes, total_rows, slots_per_row, threads=None):
     """How a pass runs its tile rows: ``(fused, tasks, rows_per_chunk)``.
 
     ``fused``: one parallel region (:func:`_fused_forward`, :func:`_fused_grad_weight`) with ``tasks``
-    threads, each taking chunks of ``rows_per_chunk`` tile rows in turn; chosen where every thread gets
+    threads, each claiming chunks of ``rows_per_chunk`` tile rows; chosen where every thread gets
     full-width chunks (at least :data:`MIN_GEMM_TILES` tiles, within its share of
     :data:`WORKSPACE_BYTES`), the chunk count rounded up to whole rounds over the threads. Otherwise
     (small problems; or no GEMM callable from Numba code, see :data:`GEMM_MODE`) stage by stage, each
@@ -695,7 +701,7 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m, flipped=False):
         bad = np.zeros((tasks, K), dt)
         with _one_thread_blas():
             _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
-                           TH, TW, Q, rpc, G, y, bad, vbuf, mbuf)
+                           TH, TW, Q, rpc, G, y, bad, vbuf, mbuf, task_queue.counter())
         return y, bool(np.isfinite(bad).all())
     vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
     mbuf = _scratch("M", (a * a * K * TW * rpc,), dt)
@@ -803,7 +809,7 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
         accs.fill(0)
         with _one_thread_blas():
             _fused_grad_weight(xx, go, mats["BT"], mats["Gm"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q,
-                               rpc, G, accs, vbuf, gbuf)
+                               rpc, G, accs, vbuf, gbuf, task_queue.counter())
         acc = accs[0] if tasks == 1 else accs.sum(axis=0)
     else:
         vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
