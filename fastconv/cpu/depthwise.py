@@ -64,7 +64,6 @@ from __future__ import annotations
 from fastconv import config
 
 import numpy as np
-import numba
 from numba import njit, prange
 
 from . import blas, fir, parallel, task_queue
@@ -95,10 +94,13 @@ def _flat(a):
 
 
 def _chunks(ntask):
-    """The chunk plan of a region: ``[counter, chunks]`` (int64), ``ntask`` tasks cut into a few runs per thread
-    that the threads claim one at a time (:mod:`.task_queue`), so uneven chunks, and a thread that shares its
-    core with another process, still balance."""
-    return np.array([0, max(1, min(ntask, CHUNKS_PER_THREAD * config.sync_threads()))], np.int64)
+    """The chunk plan of a region: ``[counter, chunks, workers]`` (int64): ``ntask`` tasks cut into a few runs
+    per thread, which ``workers`` threads claim one at a time (:mod:`.task_queue`), so uneven chunks, and a
+    thread that shares its core with another process, still balance. (The thread count is read here, not in
+    the kernel: ``numba.get_num_threads()`` inside a kernel keeps Numba from caching it.)"""
+    threads = config.sync_threads()
+    chunks = max(1, min(ntask, CHUNKS_PER_THREAD * threads))
+    return np.array([0, chunks, min(chunks, threads)], np.int64)
 
 
 def _pairs(n_dst, n_src, k, s, p, d, backward):
@@ -314,7 +316,7 @@ def _forward2d(x, N, C, H, W, w, KH, KW, bias, m, sh, sw, ph, pw, dw, Hq, kstrid
     ntask = N * C
     zero = np.zeros(1, y.dtype)[0]
     nchunks = chunks[1]
-    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    workers = chunks[2]
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         B = np.zeros(blen, y.dtype)
         Z = np.empty(Lz, y.dtype)
@@ -442,7 +444,7 @@ def _grad_input2d_up(go, N, C, OH, OW, wf, KH, KW, sh, sw, H, W, Hu, ph, pw, dw,
     ntask = N * C
     zero = np.zeros(1, gx.dtype)[0]
     nchunks = chunks[1]
-    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    workers = chunks[2]
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         B = np.zeros(blen, gx.dtype)
         U = np.zeros(Hu * W, gx.dtype)
@@ -520,7 +522,7 @@ def _forward(x, N, C, D, H, W, w, KD, KHW, bias, m, sh, sw, ph, pw, Hq, Wq, sub,
     ntask = N * C
     zero = np.zeros(1, y.dtype)[0]
     nchunks = chunks[1]
-    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    workers = chunks[2]
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         # + Wq slack: the dropped columns of the last row read up to Lw < Wq past the sub-plane.
         buf = np.zeros(D * plane + Wq, y.dtype)
@@ -575,7 +577,7 @@ def _grad_input(go, N, K, OD, OH, OW, w, KD, KHW, m, sh, sw, ph, pw, Lh, Lw, q0h
     ntask = N * C
     zero = np.zeros(1, gx.dtype)[0]
     nchunks = chunks[1]
-    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    workers = chunks[2]
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         G = np.zeros(m * OD * Gs + Lw + 1, gx.dtype)
         S = np.empty(Sn, gx.dtype)
@@ -801,7 +803,7 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
     ntask = N * nb
     ihi = min(H, Hp - ph)
     nchunks = chunks[1]
-    workers = min(nchunks, numba.get_num_threads())  # (outside prange's argument: see parallel_gemm)
+    workers = chunks[2]
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         # never-written positions are the zero padding; lanes past the last block's channels hold
         # stale (finite) values whose outputs are never stored
