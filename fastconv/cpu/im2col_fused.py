@@ -204,10 +204,11 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
     """The whole forward in one parallel region. The batch's output rows ``g = n*OH + r`` are cut into chunks
     of ``rpc`` rows (a chunk may span images); jobs are (chunk, part of the output channels), and each task ``t``
     of ``colbuf.shape[0]`` claims jobs one at a time (:mod:`.task_queue`): it fills the chunk's columns into
-    ``colbuf[t]``, runs ``w2[k0:k1] @ col`` on one thread into ``obuf[t]`` and writes that plus the bias into ``y3``. With
-    ``kparts > 1`` each part of the channels fills the chunk's columns again (used where the weights outweigh
-    the columns: reading them once matters more than filling twice). Narrow output rows (``pos`` not empty)
-    gather their columns from ``box`` (:func:`_gather_source`), with ``corners[t]`` as the task's scratch."""
+    ``colbuf[t]``, runs ``w2[k0:k1] @ col`` on one thread into ``obuf[t]`` and writes that plus the bias into
+    ``y3``. With ``kparts > 1`` each part of the channels fills the chunk's columns again (used where the
+    weights outweigh the columns: reading them once matters more than filling twice). Narrow output rows (``pos``
+    not empty) gather their columns from ``box`` (:func:`_gather_source`), with ``corners[t]`` as the task's
+    scratch."""
     N = x.shape[0]
     K, CK = w2.shape
     P = y3.shape[2]
