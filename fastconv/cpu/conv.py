@@ -34,7 +34,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, im2col_fused, parallel
+from . import blas, im2col_fused, memory, parallel
 
 __all__ = [
     "direct_forward", "direct_grad_input", "direct_grad_weight",
@@ -929,7 +929,7 @@ def _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx):
     dh, dw = dilation[1], dilation[2]
     wq = OW + (KW - 1) * dw
     Hp = OH + (KH - 1) * dh
-    gxp = np.zeros((N, Cg * G, Hp * wq + (KW - 1) * dw), go.dtype)
+    gxp = memory.zeros((N, Cg * G, Hp * wq + (KW - 1) * dw), go.dtype)
     ck = Cg * KH * KW
     ckt = G * ck
     w3T = w.reshape(G, Kg, ck).transpose(0, 2, 1)
@@ -1049,7 +1049,7 @@ def direct_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     _, C, D, H, W = x.shape
     G = int(groups)
     KD, KH, KW = kernel_spatial
-    gw = np.zeros((K, C // G) + kernel_spatial, go.dtype)
+    gw = memory.zeros((K, C // G) + kernel_spatial, go.dtype)
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
     xq, wq, offs = _phase_split(x, KW, stride[2], padding[2], dilation[2], OW)
@@ -1212,7 +1212,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
         return _grad_input_wide(go, w, G, padding, dilation, in_spatial, gx)
     sw, pw, dw = stride[2], padding[2], dilation[2]
     wq, offs = _row_layout(KW, sw, pw, dw, OW)
-    gxq = np.zeros((N, C, D, H, sw * wq), go.dtype)
+    gxq = memory.zeros((N, C, D, H, sw * wq), go.dtype)
     ckt = G * ck
     chunks = list(_chunks(N, R, OW, ckt, go.itemsize))
     qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
@@ -1244,7 +1244,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     Cg = C // G
     KD, KH, KW = kernel_spatial
     out_spatial = (OD, OH, OW)
-    gw = np.zeros((K, Cg) + kernel_spatial, go.dtype)
+    gw = memory.zeros((K, Cg) + kernel_spatial, go.dtype)
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
     R = OD * OH

@@ -66,7 +66,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, fir, parallel, task_queue
+from . import blas, fir, memory, parallel, task_queue
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
@@ -1193,7 +1193,7 @@ def depthwise_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel
         raise ValueError(f"depthwise kernels need groups == in_channels and out_channels % in_channels == 0, "
                          f"got groups={groups}, {C} input and {K} output channels")
     KD, KH, KW = kernel_spatial
-    gw = np.zeros((K, 1) + kernel_spatial, go.dtype)
+    gw = memory.zeros((K, 1) + kernel_spatial, go.dtype)
     if go.size == 0 or gw.size == 0 or x.size == 0:
         return gw
     D, H, W = x.shape[2:]

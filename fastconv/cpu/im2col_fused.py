@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import jit_gemm, micro_gemm, parallel, task_queue
+from . import jit_gemm, memory, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
            "takes_gather_grad_weight", "forward_gather", "grad_weight_gather", "gather_workspace_bytes",
@@ -593,7 +593,7 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     kernel = _grad_weight_region.parallel if parallel_ else _grad_weight_region.serial
     colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
     gobuf = np.empty((tasks, K * rpc * OW), x.dtype)
-    acc = np.zeros((tasks, K, CK), x.dtype)
+    acc = memory.zeros((tasks, K, CK), x.dtype)
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
     kernel(x, go3, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],

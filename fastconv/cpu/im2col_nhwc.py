@@ -32,7 +32,7 @@ from numba import prange
 
 from fastconv import config
 
-from . import blas, parallel
+from . import blas, memory, parallel
 from .conv import COL_BUFFER_BYTES
 
 __all__ = ["forward", "grad_input", "grad_weight", "is_channels_last"]
@@ -234,7 +234,7 @@ def grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
         gx = np.empty((N, D, H, W, C), grad_out.dtype)
         blas.matmul(go2, w2, out=gx.reshape(P, C))
         return gx.transpose(0, 4, 1, 2, 3)
-    gx = np.zeros((N, D, H, W, C), grad_out.dtype)
+    gx = memory.zeros((N, D, H, W, C), grad_out.dtype)
     gcolbuf = np.empty(min(P, max(1, COL_BUFFER_BYTES // (ck * grad_out.itemsize))) * ck, grad_out.dtype)
     for g in range(G):
         wg = w2[g * Kg:(g + 1) * Kg]
@@ -261,7 +261,7 @@ def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     T = KD * KH * KW
     ck = Cg * T
     P = N * OD * OH * OW
-    gw = np.zeros((K, ck), x.dtype)
+    gw = memory.zeros((K, ck), x.dtype)
     if P == 0 or gw.size == 0:
         return gw.reshape(K, Cg, KD, KH, KW)
     go2 = _ndhwc(grad_out).reshape(P, K)

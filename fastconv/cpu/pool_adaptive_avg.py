@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import _JIT, _adaptive_start, _adaptive_end, _check_geometry, _planes, _check_adaptive
 
@@ -161,7 +161,7 @@ def adaptive_avg_pool_backward(grad_out, in_spatial):
         if gx.size:
             _adaptive_avg_global_backward_kernel(np.ascontiguousarray(grad_out).reshape(n * c), gx)
         return gx.reshape(n, c, d, h, w)
-    gx = np.zeros((n * c, d, h, w), dtype=grad_out.dtype)
+    gx = memory.zeros((n * c, d, h, w), dtype=grad_out.dtype)
     if gx.size and grad_out.size:
         _adaptive_avg_backward_kernel(_planes(grad_out), gx)
     return gx.reshape(n, c, d, h, w)

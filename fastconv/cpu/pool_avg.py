@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import _JIT, _TAPS, _split_phases, _out_range, _check_geometry, _planes
 
@@ -290,7 +290,7 @@ def avg_pool_backward(grad_out, kernel, stride, padding, in_spatial, ceil_mode, 
     _check_geometry("avg_pool_backward", grad_out, kernel, stride, padding, in_spatial)
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
-    gx = np.zeros((n * c, d, h, w), dtype=grad_out.dtype)
+    gx = memory.zeros((n * c, d, h, w), dtype=grad_out.dtype)
     if gx.size and grad_out.size:
         kd, kh, kw = (int(v) for v in kernel)
         sd, sh, sw = (int(v) for v in stride)

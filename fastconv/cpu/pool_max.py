@@ -9,7 +9,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import (_INT32_PLANE_LIMIT, _JIT, _TAPS, _check_geometry, _first_valid, _out_range, _planes,
                           _split_phases)
@@ -561,7 +561,7 @@ def max_pool_backward(grad_out, indices, in_spatial):
                          f"{grad_out.shape}")
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
-    gx = np.zeros((n * c, d * h * w), dtype=grad_out.dtype)
+    gx = memory.zeros((n * c, d * h * w), dtype=grad_out.dtype)
     if gx.size and grad_out.size:
         bad = np.zeros(n * c, dtype=np.bool_)
         _max_pool_backward_kernel(np.ascontiguousarray(grad_out).reshape(n * c, -1),

@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import _JIT, _check_geometry
 
@@ -83,7 +83,7 @@ def max_unpool_forward(x, indices, out_spatial):
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
     size = od * oh * ow
-    y = np.zeros((n * c, size), dtype=x.dtype)
+    y = memory.zeros((n * c, size), dtype=x.dtype)
     if x.size:
         bad = np.zeros(n * c, dtype=np.int64)
         ind2 = np.ascontiguousarray(indices, dtype=np.int64).reshape(n * c, -1)

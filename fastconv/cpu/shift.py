@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import parallel
+from . import memory, parallel
 
 __all__ = ["forward", "grad_input", "grad_weight", "refuse_reason"]
 
@@ -650,7 +650,7 @@ def grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_spatial):
     stride, padding, dilation, kernel_spatial = map(_tup, (stride, padding, dilation, kernel_spatial))
     N, K = grad_out.shape[:2]
     Cg = x.shape[1] // int(groups)
-    gw = np.zeros((K, Cg) + kernel_spatial, grad_out.dtype)
+    gw = memory.zeros((K, Cg) + kernel_spatial, grad_out.dtype)
     if gw.size == 0 or grad_out.size == 0 or x.size == 0:
         return gw
     planes = _planes(N, kernel_spatial, stride, dilation, tuple(grad_out.shape[2:]), padding, tuple(x.shape[2:]))

@@ -52,7 +52,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import blas, jit_gemm, parallel, task_queue
+from . import blas, jit_gemm, memory, parallel, task_queue
 from . import conv as _exact  # the exact kernels for calls Winograd cannot run safely
 
 __all__ = [
@@ -790,7 +790,7 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
     Kg, Cg = K // G, C // G
     dt = xx.dtype
     a = m + 2
-    gw = np.zeros((K, Cg, 3, 3), dt)
+    gw = memory.zeros((K, Cg, 3, 3), dt)
     if go.size == 0 or gw.size == 0 or xx.size == 0:
         return gw[:, :, None]
     mats = _matrices(m, dt)
