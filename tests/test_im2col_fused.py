@@ -384,3 +384,39 @@ def test_strided_taps_through_the_public_api(taps_route):
     xs, ws = x[:1, :, :9, :10].detach().requires_grad_(), w[:3].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
     torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, [2, 2], [3, 3], [3, 3], [1, 1], 1, "im2col"))
+
+
+def test_weight_gradient_whichever_task_claims_the_chunks(monkeypatch):
+    """Task 0 accumulates in the result itself and every task's first product is stored, not added (nothing is
+    zeroed first): the result must be right whichever tasks claimed chunks. The real region, parallel, a few
+    chunks, many times (the claiming order varies between runs); then the reduction alone, with a stand-in region
+    where task 0 claimed nothing and left the result unwritten (garbage) and task 1 computed everything."""
+    monkeypatch.setattr(im2col_fused, "TAPS", False)
+    monkeypatch.setattr(im2col_fused, "MIN_GRAD_WEIGHT_CHUNK_COLUMNS", 1)
+    monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
+    monkeypatch.setattr(im2col_fused, "CHUNK_BYTES", 16 * 9 * 8 * 6)  # 6 output rows a chunk: 3 chunks
+    N, C, K, H = 2, 16, 8, 9
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((N, C, H, H))
+    go = rng.standard_normal((N, K, H, H))
+    ref = torch.nn.grad.conv2d_weight(torch.from_numpy(x), (K, C, 3, 3), torch.from_numpy(go), padding=1).numpy()
+    for _ in range(40):
+        gw2 = np.full((K, C * 9), np.nan)
+        im2col_fused.grad_weight(go.reshape(N, K, -1), x, (3, 3), (1, 1), (1, 1), (1, 1), (H, H), gw2)
+        np.testing.assert_allclose(gw2.reshape(ref.shape), ref, rtol=1e-10, atol=1e-10)
+
+    def task_one_did_everything(*args):
+        gw2, acc, used = args[15], args[16], args[17]
+        assert acc.shape[0] >= 1 and used.shape[0] >= 2
+        gw2[...] = np.nan  # task 0's accumulator, never written
+        acc[0] = ref.reshape(K, -1)
+        used[:] = False
+        used[1] = True
+    monkeypatch.setattr(im2col_fused, "_grad_weight_region",
+                        type("Stub", (), {"parallel": staticmethod(task_one_did_everything),
+                                          "serial": staticmethod(task_one_did_everything)}))
+    if numba.get_num_threads() < 2:
+        pytest.skip("one Numba thread: the weight gradient runs a single task")
+    gw2 = np.full((K, C * 9), np.nan)
+    im2col_fused.grad_weight(go.reshape(N, K, -1), x, (3, 3), (1, 1), (1, 1), (1, 1), (H, H), gw2)
+    np.testing.assert_allclose(gw2.reshape(ref.shape), ref, rtol=1e-12, atol=0)

@@ -1244,9 +1244,9 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
     Cg = C // G
     KD, KH, KW = kernel_spatial
     out_spatial = (OD, OH, OW)
-    gw = memory.zeros((K, Cg) + kernel_spatial, go.dtype)
-    if go.size == 0 or gw.size == 0 or x.size == 0:
-        return gw
+    if go.size == 0 or K * Cg * KD * KH * KW == 0 or x.size == 0:
+        return memory.zeros((K, Cg) + kernel_spatial, go.dtype)
+    gw = np.empty((K, Cg) + kernel_spatial, go.dtype)  # every path below writes all of it (its first GEMM: beta 0)
     R = OD * OH
     P = R * OW
     ck = Cg * KD * KH * KW

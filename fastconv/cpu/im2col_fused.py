@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import jit_gemm, memory, micro_gemm, parallel, task_queue
+from . import jit_gemm, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
            "takes_gather_grad_weight", "forward_gather", "grad_weight_gather", "gather_workspace_bytes",
@@ -274,21 +274,25 @@ MIN_IN_CHANNELS = 1
 
 
 @parallel.kernel(always=True, **_JIT)
-def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, colbuf, gobuf, acc, box, tap_off,
-                        pos, corners, claimed):
+def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, colbuf, gobuf, gw2, acc, used,
+                        box, tap_off, pos, corners, claimed):
     """The weight gradient in one parallel region: task ``t`` claims chunks of ``rpc``
     output rows of the batch, fills their columns into ``colbuf[t]`` (as the forward does), gathers the output
-    gradient's rows into ``gobuf[t]`` (K, Q) and adds ``go @ col^T`` into its own accumulator ``acc[t]`` (K, CK)
-    with one single-threaded GEMM; the caller sums the accumulators."""
+    gradient's rows into ``gobuf[t]`` (K, Q) and adds ``go @ col^T`` into its own accumulator with one
+    single-threaded GEMM: task 0's is the result ``gw2`` (K, CK) itself, task ``t``'s ``acc[t - 1]``. A task's first
+    product is stored (beta 0: no accumulator is zeroed first) and ``used[t]`` records that it made one; the caller
+    adds the used accumulators into ``gw2``."""
     N = x.shape[0]
     K = go3.shape[1]
     P = go3.shape[2]
     gof = go3.reshape(go3.size)
-    CK = acc.shape[2]
+    CK = gw2.shape[1]
     rows = N * OH
     nchunks = -(-rows // rpc)
     tasks = colbuf.shape[0]
     for t in prange(tasks):
+        target = gw2 if t == 0 else acc[t - 1]
+        beta = 0.0
         while True:
             chunk = task_queue.claim(claimed)
             if chunk >= nchunks:
@@ -315,7 +319,9 @@ def _grad_weight_region(x, go3, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, col
                         u = np.uint64(i)
                         gqf[d + u] = gof[src + u]
                 g += L // OW
-            jit_gemm.gemm(gq, col, acc[t], 1.0, True)
+            jit_gemm.gemm(gq, col, target, beta, True)
+            beta = 1.0
+        used[t] = beta > 0.0
 
 
 #: Fewest output positions a chunk's columns must hold for the forward (and the input gradient, a forward of
@@ -593,12 +599,21 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     kernel = _grad_weight_region.parallel if parallel_ else _grad_weight_region.serial
     colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
     gobuf = np.empty((tasks, K * rpc * OW), x.dtype)
-    acc = memory.zeros((tasks, K, CK), x.dtype)
+    # Task 0 accumulates in gw2 itself and every task stores its first product: zeroing the accumulators and
+    # summing all of them afterwards cost ResNet's 512 -> 512 3x3 layer (9.4 MB of weights, 2 tasks) 0.36 + 0.81 ms
+    # of a ~3 ms call; one in-place add of the other task's accumulator takes 0.4.
+    acc = np.empty((tasks - 1, K, CK), x.dtype)
+    used = np.zeros(tasks, np.bool_)
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
     kernel(x, go3, KH, KW, stride_hw[0], stride_hw[1], padding_hw[0], padding_hw[1], dilation_hw[0],
-           dilation_hw[1], OH, OW, rpc, colbuf, gobuf, acc, box, tap_off, pos, corners, task_queue.counter())
-    np.sum(acc, axis=0, out=gw2)
+           dilation_hw[1], OH, OW, rpc, colbuf, gobuf, gw2, acc, used, box, tap_off, pos, corners,
+           task_queue.counter())
+    if not used[0]:  # the other tasks claimed every chunk
+        gw2.fill(0)
+    for t in range(1, tasks):
+        if used[t]:
+            np.add(gw2, acc[t - 1], out=gw2)
     return gw2
 
 
