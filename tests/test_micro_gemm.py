@@ -43,6 +43,17 @@ def test_orientations_and_accumulation_match_numpy(dtype, beta, b_transposed, m,
     _check(m, k, n, dtype, beta, b_transposed)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("n", [4, 8, 15, 16, 17, 24, 31, 40, 48, 49, micro_gemm.NC + 16, micro_gemm.NC + 40])
+def test_columns_short_of_a_whole_tile_run_on_half_width_panels(dtype, beta, b_transposed, n):
+    """The columns after the last whole tile (fewer than NR) run on half-width tiles, read in place when exactly
+    one vector wide and adjacent, packed otherwise: every width around one and two vectors of both dtypes (a
+    vector holds 16 float32 or 8 float64), past a column block, rows and reduction across their edges."""
+    _check(micro_gemm.MR * 2 + 3, micro_gemm.KC + 9, n, dtype, beta, b_transposed)
+
+
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 def test_empty_reduction_overwrites_or_keeps(beta):
     c = np.full((3, 4), np.nan if beta == 0.0 else 2.0, np.float32)

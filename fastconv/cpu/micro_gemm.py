@@ -89,11 +89,13 @@ def vector_ir(context, builder, dtype):
     return itemsize, width, vector, fma, zero, splat
 
 
-def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v):
+def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v,
+               NV=NV):
     """IR of one ``MR x NR`` tile: ``c[i0:i0+MR, j0:j0+NR] (+)= sum over p < kc of a_rows[i][a_step_at(p)] *
     b_ptr[p*ldb + j]``, the ``MR * NV`` accumulators kept in registers across the reduction loop (phi values),
     one broadcast of ``a`` per row and ``NV`` vector loads of ``b`` per step. ``a_rows``: ``MR`` element pointers
-    (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it."""
+    (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it.
+    ``NV`` 1 makes the half-width tile (``MR x NR/2``) of :func:`_micro_kernel_half`."""
     itemsize, width, vector, fma, zero, splat = vector_ir(context, builder, dtype)
     intp = context.get_value_type(types.intp)
 
@@ -183,6 +185,32 @@ def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, 
             a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
         _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
                    c_v, i0_v, j0_v, accumulate_v)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def _micro_kernel_half(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
+    """:func:`_micro_kernel` on a tile half as wide: ``MR`` rows by one 64-byte vector (half of ``NR`` columns).
+    For the last columns of a product narrower than a whole tile (a conv's 4x4 output at batch 1 is 16 columns):
+    a whole tile there multiplies zero padding for half its work, and its panel must be packed first."""
+    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
+                           types.intp, c, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
+        intp = context.get_value_type(types.intp)
+        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
+        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
+        a_rows = []
+        for i in range(MR):
+            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
+                                 last_row)
+            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
+                   c_v, i0_v, j0_v, accumulate_v, NV=1)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -332,37 +360,53 @@ def _gemm(a, b, c, beta):
     b_row = b.strides[0] // itemsize
     b_in_place = b.strides[1] == itemsize
     NR = NV * (_VECTOR_BYTES // itemsize)
+    HALF = NR // 2
     bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
     tile = np.empty((MR, NR), c.dtype)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
+        # whole panels of NR columns up to ``wide``; the rest (fewer than NR columns) in half-width panels
+        wide = nc - nc % NR
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             overwrite = pc == 0 and beta == 0.0
-            for jp in range(0, nc, NR):
-                w = min(NR, nc - jp)
-                if not b_in_place or w < NR:
-                    _pack_b_panel(b, pc, kc, jc + jp, w, NR, bp, (jp // NR) * kc * NR)
+            for jp in range(0, nc, HALF):
+                panel_w = NR if jp < wide else HALF
+                if jp < wide and jp % NR != 0:
+                    continue
+                w = min(panel_w, nc - jp)
+                if not b_in_place or w < panel_w:
+                    _pack_b_panel(b, pc, kc, jc + jp, w, panel_w, bp, jp * kc)
             for ic in range(0, m, MC):
                 mc = min(MC, m - ic)
-                for jp in range(0, nc, NR):
-                    w = min(NR, nc - jp)
-                    packed = not b_in_place or w < NR
-                    b_offset = (jp // NR) * kc * NR if packed else pc * b_row + jc + jp
-                    ldb = NR if packed else b_row
+                for jp in range(0, nc, HALF):
+                    panel_w = NR if jp < wide else HALF
+                    if jp < wide and jp % NR != 0:
+                        continue
+                    w = min(panel_w, nc - jp)
+                    packed = not b_in_place or w < panel_w
+                    b_offset = jp * kc if packed else pc * b_row + jc + jp
+                    ldb = panel_w if packed else b_row
                     for ip in range(0, mc, MR):
                         h = min(MR, mc - ip)
-                        full = h == MR and w == NR
+                        full = h == MR and w == panel_w
                         out = c if full else tile
                         oi = ic + ip if full else 0
                         oj = jc + jp if full else 0
                         a_offset = (ic + ip) * a_row + pc * a_step
-                        if packed:
-                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, out, oi, oj,
-                                          full and not overwrite)
+                        if panel_w == NR:
+                            if packed:
+                                _micro_kernel(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, out, oi, oj,
+                                              full and not overwrite)
+                            else:
+                                _micro_kernel(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, out, oi, oj,
+                                              full and not overwrite)
+                        elif packed:
+                            _micro_kernel_half(kc, a, a_offset, a_row, a_step, h, bp, b_offset, ldb, out, oi, oj,
+                                               full and not overwrite)
                         else:
-                            _micro_kernel(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, out, oi, oj,
-                                          full and not overwrite)
+                            _micro_kernel_half(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, out, oi, oj,
+                                               full and not overwrite)
                         if not full:
                             _store_edge(tile, c, ic + ip, jc + jp, h, w, overwrite)
 

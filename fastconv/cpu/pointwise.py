@@ -86,6 +86,11 @@ OWN_GEMM_MIN_REDUCTION = 32
 #: torch: a 16-pixel product fills half of the micro-kernel's 32-column tile (512 -> 2048 at 4x4, batch 8: 5.5 ms
 #: per image against 1.7 for torch's).
 OWN_GEMM_MIN_PIXELS = 64
+#: ... except for a single image, whose product is its own GEMM from this many pixels (one 64-byte vector of
+#: float32: the micro-kernel's half-width tile reads such columns in place). Measured, 2 threads, float32, own /
+#: ``torch.mm`` µs at 4x4 (16 columns): 2048 x 512 139 / 229, 512 x 2048 171 / 255, 440 x 440 36 / 49, 960 x 160
+#: 30 / 35; 128 x 64 5 / 4. Fewer columns (SE blocks' 1x1 maps) stay on torch's matrix-vector code.
+OWN_GEMM_MIN_PIXELS_ONE_IMAGE = 16
 _OWN_DTYPES = (torch.float32, torch.float64)
 
 
@@ -97,7 +102,7 @@ def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) 
             or a.dtype != b3.dtype or (bias is not None and bias.dtype != b3.dtype)):
         return None
     bias_np = None if bias is None else bias.detach().numpy()
-    if P >= OWN_GEMM_MIN_PIXELS:
+    if P >= OWN_GEMM_MIN_PIXELS or (N == 1 and P >= OWN_GEMM_MIN_PIXELS_ONE_IMAGE):
         if b3.stride(2) != 1:
             return None
         y = b3.new_empty((N, M, P))
