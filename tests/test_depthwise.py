@@ -223,6 +223,9 @@ CB_CASES = {
     # strided input gradients on <= 8x8 input planes: the output gradient spread into a zero plane
     "spread_grad_input_s2": (2, 70, (8, 7), (3, 3), dict(stride=2, padding=1)),
     "spread_grad_input_mixed": (1, 65, (7, 8), (5, 5), dict(stride=(2, 3), padding=(2, 1), dilation=(1, 2))),
+    # larger stride-1 planes with large kernels (ConvNeXt's 16x16 7x7): forward and input gradient
+    "large_kernel_16x13_7x7": (2, 70, (16, 13), (7, 7), dict(padding=3)),
+    "large_kernel_12x12_5x5_dilated": (1, 65, (12, 12), (5, 5), dict(padding=(4, 2), dilation=(2, 1))),
 }
 
 
@@ -237,7 +240,10 @@ def test_channel_blocked_path_matches_torch(case):
     ref = TF.conv2d(x, w, b, groups=c, **kw)
     pad = kw.get("padding", 0)
     pad = (pad, pad) if isinstance(pad, int) else pad
-    assert depthwise._use_cb(c, c, ref.shape[2:], pad), "case does not reach the channel-blocked path"
+    stride = kw.get("stride", 1)
+    stride = (stride, stride) if isinstance(stride, int) else stride
+    assert depthwise._use_cb_forward(c, c, ref.shape[2:], pad, stride, kernel), \
+        "case does not reach the channel-blocked path"
     if case.startswith("spread"):
         dil = kw.get("dilation", 1)
         dil = (dil, dil) if isinstance(dil, int) else dil

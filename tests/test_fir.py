@@ -21,3 +21,30 @@ def test_fir_matches_numpy(dtype, T, L):
     tol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(out[:L], want, rtol=tol, atol=tol * np.sqrt(T) * 4)
     assert np.isnan(out[L:]).all()  # nothing written past L
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("T", [1, 9, 49])
+@pytest.mark.parametrize("cols", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17])
+@pytest.mark.parametrize("step", [16, 64])
+def test_channel_rows_match_numpy(dtype, T, cols, step):
+    """The channel-innermost tiles (``fir.channel_rows``: eight, four, two and one positions by one vector of
+    channels, every lane of the ``step`` channels): against numpy for rows of every width around the tile sizes,
+    two rows apart by a row step, the bias after the taps, nothing written past the last position."""
+    rng = np.random.default_rng(T * 100 + cols * 7 + step)
+    rows, row_step, base = 2, (cols + 9) * step, 3 * step
+    src = rng.standard_normal(base + rows * row_step + 400 * step).astype(dtype)
+    offs = (rng.integers(0, 400, T) * step).astype(np.int64)
+    wts = rng.standard_normal((T + 1) * step).astype(dtype)
+    out = np.full(rows * cols * step + 7, np.nan, dtype)
+    fir.channel_rows(src, base, row_step, offs, wts, T, rows, cols, step, out)
+    w = wts.astype(np.float64).reshape(T + 1, step)
+    want = np.empty((rows, cols, step))
+    for r in range(rows):
+        for q in range(cols):
+            at = base + r * row_step + q * step
+            want[r, q] = w[T] + sum(w[t] * src[at + offs[t]:at + offs[t] + step] for t in range(T))
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out[:rows * cols * step].reshape(rows, cols, step), want, rtol=tol,
+                               atol=tol * np.sqrt(T) * 4)
+    assert np.isnan(out[rows * cols * step:]).all()

@@ -731,10 +731,10 @@ def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq,
 # 4-way interleaved loop) and carry per-plane fixed costs, so 5x5 and 7x7 kernels ran 5-20x slower
 # than torch there. This path vectorises across channels instead: a task packs one image's block of
 # ``_CB`` channels channels-innermost (``Xp[hp, phase_w, wq, c]``, zero-padded, split by stride phase
-# in W) and computes one output row as one contiguous loop over (ow, c) of ``OW * _CB`` elements,
-# with the weights tiled along the row (``Wr[t, ow, c] = w[c, t]``, rebuilt only when the channel
-# block changes: tasks run block-major). Each output element still sums its taps in the same order
-# whatever the thread count (deterministic); the cost moves to the pack and unpack transposes.
+# in W) and sums each tile of up to eight output positions by one vector of channels over every tap in
+# registers (:func:`.fir.channel_rows`: per tap one weight vector ``Wt[t, c]``, rebuilt only when the
+# channel block changes, tasks running block-major). Each output element sums its taps in the same order
+# whatever the thread count (deterministic).
 # --------------------------------------------------------------------------------------------------
 
 #: Channels per block of the channel-blocked path: one 64-lane row segment per output position
@@ -745,42 +745,19 @@ _CB = 64
 #: along the plane itself (measured: at 14x14 stride 1 the two paths are level, at 28x28 the flat
 #: path is faster).
 CB_MAX_PLANE = 8 * 8
+#: ... and, for forwards (and stride-1 input gradients, which run as forwards) at stride 1 with kernels of at
+#: least :data:`CB_LARGE_KERNEL_TAPS` taps, output planes up to this size: there the register tiles of
+#: :func:`.fir.channel_rows` beat the flat path. Measured, one thread, batch 8, minimum of 60, channel-blocked /
+#: flat µs: ConvNeXt's 192 x 16x16 7x7 1122 / 1357 (batch 1 149 / 171), 240 x 16x16 5x5 773 / 893; 3x3 kernels
+#: were mixed (384 x 14x14 596 / 806, 144 x 16x16 516 / 430) and stay flat, as do 32x32 planes (96 x 32x32 7x7
+#: 4202 / 1982).
+CB_MAX_PLANE_LARGE_KERNEL = 16 * 16
+CB_LARGE_KERNEL_TAPS = 25
 #: Largest input plane whose strided input gradient takes the channel-blocked path (output gradient
 #: spread into a zero plane): measured 1.1-1.7x faster than the flat spread path up to 14x14
 #: (576x14x14 stride 2: 2.4 -> 1.4 ms), 1.8x slower at 28x28.
 CB_MAX_SPREAD_PLANE = 14 * 14
 
-
-@njit(**_JIT)
-def _rows2_cb(Xp, Wr, Br, toff, T, R, b0, b1, y0, y1):
-    """Two output rows of :func:`_forward2d_cb` (input rows at ``b0`` and ``b1``) for a 7-wide kernel,
-    one pass per kernel row, each weight slice read once for both rows: 1.6 loads per multiply-add
-    instead of 2.1 (measured 10% faster on 768x7x7, one thread; pairing 3x3 rows showed no gain).
-    Same summation order per element as the one-row passes (bit-identical results)."""
-    for i in range(R):
-        y0[i] = Br[i]
-        y1[i] = Br[i]
-    t = 0
-    while t + 7 <= T:
-        p0, p1, p2, p3 = b0 + toff[t], b0 + toff[t + 1], b0 + toff[t + 2], b0 + toff[t + 3]
-        p4, p5, p6 = b0 + toff[t + 4], b0 + toff[t + 5], b0 + toff[t + 6]
-        q0, q1, q2, q3 = b1 + toff[t], b1 + toff[t + 1], b1 + toff[t + 2], b1 + toff[t + 3]
-        q4, q5, q6 = b1 + toff[t + 4], b1 + toff[t + 5], b1 + toff[t + 6]
-        x0, x1, x2, x3 = Xp[p0:p0 + R], Xp[p1:p1 + R], Xp[p2:p2 + R], Xp[p3:p3 + R]
-        x4, x5, x6 = Xp[p4:p4 + R], Xp[p5:p5 + R], Xp[p6:p6 + R]
-        z0, z1, z2, z3 = Xp[q0:q0 + R], Xp[q1:q1 + R], Xp[q2:q2 + R], Xp[q3:q3 + R]
-        z4, z5, z6 = Xp[q4:q4 + R], Xp[q5:q5 + R], Xp[q6:q6 + R]
-        w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-        w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-        w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
-        w6 = Wr[(t + 6) * R:(t + 7) * R]
-        for i in range(R):
-            a0, a1, a2, a3, a4, a5, a6 = w0[i], w1[i], w2[i], w3[i], w4[i], w5[i], w6[i]
-            y0[i] += (a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i] + a4 * x4[i] + a5 * x5[i]
-                      + a6 * x6[i])
-            y1[i] += (a0 * z0[i] + a1 * z1[i] + a2 * z2[i] + a3 * z3[i] + a4 * z4[i] + a5 * z5[i]
-                      + a6 * z6[i])
-        t += 7
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
 def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW, y, y_chan0, y_nstride,
@@ -798,7 +775,6 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
     Wq = OW + ((KW - 1) * dw) // sw
     T = KH * KW
     P = OH * OW
-    R = OW * _CB
     HW = H * W
     ntask = N * nb
     ihi = min(H, Hp - ph)
@@ -809,8 +785,6 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
         # stale (finite) values whose outputs are never stored
         Xp = np.zeros(Hp * sw * Wq * _CB, y.dtype)
         Y = np.empty(P * _CB, y.dtype)
-        Wr = np.zeros(T * R, y.dtype)
-        Br = np.zeros(R, y.dtype)
         Wt = np.zeros((T + 1) * _CB, y.dtype)
         toff = np.empty(T, np.int64)
         for kh in range(KH):
@@ -828,25 +802,13 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                 c0 = cbi * _CB
                 cnt = min(_CB, C - c0)
                 if cbi != last:
-                    # transpose the block's weights once (T x _CB), then tile each tap's vector along the
-                    # row with contiguous copies (element-wise strided stores cost more than the taps at N=1)
+                    # transpose the block's weights once: T weight vectors of _CB channels, then the bias
                     last = cbi
                     for v in range(cnt):
                         wsrc = w[(c0 + v) * T:(c0 + v + 1) * T]
                         for t in range(T):
                             Wt[t * _CB + v] = wsrc[t]
                         Wt[T * _CB + v] = bias[c0 + v]
-                    for t in range(T):
-                        wv = Wt[t * _CB:(t + 1) * _CB]
-                        for ow in range(OW):
-                            wrow = Wr[t * R + ow * _CB:t * R + (ow + 1) * _CB]
-                            for v in range(_CB):
-                                wrow[v] = wv[v]
-                    bvs = Wt[T * _CB:(T + 1) * _CB]
-                    for ow in range(OW):
-                        brow = Br[ow * _CB:(ow + 1) * _CB]
-                        for v in range(_CB):
-                            brow[v] = bvs[v]
                 # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
                 # writes contiguously (reads gather across planes)
                 if uh * uw > 1:
@@ -864,79 +826,11 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                             if qhi > qlo:
                                 _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0,
                                          sw, Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
-                rs = sh * sw * Wq * _CB
-                oh = 0
-                while oh < OH:
-                    yr = Y[oh * R:(oh + 1) * R]
-                    base = oh * rs
-                    if oh + 1 < OH and KW == 7:
-                        # two output rows per pass share each weight load (the pass is load-bound)
-                        _rows2_cb(Xp, Wr, Br, toff, T, R, base, base + rs, yr, Y[(oh + 1) * R:(oh + 2) * R])
-                        oh += 2
-                        continue
-                    oh += 1
-                    if T == 9:
-                        o0, o1, o2 = base + toff[0], base + toff[1], base + toff[2]
-                        o3, o4, o5 = base + toff[3], base + toff[4], base + toff[5]
-                        o6, o7, o8 = base + toff[6], base + toff[7], base + toff[8]
-                        x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
-                        x3, x4, x5 = Xp[o3:o3 + R], Xp[o4:o4 + R], Xp[o5:o5 + R]
-                        x6, x7, x8 = Xp[o6:o6 + R], Xp[o7:o7 + R], Xp[o8:o8 + R]
-                        w0, w1, w2 = Wr[0:R], Wr[R:2 * R], Wr[2 * R:3 * R]
-                        w3, w4, w5 = Wr[3 * R:4 * R], Wr[4 * R:5 * R], Wr[5 * R:6 * R]
-                        w6, w7, w8 = Wr[6 * R:7 * R], Wr[7 * R:8 * R], Wr[8 * R:9 * R]
-                        for i in range(R):
-                            yr[i] = (Br[i] + w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                                     + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i] + w7[i] * x7[i]
-                                     + w8[i] * x8[i])
-                        continue
-                    for i in range(R):
-                        yr[i] = Br[i]
-                    t = 0
-                    if KW == 7:
-                        # one kernel row per pass: 15 loads and a store for 7 multiply-adds
-                        while t + 7 <= T:
-                            o0, o1, o2, o3 = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
-                            o4, o5, o6 = base + toff[t + 4], base + toff[t + 5], base + toff[t + 6]
-                            x0, x1, x2, x3 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R], Xp[o3:o3 + R]
-                            x4, x5, x6 = Xp[o4:o4 + R], Xp[o5:o5 + R], Xp[o6:o6 + R]
-                            w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                            w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-                            w4, w5 = Wr[(t + 4) * R:(t + 5) * R], Wr[(t + 5) * R:(t + 6) * R]
-                            w6 = Wr[(t + 6) * R:(t + 7) * R]
-                            for i in range(R):
-                                yr[i] += (w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i]
-                                          + w4[i] * x4[i] + w5[i] * x5[i] + w6[i] * x6[i])
-                            t += 7
-                    elif KW == 5:
-                        while t + 5 <= T:
-                            o0, o1, o2 = base + toff[t], base + toff[t + 1], base + toff[t + 2]
-                            o3, o4 = base + toff[t + 3], base + toff[t + 4]
-                            x0, x1, x2 = Xp[o0:o0 + R], Xp[o1:o1 + R], Xp[o2:o2 + R]
-                            x3, x4 = Xp[o3:o3 + R], Xp[o4:o4 + R]
-                            w0, w1 = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                            w2, w3 = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-                            w4 = Wr[(t + 4) * R:(t + 5) * R]
-                            for i in range(R):
-                                yr[i] += w0[i] * x0[i] + w1[i] * x1[i] + w2[i] * x2[i] + w3[i] * x3[i] + w4[i] * x4[i]
-                            t += 5
-                    while t + 4 <= T:
-                        oa, ob, oc, od = base + toff[t], base + toff[t + 1], base + toff[t + 2], base + toff[t + 3]
-                        xa, xb, xc, xd_ = Xp[oa:oa + R], Xp[ob:ob + R], Xp[oc:oc + R], Xp[od:od + R]
-                        wa, wb = Wr[t * R:(t + 1) * R], Wr[(t + 1) * R:(t + 2) * R]
-                        wc, wd = Wr[(t + 2) * R:(t + 3) * R], Wr[(t + 3) * R:(t + 4) * R]
-                        for i in range(R):
-                            yr[i] += wa[i] * xa[i] + wb[i] * xb[i] + wc[i] * xc[i] + wd[i] * xd_[i]
-                        t += 4
-                    while t < T:
-                        oa = base + toff[t]
-                        xa = Xp[oa:oa + R]
-                        wa = Wr[t * R:(t + 1) * R]
-                        for i in range(R):
-                            yr[i] += wa[i] * xa[i]
-                        t += 1
-                # unpack plane by plane: Y (at most 64 positions x _CB) stays in L1, and two slices per
-                # plane instead of two per output row (slices cost reference counting)
+                # every output row: its (column, channel) tiles summed over all taps in registers
+                fir.channel_rows(Xp, 0, sh * sw * Wq * _CB, toff, Wt, T, OH, OW, _CB, Y)
+                # unpack: the block's planes are consecutive rows of y, so (positions x channels) -> (channels x
+                # positions) is one transpose, by blocks of 16 x 16 in registers (element by element it cost
+                # as much as the taps: 8 x 384 channels at 8x8, 7x7 kernel)
                 for v in range(cnt):
                     yb = (n * y_nstride + y_chan0 + c0 + v) * P
                     yo = y[yb:yb + P]
@@ -1034,6 +928,15 @@ def _use_cb(C, K, out_hw, padding, limit=None):
     return K == C and out_hw[0] * out_hw[1] <= limit and min(padding) >= 0
 
 
+def _use_cb_forward(C, K, out_hw, padding, stride, kernel_hw):
+    """:func:`_use_cb` for a forward pass: also stride-1 planes up to :data:`CB_MAX_PLANE_LARGE_KERNEL` with
+    kernels of at least :data:`CB_LARGE_KERNEL_TAPS` taps."""
+    if _use_cb(C, K, out_hw, padding):
+        return True
+    return (tuple(stride) == (1, 1) and kernel_hw[0] * kernel_hw[1] >= CB_LARGE_KERNEL_TAPS
+            and _use_cb(C, K, out_hw, padding, CB_MAX_PLANE_LARGE_KERNEL))
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API (numpy in, numpy out; same conventions as fastconv.cpu.conv)
 # --------------------------------------------------------------------------------------------------
@@ -1061,7 +964,7 @@ def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y
     if not y.flags.c_contiguous:
         raise ValueError("depthwise_forward_into: y must be C-contiguous")
     fast = None
-    if D == 1 and OD == 1 and KD == 1 and _use_cb(C, K, (OH, OW), padding[1:]):
+    if D == 1 and OD == 1 and KD == 1 and _use_cb_forward(C, K, (OH, OW), padding[1:], stride[1:], (KH, KW)):
         _forward2d_cb(_flat(x), N, C, H, W, _flat(w), KH, KW, b, stride[1], stride[2], padding[1], padding[2],
                       dilation[1], dilation[2], OH, OW, y.reshape(-1), int(chan0),
                       int(K if nstride is None else nstride), _chunks(N * ((C + _CB - 1) // _CB)))
@@ -1124,7 +1027,7 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
         # stride 1, multiplier 1: the input gradient is the forward correlation of the output gradient
         # with the flipped kernel, padded by (KH-1)*dh - ph before: the fast forward path runs it.
         pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
-        if _use_cb(C, K, (H, W), pad):
+        if _use_cb_forward(C, K, (H, W), pad, (1, 1), (KH, KW)):
             wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
             _forward2d_cb(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, pad[0], pad[1],
                           dh, dw, H, W, gx.reshape(-1), 0, C, _chunks(N * ((C + _CB - 1) // _CB)))

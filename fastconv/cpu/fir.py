@@ -20,7 +20,7 @@ from fastconv import config
 
 from . import micro_gemm
 
-__all__ = ["fir", "FIR_VECTORS"]
+__all__ = ["fir", "FIR_VECTORS", "channel_rows"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 _VECTOR_BYTES = 64
@@ -121,3 +121,103 @@ def fir(src, offs, wts, T, out, L):
         for t in range(T):
             s += wts[t] * src[offs[t] + j]
         out[j] = s
+
+
+def _channel_tile_intrinsic(positions: int):
+    """An intrinsic ``tile(src, src_base, offs, wts, w_base, T, out, out_base, step)`` for channel-innermost data
+    (``step`` elements per position, one 64-byte vector of channels at each): ``out[out_base + j*step + l] =
+    wts[w_base + T*step + l] + sum over t < T of wts[w_base + t*step + l] * src[src_base + offs[t] + j*step + l]``
+    for ``j < positions`` and the ``W`` lanes ``l`` of one vector (a per-channel weight vector per tap, the bias
+    vector after the last). No bounds checks: the caller's indices are exact."""
+
+    @intrinsic
+    def tile(typingctx, src, src_base, offs, wts, w_base, T, out, out_base, step):
+        signature = types.void(src, types.intp, offs, wts, types.intp, types.intp, out, types.intp, types.intp)
+        dtype = out.dtype
+
+        def codegen(context, builder, sig, args):
+            src_v, src_base_v, offs_v, wts_v, w_base_v, T_v, out_v, out_base_v, step_v = args
+            itemsize, width, vector, fma, zero, splat = micro_gemm.vector_ir(context, builder, dtype)
+            intp = context.get_value_type(types.intp)
+            src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_base_v])
+            offs_ptr = context.make_array(offs)(context, builder, offs_v).data
+            wts_ptr = builder.gep(context.make_array(wts)(context, builder, wts_v).data, [w_base_v])
+            out_ptr = builder.gep(context.make_array(out)(context, builder, out_v).data, [out_base_v])
+
+            def vec(ptr, offset):
+                return builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
+
+            bias = builder.load(vec(wts_ptr, builder.mul(T_v, step_v)), align=itemsize)
+            entry = builder.block
+            loop = builder.function.append_basic_block("channel_tile_loop")
+            done = builder.function.append_basic_block("channel_tile_done")
+            builder.cbranch(builder.icmp_signed(">", T_v, ir.Constant(intp, 0)), loop, done)
+            builder.position_at_end(loop)
+            t = builder.phi(intp)
+            t.add_incoming(ir.Constant(intp, 0), entry)
+            accumulators = []
+            for _ in range(positions):
+                phi = builder.phi(vector)
+                phi.add_incoming(bias, entry)
+                accumulators.append(phi)
+            row = builder.gep(src_ptr, [builder.load(builder.gep(offs_ptr, [t]))])
+            weight = builder.load(vec(wts_ptr, builder.mul(t, step_v)), align=itemsize)
+            updated = []
+            for j in range(positions):
+                x = builder.load(vec(row, builder.mul(ir.Constant(intp, j), step_v)), align=itemsize)
+                updated.append(builder.call(fma, [weight, x, accumulators[j]]))
+            t_next = builder.add(t, ir.Constant(intp, 1))
+            loop_end = builder.block
+            t.add_incoming(t_next, loop_end)
+            for phi, value in zip(accumulators, updated):
+                phi.add_incoming(value, loop_end)
+            builder.cbranch(builder.icmp_signed("<", t_next, T_v), loop, done)
+            builder.position_at_end(done)
+            results = []
+            for value in updated:  # (every phi first: LLVM wants them at the top of the block)
+                phi = builder.phi(vector)
+                phi.add_incoming(bias, entry)
+                phi.add_incoming(value, loop_end)
+                results.append(phi)
+            for j, value in enumerate(results):
+                builder.store(value, vec(out_ptr, builder.mul(ir.Constant(intp, j), step_v)), align=itemsize)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+_channel8 = _channel_tile_intrinsic(8)
+_channel4 = _channel_tile_intrinsic(4)
+_channel2 = _channel_tile_intrinsic(2)
+_channel1 = _channel_tile_intrinsic(1)
+
+
+@njit(**_JIT)
+def channel_rows(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
+    """The channel-innermost form of :func:`fir`, for blocks of ``step`` channels stored innermost (the depthwise
+    channel-blocked path): for every output position ``(r, q)`` (``r < rows``, ``q < cols``) and channel ``l <
+    step``, ``out[(r*cols + q)*step + l] = wts[T*step + l] + sum over t < T of wts[t*step + l] * src[src_base +
+    r*row_step + offs[t] + q*step + l]``. Tiles of up to eight positions by one 64-byte vector of channels are
+    summed over every tap in registers (per tap one weight vector, one load and one FMA per position).
+
+    ``step`` a multiple of the vector width (16 float32, 8 float64); src, wts, out: 1-D, contiguous, one dtype;
+    offs: int64 (T,)."""
+    W = _VECTOR_BYTES // out.itemsize
+    for r in range(rows):
+        sb = src_base + r * row_step
+        ob = r * cols * step
+        for lane in range(0, step, W):
+            q = 0
+            while q + 8 <= cols:
+                _channel8(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+                q += 8
+            if q + 4 <= cols:
+                _channel4(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+                q += 4
+            if q + 2 <= cols:
+                _channel2(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+                q += 2
+            if q < cols:
+                _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
