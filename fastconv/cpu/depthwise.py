@@ -43,12 +43,14 @@ reads padding, so every output plane is one flat, exact loop written or read in 
   stride in H the gradient is spread to every ``sh``-th row of a zero plane, except on planes holding
   Inf/NaN, which take exact row-by-row sums (``0 * Inf`` would poison the flat ones).
 
-**Channel-blocked path** (multiplier 1, 2-D, output planes of at most 8x8, and strided input
-gradients on input planes up to 14x14; see :func:`_forward2d_cb`): on 7x7 planes the flat loops
-above are mostly scalar remainders, so blocks of 64 channels are packed channels-innermost and each
-output row is one vector loop across (column, channel). Measured against the flat path in one
-process (batch 8, float32, shared machine): 1.3-4x faster on the 7x7-plane layers of MobileNetV2,
-ShuffleNetV2, EfficientNet-B0 and ConvNeXt, level at 14x14 stride 1 (which stays on the flat path).
+**Channel-blocked path** (multiplier 1, 2-D, output planes of at most 8x8, stride-1 planes up to 16x16
+with 5x5 and larger kernels, and strided input gradients on input planes up to 14x14; see
+:func:`_forward2d_cb`): on 7x7 planes the flat loops above are mostly scalar remainders, so blocks of 64
+channels are packed channels-innermost and each tile of up to eight output positions by one vector of
+channels is summed over every tap in registers (:func:`.fir.channel_rows`). Measured against the flat path
+in one process (batch 8, float32, shared machine): 1.3-4x faster on the 7x7-plane layers of MobileNetV2,
+ShuffleNetV2, EfficientNet-B0 and ConvNeXt (with the Numba row loops the register tiles replaced), 1.15-1.2x
+on 16x16 planes with 5x5 and 7x7 kernels.
 
 All arrays are 5-D ``(N, C, D, H, W)`` (1-D and 2-D convolutions pass size-1 leading dims), weights
 ``(K, 1, KD, KH, KW)``; ``stride``, ``padding`` (before each dim) and ``dilation`` are 3-tuples; the
