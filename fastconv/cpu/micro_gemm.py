@@ -11,24 +11,23 @@ Transposed ``b`` (the weight gradients' ``gy @ columns^T``), same measure, this 
 102. (Dot products of rows read in place, a vector accumulator per pair of rows summed across lanes at the end,
 reached 38-196: the sums across lanes and the second stream of loads cost more than packing.)
 
-How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K)
-@ b (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel
-computes one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place,
-any strides: packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b``. Its ``MR * NV``
-accumulators are LLVM vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in
-registers across the reduction loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic)
-because Numba's own arrays live in memory, where the compiler cannot keep a tile of them in registers. ``b``'s
-panels are read where they are when its columns are adjacent and the panel is full; the last, narrower panel is
-packed, zero-padded, and a transposed ``b`` is packed by ``W x W`` blocks transposed in registers
-(:func:`_transpose_block`). Columns after the last whole panel run on half-width tiles (:func:`_micro_kernel_half`,
-``MR`` rows by one vector), read in place when exactly one vector wide: a conv's 4x4 map at batch 1 is a
-16-column product, which on a whole tile multiplied zero padding for half its work and packed its panel in every
-task (512 x 4608 x 16 on two threads: 1431 -> 303 µs; ``torch.mm`` 507-741). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows
-of the padded input at each tap's offset, copied panel by panel, so no column matrix is built;
-:func:`gemm_gather` reads ``a`` in place through two offset tables (rows and reduction steps at listed offsets
-of one flat array: a conv's im2col matrix or its transpose, straight from the padded input) against a ``b``
-packed once (:func:`pack_b`). Edge tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a
-scratch tile and copied.
+How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @ b
+(K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel computes
+one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place, any strides:
+packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b``. Its ``MR * NV`` accumulators are LLVM
+vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in registers across the reduction
+loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic) because Numba's own arrays live in
+memory, where the compiler cannot keep a tile of them in registers. ``b``'s panels are read where they are when its
+columns are adjacent and the panel is full; the last, narrower panel is packed, zero-padded, and a transposed ``b``
+is packed by ``W x W`` blocks transposed in registers (:func:`_transpose_block`). Columns after the last whole panel
+run on half-width tiles (:func:`_micro_kernel_half`, ``MR`` rows by one vector), read in place when exactly one
+vector wide: a conv's 4x4 map at batch 1 is a 16-column product, which on a whole tile multiplied zero padding for
+half its work and packed its panel in every task (512 x 4608 x 16 on two threads: 1431 -> 303 µs; ``torch.mm``
+507-741). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows of the padded input
+at each tap's offset, copied panel by panel, so no column matrix is built; :func:`gemm_gather` reads ``a`` in place
+through two offset tables (rows and reduction steps at listed offsets of one flat array: a conv's im2col matrix or
+its transpose, straight from the padded input) against a ``b`` packed once (:func:`pack_b`). Edge tiles (fewer than
+``MR`` rows or ``NR`` columns) are computed whole into a scratch tile and copied.
 
 Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
 :data:`HOST_HAS_AVX512` says whether it pays, and :mod:`.jit_gemm` routes to this kernel only then.
