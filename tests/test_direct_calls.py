@@ -23,26 +23,43 @@ from helpers import assert_close
 
 
 class Spy:
-    """Counts the calls of the direct entry and of the dispatcher entry of the 2-D conv op."""
+    """Counts the calls of the three entries of the 2-D conv op (direct, direct with a gradient, dispatcher) and
+    the direct calls of its gradient ops' implementations (what a plain backward of a conv node runs)."""
 
     def __init__(self, monkeypatch):
-        self.direct = self.dispatched = 0
-        impl, entry = conv_ops.FORWARD_DIRECT[2], conv_ops.FORWARD[2]
+        self.direct = self.grad_direct = self.dispatched = 0
+        self.backward_direct = []
+        impl, grad_entry, entry = conv_ops.FORWARD_DIRECT[2], conv_ops.FORWARD_GRAD_DIRECT[2], conv_ops.FORWARD[2]
 
         def direct(*args):
             self.direct += 1
             return impl(*args)
+
+        def grad_direct(*args):
+            self.grad_direct += 1
+            return grad_entry(*args)
 
         def dispatched(*args):
             self.dispatched += 1
             return entry(*args)
 
         monkeypatch.setitem(conv_ops.FORWARD_DIRECT, 2, direct)
+        monkeypatch.setitem(conv_ops.FORWARD_GRAD_DIRECT, 2, grad_direct)
         monkeypatch.setitem(conv_ops.FORWARD, 2, dispatched)
+        for name, table in (("grad_input", conv_ops.GRAD_INPUT_IMPLEMENTATIONS),
+                            ("grad_weight", conv_ops.GRAD_WEIGHT_IMPLEMENTATIONS)):
+            monkeypatch.setitem(table, 2, self._counted(name, table[2]))
+
+    def _counted(self, name, fn):
+        def counted(*args):
+            self.backward_direct.append(name)
+            return fn(*args)
+        return counted
 
     def took(self) -> str:
-        assert self.direct + self.dispatched == 1, (self.direct, self.dispatched)
-        return "direct" if self.direct else "dispatcher"
+        assert self.direct + self.grad_direct + self.dispatched == 1, (self.direct, self.grad_direct,
+                                                                        self.dispatched)
+        return "direct" if self.direct else "grad-direct" if self.grad_direct else "dispatcher"
 
 
 @pytest.fixture
@@ -67,7 +84,8 @@ def _operands(dtype=torch.float64, requires_grad=False):
 
 def _count_only(spy):
     """Reset the spy after the warm call of :func:`_conv_once`."""
-    spy.direct = spy.dispatched = 0
+    spy.direct = spy.grad_direct = spy.dispatched = 0
+    spy.backward_direct = []
 
 
 # ---- calls that go direct ------------------------------------------------------------------------------
@@ -182,18 +200,97 @@ def test_max_pool_values_only_when_indices_are_not_asked_for(monkeypatch):
 
 # ---- calls that keep the dispatcher ----------------------------------------------------------------------
 
-def test_gradients_keep_the_dispatcher(spy):
+def _torch_grads(x, w, b, **kw):
+    """x, w, b's gradients of ``sum(conv2d)`` by torch, for the ones that require grad (None for the others)."""
+    refs = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (x, w, b)]
+    TF.conv2d(*refs, **kw).sum().backward()
+    return [None if r is None else r.grad for r in refs]
+
+
+def _check_grads(got, expected):
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert_close(g, e)
+
+
+@pytest.mark.parametrize("needs", ["all", "weight_and_bias", "input_only"])
+def test_training_calls_record_their_node_without_the_dispatcher(spy, needs):
+    """Grad mode on and an operand that requires grad: the forward takes the autograd Function around the
+    implementation, and the plain backward runs the gradient ops' implementations directly -- only the ones
+    whose gradient is asked for (a first layer's input, frozen weights)."""
+    x, w, b = _operands()
+    x.requires_grad_(needs in ("all", "input_only"))
+    w.requires_grad_(needs != "input_only")
+    b.requires_grad_(needs != "input_only")
+    _conv_once(x, w, b, padding=1)
+    _count_only(spy)
+    out = F.conv2d(x, w, b, padding=1)
+    assert spy.took() == "grad-direct"
+    assert out.requires_grad and out.grad_fn is not None
+    out.sum().backward()
+    expected = {"all": ["grad_input", "grad_weight"], "weight_and_bias": ["grad_weight"],
+                "input_only": ["grad_input"]}[needs]
+    assert spy.backward_direct == expected
+    _check_grads([t.grad for t in (x, w, b)], _torch_grads(x, w, b, padding=1))
+    if needs == "input_only":
+        assert w.grad is None and b.grad is None
+
+
+def test_training_call_equals_the_dispatcher_path_channels_last_and_strided():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    got = F.conv2d(x, w, None, stride=2, padding=1, groups=2)
+    got.sum().backward()
+    gx, gw = x.grad, w.grad
+    x.grad = w.grad = None
+    eager.ENABLED = False
+    try:
+        again = F.conv2d(x, w, None, stride=2, padding=1, groups=2)
+        again.sum().backward()
+    finally:
+        eager.ENABLED = True
+    assert got.is_contiguous(memory_format=torch.channels_last) == again.is_contiguous(
+        memory_format=torch.channels_last)
+    assert torch.equal(got, again)
+    assert torch.equal(gx, x.grad) and torch.equal(gw, w.grad)
+
+
+def test_double_backward_through_a_training_call_records_the_gradient_ops(spy):
+    """create_graph=True: the backward records nothing directly -- its gradient ops go through the dispatcher
+    and record their own nodes, so second derivatives are the registered ops' (gradgradcheck against finite
+    differences, in float64)."""
     x, w, b = _operands(requires_grad=True)
     _conv_once(x, w, b, padding=1)
     _count_only(spy)
     out = F.conv2d(x, w, b, padding=1)
-    assert spy.took() == "dispatcher"
-    out.sum().backward()
+    assert spy.took() == "grad-direct"
+    gx, gw = torch.autograd.grad((out ** 2).sum(), (x, w), create_graph=True)
+    assert spy.backward_direct == []
+    assert gx.requires_grad and gw.requires_grad
     xr, wr, br = (t.detach().requires_grad_() for t in (x, w, b))
-    TF.conv2d(xr, wr, br, padding=1).sum().backward()
-    assert_close(x.grad, xr.grad)
-    assert_close(w.grad, wr.grad)
-    assert_close(b.grad, br.grad)
+    rx, rw = torch.autograd.grad((TF.conv2d(xr, wr, br, padding=1) ** 2).sum(), (xr, wr), create_graph=True)
+    assert_close(gx, rx)
+    assert_close(gw, rw)
+    assert torch.autograd.gradgradcheck(lambda a, c, d: F.conv2d(a, c, d, padding=1), (x, w, b))
+
+
+def test_gradients_keep_the_dispatcher_when_switched_off_or_profiled(spy, monkeypatch):
+    x, w, b = _operands(requires_grad=True)
+    _conv_once(x, w, b, padding=1)
+    _count_only(spy)
+    with torch.profiler.profile() as prof:
+        F.conv2d(x, w, b, padding=1).sum().backward()
+    assert spy.took() == "dispatcher"
+    assert spy.backward_direct == []
+    names = {e.name for e in prof.events()}
+    assert {"fastconv::conv2d_grad_input", "fastconv::conv2d_grad_weight"} <= names
+    _check_grads([x.grad, w.grad, b.grad], _torch_grads(x, w, b, padding=1))
+    _count_only(spy)
+    monkeypatch.setattr(eager, "ENABLED", False)
+    F.conv2d(x, w, b, padding=1)
+    assert spy.took() == "dispatcher"
 
 
 def test_forward_mode_dual_tensors_keep_the_dispatcher(spy):

@@ -10,7 +10,7 @@ from .. import registry
 from ..ops import conv as conv_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple, plain
 from ..ops._layout import laid_out, result_format
-from ..ops.eager import direct_ok
+from ..ops.eager import direct_grad_ok, direct_ok
 
 Padding = Union[str, IntOrSeq]
 
@@ -80,7 +80,12 @@ def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, alg
             dev = input.device
             if weight.device == dev and (bias is None or bias.device == dev):
                 # an inference call on plain tensors skips torch's dispatcher (40-150 µs a call; see ops.eager)
-                entry = conv_ops.FORWARD_DIRECT if direct_ok(input, weight, bias) else conv_ops.FORWARD
+                if direct_ok(input, weight, bias):
+                    entry = conv_ops.FORWARD_DIRECT
+                elif direct_grad_ok(input, weight, bias):  # a training call: autograd without the dispatcher
+                    entry = conv_ops.FORWARD_GRAD_DIRECT
+                else:
+                    entry = conv_ops.FORWARD
                 return laid_out(entry[ndim](input, weight, bias, *args), result_format(input, weight))
     op = f"conv{ndim}d"
     a = ConvArgs(op, ndim, input, weight, bias, stride, padding, dilation, groups, algo)

@@ -191,6 +191,7 @@ def _register(ndim: int):
                      (geom.batch, geom.in_channels) + tuple(input_size))
 
     @torch.library.custom_op(f"fastconv::{name}_grad_input", mutates_args=(), device_types=("cpu", "cuda"))
+    @eager.keep_implementation(GRAD_INPUT_IMPLEMENTATIONS, ndim)
     @validation.allocation_errors(f"{name}_grad_input")
     @precision.compute_in_float32(f"{name}_grad_input")
     def grad_input(grad_output: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
@@ -235,6 +236,7 @@ def _register(ndim: int):
                      (geom.out_channels, geom.in_channels // groups) + tuple(weight_size))
 
     @torch.library.custom_op(f"fastconv::{name}_grad_weight", mutates_args=(), device_types=("cpu", "cuda"))
+    @eager.keep_implementation(GRAD_WEIGHT_IMPLEMENTATIONS, ndim)
     @validation.allocation_errors(f"{name}_grad_weight")
     @precision.compute_in_float32(f"{name}_grad_weight")
     def grad_weight(grad_output: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
@@ -287,10 +289,15 @@ def _register(ndim: int):
         input, weight = ctx.saved_tensors
         g = ctx.geometry
         gi = gw = gb = None
+        # A plain backward() records nothing: the gradient ops' implementations run without the dispatcher
+        # (see ops.eager); under create_graph=True (or a profiler, a mode) they keep it and record their nodes.
+        direct = eager.direct_ok(grad, weight, input)
         if ctx.needs_input_grad[0]:
-            gi = grad_input_op(grad, weight, ctx.input_size, *g)
+            run = GRAD_INPUT_IMPLEMENTATIONS[ndim] if direct else grad_input_op
+            gi = run(grad, weight, ctx.input_size, *g)
         if ctx.needs_input_grad[1]:
-            gw = grad_weight_op(grad, input, ctx.weight_size, *g)
+            run = GRAD_WEIGHT_IMPLEMENTATIONS[ndim] if direct else grad_weight_op
+            gw = run(grad, input, ctx.weight_size, *g)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum(dim=[0, *range(2, grad.dim())])
         return gi, gw, gb, None, None, None, None, None, None
@@ -332,7 +339,23 @@ def _register(ndim: int):
         return d_gy, d_x, None, None, None, None, None, None, None
 
     conv_op, grad_input_op, grad_weight_op = conv, grad_input, grad_weight
+    conv_impl = IMPLEMENTATIONS[ndim]
     conv.register_autograd(conv_backward, setup_context=conv_setup)
+
+    class DirectConv(torch.autograd.Function):
+        """The forward op's implementation with the op's own autograd formula, without the dispatcher: for
+        calls that record a gradient on plain tensors with nothing watching (:func:`eager.direct_grad_ok`)."""
+
+        @staticmethod
+        def forward(ctx, input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
+            output = conv_impl(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
+            conv_setup(ctx, (input, weight, bias, stride, padding, padding_end, dilation, groups, algo), output)
+            return output
+
+        backward = staticmethod(conv_backward)
+
+    DirectConv.__name__ = DirectConv.__qualname__ = f"FastconvDirect_{name}"
+    FORWARD_GRAD_DIRECT[ndim] = DirectConv.apply
     grad_input.register_autograd(grad_input_backward, setup_context=grad_input_setup)
     grad_weight.register_autograd(grad_weight_backward, setup_context=grad_weight_setup)
 
@@ -355,6 +378,12 @@ def _register(ndim: int):
 
 #: ndim -> the forward op's implementation, undecorated by torch.library (filled by ``_register``).
 IMPLEMENTATIONS: dict = {}
+#: ndim -> the gradient ops' implementations (filled by ``_register``): what a plain backward calls.
+GRAD_INPUT_IMPLEMENTATIONS: dict = {}
+GRAD_WEIGHT_IMPLEMENTATIONS: dict = {}
+#: ndim -> ``apply`` of an autograd Function around the forward implementation (filled by ``_register``): only
+#: for calls that :func:`fastconv.ops.eager.direct_grad_ok` accepts.
+FORWARD_GRAD_DIRECT: dict = {}
 
 OPS = {ndim: _register(ndim) for ndim in DIMS}
 
