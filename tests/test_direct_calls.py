@@ -198,6 +198,45 @@ def test_max_pool_values_only_when_indices_are_not_asked_for(monkeypatch):
     assert torch.equal(idx, ref_idx)
 
 
+#: pooling op -> (fastconv call, torch's call, the gradient op its backward formula runs)
+POOLS = {
+    "max_pool": (lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+                 lambda x: TF.max_pool2d(x, 3, 2, 1, ceil_mode=True), "max_pool_backward"),
+    "avg_pool": (lambda x: F.avg_pool2d(x, 3, 2, 1), lambda x: TF.avg_pool2d(x, 3, 2, 1), "avg_pool_backward"),
+    "adaptive_avg_pool": (lambda x: F.adaptive_avg_pool2d(x, 3), lambda x: TF.adaptive_avg_pool2d(x, 3),
+                          "adaptive_avg_pool_backward"),
+    "adaptive_max_pool": (lambda x: F.adaptive_max_pool2d(x, 3), lambda x: TF.adaptive_max_pool2d(x, 3),
+                          "max_pool_backward"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOLS))
+def test_pool_training_calls_record_their_node_without_the_dispatcher(monkeypatch, name):
+    """A pooling call that records a gradient takes the op's autograd Function, and a plain backward runs the
+    gradient op's implementation; with create_graph=True the backward keeps the registered op (its own node),
+    so second derivatives hold (gradgradcheck)."""
+    ours, theirs, backward_name = POOLS[name]
+    calls = []
+    for table, key in ((pool_ops.GRAD_DIRECT, name), (pool_ops.IMPLEMENTATIONS, backward_name)):
+        fn = table[key]
+        monkeypatch.setitem(table, key, lambda *a, _fn=fn, _key=key: calls.append(_key) or _fn(*a))
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    ours(x.detach())  # normalises the arguments: the next call takes the short path
+    y = ours(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    assert calls == [name, backward_name]
+    xr = x.detach().requires_grad_()
+    expected = theirs(xr)
+    expected.backward(gy)
+    assert_close(y, expected)
+    assert_close(x.grad, xr.grad)
+    calls.clear()
+    assert torch.autograd.gradgradcheck(ours, (x,))
+    assert name in calls and backward_name not in calls
+
+
 # ---- calls that keep the dispatcher ----------------------------------------------------------------------
 
 def _torch_grads(x, w, b, **kw):

@@ -14,7 +14,7 @@ from ..ops import pool as pool_ops
 from ..ops import validation
 from ._checks import IntOrSeq, batched, check_pool_output, check_pool_padding, check_type, int_tuple, plain
 from ..ops._layout import laid_out, suggested_format
-from ..ops.eager import direct_ok
+from ..ops.eager import direct_grad_ok, direct_ok
 
 OptSize = Union[None, int, Sequence[Optional[int]]]
 
@@ -63,6 +63,17 @@ def _memo(key, value):
     _NORMALISED[key] = value
 
 
+def _entry(name: str, direct: bool, input):
+    """The entry of pooling op ``name`` for a call with normalised arguments: its implementation (``direct``:
+    nothing records or watches), its autograd Function (a training call with nothing watching), else the
+    registered op through torch's dispatcher (see :mod:`fastconv.ops.eager`)."""
+    if direct:
+        return pool_ops.IMPLEMENTATIONS[name]
+    if direct_grad_ok(input):
+        return pool_ops.GRAD_DIRECT[name]
+    return getattr(pool_ops, name)
+
+
 def _batched_plain(input, ndim: int, *args) -> bool:
     return isinstance(input, Tensor) and input.dim() == ndim + 2 and all(plain(a) for a in args)
 
@@ -77,7 +88,7 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
             if direct and not return_indices:  # no gradient will ask for the indices: values only
                 y = pool_ops.IMPLEMENTATIONS["max_pool_values"](input, *lists, bool(ceil_mode), minimum)
                 return laid_out(y, suggested_format(input))
-            run = pool_ops.IMPLEMENTATIONS["max_pool"] if direct else pool_ops.max_pool
+            run = _entry("max_pool", direct, input)
             y, idx = run(input, *lists, bool(ceil_mode), minimum)
             fmt = suggested_format(input)
             y, idx = laid_out(y, fmt), laid_out(idx, fmt)
@@ -130,7 +141,7 @@ def _avg_pool(op, ndim, input, kernel_size, stride, padding, ceil_mode, count_in
                divisor_override)
         args = _NORMALISED.get(key)
         if args is not None:
-            run = pool_ops.IMPLEMENTATIONS["avg_pool"] if direct_ok(input) else pool_ops.avg_pool
+            run = _entry("avg_pool", direct_ok(input), input)
             return laid_out(run(input, *args), suggested_format(input if ndim < 3 else None))
     x, unbatched = _input(op, input, ndim)
     kernel, stride, padding, _ = _window(op, ndim, kernel_size, stride, padding)
@@ -199,9 +210,8 @@ def _adaptive(op, ndim, input, output_size, kind, return_indices=False):
             fmt = suggested_format(input if ndim < 3 else None)
             direct = direct_ok(input)  # skips torch's dispatcher where nothing records or watches (ops.eager)
             if kind == "avg":
-                run = pool_ops.IMPLEMENTATIONS["adaptive_avg_pool"] if direct else pool_ops.adaptive_avg_pool
-                return laid_out(run(input, out), fmt)
-            run = pool_ops.IMPLEMENTATIONS["adaptive_max_pool"] if direct else pool_ops.adaptive_max_pool
+                return laid_out(_entry("adaptive_avg_pool", direct, input)(input, out), fmt)
+            run = _entry("adaptive_max_pool", direct, input)
             y, idx = run(input, out)
             y, idx = laid_out(y, fmt), laid_out(idx, fmt)
             return (y, idx) if return_indices else y

@@ -339,23 +339,8 @@ def _register(ndim: int):
         return d_gy, d_x, None, None, None, None, None, None, None
 
     conv_op, grad_input_op, grad_weight_op = conv, grad_input, grad_weight
-    conv_impl = IMPLEMENTATIONS[ndim]
     conv.register_autograd(conv_backward, setup_context=conv_setup)
-
-    class DirectConv(torch.autograd.Function):
-        """The forward op's implementation with the op's own autograd formula, without the dispatcher: for
-        calls that record a gradient on plain tensors with nothing watching (:func:`eager.direct_grad_ok`)."""
-
-        @staticmethod
-        def forward(ctx, input, weight, bias, stride, padding, padding_end, dilation, groups, algo):
-            output = conv_impl(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
-            conv_setup(ctx, (input, weight, bias, stride, padding, padding_end, dilation, groups, algo), output)
-            return output
-
-        backward = staticmethod(conv_backward)
-
-    DirectConv.__name__ = DirectConv.__qualname__ = f"FastconvDirect_{name}"
-    FORWARD_GRAD_DIRECT[ndim] = DirectConv.apply
+    FORWARD_GRAD_DIRECT[ndim] = eager.autograd_entry(name, IMPLEMENTATIONS[ndim], conv_setup, conv_backward)
     grad_input.register_autograd(grad_input_backward, setup_context=grad_input_setup)
     grad_weight.register_autograd(grad_weight_backward, setup_context=grad_weight_setup)
 

@@ -39,7 +39,7 @@ from torch.autograd import forward_ad as _forward_ad
 from torch.autograd import profiler as _profiler
 from torch.nn import Parameter
 
-__all__ = ["direct_ok", "direct_grad_ok", "keep_implementation", "ENABLED"]
+__all__ = ["autograd_entry", "direct_ok", "direct_grad_ok", "keep_implementation", "ENABLED"]
 
 #: Direct calls allowed at all (``FASTCONV_DIRECT_CALLS=0`` turns them off).
 ENABLED = os.environ.get("FASTCONV_DIRECT_CALLS", "1").strip().lower() not in ("0", "off", "false", "no")
@@ -64,6 +64,27 @@ def keep_implementation(table: dict, key):
         table[key] = fn
         return fn
     return keep
+
+
+def autograd_entry(name: str, implementation, setup_context, backward):
+    """``apply`` of an ordinary ``torch.autograd.Function`` named ``FastconvDirect_<name>`` that runs an op's
+    ``implementation`` and records the op's own autograd formula (the ``setup_context`` and ``backward`` given
+    to ``register_autograd``): the entry of the calls :func:`direct_grad_ok` accepts. Integer outputs (pooling
+    indices) come out non-differentiable, as from the registered op."""
+
+    class Direct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            output = implementation(*args)
+            setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Direct.__name__ = Direct.__qualname__ = f"FastconvDirect_{name}"
+    return Direct.apply
 
 
 def _watched() -> bool:

@@ -80,6 +80,9 @@ _PLANS: dict = {}
 #: op name -> the op's implementation, undecorated by torch.library, for the calls that
 #: :func:`fastconv.ops.eager.direct_ok` lets skip the dispatcher (max_pool, avg_pool and the adaptive pools).
 IMPLEMENTATIONS: dict = {}
+#: op name -> ``apply`` of an autograd Function around the implementation with the op's own formula, for the
+#: training calls that :func:`fastconv.ops.eager.direct_grad_ok` accepts (filled below the formulas).
+GRAD_DIRECT: dict = {}
 #: Entries kept; when full the table starts over.
 PLANS_MAX = 4096
 
@@ -163,6 +166,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode, minimum):
 
 
 @torch.library.custom_op("fastconv::max_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "max_pool_backward")
 @validation.allocation_errors("max_pool_backward")
 @precision.compute_in_float32("max_pool_backward")
 def max_pool_backward(grad_output: Tensor, indices: Tensor, input_size: list[int]) -> Tensor:
@@ -248,15 +252,25 @@ def _indices_setup(ctx, inputs, output):
     ctx.input_size = _spatial(inputs[0])
 
 
+def _backward_op(name: str, op, *tensors):
+    """A formula's gradient op: its implementation where the backward records nothing (a plain ``backward()``;
+    see :func:`fastconv.ops.eager.direct_ok`), else the registered op (``create_graph=True`` records it)."""
+    return IMPLEMENTATIONS[name] if eager.direct_ok(*tensors) else op
+
+
 def _indices_backward(ctx, grad, _grad_indices):
     (indices,) = ctx.saved_tensors
-    g = max_pool_backward(grad, indices, ctx.input_size) if ctx.needs_input_grad[0] else None
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    g = _backward_op("max_pool_backward", max_pool_backward, grad)(grad, indices, ctx.input_size)
     return (g,) + (None,) * 6
 
 
 def _adaptive_max_backward(ctx, grad, _grad_indices):
     (indices,) = ctx.saved_tensors
-    return max_pool_backward(grad, indices, ctx.input_size) if ctx.needs_input_grad[0] else None, None
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    return _backward_op("max_pool_backward", max_pool_backward, grad)(grad, indices, ctx.input_size), None
 
 
 def _save_indices(ctx, inputs, output):
@@ -289,6 +303,10 @@ adaptive_max_pool.register_autograd(_adaptive_max_backward, setup_context=_indic
 max_pool_backward.register_autograd(_scatter_backward, setup_context=_save_indices)
 max_unpool.register_autograd(_unpool_backward, setup_context=_save_indices)
 max_unpool_backward.register_autograd(_gather_backward, setup_context=_gather_setup)
+GRAD_DIRECT["max_pool"] = eager.autograd_entry("max_pool", IMPLEMENTATIONS["max_pool"], _indices_setup,
+                                               _indices_backward)
+GRAD_DIRECT["adaptive_max_pool"] = eager.autograd_entry("adaptive_max_pool", IMPLEMENTATIONS["adaptive_max_pool"],
+                                                        _indices_setup, _adaptive_max_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +344,7 @@ def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor
 
 
 @torch.library.custom_op("fastconv::avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "avg_pool_backward")
 @validation.allocation_errors("avg_pool_backward")
 @precision.compute_in_float32("avg_pool_backward")
 def avg_pool_backward(grad_output: Tensor, input_size: list[int], kernel_size: list[int], stride: list[int],
@@ -362,7 +381,9 @@ def _avg_setup(ctx, inputs, output):
 
 
 def _avg_backward(ctx, grad):
-    g = avg_pool_backward(grad, ctx.input_size, *ctx.args) if ctx.needs_input_grad[0] else None
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    g = _backward_op("avg_pool_backward", avg_pool_backward, grad)(grad, ctx.input_size, *ctx.args)
     return (g,) + (None,) * 6
 
 
@@ -376,6 +397,7 @@ def _avg_bw_backward(ctx, gg):
 
 avg_pool.register_autograd(_avg_backward, setup_context=_avg_setup)
 avg_pool_backward.register_autograd(_avg_bw_backward, setup_context=_avg_bw_setup)
+GRAD_DIRECT["avg_pool"] = eager.autograd_entry("avg_pool", IMPLEMENTATIONS["avg_pool"], _avg_setup, _avg_backward)
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool", mutates_args=(), device_types=("cpu", "cuda"))
@@ -406,6 +428,7 @@ def _(input, output_size):
 
 
 @torch.library.custom_op("fastconv::adaptive_avg_pool_backward", mutates_args=(), device_types=("cpu", "cuda"))
+@eager.keep_implementation(IMPLEMENTATIONS, "adaptive_avg_pool_backward")
 @validation.allocation_errors("adaptive_avg_pool_backward")
 @precision.compute_in_float32("adaptive_avg_pool_backward")
 def adaptive_avg_pool_backward(grad_output: Tensor, input_size: list[int]) -> Tensor:
@@ -436,7 +459,10 @@ def _adaptive_avg_setup(ctx, inputs, output):
 
 
 def _adaptive_avg_backward(ctx, grad):
-    return adaptive_avg_pool_backward(grad, ctx.input_size) if ctx.needs_input_grad[0] else None, None
+    if not ctx.needs_input_grad[0]:
+        return None, None
+    run = _backward_op("adaptive_avg_pool_backward", adaptive_avg_pool_backward, grad)
+    return run(grad, ctx.input_size), None
 
 
 def _adaptive_avg_bw_setup(ctx, inputs, output):
@@ -449,6 +475,8 @@ def _adaptive_avg_bw_backward(ctx, gg):
 
 adaptive_avg_pool.register_autograd(_adaptive_avg_backward, setup_context=_adaptive_avg_setup)
 adaptive_avg_pool_backward.register_autograd(_adaptive_avg_bw_backward, setup_context=_adaptive_avg_bw_setup)
+GRAD_DIRECT["adaptive_avg_pool"] = eager.autograd_entry("adaptive_avg_pool", IMPLEMENTATIONS["adaptive_avg_pool"],
+                                                        _adaptive_avg_setup, _adaptive_avg_backward)
 
 
 # ------------------------------------------------------------------------------------------------
