@@ -78,7 +78,8 @@ def _as_5d(t: Tensor) -> Tensor:
 #: target), so a hit is exactly a call that was checked before. Empty results are not planned.
 _PLANS: dict = {}
 #: op name -> the op's implementation, undecorated by torch.library, for the calls that
-#: :func:`fastconv.ops.eager.direct_ok` lets skip the dispatcher (max_pool, avg_pool and the adaptive pools).
+#: :func:`fastconv.ops.eager.direct_ok` lets skip the dispatcher (max_pool, avg_pool and the adaptive pools, and
+#: the gradient ops their backward formulas run).
 IMPLEMENTATIONS: dict = {}
 #: op name -> ``apply`` of an autograd Function around the implementation with the op's own formula, for the
 #: training calls that :func:`fastconv.ops.eager.direct_grad_ok` accepts (filled below the formulas).
