@@ -561,8 +561,13 @@ def _planes_of(x, planes: _Planes, padding, stride):
     return xph
 
 
-#: Fewest multiply-adds for which the arithmetic kernels wake the worker threads (about 0.1 ms on one core).
-PARALLEL_MIN_MACS = 2_000_000
+#: Fewest multiply-adds for which the arithmetic kernels wake the worker threads. The serial kernels run short
+#: planes at about 20 GFLOP/s, so waking the second thread pays from a few hundred thousand: measured at batch 1,
+#: 2 threads, 8-wide groups 3x3, medians of 300 calls, µs forward / input grad / weight grad, serial -> parallel:
+#: RegNet's 440 x 4x4 (1.1M) 92/111/84 -> 57/78/51, 208 x 8x8 (1.5M) 71/83/83 -> 46/60/50 (torch's forward 55);
+#: 128 x 4x4 (0.33M) 38/48/37 -> 30/41/28; 64 x 4x4 (0.17M) level (27/36/27). (The dense fused-im2col kernels
+#: are faster per call and stay serial below 2M: there a lower threshold measured 1.1-1.5x slower.)
+PARALLEL_MIN_MACS = 250_000
 
 
 def _sized(kernel, macs):
