@@ -139,10 +139,12 @@ def test_channels_last_result_layout_is_the_same_on_both_paths():
     assert torch.equal(direct, dispatched)
 
 
-def test_bad_input_gets_the_same_error_on_both_paths():
-    x, w, _ = _operands()
-    with torch.no_grad():
-        F.conv2d(x, w)  # remembers the arguments: the next calls take the short path
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_bad_input_gets_the_same_error_on_both_paths(training):
+    """A call that records a gradient (the autograd Function's path) refuses bad input as the dispatcher does."""
+    x, w, _ = _operands(requires_grad=training)
+    with torch.set_grad_enabled(training):
+        F.conv2d(x.detach(), w.detach())  # remembers the arguments: the next calls take the short path
         messages = []
         for enabled in (True, False):
             eager.ENABLED = enabled

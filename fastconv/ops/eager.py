@@ -11,7 +11,8 @@ nothing watching: the autograd kernel only records a graph node when an input re
 is the implementation itself. :func:`direct_ok` says when a call is such a call. A training call (grad mode
 on, an input requires grad) needs a graph node, and nothing more when nothing watches: :func:`direct_grad_ok`
 lets such a call record the op's own autograd formula with an ordinary ``torch.autograd.Function`` around the
-implementation (the conv ops; ``fastconv.ops.conv.FORWARD_GRAD_DIRECT``), and the formula's gradient ops go
+implementation (:func:`autograd_entry`: the conv and pooling ops, ``fastconv.ops.conv.FORWARD_GRAD_DIRECT``,
+``fastconv.ops.pool.GRAD_DIRECT``), and the formula's gradient ops go
 direct when the backward records nothing (a plain ``backward()``; ``create_graph=True`` keeps the dispatcher
 there, so double backward records the registered ops). Anything else keeps the dispatcher, because there it
 matters:
