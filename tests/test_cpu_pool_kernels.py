@@ -595,3 +595,31 @@ def test_avg_pool_inside_kernel_equals_general_kernel_and_torch_bit_for_bit(monk
             t = F.avg_pool3d(torch.from_numpy(x), k, s, divisor_override=override or None)
             assert np.array_equal(got[0], t.numpy()), (sp, k, s, override, "torch")
     assert "_avg_pool_inside_kernel" in calls and "_avg_pool_tiling_backward_kernel" in calls
+
+
+@pytest.mark.parametrize("want_min", [False, True], ids=["max", "min"])
+@pytest.mark.parametrize("nd,kernel,stride,padding,dilation", [
+    (1, (1, 1, 4), (1, 1, 3), (0, 0, 2), (1, 1, 1)),
+    (2, (1, 3, 3), (1, 2, 2), (0, 1, 1), (1, 1, 1)),
+    (2, (1, 3, 2), (1, 1, 2), (0, 1, 0), (1, 2, 1)),
+    (3, (2, 3, 3), (2, 2, 1), (1, 1, 1), (1, 1, 2)),
+])
+@pytest.mark.parametrize("values", ["random", "ties", "nan", "-inf"])
+def test_max_pool_backward_from_values_equals_the_scatter_at_the_indices(want_min, nd, kernel, stride, padding,
+                                                                         dilation, values):
+    """The gradient found again from the values is the scatter at the indexed kernels' indices, exactly."""
+    rng = _rng(3)
+    shape = (2, 3, 5 if nd == 3 else 1, 7 if nd >= 2 else 1, 9)
+    x = {"random": rng.standard_normal(shape), "ties": rng.integers(0, 3, shape).astype(np.float64),
+         "nan": np.where(rng.random(shape) < 0.2, np.nan, rng.standard_normal(shape)),
+         "-inf": np.where(rng.random(shape) < 0.7, -np.inf, rng.standard_normal(shape))}[values]
+    if want_min and values == "-inf":
+        x = -x
+    out = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                for i, k, s, p, d in zip(shape[2:], kernel, stride, padding, dilation))
+    run = pool_max.min_pool_forward if want_min else pool_max.max_pool_forward
+    y, idx = run(x, kernel, stride, padding, dilation, out, True)
+    g = rng.standard_normal(y.shape)
+    expected = pool_max.max_pool_backward(g, idx, shape[2:])
+    got = pool_max.max_pool_backward_from_values(g, x, y, kernel, stride, padding, dilation, want_min)
+    np.testing.assert_array_equal(got, expected)

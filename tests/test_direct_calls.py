@@ -202,8 +202,9 @@ def test_max_pool_values_only_when_indices_are_not_asked_for(monkeypatch):
 
 #: pooling op -> (fastconv call, torch's call, the gradient op its backward formula runs)
 POOLS = {
-    "max_pool": (lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
-                 lambda x: TF.max_pool2d(x, 3, 2, 1, ceil_mode=True), "max_pool_backward"),
+    # stride 1: strided max pooling takes the values-only training path (test_max_pool_training_from_values)
+    "max_pool": (lambda x: F.max_pool2d(x, 3, 1, 1, ceil_mode=True),
+                 lambda x: TF.max_pool2d(x, 3, 1, 1, ceil_mode=True), "max_pool_backward"),
     "avg_pool": (lambda x: F.avg_pool2d(x, 3, 2, 1), lambda x: TF.avg_pool2d(x, 3, 2, 1), "avg_pool_backward"),
     "adaptive_avg_pool": (lambda x: F.adaptive_avg_pool2d(x, 3), lambda x: TF.adaptive_avg_pool2d(x, 3),
                           "adaptive_avg_pool_backward"),
@@ -237,6 +238,73 @@ def test_pool_training_calls_record_their_node_without_the_dispatcher(monkeypatc
     calls.clear()
     assert torch.autograd.gradgradcheck(ours, (x,))
     assert name in calls and backward_name not in calls
+
+
+def _values_training_spy(monkeypatch):
+    """Counts the entries a max-pooling training call can take and the backward ops it can run."""
+    calls = []
+    for table, key in ((pool_ops.GRAD_DIRECT, "max_pool_values"), (pool_ops.GRAD_DIRECT, "max_pool"),
+                       (pool_ops.IMPLEMENTATIONS, "max_pool_backward")):
+        fn = table[key]
+        monkeypatch.setitem(table, key, lambda *a, _fn=fn, _key=key: calls.append(_key) or _fn(*a))
+    return calls
+
+
+@pytest.mark.parametrize("values", ["random", "ties", "nan", "-inf"])
+@pytest.mark.parametrize("ndim,kernel,stride,padding,dilation,ceil_mode", [
+    (2, 3, 2, 1, 1, False), (2, 2, 2, 0, 1, False), (2, 3, 2, 1, 2, True), (2, (3, 2), (2, 3), 1, 1, True),
+    (1, 5, 3, 2, 1, True), (3, 3, 2, 1, 1, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_max_pool_training_from_values(monkeypatch, values, ndim, kernel, stride, padding, dilation, ceil_mode, dtype):
+    """A strided max-pooling training call that discards the indices runs the values-only forward, and its
+    backward finds each window's element again: the gradient equals torch's bit for bit, ties (first element),
+    NaN (the last NaN of the window) and windows of -inf included."""
+    calls = _values_training_spy(monkeypatch)
+    ours = getattr(F, f"max_pool{ndim}d")
+    theirs = getattr(TF, f"max_pool{ndim}d")
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    torch.manual_seed(0)
+    shape = (2, 3) + (9, 10, 11)[3 - ndim:]
+    x = {"random": torch.randn(shape), "ties": torch.randint(0, 3, shape).float(),
+         "nan": torch.randn(shape).masked_fill(torch.rand(shape) < 0.2, float("nan")),
+         "-inf": torch.randn(shape).masked_fill(torch.rand(shape) < 0.7, float("-inf"))}[values].to(dtype)
+    ours(x, *args)  # normalises the arguments: the next call takes the short path
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa, *args), theirs(xb, *args)
+    gy = torch.randn_like(yb)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert calls == ["max_pool_values"]
+    assert torch.equal(ya.nan_to_num(7.0), yb.nan_to_num(7.0))
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_max_pool_training_from_values_edge_cases(monkeypatch):
+    """The values path's output may be modified in place after the forward (torch's max_pool saves no output):
+    the backward then computes the values again; stride 1 keeps the indexed path (slower from values);
+    create_graph=True keeps the registered scatter op, so second derivatives hold."""
+    calls = _values_training_spy(monkeypatch)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    F.max_pool2d(x, 3, 2, 1)
+    F.max_pool2d(x, 3, 1, 1)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = F.max_pool2d(xa, 3, 2, 1), TF.max_pool2d(xb, 3, 2, 1)
+    ya.mul_(-1.0)  # in place: the kept values no longer hold the maxima
+    yb.mul_(-1.0)
+    gy = torch.randn_like(yb)
+    ya.backward(gy)
+    yb.backward(gy)
+    assert torch.equal(xa.grad, xb.grad)
+    assert calls == ["max_pool_values"]
+    calls.clear()
+    F.max_pool2d(x.clone().requires_grad_(), 3, 1, 1).sum().backward()
+    assert calls == ["max_pool", "max_pool_backward"]
+    calls.clear()
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: F.max_pool2d(t, 3, 2, 1), (xg,))
+    assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, 3, 2, 1), (xg,))
+    assert "max_pool_values" in calls
 
 
 # ---- calls that keep the dispatcher ----------------------------------------------------------------------

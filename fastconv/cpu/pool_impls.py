@@ -27,6 +27,12 @@ class NumbaPoolKernels:
         run = pool_max.min_pool_forward if minimum else pool_max.max_pool_forward
         return torch.from_numpy(run(_np(x), kernel, stride, padding, dilation, out_spatial, False)[0])
 
+    def max_pool_backward_from_values(self, grad_out, x, y, kernel, stride, padding, dilation, minimum):
+        """:meth:`max_pool_backward` at the indices :meth:`max_pool` would return, found again from the input
+        ``x`` and the pooled values ``y`` (a training forward then runs :meth:`max_pool_values`)."""
+        return torch.from_numpy(pool_max.max_pool_backward_from_values(_np(grad_out), _np(x), _np(y), kernel, stride,
+                                                                        padding, dilation, minimum))
+
     def max_pool_backward(self, grad_out, indices, in_spatial):
         return torch.from_numpy(pool_max.max_pool_backward(_np(grad_out), _np(indices), in_spatial))
 

@@ -318,6 +318,68 @@ def _max_pool_backward_kernel(g, ind, gx, bad):
 
 
 @parallel.kernel(work_arg=0, pool=True, **_JIT)
+def _max_pool_backward_values_kernel(x, y, g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, want_min):
+    """Gradient of max (or min) pooling from the pooled values instead of indices: ``g`` (P, OD, OH, OW) is added
+    into ``gx`` (P, D, H, W, zeroed) at the element of ``x`` (P, D, H, W) that the indexed kernels would have
+    picked for the value ``y`` (P, OD, OH, OW): the first element of the window equal to it in (d, h, w) order,
+    or the window's last NaN when it is NaN (torch's rule: ties keep the first, the last NaN wins; a window of
+    -inf picks its first element, as the indexed kernels' initial argmax does). ``want_min`` changes nothing
+    here (the value is found either way); it keeps the forward kernels' signature.
+
+    A plain search that stops at the first equal element. Tried and slower (ResNet's 3x3/2 pool of 8 x 64 x
+    64x64, 2 threads): the taps clipped to the plane once per output, 8.5 -> 10 ms; the taps visited last to
+    first over whole output rows with a select per output (branch-free), 12.9 ms."""
+    P, D, H, W = x.shape
+    OD, OH, OW = y.shape[1], y.shape[2], y.shape[3]
+    for p in prange(P):
+        xp = x[p]
+        gxp = gx[p]
+        for od in range(OD):
+            d0 = od * sd - pd
+            for oh in range(OH):
+                h0 = oh * sh - ph
+                for ow in range(OW):
+                    w0 = ow * sw - pw
+                    target = y[p, od, oh, ow]
+                    nan = target != target
+                    fd = -1
+                    fh = 0
+                    fw = 0
+                    found = False
+                    for i in range(kd):
+                        idd = d0 + i * dd
+                        if idd < 0 or idd >= D:
+                            continue
+                        for j in range(kh):
+                            ih = h0 + j * dh
+                            if ih < 0 or ih >= H:
+                                continue
+                            xrow = xp[idd, ih]
+                            for k in range(kw):
+                                iw = w0 + k * dw
+                                if iw < 0 or iw >= W:
+                                    continue
+                                v = xrow[iw]
+                                if nan:
+                                    if v != v:  # keep looking: the last NaN wins
+                                        fd = idd
+                                        fh = ih
+                                        fw = iw
+                                elif v == target:
+                                    fd = idd
+                                    fh = ih
+                                    fw = iw
+                                    found = True
+                                    break
+                            if found:
+                                break
+                        if found:
+                            break
+                    if fd >= 0:
+                        gxp[fd, fh, fw] += g[p, od, oh, ow]
+
+
+@parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _extreme_pool_int_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, init, want_min, want_idx):
     """Max (or min) pooling of an integer ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW), indices into ``ind``.
 
@@ -571,3 +633,36 @@ def max_pool_backward(grad_out, indices, in_spatial):
             raise RuntimeError(f"max_pool_backward: found an index outside [0, {d * h * w}) "
                                f"(input plane {d}x{h}x{w})")
     return gx.reshape(n, c, d, h, w)
+
+
+@config.parallel_entry
+def max_pool_backward_from_values(grad_out, x, y, kernel, stride, padding, dilation, want_min):
+    """Gradient of max (``want_min`` False) or min pooling from the input and the pooled values, no indices: the
+    same result as :func:`max_pool_backward` at the indices :func:`max_pool_forward` would return.
+
+    Why: a training forward that keeps its indices runs the indexed kernels, 3-5x slower than the values-only
+    ones (ResNet's 3x3/2 pool of 8 x 64 x 64x64: 8.8 against 2.0 ms on 2 threads); finding each window's element
+    again in the backward costs less than the difference.
+
+    Parameters
+    ----------
+    grad_out, y : ndarray (N, C, OD, OH, OW), one float dtype
+    x : ndarray (N, C, D, H, W), the pooled input, ``grad_out``'s dtype
+    kernel, stride, padding, dilation : 3-tuples of int, as given to the forward
+
+    Returns
+    -------
+    grad_x : ndarray (N, C, D, H, W), ``grad_out``'s dtype.
+    """
+    config.sync_threads()
+    _check_geometry("max_pool_backward_from_values", x, kernel, stride, padding, dilation, y.shape[2:])
+    if grad_out.shape != y.shape or x.shape[:2] != y.shape[:2]:
+        raise ValueError(f"max_pool_backward_from_values: grad_out {grad_out.shape}, values {y.shape} and input "
+                         f"{x.shape} do not match")
+    n, c = x.shape[:2]
+    gx = memory.zeros((n * c,) + tuple(x.shape[2:]), dtype=grad_out.dtype)
+    if gx.size and grad_out.size:
+        _max_pool_backward_values_kernel(_planes(x), _planes(y), _planes(grad_out), gx,
+                                         *(int(v) for v in kernel), *(int(v) for v in stride),
+                                         *(int(v) for v in padding), *(int(v) for v in dilation), bool(want_min))
+    return gx.reshape(x.shape)

@@ -88,6 +88,10 @@ def _extreme_pool(op, ndim, input, kernel_size, stride, padding, dilation, ceil_
             if direct and not return_indices:  # no gradient will ask for the indices: values only
                 y = pool_ops.IMPLEMENTATIONS["max_pool_values"](input, *lists, bool(ceil_mode), minimum)
                 return laid_out(y, suggested_format(input))
+            if not (direct or return_indices) and direct_grad_ok(input) and pool_ops.values_training_ok(input, lists[1]):
+                # a training call that discards the indices: values-only forward, indices found in the backward
+                y = pool_ops.GRAD_DIRECT["max_pool_values"](input, *lists, bool(ceil_mode), minimum)
+                return laid_out(y, suggested_format(input))
             run = _entry("max_pool", direct, input)
             y, idx = run(input, *lists, bool(ceil_mode), minimum)
             fmt = suggested_format(input)
