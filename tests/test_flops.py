@@ -277,10 +277,13 @@ def test_algorithm_columns_come_from_the_registry(monkeypatch):
 
     if im2col_fused.gather_applies((1, 3, 3), 1, (1, 12, 12), (1, 12, 12)):
         # im2col's workspace on the gather kernel (the own GEMM): the padded input (2 x 16 x 14 x 14), the weights
-        # packed in one panel of 32 columns (8 used) and one task's result for all 288 positions (a conv this
-        # small runs on the calling thread), float32
+        # packed in one panel of the micro-kernel's columns (32 float32 with AVX-512, 16 with AVX2; 8 used) and one
+        # task's result for all 288 positions (a conv this small runs on the calling thread), float32
+        from fastconv.cpu import micro_gemm
+
+        panel = micro_gemm.NV * micro_gemm.VECTOR_BYTES // 4
         (row,) = flops.count(fnn.Conv2d(16, 8, 3, padding=1, algo="im2col"), x).rows
-        assert row.workspace_bytes == (2 * 16 * 14 * 14 + 16 * 9 * 32 + 288 * 8) * 4
+        assert row.workspace_bytes == (2 * 16 * 14 * 14 + 16 * 9 * panel + 288 * 8) * 4
     monkeypatch.setattr(im2col_fused, "GATHER", False)
     # im2col's workspace on its fused path (dense, 2-D): one task (a conv this small runs on the
     # calling thread), whose chunk of columns (C*k*k rows) and GEMM result (K rows) hold both images' 24 output

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastconv.functional as F
-from fastconv.cpu import algorithms, jit_gemm, parallel_gemm, pointwise
+from fastconv.cpu import algorithms, jit_gemm, micro_gemm, parallel_gemm, pointwise
 from helpers import assert_close
 
 
@@ -31,6 +31,8 @@ def gemm_route(request, monkeypatch):
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_PIXELS", 1)
         monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_CHANNELS", 1)
+        monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
+        monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MAX_PIXELS", 1 << 30)
         real = parallel_gemm.matmul
         monkeypatch.setattr(parallel_gemm, "matmul", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     try:
@@ -345,6 +347,7 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
     previous = jit_gemm.use_own_gemm(True)
     monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
     monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_CHANNELS", 1)
+    monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
     seen = []
     real = parallel_gemm.matmul
     monkeypatch.setattr(parallel_gemm, "matmul", lambda a, b3, *rest, **kw: seen.append(b3.shape) or real(a, b3, *rest, **kw))
@@ -363,3 +366,16 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
         jit_gemm.use_own_gemm(previous)
     # forward and input gradient side by side; the weight gradient sums the images' products (b is x^T per image)
     assert sorted(seen) == [(1, 5, 18), (1, 6, 18), (3, 6, 6)]
+
+
+def test_avx2_hosts_leave_narrow_and_large_plane_products_to_the_library(monkeypatch):
+    """Without 512-bit vectors the own 1x1 route declines few channels and large planes (MKL runs the same AVX2
+    code faster there) and takes the rest; with them the limits do not apply."""
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", False)
+    assert pointwise._avx2_declines(116, 116, 64)
+    assert pointwise._avx2_declines(1024, 256, 1024)
+    assert pointwise._avx2_declines(144, 24, None)
+    assert not pointwise._avx2_declines(1024, 256, 64)
+    assert not pointwise._avx2_declines(512, 1024, None)
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", True)
+    assert not pointwise._avx2_declines(116, 116, 4096)

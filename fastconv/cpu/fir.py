@@ -4,7 +4,7 @@ with the partial sums held in registers across all the taps.
 Why: the depthwise kernels (:mod:`.depthwise`) compute each output plane as this sum, with ``src`` a padded copy of
 the input plane and one offset per tap. Written as Numba loops it made one pass over ``out`` per three taps
 (load, add, store): a 7x7 kernel (ConvNeXt) made 17 passes, and the loop ran at half the rate of torch's depthwise
-conv. Here a tile of ``FIR_VECTORS`` 64-byte vectors of ``out`` (128 float32 outputs) is accumulated over every
+conv. Here a tile of ``FIR_VECTORS`` vectors of ``out`` (64 bytes each with AVX-512, 32 with AVX2: :data:`.micro_gemm.VECTOR_BYTES`) is accumulated over every
 tap in registers (LLVM vector values, as in :mod:`.micro_gemm`, whose arrays Numba would keep in memory) and
 stored once: per tap one broadcast of the weight, one vector load and one FMA per vector. Shorter tails take
 tiles of fewer vectors, the last partial vector element by element.
@@ -23,16 +23,16 @@ from . import micro_gemm
 __all__ = ["fir", "FIR_VECTORS", "channel_rows"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
-_VECTOR_BYTES = 64
+_VECTOR_BYTES = micro_gemm.VECTOR_BYTES  # the vectors micro_gemm.vector_ir builds
 
-#: 64-byte vectors of ``out`` per tile: eight independent FMA chains keep both FMA units busy (four cycles of
+#: Vectors of ``out`` per tile: eight independent FMA chains keep both FMA units busy (four cycles of
 #: latency each).
 FIR_VECTORS = 8
 
 
 def _fir_tile_intrinsic(vectors: int):
     """An intrinsic ``tile(src, src_base, offs, wts, T, out, out_base)``: ``out[out_base + j] = sum over t < T of
-    wts[t] * src[src_base + offs[t] + j]`` for ``j < vectors * W`` (``W`` elements per 64-byte vector). No bounds
+    wts[t] * src[src_base + offs[t] + j]`` for ``j < vectors * W`` (``W`` elements per vector). No bounds
     checks: the caller's indices are exact."""
 
     @intrinsic
@@ -125,7 +125,7 @@ def fir(src, offs, wts, T, out, L):
 
 def _channel_tile_intrinsic(positions: int):
     """An intrinsic ``tile(src, src_base, offs, wts, w_base, T, out, out_base, step)`` for channel-innermost data
-    (``step`` elements per position, one 64-byte vector of channels at each): ``out[out_base + j*step + l] =
+    (``step`` elements per position, one vector of channels at each): ``out[out_base + j*step + l] =
     wts[w_base + T*step + l] + sum over t < T of wts[w_base + t*step + l] * src[src_base + offs[t] + j*step + l]``
     for ``j < positions`` and the ``W`` lanes ``l`` of one vector (a per-channel weight vector per tap, the bias
     vector after the last). No bounds checks: the caller's indices are exact."""
@@ -199,7 +199,7 @@ def channel_rows(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
     """The channel-innermost form of :func:`fir`, for blocks of ``step`` channels stored innermost (the depthwise
     channel-blocked path): for every output position ``(r, q)`` (``r < rows``, ``q < cols``) and channel ``l <
     step``, ``out[(r*cols + q)*step + l] = wts[T*step + l] + sum over t < T of wts[t*step + l] * src[src_base +
-    r*row_step + offs[t] + q*step + l]``. Tiles of up to eight positions by one 64-byte vector of channels are
+    r*row_step + offs[t] + q*step + l]``. Tiles of up to eight positions by one vector of channels are
     summed over every tap in registers (per tap one weight vector, one load and one FMA per position).
 
     ``step`` a multiple of the vector width (16 float32, 8 float64); src, wts, out: 1-D, contiguous, one dtype;

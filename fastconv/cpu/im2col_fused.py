@@ -750,7 +750,7 @@ def _pack_weights(w2, bp):
     output channels per task (serial packing of a 160 -> 320 3x3 layer's weights took as long as a tenth of its
     forward at batch 8)."""
     K, CK = w2.shape
-    NR = micro_gemm.NV * 64 // w2.itemsize
+    NR = micro_gemm.NV * micro_gemm._VECTOR_BYTES // w2.itemsize
     for panel in prange(-(-K // NR)):
         j0 = panel * NR
         micro_gemm.pack_b_rows(w2[j0:min(K, j0 + NR)].T, bp[panel * CK * NR:(panel + 1) * CK * NR], CK, 0)
@@ -832,7 +832,7 @@ def grad_weight_gather(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     rows_per_task = -(-(-(-CK // tasks)) // MR) * MR
     tasks = -(-CK // rows_per_task)
     total = N * OH * OW
-    NR = micro_gemm.NV * 64 // x.itemsize
+    NR = micro_gemm.NV * micro_gemm._VECTOR_BYTES // x.itemsize
     per_position = -(-K // NR) * NR * x.itemsize
     fit = GATHER_GRAD_CHUNK_BYTES // per_position
     chunk = min(total, fit // KC * KC if fit >= KC else max(MR, fit // MR * MR))

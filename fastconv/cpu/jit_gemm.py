@@ -23,7 +23,9 @@ of several parallel tasks, and MKL would otherwise start a team of its own threa
 Where the CPU has 512-bit vectors, the products run on :mod:`.micro_gemm`, fastconv's own register-tiled
 kernels, instead: MKL runs its AVX2 code on AMD CPUs, and the own kernels do the same products in 0.45-0.65x
 its time there (one thread; the forwards' ``w @ columns``, Winograd's ``U @ V``, the weight gradients'
-``gy @ columns^T``; numbers in :mod:`.micro_gemm`).
+``gy @ columns^T``; numbers in :mod:`.micro_gemm`). On AVX2 hosts (FMA, 256-bit vectors) too, with a tile
+sized for them: there MKL and the own kernels run the same vector code, and the own kernels win by reading
+a conv's operands in place (README, run AK).
 :func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
 kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
 """
@@ -145,7 +147,7 @@ def own_gemm_in_use() -> bool:
     return bool(_own_gemm_flag.value)
 
 
-use_own_gemm(micro_gemm.HOST_HAS_AVX512 and _WANTED == "auto")
+use_own_gemm(micro_gemm.HOST_HAS_VECTOR_FMA and _WANTED == "auto")
 
 
 @intrinsic

@@ -1,4 +1,4 @@
-"""fastconv's own single-threaded GEMM for the Numba kernels: a register-tiled AVX-512 micro-kernel.
+"""fastconv's own single-threaded GEMM for the Numba kernels: a register-tiled AVX-512 (or AVX2) micro-kernel.
 
 Why: the kernels' GEMMs inside their parallel regions ran on torch's MKL (:mod:`.jit_gemm`). On AMD CPUs MKL
 takes its AVX2 code path: 8-wide vectors, half of what a core with 512-bit FMA units computes. Measured on this
@@ -29,8 +29,9 @@ through two offset tables (rows and reduction steps at listed offsets of one fla
 its transpose, straight from the padded input) against a ``b`` packed once (:func:`pack_b`). Edge tiles (fewer than
 ``MR`` rows or ``NR`` columns) are computed whole into a scratch tile and copied.
 
-Where the host has no 512-bit vectors the same IR compiles to narrower ones (correct, not fast):
-:data:`HOST_HAS_AVX512` says whether it pays, and :mod:`.jit_gemm` routes to this kernel only then.
+On a host with AVX2 and FMA but no 512-bit vectors the tiles are built from 32-byte vectors, 6 rows by 2 vectors
+(:data:`MR`): the 8 x 2 tile of 64-byte vectors needs 32 registers there and spilled. :data:`HOST_HAS_VECTOR_FMA`
+says whether the kernels pay, and :mod:`.jit_gemm` routes to them only then.
 """
 from __future__ import annotations
 
@@ -43,36 +44,54 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "MR", "NV", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "KC", "MC", "NC"]
 
-#: Rows of ``a`` per tile, and 64-byte vectors of ``b``'s columns per tile row (16 accumulators of the 32
-#: vector registers). Measured (same shapes as above): 8 x 2 and 12 x 2 level, 6 x 4 level but wasteful on
-#: channel counts that are multiples of 8, 8 x 3 slower wherever N is not a multiple of 48 (packed panels).
-MR, NV = 8, 2
-#: Reduction steps per block (a ``KC x NR`` panel of ``b`` is 32 KB in float32: the core's L1), rows of ``a``
-#: per block (its ``MC x KC`` rows stay in L2 while the panels of ``b`` pass) and columns per block.
-KC, MC, NC = 256, 96, 1024
-
-_VECTOR_BYTES = 64
+def _host_has(*features: str) -> bool:
+    """Whether Numba compiles for a CPU with all these features (the host, unless NUMBA_CPU_NAME says other)."""
+    if numba_config.CPU_NAME not in (None, "", "host"):
+        return all(f"+{f}" in (numba_config.CPU_FEATURES or "") for f in features)
+    try:
+        host = llvm.get_host_cpu_features()
+    except RuntimeError:  # the host's features cannot be read
+        return False
+    return all(bool(host.get(f, False)) for f in features)
 
 
 def _host_has_avx512() -> bool:
-    """Whether Numba compiles for a CPU with 512-bit FMA vectors (the host, unless NUMBA_CPU_NAME says other)."""
-    if numba_config.CPU_NAME not in (None, "", "host"):
-        return "+avx512f" in (numba_config.CPU_FEATURES or "")
-    try:
-        return bool(llvm.get_host_cpu_features().get("avx512f", False))
-    except RuntimeError:  # the host's features cannot be read
-        return False
+    """Whether Numba compiles for a CPU with 512-bit FMA vectors."""
+    return _host_has("avx512f")
 
 
 HOST_HAS_AVX512 = _host_has_avx512()
+#: Whether the own kernels pay on this host: 512-bit vectors, or 256-bit ones with FMA (AVX2), where the tile
+#: below is sized for 16 registers. On AVX2 MKL runs the same vector code, and the own kernels still won where
+#: they read their operands in place (a conv's taps, 1x1 convs on small planes); see the README, run AK.
+HOST_HAS_VECTOR_FMA = HOST_HAS_AVX512 or _host_has("avx2", "fma")
+#: The vector the tiles are built from: a 64-byte register with AVX-512, a 32-byte one else.
+VECTOR_BYTES = _VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
+
+#: Rows of ``a`` per tile, and vectors of ``b``'s columns per tile row. AVX-512: 8 x 2 (16 accumulators of the 32
+#: vector registers); measured (same shapes as above): 8 x 2 and 12 x 2 level, 6 x 4 level but wasteful on
+#: channel counts that are multiples of 8, 8 x 3 slower wherever N is not a multiple of 48 (packed panels).
+#: AVX2: 6 x 2 (12 accumulators of the 16 registers, the shape of BLIS's Haswell kernel; 8 x 2 as 64-byte
+#: vectors, each two registers there, spilled: 89-100 GFLOP/s on two Zen 2 cores against MKL's 140-146, 6 x 2
+#: 186-195 on batched 1x1-conv products, 4 x 2 level with 6 x 2).
+MR = 8 if HOST_HAS_AVX512 else 6
+NV = 2
+#: Reduction steps per block (a ``KC x NR`` panel of ``b`` is 32 KB in float32 with AVX-512: the core's L1),
+#: rows of ``a`` per block (its ``MC x KC`` rows stay in L2 while the panels of ``b`` pass) and columns per block.
+KC, MC, NC = 256, 96, 1024
+#: Pack ``b``'s panels even when they could be read in place, where its rows lie a multiple of 2 KB apart (a
+#: 32x32 or larger plane's pixels): the rows of a panel then share a handful of L1 sets and evict each other.
+#: AVX2 hosts only (measured there, two Zen 2 cores: 1024^3 109 -> 157-173 GFLOP/s, ResNet's stride-2 3x3 input
+#: gradient 8.6 -> 6.3 ms); the AVX-512 kernels, whose panel rows are two cache lines wide, were tuned without it.
+PACK_ALIASED_B = not HOST_HAS_AVX512
 
 
 def vector_ir(context, builder, dtype):
     """What every register kernel's IR needs for ``dtype`` (float32 or float64): ``(itemsize, width, vector type,
-    the FMA intrinsic, a zero vector, splat)``, ``width`` elements per 64-byte vector, ``splat(value)`` the scalar
-    broadcast to every lane."""
+    the FMA intrinsic, a zero vector, splat)``, ``width`` elements per vector of :data:`VECTOR_BYTES`,
+    ``splat(value)`` the scalar broadcast to every lane."""
     itemsize = 4 if dtype == types.float32 else 8
     width = _VECTOR_BYTES // itemsize
     scalar = context.get_value_type(dtype)
@@ -360,7 +379,7 @@ def _gemm(a, b, c, beta):
         return
     a_row, a_step = a.strides[0] // itemsize, a.strides[1] // itemsize
     b_row = b.strides[0] // itemsize
-    b_in_place = b.strides[1] == itemsize
+    b_in_place = b.strides[1] == itemsize and not (PACK_ALIASED_B and (b_row * itemsize) % 2048 == 0 and m > MR)
     NR = NV * (_VECTOR_BYTES // itemsize)
     HALF = NR // 2
     bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
