@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as TF
 
 import fastconv.functional as F
-from fastconv.cpu import im2col_fused, jit_gemm
+from fastconv.cpu import im2col_fused, jit_gemm, micro_gemm
 from helpers import assert_close, bytes_allocated
 
 pytestmark = pytest.mark.skipif(not jit_gemm.own_gemm_in_use(),
@@ -46,6 +46,16 @@ def test_which_convs_take_them(monkeypatch):
     C = limit // (4 * 9 * 32)
     assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C, 32, 8, 4)  # DenseNet's 128 -> 32 at 8x8
     assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4)  # weights over the limit
+    # AVX2 hosts take larger weights where the batch has enough output positions; AVX-512 hosts do not
+    big = im2col_fused.AVX2_GATHER_LARGE_MIN_POSITIONS
+    with monkeypatch.context() as m:
+        m.setattr(micro_gemm, "HOST_HAS_AVX512", False)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big - 1)
+        over = im2col_fused.AVX2_GATHER_MAX_WEIGHT_BYTES // (4 * 9 * 32) + 1
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), over, 32, 8, 4, big)
+        m.setattr(micro_gemm, "HOST_HAS_AVX512", True)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big)
     wide = im2col_fused.TAPS_MIN_OW
     many = im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS
     assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # the taps kernel keeps it

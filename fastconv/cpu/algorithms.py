@@ -60,7 +60,7 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
     if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial)
             and im2col_fused.takes_gather_forward(g.kernel[1:], g.stride[1:], g.in_channels, g.out_channels,
-                                                  g.out_spatial[2], item)):
+                                                  g.out_spatial[2], item, g.batch * math.prod(g.out_spatial))):
         return im2col_fused.gather_workspace_bytes(g.batch, g.in_channels, g.out_channels, g.kernel[1:],
                                                    g.stride[1:], g.dilation[1:], g.out_spatial[1:], item)
     if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial, item):

@@ -1093,7 +1093,7 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
     elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial)
-          and im2col_fused.takes_gather_forward((KH, KW), stride[1:], C, K, OW, x.itemsize)):
+          and im2col_fused.takes_gather_forward((KH, KW), stride[1:], C, K, OW, x.itemsize, N * OH * OW)):
         # no columns: the own GEMM reads the padded input through offset tables, the bias added on the way out
         im2col_fused.forward_gather(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:],
                                     dilation[1:], (OH, OW), y3)
@@ -1184,7 +1184,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
     if (stride == (1, 1, 1) and im2col_fused.gather_applies((KD, KH, KW), G, out_spatial, in_spatial)
-            and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize)):
+            and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize, N * H * W)):
         # dense: that forward on the gather kernel, whatever the batch and the expansion (no columns to fill).
         # Measured after other work as in a model, 2 threads, gather / previous path: DenseNet's 128 -> 32 at 4x4
         # 0.75 (batch 1 at 8x8 0.74), 8x8 to 32x32 0.84-0.95, 32 -> 128 0.87, 96 -> 128 0.88, GoogLeNet's 5x5

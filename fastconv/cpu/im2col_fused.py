@@ -570,7 +570,7 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     KH, KW = kernel_hw
     OH, OW = out_hw
     if GATHER and jit_gemm.own_gemm_in_use() and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
-                                                                         x.itemsize):
+                                                                         x.itemsize, N * OH * OW):
         return forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     if takes_taps(kernel_hw, stride_hw, x.shape[1], OW):
         return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
@@ -632,6 +632,16 @@ GATHER = True
 #: 256 and 160 -> 320 at 8x8 (over a megabyte: before the limit, 160 -> 320 read 1.13-1.23 and 512 -> 512 at 4x4
 #: 1.05-1.20 in back-to-back pairs).
 GATHER_MAX_WEIGHT_BYTES = 1 << 20
+#: On AVX2 hosts (:data:`.micro_gemm.HOST_HAS_AVX512` false) the limit is this instead, for convs of at least
+#: :data:`AVX2_GATHER_LARGE_MIN_POSITIONS` output positions (the batch's): there the column path's GEMMs run on
+#: 6-row tiles with a column matrix to fill, and the gather kernel measured faster up to the largest weights.
+#: Two Zen 2 cores, batch 8, forward / input gradient ms, gather / previous path: AlexNet's 64 -> 192 5x5 at 15x15
+#: (1.2 MB) 6.0 / 6.3 against 8.0 / 13.6, 512 -> 512 3x3 at 8x8 15.2 / 18.6 against 20.1 / 29.4, 160 -> 320 at 8x8
+#: 3.0 / 3.5 against 3.2 / 4.9, 256 -> 256 at 8x8 3.8 / 4.4 against 4.9 / 5.0, AlexNet's 5x5 at batch 1 (225
+#: positions) 0.97 / 1.19 against 1.15 / 1.52; slower with fewer positions: 512 -> 512 at 4x4, batch 8 (128
+#: positions) 5.0 / 10.4 against 4.7 / 6.7, 256 -> 256 at 8x8, batch 1 (64) 0.78 / 1.40 against 0.70 / 0.94.
+AVX2_GATHER_MAX_WEIGHT_BYTES = 16 << 20
+AVX2_GATHER_LARGE_MIN_POSITIONS = 192
 #: Largest weight (bytes) whose gradient takes the gather kernel: it computes ``dW^T`` into a buffer as large as
 #: the weight and transposes it into the result, and on ResNet's 512 -> 512 3x3 (9.4 MB) those two fresh buffers
 #: cost more than the kernel saves (1.43x the column path's time, every call after other work as in a model).
@@ -659,11 +669,15 @@ def gather_applies(ksz, groups: int, in_spatial, out_spatial) -> bool:
 
 
 def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
-                         itemsize: int) -> bool:
+                         itemsize: int, positions: int = 0) -> bool:
     """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
-    :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`)."""
+    :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output
+    positions (``N * OH * OW``)."""
     KH, KW = kernel_hw
-    if out_channels * in_channels * KH * KW * itemsize > GATHER_MAX_WEIGHT_BYTES:
+    limit = GATHER_MAX_WEIGHT_BYTES
+    if not micro_gemm.HOST_HAS_AVX512 and positions >= AVX2_GATHER_LARGE_MIN_POSITIONS:
+        limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
+    if out_channels * in_channels * KH * KW * itemsize > limit:
         return False
     return not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
                 and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
