@@ -18,7 +18,7 @@ from helpers import assert_close, bytes_allocated
 
 pytestmark = pytest.mark.skipif(not jit_gemm.own_gemm_in_use(),
                                 reason="the gather kernels run on the own GEMM, which this CPU does not use "
-                                       "(no 512-bit vectors); the kernel matrix still runs them, forced on")
+                                       "(no AVX2 with FMA); the kernel matrix still runs them, forced on")
 
 
 @pytest.fixture

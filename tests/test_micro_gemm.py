@@ -121,8 +121,8 @@ def test_calls_from_parallel_tasks():
 
 
 def test_jit_gemm_routes_by_the_switch():
-    """The switch is on by default exactly where the CPU has 512-bit vectors (and no library was forced), and
-    both routes give the same product."""
+    """The switch is on by default exactly where the CPU has 512-bit vectors or AVX2 with FMA (and no library was
+    forced), and both routes give the same product."""
     assert jit_gemm.own_gemm_in_use() == (micro_gemm.HOST_HAS_VECTOR_FMA and jit_gemm._WANTED == "auto")
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((19, 300)), rng.standard_normal((300, 45))

@@ -65,11 +65,15 @@ def _threading(run_kernel: bool) -> str:
 
 
 def _gemm_route(jit_gemm) -> str:
-    """Which code runs the CPU kernels' GEMMs: fastconv's own AVX-512 kernels, or a library."""
+    """Which code runs the CPU kernels' GEMMs: fastconv's own AVX-512 or AVX2 kernels, or a library."""
+    from fastconv.cpu import micro_gemm
+
     library = jit_gemm.SOURCE or "none found"
     if jit_gemm.own_gemm_in_use():
-        return f"fastconv's own AVX-512 kernels (fallback library: {library})"
-    return f"library ({library}; the own kernels are off: no 512-bit vectors, or FASTCONV_JIT_GEMM chose a library)"
+        isa = "AVX-512" if micro_gemm.HOST_HAS_AVX512 else "AVX2"
+        return f"fastconv's own {isa} kernels (fallback library: {library})"
+    return (f"library ({library}; the own kernels are off: no AVX2 with FMA, or FASTCONV_JIT_GEMM chose a "
+            "library)")
 
 
 def _caches() -> str:

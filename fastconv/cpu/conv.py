@@ -803,7 +803,7 @@ def _chunks(N, R, OW, ck, itemsize):
 
 
 def _tup(v):
-    return tuple(int(a) for a in v)
+    return tuple(map(int, v))
 
 
 def _group_gemm(a, b, out):

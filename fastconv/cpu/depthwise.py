@@ -87,7 +87,7 @@ _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 # --------------------------------------------------------------------------------------------------
 
 def _tup(v):
-    return tuple(int(a) for a in v)
+    return tuple(map(int, v))
 
 
 def _flat(a):

@@ -171,7 +171,7 @@ def _scatter_columns(gcol, p0, p1, osz, ksz, stride, padding, dilation, c0, Cg, 
 
 
 def _tup(v):
-    return tuple(int(a) for a in v)
+    return tuple(map(int, v))
 
 
 @config.parallel_entry

@@ -577,7 +577,7 @@ def _sized(kernel, macs):
 
 
 def _tup(v):
-    return tuple(int(a) for a in v)
+    return tuple(map(int, v))
 
 
 def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
