@@ -90,6 +90,10 @@ GradWeight = Callable[[torch.Tensor, torch.Tensor, ConvGeometry], torch.Tensor]
 Heuristic = Callable[[ConvGeometry, str], str]
 
 
+#: The attribute of a conv pass that holds its numpy version (see :class:`ConvAlgorithm`).
+NUMPY_PASS = "numpy_pass"
+
+
 def _always(_: ConvGeometry) -> Optional[str]:
     return None
 
@@ -102,6 +106,13 @@ class ConvAlgorithm:
     ``grad_input(grad_out, w, geom)`` -> (N, C, D, H, W)
     ``grad_weight(grad_out, x, geom)`` -> (K, C/groups, KD, KH, KW)
     All tensors contiguous, 5-D, of ``geom.dtype``; results freshly allocated.
+
+    A pass may carry the same pass on numpy arrays as its attribute ``numpy_pass`` (:data:`NUMPY_PASS`):
+    ``forward(x, w, bias, geom)``, ``grad_input(grad_out, w, geom)``, ``grad_weight(grad_out, x, geom)`` with
+    C-contiguous 5-D float32 or float64 arrays (``bias`` (K,) or None), returning the pass's C-contiguous 5-D
+    result, or None where only the tensor pass takes the call. The ops call it for contiguous operands: a small
+    call skips the tensor views and conversions on the way (see :mod:`fastconv.ops.conv`). A pass replaced
+    without one (a test's counting wrapper) is always called itself.
     """
 
     name: str

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..spec import ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
+from ..spec import NUMPY_PASS, ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
 from . import blas, depthwise, fft, im2col_fused, im2col_nhwc, pointwise, shift, transposed_gemm, winograd
 
@@ -25,23 +25,57 @@ def _np(t: torch.Tensor):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _wrap(prefix: str):
-    fwd = getattr(kernels, f"{prefix}_forward")
-    gin = getattr(kernels, f"{prefix}_grad_input")
-    gwt = getattr(kernels, f"{prefix}_grad_weight")
+def _entry_passes(forward_entry, grad_input_entry, grad_weight_entry) -> tuple:
+    """Numpy passes (a pass's ``numpy_pass``, see ``ConvAlgorithm``) of a kernel module's three entry points, which take
+    ``(x, w, bias, stride, padding, dilation, groups, out_spatial)``, ``(grad_out, w, ..., in_spatial)`` and
+    ``(grad_out, x, ..., kernel)``."""
+
+    def forward(x, w, bias, g: ConvGeometry):
+        return forward_entry(x, w, bias, g.stride, g.padding, g.dilation, g.groups, g.out_spatial)
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return grad_input_entry(grad_out, w, g.stride, g.padding, g.dilation, g.groups, g.in_spatial)
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return grad_weight_entry(grad_out, x, g.stride, g.padding, g.dilation, g.groups, g.kernel)
+
+    return forward, grad_input, grad_weight
+
+
+def _with_numpy_passes(tensor_passes, numpy_passes) -> tuple:
+    """``tensor_passes``, each carrying its numpy version (``ConvAlgorithm``'s ``numpy_pass``)."""
+    for tensor_pass, numpy_pass in zip(tensor_passes, numpy_passes):
+        setattr(tensor_pass, NUMPY_PASS, numpy_pass)
+    return tensor_passes
+
+
+def _tensor_passes(numpy_passes) -> tuple:
+    """The tensor passes (``ConvAlgorithm.forward`` ...) of numpy passes that take every call: the thin seam,
+    each carrying its numpy pass."""
+    np_forward, np_grad_input, np_grad_weight = numpy_passes
     from_numpy = torch.from_numpy
 
     def forward(x, w, bias, g: ConvGeometry):
-        return from_numpy(fwd(_np(x), _np(w), None if bias is None else _np(bias), g.stride, g.padding,
-                              g.dilation, g.groups, g.out_spatial))
+        return from_numpy(np_forward(_np(x), _np(w), None if bias is None else _np(bias), g))
 
     def grad_input(grad_out, w, g: ConvGeometry):
-        return from_numpy(gin(_np(grad_out), _np(w), g.stride, g.padding, g.dilation, g.groups, g.in_spatial))
+        return from_numpy(np_grad_input(_np(grad_out), _np(w), g))
 
     def grad_weight(grad_out, x, g: ConvGeometry):
-        return from_numpy(gwt(_np(grad_out), _np(x), g.stride, g.padding, g.dilation, g.groups, g.kernel))
+        return from_numpy(np_grad_weight(_np(grad_out), _np(x), g))
 
-    return forward, grad_input, grad_weight
+    return _with_numpy_passes((forward, grad_input, grad_weight), numpy_passes)
+
+
+def _wrap(prefix: str):
+    """Tensor passes of :mod:`.conv`'s ``{prefix}_forward`` / ``_grad_input`` / ``_grad_weight``."""
+    return _tensor_passes(_kernel_passes(prefix))
+
+
+def _kernel_passes(prefix: str) -> tuple:
+    """Numpy passes of :mod:`.conv`'s ``{prefix}_*`` entry points."""
+    return _entry_passes(getattr(kernels, f"{prefix}_forward"), getattr(kernels, f"{prefix}_grad_input"),
+                         getattr(kernels, f"{prefix}_grad_weight"))
 
 
 def _im2col_workspace(g: ConvGeometry) -> int:
@@ -136,11 +170,30 @@ def _im2col_passes():
     return forward, grad_input, grad_weight
 
 
+def _im2col_numpy_passes() -> tuple:
+    """im2col's numpy passes: the NCDHW kernels (the operands are C-contiguous), except the 1x1 convs that the
+    tensor passes give to :mod:`.pointwise` (those decline: None)."""
+    forward_np, grad_input_np, grad_weight_np = _kernel_passes("im2col")
+    on_tensors = pointwise.applies if blas.GEMM_LIBRARY == "torch" else (lambda g: False)
+
+    def forward(x, w, bias, g: ConvGeometry):
+        return None if on_tensors(g) else forward_np(x, w, bias, g)
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        return None if on_tensors(g) else grad_input_np(grad_out, w, g)
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return None if on_tensors(g) else grad_weight_np(grad_out, x, g)
+
+    return forward, grad_input, grad_weight
+
+
 IM2COL = ConvAlgorithm(
     "im2col", frozenset({"numba"}),
     "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col); "
     "channels_last operands are read and written as they are (columns of channel runs)",
-    *_im2col_passes(), workspace_bytes=_im2col_workspace, layouts=("contiguous", "channels_last"))
+    *_with_numpy_passes(_im2col_passes(), _im2col_numpy_passes()), workspace_bytes=_im2col_workspace,
+    layouts=("contiguous", "channels_last"))
 
 
 def _fft_algorithm() -> ConvAlgorithm:
@@ -199,18 +252,7 @@ FFT = _fft_algorithm()
 def _shift_algorithm() -> ConvAlgorithm:
     """``shift``: the kernels of :mod:`fastconv.cpu.shift` (1-D and 2-D grouped convs, any stride, padding and
     dilation; dense ones are refused, see :func:`fastconv.cpu.shift.refuse_reason`)."""
-
-    def forward(x, w, bias, g: ConvGeometry):
-        return torch.from_numpy(shift.forward(_np(x), _np(w), None if bias is None else _np(bias), g.stride,
-                                              g.padding, g.dilation, g.groups, g.out_spatial))
-
-    def grad_input(grad_out, w, g: ConvGeometry):
-        return torch.from_numpy(shift.grad_input(_np(grad_out), _np(w), g.stride, g.padding, g.dilation, g.groups,
-                                                 g.in_spatial))
-
-    def grad_weight(grad_out, x, g: ConvGeometry):
-        return torch.from_numpy(shift.grad_weight(_np(grad_out), _np(x), g.stride, g.padding, g.dilation, g.groups,
-                                                  g.kernel))
+    numpy_passes = _entry_passes(shift.forward, shift.grad_input, shift.grad_weight)
 
     def mult_ratio(g: ConvGeometry) -> float:
         executed = shift.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel,
@@ -226,7 +268,7 @@ def _shift_algorithm() -> ConvAlgorithm:
         "direct conv as shifted-plane multiply-adds: each tap adds weight x (the padded, stride-phase-split "
         "input planes of the whole batch, at the tap's offset) to the output planes; no columns, for narrow "
         "groups (RegNet, ResNeXt) where im2col's column matrix costs more than its GEMM",
-        forward, grad_input, grad_weight, refuse=lambda g: shift.refuse_reason(g.kernel, g.out_spatial, g.groups),
+        *_tensor_passes(numpy_passes), refuse=lambda g: shift.refuse_reason(g.kernel, g.out_spatial, g.groups),
         mult_ratio=mult_ratio, workspace_bytes=workspace)
 
 
@@ -272,21 +314,8 @@ SHIFT_MAX_GROUP_WIDTH = 16
 
 def _depthwise_algorithm() -> ConvAlgorithm:
     """``depthwise``: the kernels of :mod:`fastconv.cpu.depthwise` (groups == in_channels, any multiplier)."""
-
-    def forward(x, w, bias, g: ConvGeometry):
-        b = None if bias is None else bias.detach().numpy()
-        return torch.from_numpy(depthwise.depthwise_forward(x.detach().numpy(), w.detach().numpy(), b, g.stride,
-                                                            g.padding, g.dilation, g.groups, g.out_spatial))
-
-    def grad_input(grad_out, w, g: ConvGeometry):
-        return torch.from_numpy(depthwise.depthwise_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
-                                                               g.stride, g.padding, g.dilation, g.groups,
-                                                               g.in_spatial))
-
-    def grad_weight(grad_out, x, g: ConvGeometry):
-        return torch.from_numpy(depthwise.depthwise_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
-                                                                g.stride, g.padding, g.dilation, g.groups,
-                                                                g.kernel))
+    numpy_passes = _entry_passes(depthwise.depthwise_forward, depthwise.depthwise_grad_input,
+                                 depthwise.depthwise_grad_weight)
 
     def refuse(g: ConvGeometry):
         if g.groups != g.in_channels:
@@ -302,32 +331,29 @@ def _depthwise_algorithm() -> ConvAlgorithm:
         "depthwise only (groups == in_channels, any multiplier): 2-D planes as per-tap-column shifted "
         "copies at output pitch, one flat exact loop per plane; other shapes one padded, phase-split plane "
         "per task; input gradient as a flipped-kernel forward or gathered per stride phase",
-        forward, grad_input, grad_weight, refuse=refuse)
+        *_tensor_passes(numpy_passes), refuse=refuse)
 
 
 def _winograd_algorithm(m: int) -> ConvAlgorithm:
     """``winograd{m}``: F(m x m, 3x3) from :mod:`fastconv.cpu.winograd` on the Numba target."""
 
     def forward(x, w, bias, g: ConvGeometry):
-        b = None if bias is None else bias.detach().numpy()
-        return torch.from_numpy(winograd.winograd_forward(x.detach().numpy(), w.detach().numpy(), b, g.padding,
-                                                          g.groups, g.out_spatial, m))
+        return winograd.winograd_forward(x, w, bias, g.padding, g.groups, g.out_spatial, m)
 
     def grad_input(grad_out, w, g: ConvGeometry):
-        return torch.from_numpy(winograd.winograd_grad_input(grad_out.detach().numpy(), w.detach().numpy(),
-                                                             g.padding, g.groups, g.in_spatial, m))
+        return winograd.winograd_grad_input(grad_out, w, g.padding, g.groups, g.in_spatial, m)
 
     def grad_weight(grad_out, x, g: ConvGeometry):
-        return torch.from_numpy(winograd.winograd_grad_weight(grad_out.detach().numpy(), x.detach().numpy(),
-                                                              g.padding, g.groups, m))
+        return winograd.winograd_grad_weight(grad_out, x, g.padding, g.groups, m)
 
+    numpy_passes = (forward, grad_input, grad_weight)
     a = m + 2
     return ConvAlgorithm(
         f"winograd{m}", frozenset({"numba"}),
         f"Winograd F({m}x{m},3x3) for 3x3 stride-1 2-D convs: {(a / m) ** 2:g} instead of 9 multiplies per "
         f"output ({9 * m * m / (a * a):g}x fewer), chunked tile transforms + BLAS GEMMs; input gradient as "
         f"the flipped conv, weight gradient by F(3x3,{m}x{m})",
-        forward, grad_input, grad_weight, refuse=winograd.refuse_reason,
+        *_tensor_passes(numpy_passes), refuse=winograd.refuse_reason,
         mult_ratio=lambda g: winograd.mult_ratio(g, m), workspace_bytes=lambda g: winograd.workspace_bytes(g, m))
 
 
