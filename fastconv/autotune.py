@@ -109,6 +109,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends, config, registry
+from .spec import NUMPY_PASS
 
 #: Convolutions with fewer multiply-accumulates than this use the heuristic (see the module docstring).
 MIN_MACS = 1_000_000
@@ -878,6 +879,24 @@ def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> regi
         out = fn(*args)
         _observe(key, (time.perf_counter() - start) * 1e3)
         return out
+
+    select_numpy = getattr(fn, NUMPY_PASS, None)
+    if select_numpy is not None:  # the ops run the numpy pass for contiguous operands: watch that too
+
+        def timed_select(g):
+            numpy_pass = select_numpy(g)
+            if numpy_pass is None:
+                return None
+
+            def timed_numpy(*args):
+                start = time.perf_counter()
+                out = numpy_pass(*args)
+                _observe(key, (time.perf_counter() - start) * 1e3)
+                return out
+
+            return timed_numpy
+
+        setattr(timed, NUMPY_PASS, timed_select)
 
     proxy = dataclasses.replace(alg, **{key[1]: timed})
     object.__setattr__(proxy, "_fastconv_base", alg)

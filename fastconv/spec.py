@@ -107,12 +107,12 @@ class ConvAlgorithm:
     ``grad_weight(grad_out, x, geom)`` -> (K, C/groups, KD, KH, KW)
     All tensors contiguous, 5-D, of ``geom.dtype``; results freshly allocated.
 
-    A pass may carry the same pass on numpy arrays as its attribute ``numpy_pass`` (:data:`NUMPY_PASS`):
-    ``forward(x, w, bias, geom)``, ``grad_input(grad_out, w, geom)``, ``grad_weight(grad_out, x, geom)`` with
-    C-contiguous 5-D float32 or float64 arrays (``bias`` (K,) or None), returning the pass's C-contiguous 5-D
-    result, or None where only the tensor pass takes the call. The ops call it for contiguous operands: a small
-    call skips the tensor views and conversions on the way (see :mod:`fastconv.ops.conv`). A pass replaced
-    without one (a test's counting wrapper) is always called itself.
+    A pass may carry, as its attribute ``numpy_pass`` (:data:`NUMPY_PASS`), a function of the geometry that
+    gives the same pass on numpy arrays for it, or None where only the tensor pass runs it: ``forward(x, w,
+    bias, geom)``, ``grad_input(grad_out, w, geom)``, ``grad_weight(grad_out, x, geom)`` with C-contiguous 5-D
+    float32 or float64 arrays (``bias`` (K,) or None), returning the pass's C-contiguous 5-D result. The ops
+    use it for contiguous operands: a small call skips the tensor views and conversions on the way (see
+    :mod:`fastconv.ops.conv`). A pass replaced without one (a test's counting wrapper) is always called itself.
     """
 
     name: str

@@ -20,6 +20,7 @@ import fastconv.functional as F
 from fastconv import autotune, backends, registry
 from fastconv.ops import conv as conv_ops
 from fastconv.ops import pool as pool_ops
+from fastconv.spec import NUMPY_PASS
 from helpers import assert_close
 
 D = torch.float64
@@ -184,3 +185,43 @@ def test_autograd_kernel_fills_dropped_defaults():
     torch.autograd.gradcheck(lambda x, w: torch.ops.fastconv.conv2d(x, w, None, [1, 1], [1, 1], [1, 1], [1, 1], 1,
                                                                      "direct"), (x, w))
     assert fastconv.ops.func._INSTALLED  # the kernel under test is the one fastconv installs
+
+
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
+def test_contiguous_operands_take_the_numpy_pass_and_others_the_tensor_pass(pass_):
+    # The ops run an algorithm's numpy pass for contiguous operands (no tensor views on the way) and its tensor pass
+    # for any other layout; both give torch's result, in the layout torch gives.
+    real = registry._REGISTRY[("depthwise", backends.current())]
+    seen = []
+    tensor_pass = getattr(real, pass_)
+    select = getattr(tensor_pass, NUMPY_PASS)
+
+    def counting_tensor_pass(*args):
+        seen.append("tensor")
+        return tensor_pass(*args)
+
+    def counting_select(g):
+        numpy_pass = select(g)
+        return lambda *args: seen.append("numpy") or numpy_pass(*args)
+
+    setattr(counting_tensor_pass, NUMPY_PASS, counting_select)
+    x = torch.randn(2, 6, 9, 9, dtype=D, requires_grad=True)
+    w = torch.randn(6, 1, 3, 3, dtype=D, requires_grad=True)
+    b = torch.randn(6, dtype=D, requires_grad=True)
+    try:
+        registry.register(dataclasses.replace(real, **{pass_: counting_tensor_pass}))
+        for layout, route in ((torch.contiguous_format, "numpy"), (torch.channels_last, "tensor")):
+            xl = x.detach().to(memory_format=layout).requires_grad_()
+            got = F.conv2d(xl, w, b, padding=1, groups=6, algo="depthwise")
+            want = TF.conv2d(xl, w, b, padding=1, groups=6)
+            assert got.is_contiguous(memory_format=layout)
+            assert_close(got, want, algo="depthwise", what=f"{layout} forward")
+            gy = torch.randn_like(want)
+            got_grads = torch.autograd.grad(got, (xl, w), gy)
+            want_grads = torch.autograd.grad(want, (xl, w), gy)
+            for g, t, name in zip(got_grads, want_grads, ("input", "weight")):
+                assert_close(g, t, algo="depthwise", what=f"{layout} {name} gradient")
+            assert seen and seen[-1] == route, (layout, seen)
+            seen.clear()
+    finally:
+        registry.register(real)

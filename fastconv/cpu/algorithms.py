@@ -42,11 +42,17 @@ def _entry_passes(forward_entry, grad_input_entry, grad_weight_entry) -> tuple:
     return forward, grad_input, grad_weight
 
 
-def _with_numpy_passes(tensor_passes, numpy_passes) -> tuple:
-    """``tensor_passes``, each carrying its numpy version (``ConvAlgorithm``'s ``numpy_pass``)."""
-    for tensor_pass, numpy_pass in zip(tensor_passes, numpy_passes):
-        setattr(tensor_pass, NUMPY_PASS, numpy_pass)
+def _with_numpy_passes(tensor_passes, numpy_pass_selectors) -> tuple:
+    """``tensor_passes``, each carrying its numpy version's selector (``ConvAlgorithm``'s ``numpy_pass``:
+    geometry -> numpy pass or None)."""
+    for tensor_pass, select in zip(tensor_passes, numpy_pass_selectors):
+        setattr(tensor_pass, NUMPY_PASS, select)
     return tensor_passes
+
+
+def _every_geometry(numpy_pass):
+    """The selector of a numpy pass that runs every geometry its algorithm runs."""
+    return lambda g: numpy_pass
 
 
 def _tensor_passes(numpy_passes) -> tuple:
@@ -64,7 +70,7 @@ def _tensor_passes(numpy_passes) -> tuple:
     def grad_weight(grad_out, x, g: ConvGeometry):
         return from_numpy(np_grad_weight(_np(grad_out), _np(x), g))
 
-    return _with_numpy_passes((forward, grad_input, grad_weight), numpy_passes)
+    return _with_numpy_passes((forward, grad_input, grad_weight), [_every_geometry(p) for p in numpy_passes])
 
 
 def _wrap(prefix: str):
@@ -170,29 +176,22 @@ def _im2col_passes():
     return forward, grad_input, grad_weight
 
 
-def _im2col_numpy_passes() -> tuple:
-    """im2col's numpy passes: the NCDHW kernels (the operands are C-contiguous), except the 1x1 convs that the
-    tensor passes give to :mod:`.pointwise` (those decline: None)."""
-    forward_np, grad_input_np, grad_weight_np = _kernel_passes("im2col")
+def _im2col_numpy_pass_selectors() -> list:
+    """Selectors of im2col's numpy passes: the NCDHW kernels (the operands are C-contiguous), except for the 1x1
+    convs that the tensor passes give to :mod:`.pointwise`."""
     on_tensors = pointwise.applies if blas.GEMM_LIBRARY == "torch" else (lambda g: False)
 
-    def forward(x, w, bias, g: ConvGeometry):
-        return None if on_tensors(g) else forward_np(x, w, bias, g)
+    def selector(numpy_pass):
+        return lambda g: None if on_tensors(g) else numpy_pass
 
-    def grad_input(grad_out, w, g: ConvGeometry):
-        return None if on_tensors(g) else grad_input_np(grad_out, w, g)
-
-    def grad_weight(grad_out, x, g: ConvGeometry):
-        return None if on_tensors(g) else grad_weight_np(grad_out, x, g)
-
-    return forward, grad_input, grad_weight
+    return [selector(p) for p in _kernel_passes("im2col")]
 
 
 IM2COL = ConvAlgorithm(
     "im2col", frozenset({"numba"}),
     "im2col into a bounded, chunked workspace, then GEMM through BLAS (1x1 stride-1 convs skip im2col); "
     "channels_last operands are read and written as they are (columns of channel runs)",
-    *_with_numpy_passes(_im2col_passes(), _im2col_numpy_passes()), workspace_bytes=_im2col_workspace,
+    *_with_numpy_passes(_im2col_passes(), _im2col_numpy_pass_selectors()), workspace_bytes=_im2col_workspace,
     layouts=("contiguous", "channels_last"))
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import blas, im2col_fused, memory, parallel
+from .arguments import int_tuple
 
 __all__ = [
     "direct_forward", "direct_grad_input", "direct_grad_weight",
@@ -802,8 +803,7 @@ def _chunks(N, R, OW, ck, itemsize):
                 yield n0, 1, r0, min(R, r0 + rows)
 
 
-def _tup(v):
-    return tuple(map(int, v))
+_tup = int_tuple  # geometry arguments as int tuples, memoised
 
 
 def _group_gemm(a, b, out):

@@ -69,6 +69,7 @@ import numpy as np
 from numba import njit, prange
 
 from . import blas, fir, memory, parallel, task_queue
+from .arguments import int_tuple
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
            "separable_forward_fused", "FUSED_BLOCK_BYTES"]
@@ -86,8 +87,7 @@ _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
 # Geometry helpers (plain Python, tiny)
 # --------------------------------------------------------------------------------------------------
 
-def _tup(v):
-    return tuple(map(int, v))
+_tup = int_tuple  # geometry arguments as int tuples, memoised
 
 
 def _flat(a):
@@ -101,8 +101,17 @@ def _chunks(ntask):
     thread that shares its core with another process, still balance. (The thread count is read here, not in
     the kernel: ``numba.get_num_threads()`` inside a kernel keeps Numba from caching it.)"""
     threads = config.sync_threads()
-    chunks = max(1, min(ntask, CHUNKS_PER_THREAD * threads))
-    return np.array([0, chunks, min(chunks, threads)], np.int64)
+    plan = _CHUNK_PLANS.get((ntask, threads))
+    if plan is None:
+        chunks = max(1, min(ntask, CHUNKS_PER_THREAD * threads))
+        plan = np.array([0, chunks, min(chunks, threads)], np.int64)
+        if len(_CHUNK_PLANS) >= 1024:
+            _CHUNK_PLANS.clear()
+        _CHUNK_PLANS[(ntask, threads)] = plan
+    return plan.copy()  # the kernel counts in its copy's first entry
+
+
+_CHUNK_PLANS: dict = {}  # (tasks, threads) -> the plan _chunks copies (a copy costs a third of building one)
 
 
 def _pairs(n_dst, n_src, k, s, p, d, backward):

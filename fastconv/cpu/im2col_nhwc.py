@@ -33,6 +33,7 @@ from numba import prange
 from fastconv import config
 
 from . import blas, memory, parallel
+from .arguments import int_tuple
 from .conv import COL_BUFFER_BYTES
 
 __all__ = ["forward", "grad_input", "grad_weight", "is_channels_last"]
@@ -170,8 +171,7 @@ def _scatter_columns(gcol, p0, p1, osz, ksz, stride, padding, dilation, c0, Cg, 
                                 dst[c] += src[c * T + tap]
 
 
-def _tup(v):
-    return tuple(map(int, v))
+_tup = int_tuple  # geometry arguments as int tuples, memoised
 
 
 @config.parallel_entry

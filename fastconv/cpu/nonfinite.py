@@ -99,15 +99,30 @@ def _finite3(u1, u2, u3, mask, inf_bits):
     return max(_max_bits(u1, mask), _max_bits(u2, mask), _max_bits(u3, mask)) < inf_bits
 
 
+#: float dtype -> (its bits' unsigned type, the |x| mask, Inf's bits, the stand-in for an absent operand), as the
+#: arguments :func:`_finite3` takes
+_FINITE3_ARGS = {dt: (ut, ut(_ABS_MASK[ut]), ut(_INF_BITS[ut]), _NO_BITS[ut]) for dt, ut in _UINT.items()}
+
+
 def all_finite(*arrays) -> bool:
     """True when every element of every array (``None`` skipped) is finite."""
     present = [a for a in arrays if a is not None]
     if 0 < len(present) <= 3:
-        ut = _UINT.get(present[0].dtype)
-        if (ut is not None and all(a.dtype == present[0].dtype and 0 < a.size < PARALLEL_MIN for a in present)):
-            flat = [_flat(a).view(ut) for a in present]
-            flat += [_NO_BITS[ut]] * (3 - len(flat))
-            return bool(_finite3(flat[0], flat[1], flat[2], ut(_ABS_MASK[ut]), ut(_INF_BITS[ut])))
+        # the common call (a pass's operands, or its result): one Numba call over flat views; written out
+        # because every small call pays it (the generic form cost 8 µs, this one 4)
+        args = _FINITE3_ARGS.get(present[0].dtype)
+        if args is not None:
+            ut, mask, inf_bits, absent = args
+            dt = present[0].dtype
+            views = []
+            for a in present:
+                if a.dtype != dt or not 0 < a.size < PARALLEL_MIN:
+                    break
+                views.append((a.reshape(-1) if a.flags.c_contiguous else _flat(a)).view(ut))
+            else:
+                while len(views) < 3:
+                    views.append(absent)
+                return _finite3(views[0], views[1], views[2], mask, inf_bits)
     return all(a is None or np.isfinite(max_abs(a)) for a in arrays)
 
 

@@ -109,12 +109,18 @@ def _avx2_declines(M: int, R: int, P: int | None) -> bool:
                                                or (P is not None and P > AVX2_OWN_GEMM_MAX_PIXELS))
 
 
+def _own_may_take(M: int, R: int, P: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`_own_batch_mm` may take an ``(M, R) @ (R, P)`` product per image, asked before building the
+    operands' views (two microseconds each on a batch-1 call that MKL then runs)."""
+    return (jit_gemm.own_gemm_in_use() and R >= OWN_GEMM_MIN_REDUCTION and not _avx2_declines(M, R, P)
+            and dtype in _OWN_DTYPES)
+
+
 def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """:func:`_batch_mm` on the own GEMM, or None where that path does not take the call."""
     N, R, P = b3.shape
     M = a.shape[0]
-    if (not jit_gemm.own_gemm_in_use() or R < OWN_GEMM_MIN_REDUCTION or _avx2_declines(M, R, P)
-            or b3.dtype not in _OWN_DTYPES
+    if (not _own_may_take(M, R, P, b3.dtype)
             or a.dtype != b3.dtype or (bias is not None and bias.dtype != b3.dtype)):
         return None
     bias_np = None if bias is None else bias.detach().numpy()
@@ -161,7 +167,9 @@ def forward(x, w, bias, g: ConvGeometry):
             return None
         x = _strided(x, g)
     if N == 1 and x.is_contiguous():
-        y = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
+        y = None
+        if _own_may_take(K, C, x.numel() // max(C, 1), x.dtype):
+            y = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
         if y is None:
             # the operands as they are: no detach (a microsecond each) on a squeeze-and-excitation conv's 15 µs
             x2 = x.view(C, -1)

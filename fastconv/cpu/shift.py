@@ -38,6 +38,7 @@ from numba import njit, prange
 from fastconv import config
 
 from . import memory, parallel
+from .arguments import int_tuple
 
 __all__ = ["forward", "grad_input", "grad_weight", "refuse_reason"]
 
@@ -576,8 +577,7 @@ def _sized(kernel, macs):
     return kernel.parallel if macs >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY else kernel.serial
 
 
-def _tup(v):
-    return tuple(map(int, v))
+_tup = int_tuple  # geometry arguments as int tuples, memoised
 
 
 def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):

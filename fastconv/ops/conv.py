@@ -193,15 +193,15 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "forward", name)
             keep = "channels_last" in alg.layouts
-        numpy_pass = getattr(alg.forward, NUMPY_PASS, None)
+        select_numpy = getattr(alg.forward, NUMPY_PASS, None)
+        numpy_pass = None if select_numpy is None else select_numpy(geom)
         if (numpy_pass is not None and input.dtype in _NUMPY_DTYPES and input.is_contiguous() and weight.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
             # contiguous operands: their result is contiguous, no layout to keep (see _from_numpy)
             out = numpy_pass(_np(input).reshape(geom.batch, geom.in_channels, *geom.in_spatial),
                             _np(weight).reshape(geom.out_channels, geom.in_channels // geom.groups, *geom.kernel),
                             None if bias is None else _np(bias), geom)
-            if out is not None:
-                return _from_numpy(out, out_shape)
+            return _from_numpy(out, out_shape)
         if bias is not None and not bias.is_contiguous():
             bias = bias.contiguous()
         out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), bias, geom)
@@ -249,13 +249,13 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
             keep = "channels_last" in alg.layouts
-        numpy_pass = getattr(alg.grad_input, NUMPY_PASS, None)
+        select_numpy = getattr(alg.grad_input, NUMPY_PASS, None)
+        numpy_pass = None if select_numpy is None else select_numpy(geom)
         if (numpy_pass is not None and grad_output.dtype in _NUMPY_DTYPES and grad_output.is_contiguous()
                 and weight.is_contiguous()):
             out = numpy_pass(_np(grad_output).reshape(geom.batch, geom.out_channels, *geom.out_spatial),
                             _np(weight).reshape(geom.out_channels, geom.in_channels // geom.groups, *geom.kernel), geom)
-            if out is not None:
-                return _from_numpy(out, out_shape)
+            return _from_numpy(out, out_shape)
         return op_result(fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape),
                          result_format(grad_output, weight))
 
@@ -301,13 +301,13 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
             keep = "channels_last" in alg.layouts
-        numpy_pass = getattr(alg.grad_weight, NUMPY_PASS, None)
+        select_numpy = getattr(alg.grad_weight, NUMPY_PASS, None)
+        numpy_pass = None if select_numpy is None else select_numpy(geom)
         if (numpy_pass is not None and grad_output.dtype in _NUMPY_DTYPES and grad_output.is_contiguous()
                 and input.is_contiguous()):
             out = numpy_pass(_np(grad_output).reshape(geom.batch, geom.out_channels, *geom.out_spatial),
                             _np(input).reshape(geom.batch, geom.in_channels, *geom.in_spatial), geom)
-            if out is not None:
-                return _from_numpy(out, out_shape)
+            return _from_numpy(out, out_shape)
         return op_result(fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape),
                          None)
 
