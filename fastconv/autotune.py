@@ -109,7 +109,7 @@ from typing import Mapping, Optional
 import torch
 
 from . import backends, config, registry
-from .spec import NUMPY_PASS
+from .spec import CONTIGUOUS_ROUTE
 
 #: Convolutions with fewer multiply-accumulates than this use the heuristic (see the module docstring).
 MIN_MACS = 1_000_000
@@ -880,23 +880,24 @@ def _watched(alg: registry.ConvAlgorithm, key: CacheKey, choice: Choice) -> regi
         _observe(key, (time.perf_counter() - start) * 1e3)
         return out
 
-    select_numpy = getattr(fn, NUMPY_PASS, None)
-    if select_numpy is not None:  # the ops run the numpy pass for contiguous operands: watch that too
+    select_route = getattr(fn, CONTIGUOUS_ROUTE, None)
+    if select_route is not None:  # the ops take the contiguous route for contiguous operands: watch it too
 
         def timed_select(g):
-            numpy_pass = select_numpy(g)
-            if numpy_pass is None:
+            route = select_route(g)
+            if route is None:
                 return None
 
-            def timed_numpy(*args):
+            def timed_route(*args):
                 start = time.perf_counter()
-                out = numpy_pass(*args)
-                _observe(key, (time.perf_counter() - start) * 1e3)
+                out = route(*args)
+                if out is not None:  # None: left to the pass (timed there)
+                    _observe(key, (time.perf_counter() - start) * 1e3)
                 return out
 
-            return timed_numpy
+            return timed_route
 
-        setattr(timed, NUMPY_PASS, timed_select)
+        setattr(timed, CONTIGUOUS_ROUTE, timed_select)
 
     proxy = dataclasses.replace(alg, **{key[1]: timed})
     object.__setattr__(proxy, "_fastconv_base", alg)

@@ -90,8 +90,8 @@ GradWeight = Callable[[torch.Tensor, torch.Tensor, ConvGeometry], torch.Tensor]
 Heuristic = Callable[[ConvGeometry, str], str]
 
 
-#: The attribute of a conv pass that holds its numpy version (see :class:`ConvAlgorithm`).
-NUMPY_PASS = "numpy_pass"
+#: The attribute of a conv pass that holds its route for contiguous operands (see :class:`ConvAlgorithm`).
+CONTIGUOUS_ROUTE = "contiguous_route"
 
 
 def _always(_: ConvGeometry) -> Optional[str]:
@@ -107,12 +107,13 @@ class ConvAlgorithm:
     ``grad_weight(grad_out, x, geom)`` -> (K, C/groups, KD, KH, KW)
     All tensors contiguous, 5-D, of ``geom.dtype``; results freshly allocated.
 
-    A pass may carry, as its attribute ``numpy_pass`` (:data:`NUMPY_PASS`), a function of the geometry that
-    gives the same pass on numpy arrays for it, or None where only the tensor pass runs it: ``forward(x, w,
-    bias, geom)``, ``grad_input(grad_out, w, geom)``, ``grad_weight(grad_out, x, geom)`` with C-contiguous 5-D
-    float32 or float64 arrays (``bias`` (K,) or None), returning the pass's C-contiguous 5-D result. The ops
-    use it for contiguous operands: a small call skips the tensor views and conversions on the way (see
-    :mod:`fastconv.ops.conv`). A pass replaced without one (a test's counting wrapper) is always called itself.
+    A pass may carry, as its attribute ``contiguous_route`` (:data:`CONTIGUOUS_ROUTE`), a function of the geometry
+    that gives a faster way to run it for C-contiguous float32/float64 operands of the op's own rank, or None
+    where only the pass runs the geometry: ``forward(x, w, bias, geom, shape)``, ``grad_input(grad_out, w, geom,
+    shape)``, ``grad_weight(grad_out, x, geom, shape)``, returning the op's result of ``shape`` (contiguous, not a
+    view), or None for a call it leaves to the pass. The ops take it for contiguous operands: a small call skips
+    the 5-D views, the conversions and the result's reshape on the way (see :mod:`fastconv.ops.conv`). A pass
+    replaced without one (a test's counting wrapper) is always called itself.
     """
 
     name: str

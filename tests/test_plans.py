@@ -20,7 +20,7 @@ import fastconv.functional as F
 from fastconv import autotune, backends, registry
 from fastconv.ops import conv as conv_ops
 from fastconv.ops import pool as pool_ops
-from fastconv.spec import NUMPY_PASS
+from fastconv.spec import CONTIGUOUS_ROUTE
 from helpers import assert_close
 
 D = torch.float64
@@ -188,29 +188,29 @@ def test_autograd_kernel_fills_dropped_defaults():
 
 
 @pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
-def test_contiguous_operands_take_the_numpy_pass_and_others_the_tensor_pass(pass_):
-    # The ops run an algorithm's numpy pass for contiguous operands (no tensor views on the way) and its tensor pass
+def test_contiguous_operands_take_the_contiguous_route_and_others_the_tensor_pass(pass_):
+    # The ops take an algorithm's contiguous route for contiguous operands (no 5-D views on the way) and its tensor pass
     # for any other layout; both give torch's result, in the layout torch gives.
     real = registry._REGISTRY[("depthwise", backends.current())]
     seen = []
     tensor_pass = getattr(real, pass_)
-    select = getattr(tensor_pass, NUMPY_PASS)
+    select = getattr(tensor_pass, CONTIGUOUS_ROUTE)
 
     def counting_tensor_pass(*args):
         seen.append("tensor")
         return tensor_pass(*args)
 
     def counting_select(g):
-        numpy_pass = select(g)
-        return lambda *args: seen.append("numpy") or numpy_pass(*args)
+        route = select(g)
+        return lambda *args: seen.append("route") or route(*args)
 
-    setattr(counting_tensor_pass, NUMPY_PASS, counting_select)
+    setattr(counting_tensor_pass, CONTIGUOUS_ROUTE, counting_select)
     x = torch.randn(2, 6, 9, 9, dtype=D, requires_grad=True)
     w = torch.randn(6, 1, 3, 3, dtype=D, requires_grad=True)
     b = torch.randn(6, dtype=D, requires_grad=True)
     try:
         registry.register(dataclasses.replace(real, **{pass_: counting_tensor_pass}))
-        for layout, route in ((torch.contiguous_format, "numpy"), (torch.channels_last, "tensor")):
+        for layout, route in ((torch.contiguous_format, "route"), (torch.channels_last, "tensor")):
             xl = x.detach().to(memory_format=layout).requires_grad_()
             got = F.conv2d(xl, w, b, padding=1, groups=6, algo="depthwise")
             want = TF.conv2d(xl, w, b, padding=1, groups=6)

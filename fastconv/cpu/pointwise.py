@@ -42,7 +42,12 @@ def finite_sum(y: torch.Tensor) -> bool:
 
 def _rows(t: torch.Tensor):
     """``t`` (N, C, D, H, W) as (N, C, D*H*W) rows without a copy, or None when its strides do not allow it
-    (a channels_last tensor). A channel slice of a wider tensor (ShuffleNet's ``chunk``) qualifies."""
+    (a channels_last tensor). A channel slice of a wider tensor (ShuffleNet's ``chunk``) qualifies. A contiguous
+    ``t`` may have any rank (N, C, *S): the ops' contiguous routes pass their operands as they come."""
+    if t.is_contiguous():
+        return t.detach().view(t.shape[0], t.shape[1], -1)
+    if t.dim() != 5:
+        return None
     N, C, D, H, W = t.shape
     sn, sc, sd, sh, sw = t.stride()
     if (W == 1 or sw == 1) and (H == 1 or sh == W) and (D == 1 or sd == H * W):
@@ -154,10 +159,11 @@ def _batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None = Non
     return y.view(M, N, P).transpose(0, 1).contiguous()
 
 
-def forward(x, w, bias, g: ConvGeometry):
+def forward(x, w, bias, g: ConvGeometry, shape=None):
     """``y (N, K, *O) = w @ x`` per image, the bias as the GEMM's added term; (N, C, D, H, W) ``x``, (K, C, 1, 1, 1)
     ``w``. A single image gets one plain ``mm``/``addmm`` on the operands as they are (the op's implementation
-    runs below autograd, and a direct call records nothing)."""
+    runs below autograd, and a direct call records nothing). ``shape``: the result's shape (default
+    ``(N, K) + g.out_spatial``); contiguous operands at stride 1 may then have the op's own rank."""
     N, C = x.shape[:2]
     K = w.shape[0]
     if not w.is_contiguous():
@@ -188,12 +194,12 @@ def forward(x, w, bias, g: ConvGeometry):
             return None
     elif not finite_sum(y):
         return None
-    return y.view((N, K) + g.out_spatial)
+    return y.view((N, K) + g.out_spatial if shape is None else shape)
 
 
-def grad_input(grad_out, w, g: ConvGeometry):
+def grad_input(grad_out, w, g: ConvGeometry, shape=None):
     """``gx (N, C, *I) = w^T @ gy`` per image; (N, K, *O) ``grad_out``. A strided conv's gradient lands on the
-    pixels it read, the others are zero."""
+    pixels it read, the others are zero. ``shape``: as for :func:`forward` (stride 1 only)."""
     N, K = grad_out.shape[:2]
     C = w.shape[1]
     gy = _rows(grad_out)
@@ -202,9 +208,9 @@ def grad_input(grad_out, w, g: ConvGeometry):
     gx = _batch_mm(w.detach().view(K, C).t(), gy)
     if not finite_sum(gx):
         return None
-    gx = gx.view((N, C) + g.out_spatial)
     if g.stride == (1, 1, 1):
-        return gx
+        return gx.view((N, C) + g.out_spatial if shape is None else shape)
+    gx = gx.view((N, C) + g.out_spatial)
     sd, sh, sw = g.stride
     full = gx.new_zeros((N, C) + g.in_spatial)
     full[:, :, ::sd, ::sh, ::sw] = gx  # an unpadded 1x1 conv reads every stride-th pixel: ceil(I / s) == O
@@ -243,8 +249,9 @@ def _own_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor | None:
     return gw
 
 
-def grad_weight(grad_out, x, g: ConvGeometry):
-    """``gw (K, C, 1, 1, 1) = sum_n gy[n] @ x[n]^T``; (N, K, *O) ``grad_out``, (N, C, D, H, W) ``x``."""
+def grad_weight(grad_out, x, g: ConvGeometry, shape=None):
+    """``gw (K, C, 1, 1, 1) = sum_n gy[n] @ x[n]^T``; (N, K, *O) ``grad_out``, (N, C, D, H, W) ``x``.
+    ``shape``: as for :func:`forward` (stride 1 only)."""
     N, K = grad_out.shape[:2]
     C = x.shape[1]
     gy = _rows(grad_out)
@@ -263,7 +270,7 @@ def grad_weight(grad_out, x, g: ConvGeometry):
         gw = _torch_grad_weight(gy, xr)
     if not finite_sum(gw):
         return None
-    return gw.view(K, C, 1, 1, 1)
+    return gw.view((K, C, 1, 1, 1) if shape is None else shape)
 
 
 def _torch_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:

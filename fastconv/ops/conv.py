@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends, registry
-from ..spec import NUMPY_PASS
+from ..spec import CONTIGUOUS_ROUTE
 from . import eager, precision, validation
 from ._layout import empty_result, op_result, result_format
 from ._output import fresh
@@ -92,31 +92,14 @@ def _as_5d(t: Tensor, any_strides: bool = False) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# the numpy seam
+# contiguous routes
 # --------------------------------------------------------------------------------------------------
-#: Operand dtypes the algorithms' numpy passes take (a pass's ``numpy_pass``, see ``ConvAlgorithm``).
-_NUMPY_DTYPES = (torch.float32, torch.float64)
-
-
-def _np(t: Tensor):
-    """``t``'s memory as a numpy array (``detach`` only when it requires grad: a new tensor object each time)."""
-    return t.detach().numpy() if t.requires_grad else t.numpy()
-
-
-def _from_numpy(out, shape: tuple) -> Tensor:
-    """A numpy pass's C-contiguous 5-D result as the op's tensor of ``shape``: not a view, contiguous.
-
-    Why the ops call an algorithm's numpy passes when every operand is contiguous: the tensor route costs a
-    small call 30 µs more (5-D views of the operands, their ``detach`` and ``numpy``, the result's reshape and
-    ``detach``, the layout check), a third of a batch-1 depthwise conv's whole host time. Contiguous operands
-    need none of it: their result is contiguous, in the format the op promises (:func:`result_format` suggests
-    nothing for contiguous tensors)."""
-    if not out.flags.c_contiguous:
-        out = out.copy()
-    return _torch_from_numpy(out.reshape(shape))
-
-
-_torch_from_numpy = torch.from_numpy
+#: Operand dtypes an algorithm's contiguous route takes (a pass's ``contiguous_route``, see ``ConvAlgorithm``).
+#: Why the ops take the route when every operand is contiguous: the tensor pass's way costs a small call 30 µs
+#: more (5-D views of the operands, the result's reshape and ``detach``, the layout check), a third of a batch-1
+#: depthwise conv's host time. Contiguous operands need none of it: their result is contiguous, in the format the
+#: op promises (:func:`result_format` suggests nothing for contiguous tensors).
+_ROUTE_DTYPES = (torch.float32, torch.float64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,15 +176,13 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "forward", name)
             keep = "channels_last" in alg.layouts
-        select_numpy = getattr(alg.forward, NUMPY_PASS, None)
-        numpy_pass = None if select_numpy is None else select_numpy(geom)
-        if (numpy_pass is not None and input.dtype in _NUMPY_DTYPES and input.is_contiguous() and weight.is_contiguous()
+        select = getattr(alg.forward, CONTIGUOUS_ROUTE, None)
+        route = None if select is None else select(geom)
+        if (route is not None and input.dtype in _ROUTE_DTYPES and input.is_contiguous() and weight.is_contiguous()
                 and (bias is None or bias.is_contiguous())):
-            # contiguous operands: their result is contiguous, no layout to keep (see _from_numpy)
-            out = numpy_pass(_np(input).reshape(geom.batch, geom.in_channels, *geom.in_spatial),
-                            _np(weight).reshape(geom.out_channels, geom.in_channels // geom.groups, *geom.kernel),
-                            None if bias is None else _np(bias), geom)
-            return _from_numpy(out, out_shape)
+            out = route(input, weight, bias, geom, out_shape)
+            if out is not None:
+                return out
         if bias is not None and not bias.is_contiguous():
             bias = bias.contiguous()
         out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), bias, geom)
@@ -249,13 +230,13 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
             keep = "channels_last" in alg.layouts
-        select_numpy = getattr(alg.grad_input, NUMPY_PASS, None)
-        numpy_pass = None if select_numpy is None else select_numpy(geom)
-        if (numpy_pass is not None and grad_output.dtype in _NUMPY_DTYPES and grad_output.is_contiguous()
+        select = getattr(alg.grad_input, CONTIGUOUS_ROUTE, None)
+        route = None if select is None else select(geom)
+        if (route is not None and grad_output.dtype in _ROUTE_DTYPES and grad_output.is_contiguous()
                 and weight.is_contiguous()):
-            out = numpy_pass(_np(grad_output).reshape(geom.batch, geom.out_channels, *geom.out_spatial),
-                            _np(weight).reshape(geom.out_channels, geom.in_channels // geom.groups, *geom.kernel), geom)
-            return _from_numpy(out, out_shape)
+            out = route(grad_output, weight, geom, out_shape)
+            if out is not None:
+                return out
         return op_result(fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape),
                          result_format(grad_output, weight))
 
@@ -301,13 +282,13 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
             keep = "channels_last" in alg.layouts
-        select_numpy = getattr(alg.grad_weight, NUMPY_PASS, None)
-        numpy_pass = None if select_numpy is None else select_numpy(geom)
-        if (numpy_pass is not None and grad_output.dtype in _NUMPY_DTYPES and grad_output.is_contiguous()
+        select = getattr(alg.grad_weight, CONTIGUOUS_ROUTE, None)
+        route = None if select is None else select(geom)
+        if (route is not None and grad_output.dtype in _ROUTE_DTYPES and grad_output.is_contiguous()
                 and input.is_contiguous()):
-            out = numpy_pass(_np(grad_output).reshape(geom.batch, geom.out_channels, *geom.out_spatial),
-                            _np(input).reshape(geom.batch, geom.in_channels, *geom.in_spatial), geom)
-            return _from_numpy(out, out_shape)
+            out = route(grad_output, input, geom, out_shape)
+            if out is not None:
+                return out
         return op_result(fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape),
                          None)
 
