@@ -379,3 +379,25 @@ def test_avx2_hosts_leave_narrow_and_large_plane_products_to_the_library(monkeyp
     assert not pointwise._avx2_declines(512, 1024, None)
     monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", True)
     assert not pointwise._avx2_declines(116, 116, 4096)
+
+
+@pytest.mark.parametrize("channel_slice", [False, True])
+def test_single_pixel_batches_are_one_gemm_with_torchs_gradients(channel_slice):
+    # Squeeze-and-excitation convs (1x1 planes, batch > 1) run as one (N, C) x (C, K) GEMM; a channel slice of a
+    # wider tensor (not contiguous) reads its rows in place. Forward and both gradients against torch.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 14 if channel_slice else 7, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 7, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def conv(fn, x, w, b):
+        return fn(x[:, 3:10] if channel_slice else x, w, b)
+
+    got = conv(lambda *t: F.conv2d(*t, algo="im2col"), x, w, b)
+    want = conv(TF.conv2d, x, w, b)
+    assert_close(got, want, algo="im2col", what="single-pixel forward")
+    gy = torch.randn_like(want)
+    for a, t, name in zip(torch.autograd.grad(got, (x, w, b), gy), torch.autograd.grad(want, (x, w, b), gy),
+                          ("input", "weight", "bias")):
+        assert_close(a, t, algo="im2col", what=f"single-pixel {name} gradient")
+    assert torch.autograd.gradcheck(lambda *t: conv(lambda *u: F.conv2d(*u, algo="im2col"), *t), (x, w, b))

@@ -145,10 +145,17 @@ def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) 
 
 def _batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """(N, M, P) ``a @ b3[n] (+ bias[:, None])`` for every n; ``a`` (M, R), ``b3`` (N, R, P), ``bias`` (M,)."""
+    N, R, P = b3.shape
+    if P == 1 and N > 1:
+        # single-pixel planes (squeeze-and-excitation blocks): the batch's vectors are the rows of one (N, R)
+        # matrix, so one GEMM ``b3 @ a^T`` makes every image's product. Measured, 2 threads, batch 8, RegNet's
+        # 440 -> 110 with bias: 0.43 ms as N matrix-vector products (baddbmm) against torch's conv 0.22.
+        rows = b3[:, :, 0]
+        y = torch.mm(rows, a.t()) if bias is None else torch.addmm(bias, rows, a.t())
+        return y.view(N, a.shape[0], 1)
     own = _own_batch_mm(a, b3, bias)
     if own is not None:
         return own
-    N, R, P = b3.shape
     M = a.shape[0]
     if not _one_gemm_over_batch(a, b3):
         if bias is None:
