@@ -102,6 +102,19 @@ def _as_5d(t: Tensor, any_strides: bool = False) -> Tensor:
 _ROUTE_DTYPES = (torch.float32, torch.float64)
 
 
+def _routed(tensor_pass, geom: registry.ConvGeometry, out_shape: tuple, operands: tuple) -> Optional[Tensor]:
+    """The op's result by ``tensor_pass``'s contiguous route, or None when the pass itself must run: no route
+    for ``geom``, an operand (None skipped) not contiguous or of another dtype, or a call the route leaves."""
+    select = getattr(tensor_pass, CONTIGUOUS_ROUTE, None)
+    route = None if select is None else select(geom)
+    if route is None or operands[0].dtype not in _ROUTE_DTYPES:
+        return None
+    for t in operands:
+        if t is not None and not t.is_contiguous():
+            return None
+    return route(*operands, geom, out_shape)
+
+
 # --------------------------------------------------------------------------------------------------
 # per-call plans
 # --------------------------------------------------------------------------------------------------
@@ -176,13 +189,9 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "forward", name)
             keep = "channels_last" in alg.layouts
-        select = getattr(alg.forward, CONTIGUOUS_ROUTE, None)
-        route = None if select is None else select(geom)
-        if (route is not None and input.dtype in _ROUTE_DTYPES and input.is_contiguous() and weight.is_contiguous()
-                and (bias is None or bias.is_contiguous())):
-            out = route(input, weight, bias, geom, out_shape)
-            if out is not None:
-                return out
+        out = _routed(alg.forward, geom, out_shape, (input, weight, bias))
+        if out is not None:
+            return out
         if bias is not None and not bias.is_contiguous():
             bias = bias.contiguous()
         out = alg.forward(_as_5d(input, keep), _as_5d(weight, keep), bias, geom)
@@ -230,13 +239,9 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_input", f"{name}_grad_input")
             keep = "channels_last" in alg.layouts
-        select = getattr(alg.grad_input, CONTIGUOUS_ROUTE, None)
-        route = None if select is None else select(geom)
-        if (route is not None and grad_output.dtype in _ROUTE_DTYPES and grad_output.is_contiguous()
-                and weight.is_contiguous()):
-            out = route(grad_output, weight, geom, out_shape)
-            if out is not None:
-                return out
+        out = _routed(alg.grad_input, geom, out_shape, (grad_output, weight))
+        if out is not None:
+            return out
         return op_result(fresh(alg.grad_input(_as_5d(grad_output, keep), _as_5d(weight, keep), geom), out_shape),
                          result_format(grad_output, weight))
 
@@ -282,13 +287,9 @@ def _register(ndim: int):
         if alg is None:
             alg = registry.choose(algo, geom, "grad_weight", f"{name}_grad_weight")
             keep = "channels_last" in alg.layouts
-        select = getattr(alg.grad_weight, CONTIGUOUS_ROUTE, None)
-        route = None if select is None else select(geom)
-        if (route is not None and grad_output.dtype in _ROUTE_DTYPES and grad_output.is_contiguous()
-                and input.is_contiguous()):
-            out = route(grad_output, input, geom, out_shape)
-            if out is not None:
-                return out
+        out = _routed(alg.grad_weight, geom, out_shape, (grad_output, input))
+        if out is not None:
+            return out
         return op_result(fresh(alg.grad_weight(_as_5d(grad_output, keep), _as_5d(input, keep), geom), out_shape),
                          None)
 
