@@ -118,9 +118,13 @@ def test_module_forward_under_no_grad_goes_direct(spy):
     with torch.no_grad():
         layer(x)
         _count_only(spy)
+        layer._repeat_call = None  # the layer's planned call aside (tests/test_repeat_call.py): the functional path
         out = layer(x)
-    assert spy.took() == "direct"
+        assert spy.took() == "direct"
+        again = layer(x)  # the planned call, made by the call above: no entry of the op, no dispatcher
+    assert spy.direct == 1 and spy.dispatched == 0 and spy.grad_direct == 0
     assert_close(out, TF.conv2d(x, layer.weight, layer.bias, padding=1))
+    assert torch.equal(out, again)
 
 
 def test_channels_last_result_layout_is_the_same_on_both_paths():

@@ -30,6 +30,7 @@ def gemm_route(request, monkeypatch):
     if own:
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_PIXELS", 1)
+        monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_MACS_ONE_IMAGE", 1)
         monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_CHANNELS", 1)
         monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
         monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MAX_PIXELS", 1 << 30)

@@ -96,6 +96,13 @@ OWN_GEMM_MIN_PIXELS = 64
 #: ``torch.mm`` µs at 4x4 (16 columns): 2048 x 512 139 / 229, 512 x 2048 171 / 255, 440 x 440 36 / 49, 960 x 160
 #: 30 / 35; 128 x 64 5 / 4. Fewer columns (SE blocks' 1x1 maps) stay on torch's matrix-vector code.
 OWN_GEMM_MIN_PIXELS_ONE_IMAGE = 16
+#: ... and a single image's product only from this many multiply-adds: below it torch's ``mm`` (MKL) was faster
+#: on a Zen 5 (AVX-512) host, 2 threads, batch 1, own / ``mm`` µs: MobileNet v3's 40 -> 240 at 16x16 (2.5M) 42 /
+#: 33, 112 -> 672 at 8x8 (4.8M) 61 / 56, 960 -> 160 at 4x4 (2.5M) 42 / 36, 200 -> 80 at 8x8 (1.0M) 23 / 16; and
+#: twice as fast right after a torch conv, as inside a model (40 -> 240: 96 / 53, 64 -> 384 at 8x8: 104 / 47).
+#: From 16.8M (ResNet-50's batch-1 1x1 layers) the own GEMM was level or faster (256 -> 64 at 32x32 173 / 233,
+#: 1024 -> 256 at 8x8 172 / 182; after a torch conv 264 / 274 and 222 / 208).
+OWN_GEMM_MIN_MACS_ONE_IMAGE = 1 << 23
 _OWN_DTYPES = (torch.float32, torch.float64)
 #: On hosts without 512-bit vectors (AVX2, :data:`.micro_gemm.HOST_HAS_AVX512` false) the own GEMM takes a 1x1
 #: conv's products only with at least this many input and output channels and, for the forward and input
@@ -114,18 +121,18 @@ def _avx2_declines(M: int, R: int, P: int | None) -> bool:
                                                or (P is not None and P > AVX2_OWN_GEMM_MAX_PIXELS))
 
 
-def _own_may_take(M: int, R: int, P: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`_own_batch_mm` may take an ``(M, R) @ (R, P)`` product per image, asked before building the
-    operands' views (two microseconds each on a batch-1 call that MKL then runs)."""
+def _own_may_take(M: int, R: int, P: int, dtype: torch.dtype, images: int) -> bool:
+    """Whether :func:`_own_batch_mm` may take an ``(M, R) @ (R, P)`` product per image of ``images``, asked before
+    building the operands' views (two microseconds each on a batch-1 call that MKL then runs)."""
     return (jit_gemm.own_gemm_in_use() and R >= OWN_GEMM_MIN_REDUCTION and not _avx2_declines(M, R, P)
-            and dtype in _OWN_DTYPES)
+            and dtype in _OWN_DTYPES and (images > 1 or M * R * P >= OWN_GEMM_MIN_MACS_ONE_IMAGE))
 
 
 def _own_batch_mm(a: torch.Tensor, b3: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """:func:`_batch_mm` on the own GEMM, or None where that path does not take the call."""
     N, R, P = b3.shape
     M = a.shape[0]
-    if (not _own_may_take(M, R, P, b3.dtype)
+    if (not _own_may_take(M, R, P, b3.dtype, N)
             or a.dtype != b3.dtype or (bias is not None and bias.dtype != b3.dtype)):
         return None
     bias_np = None if bias is None else bias.detach().numpy()
@@ -181,7 +188,7 @@ def forward(x, w, bias, g: ConvGeometry, shape=None):
         x = _strided(x, g)
     if N == 1 and x.is_contiguous():
         y = None
-        if _own_may_take(K, C, x.numel() // max(C, 1), x.dtype):
+        if _own_may_take(K, C, x.numel() // max(C, 1), x.dtype, 1):
             y = _own_batch_mm(w.view(K, C), x.view(1, C, -1), bias)
         if y is None:
             # the operands as they are: no detach (a microsecond each) on a squeeze-and-excitation conv's 15 µs

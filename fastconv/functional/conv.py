@@ -11,6 +11,7 @@ from ..ops import conv as conv_ops
 from ._checks import IntOrSeq, batched, check_groups, check_same, check_type, int_tuple, plain
 from ..ops._layout import laid_out, result_format
 from ..ops.eager import direct_grad_ok, direct_ok
+from ..ops.repeat_call import conv_repeat_call
 
 Padding = Union[str, IntOrSeq]
 
@@ -94,6 +95,18 @@ def _conv(ndim: int, input, weight, bias, stride, padding, dilation, groups, alg
         _NORMALISED[key] = args
     out = conv_ops.OPS[ndim][0](a.input, a.weight, a.bias, *args)
     return out.squeeze(0) if a.unbatched else laid_out(out, result_format(a.input, a.weight))
+
+
+def repeat_call(ndim: int, input, weight, bias, stride, padding, dilation, groups, algo):
+    """For a layer that has just made this call through :func:`_conv`: a
+    :class:`~fastconv.ops.repeat_call.ConvRepeatCall` that makes calls like it again with less host work (what
+    ``fastconv.nn``'s conv layers keep), or None when such calls keep the full path."""
+    if not (plain(stride) and plain(padding) and plain(dilation) and plain(groups) and type(algo) is str
+            and isinstance(weight, Tensor) and weight.dim() == ndim + 2 and isinstance(input, Tensor)
+            and input.dim() == ndim + 2):
+        return None
+    args = _NORMALISED.get((ndim, weight.shape[2:], stride, padding, dilation, groups, algo))
+    return None if args is None else conv_repeat_call(ndim, input, weight, bias, *args)
 
 
 def conv1d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrSeq = 1,

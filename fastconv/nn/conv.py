@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from torch.nn import functional as torch_F
 
 from .. import functional as F
+from ..functional.conv import repeat_call
+from ..ops.eager import direct_ok
 from .convert import _copy_state, replaces
 
 
@@ -26,13 +28,29 @@ class _FastConvMixin:
                              f"{', '.join(registry.names())}")
         self.algo = algo
 
+    #: The layer's planned inference call (:mod:`fastconv.ops.repeat_call`), made after a call that could use it
+    #: and used while the layer's arguments are those it was made with (``_repeat_args``).
+    _repeat_call = None
+    _repeat_args = None
+
     def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         conv = type(self)._functional
+        call = self._repeat_call
+        args = (self.stride, self.padding, self.dilation, self.groups, self.algo, self.padding_mode)
+        if call is not None and args == self._repeat_args and direct_ok(input, weight, bias):
+            out = call(input, weight, bias)
+            if out is not None:
+                return out
         if self.padding_mode != "zeros":
             # Same as torch: pad explicitly with the mode, then convolve without padding.
             padded = torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
-        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
+        out = conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
+        if direct_ok(input, weight, bias):  # an inference call: plan the next ones (None where they cannot)
+            self._repeat_call = repeat_call(type(self)._ndim, input, weight, bias, self.stride, self.padding,
+                                        self.dilation, self.groups, self.algo)
+            self._repeat_args = args
+        return out
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
@@ -52,6 +70,7 @@ class Conv1d(_FastConvMixin, nn.Conv1d):
     """Drop-in :class:`torch.nn.Conv1d`: input (N, C_in, L) -> (N, C_out, L_out)."""
 
     _functional = staticmethod(F.conv1d)
+    _ndim = 1
 
     def __init__(self, *args, algo: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -67,6 +86,7 @@ class Conv2d(_FastConvMixin, nn.Conv2d):
     """
 
     _functional = staticmethod(F.conv2d)
+    _ndim = 2
 
     def __init__(self, *args, algo: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -78,6 +98,7 @@ class Conv3d(_FastConvMixin, nn.Conv3d):
     """Drop-in :class:`torch.nn.Conv3d`: input (N, C_in, D, H, W) -> (N, C_out, D_out, H_out, W_out)."""
 
     _functional = staticmethod(F.conv3d)
+    _ndim = 3
 
     def __init__(self, *args, algo: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)

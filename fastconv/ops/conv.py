@@ -134,6 +134,20 @@ def _remember(key, plan: tuple) -> None:
     _PLANS[key] = plan
 
 
+def forward_key(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, padding_end, dilation,
+                groups: int, algo: str) -> tuple:
+    """The :data:`_PLANS` key of a forward call (any rank): everything its validation and plan read."""
+    return (0, input.shape, weight.shape, input.dtype, weight.dtype, input.device, weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device), tuple(stride), tuple(padding),
+            tuple(padding_end), tuple(dilation), groups, algo, backends.target_for(input))
+
+
+def forward_plan_of(key: tuple) -> Optional[tuple]:
+    """The current plan stored under :func:`forward_key`'s ``key`` (None: none, or one from an older registry)."""
+    plan = _PLANS.get(key)
+    return plan if plan is not None and plan[3] == registry.generation() else None
+
+
 def _plan(geom: registry.ConvGeometry, algo: str, pass_: str, op: str, out_shape: tuple) -> tuple:
     """A plan for ``geom``: a named algorithm is resolved (and refused, if it must be) now, once.
 
@@ -176,9 +190,7 @@ def _register(ndim: int):
     def conv(input: Tensor, weight: Tensor, bias: Optional[Tensor], stride: list[int], padding: list[int],
              padding_end: list[int], dilation: list[int], groups: int, algo: str) -> Tensor:
         # The hot path of every conv call: one key lookup, then the kernel (see _PLANS).
-        key = (0, input.shape, weight.shape, input.dtype, weight.dtype, input.device, weight.device,
-               None if bias is None else (bias.shape, bias.dtype, bias.device), tuple(stride), tuple(padding),
-               tuple(padding_end), tuple(dilation), groups, algo, backends.target_for(input))
+        key = forward_key(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
         plan = _PLANS.get(key)
         if plan is None or plan[3] != registry.generation():
             plan = forward_plan(input, weight, bias, stride, padding, padding_end, dilation, groups, algo)
