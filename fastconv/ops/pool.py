@@ -477,8 +477,10 @@ def adaptive_avg_pool(input: Tensor, output_size: list[int]) -> Tensor:
             return input.new_zeros(shape)
         plan = _remember(key, (_t3(output_size, 1), tuple(input.shape[:2]) + tuple(output_size)))
     out3, out_shape = plan
-    y = _kernels_for(target, "adaptive_avg_pool").adaptive_avg_pool(_as_5d(input), out3)
-    return fresh(y, out_shape)
+    kernels = _kernels_for(target, "adaptive_avg_pool")
+    if getattr(kernels, "reads_contiguous_any_rank", False) and input.is_contiguous():
+        return kernels.adaptive_avg_pool(input, out3, out_shape)  # no 5-D view, no result reshape or detach
+    return fresh(kernels.adaptive_avg_pool(_as_5d(input), out3), out_shape)
 
 
 @adaptive_avg_pool.register_fake
