@@ -46,10 +46,13 @@ class _FastConvMixin:
             padded = torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
         out = conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
-        if direct_ok(input, weight, bias):  # an inference call: plan the next ones (None where they cannot)
-            self._repeat_call = repeat_call(type(self)._ndim, input, weight, bias, self.stride, self.padding,
-                                        self.dilation, self.groups, self.algo)
-            self._repeat_args = args
+        # an inference call on a contiguous input: plan the next ones (a channels_last layer never could, and
+        # skips the attempt; the attributes are set only when they change: Module.__setattr__ costs a microsecond)
+        if input.is_contiguous() and direct_ok(input, weight, bias):
+            call = repeat_call(type(self)._ndim, input, weight, bias, self.stride, self.padding, self.dilation,
+                               self.groups, self.algo)
+            if call is not None or self._repeat_call is not None:
+                self._repeat_call, self._repeat_args = call, args
         return out
 
     def extra_repr(self) -> str:
