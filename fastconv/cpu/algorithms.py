@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..spec import CONTIGUOUS_ROUTE, ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
-from . import blas, depthwise, fft, im2col_fused, im2col_nhwc, pointwise, shift, transposed_gemm, winograd
+from . import (blas, depthwise, depthwise_nhwc, fft, im2col_fused, im2col_nhwc, pointwise, shift, transposed_gemm,
+               winograd)
 
 
 def _np(t: torch.Tensor):
@@ -365,6 +367,8 @@ def _depthwise_algorithm() -> ConvAlgorithm:
     """``depthwise``: the kernels of :mod:`fastconv.cpu.depthwise` (groups == in_channels, any multiplier)."""
     numpy_passes = _entry_passes(depthwise.depthwise_forward, depthwise.depthwise_grad_input,
                                  depthwise.depthwise_grad_weight)
+    tensor_passes = _with_routes(_depthwise_layout_passes(numpy_passes),
+                                 [_every_geometry(r) for r in _numpy_routes(numpy_passes)])
 
     def refuse(g: ConvGeometry):
         if g.groups != g.in_channels:
@@ -380,7 +384,40 @@ def _depthwise_algorithm() -> ConvAlgorithm:
         "depthwise only (groups == in_channels, any multiplier): 2-D planes as per-tap-column shifted "
         "copies at output pitch, one flat exact loop per plane; other shapes one padded, phase-split plane "
         "per task; input gradient as a flipped-kernel forward or gathered per stride phase",
-        *_tensor_passes(numpy_passes), refuse=refuse)
+        *tensor_passes, refuse=refuse, layouts=("contiguous", "channels_last"))
+
+
+def _depthwise_layout_passes(numpy_passes) -> tuple:
+    """The depthwise tensor passes on operands of any strides: channels-last ones that
+    :func:`.depthwise_nhwc.applies` to (its forward, and its stride-1 input gradient) are read and written as
+    they are; every other call copies its operands to NCDHW, as the op did before the algorithm declared
+    ``"channels_last"``, and runs the NCDHW kernels (the op lays their result out as the input suggests)."""
+    np_forward, np_grad_input, np_grad_weight = numpy_passes
+    dense = np.ascontiguousarray
+
+    def nhwc_ok(a, g: ConvGeometry) -> bool:
+        return (im2col_nhwc.is_channels_last(a)
+                and depthwise_nhwc.applies(g.in_channels, g.out_channels, g.kernel, g.padding, a.itemsize,
+                                           g.in_spatial[0]))
+
+    def forward(x, w, bias, g: ConvGeometry):
+        xa, wa, ba = _np(x), _np(w), None if bias is None else _np(bias)
+        if nhwc_ok(xa, g):
+            return torch.from_numpy(depthwise_nhwc.forward(xa, wa, ba, g.stride, g.padding, g.dilation,
+                                                           g.out_spatial))
+        return torch.from_numpy(np_forward(dense(xa), dense(wa), ba, g))
+
+    def grad_input(grad_out, w, g: ConvGeometry):
+        ga, wa = _np(grad_out), _np(w)
+        if nhwc_ok(ga, g) and depthwise_nhwc.grad_input_applies(g.stride, g.padding, g.dilation, g.kernel):
+            return torch.from_numpy(depthwise_nhwc.grad_input(ga, wa, g.stride, g.padding, g.dilation,
+                                                              g.in_spatial))
+        return torch.from_numpy(np_grad_input(dense(ga), dense(wa), g))
+
+    def grad_weight(grad_out, x, g: ConvGeometry):
+        return torch.from_numpy(np_grad_weight(dense(_np(grad_out)), dense(_np(x)), g))
+
+    return forward, grad_input, grad_weight
 
 
 def _winograd_algorithm(m: int) -> ConvAlgorithm:

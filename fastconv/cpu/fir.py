@@ -221,3 +221,32 @@ def channel_rows(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
                 q += 2
             if q < cols:
                 _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+
+
+@njit(**_JIT)
+def channel_rows_by_position(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
+    """:func:`channel_rows` with the tile loops the other way round: every vector of channels of a tile of
+    positions before the next tile, for wide ``step`` (all of a layer's channels innermost, the channels-last
+    kernels of :mod:`.depthwise_nhwc`). A tile's input window (the taps' rows, a few positions wide, every
+    channel) then stays in L1 while its channel vectors are summed; with the lanes outermost, each lane swept the
+    whole rows from L2 again (ConvNeXt's 96-channel 7x7 rows: 15 KB each, seven per output row)."""
+    W = _VECTOR_BYTES // out.itemsize
+    for r in range(rows):
+        sb = src_base + r * row_step
+        ob = r * cols * step
+        q = 0
+        while q + 8 <= cols:
+            for lane in range(0, step, W):
+                _channel8(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+            q += 8
+        if q + 4 <= cols:
+            for lane in range(0, step, W):
+                _channel4(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+            q += 4
+        if q + 2 <= cols:
+            for lane in range(0, step, W):
+                _channel2(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+            q += 2
+        if q < cols:
+            for lane in range(0, step, W):
+                _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
