@@ -522,3 +522,50 @@ def test_phase_split_matches_its_definition(W, pad, s, kw):
         got = np.full_like(want, np.nan)
         compiled(x, pad, s, wq, got)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("in_shape", [(1, 4, 4), (3, 5, 7), (2, 1, 6)])
+@pytest.mark.parametrize("pads", [(0, 1, 1), (1, 0, 2), (2, 2, 0), (0, -1, 1), (-1, 2, -2)])
+@pytest.mark.parametrize("box_from", ["full", "short", "tiny"])
+def test_pad_box_matches_its_definition(in_shape, pads, box_from):
+    """The narrow path's padded box (``out[..., d, h, w] = x[..., d - pd, h - ph, w - pw]``, 0 outside ``x``)
+    against the formula, element by element: boxes of the whole padded extent, boxes that end early (windows
+    that never reach the last rows) and negative (cropping) padding; it zeroes each plane and copies the rows
+    inside ``x`` on flat indices, so the rows' limits are what this checks. Serial and parallel compilations."""
+    D, H, W = in_shape
+    pd, ph, pw = pads
+    shape = {"full": (D + 2 * pd, H + 2 * ph, W + 2 * pw), "short": (D + pd, H + ph + 1, W + 2 * pw - 1),
+             "tiny": (1, 2, 3)}[box_from]
+    if min(shape) <= 0:
+        pytest.skip(f"padding {pads} leaves no box of {in_shape} for the {box_from!r} extent")
+    x = np.arange(2 * 3 * D * H * W, dtype=np.float64).reshape(2, 3, D, H, W) + 1.0
+    want = np.zeros((2, 3) + shape)
+    for d, h, w in itertools.product(*(range(e) for e in shape)):
+        if 0 <= d - pd < D and 0 <= h - ph < H and 0 <= w - pw < W:
+            want[:, :, d, h, w] = x[:, :, d - pd, h - ph, w - pw]
+    for compiled in (cc._pad_box.serial, cc._pad_box.parallel):
+        got = np.full(want.shape, np.nan)
+        compiled(x, pd, ph, pw, got)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("in_hw", [(4, 4), (5, 7), (1, 6)])
+@pytest.mark.parametrize("pads", [(1, 1), (0, 2), (2, 0), (-1, 1), (2, -2)])
+@pytest.mark.parametrize("box_from", ["full", "short", "tiny"])
+def test_fused_pad_box_matches_its_definition(in_hw, pads, box_from):
+    """The gather kernels' 2-D padded box (:func:`.im2col_fused._pad_box`) against its formula, as
+    :func:`test_pad_box_matches_its_definition` checks the 3-D one."""
+    H, W = in_hw
+    ph, pw = pads
+    shape = {"full": (H + 2 * ph, W + 2 * pw), "short": (H + ph + 1, W + 2 * pw - 1), "tiny": (2, 3)}[box_from]
+    if min(shape) <= 0:
+        pytest.skip(f"padding {pads} leaves no box of {in_hw} for the {box_from!r} extent")
+    x = np.arange(2 * 3 * H * W, dtype=np.float64).reshape(2, 3, H, W) + 1.0
+    want = np.zeros((2, 3) + shape)
+    for h, w in itertools.product(*(range(e) for e in shape)):
+        if 0 <= h - ph < H and 0 <= w - pw < W:
+            want[:, :, h, w] = x[:, :, h - ph, w - pw]
+    for compiled in (im2col_fused._pad_box.serial, im2col_fused._pad_box.parallel):
+        got = np.full(want.shape, np.nan)
+        compiled(x, ph, pw, got)
+        np.testing.assert_array_equal(got, want)

@@ -508,30 +508,29 @@ def _im2col(xq, n0, c0, r0, r1, osz, ksz, stride, padding, dilation, tap_off, co
 def _pad_box(x, pd, ph, pw, out):
     """``out[n, c, d, h, w] = x[n, c, d - pd, h - ph, w - pw]`` (0 outside ``x``): the zero-padded box that every
     window of a narrow conv reads inside (:func:`_narrow_source`). ``out`` may be smaller than ``x`` plus its
-    padding (windows that never reach the last rows or columns)."""
+    padding (windows that never reach the last rows or columns); a negative padding crops. x and out C-contiguous.
+
+    Each plane zeroed in one loop, then its rows inside ``x`` copied, on flat unsigned indices. Why: with a view of
+    every row of ``out`` and ``x`` (Numba builds each) the views cost more than the 4-8 elements a row of these
+    narrow layers copies: measured, one thread, ResNet's 512 x 4x4 input at batch 8 0.19-0.26 -> 0.055 ms, 256 x
+    8x8 0.24-0.28 -> 0.032 ms, of a forward of about 4 ms."""
     N, C, D, H, W = x.shape
     Dp, Hp, Wp = out.shape[2], out.shape[3], out.shape[4]
-    w0 = max(0, pw)
-    w1 = min(Wp, W + pw)
+    w0 = min(Wp, max(0, pw))  # box columns before the first input column
+    n = max(0, min(Wp, W + pw) - w0)  # input columns in a box row
+    plane = Dp * Hp * Wp
+    xf = x.reshape(x.size)
+    of = out.reshape(out.size)
     for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        for d in range(Dp):
-            id_ = d - pd
-            for h in range(Hp):
-                ih = h - ph
-                orow = out[n, c, d, h]
-                if id_ < 0 or id_ >= D or ih < 0 or ih >= H:
-                    for m in range(Wp):
-                        orow[m] = 0
-                    continue
-                xr = x[n, c, id_, ih]
-                for m in range(w0):
-                    orow[m] = 0
-                for m in range(w0, w1):
-                    orow[m] = xr[m - pw]
-                for m in range(max(w0, w1), Wp):
-                    orow[m] = 0
+        ob = np.uint64(t * plane)
+        for m in range(plane):
+            of[ob + np.uint64(m)] = 0
+        for d in range(min(max(0, pd), Dp), min(Dp, D + pd)):
+            for h in range(min(max(0, ph), Hp), min(Hp, H + ph)):
+                o = np.uint64(((t * Dp + d) * Hp + h) * Wp + w0)
+                src = np.uint64(((t * D + d - pd) * H + h - ph) * W + w0 - pw)
+                for m in range(n):
+                    of[o + np.uint64(m)] = xf[src + np.uint64(m)]
 
 
 @parallel.kernel(**_JIT)
