@@ -346,8 +346,9 @@ def test_im2col_chunking(monkeypatch, cap, transposed_max_k):
 @pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
 def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
     """Both column builders on the same geometries: the gather from a zero-padded box (every output row
-    counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not; a spy makes
-    sure the gather really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
+    counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not, and both ways
+    back for the input gradient (the scatter into a padded box, then cropped; col2im into the phase-split
+    buffer); spies make sure the narrow kernels really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
     monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "GATHER_MAX_OW", narrow)
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
@@ -359,11 +360,20 @@ def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
         return gather(*a)
 
     monkeypatch.setattr(cc, "_im2col_gather", spy)
+    scatters = []
+    scatter = cc._col2im_gather
+
+    def scatter_spy(*a):
+        scatters.append(1)
+        return scatter(*a)
+
+    monkeypatch.setattr(cc, "_col2im_gather", scatter_spy)
     _check("im2col", 3, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 2, 4, 6, (5, 6, 7), (3, 2, 3), (1, 2, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
     _check("im2col", 2, 3, 4, (11,), (3,), (2,), (2,), (-1,), (2,), 1)
     _check("im2col", 2, 6, 6, (8, 8), (3, 3), (2, 2), (1, 1), (0, 0), (1, 1), 3, dtype=np.float32)
     assert bool(gathers) == (narrow > 0)
+    assert bool(scatters) == (narrow > 0)  # the input gradient's narrow scatter ran too
 
 
 def test_im2col_chunk_bounds():
@@ -569,3 +579,13 @@ def test_fused_pad_box_matches_its_definition(in_hw, pads, box_from):
         got = np.full(want.shape, np.nan)
         compiled(x, ph, pw, got)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("K,Cg,G,kernel", [(4, 3, 1, (3, 3)), (6, 2, 3, (1, 5)), (8, 4, 2, (2, 3)), (3, 1, 1, (1, 1))])
+def test_flipped_weights_match_the_reversed_transposed_view(K, Cg, G, kernel):
+    """The input gradient's forward weights (each group's kernels flipped in H and W, in and out channels
+    swapped) against numpy's reversed, transposed view, element for element."""
+    KH, KW = kernel
+    w = np.arange(K * Cg * KH * KW, dtype=np.float64).reshape(K, Cg, 1, KH, KW)
+    want = w.reshape(G, K // G, Cg, KH, KW).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1].reshape(G * Cg, K // G, 1, KH, KW)
+    np.testing.assert_array_equal(cc._flipped_weights(w, G), want)
