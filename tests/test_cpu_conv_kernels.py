@@ -342,32 +342,32 @@ def test_im2col_chunking(monkeypatch, cap, transposed_max_k):
     _check("im2col", 5, 4, 6, (5, 6, 7), (3, 2, 3), (1, 1, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
 
 
+def _spy(monkeypatch, kernel_name):
+    """Replace ``cc.<kernel_name>`` by a wrapper that records each call; returns the (growing) list of calls."""
+    calls = []
+    kernel = getattr(cc, kernel_name)
+
+    def spy(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(cc, kernel_name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("narrow", [-1, 1 << 30])
 @pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
 def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
     """Both column builders on the same geometries: the gather from a zero-padded box (every output row
     counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not, and both ways
     back for the input gradient (the scatter into a padded box, then cropped; col2im into the phase-split
-    buffer); spies make sure the narrow kernels really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
+    buffer); spies make sure the narrow kernels really ran. 1-D to 3-D, strides, dilation, asymmetric and
+    cropping padding, groups."""
     monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "GATHER_MAX_OW", narrow)
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
-    gathers = []
-    gather = cc._im2col_gather
-
-    def spy(*a):
-        gathers.append(1)
-        return gather(*a)
-
-    monkeypatch.setattr(cc, "_im2col_gather", spy)
-    scatters = []
-    scatter = cc._col2im_gather
-
-    def scatter_spy(*a):
-        scatters.append(1)
-        return scatter(*a)
-
-    monkeypatch.setattr(cc, "_col2im_gather", scatter_spy)
+    gathers = _spy(monkeypatch, "_im2col_gather")
+    scatters = _spy(monkeypatch, "_col2im_gather")
     _check("im2col", 3, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 2, 4, 6, (5, 6, 7), (3, 2, 3), (1, 2, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
     _check("im2col", 2, 3, 4, (11,), (3,), (2,), (2,), (-1,), (2,), 1)

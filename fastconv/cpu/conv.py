@@ -830,6 +830,12 @@ def _narrow_offsets(ksz, stride, dilation, out_spatial, box):
     # compile the gather again for read-only arrays)
 
 
+def _narrow_extent(out_spatial, stride, ksz, dilation) -> tuple:
+    """(D, H, W) of the zero-padded box a narrow conv's windows lie in: from the first window's corner to the last
+    window's far edge (it may end before the input plus its padding)."""
+    return tuple((o - 1) * s_ + (k - 1) * d + 1 for o, s_, k, d in zip(out_spatial, stride, ksz, dilation))
+
+
 class _ColumnSource:
     """Where the columns of one conv's input come from: ``fill(n0, c0, r0, r1, col)`` writes the columns of
     images ``n0 ..`` (as many as ``col`` holds), channels from ``c0``, output rows ``r0 .. r1`` (rows =
@@ -843,7 +849,7 @@ class _ColumnSource:
         self.narrow = OW <= GATHER_MAX_OW
         if self.narrow:
             N, C = x.shape[:2]
-            ext = [(o - 1) * s_ + (k - 1) * d + 1 for o, s_, k, d in zip(out_spatial, stride, ksz, dilation)]
+            ext = _narrow_extent(out_spatial, stride, ksz, dilation)
             self.box = np.empty((N, C, *ext), x.dtype)
             _pad_box(x, padding[0], padding[1], padding[2], self.box)
             self.tap_off, self.pos = _narrow_offsets(tuple(ksz), tuple(stride), tuple(dilation),
@@ -1297,7 +1303,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     narrow = OW <= GATHER_MAX_OW
     if narrow:
         # the columns added into a zero-padded box through the narrow forward's offset tables, then cropped
-        ext = tuple((o - 1) * s_ + (k - 1) * d + 1 for o, s_, k, d in zip(out_spatial, stride, ksz, dilation))
+        ext = _narrow_extent(out_spatial, stride, ksz, dilation)
         gbox = memory.zeros((N, C) + ext, go.dtype)
         tap_off, pos = _narrow_offsets(ksz, tuple(stride), tuple(dilation), tuple(out_spatial), ext)
     else:
