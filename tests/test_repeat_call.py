@@ -36,10 +36,12 @@ LAYERS = [  # (in, out, kernel, stride, padding, groups, bias, input shape)
     (24, 8, 1, 1, 0, 1, True, (3, 24, 1, 1)),      # squeeze-and-excitation shape
     (8, 8, 3, 1, 1, 8, False, (2, 8, 7, 7)),       # depthwise
     (4, 6, 3, 2, 1, 1, True, (2, 4, 9, 9)),        # dense strided 3x3
+    (8, 12, 1, 2, 0, 1, False, (1, 8, 9, 7)),      # strided 1x1 (a ResNet/RegNet projection), odd planes
+    (8, 12, 1, 2, 0, 1, True, (3, 8, 8, 8)),       # ... at batch 3, with a bias
 ]
 
 
-@pytest.mark.parametrize("layer", LAYERS, ids=["1x1", "se", "depthwise", "3x3s2"])
+@pytest.mark.parametrize("layer", LAYERS, ids=["1x1", "se", "depthwise", "3x3s2", "1x1s2", "1x1s2-batch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_repeated_inference_calls_take_the_planned_call_and_match_torch(layer, dtype, taken):
     cin, cout, k, s, p, g, bias, shape = layer

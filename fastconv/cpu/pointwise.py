@@ -213,7 +213,7 @@ def forward(x, w, bias, g: ConvGeometry, shape=None):
 
 def grad_input(grad_out, w, g: ConvGeometry, shape=None):
     """``gx (N, C, *I) = w^T @ gy`` per image; (N, K, *O) ``grad_out``. A strided conv's gradient lands on the
-    pixels it read, the others are zero. ``shape``: as for :func:`forward` (stride 1 only)."""
+    pixels it read, the others are zero. ``shape``: the result's shape (default ``(N, C) + g.in_spatial``)."""
     N, K = grad_out.shape[:2]
     C = w.shape[1]
     gy = _rows(grad_out)
@@ -228,7 +228,7 @@ def grad_input(grad_out, w, g: ConvGeometry, shape=None):
     sd, sh, sw = g.stride
     full = gx.new_zeros((N, C) + g.in_spatial)
     full[:, :, ::sd, ::sh, ::sw] = gx  # an unpadded 1x1 conv reads every stride-th pixel: ceil(I / s) == O
-    return full
+    return full if shape is None else full.view(shape)
 
 
 #: Weight gradient ``sum_n gy[n] @ x[n]^T``: with at most this many weights (K x C) one batched GEMM makes the
@@ -264,8 +264,8 @@ def _own_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor | None:
 
 
 def grad_weight(grad_out, x, g: ConvGeometry, shape=None):
-    """``gw (K, C, 1, 1, 1) = sum_n gy[n] @ x[n]^T``; (N, K, *O) ``grad_out``, (N, C, D, H, W) ``x``.
-    ``shape``: as for :func:`forward` (stride 1 only)."""
+    """``gw (K, C, 1, 1, 1) = sum_n gy[n] @ x[n]^T``; (N, K, *O) ``grad_out``, (N, C, D, H, W) ``x`` (any rank
+    when contiguous at stride 1). ``shape``: the result's shape (default ``(K, C, 1, 1, 1)``)."""
     N, K = grad_out.shape[:2]
     C = x.shape[1]
     gy = _rows(grad_out)
