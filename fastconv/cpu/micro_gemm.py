@@ -14,7 +14,9 @@ reached 38-196: the sums across lanes and the second stream of loads cost more t
 How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @ b
 (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel computes
 one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place, any strides:
-packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b``. Its ``MR * NV`` accumulators are LLVM
+packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b`` (:func:`gemm` runs the full panels it reads
+in place on a wider tile, :data:`WIDE_MR` x :data:`WIDE_NV` vectors: half the broadcasts per multiply-add, which a
+core that splits 512-bit operations in two runs 10-25% faster). Its ``MR * NV`` accumulators are LLVM
 vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in registers across the reduction
 loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic) because Numba's own arrays live in
 memory, where the compiler cannot keep a tile of them in registers. ``b``'s panels are read where they are when its
@@ -35,6 +37,8 @@ says whether the kernels pay, and :mod:`.jit_gemm` routes to them only then.
 """
 from __future__ import annotations
 
+import math
+
 import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
@@ -44,7 +48,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "WIDE_MR", "WIDE_NV", "ROW_GRAIN", "KC", "MC", "NC"]
 
 def _host_has(*features: str) -> bool:
     """Whether Numba compiles for a CPU with all these features (the host, unless NUMBA_CPU_NAME says other)."""
@@ -78,6 +82,18 @@ VECTOR_BYTES = _VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
 #: 186-195 on batched 1x1-conv products, 4 x 2 level with 6 x 2).
 MR = 8 if HOST_HAS_AVX512 else 6
 NV = 2
+#: The wide tile of :func:`gemm`'s in-place panels (AVX-512 only): ``WIDE_MR`` rows by ``WIDE_NV`` vectors (6 x 4,
+#: 24 accumulators, a broadcast of ``a`` per four FMAs instead of two). Measured on a Zen 4 host (32 KB L1d,
+#: 512-bit operations split in two), one thread, float32, GFLOP/s, 8 x 2 / 6 x 4 medians of 6 interleaved runs:
+#: (M, K, N) = (192, 1600, 1792) 79 / 89, (256, 2304, 1024) 81 / 92, (128, 1152, 1024) 86 / 91, (64, 576, 4096)
+#: 85 / 87; on a Zen 5 host 6 x 4 had measured level with 8 x 2. Only whole 64-column panels read in place use
+#: it: narrower products (a DenseNet layer's 32 outputs, 4x4 maps) and packed panels keep the 8 x 2 and
+#: half-width tiles, whose panels are the packed formats :func:`pack_b` and :func:`gemm_taps` share.
+WIDE_MR = 6
+WIDE_NV = 4 if HOST_HAS_AVX512 else 0
+#: Rows a caller's split of ``a`` between tasks is a multiple of, so that no block ends in a short tile of either
+#: height (24: 4 wide tiles, 3 of ``MR`` rows).
+ROW_GRAIN = MR * WIDE_MR // math.gcd(MR, WIDE_MR) if WIDE_NV else MR
 #: Reduction steps per block (a ``KC x NR`` panel of ``b`` is 32 KB in float32 with AVX-512: the core's L1),
 #: rows of ``a`` per block (its ``MC x KC`` rows stay in L2 while the panels of ``b`` pass) and columns per block.
 KC, MC, NC = 256, 96, 1024
@@ -111,12 +127,13 @@ def vector_ir(context, builder, dtype):
 
 
 def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v,
-               NV=NV):
+               NV=NV, MR=MR):
     """IR of one ``MR x NR`` tile: ``c[i0:i0+MR, j0:j0+NR] (+)= sum over p < kc of a_rows[i][a_step_at(p)] *
     b_ptr[p*ldb + j]``, the ``MR * NV`` accumulators kept in registers across the reduction loop (phi values),
     one broadcast of ``a`` per row and ``NV`` vector loads of ``b`` per step. ``a_rows``: ``MR`` element pointers
     (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it.
-    ``NV`` 1 makes the half-width tile (``MR x NR/2``) of :func:`_micro_kernel_half`."""
+    ``NV`` 1 makes the half-width tile (``MR x NR/2``) of :func:`_micro_kernel_half`; ``MR`` and ``NV``
+    :data:`WIDE_MR` and :data:`WIDE_NV` the wide tile of :func:`_micro_kernel_wide`."""
     itemsize, width, vector, fma, zero, splat = vector_ir(context, builder, dtype)
     intp = context.get_value_type(types.intp)
 
@@ -232,6 +249,30 @@ def _micro_kernel_half(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_off
             a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
         _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
                    c_v, i0_v, j0_v, accumulate_v, NV=1)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def _micro_kernel_wide(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
+    """:func:`_micro_kernel` on the wide tile: :data:`WIDE_MR` rows by :data:`WIDE_NV` 64-byte vectors."""
+    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
+                           types.intp, c, types.intp, types.intp, types.boolean)
+
+    def codegen(context, builder, sig, args):
+        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
+        intp = context.get_value_type(types.intp)
+        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
+        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
+        a_rows = []
+        for i in range(WIDE_MR):
+            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
+                                 last_row)
+            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
+                   c_v, i0_v, j0_v, accumulate_v, NV=WIDE_NV, MR=WIDE_MR)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -382,12 +423,16 @@ def _gemm(a, b, c, beta):
     b_in_place = b.strides[1] == itemsize and not (PACK_ALIASED_B and (b_row * itemsize) % 2048 == 0 and m > MR)
     NR = NV * (_VECTOR_BYTES // itemsize)
     HALF = NR // 2
+    NRW = WIDE_NV * (_VECTOR_BYTES // itemsize)
     bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
     tile = np.empty((MR, NR), c.dtype)
+    wide_tile = np.empty((WIDE_MR, max(NRW, 1)), c.dtype)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
-        # whole panels of NR columns up to ``wide``; the rest (fewer than NR columns) in half-width panels
+        # whole panels of NR columns up to ``wide``; the rest (fewer than NR columns) in half-width panels;
+        # in place, the first ``widest`` columns in panels of NRW on the wide tile
         wide = nc - nc % NR
+        widest = nc - nc % NRW if b_in_place and NRW > 0 else 0
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             overwrite = pc == 0 and beta == 0.0
@@ -401,6 +446,11 @@ def _gemm(a, b, c, beta):
             for ic in range(0, m, MC):
                 mc = min(MC, m - ic)
                 for jp in range(0, nc, HALF):
+                    if jp < widest:
+                        if jp % NRW == 0:
+                            _wide_panel(a, a_row, a_step, pc, b, pc * b_row + jc + jp, b_row, c, ic, mc, jc + jp, kc,
+                                        wide_tile, overwrite)
+                        continue
                     panel_w = NR if jp < wide else HALF
                     if jp < wide and jp % NR != 0:
                         continue
@@ -433,6 +483,21 @@ def _gemm(a, b, c, beta):
 
 
 @njit(inline="always", **_JIT)
+def _wide_panel(a, a_row, a_step, a_pc, b, b_offset, ldb, c, ic, mc, j0, kc, wide_tile, overwrite):
+    """Rows ``ic:ic+mc`` of ``c``'s columns ``j0:j0+NRW`` (``(+)= a[rows, a_pc:a_pc+kc] @ panel``) on the wide
+    tile, the ``kc x NRW`` panel at ``b[b_offset + p*ldb + j]`` (``b`` in place, or a packed panel); the last
+    rows, fewer than :data:`WIDE_MR`, through ``wide_tile``."""
+    for ip in range(0, mc, WIDE_MR):
+        h = min(WIDE_MR, mc - ip)
+        a_offset = (ic + ip) * a_row + a_pc * a_step
+        if h == WIDE_MR:
+            _micro_kernel_wide(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, c, ic + ip, j0, not overwrite)
+        else:
+            _micro_kernel_wide(kc, a, a_offset, a_row, a_step, h, b, b_offset, ldb, wide_tile, 0, 0, False)
+            _store_edge(wide_tile, c, ic + ip, j0, h, wide_tile.shape[1], overwrite)
+
+
+@njit(inline="always", **_JIT)
 def _store_edge(tile, c, i0, j0, h, w, overwrite):
     """An edge tile's ``h x w`` valid corner into ``c`` at ``(i0, j0)``: written, or added."""
     for i in range(h):
@@ -443,29 +508,41 @@ def _store_edge(tile, c, i0, j0, h, w, overwrite):
                 c[i0 + i, j0 + j] += tile[i, j]
 
 
-@intrinsic
-def _copy_panel_row(typingctx, src, src_offset, dst, dst_offset):
-    """``dst[dst_offset : dst_offset + NR] = src[src_offset : src_offset + NR]``: one row of a ``b`` panel, ``NV``
-    64-byte vector loads and stores (the scalar loop Numba makes of it ran at a few elements per cycle, as slow as
-    the multiply-adds the panel feeds when ``a`` has few rows)."""
-    signature = types.void(src, types.intp, dst, types.intp)
-    dtype = dst.dtype
+def _panel_row_copier(vectors: int):
+    """An intrinsic ``(src, src_offset, dst, dst_offset)`` copying ``vectors`` 64-byte vectors (a panel row of
+    that many vectors) from ``src`` to ``dst`` at those element offsets."""
 
-    def codegen(context, builder, sig, args):
-        src_v, src_off, dst_v, dst_off = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        vector = ir.VectorType(context.get_value_type(dtype), width)
-        intp = context.get_value_type(types.intp)
-        src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
-        dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
-        for v in range(NV):
-            offset = ir.Constant(intp, v * width)
-            value = builder.load(builder.bitcast(builder.gep(src_ptr, [offset]), vector.as_pointer()), align=itemsize)
-            builder.store(value, builder.bitcast(builder.gep(dst_ptr, [offset]), vector.as_pointer()), align=itemsize)
-        return context.get_dummy_value()
+    @intrinsic
+    def copy_panel_row(typingctx, src, src_offset, dst, dst_offset):
+        signature = types.void(src, types.intp, dst, types.intp)
+        dtype = dst.dtype
 
-    return signature, codegen
+        def codegen(context, builder, sig, args):
+            src_v, src_off, dst_v, dst_off = args
+            itemsize = 4 if dtype == types.float32 else 8
+            width = _VECTOR_BYTES // itemsize
+            vector = ir.VectorType(context.get_value_type(dtype), width)
+            intp = context.get_value_type(types.intp)
+            src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
+            dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
+            for v in range(vectors):
+                offset = ir.Constant(intp, v * width)
+                value = builder.load(builder.bitcast(builder.gep(src_ptr, [offset]), vector.as_pointer()),
+                                     align=itemsize)
+                builder.store(value, builder.bitcast(builder.gep(dst_ptr, [offset]), vector.as_pointer()),
+                              align=itemsize)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return copy_panel_row
+
+
+#: ``dst[dst_offset : dst_offset + NR] = src[src_offset : src_offset + NR]``: one row of a ``b`` panel, ``NV``
+#: 64-byte vector loads and stores (the scalar loop Numba makes of it ran at a few elements per cycle, as slow as
+#: the multiply-adds the panel feeds when ``a`` has few rows); and the same for a wide panel's row.
+_copy_panel_row = _panel_row_copier(NV)
+_copy_wide_panel_row = _panel_row_copier(WIDE_NV)
 
 
 @njit(**_JIT)
@@ -474,8 +551,8 @@ def gemm_taps(a, x, base, taps, c):
     ``k = len(taps)`` rows are windows of one flat array (a stride-1 conv's taps over a zero-padded input: row ``p =
     (channel, kh, kw)`` is the input shifted by that tap); no columns are built.
 
-    Each ``KC x NR`` panel of ``B`` is copied into a contiguous buffer (32 KB in float32, in L1) just before the
-    tiles that use it: read in place, the panel's rows sit at irregular offsets that the hardware prefetchers do
+    Each ``KC x NR`` panel of ``B`` (``KC x NRW`` on the wide tile, see :data:`WIDE_NV`) is copied into a
+    contiguous buffer just before the tiles that use it: read in place, the panel's rows sit at irregular offsets that the hardware prefetchers do
     not follow (a 64 -> 64 3x3 layer at 32x32 ran 1.5-1.7x slower than with filled columns).
 
     a: (m, k), any strides; x: 1-D, readable up to ``base + max(taps) + n``; taps: int64 (k,); c: (m, n) with
@@ -495,14 +572,22 @@ def gemm_taps(a, x, base, taps, c):
         return
     a_row, a_step = a.strides[0] // itemsize, a.strides[1] // itemsize
     NR = NV * (_VECTOR_BYTES // itemsize)
-    bp = np.empty(KC * NR, c.dtype)
+    NRW = WIDE_NV * (_VECTOR_BYTES // itemsize)
+    bp = np.empty(KC * max(NR, NRW), c.dtype)
     tile = np.empty((MR, NR), c.dtype)
+    wide_tile = np.empty((WIDE_MR, max(NRW, 1)), c.dtype)
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         overwrite = pc == 0
         for ic in range(0, m, MC):
             mc = min(MC, m - ic)
-            for jp in range(0, n, NR):
+            # whole panels of NRW columns on the wide tile, then NR-column panels (the last one zero-padded)
+            widest = n - n % NRW if NRW > 0 else 0
+            for jp in range(0, widest, max(NRW, 1)):
+                for p in range(kc):
+                    _copy_wide_panel_row(x, base + taps[pc + p] + jp, bp, p * NRW)
+                _wide_panel(a, a_row, a_step, pc, bp, 0, NRW, c, ic, mc, jp, kc, wide_tile, overwrite)
+            for jp in range(widest, n, NR):
                 w = min(NR, n - jp)
                 if w == NR:
                     for p in range(kc):

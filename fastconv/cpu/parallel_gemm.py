@@ -121,7 +121,9 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray, *, bias: np.ndarray | 
     block_rows = -(-M // row_blocks)
     block_columns = -(-N // col_blocks)
     if row_blocks > 1:
-        block_rows = -(-block_rows // micro_gemm.MR) * micro_gemm.MR
+        # whole tiles of either height where blocks are large; small ones stay even (64 rows: 32 + 32, not 48 + 16)
+        grain = micro_gemm.ROW_GRAIN if block_rows >= 2 * micro_gemm.ROW_GRAIN else micro_gemm.MR
+        block_rows = -(-block_rows // grain) * grain
     if col_blocks > 1:
         block_columns = -(-block_columns // 16) * 16
     bias_array = np.empty(0, out.dtype) if bias is None else np.ascontiguousarray(bias, out.dtype)
