@@ -61,14 +61,16 @@ _NRW32 = micro_gemm.WIDE_NV * 16  # float32 columns per wide tile (0: no wide ti
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("m", [1, micro_gemm.WIDE_MR - 1, micro_gemm.WIDE_MR, micro_gemm.WIDE_MR * 5 + 1,
                                micro_gemm.MC + 5])
+@pytest.mark.parametrize("b_transposed", [False, True])
 @pytest.mark.parametrize("n", [_NRW32 + _NR32 + 17, 3 * _NRW32, micro_gemm.NC + _NRW32 + 5])
-def test_wide_panels_read_in_place_then_narrower_tiles_match_numpy(dtype, beta, m, n):
-    """Whole panels of the wide tile (``WIDE_MR x WIDE_NV`` vectors, in place), then whole ``MR x NV`` tiles and
-    half-width ones for the columns left: rows short of a wide tile (computed into a scratch tile), reduction
-    blocks and a column block crossed, overwrite and accumulate, both dtypes (a float64 panel is half as wide)."""
+def test_wide_panels_then_narrower_tiles_match_numpy(dtype, beta, m, b_transposed, n):
+    """Whole panels of the wide tile (``WIDE_MR x WIDE_NV`` vectors; read in place, or packed from a transposed
+    ``b``), then whole ``MR x NV`` tiles and half-width ones for the columns left: rows short of a wide tile
+    (computed into a scratch tile), reduction blocks and a column block crossed, overwrite and accumulate, both
+    dtypes (a float64 panel is half as wide)."""
     if micro_gemm.WIDE_NV == 0:
         pytest.skip("no wide tile on this host (it has no 512-bit vectors)")
-    _check(m, micro_gemm.KC + 13, n, dtype, beta, False)
+    _check(m, micro_gemm.KC + 13, n, dtype, beta, b_transposed)
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])

@@ -14,8 +14,8 @@ reached 38-196: the sums across lanes and the second stream of loads cost more t
 How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @ b
 (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel computes
 one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place, any strides:
-packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b`` (:func:`gemm` runs the full panels it reads
-in place on a wider tile, :data:`WIDE_MR` x :data:`WIDE_NV` vectors: half the broadcasts per multiply-add, which a
+packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b`` (:func:`gemm` runs its whole 64-column panels, read in
+place or packed, on a wider tile, :data:`WIDE_MR` x :data:`WIDE_NV` vectors: half the broadcasts per multiply-add, which a
 core that splits 512-bit operations in two runs 10-25% faster). Its ``MR * NV`` accumulators are LLVM
 vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in registers across the reduction
 loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic) because Numba's own arrays live in
@@ -86,9 +86,10 @@ NV = 2
 #: 24 accumulators, a broadcast of ``a`` per four FMAs instead of two). Measured on a Zen 4 host (32 KB L1d,
 #: 512-bit operations split in two), one thread, float32, GFLOP/s, 8 x 2 / 6 x 4 medians of 6 interleaved runs:
 #: (M, K, N) = (192, 1600, 1792) 79 / 89, (256, 2304, 1024) 81 / 92, (128, 1152, 1024) 86 / 91, (64, 576, 4096)
-#: 85 / 87; on a Zen 5 host 6 x 4 had measured level with 8 x 2. Only whole 64-column panels read in place use
-#: it: narrower products (a DenseNet layer's 32 outputs, 4x4 maps) and packed panels keep the 8 x 2 and
-#: half-width tiles, whose panels are the packed formats :func:`pack_b` and :func:`gemm_taps` share.
+#: 85 / 87; on a Zen 5 host 6 x 4 had measured level with 8 x 2. :func:`gemm` (in place or packed) and
+#: :func:`gemm_taps` run their whole 64-column panels on it; narrower products (a DenseNet layer's 32 outputs, 4x4
+#: maps), the columns left over and :func:`gemm_gather`'s panels (the format :func:`pack_b` shares with the
+#: gather kernels' callers) keep the 8 x 2 and half-width tiles.
 WIDE_MR = 6
 WIDE_NV = 4 if HOST_HAS_AVX512 else 0
 #: Rows a caller's split of ``a`` between tasks is a multiple of, so that no block ends in a short tile of either
@@ -199,83 +200,49 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
                     builder.store(results[i * NV + v], c_vector_pointer(i, v), align=itemsize)
 
 
-@intrinsic
-def _micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
-    """``c[i0:i0+MR, j0:j0+NR] (+)= A_panel @ B_panel`` over ``kc`` steps, with ``A_panel[i, p] = a[a_offset +
-    min(i, rows - 1)*a_row + p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``: offsets in elements from
-    the first element of ``a`` and ``b`` (arrays or views of any rank); ``c`` is 2-D with adjacent columns.
-    ``accumulate`` adds to ``c``, else overwrites it. No bounds checks: the caller's indices are exact."""
-    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
-                           types.intp, c, types.intp, types.intp, types.boolean)
+def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
+    """The intrinsic ``(kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate)``:
+    ``c[i0:i0+R, j0:j0+W] (+)= A_panel @ B_panel`` over ``kc`` steps on a tile of ``R = tile_rows`` rows by
+    ``tile_vectors`` 64-byte vectors (``W`` columns), with ``A_panel[i, p] = a[a_offset + min(i, rows - 1)*a_row +
+    p*a_step]`` and ``B_panel[p, j] = b[b_offset + p*ldb + j]``: offsets in elements from the first element of ``a``
+    and ``b`` (arrays or views of any rank); ``c`` is 2-D with adjacent columns. ``accumulate`` adds to ``c``, else
+    overwrites it. No bounds checks: the caller's indices are exact."""
 
-    def codegen(context, builder, sig, args):
-        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
-        intp = context.get_value_type(types.intp)
-        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
-        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-        # row i of the tile reads a's row min(i, rows - 1): rows past the edge repeat the last one (their results
-        # are not stored), so no read leaves the operand
-        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
-        a_rows = []
-        for i in range(MR):
-            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
-                                 last_row)
-            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
-        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
-                   c_v, i0_v, j0_v, accumulate_v)
-        return context.get_dummy_value()
+    @intrinsic
+    def micro_kernel(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
+        signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
+                               types.intp, c, types.intp, types.intp, types.boolean)
 
-    return signature, codegen
+        def codegen(context, builder, sig, args):
+            kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
+            intp = context.get_value_type(types.intp)
+            a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
+            b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+            # row i of the tile reads a's row min(i, rows - 1): rows past the edge repeat the last one (their
+            # results are not stored), so no read leaves the operand
+            last_row = builder.sub(rows_v, ir.Constant(intp, 1))
+            a_rows = []
+            for i in range(tile_rows):
+                row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
+                                     last_row)
+                a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+            _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v,
+                       c, c_v, i0_v, j0_v, accumulate_v, NV=tile_vectors, MR=tile_rows)
+            return context.get_dummy_value()
 
+        return signature, codegen
 
-@intrinsic
-def _micro_kernel_half(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
-    """:func:`_micro_kernel` on a tile half as wide: ``MR`` rows by one 64-byte vector (half of ``NR`` columns).
-    For the last columns of a product narrower than a whole tile (a conv's 4x4 output at batch 1 is 16 columns):
-    a whole tile there multiplies zero padding for half its work, and its panel must be packed first."""
-    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
-                           types.intp, c, types.intp, types.intp, types.boolean)
-
-    def codegen(context, builder, sig, args):
-        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
-        intp = context.get_value_type(types.intp)
-        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
-        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
-        a_rows = []
-        for i in range(MR):
-            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
-                                 last_row)
-            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
-        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
-                   c_v, i0_v, j0_v, accumulate_v, NV=1)
-        return context.get_dummy_value()
-
-    return signature, codegen
+    return micro_kernel
 
 
-@intrinsic
-def _micro_kernel_wide(typingctx, kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate):
-    """:func:`_micro_kernel` on the wide tile: :data:`WIDE_MR` rows by :data:`WIDE_NV` 64-byte vectors."""
-    signature = types.void(types.intp, a, types.intp, types.intp, types.intp, types.intp, b, types.intp,
-                           types.intp, c, types.intp, types.intp, types.boolean)
-
-    def codegen(context, builder, sig, args):
-        kc_v, a_v, a_off, a_row_v, a_step_v, rows_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v, accumulate_v = args
-        intp = context.get_value_type(types.intp)
-        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
-        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
-        a_rows = []
-        for i in range(WIDE_MR):
-            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
-                                 last_row)
-            a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
-        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v, c,
-                   c_v, i0_v, j0_v, accumulate_v, NV=WIDE_NV, MR=WIDE_MR)
-        return context.get_dummy_value()
-
-    return signature, codegen
+#: The ``MR x NR`` tile (``MR`` rows by ``NV`` vectors).
+_micro_kernel = _strided_micro_kernel(MR, NV)
+#: The half-width tile: ``MR`` rows by one 64-byte vector (half of ``NR`` columns), for the last columns of a
+#: product narrower than a whole tile (a conv's 4x4 output at batch 1 is 16 columns): a whole tile there multiplies
+#: zero padding for half its work, and its panel must be packed first.
+_micro_kernel_half = _strided_micro_kernel(MR, 1)
+#: The wide tile: :data:`WIDE_MR` rows by :data:`WIDE_NV` vectors.
+_micro_kernel_wide = _strided_micro_kernel(WIDE_MR, WIDE_NV)
 
 
 @intrinsic
@@ -429,14 +396,18 @@ def _gemm(a, b, c, beta):
     wide_tile = np.empty((WIDE_MR, max(NRW, 1)), c.dtype)
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
-        # whole panels of NR columns up to ``wide``; the rest (fewer than NR columns) in half-width panels;
-        # in place, the first ``widest`` columns in panels of NRW on the wide tile
+        # the first ``widest`` columns in panels of NRW on the wide tile, then whole panels of NR columns up to
+        # ``wide``; the rest (fewer than NR columns) in half-width panels
         wide = nc - nc % NR
-        widest = nc - nc % NRW if b_in_place and NRW > 0 else 0
+        widest = nc - nc % NRW if NRW > 0 else 0
         for pc in range(0, k, KC):
             kc = min(KC, k - pc)
             overwrite = pc == 0 and beta == 0.0
             for jp in range(0, nc, HALF):
+                if jp < widest:
+                    if jp % NRW == 0 and not b_in_place:
+                        _pack_b_panel(b, pc, kc, jc + jp, NRW, NRW, bp, jp * kc)
+                    continue
                 panel_w = NR if jp < wide else HALF
                 if jp < wide and jp % NR != 0:
                     continue
@@ -447,9 +418,14 @@ def _gemm(a, b, c, beta):
                 mc = min(MC, m - ic)
                 for jp in range(0, nc, HALF):
                     if jp < widest:
-                        if jp % NRW == 0:
+                        if jp % NRW != 0:
+                            pass
+                        elif b_in_place:
                             _wide_panel(a, a_row, a_step, pc, b, pc * b_row + jc + jp, b_row, c, ic, mc, jc + jp, kc,
                                         wide_tile, overwrite)
+                        else:
+                            _wide_panel(a, a_row, a_step, pc, bp, jp * kc, NRW, c, ic, mc, jc + jp, kc, wide_tile,
+                                        overwrite)
                         continue
                     panel_w = NR if jp < wide else HALF
                     if jp < wide and jp % NR != 0:
