@@ -221,7 +221,8 @@ def _five_d(t: torch.Tensor, channels: int, spatial) -> torch.Tensor:
 def _im2col_route_selectors() -> list:
     """Selectors of im2col's contiguous routes: the NCDHW kernels' numpy routes (the operands are C-contiguous),
     and for the 1x1 convs that the tensor passes give to :mod:`.pointwise`, pointwise's GEMMs on the operands as
-    they come (no 5-D views at stride 1; a strided conv's input as a 5-D view, which its pixel slicing needs), the kernel's numpy route for a call they leave (a non-finite one).
+    they come (no 5-D views at stride 1; a strided conv's input as a 5-D view, which its pixel slicing needs), the
+    kernel's numpy route for a call they leave (a non-finite one).
 
     Strided 1x1 convs (ResNet's and RegNet's projections) take the route too: without one a layer's planned
     repeat call (:mod:`fastconv.ops.repeat_call`) declined every call and the full path ran after it, 213 µs

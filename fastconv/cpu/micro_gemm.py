@@ -14,22 +14,22 @@ reached 38-196: the sums across lanes and the second stream of loads cost more t
 How (after the GotoBLAS/BLIS scheme, "Anatomy of High-Performance Matrix Multiplication"): ``c (M, N) = a (M, K) @ b
 (K, N)`` in blocks of :data:`KC` reduction steps by :data:`MC` rows by :data:`NC` columns; the micro-kernel computes
 one ``MR x NR`` tile of ``c`` from ``MR`` rows of ``a`` (broadcast one value per step; read in place, any strides:
-packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b`` (:func:`gemm` runs its whole 64-column panels, read in
-place or packed, on a wider tile, :data:`WIDE_MR` x :data:`WIDE_NV` vectors: half the broadcasts per multiply-add, which a
-core that splits 512-bit operations in two runs 10-25% faster). Its ``MR * NV`` accumulators are LLVM
-vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in registers across the reduction
-loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic) because Numba's own arrays live in
-memory, where the compiler cannot keep a tile of them in registers. ``b``'s panels are read where they are when its
-columns are adjacent and the panel is full; the last, narrower panel is packed, zero-padded, and a transposed ``b``
-is packed by ``W x W`` blocks transposed in registers (:func:`_transpose_block`). Columns after the last whole panel
-run on half-width tiles (:func:`_micro_kernel_half`, ``MR`` rows by one vector), read in place when exactly one
-vector wide: a conv's 4x4 map at batch 1 is a 16-column product, which on a whole tile multiplied zero padding for
-half its work and packed its panel in every task (512 x 4608 x 16 on two threads: 1431 -> 303 µs; ``torch.mm``
-507-741). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows of the padded input
-at each tap's offset, copied panel by panel, so no column matrix is built; :func:`gemm_gather` reads ``a`` in place
-through two offset tables (rows and reduction steps at listed offsets of one flat array: a conv's im2col matrix or
-its transpose, straight from the padded input) against a ``b`` packed once (:func:`pack_b`). Edge tiles (fewer than
-``MR`` rows or ``NR`` columns) are computed whole into a scratch tile and copied.
+packing them measured slower) and ``KC`` rows of ``NR`` columns of ``b`` (:func:`gemm` and :func:`gemm_taps` run their
+whole 64-column panels on a wider tile, :data:`WIDE_MR` x :data:`WIDE_NV` vectors: half the broadcasts per
+multiply-add, which a core that splits 512-bit operations in two runs up to a quarter faster). Its ``MR * NV``
+accumulators are LLVM vector values (``NV`` vectors of 64 bytes per row: 16 float32 or 8 float64), kept in registers
+across the reduction loop: the loop is written in LLVM IR (:func:`_micro_kernel`, a Numba intrinsic) because Numba's
+own arrays live in memory, where the compiler cannot keep a tile of them in registers. ``b``'s panels are read where
+they are when its columns are adjacent and the panel is full; the last, narrower panel is packed, zero-padded, and a
+transposed ``b`` is packed by ``W x W`` blocks transposed in registers (:func:`_transpose_block`). Columns after the
+last whole panel run on half-width tiles (:func:`_micro_kernel_half`, ``MR`` rows by one vector), read in place when
+exactly one vector wide: a conv's 4x4 map at batch 1 is a 16-column product, which on a whole tile multiplied zero
+padding for half its work and packed its panel in every task (512 x 4608 x 16 on two threads: 1431 -> 303 µs;
+``torch.mm`` 507-741). :func:`gemm_taps` is the implicit GEMM of a stride-1 conv: its ``b`` rows are windows of the
+padded input at each tap's offset, copied panel by panel, so no column matrix is built; :func:`gemm_gather` reads
+``a`` in place through two offset tables (rows and reduction steps at listed offsets of one flat array: a conv's
+im2col matrix or its transpose, straight from the padded input) against a ``b`` packed once (:func:`pack_b`). Edge
+tiles (fewer than ``MR`` rows or ``NR`` columns) are computed whole into a scratch tile and copied.
 
 On a host with AVX2 and FMA but no 512-bit vectors the tiles are built from 32-byte vectors, 6 rows by 2 vectors
 (:data:`MR`): the 8 x 2 tile of 64-byte vectors needs 32 registers there and spilled. :data:`HOST_HAS_VECTOR_FMA`
@@ -82,7 +82,7 @@ VECTOR_BYTES = _VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
 #: 186-195 on batched 1x1-conv products, 4 x 2 level with 6 x 2).
 MR = 8 if HOST_HAS_AVX512 else 6
 NV = 2
-#: The wide tile of :func:`gemm`'s in-place panels (AVX-512 only): ``WIDE_MR`` rows by ``WIDE_NV`` vectors (6 x 4,
+#: The wide tile (AVX-512 only): ``WIDE_MR`` rows by ``WIDE_NV`` vectors (6 x 4,
 #: 24 accumulators, a broadcast of ``a`` per four FMAs instead of two). Measured on a Zen 4 host (32 KB L1d,
 #: 512-bit operations split in two), one thread, float32, GFLOP/s, 8 x 2 / 6 x 4 medians of 6 interleaved runs:
 #: (M, K, N) = (192, 1600, 1792) 79 / 89, (256, 2304, 1024) 81 / 92, (128, 1152, 1024) 86 / 91, (64, 576, 4096)
@@ -528,8 +528,9 @@ def gemm_taps(a, x, base, taps, c):
     (channel, kh, kw)`` is the input shifted by that tap); no columns are built.
 
     Each ``KC x NR`` panel of ``B`` (``KC x NRW`` on the wide tile, see :data:`WIDE_NV`) is copied into a
-    contiguous buffer just before the tiles that use it: read in place, the panel's rows sit at irregular offsets that the hardware prefetchers do
-    not follow (a 64 -> 64 3x3 layer at 32x32 ran 1.5-1.7x slower than with filled columns).
+    contiguous buffer just before the tiles that use it: read in place, the panel's rows sit at irregular offsets
+    that the hardware prefetchers do not follow (a 64 -> 64 3x3 layer at 32x32 ran 1.5-1.7x slower than with
+    filled columns).
 
     a: (m, k), any strides; x: 1-D, readable up to ``base + max(taps) + n``; taps: int64 (k,); c: (m, n) with
     adjacent columns, overwritten.
