@@ -200,6 +200,14 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
                     builder.store(results[i * NV + v], c_vector_pointer(i, v), align=itemsize)
 
 
+def _tile_rows(builder, intp, rows_v, tile_rows: int) -> list:
+    """IR of the ``a`` row each of a tile's ``tile_rows`` rows reads: ``min(i, rows - 1)``. Rows past the edge
+    repeat the last one (their results are not stored), so no read leaves the operand."""
+    last_row = builder.sub(rows_v, ir.Constant(intp, 1))
+    return [builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i), last_row)
+            for i in range(tile_rows)]
+
+
 def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
     """The intrinsic ``(kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate)``:
     ``c[i0:i0+R, j0:j0+W] (+)= A_panel @ B_panel`` over ``kc`` steps on a tile of ``R = tile_rows`` rows by
@@ -218,14 +226,8 @@ def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
             intp = context.get_value_type(types.intp)
             a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_off])
             b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-            # row i of the tile reads a's row min(i, rows - 1): rows past the edge repeat the last one (their
-            # results are not stored), so no read leaves the operand
-            last_row = builder.sub(rows_v, ir.Constant(intp, 1))
-            a_rows = []
-            for i in range(tile_rows):
-                row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
-                                     last_row)
-                a_rows.append(builder.gep(a_ptr, [builder.mul(row, a_row_v)]))
+            a_rows = [builder.gep(a_ptr, [builder.mul(row, a_row_v)])
+                      for row in _tile_rows(builder, intp, rows_v, tile_rows)]
             _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v,
                        c, c_v, i0_v, j0_v, accumulate_v, NV=tile_vectors, MR=tile_rows)
             return context.get_dummy_value()
@@ -262,12 +264,8 @@ def _micro_kernel_gather(typingctx, kc, a, a_base, row_off, r0, rows, step_off, 
         b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
         rows_table = builder.gep(context.make_array(row_off)(context, builder, row_off_v).data, [r0_v])
         steps_table = builder.gep(context.make_array(step_off)(context, builder, step_off_v).data, [s0_v])
-        last_row = builder.sub(rows_v, ir.Constant(intp, 1))
-        a_rows = []
-        for i in range(MR):
-            row = builder.select(builder.icmp_signed("<", ir.Constant(intp, i), rows_v), ir.Constant(intp, i),
-                                 last_row)
-            a_rows.append(builder.gep(a_ptr, [builder.load(builder.gep(rows_table, [row]))]))
+        a_rows = [builder.gep(a_ptr, [builder.load(builder.gep(rows_table, [row]))])
+                  for row in _tile_rows(builder, intp, rows_v, MR)]
         _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.load(builder.gep(steps_table, [p])),
                    b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v)
         return context.get_dummy_value()
