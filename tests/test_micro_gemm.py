@@ -185,11 +185,13 @@ def test_taps_product_matches_numpy(dtype, m, C, KH, KW, Wp, rows):
 @pytest.mark.parametrize("beta", [0.0, 1.0])
 @pytest.mark.parametrize("b_transposed", [False, True])
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.MR - 1, 9, _NR32 + 1), (micro_gemm.MC + 5, micro_gemm.KC + 21, 40),
-                                   (micro_gemm.MR + 1, 2 * micro_gemm.KC, 2 * _NR32), (33, 17, 3)])
+                                   (micro_gemm.MR + 1, 2 * micro_gemm.KC, 2 * _NR32), (33, 17, 3),
+                                   (micro_gemm.MC + 7, micro_gemm.KC + 3, 5 * _NR32 + 5)])
 def test_gathered_product_matches_numpy(dtype, beta, b_transposed, m, k, n):
     """:func:`gemm_gather`: ``A[i, p] = x[base + row_off[i] + step_off[p]]`` (offsets in any order, repeated and
     overlapping) times a ``B`` packed by :func:`pack_b` from a plain or a transposed view (register transposes); every
-    tile edge, reductions across blocks, a base offset, overwrite (NaN in ``c``) and accumulate."""
+    tile edge (the wide tile's two panels, then the panels left and the partial one), reductions across blocks, a base
+    offset, overwrite (NaN in ``c``) and accumulate."""
     rng = np.random.default_rng(m * 7 + k * 3 + n)
     base = 3
     x = rng.standard_normal(base + 3000).astype(dtype)

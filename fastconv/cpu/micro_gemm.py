@@ -82,14 +82,25 @@ VECTOR_BYTES = _VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32
 #: 186-195 on batched 1x1-conv products, 4 x 2 level with 6 x 2).
 MR = 8 if HOST_HAS_AVX512 else 6
 NV = 2
+#: Vectors per row of a packed panel (:func:`pack_b`'s panels are ``NR = PACKED_NV`` vectors wide).
+PACKED_NV = NV
+#: Whether the ``MR x NR`` tiles (and the gather kernel's) order their rows' loads with a compiler barrier between
+#: rows (:func:`_emit_tile`). Without it LLVM hoisted every row's broadcast of ``a`` to the top of the reduction
+#: step, for the gather tiles of two steps (their addresses all known from the step's one table load): 16-24
+#: broadcasts live beside the accumulators, 26-35 stack accesses per unrolled step pair of the 8 x 2 tile and the
+#: wide gather tile's accumulators spilled outright. With it: no stack access in any of those loops. Measured on the
+#: AVX-512 host only (2 threads, batch 8, weight gradient / torch's): ResNet's 256 -> 256 3x3 at 8x8 1.13 -> 0.82,
+#: 64 -> 128 stride 2 1.16 -> 0.85, 128 -> 128 at 16x16 1.20 -> 0.93, DenseNet's 128 -> 32 1.25 -> 0.99; the wide
+#: strided tile's loop kept its registers without it and is left as it was.
+ROW_BARRIERS = HOST_HAS_AVX512
 #: The wide tile (AVX-512 only): ``WIDE_MR`` rows by ``WIDE_NV`` vectors (6 x 4,
 #: 24 accumulators, a broadcast of ``a`` per four FMAs instead of two). Measured on a Zen 4 host (32 KB L1d,
 #: 512-bit operations split in two), one thread, float32, GFLOP/s, 8 x 2 / 6 x 4 medians of 6 interleaved runs:
 #: (M, K, N) = (192, 1600, 1792) 79 / 89, (256, 2304, 1024) 81 / 92, (128, 1152, 1024) 86 / 91, (64, 576, 4096)
 #: 85 / 87; on a Zen 5 host 6 x 4 had measured level with 8 x 2. :func:`gemm` (in place or packed) and
 #: :func:`gemm_taps` run their whole 64-column panels on it; narrower products (a DenseNet layer's 32 outputs, 4x4
-#: maps), the columns left over and :func:`gemm_gather`'s panels (the format :func:`pack_b` shares with the
-#: gather kernels' callers) keep the 8 x 2 and half-width tiles.
+#: maps) and the columns left over keep the 8 x 2 and half-width tiles; :func:`gemm_gather` runs the wide tile on
+#: each pair of whole packed panels (:func:`pack_b`'s format is unchanged: the tile reads its two panels).
 WIDE_MR = 6
 WIDE_NV = 4 if HOST_HAS_AVX512 else 0
 #: Rows a caller's split of ``a`` between tasks is a multiple of, so that no block ends in a short tile of either
@@ -128,18 +139,26 @@ def vector_ir(context, builder, dtype):
 
 
 def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v,
-               NV=NV, MR=MR):
+               NV=NV, MR=MR, b_panel_step=None, row_barriers=False):
     """IR of one ``MR x NR`` tile: ``c[i0:i0+MR, j0:j0+NR] (+)= sum over p < kc of a_rows[i][a_step_at(p)] *
     b_ptr[p*ldb + j]``, the ``MR * NV`` accumulators kept in registers across the reduction loop (phi values),
     one broadcast of ``a`` per row and ``NV`` vector loads of ``b`` per step. ``a_rows``: ``MR`` element pointers
     (made before the loop); ``a_step_at(p)``: IR for step ``p``'s offset from each of them, built inside it.
     ``NV`` 1 makes the half-width tile (``MR x NR/2``) of :func:`_micro_kernel_half`; ``MR`` and ``NV``
-    :data:`WIDE_MR` and :data:`WIDE_NV` the wide tile of :func:`_micro_kernel_wide`."""
+    :data:`WIDE_MR` and :data:`WIDE_NV` the wide tile of :func:`_micro_kernel_wide`. ``b_panel_step`` (IR, elements;
+    None: adjacent): ``b`` as panels of ``NR`` columns that far apart (:func:`pack_b`'s format), vector ``v`` of a
+    row read from panel ``v // NV``, so a wide tile spans two packed panels. ``row_barriers``: an empty inline asm
+    with a memory clobber after each row's multiply-adds, so no row's load of ``a`` is scheduled above the rows
+    before it (see :data:`ROW_BARRIERS`)."""
     itemsize, width, vector, fma, zero, splat = vector_ir(context, builder, dtype)
     intp = context.get_value_type(types.intp)
 
     def const(v):
         return ir.Constant(intp, v)
+
+    vectors_per_panel = PACKED_NV if b_panel_step is not None else NV
+    b_panels = [b_ptr if panel == 0 else builder.gep(b_ptr, [builder.mul(b_panel_step, const(panel))])
+                for panel in range(-(-NV // vectors_per_panel))]
 
     c_arr = context.make_array(c)(context, builder, c_v)
     ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
@@ -159,15 +178,19 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
         phi = builder.phi(vector)
         phi.add_incoming(zero, entry)
         accumulators.append(phi)
-    b_row = builder.gep(b_ptr, [builder.mul(p, ldb_v)])
-    b_vectors = [builder.load(builder.bitcast(builder.gep(b_row, [const(v * width)]), vector.as_pointer()),
-                              align=itemsize) for v in range(NV)]
+    b_step = builder.mul(p, ldb_v)
+    b_rows = [builder.gep(panel, [b_step]) for panel in b_panels]
+    b_vectors = [builder.load(builder.bitcast(builder.gep(b_rows[v // vectors_per_panel],
+                                                          [const(v % vectors_per_panel * width)]),
+                                              vector.as_pointer()), align=itemsize) for v in range(NV)]
     a_p = a_step_at(p)
     updated = []
     for i in range(MR):
         a_splat = splat(builder.load(builder.gep(a_rows[i], [a_p])))
         for v in range(NV):
             updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
+        if row_barriers:
+            builder.asm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
     p_next = builder.add(p, const(1))
     loop_end = builder.block
     p.add_incoming(p_next, loop_end)
@@ -208,7 +231,7 @@ def _tile_rows(builder, intp, rows_v, tile_rows: int) -> list:
             for i in range(tile_rows)]
 
 
-def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
+def _strided_micro_kernel(tile_rows: int, tile_vectors: int, row_barriers: bool):
     """The intrinsic ``(kc, a, a_offset, a_row, a_step, rows, b, b_offset, ldb, c, i0, j0, accumulate)``:
     ``c[i0:i0+R, j0:j0+W] (+)= A_panel @ B_panel`` over ``kc`` steps on a tile of ``R = tile_rows`` rows by
     ``tile_vectors`` 64-byte vectors (``W`` columns), with ``A_panel[i, p] = a[a_offset + min(i, rows - 1)*a_row +
@@ -229,7 +252,7 @@ def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
             a_rows = [builder.gep(a_ptr, [builder.mul(row, a_row_v)])
                       for row in _tile_rows(builder, intp, rows_v, tile_rows)]
             _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.mul(p, a_step_v), b_ptr, ldb_v,
-                       c, c_v, i0_v, j0_v, accumulate_v, NV=tile_vectors, MR=tile_rows)
+                       c, c_v, i0_v, j0_v, accumulate_v, NV=tile_vectors, MR=tile_rows, row_barriers=row_barriers)
             return context.get_dummy_value()
 
         return signature, codegen
@@ -238,39 +261,53 @@ def _strided_micro_kernel(tile_rows: int, tile_vectors: int):
 
 
 #: The ``MR x NR`` tile (``MR`` rows by ``NV`` vectors).
-_micro_kernel = _strided_micro_kernel(MR, NV)
+_micro_kernel = _strided_micro_kernel(MR, NV, ROW_BARRIERS)
 #: The half-width tile: ``MR`` rows by one 64-byte vector (half of ``NR`` columns), for the last columns of a
 #: product narrower than a whole tile (a conv's 4x4 output at batch 1 is 16 columns): a whole tile there multiplies
 #: zero padding for half its work, and its panel must be packed first.
-_micro_kernel_half = _strided_micro_kernel(MR, 1)
+_micro_kernel_half = _strided_micro_kernel(MR, 1, ROW_BARRIERS)
 #: The wide tile: :data:`WIDE_MR` rows by :data:`WIDE_NV` vectors.
-_micro_kernel_wide = _strided_micro_kernel(WIDE_MR, WIDE_NV)
+_micro_kernel_wide = _strided_micro_kernel(WIDE_MR, WIDE_NV, False)
 
 
-@intrinsic
-def _micro_kernel_gather(typingctx, kc, a, a_base, row_off, r0, rows, step_off, s0, b, b_offset, ldb, c, i0, j0,
-                         accumulate):
-    """:func:`_micro_kernel` with ``A_panel[i, p] = a[a_base + row_off[r0 + min(i, rows - 1)] + step_off[s0 + p]]``:
-    both the rows and the steps of ``a`` at listed offsets (int64 tables), so a conv's ``a`` (output positions x
-    taps, or taps x positions) is read straight from its zero-padded input, no columns and no copies."""
-    signature = types.void(types.intp, a, types.intp, row_off, types.intp, types.intp, step_off, types.intp, b,
-                           types.intp, types.intp, c, types.intp, types.intp, types.boolean)
+def _gather_micro_kernel(tile_rows: int, tile_vectors: int):
+    """The intrinsic ``(kc, a, a_base, row_off, r0, rows, step_off, s0, b, b_offset, ldb, b_panel_step, c, i0, j0,
+    accumulate)``: the tile of :func:`_strided_micro_kernel` with ``A_panel[i, p] = a[a_base + row_off[r0 + min(i,
+    rows - 1)] + step_off[s0 + p]]``: both the rows and the steps of ``a`` at listed offsets (int64 tables), so a
+    conv's ``a`` (output positions x taps, or taps x positions) is read straight from its zero-padded input, no
+    columns and no copies; ``b`` packed panels of ``NR`` columns ``b_panel_step`` elements apart (a wide tile reads
+    two)."""
 
-    def codegen(context, builder, sig, args):
-        (kc_v, a_v, a_base_v, row_off_v, r0_v, rows_v, step_off_v, s0_v, b_v, b_off, ldb_v, c_v, i0_v, j0_v,
-         accumulate_v) = args
-        intp = context.get_value_type(types.intp)
-        a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_base_v])
-        b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
-        rows_table = builder.gep(context.make_array(row_off)(context, builder, row_off_v).data, [r0_v])
-        steps_table = builder.gep(context.make_array(step_off)(context, builder, step_off_v).data, [s0_v])
-        a_rows = [builder.gep(a_ptr, [builder.load(builder.gep(rows_table, [row]))])
-                  for row in _tile_rows(builder, intp, rows_v, MR)]
-        _emit_tile(context, builder, c.dtype, kc_v, a_rows, lambda p: builder.load(builder.gep(steps_table, [p])),
-                   b_ptr, ldb_v, c, c_v, i0_v, j0_v, accumulate_v)
-        return context.get_dummy_value()
+    @intrinsic
+    def micro_kernel(typingctx, kc, a, a_base, row_off, r0, rows, step_off, s0, b, b_offset, ldb, b_panel_step, c,
+                     i0, j0, accumulate):
+        signature = types.void(types.intp, a, types.intp, row_off, types.intp, types.intp, step_off, types.intp, b,
+                               types.intp, types.intp, types.intp, c, types.intp, types.intp, types.boolean)
 
-    return signature, codegen
+        def codegen(context, builder, sig, args):
+            (kc_v, a_v, a_base_v, row_off_v, r0_v, rows_v, step_off_v, s0_v, b_v, b_off, ldb_v, panel_step_v, c_v,
+             i0_v, j0_v, accumulate_v) = args
+            intp = context.get_value_type(types.intp)
+            a_ptr = builder.gep(context.make_array(a)(context, builder, a_v).data, [a_base_v])
+            b_ptr = builder.gep(context.make_array(b)(context, builder, b_v).data, [b_off])
+            rows_table = builder.gep(context.make_array(row_off)(context, builder, row_off_v).data, [r0_v])
+            steps_table = builder.gep(context.make_array(step_off)(context, builder, step_off_v).data, [s0_v])
+            a_rows = [builder.gep(a_ptr, [builder.load(builder.gep(rows_table, [row]))])
+                      for row in _tile_rows(builder, intp, rows_v, tile_rows)]
+            _emit_tile(context, builder, c.dtype, kc_v, a_rows,
+                       lambda p: builder.load(builder.gep(steps_table, [p])), b_ptr, ldb_v, c, c_v, i0_v, j0_v,
+                       accumulate_v, NV=tile_vectors, MR=tile_rows, b_panel_step=panel_step_v,
+                       row_barriers=ROW_BARRIERS)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return micro_kernel
+
+
+#: The gather kernel's tiles: ``MR x NR`` on one packed panel, and the wide tile on two.
+_micro_kernel_gather = _gather_micro_kernel(MR, NV)
+_micro_kernel_gather_wide = _gather_micro_kernel(WIDE_MR, WIDE_NV)
 
 
 _JIT = dict(cache=config.CACHE, nogil=True)
@@ -642,12 +679,26 @@ def gemm_gather(x, base, row_off, step_off, bp, c, beta):
             c[:, :] = 0.0
         return
     tile = np.empty((MR, NR), c.dtype)
+    wide_tile = np.empty((WIDE_MR, 2 * NR), c.dtype)
+    # the wide tile where two whole panels remain (AVX-512): its columns span panels k * NR elements apart
+    wide_end = n - n % (2 * NR) if WIDE_NV else 0
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         overwrite = pc == 0 and beta == 0.0
         for ic in range(0, m, MC):
             mc = min(MC, m - ic)
-            for jp in range(0, n, NR):
+            for jp in range(0, wide_end, 2 * NR):
+                b_offset = ((jp // NR) * k + pc) * NR
+                for ip in range(0, mc, WIDE_MR):
+                    h = min(WIDE_MR, mc - ip)
+                    if h == WIDE_MR:
+                        _micro_kernel_gather_wide(kc, x, base, row_off, ic + ip, h, step_off, pc, bp, b_offset, NR,
+                                                  k * NR, c, ic + ip, jp, not overwrite)
+                    else:
+                        _micro_kernel_gather_wide(kc, x, base, row_off, ic + ip, h, step_off, pc, bp, b_offset, NR,
+                                                  k * NR, wide_tile, 0, 0, False)
+                        _store_edge(wide_tile, c, ic + ip, jp, h, 2 * NR, overwrite)
+            for jp in range(wide_end, n, NR):
                 w = min(NR, n - jp)
                 b_offset = ((jp // NR) * k + pc) * NR
                 for ip in range(0, mc, MR):
@@ -656,8 +707,8 @@ def gemm_gather(x, base, row_off, step_off, bp, c, beta):
                     out = c if full else tile
                     oi = ic + ip if full else 0
                     oj = jp if full else 0
-                    _micro_kernel_gather(kc, x, base, row_off, ic + ip, h, step_off, pc, bp, b_offset, NR, out, oi,
-                                         oj, full and not overwrite)
+                    _micro_kernel_gather(kc, x, base, row_off, ic + ip, h, step_off, pc, bp, b_offset, NR, k * NR,
+                                         out, oi, oj, full and not overwrite)
                     if not full:
                         _store_edge(tile, c, ic + ip, jp, h, w, overwrite)
 
