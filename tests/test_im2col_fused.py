@@ -166,6 +166,7 @@ def test_reported_workspace_is_what_the_fused_forward_allocates(monkeypatch, tap
 
     monkeypatch.setattr(im2col_fused, "TAPS", taps)
     monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    monkeypatch.setattr(im2col_fused, "GATHER", False)  # on AVX-512 the gather kernel runs stride-1 forwards first
     previous = jit_gemm.use_own_gemm(True)
     try:
         assert im2col_fused.takes_taps((3, 3), (1, 1), 32, 12) == taps
@@ -274,6 +275,7 @@ def taps_route(monkeypatch):
     monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append("_forward_taps") or real(*a))
     monkeypatch.setattr(im2col_fused, "PARALLEL_MIN_MACS", 0)
     monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    monkeypatch.setattr(im2col_fused, "GATHER", False)  # on AVX-512 the gather kernel runs stride-1 forwards first
     previous = jit_gemm.use_own_gemm(True)
     try:
         yield ran

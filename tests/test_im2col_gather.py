@@ -32,8 +32,9 @@ def gather_spy(monkeypatch):
 
 
 def test_which_convs_take_them(monkeypatch):
-    """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights, and not where the taps kernel
-    runs a stride-1 conv of GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; the weight gradient up to
+    """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights (stride 1 on AVX-512:
+    AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES), and on AVX2 not where the taps kernel runs a stride-1 conv of
+    GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; the weight gradient up to
     GATHER_GRAD_MAX_WEIGHT_BYTES; off with GATHER or ENABLED."""
     assert im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
     assert not im2col_fused.gather_applies((1, 3, 3), 2, (1, 8, 8), (1, 8, 8))  # grouped
@@ -44,24 +45,31 @@ def test_which_convs_take_them(monkeypatch):
             assert not im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
     limit = im2col_fused.GATHER_MAX_WEIGHT_BYTES
     C = limit // (4 * 9 * 32)
-    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C, 32, 8, 4)  # DenseNet's 128 -> 32 at 8x8
-    assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4)  # weights over the limit
-    # AVX2 hosts take larger weights where the batch has enough output positions; AVX-512 hosts do not
+    assert im2col_fused.takes_gather_forward((3, 3), (2, 2), C, 32, 8, 4)
+    assert not im2col_fused.takes_gather_forward((3, 3), (2, 2), C + 1, 32, 8, 4)  # weights over the limit
+    # AVX2 hosts take larger weights where the batch has enough output positions; AVX-512 hosts larger stride-1 ones
     big = im2col_fused.AVX2_GATHER_LARGE_MIN_POSITIONS
+    wide = im2col_fused.TAPS_MIN_OW
+    many = im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS
     with monkeypatch.context() as m:
         m.setattr(micro_gemm, "HOST_HAS_AVX512", False)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C, 32, 8, 4)  # DenseNet's 128 -> 32 at 8x8
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4)
         assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big)
         assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big - 1)
         over = im2col_fused.AVX2_GATHER_MAX_WEIGHT_BYTES // (4 * 9 * 32) + 1
         assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), over, 32, 8, 4, big)
+        # the taps kernel keeps wide rows of many output channels there
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many - 1, wide, 4)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide - 1, 4)  # short rows: no taps
+        assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, many, wide, 4)  # deep strided: no taps
         m.setattr(micro_gemm, "HOST_HAS_AVX512", True)
-        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, big)
-    wide = im2col_fused.TAPS_MIN_OW
-    many = im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS
-    assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # the taps kernel keeps it
-    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many - 1, wide, 4)
-    assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide - 1, 4)  # short rows: no taps
-    assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, many, wide, 4)  # deep strided: no taps
+        stride1 = im2col_fused.AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES // (4 * 9 * 32)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1, 32, 8, 4)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1 + 1, 32, 8, 4, big)
+        assert not im2col_fused.takes_gather_forward((3, 3), (2, 2), C + 1, 32, 8, 4, big)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # before the taps kernel
     grad_limit = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES
     assert im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256), 256, 9, 4)
     assert not im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256) + 1, 256, 9, 4)

@@ -19,7 +19,8 @@ with taps as rows), so any stride and dilation runs with nothing copied but the 
 forwards with small weights (:data:`GATHER_MAX_WEIGHT_BYTES`), stride-1 input gradients and weight gradients. The
 "taps" kernel reads the GEMM's panels straight from the zero-padded input at each tap's offset
 (:func:`_forward_taps_region`; a strided conv through its phases, :func:`_phase_box`, for thin inputs:
-:data:`TAPS_STRIDED_MAX_IN_CHANNELS`) and keeps the stride-1 forwards of 64 and more output channels on wide rows.
+:data:`TAPS_STRIDED_MAX_IN_CHANNELS`) and keeps the stride-1 forwards whose weights are too large for the gather
+kernel (on AVX2 hosts also those of 64 and more output channels on wide rows).
 (A weight gradient on the taps kernel, packing its transposed panels by register transposes, ran 1.1-1.9x the
 gather kernel's time on every layer measured and was removed.)
 
@@ -647,9 +648,16 @@ AVX2_GATHER_LARGE_MIN_POSITIONS = 192
 #: (32x32 0.93), 256 -> 256 at 8x8 (2.4 MB) 0.76, 160 -> 320 at 8x8 0.82, 128 -> 128 at 16x16 0.90, strided 3x3 and
 #: 1x1 0.80, the 7x7 stem 0.90, GoogLeNet's 16 -> 32 5x5 0.52; level on 64 -> 64 at 32x32 and 64 -> 192 5x5.
 GATHER_GRAD_MAX_WEIGHT_BYTES = 4 << 20
-#: Fewest output channels at which a stride-1 forward the taps kernel takes stays there (64 -> 64 at 32x32:
-#: gather / taps 1.06-1.10 in back-to-back pairs even with the gather side second; 32 -> 128 at 16x16 1.03 with
-#: each call after torch work; 128 -> 128 at 16x16 level).
+#: On AVX-512 hosts a stride-1 forward (and input gradient) takes the gather kernel up to this weight size instead,
+#: and before the taps kernel: since the gather kernel's tiles stopped spilling their accumulators and its panels
+#: pair up into the wide tile, it ran (2 threads, batch 8, in one process with torch, forward / input gradient as a
+#: multiple of torch's) 64 -> 64 at 32x32 0.67-1.32 / 0.65-1.30 against the taps kernel's 1.30-1.45 / 1.32-1.60,
+#: 128 -> 128 at 16x16 1.19-1.32 / 1.19-1.35 against 1.38-1.40 / 1.38-1.43, and AlexNet's 64 -> 192 5x5 at 15x15
+#: (1.2 MB) 1.22-1.23 / 1.25-1.28 against 1.50-1.65 / 1.89-2.04; 256 -> 256 at 8x8 (2.4 MB) level, left out.
+AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES = 2 << 20
+#: Fewest output channels at which a stride-1 forward the taps kernel takes stays there, on AVX2 hosts (64 -> 64 at
+#: 32x32: gather / taps 1.06-1.10 in back-to-back pairs even with the gather side second; 32 -> 128 at 16x16 1.03
+#: with each call after torch work; 128 -> 128 at 16x16 level; measured before the AVX-512 gather tiles were fixed).
 GATHER_TAPS_MIN_OUT_CHANNELS = 64
 
 
@@ -669,16 +677,19 @@ def gather_applies(ksz, groups: int, in_spatial, out_spatial) -> bool:
 def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
                          itemsize: int, positions: int = 0) -> bool:
     """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
-    :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output
-    positions (``N * OH * OW``)."""
+    :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES`,
+    :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output positions (``N * OH * OW``)."""
     KH, KW = kernel_hw
     limit = GATHER_MAX_WEIGHT_BYTES
-    if not micro_gemm.HOST_HAS_AVX512 and positions >= AVX2_GATHER_LARGE_MIN_POSITIONS:
+    if micro_gemm.HOST_HAS_AVX512:
+        if tuple(stride_hw) == (1, 1):
+            limit = max(limit, AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES)
+    elif positions >= AVX2_GATHER_LARGE_MIN_POSITIONS:
         limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
     if out_channels * in_channels * KH * KW * itemsize > limit:
         return False
-    return not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
-                and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
+    return micro_gemm.HOST_HAS_AVX512 or not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
+                                              and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
 
 
 #: Bytes of a task's result per job of the gather forward (output positions x channels, in L2 beside the
@@ -711,9 +722,9 @@ def _corners(N, image, KH, KW, sh, sw, dh, dw, OH, OW, Wb):
 
 
 def _gather_chunk(total, per_position_bytes, tasks, cap):
-    """Positions per job: a result of about ``cap`` bytes, a multiple of the micro-kernel's rows, jobs enough that
-    the tasks get equal shares."""
-    MR = micro_gemm.MR
+    """Positions per job: a result of about ``cap`` bytes, a multiple of the micro-kernels' rows (both tile
+    heights: :data:`.micro_gemm.ROW_GRAIN`), jobs enough that the tasks get equal shares."""
+    MR = micro_gemm.ROW_GRAIN
     chunk = max(MR, min(total, cap // max(1, per_position_bytes)) // MR * MR)
     jobs = -(-total // chunk)
     if jobs % tasks and jobs < 8 * tasks:
@@ -841,7 +852,7 @@ def grad_weight_gather(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
     MR, KC = micro_gemm.MR, micro_gemm.KC
-    rows_per_task = -(-(-(-CK // tasks)) // MR) * MR
+    rows_per_task = -(-(-(-CK // tasks)) // micro_gemm.ROW_GRAIN) * micro_gemm.ROW_GRAIN
     tasks = -(-CK // rows_per_task)
     total = N * OH * OW
     NR = micro_gemm.NV * micro_gemm._VECTOR_BYTES // x.itemsize
