@@ -242,3 +242,27 @@ def test_transpose_into_matches_numpy(dtype, m, n):
     assert np.isnan(dst[:, :2]).all() and np.isnan(dst[:, m + 2:]).all()
     with pytest.raises(ValueError, match="shapes do not match"):
         micro_gemm.transpose_into(src, dst[:, :m + 1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("m,n", [(1, 1), (16, 16), (17, 33), (48, 5), (3, 100)])
+def test_transpose_flat_and_to_rows_match_numpy(dtype, m, n):
+    """:func:`transpose_flat` (a matrix inside flat buffers) and :func:`transpose_to_rows` (each destination row at
+    its own offset, plus a lane offset): whole register blocks and both edges; nothing else written."""
+    rng = np.random.default_rng(m * n)
+    lds, ldd, so, do = n + 3, m + 5, 7, 2
+    src = rng.standard_normal(so + m * lds).astype(dtype)
+    a = src[so:].reshape(m, lds)[:, :n]
+    dst = np.full(do + n * ldd, np.nan, dtype)
+    micro_gemm.transpose_flat(src, so, lds, dst, do, ldd, m, n)
+    np.testing.assert_array_equal(dst[do:].reshape(n, ldd)[:, :m], a.T)
+    assert np.isnan(dst[:do]).all() and np.isnan(dst[do:].reshape(n, ldd)[:, m:]).all()
+
+    rows = rng.permutation(n).astype(np.int64) * (m + 4) + 1  # rows in shuffled order, gaps between them
+    lane0 = 2
+    dst = np.full(n * (m + 4) + m + 8, np.nan, dtype)
+    micro_gemm.transpose_to_rows(src, so, lds, dst, rows, lane0, m, n)
+    expected = np.full_like(dst, np.nan)
+    for j in range(n):
+        expected[rows[j] + lane0:rows[j] + lane0 + m] = a[:, j]
+    np.testing.assert_array_equal(dst, expected)

@@ -43,14 +43,14 @@ reads padding, so every output plane is one flat, exact loop written or read in 
   stride in H the gradient is spread to every ``sh``-th row of a zero plane, except on planes holding
   Inf/NaN, which take exact row-by-row sums (``0 * Inf`` would poison the flat ones).
 
-**Channel-blocked path** (multiplier 1, 2-D, output planes of at most 8x8, stride-1 planes up to 16x16
-with 5x5 and larger kernels, and strided input gradients on input planes up to 14x14; see
-:func:`_forward2d_cb`): on 7x7 planes the flat loops above are mostly scalar remainders, so blocks of 64
-channels are packed channels-innermost and each tile of up to eight output positions by one vector of
-channels is summed over every tap in registers (:func:`.fir.channel_rows`). Measured against the flat path
-in one process (batch 8, float32, shared machine): 1.3-4x faster on the 7x7-plane layers of MobileNetV2,
-ShuffleNetV2, EfficientNet-B0 and ConvNeXt (with the Numba row loops the register tiles replaced), 1.15-1.2x
-on 16x16 planes with 5x5 and 7x7 kernels.
+**Channel-blocked path** (multiplier 1, 2-D; forwards with output planes of at most 16x16, weight gradients
+up to 14x14, strided input gradients on input planes up to 32x32; see :func:`_forward2d_cb`): on 7x7 planes
+the flat loops above are mostly scalar remainders, so blocks of 64 channels are packed channels-innermost
+(register transposes, :func:`.micro_gemm.transpose_to_rows`) and each tile of up to eight output positions by
+one vector of channels is summed over every tap in registers (:func:`.fir.channel_rows`). Measured against
+the flat path in one process (batch 8, float32, shared machine): 1.3-4x faster on the 7x7-plane layers of
+MobileNetV2, ShuffleNetV2, EfficientNet-B0 and ConvNeXt (with the Numba row loops the register tiles
+replaced); with the packing in registers also 1.4-2x on 14x14 and 16x16 planes (see :data:`CB_MAX_PLANE`).
 
 All arrays are 5-D ``(N, C, D, H, W)`` (1-D and 2-D convolutions pass size-1 leading dims), weights
 ``(K, 1, KD, KH, KW)``; ``stride``, ``padding`` (before each dim) and ``dilation`` are 3-tuples; the
@@ -68,7 +68,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, fir, memory, parallel, task_queue
+from . import blas, fir, memory, micro_gemm, parallel, task_queue
 from .arguments import int_tuple
 
 __all__ = ["depthwise_forward", "depthwise_grad_input", "depthwise_grad_weight", "depthwise_forward_into",
@@ -752,22 +752,20 @@ def _grad_weight(go, N, K, OD, OH, OW, x, C, D, H, W, m, sh, sw, ph, pw, Hq, Wq,
 #: (4 AVX-512 float32 vectors), so the row loop has no remainder and the packed block of a 14x14
 #: plane (16*16*64 floats) stays in L2.
 _CB = 64
-#: Largest output plane (OH * OW) sent to the channel-blocked path; larger planes vectorise well
-#: along the plane itself (measured: at 14x14 stride 1 the two paths are level, at 28x28 the flat
-#: path is faster).
-CB_MAX_PLANE = 8 * 8
-#: ... and, for forwards (and stride-1 input gradients, which run as forwards) at stride 1 with kernels of at
-#: least :data:`CB_LARGE_KERNEL_TAPS` taps, output planes up to this size: there the register tiles of
-#: :func:`.fir.channel_rows` beat the flat path. Measured, one thread, batch 8, minimum of 60, channel-blocked /
-#: flat µs: ConvNeXt's 192 x 16x16 7x7 1122 / 1357 (batch 1 149 / 171), 240 x 16x16 5x5 773 / 893; 3x3 kernels
-#: were mixed (384 x 14x14 596 / 806, 144 x 16x16 516 / 430) and stay flat, as do 32x32 planes (96 x 32x32 7x7
-#: 4202 / 1982).
-CB_MAX_PLANE_LARGE_KERNEL = 16 * 16
-CB_LARGE_KERNEL_TAPS = 25
-#: Largest input plane whose strided input gradient takes the channel-blocked path (output gradient
-#: spread into a zero plane): measured 1.1-1.7x faster than the flat spread path up to 14x14
-#: (576x14x14 stride 2: 2.4 -> 1.4 ms), 1.8x slower at 28x28.
-CB_MAX_SPREAD_PLANE = 14 * 14
+#: Largest output plane (OH * OW) whose weight gradient takes the channel-blocked path; larger planes
+#: vectorise well along the plane itself. Measured with the register-transposed packing (2 threads, batch 8,
+#: 3x3, ms channel-blocked / flat, two runs): 384 x 14x14 0.37-0.41 / 0.57-0.58; 192 x 16x16 0.32-0.44 /
+#: 0.37-0.39 (mixed); 144 x 32x32 1.5-1.7 / 0.5-0.8.
+CB_MAX_PLANE = 14 * 14
+#: ... for forwards (and stride-1 input gradients, which run as forwards), any kernel: same measurements,
+#: 192 x 16x16 0.25-0.28 / 0.41-0.57, 384 x 14x14 0.49-0.57 / 0.77-0.96, 240 x 16x16 5x5 0.52-0.60 / 0.67-0.81,
+#: 144 x 32x32 mixed (0.71-1.24 / 0.95-1.02) and stays flat, as do ConvNeXt's 96 x 32x32 7x7 (4.2 / 2.0 ms
+#: before the packing was rewritten).
+CB_MAX_FORWARD_PLANE = 16 * 16
+#: Largest input plane whose strided input gradient takes the channel-blocked path (output gradient spread into
+#: a zero plane), same measurements: 192 x 16x16 stride 2 0.17-0.20 / 0.36-0.47, 144 x 32x32 0.54-0.75 /
+#: 0.86-0.91 (576 x 14x14 with the old packing: 2.4 -> 1.4 ms); 96 x 64x64 level, left flat.
+CB_MAX_SPREAD_PLANE = 32 * 32
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
@@ -794,7 +792,9 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         # never-written positions are the zero padding; lanes past the last block's channels hold
         # stale (finite) values whose outputs are never stored
-        Xp = np.zeros(Hp * sw * Wq * _CB, y.dtype)
+        # one spare vector of channels at the end: where :func:`_cb_places` sends unread input positions
+        Xp = np.zeros((Hp * sw * Wq + 1) * _CB, y.dtype)
+        places = _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw)
         Y = np.empty(P * _CB, y.dtype)
         Wt = np.zeros((T + 1) * _CB, y.dtype)
         toff = np.empty(T, np.int64)
@@ -820,48 +820,39 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
                         for t in range(T):
                             Wt[t * _CB + v] = wsrc[t]
                         Wt[T * _CB + v] = bias[c0 + v]
-                # pack: row by row so the written part of Xp stays in L1; the inner loop over channels
-                # writes contiguously (reads gather across planes)
-                if uh * uw > 1:
-                    # spread input: positions between the written ones keep the buffer's zeros
-                    ncol = min(W, (Wq - pw + uw - 1) // uw)
-                    for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
-                        _pack_cb(x, (n * C + c0) * HW + ih * W, HW, cnt, 1, ncol, 0, 1,
-                                 Xp[((ih * uh + ph) * Wq + pw) * _CB:], 0, uw * _CB)
-                else:
-                    for ih in range(ihi):
-                        hp = ih + ph
-                        for b in range(sw):
-                            qlo = (pw - b + sw - 1) // sw if pw > b else 0
-                            qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
-                            if qhi > qlo:
-                                _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0,
-                                         sw, Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
+                # pack: the block's planes transposed channels-innermost in registers, each input position's
+                # vector of channels stored straight to its place in the padded, phase-split plane (element by
+                # element, gathering across planes, this cost 2.5x the taps: 8 x 384 channels at 8x8, 3x3)
+                micro_gemm.transpose_to_rows(x, (n * C + c0) * HW, HW, Xp, places, 0, cnt, HW)
                 # every output row: its (column, channel) tiles summed over all taps in registers
                 fir.channel_rows(Xp, 0, sh * sw * Wq * _CB, toff, Wt, T, OH, OW, _CB, Y)
                 # unpack: the block's planes are consecutive rows of y, so (positions x channels) -> (channels x
-                # positions) is one transpose, by blocks of 16 x 16 in registers (element by element it cost
-                # as much as the taps: 8 x 384 channels at 8x8, 7x7 kernel)
-                for v in range(cnt):
-                    yb = (n * y_nstride + y_chan0 + c0 + v) * P
-                    yo = y[yb:yb + P]
-                    ys = Y[v:]
-                    for i in range(P):
-                        yo[i] = ys[i * _CB]
+                # positions) is one transpose, by blocks in registers (element by element it cost twice the
+                # taps: 8 x 384 channels at 8x8, 3x3 kernel)
+                micro_gemm.transpose_flat(Y, 0, _CB, y, (n * y_nstride + y_chan0 + c0) * P, P, P, cnt)
 
 
 @njit(**_JIT)
-def _pack_cb(src, base, plane, cnt, nrows, ncols, row_pitch, col_step, dst, dst_row, dst_col):
-    """``dst[r*dst_row + q*dst_col + v] = src[base + v*plane + r*row_pitch + q*col_step]`` for
-    ``v < cnt``: a block of ``cnt`` planes transposed channels-innermost (the inner loop stores
-    contiguously and gathers across planes)."""
-    for r in range(nrows):
-        # two slices per row, not per column: slices cost reference counting
-        xs = src[base + r * row_pitch:]
-        xd = dst[r * dst_row:]
-        for q in range(ncols):
-            for v in range(cnt):
-                xd[q * dst_col + v] = xs[q * col_step + v * plane]
+def _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw):
+    """Where each input position ``ih * W + iw`` goes in the channel-blocked plane ``Xp`` of
+    :func:`_forward2d_cb` (the offset of its lane 0): row ``ih + ph``, column phase ``b``, column ``q`` with ``iw =
+    q * sw + b - pw``; spread by ``uh, uw`` (stride 1): row ``ih * uh + ph``, column ``pw + iw * uw``. Positions
+    no window reads go to the spare vector at the end of ``Xp``."""
+    Wrow = sw * Wq
+    places = np.full(H * W, Hp * Wrow * _CB, np.int64)
+    if uh * uw > 1:
+        ncol = min(W, (Wq - pw + uw - 1) // uw)
+        for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
+            for iw in range(ncol):
+                places[ih * W + iw] = ((ih * uh + ph) * Wq + pw + iw * uw) * _CB
+        return places
+    for ih in range(ihi):
+        for b in range(sw):
+            qlo = (pw - b + sw - 1) // sw if pw > b else 0
+            qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
+            for q in range(qlo, qhi):
+                places[ih * W + q * sw + b - pw] = (((ih + ph) * sw + b) * Wq + q) * _CB
+    return places
 
 
 @parallel.kernel(work_arg=0, compute=True, **_JIT)
@@ -883,7 +874,8 @@ def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw,
     HW = H * W
     ihi = min(H, Hp - ph)
     for cbi in prange(nb):
-        Xp = np.zeros(Hp * sw * Wq * _CB, gw.dtype)
+        Xp = np.zeros((Hp * sw * Wq + 1) * _CB, gw.dtype)
+        places = _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, 1, 1)
         G = np.zeros(P * _CB, gw.dtype)
         Acc = np.zeros(T * R, gw.dtype)
         toff = np.empty(T, np.int64)
@@ -894,15 +886,8 @@ def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw,
         c0 = cbi * _CB
         cnt = min(_CB, C - c0)
         for n in range(N):
-            for ih in range(ihi):
-                hp = ih + ph
-                for b in range(sw):
-                    qlo = (pw - b + sw - 1) // sw if pw > b else 0
-                    qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
-                    if qhi > qlo:
-                        _pack_cb(x, (n * C + c0) * HW + ih * W + b - pw + qlo * sw, HW, cnt, 1, qhi - qlo, 0, sw,
-                                 Xp[((hp * sw + b) * Wq + qlo) * _CB:], 0, _CB)
-            _pack_cb(go, (n * C + c0) * P, P, cnt, OH, OW, OW, 1, G, R, _CB)
+            micro_gemm.transpose_to_rows(x, (n * C + c0) * HW, HW, Xp, places, 0, cnt, HW)
+            micro_gemm.transpose_flat(go, (n * C + c0) * P, P, G, 0, _CB, cnt, P)
             for oh in range(OH):
                 gr = G[oh * R:(oh + 1) * R]
                 base = oh * sh * sw * Wq * _CB
@@ -939,13 +924,9 @@ def _use_cb(C, K, out_hw, padding, limit=None):
     return K == C and out_hw[0] * out_hw[1] <= limit and min(padding) >= 0
 
 
-def _use_cb_forward(C, K, out_hw, padding, stride, kernel_hw):
-    """:func:`_use_cb` for a forward pass: also stride-1 planes up to :data:`CB_MAX_PLANE_LARGE_KERNEL` with
-    kernels of at least :data:`CB_LARGE_KERNEL_TAPS` taps."""
-    if _use_cb(C, K, out_hw, padding):
-        return True
-    return (tuple(stride) == (1, 1) and kernel_hw[0] * kernel_hw[1] >= CB_LARGE_KERNEL_TAPS
-            and _use_cb(C, K, out_hw, padding, CB_MAX_PLANE_LARGE_KERNEL))
+def _use_cb_forward(C, K, out_hw, padding):
+    """:func:`_use_cb` for a forward pass: output planes up to :data:`CB_MAX_FORWARD_PLANE`."""
+    return _use_cb(C, K, out_hw, padding, CB_MAX_FORWARD_PLANE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -975,7 +956,7 @@ def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y
     if not y.flags.c_contiguous:
         raise ValueError("depthwise_forward_into: y must be C-contiguous")
     fast = None
-    if D == 1 and OD == 1 and KD == 1 and _use_cb_forward(C, K, (OH, OW), padding[1:], stride[1:], (KH, KW)):
+    if D == 1 and OD == 1 and KD == 1 and _use_cb_forward(C, K, (OH, OW), padding[1:]):
         _forward2d_cb(_flat(x), N, C, H, W, _flat(w), KH, KW, b, stride[1], stride[2], padding[1], padding[2],
                       dilation[1], dilation[2], OH, OW, y.reshape(-1), int(chan0),
                       int(K if nstride is None else nstride), _chunks(N * ((C + _CB - 1) // _CB)))
@@ -1038,7 +1019,7 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
         # stride 1, multiplier 1: the input gradient is the forward correlation of the output gradient
         # with the flipped kernel, padded by (KH-1)*dh - ph before: the fast forward path runs it.
         pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
-        if _use_cb_forward(C, K, (H, W), pad, (1, 1), (KH, KW)):
+        if _use_cb_forward(C, K, (H, W), pad):
             wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
             _forward2d_cb(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, pad[0], pad[1],
                           dh, dw, H, W, gx.reshape(-1), 0, C, _chunks(N * ((C + _CB - 1) // _CB)))

@@ -48,7 +48,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "WIDE_MR", "WIDE_NV", "ROW_GRAIN", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "transpose_flat", "transpose_to_rows", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "WIDE_MR", "WIDE_NV", "ROW_GRAIN", "KC", "MC", "NC"]
 
 def _host_has(*features: str) -> bool:
     """Whether Numba compiles for a CPU with all these features (the host, unless NUMBA_CPU_NAME says other)."""
@@ -358,6 +358,32 @@ def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
         rows = _transposed_rows(builder, rows)
         for q in range(width):
             builder.store(rows[q], pointer(dst_ptr, q, ldd_v), align=itemsize)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+@intrinsic
+def _transpose_block_to_rows(typingctx, src, src_offset, lds, dst, rows, rows_offset, lane0):
+    """:func:`_transpose_block` with each destination row at its own place: ``dst[rows[rows_offset + q] + lane0 +
+    r] = src[src_offset + r*lds + q]`` for ``r, q < W``."""
+    signature = types.void(src, types.intp, types.intp, dst, rows, types.intp, types.intp)
+    dtype = dst.dtype
+
+    def codegen(context, builder, sig, args):
+        src_v, src_off, lds_v, dst_v, rows_v, rows_off, lane_v = args
+        itemsize = 4 if dtype == types.float32 else 8
+        width = _VECTOR_BYTES // itemsize
+        vector = ir.VectorType(context.get_value_type(dtype), width)
+        intp = context.get_value_type(types.intp)
+        src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
+        dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [lane_v])
+        rows_ptr = builder.gep(context.make_array(sig.args[4])(context, builder, rows_v).data, [rows_off])
+        loaded = [builder.load(builder.bitcast(builder.gep(src_ptr, [builder.mul(ir.Constant(intp, r), lds_v)]),
+                                               vector.as_pointer()), align=itemsize) for r in range(width)]
+        for q, value in enumerate(_transposed_rows(builder, loaded)):
+            row = builder.load(builder.gep(rows_ptr, [ir.Constant(intp, q)]))
+            builder.store(value, builder.bitcast(builder.gep(dst_ptr, [row]), vector.as_pointer()), align=itemsize)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -723,17 +749,58 @@ def transpose_into(src, dst):
         raise ValueError("micro_gemm.transpose_into: operand shapes do not match")
     if (m > 1 and src.strides[1] != src.itemsize) or (n > 1 and dst.strides[1] != dst.itemsize):
         raise ValueError("micro_gemm.transpose_into: rows must be contiguous")
-    W = _VECTOR_BYTES // src.itemsize
-    lds = src.strides[0] // src.itemsize
-    ldd = dst.strides[0] // dst.itemsize
-    mb = m - m % W
-    nb = n - n % W
-    for i in range(0, mb, W):
-        for j in range(0, nb, W):
-            _transpose_block(src, i * lds + j, lds, dst, j * ldd + i, ldd)
+    mb, nb = _transpose_blocks(src, 0, src.strides[0] // src.itemsize, dst, 0, dst.strides[0] // dst.itemsize, m, n)
     for i in range(mb):
         for j in range(nb, n):
             dst[j, i] = src[i, j]
     for i in range(mb, m):
         for j in range(n):
             dst[j, i] = src[i, j]
+
+
+@njit(**_JIT)
+def transpose_flat(src, src_offset, lds, dst, dst_offset, ldd, m, n):
+    """``dst[dst_offset + j*ldd + i] = src[src_offset + i*lds + j]`` for ``i < m, j < n``, ``src`` and ``dst`` 1-D and
+    contiguous: :func:`transpose_into` for matrices that are pieces of flat buffers (the depthwise kernels' blocks
+    of planes). The caller keeps every index inside both arrays (not checked)."""
+    mb, nb = _transpose_blocks(src, src_offset, lds, dst, dst_offset, ldd, m, n)
+    for i in range(mb):
+        for j in range(nb, n):
+            dst[dst_offset + j * ldd + i] = src[src_offset + i * lds + j]
+    for i in range(mb, m):
+        for j in range(n):
+            dst[dst_offset + j * ldd + i] = src[src_offset + i * lds + j]
+
+
+@njit(**_JIT)
+def transpose_to_rows(src, src_offset, lds, dst, rows, lane0, m, n):
+    """``dst[rows[j] + lane0 + i] = src[src_offset + i*lds + j]`` for ``i < m, j < n``: a transpose whose destination
+    rows (one per column ``j`` of the source) lie anywhere, by ``W x W`` blocks in registers (the depthwise kernels
+    pack a block of planes channels-innermost straight into a padded, phase-split buffer: ``rows`` maps each
+    input position to its place). ``src``, ``dst``: 1-D contiguous; ``rows``: int64 (n,); every index inside
+    (not checked)."""
+    W = _VECTOR_BYTES // src.itemsize
+    mb = m - m % W
+    nb = n - n % W
+    for i in range(0, mb, W):
+        for j in range(0, nb, W):
+            _transpose_block_to_rows(src, src_offset + i * lds + j, lds, dst, rows, j, lane0 + i)
+    for i in range(mb):
+        for j in range(nb, n):
+            dst[rows[j] + lane0 + i] = src[src_offset + i * lds + j]
+    for i in range(mb, m):
+        for j in range(n):
+            dst[rows[j] + lane0 + i] = src[src_offset + i * lds + j]
+
+
+@njit(inline="always", **_JIT)
+def _transpose_blocks(src, so, lds, dst, do, ldd, m, n):
+    """The whole ``W x W`` blocks of a transpose (element offsets from the arrays' first elements); returns the
+    rows and columns they covered, ``(m - m % W, n - n % W)``."""
+    W = _VECTOR_BYTES // src.itemsize
+    mb = m - m % W
+    nb = n - n % W
+    for i in range(0, mb, W):
+        for j in range(0, nb, W):
+            _transpose_block(src, so + i * lds + j, lds, dst, do + j * ldd + i, ldd)
+    return mb, nb
