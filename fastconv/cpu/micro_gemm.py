@@ -333,6 +333,19 @@ def _transposed_rows(builder, rows):
     return rows
 
 
+def _transposed_block_ir(context, builder, dtype, src_type, src_v, src_off, lds_v):
+    """IR shared by the block transposes: the ``W`` vectors ``src[src_offset + r*lds : ... + W]`` loaded and
+    transposed in registers (:func:`_transposed_rows`). Returns (columns, vector type, itemsize, intp type)."""
+    itemsize = 4 if dtype == types.float32 else 8
+    width = _VECTOR_BYTES // itemsize
+    vector = ir.VectorType(context.get_value_type(dtype), width)
+    intp = context.get_value_type(types.intp)
+    src_ptr = builder.gep(context.make_array(src_type)(context, builder, src_v).data, [src_off])
+    loaded = [builder.load(builder.bitcast(builder.gep(src_ptr, [builder.mul(ir.Constant(intp, r), lds_v)]),
+                                           vector.as_pointer()), align=itemsize) for r in range(width)]
+    return _transposed_rows(builder, loaded), vector, itemsize, intp
+
+
 @intrinsic
 def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
     """``dst[dst_offset + q*ldd + r] = src[src_offset + r*lds + q]`` for ``r, q < W`` (the elements of a 64-byte
@@ -340,24 +353,15 @@ def _transpose_block(typingctx, src, src_offset, lds, dst, dst_offset, ldd):
     shuffles and ``W`` vector stores. Stage ``s`` (W/2, ..., 1) swaps the off-diagonal ``s x s`` blocks of every
     ``2s x 2s`` block; after the last stage row ``q`` holds column ``q``."""
     signature = types.void(src, types.intp, types.intp, dst, types.intp, types.intp)
-    dtype = dst.dtype
 
     def codegen(context, builder, sig, args):
         src_v, src_off, lds_v, dst_v, dst_off, ldd_v = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        vector = ir.VectorType(context.get_value_type(dtype), width)
-        intp = context.get_value_type(types.intp)
-        src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
+        columns, vector, itemsize, intp = _transposed_block_ir(context, builder, dst.dtype, src, src_v, src_off,
+                                                               lds_v)
         dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [dst_off])
-
-        def pointer(base, row, ld):
-            return builder.bitcast(builder.gep(base, [builder.mul(ir.Constant(intp, row), ld)]), vector.as_pointer())
-
-        rows = [builder.load(pointer(src_ptr, r, lds_v), align=itemsize) for r in range(width)]
-        rows = _transposed_rows(builder, rows)
-        for q in range(width):
-            builder.store(rows[q], pointer(dst_ptr, q, ldd_v), align=itemsize)
+        for q, value in enumerate(columns):
+            target = builder.gep(dst_ptr, [builder.mul(ir.Constant(intp, q), ldd_v)])
+            builder.store(value, builder.bitcast(target, vector.as_pointer()), align=itemsize)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -368,20 +372,14 @@ def _transpose_block_to_rows(typingctx, src, src_offset, lds, dst, rows, rows_of
     """:func:`_transpose_block` with each destination row at its own place: ``dst[rows[rows_offset + q] + lane0 +
     r] = src[src_offset + r*lds + q]`` for ``r, q < W``."""
     signature = types.void(src, types.intp, types.intp, dst, rows, types.intp, types.intp)
-    dtype = dst.dtype
 
     def codegen(context, builder, sig, args):
         src_v, src_off, lds_v, dst_v, rows_v, rows_off, lane_v = args
-        itemsize = 4 if dtype == types.float32 else 8
-        width = _VECTOR_BYTES // itemsize
-        vector = ir.VectorType(context.get_value_type(dtype), width)
-        intp = context.get_value_type(types.intp)
-        src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_off])
+        columns, vector, itemsize, intp = _transposed_block_ir(context, builder, dst.dtype, src, src_v, src_off,
+                                                               lds_v)
         dst_ptr = builder.gep(context.make_array(dst)(context, builder, dst_v).data, [lane_v])
-        rows_ptr = builder.gep(context.make_array(sig.args[4])(context, builder, rows_v).data, [rows_off])
-        loaded = [builder.load(builder.bitcast(builder.gep(src_ptr, [builder.mul(ir.Constant(intp, r), lds_v)]),
-                                               vector.as_pointer()), align=itemsize) for r in range(width)]
-        for q, value in enumerate(_transposed_rows(builder, loaded)):
+        rows_ptr = builder.gep(context.make_array(rows)(context, builder, rows_v).data, [rows_off])
+        for q, value in enumerate(columns):
             row = builder.load(builder.gep(rows_ptr, [ir.Constant(intp, q)]))
             builder.store(value, builder.bitcast(builder.gep(dst_ptr, [row]), vector.as_pointer()), align=itemsize)
         return context.get_dummy_value()
