@@ -27,6 +27,8 @@ CASES_2D = {
     "same_even_dilated": (1, 2, 8, 9, 3, (2, 4), dict(padding="same", dilation=(3, 2))),
     "valid": (2, 3, 6, 7, 2, (3, 3), dict(padding="valid")),
     "groups2": (2, 4, 7, 7, 6, (3, 3), dict(padding=1, groups=2)),
+    "groups2_8wide": (1, 16, 5, 4, 16, (3, 3), dict(padding=1, groups=2)),  # group_lanes' 8-channel groups
+    "groups2_8wide_stride2": (1, 16, 6, 5, 16, (3, 3), dict(stride=2, padding=1, groups=2)),
     "depthwise": (2, 4, 8, 8, 4, (3, 3), dict(padding=1, groups=4)),
     "depthwise_multiplier2": (2, 3, 7, 9, 6, (3, 3), dict(stride=2, padding=1, groups=3)),
     "kernel_equals_input": (2, 3, 5, 4, 4, (5, 4), dict()),

@@ -105,6 +105,8 @@ GEOMETRIES = {
     # outputs larger than input and weight together: the forward's finiteness is read from the operands first
     "expanding 3x3 pad 1": dict(C=2, K=16, H=9, kw=dict(padding=1)),
     "expanding 3x3 pad 1 groups 2": dict(C=4, K=16, H=9, kw=dict(padding=1, groups=2)),
+    # 8 channels per group (group_lanes), stride 2: the input gradient reads the output gradient spread by zeros
+    "3x3 stride 2 pad 1 groups 2 x 8 wide": dict(C=16, K=16, H=7, kw=dict(stride=2, padding=1, groups=2)),
 }
 
 

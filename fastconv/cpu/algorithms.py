@@ -18,8 +18,8 @@ import torch
 
 from ..spec import CONTIGUOUS_ROUTE, ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
-from . import (blas, depthwise, depthwise_nhwc, fft, im2col_fused, im2col_nhwc, pointwise, shift, transposed_gemm,
-               winograd)
+from . import (blas, depthwise, depthwise_nhwc, fft, group_lanes, im2col_fused, im2col_nhwc, pointwise, shift,
+               transposed_gemm, winograd)
 
 
 def _np(t: torch.Tensor):
@@ -341,6 +341,35 @@ def _shift_algorithm() -> ConvAlgorithm:
 SHIFT = _shift_algorithm()
 
 
+def _group_lanes_algorithm() -> ConvAlgorithm:
+    """``group_lanes``: the kernels of :mod:`fastconv.cpu.group_lanes` (1-D and 2-D grouped convs with multiples
+    of 8 channels per group in and out; see :func:`fastconv.cpu.group_lanes.refuse_reason`)."""
+    numpy_passes = _entry_passes(group_lanes.forward, group_lanes.grad_input, group_lanes.grad_weight)
+
+    def mult_ratio(g: ConvGeometry) -> float:
+        executed = group_lanes.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups,
+                                                        g.kernel, g.out_spatial)
+        return executed / max(g.macs, 1)
+
+    def workspace(g: ConvGeometry) -> int:
+        # per task: its images' packed input (at most TASK_BYTES unless one image is larger) and packed output
+        image = (g.in_channels // g.groups) * math.prod(g.in_spatial) * 8 * g.dtype.itemsize
+        return 2 * (max(group_lanes.TASK_BYTES, 2 * image) + 4 * image)
+
+    def refuse(g: ConvGeometry):
+        return group_lanes.refuse_reason(g.kernel, g.groups, g.in_channels, g.out_channels, g.padding, g.dilation)
+
+    return ConvAlgorithm(
+        "group_lanes", frozenset({"numba"}),
+        "direct conv with eight groups across the vector lanes: a block of eight groups packed channels-innermost "
+        "(lane = group), so each (tap, input channel, output channel) step is one lane-wise FMA, tiles of three "
+        "positions by eight output channels summed in registers; for groups of 8, 16, ... channels (RegNet)",
+        *_tensor_passes(numpy_passes), refuse=refuse, mult_ratio=mult_ratio, workspace_bytes=workspace)
+
+
+GROUP_LANES = _group_lanes_algorithm()
+
+
 def _heuristic(g: ConvGeometry, pass_: str) -> str:
     """Pick a CPU algorithm without measuring (the autotuner measures instead for larger convs).
 
@@ -361,9 +390,11 @@ def _heuristic(g: ConvGeometry, pass_: str) -> str:
     if (winograd_shape and g.in_channels >= 32 and g.out_channels >= 32 and min(g.out_spatial[1:]) >= 8
             and g.batch * g.out_spatial[1] * g.out_spatial[2] >= 1024):
         return "winograd4"
-    if (g.groups > 1 and g.in_channels // g.groups <= SHIFT_MAX_GROUP_WIDTH
-            and shift.refuse_reason(g.kernel, g.out_spatial, g.groups) is None):
-        return "shift"
+    if g.groups > 1 and g.in_channels // g.groups <= SHIFT_MAX_GROUP_WIDTH:
+        if GROUP_LANES.why_not(g) is None:
+            return "group_lanes"
+        if shift.refuse_reason(g.kernel, g.out_spatial, g.groups) is None:
+            return "shift"
     if g.groups > 1 and (g.in_channels // g.groups) * math.prod(g.kernel) < 64:
         return "direct"
     return "im2col"
@@ -524,6 +555,7 @@ SEPARABLE_FUSED = OpImplementation(
     _separable_fused)
 
 #: Every Numba convolution algorithm and op implementation (registered by :mod:`fastconv.ops.catalog`).
-ALGORITHMS = [DIRECT, IM2COL, FFT, DEPTHWISE, WINOGRAD2, WINOGRAD4, SHIFT, PATCH_GEMM, SEPARABLE_FUSED]
+ALGORITHMS = [DIRECT, IM2COL, FFT, DEPTHWISE, WINOGRAD2, WINOGRAD4, SHIFT, GROUP_LANES, PATCH_GEMM,
+              SEPARABLE_FUSED]
 #: ``algo='auto'`` without measuring, per target this module serves.
 HEURISTICS = {"numba": _heuristic}

@@ -792,9 +792,9 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
     for _ in prange(workers):  # one iteration per thread, which claims chunks
         # never-written positions are the zero padding; lanes past the last block's channels hold
         # stale (finite) values whose outputs are never stored
-        # one spare vector of channels at the end: where :func:`_cb_places` sends unread input positions
+        # one spare vector of channels at the end: where :func:`channel_block_places` sends unread input positions
         Xp = np.zeros((Hp * sw * Wq + 1) * _CB, y.dtype)
-        places = _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw)
+        places = channel_block_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw, _CB)
         Y = np.empty(P * _CB, y.dtype)
         Wt = np.zeros((T + 1) * _CB, y.dtype)
         toff = np.empty(T, np.int64)
@@ -833,25 +833,26 @@ def _forward2d_cb(x, N, C, H, W, w, KH, KW, bias, sh, sw, ph, pw, dh, dw, OH, OW
 
 
 @njit(**_JIT)
-def _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw):
-    """Where each input position ``ih * W + iw`` goes in the channel-blocked plane ``Xp`` of
-    :func:`_forward2d_cb` (the offset of its lane 0): row ``ih + ph``, column phase ``b``, column ``q`` with ``iw =
-    q * sw + b - pw``; spread by ``uh, uw`` (stride 1): row ``ih * uh + ph``, column ``pw + iw * uw``. Positions
-    no window reads go to the spare vector at the end of ``Xp``."""
+def channel_block_places(H, W, Hp, ihi, ph, pw, sw, Wq, uh, uw, step):
+    """Where each input position ``ih * W + iw`` goes in a channel-blocked plane of ``step`` elements per position
+    (the offset of its first element; :func:`_forward2d_cb`, and the lane-blocked grouped convs of
+    :mod:`.group_lanes`): row ``ih + ph``, column phase ``b``, column ``q`` with ``iw = q * sw + b - pw``; spread
+    by ``uh, uw`` (stride 1): row ``ih * uh + ph``, column ``pw + iw * uw``. Positions no window reads go to the
+    spare position after the last row (``Hp`` rows of ``sw * Wq`` positions)."""
     Wrow = sw * Wq
-    places = np.full(H * W, Hp * Wrow * _CB, np.int64)
+    places = np.full(H * W, Hp * Wrow * step, np.int64)
     if uh * uw > 1:
         ncol = min(W, (Wq - pw + uw - 1) // uw)
         for ih in range(min(H, (Hp - ph + uh - 1) // uh)):
             for iw in range(ncol):
-                places[ih * W + iw] = ((ih * uh + ph) * Wq + pw + iw * uw) * _CB
+                places[ih * W + iw] = ((ih * uh + ph) * Wq + pw + iw * uw) * step
         return places
     for ih in range(ihi):
         for b in range(sw):
             qlo = (pw - b + sw - 1) // sw if pw > b else 0
             qhi = min(Wq, (W - 1 + pw - b) // sw + 1)
             for q in range(qlo, qhi):
-                places[ih * W + q * sw + b - pw] = (((ih + ph) * sw + b) * Wq + q) * _CB
+                places[ih * W + q * sw + b - pw] = (((ih + ph) * sw + b) * Wq + q) * step
     return places
 
 
@@ -875,7 +876,7 @@ def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw,
     ihi = min(H, Hp - ph)
     for cbi in prange(nb):
         Xp = np.zeros((Hp * sw * Wq + 1) * _CB, gw.dtype)
-        places = _cb_places(H, W, Hp, ihi, ph, pw, sw, Wq, 1, 1)
+        places = channel_block_places(H, W, Hp, ihi, ph, pw, sw, Wq, 1, 1, _CB)
         G = np.zeros(P * _CB, gw.dtype)
         Acc = np.zeros(T * R, gw.dtype)
         toff = np.empty(T, np.int64)

@@ -313,7 +313,7 @@ _micro_kernel_gather_wide = _gather_micro_kernel(WIDE_MR, WIDE_NV)
 _JIT = dict(cache=config.CACHE, nogil=True)
 
 
-def _transposed_rows(builder, rows):
+def transposed_rows(builder, rows):
     """IR for a ``W x W`` transpose of ``W`` vector values (row ``r`` = ``rows[r]``) in registers: stage ``s`` (W/2,
     ..., 1) swaps the off-diagonal ``s x s`` blocks of every ``2s x 2s`` block with two-vector shuffles; after the
     last stage value ``q`` holds column ``q``."""
@@ -335,7 +335,7 @@ def _transposed_rows(builder, rows):
 
 def _transposed_block_ir(context, builder, dtype, src_type, src_v, src_off, lds_v):
     """IR shared by the block transposes: the ``W`` vectors ``src[src_offset + r*lds : ... + W]`` loaded and
-    transposed in registers (:func:`_transposed_rows`). Returns (columns, vector type, itemsize, intp type)."""
+    transposed in registers (:func:`transposed_rows`). Returns (columns, vector type, itemsize, intp type)."""
     itemsize = 4 if dtype == types.float32 else 8
     width = _VECTOR_BYTES // itemsize
     vector = ir.VectorType(context.get_value_type(dtype), width)
@@ -343,7 +343,7 @@ def _transposed_block_ir(context, builder, dtype, src_type, src_v, src_off, lds_
     src_ptr = builder.gep(context.make_array(src_type)(context, builder, src_v).data, [src_off])
     loaded = [builder.load(builder.bitcast(builder.gep(src_ptr, [builder.mul(ir.Constant(intp, r), lds_v)]),
                                            vector.as_pointer()), align=itemsize) for r in range(width)]
-    return _transposed_rows(builder, loaded), vector, itemsize, intp
+    return transposed_rows(builder, loaded), vector, itemsize, intp
 
 
 @intrinsic

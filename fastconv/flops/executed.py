@@ -134,6 +134,13 @@ def _shift(g: ConvGeometry) -> int:
                                           g.dilation, g.out_spatial, g.padding, g.in_spatial)
 
 
+def _group_lanes(g: ConvGeometry) -> int:
+    from ..cpu import group_lanes
+
+    return group_lanes.executed_multiplications(g.batch, g.in_channels, g.out_channels, g.groups, g.kernel,
+                                                g.out_spatial)
+
+
 @dataclass(frozen=True)
 class Executed:
     """What one algorithm executes: ``mults(geom)`` for the forward pass, ``workspace(geom)`` in bytes
@@ -165,6 +172,9 @@ EXECUTED: dict[str, Executed] = {
     "shift": Executed(
         "shifted planes: every output channel over the whole N x Hq x Wq plane grid (output pixels plus the "
         "extra columns and rows of the stride-phase planes, computed and dropped), every tap", _shift),
+    "group_lanes": Executed(
+        "eight groups per vector: every output pixel, tap and input channel of whole blocks of 8 groups (a last "
+        "block of fewer groups computes its spare lanes too)", _group_lanes),
     "patch_gemm": Executed(
         "transposed conv with kernel == stride: one GEMM of exactly the nominal products, then a "
         "scatter without accumulation", lambda g: g.macs),  # workspace: its declaration's hook
