@@ -25,6 +25,7 @@ from helpers import assert_close
     (5, 32, 16, 2, 1, 23, (1, 3), 1, (0, 1), 1),  # one row (H == 1); 16 in, 8 out per group
     (2, 16, 16, 2, 8, 8, 1, 2, 0, 1),           # 1x1 stride 2: three of the four phases no tap reads
     (4, 64, 64, 8, 5, 6, (2, 4), (2, 1), 0, 1),  # even kernel, unequal strides, no padding
+    (3, 16, 16, 2, 9, 10, 3, 3, 1, 1),          # stride 3 with padding: each image's last row and column unread
 ])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_group_lanes_agrees_with_torch(case, dtype):

@@ -365,7 +365,7 @@ def _forward_plan(KH, KW, sh, sw, dh, dw, OH, OW, Hp, Wq, Cg, Kg, uh, uw, th, tw
                     s += 1
     phase_steps[nph] = s
     P = OH * OW
-    image = Hp * sw * Wq * step
+    image = (Hp * sw * Wq + 1) * step  # an image's positions and its spare (see _forward_lanes)
     phase_pos = np.zeros(nph + 1, np.int64)
     for ph in range(nph):
         a = ph // uw
@@ -415,7 +415,10 @@ def _forward_lanes(x, N, C, H, W, w, bias, K, G, KH, KW, sh, sw, ph, pw, dh, dw,
     Wq = OW + ((KW - 1) * dw) // sw
     step = Cg * LANES
     ostep = Kg * LANES
-    image = Hp * sw * Wq * step
+    # each image's packed positions, then its own spare position: where channel_block_places sends the input
+    # positions no window reads (with the spare after the last image only, an image's unread positions would land
+    # on the next image's first position, padding that must stay zero)
+    image = (Hp * sw * Wq + 1) * step
     nblocks = (G + LANES - 1) // LANES
     nimg = (N + nb - 1) // nb
     nph = uh * uw
@@ -430,8 +433,8 @@ def _forward_lanes(x, N, C, H, W, w, bias, K, G, KH, KW, sh, sw, ph, pw, dh, dw,
         wts = np.empty(T * Cg * ostep, y.dtype)
         bvec = np.empty(ostep, y.dtype)
         _pack_weights(w, g0, cnt, Kg, Cg, T, bias, wplaces, wts, bvec)
-        # the padding is never written; one spare position at the end takes the input positions no window reads
-        xp = np.zeros((n1 - n0) * image + step, y.dtype)
+        # the padding is never written
+        xp = np.zeros((n1 - n0) * image, y.dtype)
         places = channel_block_places(H, W, Hp, min(H, Hp - ph), ph, pw, sw, Wq, uh, uw, step)
         for n in range(n0, n1):
             for c in range(Cg):
@@ -475,7 +478,7 @@ def _grad_weight_lanes(x, N, C, H, W, go, K, G, OH, OW, KH, KW, sh, sw, ph, pw, 
     Wq = OW + ((KW - 1) * dw) // sw
     step = Cg * LANES
     gstep = Kg * LANES
-    image = Hp * sw * Wq * step
+    image = (Hp * sw * Wq + 1) * step  # with its own spare position, as in _forward_lanes
     nblocks = partial.shape[0] // nsplit
     for task in prange(nblocks * nsplit):
         blk = task // nsplit
@@ -492,7 +495,7 @@ def _grad_weight_lanes(x, N, C, H, W, go, K, G, OH, OW, KH, KW, sh, sw, ph, pw, 
             for oh in range(OH):
                 for ow in range(OW):
                     poff[i * P + oh * OW + ow] = i * image + (oh * sh * sw * Wq + ow) * step
-        xp = np.zeros(nb * image + step, x.dtype)
+        xp = np.zeros(nb * image, x.dtype)
         gp = np.empty(nb * P * gstep, x.dtype)
         places = channel_block_places(H, W, Hp, min(H, Hp - ph), ph, pw, sw, Wq, 1, 1, step)
         gplaces = np.arange(P) * gstep
