@@ -34,6 +34,8 @@ CASES = {
     "2d_mixed_tuples": (2, 2, 4, (5, 6), 3, (3, 2), dict(stride=(2, 1), padding=(1, 0), output_padding=(1, 0),
                                                          dilation=(1, 2))),
     "2d_groups2": (2, 2, 4, (4, 5), 6, (3, 3), dict(stride=2, padding=1, groups=2)),
+    # 8 channels per group both ways: the adjoint conv runs on group_lanes too
+    "2d_groups2_8wide": (2, 2, 16, (4, 5), 16, (3, 3), dict(stride=2, padding=1, output_padding=1, groups=2)),
     "2d_depthwise_like": (2, 2, 4, (5, 5), 8, (3, 3), dict(stride=2, padding=1, output_padding=1, groups=4)),
     "2d_depthwise": (2, 2, 4, (5, 5), 4, (3, 3), dict(stride=2, padding=1, output_padding=1, groups=4)),
     "2d_stride1_pad1_3x3": (2, 1, 4, (6, 5), 3, (3, 3), dict(padding=1)),
