@@ -132,6 +132,46 @@ def _transpose8_from_rows(typingctx, src, rows, rows_offset, lane0, dst, dst_off
     return signature, codegen
 
 
+def _fma_function(builder, vector, itemsize):
+    """The module's ``llvm.fma`` declaration for 8-lane vectors of ``itemsize``-byte floats."""
+    name = f"llvm.fma.v{LANES}f{itemsize * 8}"
+    return builder.module.globals.get(name) or ir.Function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                                            name)
+
+
+def _register_loop(builder, intp, count, initial, body, name):
+    """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a flat list of vectors) held in
+    registers as phis; returns the final values (``initial`` when ``count <= 0``). The tiles' shared skeleton:
+    a counter phi, a phi per accumulator, and the exit phis merging the no-iteration path."""
+    entry = builder.block
+    loop = builder.function.append_basic_block(f"{name}_loop")
+    done = builder.function.append_basic_block(f"{name}_done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(intp, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(intp)
+    i.add_incoming(ir.Constant(intp, 0), entry)
+    current = []
+    for value in initial:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        current.append(phi)
+    updated = body(i, current)
+    i_next = builder.add(i, ir.Constant(intp, 1))
+    loop_end = builder.block
+    i.add_incoming(i_next, loop_end)
+    for phi, value in zip(current, updated):
+        phi.add_incoming(value, loop_end)
+    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for start, value in zip(initial, updated):  # (every phi first: LLVM wants them at the top of the block)
+        phi = builder.phi(start.type)
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, loop_end)
+        results.append(phi)
+    return results
+
+
 def _forward_tile_intrinsic(positions: int):
     """An intrinsic ``tile(src, poff, m0, taps, nsteps, wts, wstep, bias, out, out_base, ostep)``: for ``p <
     positions`` and ``j < 8``, ``out[out_base + p*ostep + j*8 : +8] = bias[j*8 : +8] + sum over i < nsteps of
@@ -147,9 +187,7 @@ def _forward_tile_intrinsic(positions: int):
             src_v, poff_v, m0_v, taps_v, nsteps_v, wts_v, wstep_v, bias_v, out_v, out_base_v, ostep_v = args
             vector, itemsize = _lane_vector(context, out.dtype)
             intp = context.get_value_type(types.intp)
-            name = f"llvm.fma.v{LANES}f{itemsize * 8}"
-            fma = builder.module.globals.get(name) or ir.Function(builder.module,
-                                                                  ir.FunctionType(vector, [vector] * 3), name)
+            fma = _fma_function(builder, vector, itemsize)
             src_ptr = context.make_array(src)(context, builder, src_v).data
             poff_ptr = builder.gep(context.make_array(poff)(context, builder, poff_v).data, [m0_v])
             taps_ptr = context.make_array(taps)(context, builder, taps_v).data
@@ -164,40 +202,20 @@ def _forward_tile_intrinsic(positions: int):
             bias_ptr = context.make_array(bias)(context, builder, bias_v).data
             biases = [builder.load(vec(bias_ptr, ir.Constant(intp, j * LANES)), align=itemsize)
                       for j in range(LANES)]
-            entry = builder.block
-            loop = builder.function.append_basic_block("lanes_tile_loop")
-            done = builder.function.append_basic_block("lanes_tile_done")
-            builder.cbranch(builder.icmp_signed(">", nsteps_v, ir.Constant(intp, 0)), loop, done)
-            builder.position_at_end(loop)
-            i = builder.phi(intp)
-            i.add_incoming(ir.Constant(intp, 0), entry)
-            acc = [[builder.phi(vector) for _ in range(LANES)] for _ in range(positions)]
-            for p in range(positions):
+
+            def step(i, acc):  # acc[p * 8 + j]: position p, output channel block j
+                tap = builder.load(builder.gep(taps_ptr, [i]))
+                xs = [builder.load(vec(base, tap), align=itemsize) for base in bases]
+                wrow = builder.gep(wts_ptr, [builder.mul(i, wstep_v)])
+                updated = list(acc)
                 for j in range(LANES):
-                    acc[p][j].add_incoming(biases[j], entry)
-            tap = builder.load(builder.gep(taps_ptr, [i]))
-            xs = [builder.load(vec(base, tap), align=itemsize) for base in bases]
-            wrow = builder.gep(wts_ptr, [builder.mul(i, wstep_v)])
-            updated = [[None] * LANES for _ in range(positions)]
-            for j in range(LANES):
-                wj = builder.load(vec(wrow, ir.Constant(intp, j * LANES)), align=itemsize)
-                for p in range(positions):
-                    updated[p][j] = builder.call(fma, [wj, xs[p], acc[p][j]])
-            i_next = builder.add(i, ir.Constant(intp, 1))
-            loop_end = builder.block
-            i.add_incoming(i_next, loop_end)
-            for p in range(positions):
-                for j in range(LANES):
-                    acc[p][j].add_incoming(updated[p][j], loop_end)
-            builder.cbranch(builder.icmp_signed("<", i_next, nsteps_v), loop, done)
-            builder.position_at_end(done)
-            results = [[None] * LANES for _ in range(positions)]
-            for p in range(positions):  # (every phi first: LLVM wants them at the top of the block)
-                for j in range(LANES):
-                    phi = builder.phi(vector)
-                    phi.add_incoming(biases[j], entry)
-                    phi.add_incoming(updated[p][j], loop_end)
-                    results[p][j] = phi
+                    wj = builder.load(vec(wrow, ir.Constant(intp, j * LANES)), align=itemsize)
+                    for p in range(positions):
+                        updated[p * LANES + j] = builder.call(fma, [wj, xs[p], acc[p * LANES + j]])
+                return updated
+
+            flat = _register_loop(builder, intp, nsteps_v, biases * positions, step, "lanes_tile")
+            results = [flat[p * LANES:(p + 1) * LANES] for p in range(positions)]
             for p in range(positions):
                 row = builder.gep(out_ptr, [builder.mul(ir.Constant(intp, p), ostep_v)])
                 for j in range(LANES):
@@ -222,9 +240,7 @@ def _grad_weight_tile_intrinsic(channels: int):
             src_v, poff_v, npos_v, xoff_v, g_v, gstep_v, acc_v, acc_base_v, acc_cstep_v = args
             vector, itemsize = _lane_vector(context, acc.dtype)
             intp = context.get_value_type(types.intp)
-            name = f"llvm.fma.v{LANES}f{itemsize * 8}"
-            fma = builder.module.globals.get(name) or ir.Function(builder.module,
-                                                                  ir.FunctionType(vector, [vector] * 3), name)
+            fma = _fma_function(builder, vector, itemsize)
             src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [xoff_v])
             poff_ptr = context.make_array(poff)(context, builder, poff_v).data
             g_ptr = context.make_array(g)(context, builder, g_v).data
@@ -236,40 +252,21 @@ def _grad_weight_tile_intrinsic(channels: int):
             places = [[vec(builder.gep(acc_ptr, [builder.mul(ir.Constant(intp, c), acc_cstep_v)]),
                            ir.Constant(intp, j * LANES)) for j in range(LANES)] for c in range(channels)]
             start = [[builder.load(places[c][j], align=itemsize) for j in range(LANES)] for c in range(channels)]
-            entry = builder.block
-            loop = builder.function.append_basic_block("lanes_gw_loop")
-            done = builder.function.append_basic_block("lanes_gw_done")
-            builder.cbranch(builder.icmp_signed(">", npos_v, ir.Constant(intp, 0)), loop, done)
-            builder.position_at_end(loop)
-            m = builder.phi(intp)
-            m.add_incoming(ir.Constant(intp, 0), entry)
-            sums = [[builder.phi(vector) for _ in range(LANES)] for _ in range(channels)]
-            for c in range(channels):
+
+            def step(m, sums):  # sums[c * 8 + j]: input channel c, output channel block j
+                base = builder.gep(src_ptr, [builder.load(builder.gep(poff_ptr, [m]))])
+                xs = [builder.load(vec(base, ir.Constant(intp, c * LANES)), align=itemsize)
+                      for c in range(channels)]
+                grow = builder.gep(g_ptr, [builder.mul(m, gstep_v)])
+                updated = list(sums)
                 for j in range(LANES):
-                    sums[c][j].add_incoming(start[c][j], entry)
-            base = builder.gep(src_ptr, [builder.load(builder.gep(poff_ptr, [m]))])
-            xs = [builder.load(vec(base, ir.Constant(intp, c * LANES)), align=itemsize) for c in range(channels)]
-            grow = builder.gep(g_ptr, [builder.mul(m, gstep_v)])
-            updated = [[None] * LANES for _ in range(channels)]
-            for j in range(LANES):
-                gj = builder.load(vec(grow, ir.Constant(intp, j * LANES)), align=itemsize)
-                for c in range(channels):
-                    updated[c][j] = builder.call(fma, [gj, xs[c], sums[c][j]])
-            m_next = builder.add(m, ir.Constant(intp, 1))
-            loop_end = builder.block
-            m.add_incoming(m_next, loop_end)
-            for c in range(channels):
-                for j in range(LANES):
-                    sums[c][j].add_incoming(updated[c][j], loop_end)
-            builder.cbranch(builder.icmp_signed("<", m_next, npos_v), loop, done)
-            builder.position_at_end(done)
-            results = [[None] * LANES for _ in range(channels)]
-            for c in range(channels):
-                for j in range(LANES):
-                    phi = builder.phi(vector)
-                    phi.add_incoming(start[c][j], entry)
-                    phi.add_incoming(updated[c][j], loop_end)
-                    results[c][j] = phi
+                    gj = builder.load(vec(grow, ir.Constant(intp, j * LANES)), align=itemsize)
+                    for c in range(channels):
+                        updated[c * LANES + j] = builder.call(fma, [gj, xs[c], sums[c * LANES + j]])
+                return updated
+
+            flat = _register_loop(builder, intp, npos_v, [v for row in start for v in row], step, "lanes_gw")
+            results = [flat[c * LANES:(c + 1) * LANES] for c in range(channels)]
             for c in range(channels):
                 for j in range(LANES):
                     builder.store(results[c][j], places[c][j], align=itemsize)
