@@ -127,6 +127,27 @@ def test_kernels_match_torch(monkeypatch, case, dtype, tol, chunk_bytes):
         np.testing.assert_allclose(gw2.reshape(gw.shape), gw, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.parametrize("total", [16, 49, 128, 392, 512, 1000, 2048])
+@pytest.mark.parametrize("out_channels", [32, 64, 96, 320])
+@pytest.mark.parametrize("itemsize", [4, 8])
+def test_forward_jobs_share_the_positions_equally(total, out_channels, itemsize):
+    """The forward's jobs (``_job_rows``) cover every position once, in order, each starting at a multiple of its
+    tiles' height, and none is more than that height from an equal share (a fixed job size rounded to the tiles had
+    left 8x8 maps at batch 8 split 288 / 224 between two tasks); the workspace holds the largest."""
+    grain = im2col_fused._gather_grain(out_channels * itemsize, itemsize)
+    assert grain in (micro_gemm.MR, micro_gemm.WIDE_MR, micro_gemm.ROW_GRAIN)
+    for tasks in (1, 2, 3, 4):
+        jobs = im2col_fused._gather_jobs(total, out_channels * itemsize, tasks, im2col_fused.GATHER_CHUNK_BYTES,
+                                         grain)
+        starts = [im2col_fused._job_rows(j, jobs, total, grain) for j in range(jobs + 1)]
+        assert starts[0] == 0 and starts[-1] == total
+        sizes = np.diff(starts)
+        assert (sizes > 0).all(), (jobs, starts)
+        assert all(s % grain == 0 for s in starts[:-1]), starts
+        assert (np.abs(sizes - total / jobs) <= grain).all(), sizes
+        assert sizes.max() <= min(total, -(-total // jobs) + grain)
+
+
 @pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)])
 def test_public_api_forward_and_gradients(gather_spy, stride, padding, dilation):
     """float64 through ``fastconv.functional`` at a size the default rules send to the gather kernels (DenseNet's

@@ -721,35 +721,62 @@ def _corners(N, image, KH, KW, sh, sw, dh, dw, OH, OW, Wb):
     return corners
 
 
-def _gather_chunk(total, per_position_bytes, tasks, cap):
-    """Positions per job: a result of about ``cap`` bytes, a multiple of the micro-kernels' rows (both tile
-    heights: :data:`.micro_gemm.ROW_GRAIN`), jobs enough that the tasks get equal shares."""
+def _gather_jobs(total, per_position_bytes, tasks, cap, grain):
+    """Jobs of the gather forward: results of at most about ``cap`` bytes, a count that is a multiple of the
+    tasks where there are few (equal jobs then give the tasks equal shares), none shorter than ``grain`` rows."""
     MR = micro_gemm.ROW_GRAIN
     chunk = max(MR, min(total, cap // max(1, per_position_bytes)) // MR * MR)
     jobs = -(-total // chunk)
     if jobs % tasks and jobs < 8 * tasks:
         jobs = -(-jobs // tasks) * tasks
-    return max(MR, -(-(-(-total // jobs)) // MR) * MR)
+    return max(1, min(jobs, total // grain))
+
+
+def _gather_grain(per_position_bytes, itemsize):
+    """Rows a gather job's first row is a multiple of: the height of every tile its product runs on
+    (:func:`.micro_gemm.gemm_gather`: the wide tile on pairs of whole panels, the ``MR``-row tile on the rest),
+    so that only a job's last tile may be short. ``per_position_bytes``: the output channels times ``itemsize``."""
+    n = per_position_bytes // itemsize
+    pair = 2 * micro_gemm.NV * micro_gemm.VECTOR_BYTES // itemsize  # columns of the wide tile
+    if micro_gemm.WIDE_NV and n % pair == 0:
+        return micro_gemm.WIDE_MR
+    if not micro_gemm.WIDE_NV or n < pair:
+        return micro_gemm.MR
+    return micro_gemm.ROW_GRAIN
+
+
+@njit(**_JIT)
+def _job_rows(job, jobs, total, grain):
+    """First row of gather job ``job`` of ``jobs`` over ``total`` rows (``total`` for ``job == jobs``): the equal
+    share's boundary rounded to the nearest multiple of ``grain``, so that every job is within ``grain`` rows of
+    ``total / jobs`` (``jobs <= total // grain`` keeps them all nonempty). Cut into jobs of a fixed size rounded
+    to the tiles instead, the last job was short and a task idle: 512 positions (8 x 8 at batch 8) as 96-row jobs,
+    96 x 5 + 32, left one task 224 rows against the other's 288."""
+    if job >= jobs:
+        return total
+    return (job * total // jobs + grain // 2) // grain * grain
 
 
 @parallel.kernel(always=True, **_JIT)
-def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, chunk, obuf, y3, claimed):
+def _forward_gather_region(bf, bp, bias, has_bias, taps, corners, P, jobs, grain, obuf, y3, claimed):
     """The forward as ``y^T = A @ W^T`` with ``A`` (positions x taps) read from the flat padded input ``bf`` through
     ``corners`` and ``taps`` (:func:`.micro_gemm.gemm_gather`; ``bp``: the packed ``W^T``). Task ``t`` claims jobs
-    (:mod:`.task_queue`) of ``chunk`` positions of the batch (``g = n*P + q``, a job may span images) and writes
-    its ``(positions, K)`` result transposed, plus the bias, into ``y3`` (N, K, P)."""
+    (:mod:`.task_queue`) of positions of the batch (``g = n*P + q``, a job may span images; ``jobs`` equal shares,
+    see :func:`_job_rows`) and writes its ``(positions, K)`` result transposed, plus the bias, into ``y3`` (N, K,
+    P)."""
     K = y3.shape[1]
     total = corners.shape[0]
     yf = y3.reshape(y3.size)
-    jobs = -(-total // chunk)
     tasks = obuf.shape[0]
     for t in prange(tasks):
         while True:
             job = task_queue.claim(claimed)
             if job >= jobs:
                 break
-            g0 = job * chunk
-            g1 = min(total, g0 + chunk)
+            g0 = _job_rows(job, jobs, total, grain)
+            g1 = _job_rows(job + 1, jobs, total, grain)
+            if g0 >= g1:
+                continue
             o = obuf[t, :(g1 - g0) * K].reshape((g1 - g0, K))
             micro_gemm.gemm_gather(bf, 0, corners[g0:g1], taps, bp, o, 0.0)
             g = g0
@@ -780,12 +807,14 @@ def _pack_weights(w2, bp):
 
 
 def _gather_forward_layout(N, K, CK, OH, OW, itemsize):
-    """(parallel, tasks, positions per job) of :func:`forward_gather`."""
+    """(parallel, tasks, jobs, grain, rows of the largest job) of :func:`forward_gather`."""
     parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
     total = N * OH * OW
-    chunk = _gather_chunk(total, K * itemsize, tasks, GATHER_CHUNK_BYTES)
-    return parallel_, min(tasks, -(-total // chunk)), chunk
+    grain = _gather_grain(K * itemsize, itemsize)
+    jobs = _gather_jobs(total, K * itemsize, tasks, GATHER_CHUNK_BYTES, grain)
+    largest = min(total, -(-total // jobs) + grain)  # (a bound: see _job_rows)
+    return parallel_, min(tasks, jobs), jobs, grain, largest
 
 
 def gather_workspace_bytes(N, C, K, kernel_hw, stride_hw, dilation_hw, out_hw, itemsize) -> int:
@@ -794,8 +823,8 @@ def gather_workspace_bytes(N, C, K, kernel_hw, stride_hw, dilation_hw, out_hw, i
     (KH, KW), (sh, sw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, dilation_hw, out_hw
     Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
     CK = C * KH * KW
-    _, tasks, chunk = _gather_forward_layout(N, K, CK, OH, OW, itemsize)
-    return (N * C * Hb * Wb + micro_gemm.packed_size(CK, K, itemsize) + tasks * chunk * K) * itemsize
+    _, tasks, _, _, largest = _gather_forward_layout(N, K, CK, OH, OW, itemsize)
+    return (N * C * Hb * Wb + micro_gemm.packed_size(CK, K, itemsize) + tasks * largest * K) * itemsize
 
 
 def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
@@ -806,11 +835,12 @@ def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, o
     box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     bp = np.empty(micro_gemm.packed_size(CK, K, x.itemsize), x.dtype)
     _pack_weights(w2, bp)
-    parallel_, tasks, chunk = _gather_forward_layout(N, K, CK, OH, OW, x.itemsize)
-    obuf = np.empty((tasks, chunk * K), x.dtype)
+    parallel_, tasks, jobs, grain, largest = _gather_forward_layout(N, K, CK, OH, OW, x.itemsize)
+    obuf = np.empty((tasks, largest * K), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_gather_region.parallel if parallel_ else _forward_gather_region.serial
-    kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, chunk, obuf, y3, task_queue.counter())
+    kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, jobs, grain, obuf, y3,
+           task_queue.counter())
     return y3
 
 
