@@ -359,24 +359,27 @@ def test_ordinary_operands_run_winograd_and_extreme_ones_the_direct_kernel(m, mo
 
 
 def test_scratch_buffers_are_reused_per_thread_and_large_ones_not_kept(monkeypatch):
-    """Workspace reuse (see winograd._scratch): same memory on the next call of a thread, separate
-    memory in another thread, nothing kept above SCRATCH_KEEP_BYTES, and results unaffected by reuse."""
+    """Workspace reuse (fastconv.cpu.memory.scratch, Winograd's tile buffers): same memory on the next call of a
+    thread, separate memory in another thread, nothing kept above SCRATCH_KEEP_BYTES, and results unaffected by
+    reuse."""
     import threading
 
     import numpy as np
 
-    a = winograd._scratch("test", (3, 5), np.float32)
-    b = winograd._scratch("test", (2, 3), np.float64)  # 48 of the 60 bytes: the same memory, reshaped
+    from fastconv.cpu import memory
+
+    a = memory.scratch("test", (3, 5), np.float32)
+    b = memory.scratch("test", (2, 3), np.float64)  # 48 of the 60 bytes: the same memory, reshaped
     assert b.shape == (2, 3) and b.dtype == np.float64
     assert np.shares_memory(a, b)
     other = []
-    t = threading.Thread(target=lambda: other.append(winograd._scratch("test", (3, 5), np.float32)))
+    t = threading.Thread(target=lambda: other.append(memory.scratch("test", (3, 5), np.float32)))
     t.start()
     t.join()
     assert not np.shares_memory(a, other[0])
-    monkeypatch.setattr(winograd, "SCRATCH_KEEP_BYTES", 64)
-    big1 = winograd._scratch("test_big", (100,), np.float32)
-    big2 = winograd._scratch("test_big", (100,), np.float32)
+    monkeypatch.setattr(memory, "SCRATCH_KEEP_BYTES", 64)
+    big1 = memory.scratch("test_big", (100,), np.float32)
+    big2 = memory.scratch("test_big", (100,), np.float32)
     assert not np.shares_memory(big1, big2)
     # two different layers back to back, then the first again: the same results
     x1, w1, b1, kw1 = _make((2, 5, 9, 9, 6, dict(padding=1)))

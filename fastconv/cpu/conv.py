@@ -779,10 +779,11 @@ def _flip_taps_into(w4, out):
 
 def _flipped_weights(w, G):
     """``w`` (K, Cg, 1, KH, KW) C-contiguous -> (G*Cg, Kg, 1, KH, KW): each group's kernels flipped in H and W with
-    the channels swapped (:func:`_flip_taps_into`)."""
+    the channels swapped (:func:`_flip_taps_into`). A workspace (:func:`.memory.scratch`): valid until the next
+    call on this thread, never returned to the op's caller."""
     K, Cg, KD, KH, KW = w.shape
     Kg = K // G
-    out = np.empty((G * Cg, Kg, KD, KH, KW), w.dtype)
+    out = memory.scratch("conv.flipped_weights", (G * Cg, Kg, KD, KH, KW), w.dtype)  # (see memory.scratch)
     _flip_taps_into(w.reshape(G, Kg, Cg, KD * KH * KW), out.reshape(G, Cg, Kg, KD * KH * KW))
     return out
 
@@ -1278,9 +1279,8 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
         # Measured after other work as in a model, 2 threads, gather / previous path: DenseNet's 128 -> 32 at 4x4
         # 0.75 (batch 1 at 8x8 0.74), 8x8 to 32x32 0.84-0.95, 32 -> 128 0.87, 96 -> 128 0.88, GoogLeNet's 5x5
         # 0.74-0.82; 256 -> 256 and 160 -> 320 at 8x8 level.
-        wt = _flipped_weights(w, 1).reshape(C, K * KH * KW)
-        im2col_fused.forward_gather(go.reshape(N, K, OH, OW), wt, None, (KH, KW), (1, 1), tpad[1:], dilation[1:],
-                                    (H, W), gx.reshape(N, C, H * W))
+        im2col_fused.grad_input_gather(go.reshape(N, K, OH, OW), w.reshape(K, C, KH * KW), tpad[1:], dilation[1:],
+                                       (H, W), (KH, KW), gx.reshape(N, C, H * W))
         return gx
     if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS and K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C
             and im2col_fused.applies((KD, KH, KW), G, K, C, out_spatial, in_spatial, go.itemsize)):

@@ -38,11 +38,11 @@ from numba import njit, prange
 
 from fastconv import config
 
-from . import jit_gemm, micro_gemm, parallel, task_queue
+from . import jit_gemm, memory, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
-           "takes_gather_grad_weight", "forward_gather", "grad_weight_gather", "gather_workspace_bytes",
-           "CHUNK_BYTES", "ENABLED",
+           "takes_gather_grad_weight", "forward_gather", "grad_input_gather", "grad_weight_gather",
+           "gather_workspace_bytes", "CHUNK_BYTES", "ENABLED",
            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
 
 _JIT = dict(cache=config.CACHE, fastmath=set(config.FASTMATH), nogil=True)
@@ -180,7 +180,7 @@ def _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
         none = np.empty(0, np.int64)
         return x, none, none
     Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
-    box = np.empty((x.shape[0], x.shape[1], Hb, Wb), x.dtype)
+    box = memory.scratch("im2col.padded_input", (x.shape[0], x.shape[1], Hb, Wb), x.dtype)
     _pad_box(x, ph, pw, box)
     tap_off, pos = _gather_offsets(KH, KW, sh, sw, dh, dw, OH, OW, Wb)
     return box, tap_off, pos
@@ -542,7 +542,7 @@ def _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
     N, C = x.shape[:2]
     (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
     parallel_, tasks, rpc, Hb, Wb = _taps_layout(N, K, C, KH, KW, sh, sw, dh, dw, OH, OW, x.itemsize)
-    box = np.empty((N, C * sh * sw, Hb, Wb), x.dtype)
+    box = memory.scratch("im2col.taps_box", (N, C * sh * sw, Hb, Wb), x.dtype)
     if sh == sw == 1:
         _pad_box(x, ph, pw, box)
     else:
@@ -554,7 +554,7 @@ def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     """:func:`forward` on the own GEMM without columns (see :func:`_forward_taps_region`)."""
     K = w2.shape[0]
     parallel_, tasks, rpc, box, taps = _taps_source(x, K, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
-    obuf = np.empty((tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
+    obuf = memory.scratch("im2col.task_results", (tasks, K * ((rpc - 1) * box.shape[3] + out_hw[1])), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_taps_region.parallel if parallel_ else _forward_taps_region.serial
     kernel(box, w2, b, taps, out_hw[0], out_hw[1], rpc, obuf, y3, task_queue.counter())
@@ -575,8 +575,8 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
         return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
     kernel = _forward_region.parallel if parallel_ else _forward_region.serial
-    colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
-    obuf = np.empty((tasks, kstep * rpc * OW), x.dtype)
+    colbuf = memory.scratch("im2col.columns", (tasks, CK * rpc * OW), x.dtype)
+    obuf = memory.scratch("im2col.task_results", (tasks, kstep * rpc * OW), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
@@ -596,12 +596,12 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     rows = N * OH
     tasks = min(tasks, -(-rows // rpc))  # no accumulator for a task without a chunk
     kernel = _grad_weight_region.parallel if parallel_ else _grad_weight_region.serial
-    colbuf = np.empty((tasks, CK * rpc * OW), x.dtype)
-    gobuf = np.empty((tasks, K * rpc * OW), x.dtype)
+    colbuf = memory.scratch("im2col.columns", (tasks, CK * rpc * OW), x.dtype)
+    gobuf = memory.scratch("im2col.grad_out_rows", (tasks, K * rpc * OW), x.dtype)
     # Task 0 accumulates in gw2 itself and every task stores its first product: zeroing the accumulators and
     # summing all of them afterwards cost ResNet's 512 -> 512 3x3 layer (9.4 MB of weights, 2 tasks) 0.36 + 0.81 ms
     # of a ~3 ms call; one in-place add of the other task's accumulator takes 0.4.
-    acc = np.empty((tasks - 1, K, CK), x.dtype)
+    acc = memory.scratch("im2col.task_sums", (tasks - 1, K, CK), x.dtype)
     used = np.zeros(tasks, np.bool_)
     box, tap_off, pos = _gather_source(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     corners = np.empty((tasks, rpc * OW if pos.shape[0] else 0), np.int64)
@@ -707,7 +707,7 @@ def _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
     N, C = x.shape[:2]
     (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
     Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
-    box = np.empty((N, C, Hb, Wb), x.dtype)
+    box = memory.scratch("im2col.padded_input", (N, C, Hb, Wb), x.dtype)
     _pad_box(x, ph, pw, box)
     return box, _corners(N, C * Hb * Wb, KH, KW, sh, sw, dh, dw, OH, OW, Wb), _taps(C, KH, KW, 1, 1, dh, dw, Hb, Wb)
 
@@ -829,14 +829,56 @@ def gather_workspace_bytes(N, C, K, kernel_hw, stride_hw, dilation_hw, out_hw, i
 
 def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
     """:func:`forward` on the gather kernel (:func:`_forward_gather_region`): no columns, no phases, any stride."""
-    N = x.shape[0]
     K, CK = w2.shape
+    bp = memory.scratch("im2col.packed_weights", (micro_gemm.packed_size(CK, K, x.itemsize),), x.dtype)
+    _pack_weights(w2, bp)
+    return _run_forward_gather(x, bp, K, CK, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
+
+
+def grad_input_gather(go, w3, padding_hw, dilation_hw, in_hw, kernel_hw, gx3):
+    """A stride-1 input gradient as the forward of the output gradient ``go`` (N, K, OH, OW) with the flipped,
+    transposed weights, on the gather kernel; ``w3`` (K, C, KH*KW) the forward's weights (C-contiguous), packed
+    flipped straight into the kernel's panels (:func:`_pack_flipped_weights`); ``padding_hw`` the transposed conv's
+    padding before each dim (``(k - 1) * d - p``); ``gx3`` (N, C, H*W), written."""
+    K, C, T = w3.shape
+    bp = memory.scratch("im2col.packed_weights", (micro_gemm.packed_size(K * T, C, go.itemsize),), go.dtype)
+    _pack_flipped_weights(w3, bp)
+    return _run_forward_gather(go, bp, C, K * T, None, kernel_hw, (1, 1), padding_hw, dilation_hw, in_hw, gx3)
+
+
+@parallel.kernel(**_JIT)
+def _pack_flipped_weights(w3, bp):
+    """``bp``: ``B[(k, t), c] = w3[k, c, T - 1 - t]`` packed for :func:`.micro_gemm.gemm_gather` (panels of ``NR``
+    input channels, zero-padded), ``w3`` (K, C, T) C-contiguous: the input gradient's flipped, transposed weights
+    without a flipped copy first. Flipping into a copy and packing that took 1.0 + 0.56 ms of a 4.6 ms input
+    gradient (GoogLeNet's 160 -> 320 3x3 at 8x8, batch 8, 2 threads). Each task reads its panel's channels of
+    every kernel (one contiguous run of ``NR * T`` values per output channel ``k``)."""
+    K, C, T = w3.shape
+    NR = micro_gemm.NV * micro_gemm.VECTOR_BYTES // w3.itemsize
+    wf = w3.reshape(w3.size)
+    CK = K * T
+    for panel in prange(-(-C // NR)):
+        j0 = panel * NR
+        nj = min(NR, C - j0)
+        base = panel * CK * NR
+        for k in range(K):
+            for t in range(T):
+                o = np.uint64(base + (k * T + t) * NR)
+                src = np.uint64((k * C + j0) * T + T - 1 - t)
+                for j in range(nj):
+                    bp[o + np.uint64(j)] = wf[src + np.uint64(j * T)]
+                for j in range(nj, NR):
+                    bp[o + np.uint64(j)] = 0
+
+
+def _run_forward_gather(x, bp, K, CK, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+    """:func:`_forward_gather_region` over ``x`` (N, C, H, W) with ``bp`` the packed ``W^T`` (``CK`` taps by
+    ``K`` output channels) into ``y3`` (N, K, OH*OW)."""
+    N = x.shape[0]
     OH, OW = out_hw
     box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
-    bp = np.empty(micro_gemm.packed_size(CK, K, x.itemsize), x.dtype)
-    _pack_weights(w2, bp)
     parallel_, tasks, jobs, grain, largest = _gather_forward_layout(N, K, CK, OH, OW, x.itemsize)
-    obuf = np.empty((tasks, largest * K), x.dtype)
+    obuf = memory.scratch("im2col.task_results", (tasks, largest * K), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_gather_region.parallel if parallel_ else _forward_gather_region.serial
     kernel(box.reshape(-1), bp, b, bias is not None, taps, corners, OH * OW, jobs, grain, obuf, y3,
@@ -889,8 +931,8 @@ def grad_weight_gather(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     per_position = -(-K // NR) * NR * x.itemsize
     fit = GATHER_GRAD_CHUNK_BYTES // per_position
     chunk = min(total, fit // KC * KC if fit >= KC else max(MR, fit // MR * MR))
-    gbuf = np.empty((tasks, micro_gemm.packed_size(chunk, K, x.itemsize)), x.dtype)
-    acc = np.empty((CK, K), x.dtype)
+    gbuf = memory.scratch("im2col.grad_out_rows", (tasks, micro_gemm.packed_size(chunk, K, x.itemsize)), x.dtype)
+    acc = memory.scratch("im2col.task_sums", (CK, K), x.dtype)
     kernel = _grad_weight_gather_region.parallel if parallel_ else _grad_weight_gather_region.serial
     kernel(box.reshape(-1), go3, taps, corners, chunk, rows_per_task, gbuf, acc, gw2)
     return gw2

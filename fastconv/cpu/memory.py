@@ -1,4 +1,5 @@
-"""Zero-filled arrays that kernels accumulate into, zeroed by writing rather than by ``calloc``.
+"""Memory for the kernels: zero-filled arrays zeroed by writing rather than by ``calloc`` (:func:`zeros`), and
+workspaces reused between calls (:func:`scratch`).
 
 Why: ``np.zeros`` asks ``calloc`` for memory, and for a large array (above glibc's mmap threshold, or heap memory
 the allocator has just returned to the system) ``calloc`` hands back untouched pages it knows are zero without
@@ -13,9 +14,11 @@ torch zeroes its results the same way (``empty`` + ``zero_``).
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-__all__ = ["zeros"]
+__all__ = ["zeros", "scratch", "clear_scratch", "SCRATCH_KEEP_BYTES"]
 
 
 def zeros(shape, dtype) -> np.ndarray:
@@ -25,3 +28,39 @@ def zeros(shape, dtype) -> np.ndarray:
     out = np.empty(shape, dtype)
     out.fill(0)
     return out
+
+
+#: Scratch buffers larger than this are not kept between calls (see :func:`scratch`).
+SCRATCH_KEEP_BYTES = 64 << 20
+
+_SCRATCH = threading.local()
+
+
+def scratch(role: str, shape, dtype) -> np.ndarray:
+    """An uninitialised ``shape`` array for the workspace ``role``, reused from this thread's last call.
+
+    Why: a fresh multi-megabyte ``np.empty`` comes from new pages, and the first touch of each page faults:
+    measured 2.3 ms for the two 2.9 MB Winograd tile buffers of a 128-channel 16x16 layer at batch 8 (the whole
+    forward takes about 4), 0.01 ms on reused memory; the gather input gradient's flipped weights and their packed
+    panels (1.8 MB each, GoogLeNet's 160 -> 320 3x3) took 1.0 and 0.56 ms of a 4.6 ms call in a loop of such
+    calls, 0.13 ms for both on reused memory. One buffer per role and Python thread (so concurrent callers never
+    share), grown as needed; one above :data:`SCRATCH_KEEP_BYTES` is not kept. Never returned to the caller:
+    outputs are always fresh arrays, and a role is used by one function, which holds it only during its call.
+    """
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = {}
+    buf = pool.get(role)
+    if buf is None or buf.size < n:
+        buf = np.empty(max(n, 1), np.uint8)
+        if n <= SCRATCH_KEEP_BYTES:
+            pool[role] = buf
+    return buf[:n].view(dtype).reshape(shape)
+
+
+def clear_scratch() -> None:
+    """Drop this thread's scratch buffers (their memory goes back once no array views it): the next calls allocate
+    afresh, as a new thread's would (tests count a call's workspace that way)."""
+    _SCRATCH.pool = {}

@@ -621,34 +621,6 @@ def _rows_per_chunk(per_row_bytes, total_rows, slots_per_row):
     return max(1, min(total_rows, max(fit, wide)))
 
 
-#: Scratch buffers larger than this are not kept between calls (see :func:`_scratch`).
-SCRATCH_KEEP_BYTES = 64 << 20
-
-_SCRATCH = threading.local()
-
-
-def _scratch(role: str, shape, dtype) -> np.ndarray:
-    """An uninitialised ``shape`` array for the workspace ``role``, reused from this thread's last call.
-
-    Why: a fresh multi-megabyte ``np.empty`` comes from new pages, and the first touch of each page
-    faults: measured 2.3 ms for the two 2.9 MB tile buffers of a 128-channel 16x16 layer at batch 8
-    (the whole forward takes about 4), 0.01 ms on reused memory. One buffer per role and Python thread
-    (so concurrent callers never share), grown as needed; one above :data:`SCRATCH_KEEP_BYTES` is not
-    kept. Never returned to the caller: outputs are always fresh arrays.
-    """
-    dtype = np.dtype(dtype)
-    n = int(np.prod(shape)) * dtype.itemsize
-    pool = getattr(_SCRATCH, "pool", None)
-    if pool is None:
-        pool = _SCRATCH.pool = {}
-    buf = pool.get(role)
-    if buf is None or buf.size < n:
-        buf = np.empty(max(n, 1), np.uint8)
-        if n <= SCRATCH_KEEP_BYTES:
-            pool[role] = buf
-    return buf[:n].view(dtype).reshape(shape)
-
-
 def _plan(per_row_bytes, total_rows, slots_per_row, threads=None):
     """How a pass runs its tile rows: ``(fused, tasks, rows_per_chunk)``.
 
@@ -688,7 +660,7 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m, flipped=False):
     b = np.zeros(K, dt) if bias is None else np.ascontiguousarray(bias, dt)
     a = m + 2
     mats = _matrices(m, dt)
-    U = _scratch("U", (a * a, K, Cg), dt)
+    U = memory.scratch("winograd.U", (a * a, K, Cg), dt)
     _filter_transform(np.ascontiguousarray(w), mats["G"], U, flipped)
     TH, TW = -(-OH // m), -(-OW // m)
     Q = TW + 1  # the input transform's slots per tile row, one spare (see _tile_block); the GEMMs get TW
@@ -696,15 +668,15 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m, flipped=False):
     per_row = a * a * (C + K) * TW * dt.itemsize
     fused, tasks, rpc = _plan(per_row, rows, TW)
     if fused:
-        vbuf = _scratch("V", (tasks, a * a * C * TW * rpc), dt)
-        mbuf = _scratch("M", (tasks, a * a * K * TW * rpc), dt)
+        vbuf = memory.scratch("winograd.V", (tasks, a * a * C * TW * rpc), dt)
+        mbuf = memory.scratch("winograd.M", (tasks, a * a * K * TW * rpc), dt)
         bad = np.zeros((tasks, K), dt)
         with _one_thread_blas():
             _fused_forward(x, U.reshape(a * a * G, Kg, Cg), mats["BT"], mats["AT"], a, b, m, pad_h, pad_w, OH, OW,
                            TH, TW, Q, rpc, G, y, bad, vbuf, mbuf, task_queue.counter())
         return y, bool(np.isfinite(bad).all())
-    vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
-    mbuf = _scratch("M", (a * a * K * TW * rpc,), dt)
+    vbuf = memory.scratch("winograd.V", (a * a * C * TW * rpc,), dt)
+    mbuf = memory.scratch("winograd.M", (a * a * K * TW * rpc,), dt)
     bad = np.zeros(K, dt)
     for r0 in range(0, rows, rpc):
         r1 = min(rows, r0 + rpc)
@@ -803,18 +775,18 @@ def winograd_grad_weight(grad_out, x, padding, groups, m):
         # as the forward (see _plan); each thread sums into its own accumulator (one more a*a*K*C/G
         # array per thread, summed at the end: under 1% of the GEMMs' work, since every chunk has at
         # least MIN_GEMM_TILES tiles)
-        vbuf = _scratch("V", (tasks, a * a * C * TW * rpc), dt)
-        gbuf = _scratch("M", (tasks, a * a * K * TW * rpc), dt)
-        accs = _scratch("U", (tasks, a * a * G, Kg, Cg), dt)
+        vbuf = memory.scratch("winograd.V", (tasks, a * a * C * TW * rpc), dt)
+        gbuf = memory.scratch("winograd.M", (tasks, a * a * K * TW * rpc), dt)
+        accs = memory.scratch("winograd.U", (tasks, a * a * G, Kg, Cg), dt)
         accs.fill(0)
         with _one_thread_blas():
             _fused_grad_weight(xx, go, mats["BT"], mats["Gm"], a, m, int(padding[1]), int(padding[2]), TH, TW, Q,
                                rpc, G, accs, vbuf, gbuf, task_queue.counter())
         acc = accs[0] if tasks == 1 else accs.sum(axis=0)
     else:
-        vbuf = _scratch("V", (a * a * C * TW * rpc,), dt)
-        gbuf = _scratch("M", (a * a * K * TW * rpc,), dt)
-        acc = _scratch("U", (a * a * G, Kg, Cg), dt)
+        vbuf = memory.scratch("winograd.V", (a * a * C * TW * rpc,), dt)
+        gbuf = memory.scratch("winograd.M", (a * a * K * TW * rpc,), dt)
+        acc = memory.scratch("winograd.U", (a * a * G, Kg, Cg), dt)
         acc.fill(0)
         for r0 in range(0, rows, rpc):
             r1 = min(rows, r0 + rpc)
