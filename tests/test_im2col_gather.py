@@ -32,8 +32,8 @@ def gather_spy(monkeypatch):
 
 
 def test_which_convs_take_them(monkeypatch):
-    """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights (stride 1 on AVX-512:
-    AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES), and on AVX2 not where the taps kernel runs a stride-1 conv of
+    """Dense 1-D/2-D only; the forward up to GATHER_MAX_WEIGHT_BYTES of weights (stride 1 on AVX-512 with at least
+    AVX512_GATHER_MIN_POSITIONS output positions: AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES), and on AVX2 not where the taps kernel runs a stride-1 conv of
     GATHER_TAPS_MIN_OUT_CHANNELS or more output channels; the weight gradient up to
     GATHER_GRAD_MAX_WEIGHT_BYTES; off with GATHER or ENABLED."""
     assert im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8))
@@ -65,10 +65,14 @@ def test_which_convs_take_them(monkeypatch):
         assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide - 1, 4)  # short rows: no taps
         assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, many, wide, 4)  # deep strided: no taps
         m.setattr(micro_gemm, "HOST_HAS_AVX512", True)
+        # stride 1 with enough output positions: up to the larger limit; fewer positions: the general one
         stride1 = im2col_fused.AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES // (4 * 9 * 32)
-        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1, 32, 8, 4)
-        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1 + 1, 32, 8, 4, big)
-        assert not im2col_fused.takes_gather_forward((3, 3), (2, 2), C + 1, 32, 8, 4, big)
+        enough = im2col_fused.AVX512_GATHER_MIN_POSITIONS
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1, 32, 8, 4, enough)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), stride1 + 1, 32, 8, 4, enough)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), C, 32, 8, 4, enough - 1)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, enough - 1)
+        assert not im2col_fused.takes_gather_forward((3, 3), (2, 2), C + 1, 32, 8, 4, enough)
         assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # before the taps kernel
     grad_limit = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES
     assert im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256), 256, 9, 4)

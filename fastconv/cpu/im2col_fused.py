@@ -648,13 +648,21 @@ AVX2_GATHER_LARGE_MIN_POSITIONS = 192
 #: (32x32 0.93), 256 -> 256 at 8x8 (2.4 MB) 0.76, 160 -> 320 at 8x8 0.82, 128 -> 128 at 16x16 0.90, strided 3x3 and
 #: 1x1 0.80, the 7x7 stem 0.90, GoogLeNet's 16 -> 32 5x5 0.52; level on 64 -> 64 at 32x32 and 64 -> 192 5x5.
 GATHER_GRAD_MAX_WEIGHT_BYTES = 4 << 20
-#: On AVX-512 hosts a stride-1 forward (and input gradient) takes the gather kernel up to this weight size instead,
-#: and before the taps kernel: since the gather kernel's tiles stopped spilling their accumulators and its panels
-#: pair up into the wide tile, it ran (2 threads, batch 8, in one process with torch, forward / input gradient as a
-#: multiple of torch's) 64 -> 64 at 32x32 0.67-1.32 / 0.65-1.30 against the taps kernel's 1.30-1.45 / 1.32-1.60,
-#: 128 -> 128 at 16x16 1.19-1.32 / 1.19-1.35 against 1.38-1.40 / 1.38-1.43, and AlexNet's 64 -> 192 5x5 at 15x15
-#: (1.2 MB) 1.22-1.23 / 1.25-1.28 against 1.50-1.65 / 1.89-2.04; 256 -> 256 at 8x8 (2.4 MB) level, left out.
-AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES = 2 << 20
+#: On AVX-512 hosts a stride-1 forward (and input gradient) of at least :data:`AVX512_GATHER_MIN_POSITIONS` output
+#: positions (the batch's) takes the gather kernel up to this weight size instead, and before the taps kernel. Each
+#: task reads all of the packed weights for its share of the positions, which pays where the shares are large: in one
+#: process, alternating, 2 threads, float32, forward / input gradient time with this limit over a limit of 2 MB
+#: (the column and taps paths beyond it): ResNet's 256 -> 256 at 8x8 batch 8 0.90 / 0.82, at 16x16 batch 2 0.77 /
+#: 0.73, at 14x14 batch 1 (196 positions) 0.93 / 0.94, 512 -> 512 at 8x8 batch 4 0.79 / 0.78, at 7x7 batch 8 0.86 /
+#: 0.96, at 16x16 batch 1 0.87 / 0.89, 384 -> 256 at 8x8 0.76 / 0.82; 192 -> 384 at 8x8 1.02-1.04 / 0.73-0.77 (an
+#: expanding forward level). (Before the gather kernel's jobs were balanced and its input gradient packed the flipped
+#: weights directly, 256 -> 256 at 8x8 had measured level: the limit was 2 MB for any size.)
+AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES = 16 << 20
+#: ... with fewer positions only :data:`GATHER_MAX_WEIGHT_BYTES`: there every task rereads the weights for a few dozen
+#: positions, and the column path, which splits the weights between the tasks, ran faster (column / gather time:
+#: GoogLeNet's 160 -> 320 at 4x4 batch 8, 128 positions, 0.93 / 0.90, 128 -> 256 at 4x4 0.94 / 1.00, 160 -> 320 at
+#: 8x8 batch 1 0.75 / 0.79; 512 -> 512 at 4x4 batch 8 gather / column 1.05 / 1.16, at batch 1 3.1 / 3.1).
+AVX512_GATHER_MIN_POSITIONS = 192
 #: Fewest output channels at which a stride-1 forward the taps kernel takes stays there, on AVX2 hosts (64 -> 64 at
 #: 32x32: gather / taps 1.06-1.10 in back-to-back pairs even with the gather side second; 32 -> 128 at 16x16 1.03
 #: with each call after torch work; 128 -> 128 at 16x16 level; measured before the AVX-512 gather tiles were fixed).
@@ -678,11 +686,12 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
                          itemsize: int, positions: int = 0) -> bool:
     """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
     :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES`,
-    :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output positions (``N * OH * OW``)."""
+    :data:`AVX512_GATHER_MIN_POSITIONS`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output
+    positions (``N * OH * OW``)."""
     KH, KW = kernel_hw
     limit = GATHER_MAX_WEIGHT_BYTES
     if micro_gemm.HOST_HAS_AVX512:
-        if tuple(stride_hw) == (1, 1):
+        if tuple(stride_hw) == (1, 1) and positions >= AVX512_GATHER_MIN_POSITIONS:
             limit = max(limit, AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES)
     elif positions >= AVX2_GATHER_LARGE_MIN_POSITIONS:
         limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
