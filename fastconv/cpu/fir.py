@@ -49,39 +49,18 @@ def _fir_tile_intrinsic(vectors: int):
             wts_ptr = context.make_array(wts)(context, builder, wts_v).data
             out_ptr = builder.gep(context.make_array(out)(context, builder, out_v).data, [out_base_v])
 
-            entry = builder.block
-            loop = builder.function.append_basic_block("fir_loop")
-            done = builder.function.append_basic_block("fir_done")
-            builder.cbranch(builder.icmp_signed(">", T_v, ir.Constant(intp, 0)), loop, done)
-            builder.position_at_end(loop)
-            t = builder.phi(intp)
-            t.add_incoming(ir.Constant(intp, 0), entry)
-            accumulators = []
-            for _ in range(vectors):
-                phi = builder.phi(vector)
-                phi.add_incoming(zero, entry)
-                accumulators.append(phi)
-            offset = builder.load(builder.gep(offs_ptr, [t]))
-            weight = builder.load(builder.gep(wts_ptr, [t]))
-            weight_splat = splat(weight)
-            row = builder.gep(src_ptr, [offset])
-            updated = []
-            for v in range(vectors):
-                ptr = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * width)]), vector.as_pointer())
-                updated.append(builder.call(fma, [weight_splat, builder.load(ptr, align=itemsize), accumulators[v]]))
-            t_next = builder.add(t, ir.Constant(intp, 1))
-            loop_end = builder.block
-            t.add_incoming(t_next, loop_end)
-            for phi, value in zip(accumulators, updated):
-                phi.add_incoming(value, loop_end)
-            builder.cbranch(builder.icmp_signed("<", t_next, T_v), loop, done)
-            builder.position_at_end(done)
-            results = []
-            for value in updated:  # (every phi first: LLVM wants them at the top of the block)
-                phi = builder.phi(vector)
-                phi.add_incoming(zero, entry)
-                phi.add_incoming(value, loop_end)
-                results.append(phi)
+            def step(t, accumulators):
+                offset = builder.load(builder.gep(offs_ptr, [t]))
+                weight_splat = splat(builder.load(builder.gep(wts_ptr, [t])))
+                row = builder.gep(src_ptr, [offset])
+                updated = []
+                for v in range(vectors):
+                    ptr = builder.bitcast(builder.gep(row, [ir.Constant(intp, v * width)]), vector.as_pointer())
+                    updated.append(builder.call(fma, [weight_splat, builder.load(ptr, align=itemsize),
+                                                      accumulators[v]]))
+                return updated
+
+            results = micro_gemm.register_loop(builder, intp, T_v, [zero] * vectors, step, "fir")
             for v, value in enumerate(results):
                 ptr = builder.bitcast(builder.gep(out_ptr, [ir.Constant(intp, v * width)]), vector.as_pointer())
                 builder.store(value, ptr, align=itemsize)
@@ -148,37 +127,17 @@ def _channel_tile_intrinsic(positions: int):
                 return builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
 
             bias = builder.load(vec(wts_ptr, builder.mul(T_v, step_v)), align=itemsize)
-            entry = builder.block
-            loop = builder.function.append_basic_block("channel_tile_loop")
-            done = builder.function.append_basic_block("channel_tile_done")
-            builder.cbranch(builder.icmp_signed(">", T_v, ir.Constant(intp, 0)), loop, done)
-            builder.position_at_end(loop)
-            t = builder.phi(intp)
-            t.add_incoming(ir.Constant(intp, 0), entry)
-            accumulators = []
-            for _ in range(positions):
-                phi = builder.phi(vector)
-                phi.add_incoming(bias, entry)
-                accumulators.append(phi)
-            row = builder.gep(src_ptr, [builder.load(builder.gep(offs_ptr, [t]))])
-            weight = builder.load(vec(wts_ptr, builder.mul(t, step_v)), align=itemsize)
-            updated = []
-            for j in range(positions):
-                x = builder.load(vec(row, builder.mul(ir.Constant(intp, j), step_v)), align=itemsize)
-                updated.append(builder.call(fma, [weight, x, accumulators[j]]))
-            t_next = builder.add(t, ir.Constant(intp, 1))
-            loop_end = builder.block
-            t.add_incoming(t_next, loop_end)
-            for phi, value in zip(accumulators, updated):
-                phi.add_incoming(value, loop_end)
-            builder.cbranch(builder.icmp_signed("<", t_next, T_v), loop, done)
-            builder.position_at_end(done)
-            results = []
-            for value in updated:  # (every phi first: LLVM wants them at the top of the block)
-                phi = builder.phi(vector)
-                phi.add_incoming(bias, entry)
-                phi.add_incoming(value, loop_end)
-                results.append(phi)
+
+            def step(t, accumulators):
+                row = builder.gep(src_ptr, [builder.load(builder.gep(offs_ptr, [t]))])
+                weight = builder.load(vec(wts_ptr, builder.mul(t, step_v)), align=itemsize)
+                updated = []
+                for j in range(positions):
+                    x = builder.load(vec(row, builder.mul(ir.Constant(intp, j), step_v)), align=itemsize)
+                    updated.append(builder.call(fma, [weight, x, accumulators[j]]))
+                return updated
+
+            results = micro_gemm.register_loop(builder, intp, T_v, [bias] * positions, step, "channel_tile")
             for j, value in enumerate(results):
                 builder.store(value, vec(out_ptr, builder.mul(ir.Constant(intp, j), step_v)), align=itemsize)
             return context.get_dummy_value()

@@ -139,39 +139,6 @@ def _fma_function(builder, vector, itemsize):
                                                             name)
 
 
-def _register_loop(builder, intp, count, initial, body, name):
-    """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a flat list of vectors) held in
-    registers as phis; returns the final values (``initial`` when ``count <= 0``). The tiles' shared skeleton:
-    a counter phi, a phi per accumulator, and the exit phis merging the no-iteration path."""
-    entry = builder.block
-    loop = builder.function.append_basic_block(f"{name}_loop")
-    done = builder.function.append_basic_block(f"{name}_done")
-    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(intp, 0)), loop, done)
-    builder.position_at_end(loop)
-    i = builder.phi(intp)
-    i.add_incoming(ir.Constant(intp, 0), entry)
-    current = []
-    for value in initial:
-        phi = builder.phi(value.type)
-        phi.add_incoming(value, entry)
-        current.append(phi)
-    updated = body(i, current)
-    i_next = builder.add(i, ir.Constant(intp, 1))
-    loop_end = builder.block
-    i.add_incoming(i_next, loop_end)
-    for phi, value in zip(current, updated):
-        phi.add_incoming(value, loop_end)
-    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
-    builder.position_at_end(done)
-    results = []
-    for start, value in zip(initial, updated):  # (every phi first: LLVM wants them at the top of the block)
-        phi = builder.phi(start.type)
-        phi.add_incoming(start, entry)
-        phi.add_incoming(value, loop_end)
-        results.append(phi)
-    return results
-
-
 def _forward_tile_intrinsic(positions: int):
     """An intrinsic ``tile(src, poff, m0, taps, nsteps, wts, wstep, bias, out, out_base, ostep)``: for ``p <
     positions`` and ``j < 8``, ``out[out_base + p*ostep + j*8 : +8] = bias[j*8 : +8] + sum over i < nsteps of
@@ -214,7 +181,7 @@ def _forward_tile_intrinsic(positions: int):
                         updated[p * LANES + j] = builder.call(fma, [wj, xs[p], acc[p * LANES + j]])
                 return updated
 
-            flat = _register_loop(builder, intp, nsteps_v, biases * positions, step, "lanes_tile")
+            flat = micro_gemm.register_loop(builder, intp, nsteps_v, biases * positions, step, "lanes_tile")
             results = [flat[p * LANES:(p + 1) * LANES] for p in range(positions)]
             for p in range(positions):
                 row = builder.gep(out_ptr, [builder.mul(ir.Constant(intp, p), ostep_v)])
@@ -265,7 +232,7 @@ def _grad_weight_tile_intrinsic(channels: int):
                         updated[c * LANES + j] = builder.call(fma, [gj, xs[c], sums[c * LANES + j]])
                 return updated
 
-            flat = _register_loop(builder, intp, npos_v, [v for row in start for v in row], step, "lanes_gw")
+            flat = micro_gemm.register_loop(builder, intp, npos_v, [v for row in start for v in row], step, "lanes_gw")
             results = [flat[c * LANES:(c + 1) * LANES] for c in range(channels)]
             for c in range(channels):
                 for j in range(LANES):

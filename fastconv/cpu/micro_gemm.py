@@ -48,7 +48,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "transpose_flat", "transpose_to_rows", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "WIDE_MR", "WIDE_NV", "ROW_GRAIN", "KC", "MC", "NC"]
+__all__ = ["gemm", "gemm_taps", "gemm_gather", "pack_b", "pack_b_rows", "packed_size", "transpose_into", "transpose_flat", "transpose_to_rows", "register_loop", "HOST_HAS_AVX512", "HOST_HAS_VECTOR_FMA", "VECTOR_BYTES", "MR", "NV", "WIDE_MR", "WIDE_NV", "ROW_GRAIN", "KC", "MC", "NC"]
 
 def _host_has(*features: str) -> bool:
     """Whether Numba compiles for a CPU with all these features (the host, unless NUMBA_CPU_NAME says other)."""
@@ -164,47 +164,24 @@ def _emit_tile(context, builder, dtype, kc_v, a_rows, a_step_at, b_ptr, ldb_v, c
     ldc = builder.sdiv(builder.extract_value(c_arr.strides, 0), const(itemsize))
     c_ptr = builder.gep(c_arr.data, [builder.add(builder.mul(i0_v, ldc), j0_v)])
 
-    entry = builder.block
-    loop = builder.function.append_basic_block("micro_kernel_loop")
-    done = builder.function.append_basic_block("micro_kernel_done")
-    builder.cbranch(builder.icmp_signed(">", kc_v, const(0)), loop, done)
-
     # the reduction loop: accumulators are phi values, so they live in registers
-    builder.position_at_end(loop)
-    p = builder.phi(intp)
-    p.add_incoming(const(0), entry)
-    accumulators = []
-    for _ in range(MR * NV):
-        phi = builder.phi(vector)
-        phi.add_incoming(zero, entry)
-        accumulators.append(phi)
-    b_step = builder.mul(p, ldb_v)
-    b_rows = [builder.gep(panel, [b_step]) for panel in b_panels]
-    b_vectors = [builder.load(builder.bitcast(builder.gep(b_rows[v // vectors_per_panel],
-                                                          [const(v % vectors_per_panel * width)]),
-                                              vector.as_pointer()), align=itemsize) for v in range(NV)]
-    a_p = a_step_at(p)
-    updated = []
-    for i in range(MR):
-        a_splat = splat(builder.load(builder.gep(a_rows[i], [a_p])))
-        for v in range(NV):
-            updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
-        if row_barriers:
-            builder.asm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
-    p_next = builder.add(p, const(1))
-    loop_end = builder.block
-    p.add_incoming(p_next, loop_end)
-    for phi, value in zip(accumulators, updated):
-        phi.add_incoming(value, loop_end)
-    builder.cbranch(builder.icmp_signed("<", p_next, kc_v), loop, done)
+    def step(p, accumulators):
+        b_step = builder.mul(p, ldb_v)
+        b_rows = [builder.gep(panel, [b_step]) for panel in b_panels]
+        b_vectors = [builder.load(builder.bitcast(builder.gep(b_rows[v // vectors_per_panel],
+                                                              [const(v % vectors_per_panel * width)]),
+                                                  vector.as_pointer()), align=itemsize) for v in range(NV)]
+        a_p = a_step_at(p)
+        updated = []
+        for i in range(MR):
+            a_splat = splat(builder.load(builder.gep(a_rows[i], [a_p])))
+            for v in range(NV):
+                updated.append(builder.call(fma, [a_splat, b_vectors[v], accumulators[i * NV + v]]))
+            if row_barriers:
+                builder.asm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", [], side_effect=True)
+        return updated
 
-    builder.position_at_end(done)
-    results = []
-    for value in updated:
-        phi = builder.phi(vector)
-        phi.add_incoming(zero, entry)
-        phi.add_incoming(value, loop_end)
-        results.append(phi)
+    results = register_loop(builder, intp, kc_v, [zero] * (MR * NV), step, "micro_kernel")
 
     def c_vector_pointer(i, v):
         row = builder.gep(c_ptr, [builder.mul(const(i), ldc)])
@@ -311,6 +288,41 @@ _micro_kernel_gather_wide = _gather_micro_kernel(WIDE_MR, WIDE_NV)
 
 
 _JIT = dict(cache=config.CACHE, nogil=True)
+
+
+def register_loop(builder, intp, count, initial, body, name):
+    """Emit ``for i in range(count): values = body(i, values)`` with ``values`` (a flat list of vectors) held in
+    registers as phis; returns the final values (``initial`` when ``count <= 0``). The register tiles' shared
+    skeleton (:func:`_emit_tile`, :mod:`.fir`, :mod:`.group_lanes`): a counter phi, a phi per accumulator, and the exit phis merging
+    the no-iteration path. ``body(i, values)`` emits one step at the builder's position and returns the new
+    values; ``name`` labels the loop's blocks."""
+    entry = builder.block
+    loop = builder.function.append_basic_block(f"{name}_loop")
+    done = builder.function.append_basic_block(f"{name}_done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(intp, 0)), loop, done)
+    builder.position_at_end(loop)
+    i = builder.phi(intp)
+    i.add_incoming(ir.Constant(intp, 0), entry)
+    current = []
+    for value in initial:
+        phi = builder.phi(value.type)
+        phi.add_incoming(value, entry)
+        current.append(phi)
+    updated = body(i, current)
+    i_next = builder.add(i, ir.Constant(intp, 1))
+    loop_end = builder.block
+    i.add_incoming(i_next, loop_end)
+    for phi, value in zip(current, updated):
+        phi.add_incoming(value, loop_end)
+    builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+    builder.position_at_end(done)
+    results = []
+    for start, value in zip(initial, updated):  # (every phi first: LLVM wants them at the top of the block)
+        phi = builder.phi(start.type)
+        phi.add_incoming(start, entry)
+        phi.add_incoming(value, loop_end)
+        results.append(phi)
+    return results
 
 
 def transposed_rows(builder, rows):
