@@ -621,6 +621,20 @@ def test_stored_choice_that_turns_out_slow_is_measured_again_once(monkeypatch, m
     assert len(measured) == 2 * len(names), "re-measured more than once in one process"
 
 
+@pytest.mark.parametrize("speedup, stale", [(2.2, True), (1.3, False)])
+def test_calls_twice_as_fast_as_stored_mark_the_choice_stale(speedup, stale):
+    # ResNet-18's 512-channel 4x4 layer at batch 1: stored at 7.8 ms (measured under load), ran in 3.5;
+    # a gap that large already says the race was run in the wrong conditions, one of 1.3x does not
+    key = ("test-fast-rule", "forward", 2)
+    autotune._watch[key] = watch = autotune._Watch(expected_ms=7.8)
+    try:
+        for _ in range(1 + autotune.SLOW_STREAK):  # the first call of a process is never counted
+            autotune._observe(key, 7.8 / speedup)
+        assert watch.stale is stale
+    finally:
+        del autotune._watch[key]
+
+
 def test_stored_choice_far_faster_than_measured_is_measured_again_once(monkeypatch, measured):
     # a choice measured under load: every candidate's time inflated, the winner a coin toss; quiet calls then
     # run far below the stored time, which no longer says which candidate is fastest
