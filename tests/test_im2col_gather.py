@@ -138,7 +138,7 @@ def test_forward_jobs_share_the_positions_equally(total, out_channels, itemsize)
     """The forward's jobs (``_job_rows``) cover every position once, in order, each starting at a multiple of its
     tiles' height, and none is more than that height from an equal share (a fixed job size rounded to the tiles had
     left 8x8 maps at batch 8 split 288 / 224 between two tasks); the workspace holds the largest."""
-    grain = im2col_fused._gather_grain(out_channels * itemsize, itemsize)
+    grain = im2col_fused._gather_grain(out_channels, itemsize)
     assert grain in (micro_gemm.MR, micro_gemm.WIDE_MR, micro_gemm.ROW_GRAIN)
     for tasks in (1, 2, 3, 4):
         jobs = im2col_fused._gather_jobs(total, out_channels * itemsize, tasks, im2col_fused.GATHER_CHUNK_BYTES,

@@ -741,15 +741,14 @@ def _gather_jobs(total, per_position_bytes, tasks, cap, grain):
     return max(1, min(jobs, total // grain))
 
 
-def _gather_grain(per_position_bytes, itemsize):
+def _gather_grain(out_channels, itemsize):
     """Rows a gather job's first row is a multiple of: the height of every tile its product runs on
     (:func:`.micro_gemm.gemm_gather`: the wide tile on pairs of whole panels, the ``MR``-row tile on the rest),
-    so that only a job's last tile may be short. ``per_position_bytes``: the output channels times ``itemsize``."""
-    n = per_position_bytes // itemsize
+    so that only a job's last tile may be short. ``out_channels``: the product's columns."""
     pair = 2 * micro_gemm.NV * micro_gemm.VECTOR_BYTES // itemsize  # columns of the wide tile
-    if micro_gemm.WIDE_NV and n % pair == 0:
+    if micro_gemm.WIDE_NV and out_channels % pair == 0:
         return micro_gemm.WIDE_MR
-    if not micro_gemm.WIDE_NV or n < pair:
+    if not micro_gemm.WIDE_NV or out_channels < pair:
         return micro_gemm.MR
     return micro_gemm.ROW_GRAIN
 
@@ -820,7 +819,7 @@ def _gather_forward_layout(N, K, CK, OH, OW, itemsize):
     parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
     total = N * OH * OW
-    grain = _gather_grain(K * itemsize, itemsize)
+    grain = _gather_grain(K, itemsize)
     jobs = _gather_jobs(total, K * itemsize, tasks, GATHER_CHUNK_BYTES, grain)
     largest = min(total, -(-total // jobs) + grain)  # (a bound: see _job_rows)
     return parallel_, min(tasks, jobs), jobs, grain, largest
