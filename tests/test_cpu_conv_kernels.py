@@ -124,7 +124,7 @@ class _gather_everywhere:
     fused path's flipped forward, so it takes the gather forward too. Yields the list of passes that ran on it."""
 
     _NAMES = ("GATHER", "GATHER_MAX_WEIGHT_BYTES", "GATHER_GRAD_MAX_WEIGHT_BYTES", "GATHER_TAPS_MIN_OUT_CHANNELS",
-              "GATHER_CHUNK_BYTES",
+              "TAPS_NARROW_MAX_OUT_CHANNELS", "GATHER_CHUNK_BYTES",
               "GATHER_GRAD_CHUNK_BYTES", "PARALLEL_MIN_MACS", "MIN_IN_CHANNELS", "MAX_WEIGHT_BYTES",
               "MIN_CHUNK_COLUMNS", "forward_gather", "grad_weight_gather", "ENABLED")
 
@@ -137,6 +137,7 @@ class _gather_everywhere:
         im2col_fused.GATHER_MAX_WEIGHT_BYTES = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES = 1 << 62
         im2col_fused.MAX_WEIGHT_BYTES = 1 << 62
         im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS = 1 << 30
+        im2col_fused.TAPS_NARROW_MAX_OUT_CHANNELS = 0
         im2col_fused.GATHER_CHUNK_BYTES = im2col_fused.GATHER_GRAD_CHUNK_BYTES = 1
         im2col_fused.PARALLEL_MIN_MACS = im2col_fused.MIN_IN_CHANNELS = im2col_fused.MIN_CHUNK_COLUMNS = 0
         ran = []

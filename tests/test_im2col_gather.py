@@ -74,6 +74,15 @@ def test_which_convs_take_them(monkeypatch):
         assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), C + 1, 32, 8, 4, enough - 1)
         assert not im2col_fused.takes_gather_forward((3, 3), (2, 2), C + 1, 32, 8, 4, enough)
         assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, many, wide, 4)  # before the taps kernel
+        # few output channels on wide stride-1 rows: the taps kernel (output channels as its GEMM's rows)
+        narrow = im2col_fused.TAPS_NARROW_MAX_OUT_CHANNELS
+        assert im2col_fused.takes_narrow_taps((3, 3), (1, 1), 64, narrow, wide)
+        assert not im2col_fused.takes_gather_forward((3, 3), (1, 1), 64, narrow, wide, 4, enough)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 64, narrow + 1, wide, 4, enough)
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 64, narrow, wide - 1, 4, enough)  # short rows
+        assert im2col_fused.takes_gather_forward((3, 3), (2, 2), 64, narrow, wide, 4, enough)  # strided
+        m.setattr(micro_gemm, "HOST_HAS_AVX512", False)
+        assert not im2col_fused.takes_narrow_taps((3, 3), (1, 1), 64, narrow, wide)
     grad_limit = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES
     assert im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256), 256, 9, 4)
     assert not im2col_fused.takes_gather_grad_weight(grad_limit // (4 * 9 * 256) + 1, 256, 9, 4)
@@ -172,6 +181,35 @@ def test_public_api_forward_and_gradients(gather_spy, stride, padding, dilation)
     assert {"forward", "grad_weight"} <= set(gather_spy), gather_spy
     xs, ws = x[:1, :, :6, :7].detach().requires_grad_(), w[:3].detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, algo="im2col", **kw), (xs, ws))
+
+
+def test_input_gradient_into_few_channels_takes_the_taps_kernel(monkeypatch):
+    """SqueezeNet's expanding 3x3 (16 -> 64 at 30x30): its stride-1 input gradient, a forward into 16 channels,
+    runs on the taps kernel on AVX-512 hosts (:data:`.im2col_fused.TAPS_NARROW_MAX_OUT_CHANNELS`), float64 against
+    torch through the public API, and gradcheck on a smaller size with the rule's limits lowered to reach it."""
+    if not micro_gemm.HOST_HAS_AVX512:
+        pytest.skip("the narrow-output rule is for AVX-512 hosts; elsewhere the gather kernel keeps these")
+    ran = []
+    real = im2col_fused._forward_taps
+    monkeypatch.setattr(im2col_fused, "_forward_taps", lambda *a: ran.append(a[1].shape) or real(*a))
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, 30, 30, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(64, 16, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = F.conv2d(x, w, padding=1, algo="im2col")
+    ref = TF.conv2d(x, w, padding=1)
+    assert_close(y, ref, algo="im2col", what="forward")
+    go = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w), go)
+    want = torch.autograd.grad(ref, (x, w), go)
+    for name, a, e in zip(("input", "weight"), got, want):
+        assert_close(a, e, algo="im2col", what=f"grad {name}")
+    assert ran == [(16, 64 * 9)], ran  # the input gradient only: the flipped weights, 16 rows of 64 x 9 taps
+    monkeypatch.setattr(im2col_fused, "TAPS_MIN_OW", 1)
+    from fastconv.cpu import conv as cc
+    monkeypatch.setattr(cc, "FUSED_GRAD_INPUT_MIN_POSITIONS", 1)
+    xs, ws = x[:1, :, :5, :6].detach().requires_grad_(), w[:6].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, padding=1, algo="im2col"), (xs, ws))
+    assert len(ran) > 1, "gradcheck's input gradients did not reach the taps kernel"
 
 
 def test_opcheck_on_the_gather_kernels(gather_spy):

@@ -1282,9 +1282,11 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
         im2col_fused.grad_input_gather(go.reshape(N, K, OH, OW), w.reshape(K, C, KH * KW), tpad[1:], dilation[1:],
                                        (H, W), (KH, KW), gx.reshape(N, C, H * W))
         return gx
-    if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS and K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C
+    if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS
+            and (K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C or im2col_fused.takes_narrow_taps((KH, KW), (1, 1), K, C, W))
             and im2col_fused.applies((KD, KH, KW), G, K, C, out_spatial, in_spatial, go.itemsize)):
-        # dense: that forward with the columns made in cache (negative padding, a crop, is read as such)
+        # dense: that forward with the columns made in cache, or on the taps kernel into few input channels
+        # (negative padding, a crop, is read as such)
         wt = _flipped_weights(w, 1).reshape(C, K * KH * KW)
         im2col_fused.forward(go.reshape(N, K, OH, OW), wt, None, (KH, KW), (1, 1), tpad[1:], dilation[1:], (H, W),
                              gx.reshape(N, C, H * W))

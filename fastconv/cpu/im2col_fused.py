@@ -41,7 +41,7 @@ from fastconv import config
 from . import jit_gemm, memory, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "gather_applies", "takes_gather_forward",
-           "takes_gather_grad_weight", "forward_gather", "grad_input_gather", "grad_weight_gather",
+           "takes_gather_grad_weight", "takes_narrow_taps", "forward_gather", "grad_input_gather", "grad_weight_gather",
            "gather_workspace_bytes", "CHUNK_BYTES", "ENABLED",
            "MIN_CHUNK_COLUMNS", "MIN_GRAD_WEIGHT_CHUNK_COLUMNS"]
 
@@ -667,6 +667,22 @@ AVX512_GATHER_MIN_POSITIONS = 192
 #: 32x32: gather / taps 1.06-1.10 in back-to-back pairs even with the gather side second; 32 -> 128 at 16x16 1.03
 #: with each call after torch work; 128 -> 128 at 16x16 level; measured before the AVX-512 gather tiles were fixed).
 GATHER_TAPS_MIN_OUT_CHANNELS = 64
+#: On AVX-512 hosts, stride-1 forwards (and input gradients) with at most this many output channels take the taps
+#: kernel, whose GEMM has the output channels as rows and the positions as its wide side, where it applies
+#: (:func:`takes_taps`). On the gather kernel they are the product's columns: 16 of them fill half a packed panel,
+#: and a half-width tile did not help (every broadcast of the input then feeds a single multiply-add: 128 -> 16 at
+#: 30x30, batch 8, ran 3.2 ms on it against 3.0 for 128 -> 32). Measured, 2 threads, each call after a torch
+#: BatchNorm and ReLU, taps / gather / torch ms: SqueezeNet's input gradients into 16 channels 64 -> 16 at 30x30
+#: batch 8 1.14 / 1.53 / 1.00, 128 -> 16 2.31-2.42 / 2.98-3.19 / 1.88-2.04, batch 1 0.16 / 0.25 / 0.20;
+#: 128 -> 17 2.49 / 3.29 / 3.03.
+TAPS_NARROW_MAX_OUT_CHANNELS = 16
+
+
+def takes_narrow_taps(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int) -> bool:
+    """Whether a dense stride-1 forward of few output channels runs on the taps kernel rather than the gather
+    kernel (see :data:`TAPS_NARROW_MAX_OUT_CHANNELS`)."""
+    return (micro_gemm.HOST_HAS_AVX512 and out_channels <= TAPS_NARROW_MAX_OUT_CHANNELS
+            and tuple(stride_hw) == (1, 1) and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
 
 
 def takes_gather_grad_weight(in_channels: int, out_channels: int, kernel_taps: int, itemsize: int) -> bool:
@@ -696,6 +712,8 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
     elif positions >= AVX2_GATHER_LARGE_MIN_POSITIONS:
         limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
     if out_channels * in_channels * KH * KW * itemsize > limit:
+        return False
+    if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width):
         return False
     return micro_gemm.HOST_HAS_AVX512 or not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
                                               and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
