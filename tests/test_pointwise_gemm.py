@@ -32,6 +32,7 @@ def gemm_route(request, monkeypatch):
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_PIXELS", 1)
         monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_MACS_ONE_IMAGE", 1)
         monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_CHANNELS", 1)
+        monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_WEIGHTS", 0)
         monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
         monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MAX_PIXELS", 1 << 30)
         real = parallel_gemm.matmul
@@ -348,6 +349,7 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
     previous = jit_gemm.use_own_gemm(True)
     monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
     monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_CHANNELS", 1)
+    monkeypatch.setattr(pointwise, "OWN_GRAD_WEIGHT_MIN_WEIGHTS", 0)
     monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
     seen = []
     real = parallel_gemm.matmul
@@ -367,6 +369,26 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
         jit_gemm.use_own_gemm(previous)
     # forward and input gradient side by side; the weight gradient sums the images' products (b is x^T per image)
     assert sorted(seen) == [(1, 5, 18), (1, 6, 18), (3, 6, 6)]
+
+
+def test_own_weight_gradient_leaves_few_weights_on_small_planes_to_torch(monkeypatch):
+    """The own GEMM's weight gradient declines layers of at most GW_BATCHED_MAX_WEIGHTS weights on planes of at most
+    OWN_GRAD_WEIGHT_SMALL_PLANE pixels (torch's batched GEMM and a sum were faster: ShuffleNet's 58 -> 58 at 16x16)
+    and takes larger planes and larger layers; what it returns equals torch's in float64."""
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", True)  # (AVX2 hosts decline narrow layers on other rules)
+    previous = jit_gemm.use_own_gemm(True)
+    try:
+        small = pointwise.OWN_GRAD_WEIGHT_SMALL_PLANE
+        g = torch.Generator().manual_seed(9)
+        for K, C, P, own in ((58, 58, small, False), (58, 58, 4 * small, True), (128, 160, small, True)):
+            gy = torch.randn(2, K, P, generator=g, dtype=torch.float64)
+            xr = torch.randn(2, C, P, generator=g, dtype=torch.float64)
+            gw = pointwise._own_grad_weight(gy, xr)
+            assert (gw is not None) == own, (K, C, P)
+            if own:
+                assert_close(gw, torch.einsum("nkp,ncp->kc", gy, xr), algo="im2col", what=f"own {K}x{C} gw")
+    finally:
+        jit_gemm.use_own_gemm(previous)
 
 
 def test_avx2_hosts_leave_narrow_and_large_plane_products_to_the_library(monkeypatch):

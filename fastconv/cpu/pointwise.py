@@ -246,6 +246,15 @@ GW_ONE_GEMM_MAX_PIXELS = 64
 #: time: 64 -> 256 at 32x32 0.87, 256 -> 64 0.94, 512 -> 128 at 16x16 0.84, 1024 -> 256 at 8x8 0.92, 704 -> 128 at
 #: 8x8 0.87; MobileNet-v2's 144 -> 24 and 24 -> 144 at 32x32 1.27 and 1.45.
 OWN_GRAD_WEIGHT_MIN_CHANNELS = 48
+#: ... and more weights than this: below, torch's batched GEMM and a sum (:data:`GW_BATCHED_MAX_WEIGHTS`) were
+#: faster, since each task of the own region adds every image's short product (a reduction of one plane's pixels)
+#: into its block of the result. Measured, 2 threads, batch 8, each call after a torch BatchNorm and ReLU, own /
+#: torch's batched ms: ShuffleNet-v2's 58 -> 58 at 16x16 0.35-0.42 / 0.22-0.24, 116 -> 116 at 8x8 0.25-0.36 /
+#: 0.26-0.27 (torch's own conv backward 0.50-0.62 on both).
+OWN_GRAD_WEIGHT_MIN_WEIGHTS = GW_BATCHED_MAX_WEIGHTS + 1
+#: ... (that rule only for planes of at most this many pixels: larger planes' products are long enough for the own
+#: GEMM, 64 -> 256 at 32x32 measured 0.87 of torch's time there)
+OWN_GRAD_WEIGHT_SMALL_PLANE = 256
 
 
 def _own_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor | None:
@@ -254,6 +263,7 @@ def _own_grad_weight(gy: torch.Tensor, xr: torch.Tensor) -> torch.Tensor | None:
     N, K, P = gy.shape
     C = xr.shape[1]
     if (not jit_gemm.own_gemm_in_use() or P < OWN_GEMM_MIN_REDUCTION or min(K, C) < OWN_GRAD_WEIGHT_MIN_CHANNELS
+            or (K * C < OWN_GRAD_WEIGHT_MIN_WEIGHTS and P <= OWN_GRAD_WEIGHT_SMALL_PLANE)
             or _avx2_declines(K, C, None)
             or gy.dtype not in _OWN_DTYPES
             or xr.dtype != gy.dtype or gy.stride(2) != 1 or xr.stride(2) != 1):
