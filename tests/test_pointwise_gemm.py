@@ -371,6 +371,34 @@ def test_own_gemm_lays_small_planes_side_by_side(monkeypatch, bias):
     assert sorted(seen) == [(1, 5, 18), (1, 6, 18), (3, 6, 6)]
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_side_by_side_workspaces_never_reach_a_result(monkeypatch, own):
+    """The side-by-side copies and products of small planes live in reused workspaces: a result must own its
+    memory, so a second call on other inputs leaves the first call's results as they were (and both equal
+    torch's in float64), on the own GEMM and on torch's."""
+    previous = jit_gemm.use_own_gemm(own)
+    monkeypatch.setattr(pointwise, "ONE_GEMM_MIN_WEIGHTS", 0)
+    monkeypatch.setattr(pointwise, "OWN_GEMM_MIN_REDUCTION", 1)
+    monkeypatch.setattr(pointwise, "AVX2_OWN_GEMM_MIN_CHANNELS", 1)
+    monkeypatch.setattr(pointwise, "SIDE_BY_SIDE_SCRATCH", True)
+    try:
+        g = torch.Generator().manual_seed(11)
+        N, C, K, P = 3, 40, 24, 4
+        calls = []
+        for _ in range(2):
+            x = torch.randn(N, C, P, generator=g, dtype=torch.float64)
+            w = torch.randn(K, C, generator=g, dtype=torch.float64)
+            gy = torch.randn(N, K, P, generator=g, dtype=torch.float64)
+            got = (pointwise._batch_mm(w, x), pointwise._batch_mm(w.t(), gy), pointwise._torch_grad_weight(gy, x))
+            want = (torch.matmul(w, x), torch.matmul(w.t(), gy), torch.einsum("nkp,ncp->kc", gy, x))
+            calls.append((got, want))
+        for got, want in calls:
+            for what, a, b in zip(("forward", "input gradient", "weight gradient"), got, want):
+                assert_close(a, b, algo="im2col", what=f"side-by-side {what} (own GEMM {own})")
+    finally:
+        jit_gemm.use_own_gemm(previous)
+
+
 def test_own_weight_gradient_leaves_few_weights_on_small_planes_to_torch(monkeypatch):
     """The own GEMM's weight gradient declines layers of at most GW_BATCHED_MAX_WEIGHTS weights on planes of at most
     OWN_GRAD_WEIGHT_SMALL_PLANE pixels (torch's batched GEMM and a sum were faster: ShuffleNet's 58 -> 58 at 16x16)
