@@ -399,6 +399,28 @@ def test_side_by_side_workspaces_never_reach_a_result(monkeypatch, own):
         jit_gemm.use_own_gemm(previous)
 
 
+def test_strided_inputs_copied_to_a_workspace_leave_earlier_results_alone(monkeypatch):
+    """A strided 1x1 conv copies the pixels it reads into a reused workspace: two calls on other inputs give
+    torch's forward and both gradients in float64, the first call's results unchanged by the second."""
+    copies = []
+    real = pointwise._strided
+    monkeypatch.setattr(pointwise, "_strided", lambda x, geom: copies.append(geom.stride) or real(x, geom))
+    g = torch.Generator().manual_seed(12)
+    results = []
+    for _ in range(2):
+        x = torch.randn(2, 6, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 6, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+        got = F.conv2d(x, w, stride=2, algo="im2col")
+        want = TF.conv2d(x, w, stride=2)
+        gy = torch.randn(got.shape, generator=g, dtype=torch.float64)
+        results.append((got, want, torch.autograd.grad(got, (x, w), gy), torch.autograd.grad(want, (x, w), gy)))
+    for got, want, got_grads, want_grads in results:
+        assert_close(got, want, algo="im2col", what="strided 1x1 forward")
+        for what, a, b in zip(("input", "weight"), got_grads, want_grads):
+            assert_close(a, b, algo="im2col", what=f"strided 1x1 {what} gradient")
+    assert copies and all(stride == (1, 2, 2) for stride in copies)  # the workspace path ran
+
+
 def test_own_weight_gradient_leaves_few_weights_on_small_planes_to_torch(monkeypatch):
     """The own GEMM's weight gradient declines layers of at most GW_BATCHED_MAX_WEIGHTS weights on planes of at most
     OWN_GRAD_WEIGHT_SMALL_PLANE pixels (torch's batched GEMM and a sum were faster: ShuffleNet's 58 -> 58 at 16x16)

@@ -58,11 +58,15 @@ def _rows(t: torch.Tensor):
 
 
 def _strided(x: torch.Tensor, g: ConvGeometry) -> torch.Tensor:
-    """The pixels a strided 1x1 conv reads (a copy), or ``x`` itself at stride 1."""
+    """The pixels a strided 1x1 conv reads (a copy, in a workspace: see :func:`_side_by_side`), or ``x`` itself
+    at stride 1. Never part of a result. A workspace saved measured, 2 threads, each copy after a torch
+    BatchNorm and ReLU, ResNet-50's stride-2 inputs at batch 8: 256 x 32x32 1.57 -> 1.03 ms, 512 x 16x16 0.30 ->
+    0.11, 1024 x 8x8 0.16 -> 0.06."""
     if g.stride == (1, 1, 1):
         return x
     sd, sh, sw = g.stride
-    return x[:, :, ::sd, ::sh, ::sw].contiguous()
+    picked = x[:, :, ::sd, ::sh, ::sw]
+    return _scratch_tensor("pointwise.strided", tuple(picked.shape), x.dtype).copy_(picked)
 
 
 #: ``a @ b[n]`` for every image of a batch (the forward's ``w @ x[n]``, the input gradient's ``w^T @ gy[n]``) as one
