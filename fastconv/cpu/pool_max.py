@@ -301,13 +301,16 @@ def _max_pool_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, 
 
 @parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _max_pool_backward_kernel(g, ind, gx, bad):
-    """Scatter-add ``g`` (P, M) into ``gx`` (P, S) at ``ind`` (P, M); flags other out-of-range indices."""
+    """Scatter-add ``g`` (P, M) into ``gx`` (P, S) at ``ind`` (P, M), each plane of ``gx`` zeroed first (by the
+    task that then adds into it, while the plane is in its cache); flags other out-of-range indices."""
     P, M = g.shape
     S = gx.shape[1]
     for p in prange(P):
         gp = g[p]
         ip = ind[p]
         gxp = gx[p]
+        for s in range(S):
+            gxp[s] = 0
         for m in range(M):
             idx = ip[m]
             if idx >= 0 and idx < S:
@@ -623,8 +626,10 @@ def max_pool_backward(grad_out, indices, in_spatial):
                          f"{grad_out.shape}")
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
-    gx = memory.zeros((n * c, d * h * w), dtype=grad_out.dtype)
-    if gx.size and grad_out.size:
+    gx = np.empty((n * c, d * h * w), dtype=grad_out.dtype)  # each plane zeroed by the kernel
+    if not grad_out.size:
+        gx.fill(0)
+    elif gx.size:
         bad = np.zeros(n * c, dtype=np.bool_)
         _max_pool_backward_kernel(np.ascontiguousarray(grad_out).reshape(n * c, -1),
                                   np.ascontiguousarray(indices, dtype=np.int64).reshape(n * c, -1),
