@@ -9,7 +9,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import memory, parallel
+from . import parallel
 
 from .pool_common import (_INT32_PLANE_LIMIT, _JIT, _TAPS, _check_geometry, _first_valid, _out_range, _planes,
                           _split_phases)
@@ -323,7 +323,7 @@ def _max_pool_backward_kernel(g, ind, gx, bad):
 @parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _max_pool_backward_values_kernel(x, y, g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, want_min):
     """Gradient of max (or min) pooling from the pooled values instead of indices: ``g`` (P, OD, OH, OW) is added
-    into ``gx`` (P, D, H, W, zeroed) at the element of ``x`` (P, D, H, W) that the indexed kernels would have
+    into ``gx`` (P, D, H, W; each plane zeroed here first) at the element of ``x`` (P, D, H, W) that the indexed kernels would have
     picked for the value ``y`` (P, OD, OH, OW): the first element of the window equal to it in (d, h, w) order,
     or the window's last NaN when it is NaN (torch's rule: ties keep the first, the last NaN wins; a window of
     -inf picks its first element, as the indexed kernels' initial argmax does). ``want_min`` changes nothing
@@ -337,6 +337,7 @@ def _max_pool_backward_values_kernel(x, y, g, gx, kd, kh, kw, sd, sh, sw, pd, ph
     for p in prange(P):
         xp = x[p]
         gxp = gx[p]
+        gxp[:, :, :] = 0  # by the task that adds into the plane next, while it is in the task's cache
         for od in range(OD):
             d0 = od * sd - pd
             for oh in range(OH):
@@ -665,8 +666,13 @@ def max_pool_backward_from_values(grad_out, x, y, kernel, stride, padding, dilat
         raise ValueError(f"max_pool_backward_from_values: grad_out {grad_out.shape}, values {y.shape} and input "
                          f"{x.shape} do not match")
     n, c = x.shape[:2]
-    gx = memory.zeros((n * c,) + tuple(x.shape[2:]), dtype=grad_out.dtype)
-    if gx.size and grad_out.size:
+    # each plane is zeroed by the kernel's task for it, in parallel, right before its gradient is added in (a
+    # whole-array fill first ran on one thread and left the planes out of cache: 8 x 64 x 64x64 after a torch
+    # BatchNorm and ReLU, 1.08 -> 0.88 ms; 8 x 96 x 61x61 0.95 -> 0.87)
+    gx = np.empty((n * c,) + tuple(x.shape[2:]), dtype=grad_out.dtype)
+    if not grad_out.size:
+        gx.fill(0)
+    elif gx.size:
         _max_pool_backward_values_kernel(_planes(x), _planes(y), _planes(grad_out), gx,
                                          *(int(v) for v in kernel), *(int(v) for v in stride),
                                          *(int(v) for v in padding), *(int(v) for v in dilation), bool(want_min))
