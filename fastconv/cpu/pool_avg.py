@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import memory, parallel
+from . import parallel
 
 from .pool_common import _JIT, _TAPS, _split_phases, _out_range, _check_geometry, _planes
 
@@ -128,11 +128,13 @@ def _avg_pool_inside_kernel(x, y, kd, kh, kw, sd, sh, sw, div):
 @parallel.kernel(work_arg=0, pool=True, **_JIT_ORDERED)
 def _avg_pool_tiling_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, div):
     """Input gradient of :func:`_avg_pool_inside_kernel` when the windows do not overlap (stride >= kernel in
-    every dim): each input element gets at most one window's ``g / div``; ``gx`` arrives zeroed."""
+    every dim): each input element gets at most one window's ``g / div``; each plane of ``gx`` is zeroed here
+    first (the elements no window covers keep the zero)."""
     P = g.shape[0]
     OD, OH, OW = g.shape[1], g.shape[2], g.shape[3]
     for p in prange(P):
         gxp = gx[p]
+        gxp[:, :, :] = 0  # by the task that writes the plane next, while it is in the task's cache
         for od in range(OD):
             for oh in range(OH):
                 grow = g[p, od, oh]
@@ -199,6 +201,7 @@ def _avg_pool_backward_kernel(g, gx, kd, kh, kw, sd, sh, sw, pd, ph, pw, count_i
     OD, OH, OW = g.shape[1], g.shape[2], g.shape[3]
     for p in prange(P):
         gxp = gx[p]
+        gxp[:, :, :] = 0  # by the task that adds into the plane next, while it is in the task's cache
         delta = np.empty(OW, dtype=g.dtype)
         for od in range(OD):
             d0, d1, pool_d = _avg_window(od, kd, sd, pd, D)
@@ -290,8 +293,12 @@ def avg_pool_backward(grad_out, kernel, stride, padding, in_spatial, ceil_mode, 
     _check_geometry("avg_pool_backward", grad_out, kernel, stride, padding, in_spatial)
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
-    gx = memory.zeros((n * c, d, h, w), dtype=grad_out.dtype)
-    if gx.size and grad_out.size:
+    # each plane is zeroed by the kernel's task for it, right before its gradient goes in (see
+    # pool_max.max_pool_backward_from_values)
+    gx = np.empty((n * c, d, h, w), dtype=grad_out.dtype)
+    if not grad_out.size:
+        gx.fill(0)
+    elif gx.size:
         kd, kh, kw = (int(v) for v in kernel)
         sd, sh, sw = (int(v) for v in stride)
         pd, ph, pw = (int(v) for v in padding)
