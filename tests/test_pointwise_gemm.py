@@ -5,7 +5,8 @@ of through the numpy kernel.
 
 Checked against torch in float64 and float32 (with and without bias, batch 1 and 3, 1-D to 3-D), with a spy
 that proves the fast path ran (or, for the geometries it must not take, did not run), and with non-finite
-operands, where the path hands the call to the kernel's exact handling.
+operands, which the path takes too: an unpadded 1x1 product forms exactly torch's pairs, so NaN and infinities
+land where torch's conv puts them (checked on fastconv's own GEMM and on torch's).
 """
 from __future__ import annotations
 
@@ -118,8 +119,8 @@ def test_other_1x1_geometries_keep_the_kernel(spy, kw):
     assert spy == {"taken": 0, "declined": 0}
 
 
-@pytest.mark.parametrize("K", [5, 2])  # 5: the result is larger than the operands, which are read first
-def test_nonfinite_operands_get_the_exact_result(spy, K):
+@pytest.mark.parametrize("K", [5, 2])  # 5: an expanding layer (the result larger than the operands)
+def test_nonfinite_operands_give_torchs_result_on_the_gemm(spy, gemm_route, K):
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.5
@@ -129,8 +130,11 @@ def test_nonfinite_operands_get_the_exact_result(spy, K):
     w[K - 1, 1] = 0.0  # 0 * Inf: NaN in the last channel at that pixel, +Inf in the others
     b = torch.tensor([0.0, -math.inf, 1.0, 2.0, 3.0][:K], dtype=torch.float64)
     got = F.conv2d(x, w, b, algo="im2col")
-    assert_close(got, TF.conv2d(x, w, b), algo="im2col", what=f"non-finite 1x1, {K} output channels")
-    assert spy == {"taken": 0, "declined": 1}
+    want = TF.conv2d(x, w, b)
+    assert want.isnan().any() and want.isinf().any()  # the case must hold both kinds
+    assert_close(got, want, algo="im2col", what=f"non-finite 1x1, {K} output channels")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert spy == {"taken": 1, "declined": 0}
 
 
 
@@ -246,8 +250,9 @@ def test_channels_last_gradients_keep_the_kernel(grad_spy):
     assert grad_spy == {"grad_input": [0, 1], "grad_weight": [0, 1]}
 
 
-def test_nonfinite_gradients_get_the_exact_result(grad_spy):
-    """A NaN or an infinity in the output gradient sends both gradient passes to the kernel's exact handling."""
+def test_nonfinite_gradients_give_torchs_result_on_the_gemm(grad_spy, gemm_route):
+    """A NaN or an infinity in the output gradient: both gradient passes stay on the GEMMs and put NaN and
+    infinities where torch's conv backward does."""
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.5
@@ -261,7 +266,10 @@ def test_nonfinite_gradients_get_the_exact_result(grad_spy):
     gi, gw = _gradient_ops(x, w, gy, 1)
     assert_close(gi, want_gi, algo="im2col", what="non-finite 1x1 input gradient")
     assert_close(gw, want_gw, algo="im2col", what="non-finite 1x1 weight gradient")
-    assert grad_spy == {"grad_input": [0, 1], "grad_weight": [0, 1]}
+    for got, want in ((gi, want_gi), (gw, want_gw)):
+        assert want.isnan().any()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert grad_spy == {"grad_input": [1, 0], "grad_weight": [1, 0]}
 
 
 @pytest.mark.parametrize("N,C,K,H,W", _GRAD_SHAPES[:3])
@@ -285,16 +293,18 @@ def test_pointwise_gradient_ops_pass_gradcheck_and_opcheck(grad_spy, gemm_route,
     assert grad_spy["grad_input"][0] >= 1 and grad_spy["grad_weight"][0] >= 1
 
 
-def test_a_nonfinite_bias_alone_is_seen_when_the_operands_are_read(spy):
-    """An expanding layer's finiteness is read from its operands, the bias included: an infinite bias with a
-    finite input and weight still sends the call to the exact path, and the result equals torch's."""
+def test_a_nonfinite_bias_alone_gives_torchs_result(spy, gemm_route):
+    """An infinite or NaN bias with a finite input and weight (an expanding layer): the GEMM adds it as torch's
+    conv does."""
     if algorithms.blas.GEMM_LIBRARY != "torch":
         pytest.skip("FASTCONV_GEMM=numpy: the 1x1 path runs through the numpy kernel")
     x = torch.rand(2, 2, 4, 4, dtype=torch.float64)
     w = torch.rand(6, 2, 1, 1, dtype=torch.float64)
     b = torch.tensor([0.0, math.inf, 1.0, -math.inf, math.nan, 3.0], dtype=torch.float64)
-    assert_close(F.conv2d(x, w, b, algo="im2col"), TF.conv2d(x, w, b), algo="im2col", what="non-finite bias")
-    assert spy == {"taken": 0, "declined": 1}
+    got, want = F.conv2d(x, w, b, algo="im2col"), TF.conv2d(x, w, b)
+    assert_close(got, want, algo="im2col", what="non-finite bias")
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert spy == {"taken": 1, "declined": 0}
 
 
 @pytest.mark.parametrize("bias", [True, False])
