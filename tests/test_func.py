@@ -186,3 +186,39 @@ def test_compiled_func_grad_of_converted_model():
     want = grad(lambda p: functional_call(torch_model, p, (x,)).pow(2).sum())(params)
     for k in params:
         assert_close(got[k], want[k], what=f"compiled func.grad wrt {k}")
+
+
+class _RecordingLibrary:
+    """Stands in for an op's ``torch.library.Library`` in :func:`fastconv.ops.func._replace_autograd_kernel`:
+    ``mode`` says how this torch's ``Library.impl`` answers an override."""
+
+    ns = "fastconv"
+
+    def __init__(self, mode):
+        self.mode, self.calls = mode, []
+
+    def impl(self, name, kernel, key, *, with_keyset, **kwargs):
+        self.calls.append(kwargs)
+        if self.mode == "no_allow_override_argument" and "allow_override" in kwargs:
+            raise TypeError("impl() got an unexpected keyword argument 'allow_override'")
+        if self.mode == "refuses":
+            raise RuntimeError("This is not allowed since there's already a kernel registered from python")
+        if self.mode == "no_allow_override_argument" and f"fastconv/{name}/Autograd" in torch.library._impls:
+            raise RuntimeError("the _impls check of an older torch")
+
+
+@pytest.mark.parametrize("mode", ["allow_override", "no_allow_override_argument", "refuses"])
+def test_autograd_kernel_replacement_on_torch_versions_that_guard_overrides(mode, monkeypatch):
+    """torch 2.11's ``Library.impl`` refuses to replace a Python kernel unless told ``allow_override=True`` (the GPU
+    machine's ``import fastconv`` failed on it); older versions lack the argument and read ``torch.library._impls``.
+    The replacement must succeed on both and, where a torch refuses anyway, report it instead of raising."""
+    from fastconv.ops import func
+
+    monkeypatch.setattr(torch.library, "_impls", {"fastconv/probe_op/Autograd"})
+    lib = _RecordingLibrary(mode)
+    opdef = type("OpDef", (), {"_lib": lib, "_name": "probe_op"})()
+    done = func._replace_autograd_kernel(opdef, lambda *a: None)
+    assert done is (mode != "refuses")
+    assert lib.calls[0] == {"allow_override": True}
+    if mode == "no_allow_override_argument":
+        assert lib.calls[1] == {} and "fastconv/probe_op/Autograd" not in torch.library._impls

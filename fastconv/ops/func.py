@@ -25,7 +25,8 @@ Private torch API used: ``torch._library.custom_ops.OPDEFS``, ``torch._library.u
 ``torch.autograd.function._SingleLevelFunction``,
 ``torch._C._functorch.{get,set}_single_level_autograd_function_allowed`` (what
 ``torch._functorch.utils.enable_single_level_autograd_function`` sets).
-If a torch version lacks one of them, :func:`install` leaves the ops as ``register_autograd`` made them.
+If a torch version lacks one of them, or refuses to replace a registered kernel, :func:`install` leaves the ops
+as ``register_autograd`` made them.
 """
 from __future__ import annotations
 
@@ -184,9 +185,38 @@ def install() -> list[str]:
         if not qualname.startswith("fastconv::") or opdef._backward_fn is None or qualname in _INSTALLED:
             continue
         kernel = _make_autograd_kernel(opdef)
-        with warnings.catch_warnings():
-            # replacing register_autograd's kernel is the point; the dispatcher's override warning is noise
-            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
-            opdef._lib.impl(opdef._name, kernel, "Autograd", with_keyset=True)
+        if not _replace_autograd_kernel(opdef, kernel):
+            return sorted(_INSTALLED)  # this torch refuses the override: every op keeps register_autograd's kernel
         _INSTALLED[qualname] = kernel
     return sorted(_INSTALLED)
+
+
+def _replace_autograd_kernel(opdef, kernel) -> bool:
+    """Register ``kernel`` as ``opdef``'s Autograd kernel over the one ``register_autograd`` made; False when
+    this torch refuses (the op keeps its kernel).
+
+    ``Library.impl`` refuses a second Python kernel for one (op, dispatch key) unless ``allow_override=True``:
+    torch 2.13 defaults it to True, torch 2.11 (the GPU machine's) to False -- there ``import fastconv`` failed
+    with "This is not allowed since there's already a kernel registered from python overriding conv1d's
+    behavior for Autograd dispatch key and fastconv namespace". A torch without the argument gets the same
+    effect by forgetting the first registration in ``torch.library._impls``, the set that check reads (the
+    dispatcher itself replaces a kernel with a warning)."""
+    with warnings.catch_warnings():
+        # replacing register_autograd's kernel is the point; the dispatcher's override warning is noise
+        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+        try:
+            opdef._lib.impl(opdef._name, kernel, "Autograd", with_keyset=True, allow_override=True)
+            return True
+        except TypeError:  # no allow_override argument in this torch
+            pass
+        except RuntimeError:
+            return False
+        impls = getattr(torch.library, "_impls", None)
+        key = f"{opdef._lib.ns}/{opdef._name}/Autograd"
+        if isinstance(impls, set):
+            impls.discard(key)
+        try:
+            opdef._lib.impl(opdef._name, kernel, "Autograd", with_keyset=True)
+        except RuntimeError:
+            return False
+        return True
