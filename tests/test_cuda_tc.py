@@ -396,3 +396,31 @@ def test_on_the_gpu_matches_torch_and_the_harness(name, dtype):
         _check(got, want, dtype, f"GPU {what}")
         scale = max(want.abs().max().item(), 1e-6)
         assert (got.double() - emu_got.double()).abs().max().item() <= TOL[dtype] * scale / 4, f"GPU vs harness {what}"
+
+
+def test_shared_memory_opt_in_on_cupys_plain_function(monkeypatch):
+    """On a GPU the loader hands out CuPy's ``cupy.cuda.function.Function``, which has no settable
+    ``max_dynamic_shared_size_bytes`` (only ``ptr``): the opt-in above 48 KiB goes through the driver's
+    ``cuFuncSetAttribute`` (attribute 8), once per function and size; a harness function keeps its setter."""
+    import sys
+    import types
+
+    calls = []
+    driver = types.SimpleNamespace(funcSetAttribute=lambda ptr, attr, value: calls.append((ptr, attr, value)))
+    cupy_cuda = types.ModuleType("cupy.cuda")
+    cupy_cuda.driver = driver
+    cupy = types.ModuleType("cupy")
+    cupy.cuda = cupy_cuda
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy_cuda)
+    monkeypatch.setattr(conv_tc, "_SHARED_OPT_IN", {})
+
+    plain = types.SimpleNamespace(ptr=0x1234)  # what CuPy's Function offers
+    conv_tc._opt_in_shared(plain, 100_000)
+    conv_tc._opt_in_shared(plain, 90_000)  # already allowed: no second driver call
+    conv_tc._opt_in_shared(plain, 150_000)
+    assert calls == [(0x1234, 8, 100_000), (0x1234, 8, 150_000)]
+
+    settable = types.SimpleNamespace(max_dynamic_shared_size_bytes=48 * 1024)
+    conv_tc._opt_in_shared(settable, 100_000)
+    assert settable.max_dynamic_shared_size_bytes == 100_000 and len(calls) == 2

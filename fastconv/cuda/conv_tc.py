@@ -129,10 +129,39 @@ def _aligned(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+#: The CUDA driver's ``CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES`` (CUfunction_attribute 8), for a CuPy without
+#: the named constant.
+_MAX_DYNAMIC_SHARED_ATTRIBUTE = 8
+#: function pointer -> the dynamic shared memory it was opted in to (loaded modules stay loaded, see :mod:`.loader`)
+_SHARED_OPT_IN: dict = {}
+
+
+def _opt_in_shared(fn, smem: int) -> None:
+    """Let ``fn`` launch with ``smem`` bytes of dynamic shared memory (above 48 KiB a kernel must opt in; sm_80
+    allows 163 KiB, sm_90 227 KiB).
+
+    The CPU harness's functions (and CuPy's ``RawKernel``) carry a settable ``max_dynamic_shared_size_bytes``;
+    CuPy's ``cupy.cuda.function.Function``, which the loader hands out on a GPU, has only ``ptr``: on the first
+    real H200 every tensor-core call above 48 KiB failed with "'cupy.cuda.function.Function' object has no
+    attribute 'max_dynamic_shared_size_bytes'". There the driver's ``cuFuncSetAttribute`` sets it, once per
+    function and size."""
+    if hasattr(fn, "max_dynamic_shared_size_bytes"):
+        if fn.max_dynamic_shared_size_bytes < smem:
+            fn.max_dynamic_shared_size_bytes = smem
+        return
+    if _SHARED_OPT_IN.get(fn.ptr, 0) >= smem:
+        return
+    from cupy.cuda import driver
+
+    attribute = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", _MAX_DYNAMIC_SHARED_ATTRIBUTE)
+    driver.funcSetAttribute(fn.ptr, attribute, smem)
+    _SHARED_OPT_IN[fn.ptr] = smem
+
+
 def _launch(L: Launcher, name: str, grid, tensors, scalars, smem: int) -> None:
     fn = loader.function(L.target, FAMILY, name, L.device_id)
-    if smem > 48 * 1024 and fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem  # opt in above 48 KiB (sm_80: 163 KiB, sm_90: 227 KiB)
+    if smem > 48 * 1024:
+        _opt_in_shared(fn, smem)
     L.launch(FAMILY, name, grid, (THREADS,), tensors, scalars, shared_mem=smem)
 
 
