@@ -35,7 +35,7 @@ import torch
 from . import backends, benchmark
 
 #: fastconv's CUDA conv algorithms (pooling layers run "auto" only: one kernel per op).
-GPU_ALGOS = ("cuda-direct", "implicit-gemm", "cuda-depthwise", "auto")
+GPU_ALGOS = ("cuda-direct", "implicit-gemm", "implicit-gemm-tc", "cuda-depthwise", "auto")
 MODES = ("fp32", "tf32", "amp_cl")
 #: Error tolerance per mode: float32 kernels against a float64 reference; TF32 (10-bit mantissa)
 #: and float16 inputs are looser.
