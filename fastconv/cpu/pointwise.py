@@ -22,7 +22,6 @@ host time, so there are as few as the GEMMs need.
 """
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 

@@ -195,8 +195,8 @@ def _replace_autograd_kernel(opdef, kernel) -> bool:
     """Register ``kernel`` as ``opdef``'s Autograd kernel over the one ``register_autograd`` made; False when
     this torch refuses (the op keeps its kernel).
 
-    ``Library.impl`` refuses a second Python kernel for one (op, dispatch key) unless ``allow_override=True``:
-    torch 2.13 defaults it to True, torch 2.11 (the GPU machine's) to False -- there ``import fastconv`` failed
+    ``Library.impl`` refuses a second Python kernel for one (op, dispatch key) unless ``allow_override=True``
+    (torch 2.13's default): on torch 2.11 (the GPU machine's), called without it, ``import fastconv`` failed
     with "This is not allowed since there's already a kernel registered from python overriding conv1d's
     behavior for Autograd dispatch key and fastconv namespace". A torch without the argument gets the same
     effect by forgetting the first registration in ``torch.library._impls``, the set that check reads (the
