@@ -227,6 +227,10 @@ CB_CASES = {
     # larger stride-1 planes with large kernels (ConvNeXt's 16x16 7x7): forward and input gradient
     "large_kernel_16x13_7x7": (2, 70, (16, 13), (7, 7), dict(padding=3)),
     "large_kernel_12x12_5x5_dilated": (1, 65, (12, 12), (5, 5), dict(padding=(4, 2), dilation=(2, 1))),
+    # planes above 16x16 reach it only with 25+ taps over 128+ planes (batch x channels): ConvNeXt's and
+    # EfficientNet's 28x28 layers
+    "wide_kernel_28x28_7x7": (1, 130, (28, 28), (7, 7), dict(padding=3)),
+    "wide_kernel_30x27_5x5_two_images": (2, 70, (30, 27), (5, 5), dict(padding=(2, 1))),
 }
 
 
@@ -245,8 +249,14 @@ def test_channel_blocked_path_matches_torch(case, dtype):
     pad = (pad, pad) if isinstance(pad, int) else pad
     stride = kw.get("stride", 1)
     stride = (stride, stride) if isinstance(stride, int) else stride
-    assert depthwise._use_cb_forward(c, c, ref.shape[2:], pad), \
+    assert depthwise._use_cb_forward(c, c, ref.shape[2:], pad, kernel, n), \
         "case does not reach the channel-blocked path"
+    if stride in (1, (1, 1)) and not case.startswith("spread"):
+        dil = kw.get("dilation", 1)
+        dil = (dil, dil) if isinstance(dil, int) else dil
+        flipped = tuple((k - 1) * d - p for k, d, p in zip(kernel, dil, pad))
+        assert depthwise._use_cb_forward(c, c, size, flipped, kernel, n), \
+            "input gradient does not reach the channel-blocked path"
     if case.startswith("spread"):
         dil = kw.get("dilation", 1)
         dil = (dil, dil) if isinstance(dil, int) else dil
@@ -259,6 +269,20 @@ def test_channel_blocked_path_matches_torch(case, dtype):
     for name, a, e in zip(("grad_input", "grad_weight", "grad_bias"), torch.autograd.grad(y, (x, w, b), g),
                           torch.autograd.grad(ref, (x, w, b), g)):
         assert_close(a, e, what=name)
+
+
+def test_channel_blocked_route_for_wide_kernels():
+    """Planes above 16x16 take the channel-blocked forward only with 25+ taps, 128+ planes and at most 32x32."""
+    from fastconv.cpu import depthwise
+
+    use = depthwise._use_cb_forward
+    assert use(130, 130, (28, 28), (3, 3), (7, 7), 1)
+    assert use(64, 64, (32, 32), (2, 2), (5, 5), 2)
+    assert not use(96, 96, (32, 32), (2, 2), (5, 5), 1)      # one image, a block and a part-empty one
+    assert not use(192, 192, (28, 28), (1, 1), (3, 3), 8)    # 9 taps: up to 16x16 only
+    assert not use(192, 192, (33, 32), (3, 3), (7, 7), 8)    # above 32x32
+    assert not use(192, 384, (28, 28), (3, 3), (7, 7), 8)    # a channel multiplier: not this path at all
+    assert use(192, 192, (16, 16), (1, 1), (3, 3), 1)        # small planes as before
 
 
 def test_channel_blocked_forward_into_writes_the_requested_rows():

@@ -762,6 +762,19 @@ CB_MAX_PLANE = 14 * 14
 #: 144 x 32x32 mixed (0.71-1.24 / 0.95-1.02) and stays flat, as do ConvNeXt's 96 x 32x32 7x7 (4.2 / 2.0 ms
 #: before the packing was rewritten).
 CB_MAX_FORWARD_PLANE = 16 * 16
+#: ... and up to this plane for kernels of at least :data:`CB_WIDE_KERNEL_TAPS` taps (5x5, 7x7) when the call has at
+#: least :data:`CB_WIDE_MIN_PLANES` channel planes (batch x channels): each output position's 25-49 taps then
+#: run on whole 64-lane rows, where the flat path's per-plane loops fill one shifted copy of the plane per tap
+#: column. Measured (2 threads, float32, same process alternating, ms flat / channel-blocked, forward and
+#: stride-1 input gradient alike): batch 8, 7x7: ConvNeXt's 192 x 28x28 1.76-2.00 / 1.11-1.16, 96 x 32x32
+#: 1.15-1.32 / 0.96-1.10, 240 x 28x28 2.36-2.70 / 1.56-1.70; 5x5: 240 x 28x28 1.66-1.71 / 1.06-1.08, 120 x 32x32
+#: 0.98-1.06 / 0.76-0.83, 48 x 32x32 0.34-0.36 / 0.30-0.32; batch 1: 240 x 28x28 7x7 0.29-0.31 / 0.20, 192 x
+#: 28x28 5x5 0.15 / 0.12-0.14. Left flat: a single image of fewer channels (one or two blocks, one of them part
+#: empty: 96 x 32x32 5x5 0.10 / 0.11, 48 x 32x32 0.06 / 0.08-0.09), and 56x56 and larger planes (0.89-1.12, 64x64
+#: up to 1.48 at batch 1).
+CB_MAX_WIDE_KERNEL_PLANE = 32 * 32
+CB_WIDE_KERNEL_TAPS = 25
+CB_WIDE_MIN_PLANES = 2 * _CB
 #: Largest input plane whose strided input gradient takes the channel-blocked path (output gradient spread into
 #: a zero plane), same measurements: 192 x 16x16 stride 2 0.17-0.20 / 0.36-0.47, 144 x 32x32 0.54-0.75 /
 #: 0.86-0.91 (576 x 14x14 with the old packing: 2.4 -> 1.4 ms); 96 x 64x64 level, left flat.
@@ -925,9 +938,14 @@ def _use_cb(C, K, out_hw, padding, limit=None):
     return K == C and out_hw[0] * out_hw[1] <= limit and min(padding) >= 0
 
 
-def _use_cb_forward(C, K, out_hw, padding):
-    """:func:`_use_cb` for a forward pass: output planes up to :data:`CB_MAX_FORWARD_PLANE`."""
-    return _use_cb(C, K, out_hw, padding, CB_MAX_FORWARD_PLANE)
+def _use_cb_forward(C, K, out_hw, padding, kernel=(1, 1), batch=1):
+    """:func:`_use_cb` for a forward pass (or a stride-1 input gradient, which runs as one): output planes up to
+    :data:`CB_MAX_FORWARD_PLANE`, or :data:`CB_MAX_WIDE_KERNEL_PLANE` for a ``kernel`` (KH, KW) of at least
+    :data:`CB_WIDE_KERNEL_TAPS` taps over at least :data:`CB_WIDE_MIN_PLANES` planes (``batch * C``)."""
+    limit = CB_MAX_FORWARD_PLANE
+    if kernel[0] * kernel[1] >= CB_WIDE_KERNEL_TAPS and batch * C >= CB_WIDE_MIN_PLANES:
+        limit = max(limit, CB_MAX_WIDE_KERNEL_PLANE)
+    return _use_cb(C, K, out_hw, padding, limit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -957,7 +975,7 @@ def depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial, y
     if not y.flags.c_contiguous:
         raise ValueError("depthwise_forward_into: y must be C-contiguous")
     fast = None
-    if D == 1 and OD == 1 and KD == 1 and _use_cb_forward(C, K, (OH, OW), padding[1:]):
+    if D == 1 and OD == 1 and KD == 1 and _use_cb_forward(C, K, (OH, OW), padding[1:], (KH, KW), N):
         _forward2d_cb(_flat(x), N, C, H, W, _flat(w), KH, KW, b, stride[1], stride[2], padding[1], padding[2],
                       dilation[1], dilation[2], OH, OW, y.reshape(-1), int(chan0),
                       int(K if nstride is None else nstride), _chunks(N * ((C + _CB - 1) // _CB)))
@@ -1020,7 +1038,7 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
         # stride 1, multiplier 1: the input gradient is the forward correlation of the output gradient
         # with the flipped kernel, padded by (KH-1)*dh - ph before: the fast forward path runs it.
         pad = ((KH - 1) * dh - ph, (KW - 1) * dw - pw)
-        if _use_cb_forward(C, K, (H, W), pad):
+        if _use_cb_forward(C, K, (H, W), pad, (KH, KW), N):
             wf = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1]).reshape(-1)
             _forward2d_cb(go.reshape(-1), N, C, OH, OW, wf, KH, KW, np.zeros(C, go.dtype), 1, 1, pad[0], pad[1],
                           dh, dw, H, W, gx.reshape(-1), 0, C, _chunks(N * ((C + _CB - 1) // _CB)))
