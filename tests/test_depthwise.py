@@ -285,6 +285,36 @@ def test_channel_blocked_route_for_wide_kernels():
     assert use(192, 192, (16, 16), (1, 1), (3, 3), 1)        # small planes as before
 
 
+def test_channel_blocked_wide_kernel_route_gradcheck_and_opcheck(monkeypatch):
+    """The wide-kernel route (planes above 16x16) under gradcheck / gradgradcheck and opcheck. gradcheck's
+    numerical Jacobian needs few elements, so its case lowers the plane count the route asks for (the route, not
+    the kernel, is what the threshold decides; the assert checks the case takes it); opcheck runs a ConvNeXt-sized
+    call with the threshold as shipped."""
+    from fastconv.cpu import depthwise
+
+    x = torch.randn(1, 2, 17, 17, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(depthwise, "CB_WIDE_MIN_PLANES", 2)
+    assert depthwise._use_cb_forward(2, 2, (17, 17), (2, 2), (5, 5), 1)
+    assert not depthwise._use_cb_forward(2, 2, (17, 17), (2, 2), (3, 3), 1)
+    fn = lambda x, w, b: F.conv2d(x, w, b, padding=2, groups=2, algo=ALGO)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (x, w, b), fast_mode=True)
+    monkeypatch.undo()
+
+    x = torch.randn(1, 130, 28, 28, dtype=torch.float64)
+    w = torch.randn(130, 1, 7, 7, dtype=torch.float64)
+    b = torch.randn(130, dtype=torch.float64)
+    assert depthwise._use_cb_forward(130, 130, (28, 28), (3, 3), (7, 7), 1)
+    geometry = [[1, 1], [3, 3], [3, 3], [1, 1], 130, ALGO]
+    gy = torch.randn(1, 130, 28, 28, dtype=torch.float64)
+    ops = torch.ops.fastconv
+    torch.library.opcheck(ops.conv2d.default, (x, w, b, *geometry))
+    torch.library.opcheck(ops.conv2d_grad_input.default, (gy, w, [28, 28], *geometry))
+    torch.library.opcheck(ops.conv2d_grad_weight.default, (gy, x, [7, 7], *geometry))
+
+
 def test_channel_blocked_forward_into_writes_the_requested_rows():
     """depthwise_forward_into's row mapping (row n * nstride + chan0 + k) on the channel-blocked path,
     with the rows around left untouched."""
