@@ -16,9 +16,18 @@ import fastconv.functional as F
 from fastconv.cpu import im2col_fused, jit_gemm, memory, micro_gemm
 from helpers import assert_close, bytes_allocated
 
-pytestmark = pytest.mark.skipif(not jit_gemm.own_gemm_in_use(),
-                                reason="the gather kernels run on the own GEMM, which this CPU does not use "
-                                       "(no AVX2 with FMA); the kernel matrix still runs them, forced on")
+pytestmark = pytest.mark.skipif(not micro_gemm.HOST_HAS_VECTOR_FMA,
+                                reason="the gather kernels run on the own GEMM, which needs AVX2 with FMA or "
+                                       "AVX-512; this CPU has neither")
+
+
+@pytest.fixture(autouse=True)
+def own_gemm_route():
+    """The gather kernels are taken only where the own GEMM is the route; hosts whose default is the library (an
+    Intel CPU with AVX-512 and torch's MKL) switch it on for these tests."""
+    previous = jit_gemm.use_own_gemm(True)
+    yield
+    jit_gemm.use_own_gemm(previous)
 
 
 @pytest.fixture

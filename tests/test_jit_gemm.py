@@ -103,5 +103,21 @@ def test_library_choice_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("FASTCONV_JIT_GEMM", " SciPy")
     assert jit_gemm._wanted_from_env() == "scipy"
     monkeypatch.setenv("FASTCONV_JIT_GEMM", "openblas")
-    with pytest.warns(RuntimeWarning, match="FASTCONV_JIT_GEMM='openblas' is not one of auto, mkl, scipy"):
+    with pytest.warns(RuntimeWarning, match="FASTCONV_JIT_GEMM='openblas' is not one of auto, own, mkl, scipy"):
         assert jit_gemm._wanted_from_env() == "auto"
+
+
+def test_own_kernels_can_be_asked_for():
+    """``FASTCONV_JIT_GEMM=own`` starts with the own kernels wherever they can run (on an Intel CPU with AVX-512 the
+    default is MKL), and the library stays bound behind them."""
+    from fastconv.cpu import micro_gemm
+
+    if not micro_gemm.HOST_HAS_VECTOR_FMA:
+        pytest.skip("the own kernels need AVX2 with FMA or AVX-512; this CPU has neither")
+    env = dict(os.environ, FASTCONV_JIT_GEMM="own")
+    code = "from fastconv.cpu import jit_gemm; print(jit_gemm.own_gemm_in_use(), jit_gemm.SOURCE)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    own, source = done.stdout.split()[-2:]
+    assert own == "True"
+    assert source in ("mkl", "scipy")

@@ -1,6 +1,10 @@
 """fastconv's own GEMM micro-kernel (fastconv.cpu.micro_gemm): results against numpy in float32 and float64 at
 sizes that cross every block and tile edge, both orientations of ``b``, overwrite (NaN in ``c`` included) and
 accumulate, degenerate sizes, calls from parallel tasks, and its place behind :func:`jit_gemm.gemm`."""
+import os
+import platform
+import sys
+
 import numpy as np
 import pytest
 from numba import njit, prange
@@ -139,10 +143,39 @@ def test_calls_from_parallel_tasks():
     np.testing.assert_allclose(c, a @ b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("vector_fma, avx512, source, vendor, wanted, own", [
+    (True, True, "mkl", "AuthenticAMD", "auto", True),  # MKL would run AVX2 code: the own kernels
+    (True, True, "mkl", "GenuineIntel", "auto", False),  # MKL runs AVX-512 code there, and faster
+    (True, True, "scipy", "GenuineIntel", "auto", True),  # no MKL: the own kernels beat OpenBLAS's
+    (True, False, "mkl", "GenuineIntel", "auto", True),  # AVX2 only: the own kernels read operands in place
+    (True, True, "mkl", "", "auto", True),  # vendor unknown: as before
+    (True, True, "mkl", "GenuineIntel", "own", True),  # asked for
+    (True, True, "mkl", "AuthenticAMD", "mkl", False),
+    (False, False, "mkl", "AuthenticAMD", "own", False),  # cannot run here
+])
+def test_default_route_by_host(monkeypatch, vector_fma, avx512, source, vendor, wanted, own):
+    """Which route a host starts on: the own kernels unless MKL runs its 512-bit code (Intel, AVX-512) or the
+    environment chose a library; never where the own kernels cannot run."""
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_VECTOR_FMA", vector_fma)
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", avx512)
+    monkeypatch.setattr(jit_gemm, "SOURCE", source)
+    monkeypatch.setattr(jit_gemm, "_cpu_vendor", lambda: vendor)
+    assert jit_gemm.default_own_gemm(wanted) is own
+
+
+def test_cpu_vendor_is_read():
+    """The vendor string comes from the kernel's CPU table where there is one (Linux), else it is empty."""
+    vendor = jit_gemm._cpu_vendor()
+    assert isinstance(vendor, str)
+    if sys.platform.startswith("linux") and os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64",
+                                                                                                      "AMD64"):
+        assert vendor, "no vendor_id line read from /proc/cpuinfo"
+
+
 def test_jit_gemm_routes_by_the_switch():
     """The switch is on by default exactly where the CPU has 512-bit vectors or AVX2 with FMA (and no library was
-    forced), and both routes give the same product."""
-    assert jit_gemm.own_gemm_in_use() == (micro_gemm.HOST_HAS_VECTOR_FMA and jit_gemm._WANTED == "auto")
+    forced), except on an Intel CPU with 512-bit vectors and torch's MKL; both routes give the same product."""
+    assert jit_gemm.own_gemm_in_use() == jit_gemm.default_own_gemm()
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((19, 300)), rng.standard_normal((300, 45))
     results = []

@@ -72,8 +72,11 @@ def _gemm_route(jit_gemm) -> str:
     if jit_gemm.own_gemm_in_use():
         isa = "AVX-512" if micro_gemm.HOST_HAS_AVX512 else "AVX2"
         return f"fastconv's own {isa} kernels (fallback library: {library})"
-    return (f"library ({library}; the own kernels are off: no AVX2 with FMA, or FASTCONV_JIT_GEMM chose a "
-            "library)")
+    if jit_gemm.default_own_gemm("auto") is False and micro_gemm.HOST_HAS_VECTOR_FMA:
+        why = "MKL runs its AVX-512 code on this Intel CPU and was the faster; FASTCONV_JIT_GEMM=own switches"
+    else:
+        why = "no AVX2 with FMA, or FASTCONV_JIT_GEMM chose a library"
+    return f"library ({library}; the own kernels are off: {why})"
 
 
 def _caches() -> str:

@@ -26,8 +26,15 @@ its time there (one thread; the forwards' ``w @ columns``, Winograd's ``U @ V``,
 ``gy @ columns^T``; numbers in :mod:`.micro_gemm`). On AVX2 hosts (FMA, 256-bit vectors) too, with a tile
 sized for them: there MKL and the own kernels run the same vector code, and the own kernels win by reading
 a conv's operands in place (README, run AK).
+Not on Intel CPUs with 512-bit vectors where the library is torch's MKL (:func:`_mkl_runs_512_bit`): there MKL
+runs its own AVX-512 code, and it was the faster of the two (README, run BO; a 2-core Xeon with AVX-512, one
+thread, GFLOP/s own / MKL: (256, 2304, 392) 159 / 182-199, (192, 1600, 1800) 121-126 / 171-175, (512, 512, 512)
+170-172 / 179-181, transposed (128, 8192, 1152) 130-132 / 169; converted torchvision models with the whole route
+switched, same process, MKL / own time: training steps at batch 8 0.87-1.06, geomean 0.96, inference at batch 8
+0.81-1.00, geomean 0.91).
 :func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
-kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off.
+kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off, ``own`` with it on wherever the own
+kernels can run (an Intel CPU with AVX-512 included).
 """
 from __future__ import annotations
 
@@ -45,7 +52,7 @@ from fastconv import config
 
 from . import micro_gemm
 
-__all__ = ["SOURCE", "gemm", "use_own_gemm", "own_gemm_in_use"]
+__all__ = ["SOURCE", "gemm", "use_own_gemm", "own_gemm_in_use", "default_own_gemm"]
 
 _SYMBOLS = ("fastconv_jit_sgemm", "fastconv_jit_dgemm", "fastconv_jit_blas_threads_local")
 
@@ -89,10 +96,11 @@ def _scipy_blas() -> tuple | None:
     return gemms + (no_op,)
 
 
-#: ``FASTCONV_JIT_GEMM`` (read once, at import): "auto" (default: the own kernel where the CPU has 512-bit
-#: vectors, the library for the rest: torch's MKL, else scipy's BLAS), "mkl" or "scipy" (that library for
-#: everything; the tests run the scipy fallback this way).
-CHOICES = ("auto", "mkl", "scipy")
+#: ``FASTCONV_JIT_GEMM`` (read once, at import): "auto" (default: the own kernels where the CPU has 512-bit
+#: vectors or AVX2 with FMA, except on Intel CPUs with 512-bit vectors when torch's MKL is there; the library for
+#: the rest: torch's MKL, else scipy's BLAS), "own" (the own kernels wherever they can run), "mkl" or "scipy"
+#: (that library for everything; the tests run the scipy fallback this way).
+CHOICES = ("auto", "own", "mkl", "scipy")
 
 
 def _wanted_from_env() -> str:
@@ -106,7 +114,7 @@ def _wanted_from_env() -> str:
 
 def _bind(wanted: str) -> str | None:
     for source, find in (("mkl", _torch_mkl), ("scipy", _scipy_blas)):
-        if wanted not in ("auto", source):
+        if wanted not in ("auto", "own", source):
             continue
         addresses = find()
         if addresses and all(addresses):
@@ -147,7 +155,32 @@ def own_gemm_in_use() -> bool:
     return bool(_own_gemm_flag.value)
 
 
-use_own_gemm(micro_gemm.HOST_HAS_VECTOR_FMA and _WANTED == "auto")
+def _cpu_vendor() -> str:
+    """The CPU's vendor as the kernel reports it ("GenuineIntel", "AuthenticAMD", ...); "" where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _mkl_runs_512_bit() -> bool:
+    """Whether the library GEMM is torch's MKL on an Intel CPU with 512-bit vectors, where MKL takes its AVX-512
+    code path (on AMD CPUs it takes its AVX2 one, which is why the own kernels exist)."""
+    return SOURCE == "mkl" and micro_gemm.HOST_HAS_AVX512 and _cpu_vendor() == "GenuineIntel"
+
+
+def default_own_gemm(wanted: str = _WANTED) -> bool:
+    """The route :data:`FASTCONV_JIT_GEMM <CHOICES>` and this host give at import: own kernels (True) or library."""
+    if not micro_gemm.HOST_HAS_VECTOR_FMA:
+        return False
+    return wanted == "own" or (wanted == "auto" and not _mkl_runs_512_bit())
+
+
+use_own_gemm(default_own_gemm())
 
 
 @intrinsic
