@@ -234,12 +234,16 @@ CB_CASES = {
 }
 
 
-# float32 too: its blocks are packed and unpacked by 16 x 16 register transposes (float64: 8 x 8), with edges
+# float32 too: its blocks are packed and unpacked by 16 x 16 register transposes (float64: 8 x 8), with edges;
+# stride-1 undilated rows on the window tiles (each row's inputs loaded once for all its taps) and on the
+# tap-by-tap tiles
+@pytest.mark.parametrize("window", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(CB_CASES))
-def test_channel_blocked_path_matches_torch(case, dtype):
+def test_channel_blocked_path_matches_torch(case, dtype, window, monkeypatch):
     from fastconv.cpu import depthwise
 
+    monkeypatch.setattr(depthwise, "CB_WINDOW", window)
     n, c, size, kernel, kw = CB_CASES[case]
     x = torch.randn(n, c, *size, dtype=dtype, requires_grad=True)
     w = torch.randn(c, 1, *kernel, dtype=dtype, requires_grad=True)

@@ -27,6 +27,7 @@ GEOMETRIES = {
                                      {"forward"}),
     "asymmetric 3x5, no padding": (2, 24, (6, 9), 24, (3, 5), {}, {"forward", "grad_input"}),
     "batch 1, more rows than bands": (1, 8, (40, 5), 8, (3, 3), dict(padding=1), {"forward", "grad_input"}),
+    "5x5 pad 2, rows of 19": (2, 16, (6, 19), 16, (5, 5), dict(padding=2), {"forward", "grad_input"}),
     "6 channels (not whole vectors)": (2, 6, (8, 8), 6, (3, 3), dict(padding=1), set()),
     "multiplier 2": (2, 8, (8, 8), 16, (3, 3), dict(padding=1), set()),
 }
@@ -56,8 +57,13 @@ def spy(monkeypatch):
     return ran
 
 
+@pytest.mark.parametrize("window", [True, False])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_matches_torch_in_place(geometry, spy):
+def test_matches_torch_in_place(geometry, window, spy, monkeypatch):
+    """Forward and every gradient against torch in float64, results channels_last; stride-1 undilated rows on
+    the window tiles (each row's inputs loaded once for all its taps; rows of 8 or more positions) and on the
+    tap-by-tap tiles."""
+    monkeypatch.setattr(depthwise_nhwc, "WINDOW", window)
     x, w, b, kw = _make(geometry)
     leaves = [t for t in (x, w, b) if t is not None]
     ours = [t.detach().clone().requires_grad_() for t in leaves]
@@ -91,7 +97,8 @@ def test_convnext_block_shape_float32_and_float64(dtype, spy):
     assert "forward" in spy
 
 
-@pytest.mark.parametrize("geometry", ["7x7 pad 3", "3x3 stride 2", "5x5 stride (1, 3) dilation 2"])
+@pytest.mark.parametrize("geometry", ["7x7 pad 3", "3x3 stride 2", "5x5 stride (1, 3) dilation 2",
+                                      "5x5 pad 2, rows of 19"])
 def test_gradcheck(geometry):
     x, w, b, kw = _make(geometry)
     args = tuple(t.detach().clone().requires_grad_() for t in (x[:1], w, b))
