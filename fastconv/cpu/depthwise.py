@@ -900,9 +900,7 @@ def _grad_weight2d_cb(go, N, C, OH, OW, x, H, W, KH, KW, sh, sw, ph, pw, dh, dw,
         G = np.zeros(P * _CB, gw.dtype)
         Acc = np.zeros(T * R, gw.dtype)
         toff = np.empty(T, np.int64)
-        row_offs = np.empty(KH, np.int64)
         for kh in range(KH):
-            row_offs[kh] = kh * dh * sw * Wq * _CB
             for kw in range(KW):
                 a = kw * dw
                 toff[kh * KW + kw] = ((kh * dh * sw + a % sw) * Wq + a // sw) * _CB

@@ -30,8 +30,8 @@ Not on Intel CPUs with 512-bit vectors where the library is torch's MKL (:func:`
 runs its own AVX-512 code, and it was the faster of the two (README, run BO; a 2-core Xeon with AVX-512, one
 thread, GFLOP/s own / MKL: (256, 2304, 392) 159 / 182-199, (192, 1600, 1800) 121-126 / 171-175, (512, 512, 512)
 170-172 / 179-181, transposed (128, 8192, 1152) 130-132 / 169; converted torchvision models with the whole route
-switched, same process, MKL / own time: training steps at batch 8 0.87-1.06, geomean 0.96, inference at batch 8
-0.81-1.00, geomean 0.91).
+switched, same process, MKL / own time: training steps at batch 8 0.91-1.06, geomean 0.97, inference at batch 8
+0.81-1.00, geomean 0.92).
 :func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
 kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off, ``own`` with it on wherever the own
 kernels can run (an Intel CPU with AVX-512 included).
