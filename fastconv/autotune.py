@@ -274,14 +274,7 @@ def deterministic() -> bool:
 # fingerprint, keys and file location
 # --------------------------------------------------------------------------------------------------
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+    return config.cpuinfo_field("model name") or platform.processor() or "unknown"
 
 
 _FINGERPRINT: Optional[dict] = None

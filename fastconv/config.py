@@ -46,6 +46,19 @@ FASTMATH = frozenset({"reassoc", "contract"})
 CACHE = True
 
 
+def cpuinfo_field(name: str) -> str:
+    """The first ``name`` line's value in ``/proc/cpuinfo`` ("vendor_id", "model name", ...); "" where there is
+    none (other systems, or the field is missing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cache_folder(*parts: str) -> "os.PathLike":
     """fastconv's on-disk cache folder (autotune choices, compiled CUDA modules, the harness's builds):
     ``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv``, else ``~/.cache/fastconv``, with ``parts``

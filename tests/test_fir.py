@@ -23,6 +23,21 @@ def test_fir_matches_numpy(dtype, T, L):
     assert np.isnan(out[L:]).all()  # nothing written past L
 
 
+def _check_channel_rows(out, src, base, row_step, offs, wts, T, rows, cols, step):
+    """``out`` of a channel-rows kernel against numpy in float64 (the bias after the taps), and nothing written
+    past the last position."""
+    w = wts.astype(np.float64).reshape(T + 1, step)
+    want = np.empty((rows, cols, step))
+    for r in range(rows):
+        for q in range(cols):
+            at = base + r * row_step + q * step
+            want[r, q] = w[T] + sum(w[t] * src[at + offs[t]:at + offs[t] + step] for t in range(T))
+    tol = 1e-5 if out.dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(out[:rows * cols * step].reshape(rows, cols, step), want, rtol=tol,
+                               atol=tol * np.sqrt(T) * 4)
+    assert np.isnan(out[rows * cols * step:]).all()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("T", [1, 9, 49])
 @pytest.mark.parametrize("cols", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17])
@@ -38,16 +53,7 @@ def test_channel_rows_match_numpy(dtype, T, cols, step):
     wts = rng.standard_normal((T + 1) * step).astype(dtype)
     out = np.full(rows * cols * step + 7, np.nan, dtype)
     fir.channel_rows(src, base, row_step, offs, wts, T, rows, cols, step, out)
-    w = wts.astype(np.float64).reshape(T + 1, step)
-    want = np.empty((rows, cols, step))
-    for r in range(rows):
-        for q in range(cols):
-            at = base + r * row_step + q * step
-            want[r, q] = w[T] + sum(w[t] * src[at + offs[t]:at + offs[t] + step] for t in range(T))
-    tol = 1e-5 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(out[:rows * cols * step].reshape(rows, cols, step), want, rtol=tol,
-                               atol=tol * np.sqrt(T) * 4)
-    assert np.isnan(out[rows * cols * step:]).all()
+    _check_channel_rows(out, src, base, row_step, offs, wts, T, rows, cols, step)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -71,16 +77,7 @@ def test_channel_rows_by_window_match_numpy(dtype, KH, KW, cols, step):
     wts = rng.standard_normal((T + 1) * step).astype(dtype)
     out = np.full(rows * cols * step + 7, np.nan, dtype)
     fir.channel_rows_by_window(src, base, row_step, row_offs, KH, KW, offs, wts, T, rows, cols, step, out)
-    w = wts.astype(np.float64).reshape(T + 1, step)
-    want = np.empty((rows, cols, step))
-    for r in range(rows):
-        for q in range(cols):
-            at = base + r * row_step + q * step
-            want[r, q] = w[T] + sum(w[t] * src[at + offs[t]:at + offs[t] + step] for t in range(T))
-    tol = 1e-5 if dtype == np.float32 else 1e-13
-    np.testing.assert_allclose(out[:rows * cols * step].reshape(rows, cols, step), want, rtol=tol,
-                               atol=tol * np.sqrt(T) * 4)
-    assert np.isnan(out[rows * cols * step:]).all()
+    _check_channel_rows(out, src, base, row_step, offs, wts, T, rows, cols, step)
     by_tap = np.full_like(out, np.nan)
     fir.channel_rows_by_position(src, base, row_step, offs, wts, T, rows, cols, step, by_tap)
     np.testing.assert_array_equal(out, by_tap)

@@ -102,6 +102,16 @@ def fir(src, offs, wts, T, out, L):
         out[j] = s
 
 
+def _channel_tile_pointers(context, builder, sig, args):
+    """The data pointers of a channel tile's operands ``(src, src_base, offs, wts, w_base, _, out, out_base, _)``:
+    ``src`` at ``src_base``, ``offs``, ``wts`` at ``w_base`` and ``out`` at ``out_base``."""
+    def data(i):
+        return context.make_array(sig.args[i])(context, builder, args[i]).data
+
+    return (builder.gep(data(0), [args[1]]), data(2), builder.gep(data(3), [args[4]]),
+            builder.gep(data(6), [args[7]]))
+
+
 def _channel_tile_intrinsic(positions: int):
     """An intrinsic ``tile(src, src_base, offs, wts, w_base, T, out, out_base, step)`` for channel-innermost data
     (``step`` elements per position, one vector of channels at each): ``out[out_base + j*step + l] =
@@ -115,13 +125,10 @@ def _channel_tile_intrinsic(positions: int):
         dtype = out.dtype
 
         def codegen(context, builder, sig, args):
-            src_v, src_base_v, offs_v, wts_v, w_base_v, T_v, out_v, out_base_v, step_v = args
+            T_v, step_v = args[5], args[8]
             itemsize, width, vector, fma, zero, splat = micro_gemm.vector_ir(context, builder, dtype)
             intp = context.get_value_type(types.intp)
-            src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_base_v])
-            offs_ptr = context.make_array(offs)(context, builder, offs_v).data
-            wts_ptr = builder.gep(context.make_array(wts)(context, builder, wts_v).data, [w_base_v])
-            out_ptr = builder.gep(context.make_array(out)(context, builder, out_v).data, [out_base_v])
+            src_ptr, offs_ptr, wts_ptr, out_ptr = _channel_tile_pointers(context, builder, sig, args)
 
             def vec(ptr, offset):
                 return builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
@@ -226,13 +233,10 @@ def _window_tile_intrinsic(positions: int, width_taps: int):
         dtype = out.dtype
 
         def codegen(context, builder, sig, args):
-            src_v, src_base_v, offs_v, wts_v, w_base_v, KH_v, out_v, out_base_v, step_v = args
+            KH_v, step_v = args[5], args[8]
             itemsize, width, vector, fma, zero, splat = micro_gemm.vector_ir(context, builder, dtype)
             intp = context.get_value_type(types.intp)
-            src_ptr = builder.gep(context.make_array(src)(context, builder, src_v).data, [src_base_v])
-            offs_ptr = context.make_array(row_offs)(context, builder, offs_v).data
-            wts_ptr = builder.gep(context.make_array(wts)(context, builder, wts_v).data, [w_base_v])
-            out_ptr = builder.gep(context.make_array(out)(context, builder, out_v).data, [out_base_v])
+            src_ptr, offs_ptr, wts_ptr, out_ptr = _channel_tile_pointers(context, builder, sig, args)
 
             def const(v):
                 return ir.Constant(intp, v)

@@ -157,14 +157,7 @@ def own_gemm_in_use() -> bool:
 
 def _cpu_vendor() -> str:
     """The CPU's vendor as the kernel reports it ("GenuineIntel", "AuthenticAMD", ...); "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return config.cpuinfo_field("vendor_id")
 
 
 def _mkl_runs_512_bit() -> bool:
