@@ -163,8 +163,10 @@ def _fused_for_any_size(monkeypatch, on: bool):
 def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeypatch):
     # With the default limits (no test switches) a 3-channel stem's forward and weight gradient run fused
     # (MIN_IN_CHANNELS: faster than the plain path since the flat fills), float64 against torch; where the own
-    # GEMM is in use, on the gather kernels (faster still: GATHER_MAX_WEIGHT_BYTES).
-    gather = im2col_fused.gather_applies((1,) + ksz, 1, (1, 24, 24), (1, 8, 8))
+    # GEMM is in use (or the weights are small enough for it on a host whose GEMMs run on MKL: SMALL_ON_OWN), on the
+    # gather kernels (faster still: GATHER_MAX_WEIGHT_BYTES).
+    small = im2col_fused.small_for_own(8, 3 * ksz[0] * ksz[1], ksz, (stride, stride), 8)
+    gather = im2col_fused.gather_applies((1,) + ksz, 1, (1, 24, 24), (1, 8, 8), small)
     ran = []
     for name in ("forward_gather", "grad_weight_gather") if gather else ("forward", "grad_weight"):
         real = getattr(im2col_fused, name)

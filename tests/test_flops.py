@@ -275,7 +275,8 @@ def test_algorithm_columns_come_from_the_registry(monkeypatch):
     assert flops.executed_multiplications("direct", geom) == 2 * 8 * 16 * (12 * 3 - 2) * 3 * 12
     from fastconv.cpu import im2col_fused
 
-    if im2col_fused.gather_applies((1, 3, 3), 1, (1, 12, 12), (1, 12, 12)):
+    if im2col_fused.gather_applies((1, 3, 3), 1, (1, 12, 12), (1, 12, 12),
+                                   im2col_fused.small_for_own(8, 16 * 9, (3, 3), (1, 1), 4)):
         # im2col's workspace on the gather kernel (the own GEMM): the padded input (2 x 16 x 14 x 14), the weights
         # packed in one panel of the micro-kernel's columns (32 float32 with AVX-512, 16 with AVX2; 8 used) and one
         # task's result for all 288 positions (a conv this small runs on the calling thread), float32

@@ -221,6 +221,60 @@ def test_input_gradient_into_few_channels_takes_the_taps_kernel(monkeypatch):
     assert len(ran) > 1, "gradcheck's input gradients did not reach the taps kernel"
 
 
+def test_which_convs_count_as_small_for_the_own_kernels(monkeypatch):
+    """:func:`.im2col_fused.small_for_own`: weights up to SMALL_ON_OWN_MAX_WEIGHT_BYTES, reductions of at least
+    SMALL_ON_OWN_MIN_REDUCTION, overlapping windows; :func:`.im2col_fused.own_kernels_take`: always on the own route,
+    on the library route only small convs and only with SMALL_ON_OWN in force."""
+    small = im2col_fused.small_for_own
+    limit, shortest = im2col_fused.SMALL_ON_OWN_MAX_WEIGHT_BYTES, im2col_fused.SMALL_ON_OWN_MIN_REDUCTION
+    assert small(32, 128 * 9, (3, 3), (1, 1), 4)  # DenseNet's 128 -> 32 3x3
+    assert small(64, 3 * 49, (7, 7), (2, 2), 4)  # the RGB 7x7 stride-2 stem
+    assert not small(64, 3 * 9, (3, 3), (1, 1), 4)  # VGG's RGB stem: too short a reduction
+    assert not small(96, 3 * 16, (4, 4), (4, 4), 4) and not small(192, 96 * 4, (2, 2), (2, 2), 4)  # patchify
+    assert small(limit // (4 * shortest), shortest, (3, 3), (1, 1), 4)
+    assert not small(limit // (4 * shortest) + 1, shortest, (3, 3), (1, 1), 4)  # weights over the limit
+    assert not small(8, shortest - 1, (3, 3), (1, 1), 4)
+    assert im2col_fused.own_kernels_take(False) and im2col_fused.own_kernels_take(True)  # the own route
+    jit_gemm.use_own_gemm(False)  # (the fixture restores it)
+    monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN", True)
+    assert im2col_fused.own_kernels_take(True) and not im2col_fused.own_kernels_take(False)
+    assert im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8), True)
+    assert not im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8), False)
+    assert im2col_fused.takes_taps((7, 7), (2, 2), 3, 32, True)  # an RGB stem
+    assert not im2col_fused.takes_taps((7, 7), (2, 2), 3, 32, False)
+    monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN", False)
+    assert not im2col_fused.own_kernels_take(True)
+    assert not im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8), True)
+
+
+def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, monkeypatch):
+    """With the kernels' GEMMs on the library (an Intel host's default) and SMALL_ON_OWN in force, a small dense conv
+    still runs on the gather kernels and a conv over the weight limit does not; both match torch in float64
+    through the public API (forward and both gradients), and gradcheck passes on the small one."""
+    jit_gemm.use_own_gemm(False)  # (the fixture restores it)
+    monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN", True)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 24, 8, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(8, 24, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    for limit, gathered in ((w.numel() * 8, True), (w.numel() * 8 - 1, False)):
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", limit)
+        gather_spy.clear()
+        y = F.conv2d(x, w, padding=1, algo="im2col")
+        ref = TF.conv2d(x, w, padding=1)
+        assert_close(y, ref, algo="im2col", what=f"forward, limit {limit}")
+        go = torch.randn_like(ref)
+        for name, a, e in zip(("input", "weight"), torch.autograd.grad(y, (x, w), go),
+                              torch.autograd.grad(ref, (x, w), go)):
+            assert_close(a, e, algo="im2col", what=f"grad {name}, limit {limit}")
+        assert ({"forward", "grad_weight"} <= set(gather_spy)) is gathered, (limit, gather_spy)
+        assert gathered or not gather_spy, gather_spy
+    monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", w.numel() * 8)
+    gather_spy.clear()
+    xs, ws = x[:1, :, :6, :7].detach().requires_grad_(), w.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, c: F.conv2d(a, c, padding=1, algo="im2col"), (xs, ws))
+    assert gather_spy, "gradcheck's calls did not reach the gather kernels"
+
+
 def test_opcheck_on_the_gather_kernels(gather_spy):
     """``torch.ops.fastconv.conv2d`` and its two gradient ops, float64, on the gather kernels."""
     g = torch.Generator().manual_seed(5)

@@ -163,6 +163,23 @@ def test_default_route_by_host(monkeypatch, vector_fma, avx512, source, vendor, 
     assert jit_gemm.default_own_gemm(wanted) is own
 
 
+@pytest.mark.parametrize("vector_fma, avx512, source, vendor, wanted, expected", [
+    (True, True, "mkl", "GenuineIntel", "auto", True),  # chosen for speed: small convs may still take the own kernels
+    (True, True, "mkl", "GenuineIntel", "mkl", False),  # asked for: MKL for everything
+    (True, True, "mkl", "GenuineIntel", "own", False),
+    (True, True, "mkl", "AuthenticAMD", "auto", False),  # the own kernels are the default there
+    (True, True, "scipy", "GenuineIntel", "auto", False),
+    (False, False, "mkl", "GenuineIntel", "auto", False),  # no own kernels at all
+])
+def test_mkl_by_default_only_where_chosen_for_speed(monkeypatch, vector_fma, avx512, source, vendor, wanted, expected):
+    """:func:`mkl_by_default`: the library route was picked because MKL was the faster here, not asked for."""
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_VECTOR_FMA", vector_fma)
+    monkeypatch.setattr(micro_gemm, "HOST_HAS_AVX512", avx512)
+    monkeypatch.setattr(jit_gemm, "SOURCE", source)
+    monkeypatch.setattr(jit_gemm, "_cpu_vendor", lambda: vendor)
+    assert jit_gemm.mkl_by_default(wanted) is expected
+
+
 def test_cpu_vendor_is_read():
     """The vendor string comes from the kernel's CPU table where there is one (Linux), else it is empty."""
     vendor = jit_gemm._cpu_vendor()

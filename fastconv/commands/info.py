@@ -66,17 +66,20 @@ def _threading(run_kernel: bool) -> str:
 
 def _gemm_route(jit_gemm) -> str:
     """Which code runs the CPU kernels' GEMMs: fastconv's own AVX-512 or AVX2 kernels, or a library."""
-    from fastconv.cpu import micro_gemm
+    from fastconv.cpu import im2col_fused, micro_gemm
 
     library = jit_gemm.SOURCE or "none found"
     if jit_gemm.own_gemm_in_use():
         isa = "AVX-512" if micro_gemm.HOST_HAS_AVX512 else "AVX2"
         return f"fastconv's own {isa} kernels (fallback library: {library})"
     if jit_gemm.default_own_gemm("auto") is False and micro_gemm.HOST_HAS_VECTOR_FMA:
-        why = "MKL runs its AVX-512 code on this Intel CPU and was the faster; FASTCONV_JIT_GEMM=own switches"
+        small = (f"except dense convs with at most {im2col_fused.SMALL_ON_OWN_MAX_WEIGHT_BYTES / 2**20:g} MB of weights, "
+                 "which take the own gather and taps kernels" if im2col_fused.SMALL_ON_OWN else "the own kernels are off")
+        why = (f"{small}: MKL runs its AVX-512 code on this Intel CPU and was the faster; FASTCONV_JIT_GEMM=own "
+               "switches")
     else:
-        why = "no AVX2 with FMA, or FASTCONV_JIT_GEMM chose a library"
-    return f"library ({library}; the own kernels are off: {why})"
+        why = "the own kernels are off: no AVX2 with FMA, or FASTCONV_JIT_GEMM chose a library"
+    return f"library ({library}; {why})"
 
 
 def _caches() -> str:

@@ -130,14 +130,16 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
-    if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial)
+    small = im2col_fused.small_for_own(g.out_channels, ck, g.kernel[1:], g.stride[1:], item)
+    if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial, small)
             and im2col_fused.takes_gather_forward(g.kernel[1:], g.stride[1:], g.in_channels, g.out_channels,
                                                   g.out_spatial[2], item, g.batch * math.prod(g.out_spatial))):
         return im2col_fused.gather_workspace_bytes(g.batch, g.in_channels, g.out_channels, g.kernel[1:],
                                                    g.stride[1:], g.dilation[1:], g.out_spatial[1:], item)
     if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial, item):
         taps = ((g.in_channels, g.kernel[1], g.kernel[2], g.stride[1], g.stride[2], g.dilation[1], g.dilation[2])
-                if im2col_fused.takes_taps(g.kernel[1:], g.stride[1:], g.in_channels, g.out_spatial[2]) else None)
+                if im2col_fused.takes_taps(g.kernel[1:], g.stride[1:], g.in_channels, g.out_spatial[2], small)
+                else None)
         return im2col_fused.workspace_bytes(g.batch, g.out_channels, ck, g.out_spatial[1], g.out_spatial[2], item,
                                             taps)
     width = g.out_spatial[2]

@@ -1182,7 +1182,8 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             y4 = y3.reshape(N, G, Kg, P)
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
-    elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial)
+    elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial,
+                                      im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize))
           and im2col_fused.takes_gather_forward((KH, KW), stride[1:], C, K, OW, x.itemsize, N * OH * OW)):
         # no columns: the own GEMM reads the padded input through offset tables, the bias added on the way out
         im2col_fused.forward_gather(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:],
@@ -1273,7 +1274,8 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
     # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
-    if (stride == (1, 1, 1) and im2col_fused.gather_applies((KD, KH, KW), G, out_spatial, in_spatial)
+    small = im2col_fused.small_for_own(C, K * KD * KH * KW, (KH, KW), (1, 1), go.itemsize)  # the flipped conv's
+    if (stride == (1, 1, 1) and im2col_fused.gather_applies((KD, KH, KW), G, out_spatial, in_spatial, small)
             and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize, N * H * W)):
         # dense: that forward on the gather kernel, whatever the batch and the expansion (no columns to fill).
         # Measured after other work as in a model, 2 threads, gather / previous path: DenseNet's 128 -> 32 at 4x4
@@ -1283,7 +1285,8 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
                                        (H, W), (KH, KW), gx.reshape(N, C, H * W))
         return gx
     if (stride == (1, 1, 1) and N * P >= FUSED_GRAD_INPUT_MIN_POSITIONS
-            and (K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C or im2col_fused.takes_narrow_taps((KH, KW), (1, 1), K, C, W))
+            and (K <= FUSED_GRAD_INPUT_MAX_EXPANSION * C
+                 or im2col_fused.takes_narrow_taps((KH, KW), (1, 1), K, C, W, small))
             and im2col_fused.applies((KD, KH, KW), G, K, C, out_spatial, in_spatial, go.itemsize)):
         # dense: that forward with the columns made in cache, or on the taps kernel into few input channels
         # (negative padding, a crop, is read as such)
@@ -1366,7 +1369,8 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
         for n in range(1, N):
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
-    if (im2col_fused.gather_applies(kernel_spatial, G, (D, H, W), out_spatial)
+    if (im2col_fused.gather_applies(kernel_spatial, G, (D, H, W), out_spatial,
+                                    im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize))
             and im2col_fused.takes_gather_grad_weight(C, K, KH * KW, x.itemsize)):
         # no columns: the own GEMM reads the padded input through offset tables (dW^T = A @ gy^T)
         im2col_fused.grad_weight_gather(go3, x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:],

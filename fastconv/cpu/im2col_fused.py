@@ -60,6 +60,49 @@ ENABLED = True
 #: Whether im2col's weight gradient takes :func:`grad_weight` where :func:`applies` says yes.
 GRAD_WEIGHT = True
 
+#: On hosts whose kernels' GEMMs run on torch's MKL by default (Intel CPUs with AVX-512, see
+#: :func:`.jit_gemm.mkl_by_default`), small convs still take the own kernels that read the input in place (the
+#: gather and taps kernels, :mod:`.micro_gemm`) as they do on the own route (:func:`small_for_own` says which):
+#: MKL wins the big products, but small convs pay more for their columns than its faster GEMM saves. Measured on
+#: a 2-core Xeon (AVX-512), converted torchvision models, training step at batch 8, one process alternating with
+#: and without, median time with / without (tuned choices kept), at a 2 MB weight limit and before the reduction
+#: and window rules: AlexNet 0.954, ResNet-18 0.963, GoogLeNet 0.976, EfficientNet-B0 0.992, MobileNet-v3 0.987,
+#: RegNet 0.994, SqueezeNet 0.993, MobileNet-v2 1.001, ResNet-50 1.008, ConvNeXt 1.011, VGG-11 1.023, ShuffleNet
+#: 1.025 (the last three on their stems and patchify convs, now left to MKL); with 1 MB DenseNet-121 0.957; with
+#: 4 MB AlexNet 0.985, ResNet-18 0.966. With the rules as they are: AlexNet 0.970, DenseNet-121 0.965, ResNet-18
+#: 0.987, ShuffleNet 1.005, ConvNeXt 1.012, SqueezeNet 1.013, VGG-11 1.074 (pairs 1.00-1.35; its tuned convs all
+#: run Winograd, which this rule does not touch: per layer level). Per layer, batch 8, forward / input gradient /
+#: weight gradient ms, own
+#: kernels against MKL: AlexNet's 64 -> 192 5x5 at 15x15 4.2-4.4 / 4.2 / 4.0-4.3 against 5.2-5.3 / 5.3-5.6 /
+#: 4.3-4.5, DenseNet's 128 -> 32 3x3 at 16x16 0.86 / 0.80 / 0.72 against 1.05 / 0.80 / 1.21, the 3 -> 64 7x7
+#: stride-2 stem 3.0 / - / 3.4 against 4.1 / - / 4.5, AlexNet's 11x11 stride-4 stem 1.9 / - / 1.6 against 2.2 / - /
+#: 2.3; ResNet's 512 -> 512 at 4x4 (9.4 MB) 3.4 / 3.4 / 3.1 against 2.6 / 2.9 / 2.3.
+SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
+#: ... with reductions (``C*KH*KW``) at least this long: VGG's 3 -> 64 3x3 stem at 128x128 (27) ran 11.2 / 5.4 ms
+#: (forward / weight gradient) on the own kernels against 8.5 / 4.5, ShuffleNet's 3 -> 24 3x3 stride 2 1.04 / 1.42
+#: against 0.84 / 0.94 ...
+SMALL_ON_OWN_MIN_REDUCTION = 128
+#: ... and only where windows overlap (a kernel larger than its stride): a patchify conv's columns are a plain
+#: reshuffle (ConvNeXt's 3 -> 96 4x4 stride 4 forward 0.96 against 0.82, 96 -> 192 2x2 stride 2 1.99 against 1.51).
+#: Whether the rule is in force: set at import where it applies (tests and A/B measurements switch it).
+SMALL_ON_OWN = jit_gemm.mkl_by_default() and micro_gemm.HOST_HAS_AVX512
+
+
+def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int) -> bool:
+    """Whether a dense conv (``out_channels``, ``reduction = C*KH*KW``) is one that :data:`SMALL_ON_OWN` sends to the
+    own kernels: at most :data:`SMALL_ON_OWN_MAX_WEIGHT_BYTES` of weights, a reduction of at least
+    :data:`SMALL_ON_OWN_MIN_REDUCTION`, overlapping windows."""
+    (KH, KW), (sh, sw) = kernel_hw, stride_hw
+    return (out_channels * reduction * itemsize <= SMALL_ON_OWN_MAX_WEIGHT_BYTES
+            and reduction >= SMALL_ON_OWN_MIN_REDUCTION and (KH > sh or KW > sw))
+
+
+def own_kernels_take(small: bool = False) -> bool:
+    """Whether the kernels built on the own GEMM (gather, taps) may run a conv: wherever the kernels' GEMMs run on
+    the own kernels; on a host where they run on MKL by default, a conv that :func:`small_for_own` (``small``)."""
+    return jit_gemm.own_gemm_in_use() or (SMALL_ON_OWN and small)
+
+
 #: Fewest multiply-adds for which the region runs on every thread (below, on the calling thread alone: waking
 #: the workers costs more than a tiny conv, see :mod:`.parallel`).
 PARALLEL_MIN_MACS = 2_000_000
@@ -511,11 +554,11 @@ def _taps_rows_per_chunk(N, K, OH, Wb, itemsize, tasks):
     return -(-OH // per_image)
 
 
-def takes_taps(kernel_hw, stride_hw, in_channels: int, out_width: int) -> bool:
+def takes_taps(kernel_hw, stride_hw, in_channels: int, out_width: int, small: bool = False) -> bool:
     """Whether :func:`forward` runs a conv of this geometry on the taps kernel (:func:`_forward_taps_region`):
     stride 1, or strided through its phases (:func:`_phase_box`) where :data:`TAPS_STRIDED_MAX_IN_CHANNELS` and
-    overlapping windows say it pays."""
-    if not (TAPS and out_width >= TAPS_MIN_OW and jit_gemm.own_gemm_in_use()):
+    overlapping windows say it pays; ``small``: whether :func:`small_for_own` (see :func:`own_kernels_take`)."""
+    if not (TAPS and out_width >= TAPS_MIN_OW and own_kernels_take(small)):
         return False
     (KH, KW), (sh, sw) = kernel_hw, stride_hw
     if sh == sw == 1:
@@ -568,10 +611,11 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    if GATHER and jit_gemm.own_gemm_in_use() and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
-                                                                         x.itemsize, N * OH * OW):
+    small = small_for_own(K, CK, kernel_hw, stride_hw, x.itemsize)
+    if GATHER and own_kernels_take(small) and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
+                                                                   x.itemsize, N * OH * OW):
         return forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
-    if takes_taps(kernel_hw, stride_hw, x.shape[1], OW):
+    if takes_taps(kernel_hw, stride_hw, x.shape[1], OW, small):
         return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     parallel_, tasks, rpc, kparts, kstep = _layout(N, K, CK, OH, OW, x.itemsize)
     kernel = _forward_region.parallel if parallel_ else _forward_region.serial
@@ -678,11 +722,12 @@ GATHER_TAPS_MIN_OUT_CHANNELS = 64
 TAPS_NARROW_MAX_OUT_CHANNELS = 16
 
 
-def takes_narrow_taps(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int) -> bool:
+def takes_narrow_taps(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
+                      small: bool = False) -> bool:
     """Whether a dense stride-1 forward of few output channels runs on the taps kernel rather than the gather
-    kernel (see :data:`TAPS_NARROW_MAX_OUT_CHANNELS`)."""
+    kernel (see :data:`TAPS_NARROW_MAX_OUT_CHANNELS`); ``small`` as for :func:`takes_taps`."""
     return (micro_gemm.HOST_HAS_AVX512 and out_channels <= TAPS_NARROW_MAX_OUT_CHANNELS
-            and tuple(stride_hw) == (1, 1) and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
+            and tuple(stride_hw) == (1, 1) and takes_taps(kernel_hw, stride_hw, in_channels, out_width, small))
 
 
 def takes_gather_grad_weight(in_channels: int, out_channels: int, kernel_taps: int, itemsize: int) -> bool:
@@ -691,11 +736,11 @@ def takes_gather_grad_weight(in_channels: int, out_channels: int, kernel_taps: i
     return out_channels * in_channels * kernel_taps * itemsize <= GATHER_GRAD_MAX_WEIGHT_BYTES
 
 
-def gather_applies(ksz, groups: int, in_spatial, out_spatial) -> bool:
+def gather_applies(ksz, groups: int, in_spatial, out_spatial, small: bool = False) -> bool:
     """Whether the gather kernels can run this conv at all: dense (``groups == 1``), 1-D or 2-D (depth 1), on the
-    own GEMM (:func:`.jit_gemm.own_gemm_in_use`)."""
+    own GEMM (:func:`own_kernels_take`; ``small``: whether :func:`small_for_own`)."""
     return (GATHER and ENABLED and groups == 1 and ksz[0] == 1 and in_spatial[0] == 1 and out_spatial[0] == 1
-            and jit_gemm.own_gemm_in_use())
+            and own_kernels_take(small))
 
 
 def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
@@ -713,10 +758,11 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
         limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
     if out_channels * in_channels * KH * KW * itemsize > limit:
         return False
-    if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width):
+    small = small_for_own(out_channels, in_channels * KH * KW, kernel_hw, stride_hw, itemsize)
+    if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width, small):
         return False
     return micro_gemm.HOST_HAS_AVX512 or not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
-                                              and takes_taps(kernel_hw, stride_hw, in_channels, out_width))
+                                              and takes_taps(kernel_hw, stride_hw, in_channels, out_width, small))
 
 
 #: Bytes of a task's result per job of the gather forward (output positions x channels, in L2 beside the

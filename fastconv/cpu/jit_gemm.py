@@ -31,7 +31,8 @@ runs its own AVX-512 code, and it was the faster of the two (README, run BO; a 2
 thread, GFLOP/s own / MKL: (256, 2304, 392) 159 / 182-199, (192, 1600, 1800) 121-126 / 171-175, (512, 512, 512)
 170-172 / 179-181, transposed (128, 8192, 1152) 130-132 / 169; converted torchvision models with the whole route
 switched, same process, MKL / own time: training steps at batch 8 0.91-1.06, geomean 0.97, inference at batch 8
-0.81-1.00, geomean 0.92).
+0.81-1.00, geomean 0.92). Small dense convs still take the own kernels that read their input in place there
+(:data:`.im2col_fused.SMALL_ON_OWN`): their column fills cost more than MKL's faster GEMM saves.
 :func:`use_own_gemm` switches the route at run time (a flag in memory that the compiled code reads, so cached
 kernels follow it); ``FASTCONV_JIT_GEMM=mkl`` or ``scipy`` start with it off, ``own`` with it on wherever the own
 kernels can run (an Intel CPU with AVX-512 included).
@@ -52,7 +53,7 @@ from fastconv import config
 
 from . import micro_gemm
 
-__all__ = ["SOURCE", "gemm", "use_own_gemm", "own_gemm_in_use", "default_own_gemm"]
+__all__ = ["SOURCE", "gemm", "use_own_gemm", "own_gemm_in_use", "default_own_gemm", "mkl_by_default"]
 
 _SYMBOLS = ("fastconv_jit_sgemm", "fastconv_jit_dgemm", "fastconv_jit_blas_threads_local")
 
@@ -164,6 +165,12 @@ def _mkl_runs_512_bit() -> bool:
     """Whether the library GEMM is torch's MKL on an Intel CPU with 512-bit vectors, where MKL takes its AVX-512
     code path (on AMD CPUs it takes its AVX2 one, which is why the own kernels exist)."""
     return SOURCE == "mkl" and micro_gemm.HOST_HAS_AVX512 and _cpu_vendor() == "GenuineIntel"
+
+
+def mkl_by_default(wanted: str = _WANTED) -> bool:
+    """Whether this host's kernels' GEMMs run on MKL because it was found the faster here (an Intel CPU with
+    512-bit vectors, ``FASTCONV_JIT_GEMM`` unset or "auto"), not because the library was asked for."""
+    return wanted == "auto" and micro_gemm.HOST_HAS_VECTOR_FMA and _mkl_runs_512_bit()
 
 
 def default_own_gemm(wanted: str = _WANTED) -> bool:
