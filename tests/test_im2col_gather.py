@@ -247,6 +247,20 @@ def test_which_convs_count_as_small_for_the_own_kernels(monkeypatch):
     assert not im2col_fused.gather_applies((1, 3, 3), 1, (1, 8, 8), (1, 8, 8), True)
 
 
+def test_strided_rgb_stems_take_the_taps_kernel_first(monkeypatch):
+    """With STRIDED_TAPS_BEFORE_GATHER, a strided conv that the taps kernel takes (3 input channels, rows of at least
+    TAPS_MIN_OW) is not sent to the gather kernel; without it, it is (AVX-512 hosts, where the gather kernel comes
+    first); a stride-1 conv and a stem with short rows stay on the gather kernel either way."""
+    if not micro_gemm.HOST_HAS_AVX512:
+        pytest.skip("on AVX2 hosts the taps kernel comes before the gather kernel for these convs anyway")
+    wide = im2col_fused.TAPS_MIN_OW
+    for first in (True, False):
+        monkeypatch.setattr(im2col_fused, "STRIDED_TAPS_BEFORE_GATHER", first)
+        assert im2col_fused.takes_gather_forward((7, 7), (2, 2), 3, 96, wide, 4) is not first
+        assert im2col_fused.takes_gather_forward((7, 7), (2, 2), 3, 96, wide - 1, 4)  # short rows: no taps
+        assert im2col_fused.takes_gather_forward((3, 3), (1, 1), 16, 64, wide, 4)
+
+
 def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, monkeypatch):
     """With the kernels' GEMMs on the library (an Intel host's default) and SMALL_ON_OWN in force, a small dense conv
     still runs on the gather kernels and a conv over the weight limit does not; both match torch in float64

@@ -86,6 +86,15 @@ SMALL_ON_OWN_MIN_REDUCTION = 128
 #: reshuffle (ConvNeXt's 3 -> 96 4x4 stride 4 forward 0.96 against 0.82, 96 -> 192 2x2 stride 2 1.99 against 1.51).
 #: Whether the rule is in force: set at import where it applies (tests and A/B measurements switch it).
 SMALL_ON_OWN = jit_gemm.mkl_by_default() and micro_gemm.HOST_HAS_AVX512
+#: Whether strided convs that the taps kernel takes (RGB stems: :data:`TAPS_STRIDED_MAX_IN_CHANNELS`) run there rather
+#: than on the gather kernel. Measured where :data:`SMALL_ON_OWN` is in force (on by default there), 2 threads,
+#: batch 8, forward ms, gather / taps / MKL's columns: SqueezeNet's 3 -> 96 7x7 stride 2 unpadded at 128x128 (61x61
+#: out) 4.9-5.5 / 3.6-3.8 / 4.3-4.5, 3 -> 64 the same way 3.31 / 2.38 / 3.14; level where the output rows are a
+#: whole number of vectors: 3 -> 64 7x7 padded 3 at 128x128 2.87 / 2.90 / 3.87, at 224x224 8.73 / 9.01 / 12.05,
+#: AlexNet's 11x11 stride 4 1.91 / 1.92 / 2.26. Converted models, one process alternating with and without, median
+#: step time with / without: SqueezeNet training at batch 8 0.925, inference 0.858; AlexNet, ResNet-18, GoogLeNet
+#: 0.98-1.02 (their stems' rows are whole vectors).
+STRIDED_TAPS_BEFORE_GATHER = SMALL_ON_OWN
 
 
 def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int) -> bool:
@@ -747,8 +756,8 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
                          itemsize: int, positions: int = 0) -> bool:
     """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
     :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES`,
-    :data:`AVX512_GATHER_MIN_POSITIONS`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`); ``positions``: the batch's output
-    positions (``N * OH * OW``)."""
+    :data:`AVX512_GATHER_MIN_POSITIONS`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`, :data:`STRIDED_TAPS_BEFORE_GATHER`);
+    ``positions``: the batch's output positions (``N * OH * OW``)."""
     KH, KW = kernel_hw
     limit = GATHER_MAX_WEIGHT_BYTES
     if micro_gemm.HOST_HAS_AVX512:
@@ -760,6 +769,9 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
         return False
     small = small_for_own(out_channels, in_channels * KH * KW, kernel_hw, stride_hw, itemsize)
     if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width, small):
+        return False
+    if (STRIDED_TAPS_BEFORE_GATHER and tuple(stride_hw) != (1, 1)
+            and takes_taps(kernel_hw, stride_hw, in_channels, out_width, small)):
         return False
     return micro_gemm.HOST_HAS_AVX512 or not (out_channels >= GATHER_TAPS_MIN_OUT_CHANNELS
                                               and takes_taps(kernel_hw, stride_hw, in_channels, out_width, small))
