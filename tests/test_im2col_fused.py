@@ -32,7 +32,7 @@ def spy(monkeypatch):
     """The fused forward's calls (each one a list of its arguments)."""
     calls = []
     real = im2col_fused.forward
-    monkeypatch.setattr(im2col_fused, "forward", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(im2col_fused, "forward", lambda *a, **k: calls.append(a) or real(*a, **k))
     return calls
 
 

@@ -234,6 +234,13 @@ def test_which_convs_count_as_small_for_the_own_kernels(monkeypatch):
     assert small(limit // (4 * shortest), shortest, (3, 3), (1, 1), 4)
     assert not small(limit // (4 * shortest) + 1, shortest, (3, 3), (1, 1), 4)  # weights over the limit
     assert not small(8, shortest - 1, (3, 3), (1, 1), 4)
+    # a forward: enough output positions, or few output channels
+    many, narrow = im2col_fused.SMALL_ON_OWN_FORWARD_MIN_POSITIONS, im2col_fused.SMALL_ON_OWN_FORWARD_NARROW_CHANNELS
+    assert small(128, 128 * 9, (3, 3), (1, 1), 4, positions=many)
+    assert not small(128, 128 * 9, (3, 3), (1, 1), 4, positions=many - 1)  # ResNet's 128 -> 128 at 16x16, batch 1
+    assert small(narrow, 128 * 9, (3, 3), (1, 1), 4, positions=1)
+    assert not small(narrow + 1, 128 * 9, (3, 3), (1, 1), 4, positions=many - 1)
+    assert small(128, 128 * 9, (3, 3), (1, 1), 4)  # a gradient: no position rule
     assert im2col_fused.own_kernels_take(False) and im2col_fused.own_kernels_take(True)  # the own route
     jit_gemm.use_own_gemm(False)  # (the fixture restores it)
     monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN", True)

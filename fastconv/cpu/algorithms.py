@@ -130,7 +130,8 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
-    small = im2col_fused.small_for_own(g.out_channels, ck, g.kernel[1:], g.stride[1:], item)
+    small = im2col_fused.small_for_own(g.out_channels, ck, g.kernel[1:], g.stride[1:], item,
+                                       g.batch * math.prod(g.out_spatial))
     if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial, small)
             and im2col_fused.takes_gather_forward(g.kernel[1:], g.stride[1:], g.in_channels, g.out_channels,
                                                   g.out_spatial[2], item, g.batch * math.prod(g.out_spatial))):

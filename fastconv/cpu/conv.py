@@ -1183,7 +1183,8 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
     elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial,
-                                      im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize))
+                                      im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize,
+                                                                 N * OH * OW))
           and im2col_fused.takes_gather_forward((KH, KW), stride[1:], C, K, OW, x.itemsize, N * OH * OW)):
         # no columns: the own GEMM reads the padded input through offset tables, the bias added on the way out
         im2col_fused.forward_gather(x.reshape(N, C, H, W), w2, bias, (KH, KW), stride[1:], padding[1:],
@@ -1276,7 +1277,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
     small = im2col_fused.small_for_own(C, K * KD * KH * KW, (KH, KW), (1, 1), go.itemsize)  # the flipped conv's
     if (stride == (1, 1, 1) and im2col_fused.gather_applies((KD, KH, KW), G, out_spatial, in_spatial, small)
-            and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize, N * H * W)):
+            and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize, N * H * W, True)):
         # dense: that forward on the gather kernel, whatever the batch and the expansion (no columns to fill).
         # Measured after other work as in a model, 2 threads, gather / previous path: DenseNet's 128 -> 32 at 4x4
         # 0.75 (batch 1 at 8x8 0.74), 8x8 to 32x32 0.84-0.95, 32 -> 128 0.87, 96 -> 128 0.88, GoogLeNet's 5x5
@@ -1292,7 +1293,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
         # (negative padding, a crop, is read as such)
         wt = _flipped_weights(w, 1).reshape(C, K * KH * KW)
         im2col_fused.forward(go.reshape(N, K, OH, OW), wt, None, (KH, KW), (1, 1), tpad[1:], dilation[1:], (H, W),
-                             gx.reshape(N, C, H * W))
+                             gx.reshape(N, C, H * W), grad_input=True)
         return gx
     # (worth it when the GEMM + col2im path is thin: few output channels per group to reduce over,
     # a tall column matrix to scatter; its own GEMM needs enough input channels per group)

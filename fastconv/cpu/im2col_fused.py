@@ -84,6 +84,18 @@ SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
 SMALL_ON_OWN_MIN_REDUCTION = 128
 #: ... and only where windows overlap (a kernel larger than its stride): a patchify conv's columns are a plain
 #: reshuffle (ConvNeXt's 3 -> 96 4x4 stride 4 forward 0.96 against 0.82, 96 -> 192 2x2 stride 2 1.99 against 1.51).
+#: A forward takes the own kernels this way only with at least this many output positions in the batch
+#: (``N*OH*OW``), or with at most :data:`SMALL_ON_OWN_FORWARD_NARROW_CHANNELS` output channels: with few positions each
+#: task rereads all the packed weights for a short run of them. Forward ms, own / MKL: batch 1, ResNet's 128 -> 128
+#: 3x3 at 16x16 (256 positions) 0.46 / 0.41, 64 -> 128 stride 2 0.31 / 0.25, GoogLeNet's 96 -> 128 at 16x16 0.35 /
+#: 0.31; batch 8, its 96 -> 208 at 8x8 (512) 0.88 / 0.78; with more positions the own kernels were level or faster
+#: (batch 1, 64 -> 64 at 32x32 0.40 / 0.42; batch 8, 128 -> 128 at 16x16 2.48 / 2.56), and so with few output
+#: channels (DenseNet's 128 -> 32 at 16x16, batch 1, 0.16 / 0.20). The input gradients of those layers ran faster on
+#: the own kernels at any size (batch 1: 128 -> 128 at 16x16 0.45 / 0.50; batch 8: 96 -> 208 at 8x8 0.84 / 1.06).
+#: Converted models, one process alternating with and without this rule, inference time with / without: batch 1
+#: GoogLeNet 0.961, ResNet-18 0.991, ResNet-50 0.995, DenseNet-121 0.990; batch 8 GoogLeNet 0.989, ResNet-18 1.004.
+SMALL_ON_OWN_FORWARD_MIN_POSITIONS = 1024
+SMALL_ON_OWN_FORWARD_NARROW_CHANNELS = 64
 #: Whether the rule is in force: set at import where it applies (tests and A/B measurements switch it).
 SMALL_ON_OWN = jit_gemm.mkl_by_default() and micro_gemm.HOST_HAS_AVX512
 #: Whether strided convs that the taps kernel takes (RGB stems: :data:`TAPS_STRIDED_MAX_IN_CHANNELS`) run there rather
@@ -97,11 +109,16 @@ SMALL_ON_OWN = jit_gemm.mkl_by_default() and micro_gemm.HOST_HAS_AVX512
 STRIDED_TAPS_BEFORE_GATHER = SMALL_ON_OWN
 
 
-def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int) -> bool:
+def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int,
+                  positions: int | None = None) -> bool:
     """Whether a dense conv (``out_channels``, ``reduction = C*KH*KW``) is one that :data:`SMALL_ON_OWN` sends to the
     own kernels: at most :data:`SMALL_ON_OWN_MAX_WEIGHT_BYTES` of weights, a reduction of at least
-    :data:`SMALL_ON_OWN_MIN_REDUCTION`, overlapping windows."""
+    :data:`SMALL_ON_OWN_MIN_REDUCTION`, overlapping windows; for a forward (``positions``: the batch's output
+    positions; None for the gradients) also :data:`SMALL_ON_OWN_FORWARD_MIN_POSITIONS` or few output channels."""
     (KH, KW), (sh, sw) = kernel_hw, stride_hw
+    if positions is not None and not (positions >= SMALL_ON_OWN_FORWARD_MIN_POSITIONS
+                                      or out_channels <= SMALL_ON_OWN_FORWARD_NARROW_CHANNELS):
+        return False
     return (out_channels * reduction * itemsize <= SMALL_ON_OWN_MAX_WEIGHT_BYTES
             and reduction >= SMALL_ON_OWN_MIN_REDUCTION and (KH > sh or KW > sw))
 
@@ -613,16 +630,17 @@ def _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     return y3
 
 
-def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
+def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3, grad_input: bool = False):
     """x: (N, C, H, W); w2: (K, C*KH*KW) C-contiguous; bias: (K,) or None; y3: (N, K, OH*OW), written. The 2-D
-    arguments are (H, W) pairs (padding: before each dim)."""
+    arguments are (H, W) pairs (padding: before each dim). ``grad_input``: this is an input gradient's flipped conv
+    (for :func:`small_for_own`)."""
     N = x.shape[0]
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    small = small_for_own(K, CK, kernel_hw, stride_hw, x.itemsize)
+    small = small_for_own(K, CK, kernel_hw, stride_hw, x.itemsize, None if grad_input else N * OH * OW)
     if GATHER and own_kernels_take(small) and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
-                                                                   x.itemsize, N * OH * OW):
+                                                                   x.itemsize, N * OH * OW, grad_input):
         return forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
     if takes_taps(kernel_hw, stride_hw, x.shape[1], OW, small):
         return _forward_taps(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
@@ -753,11 +771,11 @@ def gather_applies(ksz, groups: int, in_spatial, out_spatial, small: bool = Fals
 
 
 def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: int, out_width: int,
-                         itemsize: int, positions: int = 0) -> bool:
+                         itemsize: int, positions: int = 0, grad_input: bool = False) -> bool:
     """Whether a forward that :func:`gather_applies` to runs on :func:`forward_gather` (see
     :data:`GATHER_MAX_WEIGHT_BYTES`, :data:`AVX512_GATHER_STRIDE1_MAX_WEIGHT_BYTES`,
     :data:`AVX512_GATHER_MIN_POSITIONS`, :data:`GATHER_TAPS_MIN_OUT_CHANNELS`, :data:`STRIDED_TAPS_BEFORE_GATHER`);
-    ``positions``: the batch's output positions (``N * OH * OW``)."""
+    ``positions``: the batch's output positions (``N * OH * OW``); ``grad_input`` as for :func:`forward`."""
     KH, KW = kernel_hw
     limit = GATHER_MAX_WEIGHT_BYTES
     if micro_gemm.HOST_HAS_AVX512:
@@ -767,7 +785,8 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
         limit = max(limit, AVX2_GATHER_MAX_WEIGHT_BYTES)
     if out_channels * in_channels * KH * KW * itemsize > limit:
         return False
-    small = small_for_own(out_channels, in_channels * KH * KW, kernel_hw, stride_hw, itemsize)
+    small = small_for_own(out_channels, in_channels * KH * KW, kernel_hw, stride_hw, itemsize,
+                          None if grad_input else positions)
     if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width, small):
         return False
     if (STRIDED_TAPS_BEFORE_GATHER and tuple(stride_hw) != (1, 1)
