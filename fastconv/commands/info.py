@@ -73,8 +73,9 @@ def _gemm_route(jit_gemm) -> str:
         isa = "AVX-512" if micro_gemm.HOST_HAS_AVX512 else "AVX2"
         return f"fastconv's own {isa} kernels (fallback library: {library})"
     if jit_gemm.default_own_gemm("auto") is False and micro_gemm.HOST_HAS_VECTOR_FMA:
-        small = (f"except dense convs with at most {im2col_fused.SMALL_ON_OWN_MAX_WEIGHT_BYTES / 2**20:g} MB of weights, "
-                 "which take the own gather and taps kernels" if im2col_fused.SMALL_ON_OWN else "the own kernels are off")
+        limit_mb = im2col_fused.SMALL_ON_OWN_MAX_WEIGHT_BYTES / 2**20
+        small = (f"except dense convs with at most {limit_mb:g} MB of weights, which take the own gather and taps "
+                 "kernels" if im2col_fused.SMALL_ON_OWN else "the own kernels are off")
         why = (f"{small}: MKL runs its AVX-512 code on this Intel CPU and was the faster; FASTCONV_JIT_GEMM=own "
                "switches")
     else:

@@ -61,22 +61,21 @@ ENABLED = True
 GRAD_WEIGHT = True
 
 #: On hosts whose kernels' GEMMs run on torch's MKL by default (Intel CPUs with AVX-512, see
-#: :func:`.jit_gemm.mkl_by_default`), small convs still take the own kernels that read the input in place (the
-#: gather and taps kernels, :mod:`.micro_gemm`) as they do on the own route (:func:`small_for_own` says which):
-#: MKL wins the big products, but small convs pay more for their columns than its faster GEMM saves. Measured on
-#: a 2-core Xeon (AVX-512), converted torchvision models, training step at batch 8, one process alternating with
-#: and without, median time with / without (tuned choices kept), at a 2 MB weight limit and before the reduction
-#: and window rules: AlexNet 0.954, ResNet-18 0.963, GoogLeNet 0.976, EfficientNet-B0 0.992, MobileNet-v3 0.987,
-#: RegNet 0.994, SqueezeNet 0.993, MobileNet-v2 1.001, ResNet-50 1.008, ConvNeXt 1.011, VGG-11 1.023, ShuffleNet
-#: 1.025 (the last three on their stems and patchify convs, now left to MKL); with 1 MB DenseNet-121 0.957; with
-#: 4 MB AlexNet 0.985, ResNet-18 0.966. With the rules as they are: AlexNet 0.970, DenseNet-121 0.965, ResNet-18
-#: 0.987, ShuffleNet 1.005, ConvNeXt 1.012, SqueezeNet 1.013, VGG-11 1.074 (pairs 1.00-1.35; its tuned convs all
-#: run Winograd, which this rule does not touch: per layer level). Per layer, batch 8, forward / input gradient /
-#: weight gradient ms, own
-#: kernels against MKL: AlexNet's 64 -> 192 5x5 at 15x15 4.2-4.4 / 4.2 / 4.0-4.3 against 5.2-5.3 / 5.3-5.6 /
-#: 4.3-4.5, DenseNet's 128 -> 32 3x3 at 16x16 0.86 / 0.80 / 0.72 against 1.05 / 0.80 / 1.21, the 3 -> 64 7x7
-#: stride-2 stem 3.0 / - / 3.4 against 4.1 / - / 4.5, AlexNet's 11x11 stride-4 stem 1.9 / - / 1.6 against 2.2 / - /
-#: 2.3; ResNet's 512 -> 512 at 4x4 (9.4 MB) 3.4 / 3.4 / 3.1 against 2.6 / 2.9 / 2.3.
+#: :func:`.jit_gemm.mkl_by_default`), small convs still take the own kernels that read the input in place (the gather
+#: and taps kernels, :mod:`.micro_gemm`) as they do on the own route (:func:`small_for_own` says which): MKL wins the
+#: big products, but small convs pay more for their columns than its faster GEMM saves. Measured on a 2-core Xeon
+#: (AVX-512), converted torchvision models, training step at batch 8, one process alternating with and without, median
+#: time with / without (tuned choices kept), at a 2 MB weight limit and before the reduction and window rules: AlexNet
+#: 0.954, ResNet-18 0.963, GoogLeNet 0.976, EfficientNet-B0 0.992, MobileNet-v3 0.987, RegNet 0.994, SqueezeNet 0.993,
+#: MobileNet-v2 1.001, ResNet-50 1.008, ConvNeXt 1.011, VGG-11 1.023, ShuffleNet 1.025 (the last three on their stems
+#: and patchify convs, now left to MKL); with 1 MB DenseNet-121 0.957; with 4 MB AlexNet 0.985, ResNet-18 0.966. With
+#: the rules as they are: AlexNet 0.970, DenseNet-121 0.965, ResNet-18 0.987, ShuffleNet 1.005, ConvNeXt 1.012,
+#: SqueezeNet 1.013, VGG-11 1.074 (pairs 1.00-1.35; its tuned convs all run Winograd, which this rule does not touch:
+#: per layer level). Per layer, batch 8, forward / input gradient / weight gradient ms, own kernels against MKL:
+#: AlexNet's 64 -> 192 5x5 at 15x15 4.2-4.4 / 4.2 / 4.0-4.3 against 5.2-5.3 / 5.3-5.6 / 4.3-4.5, DenseNet's 128 -> 32
+#: 3x3 at 16x16 0.86 / 0.80 / 0.72 against 1.05 / 0.80 / 1.21, the 3 -> 64 7x7 stride-2 stem 3.0 / - / 3.4 against 4.1 /
+#: - / 4.5, AlexNet's 11x11 stride-4 stem 1.9 / - / 1.6 against 2.2 / - / 2.3; ResNet's 512 -> 512 at 4x4 (9.4 MB) 3.4 /
+#: 3.4 / 3.1 against 2.6 / 2.9 / 2.3.
 SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
 #: ... with reductions (``C*KH*KW``) at least this long: VGG's 3 -> 64 3x3 stem at 128x128 (27) ran 11.2 / 5.4 ms
 #: (forward / weight gradient) on the own kernels against 8.5 / 4.5, ShuffleNet's 3 -> 24 3x3 stride 2 1.04 / 1.42
