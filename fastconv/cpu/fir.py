@@ -189,6 +189,23 @@ def channel_rows(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
                 _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
 
 
+@njit(inline="always", **_JIT)
+def _position_tail(src, sb, offs, wts, T, out, ob, step, q, cols, W):
+    """The last ``cols - q`` (< 8) positions of a row for every vector of channels, on the 4-, 2- and 1-position
+    tiles: the end of a row in :func:`channel_rows_by_position` and :func:`channel_rows_by_window`."""
+    if q + 4 <= cols:
+        for lane in range(0, step, W):
+            _channel4(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+        q += 4
+    if q + 2 <= cols:
+        for lane in range(0, step, W):
+            _channel2(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+        q += 2
+    if q < cols:
+        for lane in range(0, step, W):
+            _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+
+
 @njit(**_JIT)
 def channel_rows_by_position(src, src_base, row_step, offs, wts, T, rows, cols, step, out):
     """:func:`channel_rows` with the tile loops the other way round: every vector of channels of a tile of
@@ -205,17 +222,7 @@ def channel_rows_by_position(src, src_base, row_step, offs, wts, T, rows, cols, 
             for lane in range(0, step, W):
                 _channel8(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
             q += 8
-        if q + 4 <= cols:
-            for lane in range(0, step, W):
-                _channel4(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
-            q += 4
-        if q + 2 <= cols:
-            for lane in range(0, step, W):
-                _channel2(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
-            q += 2
-        if q < cols:
-            for lane in range(0, step, W):
-                _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+        _position_tail(src, sb, offs, wts, T, out, ob, step, q, cols, W)
 
 
 def _window_tile_intrinsic(positions: int, width_taps: int):
@@ -298,14 +305,4 @@ def channel_rows_by_window(src, src_base, row_step, row_offs, KH, KW, offs, wts,
                 else:
                     _window8_3(src, sb + q * step + lane, row_offs, wts, lane, KH, out, ob + q * step + lane, step)
             q += 8
-        if q + 4 <= cols:
-            for lane in range(0, step, W):
-                _channel4(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
-            q += 4
-        if q + 2 <= cols:
-            for lane in range(0, step, W):
-                _channel2(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
-            q += 2
-        if q < cols:
-            for lane in range(0, step, W):
-                _channel1(src, sb + q * step + lane, offs, wts, lane, T, out, ob + q * step + lane, step)
+        _position_tail(src, sb, offs, wts, T, out, ob, step, q, cols, W)
