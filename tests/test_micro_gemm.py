@@ -236,7 +236,11 @@ def test_taps_product_matches_numpy(dtype, m, C, KH, KW, Wp, rows):
 @pytest.mark.parametrize("b_transposed", [False, True])
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.MR - 1, 9, _NR32 + 1), (micro_gemm.MC + 5, micro_gemm.KC + 21, 40),
                                    (micro_gemm.MR + 1, 2 * micro_gemm.KC, 2 * _NR32), (33, 17, 3),
-                                   (micro_gemm.MC + 7, micro_gemm.KC + 3, 5 * _NR32 + 5)])
+                                   (micro_gemm.MC + 7, micro_gemm.KC + 3, 5 * _NR32 + 5),
+                                   # last panels of exactly 1.5, 0.5 and 1 panel widths and a half panel after a wide tile
+                                   (2 * micro_gemm.MR + 3, 30, _NR32 + _NR32 // 2), (9, 5, _NR32 // 2),
+                                   (micro_gemm.MR, 7, 2 * _NR32 + _NR32 + _NR32 // 2), (micro_gemm.MR * 3, 11, _NR32),
+                                   (micro_gemm.MR, 9, 56)])
 def test_gathered_product_matches_numpy(dtype, beta, b_transposed, m, k, n):
     """:func:`gemm_gather`: ``A[i, p] = x[base + row_off[i] + step_off[p]]`` (offsets in any order, repeated and
     overlapping) times a ``B`` packed by :func:`pack_b` from a plain or a transposed view (register transposes); every
