@@ -28,7 +28,14 @@ GEOMETRIES = {
     "asymmetric 2x5 pad (0, 2)": (2, 3, (7, 12), 4, (2, 5), dict(padding=(0, 2))),
     "3-d 3x3x3 pad 1": (2, 4, (5, 6, 5), 3, (3, 3, 3), dict(padding=1)),
     "3-d 1x1x1": (1, 5, (3, 4, 4), 7, (1, 1, 1), {}),
+    # windows that do not overlap: the forward reads them in place (im2col_nhwc._forward_patches)
+    "2x2 stride 2 patches": (2, 16, (8, 10), 20, (2, 2), dict(stride=2)),
+    "4x4 stride 4 patches, rest dropped": (3, 3, (13, 9), 40, (4, 4), dict(stride=4)),
+    "2x3 stride (3, 4) gaps": (2, 5, (10, 11), 7, (2, 3), dict(stride=(3, 4))),
+    "3-d 2x2x2 stride 2 patches": (1, 4, (4, 6, 4), 9, (2, 2, 2), dict(stride=2)),
+    "2x2 stride 2 small patches": (1, 3, (4, 6), 4, (2, 2), dict(stride=2)),
 }
+PATCH_GEOMETRIES = [g for g in GEOMETRIES if "patches" in g or "gaps" in g]
 
 
 def _make(geometry, weight_cl: bool):
@@ -78,7 +85,45 @@ def test_matches_torch_without_copies(geometry, weight_cl, spy):
     assert spy == {"forward": 1, "grad_input": 1, "grad_weight": 1}, spy
 
 
-@pytest.mark.parametrize("geometry", ["3x3 stride 2 groups 2", "1x1", "3-d 3x3x3 pad 1"])
+@pytest.mark.parametrize("weight_cl", [False, True], ids=["weight contiguous", "weight channels_last"])
+@pytest.mark.parametrize("geometry", PATCH_GEOMETRIES)
+def test_patches_are_read_in_place(geometry, weight_cl, monkeypatch):
+    """Non-overlapping, unpadded windows: the forward runs the in-place patch GEMM (no columns), with and without
+    bias, equal to torch's and to the column route."""
+    x, w, b, (fc, tc), kw, fmt = _make(geometry, weight_cl)
+    calls = []
+    real = im2col_nhwc._forward_patches
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(im2col_nhwc, "_forward_patches", counted)
+    for bias in (b, None):
+        y = fc(x, w, bias, algo="im2col", **kw)
+        assert_close(y, tc(x, w, bias, **kw), what=f"{geometry} forward")
+        assert y.is_contiguous(memory_format=fmt)
+    assert len(calls) == 2
+    monkeypatch.setattr(im2col_nhwc, "PATCHES_IN_PLACE", False)
+    columns = fc(x, w, b, algo="im2col", **kw)
+    assert len(calls) == 2, "the switch must take the column route"
+    assert_close(columns, tc(x, w, b, **kw), what=f"{geometry} forward on columns")
+
+
+def test_overlapping_padded_or_large_windows_keep_the_columns():
+    small = 1 << 10
+    for ksz, stride, padding, dilation, groups in [((3, 3, 3), (2, 2, 2), (0, 0, 0), (1, 1, 1), 1),
+                                                   ((1, 2, 2), (1, 2, 2), (0, 1, 0), (1, 1, 1), 1),
+                                                   ((1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 2, 1), 1),
+                                                   ((1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), 2)]:
+        assert not im2col_nhwc._patches_apply(groups, ksz, stride, padding, dilation, small)
+    assert im2col_nhwc._patches_apply(1, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), small)
+    limit = im2col_nhwc.PATCH_MAX_WEIGHT_BYTES
+    assert im2col_nhwc._patches_apply(1, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), limit)
+    assert not im2col_nhwc._patches_apply(1, (1, 2, 2), (1, 2, 2), (0, 0, 0), (1, 1, 1), limit + 1)
+
+
+@pytest.mark.parametrize("geometry", ["3x3 stride 2 groups 2", "1x1", "3-d 3x3x3 pad 1", "2x2 stride 2 small patches"])
 def test_gradcheck(geometry):
     x, w, b, (fc, _), kw, _ = _make(geometry, weight_cl=False)
     x, w, b = (t[:1] if t is x else t for t in (x, w, b))
@@ -87,7 +132,7 @@ def test_gradcheck(geometry):
 
 
 @pytest.mark.parametrize("weight_cl", [False, True], ids=["weight contiguous", "weight channels_last"])
-@pytest.mark.parametrize("geometry", ["3x3 pad 1", "1x1 stride 2", "3-d 3x3x3 pad 1"])
+@pytest.mark.parametrize("geometry", ["3x3 pad 1", "1x1 stride 2", "3-d 3x3x3 pad 1", "2x2 stride 2 small patches"])
 @pytest.mark.parametrize("algo", ["im2col", "direct", "auto"])
 def test_opcheck_layout_promise(geometry, weight_cl, algo):
     """Every algorithm's result has the layout the fake kernel promises (torch's rule), channels-last reader or not."""
