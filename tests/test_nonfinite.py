@@ -184,3 +184,43 @@ def test_max_abs_reports_nan_and_inf():
         assert not all_finite(a)
         assert all_finite(np.ones(3, dt), None)
         assert max_abs(np.empty(0, dt)) == 0.0
+
+
+def test_large_results_are_read_by_every_thread(monkeypatch):
+    """Arrays of :data:`FINITE_PARALLEL_MIN` elements or more are read in claimed chunks: a NaN or an infinity in
+    any chunk (its first, middle or last element, the array's very first and last) is found, in any dtype, in a
+    channels-last view and beside a small operand; a forked child reads them serially."""
+    import numpy as np
+
+    from fastconv.cpu import nonfinite
+
+    calls = []
+    real = nonfinite._max_bits_claimed
+
+    def counted(*a):
+        calls.append(a[0].size)
+        return real(*a)
+
+    monkeypatch.setattr(nonfinite, "_max_bits_claimed", counted)
+    n = nonfinite.FINITE_PARALLEL_MIN + 37
+    chunk = n // nonfinite.FINITE_CHUNKS
+    places = sorted({0, n - 1} | {c * chunk + d for c in range(nonfinite.FINITE_CHUNKS) for d in (0, chunk // 2)})
+    for dt in (np.float16, np.float32, np.float64):
+        a = np.linspace(-1, 1, n).astype(dt)
+        small = np.ones(5, dt)
+        assert nonfinite.all_finite(a) and nonfinite.all_finite(small, a, None)
+        for i in places:
+            for bad in (np.nan, np.inf, -np.inf):
+                b = a.copy()
+                b[i] = bad
+                assert not nonfinite.all_finite(b), (dt, i, bad)
+                assert not nonfinite.all_finite(small, b)
+    assert calls and min(calls) == n
+    x = np.random.default_rng(0).standard_normal((2, 3, 1, 150, 160)).astype(np.float32)
+    cl = np.ascontiguousarray(np.transpose(x, (0, 2, 3, 4, 1))).transpose(0, 4, 1, 2, 3)  # channels-last view
+    assert nonfinite.all_finite(cl)
+    cl[1, 2, 0, 149, 159] = np.nan
+    assert not nonfinite.all_finite(cl)
+    calls.clear()
+    monkeypatch.setattr(nonfinite.parallel, "SERIAL_ONLY", True)
+    assert not nonfinite.all_finite(cl) and calls == []
