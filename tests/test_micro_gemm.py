@@ -237,7 +237,7 @@ def test_taps_product_matches_numpy(dtype, m, C, KH, KW, Wp, rows):
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (micro_gemm.MR - 1, 9, _NR32 + 1), (micro_gemm.MC + 5, micro_gemm.KC + 21, 40),
                                    (micro_gemm.MR + 1, 2 * micro_gemm.KC, 2 * _NR32), (33, 17, 3),
                                    (micro_gemm.MC + 7, micro_gemm.KC + 3, 5 * _NR32 + 5),
-                                   # last panels of exactly 1.5, 0.5 and 1 panel widths and a half panel after a wide tile
+                                   # last panels of 1.5, 0.5 and 1 panel widths, a half panel after a wide tile
                                    (2 * micro_gemm.MR + 3, 30, _NR32 + _NR32 // 2), (9, 5, _NR32 // 2),
                                    (micro_gemm.MR, 7, 2 * _NR32 + _NR32 + _NR32 // 2), (micro_gemm.MR * 3, 11, _NR32),
                                    (micro_gemm.MR, 9, 56)])
