@@ -220,6 +220,11 @@ def sync_threads() -> int:
     wanted = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() != wanted:
         numba.set_num_threads(wanted)
+    if torch.get_num_threads() != torch_threads:
+        # Numba's OpenMP pool, launched by its first thread-count call, runs in torch's libgomp and sets the
+        # launching thread's OpenMP thread count to the pool's size: after the first conv, a process that had
+        # chosen torch.set_num_threads(1) ran torch's own ops (and then ours) on every core. Put it back.
+        torch.set_num_threads(torch_threads)
     _limit_blas(wanted)
     _synced.torch_threads, _synced.wanted = torch_threads, wanted
     return wanted

@@ -199,3 +199,23 @@ def test_gemm_library_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("FASTCONV_GEMM", "mkl")
     with pytest.warns(RuntimeWarning, match="FASTCONV_GEMM='mkl' is not one of torch, numpy"):
         assert blas._library_from_env() == "torch"
+
+
+LAUNCH_SCRIPT = r"""
+import torch
+torch.set_num_threads(1)
+import numba, fastconv.functional as F
+F.conv2d(torch.randn(2, 8, 16, 16), torch.randn(8, 8, 3, 3), padding=1, algo="im2col")
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+
+
+def test_first_conv_leaves_torchs_thread_count_alone():
+    # Numba's OpenMP pool shares torch's libgomp and, when its threads are launched (the first conv of a
+    # process), set the OpenMP thread count of the launching thread to the pool's size: a process that had
+    # asked torch for one thread ran on two from then on. Needs a process whose pool is not launched yet.
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    run = subprocess.run([sys.executable, "-c", LAUNCH_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["1", "1"], run.stdout
