@@ -28,6 +28,9 @@ GEOMETRIES = {
     "asymmetric 3x5, no padding": (2, 24, (6, 9), 24, (3, 5), {}, {"forward", "grad_input"}),
     "batch 1, more rows than bands": (1, 8, (40, 5), 8, (3, 3), dict(padding=1), {"forward", "grad_input"}),
     "5x5 pad 2, rows of 19": (2, 16, (6, 19), 16, (5, 5), dict(padding=2), {"forward", "grad_input"}),
+    "120 channels, 7x7 on 4x4 (8+4+2+1 vector tiles)": (2, 120, (4, 4), 120, (7, 7), dict(padding=3),
+                                                         {"forward", "grad_input"}),
+    "3x3 pad 4 (windows wholly in the padding)": (1, 16, (3, 5), 16, (3, 3), dict(padding=4), {"forward"}),
     "6 channels (not whole vectors)": (2, 6, (8, 8), 6, (3, 3), dict(padding=1), set()),
     "multiplier 2": (2, 8, (8, 8), 16, (3, 3), dict(padding=1), set()),
 }
@@ -57,13 +60,19 @@ def spy(monkeypatch):
     return ran
 
 
-@pytest.mark.parametrize("window", [True, False])
+@pytest.mark.parametrize("route", ["window", "taps", "clipped", "chosen"])
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
-def test_matches_torch_in_place(geometry, window, spy, monkeypatch):
-    """Forward and every gradient against torch in float64, results channels_last; stride-1 undilated rows on
-    the window tiles (each row's inputs loaded once for all its taps; rows of 8 or more positions) and on the
-    tap-by-tap tiles."""
-    monkeypatch.setattr(depthwise_nhwc, "WINDOW", window)
+def test_matches_torch_in_place(geometry, route, spy, monkeypatch):
+    """Forward and every gradient against torch in float64, results channels_last, on each kernel: stride-1
+    undilated rows on the window tiles (each row's inputs loaded once for all its taps; rows of 8 or more
+    positions), the tap-by-tap tiles (both over a padded copy), the clipped kernel (only the taps inside the
+    input, read in place) and the kernel the rule chooses."""
+    clipped_ran = []
+    if route != "chosen":
+        monkeypatch.setattr(depthwise_nhwc, "WINDOW", route == "window")
+        monkeypatch.setattr(depthwise_nhwc, "CLIPPED_MAX_INSIDE", 1.0 if route == "clipped" else -1.0)
+        real = depthwise_nhwc._forward_clipped
+        monkeypatch.setattr(depthwise_nhwc, "_forward_clipped", lambda *a: clipped_ran.append(1) or real(*a))
     x, w, b, kw = _make(geometry)
     leaves = [t for t in (x, w, b) if t is not None]
     ours = [t.detach().clone().requires_grad_() for t in leaves]
@@ -81,6 +90,23 @@ def test_matches_torch_in_place(geometry, window, spy, monkeypatch):
         assert_close(a, e, what=f"{geometry} {name}")
     assert got[0].is_contiguous(memory_format=CL), f"{geometry}: input gradient strides {got[0].stride()}"
     assert spy == GEOMETRIES[geometry][-1], spy
+    if route != "chosen":
+        assert bool(clipped_ran) == (route == "clipped" and bool(spy)), (route, clipped_ran)
+
+
+def test_clipped_kernel_is_chosen_for_small_padded_maps():
+    """The rule: ConvNeXt's 7x7 on 4x4 (33% of the taps inside) and 8x8 (62%) maps take the clipped kernel, its
+    16x16 (79%) and unpadded windows the padded copy."""
+    frac = depthwise_nhwc.channel_taps.inside_fraction
+    assert frac(4, 4, 7, 1, 3, 1) ** 2 == pytest.approx((16 / 28) ** 2)
+    assert frac(4, 4, 7, 1, 3, 1) ** 2 <= depthwise_nhwc.CLIPPED_MAX_INSIDE
+    assert frac(8, 8, 7, 1, 3, 1) ** 2 <= depthwise_nhwc.CLIPPED_MAX_INSIDE
+    assert frac(16, 16, 7, 1, 3, 1) ** 2 > depthwise_nhwc.CLIPPED_MAX_INSIDE
+    assert frac(9, 7, 3, 1, 0, 1) == 1.0
+    for size, out, K, stride, pad, dilation in ((3, 9, 3, 1, 4, 1), (12, 6, 5, 2, 2, 2), (5, 4, 3, 3, 6, 2)):
+        inside = sum(0 <= o * stride - pad + k * dilation < size for o in range(out) for k in range(K))
+        assert frac(size, out, K, stride, pad, dilation) == pytest.approx(inside / (out * K))
+    assert frac(3, 9, 3, 1, 4, 1) == pytest.approx(9 / 27), "positions with no tap inside count as 0"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -98,14 +124,16 @@ def test_convnext_block_shape_float32_and_float64(dtype, spy):
 
 
 @pytest.mark.parametrize("geometry", ["7x7 pad 3", "3x3 stride 2", "5x5 stride (1, 3) dilation 2",
-                                      "5x5 pad 2, rows of 19"])
+                                      "5x5 pad 2, rows of 19", "120 channels, 7x7 on 4x4 (8+4+2+1 vector tiles)",
+                                      "3x3 pad 4 (windows wholly in the padding)"])
 def test_gradcheck(geometry):
     x, w, b, kw = _make(geometry)
     args = tuple(t.detach().clone().requires_grad_() for t in (x[:1], w, b))
     assert torch.autograd.gradcheck(lambda a, c, d: F.conv2d(a, c, d, algo="depthwise", **kw), args)
 
 
-@pytest.mark.parametrize("geometry", ["7x7 pad 3", "3x3 stride 2", "6 channels (not whole vectors)"])
+@pytest.mark.parametrize("geometry", ["7x7 pad 3", "3x3 stride 2", "6 channels (not whole vectors)",
+                                      "120 channels, 7x7 on 4x4 (8+4+2+1 vector tiles)"])
 @pytest.mark.parametrize("algo", ["depthwise", "auto"])
 def test_opcheck_layout_promise(geometry, algo):
     x, w, b, kw = _make(geometry)
