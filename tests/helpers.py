@@ -57,17 +57,34 @@ def assert_close(actual, expected, *, algo: str = "auto", what: str = "", rtol: 
 
 
 def allocations(monkeypatch, module, call) -> list[int]:
-    """The sizes (bytes) of the arrays ``call()`` allocates through ``module.np.empty``, in order."""
+    """The sizes (bytes) of the arrays ``call()`` allocates through ``module.np.empty`` or the cache-line aligned
+    ``fastconv.cpu.memory.empty_aligned`` (its array's size, not the few bytes of slack it allocates to align it),
+    in order."""
+    from fastconv.cpu import memory
+
     allocated = []
     real_empty = module.np.empty
+    real_aligned = memory.empty_aligned
+    inside_aligned = []
 
     def counting_empty(shape, dtype=float, *a, **k):
         out = real_empty(shape, dtype, *a, **k)
+        if not inside_aligned:
+            allocated.append(out.nbytes)
+        return out
+
+    def counting_aligned(shape, dtype):
+        inside_aligned.append(1)
+        try:
+            out = real_aligned(shape, dtype)
+        finally:
+            inside_aligned.pop()
         allocated.append(out.nbytes)
         return out
 
     with monkeypatch.context() as m:
         m.setattr(module.np, "empty", counting_empty)
+        m.setattr(memory, "empty_aligned", counting_aligned)
         call()
     return allocated
 

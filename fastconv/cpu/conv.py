@@ -1058,7 +1058,7 @@ def direct_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     N, C, D, H, W = x.shape
     K, Cg, KD, KH, KW = w.shape
     OD, OH, OW = out_spatial
-    y = np.empty((N, K) + out_spatial, x.dtype)
+    y = memory.empty_aligned((N, K) + out_spatial, x.dtype)
     if y.size == 0:
         return y
     b = np.zeros(K, x.dtype) if bias is None else _c(np.asarray(bias, x.dtype))
@@ -1088,7 +1088,7 @@ def direct_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     Kg = K // G
     C = Cg * G
     D, H, W = in_spatial
-    gx = np.empty((N, C) + in_spatial, go.dtype)
+    gx = memory.empty_aligned((N, C) + in_spatial, go.dtype)
     if gx.size == 0:
         return gx
     if go.size == 0:
@@ -1165,7 +1165,7 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     G = int(groups)
     Kg = K // G
     OD, OH, OW = out_spatial
-    y = np.empty((N, K) + out_spatial, x.dtype)
+    y = memory.empty_aligned((N, K) + out_spatial, x.dtype)
     if y.size == 0:
         return y
     R = OD * OH
@@ -1252,7 +1252,7 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     C = Cg * G
     D, H, W = in_spatial
     out_spatial = (OD, OH, OW)
-    gx = np.empty((N, C) + in_spatial, go.dtype)
+    gx = memory.empty_aligned((N, C) + in_spatial, go.dtype)
     if gx.size == 0:
         return gx
     if go.size == 0:

@@ -252,7 +252,7 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     G = int(groups)
     Kg = K // G
     OD, OH, OW = out_spatial
-    y = np.empty((N, OD, OH, OW, K), x.dtype)
+    y = memory.empty_aligned((N, OD, OH, OW, K), x.dtype)
     if y.size == 0:
         return y.transpose(0, 4, 1, 2, 3)
     P = N * OD * OH * OW
@@ -264,7 +264,7 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
         blas.matmul(xl.reshape(P, C), w2.T, out=y2)
     elif _patches_apply(G, (KD, KH, KW), stride, padding, dilation, w2.size * w2.itemsize):
         corners, taps = _patch_tables(xl.shape, out_spatial, (KD, KH, KW), stride, Cg, tap_major)
-        bp = np.empty(micro_gemm.packed_size(ck, K, x.itemsize), x.dtype)
+        bp = memory.empty_aligned(micro_gemm.packed_size(ck, K, x.itemsize), x.dtype)
         micro_gemm.pack_b(w2.T, bp)
         threads = numba.get_num_threads() if not parallel.SERIAL_ONLY else 1
         jobs = max(1, min(-(-P // micro_gemm.ROW_GRAIN), max(4 * threads, -(-P // PATCH_JOB_ROWS))))
@@ -273,7 +273,7 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
                          task_queue.counter())
         return y.transpose(0, 4, 1, 2, 3)
     else:
-        colbuf = np.empty(min(P, max(1, COL_BUFFER_BYTES // (ck * x.itemsize))) * ck, x.dtype)
+        colbuf = memory.empty_aligned(min(P, max(1, COL_BUFFER_BYTES // (ck * x.itemsize))) * ck, x.dtype)
         for g in range(G):
             wg = w2[g * Kg:(g + 1) * Kg]
             for p0, p1 in _row_chunks(P, ck, x.itemsize):
