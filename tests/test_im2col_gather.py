@@ -277,8 +277,11 @@ def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, mo
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 24, 8, 9, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(8, 24, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    # the forward's and the weight gradient's limits (SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES) move together here; the
+    # next loop moves them apart
     for limit, gathered in ((w.numel() * 8, True), (w.numel() * 8 - 1, False)):
         monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", limit)
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES", limit)
         gather_spy.clear()
         y = F.conv2d(x, w, padding=1, algo="im2col")
         ref = TF.conv2d(x, w, padding=1)
@@ -289,6 +292,18 @@ def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, mo
             assert_close(a, e, algo="im2col", what=f"grad {name}, limit {limit}")
         assert ({"forward", "grad_weight"} <= set(gather_spy)) is gathered, (limit, gather_spy)
         assert gathered or not gather_spy, gather_spy
+    for forward_limit, grad_weight_limit in ((w.numel() * 8 - 1, w.numel() * 8), (w.numel() * 8, w.numel() * 8 - 1)):
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", forward_limit)
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES", grad_weight_limit)
+        gather_spy.clear()
+        y = F.conv2d(x, w, padding=1, algo="im2col")
+        go = torch.randn_like(y)
+        ref = TF.conv2d(x, w, padding=1)
+        assert_close(y, ref, algo="im2col", what=f"forward, limits {forward_limit} {grad_weight_limit}")
+        assert_close(torch.autograd.grad(y, w, go)[0], torch.autograd.grad(ref, w, go)[0], algo="im2col",
+                     what=f"grad weight, limits {forward_limit} {grad_weight_limit}")
+        assert ("forward" in gather_spy) is (forward_limit >= w.numel() * 8), gather_spy
+        assert ("grad_weight" in gather_spy) is (grad_weight_limit >= w.numel() * 8), gather_spy
     monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", w.numel() * 8)
     gather_spy.clear()
     xs, ws = x[:1, :, :6, :7].detach().requires_grad_(), w.detach().requires_grad_()

@@ -1371,7 +1371,8 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
     if (im2col_fused.gather_applies(kernel_spatial, G, (D, H, W), out_spatial,
-                                    im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize))
+                                    im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize,
+                                                               weight_gradient=True))
             and im2col_fused.takes_gather_grad_weight(C, K, KH * KW, x.itemsize)):
         # no columns: the own GEMM reads the padded input through offset tables (dW^T = A @ gy^T)
         im2col_fused.grad_weight_gather(go3, x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:],

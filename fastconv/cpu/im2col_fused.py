@@ -77,6 +77,13 @@ GRAD_WEIGHT = True
 #: - / 4.5, AlexNet's 11x11 stride-4 stem 1.9 / - / 1.6 against 2.2 / - / 2.3; ResNet's 512 -> 512 at 4x4 (9.4 MB) 3.4 /
 #: 3.4 / 3.1 against 2.6 / 2.9 / 2.3.
 SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
+#: The same limit for weight gradients, which the gather kernel takes up to :data:`GATHER_GRAD_MAX_WEIGHT_BYTES`.
+#: Measured after the kernels' buffers were aligned to cache lines, 2 threads, batch 8, each call after a torch ReLU,
+#: same process alternating, gather / MKL's columns ms: AlexNet's 384 -> 256 3x3 at 7x7 (3.5 MB) 2.26-2.52 /
+#: 2.83-3.10, 256 -> 256 at 7x7 (2.4 MB) 1.68-1.73 / 2.07-2.15, at 8x8 2.10-2.14 / 2.72-2.73, at 16x16 6.6-7.5 /
+#: 8.1-8.5, 192 -> 384 at 7x7 (2.6 MB) 1.90-1.94 / 2.08-2.17. Forwards and input gradients of those layers measured
+#: level or slower on the own kernels and keep the 2 MB limit.
+SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES = 4 << 20
 #: ... with reductions (``C*KH*KW``) at least this long: VGG's 3 -> 64 3x3 stem at 128x128 (27) ran 11.2 / 5.4 ms
 #: (forward / weight gradient) on the own kernels against 8.5 / 4.5, ShuffleNet's 3 -> 24 3x3 stride 2 1.04 / 1.42
 #: against 0.84 / 0.94 ...
@@ -109,16 +116,18 @@ STRIDED_TAPS_BEFORE_GATHER = SMALL_ON_OWN
 
 
 def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int,
-                  positions: int | None = None) -> bool:
+                  positions: int | None = None, weight_gradient: bool = False) -> bool:
     """Whether a dense conv (``out_channels``, ``reduction = C*KH*KW``) is one that :data:`SMALL_ON_OWN` sends to the
-    own kernels: at most :data:`SMALL_ON_OWN_MAX_WEIGHT_BYTES` of weights, a reduction of at least
-    :data:`SMALL_ON_OWN_MIN_REDUCTION`, overlapping windows; for a forward (``positions``: the batch's output
-    positions; None for the gradients) also :data:`SMALL_ON_OWN_FORWARD_MIN_POSITIONS` or few output channels."""
+    own kernels: at most :data:`SMALL_ON_OWN_MAX_WEIGHT_BYTES` of weights (a weight gradient, ``weight_gradient``:
+    :data:`SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES`), a reduction of at least :data:`SMALL_ON_OWN_MIN_REDUCTION`,
+    overlapping windows; for a forward (``positions``: the batch's output positions; None for the gradients) also
+    :data:`SMALL_ON_OWN_FORWARD_MIN_POSITIONS` or few output channels."""
     (KH, KW), (sh, sw) = kernel_hw, stride_hw
     if positions is not None and not (positions >= SMALL_ON_OWN_FORWARD_MIN_POSITIONS
                                       or out_channels <= SMALL_ON_OWN_FORWARD_NARROW_CHANNELS):
         return False
-    return (out_channels * reduction * itemsize <= SMALL_ON_OWN_MAX_WEIGHT_BYTES
+    limit = SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES if weight_gradient else SMALL_ON_OWN_MAX_WEIGHT_BYTES
+    return (out_channels * reduction * itemsize <= limit
             and reduction >= SMALL_ON_OWN_MIN_REDUCTION and (KH > sh or KW > sw))
 
 
