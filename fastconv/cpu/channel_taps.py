@@ -1,11 +1,13 @@
-"""One output position, all of its channels (stored innermost), summed over a listed set of taps in registers.
+"""Output positions with all of their channels (stored innermost), each summed over its own listed taps in registers.
 
-Why: a channels-last depthwise conv on a small map (ConvNeXt's 7x7 on 8x8 and 4x4 maps, padding 3) spends most
-of its multiply-adds on the zero padding when each window is read from a padded copy: at 4x4 67% of the taps of a
-7x7 window lie outside the input, at 8x8 38%, and the padded copy of a 4x4 map is six times its size. Listing
+Why: a channels-last depthwise conv on a small map (ConvNeXt's 7x7 on 8x8 and 4x4 maps, padding 3) spends a large
+share of its multiply-adds on the zero padding when each window is read from a padded copy: at 4x4 67% of the taps
+of a 7x7 window lie outside the input, at 8x8 38%, and the padded copy of a 4x4 map is six times its size. Listing
 only the taps that fall inside the input, per output position, reads the input where it lies (no copy) and does
-only the multiply-adds torch's kernel does. Eight independent accumulators (eight channel vectors of the one
-position) keep both FMA units busy; per tap two table reads, then a weight and an input vector load per FMA.
+only the multiply-adds torch's kernel does. A tile holds eight channel vectors of one position (eight independent
+accumulators keep both FMA units busy); per tap two table reads, then a weight and an input vector load per FMA.
+:func:`row_taps` runs a row of positions one block of channels at a time, so that the block's weights and input
+rows stay in L1.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from fastconv import config
 
 from . import micro_gemm
 
-__all__ = ["inside_fraction", "position_taps", "row_taps", "row_window_taps", "window_taps"]
+__all__ = ["inside_fraction", "row_taps", "row_window_taps", "window_taps"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 _VECTOR_BYTES = micro_gemm.VECTOR_BYTES
@@ -112,28 +114,6 @@ def row_window_taps(n, oh, OW, H, W, C, KH, KW, sh, sw, ph, pw, dh, dw, soffs, w
     T = KH * KW
     for ow in range(OW):
         counts[ow] = window_taps(n, oh, ow, H, W, C, KH, KW, sh, sw, ph, pw, dh, dw, soffs[ow * T:], woffs[ow * T:])
-
-
-@njit(**_JIT)
-def position_taps(src, soffs, wts, woffs, T, bias_base, out, out_base, C):
-    """``out[out_base + c] = wts[bias_base + c] + sum over t < T of wts[woffs[t] + c] * src[soffs[t] + c]`` for
-    every channel ``c < C``: one output position's channels over its listed taps (``T`` may be 0: the bias).
-
-    src, wts, out: 1-D, one dtype (float32 or float64); soffs, woffs: int64, at least ``T`` long; ``C`` a multiple
-    of the vector width (16 float32, 8 float64 with AVX-512)."""
-    W = _VECTOR_BYTES // out.itemsize
-    c = 0
-    while c + 8 * W <= C:
-        _tile8(src, c, soffs, wts, c, woffs, T, bias_base + c, out, out_base + c)
-        c += 8 * W
-    if c + 4 * W <= C:
-        _tile4(src, c, soffs, wts, c, woffs, T, bias_base + c, out, out_base + c)
-        c += 4 * W
-    if c + 2 * W <= C:
-        _tile2(src, c, soffs, wts, c, woffs, T, bias_base + c, out, out_base + c)
-        c += 2 * W
-    if c + W <= C:
-        _tile1(src, c, soffs, wts, c, woffs, T, bias_base + c, out, out_base + c)
 
 
 @njit(**_JIT)

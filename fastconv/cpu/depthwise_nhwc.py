@@ -30,7 +30,7 @@ from numba import prange
 
 from fastconv import config
 
-from . import channel_taps, fir, micro_gemm, parallel, task_queue
+from . import channel_taps, fir, memory, micro_gemm, parallel, task_queue
 
 __all__ = ["applies", "forward", "grad_input"]
 
@@ -129,7 +129,7 @@ def _forward_bands(x, N, H, W, C, wt, T, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW,
 @parallel.kernel(work_arg=17, compute=True, **_JIT)
 def _forward_clipped(x, N, H, W, C, wt, T, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, y, chunks):
     """:func:`_forward_bands` without the padded copy: each output position sums only its taps that fall inside
-    the input, read where they lie (:func:`.channel_taps.position_taps`). Task ``(n, oh)`` is one output row."""
+    the input, read where they lie (:func:`.channel_taps.row_taps`). Task ``(n, oh)`` is one output row."""
     ntask = N * OH
     nchunks = chunks[1]
     workers = chunks[2]
@@ -166,13 +166,13 @@ def _run(xl, taps, bias, KH, KW, stride, padding, dilation, out_hw):
     N, H, W, C = xl.shape
     (sh, sw), (ph, pw), (dh, dw), (OH, OW) = stride, padding, dilation, out_hw
     T = KH * KW
-    wt = _aligned_empty((T + 1, C), xl.dtype)
+    wt = memory.empty_aligned((T + 1, C), xl.dtype)
     wt[:T] = taps
     if bias is None:
         wt[T] = 0
     else:
         wt[T] = bias
-    y = _aligned_empty((N, OH, OW, C), xl.dtype)
+    y = memory.empty_aligned((N, OH, OW, C), xl.dtype)
     if N * OH * OW == 0:
         return y
     threads = config.sync_threads()
@@ -188,16 +188,6 @@ def _run(xl, taps, bias, KH, KW, stride, padding, dilation, out_hw):
     _forward_bands(xl.reshape(-1), N, H, W, C, wt.reshape(-1), T, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpb,
                    y.reshape(-1), chunks, window)
     return y
-
-
-def _aligned_empty(shape, dtype):
-    """``np.empty`` starting on a 64-byte boundary: numpy's allocations start 16 bytes into one (malloc's
-    alignment), so every vector load of the per-tap weight rows straddled two cache lines."""
-    size = int(np.prod(shape))
-    itemsize = np.dtype(dtype).itemsize
-    raw = np.empty(size + VECTOR_BYTES // itemsize, dtype)
-    skip = (-raw.ctypes.data % VECTOR_BYTES) // itemsize
-    return raw[skip:skip + size].reshape(shape)
 
 
 def _chunks(ntask, threads):
