@@ -162,7 +162,8 @@ def _rows_per_band(N, OH, sh, KH, dh, row_bytes, threads):
 
 
 def _run(xl, taps, bias, KH, KW, stride, padding, dilation, out_hw):
-    """The forward on (N, H, W, C) C-contiguous ``xl`` with ``taps`` (KH*KW, C): (N, OH, OW, C) C-contiguous."""
+    """The forward on (N, H, W, C) C-contiguous ``xl`` with ``taps`` (KH*KW, C), any strides: (N, OH, OW, C)
+    C-contiguous."""
     N, H, W, C = xl.shape
     (sh, sw), (ph, pw), (dh, dw), (OH, OW) = stride, padding, dilation, out_hw
     T = KH * KW
@@ -211,7 +212,7 @@ def forward(x, w, bias, stride, padding, dilation, out_spatial):
     """x: (N, C, 1, H, W) channels-last; w: (C, 1, 1, KH, KW); bias: (C,) or None; the 3-tuples as
     :mod:`.depthwise` takes them. Returns (N, C, 1, OH, OW), a view of a channels-last buffer."""
     KH, KW = w.shape[3], w.shape[4]
-    taps = np.ascontiguousarray(w.reshape(w.shape[0], KH * KW).T)
+    taps = w.reshape(w.shape[0], KH * KW).T  # (a view: _run copies it once, into its aligned table)
     y = _run(_nhwc(x), taps, bias, KH, KW, tuple(stride[1:]), tuple(padding[1:]), tuple(dilation[1:]),
              tuple(out_spatial[1:]))
     return _as_ncdhw_view(y)
@@ -229,7 +230,7 @@ def grad_input(grad_out, w, stride, padding, dilation, in_spatial):
     """Stride-1 input gradient: the forward of ``grad_out`` (N, C, 1, OH, OW) channels-last with the flipped
     kernel, padded by ``(K-1)*d - p``. Returns (N, C, 1, H, W), a view of a channels-last buffer."""
     KH, KW = w.shape[3], w.shape[4]
-    taps = np.ascontiguousarray(w[:, 0, 0, ::-1, ::-1].reshape(w.shape[0], KH * KW).T)
+    taps = w[:, 0, 0, ::-1, ::-1].reshape(w.shape[0], KH * KW).T
     (dh, dw), (ph, pw) = tuple(dilation[1:]), tuple(padding[1:])
     y = _run(_nhwc(grad_out), taps, None, KH, KW, (1, 1), ((KH - 1) * dh - ph, (KW - 1) * dw - pw), (dh, dw),
              tuple(in_spatial[1:]))
