@@ -25,11 +25,11 @@ def test_zeros_memory_is_not_shared_between_calls():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.uint8])
-@pytest.mark.parametrize("shape", [(0,), 7, (3, 5), (2, 3, 4), (1 << 20,)])
+@pytest.mark.parametrize("shape", [(0,), 7, (3, 5), [4, 6], (2, 3, 4), (1 << 20,)])
 def test_empty_aligned_starts_a_cache_line(shape, dtype):
     # numpy's own allocations start 16 or 32 bytes into a line; the kernels' 64-byte vector loads then straddle two
     out = memory.empty_aligned(shape, dtype)
-    expected = np.empty(shape, dtype)
+    expected = np.empty(tuple(shape) if isinstance(shape, list) else shape, dtype)
     assert out.shape == expected.shape and out.dtype == expected.dtype and out.flags.c_contiguous
     if out.size:  # (an empty view's data pointer is numpy's placeholder: nothing is ever loaded from it)
         assert out.ctypes.data % memory.ALIGN_BYTES == 0

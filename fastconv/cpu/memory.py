@@ -74,7 +74,7 @@ def empty_aligned(shape, dtype) -> np.ndarray:
     result aligned / 16 bytes off: 218 / 191 GFLOP/s (AlexNet's 64 -> 192 5x5), 208 / 182 (192 -> 384 3x3),
     194 / 171 (DenseNet's 128 -> 32 3x3 at 32x32)."""
     dtype = np.dtype(dtype)
-    n = math.prod(shape) if isinstance(shape, tuple) else int(shape)
+    n = math.prod(shape) if isinstance(shape, (tuple, list)) else int(shape)
     raw = np.empty(n * dtype.itemsize + ALIGN_BYTES, np.uint8)
     skip = -raw.ctypes.data % ALIGN_BYTES
     return raw[skip:skip + n * dtype.itemsize].view(dtype).reshape(shape)
