@@ -82,9 +82,10 @@ def row_taps(src, soffs, wts, woffs, counts, P, T, bias_base, out, out_base, C):
     """``out[out_base + j*C + c] = wts[bias_base + c] + sum over t < counts[j] of wts[woffs[j*T + t] + c] *
     src[soffs[j*T + t] + c]`` for positions ``j < P`` (a row of outputs, each with its own ``counts[j]`` listed
     taps, 0 meaning the bias alone) and every channel ``c < C``. The channel blocks are the outer loop: a block's
-    weights (``T`` rows of eight vectors, 25 KB for a 7x7 float32 kernel) and the input rows under the output row
-    stay in L1 while its positions run; position by position, all channels, a 384-channel 7x7 window (75 KB
-    of input and as much of weights) streamed from L2 and the tile ran at a third of its rate.
+    weights (``T`` rows of eight vectors, 25 KB for a 7x7 float32 kernel) stay in L1 while its positions run,
+    where position by position, all channels, a 384-channel 7x7 window reads 75 KB of weights and as much input.
+    Measured on ConvNeXt's 384 x 8x8 at batch 8, 2 threads: position by position 0.197 ms, by channel block
+    0.187; with ``wts`` starting on a cache line (the caller's table) 0.145.
 
     src, wts, out: 1-D, one dtype (float32 or float64); soffs, woffs: int64, ``P*T`` long; ``C`` a multiple of
     the vector width (16 float32, 8 float64 with AVX-512)."""
