@@ -44,12 +44,50 @@ def test_which_convs_take_it():
     assert not im2col_fused.applies((3, 3, 3), 1, 64, 64, (8, 8, 8), (6, 6, 6), f32)  # 3-D
     assert not im2col_fused.applies((1, 1, 1), 1, 64, 64, (1, 8, 8), (1, 8, 8), f32)  # 1x1: a plain GEMM
     assert im2col_fused.applies((1, 7, 7), 1, 3, 64, (1, 128, 128), (1, 64, 64), f32)  # an RGB stem, since the flat fills
-    assert not im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32)  # 9.4 MB of weights
     assert im2col_fused.applies((1, 3, 3), 1, 256, 256, (1, 8, 8), (1, 8, 8), f32)  # 2.4 MB
-    # columns too tall for a chunk to hold MIN_CHUNK_COLUMNS output positions: AlexNet's 384 -> 256 (3456 long),
-    # and the input gradient of its 64 -> 192 5x5 (the flipped conv reduces over 192 * 25)
-    assert not im2col_fused.applies((1, 3, 3), 1, 384, 256, (1, 7, 7), (1, 7, 7), f32)
+    # large weights (beyond LARGE_WEIGHT_BYTES) take longer chunks, so their tall columns fit: ResNet's 512 -> 512
+    # (9.4 MB, 4608 long), AlexNet's 384 -> 256 (3.5 MB, 3456 long) ...
+    assert im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32)
+    assert im2col_fused.applies((1, 3, 3), 1, 384, 256, (1, 7, 7), (1, 7, 7), f32)
+    # ... but not beyond MAX_FORWARD_WEIGHT_BYTES, and not the weight gradient beyond MAX_WEIGHT_BYTES
+    assert not im2col_fused.applies((1, 3, 3), 1, 2048, 1024, (1, 4, 4), (1, 4, 4), f32)  # 75 MB
+    longer = im2col_fused.MIN_GRAD_WEIGHT_CHUNK_COLUMNS
+    assert not im2col_fused.applies((1, 3, 3), 1, 512, 512, (1, 4, 4), (1, 4, 4), f32, longer)
+    # columns too tall for a (1 MB) chunk of small weights to hold MIN_CHUNK_COLUMNS output positions: the input
+    # gradient of AlexNet's 64 -> 192 5x5 (1.2 MB of weights; the flipped conv reduces over 192 * 25)
     assert not im2col_fused.applies((1, 5, 5), 1, 192, 64, (1, 15, 15), (1, 15, 15), f32)
+
+
+def test_large_weights_take_longer_chunks():
+    """Forwards whose weights exceed LARGE_WEIGHT_BYTES plan their chunks by LARGE_WEIGHT_CHUNK_BYTES (each chunk's
+    GEMM streams all the weights: fewer chunks, fewer reads); the weight gradient keeps CHUNK_BYTES."""
+    f32 = 4
+    small, large = im2col_fused.LARGE_WEIGHT_BYTES, im2col_fused.LARGE_WEIGHT_BYTES + 1
+    assert im2col_fused.forward_chunk_bytes(small) == im2col_fused.CHUNK_BYTES
+    assert im2col_fused.forward_chunk_bytes(large) == im2col_fused.LARGE_WEIGHT_CHUNK_BYTES
+    assert im2col_fused.LARGE_WEIGHT_CHUNK_BYTES > im2col_fused.CHUNK_BYTES
+    # ResNet's 512 -> 512 at 7x7, batch 8: 392 columns of 18 KB (7.2 MB) over 2 tasks
+    N, K, CK, OH, OW = 8, 512, 4608, 7, 7
+    _, tasks, rpc_forward, _, _ = im2col_fused._layout(N, K, CK, OH, OW, f32)
+    _, _, rpc_weight_gradient, _, _ = im2col_fused._layout(N, K, CK, OH, OW, f32, forward=False)
+    if tasks == 2:
+        assert rpc_forward * OW * CK * f32 > im2col_fused.CHUNK_BYTES
+    assert rpc_weight_gradient * OW * CK * f32 <= im2col_fused.CHUNK_BYTES
+    assert rpc_forward >= rpc_weight_gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_large_weight_forward_matches_torch(spy, dtype):
+    """A forward with weights beyond LARGE_WEIGHT_BYTES (ResNet's last 3x3 layer, 512 -> 512 at 4x4) runs on the
+    fused region with its long chunks, and matches torch (float64, and float32 at float32's tolerance)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 512, 4, 4, generator=g, dtype=dtype)
+    w = torch.randn(512, 512, 3, 3, generator=g, dtype=dtype) / 48
+    b = torch.randn(512, generator=g, dtype=dtype)
+    assert 512 * 4608 * x.element_size() > im2col_fused.LARGE_WEIGHT_BYTES
+    assert_close(F.conv2d(x, w, b, padding=1, algo="im2col"), TF.conv2d(x, w, b, padding=1), algo="im2col",
+                 what="fused, large weights")
+    assert spy, "the fused path did not run"
 
 
 def test_weight_gradient_needs_longer_chunks():
@@ -81,16 +119,18 @@ def test_weight_gradient_routing(monkeypatch, C, fused):
 
 @pytest.mark.parametrize("N,K,CK,OH,OW,tasks", [
     (1, 32, 1152, 16, 16, 2), (8, 64, 576, 32, 32, 2), (1, 64, 27, 3, 3, 2), (1, 512, 2304, 4, 4, 2),
-    (3, 8, 18, 1, 40, 4), (1, 4, 9, 1, 1, 2), (2, 16, 144, 5, 7, 1), (8, 512, 4608, 4, 4, 2)])
-def test_plan_covers_every_row_and_channel(N, K, CK, OH, OW, tasks):
-    rpc, kparts = im2col_fused._plan(N, K, CK, OH, OW, 4, tasks)
+    (3, 8, 18, 1, 40, 4), (1, 4, 9, 1, 1, 2), (2, 16, 144, 5, 7, 1), (8, 512, 4608, 4, 4, 2),
+    (8, 512, 4608, 7, 7, 2), (8, 256, 2304, 14, 14, 2)])
+@pytest.mark.parametrize("chunk_bytes", [im2col_fused.CHUNK_BYTES, im2col_fused.LARGE_WEIGHT_CHUNK_BYTES])
+def test_plan_covers_every_row_and_channel(N, K, CK, OH, OW, tasks, chunk_bytes):
+    rpc, kparts = im2col_fused._plan(N, K, CK, OH, OW, 4, tasks, chunk_bytes)
     rows = N * OH
     assert 1 <= rpc <= rows and 1 <= kparts <= max(1, tasks)
     nchunks = -(-rows // rpc)
     if kparts > 1:  # the channels are split only when there is one chunk
         assert nchunks == 1
     if rpc > 1:  # a chunk of several rows stays within the column budget
-        assert rpc * CK * OW * 4 <= im2col_fused.CHUNK_BYTES or nchunks == 1
+        assert rpc * CK * OW * 4 <= chunk_bytes or nchunks == 1
     if rows >= tasks and kparts == 1:  # work for every task
         assert nchunks >= tasks
 

@@ -332,11 +332,28 @@ def _forward_region(x, w2, bias, KH, KW, sh, sw, ph, pw, dh, dw, OH, OW, rpc, kp
                 g += L // OW
 
 
-#: Largest weight (bytes) taken: every chunk's GEMM reads all of it, and beyond the L2's size that costs more
-#: than the column matrix saves (measured against the plain path, 2 threads: ResNet-18's 512 -> 512 3x3 at 4x4,
-#: 9.4 MB, 1.02x the time at batch 1 and 1.14x at batch 8, 256 -> 512 stride 2, 4.7 MB, 0.99x and 1.24x;
-#: 256 -> 256 at 8x8, 2.4 MB, 0.72x and 0.81x).
+#: Largest weight (bytes) taken by :func:`grad_weight`: every chunk's GEMM reads and writes a task's accumulator of
+#: the weights' size, and beyond the L2's size that costs more than the column matrix saves (measured against the
+#: plain path, 2 threads: ResNet-18's 512 -> 512 3x3 at 4x4, 9.4 MB, 1.02x the time at batch 1 and 1.14x at batch 8,
+#: 256 -> 512 stride 2, 4.7 MB, 0.99x and 1.24x; 256 -> 256 at 8x8, 2.4 MB, 0.72x and 0.81x). (Forwards: see
+#: :data:`LARGE_WEIGHT_BYTES`.)
 MAX_WEIGHT_BYTES = 4 << 20
+#: Forwards (and stride-1 input gradients, forwards of the flipped conv) whose weights are larger than this (the
+#: core's L2) take chunks of :data:`LARGE_WEIGHT_CHUNK_BYTES`: each chunk's GEMM streams all the weights from
+#: memory, so fewer, longer chunks read them fewer times, which outweighs the columns' leaving L2; forwards take
+#: weights of any size this way (up to :data:`MAX_FORWARD_WEIGHT_BYTES`; before, those beyond 4 MB, or whose 1 MB
+#: chunks held too few columns, made the whole column matrix and ran one 2-thread MKL GEMM). Measured, 2 threads,
+#: same process alternating, forward ms before / after, batch 8: ResNet's 512 -> 512 3x3 at 4x4 (9.4 MB) 2.39-2.52 /
+#: 2.06-2.07 (torch 1.8-1.9), 256 -> 512 stride 2 (4.7 MB) 1.36-1.39 / 1.13 (torch 1.13), AlexNet's 384 -> 256 at 7x7
+#: (3.5 MB) 2.83-2.92 / 2.59-2.80, 256 -> 256 at 7x7 1.91 / 1.78-1.81, 192 -> 384 2.04-2.06 / 1.89-1.92, 512 -> 512
+#: at 7x7 6.33-6.46 / 6.16-6.82, at 8x8 9.4-9.6 / 7.4-8.2, at 16x16 33.6 / 29.9; batch 1: 512 -> 512 at 4x4 0.52 /
+#: 0.48, at 7x7 1.40 / 1.15, 384 -> 256 at 7x7 0.68 / 0.58. Chunks of 2, 8 and 16 MB ran within a few percent of
+#: 4 MB. Converted models, same process alternating with / without: ResNet-18 0.978 / 0.963 / 0.978 (batch 1 /
+#: batch 8 / training step), ResNet-50 0.989 / 0.974 / 0.997, AlexNet 0.990 / 1.012 / 0.993. (Their stride-1 input
+#: gradients, 128-392 positions at batch 8, keep the GEMM + col2im path: the flipped conv ran 1.2-1.8x slower.)
+LARGE_WEIGHT_BYTES = 2 << 20
+LARGE_WEIGHT_CHUNK_BYTES = 4 << 20
+MAX_FORWARD_WEIGHT_BYTES = 64 << 20
 #: Fewest input channels taken. It was 16: a thin input (an RGB stem: ResNet's 3 -> 64 7x7 stride 2 at 128x128)
 #: ran 1.25-1.4x slower fused, when each output row's segment fill made two array views and a division. Since the
 #: fills went flat (see :func:`_fill`) the stems run faster fused (same process, plain and fused alternating, 2
@@ -417,29 +434,38 @@ MIN_GRAD_WEIGHT_CHUNK_COLUMNS = 192
 def applies(ksz, groups: int, in_channels: int, out_channels: int, in_spatial, out_spatial, itemsize: int,
             min_chunk_columns: int | None = None) -> bool:
     """Whether :func:`forward` runs this conv: dense, 1-D/2-D (depth 1), more than one tap, at least
-    :data:`MIN_IN_CHANNELS` input channels, at most :data:`MAX_WEIGHT_BYTES` of weights, columns short enough
-    for a :data:`CHUNK_BYTES` chunk to hold ``min_chunk_columns`` of them (:data:`MIN_CHUNK_COLUMNS`;
-    :func:`grad_weight`'s callers pass :data:`MIN_GRAD_WEIGHT_CHUNK_COLUMNS`), and a GEMM that Numba code can
-    call (:data:`.jit_gemm.SOURCE`)."""
+    :data:`MIN_IN_CHANNELS` input channels, at most :data:`MAX_FORWARD_WEIGHT_BYTES` of weights, columns short enough
+    for a chunk (:func:`forward_chunk_bytes`) to hold :data:`MIN_CHUNK_COLUMNS` of them, and a GEMM that Numba code
+    can call (:data:`.jit_gemm.SOURCE`). With ``min_chunk_columns`` (:func:`grad_weight`'s callers pass
+    :data:`MIN_GRAD_WEIGHT_CHUNK_COLUMNS`): whether :func:`grad_weight` runs it, at most :data:`MAX_WEIGHT_BYTES` of
+    weights and chunks of :data:`CHUNK_BYTES`."""
     KD, KH, KW = ksz
-    if min_chunk_columns is None:
-        min_chunk_columns = MIN_CHUNK_COLUMNS
     column_bytes = in_channels * KH * KW * itemsize
+    weight_bytes = out_channels * column_bytes
+    if min_chunk_columns is None:
+        min_chunk_columns, max_weight, chunk = (MIN_CHUNK_COLUMNS, MAX_FORWARD_WEIGHT_BYTES,
+                                                forward_chunk_bytes(weight_bytes))
+    else:
+        max_weight, chunk = MAX_WEIGHT_BYTES, CHUNK_BYTES
     return (ENABLED and jit_gemm.SOURCE is not None and groups == 1 and KD == 1 and in_spatial[0] == 1
             and out_spatial[0] == 1 and KH * KW > 1 and in_channels >= MIN_IN_CHANNELS
-            and out_channels * column_bytes <= MAX_WEIGHT_BYTES
-            and column_bytes * min_chunk_columns <= CHUNK_BYTES)
+            and weight_bytes <= max_weight and column_bytes * min_chunk_columns <= chunk)
 
 
-def _plan(N, K, CK, OH, OW, itemsize, tasks):
+def forward_chunk_bytes(weight_bytes: int) -> int:
+    """Bytes of columns per chunk of a forward with ``weight_bytes`` of weights (see :data:`LARGE_WEIGHT_BYTES`)."""
+    return LARGE_WEIGHT_CHUNK_BYTES if weight_bytes > LARGE_WEIGHT_BYTES else CHUNK_BYTES
+
+
+def _plan(N, K, CK, OH, OW, itemsize, tasks, chunk_bytes=CHUNK_BYTES):
     """(rows per chunk, channel parts). A chunk holds whole output rows of the batch, as many as fit
-    :data:`CHUNK_BYTES` of columns (chunks as large as the weights, so that deep layers read their weights
+    ``chunk_bytes`` of columns (:data:`CHUNK_BYTES`; large forwards: :data:`LARGE_WEIGHT_BYTES`) (chunks as large as the weights, so that deep layers read their weights
     fewer times, measured 1.1-1.3x slower: the columns then leave L2). Chunks are then evened out over the
     tasks (a count that is a multiple of the tasks, when there are few), and where one chunk is all there is,
     the output channels are split between the tasks."""
     rows = N * OH
     per_row = max(1, CK * OW * itemsize)
-    rpc = max(1, min(rows, CHUNK_BYTES // per_row))
+    rpc = max(1, min(rows, chunk_bytes // per_row))
     nchunks = -(-rows // rpc)
     if nchunks == 1 and tasks > 1 and K >= 2 * tasks and K > rows * OW:
         return rows, tasks  # one chunk, weights larger than its columns: split the channels
@@ -449,13 +475,14 @@ def _plan(N, K, CK, OH, OW, itemsize, tasks):
     return rpc, 1
 
 
-def _layout(N, K, CK, OH, OW, itemsize):
+def _layout(N, K, CK, OH, OW, itemsize, forward=True):
     """(parallel, tasks, rows per chunk, channel parts, channels per part) of a call: what :func:`forward` runs
-    and sizes its buffers by (and :func:`workspace_bytes` reports)."""
+    and sizes its buffers by (and :func:`workspace_bytes` reports); ``forward=False``: :func:`grad_weight`'s."""
     # (a child forked from an OpenMP process runs serial code only, see parallel.SERIAL_ONLY)
     parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
     tasks = numba.get_num_threads() if parallel_ else 1
-    rpc, kparts = _plan(N, K, CK, OH, OW, itemsize, tasks)
+    chunk = forward_chunk_bytes(K * CK * itemsize) if forward else CHUNK_BYTES
+    rpc, kparts = _plan(N, K, CK, OH, OW, itemsize, tasks, chunk)
     return parallel_, tasks, rpc, kparts, -(-K // kparts)
 
 
@@ -671,7 +698,7 @@ def grad_weight(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, g
     K, CK = gw2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    parallel_, tasks, rpc, _, _ = _layout(N, K, CK, OH, OW, x.itemsize)
+    parallel_, tasks, rpc, _, _ = _layout(N, K, CK, OH, OW, x.itemsize, forward=False)
     rows = N * OH
     tasks = min(tasks, -(-rows // rpc))  # no accumulator for a task without a chunk
     kernel = _grad_weight_region.parallel if parallel_ else _grad_weight_region.serial
