@@ -358,25 +358,30 @@ def _spy(monkeypatch, kernel_name):
     return calls
 
 
+@pytest.mark.parametrize("position_rows", [False, True])
 @pytest.mark.parametrize("narrow", [-1, 1 << 30])
 @pytest.mark.parametrize("cap", [1, 4096, 1 << 30])
-def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap):
+def test_im2col_narrow_gather_and_segment_columns(monkeypatch, narrow, cap, position_rows):
     """Both column builders on the same geometries: the gather from a zero-padded box (every output row
     counted narrow) and the row segments of the phase-split copy (none narrow), chunked and not, and both ways
-    back for the input gradient (the scatter into a padded box, then cropped; col2im into the phase-split
-    buffer); spies make sure the narrow kernels really ran. 1-D to 3-D, strides, dilation, asymmetric and
-    cropping padding, groups."""
+    back for the input gradient (the scatter into a padded box, then cropped, from columns made as W^T @ go or,
+    ``position_rows``, as go^T @ W for dense convs; col2im into the phase-split buffer); spies make sure the
+    narrow kernels really ran. 1-D to 3-D, strides, dilation, asymmetric and cropping padding, groups."""
     monkeypatch.setattr(im2col_fused, "ENABLED", False)  # the plain paths this test watches
     monkeypatch.setattr(cc, "GATHER_MAX_OW", narrow)
     monkeypatch.setattr(cc, "COL_BUFFER_BYTES", cap)
+    monkeypatch.setattr(cc, "GRAD_INPUT_POSITION_ROWS", position_rows)
+    monkeypatch.setattr(cc, "GRAD_INPUT_POSITION_ROWS_MAX_POSITIONS", 1 << 30)
     gathers = _spy(monkeypatch, "_im2col_gather")
     scatters = _spy(monkeypatch, "_col2im_gather")
+    row_scatters = _spy(monkeypatch, "_col2im_gather_rows")
     _check("im2col", 3, 4, 6, (9, 10), (3, 3), (2, 1), (1, 1), (1, 1), (1, 1), 2)
     _check("im2col", 2, 4, 6, (5, 6, 7), (3, 2, 3), (1, 2, 2), (1, 0, 1), (1, 1, 0), (1, 2, 1), 1)
     _check("im2col", 2, 3, 4, (11,), (3,), (2,), (2,), (-1,), (2,), 1)
     _check("im2col", 2, 6, 6, (8, 8), (3, 3), (2, 2), (1, 1), (0, 0), (1, 1), 3, dtype=np.float32)
     assert bool(gathers) == (narrow > 0)
-    assert bool(scatters) == (narrow > 0)  # the input gradient's narrow scatter ran too
+    assert bool(scatters) == (narrow > 0)  # the input gradient's narrow scatter ran too (the grouped convs')
+    assert bool(row_scatters) == (narrow > 0 and position_rows)  # and from position rows (the dense convs')
 
 
 def test_im2col_chunk_bounds():

@@ -728,6 +728,30 @@ def _col2im_gather(col, n0, c0, tap_off, pos, gbox):
                     gf[np.uint64(base + pos[q])] += cf[src + np.uint64(q)]
 
 
+@parallel.kernel(work_arg=0, **_JIT)
+def _col2im_gather_rows(colt, n0, tap_off, pos, gbox):
+    """:func:`_col2im_gather` from transposed columns, one row per output position: ``gbox[n0 + i, c].flat[tap_off[t]
+    + pos[q]] += colt[i*Q + q, c*T + t]`` (``colt``: (nb*Q, C*T), C-contiguous), the result of ``go^T @ W`` (see
+    :data:`GRAD_INPUT_POSITION_ROWS`). Parallel over channels (a task owns its channel's planes: no races); a
+    channel reads ``T`` adjacent values of each row, and the next channel the values beside them (in L1)."""
+    T = tap_off.shape[0]
+    Q = pos.shape[0]
+    nb = colt.shape[0] // Q
+    C = gbox.shape[1]
+    plane = gbox.shape[2] * gbox.shape[3] * gbox.shape[4]
+    gf = gbox.reshape(gbox.size)
+    cf = colt.reshape(colt.size)
+    ncol = colt.shape[1]
+    for c in prange(ncol // T):
+        for i in range(nb):
+            base = ((n0 + i) * C + c) * plane
+            for q in range(Q):
+                src = np.uint64((i * Q + q) * ncol + c * T)
+                corner = base + pos[q]
+                for t in range(T):
+                    gf[np.uint64(corner + tap_off[t])] += cf[src + np.uint64(t)]
+
+
 @parallel.kernel(**_JIT)
 def _crop_box(gbox, pd, ph, pw, gx):
     """``gx[n, c, d, h, w] = gbox[n, c, d + pd, h + ph, w + pw]``, 0 where that lies outside the box (input the
@@ -946,6 +970,20 @@ FUSED_GRAD_INPUT_MIN_POSITIONS = 512
 #: 16 -> 64 at 30x30 1.66, 32 -> 128 2.0, 48 -> 192 at 15x15 2.3, 64 -> 256 1.54 (4x expansions); 96 -> 128
 #: 1.16; 64 -> 64 0.9, DenseNet's 128 -> 32 0.78.
 FUSED_GRAD_INPUT_MAX_EXPANSION = 1
+
+#: Dense input gradients on the GEMM + col2im path with narrow output rows (:data:`GATHER_MAX_OW`) make their columns
+#: as ``go^T @ W`` (a row per output position, :func:`_col2im_gather_rows`) rather than ``W^T @ go``: the GEMM then
+#: reads the weights as stored, where the transposed operand cost MKL up to 1.7x the time on thin products; with
+#: at most :data:`GRAD_INPUT_POSITION_ROWS_MAX_POSITIONS` output positions in the batch (beyond, the product is no
+#: longer thin and the scatter from rows cost more). Measured, 2 threads, same process alternating, input gradient
+#: ms W^T @ go / go^T @ W (float64 results equal to torch's within 1e-13): batch 1, ResNet's 512 -> 512 3x3 at 4x4
+#: 0.99-1.02 / 0.51-0.52, 256 -> 512 stride 2 0.57-0.58 / 0.34-0.35, 512 -> 512 at 7x7 1.56 / 1.11, AlexNet's 384 ->
+#: 256 at 7x7 0.72 / 0.51-0.52, 192 -> 384 0.61 / 0.39; batch 4: 512 -> 512 at 4x4 1.79 / 1.46, 192 -> 384 at 4x4
+#: 0.67 / 0.53; batch 8 (128 positions): 512 -> 512 at 4x4 2.47-2.56 / 2.20-2.29, 256 -> 512 stride 2 1.50-1.54 /
+#: 1.37-1.39, 192 -> 384 at 4x4 1.04-1.09 / 0.90-0.97. Beyond 128 positions slower: batch 4, 384 -> 256 at 7x7
+#: (196) 1.64 / 1.78, 128 -> 256 stride 2 at 16x16 (256) 0.92 / 0.99; batch 8 at 7x7 (392) 1.03-1.07x.
+GRAD_INPUT_POSITION_ROWS = True
+GRAD_INPUT_POSITION_ROWS_MAX_POSITIONS = 128
 
 #: Stride-1 input gradient as a forward conv of the zero-padded output gradient: used while that
 #: conv's multiply-adds (over the padded rows) are at most this many times the real ones. Small
@@ -1320,6 +1358,15 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     qmax = max(nb * (r1 - r0) * OW for _, nb, r0, r1 in chunks)
     colbuf = np.empty(ckt * qmax, go.dtype)
     w3T = w2.reshape(G, Kg, ck).transpose(0, 2, 1)
+    if narrow and G == 1 and GRAD_INPUT_POSITION_ROWS and N * P <= GRAD_INPUT_POSITION_ROWS_MAX_POSITIONS:
+        # the columns with positions as rows, go^T @ W: the GEMM reads the weights as stored
+        for n0, nb, r0, r1 in chunks:
+            Q = (r1 - r0) * OW
+            got = np.ascontiguousarray(go3[n0:n0 + nb, :, r0 * OW:r1 * OW].transpose(0, 2, 1)).reshape(nb * Q, K)
+            colt = blas.matmul(got, w2, out=colbuf[:nb * Q * ck].reshape(nb * Q, ck))
+            _col2im_gather_rows(colt, n0, tap_off, pos[r0 * OW:r1 * OW], gbox)
+        _crop_box(gbox, padding[0], padding[1], padding[2], gx)
+        return gx
     for n0, nb, r0, r1 in chunks:
         Q = (r1 - r0) * OW
         goc = _go_chunk(go3, n0, nb, 0, K, r0, r1, OW).reshape(G, Kg, nb * Q)
