@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from fastconv.cpu import conv as cc
-from fastconv.cpu import im2col_fused, jit_gemm, shift
+from fastconv.cpu import im2col_fused, jit_gemm, shift, thin_input
 from helpers import assert_close, tolerance
 
-ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps", "im2col-gather")
+ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps", "im2col-gather", "im2col-thin")
 #: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
 PLANAR_ALGOS = ALGOS + ("shift",)
 
@@ -92,6 +92,7 @@ class _fused_everywhere:
                                                             "TAPS_STRIDED_MAX_IN_CHANNELS", "_forward_taps",
                                                             "GATHER")}
         im2col_fused.GATHER = False  # the column fills and the taps kernel here; the gather row has its own
+        self.thin, thin_input.ENABLED = thin_input.ENABLED, False  # (and the thin-input row)
         self.own = jit_gemm.use_own_gemm(True) if self.use_taps else jit_gemm.own_gemm_in_use()
         im2col_fused.TAPS = self.use_taps
         im2col_fused.TAPS_CHUNK_BYTES = 64  # one output row per chunk: many chunks and tasks
@@ -114,6 +115,7 @@ class _fused_everywhere:
             setattr(im2col_fused, k, v)
         jit_gemm.use_own_gemm(self.own)
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
+        thin_input.ENABLED = self.thin
 
 
 class _gather_everywhere:
@@ -134,6 +136,7 @@ class _gather_everywhere:
         self.min_positions = cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = 0, 1 << 30
         im2col_fused.GATHER = im2col_fused.ENABLED = True
+        self.thin, thin_input.ENABLED = thin_input.ENABLED, False  # the thin-input row has its own
         im2col_fused.GATHER_MAX_WEIGHT_BYTES = im2col_fused.GATHER_GRAD_MAX_WEIGHT_BYTES = 1 << 62
         im2col_fused.MAX_WEIGHT_BYTES = 1 << 62
         im2col_fused.GATHER_TAPS_MIN_OUT_CHANNELS = 1 << 30
@@ -151,6 +154,24 @@ class _gather_everywhere:
             setattr(im2col_fused, k, v)
         jit_gemm.use_own_gemm(self.own)
         cc.FUSED_GRAD_INPUT_MIN_POSITIONS, cc.FUSED_GRAD_INPUT_MAX_EXPANSION = self.min_positions
+        thin_input.ENABLED = self.thin
+
+
+class _thin_everywhere:
+    """Context: the thin-input forward (:mod:`fastconv.cpu.thin_input`) for every dense 1-D/2-D conv it can run
+    (any reduction, any row width: every tile size and the element tail); yields the list of its calls."""
+
+    def __enter__(self):
+        self.saved = {k: getattr(thin_input, k) for k in ("ENABLED", "MAX_REDUCTION", "MIN_ROW_VECTORS", "forward")}
+        thin_input.ENABLED, thin_input.MAX_REDUCTION, thin_input.MIN_ROW_VECTORS = True, 1 << 30, 0
+        calls = []
+        real = self.saved["forward"]
+        thin_input.forward = lambda *a: calls.append(1) or real(*a)
+        return calls
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            setattr(thin_input, k, v)
 
 
 def _fused_for_any_size(monkeypatch, on: bool):
@@ -201,6 +222,17 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
                                                                                       pad_after), \
             f"the gather kernels did not run both passes: {ran}"
         return
+    if algo == "im2col-thin":
+        runs = (nd <= 2 and groups == 1 and int(np.prod(ksz)) > 1 and all(d == 1 for d in dilation)
+                and min(pad_before) >= 0 and any(k > s for k, s in zip(ksz, stride)))
+        if not runs:
+            pytest.skip("the thin-input forward runs dense 1-D/2-D convs of overlapping windows, dilation 1, padding "
+                        ">= 0 only")
+        with _thin_everywhere() as calls:
+            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
+                   fused=True)
+        assert calls or N == 0, "the thin-input forward did not run"
+        return
     if algo in ("im2col-fused", "im2col-taps"):
         if not _fused_applies(nd, ksz, groups):
             pytest.skip("the fused im2col path runs dense 1-D/2-D convs of more than one tap only")
@@ -215,12 +247,13 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
         assert calls or N == 0, "the fused im2col path did not run"  # an empty batch returns before any path
         assert not taps or "forward" in context.taps or N == 0, f"the taps kernel did not run: {context.taps}"
         return
-    if algo == "im2col" and not fused and im2col_fused.ENABLED:
-        im2col_fused.ENABLED = False
+    if algo == "im2col" and not fused and (im2col_fused.ENABLED or thin_input.ENABLED):
+        saved = im2col_fused.ENABLED, thin_input.ENABLED
+        im2col_fused.ENABLED = thin_input.ENABLED = False
         try:
             _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed)
         finally:
-            im2col_fused.ENABLED = True
+            im2col_fused.ENABLED, thin_input.ENABLED = saved
         return
     g = torch.Generator().manual_seed(seed)
     tdt = torch.float64

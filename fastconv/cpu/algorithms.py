@@ -19,7 +19,7 @@ import torch
 from ..spec import CONTIGUOUS_ROUTE, ConvAlgorithm, ConvGeometry, OpImplementation, SeparableGeometry
 from . import conv as kernels
 from . import (blas, depthwise, depthwise_nhwc, fft, group_lanes, im2col_fused, im2col_nhwc, pointwise, shift,
-               transposed_gemm, winograd)
+               thin_input, transposed_gemm, winograd)
 
 
 def _np(t: torch.Tensor):
@@ -123,13 +123,17 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     ``OW`` wide, or the padded row wide on the stride-1 wide-row path; on the fused path
     (:mod:`.im2col_fused`) a column chunk and a GEMM result per task (on the gather kernel: the padded input,
     the packed weights and a result per task; on the taps kernel: the padded input or its
-    phases, and a GEMM result per task). 1x1 stride-1 convs are a plain GEMM
+    phases, and a GEMM result per task; on the thin-input kernel, :mod:`.thin_input`: the input's padded
+    phases). 1x1 stride-1 convs are a plain GEMM
     and need none. (Elsewhere the input's padded or phase-split copy is not counted.)"""
     if g.is_pointwise:
         return 0
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
+    if thin_input.applies(g.groups, g.in_channels, g.kernel, g.stride, g.dilation, g.in_spatial, g.out_spatial,
+                          g.padding, item):
+        return thin_input.workspace_bytes(g.batch, g.in_channels, g.kernel[1:], g.stride[1:], g.out_spatial[1:], item)
     small = im2col_fused.small_for_own(g.out_channels, ck, g.kernel[1:], g.stride[1:], item,
                                        g.batch * math.prod(g.out_spatial))
     if (im2col_fused.gather_applies(g.kernel, g.groups, g.in_spatial, g.out_spatial, small)

@@ -34,7 +34,7 @@ from fastconv import config
 import numpy as np
 from numba import njit, prange
 
-from . import blas, im2col_fused, memory, parallel
+from . import blas, im2col_fused, memory, parallel, thin_input
 from .arguments import int_tuple
 
 __all__ = [
@@ -1220,6 +1220,11 @@ def im2col_forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
             y4 = y3.reshape(N, G, Kg, P)
             for n in range(N):
                 _group_gemm(w3, x3[n].reshape(G, Cg, P), y4[n])
+    elif thin_input.applies(G, C, (KD, KH, KW), stride, dilation, (D, H, W), out_spatial, padding, x.itemsize):
+        # few input channels (an RGB stem): a bank of FIRs over the input's stride phases, no columns
+        thin_input.forward(x.reshape(N, C, H, W), w.reshape(K, C, KH, KW), bias, stride[1:], padding[1:], (OH, OW),
+                           y.reshape(N, K, OH, OW))
+        return y
     elif (im2col_fused.gather_applies((KD, KH, KW), G, (D, H, W), out_spatial,
                                       im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize,
                                                                  N * OH * OW))

@@ -56,13 +56,16 @@ def _direct(g: ConvGeometry) -> int:
 
 def _im2col(g: ConvGeometry) -> int:
     try:  # the kernel module's own predicates decide which path runs
-        from ..cpu import im2col_fused
+        from ..cpu import im2col_fused, thin_input
         from ..cpu.conv import _is_pointwise, _wide_ok
     except ImportError:  # pragma: no cover - kernels unavailable: the plain column GEMM
         return g.macs
     kg = g.out_channels // g.groups
     if _is_pointwise(g.kernel, g.stride, g.padding, g.in_spatial, g.out_spatial):
         return g.macs
+    if thin_input.applies(g.groups, g.in_channels, g.kernel, g.stride, g.dilation, g.in_spatial, g.out_spatial,
+                          g.padding, g.dtype.itemsize):
+        return g.macs  # every tap of every output position, over the zero-padded input's phases
     if im2col_fused.applies(g.kernel, g.groups, g.in_channels, g.out_channels, g.in_spatial, g.out_spatial,
                             g.dtype.itemsize):
         return g.macs  # columns of exactly the output positions, chunk by chunk
