@@ -158,15 +158,19 @@ class _gather_everywhere:
 
 
 class _thin_everywhere:
-    """Context: the thin-input forward (:mod:`fastconv.cpu.thin_input`) for every dense 1-D/2-D conv it can run
-    (any reduction, any row width: every tile size and the element tail); yields the list of its calls."""
+    """Context: the thin-input forward and weight gradient (:mod:`fastconv.cpu.thin_input`) for every dense 1-D/2-D
+    conv they can run (any reduction, any row width: every tile size and the element tail); yields the list of the
+    passes that ran there."""
 
     def __enter__(self):
-        self.saved = {k: getattr(thin_input, k) for k in ("ENABLED", "MAX_REDUCTION", "MIN_ROW_VECTORS", "forward")}
-        thin_input.ENABLED, thin_input.MAX_REDUCTION, thin_input.MIN_ROW_VECTORS = True, 1 << 30, 0
+        self.saved = {k: getattr(thin_input, k) for k in ("ENABLED", "GRAD_WEIGHT", "MAX_REDUCTION", "MIN_ROW_VECTORS",
+                                                          "forward", "grad_weight")}
+        thin_input.ENABLED = thin_input.GRAD_WEIGHT = True
+        thin_input.MAX_REDUCTION, thin_input.MIN_ROW_VECTORS = 1 << 30, 0
         calls = []
-        real = self.saved["forward"]
-        thin_input.forward = lambda *a: calls.append(1) or real(*a)
+        real_forward, real_grad_weight = self.saved["forward"], self.saved["grad_weight"]
+        thin_input.forward = lambda *a: calls.append("forward") or real_forward(*a)
+        thin_input.grad_weight = lambda *a: calls.append("grad_weight") or real_grad_weight(*a)
         return calls
 
     def __exit__(self, *exc):
@@ -231,7 +235,7 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
         with _thin_everywhere() as calls:
             _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed,
                    fused=True)
-        assert calls or N == 0, "the thin-input forward did not run"
+        assert {"forward", "grad_weight"} <= set(calls) or N == 0, f"the thin-input kernels did not both run: {calls}"
         return
     if algo in ("im2col-fused", "im2col-taps"):
         if not _fused_applies(nd, ksz, groups):

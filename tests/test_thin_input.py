@@ -1,5 +1,5 @@
-"""The thin-input forward (fastconv.cpu.thin_input): dense convs of few input channels (RGB stems) as a bank of FIRs
-over the input's padded stride phases. Float64 against torch on every tile (4, 2, 1 vectors, the element tail; banks
+"""The thin-input kernels (fastconv.cpu.thin_input): dense convs of few input channels (RGB stems), the forward as a
+bank of FIRs over the input's padded stride phases, the weight gradient as register-tile dot products over them. Float64 against torch on every tile (4, 2, 1 vectors, the element tail; banks
 of four channels and single channels), strides 1-3 in either dimension, padding before and after (cropping too),
 1-D; the rule that routes stems there; gradcheck and opcheck through the op with the forward on this kernel."""
 from __future__ import annotations
@@ -21,6 +21,15 @@ def spy(monkeypatch):
     calls = []
     real = thin_input.forward
     monkeypatch.setattr(thin_input, "forward", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.fixture
+def spy_grad_weight(monkeypatch):
+    """The thin-input weight gradient's calls."""
+    calls = []
+    real = thin_input.grad_weight
+    monkeypatch.setattr(thin_input, "grad_weight", lambda *a: calls.append(a) or real(*a))
     return calls
 
 
@@ -51,6 +60,24 @@ def test_forward_matches_torch(monkeypatch, spy, case, dtype):
         assert_close(F.conv2d(x, w, bias, stride, pad, algo="im2col"), TF.conv2d(x, w, bias, stride, pad),
                      what=f"thin input {case} bias={bias is not None}")
     assert spy, "the thin-input forward did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_weight_gradient_matches_torch(monkeypatch, spy_grad_weight, case, dtype):
+    """The weight gradient's register tiles (blocks of four channels x four taps, the remaining channels and taps
+    one at a time, 4-, 2- and 1-vector column blocks, the element tail) against torch."""
+    N, C, K, H, W, ksz, stride, pad = case
+    monkeypatch.setattr(thin_input, "MIN_ROW_VECTORS", 0)
+    g = torch.Generator().manual_seed(sum(case[:5]) + 1)
+    x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
+    w = torch.randn((K, C) + ksz, generator=g, dtype=dtype)
+    go = torch.randn_like(TF.conv2d(x, w, None, stride, pad), dtype=dtype)
+    got = cc.im2col_grad_weight(go.numpy()[:, :, None], x.numpy()[:, :, None], (1,) + stride, (0,) + pad,
+                                (1, 1, 1), 1, (1,) + ksz)
+    ref = torch.nn.grad.conv2d_weight(x, w.shape, go, stride, pad)
+    assert_close(torch.from_numpy(got[:, :, 0]), ref, what=f"thin input weight gradient {case}")
+    assert spy_grad_weight, "the thin-input weight gradient did not run"
 
 
 def test_cropping_end_padding_matches_torch(spy, monkeypatch):
@@ -99,8 +126,8 @@ def test_which_convs_take_it():
 
 
 def test_public_api_gradcheck_and_opcheck():
-    """gradcheck (float64) and opcheck through the op with the forward on the thin-input kernel (the gradients on
-    im2col's other paths)."""
+    """gradcheck (float64) and opcheck through the ops with the forward and the weight gradient on the thin-input
+    kernels (the input gradient on im2col's other paths)."""
     from torch.library import opcheck
 
     g = torch.Generator().manual_seed(11)
@@ -109,14 +136,18 @@ def test_public_api_gradcheck_and_opcheck():
     b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
     assert thin_input.applies(1, 3, (1, 3, 3), (1, 2, 2), (1, 1, 1), (1, 9, 36), (1, 5, 18), (0, 1, 1), 8)
     calls = []
-    real = thin_input.forward
-    thin_input.forward = lambda *a: calls.append(1) or real(*a)
+    real_forward, real_grad_weight = thin_input.forward, thin_input.grad_weight
+    thin_input.forward = lambda *a: calls.append("forward") or real_forward(*a)
+    thin_input.grad_weight = lambda *a: calls.append("grad_weight") or real_grad_weight(*a)
     try:
         assert torch.autograd.gradcheck(lambda x, w, b: F.conv2d(x, w, b, 2, 1, algo="im2col"), (x, w, b))
         opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, [2, 2], [1, 1], [1, 1], [1, 1], 1, "im2col"))
+        opcheck(torch.ops.fastconv.conv2d_grad_weight.default,
+                (torch.randn(2, 5, 5, 18, generator=g, dtype=torch.float64), x.detach(), [3, 3], [2, 2], [1, 1],
+                 [1, 1], [1, 1], 1, "im2col"))
     finally:
-        thin_input.forward = real
-    assert calls, "the thin-input forward did not run"
+        thin_input.forward, thin_input.grad_weight = real_forward, real_grad_weight
+    assert {"forward", "grad_weight"} <= set(calls), f"the thin-input kernels did not both run: {calls}"
 
 
 def test_workspace_matches_what_it_allocates(monkeypatch):

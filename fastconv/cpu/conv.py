@@ -1422,6 +1422,12 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
         for n in range(1, N):
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
+    if thin_input.GRAD_WEIGHT and thin_input.applies(G, C, kernel_spatial, stride, dilation, (D, H, W), out_spatial,
+                                                     padding, x.itemsize):
+        # few input channels (an RGB stem): register-tile dot products over the input's stride phases, no columns
+        thin_input.grad_weight(go.reshape(N, K, OH, OW), x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:],
+                               gw.reshape(K, C, KH, KW))
+        return gw
     if (im2col_fused.gather_applies(kernel_spatial, G, (D, H, W), out_spatial,
                                     im2col_fused.small_for_own(K, ck, (KH, KW), stride[1:], x.itemsize,
                                                                weight_gradient=True))

@@ -13,8 +13,14 @@ offs[t] + ow]``. One register tile (:func:`_bank_tile_intrinsic`) computes up to
 broadcast weight each), so the FMAs, not the loads, set the pace; the sums start at the bias and are stored once,
 straight into the NCHW result. Parallel over (image, output row).
 
+The weight gradient reads the same phases: ``gw[k, t] = sum over images and output positions of go[n, k, oh, ow] *
+plane_t[oh*Wq + offs[t] + ow]``, a dot product per (channel, tap) pair, in register tiles of :data:`BANK` channels x
+:data:`BANK` taps (:func:`_dot_tile_intrinsic`: per row and vector four output-gradient and four input loads for
+sixteen FMAs), lane partial sums kept per block between images and summed across lanes at the end.
+
 Scope (:func:`applies`): dense (``groups == 1``), 2-D, reduction at most :data:`MAX_REDUCTION`, dilation 1, every
-stride, any padding >= 0, float32 and float64. The input gradient and weight gradient stay on im2col's paths.
+stride, any padding >= 0, float32 and float64. The input gradient stays on im2col's paths (a stem's input needs
+none).
 
 Measured (2 threads, same process alternating with im2col's previous route, forward ms, batch 8 at 128x128): 3 -> 32
 3x3 stride 2 0.68-0.69 -> 0.50 (torch 0.37 in a clean process), 3 -> 16 0.54-0.55 -> 0.40 (torch 0.20), 3 -> 24
@@ -24,7 +30,11 @@ batch 1 3 -> 32 0.13-0.14 -> 0.10-0.11, 3 -> 16 0.15 -> 0.09; a 1-D 1 -> 32 80-t
 a test and a signed index per element) and the tiles 0.2 (their FMAs' rate). Converted models, same process
 alternating with / without, batch 1 / batch 8 / training step: MobileNet-v2 0.998 / 0.999 / 0.988, MobileNet-v3
 0.989 / 1.000 / 0.999, EfficientNet-B0 0.993 / 0.986 / 0.982, ShuffleNet 0.992 / 0.996 / 0.988-1.028, RegNet 0.993 /
-0.980 / 0.997, VGG-11 0.990 / 0.996 / 1.003 (a stem is 1-2% of these models' time).
+0.980 / 0.997, VGG-11 0.990 / 0.996 / 1.003 (a stem is 1-2% of these models' time). Weight gradient ms, im2col's
+previous route / here, batch 8: 3 -> 32 stride 2 0.89 / 0.71 (torch 0.39-0.41), 3 -> 16 0.70 / 0.49 (torch 0.22),
+3 -> 24 0.78 / 0.59, VGG's 3 -> 64 stride 1 3.35 / 2.71, at 224x224 2.18 / 2.03; batch 2 and 4 0.72-0.90x; batch 1
+3 -> 16 0.19 / 0.12 but 3 -> 32 0.146 / 0.173 (too little work for the 2-thread region). Training steps, same process
+alternating with / without it: 0.97-1.02 (MobileNet-v2/v3, EfficientNet-B0, ShuffleNet, RegNet: within the noise).
 """
 from __future__ import annotations
 
@@ -37,7 +47,8 @@ from fastconv import config
 
 from . import memory, micro_gemm, parallel
 
-__all__ = ["applies", "forward", "workspace_bytes", "MAX_REDUCTION", "MIN_ROW_VECTORS", "BANK", "ENABLED"]
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "MAX_REDUCTION", "MIN_ROW_VECTORS", "BANK", "ENABLED",
+           "GRAD_WEIGHT"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
@@ -48,6 +59,8 @@ MAX_REDUCTION = 80
 BANK = 4
 #: Whether :func:`applies` says yes at all (tests and A/B measurements switch it off).
 ENABLED = True
+#: Whether im2col's weight gradient takes :func:`grad_weight` where :func:`applies` says yes.
+GRAD_WEIGHT = True
 _MAX_VECTORS = 4  # vectors of an output row per tile: BANK x 4 accumulators + 4 loaded vectors in registers
 
 
@@ -186,6 +199,168 @@ def _forward_rows(xq, per_image, offs, wts, bias, K, OH, OW, Wq, y):
             k += 1
 
 
+def _dot_tile_intrinsic(vectors: int, bank: int, taps: int):
+    """An intrinsic ``tile(go, go_base, go_pitch, xs, x_base, x_pitch, offs, t0, rows, acc)``: for the ``bank``
+    channels ``q`` and ``taps`` taps ``r``, ``acc[(q*taps + r)*W .. + W] += sum over rows i < rows and vectors v <
+    vectors of go[go_base + q*go_step + i*go_pitch + v*W ..] * xs[x_base + offs[t0 + r] + i*x_pitch + v*W ..]``
+    lane by lane, ``go_step`` = ``rows * go_pitch`` (the channel's plane), with the partial sums in registers over
+    every row (loaded from and stored back to ``acc`` once). No bounds checks: the caller's indices are exact."""
+
+    @intrinsic
+    def tile(typingctx, go, go_base, go_pitch, go_step, xs, x_base, x_pitch, offs, t0, rows, acc):
+        signature = types.void(go, types.intp, types.intp, types.intp, xs, types.intp, types.intp, offs,
+                               types.intp, types.intp, acc)
+        dtype = acc.dtype
+
+        def codegen(context, builder, sig, args):
+            (go_v, go_base_v, go_pitch_v, go_step_v, xs_v, x_base_v, x_pitch_v, offs_v, t0_v, rows_v,
+             acc_v) = args
+            itemsize, width, vector, fma, zero, splat = micro_gemm.vector_ir(context, builder, dtype)
+            intp = context.get_value_type(types.intp)
+
+            def data(i, value):
+                return context.make_array(sig.args[i])(context, builder, value).data
+
+            go_ptr = builder.gep(data(0, go_v), [go_base_v])
+            xs_ptr = builder.gep(data(4, xs_v), [x_base_v])
+            offs_ptr = builder.gep(data(7, offs_v), [t0_v])
+            acc_ptr = data(10, acc_v)
+
+            def vec(ptr, offset):
+                return builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
+
+            go_rows = [builder.gep(go_ptr, [builder.mul(ir.Constant(intp, q), go_step_v)]) for q in range(bank)]
+            x_rows = [builder.gep(xs_ptr, [builder.load(builder.gep(offs_ptr, [ir.Constant(intp, r)]))])
+                      for r in range(taps)]
+            initial = [builder.load(vec(acc_ptr, ir.Constant(intp, j * width)), align=itemsize)
+                       for j in range(bank * taps)]
+
+            def step(i, accumulators):
+                go_at = builder.mul(i, go_pitch_v)
+                x_at = builder.mul(i, x_pitch_v)
+                updated = list(accumulators)
+                for v in range(vectors):
+                    column = ir.Constant(intp, v * width)
+                    g = [builder.load(vec(go_rows[q], builder.add(go_at, column)), align=itemsize)
+                         for q in range(bank)]
+                    x = [builder.load(vec(x_rows[r], builder.add(x_at, column)), align=itemsize)
+                         for r in range(taps)]
+                    for q in range(bank):
+                        for r in range(taps):
+                            updated[q * taps + r] = builder.call(fma, [g[q], x[r], updated[q * taps + r]])
+                return updated
+
+            results = micro_gemm.register_loop(builder, intp, rows_v, initial, step, "dot")
+            for j, value in enumerate(results):
+                builder.store(value, vec(acc_ptr, ir.Constant(intp, j * width)), align=itemsize)
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return tile
+
+
+_DOT_TILES = {(v, b, t): _dot_tile_intrinsic(v, b, t) for v in (4, 2, 1) for b in (BANK, 1) for t in (BANK, 1)}
+_dot4_44, _dot2_44, _dot1_44 = _DOT_TILES[4, 4, 4], _DOT_TILES[2, 4, 4], _DOT_TILES[1, 4, 4]
+_dot4_41, _dot2_41, _dot1_41 = _DOT_TILES[4, 4, 1], _DOT_TILES[2, 4, 1], _DOT_TILES[1, 4, 1]
+_dot4_14, _dot2_14, _dot1_14 = _DOT_TILES[4, 1, 4], _DOT_TILES[2, 1, 4], _DOT_TILES[1, 1, 4]
+_dot4_11, _dot2_11, _dot1_11 = _DOT_TILES[4, 1, 1], _DOT_TILES[2, 1, 1], _DOT_TILES[1, 1, 1]
+
+
+@njit(inline="always", **_JIT)
+def _dot_columns(go, gb, xs, xb, offs, t0, kb, tb, OH, OW, Wq, j, vectors, acc):
+    """The ``vectors``-wide column block from column ``j`` of every row, for ``kb`` channels x ``tb`` taps (each
+    ``BANK`` or 1)."""
+    step = OH * OW
+    if kb == BANK and tb == BANK:
+        if vectors == 4:
+            _dot4_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        elif vectors == 2:
+            _dot2_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        else:
+            _dot1_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+    elif kb == BANK:
+        if vectors == 4:
+            _dot4_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        elif vectors == 2:
+            _dot2_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        else:
+            _dot1_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+    elif tb == BANK:
+        if vectors == 4:
+            _dot4_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        elif vectors == 2:
+            _dot2_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        else:
+            _dot1_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+    else:
+        if vectors == 4:
+            _dot4_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        elif vectors == 2:
+            _dot2_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        else:
+            _dot1_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+
+
+@parallel.kernel(always=True, **_JIT)
+def _grad_weight_blocks(go, xs, per_image, offs, K, OH, OW, Wq, accs, gw):
+    """``gw`` (flat, (K, T)) ``[k, t] = sum over images n, rows oh, columns ow of go[n, k, oh, ow] * xs[n*per_image
+    + offs[t] + oh*Wq + ow]``. A task takes a block of ``BANK`` output channels (the last ones one at a time) and,
+    image by image, every block of ``BANK`` taps (the last ones one at a time): the image's output gradient rows of
+    the block (``BANK`` planes) stay in cache while every tap block reads them. Each (channel block, tap block)'s
+    lane partial sums live in ``accs[task, tap block]`` (``BANK*BANK*W`` long) between images."""
+    T = offs.shape[0]
+    N = go.shape[0] // (K * OH * OW)
+    W = micro_gemm.VECTOR_BYTES // gw.itemsize
+    tblocks = -(-T // BANK)
+    full = OW // W * W
+    for task in prange(-(-K // BANK)):
+        k0 = task * BANK
+        kend = min(K, k0 + BANK)
+        kb = BANK if kend - k0 == BANK else 1
+        for k in range(k0, kend, kb):
+            for m in range(accs.shape[1] * accs.shape[2]):
+                accs[task].reshape(accs.shape[1] * accs.shape[2])[m] = 0
+            for n in range(N):
+                gb = (n * K + k) * OH * OW
+                xb = n * per_image
+                for tblock in range(tblocks):
+                    t0 = tblock * BANK
+                    tend = min(T, t0 + BANK)
+                    tb = BANK if tend - t0 == BANK else 1
+                    for t in range(t0, tend, tb):
+                        # one slot per tap block: a block of singles keeps each single's sums at its own offset
+                        acc = accs[task, tblock, (t - t0) * kb * W:]
+                        j = 0
+                        while j + 4 * W <= OW:
+                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 4, acc)
+                            j += 4 * W
+                        if j + 2 * W <= OW:
+                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 2, acc)
+                            j += 2 * W
+                        if j + W <= OW:
+                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 1, acc)
+            for tblock in range(tblocks):
+                t0 = tblock * BANK
+                tend = min(T, t0 + BANK)
+                tb = BANK if tend - t0 == BANK else 1
+                for t in range(t0, tend, tb):
+                    acc = accs[task, tblock, (t - t0) * kb * W:]
+                    for q in range(kb):
+                        for r in range(tb):
+                            s = acc[(q * tb + r) * W]
+                            for lane in range(1, W):
+                                s += acc[(q * tb + r) * W + lane]
+                            # the columns beyond the last whole vector, element by element
+                            for n in range(N):
+                                g0 = (n * K + k + q) * OH * OW
+                                x0 = n * per_image + offs[t + r]
+                                for oh in range(OH):
+                                    for ow in range(full, OW):
+                                        s += go[g0 + oh * OW + ow] * xs[x0 + oh * Wq + ow]
+                            gw[(k + q) * T + t + r] = s
+
+
 @parallel.kernel(**_JIT)
 def _phase_pad(x, ph, pw, sh, sw, out):
     """``out[n, c, jh, jw, mh, mw] = x[n, c, mh*sh + jh - ph, mw*sw + jw - pw]``, 0 outside ``x`` (the zero-padded
@@ -260,6 +435,19 @@ def _phase_shape(kernel_hw, stride_hw, out_hw) -> tuple[int, int]:
     return OH + (KH - 1) // sh, OW + (KW - 1) // sw
 
 
+def _tap_offsets(C, KH, KW, sh, sw, Hq, Wq):
+    """Each tap's offset in an image's phase planes from output position (0, 0)'s, tap ``(c, kh, kw)`` at
+    ``(c*KH + kh)*KW + kw``: plane ``(c, kh % sh, kw % sw)``, row ``kh // sh``, column ``kw // sw``."""
+    offs = np.empty(C * KH * KW, np.int64)
+    t = 0
+    for c in range(C):
+        for kh in range(KH):
+            for kw in range(KW):
+                offs[t] = ((c * sh + kh % sh) * sw + kw % sw) * Hq * Wq + (kh // sh) * Wq + kw // sw
+                t += 1
+    return offs
+
+
 def workspace_bytes(N: int, C: int, kernel_hw, stride_hw, out_hw, itemsize: int) -> int:
     """Bytes :func:`forward` allocates besides its result: the input's padded stride phases."""
     Hq, Wq = _phase_shape(kernel_hw, stride_hw, out_hw)
@@ -275,14 +463,27 @@ def forward(x, w, bias, stride_hw, padding_hw, out_hw, y):
     Hq, Wq = _phase_shape((KH, KW), (sh, sw), (OH, OW))
     xq = memory.scratch("thin_input.phases", (N, C, sh, sw, Hq, Wq), x.dtype)
     _phase_pad(np.ascontiguousarray(x), ph, pw, sh, sw, xq)
-    offs = np.empty(C * KH * KW, np.int64)
-    t = 0
-    for c in range(C):
-        for kh in range(KH):
-            for kw in range(KW):
-                offs[t] = ((c * sh + kh % sh) * sw + kw % sw) * Hq * Wq + (kh // sh) * Wq + kw // sw
-                t += 1
+    offs = _tap_offsets(C, KH, KW, sh, sw, Hq, Wq)
     wts = np.ascontiguousarray(w, x.dtype).reshape(K * C * KH * KW)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     _forward_rows(xq.reshape(xq.size), C * sh * sw * Hq * Wq, offs, wts, b, K, OH, OW, Wq, y.reshape(y.size))
     return y
+
+
+def grad_weight(go, x, kernel_hw, stride_hw, padding_hw, gw):
+    """go: (N, K, OH, OW), x: (N, C, H, W) C-contiguous; gw: (K, C, KH, KW) C-contiguous, written. The conv as
+    :func:`forward` runs it (padding >= 0 before each dim, dilation 1)."""
+    N, C = x.shape[:2]
+    K, _, OH, OW = go.shape[1], None, go.shape[2], go.shape[3]
+    KH, KW = kernel_hw
+    (sh, sw), (ph, pw) = stride_hw, padding_hw
+    Hq, Wq = _phase_shape((KH, KW), (sh, sw), (OH, OW))
+    xq = memory.scratch("thin_input.phases", (N, C, sh, sw, Hq, Wq), x.dtype)
+    _phase_pad(np.ascontiguousarray(x), ph, pw, sh, sw, xq)
+    offs = _tap_offsets(C, KH, KW, sh, sw, Hq, Wq)
+    T = offs.shape[0]
+    W = micro_gemm.VECTOR_BYTES // x.itemsize
+    accs = memory.scratch("thin_input.lane_sums", (-(-K // BANK), -(-T // BANK), BANK * BANK * W), x.dtype)
+    _grad_weight_blocks(np.ascontiguousarray(go).reshape(go.size), xq.reshape(xq.size), C * sh * sw * Hq * Wq,
+                        offs, K, OH, OW, Wq, accs, gw.reshape(gw.size))
+    return gw
