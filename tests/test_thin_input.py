@@ -52,6 +52,7 @@ CASES = [  # N, C, K, H, W, (KH, KW), (sh, sw), (ph, pw)
 def test_forward_matches_torch(monkeypatch, spy, case, dtype):
     N, C, K, H, W, ksz, stride, pad = case
     monkeypatch.setattr(thin_input, "MIN_ROW_VECTORS", 0)  # every row width, down to the element tail alone
+    monkeypatch.setattr(thin_input, "WHOLE_VECTOR_ROWS", False)
     g = torch.Generator().manual_seed(sum(case[:5]))
     x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
     w = torch.randn((K, C) + ksz, generator=g, dtype=dtype)
@@ -69,6 +70,7 @@ def test_weight_gradient_matches_torch(monkeypatch, spy_grad_weight, case, dtype
     one at a time, 4-, 2- and 1-vector column blocks, the element tail) against torch."""
     N, C, K, H, W, ksz, stride, pad = case
     monkeypatch.setattr(thin_input, "MIN_ROW_VECTORS", 0)
+    monkeypatch.setattr(thin_input, "WHOLE_VECTOR_ROWS", False)
     g = torch.Generator().manual_seed(sum(case[:5]) + 1)
     x = torch.randn(N, C, H, W, generator=g, dtype=dtype)
     w = torch.randn((K, C) + ksz, generator=g, dtype=dtype)
@@ -84,6 +86,7 @@ def test_cropping_end_padding_matches_torch(spy, monkeypatch):
     """A conv whose padding after is smaller than before (cropped at the end, as the kernels receive
     padding='same' with an even kernel and ConvTranspose's adjoints): the output extent decides the rows read."""
     monkeypatch.setattr(thin_input, "MIN_ROW_VECTORS", 0)
+    monkeypatch.setattr(thin_input, "WHOLE_VECTOR_ROWS", False)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 20, 37, generator=g, dtype=torch.float64)
     w = torch.randn(6, 3, 4, 4, generator=g, dtype=torch.float64)
@@ -99,7 +102,7 @@ def test_cropping_end_padding_matches_torch(spy, monkeypatch):
 def test_one_dimensional_audio_kernel(spy):
     """A 1-D conv of one channel with 80 taps, stride 4 (a raw-audio front end) runs here: one phase row."""
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 1, 4000, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 1, 4040, generator=g, dtype=torch.float64)  # 992 outputs: whole vectors
     w = torch.randn(16, 1, 80, generator=g, dtype=torch.float64)
     b = torch.randn(16, generator=g, dtype=torch.float64)
     assert_close(F.conv1d(x, w, b, 4, 2, algo="im2col"), TF.conv1d(x, w, b, 4, 2), what="thin input 1-D")
@@ -123,6 +126,9 @@ def test_which_convs_take_it():
     narrow = thin_input.MIN_ROW_VECTORS * vec - 1
     assert not thin_input.applies(**dict(ok, out_spatial=(1, 64, narrow)))  # LeNet's 28-column rows
     assert thin_input.applies(**dict(ok, out_spatial=(1, 64, narrow + 1)))
+    assert not thin_input.applies(**dict(ok, out_spatial=(1, 64, 63)))  # a row's last 15 columns element by element
+    assert thin_input.applies(**dict(ok, out_spatial=(1, 56, 112)))  # a 224x224 stem's 7 vectors
+    assert thin_input.applies(**dict(ok, out_spatial=(1, 64, 40), itemsize=8))  # float64: 8 to a vector
 
 
 def test_public_api_gradcheck_and_opcheck():
@@ -131,10 +137,10 @@ def test_public_api_gradcheck_and_opcheck():
     from torch.library import opcheck
 
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 9, 36, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 9, 32, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
-    assert thin_input.applies(1, 3, (1, 3, 3), (1, 2, 2), (1, 1, 1), (1, 9, 36), (1, 5, 18), (0, 1, 1), 8)
+    assert thin_input.applies(1, 3, (1, 3, 3), (1, 2, 2), (1, 1, 1), (1, 9, 32), (1, 5, 16), (0, 1, 1), 8)
     calls = []
     real_forward, real_grad_weight = thin_input.forward, thin_input.grad_weight
     thin_input.forward = lambda *a: calls.append("forward") or real_forward(*a)
@@ -143,7 +149,7 @@ def test_public_api_gradcheck_and_opcheck():
         assert torch.autograd.gradcheck(lambda x, w, b: F.conv2d(x, w, b, 2, 1, algo="im2col"), (x, w, b))
         opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, [2, 2], [1, 1], [1, 1], [1, 1], 1, "im2col"))
         opcheck(torch.ops.fastconv.conv2d_grad_weight.default,
-                (torch.randn(2, 5, 5, 18, generator=g, dtype=torch.float64), x.detach(), [3, 3], [2, 2], [1, 1],
+                (torch.randn(2, 5, 5, 16, generator=g, dtype=torch.float64), x.detach(), [3, 3], [2, 2], [1, 1],
                  [1, 1], [1, 1], 1, "im2col"))
     finally:
         thin_input.forward, thin_input.grad_weight = real_forward, real_grad_weight
@@ -161,6 +167,7 @@ def test_workspace_matches_what_it_allocates(monkeypatch):
     g = make_geometry(2, 2, 3, 8, 1, (40, 40), (3, 3), None, (2, 2), (1, 1), (1, 1), (1, 1), torch.float32, "numba")
     assert g.out_spatial[1:] == (20, 20)
     monkeypatch.setattr(thin_input, "MIN_ROW_VECTORS", 0)  # 20 columns: one vector and a tail
+    monkeypatch.setattr(thin_input, "WHOLE_VECTOR_ROWS", False)
     alg = registry.choose("im2col", g, "forward")
     phases = thin_input.workspace_bytes(2, 3, (3, 3), (2, 2), (20, 20), 4)
     assert phases == 2 * 3 * 4 * 21 * 21 * 4

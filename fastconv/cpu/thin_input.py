@@ -47,8 +47,8 @@ from fastconv import config
 
 from . import memory, micro_gemm, parallel
 
-__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "MAX_REDUCTION", "MIN_ROW_VECTORS", "BANK", "ENABLED",
-           "GRAD_WEIGHT"]
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "MAX_REDUCTION", "MIN_ROW_VECTORS",
+           "WHOLE_VECTOR_ROWS", "BANK", "ENABLED", "GRAD_WEIGHT"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
@@ -64,9 +64,14 @@ GRAD_WEIGHT = True
 _MAX_VECTORS = 4  # vectors of an output row per tile: BANK x 4 accumulators + 4 loaded vectors in registers
 
 
-#: Fewest vectors in an output row: the part of a row beyond its last whole vector is summed element by element
-#: (LeNet-5's 1 -> 6 5x5 at 28 columns ran 0.18 ms against im2col's 0.12 at batch 8).
+#: Fewest vectors in an output row (LeNet-5's 1 -> 6 5x5 at 28 columns ran 0.18 ms against im2col's 0.12 at batch
+#: 8) ...
 MIN_ROW_VECTORS = 2
+#: ... and rows of whole vectors only (tests switch it off to reach the tails): the part of a row beyond its last
+#: whole vector is summed element by element, at a sixteenth of the tiles' rate. Batch 8, 3 -> 32 3x3 stride 2,
+#: forward / weight gradient ms, im2col / here: 63 columns 0.70 / 2.26 and 0.71 / 3.34, 60 columns 0.65 / 1.82 and
+#: 0.71 / 2.78, 50 columns 0.49 / 0.54 and 0.50 / 0.88 (64 columns: 0.68 / 0.50 and 0.89 / 0.71).
+WHOLE_VECTOR_ROWS = True
 
 
 def applies(groups: int, in_channels: int, kernel, stride, dilation, in_spatial, out_spatial, padding,
@@ -74,12 +79,13 @@ def applies(groups: int, in_channels: int, kernel, stride, dilation, in_spatial,
     """Whether :func:`forward` runs this conv (3-D shapes ``(D, H, W)`` as :mod:`.conv` passes them): dense, 2-D,
     reduction ``C*KH*KW`` at most :data:`MAX_REDUCTION`, overlapping windows (a patchify conv's columns are a plain
     reshuffle: ConvNeXt's 3 -> 96 4x4 stride 4 ran 0.71 ms here against 0.64), dilation 1, padding >= 0, output
-    rows of at least :data:`MIN_ROW_VECTORS` vectors."""
+    rows of at least :data:`MIN_ROW_VECTORS` whole vectors (:data:`WHOLE_VECTOR_ROWS`)."""
     KD, KH, KW = kernel
     return (ENABLED and groups == 1 and KD == 1 and in_spatial[0] == 1 and out_spatial[0] == 1
             and tuple(dilation) == (1, 1, 1) and in_channels * KH * KW <= MAX_REDUCTION and KH * KW > 1
             and (KH > stride[1] or KW > stride[2]) and min(padding) >= 0
-            and out_spatial[2] * itemsize >= MIN_ROW_VECTORS * micro_gemm.VECTOR_BYTES)
+            and out_spatial[2] * itemsize >= MIN_ROW_VECTORS * micro_gemm.VECTOR_BYTES
+            and not (WHOLE_VECTOR_ROWS and out_spatial[2] * itemsize % micro_gemm.VECTOR_BYTES))
 
 
 def _bank_tile_intrinsic(vectors: int, bank: int):
