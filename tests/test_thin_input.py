@@ -1,7 +1,9 @@
 """The thin-input kernels (fastconv.cpu.thin_input): dense convs of few input channels (RGB stems), the forward as a
-bank of FIRs over the input's padded stride phases, the weight gradient as register-tile dot products over them. Float64 against torch on every tile (4, 2, 1 vectors, the element tail; banks
-of four channels and single channels), strides 1-3 in either dimension, padding before and after (cropping too),
-1-D; the rule that routes stems there; gradcheck and opcheck through the op with the forward on this kernel."""
+bank of FIRs over the input's padded stride phases, the weight gradient as register-tile dot products over them.
+Float64 against torch on every tile (4, 2, 1 vectors, the element tail; banks of four channels and single channels;
+blocks of four taps and single taps), strides 1-3 in either dimension, padding before and after (cropping too), 1-D;
+the rule that routes stems there; gradcheck and opcheck through the ops with both passes on these kernels; the
+reported workspace."""
 from __future__ import annotations
 
 import numpy as np

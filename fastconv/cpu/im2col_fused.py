@@ -459,8 +459,9 @@ def forward_chunk_bytes(weight_bytes: int) -> int:
 
 def _plan(N, K, CK, OH, OW, itemsize, tasks, chunk_bytes=CHUNK_BYTES):
     """(rows per chunk, channel parts). A chunk holds whole output rows of the batch, as many as fit
-    ``chunk_bytes`` of columns (:data:`CHUNK_BYTES`; large forwards: :data:`LARGE_WEIGHT_BYTES`) (chunks as large as the weights, so that deep layers read their weights
-    fewer times, measured 1.1-1.3x slower: the columns then leave L2). Chunks are then evened out over the
+    ``chunk_bytes`` of columns (:data:`CHUNK_BYTES`; forwards with large weights: :data:`LARGE_WEIGHT_CHUNK_BYTES`;
+    chunks as large as the weights, so that deep layers read their weights fewer times, measured 1.1-1.3x slower:
+    the columns then leave L2). Chunks are then evened out over the
     tasks (a count that is a multiple of the tasks, when there are few), and where one chunk is all there is,
     the output channels are split between the tasks."""
     rows = N * OH

@@ -61,7 +61,6 @@ BANK = 4
 ENABLED = True
 #: Whether im2col's weight gradient takes :func:`grad_weight` where :func:`applies` says yes.
 GRAD_WEIGHT = True
-_MAX_VECTORS = 4  # vectors of an output row per tile: BANK x 4 accumulators + 4 loaded vectors in registers
 
 
 #: Fewest vectors in an output row (LeNet-5's 1 -> 6 5x5 at 28 columns ran 0.18 ms against im2col's 0.12 at batch
@@ -76,7 +75,8 @@ WHOLE_VECTOR_ROWS = True
 
 def applies(groups: int, in_channels: int, kernel, stride, dilation, in_spatial, out_spatial, padding,
             itemsize: int) -> bool:
-    """Whether :func:`forward` runs this conv (3-D shapes ``(D, H, W)`` as :mod:`.conv` passes them): dense, 2-D,
+    """Whether :func:`forward` and :func:`grad_weight` run this conv (3-D shapes ``(D, H, W)`` as :mod:`.conv` passes
+    them): dense, 2-D,
     reduction ``C*KH*KW`` at most :data:`MAX_REDUCTION`, overlapping windows (a patchify conv's columns are a plain
     reshuffle: ConvNeXt's 3 -> 96 4x4 stride 4 ran 0.71 ms here against 0.64), dilation 1, padding >= 0, output
     rows of at least :data:`MIN_ROW_VECTORS` whole vectors (:data:`WHOLE_VECTOR_ROWS`)."""
@@ -480,7 +480,7 @@ def grad_weight(go, x, kernel_hw, stride_hw, padding_hw, gw):
     """go: (N, K, OH, OW), x: (N, C, H, W) C-contiguous; gw: (K, C, KH, KW) C-contiguous, written. The conv as
     :func:`forward` runs it (padding >= 0 before each dim, dilation 1)."""
     N, C = x.shape[:2]
-    K, _, OH, OW = go.shape[1], None, go.shape[2], go.shape[3]
+    K, OH, OW = go.shape[1:]
     KH, KW = kernel_hw
     (sh, sw), (ph, pw) = stride_hw, padding_hw
     Hq, Wq = _phase_shape((KH, KW), (sh, sw), (OH, OW))
