@@ -17,22 +17,24 @@ from fastconv.cpu import micro_gemm, thin_input
 from helpers import assert_close
 
 
+def _calls_of(monkeypatch, name):
+    """The calls of ``thin_input.<name>`` from now on (each one its arguments)."""
+    calls = []
+    real = getattr(thin_input, name)
+    monkeypatch.setattr(thin_input, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 @pytest.fixture
 def spy(monkeypatch):
     """The thin-input forward's calls."""
-    calls = []
-    real = thin_input.forward
-    monkeypatch.setattr(thin_input, "forward", lambda *a: calls.append(a) or real(*a))
-    return calls
+    return _calls_of(monkeypatch, "forward")
 
 
 @pytest.fixture
 def spy_grad_weight(monkeypatch):
     """The thin-input weight gradient's calls."""
-    calls = []
-    real = thin_input.grad_weight
-    monkeypatch.setattr(thin_input, "grad_weight", lambda *a: calls.append(a) or real(*a))
-    return calls
+    return _calls_of(monkeypatch, "grad_weight")
 
 
 CASES = [  # N, C, K, H, W, (KH, KW), (sh, sw), (ph, pw)

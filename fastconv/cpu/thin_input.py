@@ -145,37 +145,40 @@ def _bank_tile_intrinsic(vectors: int, bank: int):
     return tile
 
 
-_bank4x4 = _bank_tile_intrinsic(4, BANK)
-_bank2x4 = _bank_tile_intrinsic(2, BANK)
-_bank1x4 = _bank_tile_intrinsic(1, BANK)
-_bank4x1 = _bank_tile_intrinsic(4, 1)
-_bank2x1 = _bank_tile_intrinsic(2, 1)
-_bank1x1 = _bank_tile_intrinsic(1, 1)
+def _row_walker(bank: int):
+    """An njit ``walk(src, sb, offs, wts, T, bias, k, out, ob, step, OW, W) -> j``: the whole vectors of one output
+    row of ``bank`` channels from ``k`` on the 4-, 2- and 1-vector tiles; returns the columns done."""
+    tile4, tile2, tile1 = (_bank_tile_intrinsic(v, bank) for v in (4, 2, 1))
+
+    @njit(inline="always", **_JIT)
+    def walk(src, sb, offs, wts, T, bias, k, out, ob, step, OW, W):
+        j = 0
+        while j + 4 * W <= OW:
+            tile4(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
+            j += 4 * W
+        if j + 2 * W <= OW:
+            tile2(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
+            j += 2 * W
+        if j + W <= OW:
+            tile1(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
+            j += W
+        return j
+
+    return walk
+
+
+_bank_row = _row_walker(BANK)
+_single_row = _row_walker(1)
 
 
 @njit(inline="always", **_JIT)
 def _row(src, sb, offs, wts, T, bias, k, kb, out, ob, step, OW, W):
-    """One output row of ``kb`` (``BANK`` or 1) channels from ``k``: 4-, 2- and 1-vector tiles, then the last
-    partial vector element by element."""
-    j = 0
-    while j + 4 * W <= OW:
-        if kb == BANK:
-            _bank4x4(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        else:
-            _bank4x1(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        j += 4 * W
-    if j + 2 * W <= OW:
-        if kb == BANK:
-            _bank2x4(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        else:
-            _bank2x1(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        j += 2 * W
-    if j + W <= OW:
-        if kb == BANK:
-            _bank1x4(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        else:
-            _bank1x1(src, sb + j, offs, wts, k * T, T, bias, k, out, ob + j, step)
-        j += W
+    """One output row of ``kb`` (``BANK`` or 1) channels from ``k``: the register tiles, then the last partial
+    vector element by element."""
+    if kb == BANK:
+        j = _bank_row(src, sb, offs, wts, T, bias, k, out, ob, step, OW, W)
+    else:
+        j = _single_row(src, sb, offs, wts, T, bias, k, out, ob, step, OW, W)
     for q in range(kb):
         for jj in range(j, OW):
             s = bias[k + q]
@@ -266,46 +269,44 @@ def _dot_tile_intrinsic(vectors: int, bank: int, taps: int):
     return tile
 
 
-_DOT_TILES = {(v, b, t): _dot_tile_intrinsic(v, b, t) for v in (4, 2, 1) for b in (BANK, 1) for t in (BANK, 1)}
-_dot4_44, _dot2_44, _dot1_44 = _DOT_TILES[4, 4, 4], _DOT_TILES[2, 4, 4], _DOT_TILES[1, 4, 4]
-_dot4_41, _dot2_41, _dot1_41 = _DOT_TILES[4, 4, 1], _DOT_TILES[2, 4, 1], _DOT_TILES[1, 4, 1]
-_dot4_14, _dot2_14, _dot1_14 = _DOT_TILES[4, 1, 4], _DOT_TILES[2, 1, 4], _DOT_TILES[1, 1, 4]
-_dot4_11, _dot2_11, _dot1_11 = _DOT_TILES[4, 1, 1], _DOT_TILES[2, 1, 1], _DOT_TILES[1, 1, 1]
+def _image_walker(bank: int, taps: int):
+    """An njit ``walk(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc)``: one image's whole vectors of every row for
+    ``bank`` channels x ``taps`` taps, on the 4-, 2- and 1-vector column blocks (:func:`_dot_tile_intrinsic`)."""
+    tile4, tile2, tile1 = (_dot_tile_intrinsic(v, bank, taps) for v in (4, 2, 1))
+
+    @njit(inline="always", **_JIT)
+    def walk(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc):
+        step = OH * OW
+        j = 0
+        while j + 4 * W <= OW:
+            tile4(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+            j += 4 * W
+        if j + 2 * W <= OW:
+            tile2(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+            j += 2 * W
+        if j + W <= OW:
+            tile1(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+
+    return walk
+
+
+_bank_by_taps = _image_walker(BANK, BANK)
+_bank_by_tap = _image_walker(BANK, 1)
+_channel_by_taps = _image_walker(1, BANK)
+_channel_by_tap = _image_walker(1, 1)
 
 
 @njit(inline="always", **_JIT)
-def _dot_columns(go, gb, xs, xb, offs, t0, kb, tb, OH, OW, Wq, j, vectors, acc):
-    """The ``vectors``-wide column block from column ``j`` of every row, for ``kb`` channels x ``tb`` taps (each
-    ``BANK`` or 1)."""
-    step = OH * OW
+def _image(go, gb, xs, xb, offs, t0, kb, tb, OH, OW, Wq, W, acc):
+    """One image's contribution for ``kb`` channels x ``tb`` taps (each ``BANK`` or 1)."""
     if kb == BANK and tb == BANK:
-        if vectors == 4:
-            _dot4_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        elif vectors == 2:
-            _dot2_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        else:
-            _dot1_44(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        _bank_by_taps(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc)
     elif kb == BANK:
-        if vectors == 4:
-            _dot4_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        elif vectors == 2:
-            _dot2_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        else:
-            _dot1_41(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        _bank_by_tap(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc)
     elif tb == BANK:
-        if vectors == 4:
-            _dot4_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        elif vectors == 2:
-            _dot2_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        else:
-            _dot1_14(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        _channel_by_taps(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc)
     else:
-        if vectors == 4:
-            _dot4_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        elif vectors == 2:
-            _dot2_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
-        else:
-            _dot1_11(go, gb + j, OW, step, xs, xb + j, Wq, offs, t0, OH, acc)
+        _channel_by_tap(go, gb, xs, xb, offs, t0, OH, OW, Wq, W, acc)
 
 
 @parallel.kernel(always=True, **_JIT)
@@ -337,15 +338,7 @@ def _grad_weight_blocks(go, xs, per_image, offs, K, OH, OW, Wq, accs, gw):
                     for t in range(t0, tend, tb):
                         # one slot per tap block: a block of singles keeps each single's sums at its own offset
                         acc = accs[task, tblock, (t - t0) * kb * W:]
-                        j = 0
-                        while j + 4 * W <= OW:
-                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 4, acc)
-                            j += 4 * W
-                        if j + 2 * W <= OW:
-                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 2, acc)
-                            j += 2 * W
-                        if j + W <= OW:
-                            _dot_columns(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, j, 1, acc)
+                        _image(go, gb, xs, xb, offs, t, kb, tb, OH, OW, Wq, W, acc)
             for tblock in range(tblocks):
                 t0 = tblock * BANK
                 tend = min(T, t0 + BANK)
