@@ -623,3 +623,41 @@ def test_max_pool_backward_from_values_equals_the_scatter_at_the_indices(want_mi
     expected = pool_max.max_pool_backward(g, idx, shape[2:])
     got = pool_max.max_pool_backward_from_values(g, x, y, kernel, stride, padding, dilation, want_min)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("want_min", [False, True], ids=["max", "min"])
+@pytest.mark.parametrize("window", [(3, 3), (2, 2)])
+@pytest.mark.parametrize("values", ["random", "ties", "nan", "-inf"])
+def test_max_pool_backward_from_values_fast_2d_kernels_equal_the_general_kernel(want_min, window, values,
+                                                                                monkeypatch):
+    """The compiled-window kernels (pool_max._VALUES_BACKWARD_2D) give the general kernel's gradient bit for bit:
+    inside the plane, across its edges (padding, and last windows that end outside, as ceil_mode makes them),
+    strides 1-3, dilation 1-2, NaN and -inf windows, ties; and they are the ones that ran."""
+    rng = _rng(11)
+    ran = []
+    for key, kernel in dict(pool_max._VALUES_BACKWARD_2D).items():
+        monkeypatch.setitem(pool_max._VALUES_BACKWARD_2D, key,
+                            lambda *args, kernel=kernel, key=key: (ran.append(key), kernel(*args))[1])
+    KH, KW = window
+    for H, W in ((7, 9), (8, 8), (5, 13)):
+        shape = (2, 3, 1, H, W)
+        x = {"random": rng.standard_normal(shape), "ties": rng.integers(0, 3, shape).astype(np.float64),
+             "nan": np.where(rng.random(shape) < 0.2, np.nan, rng.standard_normal(shape)),
+             "-inf": np.where(rng.random(shape) < 0.7, -np.inf, rng.standard_normal(shape))}[values]
+        if want_min and values == "-inf":
+            x = -x
+        for s, p, d in ((1, 0, 1), (2, 1, 1), (2, 0, 1), (3, 1, 1), (1, 1, 2), (2, 1, 2)):
+            if p > KH // 2:
+                continue
+            for extra in (0, 1):  # 1: one more output than fits (ceil_mode's last window, ending outside)
+                out = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1 + extra for i, k in zip((H, W), window))
+                run = pool_max.min_pool_forward if want_min else pool_max.max_pool_forward
+                geometry = ((1, KH, KW), (1, s, s), (0, p, p), (1, d, d))
+                y, _ = run(x, *geometry, (1,) + out, False)
+                g = rng.standard_normal(y.shape)
+                got = pool_max.max_pool_backward_from_values(g, x, y, *geometry, want_min)
+                with monkeypatch.context() as general:
+                    general.setattr(pool_max, "_VALUES_BACKWARD_2D", {})
+                    want = pool_max.max_pool_backward_from_values(g, x, y, *geometry, want_min)
+                np.testing.assert_array_equal(got, want, err_msg=str((H, W, s, p, d, extra)))
+    assert ran and set(ran) == {window}

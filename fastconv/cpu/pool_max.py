@@ -383,6 +383,87 @@ def _max_pool_backward_values_kernel(x, y, g, gx, kd, kh, kw, sd, sh, sw, pd, ph
                         gxp[fd, fh, fw] += g[p, od, oh, ow]
 
 
+@njit(inline="always", **_JIT)
+def _window_search(xf, plane, H, W, h0, w0, kh, kw, dh, dw, target):
+    """Flat offset in ``xf`` of the element of the window at ``(h0, w0)`` (plane offset ``plane``) that the indexed
+    kernels pick for the pooled value ``target`` (the rule of :func:`_max_pool_backward_values_kernel`: the first
+    equal element in (h, w) order, the last NaN for a NaN), or -1 if none; taps outside the plane are skipped."""
+    found = -1
+    nan = target != target
+    for j in range(kh):
+        ih = h0 + j * dh
+        if ih < 0 or ih >= H:
+            continue
+        for k in range(kw):
+            iw = w0 + k * dw
+            if iw < 0 or iw >= W:
+                continue
+            off = plane + ih * W + iw
+            v = xf[off]
+            if nan:
+                if v != v:
+                    found = off
+            elif v == target:
+                return off
+    return found
+
+
+def _values_backward_2d(KH: int, KW: int):
+    """The 2-D max/min pooling gradient from values (:func:`_max_pool_backward_values_kernel`'s result) for
+    ``KH x KW`` windows, the window size a compile-time constant: inside the plane each output's window is
+    searched with a select per tap, last to first, so the first equal element wins without a branch per tap;
+    a window that crosses the plane's edge, or holds no equal element (a NaN value), takes
+    :func:`_window_search`. Why: the general kernel's search loops (sizes known only at run time, a branch per
+    tap that the data decides) took 4.2-6.5 ms on ResNet's 3x3/2 pool of 8 x 64 x 64x64 (2 threads), where
+    torch's indexed backward takes 0.6-1.1; this form takes 2.1-2.3 (the search alone 1.1; at run-time sizes
+    3.5)."""
+
+    @parallel.kernel(work_arg=0, pool=True, **_JIT)
+    def kernel(x, y, g, gx, sh, sw, ph, pw, dh, dw):
+        """x, gx: (P, H, W) C-contiguous (gx written, each plane zeroed by its task first); y, g: (P, OH, OW)."""
+        P, H, W = x.shape
+        OH, OW = y.shape[1], y.shape[2]
+        S = H * W
+        Q = OH * OW
+        xf = x.reshape(x.size)
+        gf = gx.reshape(gx.size)
+        yf = y.reshape(y.size)
+        gof = g.reshape(g.size)
+        # the output columns whose windows lie inside the plane's columns: [ow_lo, ow_hi)
+        last = W - 1 - (KW - 1) * dw + pw  # the largest ow * sw whose window ends inside
+        ow_lo = min(OW, (pw + sw - 1) // sw)
+        ow_hi = max(ow_lo, min(OW, last // sw + 1) if last >= 0 else 0)
+        for p in prange(P):
+            plane = p * S
+            for i in range(S):
+                gf[plane + i] = 0
+            for oh in range(OH):
+                h0 = oh * sh - ph
+                row_in = h0 >= 0 and h0 + (KH - 1) * dh < H
+                o = p * Q + oh * OW
+                for ow in range(OW):
+                    w0 = ow * sw - pw
+                    target = yf[o + ow]
+                    found = -1
+                    if row_in and ow_lo <= ow < ow_hi:
+                        corner = plane + h0 * W + w0
+                        for j in range(KH - 1, -1, -1):
+                            for k in range(KW - 1, -1, -1):
+                                off = corner + j * dh * W + k * dw
+                                found = off if xf[off] == target else found
+                    if found < 0:
+                        found = _window_search(xf, plane, H, W, h0, w0, KH, KW, dh, dw, target)
+                    if found >= 0:
+                        gf[found] += gof[o + ow]
+
+    return kernel
+
+
+#: The 2-D window sizes with a compiled :func:`_values_backward_2d` kernel (every pool of the classic networks:
+#: 3x3 in ResNet, DenseNet, GoogLeNet, ShuffleNet, AlexNet, SqueezeNet; 2x2 in VGG and U-Net).
+_VALUES_BACKWARD_2D = {(3, 3): _values_backward_2d(3, 3), (2, 2): _values_backward_2d(2, 2)}
+
+
 @parallel.kernel(work_arg=0, pool=True, **_JIT)
 def _extreme_pool_int_kernel(x, y, ind, kd, kh, kw, sd, sh, sw, pd, ph, pw, dd, dh, dw, init, want_min, want_idx):
     """Max (or min) pooling of an integer ``x`` (P, D, H, W) into ``y`` (P, OD, OH, OW), indices into ``ind``.
@@ -673,6 +754,14 @@ def max_pool_backward_from_values(grad_out, x, y, kernel, stride, padding, dilat
     if not grad_out.size:
         gx.fill(0)
     elif gx.size:
+        fast = _VALUES_BACKWARD_2D.get((int(kernel[1]), int(kernel[2])))
+        if fast is not None and int(kernel[0]) == 1 and x.shape[2] == 1 and y.shape[2] == 1:
+            planes = n * c
+            fast(_planes(x).reshape(planes, x.shape[3], x.shape[4]), _planes(y).reshape(planes, y.shape[3], y.shape[4]),
+                 _planes(grad_out).reshape(planes, y.shape[3], y.shape[4]), gx.reshape(planes, x.shape[3], x.shape[4]),
+                 int(stride[1]), int(stride[2]), int(padding[1]), int(padding[2]), int(dilation[1]),
+                 int(dilation[2]))
+            return gx.reshape(x.shape)
         _max_pool_backward_values_kernel(_planes(x), _planes(y), _planes(grad_out), gx,
                                          *(int(v) for v in kernel), *(int(v) for v in stride),
                                          *(int(v) for v in padding), *(int(v) for v in dilation), bool(want_min))

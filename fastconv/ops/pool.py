@@ -316,7 +316,8 @@ GRAD_DIRECT["adaptive_max_pool"] = eager.autograd_entry("adaptive_max_pool", IMP
 # and every stride is at least 2 (:func:`values_training_ok`). The values are kept as a detached alias with their
 # version: modified in place after the forward (which torch allows, its max_pool saving no output), they are
 # computed again. Measured, 2 threads, forward + backward, indexed -> values (torch): ResNet's 3x3/2 pool of 8 x
-# 64 x 64x64 11.3 -> 8.5 ms (10.7), AlexNet's 8 x 64 x 31x31 2.95 -> 1.91 (2.39) and 8 x 192 x 15x15 2.55 -> 1.49
+# 64 x 64x64 11.3 -> 8.5 ms (10.7; 4.7 against torch's 11.2 since the 3x3 and 2x2 backward kernels compile their
+# window, pool_max._values_backward_2d), AlexNet's 8 x 64 x 31x31 2.95 -> 1.91 (2.39) and 8 x 192 x 15x15 2.55 -> 1.49
 # (1.62), VGG's 2x2/2 of 8 x 64 x 128x128 34.9 -> 29.7 (39.0); GoogLeNet's stride-1 3x3 branch pools lost (8 x 192
 # x 16x16 4.48 -> 4.63, 8 x 480 x 8x8 2.93 -> 3.33): overlapping windows visit each element up to 9 times in the
 # search, where the indexed forward's separable passes visit it 3 times.
