@@ -840,15 +840,38 @@ GATHER_CHUNK_BYTES = 128 << 10
 GATHER_GRAD_CHUNK_BYTES = 512 << 10
 
 
-def _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw):
+#: Whether the gather kernels pack their weights and pad their input on every thread whenever their product runs
+#: on every thread (:data:`PARALLEL_MIN_MACS`), rather than by the size of the copy
+#: (:data:`.parallel.PARALLEL_MIN_ELEMENTS`, 2M elements: every layer's weights of the classic networks packed, and
+#: every batch-8 input padded, on one thread). Why: the workers are woken for the product right after anyway, and
+#: in a model the weights come from memory, not cache: AlexNet's 384 -> 256 3x3 (3.5 MB) packed serially in 0.32 ms
+#: from cache and 0.65 from memory, on both threads in 0.18 and 0.24; its flipped packing for the input gradient
+#: 0.59 against 0.31 from memory; DenseNet's 8 x 128 x 16x16 input padded in 78 against 39 µs, ResNet's 8 x 64 x
+#: 32x32 in 188 against 85.
+PREPARE_ON_PRODUCT_THREADS = True
+
+
+def _on_product_threads(kernel: parallel.SizedKernel, product_parallel: bool):
+    """``kernel`` (a packing or padding copy) to run before a gather product that runs on every thread or not
+    (see :data:`PREPARE_ON_PRODUCT_THREADS`)."""
+    return kernel.parallel if PREPARE_ON_PRODUCT_THREADS and product_parallel else kernel
+
+
+def _product_parallel(macs: int) -> bool:
+    """Whether a gather product of ``macs`` multiply-adds runs on every thread."""
+    return macs >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+
+
+def _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, product_parallel=False):
     """(box, corners, taps): the input zero-padded to the windows' extent (N, C, Hb, Wb), each output position's
     window corner in it (``n*C*Hb*Wb + oh*sh*Wb + ow*sw``, the batch's positions in order) and each (channel, kh,
-    kw)'s offset from a corner, in the weight's column order."""
+    kw)'s offset from a corner, in the weight's column order. ``product_parallel``: the product that reads them runs
+    on every thread (the padding then does too, see :data:`PREPARE_ON_PRODUCT_THREADS`)."""
     N, C = x.shape[:2]
     (KH, KW), (sh, sw), (ph, pw), (dh, dw), (OH, OW) = kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw
     Hb, Wb = (OH - 1) * sh + (KH - 1) * dh + 1, (OW - 1) * sw + (KW - 1) * dw + 1
     box = memory.scratch("im2col.padded_input", (N, C, Hb, Wb), x.dtype)
-    _pad_box(x, ph, pw, box)
+    _on_product_threads(_pad_box, product_parallel)(x, ph, pw, box)
     return box, _corners(N, C * Hb * Wb, KH, KW, sh, sw, dh, dw, OH, OW, Wb), _taps(C, KH, KW, 1, 1, dh, dw, Hb, Wb)
 
 
@@ -947,7 +970,7 @@ def _pack_weights(w2, bp):
 
 def _gather_forward_layout(N, K, CK, OH, OW, itemsize):
     """(parallel, tasks, jobs, grain, rows of the largest job) of :func:`forward_gather`."""
-    parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    parallel_ = _product_parallel(N * K * CK * OH * OW)
     tasks = numba.get_num_threads() if parallel_ else 1
     total = N * OH * OW
     grain = _gather_grain(K, itemsize)
@@ -966,28 +989,11 @@ def gather_workspace_bytes(N, C, K, kernel_hw, stride_hw, dilation_hw, out_hw, i
     return (N * C * Hb * Wb + micro_gemm.packed_size(CK, K, itemsize) + tasks * largest * K) * itemsize
 
 
-#: Whether the gather kernels pack their weights on every thread whenever their product runs on every thread
-#: (:data:`PARALLEL_MIN_MACS`), rather than by the size of the copy (:data:`.parallel.PARALLEL_MIN_ELEMENTS`, 2M
-#: elements: every layer's weights of the classic networks packed serially). Why: the workers are woken for the
-#: product right after anyway, and in a model the weights come from memory, not cache: AlexNet's 384 -> 256 3x3
-#: (3.5 MB) packed serially in 0.32 ms from cache and 0.65 from memory, on both threads in 0.18 and 0.24; its
-#: flipped packing for the input gradient 0.59 against 0.31 from memory.
-PACK_ON_PRODUCT_THREADS = True
-
-
-def _packer(kernel: parallel.SizedKernel, macs: int):
-    """``kernel`` (a packing kernel) to run before a gather product of ``macs`` multiply-adds (see
-    :data:`PACK_ON_PRODUCT_THREADS`)."""
-    if PACK_ON_PRODUCT_THREADS and macs >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY:
-        return kernel.parallel
-    return kernel
-
-
 def forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3):
     """:func:`forward` on the gather kernel (:func:`_forward_gather_region`): no columns, no phases, any stride."""
     K, CK = w2.shape
     bp = memory.scratch("im2col.packed_weights", (micro_gemm.packed_size(CK, K, x.itemsize),), x.dtype)
-    _packer(_pack_weights, x.shape[0] * K * CK * out_hw[0] * out_hw[1])(w2, bp)
+    _on_product_threads(_pack_weights, _product_parallel(x.shape[0] * K * CK * out_hw[0] * out_hw[1]))(w2, bp)
     return _run_forward_gather(x, bp, K, CK, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
 
 
@@ -998,7 +1004,8 @@ def grad_input_gather(go, w3, padding_hw, dilation_hw, in_hw, kernel_hw, gx3):
     padding before each dim (``(k - 1) * d - p``); ``gx3`` (N, C, H*W), written."""
     K, C, T = w3.shape
     bp = memory.scratch("im2col.packed_weights", (micro_gemm.packed_size(K * T, C, go.itemsize),), go.dtype)
-    _packer(_pack_flipped_weights, go.shape[0] * C * K * T * in_hw[0] * in_hw[1])(w3, bp)
+    _on_product_threads(_pack_flipped_weights,
+                        _product_parallel(go.shape[0] * C * K * T * in_hw[0] * in_hw[1]))(w3, bp)
     return _run_forward_gather(go, bp, C, K * T, None, kernel_hw, (1, 1), padding_hw, dilation_hw, in_hw, gx3)
 
 
@@ -1032,8 +1039,8 @@ def _run_forward_gather(x, bp, K, CK, bias, kernel_hw, stride_hw, padding_hw, di
     ``K`` output channels) into ``y3`` (N, K, OH*OW)."""
     N = x.shape[0]
     OH, OW = out_hw
-    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
     parallel_, tasks, jobs, grain, largest = _gather_forward_layout(N, K, CK, OH, OW, x.itemsize)
+    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, parallel_)
     obuf = memory.scratch("im2col.task_results", (tasks, largest * K), x.dtype)
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)
     kernel = _forward_gather_region.parallel if parallel_ else _forward_gather_region.serial
@@ -1076,8 +1083,8 @@ def grad_weight_gather(go3, x, kernel_hw, stride_hw, padding_hw, dilation_hw, ou
     N = x.shape[0]
     K, CK = gw2.shape
     OH, OW = out_hw
-    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw)
-    parallel_ = N * K * CK * OH * OW >= PARALLEL_MIN_MACS and not parallel.SERIAL_ONLY
+    parallel_ = _product_parallel(N * K * CK * OH * OW)
+    box, corners, taps = _gather_tables(x, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, parallel_)
     tasks = numba.get_num_threads() if parallel_ else 1
     MR, KC = micro_gemm.MR, micro_gemm.KC
     rows_per_task = -(-(-(-CK // tasks)) // micro_gemm.ROW_GRAIN) * micro_gemm.ROW_GRAIN
