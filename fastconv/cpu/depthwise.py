@@ -1028,7 +1028,7 @@ def depthwise_forward(x, w, bias, stride, padding, dilation, groups, out_spatial
     K = w.shape[0]
     if int(groups) != C:
         raise ValueError(f"depthwise kernels need groups == in_channels, got groups={groups} with {C} channels")
-    y = np.empty((N, K) + _tup(out_spatial), x.dtype)
+    y = memory.empty_aligned((N, K) + _tup(out_spatial), x.dtype)
     depthwise_forward_into(x, w, bias, stride, padding, dilation, out_spatial,
                            y.reshape((N * K,) + _tup(out_spatial)))
     return y
@@ -1050,7 +1050,7 @@ def depthwise_grad_input(grad_out, w, stride, padding, dilation, groups, in_spat
     _check_depthwise(C, K, w.shape[1])
     KD, KH, KW = w.shape[2:]
     D, H, W = in_spatial
-    gx = np.empty((N, C) + in_spatial, go.dtype)
+    gx = memory.empty_aligned((N, C) + in_spatial, go.dtype)
     if gx.size == 0:
         return gx
     if go.size == 0:
@@ -1179,7 +1179,7 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
     M, _, KD, KH, KW = wd.shape
     K = wp.shape[0]
     P = out_spatial[0] * out_spatial[1] * out_spatial[2]
-    y = np.empty((N, K) + out_spatial, x.dtype)
+    y = memory.empty_aligned((N, K) + out_spatial, x.dtype)
     if y.size == 0:
         return y
     y3 = y.reshape(N, K, P)

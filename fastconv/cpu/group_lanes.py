@@ -53,7 +53,7 @@ from numba.extending import intrinsic
 
 from fastconv import config
 
-from . import micro_gemm, parallel
+from . import memory, micro_gemm, parallel
 from .arguments import int_tuple
 from .depthwise import channel_block_places
 
@@ -525,7 +525,7 @@ def _forward(x, w, bias, stride, padding, dilation, groups, out_spatial, spread=
     K, Cg, KH, KW = w.shape
     G = int(groups)
     OH, OW = out_spatial
-    y = np.empty((N, K, OH, OW), x.dtype)
+    y = memory.empty_aligned((N, K, OH, OW), x.dtype)
     if y.size == 0:
         return y
     b = np.zeros(K, x.dtype) if bias is None else np.ascontiguousarray(bias, x.dtype)

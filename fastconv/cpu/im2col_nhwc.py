@@ -308,7 +308,7 @@ def grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
     w2, tap_major = _weight_matrix(w)
     ck = w2.shape[1]
     if G == 1 and _pointwise((KD, KH, KW), stride, padding, (D, H, W), (OD, OH, OW)):
-        gx = np.empty((N, D, H, W, C), grad_out.dtype)
+        gx = memory.empty_aligned((N, D, H, W, C), grad_out.dtype)
         blas.matmul(go2, w2, out=gx.reshape(P, C))
         return gx.transpose(0, 4, 1, 2, 3)
     gx = memory.zeros((N, D, H, W, C), grad_out.dtype)

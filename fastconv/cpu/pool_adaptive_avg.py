@@ -129,7 +129,7 @@ def adaptive_avg_pool_forward(x, out_spatial):
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
     _check_adaptive("adaptive_avg_pool_forward", x, out_spatial)
-    y = np.empty((n * c, od, oh, ow), dtype=x.dtype)
+    y = memory.empty_aligned((n * c, od, oh, ow), x.dtype)
     if y.size:
         xp = _planes(x)
         if od == oh == ow == 1:
@@ -157,7 +157,7 @@ def adaptive_avg_pool_backward(grad_out, in_spatial):
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
     if grad_out.shape[2:] == (1, 1, 1):
-        gx = np.empty((n * c, d, h, w), dtype=grad_out.dtype)
+        gx = memory.empty_aligned((n * c, d, h, w), grad_out.dtype)
         if gx.size:
             _adaptive_avg_global_backward_kernel(np.ascontiguousarray(grad_out).reshape(n * c), gx)
         return gx.reshape(n, c, d, h, w)

@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import _JIT, _adaptive_start, _adaptive_end, _check_geometry, _planes, _check_adaptive
 
@@ -67,7 +67,7 @@ def adaptive_max_pool_forward(x, out_spatial):
     _check_geometry("adaptive_max_pool_forward", x, out_spatial)
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
-    y = np.empty((n * c, od, oh, ow), dtype=x.dtype)
+    y = memory.empty_aligned((n * c, od, oh, ow), x.dtype)
     _check_adaptive("adaptive_max_pool_forward", x, out_spatial)
     ind = np.empty((n * c, od, oh, ow), dtype=np.int64)
     if y.size:

@@ -8,7 +8,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import _JIT, _TAPS, _split_phases, _out_range, _check_geometry, _planes
 
@@ -257,7 +257,7 @@ def avg_pool_forward(x, kernel, stride, padding, out_spatial, ceil_mode, count_i
     _check_geometry("avg_pool_forward", x, kernel, stride, padding, out_spatial)
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
-    y = np.empty((n * c, od, oh, ow), dtype=x.dtype)
+    y = memory.empty_aligned((n * c, od, oh, ow), x.dtype)
     if y.size:
         kd, kh, kw = (int(v) for v in kernel)
         sd, sh, sw = (int(v) for v in stride)
@@ -295,7 +295,7 @@ def avg_pool_backward(grad_out, kernel, stride, padding, in_spatial, ceil_mode, 
     d, h, w = (int(v) for v in in_spatial)
     # each plane is zeroed by the kernel's task for it, right before its gradient goes in (see
     # pool_max.max_pool_backward_from_values)
-    gx = np.empty((n * c, d, h, w), dtype=grad_out.dtype)
+    gx = memory.empty_aligned((n * c, d, h, w), grad_out.dtype)
     if not grad_out.size:
         gx.fill(0)
     elif gx.size:

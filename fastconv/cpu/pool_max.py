@@ -9,7 +9,7 @@ from fastconv import config  # first: picks Numba's threading layer before any p
 import numpy as np
 from numba import njit, prange
 
-from . import parallel
+from . import memory, parallel
 
 from .pool_common import (_INT32_PLANE_LIMIT, _JIT, _TAPS, _check_geometry, _first_valid, _out_range, _planes,
                           _split_phases)
@@ -630,7 +630,7 @@ def _pool_extreme(name, x, kernel, stride, padding, dilation, out_spatial, retur
     _check_geometry(name, x, kernel, stride, padding, dilation, out_spatial, integers=True)
     n, c = x.shape[:2]
     od, oh, ow = (int(v) for v in out_spatial)
-    y = np.empty((n * c, od, oh, ow), dtype=x.dtype)
+    y = memory.empty_aligned((n * c, od, oh, ow), x.dtype)
     ind = np.empty((n * c, od, oh, ow) if return_indices else (1, 1, 1, 1), dtype=np.int64)
     if y.size:
         kd, kh, kw = (int(v) for v in kernel)
@@ -708,7 +708,7 @@ def max_pool_backward(grad_out, indices, in_spatial):
                          f"{grad_out.shape}")
     n, c = grad_out.shape[:2]
     d, h, w = (int(v) for v in in_spatial)
-    gx = np.empty((n * c, d * h * w), dtype=grad_out.dtype)  # each plane zeroed by the kernel
+    gx = memory.empty_aligned((n * c, d * h * w), grad_out.dtype)  # each plane zeroed by the kernel
     if not grad_out.size:
         gx.fill(0)
     elif gx.size:
@@ -750,7 +750,7 @@ def max_pool_backward_from_values(grad_out, x, y, kernel, stride, padding, dilat
     # each plane is zeroed by the kernel's task for it, in parallel, right before its gradient is added in (a
     # whole-array fill first ran on one thread and left the planes out of cache: 8 x 64 x 64x64 after a torch
     # BatchNorm and ReLU, 1.08 -> 0.88 ms; 8 x 96 x 61x61 0.95 -> 0.87)
-    gx = np.empty((n * c,) + tuple(x.shape[2:]), dtype=grad_out.dtype)
+    gx = memory.empty_aligned((n * c,) + tuple(x.shape[2:]), grad_out.dtype)
     if not grad_out.size:
         gx.fill(0)
     elif gx.size:

@@ -586,7 +586,7 @@ def forward(x, w, bias, stride, padding, dilation, groups, out_spatial):
     stride, padding, dilation, out_spatial = map(_tup, (stride, padding, dilation, out_spatial))
     N = x.shape[0]
     K, Cg = w.shape[:2]
-    y = np.empty((N, K) + out_spatial, x.dtype)
+    y = memory.empty_aligned((N, K) + out_spatial, x.dtype)
     if y.size == 0:
         return y
     planes = _planes(N, tuple(w.shape[2:]), stride, dilation, out_spatial, padding, tuple(x.shape[2:]))
@@ -626,7 +626,7 @@ def grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial):
         wt = np.ascontiguousarray(wt).reshape(C, K // G, 1, KH, KW)
         tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
         return forward(grad_out, wt, None, stride, tpad, dilation, G, in_spatial)
-    gx = np.empty((N, C) + in_spatial, grad_out.dtype)
+    gx = memory.empty_aligned((N, C) + in_spatial, grad_out.dtype)
     if gx.size == 0:
         return gx
     if grad_out.size == 0:

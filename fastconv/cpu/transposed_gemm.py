@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from numba import prange
 
-from . import parallel
+from . import memory, parallel
 
 from fastconv import config
 
@@ -77,7 +77,7 @@ def forward(x: torch.Tensor, w: torch.Tensor, bias, geom: ConvGeometry) -> torch
     kp = KD * KH * KW
     P = ID * IH * IW
     b = np.zeros(C_out, xn.dtype) if bias is None else np.ascontiguousarray(bias.detach().numpy())
-    y = np.empty((N, C_out, OD, OH, OW), xn.dtype)
+    y = memory.empty_aligned((N, C_out, OD, OH, OW), xn.dtype)
     if y.size == 0:
         return torch.from_numpy(y)
     if xn.size == 0 or C_in_g == 0:

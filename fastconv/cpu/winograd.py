@@ -654,7 +654,7 @@ def _conv3x3(x, w, bias, pad_h, pad_w, OH, OW, groups, m, flipped=False):
     K, Cg = (w.shape[1] * G, w.shape[0] // G) if flipped else (w.shape[0], w.shape[1])
     Kg = K // G
     dt = x.dtype
-    y = np.empty((N, K, OH, OW), dt)
+    y = memory.empty_aligned((N, K, OH, OW), dt)
     if y.size == 0:
         return y, True
     b = np.zeros(K, dt) if bias is None else np.ascontiguousarray(bias, dt)
