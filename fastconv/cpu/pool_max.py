@@ -756,11 +756,10 @@ def max_pool_backward_from_values(grad_out, x, y, kernel, stride, padding, dilat
     elif gx.size:
         fast = _VALUES_BACKWARD_2D.get((int(kernel[1]), int(kernel[2])))
         if fast is not None and int(kernel[0]) == 1 and x.shape[2] == 1 and y.shape[2] == 1:
-            planes = n * c
-            fast(_planes(x).reshape(planes, x.shape[3], x.shape[4]), _planes(y).reshape(planes, y.shape[3], y.shape[4]),
-                 _planes(grad_out).reshape(planes, y.shape[3], y.shape[4]), gx.reshape(planes, x.shape[3], x.shape[4]),
-                 int(stride[1]), int(stride[2]), int(padding[1]), int(padding[2]), int(dilation[1]),
-                 int(dilation[2]))
+            in_planes, out_planes = (n * c,) + tuple(x.shape[3:]), (n * c,) + tuple(y.shape[3:])
+            fast(_planes(x).reshape(in_planes), _planes(y).reshape(out_planes), _planes(grad_out).reshape(out_planes),
+                 gx.reshape(in_planes), *(int(v) for v in stride[1:]), *(int(v) for v in padding[1:]),
+                 *(int(v) for v in dilation[1:]))
             return gx.reshape(x.shape)
         _max_pool_backward_values_kernel(_planes(x), _planes(y), _planes(grad_out), gx,
                                          *(int(v) for v in kernel), *(int(v) for v in stride),
