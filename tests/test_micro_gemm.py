@@ -128,6 +128,26 @@ def test_misfits_are_refused():
         micro_gemm.gemm(np.ones((4, 6)), np.ones((5, 3)), np.zeros((4, 3)), 0.0, False)
 
 
+@njit
+def _line_offsets(sizes, like):
+    """Where each of a run of internal buffers of ``sizes`` elements starts in its cache line (bytes)."""
+    out = np.empty(sizes.shape[0], np.int64)
+    for i in range(sizes.shape[0]):
+        buf = micro_gemm._empty_line_aligned(sizes[i], like)
+        buf[:] = 1.0  # every element is inside the allocation (NUMBA_BOUNDSCHECK checks the slice)
+        out[i] = buf.ctypes.data % 64
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_internal_panel_and_tile_buffers_start_a_cache_line(dtype):
+    # Numba's np.empty aligns to 32 bytes only: a packed panel half a line in made every 64-byte load of it
+    # straddle two lines (the packed products ran 5-10% slower on the AVX-512 Xeon)
+    sizes = np.array([1, 3, 16, 17, 48, 255, 4096, 8 * 32, 256 * 64 + 1] * 4, np.int64)
+    offsets = _line_offsets(sizes, np.zeros(1, dtype))
+    assert (offsets == 0).all(), offsets
+
+
 @njit(parallel=True)
 def _stacked(a, b, c):
     for i in prange(a.shape[0]):

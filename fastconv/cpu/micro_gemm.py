@@ -443,6 +443,18 @@ def gemm(a, b, c, beta, b_transposed):
     _gemm(a, b.T if b_transposed else b, c, beta)
 
 
+
+@njit(inline="always", **_JIT)
+def _empty_line_aligned(n, like):
+    """A 1-D uninitialised array of ``n`` elements of ``like``'s dtype whose first element starts a cache line.
+    Why: Numba's ``np.empty`` aligns to 32 bytes, so a packed panel or tile buffer started half a line in about
+    half the time, and then every 64-byte vector load of it straddled two lines (cost two)."""
+    extra = 64 // like.itemsize
+    raw = np.empty(n + extra, like.dtype)
+    skip = ((-raw.ctypes.data) % 64) // like.itemsize
+    return raw[skip:skip + n]
+
+
 @njit(**_JIT)
 def _gemm(a, b, c, beta):
     m, k = a.shape
@@ -464,9 +476,9 @@ def _gemm(a, b, c, beta):
     NR = NV * (_VECTOR_BYTES // itemsize)
     HALF = NR // 2
     NRW = WIDE_NV * (_VECTOR_BYTES // itemsize)
-    bp = np.empty(KC * ((min(NC, n) + NR - 1) // NR) * NR, c.dtype)
-    tile = np.empty((MR, NR), c.dtype)
-    wide_tile = np.empty((WIDE_MR, max(NRW, 1)), c.dtype)
+    bp = _empty_line_aligned(KC * ((min(NC, n) + NR - 1) // NR) * NR, c)
+    tile = _empty_line_aligned(MR * NR, c).reshape((MR, NR))
+    wide_tile = _empty_line_aligned(WIDE_MR * max(NRW, 1), c).reshape((WIDE_MR, max(NRW, 1)))
     for jc in range(0, n, NC):
         nc = min(NC, n - jc)
         # the first ``widest`` columns in panels of NRW on the wide tile, then whole panels of NR columns up to
@@ -623,9 +635,9 @@ def gemm_taps(a, x, base, taps, c):
     a_row, a_step = a.strides[0] // itemsize, a.strides[1] // itemsize
     NR = NV * (_VECTOR_BYTES // itemsize)
     NRW = WIDE_NV * (_VECTOR_BYTES // itemsize)
-    bp = np.empty(KC * max(NR, NRW), c.dtype)
-    tile = np.empty((MR, NR), c.dtype)
-    wide_tile = np.empty((WIDE_MR, max(NRW, 1)), c.dtype)
+    bp = _empty_line_aligned(KC * max(NR, NRW), c)
+    tile = _empty_line_aligned(MR * NR, c).reshape((MR, NR))
+    wide_tile = _empty_line_aligned(WIDE_MR * max(NRW, 1), c).reshape((WIDE_MR, max(NRW, 1)))
     for pc in range(0, k, KC):
         kc = min(KC, k - pc)
         overwrite = pc == 0
@@ -716,8 +728,8 @@ def gemm_gather(x, base, row_off, step_off, bp, c, beta):
         if beta == 0.0:
             c[:, :] = 0.0
         return
-    tile = np.empty((MR, NR), c.dtype)
-    wide_tile = np.empty((WIDE_MR, 2 * NR), c.dtype)
+    tile = _empty_line_aligned(MR * NR, c).reshape((MR, NR))
+    wide_tile = _empty_line_aligned(WIDE_MR * 2 * NR, c).reshape((WIDE_MR, 2 * NR))
     # the wide tile where two whole panels remain (AVX-512): its columns span panels k * NR elements apart
     wide_end = n - n % (2 * NR) if WIDE_NV else 0
     for pc in range(0, k, KC):
