@@ -443,7 +443,6 @@ def gemm(a, b, c, beta, b_transposed):
     _gemm(a, b.T if b_transposed else b, c, beta)
 
 
-
 @njit(inline="always", **_JIT)
 def _empty_line_aligned(n, like):
     """A 1-D uninitialised array of ``n`` elements of ``like``'s dtype whose first element starts a cache line.
