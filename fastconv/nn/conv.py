@@ -11,7 +11,7 @@ from torch.nn import functional as torch_F
 
 from .. import functional as F
 from ..functional.conv import repeat_call
-from ..ops.eager import direct_ok
+from ..ops.eager import direct_grad_ok, direct_ok
 from .convert import _copy_state, replaces
 
 
@@ -28,8 +28,8 @@ class _FastConvMixin:
                              f"{', '.join(registry.names())}")
         self.algo = algo
 
-    #: The layer's planned inference call (:mod:`fastconv.ops.repeat_call`), made after a call that could use it
-    #: and used while the layer's arguments are those it was made with (``_repeat_args``).
+    #: The layer's planned calls, inference and training (:mod:`fastconv.ops.repeat_call`), made after a call that
+    #: could use them and used while the layer's arguments are those it was made with (``_repeat_args``).
     _repeat_call = None
     _repeat_args = None
 
@@ -37,18 +37,24 @@ class _FastConvMixin:
         conv = type(self)._functional
         call = self._repeat_call
         args = (self.stride, self.padding, self.dilation, self.groups, self.algo, self.padding_mode)
-        if call is not None and args == self._repeat_args and direct_ok(input, weight, bias):
-            out = call(input, weight, bias)
-            if out is not None:
-                return out
+        if call is not None and args == self._repeat_args:
+            if direct_ok(input, weight, bias):
+                out = call(input, weight, bias)
+                if out is not None:
+                    return out
+            elif direct_grad_ok(input, weight, bias):
+                out = call.training(input, weight, bias)
+                if out is not None:
+                    return out
         if self.padding_mode != "zeros":
             # Same as torch: pad explicitly with the mode, then convolve without padding.
             padded = torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(padded, weight, bias, self.stride, 0, self.dilation, self.groups, algo=self.algo)
         out = conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups, algo=self.algo)
-        # an inference call on a contiguous input: plan the next ones (a channels_last layer never could, and
-        # skips the attempt; the attributes are set only when they change: Module.__setattr__ costs a microsecond)
-        if input.is_contiguous() and direct_ok(input, weight, bias):
+        # an inference or training call on a contiguous input: plan the next ones (a channels_last layer never
+        # could, and skips the attempt; the attributes are set only when they change: Module.__setattr__ costs a
+        # microsecond)
+        if input.is_contiguous() and (direct_ok(input, weight, bias) or direct_grad_ok(input, weight, bias)):
             call = repeat_call(type(self)._ndim, input, weight, bias, self.stride, self.padding, self.dilation,
                                self.groups, self.algo)
             if call is not None or self._repeat_call is not None:

@@ -387,6 +387,7 @@ def _register(ndim: int):
     conv_op, grad_input_op, grad_weight_op = conv, grad_input, grad_weight
     conv.register_autograd(conv_backward, setup_context=conv_setup)
     FORWARD_GRAD_DIRECT[ndim] = eager.autograd_entry(name, IMPLEMENTATIONS[ndim], conv_setup, conv_backward)
+    SETUP[ndim], BACKWARD[ndim] = conv_setup, conv_backward
     grad_input.register_autograd(grad_input_backward, setup_context=grad_input_setup)
     grad_weight.register_autograd(grad_weight_backward, setup_context=grad_weight_setup)
 
@@ -412,6 +413,10 @@ IMPLEMENTATIONS: dict = {}
 #: ndim -> the gradient ops' implementations (filled by ``_register``): what a plain backward calls.
 GRAD_INPUT_IMPLEMENTATIONS: dict = {}
 GRAD_WEIGHT_IMPLEMENTATIONS: dict = {}
+#: ndim -> the forward op's autograd setup and backward (``conv_setup``, ``conv_backward``; filled by
+#: ``_register``): the one formula, also recorded by a layer's planned training calls (:mod:`.repeat_call`).
+SETUP: dict = {}
+BACKWARD: dict = {}
 #: ndim -> ``apply`` of an autograd Function around the forward implementation (filled by ``_register``): only
 #: for calls that :func:`fastconv.ops.eager.direct_grad_ok` accepts.
 FORWARD_GRAD_DIRECT: dict = {}
