@@ -27,8 +27,8 @@ threads: a converted layer's forward + backward with a 4 MB array streamed throu
 (as the torch ops between two layers of a model do) 400 -> 370 µs (1 x 8 x 2x2, all overhead) and 640 -> 585
 µs (8 x 128 x 4x4 -> 32 3x3); training steps at batch 8, 128x128, alternating in one process, 20 rounds,
 planned / full path medians: RegNet-Y-400MF 0.988, EfficientNet-B0 0.986, MobileNet v3 large 0.988, MobileNet
-v2 0.985, ShuffleNet v2 0.996 (its channel shuffles hand most layers a strided input), DenseNet-121 0.999,
-ResNet-18 1.016 (20 layers of large kernels: within the noise).
+v2 0.985, ShuffleNet v2 0.996 (13 of its 56 layers get a strided input, the channel split's view: full path),
+DenseNet-121 0.999, ResNet-18 1.016 (20 layers of large kernels: within the noise).
 """
 from __future__ import annotations
 
