@@ -1470,9 +1470,9 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
 # --------------------------------------------------------------------------------------------
 from . import nonfinite as _nonfinite  # noqa: E402
 
-direct_forward = _nonfinite.exact(direct_forward, bias=True)
-direct_grad_input = _nonfinite.exact(direct_grad_input)
+direct_forward = _nonfinite.exact(direct_forward, bias=True, finite_b_suffices=True)
+direct_grad_input = _nonfinite.exact(direct_grad_input, finite_b_suffices=True)
 direct_grad_weight = _nonfinite.exact(direct_grad_weight)
-im2col_forward = _nonfinite.exact(im2col_forward, bias=True)
-im2col_grad_input = _nonfinite.exact(im2col_grad_input)
+im2col_forward = _nonfinite.exact(im2col_forward, bias=True, finite_b_suffices=True)
+im2col_grad_input = _nonfinite.exact(im2col_grad_input, finite_b_suffices=True)
 im2col_grad_weight = _nonfinite.exact(im2col_grad_weight)

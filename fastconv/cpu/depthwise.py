@@ -1219,7 +1219,7 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
 # put NaN where no term is NaN; see fastconv.cpu.nonfinite). Finite results pay one read of the result.
 from . import nonfinite as _nonfinite  # noqa: E402
 
-depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True)
-depthwise_grad_input = _nonfinite.exact(depthwise_grad_input)
+depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True, finite_b_suffices=True)
+depthwise_grad_input = _nonfinite.exact(depthwise_grad_input, finite_b_suffices=True)
 depthwise_grad_weight = _nonfinite.exact(depthwise_grad_weight)
 

@@ -643,6 +643,6 @@ def executed_multiplications(batch, in_channels, out_channels, groups, kernel, o
 # result is exact and a non-finite product always reaches a kept output (the spare lanes repeat a kept group).
 from . import nonfinite as _nonfinite  # noqa: E402
 
-forward = _nonfinite.exact(forward, bias=True)
-grad_input = _nonfinite.exact(grad_input)
+forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)
+grad_input = _nonfinite.exact(grad_input, finite_b_suffices=True)
 grad_weight = _nonfinite.exact(grad_weight)

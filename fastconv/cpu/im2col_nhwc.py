@@ -366,6 +366,6 @@ def workspace_bytes(batch: int, in_channels: int, out_channels: int, groups: int
 
 from . import nonfinite as _nonfinite  # noqa: E402
 
-forward = _nonfinite.exact(forward, bias=True)
-grad_input = _nonfinite.exact(grad_input)
+forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)
+grad_input = _nonfinite.exact(grad_input, finite_b_suffices=True)
 grad_weight = _nonfinite.exact(grad_weight)

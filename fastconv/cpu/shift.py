@@ -688,6 +688,6 @@ def executed_multiplications(batch, in_channels, out_channels, groups, kernel, s
 # non-finite product always reaches a kept output.
 from . import nonfinite as _nonfinite  # noqa: E402
 
-forward = _nonfinite.exact(forward, bias=True)
-grad_input = _nonfinite.exact(grad_input)
+forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)
+grad_input = _nonfinite.exact(grad_input, finite_b_suffices=True)
 grad_weight = _nonfinite.exact(grad_weight)
