@@ -1466,7 +1466,9 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
 
 # --------------------------------------------------------------------------------------------
 # Non-finite operands: exact IEEE results (padding never multiplies a NaN/Inf into an output that
-# does not depend on it; see fastconv.cpu.nonfinite). Finite results pay one read of the result.
+# does not depend on it; see fastconv.cpu.nonfinite). The only pairs torch does not form are padding zeros times
+# weights, so a finite weight proves the forward and the input gradient exact (finite_b_suffices: they read the
+# weight or their result, whichever is smaller); the weight gradient pays one read of its result.
 # --------------------------------------------------------------------------------------------
 from . import nonfinite as _nonfinite  # noqa: E402
 

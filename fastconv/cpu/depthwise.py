@@ -1216,7 +1216,9 @@ def separable_forward_fused(x, wd, bd, wp, bp, stride, padding, dilation, out_sp
 
 
 # Non-finite operands: exact IEEE results (the kernels read padding as stored zeros, and 0 * NaN would
-# put NaN where no term is NaN; see fastconv.cpu.nonfinite). Finite results pay one read of the result.
+# put NaN where no term is NaN; see fastconv.cpu.nonfinite). Those padding pairs are the only ones torch does not
+# form, so a finite weight proves the forward and the input gradient exact (finite_b_suffices: they read the weight,
+# not their result); the weight gradient pays one read of its (weight-sized) result.
 from . import nonfinite as _nonfinite  # noqa: E402
 
 depthwise_forward = _nonfinite.exact(depthwise_forward, bias=True, finite_b_suffices=True)

@@ -640,7 +640,9 @@ def executed_multiplications(batch, in_channels, out_channels, groups, kernel, o
 
 # Non-finite operands: exact IEEE results, as for the other kernels (see fastconv.cpu.nonfinite). The packed
 # planes read padding as stored zeros (and the spread input gradient the zeros between outputs), so a finite
-# result is exact and a non-finite product always reaches a kept output (the spare lanes repeat a kept group).
+# result is exact and a non-finite product always reaches a kept output (the spare lanes repeat a kept group);
+# padding zeros times weights being the only pairs torch does not form, a finite weight proves the forward and the
+# input gradient exact too (finite_b_suffices).
 from . import nonfinite as _nonfinite  # noqa: E402
 
 forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)

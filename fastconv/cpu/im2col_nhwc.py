@@ -364,6 +364,9 @@ def workspace_bytes(batch: int, in_channels: int, out_channels: int, groups: int
     return min(P, max(1, COL_BUFFER_BYTES // (ck * itemsize))) * ck * itemsize
 
 
+# Non-finite operands: exact IEEE results, as for the NCDHW kernels (see fastconv.cpu.nonfinite): the columns read
+# padding as stored zeros, the only pairs torch does not form, so a finite weight proves the forward and the input
+# gradient exact (finite_b_suffices).
 from . import nonfinite as _nonfinite  # noqa: E402
 
 forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)

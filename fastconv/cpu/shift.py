@@ -685,7 +685,8 @@ def executed_multiplications(batch, in_channels, out_channels, groups, kernel, s
 
 # Non-finite operands: exact IEEE results, as for the other kernels (see fastconv.cpu.nonfinite). The planes read
 # padding as stored zeros and the gradients hold the extra columns at zero, so a finite result is exact and a
-# non-finite product always reaches a kept output.
+# non-finite product always reaches a kept output; those zeros times weights are the only pairs torch does not form,
+# so a finite weight proves the forward and the input gradient exact too (finite_b_suffices).
 from . import nonfinite as _nonfinite  # noqa: E402
 
 forward = _nonfinite.exact(forward, bias=True, finite_b_suffices=True)
