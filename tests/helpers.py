@@ -93,3 +93,21 @@ def bytes_allocated(monkeypatch, module, call) -> int:
     """Bytes that ``call()`` allocates through ``module.np.empty`` (a kernel module's workspace, to compare with what
     the registry reports)."""
     return sum(allocations(monkeypatch, module, call))
+
+
+def assert_same_nonfinite(reference: torch.Tensor, actual: torch.Tensor, what: str, rtol: float) -> None:
+    """``actual`` has NaN, +Inf and -Inf exactly where ``reference`` has them, and its other values agree to
+    ``rtol`` of the reference's largest finite magnitude (the non-finite suites' comparison)."""
+    actual = actual.to(reference.dtype)
+    for mask, name in ((torch.isnan, "NaN"), (torch.isposinf, "+Inf"), (torch.isneginf, "-Inf")):
+        rm, am = mask(reference), mask(actual)
+        if not torch.equal(rm, am):
+            where = (rm != am).nonzero()[:3].tolist()
+            raise AssertionError(f"{what}: {name} pattern differs (reference {int(rm.sum())}, "
+                                 f"fastconv {int(am.sum())}; first differences at {where})")
+    fin = torch.isfinite(reference)
+    assert torch.isfinite(actual[fin]).all(), f"{what}: non-finite values where the reference is finite"
+    if fin.any():
+        scale = reference[fin].abs().max().clamp_min(1e-30)
+        err = ((reference[fin] - actual[fin]).abs().max() / scale).item()
+        assert err < rtol, f"{what}: finite values differ by {err:.3g} of the scale"

@@ -16,6 +16,7 @@ import torch
 
 import fastconv
 import fastconv.functional as F
+from helpers import assert_same_nonfinite
 
 INF = float("inf")
 NAN = float("nan")
@@ -82,19 +83,7 @@ def _passes(fn, x, w, g, **kw):
 
 def _compare(ref: dict, got: dict, what: str) -> None:
     for pass_, r in ref.items():
-        o = got[pass_].to(r.dtype)
-        for mask, name in ((torch.isnan, "NaN"), (torch.isposinf, "+Inf"), (torch.isneginf, "-Inf")):
-            rm, om = mask(r), mask(o)
-            if not torch.equal(rm, om):
-                where = (rm != om).nonzero()[:3].tolist()
-                raise AssertionError(f"{what}, {pass_}: {name} pattern differs (torch {int(rm.sum())}, "
-                                     f"fastconv {int(om.sum())}; first differences at {where})")
-        fin = torch.isfinite(r)
-        assert torch.isfinite(o[fin]).all()
-        if fin.any():
-            scale = r[fin].abs().max().clamp_min(1e-30)
-            err = ((r[fin] - o[fin]).abs().max() / scale).item()
-            assert err < 1e-3, f"{what}, {pass_}: finite values differ by {err:.3g} of the scale"
+        assert_same_nonfinite(r, got[pass_], f"{what}, {pass_}", rtol=1e-3)
 
 
 GEOMETRIES = {
