@@ -25,9 +25,9 @@ kernels, instead: MKL runs its AVX2 code on AMD CPUs, and the own kernels do the
 its time there (one thread; the forwards' ``w @ columns``, Winograd's ``U @ V``, the weight gradients'
 ``gy @ columns^T``; numbers in :mod:`.micro_gemm`). On AVX2 hosts (FMA, 256-bit vectors) too, with a tile
 sized for them: there MKL and the own kernels run the same vector code, and the own kernels win by reading
-a conv's operands in place (README, run AK).
+a conv's operands in place (docs/performance-log.md, run AK).
 Not on Intel CPUs with 512-bit vectors where the library is torch's MKL (:func:`_mkl_runs_512_bit`): there MKL
-runs its own AVX-512 code, and it was the faster of the two (README, run BO; a 2-core Xeon with AVX-512, one
+runs its own AVX-512 code, and it was the faster of the two (docs/performance-log.md, run BO; a 2-core Xeon with AVX-512, one
 thread, GFLOP/s own / MKL: (256, 2304, 392) 159 / 182-199, (192, 1600, 1800) 121-126 / 171-175, (512, 512, 512)
 170-172 / 179-181, transposed (128, 8192, 1152) 130-132 / 169; converted torchvision models with the whole route
 switched, same process, MKL / own time: training steps at batch 8 0.91-1.06, geomean 0.97, inference at batch 8

@@ -69,7 +69,7 @@ def _host_has_avx512() -> bool:
 HOST_HAS_AVX512 = _host_has_avx512()
 #: Whether the own kernels pay on this host: 512-bit vectors, or 256-bit ones with FMA (AVX2), where the tile
 #: below is sized for 16 registers. On AVX2 MKL runs the same vector code, and the own kernels still won where
-#: they read their operands in place (a conv's taps, 1x1 convs on small planes); see the README, run AK.
+#: they read their operands in place (a conv's taps, 1x1 convs on small planes); see docs/performance-log.md, run AK.
 HOST_HAS_VECTOR_FMA = HOST_HAS_AVX512 or _host_has("avx2", "fma")
 #: The vector the tiles are built from: a 64-byte register with AVX-512, a 32-byte one else.
 VECTOR_BYTES = _VECTOR_BYTES = 64 if HOST_HAS_AVX512 else 32

@@ -83,7 +83,7 @@ def _one_gemm_over_batch(a: torch.Tensor, b3: torch.Tensor) -> bool:
 #: Fewest input channels (the GEMMs' reduction) for which the products run on fastconv's own GEMM
 #: (:mod:`.parallel_gemm`) where it is in use: with fewer, each output tile is stored after a couple of dozen
 #: steps and MKL is level or ahead (MobileNet-v2's 24 -> 144 at 32x32: 54-76 µs against 47 at batch 1, 379-411
-#: against 414-485 at batch 8; with 64 and more the own GEMM takes 0.4-0.8x torch's time, see the README).
+#: against 414-485 at batch 8; with 64 and more the own GEMM takes 0.4-0.8x torch's time, see docs/performance-log.md).
 OWN_GEMM_MIN_REDUCTION = 32
 #: Fewest pixels per image for which each image is its own GEMM on the own path; smaller planes (ResNet-50's
 #: last stage at 4x4) are laid side by side first (a copy in and out), as :func:`_one_gemm_over_batch` does for
