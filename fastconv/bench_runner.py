@@ -5,9 +5,16 @@ accepts the geometry, ``"auto"``, and ``"torch"``) :func:`run_case`
 
 1. checks the result against torch in float64 on the same data (max abs error relative to the
    reference's largest magnitude) *before* timing; a row that fails is reported and not timed;
-2. times it: one warm-up, then rounds in which every algorithm of the (layer, pass) runs once in turn,
-   median per algorithm. Interleaving keeps the ratio to torch honest on a shared, noisy machine: a
-   burst of load slows every algorithm of a round alike, instead of one of them;
+2. times it: one warm-up, then rounds in which every algorithm of the (layer, pass) runs in turn, one
+   untimed call then one timed call each, median per algorithm. Interleaving keeps the ratio to torch
+   honest on a shared, noisy machine: a burst of load slows every algorithm of a round alike, instead
+   of one of them. Each round starts after the same idle pause the clean worker's call gets (below), and
+   each timed call follows an untimed one of its own, as the worker's does: without them fastconv's call
+   ran right after the worker's reply, on cores the worker's OpenMP threads were still spinning on
+   (libgomp spins after a parallel region), which no user of either library sees. Measured on the
+   ResNet-50 global average pool (8x2048x7x7, forward; the suite's worst forward row, 1.61): fastconv's
+   call right after a worker's reply 2.5 ms, the next calls 0.10-0.15 (torch in the worker: 2.1 after
+   this process's calls, then 0.31);
 3. takes torch's time, by default, from a worker process that never imports fastconv or Numba
    (:mod:`fastconv.bench_torch_worker`), interleaved with the rounds: that is what a user who chose
    torch would see (after one untimed call, and after this process has idled long enough for its
@@ -267,10 +274,14 @@ def run_case(layer: Layer, pass_: str, algos: Sequence[str], dtype: torch.dtype,
     if warm and baseline is not None and "torch" in warm:
         baseline.time(layer.name, pass_, dtype, 1, seed)  # the worker's warm-up
     if warm:
-        rounds = min(reps, max(MIN_REPS, int(ROUND_BUDGET_S * 1e3 / max(sum(warm.values()), 1e-3))))
+        # each timed call costs two (the untimed one before it)
+        rounds = min(reps, max(MIN_REPS, int(ROUND_BUDGET_S * 1e3 / max(2 * sum(warm.values()), 1e-3))))
         times: dict[str, list] = {a: [] for a in warm}
         for _ in range(rounds):
+            if baseline is not None:
+                time.sleep(QUIESCE_S)  # the worker's pools asleep: what the worker is given before its calls
             for algo in warm:  # interleaved: see the module docstring
+                _call(impl, algo, inputs)  # untimed: this side's pools awake, as the worker's call is given
                 times[algo].append(_timed(impl, algo, inputs))
             if baseline is not None and "torch" in warm:
                 clean += baseline.time(layer.name, pass_, dtype, 1, seed)

@@ -112,6 +112,35 @@ def test_torch_baseline_worker_never_imports_fastconv_or_numba():
     assert torch_row["ratio"] == 1.0 and rows[1]["ratio"] == pytest.approx(rows[1]["ms"] / torch_row["ms"])
 
 
+def test_each_timed_call_gets_what_the_worker_gets(monkeypatch):
+    # The clean worker's call comes after this process idled (QUIESCE_S) and after one untimed call; the
+    # in-process calls must get the same, or they run on cores the worker's OpenMP threads still spin on.
+    from fastconv import bench_runner
+
+    layer = benchmark.select_layers("lenet5_conv1")[0]
+    real = layer.passes["forward"]
+    events = []
+
+    def fastconv_side(t, algo):
+        events.append("call")
+        return real.fastconv(t, algo)
+
+    monkeypatch.setitem(layer.passes, "forward", benchmark.PassImpl(real.inputs, fastconv_side, real.torch))
+
+    class FakeWorker:
+        def time(self, *args, **kwargs):
+            events.append("worker")
+            return [1.0]
+
+    monkeypatch.setattr(bench_runner.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    rows = bench_runner.run_case(layer, "forward", ["torch", "direct"], benchmark.parse_dtype("float32"), 3, 100.0,
+                                 baseline=FakeWorker())
+    assert rows[1]["reps"] == 3 and rows[0]["ms"] == 1.0
+    # first call + warm-up, the worker's warm-up, then per round: settle, untimed call, timed call, worker
+    rounds = events[events.index("worker") + 1:]
+    assert rounds == [f"sleep {bench_runner.QUIESCE_S}", "call", "call", "worker"] * 3
+
+
 def test_results_are_kept_not_overwritten_and_png_is_optional(tmp_path, monkeypatch):
     result = {"environment": {"gemm_dtype": "float32", "gemm_gflops": 1.0, "torch_threads": 1,
                               "numba_threads": 1},
