@@ -211,7 +211,8 @@ def conv_transpose_layer(name: str, arch: str, batch: int, in_channels: int, out
 
 
 def pool_layer(name: str, arch: str, kind: str, shape: Sequence[int], *, kernel: int = 2,
-               stride: Optional[int] = None, padding: int = 0, output_size: int = 1, quick: bool = False) -> Layer:
+               stride: Optional[int] = None, padding: int = 0, output_size: int = 1, slow: bool = False,
+               quick: bool = False) -> Layer:
     """A pooling entry (``kind`` max, avg or adaptive_avg, 2-D): forward and grad_input passes.
 
     Pooling has one algorithm per target (``auto``). ``macs`` counts window elements (comparisons or
@@ -256,7 +257,7 @@ def pool_layer(name: str, arch: str, kind: str, shape: Sequence[int], *, kernel:
                                                                           "padding": padding}
     return Layer(name, arch, f"{kind}_pool2d", {"input": tuple(shape), "output": y_shape}, kwargs,
                  math.prod(y_shape) * window, {"forward": forward, "grad_input": backward}, lambda dtype: [],
-                 quick=quick)
+                 slow=slow, quick=quick)
 
 
 #: The layer suite: the core issue's layers plus small, depthwise, 1-D and 3-D cases.
@@ -308,6 +309,54 @@ def _depthwise_group() -> list[Layer]:
 
 
 SUITE += _depthwise_group()
+
+
+def _held_out_group() -> list[Layer]:
+    """Layers of the suite's networks (and their classic relatives) that the suite itself does not hold, for
+    checking that what was tuned on the suite carries over (issue 12 asks the forward target of both): stems,
+    1x1 expansions and projections, grouped, dilated, 1-D and 3-D convs, strided and transposed layers, pools.
+    Architecture ``"held-out <net>"``, so ``--layers held-out`` selects the group; marked slow so the default
+    suite does not grow."""
+    def arch(net: str) -> str:
+        return f"held-out {net}"
+
+    return [
+        conv_layer("ho_resnet_stem7x7", arch("ResNet"), 8, 3, 64, (224, 224), (7, 7), stride=2, padding=3, slow=True),
+        conv_layer("ho_resnet_3x3_s2", arch("ResNet"), 8, 128, 256, (28, 28), (3, 3), stride=2, padding=1,
+                   slow=True),
+        conv_layer("ho_resnet50_expand1x1", arch("ResNet-50"), 8, 64, 256, (56, 56), (1, 1), slow=True),
+        conv_layer("ho_resnet50_down1x1_s2", arch("ResNet-50"), 8, 1024, 2048, (14, 14), (1, 1), stride=2,
+                   slow=True),
+        conv_layer("ho_mobilenet_expand1x1", arch("MobileNetV2"), 8, 24, 144, (56, 56), (1, 1), slow=True),
+        conv_layer("ho_mobilenet_project1x1", arch("MobileNetV2"), 8, 960, 160, (7, 7), (1, 1), slow=True),
+        conv_layer("ho_densenet_1x1", arch("DenseNet"), 8, 704, 128, (14, 14), (1, 1), slow=True),
+        conv_layer("ho_vgg_3x3_128", arch("VGG"), 8, 128, 256, (56, 56), (3, 3), padding=1, slow=True),
+        conv_layer("ho_alexnet_conv2_5x5", arch("AlexNet"), 8, 64, 192, (27, 27), (5, 5), padding=2, slow=True),
+        conv_layer("ho_alexnet_conv2_grouped", arch("AlexNet (2012, 2 groups)"), 8, 96, 256, (27, 27), (5, 5),
+                   padding=2, groups=2, slow=True),
+        conv_layer("ho_alexnet_conv3", arch("AlexNet"), 8, 192, 384, (13, 13), (3, 3), padding=1, slow=True),
+        conv_layer("ho_googlenet_3x3", arch("GoogLeNet"), 8, 96, 128, (28, 28), (3, 3), padding=1, slow=True),
+        conv_layer("ho_squeezenet_expand3x3", arch("SqueezeNet"), 8, 16, 64, (55, 55), (3, 3), padding=1,
+                   slow=True),
+        conv_layer("ho_resnext_grouped3x3", arch("ResNeXt"), 8, 128, 128, (56, 56), (3, 3), padding=1, groups=32,
+                   slow=True),
+        conv_layer("ho_deeplab_dilated3x3", arch("DeepLab"), 4, 256, 256, (32, 32), (3, 3), padding=2, dilation=2,
+                   slow=True),
+        conv_layer("ho_unet_3x3", arch("U-Net"), 1, 64, 64, (256, 256), (3, 3), padding=1, slow=True),
+        conv_layer("ho_audio_conv1d_k7", arch("audio (Wav2Letter)"), 8, 250, 250, (800,), (7,), padding=3,
+                   slow=True),
+        conv_layer("ho_video_stem3d", arch("3-D video CNN"), 2, 3, 64, (16, 112, 112), (3, 3, 3), padding=1,
+                   slow=True),
+        conv_transpose_layer("ho_dcgan_g3", arch("DCGAN"), 64, 256, 128, (8, 8), 4, stride=2, padding=1,
+                             slow=True),
+        pool_layer("ho_googlenet_maxpool", arch("GoogLeNet"), "max", (8, 192, 56, 56), kernel=3, stride=2,
+                   padding=1, slow=True),
+        pool_layer("ho_mobilenet_global_avg", arch("MobileNetV2"), "adaptive_avg", (8, 1280, 7, 7), output_size=1,
+                   slow=True),
+    ]
+
+
+SUITE += _held_out_group()
 
 
 def select_layers(spec: Optional[str], quick: bool = False, suite: Sequence[Layer] = None) -> list[Layer]:

@@ -87,6 +87,10 @@ def test_layer_selection():
     assert "c3d_conv3d" not in {l.name for l in full} | {l.name for l in quick}
     assert [l.name for l in benchmark.select_layers("c3d")] == ["c3d_conv3d"]
     assert benchmark.parse_passes("bwd") == ["grad_input", "grad_weight"]
+    # the held-out layers (the suite's networks, layers the suite does not hold) run only when asked for
+    held_out = benchmark.select_layers("held-out")
+    assert len(held_out) >= 20 and not {l.name for l in held_out} & {l.name for l in full}
+    assert len({l.name for l in benchmark.SUITE}) == len(benchmark.SUITE)
 
 
 def test_suite_layers_have_issue_shapes():
