@@ -48,6 +48,7 @@ from torch import nn
 
 from . import autotune, convert, optimize
 from .bench_runner import QUIESCE_S, TorchBaseline, _load
+from .bench_torch_worker import settle_heap
 from .nn import to_torch
 
 MODES = ("infer1", "infer8", "train8")
@@ -513,6 +514,7 @@ def run_models(cases: Sequence[ModelCase], modes: Sequence[str] = MODES, reps: i
     """
     if baseline not in BASELINES:
         raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    settle_heap()  # as the worker does at its setup
     load_before = _load()
     rows: list[dict] = []
     neighbour_info = None

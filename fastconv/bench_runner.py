@@ -45,6 +45,7 @@ import torch
 from . import autotune, backends, registry
 from .bench_report import summarize
 from .bench_suite import Layer, PassImpl
+from .bench_torch_worker import settle_heap
 from .tolerances import ALGORITHM_TOLERANCES, TOLERANCES
 
 #: Relative error bound (max |got - reference| / max |reference|) per dtype, and per algorithm where
@@ -387,6 +388,7 @@ def run_suite(layers: Sequence[Layer], passes: Sequence[str], algos: Optional[Se
 
     if baseline not in ("process", "inprocess"):
         raise ValueError(f"baseline must be 'process' or 'inprocess', got {baseline!r}")
+    settle_heap()  # as the worker does at its setup
     gemm = measure_gemm(dtype)
     load_before = _load()
     cases = [(l, p) for l in layers for p in passes if p in l.passes]
