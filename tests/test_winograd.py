@@ -38,6 +38,13 @@ CASES = {
     "groups2": (2, 6, 7, 8, 4, dict(padding=1, groups=2)),
     "groups3": (1, 6, 9, 6, 9, dict(padding=1, groups=3)),
     "depthwise": (2, 4, 8, 8, 4, dict(padding=1, groups=4)),
+    # dilated: undilated convs over the input's phases (odd sizes: phases of unequal size, zero-extended)
+    "dilated2": (2, 3, 9, 11, 4, dict(dilation=2, padding=2)),
+    "dilated2_valid": (1, 4, 8, 8, 3, dict(dilation=2, padding=0)),
+    "dilated_2x3_groups2": (1, 6, 13, 10, 4, dict(dilation=(2, 3), padding=(2, 3), groups=2)),
+    "dilated2_same": (2, 3, 16, 9, 5, dict(dilation=2, padding="same")),
+    "dilated4_pad4_small": (1, 3, 5, 5, 2, dict(dilation=4, padding=4)),
+    "dilated2_pad4_negative_grad_pad": (1, 2, 7, 6, 3, dict(dilation=2, padding=4)),
 }
 
 
@@ -200,7 +207,7 @@ def test_float32_error_scaled_to_output_is_small(algo):
 # gradcheck / opcheck
 # --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("case", ["pad1_odd", "pad3_negative_grad_pad", "groups2"])
+@pytest.mark.parametrize("case", ["pad1_odd", "pad3_negative_grad_pad", "groups2", "dilated2"])
 def test_gradcheck_and_gradgradcheck(case, algo):
     n, c, h, w, k, kw = CASES[case]
     x, weight, b, kw = _make((1, c, min(h, 6), min(w, 6), k, kw))
@@ -232,7 +239,10 @@ def test_opcheck_conv2d_ops(algo):
     ("conv2d", (1, 2, 9, 9), (3, 2, 3, 1), dict(), "needs a 3x3 kernel, got 3x1"),
     ("conv2d", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=2), r"needs stride 1, got \(2, 2\)"),
     ("conv2d", (1, 2, 9, 9), (3, 2, 3, 3), dict(stride=(1, 2)), r"needs stride 1, got \(1, 2\)"),
-    ("conv2d", (1, 2, 9, 9), (3, 2, 3, 3), dict(dilation=2), r"needs dilation 1, got \(2, 2\)"),
+    ("conv2d", (1, 2, 9, 9), (3, 2, 3, 3), dict(dilation=2, padding=1),
+     r"padding before each dim to be a multiple of its dilation; got padding \(1, 1\) with dilation \(2, 2\)"),
+    ("conv2d", (1, 2, 9, 9), (3, 2, 3, 3), dict(dilation=(2, 1), padding=(1, 1)),
+     r"multiple of its dilation; got padding \(1, 1\) with dilation \(2, 1\)"),
     ("conv3d", (1, 2, 5, 6, 6), (3, 2, 3, 3, 3), dict(), "needs a 2-D convolution, got a 3-D one"),
     ("conv1d", (1, 2, 9), (3, 2, 3), dict(), "needs a 3x3 kernel, got 1x3"),
 ])
@@ -257,6 +267,47 @@ def test_mult_ratio_is_the_elementwise_multiplications_over_direct():
     g7 = _geometry(1, 4, 4, 7, 7)
     assert alg2.mult_ratio(g7) == pytest.approx(16 * 16 / (49 * 9))
     assert alg4.mult_ratio(g7) == pytest.approx(4 * 36 / (49 * 9))
+
+
+def test_dilated_mult_ratio_tiles_each_phase_whole():
+    # dilation 2 on a 32x32 output: four 16x16 phases, whole tiles of both sizes, no waste
+    g = make_geometry(2, 4, 8, 8, 1, (32, 32), (3, 3), None, (1, 1), (2, 2), (2, 2), (2, 2), torch.float32, "numba")
+    alg2, alg4 = registry._REGISTRY[("winograd2", "numba")], registry._REGISTRY[("winograd4", "numba")]
+    assert alg2.mult_ratio(g) == pytest.approx(1 / 2.25) and alg4.mult_ratio(g) == pytest.approx(1 / 4)
+    # 7x7 output, dilation 2: phases of 4x4 (zero-extended from 4x4, 4x3, 3x4, 3x3), each in whole tiles
+    g7 = make_geometry(2, 1, 4, 4, 1, (7, 7), (3, 3), None, (1, 1), (2, 2), (2, 2), (2, 2), torch.float32, "numba")
+    assert alg2.mult_ratio(g7) == pytest.approx(4 * 4 * 16 / (49 * 9))
+    assert alg4.mult_ratio(g7) == pytest.approx(4 * 1 * 36 / (49 * 9))
+
+
+def test_dilated_workspace_adds_the_phase_copies():
+    g1 = make_geometry(2, 4, 8, 16, 1, (32, 32), (3, 3), None, (1, 1), (1, 1), (1, 1), (1, 1), torch.float32, "numba")
+    g2 = make_geometry(2, 1, 8, 16, 1, (64, 64), (3, 3), None, (1, 1), (2, 2), (2, 2), (2, 2), torch.float32, "numba")
+    alg4 = registry._REGISTRY[("winograd4", "numba")]
+    # the dilated conv is g1 over its 4 phases, plus copies of its input (4 x 8 x 64 x 64) and output phases
+    assert alg4.workspace_bytes(g2) == alg4.workspace_bytes(g1) + (8 + 16) * 64 * 64 * 4
+
+
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
+def test_dilated_conv_runs_its_phases_as_one_undilated_call(pass_, monkeypatch):
+    x, w, b, kw = _make((2, 3, 10, 10, 4, dict(dilation=2, padding=2)))
+    seen = []
+    inner = getattr(winograd, f"winograd_{pass_}")
+
+    def spy(*args, **kwargs):
+        seen.append(args)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(winograd, f"winograd_{pass_}", spy)
+    y = F.conv2d(x, w, b, algo="winograd4", **kw)
+    if pass_ != "forward":
+        torch.autograd.grad(y, x if pass_ == "grad_input" else w, torch.ones_like(y))
+    shapes = [tuple(a[0].shape) for a in seen]
+    # the op's call on the dilated conv, then one undilated call on the four 5x5 phases of both images stacked
+    # along the batch (the first operand: the input, or the output gradient, 4 channels)
+    channels = 3 if pass_ == "forward" else 4
+    assert shapes == [(2, channels, 1, 10, 10), (8, channels, 1, 5, 5)], shapes
+    monkeypatch.undo()
 
 
 def test_workspace_bytes_counts_filters_and_one_bounded_chunk_per_thread():
