@@ -17,7 +17,7 @@ from fastconv.cpu import conv as cc
 from fastconv.cpu import im2col_fused, jit_gemm, shift, thin_input
 from helpers import assert_close, tolerance
 
-ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps", "im2col-gather", "im2col-thin")
+ALGOS = ("direct", "im2col", "im2col-fused", "im2col-taps", "im2col-gather", "im2col-thin", "im2col-per-group")
 #: The kernels that run 1-D and 2-D convs only (3-D is refused by their algorithm's declaration).
 PLANAR_ALGOS = ALGOS + ("shift",)
 
@@ -212,6 +212,22 @@ def test_rgb_stems_take_the_fused_path_and_match_torch(ksz, stride, pad, monkeyp
     assert ran == (["forward_gather", "grad_weight_gather"] if gather else ["forward", "grad_weight"]), ran
 
 
+class _per_group_everywhere:
+    """Context: every grouped conv of more than one tap runs as one dense conv per group (cpu.conv._per_group), at
+    any width and group count; yields the list of the dense calls' group counts (each 1) made from a grouped one."""
+
+    def __enter__(self):
+        self.saved = cc.PER_GROUP_MAX_GROUPS, cc.PER_GROUP_MIN_OUT, cc.PER_GROUP_MIN_REDUCTION, cc._per_group
+        cc.PER_GROUP_MAX_GROUPS, cc.PER_GROUP_MIN_OUT, cc.PER_GROUP_MIN_REDUCTION = 1 << 30, 1, 1
+        real = self.saved[3]
+        runs = []
+        cc._per_group = lambda G, *a: (real(G, *a) and (runs.append(G) or True))
+        return runs
+
+    def __exit__(self, *exc):
+        cc.PER_GROUP_MAX_GROUPS, cc.PER_GROUP_MIN_OUT, cc.PER_GROUP_MIN_REDUCTION, cc._per_group = self.saved
+
+
 def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups,
            dtype=np.float64, bias=True, seed=0, fused=False):
     """``algo`` "im2col" checks the plain paths (the fused one switched off: the thin inputs of these cases would
@@ -226,6 +242,13 @@ def _check(algo, N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, grou
         assert {"forward", "grad_weight"} <= set(ran) or N == 0 or _is_pointwise_case(ksz, stride, pad_before,
                                                                                       pad_after), \
             f"the gather kernels did not run both passes: {ran}"
+        return
+    if algo == "im2col-per-group":
+        if groups == 1 or _is_pointwise_case(ksz, stride, pad_before, pad_after) or int(np.prod(ksz)) == 1:
+            pytest.skip("one dense conv per group runs grouped convs of more than one tap only")
+        with _per_group_everywhere() as groups_run:
+            _check("im2col", N, C, K, sp, ksz, stride, pad_before, pad_after, dilation, groups, dtype, bias, seed)
+        assert groups_run or N == 0, "the grouped conv did not run as one dense conv per group"
         return
     if algo == "im2col-thin":
         runs = (nd <= 2 and groups == 1 and int(np.prod(ksz)) > 1 and all(d == 1 for d in dilation)
@@ -635,3 +658,35 @@ def test_flipped_weights_match_the_reversed_transposed_view(K, Cg, G, kernel):
     w = np.arange(K * Cg * KH * KW, dtype=np.float64).reshape(K, Cg, 1, KH, KW)
     want = w.reshape(G, K // G, Cg, KH, KW).transpose(0, 2, 1, 3, 4)[..., ::-1, ::-1].reshape(G * Cg, K // G, 1, KH, KW)
     np.testing.assert_array_equal(cc._flipped_weights(w, G), want)
+
+
+def test_wide_groups_run_as_dense_convs_and_narrow_ones_do_not():
+    """The per-group rule (cpu.conv._per_group): AlexNet's 2 groups of 48 -> 128 5x5, 4 groups of 16 -> 16 3x3 yes;
+    ResNeXt's 32 groups of 4, RegNet-like 16 groups of 8 -> 8, 1x1 grouped convs and depthwise no."""
+    assert cc._per_group(2, 48, 128, (1, 5, 5)) and cc._per_group(4, 16, 16, (1, 3, 3))
+    assert not cc._per_group(32, 4, 4, (1, 3, 3)) and not cc._per_group(16, 8, 8, (1, 3, 3))
+    assert not cc._per_group(3, 80, 80, (1, 1, 1)) and not cc._per_group(64, 1, 1, (1, 3, 3))
+    assert not cc._per_group(1, 64, 64, (1, 3, 3))
+
+
+@pytest.mark.parametrize("pass_", ["forward", "grad_input", "grad_weight"])
+def test_per_group_route_gradcheck_and_opcheck(pass_):
+    import fastconv.functional as FC
+
+    with _per_group_everywhere() as runs:
+        x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(6, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+        kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+        assert torch.autograd.gradcheck(lambda *t: FC.conv2d(*t, algo="im2col", **kw), (x, w, b))
+        geometry = ([2, 1], [1, 0], [1, 0], [1, 2], 2, "im2col")
+        y = torch.ops.fastconv.conv2d(x, w, b, *geometry)
+        if pass_ == "forward":
+            torch.library.opcheck(torch.ops.fastconv.conv2d.default, (x, w, b, *geometry))
+        elif pass_ == "grad_input":
+            torch.library.opcheck(torch.ops.fastconv.conv2d_grad_input.default,
+                                  (torch.randn_like(y), w, list(x.shape[2:]), *geometry))
+        else:
+            torch.library.opcheck(torch.ops.fastconv.conv2d_grad_weight.default,
+                                  (torch.randn_like(y), x.detach(), list(w.shape[2:]), *geometry))
+    assert runs, "the grouped conv did not run one dense conv per group"

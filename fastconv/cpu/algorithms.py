@@ -11,6 +11,7 @@ The Numba kernels take and return numpy arrays; this module is also the thin tor
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -124,13 +125,20 @@ def _im2col_workspace(g: ConvGeometry) -> int:
     (:mod:`.im2col_fused`) a column chunk and a GEMM result per task (on the gather kernel: the padded input,
     the packed weights and a result per task; on the taps kernel: the padded input or its
     phases, and a GEMM result per task; on the thin-input kernel, :mod:`.thin_input`: the input's padded
-    phases). 1x1 stride-1 convs are a plain GEMM
+    phases; grouped convs of few wide groups, one dense conv per group: a group's workspace and its input and
+    output slices). 1x1 stride-1 convs are a plain GEMM
     and need none. (Elsewhere the input's padded or phase-split copy is not counted.)"""
     if g.is_pointwise:
         return 0
     item = g.dtype.itemsize
     kg = g.out_channels // g.groups
     ck = (g.in_channels // g.groups) * math.prod(g.kernel)
+    if kernels._per_group(g.groups, g.in_channels // g.groups, kg, g.kernel):
+        # one dense conv per group (cpu.conv._per_group), in turn: one group's workspace, and its input slice and
+        # result, copied out and in
+        group = dataclasses.replace(g, in_channels=g.in_channels // g.groups, out_channels=kg, groups=1)
+        slices = g.batch * (group.in_channels * math.prod(g.in_spatial) + kg * math.prod(g.out_spatial)) * item
+        return _im2col_workspace(group) + slices
     if thin_input.applies(g.groups, g.in_channels, g.kernel, g.stride, g.dilation, g.in_spatial, g.out_spatial,
                           g.padding, item):
         return thin_input.workspace_bytes(g.batch, g.in_channels, g.kernel[1:], g.stride[1:], g.out_spatial[1:], item)
