@@ -164,10 +164,12 @@ class _thin_everywhere:
 
     def __enter__(self):
         self.saved = {k: getattr(thin_input, k) for k in ("ENABLED", "GRAD_WEIGHT", "MAX_REDUCTION", "MIN_ROW_VECTORS",
-                                                          "WHOLE_VECTOR_ROWS", "forward", "grad_weight")}
+                                                          "MAX_GRAD_WEIGHT_REDUCTION", "WHOLE_VECTOR_ROWS", "forward",
+                                                          "grad_weight")}
         thin_input.ENABLED = thin_input.GRAD_WEIGHT = True
         thin_input.WHOLE_VECTOR_ROWS = False
-        thin_input.MAX_REDUCTION, thin_input.MIN_ROW_VECTORS = 1 << 30, 0
+        thin_input.MAX_REDUCTION = thin_input.MAX_GRAD_WEIGHT_REDUCTION = 1 << 30
+        thin_input.MIN_ROW_VECTORS = 0
         calls = []
         real_forward, real_grad_weight = self.saved["forward"], self.saved["grad_weight"]
         thin_input.forward = lambda *a: calls.append("forward") or real_forward(*a)

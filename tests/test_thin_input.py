@@ -120,7 +120,10 @@ def test_which_convs_take_it():
               out_spatial=(1, 64, 64), padding=(0, 1, 1), itemsize=f32)
     assert thin_input.applies(**ok)  # MobileNet's stem
     assert thin_input.applies(**dict(ok, in_channels=8))  # 72 taps
-    assert not thin_input.applies(**dict(ok, kernel=(1, 7, 7), stride=(1, 2, 2)))  # ResNet's stem: 147 taps
+    stem = dict(ok, kernel=(1, 7, 7), stride=(1, 2, 2), padding=(0, 3, 3))  # ResNet's stem: 147 taps
+    assert thin_input.applies(**stem) and not thin_input.applies(**stem, pass_="grad_weight")  # forward only
+    assert thin_input.applies(**dict(ok, in_channels=8), pass_="grad_weight")  # 72 taps: both passes
+    assert not thin_input.applies(**dict(ok, kernel=(1, 11, 11), stride=(1, 4, 4), out_spatial=(1, 32, 32)))  # 363
     assert not thin_input.applies(**dict(ok, groups=3, in_channels=3))  # grouped
     assert not thin_input.applies(**dict(ok, dilation=(1, 2, 2)))
     assert not thin_input.applies(**dict(ok, padding=(0, -1, 0)))  # a crop before
@@ -184,3 +187,18 @@ def test_workspace_matches_what_it_allocates(monkeypatch):
     allocated = allocations(monkeypatch, thin_input,
                             lambda: thin_input.forward(x, w, None, (2, 2), (1, 1), (20, 20), y))
     assert phases in allocated
+
+
+def test_resnet_stem_forward_runs_here_and_its_weight_gradient_does_not(spy, spy_grad_weight):
+    """ResNet's 3 -> 64 7x7 stride-2 stem (147 taps), with the default limits: the forward on the FIR bank, the weight
+    gradient left to im2col's other kernels (slower here, see MAX_GRAD_WEIGHT_REDUCTION); float64 against torch."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 64, 64, generator=g, dtype=torch.float64, requires_grad=True)  # 32 columns: 4 vectors
+    w = torch.randn(8, 3, 7, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    y = F.conv2d(x, w, b, 2, 3, algo="im2col")
+    ref = TF.conv2d(x, w, b, 2, 3)
+    assert_close(y, ref, what="7x7 stem forward")
+    go = torch.randn_like(ref)
+    assert_close(torch.autograd.grad(y, w, go)[0], torch.autograd.grad(ref, w, go)[0], what="7x7 stem weight grad")
+    assert len(spy) == 1 and not spy_grad_weight

@@ -1461,7 +1461,7 @@ def im2col_grad_weight(grad_out, x, stride, padding, dilation, groups, kernel_sp
             _group_gemm_add(go4[n], x4[n].transpose(0, 2, 1), gw3)
         return gw
     if thin_input.GRAD_WEIGHT and thin_input.applies(G, C, kernel_spatial, stride, dilation, (D, H, W), out_spatial,
-                                                     padding, x.itemsize):
+                                                     padding, x.itemsize, "grad_weight"):
         # few input channels (an RGB stem): register-tile dot products over the input's stride phases, no columns
         thin_input.grad_weight(go.reshape(N, K, OH, OW), x.reshape(N, C, H, W), (KH, KW), stride[1:], padding[1:],
                                gw.reshape(K, C, KH, KW))

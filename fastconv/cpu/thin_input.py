@@ -18,7 +18,8 @@ plane_t[oh*Wq + offs[t] + ow]``, a dot product per (channel, tap) pair, in regis
 :data:`BANK` taps (:func:`_dot_tile_intrinsic`: per row and vector four output-gradient and four input loads for
 sixteen FMAs), lane partial sums kept per block between images and summed across lanes at the end.
 
-Scope (:func:`applies`): dense (``groups == 1``), 2-D, reduction at most :data:`MAX_REDUCTION`, dilation 1, every
+Scope (:func:`applies`): dense (``groups == 1``), 2-D, reduction at most :data:`MAX_REDUCTION` (weight gradient:
+:data:`MAX_GRAD_WEIGHT_REDUCTION`), dilation 1, every
 stride, any padding >= 0, float32 and float64. The input gradient stays on im2col's paths (a stem's input needs
 none).
 
@@ -47,14 +48,21 @@ from fastconv import config
 
 from . import memory, micro_gemm, parallel
 
-__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "MAX_REDUCTION", "MIN_ROW_VECTORS",
+__all__ = ["applies", "forward", "grad_weight", "workspace_bytes", "MAX_REDUCTION", "MAX_GRAD_WEIGHT_REDUCTION",
+           "MIN_ROW_VECTORS",
            "WHOLE_VECTOR_ROWS", "BANK", "ENABLED", "GRAD_WEIGHT"]
 
 _JIT = dict(cache=config.CACHE, nogil=True)
 
-#: Largest reduction ``C*KH*KW`` taken: RGB 3x3 stems (27) and 5x5 (75). Larger reductions (a 7x7 RGB stem, 147)
-#: take im2col's own kernels (the taps kernel), whose GEMM shares loads across more output channels.
-MAX_REDUCTION = 80
+#: Largest reduction ``C*KH*KW`` the forward takes: RGB 3x3 (27), 5x5 (75) and 7x7 (147) stems. Measured on the
+#: 3 -> 64 7x7 stride-2 stem, 2 threads, same process alternating, forward ms im2col's taps kernel / here (torch):
+#: batch 8 at 128x128 3.64-3.79 / 3.42-3.51 (2.5-3.0), at 224x224 11.05-11.33 / 9.42-9.61 (8.2-10.3), batch 1 at
+#: 224x224 1.71 / 1.53 (1.0-1.1), at 128x128 0.70-0.86 / 0.52 (0.36-0.42).
+MAX_REDUCTION = 150
+#: ... and the weight gradient: its dot-product tiles lose to im2col's gather kernel on the 7x7 stem (weight
+#: gradient ms, same runs: 3.57-3.72 / 4.60-4.63 at batch 8 128x128, 10.6-11.1 / 13.3-13.6 at 224x224, 1.5-1.6 /
+#: 2.5-2.7 at batch 1), so it keeps the 3x3 and 5x5 stems only.
+MAX_GRAD_WEIGHT_REDUCTION = 80
 #: Output channels per register tile: each tap's input vectors are loaded once for this many channels.
 BANK = 4
 #: Whether :func:`applies` says yes at all (tests and A/B measurements switch it off).
@@ -74,15 +82,17 @@ WHOLE_VECTOR_ROWS = True
 
 
 def applies(groups: int, in_channels: int, kernel, stride, dilation, in_spatial, out_spatial, padding,
-            itemsize: int) -> bool:
+            itemsize: int, pass_: str = "forward") -> bool:
     """Whether :func:`forward` and :func:`grad_weight` run this conv (3-D shapes ``(D, H, W)`` as :mod:`.conv` passes
     them): dense, 2-D,
-    reduction ``C*KH*KW`` at most :data:`MAX_REDUCTION`, overlapping windows (a patchify conv's columns are a plain
+    reduction ``C*KH*KW`` at most :data:`MAX_REDUCTION` (:data:`MAX_GRAD_WEIGHT_REDUCTION` for ``pass_``
+    ``"grad_weight"``), overlapping windows (a patchify conv's columns are a plain
     reshuffle: ConvNeXt's 3 -> 96 4x4 stride 4 ran 0.71 ms here against 0.64), dilation 1, padding >= 0, output
     rows of at least :data:`MIN_ROW_VECTORS` whole vectors (:data:`WHOLE_VECTOR_ROWS`)."""
     KD, KH, KW = kernel
     return (ENABLED and groups == 1 and KD == 1 and in_spatial[0] == 1 and out_spatial[0] == 1
-            and tuple(dilation) == (1, 1, 1) and in_channels * KH * KW <= MAX_REDUCTION and KH * KW > 1
+            and tuple(dilation) == (1, 1, 1) and KH * KW > 1
+            and in_channels * KH * KW <= (MAX_GRAD_WEIGHT_REDUCTION if pass_ == "grad_weight" else MAX_REDUCTION)
             and (KH > stride[1] or KW > stride[2]) and min(padding) >= 0
             and out_spatial[2] * itemsize >= MIN_ROW_VECTORS * micro_gemm.VECTOR_BYTES
             and not (WHOLE_VECTOR_ROWS and out_spatial[2] * itemsize % micro_gemm.VECTOR_BYTES))
