@@ -37,9 +37,10 @@ output ``oh = d*u + r`` reads inputs ``oh + d*i - p = d*(u + i - p/d) + r`` (pad
 with padding ``p/d``. :func:`_to_phases` stacks the phases along the batch (zero-extended to a common size: an
 extended input is read only by extended outputs or as padding, an extended output gradient is zero), one undilated
 call runs all of them, :func:`_from_phases` interleaves the result back ("space to batch", as TensorFlow's
-``atrous_conv2d`` does). Measured on DeepLab's 256 -> 256 3x3 at 32x32, dilation 2, batch 4 (2 threads, forward,
-medians of 9): F(4x4) this way 8.6-9.3 ms, im2col on the dilated conv 16.4-16.9, torch 12.8-13.0; the two phase
-copies cost 0.3-0.4 ms of it.
+``atrous_conv2d`` does). Measured on DeepLab's 256 -> 256 3x3 at 32x32, dilation 2, batch 4 (2 threads, one
+process, medians of 9, forward / input gradient / weight gradient ms): F(4x4) this way 8.9-9.8 / 9.6-12.1 /
+16.8-17.8, im2col on the dilated conv 17.3-17.7 / 18.1-18.3 / 16.8-17.1, torch 13.7-14.1 / 16.8-17.1 / 16.1-17.3;
+the two phase copies (:func:`_phase_split`, :func:`_phase_merge`) take 0.42 and 0.45 ms of a forward.
 
 The transform matrices come from the Toom-Cook construction over interpolation points (see
 :func:`transform_matrices` and :data:`POINTS`): F(2x2) uses ``0, 1, -1, inf``, F(4x4)
