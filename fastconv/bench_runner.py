@@ -6,7 +6,8 @@ accepts the geometry, ``"auto"``, and ``"torch"``) :func:`run_case`
 1. checks the result against torch in float64 on the same data (max abs error relative to the
    reference's largest magnitude) *before* timing; a row that fails is reported and not timed;
 2. times it: one warm-up, then rounds in which every algorithm of the (layer, pass) runs in turn, one
-   untimed call then one timed call each, median per algorithm. Interleaving keeps the ratio to torch
+   untimed call then one timed call each (several for a sub-millisecond row, :func:`calls_per_round`),
+   median per algorithm. Interleaving keeps the ratio to torch
    honest on a shared, noisy machine: a burst of load slows every algorithm of a round alike, instead
    of one of them. Each round starts after the same idle pause the clean worker's call gets (below), and
    each timed call follows an untimed one of its own, as the worker's does: without them fastconv's call
@@ -57,6 +58,13 @@ ROUND_BUDGET_S = 20.0
 MIN_REPS = 3
 #: torch in this process slower than in the clean worker by more than this factor: a contaminated baseline.
 CONTAMINATED_RATIO = 1.5
+#: A round times each algorithm's call at least this long in all (ms): rows faster than this get several timed calls
+#: per round (at most :data:`MAX_CALLS_PER_ROUND`), in this process and in the worker alike. With one call per
+#: round a sub-millisecond row's median rested on a handful of samples, each a single call after an idle pause: the
+#: MobileNet global average pool (0.1-0.3 ms) read 0.03 in one held-out run (run CQ: torch's worker calls stalled
+#: to a median of 7.95 ms) against 0.50-0.59 in the others, and moved the held-out forward geomean by 0.1.
+MIN_ROUND_MS = 2.0
+MAX_CALLS_PER_ROUND = 20
 #: Seconds this process idles before the worker times torch: OpenBLAS's threads spin for about 0.1 s
 #: after their last call and TBB's for a while too; on two cores they would take the worker's cores.
 QUIESCE_S = 0.15
@@ -225,6 +233,12 @@ def _quartiles(times: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def calls_per_round(slowest_ms: float) -> int:
+    """Timed calls per algorithm and round for a (layer, pass) whose slowest warm call took ``slowest_ms``: enough
+    for :data:`MIN_ROUND_MS` of timed work, 1 to :data:`MAX_CALLS_PER_ROUND`."""
+    return max(1, min(MAX_CALLS_PER_ROUND, math.ceil(MIN_ROUND_MS / max(slowest_ms, 1e-6))))
+
+
 #: Most extra calls given to ``auto`` to finish tuning on real calls before it is checked and timed.
 AUTO_TUNING_CALLS_MAX = 64
 
@@ -275,17 +289,18 @@ def run_case(layer: Layer, pass_: str, algos: Sequence[str], dtype: torch.dtype,
     if warm and baseline is not None and "torch" in warm:
         baseline.time(layer.name, pass_, dtype, 1, seed)  # the worker's warm-up
     if warm:
-        # each timed call costs two (the untimed one before it)
-        rounds = min(reps, max(MIN_REPS, int(ROUND_BUDGET_S * 1e3 / max(2 * sum(warm.values()), 1e-3))))
+        calls = calls_per_round(max(warm.values()))
+        # each round costs calls + 1 calls per algorithm (the untimed one before them)
+        rounds = min(reps, max(MIN_REPS, int(ROUND_BUDGET_S * 1e3 / max((calls + 1) * sum(warm.values()), 1e-3))))
         times: dict[str, list] = {a: [] for a in warm}
         for _ in range(rounds):
             if baseline is not None:
                 time.sleep(QUIESCE_S)  # the worker's pools asleep: what the worker is given before its calls
             for algo in warm:  # interleaved: see the module docstring
                 _call(impl, algo, inputs)  # untimed: this side's pools awake, as the worker's call is given
-                times[algo].append(_timed(impl, algo, inputs))
+                times[algo] += [_timed(impl, algo, inputs) for _ in range(calls)]
             if baseline is not None and "torch" in warm:
-                clean += baseline.time(layer.name, pass_, dtype, 1, seed)
+                clean += baseline.time(layer.name, pass_, dtype, calls, seed)
         if clean:
             inprocess = times["torch"]
             times["torch"] = clean
@@ -300,7 +315,8 @@ def run_case(layer: Layer, pass_: str, algos: Sequence[str], dtype: torch.dtype,
             ms = statistics.median(ts)
             q1, q3 = _quartiles(ts)
             gflops = 2 * layer.macs / (ms * 1e-3) / 1e9
-            rows[algo].update(ms=ms, q1_ms=q1, q3_ms=q3, times_ms=ts, reps=rounds, gflops=gflops,
+            rows[algo].update(ms=ms, q1_ms=q1, q3_ms=q3, times_ms=ts, reps=rounds, calls_per_round=calls,
+                              gflops=gflops,
                               pct_gemm=100 * gflops / gemm_gflops if gemm_gflops else None,
                               ratio=ms / torch_ms if torch_ms else None)
     return list(rows.values())

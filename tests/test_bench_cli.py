@@ -12,7 +12,7 @@ import pytest
 
 from fastconv import benchmark, cli
 
-ROW_FIELDS = {"layer", "arch", "op", "pass", "algo", "dtype", "macs", "ms", "times_ms", "reps", "gflops",
+ROW_FIELDS = {"layer", "arch", "op", "pass", "algo", "dtype", "macs", "ms", "times_ms", "reps", "calls_per_round", "gflops",
               "pct_gemm", "ratio", "error", "tolerance", "ok", "first_call_ms"}
 
 
@@ -141,9 +141,21 @@ def test_each_timed_call_gets_what_the_worker_gets(monkeypatch):
     rows = bench_runner.run_case(layer, "forward", ["torch", "direct"], benchmark.parse_dtype("float32"), 3, 100.0,
                                  baseline=FakeWorker())
     assert rows[1]["reps"] == 3 and rows[0]["ms"] == 1.0
-    # first call + warm-up, the worker's warm-up, then per round: settle, untimed call, timed call, worker
+    calls = rows[1]["calls_per_round"]
+    assert calls == rows[0]["calls_per_round"] and len(rows[1]["times_ms"]) == 3 * calls
+    # first call + warm-up, the worker's warm-up, then per round: settle, untimed call, timed calls, worker
     rounds = events[events.index("worker") + 1:]
-    assert rounds == [f"sleep {bench_runner.QUIESCE_S}", "call", "call", "worker"] * 3
+    assert rounds == ([f"sleep {bench_runner.QUIESCE_S}", "call"] + ["call"] * calls + ["worker"]) * 3
+
+
+def test_sub_millisecond_rows_get_several_calls_per_round():
+    # A 0.1 ms row timed once per round rested on a handful of single calls: one stalled torch call in a few
+    # moved the held-out geomean by 0.1. Rows of the round's minimum or slower keep one call.
+    from fastconv import bench_runner
+
+    assert bench_runner.calls_per_round(0.1) == 20 and bench_runner.calls_per_round(0.5) == 4
+    assert bench_runner.calls_per_round(bench_runner.MIN_ROUND_MS) == 1 and bench_runner.calls_per_round(40.0) == 1
+    assert bench_runner.calls_per_round(0.0) == bench_runner.MAX_CALLS_PER_ROUND
 
 
 def test_results_are_kept_not_overwritten_and_png_is_optional(tmp_path, monkeypatch):
