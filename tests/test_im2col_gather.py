@@ -34,7 +34,8 @@ def own_gemm_route():
 def gather_spy(monkeypatch):
     """The passes that ran on the gather kernels, in order."""
     ran = []
-    for name, label in (("forward_gather", "forward"), ("grad_weight_gather", "grad_weight")):
+    for name, label in (("forward_gather", "forward"), ("grad_input_gather", "grad_input"),
+                        ("grad_weight_gather", "grad_weight")):
         real = getattr(im2col_fused, name)
         monkeypatch.setattr(im2col_fused, name, lambda *a, real=real, label=label: ran.append(label) or real(*a))
     return ran
@@ -241,6 +242,12 @@ def test_which_convs_count_as_small_for_the_own_kernels(monkeypatch):
     assert small(narrow, 128 * 9, (3, 3), (1, 1), 4, positions=1)
     assert not small(narrow + 1, 128 * 9, (3, 3), (1, 1), 4, positions=many - 1)
     assert small(128, 128 * 9, (3, 3), (1, 1), 4)  # a gradient: no position rule
+    # an input gradient's flipped conv: its own weight limit (ResNet's 256 -> 256 3x3, 2.4 MB, yes; its forward not)
+    input_limit = im2col_fused.SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES
+    assert input_limit > limit
+    assert small(256, 256 * 9, (3, 3), (1, 1), 4, grad_input=True) and not small(256, 256 * 9, (3, 3), (1, 1), 4)
+    assert small(input_limit // (4 * shortest), shortest, (3, 3), (1, 1), 4, grad_input=True)
+    assert not small(input_limit // (4 * shortest) + 1, shortest, (3, 3), (1, 1), 4, grad_input=True)
     assert im2col_fused.own_kernels_take(False) and im2col_fused.own_kernels_take(True)  # the own route
     jit_gemm.use_own_gemm(False)  # (the fixture restores it)
     monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN", True)
@@ -282,6 +289,7 @@ def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, mo
     for limit, gathered in ((w.numel() * 8, True), (w.numel() * 8 - 1, False)):
         monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", limit)
         monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES", limit)
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES", limit)
         gather_spy.clear()
         y = F.conv2d(x, w, padding=1, algo="im2col")
         ref = TF.conv2d(x, w, padding=1)
@@ -304,6 +312,19 @@ def test_small_convs_on_the_gather_kernels_with_the_library_route(gather_spy, mo
                      what=f"grad weight, limits {forward_limit} {grad_weight_limit}")
         assert ("forward" in gather_spy) is (forward_limit >= w.numel() * 8), gather_spy
         assert ("grad_weight" in gather_spy) is (grad_weight_limit >= w.numel() * 8), gather_spy
+    # the input gradient's limit alone (16 outputs: its flipped conv's reduction, 16 x 9, is long enough): the input
+    # gradient on the gather kernel at the limit, not above it; the forward not
+    w16 = torch.randn(16, 24, 3, 3, dtype=torch.float64, generator=g)
+    monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", w16.numel() * 8 - 1)
+    for input_limit, gathered in ((w16.numel() * 8, True), (w16.numel() * 8 - 1, False)):
+        monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES", input_limit)
+        gather_spy.clear()
+        y = F.conv2d(x, w16, padding=1, algo="im2col")
+        ref = TF.conv2d(x, w16, padding=1)
+        go = torch.randn_like(ref)
+        assert_close(torch.autograd.grad(y, x, go)[0], torch.autograd.grad(ref, x, go)[0], algo="im2col",
+                     what=f"grad input, input-gradient limit {input_limit}")
+        assert gather_spy == (["grad_input"] if gathered else []), (input_limit, gather_spy)
     monkeypatch.setattr(im2col_fused, "SMALL_ON_OWN_MAX_WEIGHT_BYTES", w.numel() * 8)
     gather_spy.clear()
     xs, ws = x[:1, :, :6, :7].detach().requires_grad_(), w.detach().requires_grad_()

@@ -1351,7 +1351,8 @@ def im2col_grad_input(grad_out, w, stride, padding, dilation, groups, in_spatial
     # stride 1: the input gradient is a forward conv of the output gradient with the flipped,
     # transposed weights and padding (k - 1) * d - p (one well-shaped GEMM, no col2im scatter)
     tpad = (0, (KH - 1) * dilation[1] - padding[1], (KW - 1) * dilation[2] - padding[2])
-    small = im2col_fused.small_for_own(C, K * KD * KH * KW, (KH, KW), (1, 1), go.itemsize)  # the flipped conv's
+    small = im2col_fused.small_for_own(C, K * KD * KH * KW, (KH, KW), (1, 1), go.itemsize,  # the flipped conv's
+                                       grad_input=True)
     if (stride == (1, 1, 1) and im2col_fused.gather_applies((KD, KH, KW), G, out_spatial, in_spatial, small)
             and im2col_fused.takes_gather_forward((KH, KW), (1, 1), K, C, W, go.itemsize, N * H * W, True)):
         # dense: that forward on the gather kernel, whatever the batch and the expansion (no columns to fill).

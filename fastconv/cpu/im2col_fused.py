@@ -84,6 +84,13 @@ SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
 #: 8.1-8.5, 192 -> 384 at 7x7 (2.6 MB) 1.90-1.94 / 2.08-2.17. Forwards and input gradients of those layers measured
 #: level or slower on the own kernels and keep the 2 MB limit.
 SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES = 4 << 20
+#: The same limit for input gradients (the flipped conv's weights): the gather kernel's own stride-1 limit. Measured
+#: after the gather kernel's input gradient packed the flipped weights directly (the 2 MB limit above predates it), 2
+#: threads, batch 8, same process alternating, input gradient ms, gather / MKL's columns (torch): ResNet's 256 -> 256
+#: 3x3 at 8x8 (2.4 MB) 3.12 / 4.11 (2.39), at 16x16 10.1 / 11.5 (8.5), AlexNet's 384 -> 256 at 7x7 (3.5 MB) 3.67 /
+#: 4.52 (2.74), 256 -> 256 at 7x7 2.70 / 3.41 (1.99), 192 -> 384 at 7x7 3.45 / 3.77 (2.87); level at batch 1 (256 ->
+#: 256 at 8x8 1.16 / 1.14) and for 512 -> 512 at 4x4 (9.4 MB, 3.38 / 3.49).
+SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES = 16 << 20
 #: ... with reductions (``C*KH*KW``) at least this long: VGG's 3 -> 64 3x3 stem at 128x128 (27) ran 11.2 / 5.4 ms
 #: (forward / weight gradient) on the own kernels against 8.5 / 4.5, ShuffleNet's 3 -> 24 3x3 stride 2 1.04 / 1.42
 #: against 0.84 / 0.94 ...
@@ -116,17 +123,19 @@ STRIDED_TAPS_BEFORE_GATHER = SMALL_ON_OWN
 
 
 def small_for_own(out_channels: int, reduction: int, kernel_hw, stride_hw, itemsize: int,
-                  positions: int | None = None, weight_gradient: bool = False) -> bool:
+                  positions: int | None = None, weight_gradient: bool = False, grad_input: bool = False) -> bool:
     """Whether a dense conv (``out_channels``, ``reduction = C*KH*KW``) is one that :data:`SMALL_ON_OWN` sends to the
     own kernels: at most :data:`SMALL_ON_OWN_MAX_WEIGHT_BYTES` of weights (a weight gradient, ``weight_gradient``:
-    :data:`SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES`), a reduction of at least :data:`SMALL_ON_OWN_MIN_REDUCTION`,
+    :data:`SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES`; an input gradient's flipped conv, ``grad_input``:
+    :data:`SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES`), a reduction of at least :data:`SMALL_ON_OWN_MIN_REDUCTION`,
     overlapping windows; for a forward (``positions``: the batch's output positions; None for the gradients) also
     :data:`SMALL_ON_OWN_FORWARD_MIN_POSITIONS` or few output channels."""
     (KH, KW), (sh, sw) = kernel_hw, stride_hw
     if positions is not None and not (positions >= SMALL_ON_OWN_FORWARD_MIN_POSITIONS
                                       or out_channels <= SMALL_ON_OWN_FORWARD_NARROW_CHANNELS):
         return False
-    limit = SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES if weight_gradient else SMALL_ON_OWN_MAX_WEIGHT_BYTES
+    limit = (SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES if weight_gradient else
+             SMALL_ON_OWN_GRAD_INPUT_MAX_BYTES if grad_input else SMALL_ON_OWN_MAX_WEIGHT_BYTES)
     return (out_channels * reduction * itemsize <= limit
             and reduction >= SMALL_ON_OWN_MIN_REDUCTION and (KH > sh or KW > sw))
 
@@ -674,7 +683,8 @@ def forward(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, 
     K, CK = w2.shape
     KH, KW = kernel_hw
     OH, OW = out_hw
-    small = small_for_own(K, CK, kernel_hw, stride_hw, x.itemsize, None if grad_input else N * OH * OW)
+    small = small_for_own(K, CK, kernel_hw, stride_hw, x.itemsize, None if grad_input else N * OH * OW,
+                          grad_input=grad_input)
     if GATHER and own_kernels_take(small) and takes_gather_forward(kernel_hw, stride_hw, x.shape[1], K, OW,
                                                                    x.itemsize, N * OH * OW, grad_input):
         return forward_gather(x, w2, bias, kernel_hw, stride_hw, padding_hw, dilation_hw, out_hw, y3)
@@ -822,7 +832,7 @@ def takes_gather_forward(kernel_hw, stride_hw, in_channels: int, out_channels: i
     if out_channels * in_channels * KH * KW * itemsize > limit:
         return False
     small = small_for_own(out_channels, in_channels * KH * KW, kernel_hw, stride_hw, itemsize,
-                          None if grad_input else positions)
+                          None if grad_input else positions, grad_input=grad_input)
     if takes_narrow_taps(kernel_hw, stride_hw, in_channels, out_channels, out_width, small):
         return False
     if (STRIDED_TAPS_BEFORE_GATHER and tuple(stride_hw) != (1, 1)
