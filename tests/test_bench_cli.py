@@ -12,8 +12,8 @@ import pytest
 
 from fastconv import benchmark, cli
 
-ROW_FIELDS = {"layer", "arch", "op", "pass", "algo", "dtype", "macs", "ms", "times_ms", "reps", "calls_per_round", "gflops",
-              "pct_gemm", "ratio", "error", "tolerance", "ok", "first_call_ms"}
+ROW_FIELDS = {"layer", "arch", "op", "pass", "algo", "dtype", "macs", "ms", "times_ms", "reps", "calls_per_round",
+              "gflops", "pct_gemm", "ratio", "error", "tolerance", "ok", "first_call_ms"}
 
 
 def test_quick_run_writes_json_and_png(tmp_path, capsys):

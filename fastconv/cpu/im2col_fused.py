@@ -81,8 +81,8 @@ SMALL_ON_OWN_MAX_WEIGHT_BYTES = 2 << 20
 #: Measured after the kernels' buffers were aligned to cache lines, 2 threads, batch 8, each call after a torch ReLU,
 #: same process alternating, gather / MKL's columns ms: AlexNet's 384 -> 256 3x3 at 7x7 (3.5 MB) 2.26-2.52 /
 #: 2.83-3.10, 256 -> 256 at 7x7 (2.4 MB) 1.68-1.73 / 2.07-2.15, at 8x8 2.10-2.14 / 2.72-2.73, at 16x16 6.6-7.5 /
-#: 8.1-8.5, 192 -> 384 at 7x7 (2.6 MB) 1.90-1.94 / 2.08-2.17. Forwards and input gradients of those layers measured
-#: level or slower on the own kernels and keep the 2 MB limit.
+#: 8.1-8.5, 192 -> 384 at 7x7 (2.6 MB) 1.90-1.94 / 2.08-2.17. Forwards of those layers measured level or slower on
+#: the own kernels and keep the 2 MB limit (input gradients: the next limit).
 SMALL_ON_OWN_GRAD_WEIGHT_MAX_BYTES = 4 << 20
 #: The same limit for input gradients (the flipped conv's weights): the gather kernel's own stride-1 limit. Measured
 #: after the gather kernel's input gradient packed the flipped weights directly (the 2 MB limit above predates it), 2
