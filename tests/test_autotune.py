@@ -804,7 +804,11 @@ def test_online_first_call_runs_the_heuristic_pick_and_measures_nothing_else(onl
     assert _key() not in fastconv.autotune_cache()  # nothing decided yet
 
 
-def test_online_tuning_stores_the_fastest_after_every_candidate_ran_on_real_calls(online, measured, isolated_cache):
+def test_online_tuning_stores_the_fastest_after_every_candidate_ran_on_real_calls(online, measured, isolated_cache,
+                                                                                  monkeypatch):
+    # Re-validation off (the watch tests cover it): a choice stored while another test process kept the other core
+    # busy read three later calls as "faster than stored" once (CI, two test processes) and was measured again.
+    monkeypatch.setattr(autotune, "SLOW_STREAK", 1 << 30)
     names = _candidates()
     x, w = _data()
     ref = TF.conv2d(x, w, padding=1)
